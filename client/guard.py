@@ -1,0 +1,71 @@
+"""The privacy guard: a Flower client mod that checks every reply against ``common.protocol``.
+
+It refuses (raises, so nothing is sent) any record or key the protocol does not declare, any array
+whose size is not fixed by the agreed feature list (so nothing can scale with the number of cases),
+and any statistic over fewer than k cases.
+"""
+
+from __future__ import annotations
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp.typing import ClientAppCallable
+
+from common.protocol import DEFAULT_K, REPLIES
+
+SITE_STATE = "radfed-site"  # context.state record holding the agreed feature list ("features")
+
+
+class PrivacyError(RuntimeError):
+    """A reply that would break the privacy rules; names the offending key."""
+
+
+def check_reply(message_type: str, content: RecordDict, k: int, n_features: int | None = None) -> None:
+    """Raise PrivacyError unless ``content`` is an allowed reply to ``message_type``.
+
+    Arrays may only have dimensions of 1 or ``n_features`` (the agreed feature count); with no agreed
+    feature list yet, no array may be sent at all.
+    """
+    spec = REPLIES.get(message_type)
+    if spec is None:
+        raise PrivacyError(f"message type {message_type!r} is not in the protocol: nothing is sent")
+    for name, record in content.items():
+        if name not in spec.record_names:
+            raise PrivacyError(f"{message_type}: record {name!r} is not declared in the protocol")
+        if isinstance(record, ConfigRecord):
+            allowed = spec.config
+        elif isinstance(record, MetricRecord):
+            allowed = spec.metrics
+        elif isinstance(record, ArrayRecord):
+            allowed = spec.arrays
+        else:
+            raise PrivacyError(f"{message_type}: record {name!r} has an undeclared type {type(record).__name__}")
+        for key in record:
+            if key not in allowed:
+                raise PrivacyError(f"{message_type}: key {key!r} in record {name!r} is not declared in the protocol")
+        if isinstance(record, ArrayRecord):
+            for key, array in record.items():
+                shape = tuple(array.shape)
+                if n_features is None or any(dim not in (1, n_features) for dim in shape):
+                    raise PrivacyError(
+                        f"{message_type}: array {key!r} has shape {shape}, not fixed by the agreed feature "
+                        f"count ({n_features}): it could hold per-case values")
+    if spec.count_key is not None:
+        counts = [r[spec.count_key] for r in content.values()
+                  if isinstance(r, MetricRecord) and spec.count_key in r]
+        if not counts:
+            raise PrivacyError(f"{message_type}: the reply must state its case count {spec.count_key!r}")
+        if int(counts[0]) < k:  # type: ignore[arg-type]
+            raise PrivacyError(f"{message_type}: {spec.count_key!r} = {int(counts[0])} is fewer than "  # type: ignore[arg-type]
+                               f"k = {k} cases; nothing is sent")
+
+
+def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod: run the handler, then check its reply before it leaves the site."""
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    k = int(context.run_config.get("min-cases-per-class", DEFAULT_K))
+    site = context.state.get(SITE_STATE)
+    features = site.get("features") if isinstance(site, ConfigRecord) else None
+    check_reply(msg.metadata.message_type, reply.content, k, len(features) if features else None)
+    return reply

@@ -1,0 +1,148 @@
+"""What a site computes for each phase of a run, as plain Python (the Flower glue is in client.app).
+
+Every function returns only aggregates over the site's cases; the privacy guard checks them again
+before anything leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.extract import FeatureTable, extract_site, pyradiomics_version
+from client.site import Site, SiteError, load_site, site_settings
+from common import metrics, model, moments
+from common.profile import Profile, load_profile
+from common.protocol import PROTOCOL_VERSION
+from common.split import eligibility_problem, stratified_split
+
+
+def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
+    """The site folder: ``site-dir`` from the node config (deployment), else the partition's folder
+    under the run config's ``data-root`` (simulation: sorted site folders, one per partition)."""
+    if "site-dir" in node_config:
+        return Path(str(node_config["site-dir"])).expanduser()
+    if "partition-id" not in node_config:
+        raise SiteError("this node has no 'site-dir' in its node config: start the SuperNode with "
+                        "--node-config \"site-dir='/path/to/site'\"")
+    root = Path(str(run_config["data-root"])).expanduser()
+    if not root.is_dir():
+        raise SiteError(f"data-root {root} does not exist: generate the demo with 'radfed demo' or set "
+                        "--run-config \"data-root='/path'\"")
+    sites = sorted(p for p in root.iterdir() if (p / "manifest.csv").exists())
+    pid = int(node_config["partition-id"])  # type: ignore[arg-type]
+    if pid >= len(sites):
+        raise SiteError(f"simulated node {pid} has no site: {root} holds {len(sites)} site folder(s); "
+                        f"run with num-supernodes={len(sites)}")
+    return sites[pid]
+
+
+@dataclass
+class SiteData:
+    site: Site
+    profile: Profile
+    table: FeatureTable
+    held_out: np.ndarray  # (n,) bool over table rows
+
+
+def open_site(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[Site, Profile]:
+    settings = site_settings(site_dir)
+    profile = load_profile(str(settings.get("profile") or run_config.get("profile", "default")))
+    return load_site(site_dir, profile.sequences), profile
+
+
+def min_cases(site: Site, run_config: Mapping[str, Any]) -> int:
+    """k: the federation's minimum, raised (never lowered) by the site's own site.yaml."""
+    k = int(run_config.get("min-cases-per-class", 5))
+    return max(k, int(site.settings.get("min_cases_per_class", k)))
+
+
+def _test_fraction(run_config: Mapping[str, Any]) -> float:
+    return float(run_config.get("test-fraction", 0.3))
+
+
+def plan_reply(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+    """Phase 1: who the site is, which profile it extracts with, how many cases per class."""
+    site, profile = open_site(site_dir, run_config)
+    n_hgg = sum(c.diagnosis == "HGG" for c in site.cases)
+    n_bm = len(site.cases) - n_hgg
+    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run_config), _test_fraction(run_config))
+    reason = f"site {site.name} cannot take part: {problem} (add cases)" if problem else ""
+    config = {
+        "site-name": site.name,
+        "profile-sha256": profile.sha256,
+        "profile-version": profile.version,
+        "pyradiomics": pyradiomics_version(),
+        "protocol": PROTOCOL_VERSION,
+        "status": "ineligible" if reason else "ok",
+        "reason": reason,
+    }
+    return config, {"n-hgg": n_hgg, "n-bm": n_bm, "n-problems": len(site.problems)}
+
+
+def load_site_data(site_dir: Path, run_config: Mapping[str, Any], workers: int = 1) -> SiteData:
+    """Features of every usable case (extracted or from the cache) and the held-out split."""
+    site, profile = open_site(site_dir, run_config)
+    table, _ = extract_site(site, profile, workers=workers)
+    n_hgg = int(table.labels.sum())
+    problem = eligibility_problem(n_hgg, len(table.labels) - n_hgg, min_cases(site, run_config),
+                                  _test_fraction(run_config))
+    if problem:
+        raise SiteError(f"site {site.name} cannot take part after checks and extraction: {problem}; "
+                        f"{len(table.problems)} case(s) failed, see {site.work_dir / 'errors.json'} at the site")
+    held_out = stratified_split(table.case_ids, table.labels, _test_fraction(run_config),
+                                int(run_config.get("split-seed", 0)))
+    return SiteData(site, profile, table, held_out)
+
+
+def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
+    """Phase 2: feature names finite at every usable case, and the split's class counts."""
+    finite = np.all(np.isfinite(data.table.values), axis=0)
+    names = [n for n, ok in zip(data.table.names, finite, strict=True) if ok]
+    y, test = data.table.labels, data.held_out
+    counts = {
+        "n-cases": len(y),
+        "n-train-hgg": int(np.sum((y == 1) & ~test)), "n-train-bm": int(np.sum((y == 0) & ~test)),
+        "n-test-hgg": int(np.sum((y == 1) & test)), "n-test-bm": int(np.sum((y == 0) & test)),
+        "n-failed": len(data.table.problems),
+    }
+    return names, counts
+
+
+def split_xy(data: SiteData, names: list[str], held_out: bool) -> tuple[np.ndarray, np.ndarray]:
+    rows = data.held_out if held_out else ~data.held_out
+    return data.table.columns(names)[rows], data.table.labels[rows]
+
+
+def moments_reply(data: SiteData, names: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """Phase 3: (n, mean, m2) of the training split, for the federation's standardisation."""
+    x, _ = split_xy(data, names, held_out=False)
+    return moments.site_moments(x)
+
+
+def train_step(data: SiteData, names: list[str], state: dict[str, torch.Tensor],
+               config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Phase 4 (each round): local epochs on the training split from the global model."""
+    x, y = split_xy(data, names, held_out=False)
+    net = model.model_from_state(state)
+    loss = model.train_local(net, x, y, epochs=int(config["local-epochs"]), lr=float(config["learning-rate"]),
+                             weight_decay=float(config["weight-decay"]), pos_weight=float(config["pos-weight"]))
+    return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
+
+
+def evaluate_step(data: SiteData, names: list[str], state: dict[str, torch.Tensor],
+                  pos_weight: float) -> dict[str, float]:
+    """Phase 5 (each round): the global model on the site's held-out split, as counts and AUC."""
+    x, y = split_xy(data, names, held_out=True)
+    net = model.model_from_state(state)
+    prob = model.predict_proba(net, x)
+    eps = 1e-12
+    weights = np.where(y == 1, pos_weight, 1.0)
+    loss = float(np.mean(-weights * (y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps))))
+    return {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
+            "loss": loss}

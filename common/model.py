@@ -1,0 +1,73 @@
+"""The shared classifier: standardisation + logistic regression in torch, with class weights.
+
+Standardisation (the federation's pooled mean and std) is part of the model as fixed buffers, so one
+state dict carries everything needed to score a harmonised feature vector.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class RadiomicsLogistic(nn.Module):
+    """logit = w . ((x - mean) / scale) + b, for x of shape (n, d); forward returns (n,) logits."""
+
+    def __init__(self, n_features: int) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.zeros(n_features, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(n_features, dtype=torch.float64))
+        self.linear = nn.Linear(n_features, 1, dtype=torch.float64)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear((x - self.mean) / self.scale).squeeze(-1)
+
+
+def build_model(mean: np.ndarray, scale: np.ndarray) -> RadiomicsLogistic:
+    """A zero-initialised model standardising with the given (d,) mean and scale."""
+    model = RadiomicsLogistic(len(mean))
+    with torch.no_grad():
+        model.mean.copy_(torch.as_tensor(mean, dtype=torch.float64))
+        model.scale.copy_(torch.as_tensor(scale, dtype=torch.float64))
+    return model
+
+
+def model_from_state(state: dict[str, torch.Tensor]) -> RadiomicsLogistic:
+    model = RadiomicsLogistic(int(state["mean"].shape[0]))
+    model.load_state_dict(state)
+    return model
+
+
+def train_local(model: RadiomicsLogistic, x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
+                weight_decay: float, pos_weight: float) -> float:
+    """Full-batch gradient descent on class-weighted logistic loss; returns the final mean loss.
+
+    ``pos_weight`` (n_negative / n_positive over the federation) balances HGG against BM;
+    the buffers (mean, scale) are not trained.
+    """
+    xt = torch.as_tensor(x, dtype=torch.float64)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    # weight decay on the weights only: penalising the intercept would bias the class balance
+    optimizer = torch.optim.SGD([
+        {"params": [model.linear.weight], "weight_decay": weight_decay},
+        {"params": [model.linear.bias], "weight_decay": 0.0},
+    ], lr=lr)
+    model.train()
+    loss = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        loss = loss_fn(model(xt), yt)
+        loss.backward()
+        optimizer.step()
+    return float(loss.detach())
+
+
+def predict_proba(model: RadiomicsLogistic, x: np.ndarray) -> np.ndarray:
+    """(n,) probability of HGG."""
+    model.eval()
+    with torch.no_grad():
+        return torch.sigmoid(model(torch.as_tensor(x, dtype=torch.float64))).numpy()

@@ -1,0 +1,118 @@
+"""Extraction profiles: load, canonicalise and hash the federation's pyradiomics settings.
+
+A profile is one YAML file: a ``radfed`` block (name, version, sequences, region labels) plus
+pyradiomics' own ``setting`` / ``imageType`` / ``featureClass`` params. Its hash is the sha256 of a
+canonical JSON form, so comments, key order and whitespace do not change it but any value does.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from common.canon import sha256_json
+
+PROFILE_DIR = Path(__file__).parent / "profiles"
+PYRADIOMICS_KEYS = ("setting", "imageType", "featureClass")
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be used; the message names the file and the fix."""
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A loaded extraction profile.
+
+    Attributes:
+        name, version: from the ``radfed`` block.
+        sequences: image sequences every case must have, e.g. ``("t1c", "flair", "adc")``.
+        regions: region name -> mask label, e.g. ``{"enhancing": 1, ...}``.
+        shape_from: the sequence whose extraction contributes the (mask-only) shape features.
+        params: the pyradiomics params dict (``setting``, ``imageType``, ``featureClass``).
+        sha256: hash of the canonical form of the whole profile.
+        source: where it was loaded from.
+    """
+
+    name: str
+    version: str
+    sequences: tuple[str, ...]
+    regions: dict[str, int]
+    shape_from: str
+    params: dict[str, Any]
+    sha256: str
+    source: str
+
+    @property
+    def short_hash(self) -> str:
+        return self.sha256[:12]
+
+
+def profile_hash(doc: dict[str, Any]) -> str:
+    """sha256 of the canonical JSON form of the whole profile (``radfed`` block included)."""
+    return sha256_json(doc)
+
+
+def resolve_profile_path(name_or_path: str | Path) -> Path:
+    """A bundled profile name (``"default"``) or a path to a YAML file."""
+    candidate = Path(name_or_path).expanduser()
+    if candidate.suffix in (".yaml", ".yml"):
+        return candidate
+    bundled = PROFILE_DIR / f"{name_or_path}.yaml"
+    if not bundled.exists():
+        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
+        raise ProfileError(f"unknown profile {name_or_path!r}: use one of [{known}] or a path to a .yaml file")
+    return bundled
+
+
+def load_profile(name_or_path: str | Path = "default") -> Profile:
+    """Load and validate a profile; raises ProfileError naming the file and what to fix."""
+    path = resolve_profile_path(name_or_path)
+    try:
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as exc:
+        raise ProfileError(f"profile file {path} does not exist: check the path in your configuration") from exc
+    except yaml.YAMLError as exc:
+        raise ProfileError(f"profile {path} is not valid YAML ({exc}); fix the syntax") from exc
+    return profile_from_dict(doc, source=str(path))
+
+
+def profile_from_dict(doc: Any, source: str = "<dict>") -> Profile:
+    if not isinstance(doc, dict):
+        raise ProfileError(f"profile {source} must be a mapping with 'radfed', 'setting', 'imageType', 'featureClass'")
+    meta = doc.get("radfed")
+    if not isinstance(meta, dict):
+        raise ProfileError(f"profile {source} has no 'radfed' block: add name, version, sequences, regions")
+    for key in ("name", "version", "sequences", "regions"):
+        if key not in meta:
+            raise ProfileError(f"profile {source}: 'radfed.{key}' is missing")
+    sequences = tuple(str(s) for s in meta["sequences"])
+    if not sequences:
+        raise ProfileError(f"profile {source}: 'radfed.sequences' is empty")
+    regions = meta["regions"]
+    if not isinstance(regions, dict) or not regions:
+        raise ProfileError(f"profile {source}: 'radfed.regions' must map region names to mask labels")
+    for region, label in regions.items():
+        if not isinstance(label, int) or isinstance(label, bool) or label <= 0:
+            raise ProfileError(f"profile {source}: region {region!r} needs a positive integer label, got {label!r}")
+    if len(set(regions.values())) != len(regions):
+        raise ProfileError(f"profile {source}: two regions share a label in 'radfed.regions'")
+    shape_from = str(meta.get("shape_from", sequences[0]))
+    if shape_from not in sequences:
+        raise ProfileError(f"profile {source}: 'radfed.shape_from' ({shape_from}) is not one of {list(sequences)}")
+    if "featureClass" not in doc or "imageType" not in doc:
+        raise ProfileError(f"profile {source}: pyradiomics 'imageType' and 'featureClass' are required")
+    params = {k: doc[k] for k in PYRADIOMICS_KEYS if k in doc}
+    return Profile(
+        name=str(meta["name"]),
+        version=str(meta["version"]),
+        sequences=sequences,
+        regions={str(k): int(v) for k, v in regions.items()},
+        shape_from=shape_from,
+        params=params,
+        sha256=profile_hash(doc),
+        source=source,
+    )

@@ -1,0 +1,121 @@
+"""Run the radfed Flower App on Flower's simulation engine, the way `flwr run` does, and clean up.
+
+We start our own simulation SuperLink (rather than `flwr`'s managed `:local:` one, which stays
+running after the run) on free ports, with a private FLWR_HOME, and always stop it afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "radfed-sim"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"flower-superlink exited with code {proc.returncode} before it was ready")
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise RuntimeError(f"flower-superlink did not open port {port} within {timeout:.0f}s")
+
+
+def flwr_env(flwr_home: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    # Otherwise the SuperLink `uv sync`s the app into a fresh env and pulls a multi-GB CUDA torch.
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    bindir = str(Path(sys.executable).parent)
+    env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
+    return env
+
+
+@contextmanager
+def simulation_superlink(flwr_home: Path, num_supernodes: int, cpus_per_node: int = 1) -> Iterator[Path]:
+    """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME; yields its log."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
+    (flwr_home / "config.toml").write_text(
+        f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
+        f"options.num-supernodes = {num_supernodes}\n"
+        f"options.backend.client-resources.num-cpus = {cpus_per_node}\n", encoding="utf-8")
+    log_path = flwr_home / "superlink.log"
+    with log_path.open("ab") as log:
+        proc = subprocess.Popen(
+            [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
+             "--host", "127.0.0.1", "--port", str(port),
+             "--disable-runtime-dependency-installation"],
+            env=flwr_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        _wait_port(port, proc, timeout=60)
+        yield log_path
+    finally:
+        stop_process_group(proc)
+
+
+def stop_process_group(proc: subprocess.Popen, grace: float = 25.0) -> None:
+    """SIGTERM the whole group (SuperLink, simulation, ray workers), SIGKILL what is left."""
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            return
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+
+
+def toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    text = str(value)
+    if "'" in text:
+        raise ValueError(f"run-config value {text!r} cannot hold a single quote")
+    return f"'{text}'"
+
+
+def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
+                   app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True) -> int:
+    """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code."""
+    with simulation_superlink(flwr_home, num_supernodes):
+        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        if overrides:
+            cmd += ["--run-config", overrides]
+        out = None if echo else subprocess.DEVNULL
+        proc = subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, stdout=out, stderr=out,
+                              check=False)
+        return proc.returncode

@@ -1,0 +1,177 @@
+"""The query phases a run goes through before training: plan, features, moments.
+
+Each phase sends one query to the admitted sites, records what came back in the audit log, and
+returns only what the next phase needs. Sites that fail are named and dropped; the run stops with
+a clear message when fewer than ``min-sites`` remain.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import moments, protocol
+from common.canon import arrays_sha256, sha256_json
+from common.profile import Profile
+from server.audit import AuditLog
+
+log = logging.getLogger("flwr.radfed.server")
+
+
+class RunRefused(RuntimeError):
+    """The run cannot go on; the message says which site and what to fix."""
+
+
+@dataclass
+class Federation:
+    """The sites admitted so far (node id -> site name) and what they reported."""
+
+    sites: dict[int, str]
+    min_sites: int
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+
+    def drop(self, audit: AuditLog, node_id: int, phase: str, reason: str) -> None:
+        site = self.sites.pop(node_id, f"node {node_id}")
+        log.warning("Site %s leaves the run at the %s phase: %s", site, phase, reason)
+        audit.append("dropout", phase=phase, site=site, reason=reason)
+
+    def require_enough(self, phase: str) -> None:
+        if len(self.sites) < self.min_sites:
+            raise RunRefused(f"only {len(self.sites)} site(s) remain after the {phase} phase, fewer than "
+                             f"min-sites = {self.min_sites}; see the audit log for why the others left")
+
+
+def error_reason(reply: Message) -> str:
+    """The site's own error message, without the simulation's traceback wrapping."""
+    reason = str(reply.error.reason)
+    if "Message: " in reason:
+        reason = reason.rsplit("Message: ", 1)[1]
+    return reason.strip().removesuffix("'>").strip()
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
+    """Node ids once at least ``min_nodes`` are connected (then a short grace for the rest)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= min_nodes:
+            time.sleep(1.0)
+            return sorted(grid.get_node_ids())
+        if time.monotonic() > deadline:
+            raise RunRefused(f"only {len(ids)} site(s) connected within {timeout:.0f}s, fewer than "
+                             f"min-sites = {min_nodes}")
+        time.sleep(1.0)
+
+
+def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, timeout: float) -> dict[int, Message]:
+    """Send one query to every node; replies by node id (a node that did not answer is absent)."""
+    messages = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=nid, message_type=message_type)
+                for nid in node_ids]
+    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+
+
+def _replies(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, Message]) -> dict[int, Message]:
+    good = {}
+    for node_id in list(fed.sites):
+        reply = replies.get(node_id)
+        if reply is None:
+            fed.drop(audit, node_id, phase, "no reply before the timeout")
+        elif reply.has_error():
+            fed.drop(audit, node_id, phase, error_reason(reply))
+        else:
+            good[node_id] = reply
+    return good
+
+
+def plan_phase(grid: Grid, node_ids: list[int], profile: Profile, run_config: dict, min_sites: int,
+               audit: AuditLog, timeout: float) -> Federation:
+    """Every site states its profile hash and case counts; any profile mismatch refuses the run."""
+    fed = Federation({nid: f"node {nid}" for nid in node_ids}, min_sites)
+    plan = {"protocol": protocol.PROTOCOL_VERSION, "profile-sha256": profile.sha256,
+            "run-config-sha256": sha256_json(run_config)}
+    replies = _replies(fed, audit, "plan", query(grid, node_ids, protocol.PLAN, plan, timeout))
+    mismatched = []
+    for node_id, reply in replies.items():
+        cfg, counts = reply.content["config"], reply.content["metrics"]
+        name = str(cfg["site-name"])
+        fed.sites[node_id] = name
+        site_counts = {k: int(v) for k, v in counts.items()}  # type: ignore[arg-type]
+        info = {"site": name, "profile_sha256": str(cfg["profile-sha256"]),
+                "profile_version": str(cfg["profile-version"]), "pyradiomics": str(cfg["pyradiomics"]),
+                "protocol": str(cfg["protocol"]), "counts": site_counts}
+        audit.append("site-plan", **info)
+        if info["protocol"] != protocol.PROTOCOL_VERSION:
+            fed.drop(audit, node_id, "plan", f"speaks protocol {info['protocol']}, the server "
+                     f"{protocol.PROTOCOL_VERSION}: update radfed at this site")
+        elif info["profile_sha256"] != profile.sha256:
+            mismatched.append(f"{name} (profile hash {info['profile_sha256'][:12]}, version "
+                              f"{info['profile_version']})")
+            audit.append("refusal", site=name, reason="profile hash mismatch",
+                         site_profile_sha256=info["profile_sha256"], federation_profile_sha256=profile.sha256)
+        elif str(cfg["status"]) != "ok":
+            fed.drop(audit, node_id, "plan", str(cfg["reason"]))
+        else:
+            fed.counts[name] = site_counts
+    if mismatched:
+        raise RunRefused(
+            f"refusing to train: site(s) {', '.join(mismatched)} extract with a different profile than the "
+            f"federation's {profile.name} v{profile.version} (hash {profile.short_hash}). Fix: use the "
+            "federation's profile at those sites (remove the 'profile' override from their site.yaml).")
+    fed.require_enough("plan")
+    return fed
+
+
+@dataclass
+class FeatureAgreement:
+    names: list[str]
+    sha256: str
+    pos_weight: float
+    split_counts: dict[str, dict[str, int]]
+
+
+def features_phase(grid: Grid, fed: Federation, audit: AuditLog, timeout: float) -> FeatureAgreement:
+    """Sites extract (or load their cache) and report which features are finite at all their cases."""
+    replies = _replies(fed, audit, "features", query(grid, list(fed.sites), protocol.FEATURES, {}, timeout))
+    fed.require_enough("features")
+    common: set[str] | None = None
+    split_counts = {}
+    for node_id, reply in replies.items():
+        names = {str(n) for n in reply.content["config"]["features"]}  # type: ignore[union-attr]
+        common = names if common is None else common & names
+        split_counts[fed.sites[node_id]] = {k: int(v) for k, v in reply.content["metrics"].items()}  # type: ignore[arg-type]
+    agreed = sorted(common or [])
+    if not agreed:
+        raise RunRefused("the sites share no usable feature; check the extraction error reports at the sites")
+    n_hgg = sum(c["n-train-hgg"] for c in split_counts.values())
+    n_bm = sum(c["n-train-bm"] for c in split_counts.values())
+    digest = sha256_json(agreed)
+    audit.append("features-agreed", n_features=len(agreed), features_sha256=digest, split_counts=split_counts)
+    return FeatureAgreement(agreed, digest, pos_weight=n_bm / max(n_hgg, 1), split_counts=split_counts)
+
+
+def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
+                  timeout: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Pooled mean and std of every agreed feature over all training cases, from per-site moments.
+
+    Returns (mean, scale, n_constant); constant features get scale 1 so they standardise to 0.
+    """
+    config = {"features": agreement.names, "features-sha256": agreement.sha256}
+    replies = _replies(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout))
+    fed.require_enough("moments")
+    counts, means, m2s = [], [], []
+    for reply in replies.values():
+        arrays = reply.content["arrays"]
+        counts.append(int(reply.content["metrics"]["n"]))  # type: ignore[arg-type]
+        means.append(arrays["mean"].numpy())  # type: ignore[union-attr]
+        m2s.append(arrays["m2"].numpy())  # type: ignore[union-attr]
+    mean, std = moments.pooled_mean_std(counts, means, m2s)
+    constant = std <= 1e-9 * np.maximum(1.0, np.abs(mean))
+    scale = np.where(constant, 1.0, std)
+    audit.append("standardisation", n_cases=int(sum(counts)), n_features=len(mean),
+                 n_constant=int(constant.sum()), stats_sha256=arrays_sha256({"mean": mean, "scale": scale}))
+    return mean, scale, int(constant.sum())
