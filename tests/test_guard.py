@@ -1,0 +1,53 @@
+"""The privacy guard refuses anything the protocol does not declare or that covers fewer than k cases."""
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+
+from client.guard import PrivacyError, check_reply
+from common import protocol
+
+
+def _moments(n: int, d: int, extra: dict | None = None) -> RecordDict:
+    arrays = {"mean": Array(np.zeros(d)), "m2": Array(np.ones(d))}
+    arrays.update(extra or {})
+    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"n": n})})
+
+
+def test_declared_reply_over_k_cases_passes():
+    check_reply(protocol.MOMENTS, _moments(n=12, d=30), k=5, n_features=30)
+
+
+def test_fewer_than_k_cases_is_refused():
+    with pytest.raises(PrivacyError, match="'n' = 4 is fewer than k = 5"):
+        check_reply(protocol.MOMENTS, _moments(n=4, d=30), k=5, n_features=30)
+
+
+def test_undeclared_key_is_refused_by_name():
+    content = RecordDict({"metrics": MetricRecord({"num-examples": 9, "auc": 0.7, "max-value": 3.0})})
+    with pytest.raises(PrivacyError, match="'max-value'"):
+        check_reply(protocol.EVALUATE, content, k=5)
+
+
+def test_undeclared_array_is_refused():
+    with pytest.raises(PrivacyError, match="'scores'"):
+        check_reply(protocol.MOMENTS, _moments(12, 30, {"scores": Array(np.zeros(30))}), k=5, n_features=30)
+
+
+def test_array_sized_by_cases_not_features_is_refused():
+    per_case = RecordDict({"arrays": ArrayRecord({"mean": Array(np.zeros(12)), "m2": Array(np.zeros(12))}),
+                           "metrics": MetricRecord({"n": 12})})
+    with pytest.raises(PrivacyError, match="not fixed by the agreed feature count"):
+        check_reply(protocol.MOMENTS, per_case, k=5, n_features=30)
+
+
+def test_arrays_before_a_feature_agreement_are_refused():
+    with pytest.raises(PrivacyError, match="feature count"):
+        check_reply(protocol.MOMENTS, _moments(12, 30), k=5, n_features=None)
+
+
+def test_unknown_message_type_and_record_are_refused():
+    with pytest.raises(PrivacyError, match="not in the protocol"):
+        check_reply("query.dump", RecordDict({}), k=5)
+    with pytest.raises(PrivacyError, match="record 'extra'"):
+        check_reply(protocol.PLAN, RecordDict({"extra": ConfigRecord({"a": 1})}), k=5)

@@ -1,0 +1,77 @@
+"""The shared math against references: scikit-learn metrics, numpy on pooled data."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import confusion_matrix, roc_auc_score
+
+from common import metrics, moments
+from common.split import eligibility_problem, held_out_count, stratified_split
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auc_equals_sklearn_including_ties(seed):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 2, 40)
+    y[:2] = [0, 1]
+    score = np.round(rng.random(40), 1)  # coarse rounding forces ties
+    assert metrics.roc_auc(y, score) == pytest.approx(roc_auc_score(y, score), abs=1e-12)
+
+
+def test_auc_undefined_with_one_class():
+    assert np.isnan(metrics.roc_auc(np.ones(5), np.linspace(0, 1, 5)))
+
+
+def test_confusion_and_rates_match_sklearn():
+    rng = np.random.default_rng(1)
+    y, score = rng.integers(0, 2, 50), rng.random(50)
+    counts = metrics.confusion_counts(y, score)
+    tn, fp, fn, tp = confusion_matrix(y, score >= 0.5).ravel()
+    assert (counts["tp"], counts["fp"], counts["tn"], counts["fn"]) == (tp, fp, tn, fn)
+    r = metrics.rates(counts)
+    assert r["sensitivity"] == pytest.approx(tp / (tp + fn))
+    assert r["balanced_accuracy"] == pytest.approx((tp / (tp + fn) + tn / (tn + fp)) / 2)
+
+
+def test_combined_site_rates_equal_pooled_rates():
+    rng = np.random.default_rng(2)
+    sites = [(rng.integers(0, 2, n), rng.random(n)) for n in (12, 30, 7)]
+    records = [{**metrics.confusion_counts(y, s), "auc": metrics.roc_auc(y, s), "n": len(y)} for y, s in sites]
+    combined = metrics.combine_sites(records)
+    pooled = metrics.rates(metrics.confusion_counts(np.concatenate([y for y, _ in sites]),
+                                                    np.concatenate([s for _, s in sites])))
+    assert combined["sensitivity"] == pytest.approx(pooled["sensitivity"])
+    assert combined["specificity"] == pytest.approx(pooled["specificity"])
+    expected_auc = sum(r["auc"] * r["n"] for r in records) / sum(r["n"] for r in records)
+    assert combined["auc"] == pytest.approx(expected_auc)
+
+
+def test_pooled_moments_equal_numpy_on_pooled_data_even_for_huge_means():
+    rng = np.random.default_rng(3)
+    # energy-like features: huge mean, small spread, where raw sums of squares lose all precision
+    blocks = [1e7 + rng.normal(0, 1.0, (n, 4)) * [1, 10, 100, 0.1] for n in (5, 17, 31)]
+    mean, std = moments.pooled_mean_std(*zip(*(moments.site_moments(b) for b in blocks), strict=True))
+    pooled = np.vstack(blocks)
+    np.testing.assert_allclose(mean, pooled.mean(axis=0), rtol=1e-15)
+    np.testing.assert_allclose(std, pooled.std(axis=0, ddof=1), rtol=1e-7)
+    # what raw sums of squares would have given: visibly wrong on the narrowest feature
+    n = len(pooled)
+    naive = np.sqrt((np.sum(pooled**2, axis=0) - n * pooled.mean(axis=0) ** 2) / (n - 1))
+    assert abs(naive[3] - std[3]) / std[3] > 0.01
+
+
+def test_split_is_stratified_deterministic_and_order_free():
+    ids = [f"c{i:02d}" for i in range(23)]
+    labels = np.array([1] * 13 + [0] * 10)
+    a = stratified_split(ids, labels, 0.3, seed=7)
+    assert a[labels == 1].sum() == held_out_count(13, 0.3) == 4
+    assert a[labels == 0].sum() == held_out_count(10, 0.3) == 3
+    perm = np.random.default_rng(0).permutation(23)
+    b = stratified_split([ids[i] for i in perm], labels[perm], 0.3, seed=7)
+    assert {ids[i] for i in perm[b]} == {ids[i] for i in np.flatnonzero(a)}
+    assert not np.array_equal(a, stratified_split(ids, labels, 0.3, seed=8))
+
+
+def test_eligibility_requires_k_per_class_and_in_each_split():
+    assert eligibility_problem(10, 10, 5, 0.3) is None
+    assert "at least 5 of each" in eligibility_problem(4, 20, 5, 0.3)
+    assert "held-out" in eligibility_problem(7, 7, 5, 0.3)  # 2 + 2 held out < 5
