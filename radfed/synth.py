@@ -104,8 +104,9 @@ def tiny_sites(n_sites: int = 2, n_per_class: int = 6) -> list[SiteSpec]:
         cycle = i // len(_TINY_SCANNERS)  # beyond four sites, keep scanners distinct by shifting the gain
         name = f"tiny-{chr(ord('a') + i)}" if i < 26 else f"tiny-{i}"
         sites.append(
-            SiteSpec(name, n_per_class, n_per_class, spacing, (40, 40, 16), gain * (1 + 0.12 * cycle),
-                     offset, noise, bias)
+            SiteSpec(
+                name, n_per_class, n_per_class, spacing, (40, 40, 16), gain * (1 + 0.12 * cycle), offset, noise, bias
+            )
         )
     return sites
 
@@ -154,9 +155,7 @@ def _draw(rng: np.random.Generator, key: str, diagnosis: str) -> float:
     return float(np.clip(rng.normal(hgg if diagnosis == "HGG" else bm, sd), lo, hi))
 
 
-def _smooth_noise(
-    rng: np.random.Generator, shape: tuple[int, ...], *sigmas_vox: tuple[float, ...]
-) -> list[np.ndarray]:
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], *sigmas_vox: tuple[float, ...]) -> list[np.ndarray]:
     """Unit-variance Gaussian random fields: one white noise low-passed by a Gaussian (per-axis sigma in voxels)
     in Fourier space, once per requested sigma. Periodic boundaries are harmless for texture."""
     spectrum = np.fft.rfftn(rng.standard_normal(shape, dtype=np.float32))
@@ -214,8 +213,9 @@ class _Radial:
     def _raw(self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
         out = np.zeros(np.broadcast_shapes(ux.shape, uy.shape, uz.shape), dtype=np.float32)
         for (wx, wy, wz), ph, w in zip(self.omega, self.phase, self.weight, strict=True):
-            out += np.float32(w) * np.cos(np.float32(wx) * ux + np.float32(wy) * uy + np.float32(wz) * uz
-                                          + np.float32(ph))
+            out += np.float32(w) * np.cos(
+                np.float32(wx) * ux + np.float32(wy) * uy + np.float32(wz) * uz + np.float32(ph)
+            )
         return out
 
     def __call__(self, ux: np.ndarray, uy: np.ndarray, uz: np.ndarray) -> np.ndarray:
@@ -258,11 +258,8 @@ def _brain(spec: SiteSpec, rng: np.random.Generator) -> dict:
     gm = 1.0 - (1.0 - 0.85 * gm_tex) * (1.0 - ribbon)
     fine = 1.0 + 0.02 * detail
     scale = rng.normal(1.0, 0.03)  # patient-level intensity variation (coil loading, physiology)
-    tissue = {
-        seq: ((_WM[seq] * (1.0 - gm) + _GM[seq] * gm) * fine * scale).astype(np.float32) for seq in SEQUENCES
-    }
-    return {"frac": frac.astype(np.float32), "tissue": tissue, "semi": semi, "centre": centre,
-            "mean_semi": mean_semi}
+    tissue = {seq: ((_WM[seq] * (1.0 - gm) + _GM[seq] * gm) * fine * scale).astype(np.float32) for seq in SEQUENCES}
+    return {"frac": frac.astype(np.float32), "tissue": tissue, "semi": semi, "centre": centre, "mean_semi": mean_semi}
 
 
 def _lesion_params(spec: SiteSpec, brain: dict, diagnosis: str, rng: np.random.Generator) -> dict:
@@ -338,10 +335,11 @@ def _render(spec: SiteSpec, brain: dict, p: dict, rng: np.random.Generator) -> t
     r_t = np.zeros_like(r)
     r_c = np.zeros_like(r)
     r_t[inner] = p["r_tumour"] * np.clip(1.0 + p["lobes"] * shape_t, 0.4, None)
-    r_c[inner] = np.minimum(p["r_core"] * np.clip(1.0 + p["lobes"] * shape_c, 0.4, None),
-                            r_t[inner] - max(sx, sy))
-    r_e = np.maximum(p["r_edema"] * np.clip(1.0 + p["lobes_edema"] * p["shape_edema"](ux, uy, uz), 0.5, None),
-                     r_t + 1.5 * max(sx, sy))
+    r_c[inner] = np.minimum(p["r_core"] * np.clip(1.0 + p["lobes"] * shape_c, 0.4, None), r_t[inner] - max(sx, sy))
+    r_e = np.maximum(
+        p["r_edema"] * np.clip(1.0 + p["lobes_edema"] * p["shape_edema"](ux, uy, uz), 0.5, None),
+        r_t + 1.5 * max(sx, sy),
+    )
 
     frac = np.repeat(brain["frac"][z0:z1, y0:y1, x0:x1], sub, axis=0)
     labels = np.where(r < r_c, 2, np.where(r < r_t, 1, np.where((r < r_e) & (frac >= 0.5), 3, 0))).astype(np.uint8)
@@ -363,7 +361,7 @@ def _render(spec: SiteSpec, brain: dict, p: dict, rng: np.random.Generator) -> t
     rim = {
         "t1c": p["t1c_rim"] * (1.0 + het * rim_field),
         "flair": p["flair_rim"] * (1.0 + 0.5 * het * rim_field),
-        "adc": p["adc_rim"] * (1.0 - 0.4 * het * rim_field),  # cellular (bright) spots restrict diffusion
+        "adc": p["adc_rim"] * (1.0 - 0.25 * het * rim_field),  # cellular (bright) spots restrict diffusion
     }
     core = {
         "t1c": p["t1c_core"] * (1.0 + 0.06 * core_field),

@@ -1,0 +1,68 @@
+"""Comparison baselines on the same features, splits, standardisation rule and model as the federation.
+
+For benchmarks only: these read every site's features into one process, which a real federation
+never does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.steps import SiteData, load_site_data, split_xy
+from common import metrics, model, moments
+
+
+def load_sites(site_dirs: list[Path], run_config: Mapping[str, Any]) -> dict[str, SiteData]:
+    return {d.name: load_site_data(d, run_config) for d in site_dirs}
+
+
+def agreed_features(sites: dict[str, SiteData]) -> list[str]:
+    """What the features phase agrees on: names finite at every case of every site."""
+    common: set[str] | None = None
+    for data in sites.values():
+        finite = {n for n, ok in zip(data.table.names, np.all(np.isfinite(data.table.values), axis=0), strict=True)
+                  if ok}
+        common = finite if common is None else common & finite
+    return sorted(common or [])
+
+
+def _fit(xs: list[np.ndarray], ys: list[np.ndarray], steps: int, config: Mapping[str, Any]) -> model.RadiomicsLogistic:
+    mean, std = moments.pooled_mean_std(*zip(*(moments.site_moments(x) for x in xs), strict=True))
+    scale = np.where(std <= 1e-9 * np.maximum(1.0, np.abs(mean)), 1.0, std)
+    y = np.concatenate(ys)
+    net = model.build_model(mean, scale)
+    model.train_local(net, np.vstack(xs), y, epochs=steps, lr=float(config["learning-rate"]),
+                      weight_decay=float(config["weight-decay"]),
+                      pos_weight=float((y == 0).sum() / max((y == 1).sum(), 1)))
+    return net
+
+
+def _evaluate(net: model.RadiomicsLogistic, x: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    prob = model.predict_proba(net, x)
+    return {**metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob), "n": len(y)}
+
+
+def pooled_centralised(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, float]:
+    """One model on all training splits together (rounds x local epochs steps); held-out metrics per site combined."""
+    steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
+    train = [split_xy(d, names, held_out=False) for d in sites.values()]
+    net = _fit([x for x, _ in train], [y for _, y in train], steps, config)
+    return metrics.combine_sites([_evaluate(net, *split_xy(d, names, held_out=True)) for d in sites.values()])
+
+
+def local_only(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Each site alone: its model on its own held-out split (internal) and on every other site's (external)."""
+    steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
+    out = {}
+    for name, data in sites.items():
+        x, y = split_xy(data, names, held_out=False)
+        net = _fit([x], [y], steps, config)
+        internal = _evaluate(net, *split_xy(data, names, held_out=True))
+        external = metrics.combine_sites([_evaluate(net, *split_xy(d, names, held_out=True))
+                                          for other, d in sites.items() if other != name])
+        out[name] = {"internal_auc": internal["auc"], "external_auc": external["auc"]}
+    return out
