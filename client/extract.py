@@ -194,9 +194,8 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
         values=values.reshape(len(usable), len(names)),
         problems=problems,
     )
-    n_extracted = len(todo) - sum(1 for p in problems if p.case_id in {c.case_id for c in todo})
     summary = ExtractionSummary(
-        extracted=n_extracted,
+        extracted=sum(1 for c in todo if c.case_id in results),
         cached=len(site.cases) - len(todo),
         failed=len(problems),
         seconds=time.perf_counter() - start,

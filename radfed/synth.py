@@ -136,7 +136,7 @@ _CLASS_PARAMS: dict[str, tuple[float, float, float, float, float]] = {
     # correlation of the necrosis outline with the rim outline (BM: concentric, even rim thickness)
     "core_corr": (0.35, 0.75, 0.25, 0.0, 0.95),
     # width (mm) of the tumour/edema intensity transition (HGG: infiltrative)
-    "margin": (1.4, 0.95, 0.55, 0.2, 3.0),
+    "margin": (1.3, 1.0, 0.5, 0.2, 3.0),
     # width (mm) of the edema/brain transition
     "edema_margin": (2.2, 1.7, 0.8, 0.5, 4.0),
     # relative amplitude of spatially correlated noise in the enhancing rim (HGG: heterogeneous)

@@ -47,21 +47,23 @@ def main(grid: Grid, context: Context) -> None:
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
     result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
+    strategy_started = False
     try:
         node_ids = phases.wait_for_nodes(grid, min_sites, timeout)
         fed = phases.plan_phase(grid, node_ids, profile, cfg, min_sites, audit, timeout)
-        result.site_counts = fed.counts
+        result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(grid, fed, audit, timeout)
         mean, scale, n_constant = phases.moments_phase(grid, fed, agreement, audit, timeout)
         result.features = {"n": len(agreement.names), "constant": n_constant, "sha256": agreement.sha256}
         result.split_counts = agreement.split_counts
 
         net = model.build_model(mean, scale)
-        strategy = AuditedFedAvg(fed.sites, audit, min_sites)
+        strategy = AuditedFedAvg(fed, audit)
         shared = {"pos-weight": agreement.pos_weight, "features-sha256": agreement.sha256}
         train_config = ConfigRecord({**shared, "local-epochs": int(cfg["local-epochs"]),
                                      "learning-rate": float(cfg["learning-rate"]),
                                      "weight-decay": float(cfg["weight-decay"])})
+        strategy_started = True
         fl = strategy.start(grid, ArrayRecord(net.state_dict()), num_rounds=int(cfg["num-server-rounds"]),
                             timeout=timeout, train_config=train_config, evaluate_config=ConfigRecord(shared))
         final_state = fl.arrays.to_torch_state_dict()
@@ -72,7 +74,8 @@ def main(grid: Grid, context: Context) -> None:
         result.evaluations = strategy.site_evaluations
         result.status = "completed"
     except (phases.RunRefused, RuntimeError) as exc:
-        result.status, result.error = "refused" if isinstance(exc, phases.RunRefused) else "failed", str(exc)
+        # refused: stopped before any training; failed: stopped during the rounds
+        result.status, result.error = "failed" if strategy_started else "refused", str(exc)
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
     result.seconds = time.perf_counter() - started
     report.write_outputs(result)

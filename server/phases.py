@@ -34,15 +34,19 @@ class Federation:
     sites: dict[int, str]
     min_sites: int
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped: list[dict[str, object]] = field(default_factory=list)
 
-    def drop(self, audit: AuditLog, node_id: int, phase: str, reason: str) -> None:
+    def drop(self, audit: AuditLog, node_id: int, phase: str, reason: str, server_round: int | None = None) -> None:
         site = self.sites.pop(node_id, f"node {node_id}")
-        log.warning("Site %s leaves the run at the %s phase: %s", site, phase, reason)
-        audit.append("dropout", phase=phase, site=site, reason=reason)
+        where = f"round {server_round} ({phase})" if server_round is not None else f"the {phase} phase"
+        log.warning("Site %s leaves the run at %s: %s", site, where, reason)
+        record = {"site": site, "phase": phase, "round": server_round, "reason": reason}
+        self.dropped.append(record)
+        audit.append("dropout", **record)
 
-    def require_enough(self, phase: str) -> None:
+    def require_enough(self, where: str) -> None:
         if len(self.sites) < self.min_sites:
-            raise RunRefused(f"only {len(self.sites)} site(s) remain after the {phase} phase, fewer than "
+            raise RunRefused(f"only {len(self.sites)} site(s) remain after {where}, fewer than "
                              f"min-sites = {self.min_sites}; see the audit log for why the others left")
 
 
@@ -122,7 +126,7 @@ def plan_phase(grid: Grid, node_ids: list[int], profile: Profile, run_config: di
             f"refusing to train: site(s) {', '.join(mismatched)} extract with a different profile than the "
             f"federation's {profile.name} v{profile.version} (hash {profile.short_hash}). Fix: use the "
             "federation's profile at those sites (remove the 'profile' override from their site.yaml).")
-    fed.require_enough("plan")
+    fed.require_enough("the plan phase")
     return fed
 
 
@@ -137,7 +141,7 @@ class FeatureAgreement:
 def features_phase(grid: Grid, fed: Federation, audit: AuditLog, timeout: float) -> FeatureAgreement:
     """Sites extract (or load their cache) and report which features are finite at all their cases."""
     replies = _replies(fed, audit, "features", query(grid, list(fed.sites), protocol.FEATURES, {}, timeout))
-    fed.require_enough("features")
+    fed.require_enough("the features phase")
     common: set[str] | None = None
     split_counts = {}
     for node_id, reply in replies.items():
@@ -162,7 +166,7 @@ def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audi
     """
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
     replies = _replies(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout))
-    fed.require_enough("moments")
+    fed.require_enough("the moments phase")
     counts, means, m2s = [], [], []
     for reply in replies.values():
         arrays = reply.content["arrays"]

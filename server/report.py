@@ -28,6 +28,7 @@ class RunResult:
     seconds: float = 0.0
     site_counts: dict[str, dict[str, int]] = field(default_factory=dict)
     split_counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropouts: list[dict[str, Any]] = field(default_factory=list)
     features: dict[str, Any] = field(default_factory=dict)
     training: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
@@ -57,6 +58,7 @@ class RunResult:
             "config": self.config,
             "sites": {name: {"manifest": self.site_counts.get(name, {}), "split": self.split_counts.get(name, {})}
                       for name in sorted(set(self.site_counts) | set(self.split_counts))},
+            "dropouts": self.dropouts,
             "features": self.features,
             "model_sha256": self.model_sha256,
             "rounds": self.rounds(),

@@ -12,29 +12,28 @@ from flwr.serverapp.strategy import FedAvg
 from common import metrics
 from common.canon import arrays_sha256
 from server.audit import AuditLog
-from server.phases import error_reason
+from server.phases import Federation, error_reason
 
 log = logging.getLogger("flwr.radfed.server")
-
 
 def record_sha256(record: ArrayRecord) -> str:
     return arrays_sha256(dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True)))
 
 
 class AuditedFedAvg(FedAvg):
-    """FedAvg over ``sites`` (node id -> site name) only; a site that fails a round is dropped,
+    """FedAvg over the federation's admitted sites only; a site that fails a round is dropped,
     recorded as a dropout, and the run stops cleanly if fewer than ``min_sites`` remain.
 
     ``site_evaluations[round][site]`` keeps each site's held-out counts and AUC;
     ``site_training[round][site]`` its case count and loss.
     """
 
-    def __init__(self, sites: dict[int, str], audit: AuditLog, min_sites: int, **kwargs: object) -> None:
-        n = len(sites)
+    def __init__(self, fed: Federation, audit: AuditLog, **kwargs: object) -> None:
+        n = len(fed.sites)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, **kwargs)  # type: ignore[arg-type]
-        self.sites = dict(sites)
+        self.fed = fed
+        self.sites = fed.sites  # shared: a dropout here is a dropout of the federation
         self.audit = audit
-        self.min_sites = min_sites
         self.site_training: dict[int, dict[str, dict[str, float]]] = {}
         self.site_evaluations: dict[int, dict[str, dict[str, float]]] = {}
 
@@ -57,20 +56,13 @@ class AuditedFedAvg(FedAvg):
         good = []
         for msg in replies:
             if msg.has_error():
-                self._drop(server_round, phase, msg.metadata.src_node_id, error_reason(msg))
+                self.fed.drop(self.audit, msg.metadata.src_node_id, phase, error_reason(msg), server_round)
             else:
                 good.append(msg)
         for node_id in [n for n in self.sites if n not in answered]:
-            self._drop(server_round, phase, node_id, "no reply before the timeout")
-        if len(self.sites) < self.min_sites:
-            raise RuntimeError(f"only {len(self.sites)} site(s) left after round {server_round} ({phase}), "
-                               f"fewer than min-sites = {self.min_sites}: the run stops here")
+            self.fed.drop(self.audit, node_id, phase, "no reply before the timeout", server_round)
+        self.fed.require_enough(f"round {server_round} ({phase})")
         return good
-
-    def _drop(self, server_round: int, phase: str, node_id: int, reason: str) -> None:
-        site = self.sites.pop(node_id, f"node {node_id}")
-        log.warning("Round %d: site %s dropped out of %s: %s", server_round, site, phase, reason)
-        self.audit.append("dropout", round=server_round, phase=phase, site=site, reason=reason)
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:

@@ -1,6 +1,7 @@
 """Whole federations on Flower's simulation engine (real SuperLink, real ClientApps, real extraction)."""
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -33,12 +34,14 @@ def _events(folder: Path) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def three_sites(tmp_path_factory) -> Path:
+    """Three usable tiny sites plus a fourth with only 4 HGG cases (fewer than k: it cannot take part)."""
     root = tmp_path_factory.mktemp("fed")
-    specs = synth.tiny_sites(3, 9)
+    specs = synth.tiny_sites(4, 9)
+    specs[3] = replace(specs[3], n_hgg=4)
     for i, spec in enumerate(specs):
         synth.write_site(root, spec, seed=100 + i)
-    # one unusable case at the last site: its mask is shifted off the image grid
-    site = root / specs[-1].name
+    # one unusable case at a usable site: its mask is shifted off the image grid
+    site = root / specs[2].name
     mask_path = site / (site / "manifest.csv").read_text().splitlines()[1].split(",")[5]
     mask = sitk.ReadImage(str(mask_path))
     mask.SetOrigin(tuple(o + 3.0 for o in mask.GetOrigin()))
@@ -47,7 +50,7 @@ def three_sites(tmp_path_factory) -> Path:
 
 
 def test_federation_end_to_end(three_sites, tmp_path):
-    folder = _run(tmp_path, three_sites, 3)
+    folder = _run(tmp_path, three_sites, 4)
     doc = json.loads((folder / "metrics.json").read_text())
     assert doc["status"] == "completed", doc["error"]
     assert doc["schema"] == "radfed.metrics/1"
@@ -61,13 +64,21 @@ def test_federation_end_to_end(three_sites, tmp_path):
     assert agg["n"] == sum(m["n"] for m in final["sites"].values())
     assert agg["tp"] == sum(m["tp"] for m in final["sites"].values())
     # the broken case was reported, not used and not silently dropped: 17 usable cases at that site
-    broken = doc["sites"][sorted(doc["sites"])[-1]]["split"]
+    names = sorted(p.name for p in three_sites.iterdir() if (p / "manifest.csv").exists())
+    broken = doc["sites"][names[2]]["split"]
     assert broken["n-failed"] == 1 and broken["n-cases"] == 17
+
+    # the small site was named, left out, and the run went on without it
+    small = names[3]
+    assert small not in final["sites"] and [d["site"] for d in doc["dropouts"]] == [small]
+    dropouts = [e["data"] for e in _events(folder) if e["event"] == "dropout"]
+    assert dropouts == doc["dropouts"] and dropouts[0]["phase"] == "plan"
+    assert "4 HGG and 9 BM cases; at least 5 of each" in dropouts[0]["reason"]
 
     # the audit chain is intact and records every phase; each site's updates are hashed per round
     check = verify(folder / "audit.jsonl")
     assert check.ok, check.reason
-    assert check.events["site-plan"] == 3 and check.events["round-train"] == ROUNDS
+    assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS
     assert check.events["round-evaluate"] == ROUNDS and check.events["run-end"] == 1
     events = _events(folder)
     for entry in (e for e in events if e["event"] == "round-train"):
