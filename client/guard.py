@@ -7,9 +7,16 @@ and any statistic over fewer than k cases.
 
 from __future__ import annotations
 
+import hashlib
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.steps import locate_site
+from common.canon import json_safe
 from common.protocol import DEFAULT_K, REPLIES
 
 SITE_STATE = "radfed-site"  # context.state record holding the agreed feature list ("features")
@@ -59,8 +66,31 @@ def check_reply(message_type: str, content: RecordDict, k: int, n_features: int 
                                f"k = {k} cases; nothing is sent")
 
 
+def describe(content: RecordDict) -> dict[str, dict[str, object]]:
+    """What a reply holds, for the outbox: config and metric values as sent; arrays as shape, size and sha256."""
+    out: dict[str, dict[str, object]] = {}
+    for name, record in content.items():
+        if isinstance(record, ArrayRecord):
+            out[name] = {key: {"shape": list(arr.shape), "bytes": len(arr.data),
+                               "sha256": hashlib.sha256(arr.data).hexdigest()} for key, arr in record.items()}
+        else:
+            out[name] = {key: (f"<{len(value)} items>" if isinstance(value, list) and len(value) > 8 else value)
+                         for key, value in record.items()}  # type: ignore[union-attr]
+    return out
+
+
+def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict) -> None:
+    """Append what is about to leave to the site's local outbox (``.radfed/outbox.jsonl``)."""
+    entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
+             "type": message_type, "records": describe(content)}
+    outbox = site_dir / ".radfed" / "outbox.jsonl"
+    outbox.parent.mkdir(parents=True, exist_ok=True)
+    with outbox.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(json_safe(entry), sort_keys=True) + "\n")
+
+
 def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: run the handler, then check its reply before it leaves the site."""
+    """Client mod: run the handler, check its reply, and log it in the outbox before it leaves the site."""
     reply = call_next(msg, context)
     if reply.has_error():
         return reply
@@ -68,4 +98,6 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     site = context.state.get(SITE_STATE)
     features = site.get("features") if isinstance(site, ConfigRecord) else None
     check_reply(msg.metadata.message_type, reply.content, k, len(features) if features else None)
+    record_outgoing(locate_site(context.node_config, context.run_config), context.run_id,
+                    msg.metadata.message_type, reply.content)
     return reply

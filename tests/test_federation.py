@@ -9,6 +9,7 @@ import SimpleITK as sitk
 import torch
 import yaml
 
+from common import protocol
 from common.canon import arrays_sha256
 from radfed import synth
 from radfed.launch import run_federation
@@ -84,6 +85,25 @@ def test_federation_end_to_end(three_sites, tmp_path):
     for entry in (e for e in events if e["event"] == "round-train"):
         assert len(entry["data"]["sites"]) == 3
         assert all(s["n"] >= K and len(s["update_sha256"]) == 64 for s in entry["data"]["sites"].values())
+
+    # privacy, over every message each site really sent (its outbox): only protocol keys, arrays sized
+    # by the feature count, every statistic over >= k cases
+    d = doc["features"]["n"]
+    for name in names[:3]:
+        sent = [json.loads(line) for line in (three_sites / name / ".radfed" / "outbox.jsonl").read_text().splitlines()]
+        kinds = [e["type"] for e in sent]
+        assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.moments") == 1
+        assert kinds.count("train") == kinds.count("evaluate") == ROUNDS
+        for entry in sent:
+            spec = protocol.REPLIES[entry["type"]]
+            for record, values in entry["records"].items():
+                allowed = {**spec.config, **spec.metrics, **spec.arrays}
+                assert set(values) <= set(allowed), (name, entry["type"], record)
+                if record == "arrays":
+                    assert all(set(a["shape"]) <= {1, d} for a in values.values()), (name, entry["type"])
+            if spec.count_key:
+                assert entry["records"]["metrics"][spec.count_key] >= K, (name, entry["type"])
+    assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text().count("query.features")
 
     # the saved model is the one the log names
     saved = torch.load(folder / "model.pt", weights_only=False)
