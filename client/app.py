@@ -6,9 +6,10 @@ Every reply passes the privacy guard (client.guard) before it leaves the site.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from client import steps
@@ -19,7 +20,7 @@ log = logging.getLogger("flwr.radfed.client")
 app = ClientApp(mods=[privacy_guard])
 
 
-def _site_dir(context: Context):
+def _site_dir(context: Context) -> Path:
     return steps.locate_site(context.node_config, context.run_config)
 
 
@@ -81,7 +82,5 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)
 
 
-def _arr(values: np.ndarray):
-    from flwr.app import Array
-
+def _arr(values: np.ndarray) -> Array:
     return Array(np.ascontiguousarray(values, dtype=np.float64))

@@ -15,6 +15,7 @@ import re
 import time
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -92,7 +93,10 @@ def extract_case_features(case: Case, profile: Profile) -> dict[str, float]:
     for seq in profile.sequences:
         extractor = with_shape if seq == profile.shape_from else without_shape
         for region, label in profile.regions.items():
-            result = extractor.execute(volumes[seq], mask, label=label)
+            try:
+                result = extractor.execute(volumes[seq], mask, label=label)
+            except (ValueError, RuntimeError) as exc:  # name where it failed: pyradiomics does not
+                raise type(exc)(f"{seq} / {region} (label {label}): {exc}") from exc
             for key, value in result.items():
                 if key.startswith("diagnostics_"):
                     continue
@@ -130,8 +134,9 @@ def _extract_one(args: tuple[Case, Profile, str]) -> tuple[str, dict[str, float]
     except CaseInputError as exc:
         return case.case_id, None, CaseProblem(case.case_id, exc.reason, exc.fix), time.perf_counter() - start
     except (ValueError, RuntimeError) as exc:
-        problem = CaseProblem(case.case_id, f"pyradiomics failed: {exc}",
-                              "check the images and mask of this case (see the extraction log)")
+        problem = CaseProblem(case.case_id, f"pyradiomics failed on {exc}",
+                              "check that region's segmentation: after resampling to the profile's spacing it "
+                              "must keep the profile's minimum ROI size")
         return case.case_id, None, problem, time.perf_counter() - start
 
 
@@ -154,35 +159,37 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     start = time.perf_counter()
     version = pyradiomics_version()
     results: dict[str, dict[str, float]] = {}
+    problems = list(site.problems)
     todo: list[Case] = []
     hashes: dict[str, dict[str, str]] = {}
     for case in site.cases:
         hashes[case.case_id] = _input_hashes(case)
         cached = _read_cache(_cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version)
-        if cached is not None:
+        if isinstance(cached, CaseProblem):
+            problems.append(cached)  # failures are cached too: same inputs, same failure
+        elif cached is not None:
             results[case.case_id] = cached
         else:
             todo.append(case)
 
-    problems = list(site.problems)
     extract_seconds = 0.0
     jobs = [(case, profile, version) for case in todo]
-    done = 0
-    if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool:
-            outcomes = pool.map(_extract_one, jobs)
-            for outcome in outcomes:
-                done += 1
-                if progress:
-                    progress(done, len(jobs))
-                extract_seconds += _keep(outcome, site, profile, version, hashes, results, problems)
-    else:
-        for job in jobs:
-            outcome = _extract_one(job)
-            done += 1
+    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else \
+            nullcontext() as pool:
+        outcomes = pool.map(_extract_one, jobs) if pool is not None else map(_extract_one, jobs)
+        for done, (case_id, features, problem, seconds) in enumerate(outcomes, start=1):
             if progress:
                 progress(done, len(jobs))
-            extract_seconds += _keep(outcome, site, profile, version, hashes, results, problems)
+            extract_seconds += seconds
+            if problem is not None:
+                log.warning("case %s not used: %s (fix: %s)", case_id, problem.reason, problem.fix)
+                problems.append(problem)
+            else:
+                assert features is not None
+                results[case_id] = features
+            _write_cache(_cache_file(site, profile, case_id), {
+                "case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
+                "pyradiomics": version, "features": features, "problem": problem and problem.as_dict()})
 
     usable = [c for c in site.cases if c.case_id in results]
     names = _common_names([results[c.case_id] for c in usable])
@@ -205,27 +212,16 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     return table, summary
 
 
-def _keep(outcome: tuple[str, dict[str, float] | None, CaseProblem | None, float], site: Site, profile: Profile,
-          version: str, hashes: dict[str, dict[str, str]], results: dict[str, dict[str, float]],
-          problems: list[CaseProblem]) -> float:
-    case_id, features, problem, seconds = outcome
-    if problem is not None:
-        log.warning("case %s not used: %s (fix: %s)", case_id, problem.reason, problem.fix)
-        problems.append(problem)
-        return seconds
-    assert features is not None
-    results[case_id] = features
-    path = _cache_file(site, profile, case_id)
+def _write_cache(path: Path, entry: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    entry = {"case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
-             "pyradiomics": version, "features": features}
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(entry), encoding="utf-8")
     os.replace(tmp, path)  # atomic: a killed run never leaves half an entry
-    return seconds
 
 
-def _read_cache(path: Path, inputs: dict[str, str], profile: Profile, version: str) -> dict[str, float] | None:
+def _read_cache(path: Path, inputs: dict[str, str], profile: Profile,
+                version: str) -> dict[str, float] | CaseProblem | None:
+    """The cached features or failure of a case, or None when absent or made with other inputs."""
     if not path.exists():
         return None
     try:
@@ -235,6 +231,8 @@ def _read_cache(path: Path, inputs: dict[str, str], profile: Profile, version: s
     if entry.get("inputs") != inputs or entry.get("profile_sha256") != profile.sha256 \
             or entry.get("pyradiomics") != version:
         return None
+    if entry.get("problem"):
+        return CaseProblem(**entry["problem"])
     return {k: float(v) for k, v in entry["features"].items()}
 
 

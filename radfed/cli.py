@@ -41,8 +41,9 @@ def _extract_one_site(site_dir: str, profile_name: str, workers: int) -> tuple[s
 
 def cmd_site_extract(args: argparse.Namespace) -> int:
     name, used, extracted, failed, seconds, per_case = _extract_one_site(args.site_dir, args.profile, args.workers)
-    print(f"site {name}: {used} usable case(s), {extracted} extracted now, {failed} problem(s), {seconds:.1f}s"
-          f" ({per_case:.2f}s per extracted case)")
+    timing = f", {per_case:.2f}s per case" if extracted else " (all from the cache)"
+    print(f"site {name}: {used} usable case(s), {extracted} extracted now, {failed} problem(s), "
+          f"{seconds:.1f}s{timing}")
     report = Path(args.site_dir) / ".radfed" / "errors.json"
     for problem in json.loads(report.read_text())["problems"]:
         print(f"  case {problem['case_id']}: {problem['reason']} -> fix: {problem['fix']}")

@@ -133,6 +133,15 @@ def test_each_bad_input_is_named_and_the_rest_survive(tiny_site_root, tmp_path):
     report = (site_dir / ".radfed" / "errors.json").read_text()
     assert rows[0]["case_id"] in report and "is missing" in report
 
+    # failures are cached like features: a re-run retries nothing and reports the same problems
+    again, summary2 = extract_site(load_site(site_dir, PROFILE.sequences), PROFILE)
+    assert summary2.extracted == 0 and summary2.cached == 18  # 12 usable + 6 failed, all from the cache
+    assert {p.case_id: p.reason for p in again.problems} == {p.case_id: p.reason for p in table.problems}
+    # restoring the missing file makes that case extract again, and only that case
+    shutil.copy(site_dir / rows[1]["flair"], site_dir / rows[0]["flair"])
+    third, summary3 = extract_site(load_site(site_dir, PROFILE.sequences), PROFILE)
+    assert summary3.extracted == 1 and rows[0]["case_id"] in third.case_ids
+
 
 def test_site_level_errors_name_the_fix(tmp_path):
     with pytest.raises(SiteError, match="does not exist"):
