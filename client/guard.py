@@ -1,14 +1,15 @@
 """The privacy guard: a Flower client mod that checks every reply against ``common.protocol``.
 
 It refuses (raises, so nothing is sent) any record or key the protocol does not declare, any array
-whose size is not fixed by the agreed feature list (so nothing can scale with the number of cases),
-and any statistic over fewer than k cases.
+whose shape is not exactly the declared one in the run's agreed sizes (so nothing can scale with the
+number of cases), and any statistic over fewer than k cases.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,27 +20,29 @@ from client.steps import locate_site
 from common.canon import json_safe
 from common.protocol import DEFAULT_K, REPLIES
 
-SITE_STATE = "radfed-site"  # context.state record holding the agreed feature list ("features")
+SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
 
 class PrivacyError(RuntimeError):
     """A reply that would break the privacy rules; names the offending key."""
 
 
-def check_reply(message_type: str, content: RecordDict, k: int, n_features: int | None = None) -> None:
+def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str, int] | None = None) -> None:
     """Raise PrivacyError unless ``content`` is an allowed reply to ``message_type``.
 
-    Arrays may only have dimensions of 1 or ``n_features`` (the agreed feature count); with no agreed
-    feature list yet, no array may be sent at all.
+    ``sizes`` gives the run's shape symbols (``d``: agreed features, ``q``: ComBat design columns);
+    every array must have exactly its declared shape, and with a symbol still unknown no such array
+    may be sent at all.
     """
     spec = REPLIES.get(message_type)
     if spec is None:
         raise PrivacyError(f"message type {message_type!r} is not in the protocol: nothing is sent")
+    sizes = sizes or {}
     for name, record in content.items():
         if name not in spec.record_names:
             raise PrivacyError(f"{message_type}: record {name!r} is not declared in the protocol")
         if isinstance(record, ConfigRecord):
-            allowed = spec.config
+            allowed: Collection[str] = spec.config
         elif isinstance(record, MetricRecord):
             allowed = spec.metrics
         elif isinstance(record, ArrayRecord):
@@ -51,11 +54,12 @@ def check_reply(message_type: str, content: RecordDict, k: int, n_features: int 
                 raise PrivacyError(f"{message_type}: key {key!r} in record {name!r} is not declared in the protocol")
         if isinstance(record, ArrayRecord):
             for key, array in record.items():
-                shape = tuple(array.shape)
-                if n_features is None or any(dim not in (1, n_features) for dim in shape):
+                declared = spec.arrays[key].shape
+                expected = tuple(sizes.get(dim, -1) if isinstance(dim, str) else dim for dim in declared)
+                if tuple(array.shape) != expected:
                     raise PrivacyError(
-                        f"{message_type}: array {key!r} has shape {shape}, not fixed by the agreed feature "
-                        f"count ({n_features}): it could hold per-case values")
+                        f"{message_type}: array {key!r} has shape {tuple(array.shape)}, not its declared shape "
+                        f"{declared} = {expected} (-1: not yet agreed): it could hold per-case values")
     if spec.count_key is not None:
         counts = [r[spec.count_key] for r in content.values()
                   if isinstance(r, MetricRecord) and spec.count_key in r]
@@ -64,6 +68,19 @@ def check_reply(message_type: str, content: RecordDict, k: int, n_features: int 
         if int(counts[0]) < k:  # type: ignore[arg-type]
             raise PrivacyError(f"{message_type}: {spec.count_key!r} = {int(counts[0])} is fewer than "  # type: ignore[arg-type]
                                f"k = {k} cases; nothing is sent")
+
+
+def agreed_sizes(context: Context) -> dict[str, int]:
+    """The run's shape symbols as this site agreed them (kept in ``context.state``)."""
+    site = context.state.get(SITE_STATE)
+    if not isinstance(site, ConfigRecord):
+        return {}
+    sizes = {}
+    if "features" in site:
+        sizes["d"] = len(site["features"])  # type: ignore[arg-type]
+    if "design-columns" in site:
+        sizes["q"] = int(site["design-columns"])  # type: ignore[arg-type]
+    return sizes
 
 
 def describe(content: RecordDict) -> dict[str, dict[str, object]]:
@@ -95,9 +112,7 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     if reply.has_error():
         return reply
     k = int(context.run_config.get("min-cases-per-class", DEFAULT_K))
-    site = context.state.get(SITE_STATE)
-    features = site.get("features") if isinstance(site, ConfigRecord) else None
-    check_reply(msg.metadata.message_type, reply.content, k, len(features) if features else None)
+    check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
     record_outgoing(locate_site(context.node_config, context.run_config), context.run_id,
                     msg.metadata.message_type, reply.content)
     return reply

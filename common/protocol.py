@@ -17,8 +17,24 @@ MOMENTS = "query.moments"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
+# Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
+# "d" = agreed features, "q" = ComBat design columns (sites + covariates).
+Shape = tuple[str | int, ...]
+
+
+@dataclass(frozen=True)
+class ArraySpec:
+    description: str
+    shape: Shape
+
+
 # The model's state dict (common.model.RadiomicsLogistic): the only arrays a train reply holds.
-MODEL_KEYS = ("mean", "scale", "linear.weight", "linear.bias")
+MODEL_ARRAYS = {
+    "mean": ArraySpec("pooled feature mean the model standardises with", ("d",)),
+    "scale": ArraySpec("pooled feature std the model standardises with", ("d",)),
+    "linear.weight": ArraySpec("coefficients after local training on the training split", (1, "d")),
+    "linear.bias": ArraySpec("intercept after local training on the training split", (1,)),
+}
 
 
 @dataclass(frozen=True)
@@ -28,8 +44,7 @@ class ReplySpec:
     Attributes:
         config: ConfigRecord key -> description (site metadata, never per-case values).
         metrics: MetricRecord key -> description (counts or statistics over ``count_key`` cases).
-        arrays: key inside the ArrayRecord -> description; every array's size is fixed by the feature
-            list or the model, never by the number of cases.
+        arrays: key inside the ArrayRecord -> description and declared shape (in run symbols).
         count_key: the metric holding the number of cases the reply aggregates over (>= k), or None
             for replies holding counts only.
         record_names: the RecordDict keys allowed in the reply.
@@ -37,7 +52,7 @@ class ReplySpec:
 
     config: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
-    arrays: dict[str, str] = field(default_factory=dict)
+    arrays: dict[str, ArraySpec] = field(default_factory=dict)
     count_key: str | None = None
     record_names: tuple[str, ...] = ("config", "metrics", "arrays")
 
@@ -72,13 +87,13 @@ REPLIES: dict[str, ReplySpec] = {
         count_key="n-cases",
     ),
     MOMENTS: ReplySpec(
-        arrays={"mean": "per-feature mean over training cases (d,)",
-                "m2": "per-feature sum of squared deviations from that mean (d,)"},
+        arrays={"mean": ArraySpec("per-feature mean over training cases", ("d",)),
+                "m2": ArraySpec("per-feature sum of squared deviations from that mean", ("d",))},
         metrics={"n": "training cases the moments aggregate over"},
         count_key="n",
     ),
     TRAIN: ReplySpec(
-        arrays={key: "model state after local training on the training split" for key in MODEL_KEYS},
+        arrays=MODEL_ARRAYS,
         metrics={"num-examples": "training cases", "train-loss": "mean class-weighted loss"},
         count_key="num-examples",
     ),

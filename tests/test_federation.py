@@ -99,8 +99,11 @@ def test_federation_end_to_end(three_sites, tmp_path):
             for record, values in entry["records"].items():
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
-                if record == "arrays":
-                    assert all(set(a["shape"]) <= {1, d} for a in values.values()), (name, entry["type"])
+                if record == "arrays":  # exactly the declared shapes, in the run's sizes
+                    sizes = {"d": d, "q": len(final["sites"])}
+                    for key, array in values.items():
+                        expected = [sizes[s] if isinstance(s, str) else s for s in spec.arrays[key].shape]
+                        assert array["shape"] == expected, (name, entry["type"], key)
             if spec.count_key:
                 assert entry["records"]["metrics"][spec.count_key] >= K, (name, entry["type"])
     assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text().count("query.features")

@@ -15,12 +15,12 @@ def _moments(n: int, d: int, extra: dict | None = None) -> RecordDict:
 
 
 def test_declared_reply_over_k_cases_passes():
-    check_reply(protocol.MOMENTS, _moments(n=12, d=30), k=5, n_features=30)
+    check_reply(protocol.MOMENTS, _moments(n=12, d=30), k=5, sizes={"d": 30})
 
 
 def test_fewer_than_k_cases_is_refused():
     with pytest.raises(PrivacyError, match="'n' = 4 is fewer than k = 5"):
-        check_reply(protocol.MOMENTS, _moments(n=4, d=30), k=5, n_features=30)
+        check_reply(protocol.MOMENTS, _moments(n=4, d=30), k=5, sizes={"d": 30})
 
 
 def test_undeclared_key_is_refused_by_name():
@@ -31,19 +31,31 @@ def test_undeclared_key_is_refused_by_name():
 
 def test_undeclared_array_is_refused():
     with pytest.raises(PrivacyError, match="'scores'"):
-        check_reply(protocol.MOMENTS, _moments(12, 30, {"scores": Array(np.zeros(30))}), k=5, n_features=30)
+        check_reply(protocol.MOMENTS, _moments(12, 30, {"scores": Array(np.zeros(30))}), k=5, sizes={"d": 30})
 
 
 def test_array_sized_by_cases_not_features_is_refused():
     per_case = RecordDict({"arrays": ArrayRecord({"mean": Array(np.zeros(12)), "m2": Array(np.zeros(12))}),
                            "metrics": MetricRecord({"n": 12})})
-    with pytest.raises(PrivacyError, match="not fixed by the agreed feature count"):
-        check_reply(protocol.MOMENTS, per_case, k=5, n_features=30)
+    with pytest.raises(PrivacyError, match=r"not its declared shape \('d',\) = \(30,\)"):
+        check_reply(protocol.MOMENTS, per_case, k=5, sizes={"d": 30})
 
 
 def test_arrays_before_a_feature_agreement_are_refused():
-    with pytest.raises(PrivacyError, match="feature count"):
-        check_reply(protocol.MOMENTS, _moments(12, 30), k=5, n_features=None)
+    with pytest.raises(PrivacyError, match="not yet agreed"):
+        check_reply(protocol.MOMENTS, _moments(12, 30), k=5, sizes=None)
+
+
+def test_model_reply_must_have_the_model_shapes():
+    good = {"mean": np.zeros(30), "scale": np.ones(30), "linear.weight": np.zeros((1, 30)),
+            "linear.bias": np.zeros(1)}
+    reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in good.items()}),
+                        "metrics": MetricRecord({"num-examples": 9, "train-loss": 0.5})})
+    check_reply(protocol.TRAIN, reply, k=5, sizes={"d": 30})
+    transposed = {**good, "linear.weight": np.zeros((30, 1))}
+    reply["arrays"] = ArrayRecord({k: Array(v) for k, v in transposed.items()})
+    with pytest.raises(PrivacyError, match="'linear.weight'"):
+        check_reply(protocol.TRAIN, reply, k=5, sizes={"d": 30})
 
 
 def test_unknown_message_type_and_record_are_refused():
