@@ -37,14 +37,14 @@ def held_out_count(n_class: int, test_fraction: float) -> int:
 def eligibility_problem(n_hgg: int, n_bm: int, k: int, test_fraction: float) -> str | None:
     """Why a site with these class counts cannot take part, or None.
 
-    Every reply must aggregate over at least k cases: each class needs k cases, and both the
-    training and the held-out split need k cases.
+    Every reply must aggregate over at least k cases: each class needs k cases; each class's
+    training cases (class-wise moments for selection) and the held-out split (evaluation) need k.
     """
     if min(n_hgg, n_bm) < k:
         return f"{n_hgg} HGG and {n_bm} BM cases; at least {k} of each are needed"
-    n_test = held_out_count(n_hgg, test_fraction) + held_out_count(n_bm, test_fraction)
-    n_train = n_hgg + n_bm - n_test
-    if min(n_test, n_train) < k:
-        return (f"a {test_fraction:.0%} held-out split of {n_hgg} HGG + {n_bm} BM cases leaves {n_test} held-out "
-                f"and {n_train} training cases; both need at least {k}")
+    test_hgg, test_bm = held_out_count(n_hgg, test_fraction), held_out_count(n_bm, test_fraction)
+    if min(n_hgg - test_hgg, n_bm - test_bm) < k or test_hgg + test_bm < k:
+        return (f"a {test_fraction:.0%} held-out split of {n_hgg} HGG + {n_bm} BM cases leaves "
+                f"{n_hgg - test_hgg} HGG + {n_bm - test_bm} BM training cases and {test_hgg + test_bm} held-out; "
+                f"each training class and the held-out split need at least {k}")
     return None

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,10 +73,17 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
-def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, timeout: float) -> dict[int, Message]:
-    """Send one query to every node; replies by node id (a node that did not answer is absent)."""
-    messages = [Message(RecordDict({"config": ConfigRecord(config)}), dst_node_id=nid, message_type=message_type)
-                for nid in node_ids]
+def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, timeout: float,
+          per_node: Callable[[int], RecordDict] | None = None) -> dict[int, Message]:
+    """Send one query to every node; replies by node id (a node that did not answer is absent).
+
+    ``config`` goes to every node; ``per_node(node_id)`` adds records meant for that node only.
+    """
+    messages = []
+    for nid in node_ids:
+        content = per_node(nid) if per_node else RecordDict()
+        content["config"] = ConfigRecord({**config, **dict(content.get("config") or {})})
+        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
     return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
 
 

@@ -75,3 +75,5 @@ def test_eligibility_requires_k_per_class_and_in_each_split():
     assert eligibility_problem(10, 10, 5, 0.3) is None
     assert "at least 5 of each" in eligibility_problem(4, 20, 5, 0.3)
     assert "held-out" in eligibility_problem(7, 7, 5, 0.3)  # 2 + 2 held out < 5
+    assert "training" in eligibility_problem(6, 30, 5, 0.3)  # 6 HGG - 2 held out = 4 training HGG < 5
+    assert eligibility_problem(9, 9, 5, 0.3) is None  # 6 + 6 training, 3 + 3 held out
