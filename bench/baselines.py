@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from client.steps import SiteData, load_site_data, split_xy
+from client.steps import SiteData, load_site_data, site_matrix
 from common import metrics, model, moments
 
 
@@ -49,9 +49,9 @@ def _evaluate(net: model.RadiomicsLogistic, x: np.ndarray, y: np.ndarray) -> dic
 def pooled_centralised(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, float]:
     """One model on all training splits together (rounds x local epochs steps); held-out metrics per site combined."""
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
-    train = [split_xy(d, names, held_out=False) for d in sites.values()]
+    train = [site_matrix(d, names, held_out=False) for d in sites.values()]
     net = _fit([x for x, _ in train], [y for _, y in train], steps, config)
-    return metrics.combine_sites([_evaluate(net, *split_xy(d, names, held_out=True)) for d in sites.values()])
+    return metrics.combine_sites([_evaluate(net, *site_matrix(d, names, held_out=True)) for d in sites.values()])
 
 
 def local_only(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
@@ -59,10 +59,10 @@ def local_only(sites: dict[str, SiteData], names: list[str], config: Mapping[str
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
     out = {}
     for name, data in sites.items():
-        x, y = split_xy(data, names, held_out=False)
+        x, y = site_matrix(data, names, held_out=False)
         net = _fit([x], [y], steps, config)
-        internal = _evaluate(net, *split_xy(data, names, held_out=True))
-        external = metrics.combine_sites([_evaluate(net, *split_xy(d, names, held_out=True))
+        internal = _evaluate(net, *site_matrix(data, names, held_out=True))
+        external = metrics.combine_sites([_evaluate(net, *site_matrix(d, names, held_out=True))
                                           for other, d in sites.items() if other != name])
         out[name] = {"internal_auc": internal["auc"], "external_auc": external["auc"]}
     return out

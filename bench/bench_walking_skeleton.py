@@ -65,14 +65,14 @@ def main() -> int:
     fed = doc["final"]["aggregate"]
 
     sites = load_sites(site_dirs, run_config)
-    names = agreed_features(sites)
+    names = list(doc["features"]["selected"])  # the federation's own selection: same features everywhere
     pooled = pooled_centralised(sites, names, run_config)
     local = local_only(sites, names, run_config)
 
     rows = [
         ("sites", f"{len(site_dirs)}"),
         ("cases usable / failed", f"{n_cases} / {sum(r[3] for r in results)}"),
-        ("features per case", f"{len(names)}"),
+        ("features per case (extracted / selected)", f"{len(agreed_features(sites))} / {len(names)}"),
         ("demo generation, s", f"{generate_s:.1f}"),
         ("extraction, s per case (1 core)", f"{per_case:.2f}"),
         (f"extraction wall, s ({args.workers} processes)", f"{extract_wall:.1f}"),

@@ -1,6 +1,8 @@
 """radfed ClientApp: one hospital's side of a run. Flower glue only; the work is in client.steps.
 
-Every reply passes the privacy guard (client.guard) before it leaves the site.
+What the site agrees to during a run (feature list, design size, candidates, model features) is kept
+in ``context.state`` under ``SITE_STATE``; the privacy guard (client.guard) reads it to check the
+exact shape of every array before a reply leaves the site.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from flwr.clientapp import ClientApp
 from client import steps
 from client.guard import SITE_STATE, privacy_guard
 from client.site import SiteError
+from common.canon import sha256_json
 
 log = logging.getLogger("flwr.radfed.client")
 app = ClientApp(mods=[privacy_guard])
@@ -24,63 +27,93 @@ def _site_dir(context: Context) -> Path:
     return steps.locate_site(context.node_config, context.run_config)
 
 
-def _agreed_features(context: Context, msg: Message) -> list[str]:
-    """The feature list agreed in the moments phase, checked against the hash the server sends."""
+def _data(context: Context) -> steps.SiteData:
+    return steps.load_site_data(_site_dir(context), context.run_config)
+
+
+def _agreement(context: Context) -> ConfigRecord:
     record = context.state.get(SITE_STATE)
-    if not isinstance(record, ConfigRecord) or "features" not in record:
-        raise SiteError("this site holds no agreed feature list for the run (it missed the moments phase); "
-                        "restart the run")
-    names = list(record["features"])  # type: ignore[arg-type]
-    expected = str(msg.content["config"].get("features-sha256", ""))
-    if expected and expected != record["features-sha256"]:
-        raise SiteError("the server's feature list differs from the one this site agreed to; restart the run")
+    if not isinstance(record, ConfigRecord):
+        record = ConfigRecord()
+        context.state[SITE_STATE] = record
+    return record
+
+
+def _accept_list(context: Context, config: ConfigRecord, key: str, state_key: str) -> list[str]:
+    """Take a name list from the server, check it against its hash, and remember it for the guard."""
+    names = [str(n) for n in config[key]]  # type: ignore[union-attr]
+    if sha256_json(names) != str(config[f"{key}-sha256"]):
+        raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
+    _agreement(context)[state_key] = names
     return names
+
+
+def _agreed(context: Context) -> list[str]:
+    record = _agreement(context)
+    if "features" not in record:
+        raise SiteError("this site holds no agreed feature list for the run (it missed a phase); restart the run")
+    return [str(n) for n in record["features"]]  # type: ignore[union-attr]
+
+
+def _harmonizer(context: Context) -> steps.Harmonizer | None:
+    return None
+
+
+def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in values.items()})
+
+
+def _reply(msg: Message, **records: ArrayRecord | MetricRecord | ConfigRecord) -> Message:
+    return Message(RecordDict(records), reply_to=msg)
 
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
     config, counts = steps.plan_reply(_site_dir(context), context.run_config)
-    return Message(RecordDict({"config": ConfigRecord(config), "metrics": MetricRecord(counts)}), reply_to=msg)
+    return _reply(msg, config=ConfigRecord(config), metrics=MetricRecord(counts))
 
 
 @app.query("features")
 def features(msg: Message, context: Context) -> Message:
-    data = steps.load_site_data(_site_dir(context), context.run_config)
-    names, counts = steps.features_reply(data)
-    return Message(RecordDict({"config": ConfigRecord({"features": names}), "metrics": MetricRecord(counts)}),
-                   reply_to=msg)
+    names, counts = steps.features_reply(_data(context))
+    return _reply(msg, config=ConfigRecord({"features": names}), metrics=MetricRecord(counts))
 
 
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
-    names = [str(n) for n in config["features"]]  # type: ignore[union-attr]
-    context.state[SITE_STATE] = ConfigRecord({"features": names,
-                                              "features-sha256": str(config["features-sha256"])})
-    data = steps.load_site_data(_site_dir(context), context.run_config)
-    n, mean, m2 = steps.moments_reply(data, names)
-    return Message(RecordDict({"arrays": ArrayRecord({"mean": _arr(mean), "m2": _arr(m2)}),
-                               "metrics": MetricRecord({"n": n})}), reply_to=msg)
+    agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
+    x, y = steps.site_matrix(_data(context), agreed, held_out=False, harmonize=_harmonizer(context))
+    arrays, counts = steps.moments_reply(x, y)
+    return _reply(msg, arrays=_arrays(arrays), metrics=MetricRecord(counts))
+
+
+@app.query("correlation")
+def correlation(msg: Message, context: Context) -> Message:
+    candidates = _accept_list(context, msg.content["config"], "candidates", "candidates")  # type: ignore[arg-type]
+    pooled = msg.content["arrays"]
+    x, _ = steps.site_matrix(_data(context), _agreed(context), held_out=False, names=candidates,
+                             harmonize=_harmonizer(context))
+    cross, n = steps.correlation_reply(x, pooled["mean"].numpy(), pooled["std"].numpy())  # type: ignore[union-attr]
+    return _reply(msg, arrays=_arrays({"crossproducts": cross}), metrics=MetricRecord({"n": n}))
+
+
+def _model_split(msg: Message, context: Context, held_out: bool) -> tuple[np.ndarray, np.ndarray]:
+    selected = _accept_list(context, msg.content["config"], "features", "selected")  # type: ignore[arg-type]
+    return steps.site_matrix(_data(context), _agreed(context), held_out=held_out, names=selected,
+                             harmonize=_harmonizer(context))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    names = _agreed_features(context, msg)
-    data = steps.load_site_data(_site_dir(context), context.run_config)
+    x, y = _model_split(msg, context, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
-    new_state, train_metrics = steps.train_step(data, names, state, msg.content["config"])  # type: ignore[arg-type]
-    return Message(RecordDict({"arrays": ArrayRecord(new_state), "metrics": MetricRecord(train_metrics)}),
-                   reply_to=msg)
+    new_state, train_metrics = steps.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
+    return _reply(msg, arrays=ArrayRecord(new_state), metrics=MetricRecord(train_metrics))
 
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    names = _agreed_features(context, msg)
-    data = steps.load_site_data(_site_dir(context), context.run_config)
+    x, y = _model_split(msg, context, held_out=True)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
-    result = steps.evaluate_step(data, names, state, float(msg.content["config"]["pos-weight"]))  # type: ignore[arg-type]
-    return Message(RecordDict({"metrics": MetricRecord(result)}), reply_to=msg)
-
-
-def _arr(values: np.ndarray) -> Array:
-    return Array(np.ascontiguousarray(values, dtype=np.float64))
+    result = steps.evaluate_step(x, y, state, float(msg.content["config"]["pos-weight"]))  # type: ignore[arg-type]
+    return _reply(msg, metrics=MetricRecord(result))

@@ -30,7 +30,8 @@ class PrivacyError(RuntimeError):
 def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str, int] | None = None) -> None:
     """Raise PrivacyError unless ``content`` is an allowed reply to ``message_type``.
 
-    ``sizes`` gives the run's shape symbols (``d``: agreed features, ``q``: ComBat design columns);
+    ``sizes`` gives the run's shape symbols (``d`` agreed features, ``q`` ComBat design columns,
+    ``m`` selection candidates, ``s`` model features);
     every array must have exactly its declared shape, and with a symbol still unknown no such array
     may be sent at all.
     """
@@ -60,14 +61,14 @@ def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str,
                     raise PrivacyError(
                         f"{message_type}: array {key!r} has shape {tuple(array.shape)}, not its declared shape "
                         f"{declared} = {expected} (-1: not yet agreed): it could hold per-case values")
-    if spec.count_key is not None:
-        counts = [r[spec.count_key] for r in content.values()
-                  if isinstance(r, MetricRecord) and spec.count_key in r]
+    metrics = [r for r in content.values() if isinstance(r, MetricRecord)]
+    for count_key in spec.count_keys:
+        counts = [int(r[count_key]) for r in metrics if count_key in r]  # type: ignore[arg-type]
         if not counts:
-            raise PrivacyError(f"{message_type}: the reply must state its case count {spec.count_key!r}")
-        if int(counts[0]) < k:  # type: ignore[arg-type]
-            raise PrivacyError(f"{message_type}: {spec.count_key!r} = {int(counts[0])} is fewer than "  # type: ignore[arg-type]
-                               f"k = {k} cases; nothing is sent")
+            raise PrivacyError(f"{message_type}: the reply must state its case count {count_key!r}")
+        if counts[0] < k:
+            raise PrivacyError(f"{message_type}: {count_key!r} = {counts[0]} is fewer than k = {k} cases; "
+                               "nothing is sent")
 
 
 def agreed_sizes(context: Context) -> dict[str, int]:
@@ -80,6 +81,10 @@ def agreed_sizes(context: Context) -> dict[str, int]:
         sizes["d"] = len(site["features"])  # type: ignore[arg-type]
     if "design-columns" in site:
         sizes["q"] = int(site["design-columns"])  # type: ignore[arg-type]
+    if "candidates" in site:
+        sizes["m"] = len(site["candidates"])  # type: ignore[arg-type]
+    if "selected" in site:
+        sizes["s"] = len(site["selected"])  # type: ignore[arg-type]
     return sizes
 
 

@@ -6,7 +6,7 @@ before anything leaves.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ import torch
 
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.site import Site, SiteError, load_site, site_settings
-from common import metrics, model, moments
+from common import metrics, model, moments, selection
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.split import eligibility_problem, stratified_split
@@ -114,31 +114,54 @@ def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
     return names, counts
 
 
-def split_xy(data: SiteData, names: list[str], held_out: bool) -> tuple[np.ndarray, np.ndarray]:
+Harmonizer = Callable[[np.ndarray], np.ndarray]
+
+
+def site_matrix(data: SiteData, agreed: list[str], held_out: bool, names: list[str] | None = None,
+                harmonize: Harmonizer | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(x, y) of one split: x (n, len(names)) after harmonising all ``agreed`` features, y (n,).
+
+    Harmonisation (the site's own ComBat parameters) works on the whole agreed feature list, so the
+    columns are picked after it; ``names`` defaults to ``agreed``.
+    """
     rows = data.held_out if held_out else ~data.held_out
-    return data.table.columns(names)[rows], data.table.labels[rows]
+    x = data.table.columns(agreed)[rows]
+    if harmonize is not None:
+        x = harmonize(x)
+    if names is not None and names != agreed:
+        index = {n: i for i, n in enumerate(agreed)}
+        x = x[:, [index[n] for n in names]]
+    return x, data.table.labels[rows]
 
 
-def moments_reply(data: SiteData, names: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
-    """Phase 3: (n, mean, m2) of the training split, for the federation's standardisation."""
-    x, _ = split_xy(data, names, held_out=False)
-    return moments.site_moments(x)
+def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Phase: moments of the training split, overall and per class (standardisation and Welch's t)."""
+    n, mean, m2 = moments.site_moments(x)
+    arrays = {"mean": mean, "m2": m2}
+    counts = {"n": n}
+    for label, tag in ((1, "hgg"), (0, "bm")):
+        n_c, mean_c, m2_c = moments.site_moments(x[y == label])
+        arrays[f"mean-{tag}"], arrays[f"m2-{tag}"], counts[f"n-{tag}"] = mean_c, m2_c, n_c
+    return arrays, counts
 
 
-def train_step(data: SiteData, names: list[str], state: dict[str, torch.Tensor],
+def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
+    """Phase: cross-products of the candidates over the training split, standardised with pooled values."""
+    return selection.site_crossproducts(x, mean, std), len(x)
+
+
+def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
                config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Phase 4 (each round): local epochs on the training split from the global model."""
-    x, y = split_xy(data, names, held_out=False)
+    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model."""
     net = model.model_from_state(state)
     loss = model.train_local(net, x, y, epochs=int(config["local-epochs"]), lr=float(config["learning-rate"]),
                              weight_decay=float(config["weight-decay"]), pos_weight=float(config["pos-weight"]))
     return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
 
 
-def evaluate_step(data: SiteData, names: list[str], state: dict[str, torch.Tensor],
+def evaluate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
                   pos_weight: float) -> dict[str, float]:
-    """Phase 5 (each round): the global model on the site's held-out split, as counts and AUC."""
-    x, y = split_xy(data, names, held_out=True)
+    """Each round: the global model on the site's held-out split, as counts and AUC."""
     net = model.model_from_state(state)
     prob = model.predict_proba(net, x)
     eps = 1e-12

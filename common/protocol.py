@@ -13,12 +13,16 @@ DEFAULT_K = 5
 
 PLAN = "query.plan"
 FEATURES = "query.features"
+COMBAT_FIT = "query.combat-fit"
+COMBAT_RESIDUALS = "query.combat-residuals"
 MOMENTS = "query.moments"
+CORRELATION = "query.correlation"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
-# "d" = agreed features, "q" = ComBat design columns (sites + covariates).
+# "d" = agreed features, "q" = ComBat design columns (sites + covariates), "m" = selection candidates,
+# "s" = features the model uses (after selection).
 Shape = tuple[str | int, ...]
 
 
@@ -30,9 +34,9 @@ class ArraySpec:
 
 # The model's state dict (common.model.RadiomicsLogistic): the only arrays a train reply holds.
 MODEL_ARRAYS = {
-    "mean": ArraySpec("pooled feature mean the model standardises with", ("d",)),
-    "scale": ArraySpec("pooled feature std the model standardises with", ("d",)),
-    "linear.weight": ArraySpec("coefficients after local training on the training split", (1, "d")),
+    "mean": ArraySpec("pooled feature mean the model standardises with", ("s",)),
+    "scale": ArraySpec("pooled feature std the model standardises with", ("s",)),
+    "linear.weight": ArraySpec("coefficients after local training on the training split", (1, "s")),
     "linear.bias": ArraySpec("intercept after local training on the training split", (1,)),
 }
 
@@ -45,15 +49,15 @@ class ReplySpec:
         config: ConfigRecord key -> description (site metadata, never per-case values).
         metrics: MetricRecord key -> description (counts or statistics over ``count_key`` cases).
         arrays: key inside the ArrayRecord -> description and declared shape (in run symbols).
-        count_key: the metric holding the number of cases the reply aggregates over (>= k), or None
-            for replies holding counts only.
+        count_keys: the metrics holding the numbers of cases the reply's statistics aggregate over
+            (each must be >= k); empty for replies holding counts only.
         record_names: the RecordDict keys allowed in the reply.
     """
 
     config: dict[str, str] = field(default_factory=dict)
     metrics: dict[str, str] = field(default_factory=dict)
     arrays: dict[str, ArraySpec] = field(default_factory=dict)
-    count_key: str | None = None
+    count_keys: tuple[str, ...] = ()
     record_names: tuple[str, ...] = ("config", "metrics", "arrays")
 
 
@@ -84,18 +88,41 @@ REPLIES: dict[str, ReplySpec] = {
             "n-test-bm": "BM cases in the held-out split",
             "n-failed": "cases that failed checks or extraction",
         },
-        count_key="n-cases",
+        count_keys=("n-cases",),
+    ),
+    COMBAT_FIT: ReplySpec(
+        arrays={"xtx": ArraySpec("design cross-products XᵀX over training cases", ("q", "q")),
+                "xty": ArraySpec("design-feature cross-products XᵀY over training cases", ("q", "d"))},
+        metrics={"n": "training cases"},
+        count_keys=("n",),
+    ),
+    COMBAT_RESIDUALS: ReplySpec(
+        arrays={"ss": ArraySpec("per-feature sum of squared residuals of the pooled fit", ("d",))},
+        metrics={"n": "training cases"},
+        count_keys=("n",),
     ),
     MOMENTS: ReplySpec(
-        arrays={"mean": ArraySpec("per-feature mean over training cases", ("d",)),
-                "m2": ArraySpec("per-feature sum of squared deviations from that mean", ("d",))},
-        metrics={"n": "training cases the moments aggregate over"},
-        count_key="n",
+        arrays={
+            "mean": ArraySpec("per-feature mean over training cases", ("d",)),
+            "m2": ArraySpec("per-feature sum of squared deviations from that mean", ("d",)),
+            "mean-hgg": ArraySpec("per-feature mean over HGG training cases", ("d",)),
+            "m2-hgg": ArraySpec("per-feature centred sum of squares over HGG training cases", ("d",)),
+            "mean-bm": ArraySpec("per-feature mean over BM training cases", ("d",)),
+            "m2-bm": ArraySpec("per-feature centred sum of squares over BM training cases", ("d",)),
+        },
+        metrics={"n": "training cases", "n-hgg": "HGG training cases", "n-bm": "BM training cases"},
+        count_keys=("n", "n-hgg", "n-bm"),
+    ),
+    CORRELATION: ReplySpec(
+        arrays={"crossproducts": ArraySpec("sum over training cases of z zᵀ of the candidates, z standardised "
+                                           "with the pooled mean and std", ("m", "m"))},
+        metrics={"n": "training cases"},
+        count_keys=("n",),
     ),
     TRAIN: ReplySpec(
         arrays=MODEL_ARRAYS,
         metrics={"num-examples": "training cases", "train-loss": "mean class-weighted loss"},
-        count_key="num-examples",
+        count_keys=("num-examples",),
     ),
     EVALUATE: ReplySpec(
         metrics={
@@ -104,6 +131,6 @@ REPLIES: dict[str, ReplySpec] = {
             "auc": "ROC AUC over the held-out cases",
             "loss": "mean class-weighted log loss over the held-out cases",
         },
-        count_key="num-examples",
+        count_keys=("num-examples",),
     ),
 }

@@ -53,13 +53,21 @@ def main(grid: Grid, context: Context) -> None:
         fed = phases.plan_phase(grid, node_ids, profile, cfg, min_sites, audit, timeout)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(grid, fed, audit, timeout)
-        mean, scale, n_constant = phases.moments_phase(grid, fed, agreement, audit, timeout)
-        result.features = {"n": len(agreement.names), "constant": n_constant, "sha256": agreement.sha256}
         result.split_counts = agreement.split_counts
+        pooled = phases.moments_phase(grid, fed, agreement, audit, timeout)
+        chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)
+        result.features = {"agreed": len(agreement.names), "n": len(chosen.names),
+                           "constant": chosen.dropped_constant, "candidates": chosen.candidates,
+                           "dropped_correlated": chosen.dropped_correlated,
+                           "selected": dict(zip(chosen.names, chosen.t, strict=True)),
+                           "sha256": sha256_json(chosen.names)}
 
-        net = model.build_model(mean, scale)
+        index = {n: i for i, n in enumerate(agreement.names)}
+        cols = [index[n] for n in chosen.names]
+        net = model.build_model(pooled.mean[cols], pooled.std[cols])
         strategy = AuditedFedAvg(fed, audit)
-        shared = {"pos-weight": agreement.pos_weight, "features-sha256": agreement.sha256}
+        shared = {"pos-weight": agreement.pos_weight, "features": chosen.names,
+                  "features-sha256": sha256_json(chosen.names)}
         train_config = ConfigRecord({**shared, "local-epochs": int(cfg["local-epochs"]),
                                      "learning-rate": float(cfg["learning-rate"]),
                                      "weight-decay": float(cfg["weight-decay"])})
@@ -67,7 +75,7 @@ def main(grid: Grid, context: Context) -> None:
         fl = strategy.start(grid, ArrayRecord(net.state_dict()), num_rounds=int(cfg["num-server-rounds"]),
                             timeout=timeout, train_config=train_config, evaluate_config=ConfigRecord(shared))
         final_state = fl.arrays.to_torch_state_dict()
-        torch.save({"state_dict": final_state, "features": agreement.names, "profile_sha256": profile.sha256,
+        torch.save({"state_dict": final_state, "features": chosen.names, "profile_sha256": profile.sha256,
                     "protocol": PROTOCOL_VERSION}, folder / "model.pt")
         result.model_sha256 = record_sha256(fl.arrays)
         result.training = strategy.site_training

@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
-from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import moments, protocol
+from common import moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.profile import Profile
 from server.audit import AuditLog
@@ -166,24 +166,72 @@ def features_phase(grid: Grid, fed: Federation, audit: AuditLog, timeout: float)
     return FeatureAgreement(agreed, digest, pos_weight=n_bm / max(n_hgg, 1), split_counts=split_counts)
 
 
-def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
-                  timeout: float) -> tuple[np.ndarray, np.ndarray, int]:
-    """Pooled mean and std of every agreed feature over all training cases, from per-site moments.
+@dataclass
+class PooledMoments:
+    """Pooled over every site's training split: n, mean (d,), std (d,), and per class (n, mean, m2)."""
 
-    Returns (mean, scale, n_constant); constant features get scale 1 so they standardise to 0.
-    """
+    n: int
+    mean: np.ndarray
+    std: np.ndarray
+    classwise: dict[int, tuple[int, np.ndarray, np.ndarray]]
+
+
+def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
+                  timeout: float) -> PooledMoments:
+    """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments."""
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
     replies = _replies(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout))
     fed.require_enough("the moments phase")
-    counts, means, m2s = [], [], []
+    overall, classwise = [], []
     for reply in replies.values():
-        arrays = reply.content["arrays"]
-        counts.append(int(reply.content["metrics"]["n"]))  # type: ignore[arg-type]
-        means.append(arrays["mean"].numpy())  # type: ignore[union-attr]
-        m2s.append(arrays["m2"].numpy())  # type: ignore[union-attr]
-    mean, std = moments.pooled_mean_std(counts, means, m2s)
-    constant = std <= 1e-9 * np.maximum(1.0, np.abs(mean))
-    scale = np.where(constant, 1.0, std)
-    audit.append("standardisation", n_cases=int(sum(counts)), n_features=len(mean),
-                 n_constant=int(constant.sum()), stats_sha256=arrays_sha256({"mean": mean, "scale": scale}))
-    return mean, scale, int(constant.sum())
+        arrays, counts = reply.content["arrays"], reply.content["metrics"]
+        get = {k: arrays[k].numpy() for k in arrays}  # type: ignore[union-attr]
+        overall.append((int(counts["n"]), get["mean"], get["m2"]))  # type: ignore[arg-type]
+        classwise.append({1: (int(counts["n-hgg"]), get["mean-hgg"], get["m2-hgg"]),  # type: ignore[arg-type]
+                          0: (int(counts["n-bm"]), get["mean-bm"], get["m2-bm"])})  # type: ignore[arg-type]
+    n = sum(c for c, _, _ in overall)
+    mean, std = moments.pooled_mean_std(*zip(*overall, strict=True))
+    pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise))
+    audit.append("moments", n_cases=n, n_features=len(mean),
+                 stats_sha256=arrays_sha256({"mean": mean, "std": std}))
+    return pooled
+
+
+def selection_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
+                    run_config: dict, audit: AuditLog, timeout: float) -> selection.Selection:
+    """Choose the model's features from aggregates: drop near-constant ones, rank by Welch's t,
+    then keep the best uncorrelated ones using the pooled correlation of the top candidates."""
+    n_keep = int(run_config.get("select-features", 0))
+    threshold = float(run_config.get("select-max-correlation", 0.9))
+    constant = selection.near_constant(pooled.std, pooled.mean)
+    t = selection.welch_t(pooled.classwise[1], pooled.classwise[0])
+    order = [int(i) for i in np.argsort(-np.abs(t), kind="stable") if not constant[i]]
+    if n_keep <= 0:  # selection off: every non-constant feature, in the agreed order
+        kept = sorted(order)
+        chosen = selection.Selection([agreement.names[i] for i in kept], [float(t[i]) for i in kept],
+                                     int(constant.sum()), 0, 0, threshold)
+    else:
+        candidates = order[: max(n_keep, int(run_config.get("select-candidates", 200)))]
+        names = [agreement.names[i] for i in candidates]
+        config = {"candidates": names, "candidates-sha256": sha256_json(names)}
+        stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates]),
+                                                   "std": Array(pooled.std[candidates])})})
+        replies = _replies(fed, audit, "correlation", query(grid, list(fed.sites), protocol.CORRELATION, config,
+                                                            timeout, per_node=lambda _: stats))
+        fed.require_enough("the correlation phase")
+        cross = [r.content["arrays"]["crossproducts"].numpy() for r in replies.values()]  # type: ignore[union-attr]
+        n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
+        corr = selection.pooled_correlation(cross, n)
+        kept_local = selection.greedy_decorrelate(range(len(candidates)), corr, threshold, n_keep)
+        kept = [candidates[i] for i in kept_local]
+        # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
+        examined = kept_local[-1] + 1 if len(kept_local) == n_keep else len(candidates)
+        dropped = examined - len(kept_local)
+        chosen = selection.Selection([agreement.names[i] for i in kept], [float(t[i]) for i in kept],
+                                     int(constant.sum()), len(candidates), dropped, threshold)
+    audit.append("selection", features=chosen.names, welch_t=chosen.t, dropped_constant=chosen.dropped_constant,
+                 candidates=chosen.candidates, dropped_correlated=chosen.dropped_correlated,
+                 max_correlation=threshold, features_sha256=sha256_json(chosen.names))
+    log.info("Selected %d feature(s) from %d (%d near-constant, %d dropped as correlated above %.2f)",
+             len(chosen.names), len(agreement.names), chosen.dropped_constant, chosen.dropped_correlated, threshold)
+    return chosen

@@ -109,7 +109,9 @@ def _summary_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
         ("run", str(doc["run_id"])),
         ("profile", f"{prof['name']} v{prof['version']} ({prof['sha256'][:12]})"),
         ("rounds", str(len(doc["rounds"]))),
-        ("features", f"{doc['features'].get('n', 'n/a')} ({doc['features'].get('constant', 0)} constant)"),
+        ("features", f"{doc['features'].get('n', 'n/a')} selected of {doc['features'].get('agreed', 'n/a')} "
+                     f"({doc['features'].get('constant', 0)} near-constant, "
+                     f"{doc['features'].get('dropped_correlated', 0)} dropped as correlated)"),
         ("model sha256", str(doc["model_sha256"])),
         ("wall time", f"{doc['seconds']:.1f} s"),
     ]
@@ -128,9 +130,23 @@ def render_markdown(doc: dict[str, Any]) -> str:
         sites = rnd["evaluate"]["sites"]
         lines.append(f"| {rnd['round']} | {_fmt(rnd['evaluate']['aggregate']['auc'])} | "
                      + " | ".join(_fmt(sites.get(s, {}).get("auc")) for s in sorted(doc["final"]["sites"])) + " |")
+    selected = doc["features"].get("selected") or {}
+    if selected:
+        lines += ["", "## Selected features (Welch's t, HGG vs BM, pooled training data)", "",
+                  "| feature | t |", "|---|---|"]
+        lines += [f"| `{name}` | {t:+.2f} |" for name, t in selected.items()]
     lines += ["", f"_{doc['notes']['aggregate']}._", "",
               "Research use only: not a diagnostic device.", ""]
     return "\n".join(lines)
+
+
+def _features_html(doc: dict[str, Any]) -> str:
+    selected = doc["features"].get("selected") or {}
+    if not selected:
+        return ""
+    rows = "".join(f"<tr><td><code>{html.escape(n)}</code></td><td>{t:+.2f}</td></tr>" for n, t in selected.items())
+    return ("<h2>Selected features (Welch's t, HGG vs BM, pooled training data)</h2>"
+            f"<table><tr><th>feature</th><th>t</th></tr>{rows}</table>")
 
 
 def render_html(doc: dict[str, Any]) -> str:
@@ -153,6 +169,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}th{{background:#
 <table>{summary}</table>
 <h2>Final held-out metrics (threshold 0.5, HGG positive)</h2><table>{table}</table>
 <h2>Held-out AUC per round</h2><table>{curve}</table>
+{_features_html(doc)}
 <p><em>{esc(doc['notes']['aggregate'])}.</em></p>
 <p>Research use only: not a diagnostic device.</p></body></html>
 """

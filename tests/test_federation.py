@@ -4,11 +4,14 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from scipy import stats
 
+from client.steps import load_site_data, site_matrix
 from common import protocol
 from common.canon import arrays_sha256
 from radfed import synth
@@ -88,11 +91,14 @@ def test_federation_end_to_end(three_sites, tmp_path):
 
     # privacy, over every message each site really sent (its outbox): only protocol keys, arrays sized
     # by the feature count, every statistic over >= k cases
-    d = doc["features"]["n"]
+    features = doc["features"]
+    sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": len(final["sites"])}
+    assert features["n"] == 30 and len(features["selected"]) == 30 and features["candidates"] == 200
     for name in names[:3]:
         sent = [json.loads(line) for line in (three_sites / name / ".radfed" / "outbox.jsonl").read_text().splitlines()]
         kinds = [e["type"] for e in sent]
         assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.moments") == 1
+        assert kinds.count("query.correlation") == 1
         assert kinds.count("train") == kinds.count("evaluate") == ROUNDS
         for entry in sent:
             spec = protocol.REPLIES[entry["type"]]
@@ -100,13 +106,26 @@ def test_federation_end_to_end(three_sites, tmp_path):
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
                 if record == "arrays":  # exactly the declared shapes, in the run's sizes
-                    sizes = {"d": d, "q": len(final["sites"])}
                     for key, array in values.items():
                         expected = [sizes[s] if isinstance(s, str) else s for s in spec.arrays[key].shape]
                         assert array["shape"] == expected, (name, entry["type"], key)
-            if spec.count_key:
-                assert entry["records"]["metrics"][spec.count_key] >= K, (name, entry["type"])
+            for count_key in spec.count_keys:
+                assert entry["records"]["metrics"][count_key] >= K, (name, entry["type"], count_key)
     assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text().count("query.features")
+
+    # the selection (from aggregates only) is what the pooled data says: Welch's t equals scipy's on the
+    # pooled training splits, and no two selected features correlate above the threshold
+    run_config = {"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K}
+    data = [load_site_data(three_sites / name, run_config) for name in names[:3]]
+    agreed = sorted(set.intersection(*(set(d.table.names) for d in data)))
+    train = [site_matrix(d, agreed, held_out=False, names=list(features["selected"])) for d in data]
+    x, y = np.vstack([t[0] for t in train]), np.concatenate([t[1] for t in train])
+    reference_t = stats.ttest_ind(x[y == 1], x[y == 0], equal_var=False).statistic
+    np.testing.assert_allclose(list(features["selected"].values()), reference_t, rtol=1e-8)
+    corr = np.corrcoef(x, rowvar=False)
+    assert np.max(np.abs(corr - np.eye(len(corr)))) <= 0.9 + 1e-9
+    selection_entry = next(e for e in _events(folder) if e["event"] == "selection")
+    assert selection_entry["data"]["features"] == list(features["selected"])
 
     # the saved model is the one the log names
     saved = torch.load(folder / "model.pt", weights_only=False)

@@ -51,11 +51,11 @@ def test_model_reply_must_have_the_model_shapes():
             "linear.bias": np.zeros(1)}
     reply = RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in good.items()}),
                         "metrics": MetricRecord({"num-examples": 9, "train-loss": 0.5})})
-    check_reply(protocol.TRAIN, reply, k=5, sizes={"d": 30})
+    check_reply(protocol.TRAIN, reply, k=5, sizes={"s": 30})
     transposed = {**good, "linear.weight": np.zeros((30, 1))}
     reply["arrays"] = ArrayRecord({k: Array(v) for k, v in transposed.items()})
     with pytest.raises(PrivacyError, match="'linear.weight'"):
-        check_reply(protocol.TRAIN, reply, k=5, sizes={"d": 30})
+        check_reply(protocol.TRAIN, reply, k=5, sizes={"s": 30})
 
 
 def test_unknown_message_type_and_record_are_refused():
