@@ -7,6 +7,7 @@ exact shape of every array before a reply leaves the site.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from flwr.clientapp import ClientApp
 from client import steps
 from client.guard import SITE_STATE, privacy_guard
 from client.site import SiteError
+from common import combat
 from common.canon import sha256_json
 
 log = logging.getLogger("flwr.radfed.client")
@@ -55,8 +57,24 @@ def _agreed(context: Context) -> list[str]:
     return [str(n) for n in record["features"]]  # type: ignore[union-attr]
 
 
+COMBAT_STATE = "radfed-combat"  # the site's fitted ComBat parameters for this run (JSON), kept at the site
+
+
 def _harmonizer(context: Context) -> steps.Harmonizer | None:
-    return None
+    record = context.state.get(COMBAT_STATE)
+    if not isinstance(record, ConfigRecord):
+        return None
+    params = combat.SiteCombat.from_dict(json.loads(str(record["params"])))
+    return params.apply
+
+
+def _keep_combat(context: Context, params: combat.SiteCombat) -> None:
+    """Remember the parameters for this run's later messages and save them at the site for prediction."""
+    text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id})
+    context.state[COMBAT_STATE] = ConfigRecord({"params": text})
+    folder = _site_dir(context) / ".radfed" / "harmonization"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"run-{context.run_id}.json").write_text(text, encoding="utf-8")
 
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
@@ -79,10 +97,45 @@ def features(msg: Message, context: Context) -> Message:
     return _reply(msg, config=ConfigRecord({"features": names}), metrics=MetricRecord(counts))
 
 
+def _combat_round(msg: Message, context: Context) -> tuple[np.ndarray, int, int]:
+    """Training split of the agreed features, and this site's place in the ComBat design."""
+    config = msg.content["config"]
+    agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
+    n_sites = int(config["n-sites"])  # type: ignore[arg-type, index]
+    _agreement(context)["design-columns"] = n_sites  # no covariates yet: one column per site
+    x, _ = steps.site_matrix(_data(context), agreed, held_out=False)
+    return x, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
+
+
+@app.query("combat_fit")
+def combat_fit(msg: Message, context: Context) -> Message:
+    x, site, n_sites = _combat_round(msg, context)
+    sent = combat.site_moments(x, site, n_sites)
+    return _reply(msg, arrays=_arrays({"xtx": sent.xtx, "xty": sent.xty}), metrics=MetricRecord({"n": sent.n}))
+
+
+@app.query("combat_residuals")
+def combat_residuals(msg: Message, context: Context) -> Message:
+    x, site, n_sites = _combat_round(msg, context)
+    beta = msg.content["arrays"]["beta"].numpy()  # type: ignore[union-attr]
+    means = combat.PooledMeans(n_sites=n_sites, n=0, beta=beta, grand_mean=np.zeros(beta.shape[1]),
+                               fitted_ms=np.zeros(beta.shape[1]))
+    sent = combat.site_residuals(x, means, site)
+    return _reply(msg, arrays=_arrays({"ss": sent.ss}), metrics=MetricRecord({"n": sent.n}))
+
+
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
-    agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
-    x, y = steps.site_matrix(_data(context), agreed, held_out=False, harmonize=_harmonizer(context))
+    config = msg.content["config"]
+    agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
+    data = _data(context)
+    if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
+        x_raw, _ = steps.site_matrix(data, agreed, held_out=False)
+        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+        _keep_combat(context, steps.combat_site_fit(
+            x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
+            int(config["n-pooled"]), context.run_config))  # type: ignore[arg-type, index]
+    x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context))
     arrays, counts = steps.moments_reply(x, y)
     return _reply(msg, arrays=_arrays(arrays), metrics=MetricRecord(counts))
 

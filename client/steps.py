@@ -16,7 +16,7 @@ import torch
 
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.site import Site, SiteError, load_site, site_settings
-from common import metrics, model, moments, selection
+from common import combat, metrics, model, moments, selection
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.split import eligibility_problem, stratified_split
@@ -148,6 +148,21 @@ def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], 
 def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
     """Phase: cross-products of the candidates over the training split, standardised with pooled values."""
     return selection.site_crossproducts(x, mean, std), len(x)
+
+
+def combat_options(run_config: Mapping[str, Any]) -> dict[str, bool]:
+    return {"parametric": bool(run_config.get("combat-parametric", True)),
+            "eb": bool(run_config.get("combat-eb", True)),
+            "mean_only": bool(run_config.get("combat-mean-only", False))}
+
+
+def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_sites: int, n_pooled: int,
+                    run_config: Mapping[str, Any]) -> combat.SiteCombat:
+    """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
+    against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
+    pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=arrays["beta"], grand_mean=arrays["grand-mean"],
+                                    var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
+    return combat.fit_site(x, pooled, site=site, **combat_options(run_config))
 
 
 def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],

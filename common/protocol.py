@@ -13,8 +13,8 @@ DEFAULT_K = 5
 
 PLAN = "query.plan"
 FEATURES = "query.features"
-COMBAT_FIT = "query.combat-fit"
-COMBAT_RESIDUALS = "query.combat-residuals"
+COMBAT_FIT = "query.combat_fit"
+COMBAT_RESIDUALS = "query.combat_residuals"
 MOMENTS = "query.moments"
 CORRELATION = "query.correlation"
 TRAIN = "train"

@@ -105,13 +105,17 @@ def toml_value(value: object) -> str:
 
 def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
                    app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True) -> int:
-    """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code."""
+    """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code.
+
+    Not echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
+    """
     with simulation_superlink(flwr_home, num_supernodes):
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
         if overrides:
             cmd += ["--run-config", overrides]
-        out = None if echo else subprocess.DEVNULL
-        proc = subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, stdout=out, stderr=out,
-                              check=False)
-        return proc.returncode
+        if echo:
+            return subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, check=False).returncode
+        with (flwr_home / "flwr-run.log").open("ab") as out:  # kept for diagnosis when not echoed
+            return subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, stdout=out,
+                                  stderr=subprocess.STDOUT, check=False).returncode

@@ -54,7 +54,10 @@ def main(grid: Grid, context: Context) -> None:
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(grid, fed, audit, timeout)
         result.split_counts = agreement.split_counts
-        pooled = phases.moments_phase(grid, fed, agreement, audit, timeout)
+        harmonization = None
+        if str(cfg.get("harmonization", "none")) == "combat":
+            harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout)
+        pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
         chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),
                            "constant": chosen.dropped_constant, "candidates": chosen.candidates,

@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import moments, protocol, selection
+from common import combat, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.profile import Profile
 from server.audit import AuditLog
@@ -176,11 +176,16 @@ class PooledMoments:
     classwise: dict[int, tuple[int, np.ndarray, np.ndarray]]
 
 
-def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
-                  timeout: float) -> PooledMoments:
-    """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments."""
+def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog, timeout: float,
+                  harmonization: Callable[[int], RecordDict] | None = None) -> PooledMoments:
+    """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments.
+
+    With ``harmonization`` (the pooled ComBat estimates per node), each site first fits its own ComBat
+    parameters and computes the moments on harmonised features.
+    """
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
-    replies = _replies(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout))
+    replies = _replies(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout,
+                                                    per_node=harmonization))
     fed.require_enough("the moments phase")
     overall, classwise = [], []
     for reply in replies.values():
@@ -235,3 +240,56 @@ def selection_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, po
     log.info("Selected %d feature(s) from %d (%d near-constant, %d dropped as correlated above %.2f)",
              len(chosen.names), len(agreement.names), chosen.dropped_constant, chosen.dropped_correlated, threshold)
     return chosen
+
+
+def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
+    """B_hat with other sites' intercept rows zeroed: a site needs only its own row and the covariate
+    effects, and must not learn other hospitals' feature means."""
+    masked = beta.copy()
+    masked[[i for i in range(n_sites) if i != site]] = 0.0
+    return masked
+
+
+def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
+                        timeout: float) -> Callable[[int], RecordDict]:
+    """Distributed ComBat, rounds 1-2 (common.combat): returns, per node, what that site needs to fit its
+    own location/scale effects locally (it does so when the moments query arrives)."""
+    index = {nid: i for i, nid in enumerate(sorted(fed.sites))}
+    n_sites = len(index)
+    config = {"features": agreement.names, "features-sha256": agreement.sha256, "n-sites": n_sites}
+    own = lambda nid: RecordDict({"config": ConfigRecord({"site-index": index[nid]})})  # noqa: E731
+    replies = _replies(fed, audit, "harmonization",
+                       query(grid, list(fed.sites), protocol.COMBAT_FIT, config, timeout, per_node=own))
+    if len(replies) != n_sites:  # the design has one column per site: a lost site invalidates it
+        raise RunRefused(f"{n_sites - len(replies)} site(s) left during harmonization; ComBat needs every site "
+                         "of the design, so the run stops (restart it with the remaining sites)")
+    means = combat.pool_moments([combat.SiteMoments(
+        site=index[nid], n_sites=n_sites, n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+        xtx=r.content["arrays"]["xtx"].numpy(), xty=r.content["arrays"]["xty"].numpy())  # type: ignore[union-attr]
+        for nid, r in replies.items()])
+
+    def with_beta(nid: int) -> RecordDict:
+        beta = _site_beta(means.beta, n_sites, index[nid])
+        return RecordDict({"arrays": ArrayRecord({"beta": Array(beta)}),
+                           "config": ConfigRecord({"site-index": index[nid]})})
+
+    replies = _replies(fed, audit, "harmonization",
+                       query(grid, list(fed.sites), protocol.COMBAT_RESIDUALS, config, timeout, per_node=with_beta))
+    if len(replies) != n_sites:
+        raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
+    pooled = combat.pool_residuals(means, [combat.SiteResiduals(
+        site=index[nid], n=int(r.content["metrics"]["n"]), ss=r.content["arrays"]["ss"].numpy())  # type: ignore[arg-type,union-attr]
+        for nid, r in replies.items()])
+    audit.append("harmonization", method="combat", n_sites=n_sites, n_cases=pooled.n,
+                 n_features=len(pooled.grand_mean), zero_variance=int(pooled.zero_variance.sum()),
+                 pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,
+                                              "var_pooled": pooled.var_pooled}))
+
+    def estimates(nid: int) -> RecordDict:
+        return RecordDict({"arrays": ArrayRecord({
+            "beta": Array(_site_beta(pooled.beta, n_sites, index[nid])), "grand-mean": Array(pooled.grand_mean),
+            "var-pooled": Array(pooled.var_pooled),
+            "zero-variance": Array(pooled.zero_variance.astype(np.float64))}),
+            "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
+
+    return estimates

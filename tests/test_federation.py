@@ -12,7 +12,7 @@ import yaml
 from scipy import stats
 
 from client.steps import load_site_data, site_matrix
-from common import protocol
+from common import combat, protocol
 from common.canon import arrays_sha256
 from radfed import synth
 from radfed.launch import run_federation
@@ -28,7 +28,8 @@ def _run(tmp_path: Path, data_root: Path, n_sites: int, **config) -> Path:
                   "min-cases-per-class": K, "query-timeout": 600.0, **config}
     run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
     runs = sorted(out.glob("*-run*"))
-    assert len(runs) == 1, f"expected one run folder, see {tmp_path / 'flwr' / 'superlink.log'}"
+    log = tmp_path / "flwr" / "flwr-run.log"
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text()[-3000:]
     return runs[0]
 
 
@@ -113,12 +114,18 @@ def test_federation_end_to_end(three_sites, tmp_path):
                 assert entry["records"]["metrics"][count_key] >= K, (name, entry["type"], count_key)
     assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text().count("query.features")
 
-    # the selection (from aggregates only) is what the pooled data says: Welch's t equals scipy's on the
-    # pooled training splits, and no two selected features correlate above the threshold
+    # each site kept its own ComBat parameters (never sent) for this run's agreed features
+    assert check.events["harmonization"] == 1
     run_config = {"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K}
+    params = [json.loads((three_sites / n / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json").read_text())
+              for n in names[:3]]
+    assert all(len(p["features"]) == features["agreed"] and p["run_id"] == doc["run_id"] for p in params)
+
+    # the selection (from aggregates only) is what the pooled harmonised data says: Welch's t equals scipy's
+    # on the pooled training splits, and no two selected features correlate above the threshold
     data = [load_site_data(three_sites / name, run_config) for name in names[:3]]
-    agreed = sorted(set.intersection(*(set(d.table.names) for d in data)))
-    train = [site_matrix(d, agreed, held_out=False, names=list(features["selected"])) for d in data]
+    train = [site_matrix(d, p["features"], held_out=False, names=list(features["selected"]),
+                         harmonize=combat.SiteCombat.from_dict(p).apply) for d, p in zip(data, params, strict=True)]
     x, y = np.vstack([t[0] for t in train]), np.concatenate([t[1] for t in train])
     reference_t = stats.ttest_ind(x[y == 1], x[y == 0], equal_var=False).statistic
     np.testing.assert_allclose(list(features["selected"].values()), reference_t, rtol=1e-8)

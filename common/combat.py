@@ -1,0 +1,500 @@
+"""Distributed ComBat harmonisation (d-ComBat): sites exchange aggregates only, the result equals pooled ComBat.
+
+Chen et al., "Privacy-preserving harmonization via distributed ComBat", NeuroImage 2022;248:118822. The
+reference is neuroCombat 0.2.12 run on the pooled data (``neuroCombat(dat=pooled.T, covars, batch_col, ...)``):
+every function here reproduces its arithmetic, split by who computes what.
+
+Arrays are samples x features: a site's data ``y`` is (n, d) float64, its covariates ``c`` are (n, p). Sites are
+the batches; site ``i`` of ``S`` has design ``X = [one-hot site indicator (n, S) | c (n, p)]``, q = S + p columns,
+which is neuroCombat's ``make_design_matrix`` restricted to the site's rows.
+
+Coding covariates so the federated design equals neuroCombat's, column for column:
+
+* neuroCombat puts all categorical columns first (in ``categorical_cols`` order), then all continuous ones (in
+  ``continuous_cols`` order). Use the same order for the columns of ``c``.
+* A categorical covariate with levels L1 < L2 < ... < Lm (sorted as ``np.unique`` sorts the levels present in
+  the pooled data) becomes m - 1 indicator columns for L2..Lm; L1 is the reference (all zeros). Every site
+  must use the same agreed level list, and each level must occur at some site (an all-zero column makes the
+  pooled design singular). Example: sex in {"F", "M"} -> one column, 1.0 for "M".
+* A continuous covariate is used as is. neuroCombat casts continuous covariates to float32, so values that are
+  not float32-representable differ from the reference by ~1e-7 relative (harmless, but not bit-compatible).
+
+Protocol (each step is one function; the messages are the dataclasses, all independent of a site's n):
+
+1. site:   ``site_moments(y, site, n_sites, c)``       -> :class:`SiteMoments` (XᵀX (q, q), XᵀY (q, d), n)
+2. server: ``pool_moments(messages)``                  -> :class:`PooledMeans` (B_hat (q, d), grand mean (d,))
+3. site:   ``site_residuals(y, means, site, c)``       -> :class:`SiteResiduals` (Σ residual² (d,), n)
+4. server: ``pool_residuals(means, messages)``         -> :class:`PooledEstimates` (+ var_pooled (d,))
+5. site:   ``fit_site(y, pooled, c)``                  -> :class:`SiteCombat`, kept locally; ``.apply(y, c)``
+   harmonises the training cases and any later cases of that site.
+
+A site that joins after the run uses :func:`join_site` (step 5 only) against the stored
+:class:`PooledEstimates`. :func:`federated_combat` runs the whole protocol in process.
+
+Where this deliberately departs from neuroCombat (neither changes results on well-behaved data):
+
+* Non-parametric EB uses log-sum-exp: neuroCombat multiplies n Gaussian likelihoods, which underflows to 0/0
+  (NaN rows) once a site has a few hundred cases.
+* Features that ComBat cannot estimate at a site (zero pooled variance, or constant at the site) are left
+  unadjusted there, flagged in ``SiteCombat.unadjusted``, and excluded from that site's EB priors.
+  neuroCombat instead substitutes variance 1 (or its buggy ``median(var != 0)``) and keeps them in the priors.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+# A spread below this fraction of a feature's magnitude is rounding noise: the feature is constant.
+_CONSTANT_RTOL = 1e-10
+# Smallest eigenvalue / largest of the unit-diagonal ΣXᵀX below which the pooled design counts as singular.
+_SINGULAR_RCOND = 1e-12
+# neuroCombat's it_sol stopping tolerance; the cap only guards against a fit that never settles.
+_IT_SOL_CONV = 1e-4
+_IT_SOL_MAX_ITER = 10_000
+# Rows of the (d, d) likelihood matrix handled at once in non-parametric EB (bounds memory for large d).
+_EPRIOR_BLOCK = 256
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Messages and fitted parameters
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class SiteMoments:
+    """Round 1, site -> server: design cross-products over the site's n cases.
+
+    Attributes:
+        site: the sender's site index in [0, n_sites).
+        n_sites: S, as the server announced it.
+        n: the site's number of cases.
+        xtx: XᵀX, (q, q) with q = S + p.
+        xty: XᵀY, (q, d).
+    """
+
+    site: int
+    n_sites: int
+    n: int
+    xtx: np.ndarray
+    xty: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class PooledMeans:
+    """Server -> sites after round 1: the pooled least-squares fit.
+
+    Attributes:
+        n_sites: S.
+        n: total cases over all sites.
+        beta: B_hat = (ΣXᵀX)⁻¹ ΣXᵀY, (q, d); rows 0..S-1 are site intercepts, rows S.. covariate effects.
+        grand_mean: Σ_i (n_i / n) B_hat[i], (d,) (neuroCombat weights the sites by their sizes).
+        fitted_ms: mean over all cases of (X B_hat)², (d,); the server uses it to recognise zero pooled variance
+            relative to a feature's magnitude (computed from ΣXᵀX and B_hat, no new data).
+    """
+
+    n_sites: int
+    n: int
+    beta: np.ndarray
+    grand_mean: np.ndarray
+    fitted_ms: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class SiteResiduals:
+    """Round 2, site -> server.
+
+    Attributes:
+        site: the sender's site index.
+        n: the site's number of cases.
+        ss: per-feature Σ_j (Y_j - X_j B_hat)² over the site's cases, (d,).
+    """
+
+    site: int
+    n: int
+    ss: np.ndarray
+
+
+@dataclass(frozen=True, eq=False)
+class PooledEstimates:
+    """Server -> sites after round 2; also what a late-joining site is harmonised against.
+
+    Attributes:
+        n_sites: S.
+        n: total cases over all sites.
+        beta: B_hat, (q, d).
+        grand_mean: (d,).
+        var_pooled: Σ_i ss_i / n (ddof 0, as neuroCombat), (d,).
+        zero_variance: (d,) bool, features whose pooled residual variance is zero (to rounding); every site
+            leaves them unadjusted.
+    """
+
+    n_sites: int
+    n: int
+    beta: np.ndarray
+    grand_mean: np.ndarray
+    var_pooled: np.ndarray
+    zero_variance: np.ndarray
+
+    @property
+    def beta_cov(self) -> np.ndarray:
+        """Covariate effects B_hat[S:], (p, d)."""
+        return self.beta[self.n_sites:]
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of plain lists and numbers."""
+        return {"n_sites": self.n_sites, "n": self.n, "beta": self.beta.tolist(),
+                "grand_mean": self.grand_mean.tolist(), "var_pooled": self.var_pooled.tolist(),
+                "zero_variance": self.zero_variance.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PooledEstimates:
+        grand_mean = _vector(data["grand_mean"], "grand_mean")
+        d = grand_mean.shape[0]
+        return cls(n_sites=int(data["n_sites"]), n=int(data["n"]),
+                   beta=np.asarray(data["beta"], dtype=np.float64).reshape(-1, d), grand_mean=grand_mean,
+                   var_pooled=_vector(data["var_pooled"], "var_pooled", d),
+                   zero_variance=_vector(data["zero_variance"], "zero_variance", d, dtype=bool))
+
+
+@dataclass(frozen=True, eq=False)
+class SiteCombat:
+    """One site's ComBat parameters, kept at the site; harmonises its training cases and any later ones.
+
+    Attributes:
+        site: the site index (None for a site that joined after the pooled fit).
+        n: cases the site's gamma/delta were estimated from.
+        parametric, eb, mean_only: the options the parameters were fitted with.
+        grand_mean: (d,).
+        beta_cov: covariate effects B_hat[S:], (p, d).
+        var_pooled: (d,).
+        gamma_star: the site's additive batch effect on the standardised scale, (d,).
+        delta_star: the site's multiplicative batch effect (a variance ratio), (d,).
+        unadjusted: (d,) bool, features passed through unchanged at this site (zero pooled variance or constant
+            at the site); their gamma_star is 0 and delta_star 1.
+    """
+
+    site: int | None
+    n: int
+    parametric: bool
+    eb: bool
+    mean_only: bool
+    grand_mean: np.ndarray
+    beta_cov: np.ndarray
+    var_pooled: np.ndarray
+    gamma_star: np.ndarray
+    delta_star: np.ndarray
+    unadjusted: np.ndarray
+
+    def apply(self, y: np.ndarray, covariates: np.ndarray | None = None) -> np.ndarray:
+        """Harmonise cases of this site: y (n, d), covariates (n, p) -> (n, d).
+
+        adjusted = (s - gamma_star) / sqrt(delta_star) * sqrt(var_pooled) + stand_mean, with
+        s = (y - stand_mean) / sqrt(var_pooled); features in ``unadjusted`` are returned as given.
+        """
+        y = _data(y, self.grand_mean.shape[0], min_cases=0)
+        stand_mean = self.grand_mean + _covariates(covariates, y.shape[0], self.beta_cov.shape[0]) @ self.beta_cov
+        sd = np.sqrt(_safe_var(self.var_pooled, self.unadjusted))
+        s = (y - stand_mean) / sd
+        adjusted = (s - self.gamma_star) / np.sqrt(self.delta_star) * sd + stand_mean
+        return np.where(self.unadjusted, y, adjusted)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict of plain lists and numbers (float64 survives a JSON round trip exactly)."""
+        return {"site": self.site, "n": self.n, "parametric": self.parametric, "eb": self.eb,
+                "mean_only": self.mean_only, "grand_mean": self.grand_mean.tolist(),
+                "beta_cov": self.beta_cov.tolist(), "var_pooled": self.var_pooled.tolist(),
+                "gamma_star": self.gamma_star.tolist(), "delta_star": self.delta_star.tolist(),
+                "unadjusted": self.unadjusted.tolist()}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> SiteCombat:
+        grand_mean = _vector(data["grand_mean"], "grand_mean")
+        d = grand_mean.shape[0]
+        return cls(site=None if data["site"] is None else int(data["site"]), n=int(data["n"]),
+                   parametric=bool(data["parametric"]), eb=bool(data["eb"]), mean_only=bool(data["mean_only"]),
+                   grand_mean=grand_mean,
+                   beta_cov=np.asarray(data["beta_cov"], dtype=np.float64).reshape(-1, d),
+                   var_pooled=_vector(data["var_pooled"], "var_pooled", d),
+                   gamma_star=_vector(data["gamma_star"], "gamma_star", d),
+                   delta_star=_vector(data["delta_star"], "delta_star", d),
+                   unadjusted=_vector(data["unadjusted"], "unadjusted", d, dtype=bool))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The protocol
+# ----------------------------------------------------------------------------------------------------------
+
+
+def design_matrix(n: int, site: int, n_sites: int, covariates: np.ndarray | None = None) -> np.ndarray:
+    """The site's rows of neuroCombat's design: [one-hot site (n, S) | covariates (n, p)] -> (n, S + p)."""
+    if not 0 <= site < n_sites:
+        raise ValueError(f"site index {site} is outside 0..{n_sites - 1}")
+    onehot = np.zeros((n, n_sites))
+    onehot[:, site] = 1.0
+    return np.hstack([onehot, _covariates(covariates, n)])
+
+
+def site_moments(y: np.ndarray, site: int, n_sites: int, covariates: np.ndarray | None = None) -> SiteMoments:
+    """Round 1 at a site: y (n, d), covariates (n, p) -> XᵀX (q, q), XᵀY (q, d), n."""
+    y = _data(y, who=f"site {site}")
+    x = design_matrix(y.shape[0], site, n_sites, covariates)
+    return SiteMoments(site=site, n_sites=n_sites, n=y.shape[0], xtx=x.T @ x, xty=x.T @ y)
+
+
+def pool_moments(messages: Sequence[SiteMoments]) -> PooledMeans:
+    """Server after round 1: sum the sites' XᵀX and XᵀY, solve for B_hat (q, d) and the grand mean (d,)."""
+    if not messages:
+        raise ValueError("no site moments to pool")
+    n_sites = messages[0].n_sites
+    _check_senders([m.site for m in messages], n_sites)
+    q, d = np.shape(messages[0].xty)
+    for m in messages:
+        if m.n_sites != n_sites or np.shape(m.xtx) != (q, q) or np.shape(m.xty) != (q, d):
+            raise ValueError(f"site {m.site} sent moments for {m.n_sites} sites with shapes {np.shape(m.xtx)}, "
+                             f"{np.shape(m.xty)}; expected {n_sites} sites, ({q}, {q}) and ({q}, {d})")
+        if m.n < 2:
+            raise ValueError(f"site {m.site} has {m.n} case(s); ComBat needs at least 2 per site")
+    xtx = np.sum([m.xtx for m in messages], axis=0)
+    xty = np.sum([m.xty for m in messages], axis=0)
+    n = sum(m.n for m in messages)
+    beta = _solve_pooled(xtx, xty, n_sites)
+    # The site-indicator block of ΣXᵀX is diag(n_1..n_S): the weights neuroCombat gives the site intercepts.
+    counts = np.diag(xtx)[:n_sites]
+    grand_mean = (counts / n) @ beta[:n_sites]
+    fitted_ms = np.einsum("kd,kl,ld->d", beta, xtx, beta) / n
+    return PooledMeans(n_sites=n_sites, n=n, beta=beta, grand_mean=grand_mean, fitted_ms=fitted_ms)
+
+
+def site_residuals(y: np.ndarray, means: PooledMeans, site: int,
+                   covariates: np.ndarray | None = None) -> SiteResiduals:
+    """Round 2 at a site: per-feature Σ_j (y_j - x_j B_hat)² over its cases, (d,), and n."""
+    y = _data(y, means.beta.shape[1], who=f"site {site}")
+    x = design_matrix(y.shape[0], site, means.n_sites, covariates)
+    if x.shape[1] != means.beta.shape[0]:
+        raise ValueError(f"site {site} has {x.shape[1] - means.n_sites} covariates, the pooled fit "
+                         f"{means.beta.shape[0] - means.n_sites}")
+    return SiteResiduals(site=site, n=y.shape[0], ss=((y - x @ means.beta) ** 2).sum(axis=0))
+
+
+def pool_residuals(means: PooledMeans, messages: Sequence[SiteResiduals]) -> PooledEstimates:
+    """Server after round 2: var_pooled = Σ ss_i / n (d,), and which features have zero pooled variance."""
+    _check_senders([m.site for m in messages], means.n_sites)
+    d = means.grand_mean.shape[0]
+    for m in messages:
+        if np.shape(m.ss) != (d,):
+            raise ValueError(f"site {m.site} sent residuals of shape {np.shape(m.ss)}, expected ({d},)")
+    n = sum(m.n for m in messages)
+    if n != means.n:
+        raise ValueError(f"round 2 covers {n} cases, round 1 covered {means.n}: sites changed their data")
+    var_pooled = np.sum([m.ss for m in messages], axis=0) / n
+    # Residuals of a constant feature are rounding noise (~1e-16 of its magnitude), not exactly 0.
+    zero_variance = var_pooled <= _CONSTANT_RTOL**2 * (var_pooled + means.fitted_ms)
+    return PooledEstimates(n_sites=means.n_sites, n=n, beta=means.beta, grand_mean=means.grand_mean,
+                           var_pooled=var_pooled, zero_variance=zero_variance)
+
+
+def fit_site(y: np.ndarray, pooled: PooledEstimates, covariates: np.ndarray | None = None, *,
+             site: int | None = None, parametric: bool = True, eb: bool = True,
+             mean_only: bool = False) -> SiteCombat:
+    """Step 5 at a site, local only: its gamma/delta (with empirical Bayes) against the pooled estimates.
+
+    y (n, d) with n >= 2, covariates (n, p). Uses only the pooled B_hat, grand mean and var_pooled, not the
+    site's own intercept, so it also serves a site that was not part of the pooled fit (see :func:`join_site`).
+    EB priors are estimated across the site's features, exactly as neuroCombat does per batch.
+    """
+    y = _data(y, pooled.grand_mean.shape[0], who="a site" if site is None else f"site {site}")
+    n = y.shape[0]
+    stand_mean = pooled.grand_mean + _covariates(covariates, n, pooled.beta_cov.shape[0]) @ pooled.beta_cov
+    resid = y - stand_mean
+    constant = resid.var(axis=0, ddof=1) <= _CONSTANT_RTOL**2 * (y**2).mean(axis=0)
+    unadjusted = pooled.zero_variance | constant
+    s = resid / np.sqrt(_safe_var(pooled.var_pooled, unadjusted))
+    gamma_star, delta_star = np.zeros(y.shape[1]), np.ones(y.shape[1])
+    ok = ~unadjusted
+    if ok.any():
+        gamma_star[ok], delta_star[ok] = _location_scale(s[:, ok], parametric=parametric, eb=eb,
+                                                         mean_only=mean_only)
+    return SiteCombat(site=site, n=n, parametric=parametric, eb=eb, mean_only=mean_only,
+                      grand_mean=pooled.grand_mean.copy(), beta_cov=pooled.beta_cov.copy(),
+                      var_pooled=pooled.var_pooled.copy(), gamma_star=gamma_star, delta_star=delta_star,
+                      unadjusted=unadjusted)
+
+
+def join_site(y: np.ndarray, pooled: PooledEstimates, covariates: np.ndarray | None = None, *,
+              parametric: bool = True, eb: bool = True, mean_only: bool = False) -> tuple[np.ndarray, SiteCombat]:
+    """Harmonise a site that joins after the pooled fit: y (n, d) -> (adjusted (n, d), its parameters).
+
+    The pooled B_hat, grand mean and var_pooled stay as stored (the new site does not change them), so the site
+    is mapped onto the original sites' common scale. Its covariates must be coded as in the original run.
+    """
+    params = fit_site(y, pooled, covariates, parametric=parametric, eb=eb, mean_only=mean_only)
+    return params.apply(y, covariates), params
+
+
+def federated_combat(site_data: list[np.ndarray], covariates: list[np.ndarray] | None = None, *,
+                     parametric: bool = True, eb: bool = True,
+                     mean_only: bool = False) -> tuple[list[np.ndarray], list[SiteCombat]]:
+    """Run the whole protocol in process: per-site y (n_i, d) and covariates (n_i, p) -> adjusted (n_i, d) each.
+
+    Only the aggregate-passing functions are used, so this is what a federated run computes.
+    """
+    n_sites = len(site_data)
+    covs: list[np.ndarray | None] = [None] * n_sites if covariates is None else list(covariates)
+    if len(covs) != n_sites:
+        raise ValueError(f"{len(covs)} covariate arrays for {n_sites} sites")
+    sites = list(zip(range(n_sites), site_data, covs, strict=True))
+    means = pool_moments([site_moments(y, i, n_sites, c) for i, y, c in sites])
+    pooled = pool_residuals(means, [site_residuals(y, means, i, c) for i, y, c in sites])
+    params = [fit_site(y, pooled, c, site=i, parametric=parametric, eb=eb, mean_only=mean_only) for i, y, c in sites]
+    return [p.apply(y, c) for p, (_, y, c) in zip(params, sites, strict=True)], params
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-site location/scale estimates (neuroCombat's fit_LS_model_and_find_priors and adjustments, one batch)
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _location_scale(s: np.ndarray, *, parametric: bool, eb: bool, mean_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """gamma_star, delta_star (d,) of one site from its standardised data s (n, d)."""
+    n, d = s.shape
+    gamma_hat = s.mean(axis=0)
+    delta_hat = np.ones(d) if mean_only else s.var(axis=0, ddof=1)
+    if not eb:
+        return gamma_hat, delta_hat
+    if d < 2:
+        raise ValueError(f"empirical Bayes pools across features, but only {d} feature(s) can be estimated at "
+                         "this site; use eb=False")
+    if not parametric:
+        gamma_star, delta_star = _int_eprior(s, gamma_hat, delta_hat)
+        return gamma_star, np.ones(d) if mean_only else delta_star
+    gamma_bar, t2 = gamma_hat.mean(), gamma_hat.var(ddof=1)
+    if mean_only:
+        # neuroCombat (like R's sva) uses n = 1 and d_star = 1 here.
+        return _postmean(gamma_hat, gamma_bar, 1, 1.0, t2), np.ones(d)
+    m, s2 = delta_hat.mean(), delta_hat.var(ddof=1)
+    if not s2 > 0:
+        raise ValueError("the inverse-gamma prior is undefined: the site's feature variances are all equal; "
+                         "use eb=False")
+    a_prior, b_prior = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
+    return _it_sol(s, gamma_hat, delta_hat, gamma_bar, t2, a_prior, b_prior)
+
+
+def _postmean(g_hat: np.ndarray, g_bar: float, n: float, d_star: np.ndarray | float, t2: float) -> np.ndarray:
+    return (t2 * n * g_hat + d_star * g_bar) / (t2 * n + d_star)
+
+
+def _it_sol(s: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray, g_bar: float, t2: float, a: float,
+            b: float) -> tuple[np.ndarray, np.ndarray]:
+    """neuroCombat's it_sol on s (n, d): alternate posterior mean and variance until the relative change < 1e-4."""
+    n = s.shape[0]
+    g_old, d_old = g_hat, d_hat
+    for _ in range(_IT_SOL_MAX_ITER):
+        g_new = _postmean(g_hat, g_bar, n, d_old, t2)
+        d_new = (0.5 * ((s - g_new) ** 2).sum(axis=0) + b) / (n / 2.0 + a - 1.0)
+        # Same stopping rule as the reference, signed denominator included (it decides the iteration count,
+        # and so the last digits of the result).
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = max((np.abs(g_new - g_old) / g_old).max(), (np.abs(d_new - d_old) / d_old).max())
+        g_old, d_old = g_new, d_new
+        if not change > _IT_SOL_CONV:
+            return g_new, d_new
+    warnings.warn(f"ComBat EB did not converge in {_IT_SOL_MAX_ITER} iterations", RuntimeWarning, stacklevel=3)
+    return g_new, d_new
+
+
+def _int_eprior(s: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """neuroCombat's int_eprior on s (n, d), in log space.
+
+    For feature i, gamma*/delta* are the averages of the other features' (gamma_hat, delta_hat) weighted by the
+    likelihood of feature i's data under N(gamma_hat_k, delta_hat_k). The reference multiplies n densities and
+    underflows to 0/0; log-sum-exp gives the same weights without it.
+    """
+    n, d = s.shape
+    # Σ_j (s_ij - g_k)² = Σ_j (s_ij - mean_i)² + n (mean_i - g_k)²: O(d²) memory instead of O(n d²).
+    ss = ((s - g_hat) ** 2).sum(axis=0)
+    log_norm = -0.5 * n * np.log(2 * np.pi * d_hat)
+    gamma_star, delta_star = np.empty(d), np.empty(d)
+    for start in range(0, d, _EPRIOR_BLOCK):
+        rows = np.arange(start, min(start + _EPRIOR_BLOCK, d))
+        sum2 = ss[rows, None] + n * (g_hat[rows, None] - g_hat[None, :]) ** 2
+        log_lh = log_norm - sum2 / (2 * d_hat)
+        log_lh[np.arange(rows.size), rows] = -np.inf  # a feature's own estimate is left out
+        w = np.exp(log_lh - log_lh.max(axis=1, keepdims=True))
+        total = w.sum(axis=1)
+        gamma_star[rows] = w @ g_hat / total
+        delta_star[rows] = w @ d_hat / total
+    return gamma_star, delta_star
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Checks
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _data(y: np.ndarray, d: int | None = None, min_cases: int = 2, who: str = "a site") -> np.ndarray:
+    y = np.asarray(y, dtype=np.float64)
+    if y.ndim != 2:
+        raise ValueError(f"data must be (cases, features), got shape {y.shape}")
+    if d is not None and y.shape[1] != d:
+        raise ValueError(f"data has {y.shape[1]} features, the pooled fit {d}")
+    if y.shape[0] < min_cases:
+        raise ValueError(f"{who} has {y.shape[0]} case(s), fewer than {min_cases} cases; ComBat needs at least "
+                         f"{min_cases} per site to estimate the site's variance")
+    if not np.isfinite(y).all():
+        raise ValueError("data contain NaN or inf; ComBat needs complete, finite features")
+    return y
+
+
+def _covariates(c: np.ndarray | None, n: int, p: int | None = None) -> np.ndarray:
+    c = np.zeros((n, 0)) if c is None else np.asarray(c, dtype=np.float64)
+    if c.ndim == 1:
+        c = c.reshape(-1, 1)
+    if c.ndim != 2 or c.shape[0] != n:
+        raise ValueError(f"covariates must be ({n}, p), got shape {c.shape}")
+    if p is not None and c.shape[1] != p:
+        raise ValueError(f"{c.shape[1]} covariate column(s) given, the pooled fit has {p}")
+    if not np.isfinite(c).all():
+        raise ValueError("covariates contain NaN or inf")
+    return c
+
+
+def _safe_var(var_pooled: np.ndarray, unadjusted: np.ndarray) -> np.ndarray:
+    # Unadjusted features are overwritten later; 1 keeps their arithmetic finite.
+    return np.where(unadjusted, 1.0, var_pooled)
+
+
+def _vector(values: Any, name: str, d: int | None = None, dtype: type = np.float64) -> np.ndarray:
+    v = np.asarray(values, dtype=dtype)
+    if v.ndim != 1 or (d is not None and v.shape[0] != d):
+        raise ValueError(f"{name} must be a list of {d if d is not None else 'd'} values, got shape {v.shape}")
+    return v
+
+
+def _check_senders(sites: list[int], n_sites: int) -> None:
+    if sorted(sites) != list(range(n_sites)):
+        raise ValueError(f"expected one message from each of sites 0..{n_sites - 1}, got sites {sorted(sites)}")
+
+
+def _solve_pooled(xtx: np.ndarray, xty: np.ndarray, n_sites: int) -> np.ndarray:
+    """B_hat = (ΣXᵀX)⁻¹ ΣXᵀY, (q, d); a singular ΣXᵀX raises with the columns involved and the likely cause."""
+    names = [f"site {i}" for i in range(n_sites)] + [f"covariate {j}" for j in range(xtx.shape[0] - n_sites)]
+    diag = np.diag(xtx)
+    empty = [names[k] for k in np.flatnonzero(diag <= 0)]
+    if empty:
+        raise ValueError(f"the pooled design is singular: {', '.join(empty)} is all zero (a site without cases, "
+                         "a covariate that is 0 everywhere, or a categorical level that no site has)")
+    # Unit-diagonal scaling makes the rank test independent of covariate units (age in years vs. 0/1 codes).
+    scale = np.sqrt(diag)
+    eigval, eigvec = np.linalg.eigh(xtx / np.outer(scale, scale))
+    if eigval[0] <= _SINGULAR_RCOND * eigval[-1]:
+        null = np.abs(eigvec[:, 0])
+        involved = [names[k] for k in np.flatnonzero(null > 0.1 * null.max())]
+        raise ValueError(f"the pooled design XᵀX is singular: {', '.join(involved)} are collinear. Likely a "
+                         "covariate constant over all sites, or constant within each site (confounded with site), "
+                         "or a categorical covariate coded with all its levels (drop the first level)")
+    return np.linalg.solve(xtx, xty)
