@@ -56,7 +56,7 @@ def main(grid: Grid, context: Context) -> None:
         result.split_counts = agreement.split_counts
         harmonization = None
         if str(cfg.get("harmonization", "none")) == "combat":
-            harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout)
+            harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder)
         pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
         chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),

@@ -7,10 +7,12 @@ a clear message when fewer than ``min-sites`` remain.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -251,9 +253,13 @@ def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
 
 
 def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
-                        timeout: float) -> Callable[[int], RecordDict]:
+                        timeout: float, folder: Path) -> Callable[[int], RecordDict]:
     """Distributed ComBat, rounds 1-2 (common.combat): returns, per node, what that site needs to fit its
-    own location/scale effects locally (it does so when the moments query arrives)."""
+    own location/scale effects locally (it does so when the moments query arrives).
+
+    Writes ``harmonization.json`` to the run folder: the pooled estimates a site that joins later is
+    harmonised against (grand mean, pooled variance, covariate effects; no site's own intercept).
+    """
     index = {nid: i for i, nid in enumerate(sorted(fed.sites))}
     n_sites = len(index)
     config = {"features": agreement.names, "features-sha256": agreement.sha256, "n-sites": n_sites}
@@ -280,6 +286,10 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
     pooled = combat.pool_residuals(means, [combat.SiteResiduals(
         site=index[nid], n=int(r.content["metrics"]["n"]), ss=r.content["arrays"]["ss"].numpy())  # type: ignore[arg-type,union-attr]
         for nid, r in replies.items()])
+    late_joiner = {"features": agreement.names, "n_sites": n_sites, "n": pooled.n,
+                   "grand_mean": pooled.grand_mean.tolist(), "var_pooled": pooled.var_pooled.tolist(),
+                   "beta_cov": pooled.beta_cov.tolist(), "zero_variance": pooled.zero_variance.tolist()}
+    (folder / "harmonization.json").write_text(json.dumps(late_joiner), encoding="utf-8")
     audit.append("harmonization", method="combat", n_sites=n_sites, n_cases=pooled.n,
                  n_features=len(pooled.grand_mean), zero_variance=int(pooled.zero_variance.sum()),
                  pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,

@@ -121,6 +121,11 @@ def test_federation_end_to_end(three_sites, tmp_path):
               for n in names[:3]]
     assert all(len(p["features"]) == features["agreed"] and p["run_id"] == doc["run_id"] for p in params)
 
+    # the pooled estimates a late-joining site is harmonised against, without any site's own intercept
+    late = json.loads((folder / "harmonization.json").read_text())
+    assert len(late["grand_mean"]) == features["agreed"] and late["beta_cov"] == [] and late["n_sites"] == 3
+    assert "beta" not in late
+
     # the selection (from aggregates only) is what the pooled harmonised data says: Welch's t equals scipy's
     # on the pooled training splits, and no two selected features correlate above the threshold
     data = [load_site_data(three_sites / name, run_config) for name in names[:3]]
@@ -166,3 +171,19 @@ def test_profile_mismatch_refuses_to_train_and_names_the_site(tmp_path):
     assert verify(folder / "audit.jsonl").ok
     # nothing was extracted anywhere: the refusal came before any data was touched
     assert not (root / specs[0].name / ".radfed" / "cache").exists()
+
+
+def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
+    root = tmp_path / "data"
+    for i, spec in enumerate(synth.tiny_sites(2, 9)):
+        synth.write_site(root, spec, seed=300 + i)
+    folder = _run(tmp_path, root, 2, harmonization="none", **{"select-features": 0, "num-server-rounds": 2})
+    doc = json.loads((folder / "metrics.json").read_text())
+    assert doc["status"] == "completed", doc["error"]
+    events = verify(folder / "audit.jsonl").events
+    assert "harmonization" not in events and events["selection"] == 1
+    # every non-constant agreed feature is used, no correlation round was needed
+    assert doc["features"]["n"] == doc["features"]["agreed"] - doc["features"]["constant"]
+    assert doc["features"]["candidates"] == 0 and not (folder / "harmonization.json").exists()
+    sent = (root / "tiny-a" / ".radfed" / "outbox.jsonl").read_text()
+    assert "query.correlation" not in sent and "combat" not in sent
