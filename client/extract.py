@@ -1,33 +1,46 @@
 """Radiomics extraction at a site: real pyradiomics per case x sequence x region, cached per case.
 
-The cache lives in ``<site>/.radfed/cache/<profile-hash>/``; an entry is reused only when the sha256 of
-every input file, the profile hash and the pyradiomics version all match, so a re-run only extracts
-what changed. Nothing here leaves the site.
+Everything is written under the site's ``output_dir`` (default ``<site>/.radfed``), and nothing here
+leaves the site:
+
+- ``cache/<profile-hash>/``: one entry per case, reused only when the sha256 of every input file, the
+  label map, the profile hash and the pyradiomics version all match, so a re-run only extracts what changed;
+- ``features-<profile-hash-12>.csv`` with a ``.json`` sidecar (provenance: profile hash, pyradiomics
+  version, time, case ids, labels, input hashes);
+- ``extraction.log``: pyradiomics' own log and one line per case, so the terminal stays clean;
+- ``errors.json``: every case not used, with reason and fix.
 """
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import logging
 import os
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from client.checks import CaseInputError, load_case_volumes
+from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
 from client.site import Case, CaseProblem, Site
 from common.profile import Profile
 
-log = logging.getLogger("flwr.radfed.extract")
-MIN_REGION_VOXELS = 20
+__all__ = ["MIN_REGION_VOXELS", "ExtractionSummary", "FeatureTable", "extract_case_features", "extract_site"]
+
+log = logging.getLogger("flwr.radfed.extract")  # shown by Flower on the node's console
+# One line per case and pyradiomics' own messages go to <output_dir>/extraction.log only.
+file_log = logging.getLogger("radfed.extraction")
+LOG_NAME = "extraction.log"
+FEATURES_SCHEMA = "radfed.features/1"
 
 
 @dataclass
@@ -61,12 +74,58 @@ def pyradiomics_version() -> str:
 
 
 def quiet_pyradiomics() -> None:
-    """pyradiomics installs its own stderr handler and warns per call; keep the user's terminal clean."""
+    """pyradiomics installs its own stderr handler and warns per call: silence that handler and keep its
+    warnings for extraction.log (attached by ``_log_to``), away from the user's terminal."""
     import radiomics
 
-    radiomics.setVerbosity(logging.ERROR)
-    logging.getLogger("radiomics").setLevel(logging.ERROR)
+    radiomics.setVerbosity(60)  # pyradiomics' "quiet": its stderr handler prints nothing
+    logger = logging.getLogger("radiomics")
+    logger.setLevel(logging.WARNING)
+    logger.propagate = False  # a host app's root handler (Flower, pytest) would print them again
     logging.getLogger("pykwalify").setLevel(logging.WARNING)
+    file_log.setLevel(logging.INFO)
+    file_log.propagate = False
+
+
+def _ensure_log_handler(path: Path) -> logging.Handler | None:
+    """Attach a file handler for ``path`` to pyradiomics' and radfed's extraction loggers, once per process.
+
+    Returns the handler when this call attached it (the caller removes it), None when one was there
+    already (e.g. inherited by a forked worker).
+    """
+    target = str(path.resolve())
+    for handler in file_log.handlers:
+        if isinstance(handler, logging.FileHandler) and handler.baseFilename == target:
+            return None
+    handler = logging.FileHandler(target, encoding="utf-8")  # append: O_APPEND keeps worker lines whole
+    handler.setFormatter(logging.Formatter("%(asctime)s pid=%(process)d %(name)s %(levelname)s %(message)s"))
+    for logger in (file_log, logging.getLogger("radiomics")):
+        logger.addHandler(handler)
+    return handler
+
+
+@contextmanager
+def _log_to(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    quiet_pyradiomics()
+    handler = _ensure_log_handler(path)
+    try:
+        yield
+    finally:
+        if handler is not None:
+            for logger in (file_log, logging.getLogger("radiomics")):
+                logger.removeHandler(handler)
+            handler.close()
+
+
+def _init_worker(log_path: str) -> None:
+    """Worker start-up: quiet pyradiomics, log to the site's file, and one ITK thread per worker
+    (workers already fill the cores; ITK's own threads would only compete with them)."""
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    quiet_pyradiomics()
+    _ensure_log_handler(Path(log_path))
 
 
 _EXTRACTORS: dict[str, tuple[object, object]] = {}
@@ -85,9 +144,13 @@ def _extractors(profile: Profile) -> tuple[object, object]:
     return _EXTRACTORS[profile.sha256]
 
 
-def extract_case_features(case: Case, profile: Profile) -> dict[str, float]:
-    """All features of one case; raises CaseInputError (bad input) or ValueError (pyradiomics)."""
-    volumes, mask = load_case_volumes(case.images, case.mask, profile.regions, MIN_REGION_VOXELS)
+def extract_case_features(case: Case, profile: Profile,
+                          label_map: Mapping[int, str] | None = None) -> dict[str, float]:
+    """All features of one case; raises CaseInputError (bad input) or ValueError (pyradiomics).
+
+    ``label_map`` (the site's source label -> region name) relabels the mask as it is read.
+    """
+    volumes, mask = load_case_volumes(case.images, case.mask, profile.regions, MIN_REGION_VOXELS, label_map)
     with_shape, without_shape = _extractors(profile)
     features: dict[str, float] = {}
     for seq in profile.sequences:
@@ -113,9 +176,24 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _input_hashes(case: Case) -> dict[str, str]:
+def input_sha256(path: Path) -> str:
+    """sha256 of a volume: the file, or for a DICOM series folder every file's relative name and hash."""
+    if not path.exists():
+        return "missing"
+    if not path.is_dir():
+        return file_sha256(path)
+    digest = hashlib.sha256()
+    for item in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n".encode())
+    return "dir:" + digest.hexdigest()
+
+
+def _input_hashes(case: Case, label_map: Mapping[int, str] | None = None) -> dict[str, str]:
     paths = {**{seq: p for seq, p in case.images.items()}, "mask": case.mask}
-    return {key: file_sha256(p) if p.exists() else "missing" for key, p in paths.items()}
+    hashes = {key: input_sha256(p) for key, p in paths.items()}
+    if label_map is not None:  # the same mask under another map gives other regions
+        hashes["label_map"] = json.dumps({str(k): v for k, v in sorted(label_map.items())})
+    return hashes
 
 
 def _cache_file(site: Site, profile: Profile, case_id: str) -> Path:
@@ -124,20 +202,25 @@ def _cache_file(site: Site, profile: Profile, case_id: str) -> Path:
     return site.work_dir / "cache" / profile.short_hash / f"{safe}-{tag}.json"
 
 
-def _extract_one(args: tuple[Case, Profile, str]) -> tuple[str, dict[str, float] | None, CaseProblem | None, float]:
-    case, profile, _ = args
-    quiet_pyradiomics()
+Job = tuple[Case, Profile, dict[int, str] | None]
+
+
+def _extract_one(args: Job) -> tuple[str, dict[str, float] | None, CaseProblem | None, float]:
+    case, profile, label_map = args
     start = time.perf_counter()
     try:
-        features = extract_case_features(case, profile)
-        return case.case_id, features, None, time.perf_counter() - start
+        features = extract_case_features(case, profile, label_map)
+        seconds = time.perf_counter() - start
+        file_log.info("case %s: %d features in %.2fs", case.case_id, len(features), seconds)
+        return case.case_id, features, None, seconds
     except CaseInputError as exc:
-        return case.case_id, None, CaseProblem(case.case_id, exc.reason, exc.fix), time.perf_counter() - start
+        problem = CaseProblem(case.case_id, exc.reason, exc.fix, kind=exc.kind)
     except (ValueError, RuntimeError) as exc:
         problem = CaseProblem(case.case_id, f"pyradiomics failed on {exc}",
                               "check that region's segmentation: after resampling to the profile's spacing it "
-                              "must keep the profile's minimum ROI size")
-        return case.case_id, None, problem, time.perf_counter() - start
+                              "must keep the profile's minimum ROI size", kind="pyradiomics")
+    file_log.warning("case %s not used: %s (fix: %s)", case.case_id, problem.reason, problem.fix)
+    return case.case_id, None, problem, time.perf_counter() - start
 
 
 @dataclass
@@ -153,17 +236,20 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
                  progress: Callable[[int, int], None] | None = None) -> tuple[FeatureTable, ExtractionSummary]:
     """Extract (or load from cache) every case of a site under a profile.
 
-    Returns the feature table of all usable cases (manifest order) and a summary; every case that
-    failed is in ``table.problems`` and in ``<site>/.radfed/errors.json`` with reason and fix.
+    Returns the feature table of all usable cases (site order) and a summary; every case that failed
+    is in ``table.problems`` and in ``<output_dir>/errors.json`` with reason and fix. ``progress(done,
+    total)`` is called after each case that is not in the cache. Also writes the features CSV with its
+    provenance sidecar and appends to ``<output_dir>/extraction.log``.
     """
     start = time.perf_counter()
+    label_lookup(site.label_map, profile.regions)  # a bad label_map is the site's error, not each case's
     version = pyradiomics_version()
     results: dict[str, dict[str, float]] = {}
     problems = list(site.problems)
     todo: list[Case] = []
     hashes: dict[str, dict[str, str]] = {}
     for case in site.cases:
-        hashes[case.case_id] = _input_hashes(case)
+        hashes[case.case_id] = _input_hashes(case, site.label_map)
         cached = _read_cache(_cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version)
         if isinstance(cached, CaseProblem):
             problems.append(cached)  # failures are cached too: same inputs, same failure
@@ -173,50 +259,106 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
             todo.append(case)
 
     extract_seconds = 0.0
-    jobs = [(case, profile, version) for case in todo]
-    with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) if workers > 1 and len(jobs) > 1 else \
-            nullcontext() as pool:
-        outcomes = pool.map(_extract_one, jobs) if pool is not None else map(_extract_one, jobs)
-        for done, (case_id, features, problem, seconds) in enumerate(outcomes, start=1):
-            if progress:
-                progress(done, len(jobs))
-            extract_seconds += seconds
-            if problem is not None:
-                log.warning("case %s not used: %s (fix: %s)", case_id, problem.reason, problem.fix)
-                problems.append(problem)
-            else:
-                assert features is not None
-                results[case_id] = features
-            _write_cache(_cache_file(site, profile, case_id), {
-                "case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
-                "pyradiomics": version, "features": features, "problem": problem and problem.as_dict()})
+    log_path = site.work_dir / LOG_NAME
+    jobs: list[Job] = [(case, profile, site.label_map) for case in todo]
+    parallel = workers > 1 and len(jobs) > 1
+    with _log_to(log_path):
+        file_log.info("site %s: %d case(s), %d from the cache, %d to extract (profile %s, pyradiomics %s, "
+                      "%d worker(s))", site.name, len(site.cases), len(site.cases) - len(todo), len(todo),
+                      profile.short_hash, version, min(workers, len(jobs)) if parallel else 1)
+        pool_cm = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker,
+                                      initargs=(str(log_path),)) if parallel else nullcontext()
+        with pool_cm as pool:
+            outcomes = pool.map(_extract_one, jobs) if pool is not None else map(_extract_one, jobs)
+            for done, (case_id, features, problem, seconds) in enumerate(outcomes, start=1):
+                if progress:
+                    progress(done, len(jobs))
+                extract_seconds += seconds
+                if problem is not None:
+                    log.warning("case %s not used: %s (fix: %s)", case_id, problem.reason, problem.fix)
+                    problems.append(problem)
+                else:
+                    assert features is not None
+                    results[case_id] = features
+                _write_cache(_cache_file(site, profile, case_id), {
+                    "case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
+                    "pyradiomics": version, "features": features, "problem": problem and problem.as_dict()})
 
-    usable = [c for c in site.cases if c.case_id in results]
-    names = _common_names([results[c.case_id] for c in usable])
-    values = np.array([[results[c.case_id].get(n, np.nan) for n in names] for c in usable], dtype=np.float64)
-    table = FeatureTable(
-        case_ids=[c.case_id for c in usable],
-        labels=np.array([c.label for c in usable], dtype=np.int64),
-        names=names,
-        values=values.reshape(len(usable), len(names)),
-        problems=problems,
-    )
-    summary = ExtractionSummary(
-        extracted=sum(1 for c in todo if c.case_id in results),
-        cached=len(site.cases) - len(todo),
-        failed=len(problems),
-        seconds=time.perf_counter() - start,
-        seconds_per_extracted_case=extract_seconds / len(todo) if todo else 0.0,
-    )
-    _write_report(site, profile, version, table, summary)
+        usable = [c for c in site.cases if c.case_id in results]
+        names = _common_names([results[c.case_id] for c in usable])
+        values = np.array([[results[c.case_id].get(n, np.nan) for n in names] for c in usable], dtype=np.float64)
+        table = FeatureTable(
+            case_ids=[c.case_id for c in usable],
+            labels=np.array([c.label for c in usable], dtype=np.int64),
+            names=names,
+            values=values.reshape(len(usable), len(names)),
+            problems=problems,
+        )
+        summary = ExtractionSummary(
+            extracted=sum(1 for c in todo if c.case_id in results),
+            cached=len(site.cases) - len(todo),
+            failed=len(problems),
+            seconds=time.perf_counter() - start,
+            seconds_per_extracted_case=extract_seconds / len(todo) if todo else 0.0,
+        )
+        _write_report(site, profile, version, table, summary)
+        save_features(site, profile, version, table, {c.case_id: hashes[c.case_id] for c in usable})
+        file_log.info("site %s: %d usable, %d extracted now, %d cached, %d problem(s), %.1fs", site.name,
+                      len(usable), summary.extracted, summary.cached, summary.failed, summary.seconds)
     return table, summary
+
+
+def features_path(site: Site, profile: Profile) -> Path:
+    """``<output_dir>/features-<profile-hash-12>.csv``; its provenance sidecar has the same stem, ``.json``."""
+    return site.work_dir / f"features-{profile.short_hash}.csv"
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def save_features(site: Site, profile: Profile, version: str, table: FeatureTable,
+                  inputs: Mapping[str, Mapping[str, str]]) -> tuple[Path, Path]:
+    """Write the feature table as CSV (case_id, diagnosis, label, one column per feature) and a JSON
+    sidecar saying how it was made; returns both paths. Floats are written with repr (exact round trip)."""
+    site.work_dir.mkdir(parents=True, exist_ok=True)
+    path = features_path(site, profile)
+    diagnosis = {1: "HGG", 0: "BM"}
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["case_id", "diagnosis", "label", *table.names])
+    for case_id, label, row in zip(table.case_ids, table.labels.tolist(), table.values, strict=True):
+        writer.writerow([case_id, diagnosis[int(label)], int(label), *map(repr, row.tolist())])
+    text = out.getvalue()
+    _atomic_write(path, text)
+    sidecar = {
+        "schema": FEATURES_SCHEMA,
+        "site": site.name,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "features_csv": path.name,
+        "csv_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
+        "profile": {"name": profile.name, "version": profile.version, "sha256": profile.sha256},
+        "pyradiomics": version,
+        "source": site.settings.get("source", "manifest"),
+        "label_map": {str(k): v for k, v in site.label_map.items()} if site.label_map is not None else None,
+        "label_coding": {"HGG": 1, "BM": 0},
+        "n_cases": len(table.case_ids),
+        "n_features": len(table.names),
+        "case_ids": table.case_ids,
+        "labels": table.labels.tolist(),
+        "inputs_sha256": {case_id: dict(inputs[case_id]) for case_id in table.case_ids},
+        "problems": len(table.problems),
+    }
+    sidecar_path = path.with_suffix(".json")
+    _atomic_write(sidecar_path, json.dumps(sidecar, indent=2))
+    return path, sidecar_path
 
 
 def _write_cache(path: Path, entry: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(entry), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a killed run never leaves half an entry
+    _atomic_write(path, json.dumps(entry))  # atomic: a killed run never leaves half an entry
 
 
 def _read_cache(path: Path, inputs: dict[str, str], profile: Profile,
@@ -254,11 +396,13 @@ def _write_report(site: Site, profile: Profile, version: str, table: FeatureTabl
         "profile": {"name": profile.name, "version": profile.version, "sha256": profile.sha256},
         "pyradiomics": version,
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-        "cases_in_manifest": len(site.cases) + len(site.problems),
+        "cases_in_manifest": len(site.cases) + len(site.problems),  # kept for readers of the old report
+        "cases_in_site": len(site.cases) + len(site.problems),
         "cases_used": len(table.case_ids),
         "features": len(table.names),
         "extracted": summary.extracted,
         "cached": summary.cached,
+        "features_csv": features_path(site, profile).name,
         "problems": [p.as_dict() for p in table.problems],
     }
     (site.work_dir / "errors.json").write_text(json.dumps(report, indent=2), encoding="utf-8")

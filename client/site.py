@@ -1,22 +1,29 @@
-"""A hospital's data as radfed sees it: the site folder, its manifest and its optional site.yaml.
+"""A hospital's data as radfed sees it: the site folder, its optional ``site.yaml`` and its cases.
 
 Site folder layout::
 
-    <site>/manifest.csv   case_id,diagnosis,<one column per profile sequence>,mask (paths relative to <site>)
-    <site>/site.yaml      optional: name, profile (bundled name or path), min_cases_per_class
-    <site>/.radfed/       what radfed keeps locally: feature cache, error report (never sent)
+    <site>/site.yaml      optional, see SiteConfig (name, source, label_map, profile, ...)
+    <site>/manifest.csv   source "manifest" (default): case_id,diagnosis,<one column per sequence>,mask
+    <site>/labels.csv     sources "brats" and "dicom": case_id,diagnosis (the image folders carry none)
+    <site>/.radfed/       what radfed keeps locally (``output_dir``): cache, reports, features; never sent
+
+The cases themselves are read by the importers in ``client.importers``; image paths are relative to
+``data_root`` (default: the site folder), CSV files to the site folder.
 """
 
 from __future__ import annotations
 
-import csv
+import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 DIAGNOSES = {"HGG": 1, "BM": 0}  # positive class = high-grade glioma
+SOURCES = ("manifest", "brats", "dicom")
+BACKGROUND = "background"  # label_map target that drops a source label (e.g. a resection cavity)
 
 
 class SiteError(ValueError):
@@ -27,7 +34,7 @@ class SiteError(ValueError):
 class Case:
     case_id: str
     diagnosis: str
-    images: dict[str, Path]
+    images: dict[str, Path]  # sequence -> NIfTI/NRRD file or DICOM series folder
     mask: Path
 
     @property
@@ -37,87 +44,189 @@ class Case:
 
 @dataclass(frozen=True)
 class CaseProblem:
-    """One case that radfed could not use, and what to do about it."""
+    """One case that radfed could not use, and what to do about it.
+
+    ``kind`` is a short stable tag (e.g. ``missing-file``, ``not-co-registered``) for counting problems.
+    """
 
     case_id: str
     reason: str
     fix: str
+    kind: str = "other"
 
     def as_dict(self) -> dict[str, str]:
-        return {"case_id": self.case_id, "reason": self.reason, "fix": self.fix}
+        return {"case_id": self.case_id, "reason": self.reason, "fix": self.fix, "kind": self.kind}
 
 
 @dataclass
 class Site:
+    """A site's usable-looking cases (not yet checked image by image) and the rows it could not import.
+
+    ``work_dir`` is the site's ``output_dir`` (default ``<root>/.radfed``); ``label_map`` maps the
+    source's mask labels to profile region names (None: the masks already use the profile's numbering).
+    """
+
     name: str
     root: Path
     cases: list[Case]
     problems: list[CaseProblem] = field(default_factory=list)
     settings: dict[str, Any] = field(default_factory=dict)
+    work_dir: Path = None  # type: ignore[assignment]  # filled in by __post_init__
+    label_map: dict[int, str] | None = None
 
-    @property
-    def work_dir(self) -> Path:
-        return self.root / ".radfed"
-
-
-def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
-    """Read a site folder. Problems with single rows become CaseProblems; the other cases survive."""
-    root = Path(root).expanduser().resolve()
-    settings = site_settings(root)
-    manifest = root / "manifest.csv"
-    if not manifest.exists():
-        raise SiteError(f"{manifest} is missing: write a manifest with columns case_id,diagnosis,"
-                        f"{','.join(sequences)},mask")
-    with manifest.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        needed = ["case_id", "diagnosis", *sequences, "mask"]
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SiteError(f"{manifest} lacks column(s) {missing}: the header must hold {','.join(needed)}")
-        rows = list(reader)
-
-    cases: list[Case] = []
-    problems: list[CaseProblem] = []
-    seen: set[str] = set()
-    for line, row in enumerate(rows, start=2):
-        case_id = (row.get("case_id") or "").strip()
-        if not case_id:
-            problems.append(CaseProblem(f"<line {line}>", "empty case_id", f"give line {line} of {manifest} an id"))
-            continue
-        if case_id in seen:
-            problems.append(CaseProblem(case_id, "duplicate case_id in manifest", "give each case a unique id"))
-            continue
-        seen.add(case_id)
-        diagnosis = (row.get("diagnosis") or "").strip().upper()
-        if diagnosis not in DIAGNOSES:
-            problems.append(CaseProblem(case_id, f"unknown diagnosis {row.get('diagnosis')!r}",
-                                        f"use one of {sorted(DIAGNOSES)}"))
-            continue
-        cases.append(Case(
-            case_id=case_id,
-            diagnosis=diagnosis,
-            images={seq: root / row[seq].strip() for seq in sequences},
-            mask=root / row["mask"].strip(),
-        ))
-    name = str(settings.get("name") or root.name)
-    return Site(name=name, root=root, cases=cases, problems=problems, settings=settings)
+    def __post_init__(self) -> None:
+        if self.work_dir is None:
+            self.work_dir = self.root / ".radfed"
 
 
-def site_settings(root: str | Path) -> dict[str, Any]:
-    """The site's optional site.yaml (name, profile, min_cases_per_class), validated."""
+class SiteConfig(BaseModel):
+    """``site.yaml``. Every key is optional; unknown keys are refused so typos do not pass silently."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str | None = Field(None, min_length=1)
+    data_root: Path | None = None
+    source: Literal["manifest", "brats", "dicom"] = "manifest"
+    manifest: str = "manifest.csv"
+    labels_csv: str = "labels.csv"
+    # profile sequence -> file suffix (BraTS, e.g. flair: t2f) or sub-folder name (DICOM)
+    sequence_names: dict[str, str] = Field(default_factory=dict)
+    mask_name: str | None = None  # BraTS suffix / DICOM entry of the mask; default "seg" / "mask"
+    label_map: dict[int, str] | None = None
+    min_cases_per_class: int | None = Field(None, ge=1, strict=True)  # strict: 'true' is not 1
+    profile: str | None = None
+    output_dir: Path | None = None
+
+
+# What a correct line looks like, for the fix in error messages.
+_EXAMPLES = {
+    "name": "name: hospital-a",
+    "data_root": "data_root: /data/brats2023",
+    "source": "source: brats",
+    "manifest": "manifest: manifest.csv",
+    "labels_csv": "labels_csv: labels.csv",
+    "sequence_names": "sequence_names: {flair: t2f}",
+    "mask_name": "mask_name: seg",
+    "label_map": "label_map: {3: enhancing, 1: necrosis, 2: edema}",
+    "min_cases_per_class": "min_cases_per_class: 5",
+    "profile": "profile: default",
+    "output_dir": "output_dir: /var/lib/radfed/hospital-a",
+}
+
+
+_PROBLEMS = {  # pydantic error type -> plain words
+    "string_type": "must be text",
+    "int_type": "must be a whole number",
+    "int_parsing": "must be a whole number",
+    "int_from_float": "must be a whole number",
+    "dict_type": "must be a mapping (key: value)",
+    "path_type": "must be a path",
+    "string_too_short": "must not be empty",
+}
+
+
+def _error_sentence(error: Any) -> str:
+    """One plain sentence (problem: fix) for one pydantic error."""
+    loc = [str(p) for p in error["loc"] if p != "[key]"]  # pydantic marks dict-key errors with "[key]"
+    key = loc[0] if loc else "?"
+    where = ".".join(loc) if loc else "the file"
+    value = error.get("input")
+    kind = error["type"]
+    if kind == "extra_forbidden":
+        close = difflib.get_close_matches(key, list(SiteConfig.model_fields), n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return (f"unknown key '{key}': {hint}remove it or fix its spelling "
+                f"(allowed keys: {', '.join(SiteConfig.model_fields)}).")
+    if kind == "literal_error":
+        return f"'{where}' is {value!r}, which is not one of {', '.join(SOURCES)}: write e.g. '{_EXAMPLES[key]}'."
+    if len(loc) > 1 and loc[0] == "label_map" and "[key]" in [str(p) for p in error["loc"]]:
+        problem = "is a source label that is not a whole number"
+    elif kind == "greater_than_equal":
+        problem = f"must be at least {error.get('ctx', {}).get('ge')}"
+    else:
+        problem = _PROBLEMS.get(kind, str(error["msg"]).rstrip(".").lower())
+    return f"'{where}' {problem} (got {value!r}): write it like '{_EXAMPLES.get(key, key + ': ...')}'."
+
+
+def load_site_config(root: str | Path) -> SiteConfig:
+    """The site's ``site.yaml`` validated (defaults when there is none); raises SiteError naming each bad field."""
     root = Path(root).expanduser().resolve()
     if not root.is_dir():
         raise SiteError(f"site folder {root} does not exist: check the site path (node config 'site-dir')")
     path = root / "site.yaml"
     if not path.exists():
-        return {}
+        return SiteConfig()
     try:
-        doc = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        doc = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         raise SiteError(f"{path} is not valid YAML ({exc}): fix the syntax") from exc
+    if doc is None:
+        return SiteConfig()
     if not isinstance(doc, dict):
-        raise SiteError(f"{path} must be a mapping (e.g. 'name: hospital-a')")
-    unknown = set(doc) - {"name", "profile", "min_cases_per_class"}
-    if unknown:
-        raise SiteError(f"{path}: unknown key(s) {sorted(unknown)}; allowed: name, profile, min_cases_per_class")
-    return doc
+        raise SiteError(f"{path} must be a mapping of keys to values (e.g. 'name: hospital-a')")
+    try:
+        return SiteConfig.model_validate(doc)
+    except ValidationError as exc:
+        sentences = " ".join(_error_sentence(e) for e in exc.errors())
+        raise SiteError(f"{path}: {sentences}") from None
+
+
+def resolved_paths(root: Path, config: SiteConfig) -> tuple[Path, Path]:
+    """(data_root, output_dir) as absolute paths; relative ones are taken from the site folder."""
+    def absolute(value: Path | None, default: Path) -> Path:
+        if value is None:
+            return default
+        value = value.expanduser()
+        return (value if value.is_absolute() else root / value).resolve()
+
+    return absolute(config.data_root, root), absolute(config.output_dir, root / ".radfed")
+
+
+def site_settings(root: str | Path) -> dict[str, Any]:
+    """The validated ``site.yaml`` as a dict of the keys that have a value (paths resolved)."""
+    root = Path(root).expanduser().resolve()
+    return _settings(root, load_site_config(root))
+
+
+def _settings(root: Path, config: SiteConfig) -> dict[str, Any]:
+    data_root, output_dir = resolved_paths(root, config)
+    settings = config.model_dump(exclude_none=True)
+    settings.update(data_root=data_root, output_dir=output_dir)
+    return settings
+
+
+def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
+    """Read a site folder with the importer its ``source`` names.
+
+    Problems with single cases become CaseProblems and the other cases survive; a case id seen twice
+    keeps its first occurrence.
+    """
+    from client import importers  # importers build Case objects from this module
+
+    root = Path(root).expanduser().resolve()
+    config = load_site_config(root)
+    data_root, output_dir = resolved_paths(root, config)
+    if not data_root.is_dir():
+        raise SiteError(f"data_root {data_root} (site.yaml) does not exist: fix 'data_root' in {root / 'site.yaml'}")
+    if config.source == "manifest":
+        items = importers.import_manifest(data_root, root / config.manifest, sequences)
+    else:
+        layout = importers.import_brats if config.source == "brats" else importers.import_dicom
+        items = layout(data_root, root / config.labels_csv, sequences, names=config.sequence_names,
+                       mask_name=config.mask_name, skip=(output_dir,))
+
+    cases: list[Case] = []
+    problems: list[CaseProblem] = []
+    seen: set[str] = set()
+    for item in items:
+        if isinstance(item, CaseProblem):
+            problems.append(item)
+        elif item.case_id in seen:
+            problems.append(CaseProblem(item.case_id, f"duplicate case_id in {config.source}",
+                                        "give each case a unique id", kind="duplicate-id"))
+        else:
+            seen.add(item.case_id)
+            cases.append(item)
+    return Site(name=config.name or root.name, root=root, cases=cases, problems=problems,
+                settings=_settings(root, config),
+                work_dir=output_dir, label_map=dict(config.label_map) if config.label_map is not None else None)

@@ -1,6 +1,7 @@
 """`radfed`: every user's commands in one place.
 
   radfed demo                    coordinator: synthetic hospitals -> a whole federation -> results
+  radfed site check SITE_DIR     site administrator: can the site take part, which cases need a fix (fast)
   radfed site extract SITE_DIR   site administrator: check and extract a site's cases (cached)
   radfed profile show [NAME]     anyone: the extraction profile, its version and hash
   radfed audit verify LOG        auditor: check a run's audit chain
@@ -15,6 +16,10 @@ import sys
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from common.profile import Profile
 
 DEFAULT_HOME = Path("~/.radfed").expanduser()
 
@@ -27,27 +32,77 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
             print("  " + "  ".join("-" * w for w in widths))
 
 
-def _extract_one_site(site_dir: str, profile_name: str, workers: int) -> tuple[str, int, int, int, float, float]:
-    from client.extract import extract_site
-    from client.site import load_site
+def _site_profile(site_dir: str, profile_name: str | None) -> Profile:
+    """The profile named on the command line, else the site.yaml's, else ``default``."""
+    from client.site import site_settings
     from common.profile import load_profile
 
-    profile = load_profile(profile_name)
+    return load_profile(profile_name or site_settings(site_dir).get("profile") or "default")
+
+
+def _extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> tuple[str, int, int, int, float, float]:
+    from client.extract import extract_site
+    from client.site import load_site
+
+    profile = _site_profile(site_dir, profile_name)
     site = load_site(site_dir, profile.sequences)
     table, summary = extract_site(site, profile, workers=workers)
     return (site.name, len(table.case_ids), summary.extracted, len(table.problems), summary.seconds,
             summary.seconds_per_extracted_case)
 
 
+def cmd_site_check(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from client.sitecheck import check_site, render, write_report
+
+    check = check_site(args.site_dir, args.profile, args.min_cases_per_class, args.test_fraction)
+    console = Console()
+    render(check, console)
+    report = write_report(check, Path(args.json).expanduser() if args.json else None)
+    console.print(f"report: {report}", soft_wrap=True)
+    return check.exit_code
+
+
 def cmd_site_extract(args: argparse.Namespace) -> int:
-    name, used, extracted, failed, seconds, per_case = _extract_one_site(args.site_dir, args.profile, args.workers)
-    timing = f", {per_case:.2f}s per case" if extracted else " (all from the cache)"
-    print(f"site {name}: {used} usable case(s), {extracted} extracted now, {failed} problem(s), "
-          f"{seconds:.1f}s{timing}")
-    report = Path(args.site_dir) / ".radfed" / "errors.json"
-    for problem in json.loads(report.read_text())["problems"]:
-        print(f"  case {problem['case_id']}: {problem['reason']} -> fix: {problem['fix']}")
-    return 0 if used else 1
+    import logging
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+    from rich.table import Table
+
+    from client.extract import LOG_NAME, extract_site, features_path
+    from client.site import load_site
+
+    # Failures are shown in the table below; without a handler Python would also print each one mid-bar.
+    logging.getLogger("flwr.radfed.extract").addHandler(logging.NullHandler())
+    profile = _site_profile(args.site_dir, args.profile)
+    site = load_site(args.site_dir, profile.sequences)
+    console = Console()
+    columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as bar:
+        task = bar.add_task("extract", total=None)
+
+        def progress(done: int, total: int) -> None:
+            bar.update(task, completed=done, total=total)
+
+        table, summary = extract_site(site, profile, workers=args.workers, progress=progress)
+    per_case = f", {summary.seconds_per_extracted_case:.2f}s per case" if summary.extracted else ""
+    console.print(f"site {site.name}: {len(table.case_ids)} usable case(s), {summary.extracted} extracted now, "
+                  f"{summary.cached} from the cache, {len(table.problems)} problem(s), "
+                  f"{summary.seconds:.1f}s{per_case}", soft_wrap=True)
+    if table.problems:
+        problems = Table(title="cases not used", title_justify="left")
+        for column in ("case", "problem", "fix"):
+            problems.add_column(column)
+        for p in table.problems:
+            problems.add_row(p.case_id, p.reason, p.fix)
+        console.print(problems)
+    csv_path = features_path(site, profile)
+    console.print(f"features    {csv_path}\nprovenance  {csv_path.with_suffix('.json')}\n"
+                  f"log         {site.work_dir / LOG_NAME}\nerrors      {site.work_dir / 'errors.json'}",
+                  soft_wrap=True)
+    return 0 if table.case_ids else 1
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
@@ -62,13 +117,40 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
 def cmd_audit_verify(args: argparse.Namespace) -> int:
     from server.audit import verify
 
-    result = verify(Path(args.log))
+    receipts = []
+    for item in args.receipts or []:  # a site folder or a receipts file
+        path = Path(item)
+        receipts.append(path / ".radfed" / "receipts.jsonl" if path.is_dir() else path)
+    result = verify(Path(args.log), pubkey=Path(args.pubkey) if args.pubkey else None, receipts=receipts)
     if result.ok:
-        print(f"audit log intact: {result.entries} entries, last sha256 {result.last_sha256}")
-        print("events: " + ", ".join(f"{k} x{v}" for k, v in (result.events or {}).items()))
+        print(f"audit log intact: {result.entries} entries, signatures valid, last sha256 {result.last_sha256}")
+        print("events: " + ", ".join(f"{k} x{v}" for k, v in result.events.items()))
+        if receipts:
+            print(f"receipts: {result.receipts_checked} model hash(es) from {len(receipts)} site(s) match the log")
+        if not args.pubkey:
+            print("note: checked against audit.pub beside the log; pin the coordinator's key with --pubkey")
         return 0
-    print(f"audit log BROKEN at line {result.bad_line}: {result.reason} ({result.entries} entries before it verify)")
+    where = f"at line {result.bad_line}" if result.bad_line else "in the receipts"
+    print(f"audit log BROKEN {where}: {result.reason} ({result.entries} entries before it verify)")
     return 1
+
+
+def cmd_site_outbox(args: argparse.Namespace) -> int:
+    outbox = Path(args.site_dir) / ".radfed" / "outbox.jsonl"
+    if not outbox.exists():
+        print(f"{outbox} does not exist: this site has sent nothing yet")
+        return 0
+    for line in outbox.read_text(encoding="utf-8").splitlines():
+        entry = json.loads(line)
+        if args.run and str(entry["run_id"]) != args.run:
+            continue
+        parts = []
+        for record, values in entry["records"].items():
+            for key, value in values.items():
+                shown = f"array{tuple(value['shape'])}" if isinstance(value, dict) and "shape" in value else value
+                parts.append(f"{record}.{key}={shown}")
+        print(f"{entry['time']} run {entry['run_id']} {entry['type']}: " + ", ".join(parts))
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -132,9 +214,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     site = sub.add_parser("site", help="site administrator commands").add_subparsers(dest="site_command",
                                                                                      required=True)
+    check = site.add_parser(
+        "check", help="check every case of a site without extracting (seconds)",
+        description="Check a site's configuration and every case (files, geometry, co-registration, masks, "
+                    "diagnoses) and whether it has enough cases per class to take part. Exit code 0: usable "
+                    "cases remain (problems are warnings); 1: no usable case; 3: too few cases to take part; "
+                    "2: the site itself cannot be read (e.g. a malformed site.yaml).")
+    check.add_argument("site_dir")
+    check.add_argument("--json", default=None, help="where to write the JSON report (default <output_dir>/check.json)")
+    check.add_argument("--profile", default=None, help="profile name or file (default: site.yaml's, else default)")
+    check.add_argument("--min-cases-per-class", type=int, default=None,
+                       help="the federation's k (default 5; a site.yaml value can only raise it)")
+    check.add_argument("--test-fraction", type=float, default=0.3, help="the federation's held-out fraction")
+    check.set_defaults(func=cmd_site_check)
+
+    outbox = site.add_parser("outbox", help="show everything this site has sent (values as sent, arrays as shapes)")
+    outbox.add_argument("site_dir")
+    outbox.add_argument("--run", default=None, help="only this run id")
+    outbox.set_defaults(func=cmd_site_outbox)
     extract = site.add_parser("extract", help="check and extract every case of a site (cached)")
     extract.add_argument("site_dir")
-    extract.add_argument("--profile", default="default")
+    extract.add_argument("--profile", default=None, help="profile name or file (default: site.yaml's, else default)")
     extract.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     extract.set_defaults(func=cmd_site_extract)
 
@@ -147,6 +247,8 @@ def build_parser() -> argparse.ArgumentParser:
     audit = sub.add_parser("audit", help="auditor commands").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="check a run's audit log chain")
     verify.add_argument("log")
+    verify.add_argument("--pubkey", help="the coordinator's published public key (PEM) to pin")
+    verify.add_argument("--receipts", nargs="*", help="site folders or receipts.jsonl files to cross-check")
     verify.set_defaults(func=cmd_audit_verify)
     return parser
 

@@ -1,0 +1,173 @@
+"""Importers: a site's files as ``Case`` objects, and what cannot be imported as ``CaseProblem``s.
+
+Three layouts (``source`` in site.yaml):
+
+- ``manifest``: ``manifest.csv`` with case_id, diagnosis, one column per profile sequence and mask;
+  paths relative to ``data_root``.
+- ``brats``: one folder per case under ``data_root``, files ``<case>-<suffix>.nii.gz`` (BraTS 2023 suffixes:
+  t1c, t2f = FLAIR, t1n, t2w, seg; ``adc`` if present); diagnoses from ``labels.csv``.
+- ``dicom``: one folder per case, one sub-folder per sequence holding a DICOM series (or a NIfTI/NRRD file
+  of that name), the mask as ``mask.nii.gz``/``mask.nrrd`` or a ``mask/`` DICOM series; diagnoses from
+  ``labels.csv``.
+
+NIfTI (.nii, .nii.gz) and NRRD (.nrrd, .nhdr) are accepted everywhere. Importers only look at names: no
+image is opened here (``client.checks`` reads and checks them), so importing a site is instant.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from pathlib import Path
+
+from client.site import DIAGNOSES, Case, CaseProblem, SiteError
+
+IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
+# profile sequence -> BraTS 2023 file suffix (BraTS calls FLAIR "t2f"; it has no ADC, sites add their own)
+BRATS_NAMES = {"t1c": "t1c", "flair": "t2f", "t1": "t1n", "t2": "t2w", "adc": "adc"}
+ImportItem = Case | CaseProblem
+
+
+def _diagnosis_problem(case_id: str, raw: str, where: str) -> CaseProblem | None:
+    if raw.strip().upper() in DIAGNOSES:
+        return None
+    return CaseProblem(case_id, f"unknown diagnosis {raw!r} in {where}", f"use one of {sorted(DIAGNOSES)}",
+                       kind="unknown-diagnosis")
+
+
+def import_manifest(data_root: Path, manifest: Path, sequences: tuple[str, ...]) -> Iterator[ImportItem]:
+    """Cases of a ``manifest.csv`` (what radfed always read); paths are relative to ``data_root``."""
+    if not manifest.exists():
+        raise SiteError(f"{manifest} is missing: write a manifest with columns case_id,diagnosis,"
+                        f"{','.join(sequences)},mask (or set 'source' in site.yaml)")
+    with manifest.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        needed = ["case_id", "diagnosis", *sequences, "mask"]
+        missing = [c for c in needed if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SiteError(f"{manifest} lacks column(s) {missing}: the header must hold {','.join(needed)}")
+        rows = list(reader)
+
+    for line, row in enumerate(rows, start=2):
+        case_id = (row.get("case_id") or "").strip()
+        if not case_id:
+            yield CaseProblem(f"<line {line}>", "empty case_id", f"give line {line} of {manifest} an id",
+                              kind="empty-id")
+            continue
+        problem = _diagnosis_problem(case_id, row.get("diagnosis") or "", manifest.name)
+        if problem:
+            yield problem
+            continue
+        empty = [c for c in (*sequences, "mask") if not (row.get(c) or "").strip()]
+        if empty:
+            yield CaseProblem(case_id, f"no path for {', '.join(empty)} in {manifest.name}",
+                              f"fill in the {', '.join(empty)} column(s) of line {line}", kind="missing-file")
+            continue
+        yield Case(case_id=case_id, diagnosis=(row["diagnosis"] or "").strip().upper(),
+                   images={seq: data_root / row[seq].strip() for seq in sequences},
+                   mask=data_root / row["mask"].strip())
+
+
+def read_diagnoses(labels_csv: Path) -> tuple[dict[str, str], list[CaseProblem]]:
+    """``labels.csv`` (case_id,diagnosis) as {case_id: raw diagnosis}, plus its bad rows."""
+    if not labels_csv.exists():
+        raise SiteError(f"{labels_csv} is missing: image folders carry no diagnosis, so write a CSV with "
+                        f"columns case_id,diagnosis (one row per case folder, diagnosis HGG or BM)")
+    with labels_csv.open(newline="", encoding="utf-8") as fh:
+        reader = csv.DictReader(fh)
+        missing = [c for c in ("case_id", "diagnosis") if c not in (reader.fieldnames or [])]
+        if missing:
+            raise SiteError(f"{labels_csv} lacks column(s) {missing}: the header must be case_id,diagnosis")
+        rows = list(reader)
+    diagnoses: dict[str, str] = {}
+    problems: list[CaseProblem] = []
+    for line, row in enumerate(rows, start=2):
+        case_id = (row.get("case_id") or "").strip()
+        if not case_id:
+            problems.append(CaseProblem(f"<{labels_csv.name} line {line}>", "empty case_id",
+                                        f"give line {line} of {labels_csv} a case id", kind="empty-id"))
+        elif case_id in diagnoses:
+            problems.append(CaseProblem(case_id, f"listed twice in {labels_csv.name}",
+                                        f"keep one row for {case_id} in {labels_csv}", kind="duplicate-id"))
+        else:
+            diagnoses[case_id] = row.get("diagnosis") or ""
+    return diagnoses, problems
+
+
+def _case_folders(data_root: Path, skip: Iterable[Path]) -> list[Path]:
+    skipped = {p.resolve() for p in skip}
+    return sorted(p for p in data_root.iterdir()
+                  if p.is_dir() and not p.name.startswith(".") and p.resolve() not in skipped)
+
+
+def _brats_entry(folder: Path, suffix: str) -> list[Path]:
+    """Files ``*-<suffix>.<ext>`` (or ``_<suffix>``) in a BraTS case folder, case-insensitive."""
+    wanted = [f"{sep}{suffix}{ext}".lower() for sep in ("-", "_") for ext in IMAGE_SUFFIXES]
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(tuple(wanted)))
+
+
+def _dicom_entry(folder: Path, name: str) -> list[Path]:
+    """A sub-folder ``<name>`` (DICOM series) or a file ``<name>.<ext>`` in a case folder, case-insensitive."""
+    wanted = {name.lower()} | {f"{name}{ext}".lower() for ext in IMAGE_SUFFIXES}
+    return sorted(p for p in folder.iterdir() if p.name.lower() in wanted and (p.is_dir() or p.is_file()))
+
+
+def _folder_cases(data_root: Path, labels_csv: Path, sequences: tuple[str, ...], names: Mapping[str, str],
+                  mask_name: str, skip: Iterable[Path], find: Callable[[Path, str], list[Path]],
+                  expect: Callable[[str, str], str]) -> Iterator[ImportItem]:
+    """One case per folder under ``data_root``; ``find(folder, name)`` lists the entries matching a name."""
+    diagnoses, problems = read_diagnoses(labels_csv)
+    yield from problems
+    folders = {p.name: p for p in _case_folders(data_root, skip)}
+    for case_id, folder in folders.items():
+        if case_id not in diagnoses:
+            yield CaseProblem(case_id, f"no diagnosis for {case_id} in {labels_csv.name}",
+                              f"add a row '{case_id},HGG' or '{case_id},BM' to {labels_csv}", kind="no-diagnosis")
+            continue
+        problem = _diagnosis_problem(case_id, diagnoses[case_id], labels_csv.name)
+        if problem:
+            yield problem
+            continue
+        found: dict[str, Path] = {}
+        absent: dict[str, str] = {}  # key -> what was expected
+        ambiguous: list[CaseProblem] = []
+        for key, name in [*((seq, names.get(seq, seq)) for seq in sequences), ("mask", mask_name)]:
+            entries = find(folder, name)
+            if len(entries) > 1:
+                ambiguous.append(CaseProblem(
+                    case_id, f"{len(entries)} entries match {key} ({', '.join(p.name for p in entries)})",
+                    f"keep one {key} volume in {folder}", kind="ambiguous-file"))
+            elif entries:
+                found[key] = entries[0]
+            else:
+                absent[key] = expect(case_id, name)
+        if ambiguous:
+            yield ambiguous[0]
+        elif absent:
+            listed = ", ".join(f"{key} ({expected})" for key, expected in absent.items())
+            yield CaseProblem(case_id, f"no file for {listed} in {folder}",
+                              "add the missing volume(s), or map them to their names with 'sequence_names' / "
+                              "'mask_name' in site.yaml", kind="missing-mask" if list(absent) == ["mask"]
+                              else "missing-sequence")
+        else:
+            mask = found.pop("mask")
+            yield Case(case_id=case_id, diagnosis=diagnoses[case_id].strip().upper(), images=found, mask=mask)
+    for case_id in diagnoses:
+        if case_id not in folders:
+            yield CaseProblem(case_id, f"listed in {labels_csv.name} but {data_root / case_id} is not a folder",
+                              f"restore the case folder or remove {case_id} from {labels_csv}", kind="missing-file")
+
+
+def import_brats(data_root: Path, labels_csv: Path, sequences: tuple[str, ...], names: Mapping[str, str] | None = None,
+                 mask_name: str | None = None, skip: Iterable[Path] = ()) -> Iterator[ImportItem]:
+    """Cases of a BraTS-style folder; ``names`` maps profile sequences to file suffixes (BraTS 2023 defaults)."""
+    suffixes = {**BRATS_NAMES, **(names or {})}
+    return _folder_cases(data_root, labels_csv, sequences, suffixes, mask_name or "seg", skip, _brats_entry,
+                         lambda case_id, name: f"{case_id}-{name}.nii.gz or .nrrd")
+
+
+def import_dicom(data_root: Path, labels_csv: Path, sequences: tuple[str, ...], names: Mapping[str, str] | None = None,
+                 mask_name: str | None = None, skip: Iterable[Path] = ()) -> Iterator[ImportItem]:
+    """Cases of DICOM series folders; ``names`` maps profile sequences to sub-folder names (default: same)."""
+    return _folder_cases(data_root, labels_csv, sequences, dict(names or {}), mask_name or "mask", skip,
+                         _dicom_entry, lambda case_id, name: f"a DICOM folder {name}/ or {name}.nii.gz/.nrrd")
