@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from client import steps
 from client.guard import SITE_STATE, privacy_guard
 from client.site import SiteError
 from common import combat
-from common.canon import sha256_json
+from common.canon import arrays_sha256, sha256_json
 
 log = logging.getLogger("flwr.radfed.client")
 app = ClientApp(mods=[privacy_guard])
@@ -150,7 +151,21 @@ def correlation(msg: Message, context: Context) -> Message:
     return _reply(msg, arrays=_arrays({"crossproducts": cross}), metrics=MetricRecord({"n": n}))
 
 
+def _receipt(msg: Message, context: Context) -> None:
+    """Keep, at the site, the hash of every global model received: an auditor checks it against the log."""
+    arrays = msg.content["arrays"]
+    entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": context.run_id,
+             "site": steps.open_site(_site_dir(context), context.run_config)[0].name,
+             "type": msg.metadata.message_type, "round": int(msg.content["config"]["server-round"]),  # type: ignore[arg-type]
+             "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
+    path = _site_dir(context) / ".radfed" / "receipts.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(entry, sort_keys=True) + "\n")
+
+
 def _model_split(msg: Message, context: Context, held_out: bool) -> tuple[np.ndarray, np.ndarray]:
+    _receipt(msg, context)
     selected = _accept_list(context, msg.content["config"], "features", "selected")  # type: ignore[arg-type]
     return steps.site_matrix(_data(context), _agreed(context), held_out=held_out, names=selected,
                              harmonize=_harmonizer(context))

@@ -19,7 +19,7 @@ from common.canon import sha256_json
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from server import phases, report
-from server.audit import AuditLog
+from server.audit import AuditLog, load_or_create_key
 from server.codehash import code_sha256
 from server.strategy import AuditedFedAvg, record_sha256
 
@@ -38,10 +38,13 @@ def run_folder(context: Context) -> Path:
 def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
     folder = run_folder(context)
-    audit = AuditLog(folder / "audit.jsonl")
+    key_path = Path(str(cfg.get("audit-key") or "")).expanduser() if cfg.get("audit-key") else \
+        folder.parent / "coordinator-audit-key.pem"
+    audit = AuditLog(folder / "audit.jsonl", load_or_create_key(key_path))
     profile = load_profile(str(cfg["profile"]))
     timeout, min_sites = float(cfg["query-timeout"]), int(cfg["min-sites"])
     audit.append("run-start", run_id=context.run_id, config=cfg, config_sha256=sha256_json(cfg),
+                 audit_key_sha256=audit.fingerprint,
                  profile={"name": profile.name, "version": profile.version, "sha256": profile.sha256},
                  protocol=PROTOCOL_VERSION, code_sha256=code_sha256())
     log.info("radfed run %s: results go to %s", context.run_id, folder)
@@ -74,8 +77,10 @@ def main(grid: Grid, context: Context) -> None:
         train_config = ConfigRecord({**shared, "local-epochs": int(cfg["local-epochs"]),
                                      "learning-rate": float(cfg["learning-rate"]),
                                      "weight-decay": float(cfg["weight-decay"])})
+        initial = ArrayRecord(net.state_dict())
+        audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names))
         strategy_started = True
-        fl = strategy.start(grid, ArrayRecord(net.state_dict()), num_rounds=int(cfg["num-server-rounds"]),
+        fl = strategy.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]),
                             timeout=timeout, train_config=train_config, evaluate_config=ConfigRecord(shared))
         final_state = fl.arrays.to_torch_state_dict()
         torch.save({"state_dict": final_state, "features": chosen.names, "profile_sha256": profile.sha256,

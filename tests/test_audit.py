@@ -1,34 +1,34 @@
-"""The audit chain verifies intact logs and names the first line of any tampering."""
+"""The signed audit chain: intact logs verify; every kind of tampering is named at its first line."""
 
 import json
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from radfed.cli import main as cli
-from server.audit import AuditLog, verify
+from server.audit import AuditLog, load_or_create_key, public_pem, verify
+
+
+def _write_run(path, key, rounds=3):
+    audit = AuditLog(path, key)
+    audit.append("run-start", run_id=42, config={"a": 1})
+    audit.append("model-init", model_sha256="m0")
+    for r in range(1, rounds + 1):
+        audit.append("round-train", round=r, sites={"a": {"n": 10, "loss": 0.5 / r}}, aggregated_sha256=f"m{r}")
+    audit.append("run-end", status="completed", auc=float("nan"))
+    return audit
 
 
 @pytest.fixture
-def log(tmp_path):
-    path = tmp_path / "audit.jsonl"
-    audit = AuditLog(path)
-    audit.append("run-start", run_id=1, config={"a": 1})
-    for r in range(1, 4):
-        audit.append("round-train", round=r, sites={"a": {"n": 10, "loss": 0.5 / r}})
-    audit.append("run-end", status="completed", auc=float("nan"))
+def key(tmp_path):
+    return load_or_create_key(tmp_path / "keys" / "coordinator.pem")
+
+
+@pytest.fixture
+def log(tmp_path, key):
+    path = tmp_path / "run" / "audit.jsonl"
+    _write_run(path, key)
     return path
-
-
-def test_intact_log_verifies(log):
-    result = verify(log)
-    assert result.ok and result.entries == 5
-    assert result.events == {"run-start": 1, "round-train": 3, "run-end": 1}
-    assert json.loads(log.read_text().splitlines()[-1])["data"]["auc"] is None  # NaN stored as strict JSON
-
-
-def test_reopened_log_continues_the_chain(log):
-    AuditLog(log).append("note", text="appended later")
-    assert verify(log).ok and verify(log).entries == 6
 
 
 def _lines(path):
@@ -39,38 +39,97 @@ def _write(path, lines):
     path.write_text("\n".join(lines) + "\n")
 
 
+def test_intact_log_verifies_with_its_key(log):
+    result = verify(log)
+    assert result.ok, result.reason
+    assert result.entries == 6 and result.events["round-train"] == 3
+    assert json.loads(_lines(log)[-1])["data"]["auc"] is None  # NaN stored as strict JSON
+    assert (log.parent / "audit.pub").read_bytes().startswith(b"-----BEGIN PUBLIC KEY-----")
+
+
+def test_key_is_created_private_once_and_reused(tmp_path, key):
+    path = tmp_path / "keys" / "coordinator.pem"
+    assert oct(path.stat().st_mode & 0o777) == "0o600"
+    assert public_pem(load_or_create_key(path)) == public_pem(key)
+
+
 def test_changed_byte_is_found(log):
     lines = _lines(log)
-    lines[2] = lines[2].replace('"loss":0.25', '"loss":0.15')
+    lines[3] = lines[3].replace('"loss":0.25', '"loss":0.15')
     _write(log, lines)
     result = verify(log)
-    assert not result.ok and result.bad_line == 4  # the next line no longer chains to it
+    assert not result.ok and result.bad_line == 4 and "bad signature" in result.reason
+
+
+def test_changed_entry_re_chained_but_not_re_signed_is_found(log):
+    # an attacker edits a value and fixes every later 'prev' hash: the signature still fails
+    lines = _lines(log)
+    entry = json.loads(lines[2])
+    entry["data"]["aggregated_sha256"] = "forged"
+    lines[2] = json.dumps(entry, sort_keys=True, separators=(",", ":"))
+    _write(log, lines)
+    result = verify(log)
+    assert not result.ok and result.bad_line == 3 and "bad signature" in result.reason
 
 
 def test_deleted_line_is_found(log):
     lines = _lines(log)
     del lines[1]
     _write(log, lines)
-    assert verify(log).bad_line == 2
+    result = verify(log)
+    assert result.bad_line == 2 and "chain broken" in result.reason
 
 
 def test_reordered_lines_are_found(log):
     lines = _lines(log)
-    lines[1], lines[2] = lines[2], lines[1]
+    lines[2], lines[3] = lines[3], lines[2]
     _write(log, lines)
-    assert verify(log).bad_line == 2
+    assert verify(log).bad_line == 3
 
 
 def test_inserted_line_is_found(log):
     lines = _lines(log)
     lines.insert(3, lines[3])
     _write(log, lines)
-    assert not verify(log).ok
+    result = verify(log)
+    assert not result.ok and result.bad_line == 5
+
+
+def test_cut_short_log_is_found(log):
+    _write(log, _lines(log)[:-1])
+    result = verify(log)
+    assert not result.ok and "without 'run-end'" in result.reason
+
+
+def test_log_re_signed_with_another_key_fails_against_the_pinned_key(tmp_path, key, log):
+    forged = tmp_path / "forged" / "audit.jsonl"
+    _write_run(forged, Ed25519PrivateKey.generate())  # a whole new log with its own audit.pub
+    assert verify(forged).ok  # internally consistent...
+    pinned = tmp_path / "coordinator.pub"
+    pinned.write_bytes(public_pem(key))
+    result = verify(forged, pubkey=pinned)  # ...but not signed by the coordinator
+    assert not result.ok and result.bad_line == 1 and "bad signature" in result.reason
+    assert verify(log, pubkey=pinned).ok
+
+
+def test_receipts_match_or_name_the_mismatch(tmp_path, log):
+    receipts = tmp_path / "receipts.jsonl"
+    rows = [{"run_id": 42, "site": "a", "type": "train", "round": 1, "model_sha256": "m0"},
+            {"run_id": 42, "site": "a", "type": "evaluate", "round": 1, "model_sha256": "m1"},
+            {"run_id": 42, "site": "a", "type": "train", "round": 2, "model_sha256": "m1"},
+            {"run_id": 7, "site": "a", "type": "train", "round": 1, "model_sha256": "other run"}]
+    receipts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = verify(log, receipts=[receipts])
+    assert result.ok and result.receipts_checked == 3
+    rows[2]["model_sha256"] = "m-substituted"
+    receipts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    result = verify(log, receipts=[receipts])
+    assert not result.ok and "receipt mismatch" in result.reason and "line 3" in result.reason
 
 
 def test_cli_exit_codes(log, capsys):
     assert cli(["audit", "verify", str(log)]) == 0
-    assert "intact: 5 entries" in capsys.readouterr().out
+    assert "intact: 6 entries" in capsys.readouterr().out
     _write(log, _lines(log)[:1] + _lines(log)[2:])
     assert cli(["audit", "verify", str(log)]) == 1
     assert "BROKEN at line 2" in capsys.readouterr().out

@@ -16,7 +16,7 @@ from common import combat, protocol
 from common.canon import arrays_sha256
 from radfed import synth
 from radfed.launch import run_federation
-from server.audit import verify
+from server.audit import load_or_create_key, public_pem, verify
 
 K = 5
 ROUNDS = 3
@@ -80,9 +80,14 @@ def test_federation_end_to_end(three_sites, tmp_path):
     assert dropouts == doc["dropouts"] and dropouts[0]["phase"] == "plan"
     assert "4 HGG and 9 BM cases; at least 5 of each" in dropouts[0]["reason"]
 
-    # the audit chain is intact and records every phase; each site's updates are hashed per round
-    check = verify(folder / "audit.jsonl")
+    # the signed audit chain is intact and records every phase; each site's updates are hashed per round;
+    # every global model a site received (its receipts) is the one the log names
+    receipts = [three_sites / n / ".radfed" / "receipts.jsonl" for n in names[:3]]
+    pinned = tmp_path / "coordinator.pub"  # the key an auditor would get from the coordinator, not the run
+    pinned.write_bytes(public_pem(load_or_create_key(folder.parent / "coordinator-audit-key.pem")))
+    check = verify(folder / "audit.jsonl", pubkey=pinned, receipts=receipts)
     assert check.ok, check.reason
+    assert check.receipts_checked == 3 * 2 * ROUNDS
     assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS
     assert check.events["round-evaluate"] == ROUNDS and check.events["run-end"] == 1
     events = _events(folder)

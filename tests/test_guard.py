@@ -8,10 +8,12 @@ from client.guard import PrivacyError, check_reply
 from common import protocol
 
 
-def _moments(n: int, d: int, extra: dict | None = None) -> RecordDict:
-    arrays = {"mean": Array(np.zeros(d)), "m2": Array(np.ones(d))}
+def _moments(n: int, d: int, extra: dict | None = None, n_class: int | None = None) -> RecordDict:
+    arrays = {k: Array(np.zeros(d)) for k in ("mean", "m2", "mean-hgg", "m2-hgg", "mean-bm", "m2-bm")}
     arrays.update(extra or {})
-    return RecordDict({"arrays": ArrayRecord(arrays), "metrics": MetricRecord({"n": n})})
+    per_class = n // 2 if n_class is None else n_class
+    return RecordDict({"arrays": ArrayRecord(arrays),
+                       "metrics": MetricRecord({"n": n, "n-hgg": per_class, "n-bm": n - per_class})})
 
 
 def test_declared_reply_over_k_cases_passes():
@@ -21,6 +23,11 @@ def test_declared_reply_over_k_cases_passes():
 def test_fewer_than_k_cases_is_refused():
     with pytest.raises(PrivacyError, match="'n' = 4 is fewer than k = 5"):
         check_reply(protocol.MOMENTS, _moments(n=4, d=30), k=5, sizes={"d": 30})
+
+
+def test_a_class_with_fewer_than_k_cases_is_refused():
+    with pytest.raises(PrivacyError, match="'n-hgg' = 3 is fewer than k = 5"):
+        check_reply(protocol.MOMENTS, _moments(n=20, d=30, n_class=3), k=5, sizes={"d": 30})
 
 
 def test_undeclared_key_is_refused_by_name():
