@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client import steps
 from client.guard import SITE_STATE, privacy_guard
-from client.site import SiteError
+from client.site import SiteError, work_dir
 from common import combat
 from common.canon import arrays_sha256, sha256_json
 
@@ -73,7 +73,7 @@ def _keep_combat(context: Context, params: combat.SiteCombat) -> None:
     """Remember the parameters for this run's later messages and save them at the site for prediction."""
     text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id})
     context.state[COMBAT_STATE] = ConfigRecord({"params": text})
-    folder = _site_dir(context) / ".radfed" / "harmonization"
+    folder = work_dir(_site_dir(context)) / "harmonization"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"run-{context.run_id}.json").write_text(text, encoding="utf-8")
 
@@ -158,7 +158,7 @@ def _receipt(msg: Message, context: Context) -> None:
              "site": steps.open_site(_site_dir(context), context.run_config)[0].name,
              "type": msg.metadata.message_type, "round": int(msg.content["config"]["server-round"]),  # type: ignore[arg-type]
              "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
-    path = _site_dir(context) / ".radfed" / "receipts.jsonl"
+    path = work_dir(_site_dir(context)) / "receipts.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")

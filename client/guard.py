@@ -16,6 +16,7 @@ from pathlib import Path
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.site import work_dir
 from client.steps import locate_site
 from common.canon import json_safe
 from common.protocol import DEFAULT_K, REPLIES
@@ -102,10 +103,10 @@ def describe(content: RecordDict) -> dict[str, dict[str, object]]:
 
 
 def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict) -> None:
-    """Append what is about to leave to the site's local outbox (``.radfed/outbox.jsonl``)."""
+    """Append what is about to leave to the site's local outbox (``<output_dir>/outbox.jsonl``)."""
     entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
              "type": message_type, "records": describe(content)}
-    outbox = site_dir / ".radfed" / "outbox.jsonl"
+    outbox = work_dir(site_dir) / "outbox.jsonl"
     outbox.parent.mkdir(parents=True, exist_ok=True)
     with outbox.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(json_safe(entry), sort_keys=True) + "\n")

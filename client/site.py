@@ -188,6 +188,12 @@ def site_settings(root: str | Path) -> dict[str, Any]:
     return _settings(root, load_site_config(root))
 
 
+def work_dir(root: str | Path) -> Path:
+    """Where radfed keeps this site's local files (``output_dir``, default ``<site>/.radfed``): cache,
+    reports, outbox, receipts, harmonisation parameters. Nothing in it is ever sent."""
+    return Path(site_settings(root)["output_dir"])
+
+
 def _settings(root: Path, config: SiteConfig) -> dict[str, Any]:
     data_root, output_dir = resolved_paths(root, config)
     settings = config.model_dump(exclude_none=True)

@@ -115,12 +115,13 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
+    from client.site import work_dir
     from server.audit import verify
 
     receipts = []
     for item in args.receipts or []:  # a site folder or a receipts file
         path = Path(item)
-        receipts.append(path / ".radfed" / "receipts.jsonl" if path.is_dir() else path)
+        receipts.append(work_dir(path) / "receipts.jsonl" if path.is_dir() else path)
     result = verify(Path(args.log), pubkey=Path(args.pubkey) if args.pubkey else None, receipts=receipts)
     if result.ok:
         print(f"audit log intact: {result.entries} entries, signatures valid, last sha256 {result.last_sha256}")
@@ -136,7 +137,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_site_outbox(args: argparse.Namespace) -> int:
-    outbox = Path(args.site_dir) / ".radfed" / "outbox.jsonl"
+    from client.site import work_dir
+
+    outbox = work_dir(args.site_dir) / "outbox.jsonl"
     if not outbox.exists():
         print(f"{outbox} does not exist: this site has sent nothing yet")
         return 0

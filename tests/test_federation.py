@@ -182,6 +182,8 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     root = tmp_path / "data"
     for i, spec in enumerate(synth.tiny_sites(2, 9)):
         synth.write_site(root, spec, seed=300 + i)
+    # one site keeps its local files elsewhere: everything radfed writes for it must go there
+    (root / "tiny-a" / "site.yaml").write_text("name: tiny-a\noutput_dir: ../tiny-a-private\n")
     folder = _run(tmp_path, root, 2, harmonization="none", **{"select-features": 0, "num-server-rounds": 2})
     doc = json.loads((folder / "metrics.json").read_text())
     assert doc["status"] == "completed", doc["error"]
@@ -190,5 +192,8 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     # every non-constant agreed feature is used, no correlation round was needed
     assert doc["features"]["n"] == doc["features"]["agreed"] - doc["features"]["constant"]
     assert doc["features"]["candidates"] == 0 and not (folder / "harmonization.json").exists()
-    sent = (root / "tiny-a" / ".radfed" / "outbox.jsonl").read_text()
+    private = root / "tiny-a-private"
+    sent = (private / "outbox.jsonl").read_text()
     assert "query.correlation" not in sent and "combat" not in sent
+    assert (private / "receipts.jsonl").exists() and (private / "errors.json").exists()
+    assert not (root / "tiny-a" / ".radfed").exists()
