@@ -24,7 +24,8 @@ from common.split import eligibility_problem, stratified_split
 
 def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
     """The site folder: ``site-dir`` from the node config (deployment), else the partition's folder
-    under the run config's ``data-root`` (simulation: sorted site folders, one per partition)."""
+    under the run config's ``data-root`` (simulation: sorted folders holding a manifest.csv or a site.yaml,
+    one per partition)."""
     if "site-dir" in node_config:
         return Path(str(node_config["site-dir"])).expanduser()
     if "partition-id" not in node_config:
@@ -34,7 +35,7 @@ def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     if not root.is_dir():
         raise SiteError(f"data-root {root} does not exist: generate the demo with 'radfed demo' or set "
                         "--run-config \"data-root='/path'\"")
-    sites = sorted(p for p in root.iterdir() if (p / "manifest.csv").exists())
+    sites = sorted(p for p in root.iterdir() if (p / "manifest.csv").exists() or (p / "site.yaml").exists())
     pid = int(node_config["partition-id"])  # type: ignore[arg-type]
     if pid >= len(sites):
         raise SiteError(f"simulated node {pid} has no site: {root} holds {len(sites)} site folder(s); "
