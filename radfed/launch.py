@@ -55,15 +55,13 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path, num_supernodes: int, cpus_per_node: int = 1) -> Iterator[Path]:
+def simulation_superlink(flwr_home: Path) -> Iterator[Path]:
     """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME; yields its log."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-        f'address = "127.0.0.1:{port}"\ninsecure = true\n'
-        f"options.num-supernodes = {num_supernodes}\n"
-        f"options.backend.client-resources.num-cpus = {cpus_per_node}\n", encoding="utf-8")
+        f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
     log_path = flwr_home / "superlink.log"
     with log_path.open("ab") as log:
         proc = subprocess.Popen(
@@ -104,14 +102,15 @@ def toml_value(value: object) -> str:
 
 
 def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
-                   app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True) -> int:
+                   app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True, cpus_per_node: int = 1) -> int:
     """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code.
 
     Not echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
     """
-    with simulation_superlink(flwr_home, num_supernodes):
+    with simulation_superlink(flwr_home):
         overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
-        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream"]
+        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--federation-config",
+               f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"]
         if overrides:
             cmd += ["--run-config", overrides]
         if echo:
