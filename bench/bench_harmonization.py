@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import agreed_features, load_sites  # noqa: E402
+from bench.table import print_table  # noqa: E402
 from common import combat  # noqa: E402
 from common.metrics import roc_auc  # noqa: E402
 from radfed import synth  # noqa: E402
@@ -126,11 +127,7 @@ def main() -> int:
                                         f"{without['final']['aggregate']['specificity']:.3f}"),
         ("selected features (on / off)", f"{with_h['features']['n']} / {without['features']['n']}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"\nradfed harmonisation on the default demo (work folder {work})\n")
-    print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
-    for key, value in rows:
-        print(f"| {key.ljust(width)} | {value} |")
+    print_table(f"radfed harmonisation on the default demo (work folder {work})", rows)
     return 0
 
 

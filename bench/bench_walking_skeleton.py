@@ -25,6 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.baselines import agreed_features, load_sites, local_only, pooled_centralised  # noqa: E402
+from bench.table import print_table  # noqa: E402
 from radfed import synth  # noqa: E402
 from radfed.cli import _extract_one_site  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
@@ -85,11 +86,7 @@ def main() -> int:
         ("local-only AUC, own held-out (mean of sites)", f"{np.mean([v['internal_auc'] for v in local.values()]):.3f}"),
         ("local-only AUC, other sites (mean of sites)", f"{np.mean([v['external_auc'] for v in local.values()]):.3f}"),
     ]
-    width = max(len(k) for k, _ in rows)
-    print(f"\nradfed walking skeleton on the default demo (work folder {work})\n")
-    print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
-    for key, value in rows:
-        print(f"| {key.ljust(width)} | {value} |")
+    print_table(f"radfed walking skeleton on the default demo (work folder {work})", rows)
     for name, v in sorted(local.items()):
         print(f"  local-only {name}: own {v['internal_auc']:.3f}, others {v['external_auc']:.3f}; "
               f"federated at {name}: {doc['final']['sites'][name]['auc']:.3f}")
