@@ -4,7 +4,7 @@ from __future__ import annotations
 
 
 def print_table(title: str, rows: list[tuple[str, str]]) -> None:
-    width = max(len(k) for k, _ in rows)
+    width = max(len("measure"), *(len(k) for k, _ in rows))
     print(f"\n{title}\n")
     print(f"| {'measure'.ljust(width)} | value |\n|{'-' * (width + 2)}|-------|")
     for key, value in rows:
