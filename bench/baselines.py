@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from client.steps import SiteData, load_site_data, site_matrix
-from common import metrics, model, moments
+from client.steps import Harmonizer, SiteData, combat_options, load_site_data, site_matrix
+from common import combat, metrics, model, moments
 
 
 def load_sites(site_dirs: list[Path], run_config: Mapping[str, Any]) -> dict[str, SiteData]:
@@ -46,16 +46,31 @@ def _evaluate(net: model.RadiomicsLogistic, x: np.ndarray, y: np.ndarray) -> dic
     return {**metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob), "n": len(y)}
 
 
+def harmonizers(sites: dict[str, SiteData], agreed: list[str], config: Mapping[str, Any]) -> list[Harmonizer | None]:
+    """Per site, what the run applies: d-ComBat fitted on the training splits (as the federation does), or
+    nothing when the run config turns harmonisation off."""
+    if str(config.get("harmonization", "none")) != "combat":
+        return [None] * len(sites)
+    train = [site_matrix(d, agreed, held_out=False)[0] for d in sites.values()]
+    _, params = combat.federated_combat(train, **combat_options(config))
+    return [p.apply for p in params]
+
+
 def pooled_centralised(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, float]:
-    """One model on all training splits together (rounds x local epochs steps); held-out metrics per site combined."""
+    """One model on all training splits together (rounds x local epochs steps), on the same harmonised
+    features as the run; held-out metrics per site combined."""
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
-    train = [site_matrix(d, names, held_out=False) for d in sites.values()]
+    agreed = agreed_features(sites)
+    fns = harmonizers(sites, agreed, config)
+    train = [site_matrix(d, agreed, False, names, h) for d, h in zip(sites.values(), fns, strict=True)]
     net = _fit([x for x, _ in train], [y for _, y in train], steps, config)
-    return metrics.combine_sites([_evaluate(net, *site_matrix(d, names, held_out=True)) for d in sites.values()])
+    return metrics.combine_sites([_evaluate(net, *site_matrix(d, agreed, True, names, h))
+                                  for d, h in zip(sites.values(), fns, strict=True)])
 
 
 def local_only(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
-    """Each site alone: its model on its own held-out split (internal) and on every other site's (external)."""
+    """Each site alone, on raw features (a single site has no one to harmonise with): its model on its own
+    held-out split (internal) and on every other site's (external)."""
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
     out = {}
     for name, data in sites.items():

@@ -41,7 +41,7 @@ from radfed.cli import _extract_one_site  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 
-def site_predictability(xs: list[np.ndarray], harmonise: bool, seed: int = 0) -> float:
+def site_predictability(xs: list[np.ndarray], harmonise: bool, seed: int = 0, **options: bool) -> float:
     """Mean one-vs-rest AUC of an L2 logistic regression predicting the site, 5-fold cross-validated.
 
     With ``harmonise``, d-ComBat is fitted on each fold's training cases only and every site applies its
@@ -55,7 +55,7 @@ def site_predictability(xs: list[np.ndarray], harmonise: bool, seed: int = 0) ->
         x_train, x_test = x[train].copy(), x[test].copy()
         if harmonise:
             parts = [x_train[site[train] == i] for i in range(len(xs))]
-            adjusted, params = combat.federated_combat(parts)
+            adjusted, params = combat.federated_combat(parts, **options)
             for i, p in enumerate(params):
                 x_train[site[train] == i] = adjusted[i]
                 x_test[site[test] == i] = p.apply(x_test[site[test] == i])
@@ -108,7 +108,10 @@ def main() -> int:
     combat.federated_combat(raw)
     combat_s = time.perf_counter() - t
     max_diff, compared = vs_neurocombat(raw)
-    before, after = site_predictability(raw, harmonise=False), site_predictability(raw, harmonise=True)
+    before = site_predictability(raw, harmonise=False)
+    after = {name: site_predictability(raw, harmonise=True, **opts) for name, opts in (
+        ("parametric EB", {}), ("no EB", {"eb": False}), ("non-parametric EB", {"parametric": False}),
+        ("mean only", {"mean_only": True}))}
 
     with_h = federate(work, config, len(site_dirs), "combat", harmonization="combat")
     without = federate(work, config, len(site_dirs), "none", harmonization="none")
@@ -118,7 +121,8 @@ def main() -> int:
         ("d-ComBat vs neuroCombat, max abs diff (pooled-std units)", f"{max_diff:.2e} over {compared} features"),
         ("d-ComBat in process, s", f"{combat_s:.2f}"),
         ("site predictability AUC, raw features", f"{before:.3f}"),
-        ("site predictability AUC, after d-ComBat (fitted within folds)", f"{after:.3f}"),
+        *((f"site predictability AUC, after d-ComBat, {name} (fitted within folds)", f"{auc:.3f}")
+          for name, auc in after.items()),
         ("federated AUC, harmonisation on", f"{with_h['final']['aggregate']['auc']:.3f}"),
         ("federated AUC, harmonisation off", f"{without['final']['aggregate']['auc']:.3f}"),
         ("federated sens / spec, on", f"{with_h['final']['aggregate']['sensitivity']:.3f} / "
