@@ -18,7 +18,7 @@ from flwr.clientapp import ClientApp
 
 from client import steps
 from client.guard import SITE_STATE, privacy_guard
-from client.site import SiteError, work_dir
+from client.site import Site, SiteError
 from common import combat
 from common.canon import arrays_sha256, sha256_json
 
@@ -69,11 +69,11 @@ def _harmonizer(context: Context) -> steps.Harmonizer | None:
     return params.apply
 
 
-def _keep_combat(context: Context, params: combat.SiteCombat) -> None:
+def _keep_combat(context: Context, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this run's later messages and save them at the site for prediction."""
     text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id})
     context.state[COMBAT_STATE] = ConfigRecord({"params": text})
-    folder = work_dir(_site_dir(context)) / "harmonization"
+    folder = site.work_dir / "harmonization"
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"run-{context.run_id}.json").write_text(text, encoding="utf-8")
 
@@ -135,7 +135,7 @@ def moments(msg: Message, context: Context) -> Message:
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
         _keep_combat(context, steps.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
-            int(config["n-pooled"]), context.run_config))  # type: ignore[arg-type, index]
+            int(config["n-pooled"]), context.run_config), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context))
     arrays, counts = steps.moments_reply(x, y)
     return _reply(msg, arrays=_arrays(arrays), metrics=MetricRecord(counts))
@@ -151,23 +151,23 @@ def correlation(msg: Message, context: Context) -> Message:
     return _reply(msg, arrays=_arrays({"crossproducts": cross}), metrics=MetricRecord({"n": n}))
 
 
-def _receipt(msg: Message, context: Context) -> None:
+def _receipt(msg: Message, context: Context, site: Site) -> None:
     """Keep, at the site, the hash of every global model received: an auditor checks it against the log."""
     arrays = msg.content["arrays"]
     entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": context.run_id,
-             "site": steps.open_site(_site_dir(context), context.run_config)[0].name,
+             "site": site.name,
              "type": msg.metadata.message_type, "round": int(msg.content["config"]["server-round"]),  # type: ignore[arg-type]
              "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
-    path = work_dir(_site_dir(context)) / "receipts.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as fh:
+    site.work_dir.mkdir(parents=True, exist_ok=True)
+    with (site.work_dir / "receipts.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
 def _model_split(msg: Message, context: Context, held_out: bool) -> tuple[np.ndarray, np.ndarray]:
-    _receipt(msg, context)
+    data = _data(context)
+    _receipt(msg, context, data.site)
     selected = _accept_list(context, msg.content["config"], "features", "selected")  # type: ignore[arg-type]
-    return steps.site_matrix(_data(context), _agreed(context), held_out=held_out, names=selected,
+    return steps.site_matrix(data, _agreed(context), held_out=held_out, names=selected,
                              harmonize=_harmonizer(context))
 
 
