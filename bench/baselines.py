@@ -81,3 +81,33 @@ def local_only(sites: dict[str, SiteData], names: list[str], config: Mapping[str
                                           for other, d in sites.items() if other != name])
         out[name] = {"internal_auc": internal["auc"], "external_auc": external["auc"]}
     return out
+
+
+def _all_cases(data: SiteData, agreed: list[str], names: list[str], fn: Harmonizer | None) -> tuple[
+        np.ndarray, np.ndarray]:
+    return site_matrix(data, agreed, None, names, fn)
+
+
+def pooled_loso(sites: dict[str, SiteData], fold_names: Mapping[str, list[str]],
+                config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Leave-one-site-out, pooled: one model on the other sites' training splits together (the fold's own
+    features), scored on every case of the held-out site."""
+    steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
+    agreed = agreed_features(sites)
+    fns = dict(zip(sites, harmonizers(sites, agreed, config), strict=True))
+    out = {}
+    for held, names in fold_names.items():
+        train = [site_matrix(d, agreed, False, names, fns[s]) for s, d in sites.items() if s != held]
+        net = _fit([x for x, _ in train], [y for _, y in train], steps, config)
+        out[held] = _evaluate(net, *_all_cases(sites[held], agreed, names, fns[held]))
+    return out
+
+
+def local_at_other_sites(sites: dict[str, SiteData], names: list[str],
+                         config: Mapping[str, Any]) -> dict[str, float]:
+    """Per site s: the mean AUC at s (all its cases) of the models each other site trained alone (raw features)."""
+    steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
+    nets = {s: _fit([site_matrix(d, names, held_out=False)[0]], [site_matrix(d, names, held_out=False)[1]], steps,
+                    config) for s, d in sites.items()}
+    return {s: float(np.mean([_evaluate(nets[t], *site_matrix(d, names, None))["auc"] for t in sites if t != s]))
+            for s, d in sites.items()}

@@ -37,7 +37,7 @@ from bench.table import print_table  # noqa: E402
 from common import combat  # noqa: E402
 from common.metrics import roc_auc  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli import _extract_one_site  # noqa: E402
+from radfed.cli import _extract_one_site, approve_demo_plan  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 
@@ -79,8 +79,10 @@ def vs_neurocombat(xs: list[np.ndarray]) -> tuple[float, int]:
 
 def federate(work: Path, config: dict, n_sites: int, tag: str, **overrides: object) -> dict:
     out = work / f"runs-{tag}"
-    run_federation({**config, "output-dir": str(out), **overrides}, num_supernodes=n_sites,
-                   flwr_home=work / f"flwr-{tag}", echo=False)
+    run_config = {**config, "output-dir": str(out), "external-validation": "none", **overrides}
+    approve_demo_plan(sorted(p for p in Path(str(config["data-root"])).iterdir() if (p / "manifest.csv").exists()),
+                      run_config)
+    run_federation(run_config, num_supernodes=n_sites, flwr_home=work / f"flwr-{tag}", echo=False)
     doc = json.loads(sorted(out.glob("*-run*"))[-1].joinpath("metrics.json").read_text())
     if doc["status"] != "completed":
         raise SystemExit(f"federation ({tag}) {doc['status']}: {doc['error']}")

@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import agreed_features, load_sites, local_only, pooled_centralised  # noqa: E402
 from bench.table import print_table  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli import _extract_one_site  # noqa: E402
+from radfed.cli import _extract_one_site, approve_demo_plan  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 
@@ -55,8 +55,11 @@ def main() -> int:
     n_cases = sum(r[1] for r in results)
     per_case = float(np.mean([r[5] for r in results]))
 
-    run_config = {**config, "data-root": str(work / "demo"), "output-dir": str(work / "runs")}
+    # external validation has its own benchmark (bench_validation.py): this one times the main run
+    run_config = {**config, "data-root": str(work / "demo"), "output-dir": str(work / "runs"),
+                  "external-validation": "none"}
     t = time.perf_counter()
+    approve_demo_plan(site_dirs, run_config)
     run_federation(run_config, num_supernodes=len(site_dirs), flwr_home=work / "flwr", echo=False)
     fed_wall = time.perf_counter() - t
     doc = json.loads(sorted((work / "runs").glob("*-run*"))[-1].joinpath("metrics.json").read_text())

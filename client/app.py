@@ -17,13 +17,17 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import steps
+from client.approvals import approval_check, check_approved
+from client.dp import dp_update_mod
 from client.guard import SITE_STATE, privacy_guard
 from client.site import Site, SiteError
 from common import combat
 from common.canon import arrays_sha256, sha256_json
 
 log = logging.getLogger("flwr.radfed.client")
-app = ClientApp(mods=[privacy_guard])
+# order (the first mod is the outermost): the guard checks and logs exactly what leaves, after the optional
+# DP noise on model updates; approval is checked before the handler reads anything
+app = ClientApp(mods=[privacy_guard, dp_update_mod, approval_check])
 
 
 def _site_dir(context: Context) -> Path:
@@ -88,8 +92,10 @@ def _reply(msg: Message, **records: ArrayRecord | MetricRecord | ConfigRecord) -
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
+    plan_hash, approval = check_approved(_site_dir(context), dict(context.run_config))
     config, counts = steps.plan_reply(_site_dir(context), context.run_config)
-    return _reply(msg, config=ConfigRecord(config), metrics=MetricRecord(counts))
+    return _reply(msg, config=ConfigRecord({**config, "plan-sha256": plan_hash, "approval": approval}),
+                  metrics=MetricRecord(counts))
 
 
 @app.query("features")
@@ -157,23 +163,37 @@ def _receipt(msg: Message, context: Context, site: Site) -> None:
     entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": context.run_id,
              "site": site.name,
              "type": msg.metadata.message_type, "round": int(msg.content["config"]["server-round"]),  # type: ignore[arg-type]
+             "fold": str(msg.content["config"].get("fold", "")),  # type: ignore[union-attr]
              "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
     site.work_dir.mkdir(parents=True, exist_ok=True)
     with (site.work_dir / "receipts.jsonl").open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
 
-def _model_split(msg: Message, context: Context, held_out: bool) -> tuple[np.ndarray, np.ndarray]:
-    data = _data(context)
-    _receipt(msg, context, data.site)
+def _model_split(msg: Message, context: Context, data: steps.SiteData,
+                 held_out: bool | None, receipt: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    if receipt:
+        _receipt(msg, context, data.site)
     selected = _accept_list(context, msg.content["config"], "features", "selected")  # type: ignore[arg-type]
     return steps.site_matrix(data, _agreed(context), held_out=held_out, names=selected,
                              harmonize=_harmonizer(context))
 
 
+@app.query("newton")
+def newton(msg: Message, context: Context) -> Message:
+    """Exact training: gradient and Hessian of the training split's log-likelihood at the server's coefficients."""
+    data = _data(context)
+    x, y = _model_split(msg, context, data, held_out=False, receipt=False)
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    sent = steps.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
+                             data.site.name, context.run_config)
+    return _reply(msg, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
+                  metrics=MetricRecord({"n": sent.n, "n-hgg": sent.n_pos, "n-bm": sent.n_neg, "loss": sent.loss}))
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    x, y = _model_split(msg, context, held_out=False)
+    x, y = _model_split(msg, context, _data(context), held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     new_state, train_metrics = steps.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
     return _reply(msg, arrays=ArrayRecord(new_state), metrics=MetricRecord(train_metrics))
@@ -181,7 +201,27 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    x, y = _model_split(msg, context, held_out=True)
+    """The global model on the held-out split, or (``split = "all"``, external validation of a model this
+    site did not train) on every usable case."""
+    config = msg.content["config"]
+    data = _data(context)
+    x, y = _model_split(msg, context, data, held_out=None if str(config.get("split", "")) == "all" else True)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
-    result = steps.evaluate_step(x, y, state, float(msg.content["config"]["pos-weight"]))  # type: ignore[arg-type]
-    return _reply(msg, metrics=MetricRecord(result))
+    result, curves = steps.evaluate_step(x, y, state, float(config["pos-weight"]),  # type: ignore[arg-type]
+                                         steps.min_cases(data.site, context.run_config),
+                                         int(context.run_config.get("curve-points", 10)))  # type: ignore[arg-type]
+    return _reply(msg, metrics=MetricRecord(result), arrays=_arrays(curves))
+
+
+@app.query("histograms")
+def histograms(msg: Message, context: Context) -> Message:
+    """Harmonisation before/after, for the report: k-anonymous histograms of a few features."""
+    names = _accept_list(context, msg.content["config"], "histogram-features", "histogram-features")  # type: ignore[arg-type]
+    edges = msg.content["arrays"]["edges"].numpy()  # type: ignore[union-attr]
+    _agreement(context)["histogram-bins"] = int(edges.shape[1]) - 1
+    data = _data(context)
+    raw, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names)
+    harmonized, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names,
+                                      harmonize=_harmonizer(context))
+    counts = steps.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, context.run_config))
+    return _reply(msg, arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))

@@ -13,13 +13,14 @@ from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.site import work_dir
+from client.site import site_settings
 from client.steps import locate_site
 from common.canon import json_safe
-from common.protocol import DEFAULT_K, REPLIES
+from common.protocol import CUMULATIVE_ROWS, DEFAULT_K, EACH_ENTRY, FIRST_COLUMN, REPLIES
 
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
@@ -62,6 +63,7 @@ def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str,
                     raise PrivacyError(
                         f"{message_type}: array {key!r} has shape {tuple(array.shape)}, not its declared shape "
                         f"{declared} = {expected} (-1: not yet agreed): it could hold per-case values")
+                _check_counts(message_type, key, array.numpy(), spec.arrays[key].k_rule, k)
     metrics = [r for r in content.values() if isinstance(r, MetricRecord)]
     for count_key in spec.count_keys:
         counts = [int(r[count_key]) for r in metrics if count_key in r]  # type: ignore[arg-type]
@@ -72,12 +74,31 @@ def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str,
                                "nothing is sent")
 
 
+def _check_counts(message_type: str, key: str, values: np.ndarray, rule: str, k: int) -> None:
+    """Arrays of counts: every count (or step of cumulative counts) must be 0 or cover >= k cases."""
+    if not rule:
+        return
+    if rule == CUMULATIVE_ROWS:
+        totals = values.sum(axis=1)
+        counts = np.diff(np.r_[0.0, totals])
+    elif rule == FIRST_COLUMN:
+        counts = values[:, 0]
+    elif rule == EACH_ENTRY:
+        counts = values.ravel()
+    else:
+        raise PrivacyError(f"{message_type}: array {key!r} declares an unknown count rule {rule!r}")
+    small = counts[(counts != 0) & (counts < k)]
+    if small.size or np.any(counts < 0):
+        raise PrivacyError(f"{message_type}: array {key!r} holds a count of {small.min() if small.size else 'below 0'}"
+                           f" cases, fewer than k = {k}; nothing is sent")
+
+
 def agreed_sizes(context: Context) -> dict[str, int]:
     """The run's shape symbols as this site agreed them (kept in ``context.state``)."""
+    sizes = {"p": int(context.run_config.get("curve-points", 10))}  # type: ignore[arg-type]
     site = context.state.get(SITE_STATE)
     if not isinstance(site, ConfigRecord):
-        return {}
-    sizes = {}
+        return sizes
     if "features" in site:
         sizes["d"] = len(site["features"])  # type: ignore[arg-type]
     if "design-columns" in site:
@@ -86,16 +107,22 @@ def agreed_sizes(context: Context) -> dict[str, int]:
         sizes["m"] = len(site["candidates"])  # type: ignore[arg-type]
     if "selected" in site:
         sizes["s"] = len(site["selected"])  # type: ignore[arg-type]
+        sizes["c"] = sizes["s"] + 1
+    if "histogram-features" in site:
+        sizes["h"] = len(site["histogram-features"])  # type: ignore[arg-type]
+        sizes["b"] = int(site["histogram-bins"])  # type: ignore[arg-type]
     return sizes
 
 
-def describe(content: RecordDict) -> dict[str, dict[str, object]]:
-    """What a reply holds, for the outbox: config and metric values as sent; arrays as shape, size and sha256."""
+def describe(content: RecordDict, values: bool = False) -> dict[str, dict[str, object]]:
+    """What a reply holds, for the outbox: config and metric values as sent; arrays as shape, size and sha256
+    (and, with ``values``, every number)."""
     out: dict[str, dict[str, object]] = {}
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
             out[name] = {key: {"shape": list(arr.shape), "bytes": len(arr.data),
-                               "sha256": hashlib.sha256(arr.data).hexdigest()} for key, arr in record.items()}
+                               "sha256": hashlib.sha256(arr.data).hexdigest(),
+                               **({"values": arr.numpy().tolist()} if values else {})} for key, arr in record.items()}
         else:
             out[name] = {key: (f"<{len(value)} items>" if isinstance(value, list) and len(value) > 8 else value)
                          for key, value in record.items()}  # type: ignore[union-attr]
@@ -104,9 +131,10 @@ def describe(content: RecordDict) -> dict[str, dict[str, object]]:
 
 def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict) -> None:
     """Append what is about to leave to the site's local outbox (``<output_dir>/outbox.jsonl``)."""
+    settings = site_settings(site_dir)
     entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
-             "type": message_type, "records": describe(content)}
-    outbox = work_dir(site_dir) / "outbox.jsonl"
+             "type": message_type, "records": describe(content, bool(settings.get("outbox_values")))}
+    outbox = Path(settings["output_dir"]) / "outbox.jsonl"
     outbox.parent.mkdir(parents=True, exist_ok=True)
     with outbox.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(json_safe(entry), sort_keys=True) + "\n")

@@ -96,6 +96,10 @@ class SiteConfig(BaseModel):
     min_cases_per_class: int | None = Field(None, ge=1, strict=True)  # strict: 'true' is not 1
     profile: str | None = None
     output_dir: Path | None = None
+    # development only: run any plan without approval (every run then logs a warning at both ends)
+    require_approval: bool = Field(True, strict=True)
+    # also write every array's values (not only shape and sha256) to the outbox: for audits; large
+    outbox_values: bool = Field(False, strict=True)
 
 
 # What a correct line looks like, for the fix in error messages.
@@ -111,6 +115,8 @@ _EXAMPLES = {
     "min_cases_per_class": "min_cases_per_class: 5",
     "profile": "profile: default",
     "output_dir": "output_dir: /var/lib/radfed/hospital-a",
+    "require_approval": "require_approval: true",
+    "outbox_values": "outbox_values: false",
 }
 
 
@@ -122,6 +128,7 @@ _PROBLEMS = {  # pydantic error type -> plain words
     "dict_type": "must be a mapping (key: value)",
     "path_type": "must be a path",
     "string_too_short": "must not be empty",
+    "bool_type": "must be true or false",
 }
 
 

@@ -16,7 +16,7 @@ import torch
 
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.site import Site, SiteError, load_site, site_settings
-from common import combat, metrics, model, moments, selection
+from common import combat, curves, exact, metrics, model, moments, selection
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.split import eligibility_problem, stratified_split
@@ -118,14 +118,15 @@ def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
 Harmonizer = Callable[[np.ndarray], np.ndarray]
 
 
-def site_matrix(data: SiteData, agreed: list[str], held_out: bool, names: list[str] | None = None,
+def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names: list[str] | None = None,
                 harmonize: Harmonizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of one split: x (n, len(names)) after harmonising all ``agreed`` features, y (n,).
+    """(x, y) of one split (``held_out`` True/False; None: every usable case): x (n, len(names)) after
+    harmonising all ``agreed`` features, y (n,).
 
     Harmonisation (the site's own ComBat parameters) works on the whole agreed feature list, so the
     columns are picked after it; ``names`` defaults to ``agreed``.
     """
-    rows = data.held_out if held_out else ~data.held_out
+    rows = np.ones_like(data.held_out) if held_out is None else data.held_out if held_out else ~data.held_out
     x = data.table.columns(agreed)[rows]
     if harmonize is not None:
         x = harmonize(x)
@@ -175,13 +176,38 @@ def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
     return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
 
 
-def evaluate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
-                  pos_weight: float) -> dict[str, float]:
-    """Each round: the global model on the site's held-out split, as counts and AUC."""
+def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], pos_weight: float, site_name: str,
+                run_config: Mapping[str, Any]) -> exact.SiteTerms:
+    """Exact training, one round: refuse if the training split is too small for the coefficients (the Hessian
+    would identify cases), else the summed gradient (s+1,) and Hessian (s+1, s+1) at the server's coefficients."""
+    factor = float(run_config.get("exact-min-cases-per-coefficient", 2.0))
+    try:
+        exact.check_dimensions(len(y), x.shape[1], site_name, factor)
+    except ValueError as exc:
+        raise SiteError(str(exc)) from None
+    z = (x - arrays["mean"]) / arrays["scale"]
+    return exact.site_terms(z, y, arrays["coef"], pos_weight)
+
+
+def evaluate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], pos_weight: float, k: int,
+                  points: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """Each round: the global model on the site's evaluation cases, as counts, AUC with its DeLong
+    variance, and the k-anonymous ROC points (points, 2) and calibration groups (points, 3)."""
     net = model.model_from_state(state)
     prob = model.predict_proba(net, x)
     eps = 1e-12
     weights = np.where(y == 1, pos_weight, 1.0)
     loss = float(np.mean(-weights * (y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps))))
-    return {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
-            "loss": loss}
+    result = {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
+              "auc-var": metrics.delong_variance(y, prob), "loss": loss}
+    return result, {"roc": curves.roc_points(y, prob, k, points),
+                    "calibration": curves.calibration_groups(y, prob, k, points)}
+
+
+def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,
+                     k: int) -> dict[str, np.ndarray]:
+    """Counts per bin (h, b) of h features before and after harmonisation, every count 0 or >= k.
+
+    ``edges`` (h, b + 1) are the server's; x arrays (n, h) hold the same training cases."""
+    return {"before": np.array([curves.k_histogram(x_raw[:, j], edges[j], k) for j in range(len(edges))]),
+            "after": np.array([curves.k_histogram(x_harmonized[:, j], edges[j], k) for j in range(len(edges))])}

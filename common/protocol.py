@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = "1"
+PROTOCOL_VERSION = "2"
 DEFAULT_K = 5
 
 PLAN = "query.plan"
@@ -17,19 +17,28 @@ COMBAT_FIT = "query.combat_fit"
 COMBAT_RESIDUALS = "query.combat_residuals"
 MOMENTS = "query.moments"
 CORRELATION = "query.correlation"
+HISTOGRAMS = "query.histograms"
+NEWTON = "query.newton"
 TRAIN = "train"
 EVALUATE = "evaluate"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
 # "d" = agreed features, "q" = ComBat design columns (sites + covariates), "m" = selection candidates,
-# "s" = features the model uses (after selection).
+# "s" = features the model uses (after selection), "p" = curve points (run config ``curve-points``),
+# "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept).
 Shape = tuple[str | int, ...]
+
+# How the guard checks that an array of counts covers no fewer than k cases anywhere:
+CUMULATIVE_ROWS = "cumulative-rows"  # rows are cumulative counts: every step adds 0 or >= k cases
+FIRST_COLUMN = "first-column"  # column 0 counts the cases of each row: 0 or >= k
+EACH_ENTRY = "each-entry"  # every entry is a count: 0 or >= k
 
 
 @dataclass(frozen=True)
 class ArraySpec:
     description: str
     shape: Shape
+    k_rule: str = ""  # one of the rules above for arrays of counts; "" for statistics over count_keys cases
 
 
 # The model's state dict (common.model.RadiomicsLogistic): the only arrays a train reply holds.
@@ -71,6 +80,8 @@ REPLIES: dict[str, ReplySpec] = {
             "protocol": "protocol version the site speaks",
             "status": "'ok' or 'ineligible'",
             "reason": "why the site cannot take part (empty when ok)",
+            "plan-sha256": "hash of the run plan the site computed from the code and run config it runs",
+            "approval": "'approved' (the site approved that plan) or 'off' (approval disabled: development only)",
         },
         metrics={
             "n-hgg": "cases with diagnosis HGG in the manifest",
@@ -119,6 +130,22 @@ REPLIES: dict[str, ReplySpec] = {
         metrics={"n": "training cases"},
         count_keys=("n",),
     ),
+    HISTOGRAMS: ReplySpec(
+        arrays={"before": ArraySpec("counts of training cases per bin, raw features; bins merged until each "
+                                    "count is 0 or >= k", ("h", "b"), EACH_ENTRY),
+                "after": ArraySpec("the same after the site's ComBat adjustment", ("h", "b"), EACH_ENTRY)},
+        metrics={"n": "training cases"},
+        count_keys=("n",),
+    ),
+    NEWTON: ReplySpec(
+        arrays={"grad": ArraySpec("gradient of the class-weighted log-likelihood summed over training cases, at the "
+                                  "server's coefficients", ("c",)),
+                "hess": ArraySpec("its Hessian, summed over training cases (the site refuses when cases are too few "
+                                  "for the coefficients, see common/exact.py)", ("c", "c"))},
+        metrics={"n": "training cases", "n-hgg": "HGG training cases", "n-bm": "BM training cases",
+                 "loss": "class-weighted log-likelihood summed over training cases"},
+        count_keys=("n", "n-hgg", "n-bm"),
+    ),
     TRAIN: ReplySpec(
         arrays=MODEL_ARRAYS,
         metrics={"num-examples": "training cases", "train-loss": "mean class-weighted loss"},
@@ -129,8 +156,13 @@ REPLIES: dict[str, ReplySpec] = {
             "num-examples": "held-out cases",
             "tp": "HGG called HGG", "fp": "BM called HGG", "tn": "BM called BM", "fn": "HGG called BM",
             "auc": "ROC AUC over the held-out cases",
+            "auc-var": "DeLong variance of that AUC",
             "loss": "mean class-weighted log loss over the held-out cases",
         },
+        arrays={"roc": ArraySpec("cumulative [HGG, BM] cases above each cut of the sorted scores, every cut "
+                                 ">= k cases further", ("p", 2), CUMULATIVE_ROWS),
+                "calibration": ArraySpec("per group of >= k cases by predicted probability: [cases, sum of "
+                                         "predicted probability, HGG cases]", ("p", 3), FIRST_COLUMN)},
         count_keys=("num-examples",),
     ),
 }

@@ -1,10 +1,15 @@
 """`radfed`: every user's commands in one place.
 
   radfed demo                    coordinator: synthetic hospitals -> a whole federation -> results
+  radfed plan write PLAN.json    coordinator: the run plan (code, config, profile, messages) sites approve
   radfed site check SITE_DIR     site administrator: can the site take part, which cases need a fix (fast)
   radfed site extract SITE_DIR   site administrator: check and extract a site's cases (cached)
+  radfed site plan show PLAN     site administrator: what a run would compute and send, and its hash
+  radfed site approve HASH       site administrator: approve a run plan (revoke HASH to withdraw it)
+  radfed site outbox SITE_DIR    site administrator: everything the site has sent
+  radfed predict --model M ...   site administrator: HGG vs BM for a new case, at the site
   radfed profile show [NAME]     anyone: the extraction profile, its version and hash
-  radfed audit verify LOG        auditor: check a run's audit chain
+  radfed audit verify LOG        auditor: check a run's audit chain and the sites' receipts
 """
 
 from __future__ import annotations
@@ -156,6 +161,20 @@ def cmd_site_outbox(args: argparse.Namespace) -> int:
     return 0
 
 
+def approve_demo_plan(site_dirs: list[Path], run_config: dict) -> str:
+    """The demo's visible approval step: every synthetic hospital approves this run's plan."""
+    from client.approvals import decide
+    from common.plan import plan_sha256, run_plan
+    from common.profile import load_profile
+    from radfed.launch import app_run_config
+
+    config = app_run_config(run_config)
+    plan_hash = plan_sha256(run_plan(config, load_profile(str(config["profile"]))))
+    for site_dir in site_dirs:
+        decide(Path(site_dir), plan_hash, "approve", note="radfed demo")
+    return plan_hash
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
     from radfed.launch import run_federation
@@ -164,12 +183,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     data_root = Path(args.data_root).expanduser().resolve()
     output_dir = Path(args.output_dir).expanduser().resolve()
     t0 = time.perf_counter()
-    print(f"[1/3] synthetic hospitals in {data_root}")
+    print(f"[1/4] synthetic hospitals in {data_root}")
     site_dirs = synth.make_demo(data_root, seed=args.seed)
     print(f"      {len(site_dirs)} sites ready in {time.perf_counter() - t0:.1f}s")
 
     t1 = time.perf_counter()
-    print(f"[2/3] radiomics extraction at each site (cached; {args.workers} processes)")
+    print(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
         jobs = [pool.submit(_extract_one_site, str(d), args.profile, 1) for d in site_dirs]
         for job in jobs:
@@ -177,11 +196,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"      {name}: {used} cases usable, {extracted} extracted now, {failed} problem(s)")
     print(f"      extraction done in {time.perf_counter() - t1:.1f}s")
 
-    print(f"[3/3] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
-    before = set(output_dir.glob("*-run*")) if output_dir.exists() else set()
-    flwr_home = Path(args.flwr_home).expanduser().resolve() if args.flwr_home else DEFAULT_HOME / "flwr"
     run_config = {"data-root": str(data_root), "output-dir": str(output_dir), "num-server-rounds": args.rounds,
                   "profile": args.profile}
+    plan_hash = approve_demo_plan(site_dirs, run_config)
+    print(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
+          " see the plan with radfed plan write)")
+
+    print(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
+    before = set(output_dir.glob("*-run*")) if output_dir.exists() else set()
+    flwr_home = Path(args.flwr_home).expanduser().resolve() if args.flwr_home else DEFAULT_HOME / "flwr"
     run_federation(run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=not args.quiet)
     runs = sorted(set(output_dir.glob("*-run*")) - before)
     if not runs:
@@ -197,6 +220,65 @@ def cmd_demo(args: argparse.Namespace) -> int:
     print(f"\n  metrics   {folder / 'metrics.json'}\n  report    {folder / 'report.html'}"
           f"\n  audit log {folder / 'audit.jsonl'}   (check it: radfed audit verify {folder / 'audit.jsonl'})")
     return 0 if doc["status"] == "completed" else 1
+
+
+def cmd_plan_write(args: argparse.Namespace) -> int:
+    from common.plan import plan_sha256, run_plan, summary
+    from common.profile import load_profile
+    from radfed.launch import app_run_config
+
+    config = app_run_config(args.run_config or "")
+    plan = run_plan(config, load_profile(str(config.get("profile", "default"))))
+    Path(args.out).write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
+    print(summary(plan))
+    print(f"\nwrote {args.out}: send it to every site; each approves it with\n"
+          f"  radfed site approve {plan_sha256(plan)} --site <site folder>")
+    return 0
+
+
+def _load_plan(ref: str, site_dir: str | None) -> dict:
+    from client.approvals import pending_plans
+
+    path = Path(ref)
+    if not path.exists() and site_dir:
+        matches = [p for p in pending_plans(Path(site_dir)) if p.stem.startswith(ref)]
+        if len(matches) != 1:
+            raise ValueError(f"no single saved plan matches {ref!r} at {site_dir}: "
+                             f"{len(matches)} found (radfed site plan show --site {site_dir} lists them)")
+        path = matches[0]
+    if not path.exists():
+        raise ValueError(f"{ref} is neither a plan file nor a saved plan hash (pass --site to look at the site)")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def cmd_site_plan_show(args: argparse.Namespace) -> int:
+    from client.approvals import decisions, pending_plans
+    from common.plan import plan_sha256, summary
+
+    if args.plan is None:
+        if not args.site:
+            raise ValueError("give a plan file or hash, or --site to list the plans this site refused")
+        seen = decisions(Path(args.site))
+        print(f"plans refused at {args.site} (review one with: radfed site plan show HASH --site {args.site}):")
+        for path in pending_plans(Path(args.site)):
+            state = seen.get(path.stem, {}).get("action", "not approved")
+            print(f"  {path.stem}  {state}")
+        return 0
+    plan = _load_plan(args.plan, args.site)
+    print(summary(plan))
+    if args.site:
+        state = decisions(Path(args.site)).get(plan_sha256(plan), {}).get("action", "not approved")
+        print(f"\nat {args.site}: {state}")
+    return 0
+
+
+def cmd_site_decide(args: argparse.Namespace) -> int:
+    from client.approvals import decide
+
+    entry = decide(Path(args.site), args.plan_hash, args.site_command, args.note)
+    print(f"{entry['action']}d run plan {entry['plan_sha256']} at {args.site} ({entry['time']}, by {entry['by']}); "
+          "takes effect at the next message of any run")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -240,6 +322,29 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--profile", default=None, help="profile name or file (default: site.yaml's, else default)")
     extract.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     extract.set_defaults(func=cmd_site_extract)
+
+    plan_show = site.add_parser("plan", help="run plans: show one (file or hash) and whether it is approved here")
+    plan_show.add_argument("action", choices=["show"])
+    plan_show.add_argument("plan", nargs="?", default=None, help="the coordinator's plan file, or a saved plan's hash")
+    plan_show.add_argument("--site", default=None, help="the site folder")
+    plan_show.set_defaults(func=cmd_site_plan_show)
+    for action, text in (("approve", "approve a run plan hash at this site"),
+                         ("revoke", "revoke an approval (refused from the next message on)")):
+        decide = site.add_parser(action, help=text)
+        decide.add_argument("plan_hash")
+        decide.add_argument("--site", required=True, help="the site folder")
+        decide.add_argument("--note", default="", help="why (kept in the approvals file)")
+        decide.set_defaults(func=cmd_site_decide)
+
+    from client.predict import add_parser as add_predict_parser
+    add_predict_parser(sub)
+
+    plan = sub.add_parser("plan", help="coordinator: the run plan sites approve").add_subparsers(
+        dest="plan_command", required=True)
+    write = plan.add_parser("write", help="write the plan of a run with these run-config overrides")
+    write.add_argument("out")
+    write.add_argument("--run-config", default="", help="overrides as for flwr run, e.g. \"num-server-rounds=10\"")
+    write.set_defaults(func=cmd_plan_write)
 
     profile = sub.add_parser("profile", help="extraction profiles").add_subparsers(dest="profile_command",
                                                                                    required=True)

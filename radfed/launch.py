@@ -108,7 +108,7 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
     Not echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
     """
     with simulation_superlink(flwr_home):
-        overrides = " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+        overrides = overrides_text(run_config)
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--federation-config",
                f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"]
         if overrides:
@@ -118,3 +118,21 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
         with (flwr_home / "flwr-run.log").open("ab") as out:  # kept for diagnosis when not echoed
             return subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, stdout=out,
                                   stderr=subprocess.STDOUT, check=False).returncode
+
+
+def overrides_text(run_config: Mapping[str, object]) -> str:
+    """``k=v`` pairs as ``flwr run --run-config`` takes them."""
+    return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
+
+
+def app_run_config(overrides: Mapping[str, object] | str | None = None, app_dir: Path = APP_DIR) -> dict[str, object]:
+    """The complete run config a run with these overrides sees: the app's defaults merged with the
+    overrides exactly as Flower merges them (unknown keys are an error)."""
+    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+
+    text = overrides if isinstance(overrides, str) else overrides_text(overrides or {})
+    try:
+        return dict(get_fused_config_from_dir(app_dir, parse_config_args([text] if text else None)))
+    except ValueError as exc:
+        raise ValueError(f"run config {text!r}: {exc} (the keys are in [tool.flwr.app.config] of "
+                         f"{app_dir / 'pyproject.toml'})") from None

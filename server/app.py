@@ -6,22 +6,23 @@ plan -> features -> moments (standardisation) -> FedAvg rounds (train + evaluate
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import model
+from common import dp
 from common.canon import sha256_json
+from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
-from server import phases, report
+from server import phases, report, training, validation
 from server.audit import AuditLog, load_or_create_key
-from server.codehash import code_sha256
-from server.strategy import AuditedFedAvg, record_sha256
+from server.strategy import record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
 app = ServerApp()
@@ -34,6 +35,20 @@ def run_folder(context: Context) -> Path:
     return folder
 
 
+def privacy_account(cfg: dict) -> dp.DPAccount | None:
+    """The run's DP budget account, or None with DP off; bad settings refuse the run."""
+    try:
+        settings = dp.settings_from_config(cfg)
+    except dp.DPConfigError as exc:
+        raise phases.RunRefused(f"differential privacy settings: {exc}") from None
+    if settings is None:
+        return None
+    if str(cfg.get("training", "fedavg")) == "exact":
+        raise phases.RunRefused("differential privacy covers FedAvg updates only: exact training sends exact "
+                                "gradients and Hessians. Set training = \"fedavg\" or dp-noise-multiplier = 0")
+    return dp.DPAccount.from_settings(settings)
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
@@ -43,17 +58,23 @@ def main(grid: Grid, context: Context) -> None:
     audit = AuditLog(folder / "audit.jsonl", load_or_create_key(key_path))
     profile = load_profile(str(cfg["profile"]))
     timeout, min_sites = float(cfg["query-timeout"]), int(cfg["min-sites"])
+    plan = run_plan(cfg, profile)
+    plan_hash = plan_sha256(plan)
+    (folder / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
     audit.append("run-start", run_id=context.run_id, config=cfg, config_sha256=sha256_json(cfg),
+                 plan_sha256=plan_hash,
                  audit_key_sha256=audit.fingerprint,
                  profile={"name": profile.name, "version": profile.version, "sha256": profile.sha256},
-                 protocol=PROTOCOL_VERSION, code_sha256=code_sha256())
+                 protocol=PROTOCOL_VERSION, code_sha256=plan["code_sha256"])
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
     result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     strategy_started = False
+    account = None
     try:
+        account = privacy_account(cfg)
         node_ids = phases.wait_for_nodes(grid, min_sites, timeout)
-        fed = phases.plan_phase(grid, node_ids, profile, cfg, min_sites, audit, timeout)
+        fed = phases.plan_phase(grid, node_ids, profile, cfg, min_sites, audit, timeout, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(grid, fed, audit, timeout)
         result.split_counts = agreement.split_counts
@@ -68,31 +89,30 @@ def main(grid: Grid, context: Context) -> None:
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
 
-        index = {n: i for i, n in enumerate(agreement.names)}
-        cols = [index[n] for n in chosen.names]
-        net = model.build_model(pooled.mean[cols], pooled.std[cols])
-        strategy = AuditedFedAvg(fed, audit)
-        shared = {"pos-weight": agreement.pos_weight, "features": chosen.names,
-                  "features-sha256": sha256_json(chosen.names)}
-        train_config = ConfigRecord({**shared, "local-epochs": int(cfg["local-epochs"]),
-                                     "learning-rate": float(cfg["learning-rate"]),
-                                     "weight-decay": float(cfg["weight-decay"])})
-        initial = ArrayRecord(net.state_dict())
-        audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names))
+        if harmonization is not None and chosen.names:
+            result.harmonization = phases.histograms_phase(grid, fed, agreement, pooled, chosen.names[:4], audit,
+                                                           timeout)
         strategy_started = True
-        fl = strategy.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]),
-                            timeout=timeout, train_config=train_config, evaluate_config=ConfigRecord(shared))
-        final_state = fl.arrays.to_torch_state_dict()
-        torch.save({"state_dict": final_state, "features": chosen.names, "profile_sha256": profile.sha256,
-                    "protocol": PROTOCOL_VERSION}, folder / "model.pt")
-        result.model_sha256 = record_sha256(fl.arrays)
-        result.training = strategy.site_training
-        result.evaluations = strategy.site_evaluations
+        trained = training.train(grid, fed, agreement, pooled, chosen, cfg, audit, timeout, agreement.pos_weight,
+                                 dp_account=account)
+        arrays = trained.arrays
+        torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names,
+                    "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
+                    "harmonization": "combat" if harmonization is not None else "none",
+                    "agreed_features_sha256": agreement.sha256, "schema": "radfed.model/1",
+                    "profile": {"name": profile.name, "version": profile.version}}, folder / "model.pt")
+        result.model_sha256 = record_sha256(arrays)
+        result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
+        if str(cfg.get("external-validation", "none")) == "loso":
+            result.validation = {"loso": validation.leave_one_site_out(grid, fed, agreement, cfg, audit, timeout,
+                                                                       account)}
         result.status = "completed"
     except (phases.RunRefused, RuntimeError) as exc:
         # refused: stopped before any training; failed: stopped during the rounds
         result.status, result.error = "failed" if strategy_started else "refused", str(exc)
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
+    if account is not None:
+        audit.append("privacy-budget", **account.to_dict())
     result.seconds = time.perf_counter() - started
     report.write_outputs(result)
     final = result.final_aggregate()

@@ -172,16 +172,19 @@ def _check_line(line: str, number: int, prev: str, public: Ed25519PublicKey,
     return entry, ""
 
 
-def model_hashes(entries: list[dict[str, Any]]) -> dict[tuple[str, int], str]:
-    """What the log says each site was sent: ("train", r) -> model of round r-1; ("evaluate", r) -> round r."""
-    sent: dict[tuple[str, int], str] = {}
+def model_hashes(entries: list[dict[str, Any]]) -> dict[tuple[str, str, int], str]:
+    """What the log says each site was sent, by (fold, type, round): ("train", r) -> model of round r-1;
+    ("evaluate", r) -> round r. The fold is "" for the main federation, else the leave-one-site-out
+    fold's held-out site."""
+    sent: dict[tuple[str, str, int], str] = {}
     for entry in entries:
         data = entry["data"]
+        fold = str(data.get("fold", ""))
         if entry["event"] == "model-init":
-            sent[("train", 1)] = data["model_sha256"]
+            sent[(fold, "train", 1)] = data["model_sha256"]
         elif entry["event"] == "round-train" and data.get("aggregated_sha256"):
-            sent[("evaluate", data["round"])] = data["aggregated_sha256"]
-            sent[("train", data["round"] + 1)] = data["aggregated_sha256"]
+            sent[(fold, "evaluate", data["round"])] = data["aggregated_sha256"]
+            sent[(fold, "train", data["round"] + 1)] = data["aggregated_sha256"]
     return sent
 
 
@@ -193,7 +196,7 @@ def _check_receipts(entries: list[dict[str, Any]], receipt_file: Path, result: V
         receipt = json.loads(line)
         if receipt.get("run_id") != run_id:
             continue
-        expected = sent.get((receipt["type"], receipt["round"]))
+        expected = sent.get((str(receipt.get("fold", "")), receipt["type"], receipt["round"]))
         if expected != receipt["model_sha256"]:
             return (f"receipt mismatch: {receipt_file} line {number}: site {receipt.get('site')} received model "
                     f"{receipt['model_sha256'][:16]}... for {receipt['type']} round {receipt['round']}, the log says "

@@ -89,26 +89,39 @@ def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, time
     return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
 
 
-def _replies(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, Message]) -> dict[int, Message]:
+def replies_of(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, Message],
+               server_round: int | None = None) -> dict[int, Message]:
+    """The good replies by node id; every admitted site that failed or did not answer is dropped (and named)."""
     good = {}
     for node_id in list(fed.sites):
         reply = replies.get(node_id)
         if reply is None:
-            fed.drop(audit, node_id, phase, "no reply before the timeout")
+            fed.drop(audit, node_id, phase, "no reply before the timeout", server_round)
         elif reply.has_error():
-            fed.drop(audit, node_id, phase, error_reason(reply))
+            fed.drop(audit, node_id, phase, error_reason(reply), server_round)
         else:
             good[node_id] = reply
     return good
 
 
+
+
+
+NOT_APPROVED = "run plan not approved"
+
+
 def plan_phase(grid: Grid, node_ids: list[int], profile: Profile, run_config: dict, min_sites: int,
-               audit: AuditLog, timeout: float) -> Federation:
-    """Every site states its profile hash and case counts; any profile mismatch refuses the run."""
+               audit: AuditLog, timeout: float, plan_hash: str) -> Federation:
+    """Every site states the run plan it approved, its profile hash and case counts; a site that did not
+    approve the plan is refused (and named in the audit log); any profile mismatch refuses the run."""
     fed = Federation({nid: f"node {nid}" for nid in node_ids}, min_sites)
-    plan = {"protocol": protocol.PROTOCOL_VERSION, "profile-sha256": profile.sha256,
+    plan = {"protocol": protocol.PROTOCOL_VERSION, "profile-sha256": profile.sha256, "plan-sha256": plan_hash,
             "run-config-sha256": sha256_json(run_config)}
-    replies = _replies(fed, audit, "plan", query(grid, node_ids, protocol.PLAN, plan, timeout))
+    sent = query(grid, node_ids, protocol.PLAN, plan, timeout)
+    for node_id, reply in sent.items():
+        if reply.has_error() and NOT_APPROVED in error_reason(reply):
+            audit.append("refusal", node=node_id, reason=error_reason(reply), plan_sha256=plan_hash)
+    replies = replies_of(fed, audit, "plan", sent)
     mismatched = []
     for node_id, reply in replies.items():
         cfg, counts = reply.content["config"], reply.content["metrics"]
@@ -117,11 +130,18 @@ def plan_phase(grid: Grid, node_ids: list[int], profile: Profile, run_config: di
         site_counts = {k: int(v) for k, v in counts.items()}  # type: ignore[arg-type]
         info = {"site": name, "profile_sha256": str(cfg["profile-sha256"]),
                 "profile_version": str(cfg["profile-version"]), "pyradiomics": str(cfg["pyradiomics"]),
-                "protocol": str(cfg["protocol"]), "counts": site_counts}
+                "protocol": str(cfg["protocol"]), "counts": site_counts,
+                "plan_sha256": str(cfg.get("plan-sha256", "")), "approval": str(cfg.get("approval", ""))}
         audit.append("site-plan", **info)
+        if info["approval"] == "off":
+            log.warning("Site %s runs WITHOUT approving the run plan (require_approval: false): development only",
+                        name)
         if info["protocol"] != protocol.PROTOCOL_VERSION:
             fed.drop(audit, node_id, "plan", f"speaks protocol {info['protocol']}, the server "
                      f"{protocol.PROTOCOL_VERSION}: update radfed at this site")
+        elif info["plan_sha256"] != plan_hash:
+            fed.drop(audit, node_id, "plan", f"site {name} computed run plan {info['plan_sha256'][:12]}, the server "
+                     f"{plan_hash[:12]}: the code or run config it runs differs from the coordinator's")
         elif info["profile_sha256"] != profile.sha256:
             mismatched.append(f"{name} (profile hash {info['profile_sha256'][:12]}, version "
                               f"{info['profile_version']})")
@@ -150,7 +170,7 @@ class FeatureAgreement:
 
 def features_phase(grid: Grid, fed: Federation, audit: AuditLog, timeout: float) -> FeatureAgreement:
     """Sites extract (or load their cache) and report which features are finite at all their cases."""
-    replies = _replies(fed, audit, "features", query(grid, list(fed.sites), protocol.FEATURES, {}, timeout))
+    replies = replies_of(fed, audit, "features", query(grid, list(fed.sites), protocol.FEATURES, {}, timeout))
     fed.require_enough("the features phase")
     common: set[str] | None = None
     split_counts = {}
@@ -186,7 +206,7 @@ def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audi
     parameters and computes the moments on harmonised features.
     """
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
-    replies = _replies(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout,
+    replies = replies_of(fed, audit, "moments", query(grid, list(fed.sites), protocol.MOMENTS, config, timeout,
                                                     per_node=harmonization))
     fed.require_enough("the moments phase")
     overall, classwise = [], []
@@ -223,7 +243,7 @@ def selection_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, po
         config = {"candidates": names, "candidates-sha256": sha256_json(names)}
         stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates]),
                                                    "std": Array(pooled.std[candidates])})})
-        replies = _replies(fed, audit, "correlation", query(grid, list(fed.sites), protocol.CORRELATION, config,
+        replies = replies_of(fed, audit, "correlation", query(grid, list(fed.sites), protocol.CORRELATION, config,
                                                             timeout, per_node=lambda _: stats))
         fed.require_enough("the correlation phase")
         cross = [r.content["arrays"]["crossproducts"].numpy() for r in replies.values()]  # type: ignore[union-attr]
@@ -264,7 +284,7 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
     n_sites = len(index)
     config = {"features": agreement.names, "features-sha256": agreement.sha256, "n-sites": n_sites}
     own = lambda nid: RecordDict({"config": ConfigRecord({"site-index": index[nid]})})  # noqa: E731
-    replies = _replies(fed, audit, "harmonization",
+    replies = replies_of(fed, audit, "harmonization",
                        query(grid, list(fed.sites), protocol.COMBAT_FIT, config, timeout, per_node=own))
     if len(replies) != n_sites:  # the design has one column per site: a lost site invalidates it
         raise RunRefused(f"{n_sites - len(replies)} site(s) left during harmonization; ComBat needs every site "
@@ -279,7 +299,7 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
         return RecordDict({"arrays": ArrayRecord({"beta": Array(beta)}),
                            "config": ConfigRecord({"site-index": index[nid]})})
 
-    replies = _replies(fed, audit, "harmonization",
+    replies = replies_of(fed, audit, "harmonization",
                        query(grid, list(fed.sites), protocol.COMBAT_RESIDUALS, config, timeout, per_node=with_beta))
     if len(replies) != n_sites:
         raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
@@ -303,3 +323,31 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
             "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
 
     return estimates
+
+
+def histograms_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
+                     names: list[str], audit: AuditLog, timeout: float, bins: int = 16) -> dict[str, object]:
+    """Site-wise distributions of a few model features before and after harmonisation, for the report.
+
+    Edges span the pooled mean +- 3.5 pooled std (values beyond go to the end bins); each site sends
+    counts per bin, merged until every count is 0 or >= k.
+    """
+    index = {n: i for i, n in enumerate(agreement.names)}
+    cols = [index[n] for n in names]
+    edges = np.array([np.linspace(pooled.mean[c] - 3.5 * pooled.std[c], pooled.mean[c] + 3.5 * pooled.std[c],
+                                  bins + 1) for c in cols])
+    config = {"histogram-features": names, "histogram-features-sha256": sha256_json(names)}
+    record = RecordDict({"arrays": ArrayRecord({"edges": Array(edges)})})
+    replies = replies_of(fed, audit, "histograms", query(grid, list(fed.sites), protocol.HISTOGRAMS, config, timeout,
+                                                       per_node=lambda _: record))
+    fed.require_enough("the histograms phase")
+    features: dict[str, dict[str, object]] = {n: {"edges": edges[j].tolist(), "sites": {}} for j, n in enumerate(names)}
+    for node_id, reply in replies.items():
+        before = reply.content["arrays"]["before"].numpy()  # type: ignore[union-attr]
+        after = reply.content["arrays"]["after"].numpy()  # type: ignore[union-attr]
+        for j, n in enumerate(names):
+            features[n]["sites"][fed.sites[node_id]] = {  # type: ignore[index]
+                "before": before[j].astype(int).tolist(), "after": after[j].astype(int).tolist()}
+    audit.append("histograms", features=names, sites=sorted(features[names[0]]["sites"]) if names else [],  # type: ignore[arg-type]
+                 sha256=sha256_json(features))
+    return {"features": features}

@@ -6,10 +6,11 @@ import logging
 from collections.abc import Iterable
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from common import metrics
+from common import curves, dp, metrics
 from common.canon import arrays_sha256
 from server.audit import AuditLog
 from server.phases import Federation, error_reason
@@ -20,6 +21,36 @@ def record_sha256(record: ArrayRecord) -> str:
     return arrays_sha256(dict(zip(record.keys(), record.to_numpy_ndarrays(), strict=True)))
 
 
+def evaluation_records(sites: dict[int, str], replies: Iterable[Message]) -> tuple[
+        dict[str, dict[str, float]], dict[str, dict[str, object]]]:
+    """Per site: counts, AUC (+ DeLong variance), loss and rates; and its ROC and calibration curves."""
+    per_site: dict[str, dict[str, float]] = {}
+    site_curves: dict[str, dict[str, object]] = {}
+    for m in replies:
+        rec, name = m.content["metrics"], sites[m.metadata.src_node_id]
+        values = {"n": int(rec["num-examples"]),  # type: ignore[arg-type]
+                  **{k: int(rec[k]) for k in metrics.COUNT_KEYS},  # type: ignore[arg-type]
+                  "auc": float(rec["auc"]), "auc_var": float(rec["auc-var"]),  # type: ignore[arg-type]
+                  "loss": float(rec["loss"])}  # type: ignore[arg-type]
+        values.update(metrics.rates(values))
+        per_site[name] = values
+        if "arrays" in m.content:
+            arrays = m.content["arrays"]
+            fpr, tpr = curves.roc_curve(arrays["roc"].numpy())  # type: ignore[union-attr]
+            site_curves[name] = {"roc": {"fpr": fpr, "tpr": tpr},
+                                 "calibration": curves.calibration_curve(arrays["calibration"].numpy())}  # type: ignore[union-attr]
+    return per_site, site_curves
+
+
+def failure_reason(reply: Message) -> str:
+    """Why a site's reply is an error: the site's own message, or what the SuperLink says in its place."""
+    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+        return f"the site went offline: its SuperNode stopped or lost its connection ({error_reason(reply)})"
+    if reply.error.code in (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE):
+        return f"its reply was lost ({error_reason(reply)})"
+    return error_reason(reply)
+
+
 class AuditedFedAvg(FedAvg):
     """FedAvg over the federation's admitted sites only; a site that fails a round is dropped,
     recorded as a dropout, and the run stops cleanly if fewer than ``min_sites`` remain.
@@ -28,20 +59,29 @@ class AuditedFedAvg(FedAvg):
     ``site_training[round][site]`` its case count and loss.
     """
 
-    def __init__(self, fed: Federation, audit: AuditLog, **kwargs: object) -> None:
+    def __init__(self, fed: Federation, audit: AuditLog, fold: str = "", evaluate_rounds: bool = True,
+                 dp_account: dp.DPAccount | None = None, **kwargs: object) -> None:
         n = len(fed.sites)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, **kwargs)  # type: ignore[arg-type]
         self.fed = fed
         self.sites = fed.sites  # shared: a dropout here is a dropout of the federation
         self.audit = audit
+        self.fold = fold  # "" for the main federation; the held-out site's name in a leave-one-site-out fold
+        self.evaluate_rounds = evaluate_rounds
+        self.dp_account = dp_account  # spends privacy budget for every noised update that arrived
         self.site_training: dict[int, dict[str, dict[str, float]]] = {}
         self.site_evaluations: dict[int, dict[str, dict[str, float]]] = {}
+        self.site_curves: dict[int, dict[str, dict[str, object]]] = {}
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   message_type: str) -> Iterable[Message]:
         config["server-round"] = server_round
+        if self.fold:
+            config["fold"] = self.fold
         record = RecordDict({self.arrayrecord_key: arrays, self.configrecord_key: config})
-        return self._construct_messages(record, list(self.sites), message_type)
+        # kept: the grid stamps each with its message id when it sends them (see _site_of)
+        self._sent = list(self._construct_messages(record, list(self.sites), message_type))
+        return self._sent
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -49,16 +89,27 @@ class AuditedFedAvg(FedAvg):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
+        if not self.evaluate_rounds:
+            return []
         return self._messages(server_round, arrays, config, MessageType.EVALUATE)
 
+    def _site_of(self, reply: Message) -> int:
+        """The site a reply stands for. When a site's SuperNode goes offline (stopped, crashed, lost its
+        network: no heartbeat for 2 x 30 s), Flower 1.42's SuperLink answers in its place with an error
+        reply ("Node Unavailable") whose sender is the SuperLink itself (node id 1), not the site; the
+        same for an expired reply. So find the site by the message the reply answers."""
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
+        return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
+
     def _drop_failures(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
-        answered = {m.metadata.src_node_id for m in replies}
+        by_site = [(self._site_of(m), m) for m in replies]
+        answered = {node_id for node_id, _ in by_site}
         good = []
-        for msg in replies:
-            if msg.has_error():
-                self.fed.drop(self.audit, msg.metadata.src_node_id, phase, error_reason(msg), server_round)
-            else:
+        for node_id, msg in by_site:
+            if not msg.has_error():
                 good.append(msg)
+            elif node_id in self.sites:
+                self.fed.drop(self.audit, node_id, phase, failure_reason(msg), server_round)
         for node_id in [n for n in self.sites if n not in answered]:
             self.fed.drop(self.audit, node_id, phase, "no reply before the timeout", server_round)
         self.fed.require_enough(f"round {server_round} ({phase})")
@@ -66,7 +117,11 @@ class AuditedFedAvg(FedAvg):
 
     def aggregate_train(self, server_round: int,
                         replies: Iterable[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        good = self._drop_failures(server_round, "train", list(replies))
+        replies = list(replies)
+        if self.dp_account is not None:  # an update that arrived is spent, even if the round fails later
+            self.dp_account.add_round([self.sites[m.metadata.src_node_id] for m in replies
+                                       if not m.has_error() and m.metadata.src_node_id in self.sites])
+        good = self._drop_failures(server_round, "train", replies)
         arrays, agg = super().aggregate_train(server_round, good)
         per_site = {self.sites[m.metadata.src_node_id]: {
             "n": int(m.content["metrics"]["num-examples"]),  # type: ignore[arg-type]
@@ -74,25 +129,22 @@ class AuditedFedAvg(FedAvg):
             "update_sha256": record_sha256(m.content["arrays"]),  # type: ignore[arg-type]
         } for m in good}
         self.site_training[server_round] = per_site
-        self.audit.append("round-train", round=server_round, sites=per_site,
+        self.audit.append("round-train", round=server_round, sites=per_site, **self._tag(),
                           aggregated_sha256=record_sha256(arrays) if arrays is not None else None)
         return arrays, agg
 
+    def _tag(self) -> dict[str, str]:
+        return {"fold": self.fold} if self.fold else {}
+
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        if not self.evaluate_rounds:
+            return None
         good = self._drop_failures(server_round, "evaluate", list(replies))
-        per_site = {}
-        for m in good:
-            rec = m.content["metrics"]
-            per_site[self.sites[m.metadata.src_node_id]] = {
-                "n": int(rec["num-examples"]),  # type: ignore[arg-type]
-                **{k: int(rec[k]) for k in metrics.COUNT_KEYS},  # type: ignore[arg-type]
-                "auc": float(rec["auc"]), "loss": float(rec["loss"]),  # type: ignore[arg-type]
-            }
-        for values in per_site.values():
-            values.update(metrics.rates(values))
+        per_site, site_curves = evaluation_records(self.sites, good)
         self.site_evaluations[server_round] = per_site
+        self.site_curves[server_round] = site_curves
         combined = metrics.combine_sites(list(per_site.values()))
-        self.audit.append("round-evaluate", round=server_round, sites=per_site, aggregate=combined)
+        self.audit.append("round-evaluate", round=server_round, sites=per_site, aggregate=combined, **self._tag())
         log.info("Round %d: held-out AUC %.3f, sensitivity %.3f, specificity %.3f over %d cases at %d sites",
                  server_round, combined["auc"], combined["sensitivity"], combined["specificity"],
                  combined["n"], len(per_site))

@@ -15,6 +15,7 @@ from client.steps import load_site_data, site_matrix
 from common import combat, protocol
 from common.canon import arrays_sha256
 from radfed import synth
+from radfed.cli import approve_demo_plan
 from radfed.launch import run_federation
 from server.audit import load_or_create_key, public_pem, verify
 
@@ -22,19 +23,21 @@ K = 5
 ROUNDS = 3
 
 
-def _run(tmp_path: Path, data_root: Path, n_sites: int, **config) -> Path:
+def _run(tmp_path: Path, data_root: Path, n_sites: int, unapproved: tuple[str, ...] = (), **config) -> Path:
     out = tmp_path / "runs"
     run_config = {"data-root": str(data_root), "output-dir": str(out), "num-server-rounds": ROUNDS,
                   "min-cases-per-class": K, "query-timeout": 600.0, **config}
+    sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists())
+    approve_demo_plan([s for s in sites if s.name not in unapproved], run_config)
     run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
     runs = sorted(out.glob("*-run*"))
     log = tmp_path / "flwr" / "flwr-run.log"
-    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text()[-3000:]
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text(encoding="utf-8")[-3000:]
     return runs[0]
 
 
 def _events(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "audit.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +50,7 @@ def three_sites(tmp_path_factory) -> Path:
         synth.write_site(root, spec, seed=100 + i)
     # one unusable case at a usable site: its mask is shifted off the image grid
     site = root / specs[2].name
-    mask_path = site / (site / "manifest.csv").read_text().splitlines()[1].split(",")[5]
+    mask_path = site / (site / "manifest.csv").read_text(encoding="utf-8").splitlines()[1].split(",")[5]
     mask = sitk.ReadImage(str(mask_path))
     mask.SetOrigin(tuple(o + 3.0 for o in mask.GetOrigin()))
     sitk.WriteImage(mask, str(mask_path))
@@ -56,7 +59,7 @@ def three_sites(tmp_path_factory) -> Path:
 
 def test_federation_end_to_end(three_sites, tmp_path):
     folder = _run(tmp_path, three_sites, 4)
-    doc = json.loads((folder / "metrics.json").read_text())
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
     assert doc["schema"] == "radfed.metrics/1"
     assert len(doc["rounds"]) == ROUNDS
@@ -87,25 +90,38 @@ def test_federation_end_to_end(three_sites, tmp_path):
     pinned.write_bytes(public_pem(load_or_create_key(folder.parent / "coordinator-audit-key.pem")))
     check = verify(folder / "audit.jsonl", pubkey=pinned, receipts=receipts)
     assert check.ok, check.reason
-    assert check.receipts_checked == 3 * 2 * ROUNDS
-    assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS
+    # main run: 3 sites x (train + evaluate) x ROUNDS; each leave-one-site-out fold: 2 sites x ROUNDS trains
+    # and one evaluation at the held-out site
+    assert check.receipts_checked == 3 * 2 * ROUNDS + 3 * (2 * ROUNDS + 1)
+    assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS * 4
     assert check.events["round-evaluate"] == ROUNDS and check.events["run-end"] == 1
+    assert check.events["external-validation"] == 3 and check.events["histograms"] == 1
     events = _events(folder)
-    for entry in (e for e in events if e["event"] == "round-train"):
+    # external validation: each site scored, on all its usable cases, a model trained without it
+    external = {e["data"]["fold"]: e["data"] for e in events if e["event"] == "external-validation"}
+    assert sorted(external) == names[:3]
+    for name, entry in external.items():
+        assert entry["trained_on"] == [n for n in names[:3] if n != name]
+        assert entry["metrics"]["n"] == doc["sites"][name]["split"]["n-cases"]
+        assert entry["ci"]["auc"][0] <= entry["metrics"]["auc"] <= entry["ci"]["auc"][1]
+    for entry in (e for e in events if e["event"] == "round-train" and "fold" not in e["data"]):
         assert len(entry["data"]["sites"]) == 3
         assert all(s["n"] >= K and len(s["update_sha256"]) == 64 for s in entry["data"]["sites"].values())
 
     # privacy, over every message each site really sent (its outbox): only protocol keys, arrays sized
     # by the feature count, every statistic over >= k cases
     features = doc["features"]
-    sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": len(final["sites"])}
+    sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": len(final["sites"]),
+             "p": 10, "h": 4, "b": 16}
     assert features["n"] == 30 and len(features["selected"]) == 30 and features["candidates"] == 200
     for name in names[:3]:
-        sent = [json.loads(line) for line in (three_sites / name / ".radfed" / "outbox.jsonl").read_text().splitlines()]
+        outbox = three_sites / name / ".radfed" / "outbox.jsonl"
+        sent = [json.loads(line) for line in outbox.read_text(encoding="utf-8").splitlines()]
         kinds = [e["type"] for e in sent]
-        assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.moments") == 1
-        assert kinds.count("query.correlation") == 1
-        assert kinds.count("train") == kinds.count("evaluate") == ROUNDS
+        assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.histograms") == 1
+        # moments, correlation and training again in the two folds where the site trains
+        assert kinds.count("query.moments") == kinds.count("query.correlation") == 3
+        assert kinds.count("train") == 3 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1
         for entry in sent:
             spec = protocol.REPLIES[entry["type"]]
             for record, values in entry["records"].items():
@@ -117,7 +133,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
                         assert array["shape"] == expected, (name, entry["type"], key)
             for count_key in spec.count_keys:
                 assert entry["records"]["metrics"][count_key] >= K, (name, entry["type"], count_key)
-    assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text().count("query.features")
+    assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").count("query.features")
 
     # each site kept its own ComBat parameters (never sent) for this run's agreed features
     assert check.events["harmonization"] == 1
@@ -127,7 +143,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
     assert all(len(p["features"]) == features["agreed"] and p["run_id"] == doc["run_id"] for p in params)
 
     # the pooled estimates a late-joining site is harmonised against, without any site's own intercept
-    late = json.loads((folder / "harmonization.json").read_text())
+    late = json.loads((folder / "harmonization.json").read_text(encoding="utf-8"))
     assert len(late["grand_mean"]) == features["agreed"] and late["beta_cov"] == [] and late["n_sites"] == 3
     assert "beta" not in late
 
@@ -149,8 +165,8 @@ def test_federation_end_to_end(three_sites, tmp_path):
     state = {k: v.numpy() for k, v in saved["state_dict"].items()}
     assert arrays_sha256(state) == events[-1]["data"]["model_sha256"] == doc["model_sha256"]
     assert len(saved["features"]) == doc["features"]["n"] == state["linear.weight"].shape[1]
-    assert (folder / "report.html").read_text().count("<tr>") > 3
-    assert "federation" in (folder / "report.md").read_text()
+    assert (folder / "report.html").read_text(encoding="utf-8").count("<tr>") > 3
+    assert "federation" in (folder / "report.md").read_text(encoding="utf-8")
 
 
 def test_profile_mismatch_refuses_to_train_and_names_the_site(tmp_path):
@@ -165,7 +181,7 @@ def test_profile_mismatch_refuses_to_train_and_names_the_site(tmp_path):
     (rogue / "site.yaml").write_text(f"name: {specs[1].name}\nprofile: {rogue / 'edited.yaml'}\n")
 
     folder = _run(tmp_path, root, 2)
-    doc = json.loads((folder / "metrics.json").read_text())
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "refused"
     assert specs[1].name in doc["error"] and specs[0].name not in doc["error"]
     events = _events(folder)
@@ -184,8 +200,10 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
         synth.write_site(root, spec, seed=300 + i)
     # one site keeps its local files elsewhere: everything radfed writes for it must go there
     (root / "tiny-a" / "site.yaml").write_text("name: tiny-a\noutput_dir: ../tiny-a-private\n")
-    folder = _run(tmp_path, root, 2, harmonization="none", **{"select-features": 0, "num-server-rounds": 2})
-    doc = json.loads((folder / "metrics.json").read_text())
+    folder = _run(tmp_path, root, 2, harmonization="none",
+                  **{"select-features": 0, "num-server-rounds": 2, "external-validation": "none",
+                     "dp-noise-multiplier": 2.0, "dp-clip-norm": 0.1})
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
     events = verify(folder / "audit.jsonl").events
     assert "harmonization" not in events and events["selection"] == 1
@@ -193,7 +211,123 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     assert doc["features"]["n"] == doc["features"]["agreed"] - doc["features"]["constant"]
     assert doc["features"]["candidates"] == 0 and not (folder / "harmonization.json").exists()
     private = root / "tiny-a-private"
-    sent = (private / "outbox.jsonl").read_text()
+    sent = (private / "outbox.jsonl").read_text(encoding="utf-8")
     assert "query.correlation" not in sent and "combat" not in sent
     assert (private / "receipts.jsonl").exists() and (private / "errors.json").exists()
     assert not (root / "tiny-a" / ".radfed").exists()
+    # differential privacy on the updates: the budget spent is in the audit log (zCDP: rho = 1/(2 z^2) a round
+    # at site level)
+    budget = next(e["data"] for e in _events(folder) if e["event"] == "privacy-budget")
+    assert budget["rounds"] == 2 and budget["noise_multiplier"] == 2.0
+    assert budget["rho"] == pytest.approx(2 * 1 / (2 * 2.0**2))
+    assert budget["epsilon"] == pytest.approx(budget["rho"] + 2 * np.sqrt(budget["rho"] * np.log(1e5)))
+    assert set(budget["per_site"]) == {"tiny-a", "tiny-b"}
+
+
+def _numbers(value) -> list[float]:
+    """Every number in a JSON value (outbox records), flattened."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    return [x for v in value for x in _numbers(v)]
+
+
+def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
+    root = tmp_path / "data"
+    specs = synth.tiny_sites(3, 9)
+    for i, spec in enumerate(specs):
+        synth.write_site(root, spec, seed=400 + i)
+    # the canary: one case whose edema is grown far beyond any other (a unique, extreme shape)
+    site = root / specs[0].name
+    row = (site / "manifest.csv").read_text(encoding="utf-8").splitlines()[1].split(",")
+    canary_id, mask_path = row[0], site / row[5]
+    mask = sitk.ReadImage(str(mask_path))
+    grown = sitk.BinaryDilate(mask > 0, [6, 6, 3])
+    sitk.WriteImage(sitk.Cast(mask + sitk.Cast((grown - (mask > 0)) * 3, mask.GetPixelID()), mask.GetPixelID()),
+                    str(mask_path))
+    (site / "site.yaml").write_text(f"name: {specs[0].name}\noutbox_values: true\n")
+
+    refused = specs[2].name
+    folder = _run(tmp_path, root, 3, unapproved=(refused,))
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    assert refused not in doc["final"]["sites"] and len(doc["final"]["sites"]) == 2
+    events = _events(folder)
+    plan_hash = events[0]["data"]["plan_sha256"]
+    refusal = next(e["data"] for e in events if e["event"] == "refusal")
+    assert refusal["plan_sha256"] == plan_hash and plan_hash in refusal["reason"] and refused in refusal["reason"]
+    assert "radfed site approve" in refusal["reason"]
+    approved = [e["data"] for e in events if e["event"] == "site-plan"]
+    assert {e["site"] for e in approved} == {specs[0].name, specs[1].name}
+    assert all(e["plan_sha256"] == plan_hash and e["approval"] == "approved" for e in approved)
+    # the refused site read nothing and sent nothing; it kept the plan for its administrator to review
+    work = root / refused / ".radfed"
+    assert not (work / "cache").exists() and not (work / "outbox.jsonl").exists()
+    assert (work / "plans" / f"{plan_hash}.json").exists()
+
+    # no number any message carried equals a value of the canary's features, raw or harmonised
+    names_row = (site / ".radfed").glob("features-*.csv")
+    table = next(names_row).read_text(encoding="utf-8").splitlines()
+    header, rows = table[0].split(","), {r.split(",")[0]: r.split(",") for r in table[1:]}
+    raw = np.array([float(v) for v in rows[canary_id][3:]])
+    others = np.array([[float(v) for v in r[3:]] for cid, r in rows.items() if cid != canary_id])
+    volume = header.index("shape/edema/original_shape_VoxelVolume") - 3
+    assert raw[volume] > 3 * others[:, volume].max()
+    params = json.loads((site / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json").read_text(encoding="utf-8"))
+    cols = [header.index(n) - 3 for n in params["features"]]
+    harmonised = combat.SiteCombat.from_dict(params).apply(raw[cols][None, :])[0]
+    unique = [v for v in np.r_[raw, harmonised]
+              if np.isfinite(v) and abs(v - round(v)) > 1e-6 and not np.any(np.isclose(others, v, rtol=1e-9))]
+    assert len(unique) > 500
+    sent = np.array([x for line in (site / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").splitlines()
+                     for x in _numbers(json.loads(line)["records"])])
+    assert len(sent) > 10_000  # arrays were logged with their values
+    sent = np.sort(sent)
+    for v in unique:
+        i = np.searchsorted(sent, v)
+        near = sent[max(i - 1, 0): i + 1]
+        assert not np.any(np.isclose(near, v, rtol=1e-9, atol=0)), v
+
+
+def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path):
+    from sklearn.linear_model import LogisticRegression
+
+    from common import exact, metrics
+
+    root = tmp_path / "data"
+    for i, spec in enumerate(synth.tiny_sites(2, 9)):
+        synth.write_site(root, spec, seed=500 + i)
+    config = {"training": "exact", "harmonization": "none", "select-features": 4, "external-validation": "none"}
+    folder = _run(tmp_path / "ok", root, 2, **config)
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    saved = torch.load(folder / "model.pt", weights_only=False)
+    coef, mean, scale = exact.from_state_dict(saved["state_dict"])
+    names = sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
+    data = [load_site_data(root / n, {"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K}) for n in names]
+    agreed = sorted(set.intersection(*(set(n for n, ok in zip(d.table.names, np.all(np.isfinite(d.table.values), 0),
+                                                              strict=True) if ok) for d in data)))
+    train = [site_matrix(d, agreed, held_out=False, names=saved["features"]) for d in data]
+    x, y = np.vstack([t[0] for t in train]), np.concatenate([t[1] for t in train])
+    pos_weight = float(np.sum(y == 0) / np.sum(y == 1))
+    reference = LogisticRegression(C=1.0, class_weight={0: 1.0, 1: pos_weight}, solver="newton-cholesky", tol=1e-12,
+                                   max_iter=1000).fit((x - mean) / scale, y)
+    np.testing.assert_allclose(coef, np.r_[reference.intercept_, reference.coef_[0]], atol=1e-6)
+    events = _events(folder)
+    rounds = [e for e in events if e["event"] == "newton-round"]
+    assert 2 <= len(rounds) <= 15 and events[-1]["data"]["status"] == "completed"
+    for name, d in zip(names, data, strict=True):  # the held-out AUC each site sent is the model's AUC there
+        xt, yt = site_matrix(d, agreed, held_out=True, names=saved["features"])
+        prob = 1 / (1 + np.exp(-((xt - mean) / scale @ coef[1:] + coef[0])))
+        assert doc["final"]["sites"][name]["auc"] == pytest.approx(metrics.roc_auc(yt, prob), abs=1e-12)
+
+    # with more coefficients than the sites' cases allow, every site refuses and says how many features fit
+    folder = _run(tmp_path / "refused", root, 2, **{**config, "select-features": 8})
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "failed" and "too few sites" not in doc["error"]
+    dropouts = [e["data"] for e in _events(folder) if e["event"] == "dropout"]
+    assert {d["site"] for d in dropouts} == set(names)
+    assert all("too few for exact federated logistic regression with 8 features" in d["reason"] for d in dropouts)

@@ -1,0 +1,72 @@
+"""The run plan a site approves before anything touches its data.
+
+One canonical form of: the app's code hash, the full run config, the extraction profile, the protocol
+version and every message type with what its reply may hold. Its sha256 is what a hospital approves.
+Both sides compute it themselves (the server from its run config, each site from the run config and
+code it actually runs), so a site never has to trust a hash it was sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from common.canon import sha256_json
+from common.profile import Profile
+from common.protocol import PROTOCOL_VERSION, REPLIES
+
+PLAN_SCHEMA = "radfed.plan/1"
+APP_ROOT = Path(__file__).resolve().parent.parent
+CODE_PARTS = ("common", "client", "server")
+
+
+def code_sha256(root: Path = APP_ROOT) -> str:
+    """sha256 over every .py and profile file of the app (``common``, ``client``, ``server``), in path order."""
+    digest = hashlib.sha256()
+    files = sorted(p for part in CODE_PARTS for p in (root / part).rglob("*")
+                   if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()
+
+
+def messages() -> dict[str, dict[str, Any]]:
+    """Every message type and what a site's reply to it may hold (keys, descriptions, array shapes)."""
+    return {kind: {"config": dict(spec.config), "metrics": dict(spec.metrics),
+                   "arrays": {k: {"shape": list(a.shape), "holds": a.description} for k, a in spec.arrays.items()},
+                   "at_least_k_cases": list(spec.count_keys)}
+            for kind, spec in REPLIES.items()}
+
+
+def run_plan(run_config: Mapping[str, Any], profile: Profile, code: str | None = None) -> dict[str, Any]:
+    """The plan of a run with this (complete, merged) run config."""
+    return {"schema": PLAN_SCHEMA, "code_sha256": code or code_sha256(), "run_config": dict(run_config),
+            "profile": {"name": profile.name, "version": profile.version, "sha256": profile.sha256},
+            "protocol": PROTOCOL_VERSION, "messages": messages()}
+
+
+def plan_sha256(plan: Mapping[str, Any]) -> str:
+    return sha256_json(dict(plan))
+
+
+def summary(plan: Mapping[str, Any]) -> str:
+    """The plan for the person who approves it: what runs, with which settings, and what would leave."""
+    k = plan["run_config"].get("min-cases-per-class", 5)
+    lines = [f"run plan {plan_sha256(plan)}",
+             f"  code sha256      {plan['code_sha256']}",
+             f"  profile          {plan['profile']['name']} v{plan['profile']['version']} "
+             f"({plan['profile']['sha256'][:12]})",
+             f"  protocol         {plan['protocol']}",
+             "  run config:"]
+    lines += [f"    {key} = {value!r}" for key, value in sorted(plan["run_config"].items())]
+    lines += ["", f"What would leave this site (each statistic over at least k = {k} cases; arrays sized by the",
+              "agreed feature counts, never by the number of cases):"]
+    for kind, spec in plan["messages"].items():
+        lines.append(f"  {kind}")
+        for key, text in {**spec["config"], **spec["metrics"]}.items():
+            lines.append(f"    {key}: {text}")
+        for key, arr in spec["arrays"].items():
+            lines.append(f"    {key} {tuple(arr['shape'])}: {arr['holds']}")
+    return "\n".join(lines)

@@ -1,0 +1,223 @@
+"""The report's figures: pure functions from a run's numbers to PNG bytes (matplotlib, Agg, no pyplot).
+
+Each function takes plain data (lists and dicts as they appear in metrics.json), draws one small figure
+and returns PNG bytes; ``data_uri`` turns those into an ``<img src>`` that needs nothing outside the file.
+Malformed data raises ``ValueError``; the report turns that into a "not available" line.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from matplotlib.axes import Axes
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+DPI = 100
+FEDERATION_COLOUR = "#222222"
+# matplotlib's tab10, in order: site colours stay the same across every figure of a report
+PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
+           "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
+LABEL_CHARS = 40
+
+
+def site_colours(names: Iterable[str]) -> dict[str, str]:
+    """A fixed colour per site name (sorted order), cycling through the palette beyond ten sites."""
+    return {name: PALETTE[i % len(PALETTE)] for i, name in enumerate(sorted(set(names)))}
+
+
+def data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def label(text: object, limit: int = LABEL_CHARS) -> str:
+    """Text safe for matplotlib: no mathtext (``$``), not hidden from legends (leading ``_``), shortened."""
+    s = " ".join(str(text).split())
+    if len(s) > limit:
+        s = s[: limit - 1] + "…"
+    s = s.replace("$", r"\$")
+    return " " + s if s.startswith("_") else s
+
+
+def _floats(values: Any, what: str) -> np.ndarray:
+    """A 1-D float array (None -> NaN); ValueError if ``values`` is not a flat list of numbers."""
+    if isinstance(values, str | bytes) or not isinstance(values, Sequence):
+        raise ValueError(f"{what}: expected a list of numbers, got {type(values).__name__}")
+    try:
+        arr = np.array([math.nan if v is None else float(v) for v in values], dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{what}: not a list of numbers") from exc
+    return arr
+
+
+def _figure(width: float, height: float, ncols: int = 1, top: float = 0.92, **kwargs: Any) -> tuple[Figure, list[Axes]]:
+    """A figure with fixed margins (a layout engine would triple the drawing time)."""
+    fig = Figure(figsize=(width, height), dpi=DPI)
+    FigureCanvasAgg(fig)
+    fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=top,
+                        wspace=0.25 if ncols > 1 else None)
+    axes = fig.subplots(1, ncols, squeeze=False, **kwargs)[0]
+    return fig, list(axes)
+
+
+def _png(fig: Figure) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": None})
+    return buf.getvalue()
+
+
+def _legend(ax: Axes, n_entries: int) -> None:
+    if n_entries:
+        ax.legend(loc="best", fontsize=7, frameon=False, ncols=1 if n_entries <= 6 else 2)
+
+
+def _unit_square(ax: Axes, xlabel: str, ylabel: str) -> None:
+    ax.set_xlim(-0.02, 1.02)
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_aspect("equal")
+    ax.set_xlabel(xlabel, fontsize=8)
+    ax.set_ylabel(ylabel, fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, linewidth=0.5)
+
+
+def roc_png(curves: Mapping[str, Mapping[str, Any]], title: str, aucs: Mapping[str, Any] | None = None,
+            colours: Mapping[str, str] | None = None) -> bytes:
+    """ROC curves, one line per site (``{"fpr": [...], "tpr": [...]}``), with the chance diagonal.
+
+    The points are operating points of a threshold sweep; they are joined by straight lines.
+    """
+    if not curves:
+        raise ValueError("no ROC curves")
+    colours = colours or site_colours(curves)
+    fig, (ax,) = _figure(4.4, 4.2)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=0.8, label="chance")
+    for name in sorted(curves):
+        curve = curves[name]
+        if not isinstance(curve, Mapping):
+            raise ValueError(f"ROC of {name}: expected {{fpr, tpr}}")
+        fpr, tpr = _floats(curve.get("fpr"), f"ROC fpr of {name}"), _floats(curve.get("tpr"), f"ROC tpr of {name}")
+        if len(fpr) != len(tpr) or len(fpr) < 2:
+            raise ValueError(f"ROC of {name}: fpr and tpr must be equally long lists of 2 or more points")
+        auc = (aucs or {}).get(name)
+        text = label(name) + (f" (AUC {auc:.2f})" if isinstance(auc, int | float) and math.isfinite(auc) else "")
+        ax.plot(fpr, tpr, marker="o", markersize=2.5, linewidth=1.4, color=colours.get(name), label=text)
+    _unit_square(ax, "1 − specificity (false positive rate)", "sensitivity (true positive rate)")
+    ax.set_title(label(title, 60), fontsize=9)
+    _legend(ax, len(curves) + 1)
+    return _png(fig)
+
+
+def calibration_png(bins: Mapping[str, Mapping[str, Any]], title: str,
+                    colours: Mapping[str, str] | None = None) -> bytes:
+    """Reliability diagram: per site, observed HGG rate against mean predicted probability per bin,
+    marker area growing with the bin's cases; the diagonal is perfect calibration."""
+    if not bins:
+        raise ValueError("no calibration bins")
+    colours = colours or site_colours(bins)
+    fig, (ax,) = _figure(4.4, 4.2)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=0.8, label="perfect calibration")
+    for name in sorted(bins):
+        b = bins[name]
+        if not isinstance(b, Mapping):
+            raise ValueError(f"calibration of {name}: expected {{predicted, observed, n}}")
+        pred = _floats(b.get("predicted"), f"calibration predicted of {name}")
+        obs = _floats(b.get("observed"), f"calibration observed of {name}")
+        n = _floats(b.get("n", [1] * len(pred)), f"calibration n of {name}")
+        if not (len(pred) == len(obs) == len(n)) or not len(pred):
+            raise ValueError(f"calibration of {name}: predicted, observed and n must be equally long, non-empty")
+        size = 12 + 60 * np.sqrt(np.nan_to_num(n, nan=0.0) / max(float(np.nanmax(n)), 1.0))
+        colour = colours.get(name)
+        ax.plot(pred, obs, linewidth=1.0, color=colour, alpha=0.8)
+        ax.scatter(pred, obs, s=size, color=colour, alpha=0.8, edgecolors="white", linewidths=0.5,
+                   label=f"{label(name)} ({int(np.nansum(n))} cases)")
+    _unit_square(ax, "mean predicted probability of HGG", "observed HGG rate")
+    ax.set_title(label(title, 60), fontsize=9)
+    _legend(ax, len(bins) + 1)
+    return _png(fig)
+
+
+Series = Mapping[str, Sequence[tuple[Any, Any]]]
+
+
+def _series(ax: Axes, series: Series, colours: Mapping[str, str], what: str) -> int:
+    drawn = 0
+    for name in sorted(series):
+        points = [(r, v) for r, v in series[name] if r is not None]
+        if not points:
+            continue
+        rounds = _floats([r for r, _ in points], f"{what} rounds of {name}")
+        values = _floats([v for _, v in points], f"{what} of {name}")
+        ax.plot(rounds, values, marker="o", markersize=2.5, linewidth=1.2, color=colours.get(name), label=label(name))
+        drawn += 1
+    return drawn
+
+
+def training_png(loss: Series, auc: Series, federation_auc: Sequence[tuple[Any, Any]],
+                 colours: Mapping[str, str] | None = None) -> bytes:
+    """Two panels over rounds: each site's training loss; each site's held-out AUC and the federation's.
+
+    ``loss`` and ``auc`` map site -> [(round, value)], values may be None (drawn as gaps)."""
+    if not any(loss.values()) and not any(auc.values()) and not federation_auc:
+        raise ValueError("no rounds")
+    colours = colours or site_colours([*loss, *auc])
+    fig, (left, right) = _figure(8.6, 3.2, ncols=2)
+    drawn = _series(left, loss, colours, "training loss")
+    left.set_title("training loss per site (local epochs)", fontsize=9)
+    left.set_ylabel("loss", fontsize=8)
+    _legend(left, drawn)
+    drawn = _series(right, auc, colours, "held-out AUC")
+    if federation_auc:
+        drawn += _series(right, {"federation": federation_auc}, {"federation": FEDERATION_COLOUR}, "federation AUC")
+        right.lines[-1].set_linewidth(2.2)
+    right.set_title("held-out AUC per site and federation", fontsize=9)
+    right.set_ylabel("AUC", fontsize=8)
+    right.axhline(0.5, linestyle="--", color="#999999", linewidth=0.8)
+    _legend(right, drawn)
+    for ax in (left, right):
+        ax.set_xlabel("round", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, linewidth=0.5)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+    return _png(fig)
+
+
+def _densities(edges: np.ndarray, counts: Any, what: str) -> np.ndarray:
+    c = _floats(counts, what)
+    if len(c) != len(edges) - 1:
+        raise ValueError(f"{what}: {len(c)} counts for {len(edges) - 1} bins")
+    total = float(np.nansum(c))
+    return np.nan_to_num(c, nan=0.0) / (total * np.diff(edges)) if total > 0 else np.zeros(len(c))
+
+
+def harmonization_png(feature: str, edges: Sequence[float], sites: Mapping[str, Mapping[str, Any]],
+                      colours: Mapping[str, str] | None = None) -> bytes:
+    """One feature's distribution per site before and after harmonisation (two panels), as densities over
+    the shared ``edges`` (count / (site total x bin width)), so uneven or merged bins compare fairly."""
+    e = _floats(edges, f"edges of {feature}")
+    if len(e) < 2 or not np.all(np.isfinite(e)) or not np.all(np.diff(e) > 0):
+        raise ValueError(f"edges of {feature}: need 2 or more increasing finite values")
+    if not sites:
+        raise ValueError(f"no site histograms for {feature}")
+    colours = colours or site_colours(sites)
+    fig, axes = _figure(8.6, 2.8, ncols=2, top=0.8, sharex=True, sharey=True)
+    for ax, phase in zip(axes, ("before", "after"), strict=True):
+        for name in sorted(sites):
+            hist = sites[name]
+            if not isinstance(hist, Mapping) or phase not in hist:
+                raise ValueError(f"histogram of {feature} at {name}: no '{phase}' counts")
+            dens = _densities(e, hist[phase], f"{phase} counts of {feature} at {name}")
+            ax.stairs(dens, e, color=colours.get(name), linewidth=1.3, label=label(name))
+        ax.set_title(f"{phase} harmonisation", fontsize=9)
+        ax.set_xlabel("feature value", fontsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3, linewidth=0.5)
+    axes[0].set_ylabel("density", fontsize=8)
+    _legend(axes[1], len(sites))
+    fig.suptitle(label(feature, 90), fontsize=8)
+    return _png(fig)

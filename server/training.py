@@ -1,0 +1,117 @@
+"""Training the shared model on a federation's admitted sites, used by the main run and by each
+leave-one-site-out fold. Two modes produce the same model format:
+
+- ``fedavg``: rounds of local epochs averaged by FedAvg (server/strategy.py);
+- ``exact``: Newton steps on gradients and Hessians summed over sites (common/exact.py): the pooled
+  maximum-likelihood fit, reached in a few rounds.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.serverapp import Grid
+
+from common import dp, exact, model, protocol, selection
+from common.canon import arrays_sha256, sha256_json
+from server.audit import AuditLog
+from server.phases import FeatureAgreement, Federation, PooledMoments, query, replies_of
+from server.strategy import AuditedFedAvg, evaluation_records, record_sha256
+
+log = logging.getLogger("flwr.radfed.server")
+
+
+@dataclass
+class Trained:
+    """The final global model and what each site reported on the way (by round, then site)."""
+
+    arrays: ArrayRecord
+    training: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
+    curves: dict[int, dict[str, dict[str, object]]] = field(default_factory=dict)
+    info: dict[str, object] = field(default_factory=dict)
+
+
+def shared_config(chosen: selection.Selection, pos_weight: float) -> dict[str, object]:
+    """What every train and evaluate message carries: the class weight and the model's feature list."""
+    return {"pos-weight": pos_weight, "features": chosen.names, "features-sha256": sha256_json(chosen.names)}
+
+
+def train(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
+          chosen: selection.Selection, cfg: dict, audit: AuditLog, timeout: float, pos_weight: float,
+          fold: str = "", evaluate_rounds: bool = True, dp_account: dp.DPAccount | None = None) -> Trained:
+    """Train from a zero model standardising with the pooled moments, in the run's ``training`` mode."""
+    index = {n: i for i, n in enumerate(agreement.names)}
+    cols = [index[n] for n in chosen.names]
+    net = model.build_model(pooled.mean[cols], pooled.std[cols])
+    tag = {"fold": fold} if fold else {}
+    initial = ArrayRecord(net.state_dict())
+    audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
+                 training=str(cfg.get("training", "fedavg")), **tag)
+    if str(cfg.get("training", "fedavg")) == "exact":
+        return _train_exact(grid, fed, chosen, cfg, audit, timeout, pos_weight, pooled.mean[cols],
+                            pooled.std[cols], fold, evaluate_rounds)
+    strategy = AuditedFedAvg(fed, audit, fold=fold, evaluate_rounds=evaluate_rounds, dp_account=dp_account)
+    shared = shared_config(chosen, pos_weight)
+    train_config = ConfigRecord({**shared, "local-epochs": int(cfg["local-epochs"]),  # type: ignore[dict-item]
+                                 "learning-rate": float(cfg["learning-rate"]),
+                                 "weight-decay": float(cfg["weight-decay"])})
+    result = strategy.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]), timeout=timeout,
+                            train_config=train_config, evaluate_config=ConfigRecord(shared))  # type: ignore[arg-type]
+    return Trained(result.arrays, strategy.site_training, strategy.site_evaluations, strategy.site_curves)
+
+
+def _train_exact(grid: Grid, fed: Federation, chosen: selection.Selection, cfg: dict, audit: AuditLog,
+                 timeout: float, pos_weight: float, mean: np.ndarray, scale: np.ndarray, fold: str,
+                 evaluate_rounds: bool) -> Trained:
+    """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation."""
+    tag = {"fold": fold} if fold else {}
+    newton = exact.ExactNewton(len(chosen.names), l2=float(cfg.get("exact-l2", 1.0)),
+                               l1=float(cfg.get("exact-l1", 0.0)), tol=float(cfg.get("exact-tol", 1e-10)),
+                               max_rounds=int(cfg.get("exact-max-rounds", 50)))
+    config = {**shared_config(chosen, pos_weight), **tag}
+    trained = Trained(ArrayRecord())
+    while not newton.done:
+        rnd = newton.rounds + 1
+        record = RecordDict({"arrays": ArrayRecord({"coef": Array(newton.coef), "mean": Array(mean),
+                                                    "scale": Array(scale)})})
+        replies = replies_of(fed, audit, "newton", query(grid, list(fed.sites), protocol.NEWTON,
+                                                         {**config, "server-round": rnd}, timeout,
+                                                         per_node=lambda _, r=record: r), rnd)
+        fed.require_enough(f"Newton round {rnd}")
+        terms = {fed.sites[nid]: exact.SiteTerms(
+            grad=r.content["arrays"]["grad"].numpy(), hess=r.content["arrays"]["hess"].numpy(),  # type: ignore[union-attr]
+            loss=float(r.content["metrics"]["loss"]), n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+            n_pos=int(r.content["metrics"]["n-hgg"]), n_neg=int(r.content["metrics"]["n-bm"]))  # type: ignore[arg-type]
+            for nid, r in replies.items()}
+        coef_sent = newton.coef.copy()
+        newton.update(exact.sum_terms(terms.values()))
+        step = newton.history[-1]
+        per_site = {s: {"n": t.n, "loss": t.loss / t.n,
+                        "update_sha256": arrays_sha256({"grad": t.grad, "hess": t.hess})} for s, t in terms.items()}
+        trained.training[rnd] = per_site
+        audit.append("newton-round", round=rnd, sites=per_site, coef_sha256=arrays_sha256({"coef": coef_sent}),
+                     objective=step.objective, accepted=step.accepted,
+                     optimality=step.info.optimality if step.info else None, **tag)
+    state = exact.to_state_dict(newton.coef, mean, scale)
+    trained.arrays = ArrayRecord(state)
+    final_round = newton.rounds
+    trained.info = {"mode": "exact", "rounds": final_round, "converged": newton.converged}
+    # the final model takes the place of a FedAvg round's aggregate: receipts of its evaluation match it
+    audit.append("round-train", round=final_round, sites=trained.training[final_round],
+                 aggregated_sha256=record_sha256(trained.arrays), converged=newton.converged, **tag)
+    log.info("Exact fit %s after %d round(s)", "converged" if newton.converged else "stopped", final_round)
+    if evaluate_rounds:
+        evaluate_config = {**shared_config(chosen, pos_weight), "server-round": final_round, **tag}
+        replies = replies_of(fed, audit, "evaluate", query(grid, list(fed.sites), protocol.EVALUATE, evaluate_config,
+                                                           timeout, per_node=lambda _: RecordDict(
+                                                               {"arrays": trained.arrays})), final_round)
+        fed.require_enough("the evaluation")
+        per_site_eval, site_curves = evaluation_records(fed.sites, replies.values())
+        trained.evaluations[final_round] = per_site_eval
+        trained.curves[final_round] = site_curves
+        audit.append("round-evaluate", round=final_round, sites=per_site_eval, **tag)
+    return trained
