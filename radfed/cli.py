@@ -7,6 +7,7 @@
   radfed site plan show PLAN     site administrator: what a run would compute and send, and its hash
   radfed site approve HASH       site administrator: approve a run plan (revoke HASH to withdraw it)
   radfed site outbox SITE_DIR    site administrator: everything the site has sent
+  radfed site join POOLED --site  site administrator: harmonise a late-joining site against a run's ComBat
   radfed predict --model M ...   site administrator: HGG vs BM for a new case, at the site
   radfed profile show [NAME]     anyone: the extraction profile, its version and hash
   radfed audit verify LOG        auditor: check a run's audit chain and the sites' receipts
@@ -323,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
     extract.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     extract.set_defaults(func=cmd_site_extract)
 
+    from client.join import add_parser as add_join_parser
+    add_join_parser(site)
     plan_show = site.add_parser("plan", help="run plans: show one (file or hash) and whether it is approved here")
     plan_show.add_argument("action", choices=["show"])
     plan_show.add_argument("plan", nargs="?", default=None, help="the coordinator's plan file, or a saved plan's hash")

@@ -80,7 +80,9 @@ def main(grid: Grid, context: Context) -> None:
         result.split_counts = agreement.split_counts
         harmonization = None
         if str(cfg.get("harmonization", "none")) == "combat":
-            harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder)
+            about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
+                     "combat": {k: bool(cfg[f"combat-{k}"]) for k in ("parametric", "eb", "mean-only")}}
+            harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder, about)
         pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
         chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),

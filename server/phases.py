@@ -273,12 +273,14 @@ def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
 
 
 def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audit: AuditLog,
-                        timeout: float, folder: Path) -> Callable[[int], RecordDict]:
+                        timeout: float, folder: Path,
+                        about: dict[str, object] | None = None) -> Callable[[int], RecordDict]:
     """Distributed ComBat, rounds 1-2 (common.combat): returns, per node, what that site needs to fit its
     own location/scale effects locally (it does so when the moments query arrives).
 
     Writes ``harmonization.json`` to the run folder: the pooled estimates a site that joins later is
-    harmonised against (grand mean, pooled variance, covariate effects; no site's own intercept).
+    harmonised against (grand mean, pooled variance, covariate effects; no site's own intercept), with
+    ``about`` (run id, profile hash, ComBat options) so the site can check it uses the same.
     """
     index = {nid: i for i, nid in enumerate(sorted(fed.sites))}
     n_sites = len(index)
@@ -306,7 +308,7 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
     pooled = combat.pool_residuals(means, [combat.SiteResiduals(
         site=index[nid], n=int(r.content["metrics"]["n"]), ss=r.content["arrays"]["ss"].numpy())  # type: ignore[arg-type,union-attr]
         for nid, r in replies.items()])
-    late_joiner = {"features": agreement.names, "n_sites": n_sites, "n": pooled.n,
+    late_joiner = {**(about or {}), "features": agreement.names, "n_sites": n_sites, "n": pooled.n,
                    "grand_mean": pooled.grand_mean.tolist(), "var_pooled": pooled.var_pooled.tolist(),
                    "beta_cov": pooled.beta_cov.tolist(), "zero_variance": pooled.zero_variance.tolist()}
     (folder / "harmonization.json").write_text(json.dumps(late_joiner), encoding="utf-8")

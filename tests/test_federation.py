@@ -1,5 +1,7 @@
 """Whole federations on Flower's simulation engine (real SuperLink, real ClientApps, real extraction)."""
 
+import contextlib
+import io
 import json
 from dataclasses import replace
 from pathlib import Path
@@ -16,6 +18,7 @@ from common import combat, protocol
 from common.canon import arrays_sha256
 from radfed import synth
 from radfed.cli import approve_demo_plan
+from radfed.cli import main as radfed_main
 from radfed.launch import run_federation
 from server.audit import load_or_create_key, public_pem, verify
 
@@ -34,6 +37,14 @@ def _run(tmp_path: Path, data_root: Path, n_sites: int, unapproved: tuple[str, .
     log = tmp_path / "flwr" / "flwr-run.log"
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text(encoding="utf-8")[-3000:]
     return runs[0]
+
+
+def _radfed(*argv: str) -> tuple[int, str, str]:
+    """The radfed CLI in-process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = radfed_main(list(argv))
+    return code, out.getvalue(), err.getvalue()
 
 
 def _events(folder: Path) -> list[dict]:
@@ -167,6 +178,37 @@ def test_federation_end_to_end(three_sites, tmp_path):
     assert len(saved["features"]) == doc["features"]["n"] == state["linear.weight"].shape[1]
     assert (folder / "report.html").read_text(encoding="utf-8").count("<tr>") > 3
     assert "federation" in (folder / "report.md").read_text(encoding="utf-8")
+
+    _late_joiner_predicts(folder, doc, tmp_path / "late")
+
+
+def _late_joiner_predicts(folder: Path, doc: dict, root: Path) -> None:
+    """A hospital that joins after the run: `radfed site join` fits its own ComBat effects against the run's
+    pooled estimates, then `radfed predict` scores one of its cases with the run's model."""
+    spec = replace(synth.tiny_sites(5, 3)[4], name="late-site")
+    site = synth.write_site(root, spec, seed=999)
+    pooled = folder / "harmonization.json"
+    code, out, err = _radfed("site", "join", str(pooled), "--site", str(site))
+    assert code == 0 and "harmonised against run" in out, err
+    saved_path = site / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json"
+    saved = json.loads(saved_path.read_text(encoding="utf-8"))
+    late = json.loads(pooled.read_text(encoding="utf-8"))
+    assert saved["joined"] is True and saved["features"] == late["features"] and saved["n"] == 6
+    assert saved["grand_mean"] == late["grand_mean"] and saved["var_pooled"] == late["var_pooled"]
+    assert saved["site"] is None  # not one of the run's design columns
+
+    # joining twice would silently replace what earlier predictions used: refused, naming the file
+    code, _, err = _radfed("site", "join", str(pooled), "--site", str(site))
+    assert code == 2 and "already has parameters for run" in err and str(saved_path) in err
+    # not a harmonization.json: refused with what to use instead
+    code, _, err = _radfed("site", "join", str(folder / "metrics.json"), "--site", str(site))
+    assert code == 2 and 'harmonization = "combat"' in err
+
+    code, out, err = _radfed("predict", "--model", str(folder / "model.pt"), "--site", str(site),
+                             "--case-id", "site-001", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert 0.0 < result["probability_hgg"] < 1.0 and result["harmonization"]["file"] == str(saved_path)
 
 
 def test_profile_mismatch_refuses_to_train_and_names_the_site(tmp_path):

@@ -1,0 +1,87 @@
+"""`radfed site join`: harmonise a site that joins after a run, against the run's stored pooled ComBat
+estimates (``harmonization.json`` in the run folder), so `radfed predict` can use that run's model here.
+
+The pooled estimates (grand mean, pooled variance, covariate effects) stay as they are; the site fits only
+its own location/scale effects, on all its usable cases, and keeps them in
+``<output_dir>/harmonization/run-<id>.json``. Nothing leaves the site.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from client.site import SiteError
+
+
+def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
+    """Fit this site's ComBat parameters against a run's pooled estimates; returns what was saved."""
+    from client.extract import extract_site
+    from client.steps import open_site
+    from common import combat
+
+    try:
+        stored = json.loads(pooled_file.read_text(encoding="utf-8"))
+        names, n_sites = [str(n) for n in stored["features"]], int(stored["n_sites"])
+        run_id, profile_sha256 = stored["run_id"], str(stored["profile_sha256"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise SiteError(f"{pooled_file} is not a run's harmonization.json ({exc!r}): use the file from the run "
+                        "folder of a run made with harmonization = \"combat\"") from None
+    options = {k.replace("-", "_"): bool(v) for k, v in stored.get("combat", {}).items()}
+    site, profile = open_site(site_dir, {})
+    if profile.sha256 != profile_sha256:
+        raise SiteError(f"site {site.name} extracts with profile {profile.name} ({profile.short_hash}), run "
+                        f"{run_id} used {profile_sha256[:12]}: use the federation's profile at this site "
+                        "(site.yaml 'profile') and extract again")
+    table, _ = extract_site(site, profile, workers=workers)  # cached; ComBat needs no diagnosis
+    index = {n: i for i, n in enumerate(table.names)}
+    missing = [n for n in names if n not in index]
+    if missing:
+        raise SiteError(f"site {site.name} lacks {len(missing)} of the run's features (e.g. {missing[0]}): "
+                        "extract with the federation's profile")
+    x = table.values[:, [index[n] for n in names]]
+    bad = ~np.all(np.isfinite(x), axis=0)
+    if bad.any():
+        raise SiteError(f"site {site.name}: {int(bad.sum())} of the run's features are not finite at every "
+                        f"case (e.g. {names[int(np.argmax(bad))]}); fix or remove the cases named in "
+                        f"{site.work_dir / 'errors.json'}")
+    d = len(names)
+    beta_cov = np.asarray(stored["beta_cov"], dtype=np.float64).reshape(-1, d)
+    pooled = combat.PooledEstimates(n_sites=n_sites, n=int(stored["n"]),
+                                    beta=np.vstack([np.zeros((n_sites, d)), beta_cov]),
+                                    grand_mean=np.asarray(stored["grand_mean"], dtype=np.float64),
+                                    var_pooled=np.asarray(stored["var_pooled"], dtype=np.float64),
+                                    zero_variance=np.asarray(stored["zero_variance"], dtype=bool))
+    _, params = combat.join_site(x, pooled, **options)
+    saved = {**params.to_dict(), "features": names, "run_id": run_id, "joined": True}
+    folder = site.work_dir / "harmonization"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"run-{run_id}.json"
+    if path.exists():
+        raise SiteError(f"{path} exists: this site already has parameters for run {run_id} (it took part, or "
+                        "joined before); remove the file deliberately to refit")
+    path.write_text(json.dumps(saved), encoding="utf-8")
+    return {"site": site.name, "run_id": run_id, "cases": int(len(x)), "features": d, "path": str(path)}
+
+
+def add_parser(subparsers: Any) -> argparse.ArgumentParser:
+    """Add ``radfed site join`` to the site subcommands."""
+    parser = subparsers.add_parser(
+        "join", help="harmonise this site against a finished run's pooled ComBat estimates (late joiner)")
+    parser.add_argument("pooled", help="the run folder's harmonization.json")
+    parser.add_argument("--site", required=True, help="the site folder")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.set_defaults(func=main)
+    return parser
+
+
+def main(args: argparse.Namespace) -> int:
+    result = join(Path(args.pooled), Path(args.site), args.workers)
+    print(f"site {result['site']} harmonised against run {result['run_id']} on its {result['cases']} usable cases "
+          f"({result['features']} features); parameters kept in {result['path']} (nothing left the site). "
+          f"Predict with: radfed predict --model <run folder>/model.pt --site {args.site} --case-id ID")
+    return 0
