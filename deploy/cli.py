@@ -1,0 +1,536 @@
+"""`python -m deploy <command>`: a radfed federation on real Flower processes, with TLS and SuperNode
+authentication. Everything lives in one deployment folder (``--dir``, default ``~/.radfed/deploy`` or
+``$RADFED_DEPLOY_DIR``):
+
+  provision --sites a,b,c [--host NAME]     CA + SuperLink certificate (pki/), one node key pair per site (keys/)
+  superlink [--host H] [--port P]           start flower-superlink (TLS, --enable-supernode-auth) in the background
+  register [--sites a,b]                    register the sites' public keys with the SuperLink
+  supernode --site NAME --site-dir PATH     start one hospital's flower-supernode in the background
+  run [--run-config "k=v ..."]              flwr run --stream; then the run's status, report and audit log
+  status                                    which processes are alive; Flower's runs and SuperNodes
+  stop [NAME ...]                           SIGTERM the SuperNodes and the SuperLink, then SIGKILL stragglers
+
+pids are in procs/<name>.json, logs in logs/, the coordinator's FLWR_HOME (config.toml with the
+`radfed` connection) in home/coordinator. See docs/deployment.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import suppress
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+APP_DIR = Path(__file__).resolve().parent.parent
+CONNECTION = "radfed"
+DEFAULT_DIR = Path(os.environ.get("RADFED_DEPLOY_DIR", "~/.radfed/deploy")).expanduser()
+ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
+RUN_FOLDER = re.compile(r"results go to (\S.*?)\s*$")
+FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
+NODE_ID = re.compile(r"SuperNode ID: (\d+)")
+RUN_ID = re.compile(r"[Ss]uccessfully started run (\d+)")
+STOP_GRACE = 30.0  # flower-superexec children exit within about 20 s of a SIGTERM
+FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the deployment folder
+
+
+def pki(d: Path) -> Path:
+    return d / "pki"
+
+
+def home(d: Path, name: str = "coordinator") -> Path:
+    """A private FLWR_HOME: ``coordinator`` for the SuperLink and the flwr CLI, one per SuperNode."""
+    return d / "home" / name
+
+
+def record_path(d: Path, name: str) -> Path:
+    return d / "procs" / f"{name}.json"
+
+
+def log_path(d: Path, name: str) -> Path:
+    return d / "logs" / f"{name}.log"
+
+
+def read_record(d: Path, name: str) -> dict[str, Any] | None:
+    path = record_path(d, name)
+    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+
+def records(d: Path) -> list[dict[str, Any]]:
+    found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((d / "procs").glob("*.json"))]
+    return sorted(found, key=lambda r: r["role"] == "superlink")  # SuperNodes first, the SuperLink last
+
+
+def _write_record(d: Path, record: dict[str, Any]) -> None:
+    path = record_path(d, record["name"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _bin(name: str) -> str:
+    """A program from this Python's environment (the venv), else from PATH."""
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def env_for(flwr_home: Path) -> dict[str, str]:
+    """Environment for every Flower process: a private FLWR_HOME, no runtime dependency installation
+    (else the SuperLink `uv sync`s the app and pulls a multi-GB CUDA torch), the venv's programs first."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
+    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
+    env.setdefault("COLUMNS", "160")  # Flower's tables
+    return env
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as sock:
+        sock.bind((host if host not in ("0.0.0.0", "::") else "", 0))
+        return int(sock.getsockname()[1])
+
+
+def _connect_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def write_connection(d: Path, address: str) -> Path:
+    """The coordinator's ``config.toml``: one `radfed` connection (address + the CA to trust)."""
+    config = home(d) / "config.toml"
+    config.parent.mkdir(parents=True, exist_ok=True)
+    ca = (pki(d) / "ca.crt").resolve()
+    config.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
+                      f'address = "{address}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
+    return config
+
+
+# ----------------------------------------------------------------------------------------------------------
+# processes. Every process we start leads its own process group; Flower starts more: the SuperNode's
+# flower-superexec (same group) and its flwr-clientapp runs; the SuperLink's flower-superexec runs in a session
+# of its own, with `--parent-pid <SuperLink pid>`, and starts flwr-serverapp runs. Linux /proc is read to
+# find them all; elsewhere only the process group is signalled.
+
+
+def _process_table() -> dict[int, tuple[str, int, int, str]]:
+    """pid -> (state, parent pid, process group, command line) of every process, {} without /proc."""
+    table = {}
+    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else []:
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, IndexError):
+            continue
+        table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]), cmd)
+    return table
+
+
+def flower_processes(pid: int) -> dict[int, int]:
+    """Live Flower processes of a recorded process, pid -> process group: the process, its process group,
+    its descendants, and the flower-superexec started for it (``--parent-pid``)."""
+    table = _process_table()
+    if not table:  # no /proc: the process group is all we know
+        try:
+            os.killpg(pid, 0)
+        except ProcessLookupError:
+            return {}
+        return {pid: pid}
+    children: dict[int, list[int]] = {}
+    for child, (_, parent, _, _) in table.items():
+        children.setdefault(parent, []).append(child)
+    tree, stack = set(), [pid]
+    while stack:
+        current = stack.pop()
+        if current not in tree:
+            tree.add(current)
+            stack += children.get(current, [])
+    found = {}
+    for other, (state, _, pgid, cmd) in table.items():
+        if state in ("Z", "X") or not any(program in cmd for program in FLOWER_PROGRAMS):
+            continue
+        if other in tree or pgid == pid or re.search(rf"--parent-pid {pid}\b", cmd):
+            found[other] = pgid
+    return found
+
+
+def is_running(record: dict[str, Any]) -> bool:
+    return bool(flower_processes(int(record["pid"])))
+
+
+def stop_processes(recs: list[dict[str, Any]], grace: float = STOP_GRACE) -> dict[str, str]:
+    """SIGTERM the process groups of every recorded process and of what Flower started for it, wait up
+    to ``grace`` seconds for all of them to exit, SIGKILL the groups of any left.
+
+    Returns how each ended: "stopped", "killed" or "not running"."""
+    targets = {rec["name"]: flower_processes(int(rec["pid"])) for rec in recs}
+
+    def signal_groups(groups: set[int], sig: signal.Signals) -> None:
+        for pgid in groups:
+            with suppress(ProcessLookupError, PermissionError):
+                os.killpg(pgid, sig)
+
+    signal_groups({g for procs in targets.values() for g in procs.values()}, signal.SIGTERM)
+
+    def left(procs: dict[int, int]) -> dict[int, int]:
+        table = _process_table()
+        if not table:
+            return {p: g for p, g in procs.items() if flower_processes(g)}
+        return {p: g for p, g in procs.items() if p in table and table[p][0] not in ("Z", "X")}
+
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline and any(left(procs) for procs in targets.values()):
+        time.sleep(0.3)
+    outcome = {}
+    for name, procs in targets.items():
+        remaining = left(procs)
+        if remaining:
+            signal_groups(set(remaining.values()), signal.SIGKILL)
+        outcome[name] = "not running" if not procs else "killed" if remaining else "stopped"
+    return outcome
+
+
+def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"\n=== {datetime.now(UTC).isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
+        out.flush()
+        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                start_new_session=True)
+
+
+def _tail(path: Path, lines: int = 15) -> str:
+    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+    return "\n".join(ANSI.sub("", text).splitlines()[-lines:])
+
+
+def exit_code_in_log(log: Path, offset: int = 0) -> int | None:
+    """The Flower exit code a process logged ("Exit Code: 305"), if any, after byte ``offset``."""
+    with log.open("rb") as fh:
+        fh.seek(offset)
+        found = FLOWER_EXIT.findall(ANSI.sub("", fh.read().decode(errors="replace")))
+    return int(found[-1]) if found else None
+
+
+def _refuse_if_running(d: Path, name: str) -> None:
+    rec = read_record(d, name)
+    if rec and is_running(rec):
+        raise SystemExit(f"{name} is already running (pid {rec['pid']}); stop it first: python -m deploy stop {name}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# commands
+
+
+def cmd_provision(args: argparse.Namespace) -> int:
+    from deploy.pki import provision
+
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else []
+    result = provision(args.dir, sites, args.host or [])
+    for path in result.kept:
+        print(f"kept     {path} (exists; remove it yourself to replace it)")
+    for path in result.created:
+        print(f"created  {path}")
+    print(f"\nSuperLink: python -m deploy superlink --dir {args.dir}\n"
+          f"each hospital gets {pki(args.dir) / 'ca.crt'} and its own private key keys/<site> "
+          "(the .pub stays with the coordinator for `register`)")
+    return 0
+
+
+def cmd_superlink(args: argparse.Namespace) -> int:
+    d = args.dir
+    files = {name: pki(d) / name for name in ("ca.crt", "server.crt", "server.key")}
+    missing = [str(p) for p in files.values() if not p.exists()]
+    if missing:
+        raise SystemExit(f"missing {', '.join(missing)}: run python -m deploy provision --dir {d} --sites ...")
+    _refuse_if_running(d, "superlink")
+    port = args.port or free_port(args.host)
+    cmd = [_bin("flower-superlink"), "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile",
+           str(files["server.crt"]), "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth",
+           "--disable-runtime-dependency-installation", "--host", args.host, "--port", str(port)]
+    log = log_path(d, "superlink")
+    proc = _start(cmd, env_for(home(d)), log)
+    address = f"{_connect_host(args.host)}:{port}"
+    _write_record(d, {"name": "superlink", "role": "superlink", "program": "flower-superlink", "pid": proc.pid,
+                      "address": address, "host": args.host, "port": port, "log": str(log), "cmd": cmd,
+                      "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            print(f"flower-superlink exited with code {proc.returncode}:\n{_tail(log)}", file=sys.stderr)
+            return 1
+        with socket.socket() as sock:
+            if sock.connect_ex((_connect_host(args.host), port)) == 0:
+                break
+        time.sleep(0.2)
+    else:
+        print(f"flower-superlink did not open port {port} within {args.wait:.0f}s; see {log}", file=sys.stderr)
+        return 1
+    config = write_connection(d, address)
+    print(f"SuperLink running: pid {proc.pid}, {args.host}:{port} (TLS, SuperNode authentication)\n"
+          f"  log         {log}\n  connection  '{CONNECTION}' in {config}\n"
+          f"  SuperNodes connect with --superlink <this host>:{port} (the certificate's names: localhost, "
+          f"127.0.0.1{''.join(', ' + h for h in _extra_hosts(d))})")
+    return 0
+
+
+def _extra_hosts(d: Path) -> list[str]:
+    from deploy.pki import DEFAULT_HOSTS, san_hosts
+
+    return [h for h in san_hosts(pki(d) / "server.crt") if h not in DEFAULT_HOSTS]
+
+
+def _flwr(d: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([_bin("flwr"), *argv], env=env_for(home(d)), capture_output=True, text=True,
+                          timeout=timeout, check=False)
+
+
+def _require_connection(d: Path) -> None:
+    if not (home(d) / "config.toml").exists():
+        raise SystemExit(f"no connection in {home(d) / 'config.toml'}: start the SuperLink first "
+                         f"(python -m deploy superlink --dir {d})")
+
+
+def cmd_register(args: argparse.Namespace) -> int:
+    d = args.dir
+    _require_connection(d)
+    keys = d / "keys"
+    sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else \
+        sorted(p.stem for p in keys.glob("*.pub"))
+    if not sites:
+        raise SystemExit(f"no public keys in {keys}: python -m deploy provision --dir {d} --sites a,b,c")
+    failed = 0
+    for site in sites:
+        pub = keys / f"{site}.pub"
+        if not pub.exists():
+            print(f"{site}: no public key {pub}", file=sys.stderr)
+            failed += 1
+            continue
+        done = _flwr(d, "supernode", "register", str(pub), CONNECTION, "--name", site)
+        text = ANSI.sub("", done.stdout + done.stderr).strip()
+        if done.returncode == 0:
+            print(f"{site}: {text.splitlines()[-1] if text else 'registered'}")
+        elif "already in use" in text:
+            print(f"{site}: already registered")
+        else:
+            failed += 1
+            print(f"{site}: registration failed (exit {done.returncode}): {text}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+def cmd_supernode(args: argparse.Namespace) -> int:
+    from deploy.pki import check_site_name
+
+    d, site = args.dir, check_site_name(args.site)
+    site_dir = Path(args.site_dir).expanduser().resolve()
+    if not site_dir.is_dir():
+        raise SystemExit(f"site folder {site_dir} does not exist")
+    if "'" in str(site_dir):
+        raise SystemExit(f"site folder {site_dir}: a path with a single quote cannot go into --node-config")
+    key = Path(args.key) if args.key else d / "keys" / site
+    ca = Path(args.ca) if args.ca else pki(d) / "ca.crt"
+    for path in (key, ca):
+        if not path.exists():
+            raise SystemExit(f"missing {path}")
+    superlink = args.superlink
+    if not superlink:
+        rec = read_record(d, "superlink")
+        if not rec:
+            raise SystemExit("no SuperLink recorded in this deployment folder: pass --superlink host:port")
+        superlink = rec["address"]
+    _refuse_if_running(d, site)
+    port = args.port or free_port()
+    cmd = [_bin("flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
+           "--auth-supernode-private-key", str(key), "--node-config", f"site-dir='{site_dir}'",
+           "--port", str(port)]
+    log = log_path(d, f"supernode-{site}")
+    offset = log.stat().st_size if log.exists() else 0
+    proc = _start(cmd, env_for(home(d, site)), log)
+    _write_record(d, {"name": site, "role": "supernode", "program": "flower-supernode", "pid": proc.pid,
+                      "superlink": superlink, "port": port, "site_dir": str(site_dir), "log": str(log), "cmd": cmd,
+                      "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    # joined: it logs its node id; refused (unregistered key, node still marked online) or unreachable:
+    # it exits within seconds (code 305) or keeps retrying
+    deadline, node_id = time.monotonic() + args.wait, None
+    while time.monotonic() < deadline and proc.poll() is None and node_id is None:
+        time.sleep(0.3)
+        with log.open("rb") as fh:
+            fh.seek(offset)
+            node_id = next(iter(NODE_ID.findall(ANSI.sub("", fh.read().decode(errors="replace")))), None)
+    if proc.poll() is not None:
+        flower_code = exit_code_in_log(log, offset)  # the process itself exits with 1
+        hint = (" (305: the SuperLink refused it or could not be reached: is its public key registered "
+                "(python -m deploy register), the address right, the CA the federation's? After a crash a node "
+                "can rejoin only once the SuperLink has marked it offline, up to 60 s)") if flower_code == 305 else ""
+        print(f"flower-supernode for {site} exited (code {proc.returncode}, Flower exit code {flower_code}){hint}:\n"
+              f"{_tail(log)}", file=sys.stderr)
+        return 1
+    joined = f"joined as node {node_id}" if node_id else f"not joined yet after {args.wait:.0f}s (still trying)"
+    print(f"SuperNode {site} running: pid {proc.pid}, {joined}, SuperLink {superlink}, site folder {site_dir}\n"
+          f"  log  {log}")
+    return 0 if node_id else 3
+
+
+def _stream_run(cmd: list[str], env: dict[str, str], log: Path, quiet: bool) -> tuple[int, str | None, str | None]:
+    """Run ``flwr run --stream``, echo and keep its output; (exit code, run folder, run id)."""
+    folder = run_id = None
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("w", encoding="utf-8") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                stdin=subprocess.DEVNULL, errors="replace")
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                out.flush()
+                if not quiet:
+                    sys.stdout.write(line)
+                    sys.stdout.flush()
+                plain = ANSI.sub("", line)
+                if (m := RUN_FOLDER.search(plain)) and folder is None:
+                    folder = m.group(1)
+                if (m := RUN_ID.search(plain)) and run_id is None:
+                    run_id = m.group(1)
+        finally:
+            if proc.poll() is None and sys.exc_info()[0] is not None:
+                proc.terminate()
+            proc.wait()
+    return proc.returncode, folder, run_id
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    d = args.dir
+    _require_connection(d)
+    cmd = [_bin("flwr"), "run", str(Path(args.app).resolve()), CONNECTION, "--stream"]
+    if args.run_config:
+        cmd += ["--run-config", args.run_config]
+    log = d / "logs" / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}.log"
+    code, folder, run_id = _stream_run(cmd, env_for(home(d)), log, args.quiet)
+    print(f"\nflwr run exited with code {code} (run {run_id or '?'}); its output: {log}")
+    if folder is None:
+        print("no run folder in the log: the ServerApp did not start (see the output above and "
+              f"{log_path(d, 'superlink')})", file=sys.stderr)
+        return 2
+    out = Path(folder)
+    metrics = out / "metrics.json"
+    if not metrics.exists():
+        print(f"run folder {out} has no metrics.json: the ServerApp stopped before writing its outputs "
+              f"(see {log_path(d, 'superlink')})", file=sys.stderr)
+        return 2
+    doc = json.loads(metrics.read_text(encoding="utf-8"))
+    status = doc.get("status")
+    print(f"run {doc.get('run_id', run_id)} {status}" + (f": {doc.get('error')}" if status != "completed" else ""))
+    for dropout in doc.get("dropouts") or []:
+        where = f"round {dropout['round']} ({dropout['phase']})" if dropout.get("round") else dropout.get("phase")
+        print(f"  site {dropout['site']} left at {where}: {dropout['reason']}")
+    print(f"  report     {out / 'report.html'}\n  metrics    {metrics}\n  audit log  {out / 'audit.jsonl'}\n"
+          f"  audit key  {out / 'audit.pub'} (publish it once to the auditors; they pin it)\n"
+          f"  verify     radfed audit verify {out / 'audit.jsonl'} --pubkey <published audit.pub> "
+          "--receipts <each site's folder or receipts.jsonl>")
+    return 0 if status == "completed" else 1
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    d = args.dir
+    recs = records(d)
+    if not recs:
+        print(f"nothing recorded in {d / 'procs'}")
+    for rec in recs:
+        state = "running" if is_running(rec) else "stopped"
+        where = rec.get("address") or f"-> {rec.get('superlink')}, site {rec.get('site_dir')}"
+        print(f"{rec['role']:9} {rec['name']:16} pid {rec['pid']:<8} {state:8} {where}\n{'':10}log {rec['log']}")
+    link = read_record(d, "superlink")
+    if link and is_running(link):
+        for title, argv in (("runs", ("ls", CONNECTION)), ("SuperNodes", ("supernode", "ls", CONNECTION))):
+            done = _flwr(d, *argv)
+            print(f"\n{title} (flwr {' '.join(argv)}):\n{ANSI.sub('', done.stdout + done.stderr).rstrip()}")
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    d = args.dir
+    recs = [r for r in records(d) if not args.names or r["name"] in args.names]
+    unknown = set(args.names or []) - {r["name"] for r in recs}
+    if unknown:
+        print(f"not recorded: {', '.join(sorted(unknown))}", file=sys.stderr)
+    # SuperNodes first, so they leave while the SuperLink can still take their goodbye
+    nodes = [r for r in recs if r["role"] != "superlink"]
+    link = [r for r in recs if r["role"] == "superlink"]
+    outcome = {**stop_processes(nodes, args.grace), **stop_processes(link, args.grace)}
+    for rec in recs:
+        print(f"{rec['name']}: {outcome[rec['name']]} (pid {rec['pid']})")
+        record_path(d, rec["name"]).unlink(missing_ok=True)
+    return 1 if unknown else 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, func: Any) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text)
+        p.add_argument("--dir", "--out", dest="dir", type=lambda s: Path(s).expanduser().resolve(),
+                       default=DEFAULT_DIR, help=f"the deployment folder (default {DEFAULT_DIR})")
+        p.set_defaults(func=func)
+        return p
+
+    p = add("provision", "CA, SuperLink certificate and one ECDSA P-384 node key pair per site", cmd_provision)
+    p.add_argument("--sites", default="", help="comma-separated site names, e.g. hospital-a,hospital-b")
+    p.add_argument("--host", action="append", help="another name or address the SuperLink is reached by "
+                   "(repeatable; localhost and 127.0.0.1 are always in the certificate)")
+
+    p = add("superlink", "start flower-superlink with TLS and SuperNode authentication", cmd_superlink)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the port to open")
+
+    p = add("register", "register the sites' public keys (keys/<site>.pub) with the SuperLink", cmd_register)
+    p.add_argument("--sites", default="", help="comma-separated site names (default: every key in keys/)")
+
+    p = add("supernode", "start one hospital's flower-supernode", cmd_supernode)
+    p.add_argument("--site", required=True, help="the site's name (its key is keys/<site>)")
+    p.add_argument("--site-dir", required=True, help="the hospital's site folder (manifest.csv or site.yaml)")
+    p.add_argument("--superlink", default=None, help="host:port (default: this folder's SuperLink)")
+    p.add_argument("--key", default=None, help="the node's OpenSSH private key (default keys/<site>)")
+    p.add_argument("--ca", default=None, help="the federation's CA certificate (default pki/ca.crt)")
+    p.add_argument("--port", type=int, default=0, help="the SuperNode's local port (default: a free one)")
+    p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for it to join (exit code 3 if not yet)")
+
+    p = add("run", "flwr run --stream; then the run's status, report and audit log", cmd_run)
+    p.add_argument("--app", default=str(APP_DIR), help=f"the Flower App (default {APP_DIR})")
+    p.add_argument("--run-config", default="", help="overrides, as for flwr run: \"num-server-rounds=10 ...\"")
+    p.add_argument("--quiet", action="store_true", help="do not echo Flower's log stream (it is still kept)")
+
+    add("status", "which processes are alive; Flower's runs and SuperNodes", cmd_status)
+
+    p = add("stop", "SIGTERM SuperNodes and SuperLink (process groups), then SIGKILL stragglers", cmd_stop)
+    p.add_argument("names", nargs="*", help="only these (site names or 'superlink'); default: all")
+    p.add_argument("--grace", type=float, default=STOP_GRACE, help="seconds between SIGTERM and SIGKILL")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (OSError, ValueError) as exc:  # e.g. a key that exists, a bad site name
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
