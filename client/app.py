@@ -21,7 +21,7 @@ from client.approvals import approval_check, check_approved
 from client.dp import dp_update_mod
 from client.guard import SITE_STATE, privacy_guard
 from client.site import Site, SiteError
-from common import combat
+from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
 
 log = logging.getLogger("flwr.radfed.client")
@@ -74,8 +74,11 @@ def _harmonizer(context: Context) -> steps.Harmonizer | None:
 
 
 def _keep_combat(context: Context, params: combat.SiteCombat, site: Site) -> None:
-    """Remember the parameters for this run's later messages and save them at the site for prediction."""
-    text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id})
+    """Remember the parameters for this run's later messages and save them at the site for prediction
+    (with the covariate spec, so a new case's age and sex are coded the same way)."""
+    spec = covariates.describe(steps.combat_covariates(context.run_config))
+    text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id,
+                       "covariates": spec})
     context.state[COMBAT_STATE] = ConfigRecord({"params": text})
     folder = site.work_dir / "harmonization"
     folder.mkdir(parents=True, exist_ok=True)
@@ -104,30 +107,33 @@ def features(msg: Message, context: Context) -> Message:
     return _reply(msg, config=ConfigRecord({"features": names}), metrics=MetricRecord(counts))
 
 
-def _combat_round(msg: Message, context: Context) -> tuple[np.ndarray, int, int]:
-    """Training split of the agreed features, and this site's place in the ComBat design."""
+def _combat_round(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+    """Training split of the agreed features and its covariates, and this site's place in the ComBat design."""
     config = msg.content["config"]
     agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
     n_sites = int(config["n-sites"])  # type: ignore[arg-type, index]
-    _agreement(context)["design-columns"] = n_sites  # no covariates yet: one column per site
-    x, _ = steps.site_matrix(_data(context), agreed, held_out=False)
-    return x, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
+    data = _data(context)
+    spec = steps.combat_covariates(context.run_config)
+    x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, context.run_config))
+    # the design: one column per site, then the covariates' columns
+    _agreement(context)["design-columns"] = n_sites + len(covariates.columns(spec))
+    return x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
 
 
 @app.query("combat_fit")
 def combat_fit(msg: Message, context: Context) -> Message:
-    x, site, n_sites = _combat_round(msg, context)
-    sent = combat.site_moments(x, site, n_sites)
+    x, c, site, n_sites = _combat_round(msg, context)
+    sent = combat.site_moments(x, site, n_sites, c)
     return _reply(msg, arrays=_arrays({"xtx": sent.xtx, "xty": sent.xty}), metrics=MetricRecord({"n": sent.n}))
 
 
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
-    x, site, n_sites = _combat_round(msg, context)
+    x, c, site, n_sites = _combat_round(msg, context)
     beta = msg.content["arrays"]["beta"].numpy()  # type: ignore[union-attr]
     means = combat.PooledMeans(n_sites=n_sites, n=0, beta=beta, grand_mean=np.zeros(beta.shape[1]),
                                fitted_ms=np.zeros(beta.shape[1]))
-    sent = combat.site_residuals(x, means, site)
+    sent = combat.site_residuals(x, means, site, c)
     return _reply(msg, arrays=_arrays({"ss": sent.ss}), metrics=MetricRecord({"n": sent.n}))
 
 
@@ -138,10 +144,11 @@ def moments(msg: Message, context: Context) -> Message:
     data = _data(context)
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
         x_raw, _ = steps.site_matrix(data, agreed, held_out=False)
+        c = None if data.covariates is None else data.covariates[~data.held_out]
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
         _keep_combat(context, steps.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
-            int(config["n-pooled"]), context.run_config), data.site)  # type: ignore[arg-type, index]
+            int(config["n-pooled"]), context.run_config, c), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context))
     arrays, counts = steps.moments_reply(x, y)
     return _reply(msg, arrays=_arrays(arrays), metrics=MetricRecord(counts))

@@ -19,6 +19,7 @@ from __future__ import annotations
 import csv
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 from client.site import DIAGNOSES, Case, CaseProblem, SiteError
 
@@ -65,11 +66,17 @@ def import_manifest(data_root: Path, manifest: Path, sequences: tuple[str, ...])
             continue
         yield Case(case_id=case_id, diagnosis=(row["diagnosis"] or "").strip().upper(),
                    images={seq: data_root / row[seq].strip() for seq in sequences},
-                   mask=data_root / row["mask"].strip())
+                   mask=data_root / row["mask"].strip(), covariates=_other_columns(row, needed))
 
 
-def read_diagnoses(labels_csv: Path) -> tuple[dict[str, str], list[CaseProblem]]:
-    """``labels.csv`` (case_id,diagnosis) as {case_id: raw diagnosis}, plus its bad rows."""
+def _other_columns(row: Mapping[str | None, Any], known: Iterable[str]) -> dict[str, str]:
+    """A CSV row's columns besides ``known`` (e.g. age, sex), stripped; extra unnamed fields are ignored."""
+    skip = set(known)
+    return {k: str(v or "").strip() for k, v in row.items() if k is not None and k not in skip}
+
+
+def read_diagnoses(labels_csv: Path) -> tuple[dict[str, dict[str, str]], list[CaseProblem]]:
+    """``labels.csv`` (case_id,diagnosis[,covariates...]) as {case_id: its row}, plus its bad rows."""
     if not labels_csv.exists():
         raise SiteError(f"{labels_csv} is missing: image folders carry no diagnosis, so write a CSV with "
                         f"columns case_id,diagnosis (one row per case folder, diagnosis HGG or BM)")
@@ -79,7 +86,7 @@ def read_diagnoses(labels_csv: Path) -> tuple[dict[str, str], list[CaseProblem]]
         if missing:
             raise SiteError(f"{labels_csv} lacks column(s) {missing}: the header must be case_id,diagnosis")
         rows = list(reader)
-    diagnoses: dict[str, str] = {}
+    diagnoses: dict[str, dict[str, str]] = {}
     problems: list[CaseProblem] = []
     for line, row in enumerate(rows, start=2):
         case_id = (row.get("case_id") or "").strip()
@@ -90,7 +97,8 @@ def read_diagnoses(labels_csv: Path) -> tuple[dict[str, str], list[CaseProblem]]
             problems.append(CaseProblem(case_id, f"listed twice in {labels_csv.name}",
                                         f"keep one row for {case_id} in {labels_csv}", kind="duplicate-id"))
         else:
-            diagnoses[case_id] = row.get("diagnosis") or ""
+            diagnoses[case_id] = {"diagnosis": row.get("diagnosis") or "",
+                                  **_other_columns(row, ("case_id", "diagnosis"))}
     return diagnoses, problems
 
 
@@ -124,7 +132,7 @@ def _folder_cases(data_root: Path, labels_csv: Path, sequences: tuple[str, ...],
             yield CaseProblem(case_id, f"no diagnosis for {case_id} in {labels_csv.name}",
                               f"add a row '{case_id},HGG' or '{case_id},BM' to {labels_csv}", kind="no-diagnosis")
             continue
-        problem = _diagnosis_problem(case_id, diagnoses[case_id], labels_csv.name)
+        problem = _diagnosis_problem(case_id, diagnoses[case_id]["diagnosis"], labels_csv.name)
         if problem:
             yield problem
             continue
@@ -151,7 +159,9 @@ def _folder_cases(data_root: Path, labels_csv: Path, sequences: tuple[str, ...],
                               else "missing-sequence")
         else:
             mask = found.pop("mask")
-            yield Case(case_id=case_id, diagnosis=diagnoses[case_id].strip().upper(), images=found, mask=mask)
+            row = diagnoses[case_id]
+            yield Case(case_id=case_id, diagnosis=row["diagnosis"].strip().upper(), images=found, mask=mask,
+                       covariates={k: v for k, v in row.items() if k != "diagnosis"})
     for case_id in diagnoses:
         if case_id not in folders:
             yield CaseProblem(case_id, f"listed in {labels_csv.name} but {data_root / case_id} is not a folder",

@@ -21,8 +21,9 @@ from client.site import SiteError
 def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
     """Fit this site's ComBat parameters against a run's pooled estimates; returns what was saved."""
     from client.extract import extract_site
-    from client.steps import open_site
+    from client.steps import code_covariates, open_site
     from common import combat
+    from common import covariates as cov
 
     try:
         stored = json.loads(pooled_file.read_text(encoding="utf-8"))
@@ -37,12 +38,21 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
         raise SiteError(f"site {site.name} extracts with profile {profile.name} ({profile.short_hash}), run "
                         f"{run_id} used {profile_sha256[:12]}: use the federation's profile at this site "
                         "(site.yaml 'profile') and extract again")
+    folder = site.work_dir / "harmonization"
+    path = folder / f"run-{run_id}.json"
+    if path.exists():
+        raise SiteError(f"{path} exists: this site already has parameters for run {run_id} (it took part, or "
+                        "joined before); remove the file deliberately to refit")
     table, _ = extract_site(site, profile, workers=workers)  # cached; ComBat needs no diagnosis
     index = {n: i for i, n in enumerate(table.names)}
     missing = [n for n in names if n not in index]
     if missing:
         raise SiteError(f"site {site.name} lacks {len(missing)} of the run's features (e.g. {missing[0]}): "
                         "extract with the federation's profile")
+    spec = cov.parse(str(stored.get("covariates") or ""))
+    design = None
+    if spec:  # code each case's covariates as the run did; a case without them is named and left out
+        table, design = code_covariates(site, table, spec)
     x = table.values[:, [index[n] for n in names]]
     bad = ~np.all(np.isfinite(x), axis=0)
     if bad.any():
@@ -56,16 +66,14 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
                                     grand_mean=np.asarray(stored["grand_mean"], dtype=np.float64),
                                     var_pooled=np.asarray(stored["var_pooled"], dtype=np.float64),
                                     zero_variance=np.asarray(stored["zero_variance"], dtype=bool))
-    _, params = combat.join_site(x, pooled, **options)
-    saved = {**params.to_dict(), "features": names, "run_id": run_id, "joined": True}
-    folder = site.work_dir / "harmonization"
+    _, params = combat.join_site(x, pooled, design, **options)
+    saved = {**params.to_dict(), "features": names, "run_id": run_id, "joined": True,
+             "covariates": cov.describe(spec)}
     folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"run-{run_id}.json"
-    if path.exists():
-        raise SiteError(f"{path} exists: this site already has parameters for run {run_id} (it took part, or "
-                        "joined before); remove the file deliberately to refit")
     path.write_text(json.dumps(saved), encoding="utf-8")
-    return {"site": site.name, "run_id": run_id, "cases": int(len(x)), "features": d, "path": str(path)}
+    left_out = [f"{p.case_id}: {p.reason}" for p in table.problems if p.kind == "bad-covariate"]
+    return {"site": site.name, "run_id": run_id, "cases": int(len(x)), "features": d, "path": str(path),
+            "left_out": left_out}
 
 
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -81,6 +89,8 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 def main(args: argparse.Namespace) -> int:
     result = join(Path(args.pooled), Path(args.site), args.workers)
+    for problem in result["left_out"]:
+        print(f"left out {problem}")
     print(f"site {result['site']} harmonised against run {result['run_id']} on its {result['cases']} usable cases "
           f"({result['features']} features); parameters kept in {result['path']} (nothing left the site). "
           f"Predict with: radfed predict --model <run folder>/model.pt --site {args.site} --case-id ID")

@@ -51,6 +51,7 @@ if TYPE_CHECKING:
 
     from client.site import Case
     from common.combat import SiteCombat
+    from common.covariates import Covariate
     from common.profile import Profile
 
 EXIT_OK = 0
@@ -215,7 +216,22 @@ class Harmonization:
     path: Path | None = None
     run_id: str | None = None
     params: SiteCombat | None = None  # restricted to the model's features, in the model's order
+    covariates: list[Covariate] = field(default_factory=list)  # what params adjust for (common.covariates)
     notes: list[str] = field(default_factory=list)
+
+    def design(self, values: Mapping[str, str], case_id: str) -> np.ndarray | None:
+        """The case's covariate row (1, p) for ComBat, or None when the run had no covariates."""
+        if not self.covariates:
+            return None
+        from common.covariates import code_case, describe
+
+        try:
+            return code_case(self.covariates, values)[None, :]
+        except ValueError as exc:
+            names = " ".join(f"--covariate {c.name}=..." for c in self.covariates)
+            raise CaseRefusal(f"case {case_id}: {exc}; the run's ComBat adjusts for {describe(self.covariates)}",
+                              f"give the case's values with {names} (or fill in those columns of the site's "
+                              "manifest)", case_id) from None
 
 
 def _read_params(path: Path) -> dict[str, Any]:
@@ -261,14 +277,25 @@ def _params_for_model(doc: Mapping[str, Any], path: Path, model: ModelFile) -> S
         raise damaged from exc
     if params.grand_mean.shape[0] != len(features):
         raise damaged
-    if params.beta_cov.shape[0]:
-        raise PredictRefusal(f"{path} adjusts for {params.beta_cov.shape[0]} ComBat covariate(s), which radfed "
-                             "predict cannot take yet", "use a model from a run without ComBat covariates")
+    from common.covariates import columns
+
+    if params.beta_cov.shape[0] != len(columns(_covariates_of(doc, path))):
+        raise damaged
     index = {n: i for i, n in enumerate(features)}
     cols = np.array([index[n] for n in model.features], dtype=np.int64)
     return replace(params, grand_mean=params.grand_mean[cols], beta_cov=params.beta_cov[:, cols],
                    var_pooled=params.var_pooled[cols], gamma_star=params.gamma_star[cols],
                    delta_star=params.delta_star[cols], unadjusted=params.unadjusted[cols])
+
+
+def _covariates_of(doc: Mapping[str, Any], path: Path) -> list[Covariate]:
+    from common.covariates import CovariateError, parse
+
+    try:
+        return parse(str(doc.get("covariates") or ""))
+    except CovariateError as exc:
+        raise PredictRefusal(f"{path} is damaged: its covariate spec is malformed ({exc})",
+                             "restore it from the site's backup, or rerun the federation with this site") from None
 
 
 def _combat_from(path: Path, doc: Mapping[str, Any], model: ModelFile, how: str,
@@ -282,7 +309,7 @@ def _combat_from(path: Path, doc: Mapping[str, Any], model: ModelFile, how: str,
             "has none for that run, rerun the federation with this site")
     file_run = None if doc.get("run_id") is None else str(doc["run_id"])
     return Harmonization("combat", how, path=path, run_id=file_run or run_id,
-                         params=_params_for_model(doc, path, model))
+                         params=_params_for_model(doc, path, model), covariates=_covariates_of(doc, path))
 
 
 def _missing(path_text: str, model: ModelFile, why: str) -> PredictRefusal:
@@ -540,8 +567,9 @@ def _finite_or_refuse(values: np.ndarray, names: list[str], case_id: str, stage:
 
 
 def score(features: Mapping[str, float], model: ModelFile, harmonization: Harmonization,
-          case_id: str) -> tuple[float, float, list[Contribution]]:
-    """(probability of HGG, logit, contributions) of one case's extracted features."""
+          case_id: str, covariates: Mapping[str, str] | None = None) -> tuple[float, float, list[Contribution]]:
+    """(probability of HGG, logit, contributions) of one case's extracted features; ``covariates`` are its
+    raw ComBat covariate values (e.g. {"age": "63"}) when the run adjusted for any."""
     from common.model import model_from_state, predict_proba
 
     absent = [n for n in model.features if n not in features]
@@ -555,7 +583,7 @@ def score(features: Mapping[str, float], model: ModelFile, harmonization: Harmon
                       "check the case's images and segmentation (a region too small or uniform after "
                       "resampling gives undefined texture features); the model cannot score it without them")
     if harmonization.params is not None:
-        x = harmonization.params.apply(x)
+        x = harmonization.params.apply(x, harmonization.design(covariates or {}, case_id))
         _finite_or_refuse(x[0], model.features, case_id, "are after harmonisation",
                           "the site's ComBat parameters are damaged: restore the harmonisation file")
     net = model_from_state(model.state)
@@ -615,7 +643,7 @@ def describe(feature: str, z: float, contribution: float) -> str:
 def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None = None,
             images: Mapping[str, Path] | None = None, mask: Path | None = None, case_name: str | None = None,
             run_id: str | None = None, harmonization_file: Path | None = None,
-            no_harmonization: bool = False) -> Prediction:
+            no_harmonization: bool = False, covariates: Mapping[str, str] | None = None) -> Prediction:
     """One case's probability of HGG with the run's global model; raises PredictRefusal / CaseRefusal.
 
     Everything that can be refused without reading the case is checked first.
@@ -642,8 +670,10 @@ def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None
         assert mask is not None and images
         case = case_from_files(images, mask, site.profile, case_name)
         source = "files"
+    values = {**case.covariates, **(covariates or {})}  # --covariate overrides the manifest
+    harmonization.design(values, case.case_id)  # refuse a missing covariate before the slow extraction
     features = extract_case(case, site)
-    probability, logit, contributions = score(features, model, harmonization, case.case_id)
+    probability, logit, contributions = score(features, model, harmonization, case.case_id, values)
     inputs = {**{s: str(p) for s, p in case.images.items()}, "mask": str(case.mask)}
     return Prediction(case.case_id, source, inputs, site.name, probability, logit, model.intercept, contributions,
                       model, site.profile, harmonization, notes)
@@ -651,6 +681,7 @@ def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None
 
 def prediction_json(pred: Prediction, top: int) -> dict[str, Any]:
     from common.canon import json_safe
+    from common.covariates import describe as describe_covariates
 
     h = pred.harmonization
     return json_safe({
@@ -673,7 +704,7 @@ def prediction_json(pred: Prediction, top: int) -> dict[str, Any]:
                   "n_features": len(pred.model.features)},
         "profile": {"name": pred.profile.name, "version": pred.profile.version, "sha256": pred.profile.sha256},
         "harmonization": {"method": h.method, "file": str(h.path) if h.path else None, "run_id": h.run_id,
-                          "how": h.how},
+                          "how": h.how, "covariates": describe_covariates(h.covariates)},
         "offline": True,
         "sent": "nothing",
         "notes": pred.notes,
@@ -740,6 +771,13 @@ def _image_arg(text: str) -> tuple[str, Path]:
     return seq.strip(), Path(path.strip())
 
 
+def _covariate_arg(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name.strip():
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE (e.g. age=63 or sex=F), got {text!r}")
+    return name.strip(), value.strip()
+
+
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Add ``radfed predict`` to the CLI's subcommands."""
     parser = subparsers.add_parser(
@@ -770,6 +808,9 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="this site's ComBat parameters (default <output_dir>/harmonization/run-<run id>.json)")
     parser.add_argument("--no-harmonization", action="store_true",
                         help="the federation ran with harmonization=none: apply no ComBat")
+    parser.add_argument("--covariate", action="append", type=_covariate_arg, default=[], metavar="NAME=VALUE",
+                        help="a ComBat covariate of the case (e.g. age=63, sex=F) when the run adjusted for any; "
+                             "a site case's manifest columns are used otherwise")
     parser.add_argument("--top", type=int, default=5, help="how many driving features to show (default 5)")
     parser.add_argument("--json", action="store_true", help="print the result (or the refusal) as JSON")
     parser.set_defaults(func=main)
@@ -789,7 +830,7 @@ def main(args: argparse.Namespace) -> int:
                            mask=Path(args.mask) if args.mask else None, case_name=args.case_name,
                            run_id=args.run_id,
                            harmonization_file=Path(args.harmonization) if args.harmonization else None,
-                           no_harmonization=args.no_harmonization)
+                           no_harmonization=args.no_harmonization, covariates=dict(args.covariate or []))
     except PredictRefusal as exc:
         if args.json:
             print(json.dumps({"schema": SCHEMA, "status": exc.status, "exit_code": exc.exit_code,

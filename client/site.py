@@ -36,6 +36,9 @@ class Case:
     diagnosis: str
     images: dict[str, Path]  # sequence -> NIfTI/NRRD file or DICOM series folder
     mask: Path
+    # the manifest's (or labels.csv's) other columns, as written, e.g. {"age": "63", "sex": "F"}: ComBat
+    # covariates when the run names them (common.covariates); they never leave the site
+    covariates: dict[str, str] = field(default_factory=dict, compare=False)
 
     @property
     def label(self) -> int:

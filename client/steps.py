@@ -6,6 +6,7 @@ before anything leaves.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,9 @@ import numpy as np
 import torch
 
 from client.extract import FeatureTable, extract_site, pyradiomics_version
-from client.site import Site, SiteError, load_site, site_settings
+from client.site import CaseProblem, Site, SiteError, load_site, site_settings
 from common import combat, curves, exact, metrics, model, moments, selection
+from common import covariates as cov
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.split import eligibility_problem, stratified_split
@@ -49,6 +51,7 @@ class SiteData:
     profile: Profile
     table: FeatureTable
     held_out: np.ndarray  # (n,) bool over table rows
+    covariates: np.ndarray | None = None  # (n, p) ComBat covariate design over table rows, when the run has any
 
 
 def open_site(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[Site, Profile]:
@@ -86,10 +89,53 @@ def plan_reply(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[dict[str,
     return config, {"n-hgg": n_hgg, "n-bm": n_bm, "n-problems": len(site.problems)}
 
 
+def combat_covariates(run_config: Mapping[str, Any]) -> list[cov.Covariate]:
+    """The run's ComBat covariates ([] without ComBat or without covariates)."""
+    if str(run_config.get("harmonization", "none")) != "combat":
+        return []
+    return cov.parse(str(run_config.get("combat-covariates", "")))
+
+
+def code_covariates(site: Site, table: FeatureTable,
+                    spec: list[cov.Covariate]) -> tuple[FeatureTable, np.ndarray]:
+    """The covariate design (n, p) of the table's cases, from the manifest; a case without a valid value is
+    taken out of the table and added to its problems (and to errors.json), named with the fix."""
+    by_id = {c.case_id: c for c in site.cases}
+    rows, design, problems = [], [], []
+    for i, case_id in enumerate(table.case_ids):
+        try:
+            design.append(cov.code_case(spec, by_id[case_id].covariates))
+            rows.append(i)
+        except ValueError as exc:
+            problems.append(CaseProblem(
+                case_id, f"{exc} (ComBat covariates {cov.describe(spec)})",
+                f"fill in {', '.join(c.name for c in spec)} for {case_id} in the site's manifest (or labels.csv)",
+                kind="bad-covariate"))
+    if problems:
+        table = FeatureTable([table.case_ids[i] for i in rows], table.labels[rows], table.names,
+                             table.values[rows], [*table.problems, *problems])
+        _add_to_errors_report(site, problems)
+    return table, np.array(design, dtype=np.float64).reshape(len(rows), len(cov.columns(spec)))
+
+
+def _add_to_errors_report(site: Site, problems: list[CaseProblem]) -> None:
+    path = site.work_dir / "errors.json"
+    report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"problems": []}
+    known = {(p["case_id"], p["reason"]) for p in report["problems"]}
+    report["problems"] += [p.as_dict() for p in problems if (p.case_id, p.reason) not in known]
+    report["cases_used"] = report.get("cases_used", 0) - len(problems)
+    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+
+
 def load_site_data(site_dir: Path, run_config: Mapping[str, Any], workers: int = 1) -> SiteData:
-    """Features of every usable case (extracted or from the cache) and the held-out split."""
+    """Features of every usable case (extracted or from the cache), the held-out split, and the ComBat
+    covariates when the run has them."""
     site, profile = open_site(site_dir, run_config)
     table, _ = extract_site(site, profile, workers=workers)
+    spec = combat_covariates(run_config)
+    design = None
+    if spec:
+        table, design = code_covariates(site, table, spec)
     n_hgg = int(table.labels.sum())
     problem = eligibility_problem(n_hgg, len(table.labels) - n_hgg, min_cases(site, run_config),
                                   _test_fraction(run_config))
@@ -98,7 +144,7 @@ def load_site_data(site_dir: Path, run_config: Mapping[str, Any], workers: int =
                         f"{len(table.problems)} case(s) failed, see {site.work_dir / 'errors.json'} at the site")
     held_out = stratified_split(table.case_ids, table.labels, _test_fraction(run_config),
                                 int(run_config.get("split-seed", 0)))
-    return SiteData(site, profile, table, held_out)
+    return SiteData(site, profile, table, held_out, design)
 
 
 def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
@@ -115,7 +161,7 @@ def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
     return names, counts
 
 
-Harmonizer = Callable[[np.ndarray], np.ndarray]
+Harmonizer = Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (x (n, d), covariates (n, p)) -> (n, d)
 
 
 def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names: list[str] | None = None,
@@ -129,7 +175,7 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     rows = np.ones_like(data.held_out) if held_out is None else data.held_out if held_out else ~data.held_out
     x = data.table.columns(agreed)[rows]
     if harmonize is not None:
-        x = harmonize(x)
+        x = harmonize(x, None if data.covariates is None else data.covariates[rows])
     if names is not None and names != agreed:
         index = {n: i for i, n in enumerate(agreed)}
         x = x[:, [index[n] for n in names]]
@@ -158,13 +204,33 @@ def combat_options(run_config: Mapping[str, Any]) -> dict[str, bool]:
             "mean_only": bool(run_config.get("combat-mean-only", False))}
 
 
+def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],
+                  k: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """The training split's features (n, d) and covariates (n, p) for the ComBat rounds.
+
+    Every group of cases a categorical covariate defines (a level; a pair of levels of two covariates) is
+    aggregated over in XᵀX / XᵀY, so each must hold at least k cases: else the site refuses, naming them.
+    """
+    x, _ = site_matrix(data, agreed, held_out=False)
+    if data.covariates is None:
+        return x, None
+    c = data.covariates[~data.held_out]
+    small = cov.small_groups(spec, c, k)
+    if small:
+        raise SiteError(f"site {data.site.name} cannot take part in ComBat with covariates {cov.describe(spec)}: "
+                        f"its training split has fewer than k = {k} cases in {', '.join(small)}, and the ComBat "
+                        "sums over such a group would describe too few patients; add cases, or run without that "
+                        "covariate (combat-covariates)")
+    return x, c
+
+
 def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_sites: int, n_pooled: int,
-                    run_config: Mapping[str, Any]) -> combat.SiteCombat:
+                    run_config: Mapping[str, Any], covariates: np.ndarray | None = None) -> combat.SiteCombat:
     """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
     against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
     pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=arrays["beta"], grand_mean=arrays["grand-mean"],
                                     var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
-    return combat.fit_site(x, pooled, site=site, **combat_options(run_config))
+    return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run_config))
 
 
 def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],

@@ -26,11 +26,12 @@ import SimpleITK as sitk
 
 SEQUENCES = ("t1c", "flair", "adc")
 DIAGNOSES = ("HGG", "BM")
-MANIFEST_HEADER = ("case_id", "diagnosis", "t1c", "flair", "adc", "mask")
+# age and sex: biological covariates a federation may give ComBat (combat-covariates); they do not shape the images
+MANIFEST_HEADER = ("case_id", "diagnosis", "t1c", "flair", "adc", "mask", "age", "sex")
 MIN_LABEL_VOXELS = 30
 STAMP_NAME = "demo.json"
 # Bump when the generator changes, so stale demo folders are regenerated instead of reused.
-_GENERATOR_VERSION = 1
+_GENERATOR_VERSION = 2  # 2: age and sex columns
 
 
 @dataclass(frozen=True)
@@ -498,7 +499,10 @@ def write_site(root: Path, spec: SiteSpec, seed: int) -> Path:
         stale.unlink()
 
     seeds = np.random.SeedSequence(seed).spawn(1 + spec.n_hgg + spec.n_bm)
-    order = np.random.default_rng(seeds[0]).permutation(np.array(["HGG"] * spec.n_hgg + ["BM"] * spec.n_bm))
+    site_rng = np.random.default_rng(seeds[0])
+    order = site_rng.permutation(np.array(["HGG"] * spec.n_hgg + ["BM"] * spec.n_bm))
+    ages = np.clip(np.rint(site_rng.normal(60.0, 12.0, len(order))), 18, 90).astype(int)
+    sexes = site_rng.choice(np.array(["F", "M"]), len(order))
     prefix = _case_prefix(spec.name)
     rows = []
     for i, diagnosis in enumerate(order, start=1):
@@ -508,7 +512,8 @@ def write_site(root: Path, spec: SiteSpec, seed: int) -> Path:
         rel["mask"] = f"masks/{case_id}_mask.nii.gz"
         for key, path in rel.items():
             _write_nifti_gz(case[key], folder / path)
-        rows.append([case_id, str(diagnosis), rel["t1c"], rel["flair"], rel["adc"], rel["mask"]])
+        rows.append([case_id, str(diagnosis), rel["t1c"], rel["flair"], rel["adc"], rel["mask"], str(ages[i - 1]),
+                     str(sexes[i - 1])])
 
     tmp = manifest.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:

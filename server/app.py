@@ -15,7 +15,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import dp
+from common import covariates, dp
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
@@ -49,6 +49,16 @@ def privacy_account(cfg: dict) -> dp.DPAccount | None:
     return dp.DPAccount.from_settings(settings)
 
 
+def combat_covariates(cfg: dict[str, object]) -> str:
+    """The run's ComBat covariates in canonical form ("" for none); a malformed spec refuses the run."""
+    if str(cfg.get("harmonization", "none")) != "combat":
+        return ""
+    try:
+        return covariates.describe(covariates.parse(str(cfg.get("combat-covariates", ""))))
+    except covariates.CovariateError as exc:
+        raise phases.RunRefused(str(exc)) from None
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     cfg = dict(context.run_config)
@@ -73,6 +83,7 @@ def main(grid: Grid, context: Context) -> None:
     account = None
     try:
         account = privacy_account(cfg)
+        covariate_spec = combat_covariates(cfg)
         node_ids = phases.wait_for_nodes(grid, min_sites, timeout)
         fed = phases.plan_phase(grid, node_ids, profile, cfg, min_sites, audit, timeout, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
@@ -81,7 +92,8 @@ def main(grid: Grid, context: Context) -> None:
         harmonization = None
         if str(cfg.get("harmonization", "none")) == "combat":
             about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
-                     "combat": {k: bool(cfg[f"combat-{k}"]) for k in ("parametric", "eb", "mean-only")}}
+                     "combat": {k: bool(cfg[f"combat-{k}"]) for k in ("parametric", "eb", "mean-only")},
+                     "covariates": covariate_spec}
             harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder, about)
         pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
         chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)

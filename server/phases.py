@@ -291,10 +291,13 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
     if len(replies) != n_sites:  # the design has one column per site: a lost site invalidates it
         raise RunRefused(f"{n_sites - len(replies)} site(s) left during harmonization; ComBat needs every site "
                          "of the design, so the run stops (restart it with the remaining sites)")
-    means = combat.pool_moments([combat.SiteMoments(
-        site=index[nid], n_sites=n_sites, n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
-        xtx=r.content["arrays"]["xtx"].numpy(), xty=r.content["arrays"]["xty"].numpy())  # type: ignore[union-attr]
-        for nid, r in replies.items()])
+    try:
+        means = combat.pool_moments([combat.SiteMoments(
+            site=index[nid], n_sites=n_sites, n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+            xtx=r.content["arrays"]["xtx"].numpy(), xty=r.content["arrays"]["xty"].numpy())  # type: ignore[union-attr]
+            for nid, r in replies.items()])
+    except ValueError as exc:  # e.g. a covariate level no site has: the pooled design is singular
+        raise RunRefused(f"distributed ComBat cannot pool the sites' designs: {exc}") from None
 
     def with_beta(nid: int) -> RecordDict:
         beta = _site_beta(means.beta, n_sites, index[nid])
@@ -312,7 +315,8 @@ def harmonization_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement
                    "grand_mean": pooled.grand_mean.tolist(), "var_pooled": pooled.var_pooled.tolist(),
                    "beta_cov": pooled.beta_cov.tolist(), "zero_variance": pooled.zero_variance.tolist()}
     (folder / "harmonization.json").write_text(json.dumps(late_joiner), encoding="utf-8")
-    audit.append("harmonization", method="combat", n_sites=n_sites, n_cases=pooled.n,
+    audit.append("harmonization", method="combat", covariates=(about or {}).get("covariates", ""),
+                 n_sites=n_sites, n_cases=pooled.n,
                  n_features=len(pooled.grand_mean), zero_variance=int(pooled.zero_variance.sum()),
                  pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,
                                               "var_pooled": pooled.var_pooled}))

@@ -469,7 +469,8 @@ def _model_card(doc: dict[str, Any], ctx: _Context) -> Section:
         harmonisation = ("distributed ComBat (" + ("parametric" if cfg.get("combat-parametric", True) else
                          "non-parametric") + (", empirical Bayes" if cfg.get("combat-eb", True) else "")
                          + (", location only" if cfg.get("combat-mean-only") else "") + "), site as batch, "
-                         "no covariates")
+                         + (f"adjusting for {cfg['combat-covariates']}" if cfg.get("combat-covariates")
+                            else "no covariates"))
     facts = [
         ("task", "high-grade glioma (HGG) vs brain metastasis (BM) from MRI radiomics; positive class "
                  f"{notes.get('positive_class', 'HGG')}"),

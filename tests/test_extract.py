@@ -10,6 +10,7 @@ import SimpleITK as sitk
 from client.extract import extract_site
 from client.site import SiteError, load_site
 from common.profile import load_profile
+from radfed import synth
 
 PROFILE = load_profile("default")
 
@@ -31,7 +32,7 @@ def _rows(site):
 
 def _write_rows(site, rows):
     with (site / "manifest.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["case_id", "diagnosis", "t1c", "flair", "adc", "mask"])
+        writer = csv.DictWriter(fh, fieldnames=list(synth.MANIFEST_HEADER))
         writer.writeheader()
         writer.writerows(rows)
 

@@ -373,3 +373,72 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     dropouts = [e["data"] for e in _events(folder) if e["event"] == "dropout"]
     assert {d["site"] for d in dropouts} == set(names)
     assert all("too few for exact federated logistic regression with 8 features" in d["reason"] for d in dropouts)
+
+
+def _set_covariates(site: Path, train_ids: set[str], missing_age: str | None = None) -> None:
+    """Rewrite the manifest's age and sex: sexes alternate within the training split (so each level has
+    >= k training cases) and within the held-out cases; ``missing_age`` gets an empty age."""
+    manifest = site / "manifest.csv"
+    lines = manifest.read_text(encoding="utf-8").splitlines()
+    header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
+    age, sex = header.index("age"), header.index("sex")
+    for group in (True, False):
+        for j, row in enumerate(sorted((r for r in rows if (r[0] in train_ids) == group), key=lambda r: r[0])):
+            row[sex] = "FM"[j % 2]
+    for row in rows:
+        if row[0] == missing_age:
+            row[age] = ""
+    manifest.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
+
+
+def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_path):
+    """combat-covariates = "age,sex=F|M": each site codes age and sex from its manifest (they never leave),
+    the federation's ComBat equals common.combat's in-process protocol (itself checked against neuroCombat
+    in test_combat) on the pooled training splits; a case without an age is named and left out."""
+    from common.split import stratified_split
+
+    root = tmp_path / "data"
+    specs = synth.tiny_sites(3, 9)
+    config = {"combat-covariates": "age,sex=F|M", "select-features": 8, "external-validation": "none",
+              "num-server-rounds": 1, "test-fraction": 0.3, "split-seed": 7}
+    bad_site, bad_case = specs[1].name, f"{synth._case_prefix(specs[1].name)}-002"
+    for i, spec in enumerate(specs):
+        site = synth.write_site(root, spec, seed=300 + i)
+        rows = [line.split(",") for line in (site / "manifest.csv").read_text(encoding="utf-8").splitlines()[1:]]
+        rows = [r for r in rows if not (spec.name == bad_site and r[0] == bad_case)]
+        held = stratified_split([r[0] for r in rows], np.array([r[1] == "HGG" for r in rows]), 0.3, 7)
+        _set_covariates(site, {r[0] for r, h in zip(rows, held, strict=True) if not h},
+                        bad_case if spec.name == bad_site else None)
+    folder = _run(tmp_path, root, 3, **config)
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    names = [s.name for s in specs]
+    assert doc["sites"][bad_site]["split"]["n-failed"] == 1
+    errors = json.loads((root / bad_site / ".radfed" / "errors.json").read_text(encoding="utf-8"))
+    [problem] = [p for p in errors["problems"] if p["case_id"] == bad_case]
+    assert "no age value" in problem["reason"] and "age" in problem["fix"]
+
+    late = json.loads((folder / "harmonization.json").read_text(encoding="utf-8"))
+    assert late["covariates"] == "sex=F|M,age" and len(late["beta_cov"]) == 2  # sex=M indicator, age
+    params = [json.loads((root / n / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json")
+                         .read_text(encoding="utf-8")) for n in names]
+    assert all(p["covariates"] == "sex=F|M,age" for p in params)
+
+    run_config = {**config, "min-cases-per-class": K, "harmonization": "combat"}
+    data = [load_site_data(root / n, run_config) for n in names]
+    assert bad_case not in data[1].table.case_ids
+    agreed = params[0]["features"]
+    xs = [site_matrix(d, agreed, held_out=False)[0] for d in data]
+    cs = [d.covariates[~d.held_out] for d in data]
+    assert all(c.shape == (len(x), 2) for c, x in zip(cs, xs, strict=True))
+    assert sorted(np.unique(np.concatenate(cs)[:, 0])) == [0.0, 1.0]
+    expected, _ = combat.federated_combat(xs, cs)
+    for d, p, x, c, want in zip(data, params, xs, cs, expected, strict=True):
+        got = combat.SiteCombat.from_dict(p).apply(x, c)
+        scale = np.sqrt(np.asarray(late["var_pooled"]))
+        ok = scale > 0
+        np.testing.assert_allclose(got[:, ok] / scale[ok], want[:, ok] / scale[ok], rtol=0, atol=1e-9,
+                                   err_msg=d.site.name)
+    # the sexes' ComBat design really entered: without covariates the adjustment is another one
+    plain, _ = combat.federated_combat(xs)
+    assert np.max(np.abs(plain[0] - expected[0])) > 1e-6

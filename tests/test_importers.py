@@ -152,7 +152,7 @@ def test_brats_extraction_equals_manifest_and_keeps_provenance(tiny_site_root, t
     manifest_site = tmp_path / "manifest-site"
     shutil.copytree(_source_site(tiny_site_root), manifest_site, ignore=shutil.ignore_patterns(".radfed"))
     (manifest_site / "manifest.csv").write_text(
-        "case_id,diagnosis,t1c,flair,adc,mask\n"
+        ",".join(synth.MANIFEST_HEADER) + "\n"
         + "".join(",".join(r[k] for k in synth.MANIFEST_HEADER) + "\n" for r in rows[:2]))
     table, _ = extract_site(load_site(manifest_site, SEQS), PROFILE)
     names = [n for n in brats[0] if n not in ("case_id", "diagnosis", "label")]

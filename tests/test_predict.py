@@ -21,6 +21,7 @@ from client import predict
 from client.extract import extract_case_features
 from client.site import load_site
 from common import combat, model
+from common import covariates as cv
 from common.canon import sha256_json
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
@@ -75,7 +76,8 @@ def fed(tmp_path_factory):
     model_path = _save_model(root / "runs" / f"20250101-120000-run{RUN}" / "model.pt", state, features)
     return {"root": root, "site": site_a, "case": next(c for c in cases_a if c.case_id == NEW),
             "new_features": feats_a[NEW], "agreed": agreed, "params": params[0], "features": features,
-            "state": state, "model": model_path, "harm": harm_dir / f"run-{RUN}.json"}
+            "state": state, "model": model_path, "harm": harm_dir / f"run-{RUN}.json", "train_features": train,
+            "x_b": x_b}
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -353,3 +355,45 @@ def test_offline_blocks_connections_and_restores_them():
     with predict.offline(), socket.socket() as sock, pytest.raises(OSError, match="offline"):
         sock.connect(("127.0.0.1", 9))
     assert socket.create_connection.__name__ == "create_connection"
+
+
+def test_combat_covariates_are_coded_from_the_manifest_or_the_command_line(fed, tmp_path, capsys):
+    """A run that adjusted ComBat for age and sex: the new case's values come from the site's manifest or
+    --covariate, are coded as in the run, and change the probability; a missing or unknown value is named."""
+    spec = cv.parse("age,sex=F|M")
+    x_a = np.array([[f[n] for n in fed["agreed"]] for f in fed["train_features"]])
+    c_a, c_b = np.array([[0, 50.0], [1, 60.0], [0, 71.0]]), np.array([[1, 44.0], [0, 58.0]])
+    _, params = combat.federated_combat([x_a, fed["x_b"]], [c_a, c_b])
+    run = 8
+    harm = fed["site"] / ".radfed" / "harmonization" / f"run-{run}.json"
+    harm.write_text(json.dumps({**params[0].to_dict(), "features": fed["agreed"], "run_id": run,
+                                "covariates": cv.describe(spec)}), encoding="utf-8")
+    model_path = _save_model(tmp_path / f"20250101-120000-run{run}" / "model.pt", fed["state"], fed["features"])
+    index = {n: i for i, n in enumerate(fed["agreed"])}
+
+    def direct(age: float, male: bool) -> float:
+        x = params[0].apply(np.array([[fed["new_features"][n] for n in fed["agreed"]]]),
+                            np.array([[float(male), age]]))[:, [index[n] for n in fed["features"]]]
+        return float(model.predict_proba(model.model_from_state(fed["state"]), x)[0])
+
+    base = ["--model", str(model_path), "--site", str(fed["site"]), "--json"]
+    code, out, err = _run([*base, "--case-id", NEW, "--covariate", "age=63", "--covariate", "sex=M"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["probability_hgg"] == pytest.approx(direct(63.0, True), rel=1e-12)
+    assert result["harmonization"]["covariates"] == "sex=F|M,age"
+    assert abs(direct(63.0, True) - direct(40.0, False)) > 1e-6  # the covariates matter
+
+    manifest = fed["case"].covariates  # synth wrote age and sex for every case
+    code, out, err = _run([*base, "--case-id", NEW], capsys)
+    assert code == 0, err
+    assert json.loads(out)["probability_hgg"] == pytest.approx(
+        direct(float(manifest["age"]), manifest["sex"] == "M"), rel=1e-12)
+
+    code, out, _ = _run([*base, "--case-id", NEW, "--covariate", "sex=X"], capsys)
+    refused = json.loads(out)
+    assert code == 1 and "sex 'X' is not one of the agreed levels F|M" in refused["reason"]
+    assert "--covariate age=..." in refused["fix"]
+    code, out, _ = _run([*base, *_files(fed["case"]), "--covariate", "sex=F"], capsys)  # files carry no age
+    refused = json.loads(out)
+    assert code == 1 and "no age value" in refused["reason"] and "adjusts for sex=F|M,age" in refused["reason"]

@@ -123,7 +123,7 @@ def test_manifest_and_files(tiny_demo: tuple[list[synth.SiteSpec], list[Path]]) 
     assert [f.name for f in folders] == [s.name for s in specs]
     for spec, folder in zip(specs, folders, strict=True):
         lines = (folder / "manifest.csv").read_text().splitlines()
-        assert lines[0] == ",".join(HEADER)
+        assert lines[0] == ",".join([*HEADER, "age", "sex"])
         rows = read_manifest(folder)
         ids = [r["case_id"] for r in rows]
         assert len(set(ids)) == len(ids) == spec.n_hgg + spec.n_bm
@@ -131,6 +131,8 @@ def test_manifest_and_files(tiny_demo: tuple[list[synth.SiteSpec], list[Path]]) 
         diagnoses = [r["diagnosis"] for r in rows]
         assert diagnoses.count("HGG") == spec.n_hgg and diagnoses.count("BM") == spec.n_bm
         assert diagnoses != sorted(diagnoses)  # interleaved, not grouped by class
+        # ComBat covariates: plausible ages and both sexes over the demo's sites
+        assert all(18 <= int(r["age"]) <= 90 and r["sex"] in ("F", "M") for r in rows)
         for row in rows:
             assert row["mask"].startswith("masks/") and row["t1c"].startswith("images/")
             images = {key: sitk.ReadImage(str(folder / row[key])) for key in HEADER[2:]}
