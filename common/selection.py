@@ -78,3 +78,5 @@ class Selection:
     candidates: int
     dropped_correlated: int
     threshold: float
+    dropped_l1: int = 0  # by the optional LASSO step (server.training.select_l1)
+    l1: float = 0.0

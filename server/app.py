@@ -97,9 +97,10 @@ def main(grid: Grid, context: Context) -> None:
             harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder, about)
         pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
         chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)
+        chosen = training.select_l1(grid, fed, agreement, pooled, chosen, cfg, audit, timeout, agreement.pos_weight)
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),
                            "constant": chosen.dropped_constant, "candidates": chosen.candidates,
-                           "dropped_correlated": chosen.dropped_correlated,
+                           "dropped_correlated": chosen.dropped_correlated, "dropped_l1": chosen.dropped_l1,
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
 

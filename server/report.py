@@ -267,7 +267,8 @@ def _summary_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
         ("rounds", str(len(_rounds(doc)))),
         ("features", f"{feats.get('n', 'n/a')} selected of {feats.get('agreed', 'n/a')} "
                      f"({feats.get('constant', 0)} near-constant, "
-                     f"{feats.get('dropped_correlated', 0)} dropped as correlated)"),
+                     f"{feats.get('dropped_correlated', 0)} dropped as correlated"
+                     + (f", {feats['dropped_l1']} by LASSO" if feats.get("dropped_l1") else "") + ")"),
         ("model sha256", str(doc.get("model_sha256"))),
         ("wall time", f"{_number(doc.get('seconds')) or 0.0:.1f} s"),
     ]
@@ -480,8 +481,9 @@ def _model_card(doc: dict[str, Any], ctx: _Context) -> Section:
         ("extraction profile", f"{prof.get('name', 'n/a')} version {prof.get('version', 'n/a')}, "
                                f"sha256 {prof.get('sha256', 'n/a')}"),
         ("features", f"{feats.get('n', 'n/a')} selected (Welch's t, decorrelated at "
-                     f"{cfg.get('select-max-correlation', 'n/a')}) of {feats.get('agreed', 'n/a')} agreed by all "
-                     f"sites; list sha256 {feats.get('sha256', 'n/a')}"),
+                     f"{cfg.get('select-max-correlation', 'n/a')}"
+                     + (f", then LASSO with select-l1 = {cfg.get('select-l1')}" if _number(cfg.get("select-l1")) else "")
+                     + f") of {feats.get('agreed', 'n/a')} agreed by all sites; list sha256 {feats.get('sha256', 'n/a')}"),
         ("harmonisation", harmonisation),
         ("decision threshold", f"{notes.get('threshold', 0.5)} on the predicted probability of HGG"),
         ("evaluation", f"held-out split per site (test fraction {cfg.get('test-fraction', 'n/a')}, split seed "

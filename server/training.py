@@ -9,7 +9,7 @@ leave-one-site-out fold. Two modes produce the same model format:
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
@@ -18,7 +18,7 @@ from flwr.serverapp import Grid
 from common import dp, exact, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from server.audit import AuditLog
-from server.phases import FeatureAgreement, Federation, PooledMoments, query, replies_of
+from server.phases import FeatureAgreement, Federation, PooledMoments, RunRefused, query, replies_of
 from server.strategy import AuditedFedAvg, evaluation_records, record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
@@ -38,6 +38,35 @@ class Trained:
 def shared_config(chosen: selection.Selection, pos_weight: float) -> dict[str, object]:
     """What every train and evaluate message carries: the class weight and the model's feature list."""
     return {"pos-weight": pos_weight, "features": chosen.names, "features-sha256": sha256_json(chosen.names)}
+
+
+def select_l1(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
+              chosen: selection.Selection, cfg: dict, audit: AuditLog, timeout: float, pos_weight: float,
+              fold: str = "") -> selection.Selection:
+    """Optional LASSO step of feature selection (``select-l1`` > 0), as in the radiomics literature: the exact
+    federated L1-penalised logistic regression on the ranked, decorrelated candidates (the pooled fit, by Newton
+    rounds on summed gradients and Hessians); the features whose coefficient is exactly zero leave."""
+    l1 = float(cfg.get("select-l1", 0.0))
+    if l1 <= 0 or not chosen.names:
+        return chosen
+    index = {n: i for i, n in enumerate(agreement.names)}
+    cols = [index[n] for n in chosen.names]
+    tag = f"{fold}:lasso" if fold else "lasso"
+    fit = _train_exact(grid, fed, chosen, {**cfg, "exact-l1": l1}, audit, timeout, pos_weight, pooled.mean[cols],
+                       pooled.std[cols], tag, evaluate_rounds=False)
+    coef, _, _ = exact.from_state_dict(fit.arrays.to_torch_state_dict())
+    weights = dict(zip(chosen.names, coef[1:].tolist(), strict=True))
+    kept = [i for i, n in enumerate(chosen.names) if weights[n] != 0.0]
+    if not kept:
+        raise RunRefused(f"select-l1 = {l1} set every candidate's coefficient to zero: lower it (or set it to 0)")
+    result = replace(chosen, names=[chosen.names[i] for i in kept], t=[chosen.t[i] for i in kept],
+                     dropped_l1=len(chosen.names) - len(kept), l1=l1)
+    audit.append("selection-l1", l1=l1, coefficients=weights, features=result.names,
+                 dropped=[n for n in chosen.names if weights[n] == 0.0], rounds=fit.info.get("rounds"),
+                 converged=fit.info.get("converged"), features_sha256=sha256_json(result.names),
+                 **({"fold": fold} if fold else {}))
+    log.info("LASSO (select-l1 = %g) kept %d of %d feature(s)", l1, len(kept), len(chosen.names))
+    return result
 
 
 def train(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,

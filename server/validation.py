@@ -42,6 +42,7 @@ def leave_one_site_out(grid: Grid, fed: Federation, agreement: FeatureAgreement,
             fold = fold_agreement(agreement, sorted(others.values()))
             pooled = phases.moments_phase(grid, sub, fold, audit, timeout)
             chosen = phases.selection_phase(grid, sub, fold, pooled, cfg, audit, timeout)
+            chosen = training.select_l1(grid, sub, fold, pooled, chosen, cfg, audit, timeout, fold.pos_weight, held)
             trained = training.train(grid, sub, fold, pooled, chosen, cfg, audit, timeout, fold.pos_weight,
                                      fold=held, evaluate_rounds=False, dp_account=dp_account)
             arrays = trained.arrays

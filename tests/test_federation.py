@@ -366,6 +366,23 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
         prob = 1 / (1 + np.exp(-((xt - mean) / scale @ coef[1:] + coef[0])))
         assert doc["final"]["sites"][name]["auc"] == pytest.approx(metrics.roc_auc(yt, prob), abs=1e-12)
 
+    # LASSO selection (select-l1): the features the pooled L1 fit on the 4 candidates sets to zero leave, and
+    # the sparse model is then trained (here by FedAvg) on the rest; pick a penalty that drops some, not all
+    z_sites = [((t[0] - mean) / scale, t[1]) for t in train]
+    path = {l1: exact.fit_exact(z_sites, pos_weight, l2=1.0, l1=l1).coef[1:] for l1 in (0.5, 1.0, 2.0, 3.0, 4.0, 6.0)}
+    l1 = next(v for v, c in path.items() if 0 < np.sum(c == 0.0) < len(c))
+    expected = [n for n, c in zip(saved["features"], path[l1], strict=True) if c != 0.0]
+    folder = _run(tmp_path / "lasso", root, 2, **{**config, "training": "fedavg", "select-l1": l1,
+                                                  "num-server-rounds": 1})
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    assert list(doc["features"]["selected"]) == expected and doc["features"]["dropped_l1"] == 4 - len(expected)
+    [entry] = [e["data"] for e in _events(folder) if e["event"] == "selection-l1"]
+    assert entry["features"] == expected and entry["l1"] == l1 and entry["converged"]
+    np.testing.assert_allclose(list(entry["coefficients"].values()), path[l1], atol=1e-6)
+    assert torch.load(folder / "model.pt", weights_only=False)["features"] == expected
+    assert "by LASSO" in (folder / "report.md").read_text(encoding="utf-8")
+
     # with more coefficients than the sites' cases allow, every site refuses and says how many features fit
     folder = _run(tmp_path / "refused", root, 2, **{**config, "select-features": 8})
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
