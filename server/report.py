@@ -465,6 +465,7 @@ def _model_card(doc: dict[str, Any], ctx: _Context) -> Section:
     prof = _dict(doc.get("profile"))
     feats = _dict(doc.get("features"))
     notes = _dict(doc.get("notes"))
+    lasso = f", then LASSO with select-l1 = {cfg['select-l1']}" if _number(cfg.get("select-l1")) else ""
     harmonisation = str(cfg.get("harmonization", "n/a"))
     if harmonisation == "combat":
         harmonisation = ("distributed ComBat (" + ("parametric" if cfg.get("combat-parametric", True) else
@@ -481,9 +482,8 @@ def _model_card(doc: dict[str, Any], ctx: _Context) -> Section:
         ("extraction profile", f"{prof.get('name', 'n/a')} version {prof.get('version', 'n/a')}, "
                                f"sha256 {prof.get('sha256', 'n/a')}"),
         ("features", f"{feats.get('n', 'n/a')} selected (Welch's t, decorrelated at "
-                     f"{cfg.get('select-max-correlation', 'n/a')}"
-                     + (f", then LASSO with select-l1 = {cfg.get('select-l1')}" if _number(cfg.get("select-l1")) else "")
-                     + f") of {feats.get('agreed', 'n/a')} agreed by all sites; list sha256 {feats.get('sha256', 'n/a')}"),
+                     f"{cfg.get('select-max-correlation', 'n/a')}{lasso}) of {feats.get('agreed', 'n/a')} agreed "
+                     f"by all sites; list sha256 {feats.get('sha256', 'n/a')}"),
         ("harmonisation", harmonisation),
         ("decision threshold", f"{notes.get('threshold', 0.5)} on the predicted probability of HGG"),
         ("evaluation", f"held-out split per site (test fraction {cfg.get('test-fraction', 'n/a')}, split seed "

@@ -381,7 +381,8 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     assert entry["features"] == expected and entry["l1"] == l1 and entry["converged"]
     np.testing.assert_allclose(list(entry["coefficients"].values()), path[l1], atol=1e-6)
     assert torch.load(folder / "model.pt", weights_only=False)["features"] == expected
-    assert "by LASSO" in (folder / "report.md").read_text(encoding="utf-8")
+    report_md = (folder / "report.md").read_text(encoding="utf-8")
+    assert "by LASSO" in report_md and f"then LASSO with select-l1 = {l1}" in report_md
 
     # with more coefficients than the sites' cases allow, every site refuses and says how many features fit
     folder = _run(tmp_path / "refused", root, 2, **{**config, "select-features": 8})
