@@ -122,8 +122,9 @@ def _add_to_errors_report(site: Site, problems: list[CaseProblem]) -> None:
     path = site.work_dir / "errors.json"
     report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"problems": []}
     known = {(p["case_id"], p["reason"]) for p in report["problems"]}
-    report["problems"] += [p.as_dict() for p in problems if (p.case_id, p.reason) not in known]
-    report["cases_used"] = report.get("cases_used", 0) - len(problems)
+    new = [p.as_dict() for p in problems if (p.case_id, p.reason) not in known]
+    report["problems"] += new
+    report["cases_used"] = report.get("cases_used", 0) - len(new)
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 

@@ -434,7 +434,7 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
     assert doc["sites"][bad_site]["split"]["n-failed"] == 1
     errors = json.loads((root / bad_site / ".radfed" / "errors.json").read_text(encoding="utf-8"))
     [problem] = [p for p in errors["problems"] if p["case_id"] == bad_case]
-    assert "no age value" in problem["reason"] and "age" in problem["fix"]
+    assert "no age value" in problem["reason"] and "age" in problem["fix"] and errors["cases_used"] == 17
 
     late = json.loads((folder / "harmonization.json").read_text(encoding="utf-8"))
     assert late["covariates"] == "sex=F|M,age" and len(late["beta_cov"]) == 2  # sex=M indicator, age
