@@ -670,6 +670,14 @@ def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None
         assert mask is not None and images
         case = case_from_files(images, mask, site.profile, case_name)
         source = "files"
+    unknown = sorted(set(covariates or {}) - {c.name for c in harmonization.covariates})
+    if unknown:
+        from common.covariates import describe as describe_covariates
+
+        adjusted = describe_covariates(harmonization.covariates)
+        raise PredictRefusal(f"--covariate {', '.join(unknown)}: the run's ComBat adjusted for "
+                             f"{adjusted or 'no covariates'}",
+                             f"give only {adjusted}" if adjusted else "drop --covariate", case.case_id)
     values = {**case.covariates, **(covariates or {})}  # --covariate overrides the manifest
     harmonization.design(values, case.case_id)  # refuse a missing covariate before the slow extraction
     features = extract_case(case, site)

@@ -394,6 +394,12 @@ def test_combat_covariates_are_coded_from_the_manifest_or_the_command_line(fed, 
     refused = json.loads(out)
     assert code == 1 and "sex 'X' is not one of the agreed levels F|M" in refused["reason"]
     assert "--covariate age=..." in refused["fix"]
+    code, out, _ = _run([*base, "--case-id", NEW, "--covariate", "agee=63"], capsys)  # a typo is not ignored
+    refused = json.loads(out)
+    assert code == 2 and "--covariate agee: the run's ComBat adjusted for sex=F|M,age" in refused["reason"]
+    code, out, _ = _run(["--model", str(fed["model"]), "--site", str(fed["site"]), "--json", "--case-id", NEW,
+                         "--covariate", "age=63"], capsys)  # run 7 had no covariates
+    assert code == 2 and "adjusted for no covariates" in json.loads(out)["reason"]
     code, out, _ = _run([*base, *_files(fed["case"]), "--covariate", "sex=F"], capsys)  # files carry no age
     refused = json.loads(out)
     assert code == 1 and "no age value" in refused["reason"] and "adjusts for sex=F|M,age" in refused["reason"]
