@@ -104,10 +104,15 @@ def pooled_loso(sites: dict[str, SiteData], fold_names: Mapping[str, list[str]],
 
 
 def local_at_other_sites(sites: dict[str, SiteData], names: list[str],
-                         config: Mapping[str, Any]) -> dict[str, float]:
-    """Per site s: the mean AUC at s (all its cases) of the models each other site trained alone (raw features)."""
+                         config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+    """Per site s: the mean AUC and balanced accuracy (threshold 0.5) at s (all its cases) of the models each
+    other site trained alone (raw features)."""
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
     nets = {s: _fit([site_matrix(d, names, held_out=False)[0]], [site_matrix(d, names, held_out=False)[1]], steps,
                     config) for s, d in sites.items()}
-    return {s: float(np.mean([_evaluate(nets[t], *site_matrix(d, names, None))["auc"] for t in sites if t != s]))
-            for s, d in sites.items()}
+    out = {}
+    for s, d in sites.items():
+        scored = [_evaluate(nets[t], *site_matrix(d, names, None)) for t in sites if t != s]
+        out[s] = {"auc": float(np.mean([r["auc"] for r in scored])),
+                  "balanced_accuracy": float(np.mean([metrics.rates(r)["balanced_accuracy"] for r in scored]))}
+    return out
