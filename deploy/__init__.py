@@ -1,2 +1,2 @@
 """A radfed deployment on real Flower processes: one SuperLink (TLS, SuperNode authentication) and one
-SuperNode per hospital. ``python -m deploy --help``; the guide is docs/deployment.md."""
+SuperNode per hospital. ``radfed deploy --help``; the guide is docs/deployment.md."""

@@ -1,4 +1,4 @@
-"""`python -m deploy <command>`: a radfed federation on real Flower processes, with TLS and SuperNode
+"""`radfed deploy <command>`: a radfed federation on real Flower processes, with TLS and SuperNode
 authentication. Everything lives in one deployment folder (``--dir``, default ``~/.radfed/deploy`` or
 ``$RADFED_DEPLOY_DIR``):
 
@@ -232,7 +232,7 @@ def exit_code_in_log(log: Path, offset: int = 0) -> int | None:
 def _refuse_if_running(d: Path, name: str) -> None:
     rec = read_record(d, name)
     if rec and is_running(rec):
-        raise SystemExit(f"{name} is already running (pid {rec['pid']}); stop it first: python -m deploy stop {name}")
+        raise SystemExit(f"{name} is already running (pid {rec['pid']}); stop it first: radfed deploy stop {name}")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -248,7 +248,7 @@ def cmd_provision(args: argparse.Namespace) -> int:
         print(f"kept     {path} (exists; remove it yourself to replace it)")
     for path in result.created:
         print(f"created  {path}")
-    print(f"\nSuperLink: python -m deploy superlink --dir {args.dir}\n"
+    print(f"\nSuperLink: radfed deploy superlink --dir {args.dir}\n"
           f"each hospital gets {pki(args.dir) / 'ca.crt'} and its own private key keys/<site> "
           "(the .pub stays with the coordinator for `register`)")
     return 0
@@ -259,7 +259,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     files = {name: pki(d) / name for name in ("ca.crt", "server.crt", "server.key")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
-        raise SystemExit(f"missing {', '.join(missing)}: run python -m deploy provision --dir {d} --sites ...")
+        raise SystemExit(f"missing {', '.join(missing)}: run radfed deploy provision --dir {d} --sites ...")
     _refuse_if_running(d, "superlink")
     port = args.port or free_port(args.host)
     cmd = [_bin("flower-superlink"), "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile",
@@ -305,7 +305,7 @@ def _flwr(d: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProce
 def _require_connection(d: Path) -> None:
     if not (home(d) / "config.toml").exists():
         raise SystemExit(f"no connection in {home(d) / 'config.toml'}: start the SuperLink first "
-                         f"(python -m deploy superlink --dir {d})")
+                         f"(radfed deploy superlink --dir {d})")
 
 
 def cmd_register(args: argparse.Namespace) -> int:
@@ -315,7 +315,7 @@ def cmd_register(args: argparse.Namespace) -> int:
     sites = [s.strip() for s in args.sites.split(",") if s.strip()] if args.sites else \
         sorted(p.stem for p in keys.glob("*.pub"))
     if not sites:
-        raise SystemExit(f"no public keys in {keys}: python -m deploy provision --dir {d} --sites a,b,c")
+        raise SystemExit(f"no public keys in {keys}: radfed deploy provision --dir {d} --sites a,b,c")
     failed = 0
     for site in sites:
         pub = keys / f"{site}.pub"
@@ -377,7 +377,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     if proc.poll() is not None:
         flower_code = exit_code_in_log(log, offset)  # the process itself exits with 1
         hint = (" (305: the SuperLink refused it or could not be reached: is its public key registered "
-                "(python -m deploy register), the address right, the CA the federation's? After a crash a node "
+                "(radfed deploy register), the address right, the CA the federation's? After a crash a node "
                 "can rejoin only once the SuperLink has marked it offline, up to 60 s)") if flower_code == 305 else ""
         print(f"flower-supernode for {site} exited (code {proc.returncode}, Flower exit code {flower_code}){hint}:\n"
               f"{_tail(log)}", file=sys.stderr)
@@ -481,7 +481,7 @@ def cmd_stop(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m deploy", description=__doc__,
+    parser = argparse.ArgumentParser(prog="radfed deploy", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
 

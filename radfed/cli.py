@@ -7,10 +7,11 @@
   radfed site plan show PLAN     site administrator: what a run would compute and send, and its hash
   radfed site approve HASH       site administrator: approve a run plan (revoke HASH to withdraw it)
   radfed site outbox SITE_DIR    site administrator: everything the site has sent
-  radfed site join POOLED --site  site administrator: harmonise a late-joining site against a run's ComBat
+  radfed site join POOLED --site SITE_DIR   site administrator: harmonise a late-joining site against a run's ComBat
   radfed predict --model M ...   site administrator: HGG vs BM for a new case, at the site
   radfed profile show [NAME]     anyone: the extraction profile, its version and hash
   radfed audit verify LOG        auditor: check a run's audit chain and the sites' receipts
+  radfed deploy COMMAND ...      coordinator and sites: real SuperLink/SuperNodes with TLS (docs/deployment.md)
 """
 
 from __future__ import annotations
@@ -109,6 +110,12 @@ def cmd_site_extract(args: argparse.Namespace) -> int:
                   f"log         {site.work_dir / LOG_NAME}\nerrors      {site.work_dir / 'errors.json'}",
                   soft_wrap=True)
     return 0 if table.case_ids else 1
+
+
+def cmd_deploy(args: argparse.Namespace) -> int:
+    from deploy.cli import main as deploy_main
+
+    return deploy_main(args.args)
 
 
 def cmd_profile_show(args: argparse.Namespace) -> int:
@@ -355,6 +362,11 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("name", nargs="?", default="default")
     show.set_defaults(func=cmd_profile_show)
 
+    deploy = sub.add_parser("deploy", add_help=False, help="a real deployment: provision, superlink, register, "
+                            "supernode, run, status, stop (radfed deploy --help; docs/deployment.md)")
+    deploy.add_argument("args", nargs=argparse.REMAINDER)
+    deploy.set_defaults(func=cmd_deploy)
+
     audit = sub.add_parser("audit", help="auditor commands").add_subparsers(dest="audit_command", required=True)
     verify = audit.add_parser("verify", help="check a run's audit log chain")
     verify.add_argument("log")
@@ -365,6 +377,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["deploy"]:  # its own parser, so `radfed deploy --help` and every option reach it
+        return cmd_deploy(argparse.Namespace(args=argv[1:]))
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args))

@@ -1,6 +1,6 @@
-"""A real deployment on 127.0.0.1, driven through `python -m deploy`: one SuperLink with TLS and SuperNode
-authentication, one SuperNode per tiny synthetic hospital. Every process is stopped at the end (process
-groups, SIGKILL for stragglers), also when a test fails.
+"""A real deployment on 127.0.0.1, driven through `radfed deploy` (the installed command): one SuperLink
+with TLS and SuperNode authentication, one SuperNode per tiny synthetic hospital. Every process is
+stopped at the end (process groups, SIGKILL for stragglers), also when a test fails.
 
 Wall time on 2 cores: about 5 minutes (four federated runs; every message starts a fresh flwr-clientapp
 that imports torch, about 10-13 s per phase with three sites).
@@ -33,6 +33,7 @@ from server.audit import load_or_create_key, public_pem, verify
 
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
+RADFED = str(Path(PY).parent / "radfed")
 K, PER_CLASS, TEST_FRACTION = 5, 9, 0.3
 RUN_TIMEOUT = 480  # one whole run, including a crashed site's 60 s heartbeat expiry
 
@@ -52,7 +53,7 @@ class Deployment:
 
 
 def deploy(d: Path, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([PY, "-m", "deploy", *args, "--dir", str(d)], cwd=REPO, capture_output=True, text=True,
+    done = subprocess.run([RADFED, "deploy", *args, "--dir", str(d)], cwd=REPO, capture_output=True, text=True,
                           timeout=timeout, check=False)
     if check:
         assert done.returncode == 0, f"deploy {' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -107,9 +108,9 @@ def run_config(dep: Deployment, name: str, **overrides: object) -> dict[str, obj
 
 
 def start_run(dep: Deployment, config: dict[str, object]) -> subprocess.Popen:
-    """`python -m deploy run` in the background, after every site approved this run's plan."""
+    """`radfed deploy run` in the background, after every site approved this run's plan."""
     approve_demo_plan(list(dep.sites.values()), config)
-    return subprocess.Popen([PY, "-m", "deploy", "run", "--dir", str(dep.dir), "--run-config", overrides_text(config),
+    return subprocess.Popen([RADFED, "deploy", "run", "--dir", str(dep.dir), "--run-config", overrides_text(config),
                              "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             start_new_session=True)
 
@@ -191,7 +192,7 @@ def test_full_run_with_tls_and_node_authentication(deployment):
     assert [e["data"]["status"] for e in events if e["event"] == "run-end"] == ["completed"]
 
     # the auditor's check, as the guide gives it: pinned key, each site's receipts
-    verified = subprocess.run([str(Path(PY).parent / "radfed"), "audit", "verify", str(folder / "audit.jsonl"),
+    verified = subprocess.run([RADFED, "audit", "verify", str(folder / "audit.jsonl"),
                                "--pubkey", str(dep.pinned_pubkey()), "--receipts", *map(str, dep.sites.values())],
                               cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert verified.returncode == 0, verified.stdout + verified.stderr
