@@ -32,7 +32,6 @@ refusal unless ``--no-harmonization`` says the federation ran without it.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import re
@@ -113,18 +112,11 @@ class ModelFile:
         return float(self.state["linear.bias"].detach().cpu().numpy().reshape(-1)[0])
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_model_file(path: str | Path) -> ModelFile:
     """Read and check ``model.pt``; raises PredictRefusal naming the file and the fix."""
     import torch
 
+    from client.extract import file_sha256
     from common.canon import arrays_sha256
     from common.model import model_from_state
 
@@ -161,7 +153,7 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise PredictRefusal(f"{path} says harmonization={harmonization!r}, which radfed predict does not know",
                              "use a radfed release that knows it, or a model from a run with combat or none")
     agreed = str(doc["agreed_features_sha256"]) if doc.get("agreed_features_sha256") else None
-    return ModelFile(path=path, sha256=_file_sha256(path), weights_sha256=weights_sha256, state=state,
+    return ModelFile(path=path, sha256=file_sha256(path), weights_sha256=weights_sha256, state=state,
                      features=features, profile_sha256=str(doc["profile_sha256"]), protocol=str(doc["protocol"]),
                      run_id=run_id, run_id_source=source, harmonization=harmonization, agreed_sha256=agreed)
 
