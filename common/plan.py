@@ -61,6 +61,10 @@ def summary(plan: Mapping[str, Any]) -> str:
              f"  protocol         {plan['protocol']}",
              "  run config:"]
     lines += [f"    {key} = {value!r}" for key, value in sorted(plan["run_config"].items())]
+    covariates = plan["run_config"].get("combat-covariates")
+    if covariates and plan["run_config"].get("harmonization") == "combat":
+        lines += ["", f"ComBat reads these columns of your manifest: {covariates}. The values stay here; the ComBat",
+                  "sums over each of their levels (at least k training cases each) leave."]
     lines += ["", f"What would leave this site (each statistic over at least k = {k} cases; arrays sized by the",
               "agreed feature counts, never by the number of cases):"]
     for kind, spec in plan["messages"].items():

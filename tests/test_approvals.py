@@ -33,6 +33,9 @@ def test_one_changed_config_value_changes_the_plan_hash():
     assert plan["code_sha256"] == code_sha256() and "query.moments" in plan["messages"]
     text = summary(plan)
     assert plan_sha256(plan) in text and "min-cases-per-class = 5" in text and "crossproducts" in text
+    assert "ComBat reads" not in text  # no covariates by default
+    with_covariates = summary(run_plan({**base, "combat-covariates": "age,sex=F|M"}, load_profile("default")))
+    assert "ComBat reads these columns of your manifest: age,sex=F|M" in with_covariates
 
 
 def test_unapproved_plan_is_refused_naming_hash_and_command_and_saved_for_review(site):
