@@ -1,7 +1,9 @@
 """Per-case input checks, run before pyradiomics so every failure names the case and the fix.
 
 pyradiomics either fails cryptically on these inputs (NaN voxels) or, worse, runs silently
-(a mask on another grid is resampled into the image's grid), so radfed checks them itself.
+(a mask on another grid is resampled into the image's grid), so radfed checks them itself. Each
+NIfTI/NRRD file is first checked at the byte level (``client.integrity``): SimpleITK reads NIfTI NaN as 0
+and fills a file cut short with zeros, so a damaged file would otherwise pass as a usable case.
 Nothing here imports pyradiomics: ``radfed site check`` runs these checks alone, in seconds.
 """
 
@@ -13,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
+from client.integrity import IntegrityError, check_image_file
 from client.site import BACKGROUND, SiteError
 
 GEOMETRY_TOLERANCE = 1e-3  # mm for spacing/origin, unitless for direction cosines
@@ -78,6 +81,10 @@ def read_image(path: Path, what: str) -> sitk.Image:
         image = _read_dicom_series(path, what)
     else:
         try:
+            check_image_file(path, what)  # before SimpleITK, which hides NIfTI NaN and truncation
+        except IntegrityError as exc:
+            raise CaseInputError(exc.reason, exc.fix, kind=exc.kind) from exc
+        try:
             image = sitk.ReadImage(str(path))
         except RuntimeError as exc:
             raise CaseInputError(f"{what} file {path} cannot be read ({_itk_reason(exc, path)})",
@@ -133,6 +140,7 @@ def check_co_registered(volumes: Mapping[str, sitk.Image]) -> None:
 
 
 def check_finite(image: sitk.Image, what: str) -> None:
+    """NaN/Inf as SimpleITK read them: catches DICOM series; NIfTI/NRRD files were checked byte by byte."""
     arr = sitk.GetArrayViewFromImage(image)
     bad = int(np.count_nonzero(~np.isfinite(arr))) if np.issubdtype(arr.dtype, np.floating) else 0
     if bad:

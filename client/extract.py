@@ -9,6 +9,10 @@ leaves the site:
   version, time, case ids, labels, input hashes);
 - ``extraction.log``: pyradiomics' own log and one line per case, so the terminal stays clean;
 - ``errors.json``: every case not used, with reason and fix.
+
+Every file is written through a unique temporary file and ``os.replace``, so concurrent runs on one site
+never fail or leave half a file. With ``workers > 1`` the worker processes never outlive the extraction:
+SIGTERM or Ctrl-C stops the pool and terminates its workers, and a worker dies with its parent.
 """
 
 from __future__ import annotations
@@ -20,6 +24,10 @@ import json
 import logging
 import os
 import re
+import signal
+import sys
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ProcessPoolExecutor
@@ -27,10 +35,12 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from types import FrameType
 
 import numpy as np
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
+from client.integrity import IntegrityError, check_image_file
 from client.site import Case, CaseProblem, Site
 from common.profile import Profile
 
@@ -41,6 +51,9 @@ log = logging.getLogger("flwr.radfed.extract")  # shown by Flower on the node's 
 file_log = logging.getLogger("radfed.extraction")
 LOG_NAME = "extraction.log"
 FEATURES_SCHEMA = "radfed.features/1"
+# Stamped on cache entries whose input files passed client.integrity. An entry without it was made before
+# that check existed (a NIfTI NaN read as 0, a cut file zero-filled): its files are checked once on reuse.
+INPUT_CHECKS = "integrity/1"
 
 
 @dataclass
@@ -118,9 +131,27 @@ def _log_to(path: Path) -> Iterator[None]:
             handler.close()
 
 
-def _init_worker(log_path: str) -> None:
-    """Worker start-up: quiet pyradiomics, log to the site's file, and one ITK thread per worker
-    (workers already fill the cores; ITK's own threads would only compete with them)."""
+def _die_with_parent(parent: int) -> None:
+    """Linux: the kernel sends this process SIGTERM when its parent dies, even by SIGKILL."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
+
+
+def _init_worker(log_path: str, parent: int) -> None:
+    """Worker start-up: die with the parent, leave SIGINT to it, quiet pyradiomics, log to the site's file,
+    and one ITK thread per worker (workers already fill the cores; ITK's own threads would only compete)."""
+    # Ctrl-C reaches the whole process group: the parent stops the pool, workers need not print tracebacks.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    # A forked worker inherits the parent's SIGTERM handler (raise SystemExit), which the pool's worker loop
+    # would catch as a job's error: terminate() must kill.
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    _die_with_parent(parent)
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -223,6 +254,47 @@ def _extract_one(args: Job) -> tuple[str, dict[str, float] | None, CaseProblem |
     return case.case_id, None, problem, time.perf_counter() - start
 
 
+def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _stop_pool(pool: ProcessPoolExecutor) -> None:
+    """Cancel the queued cases and terminate the workers now (shutdown alone would finish every queued case)."""
+    # the pool keeps no public handle on its workers; snapshot before shutdown() drops the private one
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    pool.shutdown(wait=False, cancel_futures=True)
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        process.join(timeout=5)
+        if process.is_alive():
+            process.kill()
+            process.join(timeout=5)
+
+
+@contextmanager
+def _worker_pool(workers: int, log_path: Path) -> Iterator[ProcessPoolExecutor]:
+    """A process pool whose workers never outlive the block.
+
+    SIGTERM's default action ends this process at once and orphans the workers, which then wait for work
+    forever. While the pool runs (in the main thread), SIGTERM raises SystemExit instead, and any exception
+    (SystemExit, Ctrl-C's KeyboardInterrupt, an error) cancels the queued cases and terminates the workers.
+    """
+    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(str(log_path), os.getpid()))
+    main_thread = threading.current_thread() is threading.main_thread()  # signals can be set there only
+    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
+    try:
+        yield pool
+    except BaseException:
+        _stop_pool(pool)
+        raise
+    else:
+        pool.shutdown(wait=True)
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
 @dataclass
 class ExtractionSummary:
     extracted: int
@@ -248,26 +320,26 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     problems = list(site.problems)
     todo: list[Case] = []
     hashes: dict[str, dict[str, str]] = {}
-    for case in site.cases:
-        hashes[case.case_id] = _input_hashes(case, site.label_map)
-        cached = _read_cache(_cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version)
-        if isinstance(cached, CaseProblem):
-            problems.append(cached)  # failures are cached too: same inputs, same failure
-        elif cached is not None:
-            results[case.case_id] = cached
-        else:
-            todo.append(case)
-
     extract_seconds = 0.0
     log_path = site.work_dir / LOG_NAME
-    jobs: list[Job] = [(case, profile, site.label_map) for case in todo]
-    parallel = workers > 1 and len(jobs) > 1
-    with _log_to(log_path):
+    with _log_to(log_path):  # from here on: a bad cache entry is logged too
+        for case in site.cases:
+            hashes[case.case_id] = _input_hashes(case, site.label_map)
+            cached = _read_cache(_cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version,
+                                 case)
+            if isinstance(cached, CaseProblem):
+                problems.append(cached)  # failures are cached too: same inputs, same failure
+            elif cached is not None:
+                results[case.case_id] = cached
+            else:
+                todo.append(case)
+
+        jobs: list[Job] = [(case, profile, site.label_map) for case in todo]
+        parallel = workers > 1 and len(jobs) > 1
         file_log.info("site %s: %d case(s), %d from the cache, %d to extract (profile %s, pyradiomics %s, "
                       "%d worker(s))", site.name, len(site.cases), len(site.cases) - len(todo), len(todo),
                       profile.short_hash, version, min(workers, len(jobs)) if parallel else 1)
-        pool_cm = ProcessPoolExecutor(max_workers=min(workers, len(jobs)), initializer=_init_worker,
-                                      initargs=(str(log_path),)) if parallel else nullcontext()
+        pool_cm = _worker_pool(min(workers, len(jobs)), log_path) if parallel else nullcontext()
         with pool_cm as pool:
             outcomes = pool.map(_extract_one, jobs) if pool is not None else map(_extract_one, jobs)
             for done, (case_id, features, problem, seconds) in enumerate(outcomes, start=1):
@@ -282,7 +354,8 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
                     results[case_id] = features
                 _write_cache(_cache_file(site, profile, case_id), {
                     "case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
-                    "pyradiomics": version, "features": features, "problem": problem and problem.as_dict()})
+                    "pyradiomics": version, "features": features, "problem": problem and problem.as_dict(),
+                    "input_checks": INPUT_CHECKS})
 
         usable = [c for c in site.cases if c.case_id in results]
         names = _common_names([results[c.case_id] for c in usable])
@@ -313,10 +386,27 @@ def features_path(site: Site, profile: Profile) -> Path:
     return site.work_dir / f"features-{profile.short_hash}.csv"
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask is process-wide and not thread-safe
+
+
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    """Write a whole file or nothing. The temporary file is unique (mkstemp in the same folder, so
+    os.replace stays atomic): two writers of one path (workers, two runs on one site) never collide on it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), _FILE_MODE)  # mkstemp's 0600 would differ from the site's other files
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def save_features(site: Site, profile: Profile, version: str, table: FeatureTable,
@@ -361,21 +451,50 @@ def _write_cache(path: Path, entry: dict[str, object]) -> None:
     _atomic_write(path, json.dumps(entry))  # atomic: a killed run never leaves half an entry
 
 
-def _read_cache(path: Path, inputs: dict[str, str], profile: Profile,
-                version: str) -> dict[str, float] | CaseProblem | None:
-    """The cached features or failure of a case, or None when absent or made with other inputs."""
+def _cache_miss(path: Path, why: str) -> None:
+    file_log.warning("cache entry %s %s: extracting the case again", path, why)
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _read_cache(path: Path, inputs: dict[str, str], profile: Profile, version: str,
+                case: Case | None = None) -> dict[str, float] | CaseProblem | None:
+    """The cached features or failure of a case, or None when absent, made with other inputs, or not a
+    valid entry (damaged or edited by hand: logged, and the case is extracted again rather than crash).
+
+    Features cached before the file-level checks existed are reused only when ``case``'s files pass them now.
+    """
     if not path.exists():
         return None
     try:
         entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
+    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
+        return _cache_miss(path, f"cannot be read ({exc})")
+    if not isinstance(entry, dict):
+        return _cache_miss(path, f"holds a JSON {type(entry).__name__}, not an object")
     if entry.get("inputs") != inputs or entry.get("profile_sha256") != profile.sha256 \
             or entry.get("pyradiomics") != version:
         return None
-    if entry.get("problem"):
-        return CaseProblem(**entry["problem"])
-    return {k: float(v) for k, v in entry["features"].items()}
+    problem, features = entry.get("problem"), entry.get("features")
+    if problem:
+        fields = ("case_id", "reason", "fix", "kind")
+        if isinstance(problem, dict) and set(problem) <= set(fields) and set(fields[:3]) <= set(problem) \
+                and all(isinstance(v, str) for v in problem.values()):
+            return CaseProblem(**problem)
+        return _cache_miss(path, "has a malformed 'problem'")
+    if not (isinstance(features, dict) and features and all(_is_number(v) for v in features.values())):
+        return _cache_miss(path, "has no valid 'features' (an object of numbers)")
+    if entry.get("input_checks") != INPUT_CHECKS and case is not None:
+        try:
+            for file in (*case.images.values(), case.mask):
+                if file.is_file():  # DICOM folders are checked by SimpleITK as before
+                    check_image_file(file)
+        except IntegrityError as exc:
+            return _cache_miss(path, f"predates the file checks and {exc.reason}")
+        _write_cache(path, {**entry, "input_checks": INPUT_CHECKS})  # checked once, not on every run
+    return {str(k): float(v) for k, v in features.items()}
 
 
 def _common_names(rows: list[dict[str, float]]) -> list[str]:
@@ -405,4 +524,4 @@ def _write_report(site: Site, profile: Profile, version: str, table: FeatureTabl
         "features_csv": features_path(site, profile).name,
         "problems": [p.as_dict() for p in table.problems],
     }
-    (site.work_dir / "errors.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+    _atomic_write(site.work_dir / "errors.json", json.dumps(report, indent=2))

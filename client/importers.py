@@ -12,11 +12,16 @@ Three layouts (``source`` in site.yaml):
 
 NIfTI (.nii, .nii.gz) and NRRD (.nrrd, .nhdr) are accepted everywhere. Importers only look at names: no
 image is opened here (``client.checks`` reads and checks them), so importing a site is instant.
+
+``manifest.csv`` and ``labels.csv`` may be UTF-8 (with or without the BOM Excel writes) or UTF-16/32 with a
+BOM; anything else is refused with the file, the byte and line, and the fix (see ``read_csv``).
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
+import io
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -27,6 +32,48 @@ IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 # profile sequence -> BraTS 2023 file suffix (BraTS calls FLAIR "t2f"; it has no ADC, sites add their own)
 BRATS_NAMES = {"t1c": "t1c", "flair": "t2f", "t1": "t1n", "t2": "t2w", "adc": "adc"}
 ImportItem = Case | CaseProblem
+
+
+# BOMs longest first: UTF-32-LE's starts with UTF-16-LE's; Python's utf-16/32 codecs read the BOM themselves
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF16_LE, "utf-16"),
+         (codecs.BOM_UTF16_BE, "utf-16"))
+SAVE_AS_UTF8 = "save it as UTF-8 (e.g. Excel's 'CSV UTF-8', or iconv -f WINDOWS-1252 -t UTF-8) and run again"
+
+
+def _csv_text(path: Path) -> str:
+    """A CSV file's text: UTF-8 with or without BOM, or UTF-16/32 with BOM.
+
+    Other encodings are refused rather than guessed: Latin-1, Windows-1252 and Mac Roman all decode any
+    bytes, so a wrong guess would silently change case ids and image paths (an accented path would then be
+    reported as a missing file, far from the cause).
+    """
+    data = path.read_bytes()
+    encoding = next((name for bom, name in _BOMS if data.startswith(bom)), None)
+    if encoding is not None:
+        try:
+            return data.decode(encoding)
+        except UnicodeDecodeError as exc:  # a BOM promised UTF-16/32 but the bytes do not follow it
+            raise SiteError(f"{path} starts with a {encoding.upper()} byte-order mark but cannot be decoded "
+                            f"as {encoding.upper()} ({exc.reason}; the file is damaged or cut short); "
+                            f"{SAVE_AS_UTF8}") from exc
+    start = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    if b"\x00" in data:
+        raise SiteError(f"{path} holds NUL bytes: it looks like UTF-16 without a byte-order mark; {SAVE_AS_UTF8}")
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        offset = start + exc.start
+        line = data[:offset].count(b"\n") + 1
+        raise SiteError(f"{path} is not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} (line {line}) "
+                        "is not valid UTF-8 (a Latin-1/Windows-1252 export does this, e.g. with an accented name); "
+                        f"{SAVE_AS_UTF8}") from exc
+
+
+def read_csv(path: Path) -> tuple[list[str], list[dict[str | None, Any]]]:
+    """A CSV file's header (each name stripped of a BOM and spaces) and its rows as dicts."""
+    reader = csv.DictReader(io.StringIO(_csv_text(path), newline=""))
+    reader.fieldnames = [name.replace("\ufeff", "").strip() for name in reader.fieldnames or []]
+    return list(reader.fieldnames), list(reader)
 
 
 def _diagnosis_problem(case_id: str, raw: str, where: str) -> CaseProblem | None:
@@ -41,13 +88,11 @@ def import_manifest(data_root: Path, manifest: Path, sequences: tuple[str, ...])
     if not manifest.exists():
         raise SiteError(f"{manifest} is missing: write a manifest with columns case_id,diagnosis,"
                         f"{','.join(sequences)},mask (or set 'source' in site.yaml)")
-    with manifest.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        needed = ["case_id", "diagnosis", *sequences, "mask"]
-        missing = [c for c in needed if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SiteError(f"{manifest} lacks column(s) {missing}: the header must hold {','.join(needed)}")
-        rows = list(reader)
+    header, rows = read_csv(manifest)
+    needed = ["case_id", "diagnosis", *sequences, "mask"]
+    missing = [c for c in needed if c not in header]
+    if missing:
+        raise SiteError(f"{manifest} lacks column(s) {missing}: the header must hold {','.join(needed)}")
 
     for line, row in enumerate(rows, start=2):
         case_id = (row.get("case_id") or "").strip()
@@ -80,12 +125,10 @@ def read_diagnoses(labels_csv: Path) -> tuple[dict[str, dict[str, str]], list[Ca
     if not labels_csv.exists():
         raise SiteError(f"{labels_csv} is missing: image folders carry no diagnosis, so write a CSV with "
                         f"columns case_id,diagnosis (one row per case folder, diagnosis HGG or BM)")
-    with labels_csv.open(newline="", encoding="utf-8") as fh:
-        reader = csv.DictReader(fh)
-        missing = [c for c in ("case_id", "diagnosis") if c not in (reader.fieldnames or [])]
-        if missing:
-            raise SiteError(f"{labels_csv} lacks column(s) {missing}: the header must be case_id,diagnosis")
-        rows = list(reader)
+    header, rows = read_csv(labels_csv)
+    missing = [c for c in ("case_id", "diagnosis") if c not in header]
+    if missing:
+        raise SiteError(f"{labels_csv} lacks column(s) {missing}: the header must be case_id,diagnosis")
     diagnoses: dict[str, dict[str, str]] = {}
     problems: list[CaseProblem] = []
     for line, row in enumerate(rows, start=2):
