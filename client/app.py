@@ -16,7 +16,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import steps
+from client import ledger, steps
 from client.approvals import approval_check, check_approved
 from client.dp import dp_update_mod
 from client.guard import SITE_STATE, privacy_guard
@@ -89,7 +89,12 @@ def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in values.items()})
 
 
-def _reply(msg: Message, **records: ArrayRecord | MetricRecord | ConfigRecord) -> Message:
+def _reply(msg: Message, declared: ledger.Declaration | None = None,
+           **records: ArrayRecord | MetricRecord | ConfigRecord) -> Message:
+    """The reply, with the case sets it aggregates over declared for the privacy guard (which refuses a reply
+    with statistics and no declaration)."""
+    if declared is not None:
+        ledger.declare(msg.metadata.message_id, declared)
     return Message(RecordDict(records), reply_to=msg)
 
 
@@ -103,11 +108,13 @@ def plan(msg: Message, context: Context) -> Message:
 
 @app.query("features")
 def features(msg: Message, context: Context) -> Message:
-    names, counts = steps.features_reply(_data(context))
-    return _reply(msg, config=ConfigRecord({"features": names}), metrics=MetricRecord(counts))
+    data = _data(context)
+    names, counts = steps.features_reply(data)
+    return _reply(msg, data.declare("all", {"n-cases": ""}), config=ConfigRecord({"features": names}),
+                  metrics=MetricRecord(counts))
 
 
-def _combat_round(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarray | None, int, int]:
+def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.ndarray, np.ndarray | None, int, int]:
     """Training split of the agreed features and its covariates, and this site's place in the ComBat design."""
     config = msg.content["config"]
     agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
@@ -117,24 +124,28 @@ def _combat_round(msg: Message, context: Context) -> tuple[np.ndarray, np.ndarra
     x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, context.run_config))
     # the design: one column per site, then the covariates' columns
     _agreement(context)["design-columns"] = n_sites + len(covariates.columns(spec))
-    return x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
+    return data, x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
 
 
 @app.query("combat_fit")
 def combat_fit(msg: Message, context: Context) -> Message:
-    x, c, site, n_sites = _combat_round(msg, context)
+    data, x, c, site, n_sites = _combat_round(msg, context)
     sent = combat.site_moments(x, site, n_sites, c)
-    return _reply(msg, arrays=_arrays({"xtx": sent.xtx, "xty": sent.xty}), metrics=MetricRecord({"n": sent.n}))
+    # XᵀY sums the features over each covariate level's training cases too
+    groups = steps.covariate_sets(data, steps.combat_covariates(context.run_config))
+    return _reply(msg, data.declare("train", {"n": ""}, groups), arrays=_arrays({"xtx": sent.xtx, "xty": sent.xty}),
+                  metrics=MetricRecord({"n": sent.n}))
 
 
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
-    x, c, site, n_sites = _combat_round(msg, context)
+    data, x, c, site, n_sites = _combat_round(msg, context)
     beta = msg.content["arrays"]["beta"].numpy()  # type: ignore[union-attr]
     means = combat.PooledMeans(n_sites=n_sites, n=0, beta=beta, grand_mean=np.zeros(beta.shape[1]),
                                fitted_ms=np.zeros(beta.shape[1]))
     sent = combat.site_residuals(x, means, site, c)
-    return _reply(msg, arrays=_arrays({"ss": sent.ss}), metrics=MetricRecord({"n": sent.n}))
+    return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"ss": sent.ss}),
+                  metrics=MetricRecord({"n": sent.n}))
 
 
 @app.query("moments")
@@ -151,17 +162,20 @@ def moments(msg: Message, context: Context) -> Message:
             int(config["n-pooled"]), context.run_config, c), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context))
     arrays, counts = steps.moments_reply(x, y)
-    return _reply(msg, arrays=_arrays(arrays), metrics=MetricRecord(counts))
+    return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}), arrays=_arrays(arrays),
+                  metrics=MetricRecord(counts))
 
 
 @app.query("correlation")
 def correlation(msg: Message, context: Context) -> Message:
     candidates = _accept_list(context, msg.content["config"], "candidates", "candidates")  # type: ignore[arg-type]
     pooled = msg.content["arrays"]
-    x, _ = steps.site_matrix(_data(context), _agreed(context), held_out=False, names=candidates,
+    data = _data(context)
+    x, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=candidates,
                              harmonize=_harmonizer(context))
     cross, n = steps.correlation_reply(x, pooled["mean"].numpy(), pooled["std"].numpy())  # type: ignore[union-attr]
-    return _reply(msg, arrays=_arrays({"crossproducts": cross}), metrics=MetricRecord({"n": n}))
+    return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": cross}),
+                  metrics=MetricRecord({"n": n}))
 
 
 def _receipt(msg: Message, context: Context, site: Site) -> None:
@@ -194,16 +208,19 @@ def newton(msg: Message, context: Context) -> Message:
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     sent = steps.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, context.run_config)
-    return _reply(msg, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
+    return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}),
+                  arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
                   metrics=MetricRecord({"n": sent.n, "n-hgg": sent.n_pos, "n-bm": sent.n_neg, "loss": sent.loss}))
 
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    x, y = _model_split(msg, context, _data(context), held_out=False)
+    data = _data(context)
+    x, y = _model_split(msg, context, data, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     new_state, train_metrics = steps.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
-    return _reply(msg, arrays=ArrayRecord(new_state), metrics=MetricRecord(train_metrics))
+    return _reply(msg, data.declare("train", {"num-examples": ""}), arrays=ArrayRecord(new_state),
+                  metrics=MetricRecord(train_metrics))
 
 
 @app.evaluate()
@@ -212,12 +229,14 @@ def evaluate(msg: Message, context: Context) -> Message:
     site did not train) on every usable case."""
     config = msg.content["config"]
     data = _data(context)
-    x, y = _model_split(msg, context, data, held_out=None if str(config.get("split", "")) == "all" else True)
+    part = "all" if str(config.get("split", "")) == "all" else "test"
+    x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     result, curves = steps.evaluate_step(x, y, state, float(config["pos-weight"]),  # type: ignore[arg-type]
                                          steps.min_cases(data.site, context.run_config),
                                          int(context.run_config.get("curve-points", 10)))  # type: ignore[arg-type]
-    return _reply(msg, metrics=MetricRecord(result), arrays=_arrays(curves))
+    return _reply(msg, data.declare(part, {"num-examples": ""}), metrics=MetricRecord(result),
+                  arrays=_arrays(curves))
 
 
 @app.query("histograms")
@@ -231,4 +250,4 @@ def histograms(msg: Message, context: Context) -> Message:
     harmonized, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names,
                                       harmonize=_harmonizer(context))
     counts = steps.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, context.run_config))
-    return _reply(msg, arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))
+    return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))

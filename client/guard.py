@@ -2,7 +2,9 @@
 
 It refuses (raises, so nothing is sent) any record or key the protocol does not declare, any array
 whose shape is not exactly the declared one in the run's agreed sizes (so nothing can scale with the
-number of cases), and any statistic over fewer than k cases.
+number of cases), any statistic over fewer than k cases (the larger of the run's k and the site's own),
+any reply that does not name the case sets behind its counts, and any reply whose case sets, combined with
+everything the site released in any run before, would single out fewer than k patients (client.ledger).
 """
 
 from __future__ import annotations
@@ -17,7 +19,8 @@ import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.site import site_settings
+from client.ledger import Declaration, Ledger, take
+from client.site import site_floor, site_settings
 from client.steps import locate_site
 from common.canon import json_safe
 from common.protocol import CUMULATIVE_ROWS, DEFAULT_K, EACH_ENTRY, FIRST_COLUMN, REPLIES
@@ -140,13 +143,45 @@ def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: Rec
         fh.write(json.dumps(json_safe(entry), sort_keys=True) + "\n")
 
 
+def check_release(message_type: str, content: RecordDict, declared: Declaration | None, ledger: Ledger,
+                  run_id: int) -> None:
+    """Refuse unless the reply names the case set behind each of its counts (sizes equal) and those sets keep
+    the ledger's invariant with every earlier release; then record them as released."""
+    spec = REPLIES[message_type]
+    if not spec.count_keys:
+        return  # counts from the manifest only: no statistic of any case's values
+    if declared is None:
+        raise PrivacyError(f"{message_type}: the reply does not name the cases it aggregates over; nothing is sent")
+    metrics: dict[str, object] = {}
+    for record in content.values():
+        if isinstance(record, MetricRecord):
+            metrics.update(record)
+    for key in spec.count_keys:
+        name = declared.counts.get(key)
+        if name is None or name not in declared.sets:
+            raise PrivacyError(f"{message_type}: no case set is named for the count {key!r}; nothing is sent")
+        if int(metrics[key]) != len(declared.sets[name]):  # type: ignore[call-overload]
+            raise PrivacyError(f"{message_type}: {key!r} = {metrics[key]} but its case set {name!r} holds "
+                               f"{len(declared.sets[name])} patients; nothing is sent")
+    why = ledger.check(declared.sets)
+    if why:
+        raise PrivacyError(f"{message_type}: {why}; nothing is sent (see docs/privacy.md, the release rule)")
+    ledger.record(run_id, message_type, declared.sets, declared.blocking)
+
+
 def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: run the handler, check its reply, and log it in the outbox before it leaves the site."""
+    """Client mod: run the handler, check its reply against the protocol and the release ledger, and log it in
+    the outbox before it leaves the site."""
     reply = call_next(msg, context)
+    declared = take(msg.metadata.message_id)
     if reply.has_error():
         return reply
-    k = int(context.run_config.get("min-cases-per-class", DEFAULT_K))
+    site_dir = locate_site(context.node_config, context.run_config)
+    settings = site_settings(site_dir)
+    floor = site_floor(settings)
+    k = max(int(context.run_config.get("min-cases-per-class", DEFAULT_K)), floor)  # type: ignore[call-overload]
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
-    record_outgoing(locate_site(context.node_config, context.run_config), context.run_id,
-                    msg.metadata.message_type, reply.content)
+    check_release(msg.metadata.message_type, reply.content, declared,
+                  Ledger(Path(settings["output_dir"]) / "release", floor), context.run_id)
+    record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content)
     return reply

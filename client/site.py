@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from common.protocol import DEFAULT_K
+
 DIAGNOSES = {"HGG": 1, "BM": 0}  # positive class = high-grade glioma
 SOURCES = ("manifest", "brats", "dicom")
 BACKGROUND = "background"  # label_map target that drops a source label (e.g. a resection cavity)
@@ -198,6 +200,12 @@ def site_settings(root: str | Path) -> dict[str, Any]:
     return _settings(root, load_site_config(root))
 
 
+def site_floor(settings: dict[str, Any]) -> int:
+    """The site's own k (site.yaml ``min_cases_per_class``, never below the protocol's default): every reply
+    and the release blocks hold at least this many patients, whatever a run plan says."""
+    return max(DEFAULT_K, int(settings.get("min_cases_per_class", DEFAULT_K)))
+
+
 def work_dir(root: str | Path) -> Path:
     """Where radfed keeps this site's local files (``output_dir``, default ``<site>/.radfed``): cache,
     reports, outbox, receipts, harmonisation parameters. Nothing in it is ever sent."""
@@ -233,16 +241,25 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
 
     cases: list[Case] = []
     problems: list[CaseProblem] = []
-    seen: set[str] = set()
+    seen: dict[str, Case] = {}
+    conflicting: set[str] = set()
     for item in items:
         if isinstance(item, CaseProblem):
             problems.append(item)
         elif item.case_id in seen:
-            problems.append(CaseProblem(item.case_id, f"duplicate case_id in {config.source}",
-                                        "give each case a unique id", kind="duplicate-id"))
+            if item.diagnosis != seen[item.case_id].diagnosis:  # which one is right is unknown: use neither
+                conflicting.add(item.case_id)
+                problems.append(CaseProblem(item.case_id, f"case_id listed twice in {config.source} with different "
+                                            f"diagnoses ({seen[item.case_id].diagnosis} and {item.diagnosis})",
+                                            "check the diagnosis and keep one row per patient",
+                                            kind="conflicting-diagnosis"))
+            else:
+                problems.append(CaseProblem(item.case_id, f"duplicate case_id in {config.source}",
+                                            "give each case a unique id", kind="duplicate-id"))
         else:
-            seen.add(item.case_id)
+            seen[item.case_id] = item
             cases.append(item)
+    cases = [c for c in cases if c.case_id not in conflicting]
     return Site(name=config.name or root.name, root=root, cases=cases, problems=problems,
                 settings=_settings(root, config),
                 work_dir=output_dir, label_map=dict(config.label_map) if config.label_map is not None else None)

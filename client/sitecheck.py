@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
-from client.site import DIAGNOSES, Case, CaseProblem, Site, load_site, site_settings
+from client.patients import one_row_per_patient
+from client.site import DIAGNOSES, Case, CaseProblem, Site, load_site, site_floor, site_settings
 from common.profile import Profile, load_profile
 from common.split import eligibility_problem
 
@@ -126,9 +127,10 @@ def check_site(site_dir: str | Path, profile: str | Path | None = None, min_case
     start = time.perf_counter()
     settings = site_settings(site_dir)
     prof = load_profile(profile or settings.get("profile") or "default")
-    site = load_site(site_dir, prof.sequences)
+    site = one_row_per_patient(load_site(site_dir, prof.sequences))
     label_lookup(site.label_map, prof.regions)  # a bad label_map is a site error, not every case's
     k = max(min_cases_per_class or DEFAULT_MIN_CASES, int(settings.get("min_cases_per_class", 0)))
+    block = site_floor(settings)  # release blocks hold the site's own k, whatever the run asks
 
     usable: list[Case] = []
     problems = list(site.problems)
@@ -140,7 +142,7 @@ def check_site(site_dir: str | Path, profile: str | Path | None = None, min_case
         else:
             usable.append(case)
     n_hgg = sum(c.diagnosis == "HGG" for c in usable)
-    eligibility = eligibility_problem(n_hgg, len(usable) - n_hgg, k, test_fraction) if usable else None
+    eligibility = eligibility_problem(n_hgg, len(usable) - n_hgg, k, test_fraction, block) if usable else None
     return SiteCheck(site, prof, k, test_fraction, usable, problems, eligibility, time.perf_counter() - start)
 
 

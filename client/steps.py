@@ -15,13 +15,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from client import patients
 from client.extract import FeatureTable, extract_site, pyradiomics_version
-from client.site import CaseProblem, Site, SiteError, load_site, site_settings
+from client.ledger import Blocking, Declaration, Ledger
+from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from common import combat, curves, exact, metrics, model, moments, selection
 from common import covariates as cov
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
-from common.split import eligibility_problem, stratified_split
+from common.split import eligibility_problem, split_problem
 
 
 def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
@@ -45,6 +47,9 @@ def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     return sites[pid]
 
 
+PARTS = ("train", "test", "all")  # the splits a reply can aggregate over; each also by class ("-hgg", "-bm")
+
+
 @dataclass
 class SiteData:
     site: Site
@@ -52,18 +57,43 @@ class SiteData:
     table: FeatureTable
     held_out: np.ndarray  # (n,) bool over table rows
     covariates: np.ndarray | None = None  # (n, p) ComBat covariate design over table rows, when the run has any
+    blocking: Blocking | None = None  # the release blocks the rows are drawn from (client.ledger)
+
+    def rows(self, part: str) -> np.ndarray:
+        """(n,) bool: the rows of ``part`` (train, test or all)."""
+        return {"train": ~self.held_out, "test": self.held_out, "all": np.ones_like(self.held_out)}[part]
+
+    def case_sets(self, part: str) -> dict[str, frozenset[str]]:
+        """The case ids of ``part`` and of its classes: {part, part-hgg, part-bm}."""
+        rows, ids = self.rows(part), np.array(self.table.case_ids, dtype=object)
+        y = self.table.labels
+        return {part: frozenset(ids[rows]), f"{part}-hgg": frozenset(ids[rows & (y == 1)]),
+                f"{part}-bm": frozenset(ids[rows & (y == 0)])}
+
+    def declare(self, part: str, counts: Mapping[str, str], groups: Mapping[str, frozenset[str]] | None = None,
+                ) -> Declaration:
+        """What a reply over ``part`` aggregates: its class sets, ``groups`` (covariate levels), and which set
+        each count key counts (``counts``: count key -> "" for the part, "hgg" or "bm" for a class)."""
+        sets = {**self.case_sets(part), **(groups or {})}
+        return Declaration(sets, {key: f"{part}-{cls}" if cls else part for key, cls in counts.items()},
+                           self.blocking)
 
 
 def open_site(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[Site, Profile]:
+    """The site's cases, one row per patient (duplicates named, see client.patients), and its profile."""
     settings = site_settings(site_dir)
     profile = load_profile(str(settings.get("profile") or run_config.get("profile", "default")))
-    return load_site(site_dir, profile.sequences), profile
+    return patients.one_row_per_patient(load_site(site_dir, profile.sequences)), profile
 
 
 def min_cases(site: Site, run_config: Mapping[str, Any]) -> int:
-    """k: the federation's minimum, raised (never lowered) by the site's own site.yaml."""
-    k = int(run_config.get("min-cases-per-class", 5))
-    return max(k, int(site.settings.get("min_cases_per_class", k)))
+    """k for each reply: the federation's minimum, raised (never lowered) by the site's own floor."""
+    return max(int(run_config.get("min-cases-per-class", 5)), site_floor(site.settings))
+
+
+def ledger(site: Site) -> Ledger:
+    """The site's release ledger (blocks of the site's own k, at ``<output_dir>/release``)."""
+    return Ledger(site.work_dir / "release", site_floor(site.settings))
 
 
 def _test_fraction(run_config: Mapping[str, Any]) -> float:
@@ -71,12 +101,18 @@ def _test_fraction(run_config: Mapping[str, Any]) -> float:
 
 
 def plan_reply(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
-    """Phase 1: who the site is, which profile it extracts with, how many cases per class."""
+    """Phase 1: who the site is, which profile it extracts with, how many cases per class, and whether the
+    plan can run here: its splits from the manifest's cases, checked against everything the site released
+    before (no image is read)."""
     site, profile = open_site(site_dir, run_config)
     n_hgg = sum(c.diagnosis == "HGG" for c in site.cases)
     n_bm = len(site.cases) - n_hgg
-    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run_config), _test_fraction(run_config))
-    reason = f"site {site.name} cannot take part: {problem} (add cases)" if problem else ""
+    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run_config), _test_fraction(run_config),
+                                  site_floor(site.settings))
+    if problem:
+        reason = f"site {site.name} cannot take part: {problem} (add cases)"
+    else:
+        reason = _release_problem(site, profile, run_config)
     config = {
         "site-name": site.name,
         "profile-sha256": profile.sha256,
@@ -87,6 +123,34 @@ def plan_reply(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[dict[str,
         "reason": reason,
     }
     return config, {"n-hgg": n_hgg, "n-bm": n_bm, "n-problems": len(site.problems)}
+
+
+def _release_problem(site: Site, profile: Profile, run_config: Mapping[str, Any]) -> str:
+    """Why this plan cannot run at the site under the release rule ('' when it can): the sets it would
+    aggregate over, from the manifest's cases, must pass the ledger with everything released before."""
+    table = FeatureTable([c.case_id for c in site.cases], np.array([c.label for c in site.cases], dtype=np.int64),
+                         [], np.zeros((len(site.cases), 0)), [])
+    spec = combat_covariates(run_config)
+    design = None
+    if spec:
+        by_id = {c.case_id: c for c in site.cases}
+        rows, coded = [], []
+        for i, case_id in enumerate(table.case_ids):
+            try:
+                coded.append(cov.code_case(spec, by_id[case_id].covariates))
+                rows.append(i)
+            except ValueError:
+                continue  # named at the features phase; the plan is judged on the cases that have values
+        table = _subset(table, rows)
+        design = np.array(coded, dtype=np.float64).reshape(len(rows), len(cov.columns(spec)))
+    try:
+        data = split_site(site, profile, table, design, run_config, record_problems=False)
+    except SiteError as exc:
+        return str(exc)
+    sets = {name: s for part in PARTS for name, s in data.case_sets(part).items()}
+    sets.update(covariate_sets(data, spec))
+    why = ledger(site).check(sets)
+    return f"site {site.name} refuses this run plan: {why}" if why else ""
 
 
 def combat_covariates(run_config: Mapping[str, Any]) -> list[cov.Covariate]:
@@ -112,8 +176,7 @@ def code_covariates(site: Site, table: FeatureTable,
                 f"fill in {', '.join(c.name for c in spec)} for {case_id} in the site's manifest (or labels.csv)",
                 kind="bad-covariate"))
     if problems:
-        table = FeatureTable([table.case_ids[i] for i in rows], table.labels[rows], table.names,
-                             table.values[rows], [*table.problems, *problems])
+        table = _subset(table, rows, problems)
         _add_to_errors_report(site, problems)
     return table, np.array(design, dtype=np.float64).reshape(len(rows), len(cov.columns(spec)))
 
@@ -128,24 +191,62 @@ def _add_to_errors_report(site: Site, problems: list[CaseProblem]) -> None:
     path.write_text(json.dumps(report, indent=2), encoding="utf-8")
 
 
+def _subset(table: FeatureTable, rows: list[int], problems: list[CaseProblem] | None = None) -> FeatureTable:
+    """The table's ``rows``, with ``problems`` added to its problems."""
+    return FeatureTable([table.case_ids[i] for i in rows], table.labels[rows], table.names, table.values[rows],
+                        [*table.problems, *(problems or [])])
+
+
+def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.ndarray | None,
+               run_config: Mapping[str, Any], record_problems: bool = True) -> SiteData:
+    """The usable cases drawn into the site's release blocks (client.ledger) and split by whole blocks.
+
+    Cases the blocks leave out are named (in errors.json with ``record_problems``); raises SiteError when the
+    split leaves a part with fewer than k cases."""
+    blocking = ledger(site).blocking(table.case_ids, table.labels)
+    if blocking.left_out:
+        rows = [i for i, c in enumerate(table.case_ids) if c not in blocking.left_out]
+        problems = [CaseProblem(c, f"left out of this run: {why}", "nothing to do: it takes part once the rule allows "
+                                "(see docs/privacy.md, release blocks)", kind="release-block")
+                    for c, why in blocking.left_out.items() if c in set(table.case_ids)]
+        table = _subset(table, rows, problems)
+        design = None if design is None else design[rows]
+        if record_problems:
+            _add_to_errors_report(site, problems)
+    held_out = blocking.held_out(table.case_ids, _test_fraction(run_config), int(run_config.get("split-seed", 0)))
+    k = min_cases(site, run_config)
+    thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < 2]
+    y = table.labels
+    problem = (f"its usable {' and '.join(thin)} cases form fewer than two release blocks of k = "
+               f"{site_floor(site.settings)} (one for training, one held out)" if thin else
+               split_problem(int(np.sum((y == 1) & ~held_out)), int(np.sum((y == 0) & ~held_out)),
+                             int(np.sum((y == 1) & held_out)), int(np.sum((y == 0) & held_out)), k))
+    if problem:
+        raise SiteError(f"site {site.name} cannot take part: {problem}; {len(table.problems)} case(s) are not "
+                        f"used, see {site.work_dir / 'errors.json'} at the site (add cases)")
+    return SiteData(site, profile, table, held_out, design, blocking)
+
+
 def load_site_data(site_dir: Path, run_config: Mapping[str, Any], workers: int = 1) -> SiteData:
-    """Features of every usable case (extracted or from the cache), the held-out split, and the ComBat
-    covariates when the run has them."""
+    """Features of every usable case (extracted or from the cache), one row per patient, the ComBat
+    covariates when the run has them, and the held-out split by whole release blocks."""
     site, profile = open_site(site_dir, run_config)
     table, _ = extract_site(site, profile, workers=workers)
     spec = combat_covariates(run_config)
     design = None
     if spec:
         table, design = code_covariates(site, table, spec)
-    n_hgg = int(table.labels.sum())
-    problem = eligibility_problem(n_hgg, len(table.labels) - n_hgg, min_cases(site, run_config),
-                                  _test_fraction(run_config))
-    if problem:
-        raise SiteError(f"site {site.name} cannot take part after checks and extraction: {problem}; "
-                        f"{len(table.problems)} case(s) failed, see {site.work_dir / 'errors.json'} at the site")
-    held_out = stratified_split(table.case_ids, table.labels, _test_fraction(run_config),
-                                int(run_config.get("split-seed", 0)))
-    return SiteData(site, profile, table, held_out, design)
+    return split_site(site, profile, table, design, run_config)
+
+
+def covariate_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
+    """The training cases of each categorical covariate level ("train|sex=F"): ComBat's XᵀY sums over them."""
+    if data.covariates is None or not spec:
+        return {}
+    rows = ~data.held_out
+    ids = np.array(data.table.case_ids, dtype=object)[rows]
+    return {f"train|{level}": frozenset(ids[mask])
+            for level, mask in cov.level_groups(spec, data.covariates[rows]).items()}
 
 
 def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:

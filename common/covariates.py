@@ -115,13 +115,8 @@ def code_case(covariates: Sequence[Covariate], values: Mapping[str, str]) -> np.
     return np.asarray(row, dtype=np.float64)
 
 
-def small_groups(covariates: Sequence[Covariate], design: np.ndarray, k: int) -> list[str]:
-    """Groups of cases, defined by categorical levels, with 1 to k - 1 cases (an absent level is no group).
-
-    XᵀX holds every level's count and XᵀY/XᵀX the sums of features and continuous covariates per level, so
-    each level is a group the ComBat messages aggregate over; with two categorical covariates the pairs of
-    levels are too (their cross-product counts). Returns e.g. ``["sex=F (3 cases)"]``; [] when all hold k.
-    """
+def level_labels(covariates: Sequence[Covariate], design: np.ndarray) -> list[np.ndarray]:
+    """Per categorical covariate, each case's level as text (e.g. "sex=F"), decoded from the design (n, p)."""
     labels: list[np.ndarray] = []
     start = 0
     for c in covariates:
@@ -131,6 +126,22 @@ def small_groups(covariates: Sequence[Covariate], design: np.ndarray, k: int) ->
             level = np.where(block.any(axis=1), block.argmax(axis=1) + 1, 0)
             labels.append(np.array([f"{c.name}={c.levels[i]}" for i in level], dtype=object))
         start += width
+    return labels
+
+
+def level_groups(covariates: Sequence[Covariate], design: np.ndarray) -> dict[str, np.ndarray]:
+    """Each categorical level present -> (n,) bool of its cases: the groups XᵀY sums features over."""
+    return {str(level): column == level for column in level_labels(covariates, design) for level in np.unique(column)}
+
+
+def small_groups(covariates: Sequence[Covariate], design: np.ndarray, k: int) -> list[str]:
+    """Groups of cases, defined by categorical levels, with 1 to k - 1 cases (an absent level is no group).
+
+    XᵀX holds every level's count and XᵀY/XᵀX the sums of features and continuous covariates per level, so
+    each level is a group the ComBat messages aggregate over; with two categorical covariates the pairs of
+    levels are too (their cross-product counts). Returns e.g. ``["sex=F (3 cases)"]``; [] when all hold k.
+    """
+    labels = level_labels(covariates, design)
     groups = [[(c,) for c in col] for col in labels]
     groups += [list(zip(a, b, strict=True)) for i, a in enumerate(labels) for b in labels[i + 1:]]
     small = []

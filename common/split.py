@@ -1,50 +1,33 @@
-"""Deterministic stratified train / held-out split of a site's cases (pure numpy)."""
+"""Whether a site's class counts allow a train / held-out split under the release rule (pure Python).
+
+A site splits whole release blocks (common.release): each class is cut into blocks of ``block`` to
+2 x ``block`` - 1 patients, and ``held_out_blocks`` of them are held out. So each class needs at least two
+blocks, and the training cases of each class and the held-out cases need at least k (the run's minimum,
+which may be above the block size).
+"""
 
 from __future__ import annotations
 
-import hashlib
-
-import numpy as np
+from common.release import held_out_blocks
 
 
-def stratified_split(case_ids: list[str], labels: np.ndarray, test_fraction: float,
-                     seed: int) -> np.ndarray:
-    """Boolean (n,) mask, True = held-out case.
-
-    Each class contributes ``round(test_fraction * n_class)`` cases (at least one when the class has
-    two or more). The draw depends only on the seed and the case ids, not on manifest order, so a
-    site gets the same split on every run and on every machine.
-    """
-    if not 0.0 < test_fraction < 1.0:
-        raise ValueError(f"test-fraction must be between 0 and 1, got {test_fraction}")
-    labels = np.asarray(labels)
-    held_out = np.zeros(len(case_ids), dtype=bool)
-    for cls in np.unique(labels):
-        idx = np.flatnonzero(labels == cls)
-        # order by a seeded hash of the id: stable under manifest reordering
-        keys = [hashlib.sha256(f"{seed}:{case_ids[i]}".encode()).hexdigest() for i in idx]
-        ordered = idx[np.argsort(keys)]
-        held_out[ordered[:held_out_count(len(idx), test_fraction)]] = True
-    return held_out
+def eligibility_problem(n_hgg: int, n_bm: int, k: int, test_fraction: float, block: int) -> str | None:
+    """Why a site with these class counts cannot take part, or None (from counts alone: the fewest cases
+    the blocks can give each part)."""
+    if min(n_hgg, n_bm) < 2 * block:
+        return (f"{n_hgg} HGG and {n_bm} BM cases; each class needs at least {2 * block} (two release blocks of "
+                f"k = {block}: one for training, one held out)")
+    least = {}
+    for name, n in (("HGG", n_hgg), ("BM", n_bm)):
+        blocks = n // block
+        held = held_out_blocks(blocks, test_fraction)
+        least[name] = ((blocks - held) * block, held * block)
+    return split_problem(least["HGG"][0], least["BM"][0], least["HGG"][1], least["BM"][1], k)
 
 
-def held_out_count(n_class: int, test_fraction: float) -> int:
-    """Held-out cases a class of ``n_class`` contributes (the rule ``stratified_split`` applies)."""
-    n_test = int(round(test_fraction * n_class))
-    return min(max(n_test, 1), n_class - 1) if n_class >= 2 else n_test
-
-
-def eligibility_problem(n_hgg: int, n_bm: int, k: int, test_fraction: float) -> str | None:
-    """Why a site with these class counts cannot take part, or None.
-
-    Every reply must aggregate over at least k cases: each class needs k cases; each class's
-    training cases (class-wise moments for selection) and the held-out split (evaluation) need k.
-    """
-    if min(n_hgg, n_bm) < k:
-        return f"{n_hgg} HGG and {n_bm} BM cases; at least {k} of each are needed"
-    test_hgg, test_bm = held_out_count(n_hgg, test_fraction), held_out_count(n_bm, test_fraction)
-    if min(n_hgg - test_hgg, n_bm - test_bm) < k or test_hgg + test_bm < k:
-        return (f"a {test_fraction:.0%} held-out split of {n_hgg} HGG + {n_bm} BM cases leaves "
-                f"{n_hgg - test_hgg} HGG + {n_bm - test_bm} BM training cases and {test_hgg + test_bm} held-out; "
-                f"each training class and the held-out split need at least {k}")
+def split_problem(train_hgg: int, train_bm: int, test_hgg: int, test_bm: int, k: int) -> str | None:
+    """Why this split cannot be used (a part with fewer than k cases), or None."""
+    if min(train_hgg, train_bm) < k or test_hgg + test_bm < k:
+        return (f"the held-out split leaves {train_hgg} HGG + {train_bm} BM training cases and "
+                f"{test_hgg + test_bm} held-out; each training class and the held-out split need at least {k}")
     return None

@@ -15,7 +15,7 @@ from radfed.launch import app_run_config
 
 @pytest.fixture
 def site(tmp_path):
-    spec = synth.tiny_sites(1, 9)[0]
+    spec = synth.tiny_sites(1, 10)[0]
     synth.write_site(tmp_path, spec, seed=1)
     return tmp_path / spec.name
 

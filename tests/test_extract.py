@@ -129,14 +129,14 @@ def test_each_bad_input_is_named_and_the_rest_survive(tiny_site_root, tmp_path):
         assert fix in problem.fix, how
     assert "duplicate" in problems[rows[-2]["case_id"]].reason
     assert "unknown diagnosis 'meningioma'" in problems["x-999"].reason
-    assert len(table.case_ids) == 18 - len(BAD)  # every other case survived
+    assert len(table.case_ids) == 24 - len(BAD)  # every other case survived
     assert summary.failed == len(BAD) + 2
     report = (site_dir / ".radfed" / "errors.json").read_text()
     assert rows[0]["case_id"] in report and "is missing" in report
 
     # failures are cached like features: a re-run retries nothing and reports the same problems
     again, summary2 = extract_site(load_site(site_dir, PROFILE.sequences), PROFILE)
-    assert summary2.extracted == 0 and summary2.cached == 18  # 12 usable + 6 failed, all from the cache
+    assert summary2.extracted == 0 and summary2.cached == 24  # 18 usable + 6 failed, all from the cache
     assert {p.case_id: p.reason for p in again.problems} == {p.case_id: p.reason for p in table.problems}
     # restoring the missing file makes that case extract again, and only that case
     shutil.copy(site_dir / rows[1]["flair"], site_dir / rows[0]["flair"])

@@ -13,6 +13,7 @@ import torch
 import yaml
 from scipy import stats
 
+from client.ledger import Ledger
 from client.steps import load_site_data, site_matrix
 from common import combat, protocol
 from common.canon import arrays_sha256
@@ -55,7 +56,7 @@ def _events(folder: Path) -> list[dict]:
 def three_sites(tmp_path_factory) -> Path:
     """Three usable tiny sites plus a fourth with only 4 HGG cases (fewer than k: it cannot take part)."""
     root = tmp_path_factory.mktemp("fed")
-    specs = synth.tiny_sites(4, 9)
+    specs = synth.tiny_sites(4, 11)
     specs[3] = replace(specs[3], n_hgg=4)
     for i, spec in enumerate(specs):
         synth.write_site(root, spec, seed=100 + i)
@@ -82,17 +83,17 @@ def test_federation_end_to_end(three_sites, tmp_path):
     agg = final["aggregate"]
     assert agg["n"] == sum(m["n"] for m in final["sites"].values())
     assert agg["tp"] == sum(m["tp"] for m in final["sites"].values())
-    # the broken case was reported, not used and not silently dropped: 17 usable cases at that site
+    # the broken case was reported, not used and not silently dropped: 21 usable cases at that site
     names = sorted(p.name for p in three_sites.iterdir() if (p / "manifest.csv").exists())
     broken = doc["sites"][names[2]]["split"]
-    assert broken["n-failed"] == 1 and broken["n-cases"] == 17
+    assert broken["n-failed"] == 1 and broken["n-cases"] == 21
 
     # the small site was named, left out, and the run went on without it
     small = names[3]
     assert small not in final["sites"] and [d["site"] for d in doc["dropouts"]] == [small]
     dropouts = [e["data"] for e in _events(folder) if e["event"] == "dropout"]
     assert dropouts == doc["dropouts"] and dropouts[0]["phase"] == "plan"
-    assert "4 HGG and 9 BM cases; at least 5 of each" in dropouts[0]["reason"]
+    assert "4 HGG and 11 BM cases; each class needs at least 10" in dropouts[0]["reason"]
 
     # the signed audit chain is intact and records every phase; each site's updates are hashed per round;
     # every global model a site received (its receipts) is the one the log names
@@ -213,7 +214,7 @@ def _late_joiner_predicts(folder: Path, doc: dict, root: Path) -> None:
 
 def test_profile_mismatch_refuses_to_train_and_names_the_site(tmp_path):
     root = tmp_path / "data"
-    specs = synth.tiny_sites(2, 9)
+    specs = synth.tiny_sites(2, 10)
     for i, spec in enumerate(specs):
         synth.write_site(root, spec, seed=200 + i)
     profile = yaml.safe_load((Path(__file__).parent.parent / "common/profiles/default.yaml").read_text())
@@ -238,7 +239,7 @@ def test_profile_mismatch_refuses_to_train_and_names_the_site(tmp_path):
 
 def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     root = tmp_path / "data"
-    for i, spec in enumerate(synth.tiny_sites(2, 9)):
+    for i, spec in enumerate(synth.tiny_sites(2, 10)):
         synth.write_site(root, spec, seed=300 + i)
     # one site keeps its local files elsewhere: everything radfed writes for it must go there
     (root / "tiny-a" / "site.yaml").write_text("name: tiny-a\noutput_dir: ../tiny-a-private\n")
@@ -279,7 +280,7 @@ def _numbers(value) -> list[float]:
 
 def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
     root = tmp_path / "data"
-    specs = synth.tiny_sites(3, 9)
+    specs = synth.tiny_sites(3, 10)
     for i, spec in enumerate(specs):
         synth.write_site(root, spec, seed=400 + i)
     # the canary: one case whose edema is grown far beyond any other (a unique, extreme shape)
@@ -340,7 +341,7 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     from common import exact, metrics
 
     root = tmp_path / "data"
-    for i, spec in enumerate(synth.tiny_sites(2, 9)):
+    for i, spec in enumerate(synth.tiny_sites(2, 10)):
         synth.write_site(root, spec, seed=500 + i)
     config = {"training": "exact", "harmonization": "none", "select-features": 4, "external-validation": "none"}
     folder = _run(tmp_path / "ok", root, 2, **config)
@@ -394,29 +395,39 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
 
 
 def _set_covariates(site: Path, train_ids: set[str], missing_age: str | None = None) -> None:
-    """Rewrite the manifest's age and sex: sexes alternate within the training split (so each level has
-    >= k training cases) and within the held-out cases; ``missing_age`` gets an empty age."""
+    """Rewrite the manifest's age and sex: sexes alternate within each class of the training split (so each
+    level, and each level-class pair the release rule weighs, has enough training cases) and within the
+    held-out cases; ``missing_age`` gets an empty age."""
     manifest = site / "manifest.csv"
     lines = manifest.read_text(encoding="utf-8").splitlines()
     header, rows = lines[0].split(","), [line.split(",") for line in lines[1:]]
-    age, sex = header.index("age"), header.index("sex")
+    age, sex, diagnosis = header.index("age"), header.index("sex"), header.index("diagnosis")
     for group in (True, False):
-        for j, row in enumerate(sorted((r for r in rows if (r[0] in train_ids) == group), key=lambda r: r[0])):
-            row[sex] = "FM"[j % 2]
+        for cls in ("HGG", "BM"):
+            part = sorted((r for r in rows if (r[0] in train_ids) == group and r[diagnosis] == cls),
+                          key=lambda r: r[0])
+            for j, row in enumerate(part):
+                row[sex] = "FM"[j % 2]
     for row in rows:
         if row[0] == missing_age:
             row[age] = ""
     manifest.write_text("\n".join(",".join(r) for r in [header, *rows]) + "\n", encoding="utf-8")
 
 
+def _training_ids(site: Path, case_ids: list[str], labels: np.ndarray, test_fraction: float, seed: int) -> set[str]:
+    """The training split the site will use for these usable cases: its own release blocks (client.ledger),
+    drawn with the site's secret, which the run then reuses."""
+    blocking = Ledger(site / ".radfed" / "release", K).blocking(case_ids, labels)
+    held = blocking.held_out(case_ids, test_fraction, seed)
+    return {c for c, h in zip(case_ids, held, strict=True) if not h}
+
+
 def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_path):
     """combat-covariates = "age,sex=F|M": each site codes age and sex from its manifest (they never leave),
     the federation's ComBat equals common.combat's in-process protocol (itself checked against neuroCombat
     in test_combat) on the pooled training splits; a case without an age is named and left out."""
-    from common.split import stratified_split
-
     root = tmp_path / "data"
-    specs = synth.tiny_sites(3, 9)
+    specs = synth.tiny_sites(3, 11)
     config = {"combat-covariates": "age,sex=F|M", "select-features": 8, "external-validation": "none",
               "num-server-rounds": 1, "test-fraction": 0.3, "split-seed": 7}
     bad_site, bad_case = specs[1].name, f"{synth._case_prefix(specs[1].name)}-002"
@@ -424,9 +435,8 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
         site = synth.write_site(root, spec, seed=300 + i)
         rows = [line.split(",") for line in (site / "manifest.csv").read_text(encoding="utf-8").splitlines()[1:]]
         rows = [r for r in rows if not (spec.name == bad_site and r[0] == bad_case)]
-        held = stratified_split([r[0] for r in rows], np.array([r[1] == "HGG" for r in rows]), 0.3, 7)
-        _set_covariates(site, {r[0] for r, h in zip(rows, held, strict=True) if not h},
-                        bad_case if spec.name == bad_site else None)
+        train_ids = _training_ids(site, [r[0] for r in rows], np.array([int(r[1] == "HGG") for r in rows]), 0.3, 7)
+        _set_covariates(site, train_ids, bad_case if spec.name == bad_site else None)
     folder = _run(tmp_path, root, 3, **config)
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
@@ -434,7 +444,7 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
     assert doc["sites"][bad_site]["split"]["n-failed"] == 1
     errors = json.loads((root / bad_site / ".radfed" / "errors.json").read_text(encoding="utf-8"))
     [problem] = [p for p in errors["problems"] if p["case_id"] == bad_case]
-    assert "no age value" in problem["reason"] and "age" in problem["fix"] and errors["cases_used"] == 17
+    assert "no age value" in problem["reason"] and "age" in problem["fix"] and errors["cases_used"] == 21
 
     late = json.loads((folder / "harmonization.json").read_text(encoding="utf-8"))
     assert late["covariates"] == "sex=F|M,age" and len(late["beta_cov"]) == 2  # sex=M indicator, age

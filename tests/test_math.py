@@ -5,7 +5,7 @@ import pytest
 from sklearn.metrics import confusion_matrix, roc_auc_score
 
 from common import metrics, moments
-from common.split import eligibility_problem, held_out_count, stratified_split
+from common.split import eligibility_problem
 
 
 @pytest.mark.parametrize("seed", range(5))
@@ -59,21 +59,10 @@ def test_pooled_moments_equal_numpy_on_pooled_data_even_for_huge_means():
     assert abs(naive[3] - std[3]) / std[3] > 0.01
 
 
-def test_split_is_stratified_deterministic_and_order_free():
-    ids = [f"c{i:02d}" for i in range(23)]
-    labels = np.array([1] * 13 + [0] * 10)
-    a = stratified_split(ids, labels, 0.3, seed=7)
-    assert a[labels == 1].sum() == held_out_count(13, 0.3) == 4
-    assert a[labels == 0].sum() == held_out_count(10, 0.3) == 3
-    perm = np.random.default_rng(0).permutation(23)
-    b = stratified_split([ids[i] for i in perm], labels[perm], 0.3, seed=7)
-    assert {ids[i] for i in perm[b]} == {ids[i] for i in np.flatnonzero(a)}
-    assert not np.array_equal(a, stratified_split(ids, labels, 0.3, seed=8))
-
-
-def test_eligibility_requires_k_per_class_and_in_each_split():
-    assert eligibility_problem(10, 10, 5, 0.3) is None
-    assert "at least 5 of each" in eligibility_problem(4, 20, 5, 0.3)
-    assert "held-out" in eligibility_problem(7, 7, 5, 0.3)  # 2 + 2 held out < 5
-    assert "training" in eligibility_problem(6, 30, 5, 0.3)  # 6 HGG - 2 held out = 4 training HGG < 5
-    assert eligibility_problem(9, 9, 5, 0.3) is None  # 6 + 6 training, 3 + 3 held out
+def test_eligibility_needs_two_release_blocks_per_class_and_k_in_each_split():
+    assert eligibility_problem(10, 10, 5, 0.3, block=5) is None  # 5 + 5 training, 5 + 5 held out
+    assert "each class needs at least 10" in eligibility_problem(9, 20, 5, 0.3, block=5)
+    assert "each class needs at least 16" in eligibility_problem(12, 30, 5, 0.3, block=8)
+    # the run's k above the block size: 2 blocks of 5 leave 5 training HGG < 6
+    assert "training" in eligibility_problem(10, 30, 6, 0.3, block=5)
+    assert eligibility_problem(15, 15, 6, 0.3, block=5) is None  # 3 blocks: 2 train (>= 10), 1 held out

@@ -152,12 +152,14 @@ def test_every_bad_input_is_named_with_its_fix_and_the_rest_survive(tiny_site_ro
     assert "spacing (2, 2, 5) vs (1.6, 1.6, 4)" in respaced and "origin" in respaced  # what differs, both named
     assert problems[rows[-3]["case_id"]].kind == "duplicate-id" and "duplicate" in problems[rows[-3]["case_id"]].reason
     assert "unknown diagnosis 'meningioma'" in problems["x-999"].reason and "HGG" in problems["x-999"].fix
-    assert problems["<line 22>"].kind == "empty-id"
+    assert problems["<line 28>"].kind == "empty-id"
     # every other case survived, the nearly-aligned one included
-    assert [c.case_id for c in check.usable] == [r["case_id"] for r in rows[len(BAD):18]]
-    assert check.status == "warnings" and check.exit_code == 0
+    assert [c.case_id for c in check.usable] == [r["case_id"] for r in rows[len(BAD):24]]
+    # 13 usable cases cannot fill two release blocks of 5 in each class (the blocks keep the site's own k, 5,
+    # whatever min_cases_per_class the check is asked for)
+    assert check.status == "cannot-take-part" and "two release blocks" in str(check.eligibility)
     assert check.problems_by_kind["not-co-registered"] == 2
-    assert check.n_cases == 20  # 18 cases + the unknown-diagnosis row + the row without id
+    assert check.n_cases == 26  # 24 cases + the unknown-diagnosis row + the row without id
 
 
 def test_cli_warns_with_counts_and_writes_the_json_report(tiny_site_root, tmp_path, capsys):
@@ -167,17 +169,17 @@ def test_cli_warns_with_counts_and_writes_the_json_report(tiny_site_root, tmp_pa
     _break(site_dir, rows[1], "shifted-mask")
     assert main(["site", "check", str(site_dir)]) == 0
     out = capsys.readouterr().out
-    assert rows[0]["case_id"] in out and rows[1]["case_id"] in out and "can take part with 16" in out
+    assert rows[0]["case_id"] in out and rows[1]["case_id"] in out and "can take part with 22" in out
 
     report = json.loads((site_dir / ".radfed" / "check.json").read_text())
     assert report["status"] == "warnings" and report["exit_code"] == 0
     hgg = sum(r["diagnosis"] == "HGG" for r in rows[2:])
-    assert report["counts"] == {"cases": 18, "usable": 16, "by_class": {"HGG": hgg, "BM": 16 - hgg},
+    assert report["counts"] == {"cases": 24, "usable": 22, "by_class": {"HGG": hgg, "BM": 22 - hgg},
                                 "problem_cases": 2, "problems_by_kind": {"mask-geometry": 1, "missing-file": 1}}
     assert {p["case_id"]: p["kind"] for p in report["problems"]} == {rows[0]["case_id"]: "missing-file",
                                                                      rows[1]["case_id"]: "mask-geometry"}
     assert all(p["fix"] for p in report["problems"])
-    assert report["profile"]["sha256"] == PROFILE.sha256 and len(report["usable_cases"]) == 16
+    assert report["profile"]["sha256"] == PROFILE.sha256 and len(report["usable_cases"]) == 22
 
 
 def test_cli_fails_when_nothing_is_usable(tiny_site_root, tmp_path, capsys):
@@ -201,15 +203,17 @@ def test_too_few_cases_per_class_refuses_and_says_why(tiny_site_root, tmp_path, 
     _write_rows(site_dir, [r for r in rows if r["diagnosis"] == "BM"] + hgg[:4])
     assert main(["site", "check", str(site_dir)]) == 3
     out = capsys.readouterr().out
-    assert "cannot take part: 4 HGG and 9 BM cases; at least 5 of each are needed" in out.replace("\n", " ")
+    assert "cannot take part: 4 HGG and 12 BM cases; each class needs at least 10 (two release blocks" \
+        in out.replace("\n", " ")
     assert json.loads((site_dir / ".radfed" / "check.json").read_text())["status"] == "cannot-take-part"
 
-    # the site's own site.yaml can raise k (never lower it): 9 + 9 cases are then too few
+    # the site's own site.yaml can raise k (never lower it): 12 + 12 cases are then too few
     _write_rows(site_dir, rows)
     (site_dir / "site.yaml").write_text("name: strict-hospital\nmin_cases_per_class: 10\n")
     check = check_site(site_dir)
     assert check.k == 10 and check.exit_code == 3
-    assert check.verdict.startswith("site strict-hospital cannot take part: 9 HGG and 9 BM cases; at least 10")
+    assert check.verdict.startswith(
+        "site strict-hospital cannot take part: 12 HGG and 12 BM cases; each class needs at least 20")
     (site_dir / "site.yaml").write_text("min_cases_per_class: 2\n")
     assert check_site(site_dir).k == 5
 
@@ -259,7 +263,7 @@ def test_site_config_defaults_and_the_old_minimal_keys(tiny_site_root, tmp_path)
     config = load_site_config(site_dir)  # no site.yaml: a manifest site named after its folder
     assert config.source == "manifest" and config.label_map is None
     site = load_site(site_dir, PROFILE.sequences)
-    assert site.name == site_dir.name and site.work_dir == site_dir.resolve() / ".radfed" and len(site.cases) == 18
+    assert site.name == site_dir.name and site.work_dir == site_dir.resolve() / ".radfed" and len(site.cases) == 24
 
     (site_dir / "site.yaml").write_text("name: hospital-a\nprofile: default\nmin_cases_per_class: 6\n")
     settings = site_settings(site_dir)
@@ -273,7 +277,7 @@ def test_site_config_defaults_and_the_old_minimal_keys(tiny_site_root, tmp_path)
     shutil.move(site_dir / "masks", data / "masks")
     (site_dir / "site.yaml").write_text("name: hospital-a\ndata_root: ../pacs-export\noutput_dir: ../radfed-out\n")
     check = check_site(site_dir)
-    assert len(check.usable) == 18 and check.exit_code == 0
+    assert len(check.usable) == 24 and check.exit_code == 0
     assert check.site.work_dir == (tmp_path / "radfed-out").resolve()
     assert check.site.cases[0].images["t1c"].is_relative_to(data.resolve())
 

@@ -1,0 +1,214 @@
+"""A site's release ledger: its permanent patient blocks and every case set it has ever released.
+
+The guard (client.guard) consults it before any reply leaves: the reply's case sets, added to every set
+the site released in any earlier run, must not single out a group of fewer than k patients
+(``common.release.isolated_group``). Runs stay well inside that rule because a site only aggregates over
+unions of whole blocks: each class's patients are cut once into blocks of k to 2k - 1 in an order keyed by
+a secret that never leaves the site; a block is frozen the first time any of its patients is released,
+and a frozen block is used whole or not at all.
+
+Files, under ``<output_dir>/release/`` (never sent anywhere)::
+
+    secret          32 random bytes (hex), created on first use; deleting it re-draws unfrozen blocks only
+    ledger.json     frozen blocks and every released case set (case ids), with the first run that sent it
+    releases.jsonl  one line per reply that left: run, message type, the sets by hash
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+from common import release
+
+LEDGER_SCHEMA = "radfed.release-ledger/1"
+CLASS_NAMES = {1: "HGG", 0: "BM"}
+
+
+class ReleaseRefused(RuntimeError):
+    """A reply (or a run plan) that, with what the site released before, would single out patients."""
+
+
+@dataclass
+class Blocking:
+    """This run's view of the site's blocks: block id -> (label, case ids), and the cases left out."""
+
+    secret: bytes
+    blocks: dict[str, tuple[int, list[str]]]
+    left_out: dict[str, str] = field(default_factory=dict)  # case id -> why (plain words)
+
+    @property
+    def cases(self) -> set[str]:
+        return {c for _, members in self.blocks.values() for c in members}
+
+    def held_out(self, case_ids: Sequence[str], test_fraction: float, seed: int) -> np.ndarray:
+        """(n,) bool over ``case_ids``: the cases of each class's held-out blocks."""
+        held: set[str] = set()
+        for label in CLASS_NAMES:
+            ids = sorted(b for b, (lab, _) in self.blocks.items() if lab == label)
+            for b in release.choose_held_out(self.secret, ids, test_fraction, seed):
+                held.update(self.blocks[b][1])
+        return np.array([c in held for c in case_ids], dtype=bool)
+
+    def n_blocks(self, label: int) -> int:
+        return sum(1 for lab, _ in self.blocks.values() if lab == label)
+
+
+def _set_key(members: frozenset[str]) -> str:
+    return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+class Ledger:
+    """The release ledger in ``folder`` (``<output_dir>/release``); ``k`` is the site's own minimum."""
+
+    def __init__(self, folder: Path, k: int) -> None:
+        self.folder, self.k = folder, k
+
+    @contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with (self.folder / ".lock").open("a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @property
+    def secret(self) -> bytes:
+        path = self.folder / "secret"
+        if not path.exists():
+            self.folder.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "w") as fh:
+                fh.write(secrets.token_hex(32))
+        return bytes.fromhex(path.read_text().strip())
+
+    def load(self) -> dict:
+        path = self.folder / "ledger.json"
+        if not path.exists():
+            return {"schema": LEDGER_SCHEMA, "blocks": {}, "sets": {}}
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise ReleaseRefused(f"the release ledger {path} is damaged ({exc.msg}); restore it from the site's "
+                                 "backup: without it the site cannot know what it released before") from None
+        if not isinstance(doc, dict) or doc.get("schema") != LEDGER_SCHEMA:
+            raise ReleaseRefused(f"{path} is not a radfed release ledger ({LEDGER_SCHEMA}); restore it from backup")
+        return doc
+
+    def released_sets(self) -> list[frozenset[str]]:
+        return [frozenset(entry["cases"]) for entry in self.load()["sets"].values()]
+
+    def blocking(self, case_ids: Sequence[str], labels: np.ndarray) -> Blocking:
+        """Blocks over these usable cases: frozen blocks whose every patient is usable, then the remaining
+        patients of each class cut into new blocks of k to 2k - 1 in the secret order. Patients of a frozen
+        block that lost a member, and the few left over when a class has fewer than k new patients, are
+        left out (named with why)."""
+        secret = self.secret
+        label_of = dict(zip(case_ids, (int(v) for v in labels), strict=True))
+        blocks: dict[str, tuple[int, list[str]]] = {}
+        left_out: dict[str, str] = {}
+        taken: set[str] = set()
+        for bid, entry in self.load()["blocks"].items():
+            members = list(entry["cases"])
+            taken.update(members)
+            missing = [c for c in members if c not in label_of or label_of[c] != int(entry["label"])]
+            if missing:
+                for c in members:
+                    if c in label_of:
+                        left_out[c] = (f"its release block was sent in an earlier run together with {len(missing)} "
+                                       "case(s) not usable now; sending the rest would let the two runs be "
+                                       "subtracted")
+            else:
+                blocks[bid] = (int(entry["label"]), members)
+        for label, name in CLASS_NAMES.items():
+            fresh = [c for c in case_ids if label_of[c] == label and c not in taken]
+            cut = release.make_blocks(release.keyed_order(secret, fresh, "blocks"), self.k)
+            for members in cut:
+                blocks[release.block_id(secret, members)] = (label, members)
+            placed = {c for members in cut for c in members}
+            for c in fresh:
+                if c not in placed:
+                    left_out[c] = (f"waits for {self.k} new {name} cases to form a release block of its own "
+                                   f"(k = {self.k})")
+        return Blocking(secret, blocks, left_out)
+
+    def check(self, sets: Mapping[str, frozenset[str]]) -> str:
+        """'' when releasing ``sets`` keeps the invariant with everything released before, else why not."""
+        before = self.released_sets()
+        new = {name: s for name, s in sets.items() if s and s not in set(before)}
+        if not new:
+            return ""
+        found = release.isolated_group([*before, *new.values()], self.k)
+        if found is None:
+            return ""
+        n = len(found.patients)
+        if not found.proven:
+            return (f"the site cannot rule out that {', '.join(sorted(new))} together with its {len(before)} earlier "
+                    f"release(s) single out fewer than k = {self.k} patients (too many small groups to check)")
+        return (f"{', '.join(sorted(new))} together with the site's {len(before)} earlier release(s) would single "
+                f"out {n} patient{'s' if n != 1 else ''} (fewer than k = {self.k}): subtracting the sums of two "
+                "releases whose case sets differ by so few patients recovers their values")
+
+    def record(self, run_id: int, message_type: str, sets: Mapping[str, frozenset[str]],
+               blocking: Blocking | None) -> None:
+        """Add the sets to the ledger and freeze every block any of them touches."""
+        with self._locked():
+            doc = self.load()
+            now = datetime.now(UTC).isoformat(timespec="seconds")
+            keys = {}
+            for name, members in sets.items():
+                if not members:
+                    continue
+                key = keys[name] = _set_key(members)
+                doc["sets"].setdefault(key, {"cases": sorted(members), "first_run": run_id,
+                                             "first_message": message_type, "first_set": name, "first_time": now})
+            touched = frozenset().union(*sets.values()) if sets else frozenset()
+            for bid, (label, members) in (blocking.blocks.items() if blocking else ()):
+                if bid not in doc["blocks"] and touched.intersection(members):
+                    doc["blocks"][bid] = {"label": label, "cases": sorted(members), "frozen": now}
+            _write_atomic(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True))
+            with (self.folder / "releases.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps({"time": now, "run_id": run_id, "type": message_type, "sets": keys},
+                                    sort_keys=True) + "\n")
+
+
+@dataclass
+class Declaration:
+    """What a handler aggregated over: named case sets (e.g. ``train``, ``train-hgg``, ``train|sex=M``), which
+    of them each count key of the reply counts, and the blocking they were drawn from."""
+
+    sets: dict[str, frozenset[str]]
+    counts: dict[str, str]
+    blocking: Blocking | None
+
+
+# Handlers declare the case sets behind a reply here; the guard takes them (same process, same message).
+_DECLARED: dict[str, Declaration] = {}
+
+
+def declare(message_id: str, declaration: Declaration) -> None:
+    _DECLARED[message_id] = declaration
+
+
+def take(message_id: str) -> Declaration | None:
+    return _DECLARED.pop(message_id, None)
