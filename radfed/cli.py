@@ -135,17 +135,30 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     for item in args.receipts or []:  # a site folder or a receipts file
         path = Path(item)
         receipts.append(work_dir(path) / "receipts.jsonl" if path.is_dir() else path)
-    result = verify(Path(args.log), pubkey=Path(args.pubkey) if args.pubkey else None, receipts=receipts)
+    result = verify(Path(args.log), pubkey=Path(args.pubkey) if args.pubkey else None, receipts=receipts,
+                    artifacts=not args.log_only)
+    if result.bad_line is not None or not result.entries:
+        where = f" at line {result.bad_line}" if result.bad_line else ""
+        print(f"audit log BROKEN{where}: {result.reason} ({result.entries} entries before it verify)")
+        return 1
+    print(f"audit log chain intact: {result.entries} entries, signatures valid, last sha256 {result.last_sha256}")
+    print("events: " + ", ".join(f"{k} x{v}" for k, v in result.events.items()))
+    if args.log_only:
+        print("run files: not compared (--log-only)")
+    else:
+        print(f"run files: {len(result.artifacts_checked)} match the hashes run-end signed"
+              + (f" ({', '.join(result.artifacts_checked)})" if result.artifacts_checked else ""))
+    if receipts:
+        print(f"receipts: {result.receipts_checked} model hash(es) in {result.receipt_files} receipts file(s) "
+              "checked against the log")
+    if not args.pubkey:
+        print("note: checked against audit.pub beside the log; pin the coordinator's key with --pubkey")
     if result.ok:
-        print(f"audit log intact: {result.entries} entries, signatures valid, last sha256 {result.last_sha256}")
-        print("events: " + ", ".join(f"{k} x{v}" for k, v in result.events.items()))
-        if receipts:
-            print(f"receipts: {result.receipts_checked} model hash(es) from {len(receipts)} site(s) match the log")
-        if not args.pubkey:
-            print("note: checked against audit.pub beside the log; pin the coordinator's key with --pubkey")
+        print("audit log intact: the log, the run files and the receipts agree")
         return 0
-    where = f"at line {result.bad_line}" if result.bad_line else "in the receipts"
-    print(f"audit log BROKEN {where}: {result.reason} ({result.entries} entries before it verify)")
+    print(f"audit FAILED: {len(result.problems)} problem(s)")
+    for problem in result.problems:
+        print(f"  - {problem}")
     return 1
 
 
@@ -368,10 +381,12 @@ def build_parser() -> argparse.ArgumentParser:
     deploy.set_defaults(func=cmd_deploy)
 
     audit = sub.add_parser("audit", help="auditor commands").add_subparsers(dest="audit_command", required=True)
-    verify = audit.add_parser("verify", help="check a run's audit log chain")
+    verify = audit.add_parser("verify", help="check a run's audit log, the run files it signed and the sites' receipts")
     verify.add_argument("log")
     verify.add_argument("--pubkey", help="the coordinator's published public key (PEM) to pin")
     verify.add_argument("--receipts", nargs="*", help="site folders or receipts.jsonl files to cross-check")
+    verify.add_argument("--log-only", action="store_true",
+                        help="check the log alone, not the run files beside it (a log copied without its folder)")
     verify.set_defaults(func=cmd_audit_verify)
     return parser
 

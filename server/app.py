@@ -21,7 +21,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from server import phases, report, training, validation
-from server.audit import AuditLog, load_or_create_key
+from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.strategy import record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
@@ -131,9 +131,11 @@ def main(grid: Grid, context: Context) -> None:
     result.seconds = time.perf_counter() - started
     report.write_outputs(result)
     final = result.final_aggregate()
+    # every output is written by now: run-end signs each file's hash, so `radfed audit verify` can compare them
+    signed = artifact_hashes(folder)
     audit.append("run-end", status=result.status, error=result.error, model_sha256=result.model_sha256,
-                 final=final, seconds=round(result.seconds, 3),
-                 metrics_sha256=report.file_sha256(folder / "metrics.json"))
+                 final=final, seconds=round(result.seconds, 3), artifacts=signed,
+                 metrics_sha256=signed.get("metrics.json"))
     log.info("radfed run %s %s in %.1fs; metrics, report and audit log in %s", context.run_id, result.status,
              result.seconds, folder)
     if result.status != "completed":

@@ -3,7 +3,8 @@
 Each entry carries the sha256 of the previous line (``prev``) and an Ed25519 signature (``sig``) by
 the coordinator's key over the entry without ``sig``; the public key is written beside the log as
 ``audit.pub``. ``verify`` names the first line that was changed, deleted, inserted or reordered, a bad
-signature, a log cut short (no ``run-end``), and any site receipt that disagrees with the log.
+signature, a log cut short (no ``run-end``); then every run artifact against the hash ``run-end`` signed
+(and any artifact it did not sign), and each site's receipts against the rounds the log says it took part in.
 """
 
 from __future__ import annotations
@@ -22,14 +23,32 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from common.canon import canonical_json, json_safe
+from common.plan import plan_sha256
 
 GENESIS = "0" * 64
 SCHEMA = "radfed.audit/2"
 FINAL_EVENTS = ("run-end",)
+# the run folder's outputs that run-end signs by file hash (audit.jsonl and audit.pub verify themselves)
+ARTIFACTS = ("metrics.json", "model.pt", "report.html", "report.md", "plan.json", "harmonization.json")
+MAX_MISSING_NAMED = 5  # per receipts file; more are counted, not listed
 
 
 def line_sha256(line: str) -> str:
     return hashlib.sha256(line.encode("utf-8")).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes, read in blocks (model.pt can be large)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def artifact_hashes(folder: Path) -> dict[str, str]:
+    """File sha256 of each run artifact present in ``folder``: what run-end signs."""
+    return {name: file_sha256(folder / name) for name in ARTIFACTS if (folder / name).is_file()}
 
 
 def load_or_create_key(path: Path) -> Ed25519PrivateKey:
@@ -102,10 +121,13 @@ class Verification:
     ok: bool
     entries: int
     last_sha256: str
-    bad_line: int | None = None  # 1-based
+    bad_line: int | None = None  # 1-based; None when the chain is intact and the problem is in a file
     reason: str = ""
     events: dict[str, int] = field(default_factory=dict)
     receipts_checked: int = 0
+    receipt_files: int = 0
+    artifacts_checked: list[str] = field(default_factory=list)  # artifacts whose file matches run-end
+    problems: list[str] = field(default_factory=list)  # every artifact or receipt problem (reason: the first)
 
 
 def _load_public(path: Path) -> Ed25519PublicKey:
@@ -115,8 +137,10 @@ def _load_public(path: Path) -> Ed25519PublicKey:
     return key
 
 
-def verify(path: Path, pubkey: Path | None = None, receipts: list[Path] | None = None) -> Verification:
-    """Check the chain, every signature and completeness; then each site receipt against the log.
+def verify(path: Path, pubkey: Path | None = None, receipts: list[Path] | None = None,
+           artifacts: bool = True) -> Verification:
+    """Check the chain, every signature and completeness; then (``artifacts``) each run file beside the log
+    against the hash run-end signed, and each site receipts file against the log.
 
     ``pubkey`` pins the coordinator's key (default: ``audit.pub`` beside the log, which only proves the
     log is internally consistent; an auditor should pin the key the coordinator published).
@@ -138,12 +162,15 @@ def verify(path: Path, pubkey: Path | None = None, receipts: list[Path] | None =
         return Verification(False, len(lines), prev, len(lines) + 1,
                             f"the log ends after line {len(lines)} without 'run-end': it was cut short, or the run "
                             "is still going", events)
+    # the chain is trusted from here on: what run-end and the round entries say is what the coordinator signed
     result = Verification(True, len(lines), prev, None, "", events)
+    if artifacts:
+        result.problems += _check_artifacts(entries, path.parent, result)
     for receipt_file in receipts or []:
-        problem = _check_receipts(entries, receipt_file, result)
-        if problem:
-            result.ok, result.reason = False, problem
-            return result
+        result.receipt_files += 1
+        result.problems += _check_receipts(entries, receipt_file, result)
+    if result.problems:
+        result.ok, result.reason = False, result.problems[0]
     return result
 
 
@@ -188,18 +215,120 @@ def model_hashes(entries: list[dict[str, Any]]) -> dict[tuple[str, str, int], st
     return sent
 
 
-def _check_receipts(entries: list[dict[str, Any]], receipt_file: Path, result: Verification) -> str:
-    """'' when every receipt of this run matches the log, else what disagrees."""
-    run_id = entries[0]["data"].get("run_id")
-    sent = model_hashes(entries)
-    for number, line in enumerate(receipt_file.read_text(encoding="utf-8").splitlines(), start=1):
-        receipt = json.loads(line)
-        if receipt.get("run_id") != run_id:
+def _check_artifacts(entries: list[dict[str, Any]], folder: Path, result: Verification) -> list[str]:
+    """What differs between the run files in ``folder`` and the hashes run-end signed; [] when all match."""
+    end = entries[-1]["data"]
+    signed = dict(end.get("artifacts") or {})
+    if "metrics.json" not in signed and end.get("metrics_sha256"):
+        signed["metrics.json"] = end["metrics_sha256"]  # logs written before run-end named every artifact
+    problems: list[str] = []
+    for name, expected in sorted(signed.items()):
+        if Path(name).name != name:
+            problems.append(f"run-end names {name!r}, which is not a file of the run folder: the log is malformed")
             continue
-        expected = sent.get((str(receipt.get("fold", "")), receipt["type"], receipt["round"]))
-        if expected != receipt["model_sha256"]:
-            return (f"receipt mismatch: {receipt_file} line {number}: site {receipt.get('site')} received model "
-                    f"{receipt['model_sha256'][:16]}... for {receipt['type']} round {receipt['round']}, the log says "
-                    f"{(expected or 'nothing')[:16]}...")
+        file = folder / name
+        if not file.is_file():
+            problems.append(f"{file} is missing: run-end signed sha256 {str(expected)[:16]}... for it; restore the "
+                            "run's original file")
+            continue
+        actual = file_sha256(file)
+        if actual != expected:
+            problems.append(f"{file} differs from what run-end signed: sha256 {actual[:16]}... on disk, "
+                            f"{str(expected)[:16]}... in the log (the file was changed after the run); restore the "
+                            "run's original file")
+            continue
+        result.artifacts_checked.append(name)
+    for name in ARTIFACTS:
+        if name not in signed and (folder / name).is_file():
+            problems.append(f"{folder / name} is not signed: run-end names no hash for it (it was added or replaced "
+                            "after the run); remove it or get the original run folder from the coordinator")
+    plan_hash = entries[0]["data"].get("plan_sha256") if entries[0]["event"] == "run-start" else None
+    if plan_hash and "plan.json" in result.artifacts_checked:
+        # the file hash only shows the file is the one written; this shows it is the plan the sites approved
+        try:
+            written = plan_sha256(json.loads((folder / "plan.json").read_text(encoding="utf-8")))
+        except (json.JSONDecodeError, UnicodeDecodeError, TypeError, ValueError) as exc:
+            written = f"unreadable ({exc})"
+        if written != plan_hash:
+            problems.append(f"{folder / 'plan.json'} is run plan {written[:16]}..., but run-start says the run's plan "
+                            f"is {plan_hash[:16]}...: it is not the plan the sites approved")
+    return problems
+
+
+def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str, str, int]]]:
+    """Per site, every (fold, type, round) model the log says it received and answered for.
+
+    round-train and round-evaluate list the sites that replied in that round; exact training's Newton
+    queries carry no model, so its round-train needs no train receipt. A fold's external-validation
+    (without error) means the held-out site scored the fold's last model."""
+    training: dict[str, str] = {}
+    last_round: dict[str, int] = {}
+    required: dict[str, set[tuple[str, str, int]]] = {}
+    for entry in entries:
+        data, event = entry["data"], entry["event"]
+        fold = str(data.get("fold", ""))
+        if event == "model-init":
+            training[fold] = str(data.get("training", "fedavg"))
+        elif event == "round-train":
+            last_round[fold] = int(data["round"])
+            if training.get(fold, "fedavg") != "exact":
+                for site in data.get("sites") or {}:
+                    required.setdefault(site, set()).add((fold, "train", int(data["round"])))
+        elif event == "round-evaluate":
+            for site in data.get("sites") or {}:
+                required.setdefault(site, set()).add((fold, "evaluate", int(data["round"])))
+        elif event == "external-validation" and not data.get("error") and fold in last_round:
+            required.setdefault(fold, set()).add((fold, "evaluate", last_round[fold]))
+    return required
+
+
+def _check_receipts(entries: list[dict[str, Any]], receipt_file: Path, result: Verification) -> list[str]:
+    """What disagrees between a site's receipts file and the log; [] when every receipt of this run matches
+    and the file covers every round the log says its site took part in."""
+    run_id = entries[0]["data"].get("run_id")
+    if not receipt_file.is_file():
+        return [f"{receipt_file} does not exist: give the folder of a site that took part (its receipts are "
+                "<output_dir>/receipts.jsonl)"]
+    lines = receipt_file.read_text(encoding="utf-8").splitlines()
+    if not any(line.strip() for line in lines):
+        return [f"{receipt_file} is empty: it holds no receipt at all (receipts deleted, or not the site's file)"]
+    sent = model_hashes(entries)
+    problems: list[str] = []
+    held: set[tuple[str, str, str, int]] = set()  # (site, fold, type, round) of this run's receipts
+    sites: set[str] = set()
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            receipt = json.loads(line)
+            if receipt.get("run_id") != run_id:
+                continue
+            key = (str(receipt.get("fold", "")), str(receipt["type"]), int(receipt["round"]))
+            got = str(receipt["model_sha256"])
+        except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
+            problems.append(f"{receipt_file} line {number} is not a receipt: the file was edited")
+            continue
+        site = str(receipt.get("site"))
+        sites.add(site)
+        held.add((site, *key))
+        expected = sent.get(key)
+        if expected != got:
+            problems.append(f"receipt mismatch: {receipt_file} line {number}: site {site} received model "
+                            f"{got[:16]}... for {key[1]} round {key[2]}, the log says "
+                            f"{(expected or 'nothing')[:16]}...")
+            continue
         result.receipts_checked += 1
-    return ""
+    if not sites and not problems:
+        return [f"{receipt_file} holds no receipt of run {run_id}: wrong site folder or receipts deleted"]
+    required = _required_receipts(entries)
+    for site in sorted(sites):
+        missing = sorted((k for k in required.get(site, set()) if (site, *k) not in held),
+                         key=lambda k: (k[0], k[2], k[1]))
+        for fold, kind, rnd in missing[:MAX_MISSING_NAMED]:
+            where = f" of the leave-one-site-out fold without {fold}" if fold else ""
+            problems.append(f"{receipt_file}: site {site} has no receipt for {kind} round {rnd}{where} (the log says "
+                            "it took part)")
+        if len(missing) > MAX_MISSING_NAMED:
+            problems.append(f"{receipt_file}: site {site} lacks {len(missing) - MAX_MISSING_NAMED} more receipt(s) "
+                            f"({len(missing)} in all): lines were deleted")
+    return problems

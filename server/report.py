@@ -8,7 +8,6 @@ is missing (older runs, refused or failed runs), so a report can always be writt
 
 from __future__ import annotations
 
-import hashlib
 import html
 import json
 import logging
@@ -128,10 +127,6 @@ def _intervals(record: dict[str, Any]) -> dict[str, list[float]] | None:
     except (KeyError, TypeError, ValueError) as exc:
         log.warning("no 95%% intervals for %s: %s", record, exc)
         return None
-
-
-def file_sha256(path: Path) -> str | None:
-    return hashlib.sha256(path.read_bytes()).hexdigest() if path.exists() else None
 
 
 def write_outputs(result: RunResult) -> None:

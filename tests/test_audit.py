@@ -117,10 +117,11 @@ def test_receipts_match_or_name_the_mismatch(tmp_path, log):
     rows = [{"run_id": 42, "site": "a", "type": "train", "round": 1, "model_sha256": "m0"},
             {"run_id": 42, "site": "a", "type": "evaluate", "round": 1, "model_sha256": "m1"},
             {"run_id": 42, "site": "a", "type": "train", "round": 2, "model_sha256": "m1"},
+            {"run_id": 42, "site": "a", "type": "train", "round": 3, "model_sha256": "m2"},
             {"run_id": 7, "site": "a", "type": "train", "round": 1, "model_sha256": "other run"}]
     receipts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = verify(log, receipts=[receipts])
-    assert result.ok and result.receipts_checked == 3
+    assert result.ok and result.receipts_checked == 4
     rows[2]["model_sha256"] = "m-substituted"
     receipts.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     result = verify(log, receipts=[receipts])
