@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from client.site import DIAGNOSES, Case, CaseProblem, SiteError
+from client.cases import DIAGNOSES, Case, CaseProblem, SiteError
 
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 # profile sequence -> BraTS 2023 file suffix (BraTS calls FLAIR "t2f"; it has no ADC, sites add their own)

@@ -21,46 +21,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# Case, CaseProblem, SiteError and DIAGNOSES live in client.cases, which the importers share (no import
+# circle); re-exported here, where the rest of radfed imports them from.
+from client import importers
+from client.cases import DIAGNOSES as DIAGNOSES
+from client.cases import Case, CaseProblem, SiteError
 from common.protocol import DEFAULT_K
 
-DIAGNOSES = {"HGG": 1, "BM": 0}  # positive class = high-grade glioma
 SOURCES = ("manifest", "brats", "dicom")
 BACKGROUND = "background"  # label_map target that drops a source label (e.g. a resection cavity)
-
-
-class SiteError(ValueError):
-    """The site as a whole cannot be used; the message names the file and the fix."""
-
-
-@dataclass(frozen=True)
-class Case:
-    case_id: str
-    diagnosis: str
-    images: dict[str, Path]  # sequence -> NIfTI/NRRD file or DICOM series folder
-    mask: Path
-    # the manifest's (or labels.csv's) other columns, as written, e.g. {"age": "63", "sex": "F"}: ComBat
-    # covariates when the run names them (common.covariates); they never leave the site
-    covariates: dict[str, str] = field(default_factory=dict, compare=False)
-
-    @property
-    def label(self) -> int:
-        return DIAGNOSES[self.diagnosis]
-
-
-@dataclass(frozen=True)
-class CaseProblem:
-    """One case that radfed could not use, and what to do about it.
-
-    ``kind`` is a short stable tag (e.g. ``missing-file``, ``not-co-registered``) for counting problems.
-    """
-
-    case_id: str
-    reason: str
-    fix: str
-    kind: str = "other"
-
-    def as_dict(self) -> dict[str, str]:
-        return {"case_id": self.case_id, "reason": self.reason, "fix": self.fix, "kind": self.kind}
 
 
 @dataclass
@@ -225,8 +194,6 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
     Problems with single cases become CaseProblems and the other cases survive; a case id seen twice
     keeps its first occurrence.
     """
-    from client import importers  # importers build Case objects from this module
-
     root = Path(root).expanduser().resolve()
     config = load_site_config(root)
     data_root, output_dir = resolved_paths(root, config)
