@@ -3,15 +3,17 @@ authentication. Everything lives in one deployment folder (``--dir``, default ``
 ``$RADFED_DEPLOY_DIR``):
 
   provision --sites a,b,c [--host NAME]     CA + SuperLink certificate (pki/), one node key pair per site (keys/)
-  superlink [--host H] [--port P]           start flower-superlink (TLS, --enable-supernode-auth) in the background
+  superlink [--host H] [--port P]           start flower-superlink (TLS, --enable-supernode-auth, state in a database)
+                                            on 127.0.0.1 and the Fleet-only gateway on H:P; again after a stop or
+                                            crash: same ports, same database, the sites stay registered
   register [--sites a,b]                    register the sites' public keys with the SuperLink
   supernode --site NAME --site-dir PATH     start one hospital's flower-supernode in the background
   run [--run-config "k=v ..."]              flwr run --stream; then the run's status, report and audit log
   status                                    which processes are alive; Flower's runs and SuperNodes
   stop [NAME ...]                           SIGTERM the SuperNodes and the SuperLink, then SIGKILL stragglers
 
-pids are in procs/<name>.json, logs in logs/, the coordinator's FLWR_HOME (config.toml with the
-`radfed` connection) in home/coordinator. See docs/deployment.md.
+pids are in procs/<name>.json, logs in logs/, the SuperLink's database in state/, the coordinator's FLWR_HOME
+(config.toml with the `radfed` connection to the local Control API) in home/coordinator. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -40,7 +42,13 @@ FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 RUN_ID = re.compile(r"[Ss]uccessfully started run (\d+)")
 STOP_GRACE = 30.0  # flower-superexec children exit within about 20 s of a SIGTERM
-FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp")
+FORCE_AFTER = 5.0  # then a SuperLink still waiting for a log stream gets SIGINT (uvicorn's "force quit")
+OUTPUT_WAIT = 60.0  # a ServerApp whose SuperLink went away writes its outputs after the log stream ended
+GATEWAY = "fleet-gateway"  # the record of the public Fleet API gateway (deploy/gateway.py)
+FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
+                   "deploy.gateway")
+WILDCARD = ("0.0.0.0", "::", "")
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -71,7 +79,8 @@ def read_record(d: Path, name: str) -> dict[str, Any] | None:
 
 def records(d: Path) -> list[dict[str, Any]]:
     found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((d / "procs").glob("*.json"))]
-    return sorted(found, key=lambda r: r["role"] == "superlink")  # SuperNodes first, the SuperLink last
+    order = {"supernode": 0, "gateway": 1, "superlink": 2}  # SuperNodes first, the SuperLink last
+    return sorted(found, key=lambda r: order.get(r["role"], 0))
 
 
 def _write_record(d: Path, record: dict[str, Any]) -> None:
@@ -102,13 +111,18 @@ def env_for(flwr_home: Path) -> dict[str, str]:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host if host not in ("0.0.0.0", "::") else "", 0))
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as sock:
+        sock.bind((host if host not in WILDCARD else "", 0))
         return int(sock.getsockname()[1])
 
 
 def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    return "127.0.0.1" if host in WILDCARD else host
+
+
+def host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def write_connection(d: Path, address: str) -> Path:
@@ -195,8 +209,17 @@ def stop_processes(recs: list[dict[str, Any]], grace: float = STOP_GRACE) -> dic
             return {p: g for p, g in procs.items() if flower_processes(g)}
         return {p: g for p, g in procs.items() if p in table and table[p][0] not in ("Z", "X")}
 
+    # On SIGTERM flower-superlink (uvicorn) waits for open log streams (`flwr run --stream`, `flwr log --stream`)
+    # until their run has failed, about a minute; a second signal, SIGINT, makes it quit without waiting.
+    nudge = {int(r["pid"]) for r in recs if r.get("role") == "superlink"}
+    nudge_at = time.monotonic() + min(FORCE_AFTER, grace / 2)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(left(procs) for procs in targets.values()):
+        if nudge and time.monotonic() >= nudge_at:
+            for pid in nudge:
+                with suppress(ProcessLookupError, PermissionError):
+                    os.kill(pid, signal.SIGINT)
+            nudge = set()
         time.sleep(0.3)
     outcome = {}
     for name, procs in targets.items():
@@ -254,38 +277,114 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
+def _await_port(proc: subprocess.Popen, host: str, port: int, wait: float, log: Path, what: str) -> str | None:
+    """None once ``host:port`` accepts connections; else why not (the process exited, or time ran out)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"{what} exited with code {proc.returncode}:\n{_tail(log)}"
+        target = _connect_host(host)
+        with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
+            if sock.connect_ex((target, port)) == 0:
+                return None
+        time.sleep(0.2)
+    return f"{what} did not open port {port} within {wait:.0f}s; see {log}"
+
+
+def _main_alive(rec: dict[str, Any]) -> bool:
+    """The recorded process itself is alive (not only something it started)."""
+    return int(rec["pid"]) in flower_processes(int(rec["pid"]))
+
+
+def check_control_host(control_host: str, public_host: str) -> None:
+    """Refuse a Control API address that the SuperNodes' side of the network could reach."""
+    if control_host in WILDCARD:
+        raise SystemExit(f"--control-host {control_host!r} would serve the Control API on every interface: "
+                         "anyone who reaches it can `flwr supernode register` a key of their own and join as a "
+                         "site (Flower's Control API has no authentication). Use 127.0.0.1 (the default) or this "
+                         "machine's own address on a network only the coordinator uses")
+    if control_host == public_host and control_host not in LOOPBACK:
+        raise SystemExit(f"--control-host {control_host} is the public Fleet address (--host): the Control API "
+                         "would be reachable by every hospital and by anyone else there. Use 127.0.0.1 (the "
+                         "default) or an address on a network only the coordinator uses")
+
+
+def _start_gateway(d: Path, host: str, port: int, upstream: str, wait: float) -> str | None:
+    """Start deploy/gateway.py on the public address (or keep the running one if it already serves this
+    address for this upstream); None when it listens, else why not."""
+    files = {name: str(pki(d) / name) for name in ("ca.crt", "server.crt", "server.key")}
+    cmd = [sys.executable, "-m", "deploy.gateway", "--listen-host", host, "--listen-port", str(port),
+           "--upstream", upstream, "--ca", files["ca.crt"], "--cert", files["server.crt"],
+           "--key", files["server.key"]]
+    old = read_record(d, GATEWAY)
+    if old and _main_alive(old):
+        if old["cmd"][1:] == cmd[1:]:
+            return None  # SuperNodes keep their connections to it across a SuperLink restart
+        stop_processes([old], grace=5)
+    log = log_path(d, GATEWAY)
+    env = env_for(home(d))
+    env["PYTHONPATH"] = str(APP_DIR) + os.pathsep + env.get("PYTHONPATH", "")
+    proc = _start(cmd, env, log)
+    _write_record(d, {"name": GATEWAY, "role": "gateway", "program": "deploy.gateway", "pid": proc.pid,
+                      "address": host_port(host, port), "upstream": upstream, "log": str(log), "cmd": cmd,
+                      "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    return _await_port(proc, host, port, wait, log, "the Fleet gateway")
+
+
 def cmd_superlink(args: argparse.Namespace) -> int:
     d = args.dir
     files = {name: pki(d) / name for name in ("ca.crt", "server.crt", "server.key")}
     missing = [str(p) for p in files.values() if not p.exists()]
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run radfed deploy provision --dir {d} --sites ...")
-    _refuse_if_running(d, "superlink")
-    port = args.port or free_port(args.host)
+    running = read_record(d, "superlink")
+    if running and _main_alive(running):
+        raise SystemExit(f"superlink is already running (pid {running['pid']}); stop it first: radfed deploy stop "
+                         "superlink (after a SIGTERM it waits for `flwr run --stream` / `flwr log` clients "
+                         "until their run has failed, about a minute; SIGINT ends the wait)")
+    if running:  # what a crashed SuperLink left behind (its flower-superexec) must not hold on
+        stop_processes([running], grace=10)
+    # a restart (after `stop` or a crash) keeps the addresses and the database unless told otherwise:
+    # the SuperNodes and the coordinator's connection know them
+    settings = d / "state" / "superlink.json"
+    prev = json.loads(settings.read_text(encoding="utf-8")) if settings.exists() else {}
+    host = args.host or prev.get("host") or "127.0.0.1"
+    control_host = args.control_host or prev.get("control_host") or "127.0.0.1"
+    check_control_host(control_host, host)
+    port = args.port or prev.get("port") or free_port(host)
+    control_port = args.control_port or prev.get("control_port") or free_port(control_host)
+    database = Path(args.database or prev.get("database") or d / "state" / "superlink.db").expanduser().resolve()
+    database.parent.mkdir(parents=True, exist_ok=True)
+    restart = database.exists()
+    # the SuperLink (Control, Runtime and its own Fleet API: Flower serves them on one address) stays local;
+    # SuperNodes reach its Fleet API through the gateway on the public address
     cmd = [_bin("flower-superlink"), "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile",
            str(files["server.crt"]), "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth",
-           "--disable-runtime-dependency-installation", "--host", args.host, "--port", str(port)]
+           "--disable-runtime-dependency-installation", "--database", str(database),
+           "--host", control_host, "--port", str(control_port)]
+    settings.write_text(json.dumps({"host": host, "port": port, "control_host": control_host,
+                                    "control_port": control_port, "database": str(database)}, indent=2),
+                        encoding="utf-8")
     log = log_path(d, "superlink")
     proc = _start(cmd, env_for(home(d)), log)
-    address = f"{_connect_host(args.host)}:{port}"
+    address, control = host_port(_connect_host(host), port), host_port(control_host, control_port)
     _write_record(d, {"name": "superlink", "role": "superlink", "program": "flower-superlink", "pid": proc.pid,
-                      "address": address, "host": args.host, "port": port, "log": str(log), "cmd": cmd,
-                      "started": datetime.now(UTC).isoformat(timespec="seconds")})
-    deadline = time.monotonic() + args.wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            print(f"flower-superlink exited with code {proc.returncode}:\n{_tail(log)}", file=sys.stderr)
-            return 1
-        with socket.socket() as sock:
-            if sock.connect_ex((_connect_host(args.host), port)) == 0:
-                break
-        time.sleep(0.2)
-    else:
-        print(f"flower-superlink did not open port {port} within {args.wait:.0f}s; see {log}", file=sys.stderr)
+                      "address": address, "host": host, "port": port, "control_address": control,
+                      "control_host": control_host, "control_port": control_port, "database": str(database),
+                      "log": str(log), "cmd": cmd, "started": datetime.now(UTC).isoformat(timespec="seconds")})
+    problem = _await_port(proc, control_host, control_port, args.wait, log, "flower-superlink") or \
+        _start_gateway(d, host, port, control, args.wait)
+    if problem:
+        print(problem, file=sys.stderr)
+        stop_processes([r for r in (read_record(d, GATEWAY), read_record(d, "superlink")) if r], grace=10)
         return 1
-    config = write_connection(d, address)
-    print(f"SuperLink running: pid {proc.pid}, {args.host}:{port} (TLS, SuperNode authentication)\n"
-          f"  log         {log}\n  connection  '{CONNECTION}' in {config}\n"
+    config = write_connection(d, control)
+    print(f"SuperLink running: pid {proc.pid} (TLS, SuperNode authentication)"
+          f"{', restarted on its database' if restart else ''}\n"
+          f"  Fleet API   {host_port(host, port)} (the gateway; the only address to open to the hospitals)\n"
+          f"  Control API {control} (local: flwr run, flwr supernode register; never expose it)\n"
+          f"  database    {database} (registered sites and runs survive a restart)\n"
+          f"  log         {log}, {log_path(d, GATEWAY)}\n  connection  '{CONNECTION}' in {config}\n"
           f"  SuperNodes connect with --superlink <this host>:{port} (the certificate's names: localhost, "
           f"127.0.0.1{''.join(', ' + h for h in _extra_hosts(d))})")
     return 0
@@ -415,6 +514,11 @@ def _stream_run(cmd: list[str], env: dict[str, str], log: Path, quiet: bool) -> 
     return proc.returncode, folder, run_id
 
 
+def _has_run_end(audit_log: Path) -> bool:
+    lines = audit_log.read_text(encoding="utf-8", errors="replace").splitlines() if audit_log.exists() else []
+    return bool(lines) and '"event":"run-end"' in lines[-1]
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     d = args.dir
     _require_connection(d)
@@ -430,6 +534,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 2
     out = Path(folder)
     metrics = out / "metrics.json"
+    # run-end is the ServerApp's last write. The log stream can end first: when the SuperLink stops or restarts
+    # mid-run, the ServerApp writes its outputs (status failed) only once Flower tells it, seconds later.
+    deadline = time.monotonic() + OUTPUT_WAIT
+    while not _has_run_end(out / "audit.jsonl") and time.monotonic() < deadline:
+        time.sleep(1.0)
     if not metrics.exists():
         print(f"run folder {out} has no metrics.json: the ServerApp stopped before writing its outputs "
               f"(see {log_path(d, 'superlink')})", file=sys.stderr)
@@ -454,7 +563,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"nothing recorded in {d / 'procs'}")
     for rec in recs:
         state = "running" if is_running(rec) else "stopped"
-        where = rec.get("address") or f"-> {rec.get('superlink')}, site {rec.get('site_dir')}"
+        where = {"superlink": f"Control API {rec.get('control_address')}, database {rec.get('database')}",
+                 "gateway": f"Fleet API {rec.get('address')} -> SuperLink {rec.get('upstream')}"}.get(
+            rec["role"], f"-> {rec.get('superlink')}, site {rec.get('site_dir')}")
         print(f"{rec['role']:9} {rec['name']:16} pid {rec['pid']:<8} {state:8} {where}\n{'':10}log {rec['log']}")
     link = read_record(d, "superlink")
     if link and is_running(link):
@@ -470,9 +581,9 @@ def cmd_stop(args: argparse.Namespace) -> int:
     unknown = set(args.names or []) - {r["name"] for r in recs}
     if unknown:
         print(f"not recorded: {', '.join(sorted(unknown))}", file=sys.stderr)
-    # SuperNodes first, so they leave while the SuperLink can still take their goodbye
-    nodes = [r for r in recs if r["role"] != "superlink"]
-    link = [r for r in recs if r["role"] == "superlink"]
+    # SuperNodes first, so they leave while the SuperLink (and the gateway to it) can still take their goodbye
+    nodes = [r for r in recs if r["role"] == "supernode"]
+    link = [r for r in recs if r["role"] != "supernode"]
     outcome = {**stop_processes(nodes, args.grace), **stop_processes(link, args.grace)}
     for rec in recs:
         print(f"{rec['name']}: {outcome[rec['name']]} (pid {rec['pid']})")
@@ -497,10 +608,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", action="append", help="another name or address the SuperLink is reached by "
                    "(repeatable; localhost and 127.0.0.1 are always in the certificate)")
 
-    p = add("superlink", "start flower-superlink with TLS and SuperNode authentication", cmd_superlink)
-    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
-    p.add_argument("--port", type=int, default=0, help="port (default: a free one)")
-    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the port to open")
+    p = add("superlink", "start flower-superlink (TLS, SuperNode authentication, database) and its Fleet gateway",
+            cmd_superlink)
+    p.add_argument("--host", default=None, help="public address of the Fleet API, the one SuperNodes connect to "
+                   "(default 127.0.0.1, or the previous start's)")
+    p.add_argument("--port", type=int, default=0, help="its port (default: the previous start's, else a free one)")
+    p.add_argument("--control-host", default=None, help="where the SuperLink itself listens: Control API "
+                   "(flwr run, supernode register) and Runtime API; default 127.0.0.1. Never a wildcard or "
+                   "the public --host")
+    p.add_argument("--control-port", type=int, default=0, help="its port (default: the previous start's, else a "
+                   "free one)")
+    p.add_argument("--database", default=None, help="the SuperLink's state: registered SuperNodes, runs "
+                   "(default state/superlink.db in the deployment folder)")
+    p.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the ports to open")
 
     p = add("register", "register the sites' public keys (keys/<site>.pub) with the SuperLink", cmd_register)
     p.add_argument("--sites", default="", help="comma-separated site names (default: every key in keys/)")

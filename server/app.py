@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,6 +36,30 @@ def run_folder(context: Context) -> Path:
     folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
+
+
+class SuperLinkGone(RuntimeError):
+    """SIGINT/SIGTERM reached the ServerApp mid-run: Flower sends it when the ServerApp's flower-superexec
+    exits, i.e. when the SuperLink stopped or restarted (a SuperLink does not resume a run)."""
+
+
+def raise_on_stop_signal() -> Callable[[], None]:
+    """Until the returned function is called, SIGINT/SIGTERM raise SuperLinkGone in main() instead of running
+    Flower's exit handler (which force-exits 5 s later): main() still writes its outputs and a signed run-end."""
+    if threading.current_thread() is not threading.main_thread():  # signals go to the main thread only
+        return lambda: None
+
+    def stop(signum: int, _frame: object) -> None:
+        raise SuperLinkGone(f"the ServerApp got {signal.Signals(signum).name}: its SuperLink stopped or restarted "
+                            "during the run, and a SuperLink does not resume runs; start a new run")
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+
+    def restore() -> None:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+    return restore
 
 
 def privacy_account(cfg: dict) -> dp.DPAccount | None:
@@ -81,6 +108,7 @@ def main(grid: Grid, context: Context) -> None:
     result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     strategy_started = False
     account = None
+    restore_signals = raise_on_stop_signal()
     try:
         account = privacy_account(cfg)
         covariate_spec = combat_covariates(cfg)
@@ -123,9 +151,12 @@ def main(grid: Grid, context: Context) -> None:
                                                                        account)}
         result.status = "completed"
     except (phases.RunRefused, RuntimeError) as exc:
-        # refused: stopped before any training; failed: stopped during the rounds
-        result.status, result.error = "failed" if strategy_started else "refused", str(exc)
+        # refused: stopped before any training; failed: stopped during the rounds, or the SuperLink went away
+        failed = strategy_started or isinstance(exc, SuperLinkGone)
+        result.status, result.error = "failed" if failed else "refused", str(exc)
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
+    finally:
+        restore_signals()  # Flower's handlers again: the outputs and run-end below are written in any case
     if account is not None:
         audit.append("privacy-budget", **account.to_dict())
     result.seconds = time.perf_counter() - started

@@ -34,7 +34,7 @@ from server.audit import load_or_create_key, public_pem, verify
 REPO = Path(__file__).resolve().parent.parent
 PY = sys.executable
 RADFED = str(Path(PY).parent / "radfed")
-K, PER_CLASS, TEST_FRACTION = 5, 9, 0.3
+K, PER_CLASS, TEST_FRACTION = 5, 10, 0.3  # 10 per class: two release blocks of k (one trains, one is held out)
 RUN_TIMEOUT = 480  # one whole run, including a crashed site's 60 s heartbeat expiry
 
 
@@ -85,7 +85,7 @@ def deployment(tmp_path_factory) -> Deployment:
     root = tmp_path_factory.mktemp("deploy")
     specs = synth.tiny_sites(3, PER_CLASS)
     for spec in specs:  # each class has >= k cases in the training and in the held-out split
-        assert eligibility_problem(spec.n_hgg, spec.n_bm, K, TEST_FRACTION) is None, spec
+        assert eligibility_problem(spec.n_hgg, spec.n_bm, K, TEST_FRACTION, block=K) is None, spec
     sites = {spec.name: synth.write_site(root / "sites", spec, seed=700 + i) for i, spec in enumerate(specs)}
     dep = Deployment(root / "federation", sites, root / "runs", root / "coordinator-audit-key.pem")
     try:
@@ -196,7 +196,9 @@ def test_full_run_with_tls_and_node_authentication(deployment):
                                "--pubkey", str(dep.pinned_pubkey()), "--receipts", *map(str, dep.sites.values())],
                               cwd=REPO, capture_output=True, text=True, timeout=120, check=False)
     assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert "receipts: 12 model hash(es) from 3 site(s) match the log" in verified.stdout  # 3 sites x 2 rounds x 2
+    # 3 sites x 2 rounds x 2
+    assert "receipts: 12 model hash(es) in 3 receipts file(s) checked against the log" in verified.stdout
+    assert "audit log intact: the log, the run files and the receipts agree" in verified.stdout
 
     status = deploy(dep.dir, "status")
     assert str(doc["run_id"]) in status.stdout and "finished" in status.stdout

@@ -1,0 +1,245 @@
+"""Red-team tests of a real `radfed deploy` federation: who can reach which API, and a SuperLink restart mid-run.
+
+The SuperLink's public address (the Fleet gateway) is on a veth link into a network namespace this module
+creates, the "outside": one hospital's SuperNode and an outsider run there and reach the coordinator only
+through that address. Without network namespaces (not root, no `ip`), 127.0.0.2 plays the public address and
+the outsider runs on this host. Every process is started and stopped here by its id, also when a test fails.
+
+Wall time on 2 cores: about 4 minutes, most of it the restart: flower-superlink answers SIGTERM only after
+the interrupted run has failed (it waits for the `flwr run --stream` client, about a minute).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from test_deploy import (
+    PER_CLASS,
+    PY,
+    RADFED,
+    REPO,
+    Deployment,
+    deploy,
+    finish,
+    run_config,
+    run_folder,
+    start_run,
+    start_supernode,
+    wait_for_event,
+)
+
+from deploy.cli import env_for, free_port, read_record, records, stop_processes
+from deploy.pki import provision
+from radfed import synth
+from server.audit import verify
+
+BIN = Path(PY).parent
+
+
+@dataclass
+class Outside:
+    """Where hospitals and outsiders sit: ``public_host`` is the coordinator's address as seen from there;
+    ``prefix`` runs a command there."""
+
+    public_host: str
+    prefix: list[str]
+    netns: str | None = None
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True, timeout=30)
+
+
+@pytest.fixture(scope="module")
+def outside() -> Iterator[Outside]:
+    tag = os.getpid() % 100000
+    netns, host_if, peer_if = f"radfed-out{tag}", f"rfh{tag}", f"rfo{tag}"
+    net = f"10.231.{tag % 200 + 20}"
+    try:
+        _ip("netns", "add", netns)
+    except (OSError, subprocess.CalledProcessError):
+        yield Outside("127.0.0.2", [])  # a second loopback address as the public one
+        return
+    try:
+        _ip("link", "add", host_if, "type", "veth", "peer", "name", peer_if)
+        _ip("link", "set", peer_if, "netns", netns)
+        _ip("addr", "add", f"{net}.1/30", "dev", host_if)
+        _ip("link", "set", host_if, "up")
+        _ip("-n", netns, "addr", "add", f"{net}.2/30", "dev", peer_if)
+        _ip("-n", netns, "link", "set", peer_if, "up")
+        _ip("-n", netns, "link", "set", "lo", "up")  # a SuperNode talks to its own flower-superexec on 127.0.0.1
+        yield Outside(f"{net}.1", ["ip", "netns", "exec", netns], netns)
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", netns], capture_output=True, text=True, timeout=30).stdout
+        for pid in pids.split():  # only what this module started in its namespace
+            with suppress(ProcessLookupError):
+                os.kill(int(pid), signal.SIGKILL)
+        with suppress(subprocess.CalledProcessError):
+            _ip("link", "del", host_if)
+        _ip("netns", "del", netns)
+
+
+def start_outside_supernode(dep: Deployment, name: str, where: Outside) -> None:
+    """A hospital on the outside: `radfed deploy supernode` run there, to the public address."""
+    done = subprocess.run([*where.prefix, RADFED, "deploy", "supernode", "--dir", str(dep.dir), "--site", name,
+                           "--site-dir", str(dep.sites[name]), "--wait", "60"], cwd=REPO, capture_output=True,
+                          text=True, timeout=120, check=False)
+    assert done.returncode == 0, f"SuperNode {name} did not join from outside:\n{done.stdout}\n{done.stderr}"
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory, outside) -> Iterator[Deployment]:
+    root = tmp_path_factory.mktemp("redteam")
+    specs = synth.tiny_sites(2, PER_CLASS)
+    sites = {spec.name: synth.write_site(root / "sites", spec, seed=900 + i) for i, spec in enumerate(specs)}
+    dep = Deployment(root / "federation", sites, root / "runs", root / "coordinator-audit-key.pem")
+    inside, far = sorted(sites)
+    try:
+        deploy(dep.dir, "provision", "--sites", ",".join(sites), "--host", outside.public_host)
+        deploy(dep.dir, "superlink", "--host", outside.public_host)
+        deploy(dep.dir, "register")
+        start_supernode(dep, inside)
+        start_outside_supernode(dep, far, outside)
+        yield dep
+    finally:
+        with suppress(Exception):
+            deploy(dep.dir, "stop", "--grace", "25", timeout=150, check=False)
+        stop_processes(records(dep.dir), grace=5)
+
+
+def flwr(dep: Deployment, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([str(BIN / "flwr"), *args], env=env_for(dep.dir / "home" / "coordinator"),
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def nodes(dep: Deployment) -> dict[int, str]:
+    """Node id -> status, as the coordinator's `flwr supernode ls` reports them."""
+    done = flwr(dep, "supernode", "ls", "radfed", "--format", "json")
+    assert done.returncode == 0, done.stdout + done.stderr
+    return {int(n["node-id"]): n["status"] for n in json.loads(done.stdout[done.stdout.index("{"):])["nodes"]}
+
+
+def listeners(pid: int) -> list[str]:
+    """The local addresses a process listens on (TCP), from `ss -ltnp`."""
+    out = subprocess.run(["ss", "-ltnpH"], capture_output=True, text=True, timeout=30, check=True).stdout
+    return sorted(line.split()[3] for line in out.splitlines() if f"pid={pid}," in line)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def test_an_outsider_with_only_the_ca_cannot_register_or_join(deployment, outside, tmp_path):
+    dep = deployment
+    link = read_record(dep.dir, "superlink")
+    public = f"{outside.public_host}:{link['port']}"
+    # the outsider: the federation's public ca.crt and a key pair of its own, nothing else; it tries the
+    # public address and, on the same host, the SuperLink's own port
+    mine = tmp_path / "outsider"
+    provision(mine, ["intruder"])
+    shutil.copy(dep.dir / "pki" / "ca.crt", mine / "ca.crt")
+    home = mine / "home"
+    home.mkdir()
+    targets = {"public": public, "control-port": f"{outside.public_host}:{link.get('control_port', link['port'])}"}
+    (home / "config.toml").write_text('[superlink]\ndefault = "public"\n' + "".join(
+        f'\n[superlink.{name}]\naddress = "{address}"\nroot-certificates = "{mine / "ca.crt"}"\n'
+        for name, address in targets.items()))
+    for connection, says in (("public", "not served on the SuperLink's public address"),
+                             ("control-port", "unavailable")):
+        done = subprocess.run([*outside.prefix, str(BIN / "flwr"), "supernode", "register",
+                               str(mine / "keys" / "intruder.pub"), connection], env=env_for(home),
+                              capture_output=True, text=True, timeout=60, check=False)
+        text = done.stdout + done.stderr
+        assert done.returncode != 0 and "registered successfully" not in text and says in text, (connection, text)
+
+    # the SuperLink itself (Control, Runtime and its own Fleet API) listens on loopback only; the public
+    # address is the Fleet gateway's
+    if shutil.which("ss"):
+        gateway = read_record(dep.dir, "fleet-gateway")
+        assert listeners(int(link["pid"])) == [f"127.0.0.1:{link['control_port']}"]
+        assert listeners(int(gateway["pid"])) == [public]
+
+    def outsider_supernode(*args: str) -> str:
+        log = tmp_path / f"outsider-supernode-{len(list(tmp_path.glob('outsider-supernode-*')))}.log"
+        cmd = [*outside.prefix, str(BIN / "flower-supernode"), "--root-certificates", str(mine / "ca.crt"),
+               "--superlink", public, "--node-config", "site-dir='/nonexistent'",
+               "--port", str(free_port()), "--max-retries", "1", "--max-wait-time", "10", *args]
+        with log.open("w") as out:  # a file, not a pipe: its flower-superexec may outlive it
+            proc = subprocess.Popen(cmd, env=env_for(mine / "node-home"), stdout=out, stderr=subprocess.STDOUT,
+                                    start_new_session=True)
+        try:
+            proc.wait(timeout=90)
+        finally:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        text = log.read_text(errors="replace")
+        assert proc.returncode != 0 and "Exit Code: 305" in text and "SuperNode ID" not in text, text
+        return text
+
+    outsider_supernode("--auth-supernode-private-key", str(mine / "keys" / "intruder"))  # its unregistered key
+    outsider_supernode()  # no key: Flower would register it over the Fleet API, which the gateway refuses
+    refused = (dep.dir / "logs" / "fleet-gateway.log").read_text()
+    assert "refused POST /v1/control/register-node" in refused and "refused POST /v1/fleet/register-node" in refused
+
+    # the coordinator's view: its two sites, both online (one of them joined from the outside); nobody else
+    assert sorted(nodes(dep).values()) == ["online", "online"]
+
+
+def test_a_superlink_restart_mid_run_keeps_the_sites_and_fails_the_run_cleanly(deployment):
+    dep = deployment
+    before = nodes(dep)
+    assert sorted(before.values()) == ["online", "online"]
+    site_pids = {name: read_record(dep.dir, name)["pid"] for name in dep.sites}
+    exact = {"training": "exact", "harmonization": "none", "select-features": 3, "query-timeout": 120.0}
+    out = dep.runs / "interrupted"
+    proc = start_run(dep, run_config(dep, "interrupted", **exact))
+    try:
+        wait_for_event(proc, out, "features-agreed")  # mid-run: the sites have sent their features
+        link = read_record(dep.dir, "superlink")
+        pid = int(link["pid"])
+        os.kill(pid, signal.SIGTERM)  # as systemd or an operator would
+        stopped = time.monotonic()
+        while Path(f"/proc/{pid}").exists() and time.monotonic() - stopped < 180:
+            time.sleep(0.5)
+        assert not Path(f"/proc/{pid}").exists(), "flower-superlink did not exit within 180 s of SIGTERM"
+        print(f"flower-superlink exited {time.monotonic() - stopped:.0f}s after SIGTERM")
+        restarted = deploy(dep.dir, "superlink")  # same ports, same database
+        assert "restarted on its database" in restarted.stdout, restarted.stdout
+        code, text = finish(proc)
+    finally:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+
+    # the interrupted run: its audit chain is intact and ends with a signed run-end, status failed
+    assert code == 1, text
+    folder, doc, events = run_folder(out)
+    assert doc["status"] == "failed" and "SuperLink stopped or restarted" in doc["error"], doc["error"]
+    assert f"run {doc['run_id']} failed: the ServerApp got SIG" in text, text
+    check = verify(folder / "audit.jsonl", pubkey=dep.pinned_pubkey())
+    assert check.ok and check.events["run-end"] == 1, check.reason
+    assert events[-1]["event"] == "run-end" and events[-1]["data"]["status"] == "failed"
+    listed = flwr(dep, "ls", "radfed", "--run-id", str(doc["run_id"]), "--format", "json")
+    assert "finished:failed" in listed.stdout, listed.stdout
+
+    # the sites were never restarted nor registered again: same node ids, online again
+    assert {name: read_record(dep.dir, name)["pid"] for name in dep.sites} == site_pids
+    deadline = time.monotonic() + 90
+    while (after := nodes(dep)) != {node: "online" for node in before} and time.monotonic() < deadline:
+        time.sleep(2)
+    assert after == {node: "online" for node in before}, (before, after)
+
+    # and a new run works
+    code, text = finish(start_run(dep, run_config(dep, "after-restart", **exact)))
+    assert code == 0, text
+    folder, doc, events = run_folder(dep.runs / "after-restart")
+    assert doc["status"] == "completed" and sorted(doc["final"]["sites"]) == sorted(dep.sites), doc["error"]
+    assert verify(folder / "audit.jsonl", pubkey=dep.pinned_pubkey()).ok
