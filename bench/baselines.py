@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from client.steps import Harmonizer, SiteData, combat_options, load_site_data, site_matrix
+from client.steps import Harmonizer, SiteData, combat_options, load_site_data, run_config, site_matrix
 from common import combat, metrics, model, moments
 
 
@@ -52,7 +52,7 @@ def harmonizers(sites: dict[str, SiteData], agreed: list[str], config: Mapping[s
     if str(config.get("harmonization", "none")) != "combat":
         return [None] * len(sites)
     train = [site_matrix(d, agreed, held_out=False)[0] for d in sites.values()]
-    _, params = combat.federated_combat(train, **combat_options(config))
+    _, params = combat.federated_combat(train, **combat_options(run_config(config)))
     return [p.apply for p in params]
 
 

@@ -84,7 +84,7 @@ def measure(work: Path) -> dict[str, str]:
         f"{len({h['patient'] for h in hits})} patient(s) recovered, all {len(done[0].features)} features, "
         f"max rel. error {best:.0e}" if hits else f"none ({len(done)} of {len(fractions)} runs answered)")
 
-    seeds = list(range(12))
+    seeds = list(range(30))
     site = _fresh_site(work, "seeds")
     coord = attacks.Coordinator(site)
     for seed in seeds:
@@ -92,7 +92,7 @@ def measure(work: Path) -> dict[str, str]:
     truth, _ = _truth(site, coord.runs[0].features, plain)
     members = [_members(site, {"split-seed": s, **plain}) for s in seeds]
     solved = attacks.solve_patients(coord, members, truth)
-    out["split-seed sweep (12 runs), least squares knowing memberships"] = (
+    out["split-seed sweep (30 runs), least squares knowing memberships"] = (
         f"{len(solved)} of {len(truth)} patients recovered, max rel. error {max(solved.values()):.0e}"
         if solved else "none")
 

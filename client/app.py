@@ -19,23 +19,29 @@ from flwr.clientapp import ClientApp
 from client import ledger, steps
 from client.approvals import approval_check, check_approved
 from client.dp import dp_update_mod
-from client.guard import SITE_STATE, privacy_guard
+from client.guard import SITE_STATE, privacy_guard, redact_local_paths
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
+from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
-# order (the first mod is the outermost): the guard checks and logs exactly what leaves, after the optional
-# DP noise on model updates; approval is checked before the handler reads anything
-app = ClientApp(mods=[privacy_guard, dp_update_mod, approval_check])
+# order (the first mod is the outermost): errors leave without the site's local paths; the guard checks and
+# logs exactly what leaves, after the optional DP noise on model updates; approval is checked before the
+# handler reads anything
+app = ClientApp(mods=[redact_local_paths, privacy_guard, dp_update_mod, approval_check])
+
+
+def _run(context: Context) -> RunConfig:
+    return steps.run_config(context.run_config)
 
 
 def _site_dir(context: Context) -> Path:
-    return steps.locate_site(context.node_config, context.run_config)
+    return steps.locate_site(context.node_config, _run(context))
 
 
 def _data(context: Context) -> steps.SiteData:
-    return steps.load_site_data(_site_dir(context), context.run_config)
+    return steps.load_site_data(_site_dir(context), _run(context))
 
 
 def _agreement(context: Context) -> ConfigRecord:
@@ -76,7 +82,7 @@ def _harmonizer(context: Context) -> steps.Harmonizer | None:
 def _keep_combat(context: Context, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this run's later messages and save them at the site for prediction
     (with the covariate spec, so a new case's age and sex are coded the same way)."""
-    spec = covariates.describe(steps.combat_covariates(context.run_config))
+    spec = covariates.describe(_run(context).covariates())
     text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id,
                        "covariates": spec})
     context.state[COMBAT_STATE] = ConfigRecord({"params": text})
@@ -100,8 +106,8 @@ def _reply(msg: Message, declared: ledger.Declaration | None = None,
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
-    plan_hash, approval = check_approved(_site_dir(context), dict(context.run_config))
-    config, counts = steps.plan_reply(_site_dir(context), context.run_config)
+    plan_hash, approval = check_approved(_site_dir(context), _run(context))
+    config, counts = steps.plan_reply(_site_dir(context), _run(context))
     return _reply(msg, config=ConfigRecord({**config, "plan-sha256": plan_hash, "approval": approval}),
                   metrics=MetricRecord(counts))
 
@@ -120,8 +126,8 @@ def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.nd
     agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
     n_sites = int(config["n-sites"])  # type: ignore[arg-type, index]
     data = _data(context)
-    spec = steps.combat_covariates(context.run_config)
-    x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, context.run_config))
+    spec = _run(context).covariates()
+    x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, _run(context)))
     # the design: one column per site, then the covariates' columns
     _agreement(context)["design-columns"] = n_sites + len(covariates.columns(spec))
     return data, x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
@@ -132,7 +138,7 @@ def combat_fit(msg: Message, context: Context) -> Message:
     data, x, c, site, n_sites = _combat_round(msg, context)
     sent = combat.site_moments(x, site, n_sites, c)
     # XᵀY sums the features over each covariate level's training cases too
-    groups = steps.covariate_sets(data, steps.combat_covariates(context.run_config))
+    groups = steps.covariate_sets(data, _run(context).covariates())
     return _reply(msg, data.declare("train", {"n": ""}, groups), arrays=_arrays({"xtx": sent.xtx, "xty": sent.xty}),
                   metrics=MetricRecord({"n": sent.n}))
 
@@ -159,7 +165,7 @@ def moments(msg: Message, context: Context) -> Message:
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
         _keep_combat(context, steps.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
-            int(config["n-pooled"]), context.run_config, c), data.site)  # type: ignore[arg-type, index]
+            int(config["n-pooled"]), _run(context), c), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context))
     arrays, counts = steps.moments_reply(x, y)
     return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}), arrays=_arrays(arrays),
@@ -207,7 +213,7 @@ def newton(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=False, receipt=False)
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     sent = steps.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
-                             data.site.name, context.run_config)
+                             data.site.name, _run(context))
     return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}),
                   arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
                   metrics=MetricRecord({"n": sent.n, "n-hgg": sent.n_pos, "n-bm": sent.n_neg, "loss": sent.loss}))
@@ -233,8 +239,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     result, curves = steps.evaluate_step(x, y, state, float(config["pos-weight"]),  # type: ignore[arg-type]
-                                         steps.min_cases(data.site, context.run_config),
-                                         int(context.run_config.get("curve-points", 10)))  # type: ignore[arg-type]
+                                         steps.min_cases(data.site, _run(context)), _run(context).curve_points)  # type: ignore[arg-type]
     return _reply(msg, data.declare(part, {"num-examples": ""}), metrics=MetricRecord(result),
                   arrays=_arrays(curves))
 
@@ -249,5 +254,5 @@ def histograms(msg: Message, context: Context) -> Message:
     raw, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names)
     harmonized, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names,
                                       harmonize=_harmonizer(context))
-    counts = steps.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, context.run_config))
+    counts = steps.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))

@@ -9,16 +9,19 @@ from __future__ import annotations
 import getpass
 import json
 import logging
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.site import SiteError, site_settings, work_dir
-from client.steps import locate_site
+from client.steps import locate_site, run_config
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
+from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
 APPROVALS = "approvals.jsonl"
@@ -67,9 +70,9 @@ def is_approved(site_dir: Path, plan_hash: str) -> bool:
     return entry is not None and entry["action"] == "approve"
 
 
-def site_plan(run_config: dict) -> dict:
+def site_plan(run: RunConfig) -> dict:
     """The plan of the run this site is asked to take part in, computed from the code and config it runs."""
-    return run_plan(run_config, load_profile(str(run_config.get("profile", "default"))))
+    return run_plan(run, load_profile(run.profile))
 
 
 def pending_plans(site_dir: Path) -> list[Path]:
@@ -78,11 +81,11 @@ def pending_plans(site_dir: Path) -> list[Path]:
     return sorted(folder.glob("*.json")) if folder.exists() else []
 
 
-def check_approved(site_dir: Path, run_config: dict) -> tuple[str, str]:
+def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tuple[str, str]:
     """(plan hash, "approved" or "off"); raises NotApproved naming the hash and the command to approve it.
 
     A refused plan is saved under ``<work_dir>/plans/`` so the administrator can review exactly that plan."""
-    plan = site_plan(run_config)
+    plan = site_plan(run_config(values))
     plan_hash = plan_sha256(plan)
     settings = site_settings(site_dir)
     if not settings.get("require_approval", True):
@@ -105,5 +108,6 @@ def check_approved(site_dir: Path, run_config: dict) -> tuple[str, str]:
 def approval_check(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Client mod: refuse every message of a run whose plan this site has not approved, before the handler
     (and so before any data) runs."""
-    check_approved(locate_site(context.node_config, context.run_config), dict(context.run_config))
+    run = run_config(context.run_config)
+    check_approved(locate_site(context.node_config, run), run)
     return call_next(msg, context)

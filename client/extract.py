@@ -270,6 +270,9 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
+    # join the pool's manager thread now that its workers are gone: left running, it meets the closed pipes at
+    # interpreter exit and prints a traceback after a clean SIGTERM exit
+    pool.shutdown(wait=True)
 
 
 @contextmanager
@@ -395,7 +398,7 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     """Write a whole file or nothing. The temporary file is unique (mkstemp in the same folder, so
     os.replace stays atomic): two writers of one path (workers, two runs on one site) never collide on it."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -422,7 +425,7 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
     for case_id, label, row in zip(table.case_ids, table.labels.tolist(), table.values, strict=True):
         writer.writerow([case_id, diagnosis[int(label)], int(label), *map(repr, row.tolist())])
     text = out.getvalue()
-    _atomic_write(path, text)
+    atomic_write(path, text)
     sidecar = {
         "schema": FEATURES_SCHEMA,
         "site": site.name,
@@ -442,13 +445,13 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
         "problems": len(table.problems),
     }
     sidecar_path = path.with_suffix(".json")
-    _atomic_write(sidecar_path, json.dumps(sidecar, indent=2))
+    atomic_write(sidecar_path, json.dumps(sidecar, indent=2))
     return path, sidecar_path
 
 
 def _write_cache(path: Path, entry: dict[str, object]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, json.dumps(entry))  # atomic: a killed run never leaves half an entry
+    atomic_write(path, json.dumps(entry))  # atomic: a killed run never leaves half an entry
 
 
 def _cache_miss(path: Path, why: str) -> None:
@@ -524,4 +527,4 @@ def _write_report(site: Site, profile: Profile, version: str, table: FeatureTabl
         "features_csv": features_path(site, profile).name,
         "problems": [p.as_dict() for p in table.problems],
     }
-    _atomic_write(site.work_dir / "errors.json", json.dumps(report, indent=2))
+    atomic_write(site.work_dir / "errors.json", json.dumps(report, indent=2))

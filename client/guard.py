@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from collections.abc import Collection
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,9 +22,9 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.ledger import Declaration, Ledger, take
 from client.site import site_floor, site_settings
-from client.steps import locate_site
+from client.steps import locate_site, run_config
 from common.canon import json_safe
-from common.protocol import CUMULATIVE_ROWS, DEFAULT_K, EACH_ENTRY, FIRST_COLUMN, REPLIES
+from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, REPLIES
 
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
@@ -98,7 +99,7 @@ def _check_counts(message_type: str, key: str, values: np.ndarray, rule: str, k:
 
 def agreed_sizes(context: Context) -> dict[str, int]:
     """The run's shape symbols as this site agreed them (kept in ``context.state``)."""
-    sizes = {"p": int(context.run_config.get("curve-points", 10))}  # type: ignore[arg-type]
+    sizes = {"p": run_config(context.run_config).curve_points}
     site = context.state.get(SITE_STATE)
     if not isinstance(site, ConfigRecord):
         return sizes
@@ -176,12 +177,45 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     declared = take(msg.metadata.message_id)
     if reply.has_error():
         return reply
-    site_dir = locate_site(context.node_config, context.run_config)
+    run = run_config(context.run_config)
+    site_dir = locate_site(context.node_config, run)
     settings = site_settings(site_dir)
     floor = site_floor(settings)
-    k = max(int(context.run_config.get("min-cases-per-class", DEFAULT_K)), floor)  # type: ignore[call-overload]
+    k = max(run.min_cases_per_class, floor)  # the site's own floor holds whatever the run asks
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
     check_release(msg.metadata.message_type, reply.content, declared,
                   Ledger(Path(settings["output_dir"]) / "release", floor), context.run_id)
     record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content)
     return reply
+
+
+class SiteRefusal(RuntimeError):
+    """A site's error as it leaves the site: the message with the site's local paths replaced."""
+
+
+def _local_paths(context: Context) -> list[tuple[str, str]]:
+    """(path, placeholder) pairs, longest first, of the folders a site's messages may name."""
+    pairs: list[tuple[str, str]] = []
+    try:
+        site_dir = locate_site(context.node_config, run_config(context.run_config))
+        settings = site_settings(site_dir)
+        pairs += [(str(Path(settings["output_dir"])), "<site output_dir>"),
+                  (str(Path(settings["data_root"])), "<site data_root>"),
+                  (str(site_dir.expanduser().resolve()), "<site>"), (str(site_dir), "<site>")]
+    except Exception:  # noqa: BLE001  # the site folder itself may be what is wrong
+        pass
+    pairs.append((str(Path.home()), "~"))
+    return sorted({p: h for p, h in pairs if len(p) > 1}.items(), key=lambda ph: -len(ph[0]))
+
+
+def redact_local_paths(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod (outermost): an error leaves the site as its message with the site's folders replaced by
+    placeholders ("see <site output_dir>/errors.json at the site"); the full text stays in the site's log."""
+    try:
+        return call_next(msg, context)
+    except Exception as exc:
+        text = str(exc)
+        for path, placeholder in _local_paths(context):
+            text = text.replace(path, placeholder)
+        logging.getLogger("flwr.radfed.client").error("refusing %s: %s", msg.metadata.message_type, exc)
+        raise SiteRefusal(text) from None

@@ -33,7 +33,7 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
         raise SiteError(f"{pooled_file} is not a run's harmonization.json ({exc!r}): use the file from the run "
                         "folder of a run made with harmonization = \"combat\"") from None
     options = {k.replace("-", "_"): bool(v) for k, v in stored.get("combat", {}).items()}
-    site, profile = open_site(site_dir, {})
+    site, profile = open_site(site_dir, "default")  # the site.yaml's profile, if it names one
     if profile.sha256 != profile_sha256:
         raise SiteError(f"site {site.name} extracts with profile {profile.name} ({profile.short_hash}), run "
                         f"{run_id} used {profile_sha256[:12]}: use the federation's profile at this site "

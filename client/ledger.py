@@ -21,7 +21,6 @@ import hashlib
 import json
 import os
 import secrets
-import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -30,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.extract import atomic_write
 from common import release
 
 LEDGER_SCHEMA = "radfed.release-ledger/1"
@@ -67,13 +67,6 @@ class Blocking:
 
 def _set_key(members: frozenset[str]) -> str:
     return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 class Ledger:
@@ -186,7 +179,7 @@ class Ledger:
             for bid, (label, members) in (blocking.blocks.items() if blocking else ()):
                 if bid not in doc["blocks"] and touched.intersection(members):
                     doc["blocks"][bid] = {"label": label, "cases": sorted(members), "frozen": now}
-            _write_atomic(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True))
+            atomic_write(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True))
             with (self.folder / "releases.jsonl").open("a", encoding="utf-8") as fh:
                 fh.write(json.dumps({"time": now, "run_id": run_id, "type": message_type, "sets": keys},
                                     sort_keys=True) + "\n")

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
+from client.extract import atomic_write
 from client.patients import one_row_per_patient
 from client.site import DIAGNOSES, Case, CaseProblem, Site, load_site, site_floor, site_settings
 from common.profile import Profile, load_profile
@@ -150,9 +151,7 @@ def write_report(check: SiteCheck, path: Path | None = None) -> Path:
     """Write the JSON report (default ``<output_dir>/check.json``) atomically; returns its path."""
     path = path or check.site.work_dir / "check.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(check.as_dict(), indent=2), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(check.as_dict(), indent=2))
     return path
 
 

@@ -16,17 +16,24 @@ import numpy as np
 import torch
 
 from client import patients
-from client.extract import FeatureTable, extract_site, pyradiomics_version
+from client.extract import FeatureTable, atomic_write, extract_site, pyradiomics_version
 from client.ledger import Blocking, Declaration, Ledger
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from common import combat, curves, exact, metrics, model, moments, selection
 from common import covariates as cov
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
+from common.runconfig import RunConfig, parse
 from common.split import eligibility_problem, split_problem
 
 
-def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path:
+def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
+    """The run's validated config (Flower hands each message the raw table; tests and benches may pass the
+    parsed one). Raises RunConfigError naming a bad key."""
+    return values if isinstance(values, RunConfig) else parse(values)
+
+
+def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
     """The site folder: ``site-dir`` from the node config (deployment), else the partition's folder
     under the run config's ``data-root`` (simulation: sorted folders holding a manifest.csv or a site.yaml,
     one per partition)."""
@@ -35,7 +42,7 @@ def locate_site(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -
     if "partition-id" not in node_config:
         raise SiteError("this node has no 'site-dir' in its node config: start the SuperNode with "
                         "--node-config \"site-dir='/path/to/site'\"")
-    root = Path(str(run_config["data-root"])).expanduser()
+    root = Path(run.data_root).expanduser()
     if not root.is_dir():
         raise SiteError(f"data-root {root} does not exist: generate the demo with 'radfed demo' or set "
                         "--run-config \"data-root='/path'\"")
@@ -79,16 +86,16 @@ class SiteData:
                            self.blocking)
 
 
-def open_site(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[Site, Profile]:
+def open_site(site_dir: Path, profile_name: str) -> tuple[Site, Profile]:
     """The site's cases, one row per patient (duplicates named, see client.patients), and its profile."""
     settings = site_settings(site_dir)
-    profile = load_profile(str(settings.get("profile") or run_config.get("profile", "default")))
+    profile = load_profile(str(settings.get("profile") or profile_name))
     return patients.one_row_per_patient(load_site(site_dir, profile.sequences)), profile
 
 
-def min_cases(site: Site, run_config: Mapping[str, Any]) -> int:
+def min_cases(site: Site, run: RunConfig) -> int:
     """k for each reply: the federation's minimum, raised (never lowered) by the site's own floor."""
-    return max(int(run_config.get("min-cases-per-class", 5)), site_floor(site.settings))
+    return max(run.min_cases_per_class, site_floor(site.settings))
 
 
 def ledger(site: Site) -> Ledger:
@@ -96,23 +103,19 @@ def ledger(site: Site) -> Ledger:
     return Ledger(site.work_dir / "release", site_floor(site.settings))
 
 
-def _test_fraction(run_config: Mapping[str, Any]) -> float:
-    return float(run_config.get("test-fraction", 0.3))
-
-
-def plan_reply(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
+def plan_reply(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
     """Phase 1: who the site is, which profile it extracts with, how many cases per class, and whether the
     plan can run here: its splits from the manifest's cases, checked against everything the site released
     before (no image is read)."""
-    site, profile = open_site(site_dir, run_config)
+    run = run_config(values)
+    site, profile = open_site(site_dir, run.profile)
     n_hgg = sum(c.diagnosis == "HGG" for c in site.cases)
     n_bm = len(site.cases) - n_hgg
-    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run_config), _test_fraction(run_config),
-                                  site_floor(site.settings))
+    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run), run.test_fraction, site_floor(site.settings))
     if problem:
         reason = f"site {site.name} cannot take part: {problem} (add cases)"
     else:
-        reason = _release_problem(site, profile, run_config)
+        reason = _release_problem(site, profile, run)
     config = {
         "site-name": site.name,
         "profile-sha256": profile.sha256,
@@ -125,12 +128,12 @@ def plan_reply(site_dir: Path, run_config: Mapping[str, Any]) -> tuple[dict[str,
     return config, {"n-hgg": n_hgg, "n-bm": n_bm, "n-problems": len(site.problems)}
 
 
-def _release_problem(site: Site, profile: Profile, run_config: Mapping[str, Any]) -> str:
+def _release_problem(site: Site, profile: Profile, run: RunConfig) -> str:
     """Why this plan cannot run at the site under the release rule ('' when it can): the sets it would
     aggregate over, from the manifest's cases, must pass the ledger with everything released before."""
     table = FeatureTable([c.case_id for c in site.cases], np.array([c.label for c in site.cases], dtype=np.int64),
                          [], np.zeros((len(site.cases), 0)), [])
-    spec = combat_covariates(run_config)
+    spec = run.covariates()
     design = None
     if spec:
         by_id = {c.case_id: c for c in site.cases}
@@ -144,20 +147,13 @@ def _release_problem(site: Site, profile: Profile, run_config: Mapping[str, Any]
         table = _subset(table, rows)
         design = np.array(coded, dtype=np.float64).reshape(len(rows), len(cov.columns(spec)))
     try:
-        data = split_site(site, profile, table, design, run_config, record_problems=False)
+        data = split_site(site, profile, table, design, run, record_problems=False)
     except SiteError as exc:
         return str(exc)
     sets = {name: s for part in PARTS for name, s in data.case_sets(part).items()}
     sets.update(covariate_sets(data, spec))
     why = ledger(site).check(sets)
     return f"site {site.name} refuses this run plan: {why}" if why else ""
-
-
-def combat_covariates(run_config: Mapping[str, Any]) -> list[cov.Covariate]:
-    """The run's ComBat covariates ([] without ComBat or without covariates)."""
-    if str(run_config.get("harmonization", "none")) != "combat":
-        return []
-    return cov.parse(str(run_config.get("combat-covariates", "")))
 
 
 def code_covariates(site: Site, table: FeatureTable,
@@ -188,7 +184,7 @@ def _add_to_errors_report(site: Site, problems: list[CaseProblem]) -> None:
     new = [p.as_dict() for p in problems if (p.case_id, p.reason) not in known]
     report["problems"] += new
     report["cases_used"] = report.get("cases_used", 0) - len(new)
-    path.write_text(json.dumps(report, indent=2), encoding="utf-8")
+    atomic_write(path, json.dumps(report, indent=2))
 
 
 def _subset(table: FeatureTable, rows: list[int], problems: list[CaseProblem] | None = None) -> FeatureTable:
@@ -198,7 +194,7 @@ def _subset(table: FeatureTable, rows: list[int], problems: list[CaseProblem] | 
 
 
 def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.ndarray | None,
-               run_config: Mapping[str, Any], record_problems: bool = True) -> SiteData:
+               run: RunConfig, record_problems: bool = True) -> SiteData:
     """The usable cases drawn into the site's release blocks (client.ledger) and split by whole blocks.
 
     Cases the blocks leave out are named (in errors.json with ``record_problems``); raises SiteError when the
@@ -213,8 +209,8 @@ def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.nda
         design = None if design is None else design[rows]
         if record_problems:
             _add_to_errors_report(site, problems)
-    held_out = blocking.held_out(table.case_ids, _test_fraction(run_config), int(run_config.get("split-seed", 0)))
-    k = min_cases(site, run_config)
+    held_out = blocking.held_out(table.case_ids, run.test_fraction, run.split_seed)
+    k = min_cases(site, run)
     thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < 2]
     y = table.labels
     problem = (f"its usable {' and '.join(thin)} cases form fewer than two release blocks of k = "
@@ -227,16 +223,17 @@ def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.nda
     return SiteData(site, profile, table, held_out, design, blocking)
 
 
-def load_site_data(site_dir: Path, run_config: Mapping[str, Any], workers: int = 1) -> SiteData:
+def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], workers: int = 1) -> SiteData:
     """Features of every usable case (extracted or from the cache), one row per patient, the ComBat
     covariates when the run has them, and the held-out split by whole release blocks."""
-    site, profile = open_site(site_dir, run_config)
+    run = run_config(values)
+    site, profile = open_site(site_dir, run.profile)
     table, _ = extract_site(site, profile, workers=workers)
-    spec = combat_covariates(run_config)
+    spec = run.covariates()
     design = None
     if spec:
         table, design = code_covariates(site, table, spec)
-    return split_site(site, profile, table, design, run_config)
+    return split_site(site, profile, table, design, run)
 
 
 def covariate_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
@@ -300,10 +297,8 @@ def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple
     return selection.site_crossproducts(x, mean, std), len(x)
 
 
-def combat_options(run_config: Mapping[str, Any]) -> dict[str, bool]:
-    return {"parametric": bool(run_config.get("combat-parametric", True)),
-            "eb": bool(run_config.get("combat-eb", True)),
-            "mean_only": bool(run_config.get("combat-mean-only", False))}
+def combat_options(run: RunConfig) -> dict[str, bool]:
+    return {"parametric": run.combat_parametric, "eb": run.combat_eb, "mean_only": run.combat_mean_only}
 
 
 def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],
@@ -327,12 +322,12 @@ def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],
 
 
 def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_sites: int, n_pooled: int,
-                    run_config: Mapping[str, Any], covariates: np.ndarray | None = None) -> combat.SiteCombat:
+                    run: RunConfig, covariates: np.ndarray | None = None) -> combat.SiteCombat:
     """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
     against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
     pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=arrays["beta"], grand_mean=arrays["grand-mean"],
                                     var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
-    return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run_config))
+    return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
 
 
 def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
@@ -345,10 +340,10 @@ def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
 
 
 def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], pos_weight: float, site_name: str,
-                run_config: Mapping[str, Any]) -> exact.SiteTerms:
+                run: RunConfig) -> exact.SiteTerms:
     """Exact training, one round: refuse if the training split is too small for the coefficients (the Hessian
     would identify cases), else the summed gradient (s+1,) and Hessian (s+1, s+1) at the server's coefficients."""
-    factor = float(run_config.get("exact-min-cases-per-coefficient", 2.0))
+    factor = run.exact_min_cases_per_coefficient
     try:
         exact.check_dimensions(len(y), x.shape[1], site_name, factor)
     except ValueError as exc:

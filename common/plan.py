@@ -1,7 +1,8 @@
 """The run plan a site approves before anything touches its data.
 
-One canonical form of: the app's code hash, the full run config, the extraction profile, the protocol
-version and every message type with what its reply may hold. Its sha256 is what a hospital approves.
+One canonical form of: the app's code hash, the run config without the coordinator's local paths
+(``common.runconfig.LOCAL_KEYS``), the extraction profile, the protocol version and every message type
+with what its reply may hold. Its sha256 is what a hospital approves.
 Both sides compute it themselves (the server from its run config, each site from the run config and
 code it actually runs), so a site never has to trust a hash it was sent.
 """
@@ -16,6 +17,7 @@ from typing import Any
 from common.canon import sha256_json
 from common.profile import Profile
 from common.protocol import PROTOCOL_VERSION, REPLIES
+from common.runconfig import RunConfig, parse
 
 PLAN_SCHEMA = "radfed.plan/1"
 APP_ROOT = Path(__file__).resolve().parent.parent
@@ -40,9 +42,10 @@ def messages() -> dict[str, dict[str, Any]]:
             for kind, spec in REPLIES.items()}
 
 
-def run_plan(run_config: Mapping[str, Any], profile: Profile, code: str | None = None) -> dict[str, Any]:
-    """The plan of a run with this (complete, merged) run config."""
-    return {"schema": PLAN_SCHEMA, "code_sha256": code or code_sha256(), "run_config": dict(run_config),
+def run_plan(run_config: RunConfig | Mapping[str, Any], profile: Profile, code: str | None = None) -> dict[str, Any]:
+    """The plan of a run with this (complete) run config; raises RunConfigError on a bad value."""
+    run = run_config if isinstance(run_config, RunConfig) else parse(run_config)
+    return {"schema": PLAN_SCHEMA, "code_sha256": code or code_sha256(), "run_config": run.site_facing(),
             "profile": {"name": profile.name, "version": profile.version, "sha256": profile.sha256},
             "protocol": PROTOCOL_VERSION, "messages": messages()}
 
@@ -51,9 +54,13 @@ def plan_sha256(plan: Mapping[str, Any]) -> str:
     return sha256_json(dict(plan))
 
 
-def summary(plan: Mapping[str, Any]) -> str:
-    """The plan for the person who approves it: what runs, with which settings, and what would leave."""
-    k = plan["run_config"].get("min-cases-per-class", 5)
+def summary(plan: Mapping[str, Any], site_k: int = 0) -> str:
+    """The plan for the person who approves it: what runs, with which settings, and what would leave.
+
+    ``site_k``: the site's own floor (site.yaml); the k that holds at the site is the larger of it and the run's.
+    """
+    run_k = int(plan["run_config"]["min-cases-per-class"])
+    k = max(run_k, site_k)
     lines = [f"run plan {plan_sha256(plan)}",
              f"  code sha256      {plan['code_sha256']}",
              f"  profile          {plan['profile']['name']} v{plan['profile']['version']} "
@@ -65,8 +72,11 @@ def summary(plan: Mapping[str, Any]) -> str:
     if covariates and plan["run_config"].get("harmonization") == "combat":
         lines += ["", f"ComBat reads these columns of your manifest: {covariates}. The values stay here; the ComBat",
                   "sums over each of their levels (at least k training cases each) leave."]
-    lines += ["", f"What would leave this site (each statistic over at least k = {k} cases; arrays sized by the",
-              "agreed feature counts, never by the number of cases):"]
+    held = (f"k = {k} at this site (the run asks {run_k}, this site's own floor is {site_k})" if site_k
+            else f"k = {k}")
+    lines += ["", f"What would leave this site (each statistic over at least {held}; arrays sized by the agreed",
+              "feature counts, never by the number of cases; and no combination of what the site ever released",
+              "singles out fewer than k patients: docs/privacy.md, the release rule):"]
     for kind, spec in plan["messages"].items():
         lines.append(f"  {kind}")
         for key, text in {**spec["config"], **spec["metrics"]}.items():

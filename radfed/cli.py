@@ -249,7 +249,7 @@ def cmd_plan_write(args: argparse.Namespace) -> int:
     from radfed.launch import app_run_config
 
     config = app_run_config(args.run_config or "")
-    plan = run_plan(config, load_profile(str(config.get("profile", "default"))))
+    plan = run_plan(config, load_profile(str(config["profile"])))  # refuses a bad value, naming the key
     Path(args.out).write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
     print(summary(plan))
     print(f"\nwrote {args.out}: send it to every site; each approves it with\n"
@@ -274,6 +274,7 @@ def _load_plan(ref: str, site_dir: str | None) -> dict:
 
 def cmd_site_plan_show(args: argparse.Namespace) -> int:
     from client.approvals import decisions, pending_plans
+    from client.site import site_floor, site_settings
     from common.plan import plan_sha256, summary
 
     if args.plan is None:
@@ -286,7 +287,7 @@ def cmd_site_plan_show(args: argparse.Namespace) -> int:
             print(f"  {path.stem}  {state}")
         return 0
     plan = _load_plan(args.plan, args.site)
-    print(summary(plan))
+    print(summary(plan, site_floor(site_settings(args.site)) if args.site else 0))
     if args.site:
         state = decisions(Path(args.site)).get(plan_sha256(plan), {}).get("action", "not approved")
         print(f"\nat {args.site}: {state}")

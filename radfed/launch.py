@@ -128,11 +128,18 @@ def overrides_text(run_config: Mapping[str, object]) -> str:
 def app_run_config(overrides: Mapping[str, object] | str | None = None, app_dir: Path = APP_DIR) -> dict[str, object]:
     """The complete run config a run with these overrides sees: the app's defaults merged with the
     overrides exactly as Flower merges them (unknown keys are an error)."""
+    import click
     from flwr.common.config import get_fused_config_from_dir, parse_config_args
 
     text = overrides if isinstance(overrides, str) else overrides_text(overrides or {})
     try:
-        return dict(get_fused_config_from_dir(app_dir, parse_config_args([text] if text else None)))
+        parsed = parse_config_args([text] if text else None)
+    except click.ClickException:  # Flower's parser speaks to its own CLI; ours names the fix
+        raise ValueError(f"run config {text!r} is not space-separated key=value pairs of TOML values: write numbers "
+                         "and true/false as they are and text in quotes, e.g. \"training='exact' "
+                         "num-server-rounds=10\"") from None
+    try:
+        return dict(get_fused_config_from_dir(app_dir, parsed))
     except ValueError as exc:
         raise ValueError(f"run config {text!r}: {exc} (the keys are in [tool.flwr.app.config] of "
                          f"{app_dir / 'pyproject.toml'})") from None

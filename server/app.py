@@ -18,11 +18,12 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import covariates, dp
+from common import covariates, dp, runconfig
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
+from common.runconfig import RunConfig
 from server import phases, report, training, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.strategy import record_sha256
@@ -31,9 +32,9 @@ log = logging.getLogger("flwr.radfed.server")
 app = ServerApp()
 
 
-def run_folder(context: Context) -> Path:
-    root = Path(str(context.run_config["output-dir"])).expanduser()
-    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-run{context.run_id}"
+def run_folder(run: RunConfig, run_id: int) -> Path:
+    root = Path(run.output_dir).expanduser()
+    folder = root / f"{time.strftime('%Y%m%d-%H%M%S')}-run{run_id}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
@@ -62,40 +63,34 @@ def raise_on_stop_signal() -> Callable[[], None]:
     return restore
 
 
-def privacy_account(cfg: dict) -> dp.DPAccount | None:
+def privacy_account(run: RunConfig) -> dp.DPAccount | None:
     """The run's DP budget account, or None with DP off; bad settings refuse the run."""
     try:
-        settings = dp.settings_from_config(cfg)
+        settings = dp.settings_from_config(run.as_dict())
     except dp.DPConfigError as exc:
         raise phases.RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    if str(cfg.get("training", "fedavg")) == "exact":
+    if run.training == "exact":
         raise phases.RunRefused("differential privacy covers FedAvg updates only: exact training sends exact "
                                 "gradients and Hessians. Set training = \"fedavg\" or dp-noise-multiplier = 0")
     return dp.DPAccount.from_settings(settings)
 
 
-def combat_covariates(cfg: dict[str, object]) -> str:
-    """The run's ComBat covariates in canonical form ("" for none); a malformed spec refuses the run."""
-    if str(cfg.get("harmonization", "none")) != "combat":
-        return ""
-    try:
-        return covariates.describe(covariates.parse(str(cfg.get("combat-covariates", ""))))
-    except covariates.CovariateError as exc:
-        raise phases.RunRefused(str(exc)) from None
-
-
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    cfg = dict(context.run_config)
-    folder = run_folder(context)
-    key_path = Path(str(cfg.get("audit-key") or "")).expanduser() if cfg.get("audit-key") else \
-        folder.parent / "coordinator-audit-key.pem"
+    try:  # the config is read once, here; a bad value refuses the run before anything is sent
+        run = runconfig.parse(context.run_config)
+    except runconfig.RunConfigError as exc:
+        log.error("radfed run %s refused: %s", context.run_id, exc)
+        raise RuntimeError(f"radfed run refused: {exc}") from None
+    cfg = run.as_dict()
+    folder = run_folder(run, context.run_id)
+    key_path = Path(run.audit_key).expanduser() if run.audit_key else folder.parent / "coordinator-audit-key.pem"
     audit = AuditLog(folder / "audit.jsonl", load_or_create_key(key_path))
-    profile = load_profile(str(cfg["profile"]))
-    timeout, min_sites = float(cfg["query-timeout"]), int(cfg["min-sites"])
-    plan = run_plan(cfg, profile)
+    profile = load_profile(run.profile)
+    timeout, min_sites = run.query_timeout, run.min_sites
+    plan = run_plan(run, profile)
     plan_hash = plan_sha256(plan)
     (folder / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
     audit.append("run-start", run_id=context.run_id, config=cfg, config_sha256=sha256_json(cfg),
@@ -110,22 +105,23 @@ def main(grid: Grid, context: Context) -> None:
     account = None
     restore_signals = raise_on_stop_signal()
     try:
-        account = privacy_account(cfg)
-        covariate_spec = combat_covariates(cfg)
+        account = privacy_account(run)
+        covariate_spec = covariates.describe(run.covariates())
         node_ids = phases.wait_for_nodes(grid, min_sites, timeout)
-        fed = phases.plan_phase(grid, node_ids, profile, cfg, min_sites, audit, timeout, plan_hash)
+        fed = phases.plan_phase(grid, node_ids, profile, run, min_sites, audit, timeout, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(grid, fed, audit, timeout)
         result.split_counts = agreement.split_counts
         harmonization = None
-        if str(cfg.get("harmonization", "none")) == "combat":
+        if run.combat:
             about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
-                     "combat": {k: bool(cfg[f"combat-{k}"]) for k in ("parametric", "eb", "mean-only")},
+                     "combat": {"parametric": run.combat_parametric, "eb": run.combat_eb,
+                                "mean-only": run.combat_mean_only},
                      "covariates": covariate_spec}
             harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder, about)
         pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
-        chosen = phases.selection_phase(grid, fed, agreement, pooled, cfg, audit, timeout)
-        chosen = training.select_l1(grid, fed, agreement, pooled, chosen, cfg, audit, timeout, agreement.pos_weight)
+        chosen = phases.selection_phase(grid, fed, agreement, pooled, run, audit, timeout)
+        chosen = training.select_l1(grid, fed, agreement, pooled, chosen, run, audit, timeout, agreement.pos_weight)
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),
                            "constant": chosen.dropped_constant, "candidates": chosen.candidates,
                            "dropped_correlated": chosen.dropped_correlated, "dropped_l1": chosen.dropped_l1,
@@ -136,7 +132,7 @@ def main(grid: Grid, context: Context) -> None:
             result.harmonization = phases.histograms_phase(grid, fed, agreement, pooled, chosen.names[:4], audit,
                                                            timeout)
         strategy_started = True
-        trained = training.train(grid, fed, agreement, pooled, chosen, cfg, audit, timeout, agreement.pos_weight,
+        trained = training.train(grid, fed, agreement, pooled, chosen, run, audit, timeout, agreement.pos_weight,
                                  dp_account=account)
         arrays = trained.arrays
         torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names,
@@ -146,8 +142,8 @@ def main(grid: Grid, context: Context) -> None:
                     "profile": {"name": profile.name, "version": profile.version}}, folder / "model.pt")
         result.model_sha256 = record_sha256(arrays)
         result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
-        if str(cfg.get("external-validation", "none")) == "loso":
-            result.validation = {"loso": validation.leave_one_site_out(grid, fed, agreement, cfg, audit, timeout,
+        if run.external_validation == "loso":
+            result.validation = {"loso": validation.leave_one_site_out(grid, fed, agreement, run, audit, timeout,
                                                                        account)}
         result.status = "completed"
     except (phases.RunRefused, RuntimeError) as exc:

@@ -21,6 +21,7 @@ from flwr.serverapp import Grid
 from common import combat, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.profile import Profile
+from common.runconfig import RunConfig
 from server.audit import AuditLog
 
 log = logging.getLogger("flwr.radfed.server")
@@ -56,8 +57,10 @@ class Federation:
 def error_reason(reply: Message) -> str:
     """The site's own error message, without the simulation's traceback wrapping."""
     reason = str(reply.error.reason)
-    if "Message: " in reason:
+    if "Message: " in reason:  # simulation: "Exception ClientAppException occurred. Message: <text>"
         reason = reason.rsplit("Message: ", 1)[1]
+    elif reason.startswith("<class '") and ":<'" in reason:  # deployment: "<class 'X'>:<'<text>'>"
+        reason = reason.split(":<'", 1)[1]
     return reason.strip().removesuffix("'>").strip()
 
 
@@ -110,13 +113,13 @@ def replies_of(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, 
 NOT_APPROVED = "run plan not approved"
 
 
-def plan_phase(grid: Grid, node_ids: list[int], profile: Profile, run_config: dict, min_sites: int,
+def plan_phase(grid: Grid, node_ids: list[int], profile: Profile, run: RunConfig, min_sites: int,
                audit: AuditLog, timeout: float, plan_hash: str) -> Federation:
     """Every site states the run plan it approved, its profile hash and case counts; a site that did not
     approve the plan is refused (and named in the audit log); any profile mismatch refuses the run."""
     fed = Federation({nid: f"node {nid}" for nid in node_ids}, min_sites)
     plan = {"protocol": protocol.PROTOCOL_VERSION, "profile-sha256": profile.sha256, "plan-sha256": plan_hash,
-            "run-config-sha256": sha256_json(run_config)}
+            "run-config-sha256": sha256_json(run.as_dict())}
     sent = query(grid, node_ids, protocol.PLAN, plan, timeout)
     for node_id, reply in sent.items():
         if reply.has_error() and NOT_APPROVED in error_reason(reply):
@@ -225,11 +228,10 @@ def moments_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, audi
 
 
 def selection_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
-                    run_config: dict, audit: AuditLog, timeout: float) -> selection.Selection:
+                    run: RunConfig, audit: AuditLog, timeout: float) -> selection.Selection:
     """Choose the model's features from aggregates: drop near-constant ones, rank by Welch's t,
     then keep the best uncorrelated ones using the pooled correlation of the top candidates."""
-    n_keep = int(run_config.get("select-features", 0))
-    threshold = float(run_config.get("select-max-correlation", 0.9))
+    n_keep, threshold = run.select_features, run.select_max_correlation
     constant = selection.near_constant(pooled.std, pooled.mean)
     t = selection.welch_t(pooled.classwise[1], pooled.classwise[0])
     order = [int(i) for i in np.argsort(-np.abs(t), kind="stable") if not constant[i]]
@@ -238,7 +240,7 @@ def selection_phase(grid: Grid, fed: Federation, agreement: FeatureAgreement, po
         chosen = selection.Selection([agreement.names[i] for i in kept], [float(t[i]) for i in kept],
                                      int(constant.sum()), 0, 0, threshold)
     else:
-        candidates = order[: max(n_keep, int(run_config.get("select-candidates", 200)))]
+        candidates = order[: max(n_keep, run.select_candidates)]
         names = [agreement.names[i] for i in candidates]
         config = {"candidates": names, "candidates-sha256": sha256_json(names)}
         stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates]),

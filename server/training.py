@@ -17,6 +17,7 @@ from flwr.serverapp import Grid
 
 from common import dp, exact, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
+from common.runconfig import RunConfig
 from server.audit import AuditLog
 from server.phases import FeatureAgreement, Federation, PooledMoments, RunRefused, query, replies_of
 from server.strategy import AuditedFedAvg, evaluation_records, record_sha256
@@ -41,19 +42,20 @@ def shared_config(chosen: selection.Selection, pos_weight: float) -> dict[str, o
 
 
 def select_l1(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
-              chosen: selection.Selection, cfg: dict, audit: AuditLog, timeout: float, pos_weight: float,
+              chosen: selection.Selection, run: RunConfig, audit: AuditLog, timeout: float, pos_weight: float,
               fold: str = "") -> selection.Selection:
     """Optional LASSO step of feature selection (``select-l1`` > 0), as in the radiomics literature: the exact
     federated L1-penalised logistic regression on the ranked, decorrelated candidates (the pooled fit, by Newton
     rounds on summed gradients and Hessians); the features whose coefficient is exactly zero leave."""
-    l1 = float(cfg.get("select-l1", 0.0))
+    l1 = run.select_l1
     if l1 <= 0 or not chosen.names:
         return chosen
     index = {n: i for i, n in enumerate(agreement.names)}
     cols = [index[n] for n in chosen.names]
     tag = f"{fold}:lasso" if fold else "lasso"
-    fit = _train_exact(grid, fed, chosen, {**cfg, "exact-l1": l1}, audit, timeout, pos_weight, pooled.mean[cols],
-                       pooled.std[cols], tag, evaluate_rounds=False)
+    lasso = run.model_copy(update={"exact_l1": l1})
+    fit = _train_exact(grid, fed, chosen, lasso, audit, timeout, pos_weight, pooled.mean[cols], pooled.std[cols], tag,
+                       evaluate_rounds=False)
     coef, _, _ = exact.from_state_dict(fit.arrays.to_torch_state_dict())
     weights = dict(zip(chosen.names, coef[1:].tolist(), strict=True))
     kept = [i for i, n in enumerate(chosen.names) if weights[n] != 0.0]
@@ -70,7 +72,7 @@ def select_l1(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: 
 
 
 def train(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
-          chosen: selection.Selection, cfg: dict, audit: AuditLog, timeout: float, pos_weight: float,
+          chosen: selection.Selection, run: RunConfig, audit: AuditLog, timeout: float, pos_weight: float,
           fold: str = "", evaluate_rounds: bool = True, dp_account: dp.DPAccount | None = None) -> Trained:
     """Train from a zero model standardising with the pooled moments, in the run's ``training`` mode."""
     index = {n: i for i, n in enumerate(agreement.names)}
@@ -79,28 +81,26 @@ def train(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: Pool
     tag = {"fold": fold} if fold else {}
     initial = ArrayRecord(net.state_dict())
     audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
-                 training=str(cfg.get("training", "fedavg")), **tag)
-    if str(cfg.get("training", "fedavg")) == "exact":
-        return _train_exact(grid, fed, chosen, cfg, audit, timeout, pos_weight, pooled.mean[cols],
+                 training=run.training, **tag)
+    if run.training == "exact":
+        return _train_exact(grid, fed, chosen, run, audit, timeout, pos_weight, pooled.mean[cols],
                             pooled.std[cols], fold, evaluate_rounds)
     strategy = AuditedFedAvg(fed, audit, fold=fold, evaluate_rounds=evaluate_rounds, dp_account=dp_account)
     shared = shared_config(chosen, pos_weight)
-    train_config = ConfigRecord({**shared, "local-epochs": int(cfg["local-epochs"]),  # type: ignore[dict-item]
-                                 "learning-rate": float(cfg["learning-rate"]),
-                                 "weight-decay": float(cfg["weight-decay"])})
-    result = strategy.start(grid, initial, num_rounds=int(cfg["num-server-rounds"]), timeout=timeout,
+    train_config = ConfigRecord({**shared, "local-epochs": run.local_epochs,  # type: ignore[dict-item]
+                                 "learning-rate": run.learning_rate, "weight-decay": run.weight_decay})
+    result = strategy.start(grid, initial, num_rounds=run.num_server_rounds, timeout=timeout,
                             train_config=train_config, evaluate_config=ConfigRecord(shared))  # type: ignore[arg-type]
     return Trained(result.arrays, strategy.site_training, strategy.site_evaluations, strategy.site_curves)
 
 
-def _train_exact(grid: Grid, fed: Federation, chosen: selection.Selection, cfg: dict, audit: AuditLog,
+def _train_exact(grid: Grid, fed: Federation, chosen: selection.Selection, run: RunConfig, audit: AuditLog,
                  timeout: float, pos_weight: float, mean: np.ndarray, scale: np.ndarray, fold: str,
                  evaluate_rounds: bool) -> Trained:
     """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation."""
     tag = {"fold": fold} if fold else {}
-    newton = exact.ExactNewton(len(chosen.names), l2=float(cfg.get("exact-l2", 1.0)),
-                               l1=float(cfg.get("exact-l1", 0.0)), tol=float(cfg.get("exact-tol", 1e-10)),
-                               max_rounds=int(cfg.get("exact-max-rounds", 50)))
+    newton = exact.ExactNewton(len(chosen.names), l2=run.exact_l2, l1=run.exact_l1, tol=run.exact_tol,
+                               max_rounds=run.exact_max_rounds)
     config = {**shared_config(chosen, pos_weight), **tag}
     trained = Trained(ArrayRecord())
     while not newton.done:

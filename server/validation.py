@@ -14,6 +14,7 @@ from flwr.app import RecordDict
 from flwr.serverapp import Grid
 
 from common import dp, metrics, protocol
+from common.runconfig import RunConfig
 from server import phases, training
 from server.audit import AuditLog
 from server.phases import FeatureAgreement, Federation, RunRefused
@@ -30,7 +31,7 @@ def fold_agreement(agreement: FeatureAgreement, sites: list[str]) -> FeatureAgre
     return FeatureAgreement(agreement.names, agreement.sha256, n_bm / max(n_hgg, 1), counts)
 
 
-def leave_one_site_out(grid: Grid, fed: Federation, agreement: FeatureAgreement, cfg: dict, audit: AuditLog,
+def leave_one_site_out(grid: Grid, fed: Federation, agreement: FeatureAgreement, run: RunConfig, audit: AuditLog,
                        timeout: float, dp_account: dp.DPAccount | None = None) -> dict[str, dict[str, object]]:
     """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration; or ``error``."""
     folds: dict[str, dict[str, object]] = {}
@@ -41,13 +42,13 @@ def leave_one_site_out(grid: Grid, fed: Federation, agreement: FeatureAgreement,
         try:
             fold = fold_agreement(agreement, sorted(others.values()))
             pooled = phases.moments_phase(grid, sub, fold, audit, timeout)
-            chosen = phases.selection_phase(grid, sub, fold, pooled, cfg, audit, timeout)
-            chosen = training.select_l1(grid, sub, fold, pooled, chosen, cfg, audit, timeout, fold.pos_weight, held)
-            trained = training.train(grid, sub, fold, pooled, chosen, cfg, audit, timeout, fold.pos_weight,
+            chosen = phases.selection_phase(grid, sub, fold, pooled, run, audit, timeout)
+            chosen = training.select_l1(grid, sub, fold, pooled, chosen, run, audit, timeout, fold.pos_weight, held)
+            trained = training.train(grid, sub, fold, pooled, chosen, run, audit, timeout, fold.pos_weight,
                                      fold=held, evaluate_rounds=False, dp_account=dp_account)
             arrays = trained.arrays
             config = {**training.shared_config(chosen, fold.pos_weight), "split": "all", "fold": held,
-                      "server-round": max(trained.training) if trained.training else int(cfg["num-server-rounds"])}
+                      "server-round": max(trained.training) if trained.training else run.num_server_rounds}
             replies = phases.query(grid, [held_node], protocol.EVALUATE, config, timeout,
                                    per_node=lambda _, a=arrays: RecordDict({"arrays": a}))
             reply = replies.get(held_node)

@@ -99,3 +99,39 @@ def test_cli_plan_write_show_approve(site, tmp_path, capsys):
     assert f"at {site}: approve" in capsys.readouterr().out
     assert main(["plan", "write", str(plan_file), "--run-config", "no-such-key=1"]) == 2
     assert "no-such-key" in capsys.readouterr().err
+
+
+def test_the_plan_hash_ignores_where_the_coordinator_keeps_its_files():
+    base = app_run_config({})
+    moved = {**base, "output-dir": "/srv/elsewhere/runs", "data-root": "/srv/other", "audit-key": "/keys/a.pem",
+             "query-timeout": 60.0}
+    assert _hash(moved) == _hash(base)
+    assert "output-dir" not in run_plan(base, load_profile("default"))["run_config"]
+
+
+@pytest.mark.parametrize(("override", "named"), [
+    ("training='bogus'", "'training' is 'bogus'; it must be one of 'fedavg', 'exact'"),
+    ("harmonization='ComBat'", "'harmonization' is 'ComBat'; it must be one of 'combat', 'none'"),
+    ("min-cases-per-class=1", "'min-cases-per-class' is 1; it must be a whole number >= 5"),
+    ("test-fraction=1.5", "'test-fraction' is 1.5; it must be a number > 0 and < 1"),
+    ("combat-covariates='sex='", "give the levels after '='"),
+    ("num-server-rounds=abc", "write numbers and true/false as they are and text in quotes"),
+])
+def test_plan_write_refuses_a_bad_value_naming_the_key_and_what_it_allows(tmp_path, capsys, override, named):
+    from radfed.cli import main
+
+    assert main(["plan", "write", str(tmp_path / "plan.json"), "--run-config", override]) == 2
+    err = capsys.readouterr().err
+    assert named in err and "Traceback" not in err
+    assert not (tmp_path / "plan.json").exists()
+
+
+def test_plan_show_states_the_k_that_holds_at_the_site(site, tmp_path, capsys):
+    from radfed.cli import main
+
+    (site / "site.yaml").write_text("min_cases_per_class: 8\n")
+    assert main(["plan", "write", str(tmp_path / "plan.json")]) == 0
+    capsys.readouterr()
+    assert main(["site", "plan", "show", str(tmp_path / "plan.json"), "--site", str(site)]) == 0
+    out = capsys.readouterr().out
+    assert "k = 8 at this site (the run asks 5, this site's own floor is 8)" in out.replace("\n", " ")

@@ -17,6 +17,7 @@ from client import ledger
 from client.dp import DPError, dp_update_mod
 from client.guard import SITE_STATE, privacy_guard
 from common import dp, model
+from radfed.launch import app_run_config
 
 TRAINABLE = dp.TRAINABLE_KEYS
 
@@ -377,7 +378,7 @@ def test_mod_order_the_guard_checks_and_logs_what_really_leaves(tmp_path, guard_
     net = model.build_model(np.full(s, 100.0), np.full(s, 20.0))
     msg = _incoming("train", RecordDict({"arrays": ArrayRecord(net.state_dict()),
                                          "config": ConfigRecord({"server-round": 1})}))
-    context = _context({**ON, "min-cases-per-class": 5}, {"site-dir": str(tmp_path)})
+    context = _context(app_run_config({**ON, "min-cases-per-class": 5}), {"site-dir": str(tmp_path)})
     context.state[SITE_STATE] = ConfigRecord({"selected": [f"f{i}" for i in range(s)]})
     handler_output: dict = {}
     mods = [privacy_guard, dp_update_mod] if guard_outermost else [dp_update_mod, privacy_guard]

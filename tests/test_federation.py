@@ -20,7 +20,7 @@ from common.canon import arrays_sha256
 from radfed import synth
 from radfed.cli import approve_demo_plan
 from radfed.cli import main as radfed_main
-from radfed.launch import run_federation
+from radfed.launch import app_run_config, run_federation
 from server.audit import load_or_create_key, public_pem, verify
 
 K = 5
@@ -149,7 +149,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
 
     # each site kept its own ComBat parameters (never sent) for this run's agreed features
     assert check.events["harmonization"] == 1
-    run_config = {"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K}
+    run_config = app_run_config({"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K})
     params = [json.loads((three_sites / n / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json").read_text())
               for n in names[:3]]
     assert all(len(p["features"]) == features["agreed"] and p["run_id"] == doc["run_id"] for p in params)
@@ -303,6 +303,9 @@ def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
     refusal = next(e["data"] for e in events if e["event"] == "refusal")
     assert refusal["plan_sha256"] == plan_hash and plan_hash in refusal["reason"] and refused in refusal["reason"]
     assert "radfed site approve" in refusal["reason"]
+    # the site's folders stay at the site: the reason names them by placeholder (issue 15, finding 7)
+    assert str(tmp_path) not in refusal["reason"] and "--site <site>" in refusal["reason"]
+    assert all(str(tmp_path) not in str(e["data"]) for e in events if e["event"] in ("refusal", "dropout"))
     approved = [e["data"] for e in events if e["event"] == "site-plan"]
     assert {e["site"] for e in approved} == {specs[0].name, specs[1].name}
     assert all(e["plan_sha256"] == plan_hash and e["approval"] == "approved" for e in approved)
@@ -341,7 +344,7 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     from common import exact, metrics
 
     root = tmp_path / "data"
-    for i, spec in enumerate(synth.tiny_sites(2, 10)):
+    for i, spec in enumerate(synth.tiny_sites(2, 12)):  # 2 blocks of 6 per class: 12 training cases per site
         synth.write_site(root, spec, seed=500 + i)
     config = {"training": "exact", "harmonization": "none", "select-features": 4, "external-validation": "none"}
     folder = _run(tmp_path / "ok", root, 2, **config)
@@ -350,7 +353,8 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     saved = torch.load(folder / "model.pt", weights_only=False)
     coef, mean, scale = exact.from_state_dict(saved["state_dict"])
     names = sorted(p.name for p in root.iterdir() if (p / "manifest.csv").exists())
-    data = [load_site_data(root / n, {"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K}) for n in names]
+    data = [load_site_data(root / n, app_run_config({"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K}))
+            for n in names]
     agreed = sorted(set.intersection(*(set(n for n, ok in zip(d.table.names, np.all(np.isfinite(d.table.values), 0),
                                                               strict=True) if ok) for d in data)))
     train = [site_matrix(d, agreed, held_out=False, names=saved["features"]) for d in data]
@@ -380,7 +384,7 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     assert list(doc["features"]["selected"]) == expected and doc["features"]["dropped_l1"] == 4 - len(expected)
     [entry] = [e["data"] for e in _events(folder) if e["event"] == "selection-l1"]
     assert entry["features"] == expected and entry["l1"] == l1 and entry["converged"]
-    np.testing.assert_allclose(list(entry["coefficients"].values()), path[l1], atol=1e-6)
+    np.testing.assert_allclose([entry["coefficients"][n] for n in saved["features"]], path[l1], atol=1e-6)
     assert torch.load(folder / "model.pt", weights_only=False)["features"] == expected
     report_md = (folder / "report.md").read_text(encoding="utf-8")
     assert "by LASSO" in report_md and f"then LASSO with select-l1 = {l1}" in report_md
@@ -427,7 +431,9 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
     the federation's ComBat equals common.combat's in-process protocol (itself checked against neuroCombat
     in test_combat) on the pooled training splits; a case without an age is named and left out."""
     root = tmp_path / "data"
-    specs = synth.tiny_sites(3, 11)
+    # 15 per class: 3 release blocks; the training split's sex-by-class groups must stay large enough that
+    # ComBat's per-level sums single out no one (the release rule, docs/privacy.md)
+    specs = synth.tiny_sites(3, 15)
     config = {"combat-covariates": "age,sex=F|M", "select-features": 8, "external-validation": "none",
               "num-server-rounds": 1, "test-fraction": 0.3, "split-seed": 7}
     bad_site, bad_case = specs[1].name, f"{synth._case_prefix(specs[1].name)}-002"
@@ -444,7 +450,7 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
     assert doc["sites"][bad_site]["split"]["n-failed"] == 1
     errors = json.loads((root / bad_site / ".radfed" / "errors.json").read_text(encoding="utf-8"))
     [problem] = [p for p in errors["problems"] if p["case_id"] == bad_case]
-    assert "no age value" in problem["reason"] and "age" in problem["fix"] and errors["cases_used"] == 21
+    assert "no age value" in problem["reason"] and "age" in problem["fix"] and errors["cases_used"] == 29
 
     late = json.loads((folder / "harmonization.json").read_text(encoding="utf-8"))
     assert late["covariates"] == "sex=F|M,age" and len(late["beta_cov"]) == 2  # sex=M indicator, age
@@ -452,7 +458,7 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
                          .read_text(encoding="utf-8")) for n in names]
     assert all(p["covariates"] == "sex=F|M,age" for p in params)
 
-    run_config = {**config, "min-cases-per-class": K, "harmonization": "combat"}
+    run_config = app_run_config({**config, "min-cases-per-class": K, "harmonization": "combat"})
     data = [load_site_data(root / n, run_config) for n in names]
     assert bad_case not in data[1].table.case_ids
     agreed = params[0]["features"]

@@ -70,3 +70,35 @@ def test_unknown_message_type_and_record_are_refused():
         check_reply("query.dump", RecordDict({}), k=5)
     with pytest.raises(PrivacyError, match="record 'extra'"):
         check_reply(protocol.PLAN, RecordDict({"extra": ConfigRecord({"a": 1})}), k=5)
+
+
+def test_the_guard_holds_the_sites_own_k_when_the_run_asks_less(tmp_path):
+    """site.yaml min_cases_per_class: 8 and a run with k = 5: a moments reply over 6 + 6 cases is refused."""
+    import time
+
+    from flwr.app import Context, Message, Metadata
+    from flwr.clientapp import ClientApp
+
+    from client import ledger
+    from client.guard import privacy_guard
+    from radfed.launch import app_run_config
+
+    (tmp_path / "site.yaml").write_text("min_cases_per_class: 8\n")
+    app = ClientApp(mods=[privacy_guard])
+
+    @app.query("moments")
+    def moments(msg: Message, context: Context) -> Message:
+        hgg, bm = frozenset(f"h{i}" for i in range(6)), frozenset(f"b{i}" for i in range(6))
+        ledger.declare(msg.metadata.message_id, ledger.Declaration(
+            {"train": hgg | bm, "train-hgg": hgg, "train-bm": bm},
+            {"n": "train", "n-hgg": "train-hgg", "n-bm": "train-bm"}, None))
+        return Message(_moments(n=12, d=3), reply_to=msg)
+
+    meta = Metadata(run_id=1, message_id="m1", src_node_id=0, dst_node_id=42, reply_to_message_id="", group_id="1",
+                    created_at=time.time(), ttl=3600.0, message_type=protocol.MOMENTS)
+    context = Context(run_id=1, node_id=42, node_config={"site-dir": str(tmp_path)}, state=RecordDict(),
+                      run_config=app_run_config({"min-cases-per-class": 5}))
+    context.state["radfed-site"] = ConfigRecord({"features": ["a", "b", "c"]})
+    with pytest.raises(PrivacyError, match="'n-hgg' = 6 is fewer than k = 8"):
+        app(Message(RecordDict(), metadata=meta), context)
+    assert not (tmp_path / ".radfed" / "outbox.jsonl").exists()  # nothing was logged as sent

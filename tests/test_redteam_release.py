@@ -74,11 +74,12 @@ def test_test_fraction_sweep_recovers_no_patient(tiny_site_root, tmp_path):
 
 
 def test_split_seed_sweep_recovers_no_patient(tiny_site_root, tmp_path):
-    """Many split seeds: on the old split each seed drew a new random training set, and enough of them
+    """Many split seeds (more than a class has patients): on the old split each seed drew a new random training
+    set, and enough of them
     made every patient's indicator a combination of released sets."""
     site = _copy(tiny_site_root, tmp_path)
     coordinator = attacks.Coordinator(site)
-    seeds = list(range(12))
+    seeds = list(range(16))
     for seed in seeds:
         coordinator.run(**{"split-seed": seed, "harmonization": "none"})
     assert all(not r.refused for r in coordinator.runs), [r.refused for r in coordinator.runs]

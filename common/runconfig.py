@@ -1,0 +1,125 @@
+"""The run config, typed and validated once: every knob, its type and the values it allows.
+
+The defaults live in one place, ``[tool.flwr.app.config]`` of pyproject.toml (Flower sends that table, with
+``--run-config`` overrides, to the ServerApp and every ClientApp); this model has no defaults of its own,
+so a key missing there is an error, not a silent second default. Both sides parse the config they receive
+with ``parse``; a bad value is refused naming the key and what it allows.
+
+Keys that only say where the coordinator keeps things (``LOCAL_KEYS``) are not part of what a site
+approves: moving the output folder does not change the plan hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from common import covariates
+from common.protocol import DEFAULT_K
+
+# where the coordinator keeps files and its key, and its own patience: nothing a site's data is exposed to
+LOCAL_KEYS = ("data-root", "output-dir", "audit-key", "query-timeout")
+
+
+class RunConfigError(ValueError):
+    """A run config the run cannot use; the message names each bad key and what it allows."""
+
+
+class RunConfig(BaseModel):
+    """Every knob of a run (``[tool.flwr.app.config]``), by its pyproject name; attributes use underscores."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
+
+    num_server_rounds: int = Field(alias="num-server-rounds", ge=1, strict=True)
+    local_epochs: int = Field(alias="local-epochs", ge=1, strict=True)
+    learning_rate: float = Field(alias="learning-rate", gt=0)
+    weight_decay: float = Field(alias="weight-decay", ge=0)
+    min_cases_per_class: int = Field(alias="min-cases-per-class", ge=DEFAULT_K, strict=True)
+    test_fraction: float = Field(alias="test-fraction", gt=0, lt=1)
+    split_seed: int = Field(alias="split-seed", ge=0, strict=True)
+    data_root: str = Field(alias="data-root", strict=True)
+    output_dir: str = Field(alias="output-dir", min_length=1, strict=True)
+    profile: str = Field(alias="profile", min_length=1, strict=True)
+    query_timeout: float = Field(alias="query-timeout", gt=0)
+    min_sites: int = Field(alias="min-sites", ge=1, strict=True)
+    audit_key: str = Field(alias="audit-key", strict=True)
+    harmonization: Literal["combat", "none"] = Field(alias="harmonization")
+    combat_parametric: bool = Field(alias="combat-parametric", strict=True)
+    combat_eb: bool = Field(alias="combat-eb", strict=True)
+    combat_mean_only: bool = Field(alias="combat-mean-only", strict=True)
+    combat_covariates: str = Field(alias="combat-covariates", strict=True)
+    select_features: int = Field(alias="select-features", ge=0, strict=True)
+    select_l1: float = Field(alias="select-l1", ge=0)
+    select_candidates: int = Field(alias="select-candidates", ge=1, strict=True)
+    select_max_correlation: float = Field(alias="select-max-correlation", gt=0, le=1)
+    training: Literal["fedavg", "exact"] = Field(alias="training")
+    exact_l2: float = Field(alias="exact-l2", ge=0)
+    exact_l1: float = Field(alias="exact-l1", ge=0)
+    exact_tol: float = Field(alias="exact-tol", gt=0)
+    exact_max_rounds: int = Field(alias="exact-max-rounds", ge=1, strict=True)
+    exact_min_cases_per_coefficient: float = Field(alias="exact-min-cases-per-coefficient", ge=0)
+    dp_noise_multiplier: float = Field(alias="dp-noise-multiplier", ge=0)
+    dp_clip_norm: float = Field(alias="dp-clip-norm", gt=0)
+    dp_delta: float = Field(alias="dp-delta", gt=0, lt=1)
+    curve_points: int = Field(alias="curve-points", ge=2, le=100, strict=True)
+    external_validation: Literal["loso", "none"] = Field(alias="external-validation")
+
+    @field_validator("combat_covariates")
+    @classmethod
+    def _covariates(cls, value: str) -> str:
+        covariates.parse(value)  # raises CovariateError (a ValueError) naming the entry and the fix
+        return value
+
+    @property
+    def combat(self) -> bool:
+        return self.harmonization == "combat"
+
+    def covariates(self) -> list[covariates.Covariate]:
+        """The ComBat covariates ([] without ComBat or without covariates)."""
+        return covariates.parse(self.combat_covariates) if self.combat else []
+
+    def as_dict(self) -> dict[str, Any]:
+        """Every key by its pyproject name (what Flower sends)."""
+        return self.model_dump(by_alias=True)
+
+    def site_facing(self) -> dict[str, Any]:
+        """What the sites approve: every key but the coordinator's local ones (``LOCAL_KEYS``)."""
+        return {k: v for k, v in self.as_dict().items() if k not in LOCAL_KEYS}
+
+
+def _allowed(name: str) -> str:
+    """What a key accepts, in words, from the model's own field."""
+    field = RunConfig.model_fields[name]
+    annotation = field.annotation
+    if getattr(annotation, "__origin__", None) is Literal:
+        return "one of " + ", ".join(repr(v) for v in annotation.__args__)
+    bounds = []
+    for item in field.metadata:
+        for attr, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if getattr(item, attr, None) is not None:
+                bounds.append(f"{word} {getattr(item, attr)}")
+    kind = {int: "a whole number", float: "a number", bool: "true or false", str: "text"}.get(annotation, "a value")
+    return kind + (f" {' and '.join(bounds)}" if bounds else "")
+
+
+def parse(values: Mapping[str, Any]) -> RunConfig:
+    """The validated config; raises RunConfigError naming every bad, missing or unknown key."""
+    try:
+        return RunConfig.model_validate(dict(values))
+    except ValidationError as exc:
+        by_alias = {f.alias: name for name, f in RunConfig.model_fields.items()}
+        problems = []
+        for error in exc.errors():
+            key = str(error["loc"][0]) if error["loc"] else "?"
+            name = by_alias.get(key, key)
+            if error["type"] == "missing":
+                problems.append(f"'{key}' is missing (add it to [tool.flwr.app.config])")
+            elif error["type"] == "extra_forbidden":
+                problems.append(f"'{key}' is not a radfed knob (known: {', '.join(sorted(by_alias))})")
+            elif name in RunConfig.model_fields and error["type"] != "value_error":
+                problems.append(f"'{key}' is {error.get('input')!r}; it must be {_allowed(name)}")
+            else:
+                problems.append(f"'{key}': {str(error['msg']).removeprefix('Value error, ')}")
+        raise RunConfigError("run config: " + "; ".join(problems)) from None
