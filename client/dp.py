@@ -18,16 +18,28 @@ Hessian summed over the training cases, the same information as a model update w
 
 Fails closed: with DP requested, a reply that cannot be privatised (bad settings, arrays that do not
 match the received model, a buffer changed at the site, non-finite values) raises, and nothing is sent.
+
+**The site's own budget, across runs.** Every noised update a site sends is appended to
+``<output_dir>/release/dp-budget.jsonl`` with its ρ for a change of one case (2/z², zCDP). A site that sets
+``dp_budget_epsilon`` in its site.yaml refuses an update that would take the composed total past that ε (at
+its ``dp_budget_delta``), whatever run asks, and refuses model updates without noise (and exact training)
+altogether: the coordinator cannot spend a hospital's budget by running again.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+from datetime import UTC, datetime
+from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from client.ledger import RELEASE_DIR
+from client.site import site_settings
+from client.steps import locate_site, run_config
 from common import dp
 from common.protocol import NEWTON
 
@@ -50,19 +62,60 @@ def _state(record: object, what: str) -> dict[str, np.ndarray]:
     return {key: array.numpy() for key, array in record.items()}
 
 
+class SiteBudget:
+    """The site's DP budget ledger (``<output_dir>/release/dp-budget.jsonl``) and its own cap, if it set one."""
+
+    def __init__(self, context: Context) -> None:
+        settings = site_settings(locate_site(context.node_config, run_config(context.run_config)))
+        self.path = Path(settings["output_dir"]) / RELEASE_DIR / "dp-budget.jsonl"
+        self.cap: float | None = settings.get("dp_budget_epsilon")
+        self.delta = float(settings.get("dp_budget_delta", 1e-5))
+
+    def spent_rho(self) -> float:
+        if not self.path.exists():
+            return 0.0
+        return dp.compose(float(json.loads(line)["rho"]) for line in self.path.read_text(encoding="utf-8").splitlines()
+                          if line.strip())
+
+    def check(self, rho: float) -> None:
+        """Refuse when one more release of ``rho`` would take the site past its cap."""
+        if self.cap is None:
+            return
+        after = dp.zcdp_to_epsilon(self.spent_rho() + rho, self.delta)
+        if after > self.cap:
+            raise DPError(f"dp_update_mod: this site's DP budget is epsilon = {self.cap:g} (delta {self.delta:g}) "
+                          f"over all runs; this update would take it to {after:.3g} (spent so far: "
+                          f"{dp.zcdp_to_epsilon(self.spent_rho(), self.delta) if self.spent_rho() else 0:.3g}). "
+                          "Nothing is sent; the site administrator decides whether to raise dp_budget_epsilon")
+
+    def record(self, run_id: int, rho: float) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a", encoding="utf-8") as fh:
+            fh.write(json.dumps({"time": datetime.now(UTC).isoformat(timespec="seconds"), "run_id": run_id,
+                                 "rho": rho, "unit": "one case changed"}) + "\n")
+
+
 def dp_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Client mod: clip and noise the model update of a ``train`` reply when the run asks for DP."""
+    """Client mod: clip and noise the model update of a ``train`` reply when the run asks for DP, within the
+    site's own budget."""
     if not _is_train(msg) and msg.metadata.message_type != NEWTON:
         return call_next(msg, context)
     try:
         settings = dp.settings_from_config(context.run_config)
     except dp.DPConfigError as exc:
         raise DPError(f"dp_update_mod: {exc}; nothing is sent") from None
+    budget = SiteBudget(context)
     if settings is None:
+        if budget.cap is not None:
+            raise DPError(f"dp_update_mod: this site sends model updates only with differential privacy (its "
+                          f"dp_budget_epsilon is {budget.cap:g}); the run has dp-noise-multiplier = 0 "
+                          f"{'and exact training' if not _is_train(msg) else ''}. Nothing is sent")
         return call_next(msg, context)
     if not _is_train(msg):
         raise DPError("dp_update_mod: differential privacy is on, and exact training (query.newton) would send "
                       "the exact summed gradient and Hessian; run with training = 'fedavg'. Nothing is sent")
+    rho = dp.zcdp_gaussian(2.0 * settings.clip_norm, settings.sigma)  # one case changed: sensitivity 2C
+    budget.check(rho)
     received = _state(msg.content.get(ARRAYS), "train message")  # decoded before the handler runs
     reply = call_next(msg, context)
     if reply.has_error():
@@ -74,5 +127,6 @@ def dp_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
     except ValueError as exc:
         raise DPError(f"dp_update_mod: {exc}; nothing is sent") from None
     reply.content[ARRAYS] = ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in private.items()})
+    budget.record(context.run_id, rho)
     log.info("DP: update clipped to L2 norm %g and noised with std %g", settings.clip_norm, settings.sigma)
     return reply

@@ -184,7 +184,7 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     k = max(run.min_cases_per_class, floor)  # the site's own floor holds whatever the run asks
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
     check_release(msg.metadata.message_type, reply.content, declared,
-                  Ledger(Path(settings["output_dir"]) / "release", floor), context.run_id)
+                  Ledger.of_site(Path(settings["output_dir"]), floor), context.run_id)
     record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content)
     return reply
 

@@ -74,6 +74,10 @@ class SiteConfig(BaseModel):
     require_approval: bool = Field(True, strict=True)
     # also write every array's values (not only shape and sha256) to the outbox: for audits; large
     outbox_values: bool = Field(False, strict=True)
+    # the site's own cap on the differential privacy its model updates may spend, over all runs (per-case
+    # unit, zCDP composed, converted at dp_budget_delta); with a cap, updates without DP noise are refused
+    dp_budget_epsilon: float | None = Field(None, gt=0)
+    dp_budget_delta: float = Field(1e-5, gt=0, lt=1)
 
 
 # What a correct line looks like, for the fix in error messages.
@@ -91,6 +95,8 @@ _EXAMPLES = {
     "output_dir": "output_dir: /var/lib/radfed/hospital-a",
     "require_approval": "require_approval: true",
     "outbox_values": "outbox_values: false",
+    "dp_budget_epsilon": "dp_budget_epsilon: 8.0",
+    "dp_budget_delta": "dp_budget_delta: 1e-5",
 }
 
 

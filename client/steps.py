@@ -100,7 +100,7 @@ def min_cases(site: Site, run: RunConfig) -> int:
 
 def ledger(site: Site) -> Ledger:
     """The site's release ledger (blocks of the site's own k, at ``<output_dir>/release``)."""
-    return Ledger(site.work_dir / "release", site_floor(site.settings))
+    return Ledger.of_site(site.work_dir, site_floor(site.settings))
 
 
 def plan_reply(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import tempfile
 import time
 
 import numpy as np
@@ -249,9 +250,12 @@ def _incoming(message_type: str, content: RecordDict) -> Message:
     return Message(content, metadata=meta)
 
 
-def _context(run_config: dict, node_config: dict | None = None) -> Context:
-    return Context(run_id=1, node_id=42, node_config=node_config or {}, state=RecordDict(),
-                   run_config=run_config)
+def _context(run_config: dict, node_config: dict | None = None, complete: bool = True) -> Context:
+    """A node's context: the run config completed with the app's defaults (as Flower sends it) unless
+    ``complete`` is False, and a site folder of its own (the mod keeps the site's DP budget there)."""
+    site = node_config or {"site-dir": tempfile.mkdtemp(prefix="radfed-dp-site-")}
+    return Context(run_id=1, node_id=42, node_config=site, state=RecordDict(),
+                   run_config=app_run_config(run_config) if complete else run_config)
 
 
 def _arrays(state: dict[str, np.ndarray]) -> ArrayRecord:
@@ -329,7 +333,7 @@ def test_mod_fails_closed():
     local = _moved(glob, rng, size=1.0)
     error = Message(Error(code=0, reason="x"), reply_to=_train_message(glob))
     with pytest.raises(DPError, match="dp-clip-norm"):
-        dp_update_mod(_train_message(glob), _context({"dp-noise-multiplier": 1.0}), _handler(local))
+        dp_update_mod(_train_message(glob), _context({"dp-noise-multiplier": 1.0}, complete=False), _handler(local))
     with pytest.raises(DPError, match="without noise"):
         dp_update_mod(_train_message(glob), _context(ON), _handler({**local, "scale": local["scale"] * 2}))
     newton = _incoming("query.newton", RecordDict({"arrays": _arrays(glob), "config": ConfigRecord({})}))
@@ -378,7 +382,7 @@ def test_mod_order_the_guard_checks_and_logs_what_really_leaves(tmp_path, guard_
     net = model.build_model(np.full(s, 100.0), np.full(s, 20.0))
     msg = _incoming("train", RecordDict({"arrays": ArrayRecord(net.state_dict()),
                                          "config": ConfigRecord({"server-round": 1})}))
-    context = _context(app_run_config({**ON, "min-cases-per-class": 5}), {"site-dir": str(tmp_path)})
+    context = _context({**ON, "min-cases-per-class": 5}, {"site-dir": str(tmp_path)})
     context.state[SITE_STATE] = ConfigRecord({"selected": [f"f{i}" for i in range(s)]})
     handler_output: dict = {}
     mods = [privacy_guard, dp_update_mod] if guard_outermost else [dp_update_mod, privacy_guard]
@@ -392,3 +396,27 @@ def test_mod_order_the_guard_checks_and_logs_what_really_leaves(tmp_path, guard_
     else:  # the other order would log (and check) the update before the noise: not what left
         assert logged == handler_output["sha256"]
         assert logged != _hashes(reply.content["arrays"])
+
+
+def test_a_site_caps_its_own_dp_budget_across_runs(tmp_path):
+    """site.yaml dp_budget_epsilon: every noised update is booked at the site; the one that would pass the cap
+    is refused whatever run asks, and a run without noise gets no update from that site at all."""
+    rng = np.random.default_rng(12)
+    glob = _state(5, rng)
+    local = _moved(glob, rng, size=1.0)
+    rho = dp.zcdp_gaussian(2 * 0.05, 1.0 * 0.05)  # per update, for a change of one case: 2/z^2 = 2
+    cap = dp.zcdp_to_epsilon(2.5 * rho, 1e-5)  # room for two updates, not three
+    (tmp_path / "site.yaml").write_text(f"dp_budget_epsilon: {cap}\n")
+    site = {"site-dir": str(tmp_path)}
+    for run in (1, 2):  # two runs, one update each
+        context = _context(ON, site)
+        context.run_id = run
+        dp_update_mod(_train_message(glob), context, _handler(local))
+    booked = [json.loads(line) for line in (tmp_path / ".radfed" / "release" / "dp-budget.jsonl").read_text()
+              .splitlines()]
+    assert [b["run_id"] for b in booked] == [1, 2] and all(b["rho"] == pytest.approx(rho) for b in booked)
+    with pytest.raises(DPError, match="this site's DP budget is epsilon"):
+        dp_update_mod(_train_message(glob), _context(ON, site), _handler(local))
+    assert len((tmp_path / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()) == 2
+    with pytest.raises(DPError, match="only with differential privacy"):
+        dp_update_mod(_train_message(glob), _context({}, site), _handler(local))
