@@ -86,9 +86,9 @@ def _keep_combat(context: Context, params: combat.SiteCombat, site: Site) -> Non
     text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id,
                        "covariates": spec})
     context.state[COMBAT_STATE] = ConfigRecord({"params": text})
-    folder = site.work_dir / "harmonization"
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / f"run-{context.run_id}.json").write_text(text, encoding="utf-8")
+    path = site.files.harmonization(context.run_id)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
 
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
@@ -193,7 +193,7 @@ def _receipt(msg: Message, context: Context, site: Site) -> None:
              "fold": str(msg.content["config"].get("fold", "")),  # type: ignore[union-attr]
              "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
     site.work_dir.mkdir(parents=True, exist_ok=True)
-    with (site.work_dir / "receipts.jsonl").open("a", encoding="utf-8") as fh:
+    with site.files.receipts.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
 
 

@@ -17,14 +17,13 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.site import SiteError, site_settings, work_dir
+from client.site import SiteError, site_files, site_settings
 from client.steps import locate_site, run_config
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
-APPROVALS = "approvals.jsonl"
 
 
 class NotApproved(SiteError):
@@ -32,7 +31,7 @@ class NotApproved(SiteError):
 
 
 def approvals_file(site_dir: Path) -> Path:
-    return work_dir(site_dir) / APPROVALS
+    return site_files(site_dir).approvals
 
 
 def decide(site_dir: Path, plan_hash: str, action: str, note: str = "") -> dict[str, str]:
@@ -77,7 +76,7 @@ def site_plan(run: RunConfig) -> dict:
 
 def pending_plans(site_dir: Path) -> list[Path]:
     """Plans of runs this site refused, kept for review (``<work_dir>/plans/<hash>.json``)."""
-    folder = work_dir(site_dir) / "plans"
+    folder = site_files(site_dir).plans
     return sorted(folder.glob("*.json")) if folder.exists() else []
 
 
@@ -95,7 +94,7 @@ def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tup
     if not is_approved(site_dir, plan_hash):
         name = settings.get("name", site_dir.name)
         revoked = decisions(site_dir).get(plan_hash, {}).get("action") == "revoke"
-        saved = work_dir(site_dir) / "plans" / f"{plan_hash}.json"
+        saved = site_files(site_dir).plan(plan_hash)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
         raise NotApproved(

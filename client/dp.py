@@ -37,8 +37,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
-from client.ledger import RELEASE_DIR
 from client.site import site_settings
+from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
 from common import dp
 from common.protocol import NEWTON
@@ -67,7 +67,7 @@ class SiteBudget:
 
     def __init__(self, context: Context) -> None:
         settings = site_settings(locate_site(context.node_config, run_config(context.run_config)))
-        self.path = Path(settings["output_dir"]) / RELEASE_DIR / "dp-budget.jsonl"
+        self.path = SiteFiles(Path(settings["output_dir"])).dp_budget
         self.cap: float | None = settings.get("dp_budget_epsilon")
         self.delta = float(settings.get("dp_budget_delta", 1e-5))
 

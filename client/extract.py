@@ -49,7 +49,6 @@ __all__ = ["MIN_REGION_VOXELS", "ExtractionSummary", "FeatureTable", "extract_ca
 log = logging.getLogger("flwr.radfed.extract")  # shown by Flower on the node's console
 # One line per case and pyradiomics' own messages go to <output_dir>/extraction.log only.
 file_log = logging.getLogger("radfed.extraction")
-LOG_NAME = "extraction.log"
 FEATURES_SCHEMA = "radfed.features/1"
 # Stamped on cache entries whose input files passed client.integrity. An entry without it was made before
 # that check existed (a NIfTI NaN read as 0, a cut file zero-filled): its files are checked once on reuse.
@@ -230,7 +229,7 @@ def _input_hashes(case: Case, label_map: Mapping[int, str] | None = None) -> dic
 def _cache_file(site: Site, profile: Profile, case_id: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
     tag = hashlib.sha256(case_id.encode()).hexdigest()[:8]
-    return site.work_dir / "cache" / profile.short_hash / f"{safe}-{tag}.json"
+    return site.files.cache_file(profile.short_hash, f"{safe}-{tag}.json")
 
 
 Job = tuple[Case, Profile, dict[int, str] | None]
@@ -324,7 +323,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     todo: list[Case] = []
     hashes: dict[str, dict[str, str]] = {}
     extract_seconds = 0.0
-    log_path = site.work_dir / LOG_NAME
+    log_path = site.files.extraction_log
     with _log_to(log_path):  # from here on: a bad cache entry is logged too
         for case in site.cases:
             hashes[case.case_id] = _input_hashes(case, site.label_map)
@@ -386,7 +385,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
 
 def features_path(site: Site, profile: Profile) -> Path:
     """``<output_dir>/features-<profile-hash-12>.csv``; its provenance sidecar has the same stem, ``.json``."""
-    return site.work_dir / f"features-{profile.short_hash}.csv"
+    return site.files.features_csv(profile.short_hash)
 
 
 def _umask() -> int:
@@ -527,4 +526,4 @@ def _write_report(site: Site, profile: Profile, version: str, table: FeatureTabl
         "features_csv": features_path(site, profile).name,
         "problems": [p.as_dict() for p in table.problems],
     }
-    atomic_write(site.work_dir / "errors.json", json.dumps(report, indent=2))
+    atomic_write(site.files.errors, json.dumps(report, indent=2))

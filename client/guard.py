@@ -22,6 +22,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client.ledger import Declaration, Ledger, take
 from client.site import site_floor, site_settings
+from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
 from common.canon import json_safe
 from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, REPLIES
@@ -138,7 +139,7 @@ def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: Rec
     settings = site_settings(site_dir)
     entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
              "type": message_type, "records": describe(content, bool(settings.get("outbox_values")))}
-    outbox = Path(settings["output_dir"]) / "outbox.jsonl"
+    outbox = SiteFiles(Path(settings["output_dir"])).outbox
     outbox.parent.mkdir(parents=True, exist_ok=True)
     with outbox.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(json_safe(entry), sort_keys=True) + "\n")
@@ -184,7 +185,7 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     k = max(run.min_cases_per_class, floor)  # the site's own floor holds whatever the run asks
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
     check_release(msg.metadata.message_type, reply.content, declared,
-                  Ledger.of_site(Path(settings["output_dir"]), floor), context.run_id)
+                  Ledger(SiteFiles(Path(settings["output_dir"])).release, floor), context.run_id)
     record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content)
     return reply
 

@@ -38,8 +38,7 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
         raise SiteError(f"site {site.name} extracts with profile {profile.name} ({profile.short_hash}), run "
                         f"{run_id} used {profile_sha256[:12]}: use the federation's profile at this site "
                         "(site.yaml 'profile') and extract again")
-    folder = site.work_dir / "harmonization"
-    path = folder / f"run-{run_id}.json"
+    path = site.files.harmonization(run_id)
     if path.exists():
         raise SiteError(f"{path} exists: this site already has parameters for run {run_id} (it took part, or "
                         "joined before); remove the file deliberately to refit")
@@ -58,7 +57,7 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
     if bad.any():
         raise SiteError(f"site {site.name}: {int(bad.sum())} of the run's features are not finite at every "
                         f"case (e.g. {names[int(np.argmax(bad))]}); fix or remove the cases named in "
-                        f"{site.work_dir / 'errors.json'}")
+                        f"{site.files.errors}")
     d = len(names)
     beta_cov = np.asarray(stored["beta_cov"], dtype=np.float64).reshape(-1, d)
     pooled = combat.PooledEstimates(n_sites=n_sites, n=int(stored["n"]),
@@ -69,7 +68,7 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
     _, params = combat.join_site(x, pooled, design, **options)
     saved = {**params.to_dict(), "features": names, "run_id": run_id, "joined": True,
              "covariates": cov.describe(spec)}
-    folder.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(saved), encoding="utf-8")
     left_out = [f"{p.case_id}: {p.reason}" for p in table.problems if p.kind == "bad-covariate"]
     return {"site": site.name, "run_id": run_id, "cases": int(len(x)), "features": d, "path": str(path),

@@ -33,7 +33,6 @@ from client.extract import atomic_write
 from common import release
 
 LEDGER_SCHEMA = "radfed.release-ledger/1"
-RELEASE_DIR = "release"  # under the site's output_dir: the ledger, its secret and the DP budget ledger
 CLASS_NAMES = {1: "HGG", 0: "BM"}
 
 
@@ -75,10 +74,6 @@ class Ledger:
 
     def __init__(self, folder: Path, k: int) -> None:
         self.folder, self.k = folder, k
-
-    @classmethod
-    def of_site(cls, output_dir: Path, k: int) -> Ledger:
-        return cls(output_dir / RELEASE_DIR, k)
 
     @contextmanager
     def _locked(self) -> Iterator[None]:

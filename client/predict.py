@@ -45,6 +45,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from client.sitefiles import SiteFiles
+
 if TYPE_CHECKING:
     import torch
 
@@ -317,7 +319,8 @@ def _missing(path_text: str, model: ModelFile, why: str) -> PredictRefusal:
 def resolve_harmonization(model: ModelFile, work_dir: Path, run_id: str | None = None,
                           explicit: Path | None = None, skip: bool = False) -> Harmonization:
     """Find and check the site's ComBat parameters for the model's run (see the module doc)."""
-    folder = work_dir / "harmonization"
+    files = SiteFiles(work_dir)
+    folder = files.harmonization_dir
     if run_id is not None and model.run_id is not None and model.run_id_source == "model.pt" \
             and str(run_id) != model.run_id:
         raise PredictRefusal(f"--run-id {run_id} but {model.path} was made by run {model.run_id}",
@@ -336,8 +339,8 @@ def resolve_harmonization(model: ModelFile, work_dir: Path, run_id: str | None =
             raise PredictRefusal(f"{model.path} says its run harmonised with ComBat, so its weights expect "
                                  "harmonised features; --no-harmonization would give a wrong probability",
                                  f"drop --no-harmonization (the parameters are in {folder})")
-        if known is not None and (folder / f"run-{known}.json").exists():
-            raise PredictRefusal(f"this site holds ComBat parameters of run {known} ({folder / f'run-{known}.json'})"
+        if known is not None and (files.harmonization(known)).exists():
+            raise PredictRefusal(f"this site holds ComBat parameters of run {known} ({files.harmonization(known)})"
                                  ", so that run harmonised; --no-harmonization would give a wrong probability",
                                  "drop --no-harmonization")
         return Harmonization("none", "skipped at your request (--no-harmonization): the federation ran "
@@ -351,11 +354,11 @@ def resolve_harmonization(model: ModelFile, work_dir: Path, run_id: str | None =
         if strong and file_run is not None and file_run != known:
             raise PredictRefusal(f"{explicit} holds the parameters of run {file_run}, but the model is of run "
                                  f"{known} ({source})",
-                                 f"pass {folder / f'run-{known}.json'}, or the model.pt of run {file_run}")
+                                 f"pass {files.harmonization(known)}, or the model.pt of run {file_run}")
         return _combat_from(explicit, doc, model, f"from {explicit} (--harmonization)", known)
 
     if known is not None:
-        path = folder / f"run-{known}.json"
+        path = files.harmonization(known)
         if not path.exists():
             raise _missing(str(path), model, f"the model's run is {known}, from {source}")
         doc = _read_params(path)
@@ -494,7 +497,7 @@ def extract_case(case: Case, site: SiteInfo) -> dict[str, float]:
     from client.site import SiteError
 
     try:
-        with _pyradiomics_log(site.work_dir / "predict.log"):
+        with _pyradiomics_log(SiteFiles(site.work_dir).predict_log):
             return extract_case_features(case, site.profile, site.label_map)
     except SiteError as exc:  # the site's label_map, not the case
         raise PredictRefusal(str(exc), "fix 'label_map' in the site's site.yaml (radfed site check SITE_DIR)") from exc

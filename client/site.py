@@ -26,6 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from client import importers
 from client.cases import DIAGNOSES as DIAGNOSES
 from client.cases import Case, CaseProblem, SiteError
+from client.sitefiles import SiteFiles
 from common.protocol import DEFAULT_K
 
 SOURCES = ("manifest", "brats", "dicom")
@@ -51,6 +52,11 @@ class Site:
     def __post_init__(self) -> None:
         if self.work_dir is None:
             self.work_dir = self.root / ".radfed"
+
+    @property
+    def files(self) -> SiteFiles:
+        """Every local file of the site, by name (client.sitefiles)."""
+        return SiteFiles(self.work_dir)
 
 
 class SiteConfig(BaseModel):
@@ -179,6 +185,11 @@ def site_floor(settings: dict[str, Any]) -> int:
     """The site's own k (site.yaml ``min_cases_per_class``, never below the protocol's default): every reply
     and the release blocks hold at least this many patients, whatever a run plan says."""
     return max(DEFAULT_K, int(settings.get("min_cases_per_class", DEFAULT_K)))
+
+
+def site_files(root: str | Path) -> SiteFiles:
+    """The local files of the site folder ``root`` (under its output_dir)."""
+    return SiteFiles(work_dir(root))
 
 
 def work_dir(root: str | Path) -> Path:

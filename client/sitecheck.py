@@ -149,7 +149,7 @@ def check_site(site_dir: str | Path, profile: str | Path | None = None, min_case
 
 def write_report(check: SiteCheck, path: Path | None = None) -> Path:
     """Write the JSON report (default ``<output_dir>/check.json``) atomically; returns its path."""
-    path = path or check.site.work_dir / "check.json"
+    path = path or check.site.files.check
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, json.dumps(check.as_dict(), indent=2))
     return path

@@ -100,7 +100,7 @@ def min_cases(site: Site, run: RunConfig) -> int:
 
 def ledger(site: Site) -> Ledger:
     """The site's release ledger (blocks of the site's own k, at ``<output_dir>/release``)."""
-    return Ledger.of_site(site.work_dir, site_floor(site.settings))
+    return Ledger(site.files.release, site_floor(site.settings))
 
 
 def plan_reply(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, int]]:
@@ -178,7 +178,7 @@ def code_covariates(site: Site, table: FeatureTable,
 
 
 def _add_to_errors_report(site: Site, problems: list[CaseProblem]) -> None:
-    path = site.work_dir / "errors.json"
+    path = site.files.errors
     report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"problems": []}
     known = {(p["case_id"], p["reason"]) for p in report["problems"]}
     new = [p.as_dict() for p in problems if (p.case_id, p.reason) not in known]
@@ -219,7 +219,7 @@ def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.nda
                              int(np.sum((y == 1) & held_out)), int(np.sum((y == 0) & held_out)), k))
     if problem:
         raise SiteError(f"site {site.name} cannot take part: {problem}; {len(table.problems)} case(s) are not "
-                        f"used, see {site.work_dir / 'errors.json'} at the site (add cases)")
+                        f"used, see {site.files.errors} at the site (add cases)")
     return SiteData(site, profile, table, held_out, design, blocking)
 
 

@@ -78,7 +78,7 @@ def cmd_site_extract(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
     from rich.table import Table
 
-    from client.extract import LOG_NAME, extract_site, features_path
+    from client.extract import extract_site, features_path
     from client.site import load_site
 
     # Failures are shown in the table below; without a handler Python would also print each one mid-bar.
@@ -107,7 +107,7 @@ def cmd_site_extract(args: argparse.Namespace) -> int:
         console.print(problems)
     csv_path = features_path(site, profile)
     console.print(f"features    {csv_path}\nprovenance  {csv_path.with_suffix('.json')}\n"
-                  f"log         {site.work_dir / LOG_NAME}\nerrors      {site.work_dir / 'errors.json'}",
+                  f"log         {site.files.extraction_log}\nerrors      {site.files.errors}",
                   soft_wrap=True)
     return 0 if table.case_ids else 1
 
@@ -128,13 +128,13 @@ def cmd_profile_show(args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(args: argparse.Namespace) -> int:
-    from client.site import work_dir
+    from client.site import site_files
     from server.audit import verify
 
     receipts = []
     for item in args.receipts or []:  # a site folder or a receipts file
         path = Path(item)
-        receipts.append(work_dir(path) / "receipts.jsonl" if path.is_dir() else path)
+        receipts.append(site_files(path).receipts if path.is_dir() else path)
     result = verify(Path(args.log), pubkey=Path(args.pubkey) if args.pubkey else None, receipts=receipts,
                     artifacts=not args.log_only)
     if result.bad_line is not None or not result.entries:
@@ -163,9 +163,9 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
 
 
 def cmd_site_outbox(args: argparse.Namespace) -> int:
-    from client.site import work_dir
+    from client.site import site_files
 
-    outbox = work_dir(args.site_dir) / "outbox.jsonl"
+    outbox = site_files(args.site_dir).outbox
     if not outbox.exists():
         print(f"{outbox} does not exist: this site has sent nothing yet")
         return 0
@@ -303,9 +303,19 @@ def cmd_site_decide(args: argparse.Namespace) -> int:
     return 0
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("radfed")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="radfed", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"radfed {_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     demo = sub.add_parser("demo", help="generate synthetic hospitals and run a whole federation on them")

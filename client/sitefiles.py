@@ -1,0 +1,82 @@
+"""Where a site keeps its local files: the one description of the layout under its ``output_dir``.
+
+Nothing here is ever sent. Every module that reads or writes a site's local file asks ``SiteFiles`` for
+its path, so the layout can be read (and changed) in one place::
+
+    <output_dir>/
+        cache/<profile-hash-12>/<case>-<tag>.json   per-case features (or failure), keyed by input hashes
+        features-<profile-hash-12>.csv / .json      the feature table and its provenance sidecar
+        extraction.log, predict.log                 pyradiomics' own logs
+        errors.json, check.json                     the last extraction's and site check's reports
+        approvals.jsonl, plans/<hash>.json          run-plan decisions; plans refused, kept for review
+        outbox.jsonl, receipts.jsonl                everything sent; every global model received
+        harmonization/run-<id>.json                 the site's ComBat parameters per run
+        release/                                    the release ledger (secret, ledger.json, releases.jsonl)
+                                                    and the DP budget ledger (dp-budget.jsonl)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class SiteFiles:
+    root: Path  # the site's output_dir
+
+    def cache_file(self, profile_short_hash: str, name: str) -> Path:
+        return self.root / "cache" / profile_short_hash / name
+
+    def features_csv(self, profile_short_hash: str) -> Path:
+        return self.root / f"features-{profile_short_hash}.csv"
+
+    @property
+    def extraction_log(self) -> Path:
+        return self.root / "extraction.log"
+
+    @property
+    def predict_log(self) -> Path:
+        return self.root / "predict.log"
+
+    @property
+    def errors(self) -> Path:
+        return self.root / "errors.json"
+
+    @property
+    def check(self) -> Path:
+        return self.root / "check.json"
+
+    @property
+    def approvals(self) -> Path:
+        return self.root / "approvals.jsonl"
+
+    @property
+    def plans(self) -> Path:
+        return self.root / "plans"
+
+    def plan(self, plan_hash: str) -> Path:
+        return self.plans / f"{plan_hash}.json"
+
+    @property
+    def outbox(self) -> Path:
+        return self.root / "outbox.jsonl"
+
+    @property
+    def receipts(self) -> Path:
+        return self.root / "receipts.jsonl"
+
+    @property
+    def harmonization_dir(self) -> Path:
+        return self.root / "harmonization"
+
+    def harmonization(self, run_id: int | str) -> Path:
+        return self.harmonization_dir / f"run-{run_id}.json"
+
+    @property
+    def release(self) -> Path:
+        return self.root / "release"
+
+    @property
+    def dp_budget(self) -> Path:
+        return self.release / "dp-budget.jsonl"
