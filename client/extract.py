@@ -42,6 +42,7 @@ import numpy as np
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
 from client.integrity import IntegrityError, check_image_file
 from client.site import Case, CaseProblem, Site
+from common.canon import file_sha256
 from common.profile import Profile
 
 __all__ = ["MIN_REGION_VOXELS", "ExtractionSummary", "FeatureTable", "extract_case_features", "extract_site"]
@@ -196,14 +197,6 @@ def extract_case_features(case: Case, profile: Profile,
                 prefix = "shape" if "_shape_" in key else seq
                 features[f"{prefix}/{region}/{key}"] = float(value)
     return features
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def input_sha256(path: Path) -> str:

@@ -118,8 +118,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     """Read and check ``model.pt``; raises PredictRefusal naming the file and the fix."""
     import torch
 
-    from client.extract import file_sha256
-    from common.canon import arrays_sha256
+    from common.canon import arrays_sha256, file_sha256
     from common.model import model_from_state
 
     path = Path(path).expanduser()

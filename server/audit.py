@@ -22,7 +22,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from common.canon import canonical_json, json_safe
+from common.canon import canonical_json, file_sha256, json_safe
 from common.plan import plan_sha256
 
 GENESIS = "0" * 64
@@ -35,15 +35,6 @@ MAX_MISSING_NAMED = 5  # per receipts file; more are counted, not listed
 
 def line_sha256(line: str) -> str:
     return hashlib.sha256(line.encode("utf-8")).hexdigest()
-
-
-def file_sha256(path: Path) -> str:
-    """sha256 of a file's bytes, read in blocks (model.pt can be large)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def artifact_hashes(folder: Path) -> dict[str, str]:
