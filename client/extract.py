@@ -10,9 +10,10 @@ leaves the site:
 - ``extraction.log``: pyradiomics' own log and one line per case, so the terminal stays clean;
 - ``errors.json``: every case not used, with reason and fix.
 
-Every file is written through a unique temporary file and ``os.replace``, so concurrent runs on one site
-never fail or leave half a file. With ``workers > 1`` the worker processes never outlive the extraction:
-SIGTERM or Ctrl-C stops the pool and terminates its workers, and a worker dies with its parent.
+Every file is written through a unique temporary file and ``os.replace`` (``client.sitefiles``), so
+concurrent runs on one site never fail or leave half a file. With ``workers > 1`` the worker processes never
+outlive the extraction (``client.workerpool``). A little over 400 lines: the cache's reuse rules
+(``_read_cache``) stay beside the extraction they guard.
 """
 
 from __future__ import annotations
@@ -22,26 +23,21 @@ import hashlib
 import io
 import json
 import logging
-import os
 import re
-import signal
-import sys
-import tempfile
-import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from types import FrameType
 
 import numpy as np
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
 from client.integrity import IntegrityError, check_image_file
 from client.site import Case, CaseProblem, Site
+from client.sitefiles import atomic_write
+from client.workerpool import prepare_worker, worker_pool
 from common.canon import file_sha256
 from common.profile import Profile
 
@@ -131,27 +127,10 @@ def _log_to(path: Path) -> Iterator[None]:
             handler.close()
 
 
-def _die_with_parent(parent: int) -> None:
-    """Linux: the kernel sends this process SIGTERM when its parent dies, even by SIGKILL."""
-    if not sys.platform.startswith("linux"):
-        return
-    import ctypes
-
-    pr_set_pdeathsig = 1
-    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGTERM), 0, 0, 0)
-    if os.getppid() != parent:  # the parent died before prctl took effect
-        os._exit(1)
-
-
 def _init_worker(log_path: str, parent: int) -> None:
     """Worker start-up: die with the parent, leave SIGINT to it, quiet pyradiomics, log to the site's file,
     and one ITK thread per worker (workers already fill the cores; ITK's own threads would only compete)."""
-    # Ctrl-C reaches the whole process group: the parent stops the pool, workers need not print tracebacks.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    # A forked worker inherits the parent's SIGTERM handler (raise SystemExit), which the pool's worker loop
-    # would catch as a job's error: terminate() must kill.
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    _die_with_parent(parent)
+    prepare_worker(parent)
     import SimpleITK as sitk
 
     sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
@@ -246,50 +225,6 @@ def _extract_one(args: Job) -> tuple[str, dict[str, float] | None, CaseProblem |
     return case.case_id, None, problem, time.perf_counter() - start
 
 
-def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
-
-
-def _stop_pool(pool: ProcessPoolExecutor) -> None:
-    """Cancel the queued cases and terminate the workers now (shutdown alone would finish every queued case)."""
-    # the pool keeps no public handle on its workers; snapshot before shutdown() drops the private one
-    processes = list((getattr(pool, "_processes", None) or {}).values())
-    pool.shutdown(wait=False, cancel_futures=True)
-    for process in processes:
-        process.terminate()
-    for process in processes:
-        process.join(timeout=5)
-        if process.is_alive():
-            process.kill()
-            process.join(timeout=5)
-    # join the pool's manager thread now that its workers are gone: left running, it meets the closed pipes at
-    # interpreter exit and prints a traceback after a clean SIGTERM exit
-    pool.shutdown(wait=True)
-
-
-@contextmanager
-def _worker_pool(workers: int, log_path: Path) -> Iterator[ProcessPoolExecutor]:
-    """A process pool whose workers never outlive the block.
-
-    SIGTERM's default action ends this process at once and orphans the workers, which then wait for work
-    forever. While the pool runs (in the main thread), SIGTERM raises SystemExit instead, and any exception
-    (SystemExit, Ctrl-C's KeyboardInterrupt, an error) cancels the queued cases and terminates the workers.
-    """
-    pool = ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(str(log_path), os.getpid()))
-    main_thread = threading.current_thread() is threading.main_thread()  # signals can be set there only
-    previous = signal.signal(signal.SIGTERM, _exit_on_sigterm) if main_thread else None
-    try:
-        yield pool
-    except BaseException:
-        _stop_pool(pool)
-        raise
-    else:
-        pool.shutdown(wait=True)
-    finally:
-        if main_thread:
-            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
-
-
 @dataclass
 class ExtractionSummary:
     extracted: int
@@ -334,7 +269,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
         file_log.info("site %s: %d case(s), %d from the cache, %d to extract (profile %s, pyradiomics %s, "
                       "%d worker(s))", site.name, len(site.cases), len(site.cases) - len(todo), len(todo),
                       profile.short_hash, version, min(workers, len(jobs)) if parallel else 1)
-        pool_cm = _worker_pool(min(workers, len(jobs)), log_path) if parallel else nullcontext()
+        pool_cm = worker_pool(min(workers, len(jobs)), _init_worker, (str(log_path),)) if parallel else nullcontext()
         with pool_cm as pool:
             outcomes = pool.map(_extract_one, jobs) if pool is not None else map(_extract_one, jobs)
             for done, (case_id, features, problem, seconds) in enumerate(outcomes, start=1):
@@ -379,29 +314,6 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
 def features_path(site: Site, profile: Profile) -> Path:
     """``<output_dir>/features-<profile-hash-12>.csv``; its provenance sidecar has the same stem, ``.json``."""
     return site.files.features_csv(profile.short_hash)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask is process-wide and not thread-safe
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Write a whole file or nothing. The temporary file is unique (mkstemp in the same folder, so
-    os.replace stays atomic): two writers of one path (workers, two runs on one site) never collide on it."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            os.fchmod(fh.fileno(), _FILE_MODE)  # mkstemp's 0600 would differ from the site's other files
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_features(site: Site, profile: Profile, version: str, table: FeatureTable,

@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from client.extract import atomic_write
+from client.sitefiles import atomic_write
 from common import release
 
 LEDGER_SCHEMA = "radfed.release-ledger/1"

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
-from client.extract import atomic_write
 from client.patients import one_row_per_patient
 from client.site import DIAGNOSES, Case, CaseProblem, Site, load_site, site_floor, site_settings
+from client.sitefiles import atomic_write
 from common.profile import Profile, load_profile
 from common.split import eligibility_problem
 

@@ -17,6 +17,8 @@ its path, so the layout can be read (and changed) in one place::
 
 from __future__ import annotations
 
+import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -80,3 +82,26 @@ class SiteFiles:
     @property
     def dp_budget(self) -> Path:
         return self.release / "dp-budget.jsonl"
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask is process-wide and not thread-safe
+
+
+def atomic_write(path: Path, text: str) -> None:
+    """Write a whole file or nothing. The temporary file is unique (mkstemp in the same folder, so
+    os.replace stays atomic): two writers of one path (workers, two runs on one site) never collide on it."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            os.fchmod(fh.fileno(), _FILE_MODE)  # mkstemp's 0600 would differ from the site's other files
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from client import patients
-from client.extract import FeatureTable, atomic_write, extract_site, pyradiomics_version
+from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.ledger import Blocking, Declaration, Ledger
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
+from client.sitefiles import atomic_write
 from common import combat, curves, exact, metrics, model, moments, selection
 from common import covariates as cov
 from common.profile import Profile, load_profile

@@ -8,6 +8,10 @@ Arrays are samples x features: a site's data ``y`` is (n, d) float64, its covari
 the batches; site ``i`` of ``S`` has design ``X = [one-hot site indicator (n, S) | c (n, p)]``, q = S + p columns,
 which is neuroCombat's ``make_design_matrix`` restricted to the site's rows.
 
+(About 500 lines on purpose: the two pooled rounds, the site's empirical Bayes fits, parametric and
+non-parametric, and the late joiner's fit share private helpers and are checked together against neuroCombat;
+split, one algorithm would be spread over files.)
+
 Coding covariates so the federated design equals neuroCombat's, column for column:
 
 * neuroCombat puts all categorical columns first (in ``categorical_cols`` order), then all continuous ones (in

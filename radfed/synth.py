@@ -8,7 +8,9 @@ homogeneous enhancement; high-grade gliomas are lobulated, with thick heterogene
 and textured, lower-ADC edema. Every site then applies its own scanner model (gain, offset, Rician noise, smooth
 bias field, slice thickness), so sites are distinguishable from intensities alone, as in real multi-centre data.
 
-Only numpy and SimpleITK are used. Smoothing is FFT-based, and the lesion is rendered on a finer z grid inside
+(About 560 lines on purpose: the tissue model's constants, the class-conditional lesion parameters and the
+scanner models are read together; the writer at the end is short.) Only numpy and SimpleITK are used.
+Smoothing is FFT-based, and the lesion is rendered on a finer z grid inside
 its bounding box and averaged down, which gives slice-thickness partial volume without a full fine grid.
 """
 
