@@ -370,7 +370,7 @@ def build_parser() -> argparse.ArgumentParser:
         decide.add_argument("--note", default="", help="why (kept in the approvals file)")
         decide.set_defaults(func=cmd_site_decide)
 
-    from client.predict import add_parser as add_predict_parser
+    from radfed.predict_cli import add_parser as add_predict_parser
     add_predict_parser(sub)
 
     plan = sub.add_parser("plan", help="coordinator: the run plan sites approve").add_subparsers(

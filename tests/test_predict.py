@@ -25,7 +25,7 @@ from common import covariates as cv
 from common.canon import sha256_json
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
-from radfed import synth
+from radfed import predict_cli, synth
 
 PROFILE = load_profile("default")
 NEW = "a-004"  # the case scored as new; a-001..a-003 are the site's "training" cases
@@ -82,7 +82,7 @@ def fed(tmp_path_factory):
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
     parser = argparse.ArgumentParser(prog="radfed")
-    predict.add_parser(parser.add_subparsers(dest="command", required=True))
+    predict_cli.add_parser(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["predict", *argv])
     code = args.func(args)
     out, err = capsys.readouterr()
