@@ -13,7 +13,9 @@ authentication. Everything lives in one deployment folder (``--dir``, default ``
   stop [NAME ...]                           SIGTERM the SuperNodes and the SuperLink, then SIGKILL stragglers
 
 pids are in procs/<name>.json, logs in logs/, the SuperLink's database in state/, the coordinator's FLWR_HOME
-(config.toml with the `radfed` connection to the local Control API) in home/coordinator. See docs/deployment.md.
+(config.toml with the `radfed` connection to the local Control API) in home/coordinator (deploy.layout); the
+processes and how they are stopped are in deploy.processes. See docs/deployment.md. This module holds the seven
+commands and their parser (a little over 400 lines: each command's steps read top to bottom).
 """
 
 from __future__ import annotations
@@ -22,234 +24,50 @@ import argparse
 import json
 import os
 import re
-import shlex
-import signal
 import socket
 import subprocess
 import sys
 import time
-from contextlib import suppress
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deploy.layout import (
+    CONNECTION,
+    DEFAULT_DIR,
+    home,
+    log_path,
+    pki,
+    read_record,
+    record_path,
+    records,
+    write_connection,
+    write_record,
+)
+from deploy.processes import (
+    ANSI,
+    LOOPBACK,
+    STOP_GRACE,
+    WILDCARD,
+    connect_host,
+    env_for,
+    exit_code_in_log,
+    flower_processes,
+    free_port,
+    host_port,
+    is_running,
+    program,
+    start,
+    stop_processes,
+    tail,
+)
+
 APP_DIR = Path(__file__).resolve().parent.parent
-CONNECTION = "radfed"
-DEFAULT_DIR = Path(os.environ.get("RADFED_DEPLOY_DIR", "~/.radfed/deploy")).expanduser()
-ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
 RUN_FOLDER = re.compile(r"results go to (\S.*?)\s*$")
-FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")
 RUN_ID = re.compile(r"[Ss]uccessfully started run (\d+)")
-STOP_GRACE = 30.0  # flower-superexec children exit within about 20 s of a SIGTERM
-FORCE_AFTER = 5.0  # then a SuperLink still waiting for a log stream gets SIGINT (uvicorn's "force quit")
 OUTPUT_WAIT = 60.0  # a ServerApp whose SuperLink went away writes its outputs after the log stream ended
 GATEWAY = "fleet-gateway"  # the record of the public Fleet API gateway (deploy/gateway.py)
-FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
-                   "deploy.gateway")
-WILDCARD = ("0.0.0.0", "::", "")
-LOOPBACK = ("127.0.0.1", "::1", "localhost")
-
-
-# ----------------------------------------------------------------------------------------------------------
-# the deployment folder
-
-
-def pki(d: Path) -> Path:
-    return d / "pki"
-
-
-def home(d: Path, name: str = "coordinator") -> Path:
-    """A private FLWR_HOME: ``coordinator`` for the SuperLink and the flwr CLI, one per SuperNode."""
-    return d / "home" / name
-
-
-def record_path(d: Path, name: str) -> Path:
-    return d / "procs" / f"{name}.json"
-
-
-def log_path(d: Path, name: str) -> Path:
-    return d / "logs" / f"{name}.log"
-
-
-def read_record(d: Path, name: str) -> dict[str, Any] | None:
-    path = record_path(d, name)
-    return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
-
-def records(d: Path) -> list[dict[str, Any]]:
-    found = [json.loads(p.read_text(encoding="utf-8")) for p in sorted((d / "procs").glob("*.json"))]
-    order = {"supernode": 0, "gateway": 1, "superlink": 2}  # SuperNodes first, the SuperLink last
-    return sorted(found, key=lambda r: order.get(r["role"], 0))
-
-
-def _write_record(d: Path, record: dict[str, Any]) -> None:
-    path = record_path(d, record["name"])
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(record, indent=2), encoding="utf-8")
-    tmp.replace(path)
-
-
-def _bin(name: str) -> str:
-    """A program from this Python's environment (the venv), else from PATH."""
-    candidate = Path(sys.executable).parent / name
-    return str(candidate) if candidate.exists() else name
-
-
-def env_for(flwr_home: Path) -> dict[str, str]:
-    """Environment for every Flower process: a private FLWR_HOME, no runtime dependency installation
-    (else the SuperLink `uv sync`s the app and pulls a multi-GB CUDA torch), the venv's programs first."""
-    flwr_home.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
-    env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
-    env.setdefault("COLUMNS", "160")  # Flower's tables
-    return env
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family) as sock:
-        sock.bind((host if host not in WILDCARD else "", 0))
-        return int(sock.getsockname()[1])
-
-
-def _connect_host(host: str) -> str:
-    return "127.0.0.1" if host in WILDCARD else host
-
-
-def host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def write_connection(d: Path, address: str) -> Path:
-    """The coordinator's ``config.toml``: one `radfed` connection (address + the CA to trust)."""
-    config = home(d) / "config.toml"
-    config.parent.mkdir(parents=True, exist_ok=True)
-    ca = (pki(d) / "ca.crt").resolve()
-    config.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-                      f'address = "{address}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
-    return config
-
-
-# ----------------------------------------------------------------------------------------------------------
-# processes. Every process we start leads its own process group; Flower starts more: the SuperNode's
-# flower-superexec (same group) and its flwr-clientapp runs; the SuperLink's flower-superexec runs in a session
-# of its own, with `--parent-pid <SuperLink pid>`, and starts flwr-serverapp runs. Linux /proc is read to
-# find them all; elsewhere only the process group is signalled.
-
-
-def _process_table() -> dict[int, tuple[str, int, int, str]]:
-    """pid -> (state, parent pid, process group, command line) of every process, {} without /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else []:
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]), cmd)
-    return table
-
-
-def flower_processes(pid: int) -> dict[int, int]:
-    """Live Flower processes of a recorded process, pid -> process group: the process, its process group,
-    its descendants, and the flower-superexec started for it (``--parent-pid``)."""
-    table = _process_table()
-    if not table:  # no /proc: the process group is all we know
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return {}
-        return {pid: pid}
-    children: dict[int, list[int]] = {}
-    for child, (_, parent, _, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    tree, stack = set(), [pid]
-    while stack:
-        current = stack.pop()
-        if current not in tree:
-            tree.add(current)
-            stack += children.get(current, [])
-    found = {}
-    for other, (state, _, pgid, cmd) in table.items():
-        if state in ("Z", "X") or not any(program in cmd for program in FLOWER_PROGRAMS):
-            continue
-        if other in tree or pgid == pid or re.search(rf"--parent-pid {pid}\b", cmd):
-            found[other] = pgid
-    return found
-
-
-def is_running(record: dict[str, Any]) -> bool:
-    return bool(flower_processes(int(record["pid"])))
-
-
-def stop_processes(recs: list[dict[str, Any]], grace: float = STOP_GRACE) -> dict[str, str]:
-    """SIGTERM the process groups of every recorded process and of what Flower started for it, wait up
-    to ``grace`` seconds for all of them to exit, SIGKILL the groups of any left.
-
-    Returns how each ended: "stopped", "killed" or "not running"."""
-    targets = {rec["name"]: flower_processes(int(rec["pid"])) for rec in recs}
-
-    def signal_groups(groups: set[int], sig: signal.Signals) -> None:
-        for pgid in groups:
-            with suppress(ProcessLookupError, PermissionError):
-                os.killpg(pgid, sig)
-
-    signal_groups({g for procs in targets.values() for g in procs.values()}, signal.SIGTERM)
-
-    def left(procs: dict[int, int]) -> dict[int, int]:
-        table = _process_table()
-        if not table:
-            return {p: g for p, g in procs.items() if flower_processes(g)}
-        return {p: g for p, g in procs.items() if p in table and table[p][0] not in ("Z", "X")}
-
-    # On SIGTERM flower-superlink (uvicorn) waits for open log streams (`flwr run --stream`, `flwr log --stream`)
-    # until their run has failed, about a minute; a second signal, SIGINT, makes it quit without waiting.
-    nudge = {int(r["pid"]) for r in recs if r.get("role") == "superlink"}
-    nudge_at = time.monotonic() + min(FORCE_AFTER, grace / 2)
-    deadline = time.monotonic() + grace
-    while time.monotonic() < deadline and any(left(procs) for procs in targets.values()):
-        if nudge and time.monotonic() >= nudge_at:
-            for pid in nudge:
-                with suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGINT)
-            nudge = set()
-        time.sleep(0.3)
-    outcome = {}
-    for name, procs in targets.items():
-        remaining = left(procs)
-        if remaining:
-            signal_groups(set(remaining.values()), signal.SIGKILL)
-        outcome[name] = "not running" if not procs else "killed" if remaining else "stopped"
-    return outcome
-
-
-def _start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("ab") as out:
-        out.write(f"\n=== {datetime.now(UTC).isoformat(timespec='seconds')} {shlex.join(cmd)}\n".encode())
-        out.flush()
-        return subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                start_new_session=True)
-
-
-def _tail(path: Path, lines: int = 15) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
-    return "\n".join(ANSI.sub("", text).splitlines()[-lines:])
-
-
-def exit_code_in_log(log: Path, offset: int = 0) -> int | None:
-    """The Flower exit code a process logged ("Exit Code: 305"), if any, after byte ``offset``."""
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        found = FLOWER_EXIT.findall(ANSI.sub("", fh.read().decode(errors="replace")))
-    return int(found[-1]) if found else None
 
 
 def _refuse_if_running(d: Path, name: str) -> None:
@@ -282,8 +100,8 @@ def _await_port(proc: subprocess.Popen, host: str, port: int, wait: float, log: 
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            return f"{what} exited with code {proc.returncode}:\n{_tail(log)}"
-        target = _connect_host(host)
+            return f"{what} exited with code {proc.returncode}:\n{tail(log)}"
+        target = connect_host(host)
         with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
             if sock.connect_ex((target, port)) == 0:
                 return None
@@ -324,8 +142,8 @@ def _start_gateway(d: Path, host: str, port: int, upstream: str, wait: float) ->
     log = log_path(d, GATEWAY)
     env = env_for(home(d))
     env["PYTHONPATH"] = str(APP_DIR) + os.pathsep + env.get("PYTHONPATH", "")
-    proc = _start(cmd, env, log)
-    _write_record(d, {"name": GATEWAY, "role": "gateway", "program": "deploy.gateway", "pid": proc.pid,
+    proc = start(cmd, env, log)
+    write_record(d, {"name": GATEWAY, "role": "gateway", "program": "deploy.gateway", "pid": proc.pid,
                       "address": host_port(host, port), "upstream": upstream, "log": str(log), "cmd": cmd,
                       "started": datetime.now(UTC).isoformat(timespec="seconds")})
     return _await_port(proc, host, port, wait, log, "the Fleet gateway")
@@ -358,7 +176,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     restart = database.exists()
     # the SuperLink (Control, Runtime and its own Fleet API: Flower serves them on one address) stays local;
     # SuperNodes reach its Fleet API through the gateway on the public address
-    cmd = [_bin("flower-superlink"), "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile",
+    cmd = [program("flower-superlink"), "--ssl-ca-certfile", str(files["ca.crt"]), "--ssl-certfile",
            str(files["server.crt"]), "--ssl-keyfile", str(files["server.key"]), "--enable-supernode-auth",
            "--disable-runtime-dependency-installation", "--database", str(database),
            "--host", control_host, "--port", str(control_port)]
@@ -366,9 +184,9 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                                     "control_port": control_port, "database": str(database)}, indent=2),
                         encoding="utf-8")
     log = log_path(d, "superlink")
-    proc = _start(cmd, env_for(home(d)), log)
-    address, control = host_port(_connect_host(host), port), host_port(control_host, control_port)
-    _write_record(d, {"name": "superlink", "role": "superlink", "program": "flower-superlink", "pid": proc.pid,
+    proc = start(cmd, env_for(home(d)), log)
+    address, control = host_port(connect_host(host), port), host_port(control_host, control_port)
+    write_record(d, {"name": "superlink", "role": "superlink", "program": "flower-superlink", "pid": proc.pid,
                       "address": address, "host": host, "port": port, "control_address": control,
                       "control_host": control_host, "control_port": control_port, "database": str(database),
                       "log": str(log), "cmd": cmd, "started": datetime.now(UTC).isoformat(timespec="seconds")})
@@ -397,7 +215,7 @@ def _extra_hosts(d: Path) -> list[str]:
 
 
 def _flwr(d: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([_bin("flwr"), *argv], env=env_for(home(d)), capture_output=True, text=True,
+    return subprocess.run([program("flwr"), *argv], env=env_for(home(d)), capture_output=True, text=True,
                           timeout=timeout, check=False)
 
 
@@ -456,13 +274,13 @@ def cmd_supernode(args: argparse.Namespace) -> int:
         superlink = rec["address"]
     _refuse_if_running(d, site)
     port = args.port or free_port()
-    cmd = [_bin("flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
+    cmd = [program("flower-supernode"), "--root-certificates", str(ca), "--superlink", superlink,
            "--auth-supernode-private-key", str(key), "--node-config", f"site-dir='{site_dir}'",
            "--port", str(port)]
     log = log_path(d, f"supernode-{site}")
     offset = log.stat().st_size if log.exists() else 0
-    proc = _start(cmd, env_for(home(d, site)), log)
-    _write_record(d, {"name": site, "role": "supernode", "program": "flower-supernode", "pid": proc.pid,
+    proc = start(cmd, env_for(home(d, site)), log)
+    write_record(d, {"name": site, "role": "supernode", "program": "flower-supernode", "pid": proc.pid,
                       "superlink": superlink, "port": port, "site_dir": str(site_dir), "log": str(log), "cmd": cmd,
                       "started": datetime.now(UTC).isoformat(timespec="seconds")})
     # joined: it logs its node id; refused (unregistered key, node still marked online) or unreachable:
@@ -479,7 +297,7 @@ def cmd_supernode(args: argparse.Namespace) -> int:
                 "(radfed deploy register), the address right, the CA the federation's? After a crash a node "
                 "can rejoin only once the SuperLink has marked it offline, up to 60 s)") if flower_code == 305 else ""
         print(f"flower-supernode for {site} exited (code {proc.returncode}, Flower exit code {flower_code}){hint}:\n"
-              f"{_tail(log)}", file=sys.stderr)
+              f"{tail(log)}", file=sys.stderr)
         return 1
     joined = f"joined as node {node_id}" if node_id else f"not joined yet after {args.wait:.0f}s (still trying)"
     print(f"SuperNode {site} running: pid {proc.pid}, {joined}, SuperLink {superlink}, site folder {site_dir}\n"
@@ -522,7 +340,7 @@ def _has_run_end(audit_log: Path) -> bool:
 def cmd_run(args: argparse.Namespace) -> int:
     d = args.dir
     _require_connection(d)
-    cmd = [_bin("flwr"), "run", str(Path(args.app).resolve()), CONNECTION, "--stream"]
+    cmd = [program("flwr"), "run", str(Path(args.app).resolve()), CONNECTION, "--stream"]
     if args.run_config:
         cmd += ["--run-config", args.run_config]
     log = d / "logs" / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}.log"

@@ -24,8 +24,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
 
 from common.split import eligibility_problem
-from deploy.cli import env_for, flower_processes, free_port, read_record, records, stop_processes
+from deploy.layout import read_record, records
 from deploy.pki import provision, san_hosts
+from deploy.processes import env_for, flower_processes, free_port, stop_processes
 from radfed import synth
 from radfed.cli import approve_demo_plan
 from radfed.launch import overrides_text

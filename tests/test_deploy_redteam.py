@@ -38,8 +38,9 @@ from test_deploy import (
     wait_for_event,
 )
 
-from deploy.cli import env_for, free_port, read_record, records, stop_processes
+from deploy.layout import read_record, records
 from deploy.pki import provision
+from deploy.processes import env_for, free_port, stop_processes
 from radfed import synth
 from server.audit import verify
 
