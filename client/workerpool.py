@@ -14,6 +14,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import process as futures_process
 from contextlib import contextmanager
 from types import FrameType
 
@@ -48,6 +49,7 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
     """Cancel the queued cases and terminate the workers now (shutdown alone would finish every queued case)."""
     # the pool keeps no public handle on its workers; snapshot before shutdown() drops the private one
     processes = list((getattr(pool, "_processes", None) or {}).values())
+    manager = getattr(pool, "_executor_manager_thread", None)
     pool.shutdown(wait=False, cancel_futures=True)
     for process in processes:
         process.terminate()
@@ -56,9 +58,13 @@ def _stop_pool(pool: ProcessPoolExecutor) -> None:
         if process.is_alive():
             process.kill()
             process.join(timeout=5)
-    # join the pool's manager thread now that its workers are gone: left running, it meets the closed pipes at
-    # interpreter exit and prints a traceback after a clean SIGTERM exit
+    # join the pool's manager thread now that its workers are gone, and drop it from concurrent.futures' exit
+    # hook: that hook wakes every manager it still knows through a pipe this shutdown closed, and would print a
+    # traceback after a clean SIGTERM exit (CPython 3.11, seen under load)
     pool.shutdown(wait=True)
+    wakeups = getattr(futures_process, "_threads_wakeups", None)
+    if manager is not None and wakeups is not None:
+        wakeups.pop(manager, None)
 
 
 @contextmanager
