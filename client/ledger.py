@@ -85,6 +85,17 @@ class Ledger:
             finally:
                 fcntl.flock(fh, fcntl.LOCK_UN)
 
+    def seed_secret(self, secret: bytes) -> None:
+        """Set the secret unless one exists: for synthetic demo sites only, so their splits are reproducible
+        (a real site's secret is random and never leaves it)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(self.folder / "secret", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return
+        with os.fdopen(fd, "w") as fh:
+            fh.write(secret.hex())
+
     @property
     def secret(self) -> bytes:
         path = self.folder / "secret"

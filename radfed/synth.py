@@ -16,6 +16,7 @@ its bounding box and averaged down, which gives slice-thickness partial volume w
 
 import csv
 import gzip
+import hashlib
 import json
 import math
 import os
@@ -25,6 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+
+from client.ledger import Ledger
+from client.sitefiles import SiteFiles
+from common.protocol import DEFAULT_K
 
 SEQUENCES = ("t1c", "flair", "adc")
 DIAGNOSES = ("HGG", "BM")
@@ -517,6 +522,9 @@ def write_site(root: Path, spec: SiteSpec, seed: int) -> Path:
         rows.append([case_id, str(diagnosis), rel["t1c"], rel["flair"], rel["adc"], rel["mask"], str(ages[i - 1]),
                      str(sexes[i - 1])])
 
+    # a synthetic site's release secret follows from the seed, so the demo and the tests split reproducibly
+    Ledger(SiteFiles(folder / ".radfed").release, DEFAULT_K).seed_secret(
+        hashlib.sha256(f"radfed synthetic site {spec.name} {seed}".encode()).digest())
     tmp = manifest.with_suffix(".csv.tmp")
     with tmp.open("w", newline="") as fh:
         writer = csv.writer(fh, lineterminator="\n")
