@@ -178,12 +178,24 @@ def extract_case_features(case: Case, profile: Profile,
     return features
 
 
+_FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}  # one hash per file version per process
+
+
+def _file_hash(path: Path) -> str:
+    """file_sha256, once per file version in a process (the cache lookup and client.patients both need it)."""
+    stat = path.stat()
+    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)  # ctime: any rewrite
+    if key not in _FILE_HASHES:
+        _FILE_HASHES[key] = file_sha256(path)
+    return _FILE_HASHES[key]
+
+
 def input_sha256(path: Path) -> str:
     """sha256 of a volume: the file, or for a DICOM series folder every file's relative name and hash."""
     if not path.exists():
         return "missing"
     if not path.is_dir():
-        return file_sha256(path)
+        return _file_hash(path)
     digest = hashlib.sha256()
     for item in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n".encode())

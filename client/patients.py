@@ -14,18 +14,12 @@ from pathlib import Path
 from client.extract import input_sha256
 from client.site import Case, CaseProblem, Site
 
-_HASHES: dict[tuple[str, int, int], str] = {}  # (path, size, mtime) -> sha256: a long-lived process hashes once
-
 
 def _content(path: Path) -> str | None:
-    try:
-        stat = path.stat()
-    except OSError:
-        return None  # a missing file is the extraction checks' business
-    key = (str(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _HASHES:
-        _HASHES[key] = input_sha256(path)
-    return _HASHES[key]
+    """The file's sha256 (shared with the extraction cache's lookup: hashed once per process), None if missing
+    (a missing file is the extraction checks' business)."""
+    digest = input_sha256(path)
+    return None if digest == "missing" else digest
 
 
 def same_patient_groups(cases: list[Case]) -> list[list[Case]]:
