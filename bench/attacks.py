@@ -49,6 +49,19 @@ class Coordinator:
                         created_at=time.time(), ttl=3600.0, message_type=message_type)
         return app(Message(content, metadata=meta), context)
 
+    def _join(self, context: Context, names: list[str], fold: str) -> None:
+        """Harmonise the site against neutral pooled ComBat estimates (grand mean 0, variance 1) for ``fold``."""
+        from common import covariates
+        from common.canon import sha256_json
+
+        d = len(names)
+        p = len(covariates.columns(covariates.parse(str(context.run_config.get("combat-covariates", "")))))
+        arrays = ArrayRecord({"grand-mean": Array(np.zeros(d)), "var-pooled": Array(np.ones(d)),
+                              "beta-cov": Array(np.zeros((p, d))), "zero-variance": Array(np.zeros(d))})
+        config = {"features": names, "features-sha256": sha256_json(names), "n-sites": 1, "n-pooled": 100,
+                  "fold": fold}
+        self._send(context, "query.combat_join", RecordDict({"config": ConfigRecord(config), "arrays": arrays}))
+
     def run(self, evaluate_state: Mapping[str, np.ndarray] | None = None, combat: bool = False,
             **overrides: object) -> SiteRun:
         """One run with these run-config overrides; the site approves its plan first (it always does here).
@@ -88,11 +101,20 @@ class Coordinator:
                           "server-round": 1, "split": "all", "fold": "attack"}
                 state = ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float32))
                                      for k, v in evaluate_state.items() if k != "features"})
+                if context.run_config.get("harmonization") == "combat" and _answers_join():
+                    self._join(context, names, "attack")  # a fold's site harmonises itself before it scores
                 reply = self._send(context, "evaluate", RecordDict({"config": ConfigRecord(config), "arrays": state}))
                 result.evaluation = {k: float(v) for k, v in reply.content["metrics"].items()}
         except Exception as exc:  # the site refused (the guard raises: nothing was sent)
             result.refused = str(exc)
         return result
+
+
+def _answers_join() -> bool:
+    """Whether this radfed version has the fold join (older checkouts, run by bench_release, do not)."""
+    from common import protocol
+
+    return hasattr(protocol, "COMBAT_JOIN")
 
 
 def site_truth(site: Path, config: Mapping[str, object]) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray]:

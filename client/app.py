@@ -71,24 +71,42 @@ def _agreed(context: Context) -> list[str]:
 COMBAT_STATE = "radfed-combat"  # the site's fitted ComBat parameters for this run (JSON), kept at the site
 
 
-def _harmonizer(context: Context) -> steps.Harmonizer | None:
-    record = context.state.get(COMBAT_STATE)
-    if not isinstance(record, ConfigRecord):
+def _fold(msg: Message) -> str:
+    """The cohort a message belongs to: "" for the main federation, else a fold (e.g. the held-out site)."""
+    return str(msg.content["config"].get("fold", ""))  # type: ignore[union-attr]
+
+
+def _combat_key(fold: str) -> str:
+    return f"{COMBAT_STATE}:{fold}" if fold else COMBAT_STATE
+
+
+def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
+    """This site's ComBat adjustment for the message's cohort. Each fold has its own, fitted against that
+    fold's pooled estimates: a fold never uses parameters learned with a site it must not see (so a fold
+    without them is refused; the main cohort without them uses raw features, over the same cases)."""
+    if not _run(context).combat:
         return None
-    params = combat.SiteCombat.from_dict(json.loads(str(record["params"])))
-    return params.apply
+    fold = _fold(msg)
+    record = context.state.get(_combat_key(fold))
+    if not isinstance(record, ConfigRecord):
+        if not fold:
+            return None
+        raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
+                        "harmonization or join); restart the run")
+    return combat.SiteCombat.from_dict(json.loads(str(record["params"]))).apply
 
 
-def _keep_combat(context: Context, params: combat.SiteCombat, site: Site) -> None:
-    """Remember the parameters for this run's later messages and save them at the site for prediction
-    (with the covariate spec, so a new case's age and sex are coded the same way)."""
+def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:
+    """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
+    for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
     spec = covariates.describe(_run(context).covariates())
     text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id,
                        "covariates": spec})
-    context.state[COMBAT_STATE] = ConfigRecord({"params": text})
-    path = site.files.harmonization(context.run_id)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": text})
+    if not _fold(msg):
+        path = site.files.harmonization(context.run_id)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
 
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
@@ -154,6 +172,21 @@ def combat_residuals(msg: Message, context: Context) -> Message:
                   metrics=MetricRecord({"n": sent.n}))
 
 
+@app.query("combat_join")
+def combat_join(msg: Message, context: Context) -> Message:
+    """A fold this site is held out of: harmonise against the fold's pooled ComBat estimates as a late-joining
+    hospital does (own location/scale from all usable cases, no labels). Only the number of cases leaves."""
+    agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
+    config, data = msg.content["config"], _data(context)
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    x, _ = steps.site_matrix(data, agreed, held_out=None)
+    c = data.covariates
+    params = steps.combat_join_fit(x, arrays, int(config["n-sites"]), int(config["n-pooled"]),  # type: ignore[arg-type, index]
+                                   _run(context), c)
+    _keep_combat(context, msg, params, data.site)
+    return _reply(msg, data.declare("all", {"n": ""}), metrics=MetricRecord({"n": len(x)}))
+
+
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
@@ -163,10 +196,10 @@ def moments(msg: Message, context: Context) -> Message:
         x_raw, _ = steps.site_matrix(data, agreed, held_out=False)
         c = None if data.covariates is None else data.covariates[~data.held_out]
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
-        _keep_combat(context, steps.combat_site_fit(
+        _keep_combat(context, msg, steps.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
             int(config["n-pooled"]), _run(context), c), data.site)  # type: ignore[arg-type, index]
-    x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context))
+    x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context, msg))
     arrays, counts = steps.moments_reply(x, y)
     return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}), arrays=_arrays(arrays),
                   metrics=MetricRecord(counts))
@@ -178,7 +211,7 @@ def correlation(msg: Message, context: Context) -> Message:
     pooled = msg.content["arrays"]
     data = _data(context)
     x, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=candidates,
-                             harmonize=_harmonizer(context))
+                             harmonize=_harmonizer(context, msg))
     cross, n = steps.correlation_reply(x, pooled["mean"].numpy(), pooled["std"].numpy())  # type: ignore[union-attr]
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": cross}),
                   metrics=MetricRecord({"n": n}))
@@ -203,7 +236,7 @@ def _model_split(msg: Message, context: Context, data: steps.SiteData,
         _receipt(msg, context, data.site)
     selected = _accept_list(context, msg.content["config"], "features", "selected")  # type: ignore[arg-type]
     return steps.site_matrix(data, _agreed(context), held_out=held_out, names=selected,
-                             harmonize=_harmonizer(context))
+                             harmonize=_harmonizer(context, msg))
 
 
 @app.query("newton")
@@ -253,6 +286,6 @@ def histograms(msg: Message, context: Context) -> Message:
     data = _data(context)
     raw, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names)
     harmonized, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names,
-                                      harmonize=_harmonizer(context))
+                                      harmonize=_harmonizer(context, msg))
     counts = steps.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))

@@ -134,11 +134,13 @@ def describe(content: RecordDict, values: bool = False) -> dict[str, dict[str, o
     return out
 
 
-def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict) -> None:
-    """Append what is about to leave to the site's local outbox (``<output_dir>/outbox.jsonl``)."""
+def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict, fold: str = "") -> None:
+    """Append what is about to leave to the site's local outbox (``<output_dir>/outbox.jsonl``); ``fold`` names
+    the cohort the reply serves ("" for the main federation, else e.g. the held-out site of a fold)."""
     settings = site_settings(site_dir)
     entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
-             "type": message_type, "records": describe(content, bool(settings.get("outbox_values")))}
+             "type": message_type, "records": describe(content, bool(settings.get("outbox_values"))),
+             **({"fold": fold} if fold else {})}
     outbox = SiteFiles(Path(settings["output_dir"])).outbox
     outbox.parent.mkdir(parents=True, exist_ok=True)
     with outbox.open("a", encoding="utf-8") as fh:
@@ -186,7 +188,9 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
     check_release(msg.metadata.message_type, reply.content, declared,
                   Ledger(SiteFiles(Path(settings["output_dir"])).release, floor), context.run_id)
-    record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content)
+    config = msg.content.get("config")
+    fold = str(config.get("fold", "")) if isinstance(config, ConfigRecord) else ""
+    record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content, fold)
     return reply
 
 

@@ -59,12 +59,9 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
                         f"case (e.g. {names[int(np.argmax(bad))]}); fix or remove the cases named in "
                         f"{site.files.errors}")
     d = len(names)
-    beta_cov = np.asarray(stored["beta_cov"], dtype=np.float64).reshape(-1, d)
-    pooled = combat.PooledEstimates(n_sites=n_sites, n=int(stored["n"]),
-                                    beta=np.vstack([np.zeros((n_sites, d)), beta_cov]),
-                                    grand_mean=np.asarray(stored["grand_mean"], dtype=np.float64),
-                                    var_pooled=np.asarray(stored["var_pooled"], dtype=np.float64),
-                                    zero_variance=np.asarray(stored["zero_variance"], dtype=bool))
+    pooled = combat.PooledEstimates.for_joiner(n_sites, int(stored["n"]), stored["grand_mean"],
+                                               stored["var_pooled"], stored["beta_cov"],
+                                               np.asarray(stored["zero_variance"], dtype=np.float64))
     _, params = combat.join_site(x, pooled, design, **options)
     saved = {**params.to_dict(), "features": names, "run_id": run_id, "joined": True,
              "covariates": cov.describe(spec)}

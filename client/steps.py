@@ -331,6 +331,15 @@ def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, 
     return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
 
 
+def combat_join_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], n_sites: int, n_pooled: int, run: RunConfig,
+                    covariates: np.ndarray | None = None) -> combat.SiteCombat:
+    """A held-out site's own ComBat location/scale against a fold's pooled estimates, from all its usable
+    cases x (n, d) and their covariates (n, p), as ``radfed site join`` does after a run."""
+    pooled = combat.PooledEstimates.for_joiner(n_sites, n_pooled, arrays["grand-mean"], arrays["var-pooled"],
+                                               arrays["beta-cov"], arrays["zero-variance"])
+    return combat.fit_site(x, pooled, covariates, **combat_options(run))
+
+
 def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
                config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model."""

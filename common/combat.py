@@ -156,6 +156,18 @@ class PooledEstimates:
                 "zero_variance": self.zero_variance.tolist()}
 
     @classmethod
+    def for_joiner(cls, n_sites: int, n: int, grand_mean: Any, var_pooled: Any, beta_cov: Any,
+                   zero_variance: Any) -> PooledEstimates:
+        """What a site outside the pooled fit is harmonised against: no site's intercept row (zeros), only the
+        grand mean, pooled variance and covariate effects beta_cov (p, d)."""
+        grand_mean = _vector(grand_mean, "grand_mean")
+        d = grand_mean.shape[0]
+        beta_cov = np.asarray(beta_cov, dtype=np.float64).reshape(-1, d)
+        return cls(n_sites=int(n_sites), n=int(n), beta=np.vstack([np.zeros((int(n_sites), d)), beta_cov]),
+                   grand_mean=grand_mean, var_pooled=_vector(var_pooled, "var_pooled", d),
+                   zero_variance=_vector(zero_variance, "zero_variance", d) > 0.5)
+
+    @classmethod
     def from_dict(cls, data: dict[str, Any]) -> PooledEstimates:
         grand_mean = _vector(data["grand_mean"], "grand_mean")
         d = grand_mean.shape[0]

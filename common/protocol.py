@@ -8,13 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-PROTOCOL_VERSION = "2"
+PROTOCOL_VERSION = "3"
 DEFAULT_K = 5
 
 PLAN = "query.plan"
 FEATURES = "query.features"
 COMBAT_FIT = "query.combat_fit"
 COMBAT_RESIDUALS = "query.combat_residuals"
+COMBAT_JOIN = "query.combat_join"
 MOMENTS = "query.moments"
 CORRELATION = "query.correlation"
 HISTOGRAMS = "query.histograms"
@@ -110,6 +111,10 @@ REPLIES: dict[str, ReplySpec] = {
     COMBAT_RESIDUALS: ReplySpec(
         arrays={"ss": ArraySpec("per-feature sum of squared residuals of the pooled fit", ("d",))},
         metrics={"n": "training cases"},
+        count_keys=("n",),
+    ),
+    COMBAT_JOIN: ReplySpec(
+        metrics={"n": "usable cases the held-out site fitted its own ComBat location/scale on (kept at the site)"},
         count_keys=("n",),
     ),
     MOMENTS: ReplySpec(

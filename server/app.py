@@ -24,8 +24,9 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import phases, report, training, validation
+from server import phases, pipeline, report, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
+from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
@@ -68,11 +69,11 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
     try:
         settings = dp.settings_from_config(run.as_dict())
     except dp.DPConfigError as exc:
-        raise phases.RunRefused(f"differential privacy settings: {exc}") from None
+        raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
     if run.training == "exact":
-        raise phases.RunRefused("differential privacy covers FedAvg updates only: exact training sends exact "
+        raise RunRefused("differential privacy covers FedAvg updates only: exact training sends exact "
                                 "gradients and Hessians. Set training = \"fedavg\" or dp-noise-multiplier = 0")
     return dp.DPAccount.from_settings(settings)
 
@@ -101,60 +102,50 @@ def main(grid: Grid, context: Context) -> None:
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
     result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
-    strategy_started = False
-    account = None
     restore_signals = raise_on_stop_signal()
+    ctx = Run(grid, run, audit, folder, profile)
     try:
-        account = privacy_account(run)
+        ctx.dp_account = privacy_account(run)
         covariate_spec = covariates.describe(run.covariates())
-        node_ids = phases.wait_for_nodes(grid, min_sites, timeout)
-        fed = phases.plan_phase(grid, node_ids, profile, run, min_sites, audit, timeout, plan_hash)
+        node_ids = wait_for_nodes(grid, min_sites, timeout)
+        fed = phases.plan_phase(ctx, node_ids, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
-        agreement = phases.features_phase(grid, fed, audit, timeout)
+        agreement = phases.features_phase(ctx, fed)
         result.split_counts = agreement.split_counts
-        harmonization = None
-        if run.combat:
+        fitted = pipeline.fit(ctx, Cohort(fed, agreement), covariate_spec, histograms=True)
+        if fitted.harmonization is not None:  # what `radfed site join` harmonises a later hospital against
             about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
                      "combat": {"parametric": run.combat_parametric, "eb": run.combat_eb,
-                                "mean-only": run.combat_mean_only},
-                     "covariates": covariate_spec}
-            harmonization = phases.harmonization_phase(grid, fed, agreement, audit, timeout, folder, about)
-        pooled = phases.moments_phase(grid, fed, agreement, audit, timeout, harmonization)
-        chosen = phases.selection_phase(grid, fed, agreement, pooled, run, audit, timeout)
-        chosen = training.select_l1(grid, fed, agreement, pooled, chosen, run, audit, timeout, agreement.pos_weight)
+                                "mean-only": run.combat_mean_only}, "covariates": covariate_spec}
+            (folder / "harmonization.json").write_text(
+                json.dumps({**about, **fitted.harmonization.late_joiner}), encoding="utf-8")
+        chosen, trained = fitted.chosen, fitted.trained
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),
                            "constant": chosen.dropped_constant, "candidates": chosen.candidates,
                            "dropped_correlated": chosen.dropped_correlated, "dropped_l1": chosen.dropped_l1,
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
-
-        if harmonization is not None and chosen.names:
-            result.harmonization = phases.histograms_phase(grid, fed, agreement, pooled, chosen.names[:4], audit,
-                                                           timeout)
-        strategy_started = True
-        trained = training.train(grid, fed, agreement, pooled, chosen, run, audit, timeout, agreement.pos_weight,
-                                 dp_account=account)
+        result.harmonization = fitted.histograms
         arrays = trained.arrays
         torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names,
                     "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
-                    "harmonization": "combat" if harmonization is not None else "none",
+                    "harmonization": "combat" if fitted.harmonization is not None else "none",
                     "agreed_features_sha256": agreement.sha256, "schema": "radfed.model/1",
                     "profile": {"name": profile.name, "version": profile.version}}, folder / "model.pt")
         result.model_sha256 = record_sha256(arrays)
         result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
         if run.external_validation == "loso":
-            result.validation = {"loso": validation.leave_one_site_out(grid, fed, agreement, run, audit, timeout,
-                                                                       account)}
+            result.validation = {"loso": validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)}
         result.status = "completed"
-    except (phases.RunRefused, RuntimeError) as exc:
+    except (RunRefused, RuntimeError) as exc:
         # refused: stopped before any training; failed: stopped during the rounds, or the SuperLink went away
-        failed = strategy_started or isinstance(exc, SuperLinkGone)
+        failed = ctx.training_started or isinstance(exc, SuperLinkGone)
         result.status, result.error = "failed" if failed else "refused", str(exc)
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
     finally:
         restore_signals()  # Flower's handlers again: the outputs and run-end below are written in any case
-    if account is not None:
-        audit.append("privacy-budget", **account.to_dict())
+    if ctx.dp_account is not None:
+        audit.append("privacy-budget", **ctx.dp_account.to_dict())
     result.seconds = time.perf_counter() - started
     report.write_outputs(result)
     final = result.final_aggregate()

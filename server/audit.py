@@ -198,6 +198,8 @@ def model_hashes(entries: list[dict[str, Any]]) -> dict[tuple[str, str, int], st
     for entry in entries:
         data = entry["data"]
         fold = str(data.get("fold", ""))
+        if data.get("stage"):  # a selection step (LASSO): Newton messages only, nothing a site keeps a receipt of
+            continue
         if entry["event"] == "model-init":
             sent[(fold, "train", 1)] = data["model_sha256"]
         elif entry["event"] == "round-train" and data.get("aggregated_sha256"):

@@ -13,7 +13,7 @@ from flwr.serverapp.strategy import FedAvg
 from common import curves, dp, metrics
 from common.canon import arrays_sha256
 from server.audit import AuditLog
-from server.phases import Federation, error_reason
+from server.federation import Federation, error_reason
 
 log = logging.getLogger("flwr.radfed.server")
 

@@ -13,13 +13,12 @@ from dataclasses import dataclass, field, replace
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
-from flwr.serverapp import Grid
 
-from common import dp, exact, model, protocol, selection
+from common import exact, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
-from server.audit import AuditLog
-from server.phases import FeatureAgreement, Federation, PooledMoments, RunRefused, query, replies_of
+from server.federation import Cohort, Run, RunRefused
+from server.phases import PooledMoments
 from server.strategy import AuditedFedAvg, evaluation_records, record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
@@ -41,21 +40,18 @@ def shared_config(chosen: selection.Selection, pos_weight: float) -> dict[str, o
     return {"pos-weight": pos_weight, "features": chosen.names, "features-sha256": sha256_json(chosen.names)}
 
 
-def select_l1(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
-              chosen: selection.Selection, run: RunConfig, audit: AuditLog, timeout: float, pos_weight: float,
-              fold: str = "") -> selection.Selection:
+def select_l1(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection) -> selection.Selection:
     """Optional LASSO step of feature selection (``select-l1`` > 0), as in the radiomics literature: the exact
     federated L1-penalised logistic regression on the ranked, decorrelated candidates (the pooled fit, by Newton
     rounds on summed gradients and Hessians); the features whose coefficient is exactly zero leave."""
-    l1 = run.select_l1
+    l1 = run.config.select_l1
     if l1 <= 0 or not chosen.names:
         return chosen
-    index = {n: i for i, n in enumerate(agreement.names)}
+    index = {n: i for i, n in enumerate(cohort.agreement.names)}
     cols = [index[n] for n in chosen.names]
-    tag = f"{fold}:lasso" if fold else "lasso"
-    lasso = run.model_copy(update={"exact_l1": l1})
-    fit = _train_exact(grid, fed, chosen, lasso, audit, timeout, pos_weight, pooled.mean[cols], pooled.std[cols], tag,
-                       evaluate_rounds=False)
+    lasso = run.config.model_copy(update={"exact_l1": l1})
+    fit = _train_exact(run, cohort, chosen, lasso, pooled.mean[cols], pooled.std[cols], evaluate_rounds=False,
+                       stage="lasso")
     coef, _, _ = exact.from_state_dict(fit.arrays.to_torch_state_dict())
     weights = dict(zip(chosen.names, coef[1:].tolist(), strict=True))
     kept = [i for i, n in enumerate(chosen.names) if weights[n] != 0.0]
@@ -63,55 +59,53 @@ def select_l1(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: 
         raise RunRefused(f"select-l1 = {l1} set every candidate's coefficient to zero: lower it (or set it to 0)")
     result = replace(chosen, names=[chosen.names[i] for i in kept], t=[chosen.t[i] for i in kept],
                      dropped_l1=len(chosen.names) - len(kept), l1=l1)
-    audit.append("selection-l1", l1=l1, coefficients=weights, features=result.names,
-                 dropped=[n for n in chosen.names if weights[n] == 0.0], rounds=fit.info.get("rounds"),
-                 converged=fit.info.get("converged"), features_sha256=sha256_json(result.names),
-                 **({"fold": fold} if fold else {}))
+    run.audit.append("selection-l1", l1=l1, coefficients=weights, features=result.names,
+                     dropped=[n for n in chosen.names if weights[n] == 0.0], rounds=fit.info.get("rounds"),
+                     converged=fit.info.get("converged"), features_sha256=sha256_json(result.names), **cohort.tag)
     log.info("LASSO (select-l1 = %g) kept %d of %d feature(s)", l1, len(kept), len(chosen.names))
     return result
 
 
-def train(grid: Grid, fed: Federation, agreement: FeatureAgreement, pooled: PooledMoments,
-          chosen: selection.Selection, run: RunConfig, audit: AuditLog, timeout: float, pos_weight: float,
-          fold: str = "", evaluate_rounds: bool = True, dp_account: dp.DPAccount | None = None) -> Trained:
+def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection,
+          evaluate_rounds: bool = True) -> Trained:
     """Train from a zero model standardising with the pooled moments, in the run's ``training`` mode."""
-    index = {n: i for i, n in enumerate(agreement.names)}
+    cfg = run.config
+    index = {n: i for i, n in enumerate(cohort.agreement.names)}
     cols = [index[n] for n in chosen.names]
     net = model.build_model(pooled.mean[cols], pooled.std[cols])
-    tag = {"fold": fold} if fold else {}
     initial = ArrayRecord(net.state_dict())
-    audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
-                 training=run.training, **tag)
-    if run.training == "exact":
-        return _train_exact(grid, fed, chosen, run, audit, timeout, pos_weight, pooled.mean[cols],
-                            pooled.std[cols], fold, evaluate_rounds)
-    strategy = AuditedFedAvg(fed, audit, fold=fold, evaluate_rounds=evaluate_rounds, dp_account=dp_account)
-    shared = shared_config(chosen, pos_weight)
-    train_config = ConfigRecord({**shared, "local-epochs": run.local_epochs,  # type: ignore[dict-item]
-                                 "learning-rate": run.learning_rate, "weight-decay": run.weight_decay})
-    result = strategy.start(grid, initial, num_rounds=run.num_server_rounds, timeout=timeout,
+    run.audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
+                     training=cfg.training, **cohort.tag)
+    run.training_started = True
+    if cfg.training == "exact":
+        return _train_exact(run, cohort, chosen, cfg, pooled.mean[cols], pooled.std[cols], evaluate_rounds)
+    strategy = AuditedFedAvg(cohort.fed, run.audit, fold=cohort.fold, evaluate_rounds=evaluate_rounds,
+                             dp_account=run.dp_account)
+    shared = shared_config(chosen, cohort.agreement.pos_weight)
+    train_config = ConfigRecord({**shared, "local-epochs": cfg.local_epochs,  # type: ignore[dict-item]
+                                 "learning-rate": cfg.learning_rate, "weight-decay": cfg.weight_decay})
+    result = strategy.start(run.grid, initial, num_rounds=cfg.num_server_rounds, timeout=run.timeout,
                             train_config=train_config, evaluate_config=ConfigRecord(shared))  # type: ignore[arg-type]
     return Trained(result.arrays, strategy.site_training, strategy.site_evaluations, strategy.site_curves)
 
 
-def _train_exact(grid: Grid, fed: Federation, chosen: selection.Selection, run: RunConfig, audit: AuditLog,
-                 timeout: float, pos_weight: float, mean: np.ndarray, scale: np.ndarray, fold: str,
-                 evaluate_rounds: bool) -> Trained:
-    """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation."""
-    tag = {"fold": fold} if fold else {}
-    newton = exact.ExactNewton(len(chosen.names), l2=run.exact_l2, l1=run.exact_l1, tol=run.exact_tol,
-                               max_rounds=run.exact_max_rounds)
-    config = {**shared_config(chosen, pos_weight), **tag}
+def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: RunConfig, mean: np.ndarray,
+                 scale: np.ndarray, evaluate_rounds: bool, stage: str = "") -> Trained:
+    """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation.
+    ``cfg`` is the run's config, or a copy with the LASSO penalty (``stage = "lasso"``)."""
+    tag = {**cohort.tag, **({"stage": stage} if stage else {})}
+    pos_weight = cohort.agreement.pos_weight
+    newton = exact.ExactNewton(len(chosen.names), l2=cfg.exact_l2, l1=cfg.exact_l1, tol=cfg.exact_tol,
+                               max_rounds=cfg.exact_max_rounds)
+    config = shared_config(chosen, pos_weight)
     trained = Trained(ArrayRecord())
     while not newton.done:
         rnd = newton.rounds + 1
         record = RecordDict({"arrays": ArrayRecord({"coef": Array(newton.coef), "mean": Array(mean),
                                                     "scale": Array(scale)})})
-        replies = replies_of(fed, audit, "newton", query(grid, list(fed.sites), protocol.NEWTON,
-                                                         {**config, "server-round": rnd}, timeout,
-                                                         per_node=lambda _, r=record: r), rnd)
-        fed.require_enough(f"Newton round {rnd}")
-        terms = {fed.sites[nid]: exact.SiteTerms(
+        replies = cohort.ask(run, "newton", protocol.NEWTON, {**config, "server-round": rnd},
+                             per_node=lambda _, r=record: r, server_round=rnd)
+        terms = {cohort.fed.sites[nid]: exact.SiteTerms(
             grad=r.content["arrays"]["grad"].numpy(), hess=r.content["arrays"]["hess"].numpy(),  # type: ignore[union-attr]
             loss=float(r.content["metrics"]["loss"]), n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
             n_pos=int(r.content["metrics"]["n-hgg"]), n_neg=int(r.content["metrics"]["n-bm"]))  # type: ignore[arg-type]
@@ -122,7 +116,7 @@ def _train_exact(grid: Grid, fed: Federation, chosen: selection.Selection, run: 
         per_site = {s: {"n": t.n, "loss": t.loss / t.n,
                         "update_sha256": arrays_sha256({"grad": t.grad, "hess": t.hess})} for s, t in terms.items()}
         trained.training[rnd] = per_site
-        audit.append("newton-round", round=rnd, sites=per_site, coef_sha256=arrays_sha256({"coef": coef_sent}),
+        run.audit.append("newton-round", round=rnd, sites=per_site, coef_sha256=arrays_sha256({"coef": coef_sent}),
                      objective=step.objective, accepted=step.accepted,
                      optimality=step.info.optimality if step.info else None, **tag)
     state = exact.to_state_dict(newton.coef, mean, scale)
@@ -130,17 +124,15 @@ def _train_exact(grid: Grid, fed: Federation, chosen: selection.Selection, run: 
     final_round = newton.rounds
     trained.info = {"mode": "exact", "rounds": final_round, "converged": newton.converged}
     # the final model takes the place of a FedAvg round's aggregate: receipts of its evaluation match it
-    audit.append("round-train", round=final_round, sites=trained.training[final_round],
+    run.audit.append("round-train", round=final_round, sites=trained.training[final_round],
                  aggregated_sha256=record_sha256(trained.arrays), converged=newton.converged, **tag)
     log.info("Exact fit %s after %d round(s)", "converged" if newton.converged else "stopped", final_round)
     if evaluate_rounds:
-        evaluate_config = {**shared_config(chosen, pos_weight), "server-round": final_round, **tag}
-        replies = replies_of(fed, audit, "evaluate", query(grid, list(fed.sites), protocol.EVALUATE, evaluate_config,
-                                                           timeout, per_node=lambda _: RecordDict(
-                                                               {"arrays": trained.arrays})), final_round)
-        fed.require_enough("the evaluation")
-        per_site_eval, site_curves = evaluation_records(fed.sites, replies.values())
+        evaluate_config = {**shared_config(chosen, pos_weight), "server-round": final_round}
+        replies = cohort.ask(run, "evaluate", protocol.EVALUATE, evaluate_config,
+                             per_node=lambda _: RecordDict({"arrays": trained.arrays}), server_round=final_round)
+        per_site_eval, site_curves = evaluation_records(cohort.fed.sites, replies.values())
         trained.evaluations[final_round] = per_site_eval
         trained.curves[final_round] = site_curves
-        audit.append("round-evaluate", round=final_round, sites=per_site_eval, **tag)
+        run.audit.append("round-evaluate", round=final_round, sites=per_site_eval, **tag)
     return trained

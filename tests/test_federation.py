@@ -132,11 +132,18 @@ def test_federation_end_to_end(three_sites, tmp_path):
         sent = [json.loads(line) for line in outbox.read_text(encoding="utf-8").splitlines()]
         kinds = [e["type"] for e in sent]
         assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.histograms") == 1
-        # moments, correlation and training again in the two folds where the site trains
+        # ComBat, moments, correlation and training again in the two folds where the site trains; in the fold
+        # it is held out of, it harmonises itself against that fold's estimates (a join), then scores the model
         assert kinds.count("query.moments") == kinds.count("query.correlation") == 3
+        assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 3
+        assert kinds.count("query.combat_join") == 1
         assert kinds.count("train") == 3 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1
+        held_out_of = {e["fold"] for e in sent if e["type"] == "query.combat_join"}
+        assert held_out_of == {name}
+        assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {""} | set(names[:3]) - {name}
         for entry in sent:
             spec = protocol.REPLIES[entry["type"]]
+            sizes["q"] = len(final["sites"]) - (1 if entry.get("fold") else 0)  # a fold's design: its sites
             for record, values in entry["records"].items():
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
@@ -148,8 +155,9 @@ def test_federation_end_to_end(three_sites, tmp_path):
                 assert entry["records"]["metrics"][count_key] >= K, (name, entry["type"], count_key)
     assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").count("query.features")
 
-    # each site kept its own ComBat parameters (never sent) for this run's agreed features
-    assert check.events["harmonization"] == 1
+    # each site kept its own ComBat parameters (never sent) for this run's agreed features; every fold refitted
+    # ComBat without its held-out site, which then joined
+    assert check.events["harmonization"] == 1 + 3 and check.events["harmonization-join"] == 3
     run_config = app_run_config({"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K})
     params = [json.loads((three_sites / n / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json").read_text())
               for n in names[:3]]
@@ -479,3 +487,35 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
     # the sexes' ComBat design really entered: without covariates the adjustment is another one
     plain, _ = combat.federated_combat(xs)
     assert np.max(np.abs(plain[0] - expected[0])) > 1e-6
+
+
+def test_leave_one_site_out_learns_nothing_from_the_held_out_site(tmp_path):
+    """Each fold is fitted without its held-out site: change that site's images (a different scanner gain) and
+    the fold's model is bit-identical, while the folds it trains in and the main model change. The held-out
+    site harmonises itself against the fold's pooled ComBat estimates, as a late-joining hospital does."""
+    root = tmp_path / "data"
+    specs = synth.tiny_sites(3, 12)
+    for i, spec in enumerate(specs):
+        synth.write_site(root, spec, seed=700 + i)
+    config = {"training": "exact", "select-features": 4, "external-validation": "loso"}
+
+    def folds(folder: Path) -> dict[str, str]:
+        doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+        assert doc["status"] == "completed", doc["error"]
+        return {e["data"]["fold"]: e["data"]["model_sha256"] for e in _events(folder)
+                if e["event"] == "external-validation"} | {"": doc["model_sha256"]}
+
+    before = folds(_run(tmp_path / "before", root, 3, **config))
+    held = specs[0].name
+    synth.write_site(root, replace(specs[0], gain=specs[0].gain * 1.7, offset=specs[0].offset + 40.0), seed=700)
+    after_folder = _run(tmp_path / "after", root, 3, **config)
+    after = folds(after_folder)
+    assert sorted(before) == sorted(after) == ["", *sorted(s.name for s in specs)]
+    assert after[held] == before[held]  # nothing of the held-out site entered its fold
+    for other in (s.name for s in specs[1:]):
+        assert after[other] != before[other]  # the changed site trains in these folds: they see it
+    assert after[""] != before[""]
+    # the held-out site joined its fold's harmonisation (no labels) and scored the fold's model on all its cases
+    joins = [e["data"] for e in _events(after_folder) if e["event"] == "harmonization-join"]
+    assert [j["fold"] for j in joins] == sorted(s.name for s in specs)
+    assert all(j["sites"] == [j["fold"]] for j in joins)

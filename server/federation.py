@@ -1,0 +1,181 @@
+"""Who takes part in a run and how the coordinator talks to them.
+
+``Run`` is what every phase needs and never changes during a run (grid, config, audit log, run folder,
+profile, DP account). ``Cohort`` is the set of sites one model is fitted on: the whole federation, a
+leave-one-site-out fold's training sites, or one site alone for the local-only baseline. Every phase takes
+``(run, cohort, ...)``: a fold is the same pipeline on a smaller cohort, never a second code path.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.serverapp import Grid
+
+from common import dp
+from common.canon import sha256_json
+from common.profile import Profile
+from common.runconfig import RunConfig
+from server.audit import AuditLog
+
+log = logging.getLogger("flwr.radfed.server")
+
+
+class RunRefused(RuntimeError):
+    """The run cannot go on; the message says which site and what to fix."""
+
+
+@dataclass
+class Federation:
+    """The sites admitted so far (node id -> site name) and what they reported."""
+
+    sites: dict[int, str]
+    min_sites: int
+    counts: dict[str, dict[str, int]] = field(default_factory=dict)
+    dropped: list[dict[str, object]] = field(default_factory=list)
+
+    def drop(self, audit: AuditLog, node_id: int, phase: str, reason: str, server_round: int | None = None) -> None:
+        site = self.sites.pop(node_id, f"node {node_id}")
+        where = f"round {server_round} ({phase})" if server_round is not None else f"the {phase} phase"
+        log.warning("Site %s leaves the run at %s: %s", site, where, reason)
+        record = {"site": site, "phase": phase, "round": server_round, "reason": reason}
+        self.dropped.append(record)
+        audit.append("dropout", **record)
+
+    def require_enough(self, where: str) -> None:
+        if len(self.sites) < self.min_sites:
+            raise RunRefused(f"only {len(self.sites)} site(s) remain after {where}, fewer than "
+                             f"min-sites = {self.min_sites}; see the audit log for why the others left")
+
+    def subset(self, names: set[str]) -> Federation:
+        """The admitted sites among ``names``, as a federation of their own (a fold's training sites)."""
+        return Federation({nid: s for nid, s in self.sites.items() if s in names}, min_sites=1)
+
+
+@dataclass
+class FeatureAgreement:
+    """The features every site of a cohort has finite at all its cases, and the cohort's class weight."""
+
+    names: list[str]
+    sha256: str
+    pos_weight: float
+    split_counts: dict[str, dict[str, int]]
+    site_features: dict[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, site_features: dict[str, frozenset[str]],
+           split_counts: dict[str, dict[str, int]]) -> FeatureAgreement:
+        """Intersect the sites' feature lists; class weight = BM/HGG training cases over these sites."""
+        common = frozenset.intersection(*site_features.values()) if site_features else frozenset()
+        agreed = sorted(common)
+        n_hgg = sum(c["n-train-hgg"] for c in split_counts.values())
+        n_bm = sum(c["n-train-bm"] for c in split_counts.values())
+        return cls(agreed, sha256_json(agreed), n_bm / max(n_hgg, 1), dict(split_counts), dict(site_features))
+
+    def restricted(self, sites: set[str]) -> FeatureAgreement:
+        """The agreement the ``sites`` alone would reach: a held-out site's feature list and counts take no
+        part (its data must not shape a fold it is tested on)."""
+        return FeatureAgreement.of({s: f for s, f in self.site_features.items() if s in sites},
+                                   {s: c for s, c in self.split_counts.items() if s in sites})
+
+
+@dataclass
+class Run:
+    """What every phase of one run needs; fixed from run start to run end."""
+
+    grid: Grid
+    config: RunConfig
+    audit: AuditLog
+    folder: Path
+    profile: Profile
+    dp_account: dp.DPAccount | None = None
+    training_started: bool = False  # a stop before the first model is sent is a refused run, after it a failed one
+
+    @property
+    def timeout(self) -> float:
+        return self.config.query_timeout
+
+
+@dataclass
+class Cohort:
+    """The sites one model is fitted on. ``fold`` names the leave-one-site-out fold (its held-out site) or
+    the local-only baseline (``local:<site>``); "" is the main federation. Every message a cohort sends
+    carries its fold, so a site keeps each fold's fitted state (ComBat parameters) apart."""
+
+    fed: Federation
+    agreement: FeatureAgreement
+    fold: str = ""
+
+    @property
+    def tag(self) -> dict[str, str]:
+        return {"fold": self.fold} if self.fold else {}
+
+    def ask(self, run: Run, phase: str, message_type: str, config: dict,
+            per_node: Callable[[int], RecordDict] | None = None, server_round: int | None = None) -> dict[int, Message]:
+        """One query to every site of the cohort; the good replies by node id. A site that fails or does not
+        answer is dropped (and named); the run stops if too few remain."""
+        sent = query(run.grid, list(self.fed.sites), message_type, {**config, **self.tag}, run.timeout, per_node)
+        good = replies_of(self.fed, run.audit, phase, sent, server_round)
+        where = f"the {phase} phase" if server_round is None else f"{phase} round {server_round}"
+        self.fed.require_enough(where + (f" of fold {self.fold}" if self.fold else ""))
+        return good
+
+
+def error_reason(reply: Message) -> str:
+    """The site's own error message, without the simulation's traceback wrapping."""
+    reason = str(reply.error.reason)
+    if "Message: " in reason:  # simulation: "Exception ClientAppException occurred. Message: <text>"
+        reason = reason.rsplit("Message: ", 1)[1]
+    elif reason.startswith("<class '") and ":<'" in reason:  # deployment: "<class 'X'>:<'<text>'>"
+        reason = reason.split(":<'", 1)[1]
+    return reason.strip().removesuffix("'>").strip()
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
+    """Node ids once at least ``min_nodes`` are connected (then a short grace for the rest)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        ids = sorted(grid.get_node_ids())
+        if len(ids) >= min_nodes:
+            time.sleep(1.0)
+            return sorted(grid.get_node_ids())
+        if time.monotonic() > deadline:
+            raise RunRefused(f"only {len(ids)} site(s) connected within {timeout:.0f}s, fewer than "
+                             f"min-sites = {min_nodes}")
+        time.sleep(1.0)
+
+
+def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, timeout: float,
+          per_node: Callable[[int], RecordDict] | None = None) -> dict[int, Message]:
+    """Send one query to every node; replies by node id (a node that did not answer is absent).
+
+    ``config`` goes to every node; ``per_node(node_id)`` adds records meant for that node only.
+    """
+    messages = []
+    for nid in node_ids:
+        content = per_node(nid) if per_node else RecordDict()
+        content["config"] = ConfigRecord({**config, **dict(content.get("config") or {})})
+        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
+    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+
+
+def replies_of(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, Message],
+               server_round: int | None = None) -> dict[int, Message]:
+    """The good replies by node id; every admitted site that failed or did not answer is dropped (and named)."""
+    good = {}
+    # by site name, not node id (which changes from run to run): sums over sites then add in the same order,
+    # so the same data gives a bit-identical model
+    for node_id in sorted(fed.sites, key=lambda nid: (fed.sites[nid], nid)):
+        reply = replies.get(node_id)
+        if reply is None:
+            fed.drop(audit, node_id, phase, "no reply before the timeout", server_round)
+        elif reply.has_error():
+            fed.drop(audit, node_id, phase, error_reason(reply), server_round)
+        else:
+            good[node_id] = reply
+    return good

@@ -1,0 +1,45 @@
+"""Fitting one model on one cohort: everything that learns from data, in order.
+
+ComBat (pooled estimates; each site fits its own location/scale) -> moments (standardisation) ->
+selection (+ LASSO) -> training. The main run, each leave-one-site-out fold and each local-only baseline
+call ``fit`` on their own cohort, so no statistic of a site outside the cohort enters any step.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from common import selection
+from server import phases, training
+from server.federation import Cohort, Run
+from server.phases import Harmonization, PooledMoments
+
+log = logging.getLogger("flwr.radfed.server")
+
+
+@dataclass
+class Fitted:
+    """What fitting on a cohort produced: its ComBat estimates (None without ComBat), pooled moments,
+    chosen features, the trained model, and (main run only) the harmonisation histograms."""
+
+    harmonization: Harmonization | None
+    pooled: PooledMoments
+    chosen: selection.Selection
+    trained: training.Trained
+    histograms: dict[str, object] | None = None
+
+
+def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = True,
+        histograms: bool = False) -> Fitted:
+    """Fit the run's model on ``cohort``. ``evaluate_rounds``: each site scores every round's model on its
+    held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features."""
+    harmonization = phases.harmonization_phase(run, cohort, covariates) if run.config.combat else None
+    pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None)
+    chosen = phases.selection_phase(run, cohort, pooled)
+    chosen = training.select_l1(run, cohort, pooled, chosen)
+    drawn = None
+    if histograms and harmonization is not None and chosen.names:
+        drawn = phases.histograms_phase(run, cohort, pooled, chosen.names[:4])
+    trained = training.train(run, cohort, pooled, chosen, evaluate_rounds)
+    return Fitted(harmonization, pooled, chosen, trained, drawn)
