@@ -37,7 +37,7 @@ from bench.table import print_table  # noqa: E402
 from common import combat  # noqa: E402
 from common.metrics import roc_auc  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli import _extract_one_site, approve_demo_plan  # noqa: E402
+from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 
@@ -108,7 +108,7 @@ def main() -> int:
         config["num-server-rounds"] = args.rounds
     site_dirs = synth.make_demo(work / "demo", seed=0)
     for d in site_dirs:
-        _extract_one_site(str(d), "default", 2)
+        extract_one_site(str(d), "default", 2)
     config["data-root"] = str(work / "demo")
 
     sites = load_sites(site_dirs, config)

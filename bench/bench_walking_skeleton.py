@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import agreed_features, load_sites, local_only, pooled_centralised  # noqa: E402
 from bench.table import print_table  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli import _extract_one_site, approve_demo_plan  # noqa: E402
+from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> int:
         shutil.rmtree(d / ".radfed", ignore_errors=True)
     t = time.perf_counter()
     with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        results = list(pool.map(_extract_one_site, [str(d) for d in site_dirs], ["default"] * len(site_dirs),
+        results = list(pool.map(extract_one_site, [str(d) for d in site_dirs], ["default"] * len(site_dirs),
                                 [1] * len(site_dirs)))
     extract_wall = time.perf_counter() - t
     n_cases = sum(r[1] for r in results)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from radfed import synth
-from radfed.cli import _extract_one_site, approve_demo_plan
+from radfed.cli.coordinator import approve_demo_plan, extract_one_site
 from radfed.launch import run_federation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -24,7 +24,7 @@ def demo_sites(work: Path, workers: int = 2) -> list[Path]:
     """The default demo under ``work/demo``, extracted (kept between bench runs when ``work`` is reused)."""
     site_dirs = synth.make_demo(work / "demo", seed=0)
     with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(_extract_one_site, [str(d) for d in site_dirs], ["default"] * len(site_dirs),
+        list(pool.map(extract_one_site, [str(d) for d in site_dirs], ["default"] * len(site_dirs),
                       [1] * len(site_dirs)))
     return site_dirs
 

@@ -3,12 +3,12 @@ estimates (``harmonization.json`` in the run folder), so `radfed predict` can us
 
 The pooled estimates (grand mean, pooled variance, covariate effects) stay as they are; the site fits only
 its own location/scale effects, on all its usable cases, and keeps them in
-``<output_dir>/harmonization/run-<id>.json``. Nothing leaves the site.
+``<output_dir>/harmonization/run-<id>.json``. Nothing leaves the site. The command line is in
+``radfed.cli.site``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
@@ -70,24 +70,3 @@ def join(pooled_file: Path, site_dir: Path, workers: int = 1) -> dict[str, Any]:
     left_out = [f"{p.case_id}: {p.reason}" for p in table.problems if p.kind == "bad-covariate"]
     return {"site": site.name, "run_id": run_id, "cases": int(len(x)), "features": d, "path": str(path),
             "left_out": left_out}
-
-
-def add_parser(subparsers: Any) -> argparse.ArgumentParser:
-    """Add ``radfed site join`` to the site subcommands."""
-    parser = subparsers.add_parser(
-        "join", help="harmonise this site against a finished run's pooled ComBat estimates (late joiner)")
-    parser.add_argument("pooled", help="the run folder's harmonization.json")
-    parser.add_argument("--site", required=True, help="the site folder")
-    parser.add_argument("--workers", type=int, default=1)
-    parser.set_defaults(func=main)
-    return parser
-
-
-def main(args: argparse.Namespace) -> int:
-    result = join(Path(args.pooled), Path(args.site), args.workers)
-    for problem in result["left_out"]:
-        print(f"left out {problem}")
-    print(f"site {result['site']} harmonised against run {result['run_id']} on its {result['cases']} usable cases "
-          f"({result['features']} features); parameters kept in {result['path']} (nothing left the site). "
-          f"Predict with: radfed predict --model <run folder>/model.pt --site {args.site} --case-id ID")
-    return 0

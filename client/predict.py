@@ -15,7 +15,7 @@ It also says which features drove the result: each model feature's contribution 
 log-odds (``common.explain``). The contributions plus the intercept are the logit exactly.
 
 This module loads the site and the case, runs those steps (``predict``) and formats the result
-(``prediction_json``, ``render_text``); the command line is ``radfed.predict_cli``. Nothing leaves the site:
+(``prediction_json``, ``render_text``); the command line is in ``radfed.cli.site``. Nothing leaves the site:
 the command reads local files only, and it blocks network connections while it runs (``offline``), so a
 dependency cannot send anything either.
 
@@ -83,7 +83,8 @@ def open_site(site_dir: str | Path) -> SiteInfo:
         config = load_site_config(root)
         profile = load_profile(config.profile or "default")
     except (SiteError, ProfileError) as exc:
-        raise PredictRefusal(str(exc), "fix the site folder or its site.yaml (radfed site check SITE_DIR)") from exc
+        raise PredictRefusal(str(exc), f"fix the site folder or its site.yaml (radfed site check --site {root})") \
+            from exc
     _, work_dir = resolved_paths(root, config)
     label_map = dict(config.label_map) if config.label_map is not None else None
     return SiteInfo(config.name or root.name, root, work_dir, profile, label_map)
@@ -96,7 +97,8 @@ def case_from_site(site: SiteInfo, case_id: str) -> Case:
     try:
         loaded = load_site(site.root, site.profile.sequences)
     except SiteError as exc:
-        raise PredictRefusal(str(exc), "fix the site folder or its site.yaml (radfed site check SITE_DIR)") from exc
+        raise PredictRefusal(str(exc), "fix the site folder or its site.yaml "
+                             f"(radfed site check --site {site.root})") from exc
     for case in loaded.cases:
         if case.case_id == case_id:
             return case
@@ -153,7 +155,8 @@ def extract_case(case: Case, site: SiteInfo) -> dict[str, float]:
         with _pyradiomics_log(SiteFiles(site.work_dir).predict_log):
             return extract_case_features(case, site.profile, site.label_map)
     except SiteError as exc:  # the site's label_map, not the case
-        raise PredictRefusal(str(exc), "fix 'label_map' in the site's site.yaml (radfed site check SITE_DIR)") from exc
+        raise PredictRefusal(str(exc), "fix 'label_map' in the site's site.yaml "
+                             f"(radfed site check --site {site.root})") from exc
     except CaseInputError as exc:
         raise CaseRefusal(f"case {case.case_id}: {exc.reason}", exc.fix, case.case_id) from exc
     except (ValueError, RuntimeError) as exc:

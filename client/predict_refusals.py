@@ -3,7 +3,7 @@
 A refusal carries the reason, the fix and (when known) the case. ``PredictRefusal`` (exit 2) is about the
 model, the site or the usage; ``CaseRefusal`` (exit 1) is about the case itself. The model file
 (``client.modelfile``), the harmonisation parameters (``client.harmonization_params``) and the predict flow
-(``client.predict``) all raise them; the command (``radfed.predict_cli``) turns them into a message and an
+(``client.predict``) all raise them; the command (``radfed.cli.site``) turns them into a message and an
 exit code.
 """
 

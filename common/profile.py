@@ -56,16 +56,32 @@ def profile_hash(doc: dict[str, Any]) -> str:
     return sha256_json(doc)
 
 
+def _own_name(path: Path) -> str | None:
+    """The ``radfed.name`` a profile file gives itself, or None when it cannot be read."""
+    try:
+        return str(yaml.safe_load(path.read_text(encoding="utf-8"))["radfed"]["name"])
+    except (OSError, yaml.YAMLError, KeyError, TypeError):
+        return None
+
+
 def resolve_profile_path(name_or_path: str | Path) -> Path:
-    """A bundled profile name (``"default"``) or a path to a YAML file."""
+    """A bundled profile by file name (``"default"``) or by its own ``radfed.name`` (``"hgg-vs-bm"``, the name
+    every command prints), else a path to a YAML file."""
     candidate = Path(name_or_path).expanduser()
     if candidate.suffix in (".yaml", ".yml"):
         return candidate
     bundled = PROFILE_DIR / f"{name_or_path}.yaml"
-    if not bundled.exists():
-        known = ", ".join(sorted(p.stem for p in PROFILE_DIR.glob("*.yaml")))
-        raise ProfileError(f"unknown profile {name_or_path!r}: use one of [{known}] or a path to a .yaml file")
-    return bundled
+    if bundled.exists():
+        return bundled
+    files = sorted(PROFILE_DIR.glob("*.yaml"))
+    named = [p for p in files if _own_name(p) == str(name_or_path)]
+    if len(named) == 1:
+        return named[0]
+    if candidate.is_file():  # a profile file named without a .yaml suffix
+        return candidate
+    known = ", ".join(f"{p.stem} ({_own_name(p)})" for p in files)
+    raise ProfileError(f"unknown profile {name_or_path!r}: use a bundled one by file or own name [{known}] "
+                       "or a path to a .yaml file")
 
 
 def load_profile(name_or_path: str | Path = "default") -> Profile:

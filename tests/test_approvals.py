@@ -89,7 +89,7 @@ def test_approval_off_is_a_site_decision_and_says_so(site, caplog):
 
 def test_cli_plan_write_show_approve(site, tmp_path, capsys):
     plan_file = tmp_path / "plan.json"
-    assert main(["plan", "write", str(plan_file), "--run-config", "num-server-rounds=4"]) == 0
+    assert main(["plan", "write", "--output", str(plan_file), "--run-config", "num-server-rounds=4"]) == 0
     plan_hash = _hash(app_run_config({"num-server-rounds": 4}))
     assert plan_hash in capsys.readouterr().out
     assert main(["site", "plan", "show", str(plan_file), "--site", str(site)]) == 0
@@ -97,7 +97,7 @@ def test_cli_plan_write_show_approve(site, tmp_path, capsys):
     assert main(["site", "approve", plan_hash, "--site", str(site)]) == 0
     assert main(["site", "plan", "show", str(plan_file), "--site", str(site)]) == 0
     assert f"at {site}: approve" in capsys.readouterr().out
-    assert main(["plan", "write", str(plan_file), "--run-config", "no-such-key=1"]) == 2
+    assert main(["plan", "write", "--output", str(plan_file), "--run-config", "no-such-key=1"]) == 2
     assert "no-such-key" in capsys.readouterr().err
 
 
@@ -120,7 +120,7 @@ def test_the_plan_hash_ignores_where_the_coordinator_keeps_its_files():
 def test_plan_write_refuses_a_bad_value_naming_the_key_and_what_it_allows(tmp_path, capsys, override, named):
     from radfed.cli import main
 
-    assert main(["plan", "write", str(tmp_path / "plan.json"), "--run-config", override]) == 2
+    assert main(["plan", "write", "--output", str(tmp_path / "plan.json"), "--run-config", override]) == 2
     err = capsys.readouterr().err
     assert named in err and "Traceback" not in err
     assert not (tmp_path / "plan.json").exists()
@@ -130,7 +130,7 @@ def test_plan_show_states_the_k_that_holds_at_the_site(site, tmp_path, capsys):
     from radfed.cli import main
 
     (site / "site.yaml").write_text("min_cases_per_class: 8\n")
-    assert main(["plan", "write", str(tmp_path / "plan.json")]) == 0
+    assert main(["plan", "write", "--output", str(tmp_path / "plan.json")]) == 0
     capsys.readouterr()
     assert main(["site", "plan", "show", str(tmp_path / "plan.json"), "--site", str(site)]) == 0
     out = capsys.readouterr().out

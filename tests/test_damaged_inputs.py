@@ -231,7 +231,7 @@ def test_latin1_manifest_is_refused_naming_the_file_the_line_and_the_fix(tiny_si
 
     from radfed.cli import main
 
-    assert main(["site", "check", str(site_dir)]) == 2  # the whole site cannot be read: said once, clearly
+    assert main(["site", "check", "--site", str(site_dir)]) == 2  # the whole site cannot be read: said once
     err = capsys.readouterr().err
     assert str(manifest) in err and "save it as UTF-8" in err
 
@@ -355,8 +355,8 @@ def _alive(pid: int, start: str) -> bool:
 def test_stopping_extract_leaves_no_worker_alive(tiny_site_root, tmp_path, sig):
     site_dir = _copy_site(tiny_site_root, tmp_path)
     out = (tmp_path / "out.txt").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "radfed.cli", "site", "extract", str(site_dir), "--workers", "2"],
-                            cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen([sys.executable, "-m", "radfed.cli", "site", "extract", "--site", str(site_dir),
+                             "--workers", "2"], cwd=ROOT, stdout=out, stderr=subprocess.STDOUT)
     workers: dict[int, str] = {}
     try:
         deadline = time.monotonic() + 120

@@ -132,7 +132,7 @@ def test_brats_import_with_label_map(tiny_site_root, tmp_path):
 
 def test_brats_extraction_equals_manifest_and_keeps_provenance(tiny_site_root, tmp_path, capfd):
     site_dir, rows = _brats_site(tiny_site_root, tmp_path)
-    assert main(["site", "extract", str(site_dir), "--workers", "1"]) == 0
+    assert main(["site", "extract", "--site", str(site_dir), "--workers", "1"]) == 0
     out, err = capfd.readouterr()
     assert "2 usable case(s), 2 extracted now" in out and not err  # pyradiomics stays out of the terminal
     work = site_dir / ".radfed"
@@ -171,7 +171,7 @@ def test_pyradiomics_warnings_go_to_the_log_file_not_the_terminal(tiny_site_root
     lines = (site_dir / "manifest.csv").read_text().splitlines()[:2]
     (site_dir / "manifest.csv").write_text("\n".join(lines) + "\n")
     (site_dir / "site.yaml").write_text(f"profile: {profile}\noutput_dir: out\n")
-    assert main(["site", "extract", str(site_dir), "--workers", "1"]) == 0
+    assert main(["site", "extract", "--site", str(site_dir), "--workers", "1"]) == 0
     out, err = capfd.readouterr()
     assert "Sum Average" not in out + err and not err
     assert "Sum Average" in (site_dir / "out" / "extraction.log").read_text()

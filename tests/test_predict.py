@@ -4,7 +4,6 @@ torch.save in the format server/app.py writes."""
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import math
@@ -25,7 +24,8 @@ from common import covariates as cv
 from common.canon import sha256_json
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
-from radfed import predict_cli, synth
+from radfed import synth
+from radfed.cli import main as radfed_main
 
 PROFILE = load_profile("default")
 NEW = "a-004"  # the case scored as new; a-001..a-003 are the site's "training" cases
@@ -81,10 +81,7 @@ def fed(tmp_path_factory):
 
 
 def _run(argv: list[str], capsys) -> tuple[int, str, str]:
-    parser = argparse.ArgumentParser(prog="radfed")
-    predict_cli.add_parser(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["predict", *argv])
-    code = args.func(args)
+    code = radfed_main(["predict", *argv])
     out, err = capsys.readouterr()
     return code, out, err
 

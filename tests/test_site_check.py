@@ -167,7 +167,7 @@ def test_cli_warns_with_counts_and_writes_the_json_report(tiny_site_root, tmp_pa
     rows = _rows(site_dir)
     _break(site_dir, rows[0], "missing-file")
     _break(site_dir, rows[1], "shifted-mask")
-    assert main(["site", "check", str(site_dir)]) == 0
+    assert main(["site", "check", "--site", str(site_dir)]) == 0
     out = capsys.readouterr().out
     assert rows[0]["case_id"] in out and rows[1]["case_id"] in out and "can take part with 22" in out
 
@@ -189,7 +189,7 @@ def test_cli_fails_when_nothing_is_usable(tiny_site_root, tmp_path, capsys):
         (site_dir / row["mask"]).unlink()
     _write_rows(site_dir, rows)
     out_json = tmp_path / "elsewhere" / "report.json"
-    assert main(["site", "check", str(site_dir), "--json", str(out_json)]) == 1
+    assert main(["site", "check", "--site", str(site_dir), "--output", str(out_json)]) == 1
     assert "has no usable case (3 with problems): it cannot take part" in capsys.readouterr().out
     report = json.loads(out_json.read_text())
     assert report["status"] == "nothing-usable" and report["counts"]["usable"] == 0
@@ -201,7 +201,7 @@ def test_too_few_cases_per_class_refuses_and_says_why(tiny_site_root, tmp_path, 
     rows = _rows(site_dir)
     hgg = [r for r in rows if r["diagnosis"] == "HGG"]
     _write_rows(site_dir, [r for r in rows if r["diagnosis"] == "BM"] + hgg[:4])
-    assert main(["site", "check", str(site_dir)]) == 3
+    assert main(["site", "check", "--site", str(site_dir)]) == 3
     out = capsys.readouterr().out
     assert "cannot take part: 4 HGG and 12 BM cases; each class needs at least 10 (two release blocks" \
         in out.replace("\n", " ")
@@ -220,7 +220,7 @@ def test_too_few_cases_per_class_refuses_and_says_why(tiny_site_root, tmp_path, 
 
 def test_site_check_does_not_run_pyradiomics(tiny_site_root, tmp_path):
     site_dir = _copy_site(tiny_site_root, tmp_path)
-    code = ("import sys; from radfed.cli import main; rc = main(['site', 'check', sys.argv[1]]); "
+    code = ("import sys; from radfed.cli import main; rc = main(['site', 'check', '--site', sys.argv[1]]); "
             "assert 'radiomics' not in sys.modules, 'pyradiomics was imported'; sys.exit(rc)")
     result = subprocess.run([sys.executable, "-c", code, str(site_dir)], cwd=ROOT, capture_output=True,
                             encoding="utf-8", errors="replace", timeout=60)

@@ -1,0 +1,37 @@
+"""Commands for anyone: ``radfed profile show [NAME]``, the extraction profile every site must use, with its
+version and hash. NAME is a bundled profile's file name (``default``), a profile's own ``radfed.name`` (the
+name every other command prints, e.g. ``hgg-vs-bm``) or a path to a YAML file.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from radfed.cli.options import add_json, print_json
+
+
+def cmd_profile_show(args: argparse.Namespace) -> int:
+    from common.profile import load_profile
+
+    profile = load_profile(args.name)
+    if args.json:
+        print_json({"name": profile.name, "version": profile.version, "sha256": profile.sha256,
+                    "file": profile.source, "sequences": list(profile.sequences), "regions": profile.regions,
+                    "shape_from": profile.shape_from, "params": profile.params})
+        return 0
+    print(f"profile {profile.name} v{profile.version}\nsha256  {profile.sha256}\nfile    {profile.source}\n")
+    print(Path(profile.source).read_text(encoding="utf-8"))
+    return 0
+
+
+def add_anyone_commands(sub: Any) -> None:
+    """``radfed profile show`` on the root's subcommands."""
+    profile = sub.add_parser("profile", help="extraction profiles").add_subparsers(
+        dest="profile_command", required=True, metavar="COMMAND")
+    show = profile.add_parser("show", help="print a profile with its version and hash")
+    show.add_argument("name", nargs="?", default="default", metavar="NAME",
+                      help="a bundled profile's file or own name, or a YAML file (default: default)")
+    add_json(show)
+    show.set_defaults(func=cmd_profile_show)

@@ -1,0 +1,156 @@
+"""The coordinator's commands: the demo federation and the run plan the sites approve.
+
+  radfed demo                               synthetic hospitals -> a whole federation -> results
+  radfed plan write --output PLAN.json      the run plan (code, config, profile, messages) sites approve
+
+A real deployment's processes are ``radfed deploy`` (deploy/cli.py, its own parser).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from radfed.cli.options import add_json, add_output, add_profile, add_workers, print_json
+from radfed.cli.site import site_profile
+
+DEFAULT_HOME = Path("~/.radfed").expanduser()
+
+
+def extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> tuple[str, int, int, int, float, float]:
+    """Extract one site's cases (cached): (name, usable, extracted now, problems, seconds, seconds per case)."""
+    from client.extract import extract_site
+    from client.site import load_site
+
+    profile = site_profile(site_dir, profile_name)
+    site = load_site(site_dir, profile.sequences)
+    table, summary = extract_site(site, profile, workers=workers)
+    return (site.name, len(table.case_ids), summary.extracted, len(table.problems), summary.seconds,
+            summary.seconds_per_extracted_case)
+
+
+def approve_demo_plan(site_dirs: list[Path], run_config: dict) -> str:
+    """The demo's visible approval step: every synthetic hospital approves this run's plan."""
+    from client.approvals import decide
+    from common.plan import plan_sha256, run_plan
+    from common.profile import load_profile
+    from radfed.launch import app_run_config
+
+    config = app_run_config(run_config)
+    plan_hash = plan_sha256(run_plan(config, load_profile(str(config["profile"]))))
+    for site_dir in site_dirs:
+        decide(Path(site_dir), plan_hash, "approve", note="radfed demo")
+    return plan_hash
+
+
+def _print_table(header: list[str], rows: list[list[str]]) -> None:
+    widths = [max(len(str(c)) for c in col) for col in zip(header, *rows, strict=True)]
+    for i, row in enumerate([header, *rows]):
+        print("  " + "  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+        if i == 0:
+            print("  " + "  ".join("-" * w for w in widths))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from radfed import synth
+    from radfed.launch import run_federation
+    from server.report import final_table
+
+    # With --json the steps go to stderr and Flower's stream to its log file: stdout holds the document alone.
+    say = print if not args.json else lambda *a, **k: print(*a, **k, file=sys.stderr)
+    data_root = Path(args.data_root).expanduser().resolve()
+    output_dir = Path(args.output_dir).expanduser().resolve()
+    t0 = time.perf_counter()
+    say(f"[1/4] synthetic hospitals in {data_root}")
+    site_dirs = synth.make_demo(data_root, seed=args.seed)
+    say(f"      {len(site_dirs)} sites ready in {time.perf_counter() - t0:.1f}s")
+
+    t1 = time.perf_counter()
+    say(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
+    with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        jobs = [pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs]
+        for job in jobs:
+            name, used, extracted, failed, seconds, _ = job.result()
+            say(f"      {name}: {used} cases usable, {extracted} extracted now, {failed} problem(s)")
+    say(f"      extraction done in {time.perf_counter() - t1:.1f}s")
+
+    run_config: dict[str, Any] = {"data-root": str(data_root), "output-dir": str(output_dir),
+                                  "num-server-rounds": args.rounds, "profile": args.profile}
+    plan_hash = approve_demo_plan(site_dirs, run_config)
+    say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
+        " see the plan with radfed plan write)")
+
+    say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
+    before = set(output_dir.glob("*-run*")) if output_dir.exists() else set()
+    flwr_home = Path(args.flwr_home).expanduser().resolve() if args.flwr_home else DEFAULT_HOME / "flwr"
+    run_federation(run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home,
+                   echo=not (args.quiet or args.json))
+    runs = sorted(set(output_dir.glob("*-run*")) - before)
+    if not runs:
+        print(f"no run folder appeared in {output_dir}; see {flwr_home / 'superlink.log'}", file=sys.stderr)
+        return 1
+    folder = runs[-1]
+    doc = json.loads((folder / "metrics.json").read_text())
+    code = 0 if doc["status"] == "completed" else 1
+    files = {"metrics": folder / "metrics.json", "report": folder / "report.html", "audit_log": folder / "audit.jsonl"}
+    if args.json:
+        print_json({"status": doc["status"], "error": doc.get("error"), "run_folder": str(folder),
+                    "plan_sha256": plan_hash, "seconds": round(time.perf_counter() - t0, 1),
+                    "files": {k: str(v) for k, v in files.items()}, "metrics": doc})
+        return code
+    print(f"\nrun {doc['status']} in {time.perf_counter() - t0:.0f}s (federation {doc['seconds']:.0f}s)")
+    if doc["status"] != "completed":
+        print(f"  reason: {doc['error']}")
+    else:
+        _print_table(*final_table(doc))
+    print(f"\n  metrics   {files['metrics']}\n  report    {files['report']}"
+          f"\n  audit log {files['audit_log']}   (check it: radfed audit verify {files['audit_log']})")
+    return code
+
+
+def cmd_plan_write(args: argparse.Namespace) -> int:
+    from common.plan import plan_sha256, run_plan, summary
+    from common.profile import load_profile
+    from radfed.launch import app_run_config
+
+    config = app_run_config(args.run_config or "")
+    plan = run_plan(config, load_profile(str(config["profile"])))  # refuses a bad value, naming the key
+    out = Path(args.output).expanduser()
+    out.write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
+    if args.json:
+        print_json({"plan_sha256": plan_sha256(plan), "output": str(out), "plan": plan})
+        return 0
+    print(summary(plan))
+    print(f"\nwrote {out}: send it to every site; each approves it with\n"
+          f"  radfed site approve {plan_sha256(plan)} --site <site folder>")
+    return 0
+
+
+def add_coordinator_commands(sub: Any) -> None:
+    """``radfed demo`` and ``radfed plan write`` on the root's subcommands."""
+    demo = sub.add_parser("demo", help="coordinator: generate synthetic hospitals and run a whole federation on them")
+    demo.add_argument("--data-root", default=str(DEFAULT_HOME / "demo"), metavar="DIR",
+                      help="where the synthetic hospitals go (default %(default)s)")
+    demo.add_argument("--output-dir", default=str(DEFAULT_HOME / "runs"), metavar="DIR",
+                      help="where run folders go (default %(default)s)")
+    demo.add_argument("--flwr-home", default=None, metavar="DIR", help="private FLWR_HOME for the simulation")
+    demo.add_argument("--rounds", type=int, default=20)
+    demo.add_argument("--seed", type=int, default=0)
+    add_profile(demo, default="default")
+    add_workers(demo)
+    demo.add_argument("--quiet", action="store_true", help="hide Flower's log stream")
+    add_json(demo)
+    demo.set_defaults(func=cmd_demo)
+
+    plan = sub.add_parser("plan", help="coordinator: the run plan sites approve").add_subparsers(
+        dest="plan_command", required=True, metavar="COMMAND")
+    write = plan.add_parser("write", help="write the plan of a run with these run-config overrides")
+    add_output(write, "the plan file to write (send it to every site)", required=True)
+    write.add_argument("--run-config", default="", help="overrides as for flwr run, e.g. \"num-server-rounds=10\"")
+    add_json(write)
+    write.set_defaults(func=cmd_plan_write)
