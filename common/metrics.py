@@ -8,6 +8,7 @@ weighted by each site's number of cases.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -127,3 +128,52 @@ def combined_auc_variance(sites: Sequence[Mapping[str, float]]) -> float:
               if np.isfinite(float(s["auc"])) and np.isfinite(float(s.get("auc_var", float("nan"))))]
     total = sum(n for n, _ in usable)
     return float(sum((n / total) ** 2 * v for n, v in usable)) if total else float("nan")
+
+
+def federation_gain(loso: Mapping[str, Mapping[str, Any]], local: Mapping[str, Mapping[str, Any]],
+                    z: float = Z95) -> dict[str, Any]:
+    """What the federation gained at sites it never saw, against each hospital alone.
+
+    ``loso[h]``: the model trained by every site but h, scored at h (n, auc, auc_var). ``local[s]["external"][h]``:
+    site s's own model (its whole pipeline alone) scored at h. Per held-out site h: the federated AUC, the mean
+    AUC at h of the other sites' local-only models, and their difference; overall: the case-weighted means
+    over the sites where both exist. The interval of a difference adds the variances as if the AUCs were
+    independent: they are computed on the same cases and positively correlated, so the interval is wider
+    than the paired one (conservative).
+    """
+    per_site: dict[str, dict[str, float]] = {}
+    for h, fed in sorted(loso.items()):
+        if "error" in fed or not np.isfinite(float(fed.get("auc", float("nan")))):
+            continue
+        at_h = [_dict_of(_dict_of(rec.get("external")).get(h)) for s, rec in local.items() if s != h]
+        at_h = [r for r in at_h if np.isfinite(float(r.get("auc", float("nan"))))]
+        if not at_h:
+            continue
+        local_auc = float(np.mean([float(r["auc"]) for r in at_h]))
+        local_var = float(sum(float(r.get("auc_var", float("nan"))) for r in at_h)) / len(at_h) ** 2
+        gain = float(fed["auc"]) - local_auc
+        var = float(fed.get("auc_var", float("nan"))) + local_var
+        per_site[h] = {"n": float(fed["n"]), "federated_auc": float(fed["auc"]), "local_only_auc": local_auc,
+                       "local_models": float(len(at_h)), "gain": gain, "gain_var": var,
+                       "gain_ci": _normal_ci(gain, var, z)}
+    out: dict[str, Any] = {"sites": per_site}
+    if per_site:
+        n = np.array([r["n"] for r in per_site.values()])
+        w = n / n.sum()
+        mean = {k: float(np.sum(w * [r[k] for r in per_site.values()]))
+                for k in ("federated_auc", "local_only_auc", "gain")}
+        var = float(np.sum(w**2 * [r["gain_var"] for r in per_site.values()]))
+        out["overall"] = {**mean, "gain_var": var, "gain_ci": _normal_ci(mean["gain"], var, z),
+                          "sites": len(per_site), "n": float(n.sum())}
+    return out
+
+
+def _normal_ci(value: float, var: float, z: float) -> list[float]:
+    if not (np.isfinite(value) and np.isfinite(var)):
+        return [float("nan"), float("nan")]
+    half = z * float(np.sqrt(max(var, 0.0)))
+    return [value - half, value + half]
+
+
+def _dict_of(value: Any) -> Mapping[str, Any]:
+    return value if isinstance(value, Mapping) else {}

@@ -65,6 +65,7 @@ class RunConfig(BaseModel):
     dp_delta: float = Field(alias="dp-delta", gt=0, lt=1)
     curve_points: int = Field(alias="curve-points", ge=2, le=100, strict=True)
     external_validation: Literal["loso", "none"] = Field(alias="external-validation")
+    local_only: Literal["own-pipeline", "none"] = Field(alias="local-only")
 
     @field_validator("combat_covariates")
     @classmethod

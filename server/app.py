@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import covariates, dp, runconfig
+from common import covariates, dp, metrics, runconfig
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
@@ -134,8 +134,14 @@ def main(grid: Grid, context: Context) -> None:
                     "profile": {"name": profile.name, "version": profile.version}}, folder / "model.pt")
         result.model_sha256 = record_sha256(arrays)
         result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
+        result.validation = {}
         if run.external_validation == "loso":
-            result.validation = {"loso": validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)}
+            result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)
+        if run.local_only == "own-pipeline":
+            result.validation["local_only"] = validation.local_only(ctx, fed, agreement, covariate_spec)
+        if result.validation.get("loso") and result.validation.get("local_only"):
+            result.validation["federation_gain"] = metrics.federation_gain(result.validation["loso"],
+                                                                           result.validation["local_only"])
         result.status = "completed"
     except (RunRefused, RuntimeError) as exc:
         # refused: stopped before any training; failed: stopped during the rounds, or the SuperLink went away

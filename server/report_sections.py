@@ -16,6 +16,7 @@ from typing import Any
 
 from server import plots
 from server.report_blocks import Block, Bullets, Facts, Figure, Heading, Section, Table, Text, md_code, unavailable
+from server.report_validation import gain_sentence, local_only_blocks
 
 SHOWN = ("auc", "sensitivity", "specificity", "balanced_accuracy")
 SHOWN_LABELS = ("AUC", "sensitivity", "specificity", "balanced acc.")
@@ -157,6 +158,9 @@ def _summary_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
     drops = [d for d in doc.get("dropouts") or [] if isinstance(d, dict)]
     if drops:
         lines.append(("dropouts", "; ".join(_dropout(d) for d in drops)))
+    gain = gain_sentence(doc)
+    if gain:
+        lines.insert(1, ("vs each hospital alone", gain))
     return lines
 
 
@@ -474,8 +478,10 @@ def _loso_blocks(loso: dict[str, dict[str, Any]]) -> list[Block]:
         else:
             rows.append([name, trained, _fmt(r.get("n")), *_metric_cells(r, with_ci)])
     blocks: list[Block] = [
-        Text("Each row: a model trained from scratch by the other sites (moments, feature selection and training "
-             "redone without the held-out site), scored on all of the held-out site's usable cases."),
+        Text("Each row: a model trained from scratch by the other sites (feature agreement, ComBat, moments, feature "
+             "selection and training redone without the held-out site), scored on all of the held-out site's "
+             "usable cases after that site harmonised itself against the fold's ComBat estimates, as a "
+             "late-joining hospital does. Nothing learned from the held-out site enters its fold."),
         Table(["held-out site", "trained on", "cases", *_metric_header(with_ci)], rows)]
     curves, _ = _curves_of(loso, "roc")
     if curves:
@@ -509,11 +515,12 @@ def _validation_section(doc: dict[str, Any]) -> Section:
     validation = _dict(doc.get("validation"))
     loso = {str(k): _dict(v) for k, v in _dict(validation.get("loso")).items()}
     baselines = _dict(validation.get("baselines"))
-    if not loso and not baselines:
+    local = local_only_blocks(doc)
+    if not loso and not baselines and not local:
         if not _rounds(doc) and doc.get("status") != "completed":
             return _na(_why_no_rounds(doc))
         return _na("leave-one-site-out validation was not run")
-    blocks = (_loso_blocks(loso) if loso else []) + (_baseline_blocks(baselines) if baselines else [])
+    blocks = (_loso_blocks(loso) if loso else []) + local + (_baseline_blocks(baselines) if baselines else [])
     if validation.get("note"):
         blocks.append(Text(str(validation["note"])))
     return Section("validation", "External validation (leave-one-site-out)", blocks)

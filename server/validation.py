@@ -5,6 +5,12 @@ pooled estimates, moments, selection and training see none of the held-out site'
 then harmonises itself against the fold's pooled ComBat estimates exactly as a late-joining hospital does
 (its own location/scale from all its usable cases, no labels; ``radfed site join``) and scores the fold's
 model on all its usable cases, sending counts, AUC with its DeLong variance and k-anonymous curves.
+
+The local-only baseline is the same pipeline on one site alone (its own ComBat, standardisation, selection
+and model), scored on its own held-out split (internal) and, like a fold's model, at every other site after
+that site joins its harmonisation (external). What the federation gains at an unseen site is the
+leave-one-site-out AUC there minus the mean AUC of the other sites' local-only models there
+(``common.metrics.federation_gain``).
 """
 
 from __future__ import annotations
@@ -21,21 +27,23 @@ from server.strategy import evaluation_records, record_sha256
 log = logging.getLogger("flwr.radfed.server")
 
 
-def score_outside(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, outsider: Cohort) -> dict[str, object]:
-    """Sites outside ``trained_on`` (in ``outsider``, which carries the fold's tag) join its harmonisation and
-    score its model on all their usable cases. Returns the metrics per outside site."""
+def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort,
+          outside: bool = True) -> dict[str, dict[str, object]]:
+    """``scorers`` score the model fitted on ``trained_on`` and send metrics; per scoring site. ``outside``:
+    sites that were not in the cohort first join its harmonisation, then score all their usable cases;
+    otherwise the cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
     trained, chosen = fitted.trained, fitted.chosen
-    config = {**training.shared_config(chosen, trained_on.agreement.pos_weight), "split": "all",
+    config = {**training.shared_config(chosen, trained_on.agreement.pos_weight), "split": "all" if outside else "test",
               "server-round": max(trained.training) if trained.training else run.config.num_server_rounds}
     try:
-        if fitted.harmonization is not None:
-            phases.join_phase(run, outsider, fitted.harmonization)
-        replies = outsider.ask(run, "external validation", protocol.EVALUATE, config,
-                               per_node=lambda _, a=trained.arrays: RecordDict({"arrays": a}))
-    except RunRefused:  # every outside site failed: say why, in their words
-        reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in outsider.fed.dropped)
+        if outside and fitted.harmonization is not None:
+            phases.join_phase(run, scorers, fitted.harmonization)
+        replies = scorers.ask(run, "external validation" if outside else "evaluate", protocol.EVALUATE, config,
+                              per_node=lambda _, a=trained.arrays: RecordDict({"arrays": a}))
+    except RunRefused:  # every scoring site failed: say why, in their words
+        reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in scorers.fed.dropped)
         raise RunRefused(f"could not score the model ({reasons})") from None
-    per_site, site_curves = evaluation_records(outsider.fed.sites, replies.values())
+    per_site, site_curves = evaluation_records(scorers.fed.sites, replies.values())
     return {site: {**values, "ci": metrics.intervals(values), **site_curves.get(site, {})}
             for site, values in per_site.items()}
 
@@ -51,7 +59,7 @@ def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
         log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
         try:
             fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False)
-            scored = score_outside(run, fitted, train_on, outsider)
+            scored = score(run, fitted, train_on, outsider)
             if held not in scored:
                 raise RunRefused(f"{held} could not score the model")
             record: dict[str, object] = {**scored[held], "trained_on": sorted(others),
@@ -67,3 +75,33 @@ def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
             run.audit.append("external-validation", fold=held, error=str(exc))
             folds[held] = {"error": str(exc)}
     return folds
+
+
+def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
+               covariates: str = "") -> dict[str, dict[str, object]]:
+    """Per site: the model it would build alone (the whole pipeline on its own training split), scored on its
+    own held-out split (``internal``) and at every other site (``external``, by site); or ``error``."""
+    out: dict[str, dict[str, object]] = {}
+    for _, site in sorted(fed.sites.items(), key=lambda kv: kv[1]):
+        others = {name for name in fed.sites.values() if name != site}
+        fold = f"local:{site}"
+        alone = Cohort(fed.subset({site}), agreement.restricted({site}), fold=fold)
+        log.info("Local-only baseline: %s alone", site)
+        try:
+            fitted = pipeline.fit(run, alone, covariates, evaluate_rounds=False)
+            internal = score(run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold),
+                             outside=False)
+            external = score(run, fitted, alone, Cohort(fed.subset(others), alone.agreement, fold=fold))
+        except RunRefused as exc:
+            log.warning("Local-only baseline of %s failed: %s", site, exc)
+            run.audit.append("local-only", site=site, error=str(exc))
+            out[site] = {"error": str(exc)}
+            continue
+        plain = lambda r: {k: v for k, v in r.items() if k not in ("roc", "calibration")}  # noqa: E731
+        record: dict[str, object] = {"internal": plain(internal.get(site, {})),
+                                     "external": {s: plain(r) for s, r in sorted(external.items())},
+                                     "features": fitted.chosen.names}
+        run.audit.append("local-only", site=site, model_sha256=record_sha256(fitted.trained.arrays),
+                         internal=record["internal"], external=record["external"])
+        out[site] = record
+    return out

@@ -104,9 +104,10 @@ def test_federation_end_to_end(three_sites, tmp_path):
     check = verify(folder / "audit.jsonl", pubkey=pinned, receipts=receipts)
     assert check.ok, check.reason
     # main run: 3 sites x (train + evaluate) x ROUNDS; each leave-one-site-out fold: 2 sites x ROUNDS trains
-    # and one evaluation at the held-out site
-    assert check.receipts_checked == 3 * 2 * ROUNDS + 3 * (2 * ROUNDS + 1)
-    assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS * 4
+    # and one evaluation at the held-out site; each local-only baseline: ROUNDS trains at its site, one
+    # evaluation there (internal) and one at each of the 2 other sites (external)
+    assert check.receipts_checked == 3 * 2 * ROUNDS + 3 * (2 * ROUNDS + 1) + 3 * (ROUNDS + 1 + 2)
+    assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS * 7
     assert check.events["round-evaluate"] == ROUNDS and check.events["run-end"] == 1
     assert check.events["external-validation"] == 3 and check.events["histograms"] == 1
     events = _events(folder)
@@ -132,18 +133,20 @@ def test_federation_end_to_end(three_sites, tmp_path):
         sent = [json.loads(line) for line in outbox.read_text(encoding="utf-8").splitlines()]
         kinds = [e["type"] for e in sent]
         assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.histograms") == 1
-        # ComBat, moments, correlation and training again in the two folds where the site trains; in the fold
-        # it is held out of, it harmonises itself against that fold's estimates (a join), then scores the model
-        assert kinds.count("query.moments") == kinds.count("query.correlation") == 3
-        assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 3
-        assert kinds.count("query.combat_join") == 1
-        assert kinds.count("train") == 3 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1
-        held_out_of = {e["fold"] for e in sent if e["type"] == "query.combat_join"}
-        assert held_out_of == {name}
-        assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {""} | set(names[:3]) - {name}
+        # ComBat, moments, correlation and training again in the two folds where the site trains and in its
+        # local-only baseline; in the fold it is held out of and at the other sites' local-only models, it
+        # harmonises itself against their estimates (a join), then scores the model on all its cases
+        others = set(names[:3]) - {name}
+        assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
+        assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 4
+        assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1 + 1 + 2
+        assert sorted(e["fold"] for e in sent if e["type"] == "query.combat_join") == sorted(
+            {name} | {f"local:{o}" for o in others})
+        assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {"", f"local:{name}", *others}
         for entry in sent:
             spec = protocol.REPLIES[entry["type"]]
-            sizes["q"] = len(final["sites"]) - (1 if entry.get("fold") else 0)  # a fold's design: its sites
+            fold = entry.get("fold", "")  # a fold's ComBat design has one column per site it is fitted on
+            sizes["q"] = 1 if fold.startswith("local:") else len(final["sites"]) - (1 if fold else 0)
             for record, values in entry["records"].items():
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
@@ -156,8 +159,24 @@ def test_federation_end_to_end(three_sites, tmp_path):
     assert not (three_sites / names[3] / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").count("query.features")
 
     # each site kept its own ComBat parameters (never sent) for this run's agreed features; every fold refitted
-    # ComBat without its held-out site, which then joined
-    assert check.events["harmonization"] == 1 + 3 and check.events["harmonization-join"] == 3
+    # ComBat without its held-out site, which then joined; so did each local-only baseline, alone
+    assert check.events["harmonization"] == 1 + 3 + 3 and check.events["harmonization-join"] == 3 + 3
+
+    # the local-only baselines (each site's own pipeline) and what the federation gained at unseen sites
+    local = doc["validation"]["local_only"]
+    assert sorted(local) == names[:3]
+    for name, rec in local.items():
+        assert rec["internal"]["n"] == doc["final"]["sites"][name]["n"]  # its own held-out split
+        assert sorted(rec["external"]) == sorted(set(names[:3]) - {name})
+        for other, ext in rec["external"].items():
+            assert ext["n"] == doc["sites"][other]["split"]["n-cases"]
+    gain = doc["validation"]["federation_gain"]
+    for held, g in gain["sites"].items():
+        expected = np.mean([local[s]["external"][held]["auc"] for s in names[:3] if s != held])
+        assert g["local_only_auc"] == pytest.approx(expected)
+        assert g["gain"] == pytest.approx(doc["validation"]["loso"][held]["auc"] - expected)
+        assert g["gain_ci"][0] <= g["gain"] <= g["gain_ci"][1]
+    assert gain["overall"]["sites"] == 3
     run_config = app_run_config({"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K})
     params = [json.loads((three_sites / n / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json").read_text())
               for n in names[:3]]
@@ -254,7 +273,7 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     (root / "tiny-a" / "site.yaml").write_text("name: tiny-a\noutput_dir: ../tiny-a-private\n")
     shutil.move(root / "tiny-a" / ".radfed", root / "tiny-a-private")  # the generator's release secret moves too
     folder = _run(tmp_path, root, 2, harmonization="none",
-                  **{"select-features": 0, "num-server-rounds": 2, "external-validation": "none",
+                  **{"select-features": 0, "num-server-rounds": 2, "external-validation": "none", "local-only": "none",
                      "dp-noise-multiplier": 2.0, "dp-clip-norm": 0.1})
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
@@ -356,7 +375,8 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     root = tmp_path / "data"
     for i, spec in enumerate(synth.tiny_sites(2, 12)):  # 2 blocks of 6 per class: 12 training cases per site
         synth.write_site(root, spec, seed=500 + i)
-    config = {"training": "exact", "harmonization": "none", "select-features": 4, "external-validation": "none"}
+    config = {"training": "exact", "harmonization": "none", "select-features": 4, "external-validation": "none",
+              "local-only": "none"}
     folder = _run(tmp_path / "ok", root, 2, **config)
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
@@ -446,7 +466,7 @@ def test_combat_covariates_from_the_manifest_equal_the_in_process_protocol(tmp_p
     # ComBat's per-level sums single out no one (the release rule, docs/privacy.md)
     specs = synth.tiny_sites(3, 15)
     config = {"combat-covariates": "age,sex=F|M", "select-features": 8, "external-validation": "none",
-              "num-server-rounds": 1, "test-fraction": 0.3, "split-seed": 7}
+              "local-only": "none", "num-server-rounds": 1, "test-fraction": 0.3, "split-seed": 7}
     bad_site, bad_case = specs[1].name, f"{synth._case_prefix(specs[1].name)}-002"
     for i, spec in enumerate(specs):
         site = synth.write_site(root, spec, seed=300 + i)
@@ -497,7 +517,7 @@ def test_leave_one_site_out_learns_nothing_from_the_held_out_site(tmp_path):
     specs = synth.tiny_sites(3, 12)
     for i, spec in enumerate(specs):
         synth.write_site(root, spec, seed=700 + i)
-    config = {"training": "exact", "select-features": 4, "external-validation": "loso"}
+    config = {"training": "exact", "select-features": 4, "external-validation": "loso", "local-only": "none"}
 
     def folds(folder: Path) -> dict[str, str]:
         doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))

@@ -60,6 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
     from radfed.launch import run_federation
     from server.report import final_table
+    from server.report_validation import gain_sentence, gain_table
 
     # With --json the steps go to stderr and Flower's stream to its log file: stdout holds the document alone.
     say = print if not args.json else lambda *a, **k: print(*a, **k, file=sys.stderr)
@@ -108,6 +109,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print(f"  reason: {doc['error']}")
     else:
         _print_table(*final_table(doc))
+        header, rows = gain_table(doc)
+        if rows:
+            print("\n  at sites the model never saw (leave-one-site-out) vs each other hospital alone:")
+            _print_table(header, rows)
+            print("  " + str(gain_sentence(doc)))
     print(f"\n  metrics   {files['metrics']}\n  report    {files['report']}"
           f"\n  audit log {files['audit_log']}   (check it: radfed audit verify {files['audit_log']})")
     return code

@@ -1,0 +1,109 @@
+"""The report's answer to "is the federation better at an unseen hospital than each hospital alone?".
+
+Built from metrics.json's ``validation.local_only`` (each site's own pipeline, scored on its held-out cases
+and at every other site) and ``validation.federation_gain`` (``common.metrics.federation_gain``). The
+sentence is shared by the report's summary and the demo's final table.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from server.report_blocks import Block, Heading, Table, Text
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _num(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
+def _auc(value: Any, ci: Any = None) -> str:
+    v = _num(value)
+    if v is None:
+        return "n/a"
+    if isinstance(ci, list | tuple) and len(ci) == 2 and _num(ci[0]) is not None and _num(ci[1]) is not None:
+        return f"{v:.3f} ({ci[0]:.2f}–{ci[1]:.2f})"
+    return f"{v:.3f}"
+
+
+def _signed(value: float) -> str:
+    return f"{value:+.3f}"
+
+
+def _gain(record: dict[str, Any]) -> str:
+    gain, ci = _num(record.get("gain")), record.get("gain_ci") or [None, None]
+    if gain is None:
+        return "n/a"
+    lo, hi = _num(ci[0]), _num(ci[1])
+    return _signed(gain) + (f" (95% CI {_signed(lo)} to {_signed(hi)})" if lo is not None and hi is not None else "")
+
+
+def gain_sentence(doc: dict[str, Any]) -> str | None:
+    """One line: what the federation gained (or did not) at unseen sites, with its 95% interval; None when the
+    run has no leave-one-site-out and local-only results to compare."""
+    overall = _dict(_dict(_dict(doc.get("validation")).get("federation_gain")).get("overall"))
+    fed, local, gain = (_num(overall.get(k)) for k in ("federated_auc", "local_only_auc", "gain"))
+    if fed is None or local is None or gain is None:
+        return None
+    ci = overall.get("gain_ci") or [None, None]
+    lo, hi = _num(ci[0]), _num(ci[1])
+    interval = f", 95% CI {_signed(lo)} to {_signed(hi)}" if lo is not None and hi is not None else ""
+    if lo is not None and lo > 0:
+        verdict = "the federation helped"
+    elif hi is not None and hi < 0:
+        verdict = "each hospital alone did better"
+    else:
+        verdict = "the interval includes no gain: these sites are too few or too small to tell"
+    return (f"At sites it never saw, the federated model scored AUC {fed:.3f} against {local:.3f} for the "
+            f"models each other hospital built alone (own pipeline): gain {_signed(gain)}{interval} over "
+            f"{int(overall.get('sites', 0))} site(s); {verdict}.")
+
+
+def gain_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Per unseen site: the federated leave-one-site-out AUC, the mean AUC of the other sites' local-only
+    models there, and the gain with its 95% interval; no rows without those results."""
+    gains = _dict(_dict(_dict(doc.get("validation")).get("federation_gain")).get("sites"))
+    rows = [[str(site), _auc(_dict(g).get("federated_auc")), _auc(_dict(g).get("local_only_auc")), _gain(_dict(g))]
+            for site, g in sorted(gains.items())]
+    return ["unseen site", "federated AUC (trained on the others)", "mean AUC of the others alone", "gain"], rows
+
+
+def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
+    """The comparison per unseen site, and each site's own model, internal and external."""
+    validation = _dict(doc.get("validation"))
+    local = {str(k): _dict(v) for k, v in _dict(validation.get("local_only")).items()}
+    if not local:
+        return []
+    blocks: list[Block] = [Heading("Federation vs each hospital alone"),
+                           Text("Local-only: each site runs the whole pipeline alone (its own ComBat, "
+                                "standardisation, feature selection with the run's knobs, and model) on its "
+                                "training cases, as it could without the federation. It is scored on its own "
+                                "held-out cases (internal) and at every other site, which first harmonises itself "
+                                "against it as a late-joining hospital does (external), the same protocol as the "
+                                "leave-one-site-out folds.")]
+    sentence = gain_sentence(doc)
+    if sentence:
+        blocks.append(Text(sentence))
+    header, rows = gain_table(doc)
+    if rows:
+        blocks.append(Table(header, rows))
+        blocks.append(Text("Intervals add the two AUCs' DeLong variances as if independent; both are computed on "
+                           "the same cases, so the paired interval would be narrower.", tight=True))
+    rows = []
+    for site, rec in sorted(local.items()):
+        if "error" in rec:
+            rows.append([site, f"failed: {str(rec['error'])[:160]}", "", ""])
+            continue
+        internal = _dict(rec.get("internal"))
+        external = {str(k): _dict(v) for k, v in _dict(rec.get("external")).items()}
+        at = "; ".join(f"{other} {_auc(r.get('auc'))}" for other, r in sorted(external.items())) or "n/a"
+        rows.append([site, _auc(internal.get("auc"), _dict(internal.get("ci")).get("auc")), at,
+                     str(len(rec.get("features") or []))])
+    blocks.append(Table(["site alone", "internal AUC (95% CI)", "AUC at each other site", "features"], rows))
+    return blocks
