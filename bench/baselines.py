@@ -88,15 +88,34 @@ def _all_cases(data: SiteData, agreed: list[str], names: list[str], fn: Harmoniz
     return site_matrix(data, agreed, None, names, fn)
 
 
-def pooled_loso(sites: dict[str, SiteData], fold_names: Mapping[str, list[str]],
-                config: Mapping[str, Any]) -> dict[str, dict[str, float]]:
+def fold_harmonizers(sites: dict[str, SiteData], agreed: list[str], config: Mapping[str, Any], held: str,
+                     leak_free: bool = True) -> dict[str, Harmonizer | None]:
+    """Per site, the ComBat adjustment a leave-one-site-out fold applies. ``leak_free`` (radfed's protocol since
+    protocol 3): pooled estimates from the fold's training sites only, and the held-out site joins them from
+    all its cases; otherwise (the protocol before): one fit on every site's training split, held-out included."""
+    if str(config.get("harmonization", "none")) != "combat":
+        return {s: None for s in sites}
+    fitted_on = [s for s in sites if s != held] if leak_free else list(sites)
+    xs = [site_matrix(sites[s], agreed, held_out=False)[0] for s in fitted_on]
+    means = combat.pool_moments([combat.site_moments(x, i, len(xs)) for i, x in enumerate(xs)])
+    pooled = combat.pool_residuals(means, [combat.site_residuals(x, means, i) for i, x in enumerate(xs)])
+    options = combat_options(run_config(config))
+    fns: dict[str, Harmonizer | None] = {s: combat.fit_site(x, pooled, site=i, **options).apply
+                                         for i, (s, x) in enumerate(zip(fitted_on, xs, strict=True))}
+    if leak_free:
+        fns[held] = combat.join_site(site_matrix(sites[held], agreed, held_out=None)[0], pooled, **options)[1].apply
+    return fns
+
+
+def pooled_loso(sites: dict[str, SiteData], fold_names: Mapping[str, list[str]], config: Mapping[str, Any],
+                leak_free: bool = True) -> dict[str, dict[str, float]]:
     """Leave-one-site-out, pooled: one model on the other sites' training splits together (the fold's own
-    features), scored on every case of the held-out site."""
+    features), scored on every case of the held-out site; harmonised as ``fold_harmonizers`` says."""
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
     agreed = agreed_features(sites)
-    fns = dict(zip(sites, harmonizers(sites, agreed, config), strict=True))
     out = {}
     for held, names in fold_names.items():
+        fns = fold_harmonizers(sites, agreed, config, held, leak_free)
         train = [site_matrix(d, agreed, False, names, fns[s]) for s, d in sites.items() if s != held]
         net = _fit([x for x, _ in train], [y for _, y in train], steps, config)
         out[held] = _evaluate(net, *_all_cases(sites[held], agreed, names, fns[held]))
