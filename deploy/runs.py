@@ -58,12 +58,12 @@ def run(d: Path, app: Path, run_config: str, quiet: bool) -> int:
     # output-dir says where the results folder will be (<output-dir>/<time>-run<run id>, found by run id)
     output_dir = Path(runconfig.parse(app_run_config(run_config, app)).output_dir).expanduser()
     if not output_dir.is_absolute():
-        raise SystemExit(f"output-dir {str(output_dir)!r} is relative: the ServerApp runs in the SuperLink's "
+        raise ValueError(f"output-dir {str(output_dir)!r} is relative: the ServerApp runs in the SuperLink's "
                          "working folder, not here; give an absolute path (or one under ~)")
     try:
         run_id = flower.submit_run(d, app, run_config)
     except FlowerError as exc:
-        print(f"flwr run refused the run: {exc}", file=sys.stderr)
+        print(f"flwr run did not start the run: {exc}", file=sys.stderr)
         return 2
     log = d / "logs" / f"run-{run_id}.log"
     print(f"run {run_id} started; its log stream is kept in {log}", flush=True)
