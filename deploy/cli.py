@@ -7,15 +7,14 @@ authentication. Everything lives in one deployment folder (``--dir``, default ``
                                             on 127.0.0.1 and the Fleet-only gateway on H:P; again after a stop or
                                             crash: same ports, same database, the sites stay registered
   register [--sites a,b]                    register the sites' public keys with the SuperLink
-  supernode --site NAME --site-dir PATH     start one hospital's flower-supernode in the background
-  run [--run-config "k=v ..."]              flwr run --stream; then the run's status, report and audit log
-  status                                    which processes are alive; Flower's runs and SuperNodes
+  supernode --name NAME --site DIR          start one hospital's flower-supernode in the background
+  run [--run-config "k=v ..."]              flwr run, its log stream; then the run's status, report and audit log
+  status [--json]                           which processes are alive; Flower's runs and SuperNodes
   stop [NAME ...]                           SIGTERM the SuperNodes and the SuperLink, then SIGKILL stragglers
 
-pids are in procs/<name>.json, logs in logs/, the SuperLink's database in state/, the coordinator's FLWR_HOME
-(config.toml with the `radfed` connection to the local Control API) in home/coordinator (deploy.layout); the
-processes and how they are stopped are in deploy.processes. See docs/deployment.md. This module holds the seven
-commands and their parser (a little over 400 lines: each command's steps read top to bottom).
+This module holds the seven commands and their parser. The folder's layout and the process records are in
+deploy.layout, the processes and how they are stopped in deploy.processes, what Flower tells (its CLI's JSON,
+the few facts only its logs hold) in deploy.flower. See docs/deployment.md.
 """
 
 from __future__ import annotations
@@ -23,15 +22,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
-import socket
-import subprocess
 import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from deploy import flower
+from deploy.flower import FlowerError
 from deploy.layout import (
     CONNECTION,
     DEFAULT_DIR,
@@ -45,28 +43,23 @@ from deploy.layout import (
     write_record,
 )
 from deploy.processes import (
-    ANSI,
-    LOOPBACK,
     STOP_GRACE,
-    WILDCARD,
+    await_port,
+    check_control_host,
     connect_host,
     env_for,
-    exit_code_in_log,
-    flower_processes,
     free_port,
     host_port,
     is_running,
+    main_alive,
     program,
     start,
     stop_processes,
     tail,
 )
+from deploy.runs import run
 
 APP_DIR = Path(__file__).resolve().parent.parent
-RUN_FOLDER = re.compile(r"results go to (\S.*?)\s*$")
-NODE_ID = re.compile(r"SuperNode ID: (\d+)")
-RUN_ID = re.compile(r"[Ss]uccessfully started run (\d+)")
-OUTPUT_WAIT = 60.0  # a ServerApp whose SuperLink went away writes its outputs after the log stream ended
 GATEWAY = "fleet-gateway"  # the record of the public Fleet API gateway (deploy/gateway.py)
 
 
@@ -95,38 +88,6 @@ def cmd_provision(args: argparse.Namespace) -> int:
     return 0
 
 
-def _await_port(proc: subprocess.Popen, host: str, port: int, wait: float, log: Path, what: str) -> str | None:
-    """None once ``host:port`` accepts connections; else why not (the process exited, or time ran out)."""
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return f"{what} exited with code {proc.returncode}:\n{tail(log)}"
-        target = connect_host(host)
-        with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
-            if sock.connect_ex((target, port)) == 0:
-                return None
-        time.sleep(0.2)
-    return f"{what} did not open port {port} within {wait:.0f}s; see {log}"
-
-
-def _main_alive(rec: dict[str, Any]) -> bool:
-    """The recorded process itself is alive (not only something it started)."""
-    return int(rec["pid"]) in flower_processes(int(rec["pid"]))
-
-
-def check_control_host(control_host: str, public_host: str) -> None:
-    """Refuse a Control API address that the SuperNodes' side of the network could reach."""
-    if control_host in WILDCARD:
-        raise SystemExit(f"--control-host {control_host!r} would serve the Control API on every interface: "
-                         "anyone who reaches it can `flwr supernode register` a key of their own and join as a "
-                         "site (Flower's Control API has no authentication). Use 127.0.0.1 (the default) or this "
-                         "machine's own address on a network only the coordinator uses")
-    if control_host == public_host and control_host not in LOOPBACK:
-        raise SystemExit(f"--control-host {control_host} is the public Fleet address (--host): the Control API "
-                         "would be reachable by every hospital and by anyone else there. Use 127.0.0.1 (the "
-                         "default) or an address on a network only the coordinator uses")
-
-
 def _start_gateway(d: Path, host: str, port: int, upstream: str, wait: float) -> str | None:
     """Start deploy/gateway.py on the public address (or keep the running one if it already serves this
     address for this upstream); None when it listens, else why not."""
@@ -135,7 +96,7 @@ def _start_gateway(d: Path, host: str, port: int, upstream: str, wait: float) ->
            "--upstream", upstream, "--ca", files["ca.crt"], "--cert", files["server.crt"],
            "--key", files["server.key"]]
     old = read_record(d, GATEWAY)
-    if old and _main_alive(old):
+    if old and main_alive(old):
         if old["cmd"][1:] == cmd[1:]:
             return None  # SuperNodes keep their connections to it across a SuperLink restart
         stop_processes([old], grace=5)
@@ -146,7 +107,7 @@ def _start_gateway(d: Path, host: str, port: int, upstream: str, wait: float) ->
     write_record(d, {"name": GATEWAY, "role": "gateway", "program": "deploy.gateway", "pid": proc.pid,
                       "address": host_port(host, port), "upstream": upstream, "log": str(log), "cmd": cmd,
                       "started": datetime.now(UTC).isoformat(timespec="seconds")})
-    return _await_port(proc, host, port, wait, log, "the Fleet gateway")
+    return await_port(proc, host, port, wait, log, "the Fleet gateway")
 
 
 def cmd_superlink(args: argparse.Namespace) -> int:
@@ -156,9 +117,9 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     if missing:
         raise SystemExit(f"missing {', '.join(missing)}: run radfed deploy provision --dir {d} --sites ...")
     running = read_record(d, "superlink")
-    if running and _main_alive(running):
+    if running and main_alive(running):
         raise SystemExit(f"superlink is already running (pid {running['pid']}); stop it first: radfed deploy stop "
-                         "superlink (after a SIGTERM it waits for `flwr run --stream` / `flwr log` clients "
+                         "superlink (after a SIGTERM it waits for `flwr log --stream` clients (radfed deploy run) "
                          "until their run has failed, about a minute; SIGINT ends the wait)")
     if running:  # what a crashed SuperLink left behind (its flower-superexec) must not hold on
         stop_processes([running], grace=10)
@@ -190,7 +151,7 @@ def cmd_superlink(args: argparse.Namespace) -> int:
                       "address": address, "host": host, "port": port, "control_address": control,
                       "control_host": control_host, "control_port": control_port, "database": str(database),
                       "log": str(log), "cmd": cmd, "started": datetime.now(UTC).isoformat(timespec="seconds")})
-    problem = _await_port(proc, control_host, control_port, args.wait, log, "flower-superlink") or \
+    problem = await_port(proc, control_host, control_port, args.wait, log, "flower-superlink") or \
         _start_gateway(d, host, port, control, args.wait)
     if problem:
         print(problem, file=sys.stderr)
@@ -214,11 +175,6 @@ def _extra_hosts(d: Path) -> list[str]:
     return [h for h in san_hosts(pki(d) / "server.crt") if h not in DEFAULT_HOSTS]
 
 
-def _flwr(d: Path, *argv: str, timeout: float = 60) -> subprocess.CompletedProcess:
-    return subprocess.run([program("flwr"), *argv], env=env_for(home(d)), capture_output=True, text=True,
-                          timeout=timeout, check=False)
-
-
 def _require_connection(d: Path) -> None:
     if not (home(d) / "config.toml").exists():
         raise SystemExit(f"no connection in {home(d) / 'config.toml'}: start the SuperLink first "
@@ -240,22 +196,20 @@ def cmd_register(args: argparse.Namespace) -> int:
             print(f"{site}: no public key {pub}", file=sys.stderr)
             failed += 1
             continue
-        done = _flwr(d, "supernode", "register", str(pub), CONNECTION, "--name", site)
-        text = ANSI.sub("", done.stdout + done.stderr).strip()
-        if done.returncode == 0:
-            print(f"{site}: {text.splitlines()[-1] if text else 'registered'}")
-        elif "already in use" in text:
-            print(f"{site}: already registered")
-        else:
+        try:
+            node_id = flower.register(d, pub, site)
+        except FlowerError as exc:
             failed += 1
-            print(f"{site}: registration failed (exit {done.returncode}): {text}", file=sys.stderr)
+            print(f"{site}: registration failed: {exc}", file=sys.stderr)
+            continue
+        print(f"{site}: " + (f"registered as SuperNode {node_id}" if node_id is not None else "already registered"))
     return 1 if failed else 0
 
 
 def cmd_supernode(args: argparse.Namespace) -> int:
     from deploy.pki import check_site_name
 
-    d, site = args.dir, check_site_name(args.site)
+    d, site = args.dir, check_site_name(args.name)
     site_dir = Path(args.site_dir).expanduser().resolve()
     if not site_dir.is_dir():
         raise SystemExit(f"site folder {site_dir} does not exist")
@@ -284,15 +238,13 @@ def cmd_supernode(args: argparse.Namespace) -> int:
                       "superlink": superlink, "port": port, "site_dir": str(site_dir), "log": str(log), "cmd": cmd,
                       "started": datetime.now(UTC).isoformat(timespec="seconds")})
     # joined: it logs its node id; refused (unregistered key, node still marked online) or unreachable:
-    # it exits within seconds (code 305) or keeps retrying
+    # it exits within seconds (code 305) or keeps retrying. Its log is all a hospital has (deploy.flower).
     deadline, node_id = time.monotonic() + args.wait, None
     while time.monotonic() < deadline and proc.poll() is None and node_id is None:
         time.sleep(0.3)
-        with log.open("rb") as fh:
-            fh.seek(offset)
-            node_id = next(iter(NODE_ID.findall(ANSI.sub("", fh.read().decode(errors="replace")))), None)
+        node_id = flower.node_id_in_log(log, offset)
     if proc.poll() is not None:
-        flower_code = exit_code_in_log(log, offset)  # the process itself exits with 1
+        flower_code = flower.exit_code_in_log(log, offset)  # the process itself exits with 1
         hint = (" (305: the SuperLink refused it or could not be reached: is its public key registered "
                 "(radfed deploy register), the address right, the CA the federation's? After a crash a node "
                 "can rejoin only once the SuperLink has marked it offline, up to 60 s)") if flower_code == 305 else ""
@@ -305,91 +257,48 @@ def cmd_supernode(args: argparse.Namespace) -> int:
     return 0 if node_id else 3
 
 
-def _stream_run(cmd: list[str], env: dict[str, str], log: Path, quiet: bool) -> tuple[int, str | None, str | None]:
-    """Run ``flwr run --stream``, echo and keep its output; (exit code, run folder, run id)."""
-    folder = run_id = None
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("w", encoding="utf-8") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                stdin=subprocess.DEVNULL, errors="replace")
-        assert proc.stdout is not None
-        try:
-            for line in proc.stdout:
-                out.write(line)
-                out.flush()
-                if not quiet:
-                    sys.stdout.write(line)
-                    sys.stdout.flush()
-                plain = ANSI.sub("", line)
-                if (m := RUN_FOLDER.search(plain)) and folder is None:
-                    folder = m.group(1)
-                if (m := RUN_ID.search(plain)) and run_id is None:
-                    run_id = m.group(1)
-        finally:
-            if proc.poll() is None and sys.exc_info()[0] is not None:
-                proc.terminate()
-            proc.wait()
-    return proc.returncode, folder, run_id
-
-
-def _has_run_end(audit_log: Path) -> bool:
-    lines = audit_log.read_text(encoding="utf-8", errors="replace").splitlines() if audit_log.exists() else []
-    return bool(lines) and '"event":"run-end"' in lines[-1]
-
-
 def cmd_run(args: argparse.Namespace) -> int:
-    d = args.dir
-    _require_connection(d)
-    cmd = [program("flwr"), "run", str(Path(args.app).resolve()), CONNECTION, "--stream"]
-    if args.run_config:
-        cmd += ["--run-config", args.run_config]
-    log = d / "logs" / f"run-{datetime.now().strftime('%Y%m%d-%H%M%S')}.log"
-    code, folder, run_id = _stream_run(cmd, env_for(home(d)), log, args.quiet)
-    print(f"\nflwr run exited with code {code} (run {run_id or '?'}); its output: {log}")
-    if folder is None:
-        print("no run folder in the log: the ServerApp did not start (see the output above and "
-              f"{log_path(d, 'superlink')})", file=sys.stderr)
-        return 2
-    out = Path(folder)
-    metrics = out / "metrics.json"
-    # run-end is the ServerApp's last write. The log stream can end first: when the SuperLink stops or restarts
-    # mid-run, the ServerApp writes its outputs (status failed) only once Flower tells it, seconds later.
-    deadline = time.monotonic() + OUTPUT_WAIT
-    while not _has_run_end(out / "audit.jsonl") and time.monotonic() < deadline:
-        time.sleep(1.0)
-    if not metrics.exists():
-        print(f"run folder {out} has no metrics.json: the ServerApp stopped before writing its outputs "
-              f"(see {log_path(d, 'superlink')})", file=sys.stderr)
-        return 2
-    doc = json.loads(metrics.read_text(encoding="utf-8"))
-    status = doc.get("status")
-    print(f"run {doc.get('run_id', run_id)} {status}" + (f": {doc.get('error')}" if status != "completed" else ""))
-    for dropout in doc.get("dropouts") or []:
-        where = f"round {dropout['round']} ({dropout['phase']})" if dropout.get("round") else dropout.get("phase")
-        print(f"  site {dropout['site']} left at {where}: {dropout['reason']}")
-    print(f"  report     {out / 'report.html'}\n  metrics    {metrics}\n  audit log  {out / 'audit.jsonl'}\n"
-          f"  audit key  {out / 'audit.pub'} (publish it once to the auditors; they pin it)\n"
-          f"  verify     radfed audit verify {out / 'audit.jsonl'} --pubkey <published audit.pub> "
-          "--receipts <each site's folder or receipts.jsonl>")
-    return 0 if status == "completed" else 1
+    _require_connection(args.dir)
+    return run(args.dir, Path(args.app).resolve(), args.run_config, args.quiet)
+
+
+def _status(d: Path) -> dict[str, Any]:
+    """What `status` reports: our processes; Flower's runs and SuperNodes (None while no SuperLink runs)."""
+    procs = [{**rec, "state": "running" if is_running(rec) else "stopped"} for rec in records(d)]
+    doc: dict[str, Any] = {"dir": str(d), "processes": procs, "runs": None, "supernodes": None, "errors": {}}
+    link = read_record(d, "superlink")
+    if link and is_running(link):
+        for key, query in (("runs", flower.runs), ("supernodes", flower.supernodes)):
+            try:
+                doc[key] = query(d)
+            except FlowerError as exc:
+                doc["errors"][key] = str(exc)
+    return doc
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    d = args.dir
-    recs = records(d)
-    if not recs:
-        print(f"nothing recorded in {d / 'procs'}")
-    for rec in recs:
-        state = "running" if is_running(rec) else "stopped"
+    doc = _status(args.dir)
+    if args.json:
+        print(json.dumps(doc, indent=2))
+        return 0
+    if not doc["processes"]:
+        print(f"nothing recorded in {args.dir / 'procs'}")
+    for rec in doc["processes"]:
         where = {"superlink": f"Control API {rec.get('control_address')}, database {rec.get('database')}",
                  "gateway": f"Fleet API {rec.get('address')} -> SuperLink {rec.get('upstream')}"}.get(
             rec["role"], f"-> {rec.get('superlink')}, site {rec.get('site_dir')}")
-        print(f"{rec['role']:9} {rec['name']:16} pid {rec['pid']:<8} {state:8} {where}\n{'':10}log {rec['log']}")
-    link = read_record(d, "superlink")
-    if link and is_running(link):
-        for title, argv in (("runs", ("ls", CONNECTION)), ("SuperNodes", ("supernode", "ls", CONNECTION))):
-            done = _flwr(d, *argv)
-            print(f"\n{title} (flwr {' '.join(argv)}):\n{ANSI.sub('', done.stdout + done.stderr).rstrip()}")
+        print(f"{rec['role']:9} {rec['name']:16} pid {rec['pid']:<8} {rec['state']:8} {where}\n{'':10}log {rec['log']}")
+    if doc["runs"] is not None:
+        print("\nruns (flwr ls):")
+        for run in doc["runs"]:
+            print(f"  run {run['run-id']:<20} {run['status']:20} {run['fab-id']}=={run['fab-version']}  "
+                  f"elapsed {float(run.get('elapsed') or 0):.0f}s  {run.get('status-details') or ''}".rstrip())
+    if doc["supernodes"] is not None:
+        print("\nSuperNodes (flwr supernode ls):")
+        for node in doc["supernodes"]:
+            print(f"  node {node['node-id']:<20} {node['status']:8} online since {node.get('online-at')}")
+    for what, error in doc["errors"].items():
+        print(f"\n{what}: Flower did not answer: {error}", file=sys.stderr)
     return 0
 
 
@@ -444,20 +353,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sites", default="", help="comma-separated site names (default: every key in keys/)")
 
     p = add("supernode", "start one hospital's flower-supernode", cmd_supernode)
-    p.add_argument("--site", required=True, help="the site's name (its key is keys/<site>)")
-    p.add_argument("--site-dir", required=True, help="the hospital's site folder (manifest.csv or site.yaml)")
+    p.add_argument("--name", required=True, help="the site's name, as provisioned: its key is keys/<NAME>, its "
+                   "record and log are named after it")
+    p.add_argument("--site", "--site-dir", dest="site_dir", required=True, metavar="DIR",
+                   help="the hospital's site folder (manifest.csv or site.yaml), as everywhere in radfed")
     p.add_argument("--superlink", default=None, help="host:port (default: this folder's SuperLink)")
-    p.add_argument("--key", default=None, help="the node's OpenSSH private key (default keys/<site>)")
+    p.add_argument("--key", default=None, help="the node's OpenSSH private key (default keys/<NAME>)")
     p.add_argument("--ca", default=None, help="the federation's CA certificate (default pki/ca.crt)")
     p.add_argument("--port", type=int, default=0, help="the SuperNode's local port (default: a free one)")
     p.add_argument("--wait", type=float, default=30.0, help="seconds to wait for it to join (exit code 3 if not yet)")
 
-    p = add("run", "flwr run --stream; then the run's status, report and audit log", cmd_run)
+    p = add("run", "flwr run and its log stream; then the run's status, report and audit log", cmd_run)
     p.add_argument("--app", default=str(APP_DIR), help=f"the Flower App (default {APP_DIR})")
     p.add_argument("--run-config", default="", help="overrides, as for flwr run: \"num-server-rounds=10 ...\"")
     p.add_argument("--quiet", action="store_true", help="do not echo Flower's log stream (it is still kept)")
 
-    add("status", "which processes are alive; Flower's runs and SuperNodes", cmd_status)
+    p = add("status", "which processes are alive; Flower's runs and SuperNodes", cmd_status)
+    p.add_argument("--json", action="store_true", help="print one JSON document (processes, runs, supernodes, "
+                   "errors) to stdout instead of the summary")
 
     p = add("stop", "SIGTERM SuperNodes and SuperLink (process groups), then SIGKILL stragglers", cmd_stop)
     p.add_argument("names", nargs="*", help="only these (site names or 'superlink'); default: all")

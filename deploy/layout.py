@@ -3,6 +3,8 @@
     pki/            CA and SuperLink certificate (deploy.pki)     keys/    one node key pair per site
     procs/<n>.json  pid, role, ports of each process we started   logs/    their logs
     state/          the SuperLink's database                      home/    private FLWR_HOMEs
+
+and where a run's results are: ``<output-dir>/<time>-run<run id>`` (server/app.py ``run_folder``).
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from typing import Any
 
 CONNECTION = "radfed"
 DEFAULT_DIR = Path(os.environ.get("RADFED_DEPLOY_DIR", "~/.radfed/deploy")).expanduser()
-
 
 
 def pki(d: Path) -> Path:
@@ -63,3 +64,10 @@ def write_connection(d: Path, address: str) -> Path:
     config.write_text(f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
                       f'address = "{address}"\nroot-certificates = "{ca}"\n', encoding="utf-8")
     return config
+
+
+def run_folder(output_dir: Path, run_id: int) -> Path | None:
+    """The results folder the ServerApp made for run ``run_id`` under its output-dir, if it made one.
+    Flower's run ids are random 64-bit numbers, so one folder matches (the newest, should a run id recur)."""
+    found = sorted(p for p in output_dir.glob(f"*-run{run_id}") if p.is_dir())
+    return found[-1] if found else None

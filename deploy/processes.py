@@ -2,8 +2,7 @@
 
 Every process `radfed deploy` starts leads its own process group; Flower starts more: the SuperNode's
 flower-superexec (same group) and its flwr-clientapp runs; the SuperLink's flower-superexec runs in a session of
-its own, with `--parent-pid <SuperLink pid>`, and starts flwr-serverapp runs. Linux /proc is read to find them
-all; elsewhere only the process group is signalled.
+its own, with `--parent-pid <SuperLink pid>`, and starts flwr-serverapp runs. psutil finds them all.
 """
 
 from __future__ import annotations
@@ -21,8 +20,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import psutil
+
+# Flower's logger always colours; log text shown to the user has the codes stripped
 ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
-FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")
 STOP_GRACE = 30.0  # flower-superexec children exit within about 20 s of a SIGTERM
 FORCE_AFTER = 5.0  # then a SuperLink still waiting for a log stream gets SIGINT (uvicorn's "force quit")
 FLOWER_PROGRAMS = ("flower-superlink", "flower-supernode", "flower-superexec", "flwr-serverapp", "flwr-clientapp",
@@ -66,51 +67,70 @@ def host_port(host: str, port: int) -> str:
 
 
 
-def process_table() -> dict[int, tuple[str, int, int, str]]:
-    """pid -> (state, parent pid, process group, command line) of every process, {} without /proc."""
-    table = {}
-    for entry in Path("/proc").iterdir() if Path("/proc/self/stat").exists() else []:
-        if not entry.name.isdigit():
+def _group(proc: psutil.Process) -> int | None:
+    """The process group of a live, non-zombie process; None once it is gone."""
+    try:
+        if proc.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):
+            return None
+        return os.getpgid(proc.pid)
+    except (psutil.Error, ProcessLookupError):
+        return None
+
+
+def _is_flower(proc: psutil.Process) -> bool:
+    try:
+        cmd = " ".join(proc.cmdline())
+    except psutil.Error:
+        return False
+    return any(name in cmd for name in FLOWER_PROGRAMS)
+
+
+def _started_for(proc: psutil.Process, pid: int) -> bool:
+    """Started by Flower on behalf of ``pid`` without being its descendant: the SuperLink's
+    flower-superexec runs in a session of its own and names its SuperLink with ``--parent-pid``."""
+    try:
+        cmd = proc.cmdline()
+    except psutil.Error:
+        return False
+    return f"--parent-pid={pid}" in cmd or any(
+        arg == "--parent-pid" and value == str(pid) for arg, value in zip(cmd, cmd[1:], strict=False))
+
+
+def _live(pid: int) -> dict[int, tuple[psutil.Process, int]]:
+    """pid -> (process, process group) of the live Flower processes of a recorded process: the process,
+    its descendants, the rest of its process group and what was started for it with ``--parent-pid``.
+    Only Flower's programs count, so a recycled pid never makes us signal a stranger."""
+    found: dict[int, psutil.Process] = {}
+    with suppress(psutil.Error):
+        root = psutil.Process(pid)
+        found = {p.pid: p for p in (root, *root.children(recursive=True))}
+    for proc in psutil.process_iter():
+        if proc.pid in found:
             continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, IndexError):
-            continue
-        table[int(entry.name)] = (fields[0], int(fields[1]), int(fields[2]), cmd)
-    return table
+        with suppress(psutil.Error, ProcessLookupError):
+            if os.getpgid(proc.pid) == pid or _started_for(proc, pid):
+                found[proc.pid] = proc
+                found.update((c.pid, c) for c in proc.children(recursive=True))
+    live = {}
+    for other, proc in found.items():
+        group = _group(proc)
+        if group is not None and _is_flower(proc):
+            live[other] = (proc, group)
+    return live
 
 
 def flower_processes(pid: int) -> dict[int, int]:
-    """Live Flower processes of a recorded process, pid -> process group: the process, its process group,
-    its descendants, and the flower-superexec started for it (``--parent-pid``)."""
-    table = process_table()
-    if not table:  # no /proc: the process group is all we know
-        try:
-            os.killpg(pid, 0)
-        except ProcessLookupError:
-            return {}
-        return {pid: pid}
-    children: dict[int, list[int]] = {}
-    for child, (_, parent, _, _) in table.items():
-        children.setdefault(parent, []).append(child)
-    tree, stack = set(), [pid]
-    while stack:
-        current = stack.pop()
-        if current not in tree:
-            tree.add(current)
-            stack += children.get(current, [])
-    found = {}
-    for other, (state, _, pgid, cmd) in table.items():
-        if state in ("Z", "X") or not any(program in cmd for program in FLOWER_PROGRAMS):
-            continue
-        if other in tree or pgid == pid or re.search(rf"--parent-pid {pid}\b", cmd):
-            found[other] = pgid
-    return found
+    """Live Flower processes of a recorded process, pid -> process group (see ``_live``)."""
+    return {other: group for other, (_, group) in _live(pid).items()}
 
 
 def is_running(record: dict[str, Any]) -> bool:
     return bool(flower_processes(int(record["pid"])))
+
+
+def main_alive(record: dict[str, Any]) -> bool:
+    """The recorded process itself is alive (not only something it started)."""
+    return int(record["pid"]) in flower_processes(int(record["pid"]))
 
 
 def stop_processes(recs: list[dict[str, Any]], grace: float = STOP_GRACE) -> dict[str, str]:
@@ -118,38 +138,35 @@ def stop_processes(recs: list[dict[str, Any]], grace: float = STOP_GRACE) -> dic
     to ``grace`` seconds for all of them to exit, SIGKILL the groups of any left.
 
     Returns how each ended: "stopped", "killed" or "not running"."""
-    targets = {rec["name"]: flower_processes(int(rec["pid"])) for rec in recs}
+    # psutil.Process objects remember each process's start time: a pid recycled while we wait is not "left"
+    targets = {rec["name"]: _live(int(rec["pid"])) for rec in recs}
 
     def signal_groups(groups: set[int], sig: signal.Signals) -> None:
         for pgid in groups:
             with suppress(ProcessLookupError, PermissionError):
                 os.killpg(pgid, sig)
 
-    signal_groups({g for procs in targets.values() for g in procs.values()}, signal.SIGTERM)
+    def left(procs: dict[int, tuple[psutil.Process, int]]) -> set[int]:
+        return {group for proc, group in procs.values() if proc.is_running() and _group(proc) is not None}
 
-    def left(procs: dict[int, int]) -> dict[int, int]:
-        table = process_table()
-        if not table:
-            return {p: g for p, g in procs.items() if flower_processes(g)}
-        return {p: g for p, g in procs.items() if p in table and table[p][0] not in ("Z", "X")}
-
-    # On SIGTERM flower-superlink (uvicorn) waits for open log streams (`flwr run --stream`, `flwr log --stream`)
-    # until their run has failed, about a minute; a second signal, SIGINT, makes it quit without waiting.
-    nudge = {int(r["pid"]) for r in recs if r.get("role") == "superlink"}
+    signal_groups({group for procs in targets.values() for _, group in procs.values()}, signal.SIGTERM)
+    # On SIGTERM flower-superlink (uvicorn) waits for open log streams (`flwr log --stream`) until their run
+    # has failed, about a minute; a second signal, SIGINT, makes it quit without waiting.
+    nudge = [targets[r["name"]][int(r["pid"])][0] for r in recs
+             if r.get("role") == "superlink" and int(r["pid"]) in targets[r["name"]]]
     nudge_at = time.monotonic() + min(FORCE_AFTER, grace / 2)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and any(left(procs) for procs in targets.values()):
         if nudge and time.monotonic() >= nudge_at:
-            for pid in nudge:
-                with suppress(ProcessLookupError, PermissionError):
-                    os.kill(pid, signal.SIGINT)
-            nudge = set()
+            for proc in nudge:
+                with suppress(psutil.Error):
+                    proc.send_signal(signal.SIGINT)  # psutil checks it is still the same process
+            nudge = []
         time.sleep(0.3)
     outcome = {}
     for name, procs in targets.items():
         remaining = left(procs)
-        if remaining:
-            signal_groups(set(remaining.values()), signal.SIGKILL)
+        signal_groups(remaining, signal.SIGKILL)
         outcome[name] = "not running" if not procs else "killed" if remaining else "stopped"
     return outcome
 
@@ -163,14 +180,33 @@ def start(cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
                                 start_new_session=True)
 
 
-def tail(path: Path, lines: int = 15) -> str:
-    text = path.read_text(encoding="utf-8", errors="replace") if path.exists() else ""
+def tail(log: Path, lines: int = 15) -> str:
+    text = log.read_text(encoding="utf-8", errors="replace") if log.exists() else ""
     return "\n".join(ANSI.sub("", text).splitlines()[-lines:])
 
 
-def exit_code_in_log(log: Path, offset: int = 0) -> int | None:
-    """The Flower exit code a process logged ("Exit Code: 305"), if any, after byte ``offset``."""
-    with log.open("rb") as fh:
-        fh.seek(offset)
-        found = FLOWER_EXIT.findall(ANSI.sub("", fh.read().decode(errors="replace")))
-    return int(found[-1]) if found else None
+def await_port(proc: subprocess.Popen, host: str, port: int, wait: float, log: Path, what: str) -> str | None:
+    """None once ``host:port`` accepts connections; else why not (the process exited, or time ran out)."""
+    deadline = time.monotonic() + wait
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return f"{what} exited with code {proc.returncode}:\n{tail(log)}"
+        target = connect_host(host)
+        with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
+            if sock.connect_ex((target, port)) == 0:
+                return None
+        time.sleep(0.2)
+    return f"{what} did not open port {port} within {wait:.0f}s; see {log}"
+
+
+def check_control_host(control_host: str, public_host: str) -> None:
+    """Refuse a Control API address that the SuperNodes' side of the network could reach."""
+    if control_host in WILDCARD:
+        raise SystemExit(f"--control-host {control_host!r} would serve the Control API on every interface: "
+                         "anyone who reaches it can `flwr supernode register` a key of their own and join as a "
+                         "site (Flower's Control API has no authentication). Use 127.0.0.1 (the default) or this "
+                         "machine's own address on a network only the coordinator uses")
+    if control_host == public_host and control_host not in LOOPBACK:
+        raise SystemExit(f"--control-host {control_host} is the public Fleet address (--host): the Control API "
+                         "would be reachable by every hospital and by anyone else there. Use 127.0.0.1 (the "
+                         "default) or an address on a network only the coordinator uses")

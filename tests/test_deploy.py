@@ -16,69 +16,39 @@ import subprocess
 import sys
 import time
 from contextlib import suppress
-from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.serialization import load_ssh_private_key
+from deploy_helpers import (
+    BIN,
+    PER_CLASS,
+    RADFED,
+    REPO,
+    TEST_FRACTION,
+    Deployment,
+    K,
+    deploy,
+    ensure_supernodes,
+    finish,
+    refused_supernode,
+    run_config,
+    run_folder,
+    start_run,
+    start_supernode,
+    stop_deployment,
+    supernodes,
+    wait_for_event,
+)
 
 from common.split import eligibility_problem
+from deploy import flower
 from deploy.layout import read_record, records
+from deploy.layout import run_folder as find_run_folder
 from deploy.pki import provision, san_hosts
-from deploy.processes import env_for, flower_processes, free_port, stop_processes
+from deploy.processes import env_for, flower_processes, stop_processes
 from radfed import synth
-from radfed.cli import approve_demo_plan
-from radfed.launch import overrides_text
-from server.audit import load_or_create_key, public_pem, verify
-
-REPO = Path(__file__).resolve().parent.parent
-PY = sys.executable
-RADFED = str(Path(PY).parent / "radfed")
-K, PER_CLASS, TEST_FRACTION = 5, 10, 0.3  # 10 per class: two release blocks of k (one trains, one is held out)
-RUN_TIMEOUT = 480  # one whole run, including a crashed site's 60 s heartbeat expiry
-
-
-@dataclass
-class Deployment:
-    dir: Path
-    sites: dict[str, Path]  # site name -> its folder
-    runs: Path  # every run's output-dir is a folder in here
-    audit_key: Path
-
-    def pinned_pubkey(self) -> Path:
-        """The coordinator's audit public key, as an auditor would pin it (not the copy beside the log)."""
-        path = self.runs / "coordinator.pub"
-        path.write_bytes(public_pem(load_or_create_key(self.audit_key)))
-        return path
-
-
-def deploy(d: Path, *args: str, timeout: float = 120, check: bool = True) -> subprocess.CompletedProcess:
-    done = subprocess.run([RADFED, "deploy", *args, "--dir", str(d)], cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, check=False)
-    if check:
-        assert done.returncode == 0, f"deploy {' '.join(args)}: exit {done.returncode}\n{done.stdout}\n{done.stderr}"
-    return done
-
-
-def start_supernode(dep: Deployment, name: str, patience: float = 90) -> None:
-    """Start a site's SuperNode; a node that crashed is refused (305) until the SuperLink has marked it
-    offline (no heartbeat for up to 60 s), so retry until then."""
-    deadline = time.monotonic() + patience
-    while True:
-        done = deploy(dep.dir, "supernode", "--site", name, "--site-dir", str(dep.sites[name]), "--wait", "60",
-                      check=False)
-        if done.returncode == 0 or time.monotonic() > deadline or "305" not in done.stderr:
-            assert done.returncode == 0, f"SuperNode {name} did not join:\n{done.stdout}\n{done.stderr}"
-            return
-        time.sleep(5)
-
-
-def ensure_supernodes(dep: Deployment) -> None:
-    for name in dep.sites:
-        rec = read_record(dep.dir, name)
-        if rec is None or not flower_processes(int(rec["pid"])):
-            start_supernode(dep, name)
+from server.audit import verify
 
 
 @pytest.fixture(scope="module")
@@ -97,54 +67,7 @@ def deployment(tmp_path_factory) -> Deployment:
             start_supernode(dep, name)
         yield dep
     finally:
-        with suppress(Exception):
-            deploy(dep.dir, "stop", "--grace", "25", timeout=150, check=False)
-        stop_processes(records(dep.dir), grace=5)  # anything the CLI could not stop
-
-
-def run_config(dep: Deployment, name: str, **overrides: object) -> dict[str, object]:
-    return {"output-dir": str(dep.runs / name), "audit-key": str(dep.audit_key), "num-server-rounds": 2,
-            "local-epochs": 1, "min-cases-per-class": K, "test-fraction": TEST_FRACTION,
-            "external-validation": "none", **overrides}
-
-
-def start_run(dep: Deployment, config: dict[str, object]) -> subprocess.Popen:
-    """`radfed deploy run` in the background, after every site approved this run's plan."""
-    approve_demo_plan(list(dep.sites.values()), config)
-    return subprocess.Popen([RADFED, "deploy", "run", "--dir", str(dep.dir), "--run-config", overrides_text(config),
-                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
-
-
-def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        with suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-        out, _ = proc.communicate()
-        pytest.fail(f"deploy run did not finish within {timeout:.0f}s:\n{out}")
-    return proc.returncode, out
-
-
-def wait_for_event(proc: subprocess.Popen, output_dir: Path, event: str, timeout: float = 300) -> None:
-    """Until the run's audit log holds an ``event`` entry."""
-    needle = f'"event":"{event}"'
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if any(needle in p.read_text() for p in output_dir.glob("*/audit.jsonl")):
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before any {event!r} entry:\n{proc.communicate()[0]}")
-        time.sleep(0.5)
-    pytest.fail(f"no {event!r} entry in the audit log within {timeout:.0f}s")
-
-
-def run_folder(output_dir: Path) -> tuple[Path, dict, list[dict]]:
-    folders = sorted(output_dir.glob("*-run*"))
-    assert len(folders) == 1, folders
-    events = [json.loads(line) for line in (folders[0] / "audit.jsonl").read_text().splitlines()]
-    return folders[0], json.loads((folders[0] / "metrics.json").read_text()), events
+        stop_deployment(dep)
 
 
 def kill_site(dep: Deployment, name: str, sig: signal.Signals) -> None:
@@ -177,6 +100,57 @@ def test_provision_keeps_existing_keys_and_flower_reads_them(tmp_path):
     assert bad.returncode == 2 and "site name" in bad.stderr
 
 
+def _sleeper(*argv: str, children: int = 0) -> list[str]:
+    """A Python process that names ``argv`` in its command line (as Flower's programs do), starts
+    ``children`` such processes of its own and sleeps."""
+    spawn = "".join("subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(120)', 'flwr-clientapp']); "
+                    for _ in range(children))
+    return [sys.executable, "-c", f"import subprocess, sys, time; {spawn}time.sleep(120)", *argv]
+
+
+def test_stop_finds_what_flower_started_and_nothing_else():
+    """A recorded process's descendants, its process group and what names it with --parent-pid are stopped;
+    a stranger that is no Flower program, and a Flower program started for someone else, are left alone."""
+    node = subprocess.Popen(_sleeper("flower-supernode", children=2), start_new_session=True)
+    started = [node]
+    try:
+        started.append(subprocess.Popen(_sleeper("flower-superexec", "--parent-pid", str(node.pid)),
+                                        start_new_session=True))
+        started.append(subprocess.Popen(_sleeper("flower-superexec", "--parent-pid", "1"), start_new_session=True))
+        started.append(subprocess.Popen(_sleeper("not-flower", "--parent-pid", str(node.pid)),
+                                        start_new_session=True))
+        deadline = time.monotonic() + 30
+        while len(found := flower_processes(node.pid)) < 4 and time.monotonic() < deadline:
+            time.sleep(0.2)  # the children are still starting
+        assert node.pid in found and started[1].pid in found and len(found) == 4, found
+        assert found[started[1].pid] == started[1].pid and {found[p] for p in found if p != started[1].pid} == {
+            node.pid}  # process group of each: the node's (its children) and the superexec's own
+        rec = {"name": "site-a", "role": "supernode", "pid": node.pid}
+        assert stop_processes([rec], grace=10) == {"site-a": "stopped"}
+        assert node.wait(timeout=10) == -signal.SIGTERM and started[1].wait(timeout=10) == -signal.SIGTERM
+        assert not flower_processes(node.pid)
+        assert started[2].poll() is None and started[3].poll() is None  # not ours
+        assert stop_processes([rec], grace=1) == {"site-a": "not running"}
+    finally:
+        for proc in started:
+            with suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=10)
+
+
+def test_run_folder_by_run_id_and_flower_errors_as_json(tmp_path):
+    for name in ("20260101-120000-run12", "20260101-120000-run123", "20260101-120000-run4512"):
+        (tmp_path / name).mkdir()
+    assert find_run_folder(tmp_path, 12) == tmp_path / "20260101-120000-run12"
+    assert find_run_folder(tmp_path, 45) is None and find_run_folder(tmp_path / "missing", 12) is None
+    # no SuperLink behind the connection: Flower's JSON error, raised with its message
+    (tmp_path / "home" / "coordinator").mkdir(parents=True)
+    (tmp_path / "home" / "coordinator" / "config.toml").write_text(
+        '[superlink]\ndefault = "radfed"\n\n[superlink.radfed]\naddress = "127.0.0.1:9"\ninsecure = true\n')
+    with pytest.raises(flower.FlowerError, match="(?i)superlink"):
+        flower.runs(tmp_path)
+
+
 def test_full_run_with_tls_and_node_authentication(deployment):
     dep = deployment
     link = read_record(dep.dir, "superlink")
@@ -201,9 +175,14 @@ def test_full_run_with_tls_and_node_authentication(deployment):
     assert "receipts: 12 model hash(es) in 3 receipts file(s) checked against the log" in verified.stdout
     assert "audit log intact: the log, the run files and the receipts agree" in verified.stdout
 
-    status = deploy(dep.dir, "status")
-    assert str(doc["run_id"]) in status.stdout and "finished" in status.stdout
-    assert status.stdout.count("running") >= 4 and status.stdout.count("online") == 3
+    status = json.loads(deploy(dep.dir, "status", "--json").stdout)  # one JSON document, nothing else
+    assert [r["status"] for r in status["runs"] if r["run-id"] == str(doc["run_id"])] == ["finished:completed"]
+    assert sorted(p["name"] for p in status["processes"] if p["state"] == "running") == sorted(
+        [*dep.sites, "fleet-gateway", "superlink"])
+    assert [n["status"] for n in status["supernodes"]] == ["online"] * 3 and not status["errors"]
+    shown = deploy(dep.dir, "status").stdout
+    assert f"run {doc['run_id']}" in shown and "finished:completed" in shown
+    assert [line.split()[2] for line in shown.splitlines() if line.startswith("  node ")] == ["online"] * 3
 
 
 def test_unregistered_and_plaintext_nodes_are_refused(deployment, tmp_path):
@@ -214,33 +193,16 @@ def test_unregistered_and_plaintext_nodes_are_refused(deployment, tmp_path):
     site_dir = str(next(iter(dep.sites.values())))
 
     # a key that was not registered: refused with exit code 305, never joins
-    done = deploy(dep.dir, "supernode", "--site", "intruder", "--site-dir", site_dir,
+    done = deploy(dep.dir, "supernode", "--name", "intruder", "--site", site_dir,
                   "--key", str(outsider / "keys" / "intruder"), "--wait", "60", check=False)
     assert done.returncode == 1 and "Flower exit code 305" in done.stderr, done.stdout + done.stderr
     assert "SuperNode ID" not in (dep.dir / "logs" / "supernode-intruder.log").read_text()
 
-    def supernode(*args: str) -> str:
-        cmd = [str(Path(PY).parent / "flower-supernode"), "--superlink", address, "--node-config",
-               f"site-dir='{site_dir}'", "--port", str(free_port()), "--max-retries", "2", "--max-wait-time", "15",
-               *args]
-        # output to a file, not a pipe: the flower-superexec it starts outlives it and would hold a pipe open
-        log = tmp_path / f"supernode-{len(list(tmp_path.glob('supernode-*.log')))}.log"
-        with log.open("w") as out:
-            proc = subprocess.Popen(cmd, env=env_for(tmp_path / "home"), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        try:
-            proc.wait(timeout=90)
-        finally:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        text = log.read_text(errors="replace")
-        assert proc.returncode != 0 and "Exit Code: 305" in text and "SuperNode ID" not in text, text
-        return text
-
-    supernode("--insecure")  # plaintext HTTP to the TLS port
+    refused_supernode(address, tmp_path, tmp_path / "home", "--insecure", site_dir=site_dir)  # plaintext to TLS
     # TLS, a registered key, but a CA that did not sign the SuperLink's certificate
-    wrong_ca = supernode("--root-certificates", str(outsider / "pki" / "ca.crt"),
-                         "--auth-supernode-private-key", str(dep.dir / "keys" / next(iter(dep.sites))))
+    wrong_ca = refused_supernode(address, tmp_path, tmp_path / "home", "--root-certificates",
+                                 str(outsider / "pki" / "ca.crt"), "--auth-supernode-private-key",
+                                 str(dep.dir / "keys" / next(iter(dep.sites))), site_dir=site_dir)
     assert "CERTIFICATE_VERIFY_FAILED" in wrong_ca
 
     # the flwr CLI: plaintext, or TLS without the federation's CA, fails; the coordinator's connection works
@@ -250,14 +212,10 @@ def test_unregistered_and_plaintext_nodes_are_refused(deployment, tmp_path):
                                           f'address = "{address}"\ninsecure = true\n\n'
                                           f'[superlink.system-ca]\naddress = "{address}"\n')
     for connection in ("plain", "system-ca"):
-        listing = subprocess.run([str(Path(PY).parent / "flwr"), "ls", connection], env=env_for(cli_home),
+        listing = subprocess.run([str(BIN / "flwr"), "ls", connection], env=env_for(cli_home),
                                  capture_output=True, text=True, timeout=60, check=False)
         assert listing.returncode != 0, (connection, listing.stdout)
-    nodes = subprocess.run([str(Path(PY).parent / "flwr"), "supernode", "ls", "radfed", "--format", "json"],
-                           env=env_for(dep.dir / "home" / "coordinator"), capture_output=True, text=True, timeout=60,
-                           check=True)
-    listed = json.loads(nodes.stdout[nodes.stdout.index("{"):])["nodes"]
-    assert [n["status"] for n in listed].count("online") == 3 and len(listed) == 3
+    assert sorted(supernodes(dep).values()) == ["online"] * 3
 
 
 def test_a_site_that_crashes_mid_run_drops_out_and_the_run_completes(deployment):

@@ -11,7 +11,6 @@ the interrupted run has failed (it waits for the `flwr run --stream` client, abo
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -23,28 +22,28 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from test_deploy import (
+from deploy_helpers import (
+    BIN,
     PER_CLASS,
-    PY,
-    RADFED,
-    REPO,
     Deployment,
     deploy,
     finish,
+    refused_supernode,
     run_config,
     run_folder,
     start_run,
     start_supernode,
+    stop_deployment,
+    supernodes,
     wait_for_event,
 )
 
-from deploy.layout import read_record, records
+from deploy import flower
+from deploy.layout import read_record
 from deploy.pki import provision
-from deploy.processes import env_for, free_port, stop_processes
+from deploy.processes import env_for
 from radfed import synth
 from server.audit import verify
-
-BIN = Path(PY).parent
 
 
 @dataclass
@@ -90,14 +89,6 @@ def outside() -> Iterator[Outside]:
         _ip("netns", "del", netns)
 
 
-def start_outside_supernode(dep: Deployment, name: str, where: Outside) -> None:
-    """A hospital on the outside: `radfed deploy supernode` run there, to the public address."""
-    done = subprocess.run([*where.prefix, RADFED, "deploy", "supernode", "--dir", str(dep.dir), "--site", name,
-                           "--site-dir", str(dep.sites[name]), "--wait", "60"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, check=False)
-    assert done.returncode == 0, f"SuperNode {name} did not join from outside:\n{done.stdout}\n{done.stderr}"
-
-
 @pytest.fixture(scope="module")
 def deployment(tmp_path_factory, outside) -> Iterator[Deployment]:
     root = tmp_path_factory.mktemp("redteam")
@@ -110,24 +101,10 @@ def deployment(tmp_path_factory, outside) -> Iterator[Deployment]:
         deploy(dep.dir, "superlink", "--host", outside.public_host)
         deploy(dep.dir, "register")
         start_supernode(dep, inside)
-        start_outside_supernode(dep, far, outside)
+        start_supernode(dep, far, prefix=outside.prefix)  # a hospital on the outside, to the public address
         yield dep
     finally:
-        with suppress(Exception):
-            deploy(dep.dir, "stop", "--grace", "25", timeout=150, check=False)
-        stop_processes(records(dep.dir), grace=5)
-
-
-def flwr(dep: Deployment, *args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "flwr"), *args], env=env_for(dep.dir / "home" / "coordinator"),
-                          capture_output=True, text=True, timeout=60, check=False)
-
-
-def nodes(dep: Deployment) -> dict[int, str]:
-    """Node id -> status, as the coordinator's `flwr supernode ls` reports them."""
-    done = flwr(dep, "supernode", "ls", "radfed", "--format", "json")
-    assert done.returncode == 0, done.stdout + done.stderr
-    return {int(n["node-id"]): n["status"] for n in json.loads(done.stdout[done.stdout.index("{"):])["nodes"]}
+        stop_deployment(dep)
 
 
 def listeners(pid: int) -> list[str]:
@@ -169,35 +146,21 @@ def test_an_outsider_with_only_the_ca_cannot_register_or_join(deployment, outsid
         assert listeners(int(link["pid"])) == [f"127.0.0.1:{link['control_port']}"]
         assert listeners(int(gateway["pid"])) == [public]
 
-    def outsider_supernode(*args: str) -> str:
-        log = tmp_path / f"outsider-supernode-{len(list(tmp_path.glob('outsider-supernode-*')))}.log"
-        cmd = [*outside.prefix, str(BIN / "flower-supernode"), "--root-certificates", str(mine / "ca.crt"),
-               "--superlink", public, "--node-config", "site-dir='/nonexistent'",
-               "--port", str(free_port()), "--max-retries", "1", "--max-wait-time", "10", *args]
-        with log.open("w") as out:  # a file, not a pipe: its flower-superexec may outlive it
-            proc = subprocess.Popen(cmd, env=env_for(mine / "node-home"), stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)
-        try:
-            proc.wait(timeout=90)
-        finally:
-            with suppress(ProcessLookupError):
-                os.killpg(proc.pid, signal.SIGKILL)
-        text = log.read_text(errors="replace")
-        assert proc.returncode != 0 and "Exit Code: 305" in text and "SuperNode ID" not in text, text
-        return text
-
-    outsider_supernode("--auth-supernode-private-key", str(mine / "keys" / "intruder"))  # its unregistered key
-    outsider_supernode()  # no key: Flower would register it over the Fleet API, which the gateway refuses
+    outsider = (public, tmp_path, mine / "node-home")
+    # its unregistered key; then no key: Flower would register it over the Fleet API, which the gateway refuses
+    refused_supernode(*outsider, "--root-certificates", str(mine / "ca.crt"), "--auth-supernode-private-key",
+                      str(mine / "keys" / "intruder"), prefix=outside.prefix)
+    refused_supernode(*outsider, "--root-certificates", str(mine / "ca.crt"), prefix=outside.prefix)
     refused = (dep.dir / "logs" / "fleet-gateway.log").read_text()
     assert "refused POST /v1/control/register-node" in refused and "refused POST /v1/fleet/register-node" in refused
 
     # the coordinator's view: its two sites, both online (one of them joined from the outside); nobody else
-    assert sorted(nodes(dep).values()) == ["online", "online"]
+    assert sorted(supernodes(dep).values()) == ["online", "online"]
 
 
 def test_a_superlink_restart_mid_run_keeps_the_sites_and_fails_the_run_cleanly(deployment):
     dep = deployment
-    before = nodes(dep)
+    before = supernodes(dep)
     assert sorted(before.values()) == ["online", "online"]
     site_pids = {name: read_record(dep.dir, name)["pid"] for name in dep.sites}
     exact = {"training": "exact", "harmonization": "none", "select-features": 3, "query-timeout": 120.0}
@@ -228,13 +191,12 @@ def test_a_superlink_restart_mid_run_keeps_the_sites_and_fails_the_run_cleanly(d
     check = verify(folder / "audit.jsonl", pubkey=dep.pinned_pubkey())
     assert check.ok and check.events["run-end"] == 1, check.reason
     assert events[-1]["event"] == "run-end" and events[-1]["data"]["status"] == "failed"
-    listed = flwr(dep, "ls", "radfed", "--run-id", str(doc["run_id"]), "--format", "json")
-    assert "finished:failed" in listed.stdout, listed.stdout
+    assert [r["status"] for r in flower.runs(dep.dir, doc["run_id"])] == ["finished:failed"]
 
     # the sites were never restarted nor registered again: same node ids, online again
     assert {name: read_record(dep.dir, name)["pid"] for name in dep.sites} == site_pids
     deadline = time.monotonic() + 90
-    while (after := nodes(dep)) != {node: "online" for node in before} and time.monotonic() < deadline:
+    while (after := supernodes(dep)) != {node: "online" for node in before} and time.monotonic() < deadline:
         time.sleep(2)
     assert after == {node: "online" for node in before}, (before, after)
 
