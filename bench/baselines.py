@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from client.steps import Harmonizer, SiteData, combat_options, load_site_data, run_config, site_matrix
+from client.compute import combat_options
+from client.steps import Harmonizer, SiteData, load_site_data, run_config, site_matrix
 from common import combat, metrics, model, moments
 
 

@@ -1,4 +1,5 @@
-"""radfed ClientApp: one hospital's side of a run. Flower glue only; the work is in client.steps.
+"""radfed ClientApp: one hospital's side of a run. Flower glue only: the site's data and splits are in
+client.steps, what each message computes in client.compute.
 
 What the site agrees to during a run (feature list, design size, candidates, model features) is kept
 in ``context.state`` under ``SITE_STATE``; the privacy guard (client.guard) reads it to check the
@@ -16,7 +17,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from client import ledger, steps
+from client import compute, ledger, steps
 from client.approvals import approval_check, check_approved
 from client.dp import dp_update_mod
 from client.guard import SITE_STATE, privacy_guard, redact_local_paths
@@ -40,8 +41,9 @@ def _site_dir(context: Context) -> Path:
     return steps.locate_site(context.node_config, _run(context))
 
 
-def _data(context: Context) -> steps.SiteData:
-    return steps.load_site_data(_site_dir(context), _run(context))
+def _data(context: Context, msg: Message) -> steps.SiteData:
+    """The site's data as the message's cohort sees it (a cross-validation fold holds out its own cases)."""
+    return steps.load_site_data(_site_dir(context), _run(context)).fold_view(_fold(msg))
 
 
 def _agreement(context: Context) -> ConfigRecord:
@@ -132,7 +134,7 @@ def plan(msg: Message, context: Context) -> Message:
 
 @app.query("features")
 def features(msg: Message, context: Context) -> Message:
-    data = _data(context)
+    data = _data(context, msg)
     names, counts = steps.features_reply(data)
     return _reply(msg, data.declare("all", {"n-cases": ""}), config=ConfigRecord({"features": names}),
                   metrics=MetricRecord(counts))
@@ -143,7 +145,7 @@ def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.nd
     config = msg.content["config"]
     agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
     n_sites = int(config["n-sites"])  # type: ignore[arg-type, index]
-    data = _data(context)
+    data = _data(context, msg)
     spec = _run(context).covariates()
     x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, _run(context)))
     # the design: one column per site, then the covariates' columns
@@ -177,11 +179,11 @@ def combat_join(msg: Message, context: Context) -> Message:
     """A fold this site is held out of: harmonise against the fold's pooled ComBat estimates as a late-joining
     hospital does (own location/scale from all usable cases, no labels). Only the number of cases leaves."""
     agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
-    config, data = msg.content["config"], _data(context)
+    config, data = msg.content["config"], _data(context, msg)
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     x, _ = steps.site_matrix(data, agreed, held_out=None)
     c = data.covariates
-    params = steps.combat_join_fit(x, arrays, int(config["n-sites"]), int(config["n-pooled"]),  # type: ignore[arg-type, index]
+    params = compute.combat_join_fit(x, arrays, int(config["n-sites"]), int(config["n-pooled"]),  # type: ignore[arg-type, index]
                                    _run(context), c)
     _keep_combat(context, msg, params, data.site)
     return _reply(msg, data.declare("all", {"n": ""}), metrics=MetricRecord({"n": len(x)}))
@@ -191,16 +193,16 @@ def combat_join(msg: Message, context: Context) -> Message:
 def moments(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
     agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
-    data = _data(context)
+    data = _data(context, msg)
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
         x_raw, _ = steps.site_matrix(data, agreed, held_out=False)
         c = None if data.covariates is None else data.covariates[~data.held_out]
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
-        _keep_combat(context, msg, steps.combat_site_fit(
+        _keep_combat(context, msg, compute.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
             int(config["n-pooled"]), _run(context), c), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context, msg))
-    arrays, counts = steps.moments_reply(x, y)
+    arrays, counts = compute.moments_reply(x, y)
     return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}), arrays=_arrays(arrays),
                   metrics=MetricRecord(counts))
 
@@ -209,10 +211,10 @@ def moments(msg: Message, context: Context) -> Message:
 def correlation(msg: Message, context: Context) -> Message:
     candidates = _accept_list(context, msg.content["config"], "candidates", "candidates")  # type: ignore[arg-type]
     pooled = msg.content["arrays"]
-    data = _data(context)
+    data = _data(context, msg)
     x, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=candidates,
                              harmonize=_harmonizer(context, msg))
-    cross, n = steps.correlation_reply(x, pooled["mean"].numpy(), pooled["std"].numpy())  # type: ignore[union-attr]
+    cross, n = compute.correlation_reply(x, pooled["mean"].numpy(), pooled["std"].numpy())  # type: ignore[union-attr]
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": cross}),
                   metrics=MetricRecord({"n": n}))
 
@@ -242,10 +244,10 @@ def _model_split(msg: Message, context: Context, data: steps.SiteData,
 @app.query("newton")
 def newton(msg: Message, context: Context) -> Message:
     """Exact training: gradient and Hessian of the training split's log-likelihood at the server's coefficients."""
-    data = _data(context)
+    data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False, receipt=False)
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
-    sent = steps.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
+    sent = compute.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, _run(context))
     return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}),
                   arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
@@ -254,10 +256,10 @@ def newton(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    data = _data(context)
+    data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
-    new_state, train_metrics = steps.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
+    new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
     return _reply(msg, data.declare("train", {"num-examples": ""}), arrays=ArrayRecord(new_state),
                   metrics=MetricRecord(train_metrics))
 
@@ -267,13 +269,44 @@ def evaluate(msg: Message, context: Context) -> Message:
     """The global model on the held-out split, or (``split = "all"``, external validation of a model this
     site did not train) on every usable case."""
     config = msg.content["config"]
-    data = _data(context)
+    data = _data(context, msg)
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
-    state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
-    result, curves = steps.evaluate_step(x, y, state, float(config["pos-weight"]),  # type: ignore[arg-type]
-                                         steps.min_cases(data.site, _run(context)), _run(context).curve_points)  # type: ignore[arg-type]
+    prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
+    if _fold(msg).startswith("cv:") and part == "test":  # kept for the out-of-fold evaluation over every case
+        _keep_out_of_fold(context, data, prob)
+    result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
+                                      steps.min_cases(data.site, _run(context)), _run(context).curve_points)
     return _reply(msg, data.declare(part, {"num-examples": ""}), metrics=MetricRecord(result),
+                  arrays=_arrays(curves))
+
+
+OOF_STATE = "radfed-out-of-fold"  # case id -> probability of HGG from the model of the fold that held it out
+
+
+def _keep_out_of_fold(context: Context, data: steps.SiteData, prob: np.ndarray) -> None:
+    record = context.state.get(OOF_STATE)
+    kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+    ids = np.array(data.table.case_ids, dtype=object)[data.held_out]
+    kept.update({str(c): float(p) for c, p in zip(ids, prob, strict=True)})
+    context.state[OOF_STATE] = ConfigRecord({"scores": json.dumps(kept)})
+
+
+@app.query("out_of_fold")
+def out_of_fold(msg: Message, context: Context) -> Message:
+    """Cross-validation's internal validation: every usable case scored by the model of the fold that held it
+    out, evaluated together (counts, AUC, curves over all cases; no score leaves)."""
+    data = _data(context, msg)
+    record = context.state.get(OOF_STATE)
+    kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+    missing = [c for c in data.table.case_ids if c not in kept]
+    if missing:
+        raise SiteError(f"{len(missing)} case(s) have no out-of-fold score (this site missed a cross-validation "
+                        "fold's evaluation); restart the run")
+    prob = np.array([kept[c] for c in data.table.case_ids])
+    result, curves = compute.evaluation(data.table.labels, prob, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
+                                      steps.min_cases(data.site, _run(context)), _run(context).curve_points)
+    return _reply(msg, data.declare("all", {"num-examples": ""}), metrics=MetricRecord(result),
                   arrays=_arrays(curves))
 
 
@@ -283,9 +316,9 @@ def histograms(msg: Message, context: Context) -> Message:
     names = _accept_list(context, msg.content["config"], "histogram-features", "histogram-features")  # type: ignore[arg-type]
     edges = msg.content["arrays"]["edges"].numpy()  # type: ignore[union-attr]
     _agreement(context)["histogram-bins"] = int(edges.shape[1]) - 1
-    data = _data(context)
+    data = _data(context, msg)
     raw, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names)
     harmonized, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names,
                                       harmonize=_harmonizer(context, msg))
-    counts = steps.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
+    counts = compute.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))

@@ -1,26 +1,24 @@
-"""What a site computes for each phase of a run, as plain Python (the Flower glue is in client.app).
-
-Every function returns only aggregates over the site's cases; the privacy guard checks them again
-before anything leaves.
+"""A site's data for a run, as plain Python: where the site is, its usable cases, one row per patient, split
+by whole release blocks (a held-out split, or cross-validation folds), the case sets each part covers, and the
+matrices the handlers compute on (client.compute). Whether a run plan can run here is judged from the
+manifest alone (``plan_reply``).
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from client import patients
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.ledger import Blocking, Declaration, Ledger
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from client.sitefiles import atomic_write
-from common import combat, curves, exact, metrics, model, moments, selection
 from common import covariates as cov
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
@@ -66,6 +64,17 @@ class SiteData:
     held_out: np.ndarray  # (n,) bool over table rows
     covariates: np.ndarray | None = None  # (n, p) ComBat covariate design over table rows, when the run has any
     blocking: Blocking | None = None  # the release blocks the rows are drawn from (client.ledger)
+    cv_fold: np.ndarray | None = None  # (n,) int: each row's cross-validation fold (internal-validation = "cv")
+
+    def fold_view(self, fold: str) -> SiteData:
+        """The data as cohort ``fold`` sees it: for a cross-validation fold ("cv:<v>"), fold v is held out and
+        the other folds train; any other cohort (main, leave-one-site-out, local-only) uses the run's split."""
+        if not fold.startswith("cv:"):
+            return self
+        if self.cv_fold is None:
+            raise SiteError(f"the server asked for cross-validation fold {fold}, but this run's internal "
+                            "validation is not cross-validation here; restart the run")
+        return replace(self, held_out=self.cv_fold == int(fold.removeprefix("cv:")))
 
     def rows(self, part: str) -> np.ndarray:
         """(n,) bool: the rows of ``part`` (train, test or all)."""
@@ -112,7 +121,8 @@ def plan_reply(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tuple[d
     site, profile = open_site(site_dir, run.profile)
     n_hgg = sum(c.diagnosis == "HGG" for c in site.cases)
     n_bm = len(site.cases) - n_hgg
-    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run), run.test_fraction, site_floor(site.settings))
+    problem = eligibility_problem(n_hgg, n_bm, min_cases(site, run), run.test_fraction, site_floor(site.settings),
+                                  run.cv_folds if run.internal_validation == "cv" else 0)
     if problem:
         reason = f"site {site.name} cannot take part: {problem} (add cases)"
     else:
@@ -151,8 +161,11 @@ def _release_problem(site: Site, profile: Profile, run: RunConfig) -> str:
         data = split_site(site, profile, table, design, run, record_problems=False)
     except SiteError as exc:
         return str(exc)
-    sets = {name: s for part in PARTS for name, s in data.case_sets(part).items()}
-    sets.update(covariate_sets(data, spec))
+    views = [data] if data.cv_fold is None else [data, *(data.fold_view(f"cv:{v}") for v in range(run.cv_folds))]
+    sets = {}
+    for i, view in enumerate(views):  # the main split, and each cross-validation fold's
+        sets.update({f"{i}:{name}": s for part in PARTS for name, s in view.case_sets(part).items() if s})
+        sets.update({f"{i}:{name}": s for name, s in covariate_sets(view, spec).items()})
     why = ledger(site).check(sets)
     return f"site {site.name} refuses this run plan: {why}" if why else ""
 
@@ -210,18 +223,32 @@ def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.nda
         design = None if design is None else design[rows]
         if record_problems:
             _add_to_errors_report(site, problems)
-    held_out = blocking.held_out(table.case_ids, run.test_fraction, run.split_seed)
-    k = min_cases(site, run)
-    thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < 2]
-    y = table.labels
-    problem = (f"its usable {' and '.join(thin)} cases form fewer than two release blocks of k = "
-               f"{site_floor(site.settings)} (one for training, one held out)" if thin else
-               split_problem(int(np.sum((y == 1) & ~held_out)), int(np.sum((y == 0) & ~held_out)),
-                             int(np.sum((y == 1) & held_out)), int(np.sum((y == 0) & held_out)), k))
+    k, y = min_cases(site, run), table.labels
+    if run.internal_validation == "cv":  # every case trains the final model; each fold is held out once
+        folds = blocking.cv_folds(table.case_ids, run.cv_folds, run.split_seed)
+        data = SiteData(site, profile, table, np.zeros(len(y), dtype=bool), design, blocking, folds)
+        thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < run.cv_folds]
+        problem = (f"its usable {' and '.join(thin)} cases form fewer than cv-folds = {run.cv_folds} release "
+                   f"blocks of k = {site_floor(site.settings)} (one per fold; lower cv-folds)" if thin else
+                   next((p for v in range(run.cv_folds) if (p := _split_problem(data.fold_view(f"cv:{v}"), k))),
+                        None))
+    else:
+        data = SiteData(site, profile, table, blocking.held_out(table.case_ids, run.test_fraction, run.split_seed),
+                        design, blocking)
+        thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < 2]
+        problem = (f"its usable {' and '.join(thin)} cases form fewer than two release blocks of k = "
+                   f"{site_floor(site.settings)} (one for training, one held out)" if thin else
+                   _split_problem(data, k))
     if problem:
         raise SiteError(f"site {site.name} cannot take part: {problem}; {len(table.problems)} case(s) are not "
                         f"used, see {site.files.errors} at the site (add cases)")
-    return SiteData(site, profile, table, held_out, design, blocking)
+    return data
+
+
+def _split_problem(data: SiteData, k: int) -> str | None:
+    y, held_out = data.table.labels, data.held_out
+    return split_problem(int(np.sum((y == 1) & ~held_out)), int(np.sum((y == 0) & ~held_out)),
+                         int(np.sum((y == 1) & held_out)), int(np.sum((y == 0) & held_out)), k)
 
 
 def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], workers: int = 1) -> SiteData:
@@ -282,26 +309,6 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     return x, data.table.labels[rows]
 
 
-def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
-    """Phase: moments of the training split, overall and per class (standardisation and Welch's t)."""
-    n, mean, m2 = moments.site_moments(x)
-    arrays = {"mean": mean, "m2": m2}
-    counts = {"n": n}
-    for label, tag in ((1, "hgg"), (0, "bm")):
-        n_c, mean_c, m2_c = moments.site_moments(x[y == label])
-        arrays[f"mean-{tag}"], arrays[f"m2-{tag}"], counts[f"n-{tag}"] = mean_c, m2_c, n_c
-    return arrays, counts
-
-
-def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
-    """Phase: cross-products of the candidates over the training split, standardised with pooled values."""
-    return selection.site_crossproducts(x, mean, std), len(x)
-
-
-def combat_options(run: RunConfig) -> dict[str, bool]:
-    return {"parametric": run.combat_parametric, "eb": run.combat_eb, "mean_only": run.combat_mean_only}
-
-
 def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],
                   k: int) -> tuple[np.ndarray, np.ndarray | None]:
     """The training split's features (n, d) and covariates (n, p) for the ComBat rounds.
@@ -320,67 +327,3 @@ def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],
                         "sums over such a group would describe too few patients; add cases, or run without that "
                         "covariate (combat-covariates)")
     return x, c
-
-
-def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_sites: int, n_pooled: int,
-                    run: RunConfig, covariates: np.ndarray | None = None) -> combat.SiteCombat:
-    """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
-    against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
-    pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=arrays["beta"], grand_mean=arrays["grand-mean"],
-                                    var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
-    return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
-
-
-def combat_join_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], n_sites: int, n_pooled: int, run: RunConfig,
-                    covariates: np.ndarray | None = None) -> combat.SiteCombat:
-    """A held-out site's own ComBat location/scale against a fold's pooled estimates, from all its usable
-    cases x (n, d) and their covariates (n, p), as ``radfed site join`` does after a run."""
-    pooled = combat.PooledEstimates.for_joiner(n_sites, n_pooled, arrays["grand-mean"], arrays["var-pooled"],
-                                               arrays["beta-cov"], arrays["zero-variance"])
-    return combat.fit_site(x, pooled, covariates, **combat_options(run))
-
-
-def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
-               config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model."""
-    net = model.model_from_state(state)
-    loss = model.train_local(net, x, y, epochs=int(config["local-epochs"]), lr=float(config["learning-rate"]),
-                             weight_decay=float(config["weight-decay"]), pos_weight=float(config["pos-weight"]))
-    return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
-
-
-def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], pos_weight: float, site_name: str,
-                run: RunConfig) -> exact.SiteTerms:
-    """Exact training, one round: refuse if the training split is too small for the coefficients (the Hessian
-    would identify cases), else the summed gradient (s+1,) and Hessian (s+1, s+1) at the server's coefficients."""
-    factor = run.exact_min_cases_per_coefficient
-    try:
-        exact.check_dimensions(len(y), x.shape[1], site_name, factor)
-    except ValueError as exc:
-        raise SiteError(str(exc)) from None
-    z = (x - arrays["mean"]) / arrays["scale"]
-    return exact.site_terms(z, y, arrays["coef"], pos_weight)
-
-
-def evaluate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], pos_weight: float, k: int,
-                  points: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """Each round: the global model on the site's evaluation cases, as counts, AUC with its DeLong
-    variance, and the k-anonymous ROC points (points, 2) and calibration groups (points, 3)."""
-    net = model.model_from_state(state)
-    prob = model.predict_proba(net, x)
-    eps = 1e-12
-    weights = np.where(y == 1, pos_weight, 1.0)
-    loss = float(np.mean(-weights * (y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps))))
-    result = {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
-              "auc-var": metrics.delong_variance(y, prob), "loss": loss}
-    return result, {"roc": curves.roc_points(y, prob, k, points),
-                    "calibration": curves.calibration_groups(y, prob, k, points)}
-
-
-def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,
-                     k: int) -> dict[str, np.ndarray]:
-    """Counts per bin (h, b) of h features before and after harmonisation, every count 0 or >= k.
-
-    ``edges`` (h, b + 1) are the server's; x arrays (n, h) hold the same training cases."""
-    return {"before": np.array([curves.k_histogram(x_raw[:, j], edges[j], k) for j in range(len(edges))]),
-            "after": np.array([curves.k_histogram(x_harmonized[:, j], edges[j], k) for j in range(len(edges))])}

@@ -22,6 +22,7 @@ HISTOGRAMS = "query.histograms"
 NEWTON = "query.newton"
 TRAIN = "train"
 EVALUATE = "evaluate"
+OUT_OF_FOLD = "query.out_of_fold"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
 # "d" = agreed features, "q" = ComBat design columns (sites + covariates), "m" = selection candidates,
@@ -171,3 +172,9 @@ REPLIES: dict[str, ReplySpec] = {
         count_keys=("num-examples",),
     ),
 }
+# Cross-validation's internal validation: the same evaluation, over every usable case, each scored by the
+# model of the fold that held it out (the scores stay at the site).
+REPLIES[OUT_OF_FOLD] = ReplySpec(
+    metrics={**REPLIES[EVALUATE].metrics, "num-examples": "usable cases (every one scored out of fold)",
+             "auc": "ROC AUC of the out-of-fold scores over all usable cases"},
+    arrays=REPLIES[EVALUATE].arrays, count_keys=REPLIES[EVALUATE].count_keys)

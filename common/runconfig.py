@@ -66,6 +66,8 @@ class RunConfig(BaseModel):
     curve_points: int = Field(alias="curve-points", ge=2, le=100, strict=True)
     external_validation: Literal["loso", "none"] = Field(alias="external-validation")
     local_only: Literal["own-pipeline", "none"] = Field(alias="local-only")
+    internal_validation: Literal["split", "cv"] = Field(alias="internal-validation")
+    cv_folds: int = Field(alias="cv-folds", ge=2, le=20, strict=True)
 
     @field_validator("combat_covariates")
     @classmethod

@@ -11,9 +11,18 @@ from __future__ import annotations
 from common.release import held_out_blocks
 
 
-def eligibility_problem(n_hgg: int, n_bm: int, k: int, test_fraction: float, block: int) -> str | None:
+def eligibility_problem(n_hgg: int, n_bm: int, k: int, test_fraction: float, block: int,
+                        folds: int = 0) -> str | None:
     """Why a site with these class counts cannot take part, or None (from counts alone: the fewest cases
-    the blocks can give each part)."""
+    the blocks can give each part). ``folds`` > 0: cross-validation, each fold one or more whole blocks of
+    each class."""
+    if folds:
+        if min(n_hgg, n_bm) < folds * block:
+            return (f"{n_hgg} HGG and {n_bm} BM cases; {folds}-fold cross-validation needs at least "
+                    f"{folds * block} per class ({folds} release blocks of k = {block}: one per fold); lower cv-folds")
+        blocks = {name: n // block for name, n in (("HGG", n_hgg), ("BM", n_bm))}
+        train = {name: (b - -(-b // folds)) * block for name, b in blocks.items()}  # without its largest fold
+        return split_problem(train["HGG"], train["BM"], sum(b // folds for b in blocks.values()) * block, 0, k)
     if min(n_hgg, n_bm) < 2 * block:
         return (f"{n_hgg} HGG and {n_bm} BM cases; each class needs at least {2 * block} (two release blocks of "
                 f"k = {block}: one for training, one held out)")

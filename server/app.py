@@ -112,7 +112,8 @@ def main(grid: Grid, context: Context) -> None:
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(ctx, fed)
         result.split_counts = agreement.split_counts
-        fitted = pipeline.fit(ctx, Cohort(fed, agreement), covariate_spec, histograms=True)
+        cv = run.internal_validation == "cv"  # then nothing is held out: every case trains the final model
+        fitted = pipeline.fit(ctx, Cohort(fed, agreement), covariate_spec, evaluate_rounds=not cv, histograms=True)
         if fitted.harmonization is not None:  # what `radfed site join` harmonises a later hospital against
             about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
                      "combat": {"parametric": run.combat_parametric, "eb": run.combat_eb,
@@ -135,6 +136,11 @@ def main(grid: Grid, context: Context) -> None:
         result.model_sha256 = record_sha256(arrays)
         result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
         result.validation = {}
+        if cv:  # internal validation: out-of-fold scores of models refitted without each fold
+            crossed = validation.cross_validate(ctx, fed, agreement, covariate_spec)
+            last = max(trained.training) if trained.training else run.num_server_rounds
+            result.evaluations, result.curves = {last: crossed["sites"]}, {last: crossed["curves"]}
+            result.validation["cv"] = {"folds": crossed["folds"]}
         if run.external_validation == "loso":
             result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)
         if run.local_only == "own-pipeline":

@@ -8,7 +8,7 @@ call ``fit`` on their own cohort, so no statistic of a site outside the cohort e
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from common import selection
 from server import phases, training
@@ -27,6 +27,7 @@ class Fitted:
     pooled: PooledMoments
     chosen: selection.Selection
     trained: training.Trained
+    pos_weight: float
     histograms: dict[str, object] | None = None
 
 
@@ -36,10 +37,13 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features."""
     harmonization = phases.harmonization_phase(run, cohort, covariates) if run.config.combat else None
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None)
+    # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
+    n_hgg, n_bm = pooled.classwise[1][0], pooled.classwise[0][0]
+    cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
     chosen = phases.selection_phase(run, cohort, pooled)
     chosen = training.select_l1(run, cohort, pooled, chosen)
     drawn = None
     if histograms and harmonization is not None and chosen.names:
         drawn = phases.histograms_phase(run, cohort, pooled, chosen.names[:4])
     trained = training.train(run, cohort, pooled, chosen, evaluate_rounds)
-    return Fitted(harmonization, pooled, chosen, trained, drawn)
+    return Fitted(harmonization, pooled, chosen, trained, cohort.agreement.pos_weight, drawn)

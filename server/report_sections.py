@@ -350,10 +350,13 @@ def _final_section(doc: dict[str, Any]) -> Section:
     else:
         text = "95% intervals: not available (this run's metrics carry none; runs before intervals were added)."
     blocks: list[Block] = [Table(header, rows), Text(text)]
+    if notes.get("internal_validation"):
+        blocks.insert(0, Text(f"Internal validation: {notes['internal_validation']}."))
     if notes.get("aggregate"):
         blocks.append(Text(f"Federation row: {notes['aggregate']}.", "em"))
     final_round = _final(doc).get("round")
-    return Section("final", f"Final held-out metrics (round {final_round}, threshold {notes.get('threshold', 0.5)}, "
+    what = "Out-of-fold" if _dict(doc.get("config")).get("internal-validation") == "cv" else "Final held-out"
+    return Section("final", f"{what} metrics (round {final_round}, threshold {notes.get('threshold', 0.5)}, "
                             f"{notes.get('positive_class', 'HGG')} positive)", blocks)
 
 

@@ -104,6 +104,7 @@ class RunResult:
                              "sites; AUC is the mean of site AUCs weighted by held-out cases",
                 "positive_class": "HGG",
                 "threshold": 0.5,
+                "internal_validation": _internal_validation(self.config),
             },
         }
         if self.harmonization:
@@ -111,6 +112,16 @@ class RunResult:
         if self.validation:
             doc["validation"] = self.validation
         return json_safe(doc)
+
+
+def _internal_validation(config: dict[str, Any]) -> str:
+    """How the final per-site metrics were obtained, in words."""
+    if config.get("internal-validation") == "cv":
+        return (f"{config.get('cv-folds')}-fold cross-validation by whole release blocks: every usable case scored by "
+                "a model refitted (ComBat, selection, training) without its fold; the final model is fitted on "
+                "every case")
+    return (f"one held-out split (test-fraction {config.get('test-fraction')}, whole release blocks) scored by the "
+            "final model")
 
 
 def _intervals(record: dict[str, Any]) -> dict[str, list[float]] | None:

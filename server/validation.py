@@ -33,7 +33,7 @@ def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort
     sites that were not in the cohort first join its harmonisation, then score all their usable cases;
     otherwise the cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
     trained, chosen = fitted.trained, fitted.chosen
-    config = {**training.shared_config(chosen, trained_on.agreement.pos_weight), "split": "all" if outside else "test",
+    config = {**training.shared_config(chosen, fitted.pos_weight), "split": "all" if outside else "test",
               "server-round": max(trained.training) if trained.training else run.config.num_server_rounds}
     try:
         if outside and fitted.harmonization is not None:
@@ -89,8 +89,10 @@ def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
         log.info("Local-only baseline: %s alone", site)
         try:
             fitted = pipeline.fit(run, alone, covariates, evaluate_rounds=False)
-            internal = score(run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold),
-                             outside=False)
+            # under cross-validation nothing is held out of the main split: its internal score would need its own
+            # folds (one fit each); the comparison that matters, at the other sites, does not
+            internal = {} if run.config.internal_validation == "cv" else score(
+                run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold), outside=False)
             external = score(run, fitted, alone, Cohort(fed.subset(others), alone.agreement, fold=fold))
         except RunRefused as exc:
             log.warning("Local-only baseline of %s failed: %s", site, exc)
@@ -105,3 +107,39 @@ def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
                          internal=record["internal"], external=record["external"])
         out[site] = record
     return out
+
+
+def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
+                   covariates: str = "") -> dict[str, object]:
+    """``cv-folds``-fold cross-validation over every site at once: per fold v, the whole pipeline on the other
+    folds' cases of every site, scored by each site on its fold-v cases (which it keeps, as out-of-fold
+    scores); then each site evaluates its out-of-fold scores over all its usable cases.
+
+    Returns {"folds": {v: {site: metrics}}, "sites": {site: metrics}, "curves": {site: roc, calibration}}."""
+    folds: dict[str, dict[str, object]] = {}
+    names = set(fed.sites.values())
+    for v in range(run.config.cv_folds):
+        tag = f"cv:{v}"
+        cohort = Cohort(fed.subset(names), agreement, fold=tag)
+        log.info("Cross-validation: fold %d of %d", v + 1, run.config.cv_folds)
+        try:
+            fitted = pipeline.fit(run, cohort, covariates, evaluate_rounds=False)
+            scored = score(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)
+        except RunRefused as exc:  # without this fold some cases have no out-of-fold score: the sites say which
+            log.warning("Cross-validation fold %d failed: %s", v, exc)
+            run.audit.append("cross-validation", fold=tag, error=str(exc))
+            folds[tag] = {"error": str(exc)}
+            continue
+        plain = {s: {k: x for k, x in r.items() if k not in ("roc", "calibration")} for s, r in scored.items()}
+        run.audit.append("cross-validation", fold=tag, model_sha256=record_sha256(fitted.trained.arrays),
+                         sites=plain, features=fitted.chosen.names)
+        folds[tag] = plain
+    everyone = Cohort(fed.subset(names), agreement)
+    try:
+        replies = everyone.ask(run, "out-of-fold", protocol.OUT_OF_FOLD, {"pos-weight": agreement.pos_weight})
+    except RunRefused:
+        reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in everyone.fed.dropped)
+        raise RunRefused(f"no site could evaluate its out-of-fold scores ({reasons})") from None
+    per_site, site_curves = evaluation_records(everyone.fed.sites, replies.values())
+    run.audit.append("out-of-fold", sites=per_site, aggregate=metrics.combine_sites(list(per_site.values())))
+    return {"folds": folds, "sites": per_site, "curves": site_curves}

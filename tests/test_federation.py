@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
+from federation_helpers import ROUNDS, K, events, run_federation_in
 from scipy import stats
 
 from client.ledger import Ledger
@@ -19,26 +20,11 @@ from client.steps import load_site_data, site_matrix
 from common import combat, protocol
 from common.canon import arrays_sha256
 from radfed import synth
-from radfed.cli import approve_demo_plan
 from radfed.cli import main as radfed_main
-from radfed.launch import app_run_config, run_federation
+from radfed.launch import app_run_config
 from server.audit import load_or_create_key, public_pem, verify
 
-K = 5
-ROUNDS = 3
-
-
-def _run(tmp_path: Path, data_root: Path, n_sites: int, unapproved: tuple[str, ...] = (), **config) -> Path:
-    out = tmp_path / "runs"
-    run_config = {"data-root": str(data_root), "output-dir": str(out), "num-server-rounds": ROUNDS,
-                  "min-cases-per-class": K, "query-timeout": 600.0, **config}
-    sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists())
-    approve_demo_plan([s for s in sites if s.name not in unapproved], run_config)
-    run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
-    runs = sorted(out.glob("*-run*"))
-    log = tmp_path / "flwr" / "flwr-run.log"
-    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text(encoding="utf-8")[-3000:]
-    return runs[0]
+_run = run_federation_in
 
 
 def _radfed(*argv: str) -> tuple[int, str, str]:
@@ -49,8 +35,7 @@ def _radfed(*argv: str) -> tuple[int, str, str]:
     return code, out.getvalue(), err.getvalue()
 
 
-def _events(folder: Path) -> list[dict]:
-    return [json.loads(line) for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
+_events = events
 
 
 @pytest.fixture(scope="module")

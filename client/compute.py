@@ -1,0 +1,105 @@
+"""What a site computes for each message of a run, from its matrices (the Flower glue is in client.app, the
+site's data and splits in client.steps).
+
+Every function returns only aggregates over the cases it is given; the privacy guard checks them again
+before anything leaves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from client.site import SiteError
+from common import combat, curves, exact, metrics, model, moments, selection
+from common.runconfig import RunConfig
+
+
+def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Phase: moments of the training split, overall and per class (standardisation and Welch's t)."""
+    n, mean, m2 = moments.site_moments(x)
+    arrays = {"mean": mean, "m2": m2}
+    counts = {"n": n}
+    for label, tag in ((1, "hgg"), (0, "bm")):
+        n_c, mean_c, m2_c = moments.site_moments(x[y == label])
+        arrays[f"mean-{tag}"], arrays[f"m2-{tag}"], counts[f"n-{tag}"] = mean_c, m2_c, n_c
+    return arrays, counts
+
+
+def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
+    """Phase: cross-products of the candidates over the training split, standardised with pooled values."""
+    return selection.site_crossproducts(x, mean, std), len(x)
+
+
+def combat_options(run: RunConfig) -> dict[str, bool]:
+    return {"parametric": run.combat_parametric, "eb": run.combat_eb, "mean_only": run.combat_mean_only}
+
+
+def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_sites: int, n_pooled: int,
+                    run: RunConfig, covariates: np.ndarray | None = None) -> combat.SiteCombat:
+    """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
+    against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
+    pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=arrays["beta"], grand_mean=arrays["grand-mean"],
+                                    var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
+    return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
+
+
+def combat_join_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], n_sites: int, n_pooled: int, run: RunConfig,
+                    covariates: np.ndarray | None = None) -> combat.SiteCombat:
+    """A held-out site's own ComBat location/scale against a fold's pooled estimates, from all its usable
+    cases x (n, d) and their covariates (n, p), as ``radfed site join`` does after a run."""
+    pooled = combat.PooledEstimates.for_joiner(n_sites, n_pooled, arrays["grand-mean"], arrays["var-pooled"],
+                                               arrays["beta-cov"], arrays["zero-variance"])
+    return combat.fit_site(x, pooled, covariates, **combat_options(run))
+
+
+def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
+               config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
+    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model."""
+    net = model.model_from_state(state)
+    loss = model.train_local(net, x, y, epochs=int(config["local-epochs"]), lr=float(config["learning-rate"]),
+                             weight_decay=float(config["weight-decay"]), pos_weight=float(config["pos-weight"]))
+    return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
+
+
+def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], pos_weight: float, site_name: str,
+                run: RunConfig) -> exact.SiteTerms:
+    """Exact training, one round: refuse if the training split is too small for the coefficients (the Hessian
+    would identify cases), else the summed gradient (s+1,) and Hessian (s+1, s+1) at the server's coefficients."""
+    factor = run.exact_min_cases_per_coefficient
+    try:
+        exact.check_dimensions(len(y), x.shape[1], site_name, factor)
+    except ValueError as exc:
+        raise SiteError(str(exc)) from None
+    z = (x - arrays["mean"]) / arrays["scale"]
+    return exact.site_terms(z, y, arrays["coef"], pos_weight)
+
+
+def scores(x: np.ndarray, state: dict[str, torch.Tensor]) -> np.ndarray:
+    """The model's probability of HGG (n,) for the cases x (n, s)."""
+    return model.predict_proba(model.model_from_state(state), x)
+
+
+def evaluation(y: np.ndarray, prob: np.ndarray, pos_weight: float, k: int,
+               points: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A model's scores on the site's evaluation cases, as counts, AUC with its DeLong variance, class-weighted
+    log loss, and the k-anonymous ROC points (points, 2) and calibration groups (points, 3)."""
+    eps = 1e-12
+    weights = np.where(y == 1, pos_weight, 1.0)
+    loss = float(np.mean(-weights * (y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps))))
+    result = {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
+              "auc-var": metrics.delong_variance(y, prob), "loss": loss}
+    return result, {"roc": curves.roc_points(y, prob, k, points),
+                    "calibration": curves.calibration_groups(y, prob, k, points)}
+
+
+def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,
+                     k: int) -> dict[str, np.ndarray]:
+    """Counts per bin (h, b) of h features before and after harmonisation, every count 0 or >= k.
+
+    ``edges`` (h, b + 1) are the server's; x arrays (n, h) hold the same training cases."""
+    return {"before": np.array([curves.k_histogram(x_raw[:, j], edges[j], k) for j in range(len(edges))]),
+            "after": np.array([curves.k_histogram(x_harmonized[:, j], edges[j], k) for j in range(len(edges))])}

@@ -1,0 +1,33 @@
+"""Shared by the tests that run whole federations on Flower's simulation engine."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from radfed.cli import approve_demo_plan
+from radfed.launch import run_federation
+
+K = 5
+ROUNDS = 3
+
+
+def run_federation_in(tmp_path: Path, data_root: Path, n_sites: int, unapproved: tuple[str, ...] = (),
+                      **config: object) -> Path:
+    """One approved simulated run over the sites under ``data_root`` (those in ``unapproved`` do not approve
+    its plan); returns its run folder."""
+    out = tmp_path / "runs"
+    run_config = {"data-root": str(data_root), "output-dir": str(out), "num-server-rounds": ROUNDS,
+                  "min-cases-per-class": K, "query-timeout": 600.0, **config}
+    sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists())
+    approve_demo_plan([s for s in sites if s.name not in unapproved], run_config)
+    run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
+    runs = sorted(out.glob("*-run*"))
+    log = tmp_path / "flwr" / "flwr-run.log"
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text(encoding="utf-8")[-3000:]
+    return runs[0]
+
+
+def events(folder: Path) -> list[dict]:
+    """The run's audit log entries."""
+    return [json.loads(line) for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines()]

@@ -1,0 +1,78 @@
+"""Cross-validated internal validation (internal-validation = "cv"): folds of whole release blocks, every case
+scored by a model refitted without its fold, checked against the pooled fit computed in one process."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from federation_helpers import K, events, run_federation_in
+
+from client.steps import load_site_data, plan_reply, site_matrix
+from common import exact, metrics, moments
+from common.release import assign_folds
+from radfed import synth
+from radfed.launch import app_run_config
+
+
+def test_folds_are_whole_blocks_dealt_in_turn_by_a_keyed_order():
+    blocks = [f"b{i}" for i in range(7)]
+    folds = assign_folds(b"secret", blocks, 3, seed=4)
+    assert sorted(folds) == blocks and sorted(np.bincount(list(folds.values()))) == [2, 2, 3]
+    assert assign_folds(b"secret", blocks, 3, seed=4) == folds  # the same secret and seed: the same folds
+    assert assign_folds(b"secret", blocks, 3, seed=5) != folds  # the seed the site approves moves whole blocks
+    assert assign_folds(b"other", blocks, 3, seed=4) != folds  # and the coordinator cannot aim without the secret
+
+
+def test_a_site_with_fewer_blocks_than_folds_says_so_at_the_plan(tmp_path):
+    [spec] = synth.tiny_sites(1, 12)  # 12 per class: two release blocks of k = 5 each
+    site = synth.write_site(tmp_path, spec, seed=3)
+    config = app_run_config({"data-root": str(tmp_path), "internal-validation": "cv", "cv-folds": 3,
+                             "min-cases-per-class": K})
+    reply, _ = plan_reply(site, config)
+    assert reply["status"] == "ineligible" and "lower cv-folds" in reply["reason"]
+    reply, _ = plan_reply(site, {**config, "cv-folds": 2})
+    assert reply["status"] == "ok", reply["reason"]
+
+
+def test_every_case_is_scored_out_of_fold_by_the_pooled_fit_without_its_fold(tmp_path):
+    root = tmp_path / "data"
+    for i, spec in enumerate(synth.tiny_sites(2, 12)):
+        synth.write_site(root, spec, seed=800 + i)
+    config = {"training": "exact", "harmonization": "none", "select-features": 3, "external-validation": "none",
+              "local-only": "none", "internal-validation": "cv", "cv-folds": 2}
+    folder = run_federation_in(tmp_path / "cv", root, 2, **config)
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    names = sorted(doc["sites"])
+    full = app_run_config({**config, "data-root": str(root), "min-cases-per-class": K})
+    data = {n: load_site_data(root / n, full) for n in names}
+    agreed = sorted(set.intersection(*(
+        {f for f, ok in zip(d.table.names, np.all(np.isfinite(d.table.values), 0), strict=True) if ok}
+        for d in data.values())))
+    folds = {e["data"]["fold"]: e["data"] for e in events(folder) if e["event"] == "cross-validation"}
+    assert sorted(folds) == ["cv:0", "cv:1"]
+    oof = {n: np.full(len(d.table.case_ids), np.nan) for n, d in data.items()}
+    for tag, entry in folds.items():
+        v, chosen = int(tag.removeprefix("cv:")), entry["features"]
+        views = {n: d.fold_view(tag) for n, d in data.items()}
+        train = [site_matrix(views[n], agreed, held_out=False, names=chosen) for n in names]
+        mean, std = moments.pooled_mean_std(*zip(*(moments.site_moments(x) for x, _ in train), strict=True))
+        y = np.concatenate([t[1] for t in train])
+        fit = exact.fit_exact([((x - mean) / std, yy) for x, yy in train], float(np.sum(y == 0) / np.sum(y == 1)),
+                              l2=1.0)
+        for n in names:
+            assert views[n].held_out.sum() > 0 and np.all(views[n].held_out == (data[n].cv_fold == v))
+            x_test, _ = site_matrix(views[n], agreed, held_out=True, names=chosen)
+            oof[n][views[n].held_out] = 1 / (1 + np.exp(-((x_test - mean) / std @ fit.coef[1:] + fit.coef[0])))
+    for n in names:  # every usable case got its score from the fold that held it out; the site's AUC is theirs
+        assert not np.isnan(oof[n]).any()
+        site = doc["final"]["sites"][n]
+        assert site["n"] == len(data[n].table.case_ids) == doc["sites"][n]["split"]["n-cases"]
+        assert site["auc"] == pytest.approx(metrics.roc_auc(data[n].table.labels, oof[n]), abs=1e-9)
+    assert "cross-validation" in doc["notes"]["internal_validation"]
+    # the final model trained on every case: the main run's Newton terms covered all of each site's cases
+    final_round = max(r["round"] for r in doc["rounds"])
+    assert {s: r["n"] for s, r in doc["rounds"][-1]["train"]["sites"].items()} == {
+        n: len(data[n].table.case_ids) for n in names} and doc["final"]["round"] == final_round
