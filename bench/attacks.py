@@ -62,10 +62,11 @@ class Coordinator:
                   "fold": fold}
         self._send(context, "query.combat_join", RecordDict({"config": ConfigRecord(config), "arrays": arrays}))
 
-    def run(self, evaluate_state: Mapping[str, np.ndarray] | None = None, combat: bool = False,
+    def run(self, evaluate_state: Mapping[str, np.ndarray] | None = None, combat: bool = False, fold: str = "",
             **overrides: object) -> SiteRun:
         """One run with these run-config overrides; the site approves its plan first (it always does here).
-        ``combat``: also the first ComBat round (XᵀX, XᵀY over the training cases and covariate levels)."""
+        ``combat``: also the first ComBat round (XᵀX, XᵀY over the training cases and covariate levels).
+        ``fold``: the moments of that cohort (e.g. "cv:1", a cross-validation fold's training cases)."""
         from common.canon import sha256_json
         from radfed.cli import approve_demo_plan
         from radfed.launch import app_run_config
@@ -89,7 +90,8 @@ class Coordinator:
             if combat:
                 self._send(context, "query.combat_fit", RecordDict({"config": ConfigRecord(
                     {**agreed, "n-sites": 1, "site-index": 0})}))
-            reply = self._send(context, "query.moments", RecordDict({"config": ConfigRecord(agreed)}))
+            tag = {"fold": fold} if fold else {}
+            reply = self._send(context, "query.moments", RecordDict({"config": ConfigRecord({**agreed, **tag})}))
             metrics, arrays = reply.content["metrics"], reply.content["arrays"]
             for tag in CLASSES:
                 n = int(metrics[f"n-{tag}"])

@@ -230,3 +230,38 @@ def test_a_frozen_block_is_used_whole_or_not_at_all(tiny_site_root, tmp_path, ch
     # 12 per class = 2 blocks of 6: losing one block leaves one, too few to split: the site cannot take part
     assert result.refused and "release block" in result.refused
     _ledger_holds(site)
+
+
+def test_cross_validation_folds_recover_no_patient(tmp_path):
+    """Every subset a later feature aggregates over goes through the same rule: cross-validation folds. The
+    coordinator varies cv-folds and split-seed between runs and asks for every fold's training moments, also
+    beside held-out-split runs; the folds are whole release blocks, so no two released sets differ by fewer
+    than k patients. A fold assignment by patient (what a textbook stratified k-fold does) would have."""
+    site = _site(tmp_path, 15, seed=43)  # 15 per class: three release blocks of k = 5 each
+    plain = {"harmonization": "none", "min-cases-per-class": K}
+    coordinator = attacks.Coordinator(site)
+    for folds, seed in ((2, 1), (3, 1), (2, 2), (3, 5)):
+        for v in range(folds):
+            coordinator.run(fold=f"cv:{v}", **plain, **{"internal-validation": "cv", "cv-folds": folds,
+                                                         "split-seed": seed})
+    for fraction in (0.3, 0.5):
+        coordinator.run(**plain, **{"test-fraction": fraction})
+    assert all(not r.refused for r in coordinator.runs), [r.refused for r in coordinator.runs]
+    truth = _truth(site, coordinator.runs[0].features, **plain)
+    assert [f for f in attacks.subtract_pairs(coordinator, truth) if f["patient"]] == []
+    for a in coordinator.runs:  # every pair of released training sets differs by 0 or >= k patients per class
+        for b in coordinator.runs:
+            for key in ("n-hgg", "n-bm"):
+                assert abs(a.counts[key] - b.counts[key]) in {0} | set(range(K, 100))
+    _ledger_holds(site)
+
+    # the rule is what holds: textbook folds dealt by patient (5-fold, two seeds; each fold's test part has 6 >= k
+    # patients) would, beside what the site released, single out a group of fewer than k
+    from sklearn.model_selection import StratifiedKFold
+
+    data = load_site_data(site, app_run_config({"data-root": str(site.parent), **plain}))
+    ids, y = np.array(data.table.case_ids), data.table.labels
+    by_patient = [frozenset(ids[train]) for seed in (1, 2)
+                  for train, _ in StratifiedKFold(5, shuffle=True, random_state=seed).split(ids, y)]
+    released = Ledger(site / ".radfed" / "release", K).released_sets()
+    assert isolated_group([*released, *by_patient], K) is not None
