@@ -272,9 +272,24 @@ def evaluate(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     result, curves = steps.evaluate_step(x, y, state, float(config["pos-weight"]),  # type: ignore[arg-type]
-                                         steps.min_cases(data.site, _run(context)), _run(context).curve_points)  # type: ignore[arg-type]
+                                         steps.min_cases(data.site, _run(context)), _run(context))
+    # every statistic, histogram group and decision step is over the part's cases or one of its classes
     return _reply(msg, data.declare(part, {"num-examples": ""}), metrics=MetricRecord(result),
                   arrays=_arrays(curves))
+
+
+@app.query("recalibrate")
+def recalibrate(msg: Message, context: Context) -> Message:
+    """One round of the calibration fit of the main run's final model, on the held-out split (the cases its
+    evaluation scored): gradient and Hessian of y ~ a + b logit(p) at the server's (a, b)."""
+    config, data = msg.content["config"], _data(context)
+    x, y = _model_split(msg, context, data, held_out=True, receipt=False)
+    state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
+    sent = steps.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)))
+    return _reply(msg, data.declare("test", {"n": ""}),
+                  arrays=_arrays({"gradient": sent["gradient"], "hessian": sent["hessian"]}),
+                  metrics=MetricRecord({"n": sent["n"], "loss": sent["loss"]}))
 
 
 @app.query("histograms")

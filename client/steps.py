@@ -20,7 +20,7 @@ from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.ledger import Blocking, Declaration, Ledger
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from client.sitefiles import atomic_write
-from common import combat, curves, exact, metrics, model, moments, selection
+from common import clinical, combat, curves, exact, metrics, model, moments, selection
 from common import covariates as cov
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
@@ -363,18 +363,34 @@ def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], 
 
 
 def evaluate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], pos_weight: float, k: int,
-                  points: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+                  run: RunConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
     """Each round: the global model on the site's evaluation cases, as counts, AUC with its DeLong
-    variance, and the k-anonymous ROC points (points, 2) and calibration groups (points, 3)."""
+    variance, the k-anonymous ROC points (points, 2) and calibration groups (points, 3); and the terms of the
+    pooled clinical metrics (common.clinical): the Brier sum, per-class score histograms over the run's bins and
+    decision-curve counts at the run's thresholds (both fixed by the run config the site approved)."""
     net = model.model_from_state(state)
     prob = model.predict_proba(net, x)
     eps = 1e-12
     weights = np.where(y == 1, pos_weight, 1.0)
     loss = float(np.mean(-weights * (y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps))))
+    histograms = clinical.site_score_histograms(y, prob, clinical.score_edges(run.score_bins), k)
+    decision = clinical.site_decision_counts(y, prob, clinical.decision_thresholds(run.decision_thresholds), k)
     result = {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
-              "auc-var": metrics.delong_variance(y, prob), "loss": loss}
-    return result, {"roc": curves.roc_points(y, prob, k, points),
-                    "calibration": curves.calibration_groups(y, prob, k, points)}
+              "auc-var": metrics.delong_variance(y, prob), "loss": loss,
+              "sse": clinical.site_brier_terms(y, prob, k)["sse"]}
+    return result, {"roc": curves.roc_points(y, prob, k, run.curve_points),
+                    "calibration": curves.calibration_groups(y, prob, k, run.curve_points),
+                    "score-start": histograms["start"], "score-end": histograms["end"],
+                    "decision": decision["tp_fp"], "decision-kept": decision["kept"],
+                    "decision-totals": decision["n_pos_neg"]}
+
+
+def recalibrate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], params: np.ndarray,
+                     k: int) -> dict[str, Any]:
+    """One round of the federated calibration fit: the final model's scores on the held-out cases, and the
+    gradient and Hessian of y ~ a + b logit(p) there at the server's (a, b)."""
+    prob = model.predict_proba(model.model_from_state(state), x)
+    return clinical.site_recalibration_terms(y, prob, params, k)
 
 
 def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,

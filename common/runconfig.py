@@ -64,6 +64,9 @@ class RunConfig(BaseModel):
     dp_clip_norm: float = Field(alias="dp-clip-norm", gt=0)
     dp_delta: float = Field(alias="dp-delta", gt=0, lt=1)
     curve_points: int = Field(alias="curve-points", ge=2, le=100, strict=True)
+    score_bins: int = Field(alias="score-bins", ge=2, le=400, strict=True)
+    decision_thresholds: int = Field(alias="decision-thresholds", ge=1, le=99, strict=True)
+    recalibration_max_rounds: int = Field(alias="recalibration-max-rounds", ge=0, le=100, strict=True)
     external_validation: Literal["loso", "none"] = Field(alias="external-validation")
     local_only: Literal["own-pipeline", "none"] = Field(alias="local-only")
 
