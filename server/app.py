@@ -24,7 +24,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import phases, pipeline, report, validation
+from server import clinical, phases, pipeline, report, training, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -78,6 +78,22 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
     return dp.DPAccount.from_settings(settings)
 
 
+def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted) -> dict[str, object] | None:
+    """The final evaluation's pooled clinical metrics, with the final model's calibration fit (extra rounds)."""
+    trained = fitted.trained
+    if not trained.terms:
+        return None
+    last = max(trained.terms)
+    summary: dict[str, object] = {"round": last, **clinical.pooled(trained.terms[last], ctx.config.score_bins,
+                                                                ctx.config.decision_thresholds)}
+    if not summary.get("sites"):
+        return None
+    config = training.shared_config(fitted.chosen, cohort.agreement.pos_weight)
+    summary["calibration"] = clinical.calibration_phase(ctx, cohort, trained.arrays, config)
+    ctx.audit.append("clinical-metrics", **summary)
+    return summary
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:  # the config is read once, here; a bad value refuses the run before anything is sent
@@ -112,7 +128,8 @@ def main(grid: Grid, context: Context) -> None:
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(ctx, fed)
         result.split_counts = agreement.split_counts
-        fitted = pipeline.fit(ctx, Cohort(fed, agreement), covariate_spec, histograms=True)
+        main_cohort = Cohort(fed, agreement)
+        fitted = pipeline.fit(ctx, main_cohort, covariate_spec, histograms=True)
         if fitted.harmonization is not None:  # what `radfed site join` harmonises a later hospital against
             about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
                      "combat": {"parametric": run.combat_parametric, "eb": run.combat_eb,
@@ -134,6 +151,7 @@ def main(grid: Grid, context: Context) -> None:
                     "profile": {"name": profile.name, "version": profile.version}}, folder / "model.pt")
         result.model_sha256 = record_sha256(arrays)
         result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
+        result.pooled = final_pooled(ctx, main_cohort, fitted)
         result.validation = {}
         if run.external_validation == "loso":
             result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)
