@@ -243,7 +243,7 @@ def decision_curve_png(curve: Mapping[str, Any], title: str, colours: Mapping[st
         ax.fill_between(t, low, high, color=POOLED_COLOUR, alpha=0.2, linewidth=0,
                         label="model, range where a site withheld the threshold")
         for edge in (low, high):
-            ax.plot(t, edge, color=POOLED_COLOUR, linewidth=1.0, linestyle=":")
+            ax.plot(t, edge, color=POOLED_COLOUR, linewidth=1.0)
     ax.plot(t, model, marker="o", markersize=3, linewidth=1.8, color=POOLED_COLOUR, label="model (pooled)")
     top = float(np.nanmax(np.r_[high, treat_all, 0.0]))
     ax.set_xlim(0.0, 1.0)
