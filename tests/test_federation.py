@@ -126,7 +126,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
     # by the feature count, every statistic over >= k cases
     features = doc["features"]
     sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": len(final["sites"]),
-             "p": 10, "h": 4, "b": 16}
+             "p": 10, "h": 4, "b": 16, "g": 40, "t": 19}
     assert features["n"] == 30 and len(features["selected"]) == 30 and features["candidates"] == 200
     for name in names[:3]:
         outbox = three_sites / name / ".radfed" / "outbox.jsonl"
@@ -140,6 +140,11 @@ def test_federation_end_to_end(three_sites, tmp_path):
         assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
         assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 4
         assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1 + 1 + 2
+        # the final model's calibration fit, main run only; every evaluation carries the pooled metrics' terms
+        assert kinds.count("query.recalibrate") == final["pooled"]["calibration"]["rounds"] >= 1
+        assert not any(e.get("fold") for e in sent if e["type"] == "query.recalibrate")
+        assert all("sse" in e["records"]["metrics"] and {"score-start", "decision"} <= set(e["records"]["arrays"])
+                   for e in sent if e["type"] == "evaluate")
         assert sorted(e["fold"] for e in sent if e["type"] == "query.combat_join") == sorted(
             {name} | {f"local:{o}" for o in others})
         assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {"", f"local:{name}", *others}
@@ -449,7 +454,7 @@ def _pooled_metrics_are_the_pooled_cases(doc: dict, events: list[dict], held: li
     # pooled AUC: the exact one lies in the stated range, within the stated bound of the estimate
     exact_auc = roc_auc_score(y, prob)
     assert pooled["auc_low"] - 1e-12 <= exact_auc <= pooled["auc_high"] + 1e-12
-    assert abs(pooled["auc"] - exact_auc) <= pooled["auc_bound"] + 1e-12 and pooled["auc_bound"] < 0.5
+    assert abs(pooled["auc"] - exact_auc) <= pooled["auc_bound"] + 1e-12  # 6 cases per class a site: one group each
     assert pooled["auc_ci"][0] <= pooled["auc_low"] and pooled["auc_high"] <= pooled["auc_ci"][1]
     assert pooled["binning"]["bins"] == 40
     assert pooled["brier"] == pytest.approx(brier_score_loss(y, prob), rel=1e-12)
@@ -464,12 +469,13 @@ def _pooled_metrics_are_the_pooled_cases(doc: dict, events: list[dict], held: li
     assert len(rounds) == cal["rounds"] and all(sorted(r["sites"]) == pooled["sites"] for r in rounds)
     # net benefit at every threshold all sites kept: TP/N - FP/N t/(1 - t) of the pooled cases
     curve = pooled["net_benefit"]
-    kept = np.array(curve["kept_by_every_site"], dtype=bool)
-    assert kept.any()
-    for t, nb in zip(np.array(curve["threshold"])[kept], np.array(curve["model"])[kept], strict=True):
+    # (here, 6 cases per class a site, a site withholds most thresholds: elsewhere the stated range must hold it)
+    for i, t in enumerate(curve["threshold"]):
         called = prob >= t
         direct = np.sum(called & (y == 1)) / len(y) - np.sum(called & (y == 0)) / len(y) * t / (1 - t)
-        assert nb == pytest.approx(direct, abs=1e-12)
+        assert curve["model_low"][i] - 1e-12 <= direct <= curve["model_high"][i] + 1e-12
+        if curve["kept_by_every_site"][i]:
+            assert curve["model"][i] == pytest.approx(direct, abs=1e-12)
 
 
 def _set_covariates(site: Path, train_ids: set[str], missing_age: str | None = None) -> None:
