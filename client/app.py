@@ -275,8 +275,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     if _fold(msg).startswith("cv:") and part == "test":  # kept for the out-of-fold evaluation over every case
         _keep_out_of_fold(context, data, prob)
+    # every statistic, histogram group and decision step is over the part's cases or one of its classes
     result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
-                                      steps.min_cases(data.site, _run(context)), _run(context).curve_points)
+                                        steps.min_cases(data.site, _run(context)), _run(context))
     return _reply(msg, data.declare(part, {"num-examples": ""}), metrics=MetricRecord(result),
                   arrays=_arrays(curves))
 
@@ -305,9 +306,23 @@ def out_of_fold(msg: Message, context: Context) -> Message:
                         "fold's evaluation); restart the run")
     prob = np.array([kept[c] for c in data.table.case_ids])
     result, curves = compute.evaluation(data.table.labels, prob, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
-                                      steps.min_cases(data.site, _run(context)), _run(context).curve_points)
+                                        steps.min_cases(data.site, _run(context)), _run(context))
     return _reply(msg, data.declare("all", {"num-examples": ""}), metrics=MetricRecord(result),
                   arrays=_arrays(curves))
+
+
+@app.query("recalibrate")
+def recalibrate(msg: Message, context: Context) -> Message:
+    """One round of the calibration fit of the main run's final model, on the held-out split (the cases its
+    evaluation scored): gradient and Hessian of y ~ a + b logit(p) at the server's (a, b)."""
+    config, data = msg.content["config"], _data(context, msg)
+    x, y = _model_split(msg, context, data, held_out=True, receipt=False)
+    state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
+    sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)))
+    return _reply(msg, data.declare("test", {"n": ""}),
+                  arrays=_arrays({"gradient": sent["gradient"], "hessian": sent["hessian"]}),
+                  metrics=MetricRecord({"n": sent["n"], "loss": sent["loss"]}))
 
 
 @app.query("histograms")

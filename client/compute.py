@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from client.site import SiteError
-from common import combat, curves, exact, metrics, model, moments, selection
+from common import clinical, combat, curves, exact, metrics, model, moments, selection
 from common.runconfig import RunConfig
 
 
@@ -84,16 +84,31 @@ def scores(x: np.ndarray, state: dict[str, torch.Tensor]) -> np.ndarray:
 
 
 def evaluation(y: np.ndarray, prob: np.ndarray, pos_weight: float, k: int,
-               points: int) -> tuple[dict[str, float], dict[str, np.ndarray]]:
-    """A model's scores on the site's evaluation cases, as counts, AUC with its DeLong variance, class-weighted
-    log loss, and the k-anonymous ROC points (points, 2) and calibration groups (points, 3)."""
+               run: RunConfig) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    """A model's scores prob (n,) on the site's evaluation cases y (n,), as counts, AUC with its DeLong variance,
+    class-weighted log loss, the k-anonymous ROC points (points, 2) and calibration groups (points, 3); and the
+    terms of the pooled clinical metrics (common.clinical): the Brier sum, per-class score histograms over the
+    run's bins and decision-curve counts at the run's thresholds (both fixed by the run config the site approved)."""
     eps = 1e-12
     weights = np.where(y == 1, pos_weight, 1.0)
     loss = float(np.mean(-weights * (y * np.log(prob + eps) + (1 - y) * np.log(1 - prob + eps))))
+    histograms = clinical.site_score_histograms(y, prob, clinical.score_edges(run.score_bins), k)
+    decision = clinical.site_decision_counts(y, prob, clinical.decision_thresholds(run.decision_thresholds), k)
     result = {"num-examples": len(y), **metrics.confusion_counts(y, prob), "auc": metrics.roc_auc(y, prob),
-              "auc-var": metrics.delong_variance(y, prob), "loss": loss}
-    return result, {"roc": curves.roc_points(y, prob, k, points),
-                    "calibration": curves.calibration_groups(y, prob, k, points)}
+              "auc-var": metrics.delong_variance(y, prob), "loss": loss,
+              "sse": clinical.site_brier_terms(y, prob, k)["sse"]}
+    return result, {"roc": curves.roc_points(y, prob, k, run.curve_points),
+                    "calibration": curves.calibration_groups(y, prob, k, run.curve_points),
+                    "score-start": histograms["start"], "score-end": histograms["end"],
+                    "decision": decision["tp_fp"], "decision-kept": decision["kept"],
+                    "decision-totals": decision["n_pos_neg"]}
+
+
+def recalibrate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], params: np.ndarray,
+                     k: int) -> dict[str, Any]:
+    """One round of the federated calibration fit: the final model's scores on the held-out cases, and the
+    gradient and Hessian of y ~ a + b logit(p) there at the server's (a, b)."""
+    return clinical.site_recalibration_terms(y, scores(x, state), params, k)
 
 
 def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,

@@ -25,7 +25,7 @@ from client.site import site_floor, site_settings
 from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
 from common.canon import json_safe
-from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, REPLIES
+from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, NESTED_ROWS, REPLIES
 
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
@@ -68,7 +68,10 @@ def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str,
                     raise PrivacyError(
                         f"{message_type}: array {key!r} has shape {tuple(array.shape)}, not its declared shape "
                         f"{declared} = {expected} (-1: not yet agreed): it could hold per-case values")
-                _check_counts(message_type, key, array.numpy(), spec.arrays[key].k_rule, k)
+                if spec.arrays[key].k_rule == NESTED_ROWS:
+                    _check_nested(message_type, key, record, k)
+                else:
+                    _check_counts(message_type, key, array.numpy(), spec.arrays[key].k_rule, k)
     metrics = [r for r in content.values() if isinstance(r, MetricRecord)]
     for count_key in spec.count_keys:
         counts = [int(r[count_key]) for r in metrics if count_key in r]  # type: ignore[arg-type]
@@ -98,9 +101,34 @@ def _check_counts(message_type: str, key: str, values: np.ndarray, rule: str, k:
                            f" cases, fewer than k = {k}; nothing is sent")
 
 
+def _check_nested(message_type: str, key: str, record: ArrayRecord, k: int) -> None:
+    """Counts of nested sets released at some rows (``<key>-kept``): along class totals (``<key>-totals``) ->
+    each kept row -> none, every step must be 0 or >= k cases of each class, or subtracting two released counts
+    would give a count over fewer than k cases."""
+    partners = (f"{key}-kept", f"{key}-totals")
+    if any(name not in record for name in partners):
+        raise PrivacyError(f"{message_type}: array {key!r} is sent without {partners[0]!r} and {partners[1]!r}, "
+                           "which its k rule is checked against; nothing is sent")
+    values = record[key].numpy()
+    kept, totals = record[partners[0]].numpy(), record[partners[1]].numpy()
+    if not np.all((kept == 0) | (kept == 1)) or np.any(values[kept == 0] != 0):
+        raise PrivacyError(f"{message_type}: array {key!r} holds counts at thresholds {partners[0]!r} does not "
+                           "mark as released; nothing is sent")
+    chain = np.vstack([totals[None, :], values[kept == 1], np.zeros((1, values.shape[1]))])
+    steps = -np.diff(chain, axis=0)
+    if np.any(steps < 0):
+        raise PrivacyError(f"{message_type}: array {key!r} does not hold counts of nested sets (a count grows "
+                           "with the threshold); nothing is sent")
+    small = steps[(steps != 0) & (steps < k)]
+    if small.size:
+        raise PrivacyError(f"{message_type}: array {key!r} changes by {small.min():g} cases of one class between "
+                           f"released thresholds, fewer than k = {k}; nothing is sent")
+
+
 def agreed_sizes(context: Context) -> dict[str, int]:
     """The run's shape symbols as this site agreed them (kept in ``context.state``)."""
-    sizes = {"p": run_config(context.run_config).curve_points}
+    run = run_config(context.run_config)
+    sizes = {"p": run.curve_points, "g": run.score_bins, "t": run.decision_thresholds}
     site = context.state.get(SITE_STATE)
     if not isinstance(site, ConfigRecord):
         return sizes

@@ -235,7 +235,7 @@ def sum_recalibration_terms(replies: Sequence[Mapping[str, Any]]) -> tuple[np.nd
 
 
 def fit_recalibration(query: Callable[[np.ndarray], Sequence[Mapping[str, Any]]], fixed_slope: float | None = None,
-                      tol: float = 1e-10, max_iter: int = 25) -> dict[str, Any]:
+                      tol: float = 1e-10, max_iter: int = 25, max_rounds: int | None = None) -> dict[str, Any]:
     """Server: Newton's method on the sites' summed :func:`site_recalibration_terms`, from (a, b) = (0, 1)
     (perfect calibration).
 
@@ -243,8 +243,9 @@ def fit_recalibration(query: Callable[[np.ndarray], Sequence[Mapping[str, Any]]]
     calibration-in-the-large) only the intercept is fitted, from the same replies' first components. A step that
     raises the loss is halved (each trial is one more round). Returns ``intercept``, ``slope``, their standard
     errors (``intercept_se``, ``slope_se``; 0 for a fixed slope) from the inverse Hessian, ``loss``, ``n``,
-    ``rounds`` (queries sent) and ``converged``. Without convergence (e.g. the pooled scores separate the classes,
-    so no finite slope fits) the last point is returned with ``converged`` False.
+    ``rounds`` (queries sent, never more than ``max_rounds`` when given) and ``converged``. Without convergence
+    (e.g. the pooled scores separate the classes, so no finite slope fits, or the round cap was reached) the last
+    accepted point is returned with ``converged`` False.
     """
     free = [0] if fixed_slope is not None else [0, 1]
     params = np.array([0.0, 1.0 if fixed_slope is None else float(fixed_slope)])
@@ -254,7 +255,7 @@ def fit_recalibration(query: Callable[[np.ndarray], Sequence[Mapping[str, Any]]]
         step = np.zeros(2)
         step[free] = np.linalg.solve(hess[np.ix_(free, free)], grad[free])
         scale = 1.0
-        while rounds < max_iter * 8:
+        while rounds < (max_iter * 8 if max_rounds is None else max_rounds):
             trial = params - scale * step
             t_grad, t_hess, t_loss, _ = sum_recalibration_terms(query(trial))
             rounds += 1
@@ -288,6 +289,13 @@ def pooled_brier(replies: Sequence[Mapping[str, float]]) -> float:
 
 
 # ---------------------------------------------------------------- decision curve
+
+def decision_thresholds(count: int) -> np.ndarray:
+    """(count,) the run's decision-curve thresholds j / (count + 1), j = 1..count: equal steps inside (0, 1)."""
+    if count < 1:
+        raise ValueError("at least one threshold")
+    return np.arange(1, count + 1, dtype=np.float64) / (count + 1)
+
 
 def _above(y: np.ndarray, prob: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """(T, 2) [HGG, BM] cases with prob >= each threshold (called HGG, as ``metrics.confusion_counts``)."""

@@ -20,6 +20,7 @@ MOMENTS = "query.moments"
 CORRELATION = "query.correlation"
 HISTOGRAMS = "query.histograms"
 NEWTON = "query.newton"
+RECALIBRATE = "query.recalibrate"
 TRAIN = "train"
 EVALUATE = "evaluate"
 OUT_OF_FOLD = "query.out_of_fold"
@@ -27,13 +28,18 @@ OUT_OF_FOLD = "query.out_of_fold"
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
 # "d" = agreed features, "q" = ComBat design columns (sites + covariates), "m" = selection candidates,
 # "s" = features the model uses (after selection), "p" = curve points (run config ``curve-points``),
-# "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept).
+# "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept),
+# "g" = score-histogram bins (run config ``score-bins``), "t" = decision-curve thresholds (``decision-thresholds``).
 Shape = tuple[str | int, ...]
 
 # How the guard checks that an array of counts covers no fewer than k cases anywhere:
 CUMULATIVE_ROWS = "cumulative-rows"  # rows are cumulative counts: every step adds 0 or >= k cases
 FIRST_COLUMN = "first-column"  # column 0 counts the cases of each row: 0 or >= k
 EACH_ENTRY = "each-entry"  # every entry is a count: 0 or >= k
+# rows are per-class counts [HGG, BM] of nested sets (cases at or above increasing thresholds), released only at
+# the rows the array "<key>-kept" marks 1 (0 elsewhere); from the class totals "<key>-totals" through each kept
+# row to none, every step is 0 or >= k cases of each class (common.clinical.k_safe_thresholds)
+NESTED_ROWS = "nested-rows"
 
 
 @dataclass(frozen=True)
@@ -164,12 +170,30 @@ REPLIES: dict[str, ReplySpec] = {
             "auc": "ROC AUC over the held-out cases",
             "auc-var": "DeLong variance of that AUC",
             "loss": "mean class-weighted log loss over the held-out cases",
+            "sse": "sum over the held-out cases of (HGG probability - label)^2 (the Brier score's numerator)",
         },
         arrays={"roc": ArraySpec("cumulative [HGG, BM] cases above each cut of the sorted scores, every cut "
                                  ">= k cases further", ("p", 2), CUMULATIVE_ROWS),
                 "calibration": ArraySpec("per group of >= k cases by predicted probability: [cases, sum of "
-                                         "predicted probability, HGG cases]", ("p", 3), FIRST_COLUMN)},
+                                         "predicted probability, HGG cases]", ("p", 3), FIRST_COLUMN),
+                "score-start": ArraySpec("per class [BM, HGG], adjacent score bins of the run's grid merged into "
+                                         "groups of >= k cases: each group's count at its first occupied bin",
+                                         (2, "g"), EACH_ENTRY),
+                "score-end": ArraySpec("the same groups' counts at their last occupied bin", (2, "g"), EACH_ENTRY),
+                "decision": ArraySpec("[HGG, BM] cases with probability >= each of the run's thresholds, at the "
+                                      "thresholds where every step between released counts is 0 or >= k cases "
+                                      "of each class; 0 at the others", ("t", 2), NESTED_ROWS),
+                "decision-kept": ArraySpec("1 at the thresholds whose counts are released, 0 at the others",
+                                           ("t",)),
+                "decision-totals": ArraySpec("[HGG, BM] held-out cases (as tp + fn and tn + fp)", (2,), EACH_ENTRY)},
         count_keys=("num-examples",),
+    ),
+    RECALIBRATE: ReplySpec(
+        arrays={"gradient": ArraySpec("gradient of the summed log-likelihood of y ~ a + b logit(p) over the "
+                                      "held-out cases, at the server's (a, b), p the final model's scores", (2,)),
+                "hessian": ArraySpec("its Hessian, summed over the same cases", (2, 2))},
+        metrics={"n": "held-out cases", "loss": "that negative log-likelihood summed over the held-out cases"},
+        count_keys=("n",),
     ),
 }
 # Cross-validation's internal validation: the same evaluation, over every usable case, each scored by the

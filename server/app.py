@@ -24,7 +24,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import phases, pipeline, report, validation
+from server import clinical, phases, pipeline, report, training, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -78,6 +78,29 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
     return dp.DPAccount.from_settings(settings)
 
 
+def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
+                 oof_terms: dict[str, clinical.Terms] | None = None) -> dict[str, object] | None:
+    """The internal validation's pooled clinical metrics: of the final evaluation, with the final model's
+    calibration fit (extra rounds); or, under cross-validation, of the out-of-fold scores (``oof_terms``), which
+    come from several models, so no single model's calibration is fitted."""
+    trained = fitted.trained
+    if oof_terms is None and not trained.terms:
+        return None
+    last = max(trained.training) if oof_terms is not None else max(trained.terms)
+    terms = oof_terms if oof_terms is not None else trained.terms[last]
+    summary: dict[str, object] = {"round": last, **clinical.pooled(terms, ctx.config.score_bins,
+                                                                ctx.config.decision_thresholds)}
+    if not summary.get("sites"):
+        return None
+    if oof_terms is not None:
+        summary["calibration"] = {"skipped": "cross-validation: the out-of-fold scores come from one model per fold"}
+    else:
+        config = training.shared_config(fitted.chosen, fitted.pos_weight)
+        summary["calibration"] = clinical.calibration_phase(ctx, cohort, trained.arrays, config)
+    ctx.audit.append("clinical-metrics", **summary)
+    return summary
+
+
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:  # the config is read once, here; a bad value refuses the run before anything is sent
@@ -113,7 +136,8 @@ def main(grid: Grid, context: Context) -> None:
         agreement = phases.features_phase(ctx, fed)
         result.split_counts = agreement.split_counts
         cv = run.internal_validation == "cv"  # then nothing is held out: every case trains the final model
-        fitted = pipeline.fit(ctx, Cohort(fed, agreement), covariate_spec, evaluate_rounds=not cv, histograms=True)
+        main_cohort = Cohort(fed, agreement)
+        fitted = pipeline.fit(ctx, main_cohort, covariate_spec, evaluate_rounds=not cv, histograms=True)
         if fitted.harmonization is not None:  # what `radfed site join` harmonises a later hospital against
             about = {"run_id": context.run_id, "profile_sha256": profile.sha256,
                      "combat": {"parametric": run.combat_parametric, "eb": run.combat_eb,
@@ -141,6 +165,9 @@ def main(grid: Grid, context: Context) -> None:
             last = max(trained.training) if trained.training else run.num_server_rounds
             result.evaluations, result.curves = {last: crossed["sites"]}, {last: crossed["curves"]}
             result.validation["cv"] = {"folds": crossed["folds"]}
+            result.pooled = final_pooled(ctx, main_cohort, fitted, crossed["terms"])
+        else:
+            result.pooled = final_pooled(ctx, main_cohort, fitted)
         if run.external_validation == "loso":
             result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)
         if run.local_only == "own-pipeline":

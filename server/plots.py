@@ -20,6 +20,7 @@ from matplotlib.figure import Figure
 
 DPI = 100
 FEDERATION_COLOUR = "#222222"
+POOLED_COLOUR = "#6a3d9a"  # the pooled cases of all sites: no site's colour
 # matplotlib's tab10, in order: site colours stay the same across every figure of a report
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
@@ -220,4 +221,37 @@ def harmonization_png(feature: str, edges: Sequence[float], sites: Mapping[str, 
     axes[0].set_ylabel("density", fontsize=8)
     _legend(axes[1], len(sites))
     fig.suptitle(label(feature, 90), fontsize=8)
+    return _png(fig)
+
+
+def decision_curve_png(curve: Mapping[str, Any], title: str, colours: Mapping[str, str] | None = None) -> bytes:
+    """Decision curve of the pooled cases: net benefit of the model against treating all as HGG and treating
+    none, over the run's thresholds. Where a site withheld a threshold (too few cases changed there) the model's
+    net benefit is only known to lie in a range: shaded, with no point. ``colours`` (sites) is unused: one line."""
+    t = _floats(curve.get("threshold"), "decision-curve thresholds")
+    model = _floats(curve.get("model"), "net benefit of the model")
+    low = _floats(curve.get("model_low", curve.get("model")), "lower net benefit")
+    high = _floats(curve.get("model_high", curve.get("model")), "upper net benefit")
+    treat_all = _floats(curve.get("treat_all"), "net benefit of treating all")
+    if not len(t) or not (len(t) == len(model) == len(low) == len(high) == len(treat_all)):
+        raise ValueError("decision curve: threshold, model, model_low, model_high and treat_all must be equally "
+                         "long, non-empty lists")
+    fig, (ax,) = _figure(4.8, 3.8)
+    ax.axhline(0.0, color="#999999", linewidth=0.8, label="treat none")
+    ax.plot(t, treat_all, linestyle="--", color="#999999", linewidth=0.8, label="treat all as HGG")
+    if np.any(low != high):
+        ax.fill_between(t, low, high, color=POOLED_COLOUR, alpha=0.2, linewidth=0,
+                        label="model, range where a site withheld the threshold")
+        for edge in (low, high):
+            ax.plot(t, edge, color=POOLED_COLOUR, linewidth=1.0)
+    ax.plot(t, model, marker="o", markersize=3, linewidth=1.8, color=POOLED_COLOUR, label="model (pooled)")
+    top = float(np.nanmax(np.r_[high, treat_all, 0.0]))
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(-0.1, max(top, 0.05) * 1.1 + 0.02)
+    ax.set_xlabel("threshold probability of HGG", fontsize=8)
+    ax.set_ylabel("net benefit", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.grid(alpha=0.3, linewidth=0.5)
+    ax.set_title(label(title, 60), fontsize=9)
+    _legend(ax, 4)
     return _png(fig)

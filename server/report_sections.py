@@ -16,6 +16,7 @@ from typing import Any
 
 from server import plots
 from server.report_blocks import Block, Bullets, Facts, Figure, Heading, Section, Table, Text, md_code, unavailable
+from server.report_clinical import clinical_section
 from server.report_validation import gain_sentence, local_only_blocks
 
 SHOWN = ("auc", "sensitivity", "specificity", "balanced_accuracy")
@@ -535,6 +536,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Section]]] = [
     ("final", "Final held-out metrics", _final_section),
     ("roc", "ROC curves (held-out, final model)", _roc_section),
     ("calibration", "Calibration (held-out, final model)", _calibration_section),
+    ("clinical", "Clinical metrics (pooled held-out cases, final model)", clinical_section),
     ("training", "Training curves per round", _training_section),
     ("harmonization", "Harmonisation before/after", _harmonization_section),
     ("features", "Selected features", _features_section),

@@ -48,6 +48,8 @@ class RunResult:
     harmonization: dict[str, Any] | None = None
     # {"loso": {site: {n, auc, sensitivity, ..., "ci", "roc", ...} or {"error"}}, "baselines": {...}}
     validation: dict[str, Any] | None = None
+    # the final evaluation's pooled clinical metrics (server.clinical.pooled) and the calibration fit
+    pooled: dict[str, Any] | None = None
 
     def rounds(self) -> list[dict[str, Any]]:
         """Every round that trained or evaluated; a round without evaluation (e.g. an exact-fit Newton step)
@@ -98,10 +100,14 @@ class RunResult:
             "model_sha256": self.model_sha256,
             "rounds": self.rounds(),
             "final": {"round": max(self.evaluations) if self.evaluations else None, "sites": self.final_sites(),
-                      "aggregate": aggregate},
+                      "aggregate": aggregate, **({"pooled": self.pooled} if self.pooled else {})},
             "notes": {
                 "aggregate": "sensitivity, specificity and balanced accuracy from confusion counts summed over "
                              "sites; AUC is the mean of site AUCs weighted by held-out cases",
+                "pooled": "final.pooled: the AUC of all sites' held-out cases together (not a mean of site AUCs), "
+                          "from k-anonymous score histograms: the exact pooled AUC lies in [auc_low, auc_high], "
+                          "within auc_bound of auc; Brier score, calibration slope and intercept and decision-curve "
+                          "net benefit of the same pooled cases",
                 "positive_class": "HGG",
                 "threshold": 0.5,
                 "internal_validation": _internal_validation(self.config),

@@ -12,6 +12,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from common import curves, dp, metrics
 from common.canon import arrays_sha256
+from server import clinical
 from server.audit import AuditLog
 from server.federation import Federation, error_reason
 
@@ -72,6 +73,7 @@ class AuditedFedAvg(FedAvg):
         self.site_training: dict[int, dict[str, dict[str, float]]] = {}
         self.site_evaluations: dict[int, dict[str, dict[str, float]]] = {}
         self.site_curves: dict[int, dict[str, dict[str, object]]] = {}
+        self.site_terms: dict[int, dict[str, clinical.Terms]] = {}  # the pooled clinical metrics' terms
 
     def _messages(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                   message_type: str) -> Iterable[Message]:
@@ -143,6 +145,7 @@ class AuditedFedAvg(FedAvg):
         per_site, site_curves = evaluation_records(self.sites, good)
         self.site_evaluations[server_round] = per_site
         self.site_curves[server_round] = site_curves
+        self.site_terms[server_round] = clinical.terms_of(self.sites, good)
         combined = metrics.combine_sites(list(per_site.values()))
         self.audit.append("round-evaluate", round=server_round, sites=per_site, aggregate=combined, **self._tag())
         log.info("Round %d: held-out AUC %.3f, sensitivity %.3f, specificity %.3f over %d cases at %d sites",

@@ -17,6 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 from common import exact, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
+from server import clinical
 from server.federation import Cohort, Run, RunRefused
 from server.phases import PooledMoments
 from server.strategy import AuditedFedAvg, evaluation_records, record_sha256
@@ -32,6 +33,7 @@ class Trained:
     training: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     evaluations: dict[int, dict[str, dict[str, float]]] = field(default_factory=dict)
     curves: dict[int, dict[str, dict[str, object]]] = field(default_factory=dict)
+    terms: dict[int, dict[str, clinical.Terms]] = field(default_factory=dict)  # pooled clinical metrics' terms
     info: dict[str, object] = field(default_factory=dict)
 
 
@@ -86,7 +88,8 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
                                  "learning-rate": cfg.learning_rate, "weight-decay": cfg.weight_decay})
     result = strategy.start(run.grid, initial, num_rounds=cfg.num_server_rounds, timeout=run.timeout,
                             train_config=train_config, evaluate_config=ConfigRecord(shared))  # type: ignore[arg-type]
-    return Trained(result.arrays, strategy.site_training, strategy.site_evaluations, strategy.site_curves)
+    return Trained(result.arrays, strategy.site_training, strategy.site_evaluations, strategy.site_curves,
+                   strategy.site_terms)
 
 
 def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: RunConfig, mean: np.ndarray,
@@ -134,5 +137,6 @@ def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: Run
         per_site_eval, site_curves = evaluation_records(cohort.fed.sites, replies.values())
         trained.evaluations[final_round] = per_site_eval
         trained.curves[final_round] = site_curves
+        trained.terms[final_round] = clinical.terms_of(cohort.fed.sites, replies.values())
         run.audit.append("round-evaluate", round=final_round, sites=per_site_eval, **tag)
     return trained

@@ -20,7 +20,7 @@ import logging
 from flwr.app import RecordDict
 
 from common import metrics, protocol
-from server import phases, pipeline, training
+from server import clinical, phases, pipeline, training
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused
 from server.strategy import evaluation_records, record_sha256
 
@@ -115,7 +115,8 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
     folds' cases of every site, scored by each site on its fold-v cases (which it keeps, as out-of-fold
     scores); then each site evaluates its out-of-fold scores over all its usable cases.
 
-    Returns {"folds": {v: {site: metrics}}, "sites": {site: metrics}, "curves": {site: roc, calibration}}."""
+    Returns {"folds": {v: {site: metrics}}, "sites": {site: metrics}, "curves": {site: roc, calibration},
+    "terms": {site: the pooled clinical metrics' terms}}."""
     folds: dict[str, dict[str, object]] = {}
     names = set(fed.sites.values())
     for v in range(run.config.cv_folds):
@@ -142,4 +143,5 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
         raise RunRefused(f"no site could evaluate its out-of-fold scores ({reasons})") from None
     per_site, site_curves = evaluation_records(everyone.fed.sites, replies.values())
     run.audit.append("out-of-fold", sites=per_site, aggregate=metrics.combine_sites(list(per_site.values())))
-    return {"folds": folds, "sites": per_site, "curves": site_curves}
+    return {"folds": folds, "sites": per_site, "curves": site_curves,
+            "terms": clinical.terms_of(everyone.fed.sites, replies.values())}

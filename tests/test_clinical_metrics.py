@@ -305,3 +305,21 @@ def test_every_site_side_release_is_zero_or_at_least_k(seed):
         steps = -np.diff(chain if per_class else chain.sum(axis=1, keepdims=True), axis=0)
         assert np.all((steps == 0) | (steps >= k))
         np.testing.assert_array_equal(reply["n_pos_neg"], [n_pos, n_neg])
+
+
+def test_recalibration_stops_at_its_round_cap_and_thresholds_are_equal_steps():
+    rng = np.random.default_rng(3)
+    y = rng.integers(0, 2, 60)
+    prob = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, 60), 0.01, 0.99)
+    sent = []
+
+    def query(params: np.ndarray) -> list[dict]:
+        sent.append(params.copy())
+        return [clinical.site_recalibration_terms(y, prob, params, 5)]
+
+    capped = clinical.fit_recalibration(query, max_rounds=2)
+    assert capped["rounds"] == len(sent) == 2 and not capped["converged"]
+    sent.clear()
+    free = clinical.fit_recalibration(query)
+    assert free["converged"] and free["rounds"] == len(sent) > 2
+    np.testing.assert_allclose(clinical.decision_thresholds(4), [0.2, 0.4, 0.6, 0.8])

@@ -72,6 +72,17 @@ def test_every_case_is_scored_out_of_fold_by_the_pooled_fit_without_its_fold(tmp
         assert site["n"] == len(data[n].table.case_ids) == doc["sites"][n]["split"]["n-cases"]
         assert site["auc"] == pytest.approx(metrics.roc_auc(data[n].table.labels, oof[n]), abs=1e-9)
     assert "cross-validation" in doc["notes"]["internal_validation"]
+    # the pooled clinical metrics cover the out-of-fold scores of every case: the exact pooled AUC lies in the
+    # stated range, the Brier score is exact
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    y_all = np.concatenate([data[n].table.labels for n in names])
+    p_all = np.concatenate([oof[n] for n in names])
+    pooled = doc["final"]["pooled"]
+    assert pooled["n"] == len(y_all) and pooled["sites"] == names
+    assert pooled["auc_low"] - 1e-12 <= roc_auc_score(y_all, p_all) <= pooled["auc_high"] + 1e-12
+    assert pooled["brier"] == pytest.approx(brier_score_loss(y_all, p_all), rel=1e-9)
+    assert "skipped" in pooled["calibration"]
     # the final model trained on every case: the main run's Newton terms covered all of each site's cases
     final_round = max(r["round"] for r in doc["rounds"])
     assert {s: r["n"] for s, r in doc["rounds"][-1]["train"]["sites"].items()} == {

@@ -111,7 +111,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
     # by the feature count, every statistic over >= k cases
     features = doc["features"]
     sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": len(final["sites"]),
-             "p": 10, "h": 4, "b": 16}
+             "p": 10, "h": 4, "b": 16, "g": 40, "t": 19}
     assert features["n"] == 30 and len(features["selected"]) == 30 and features["candidates"] == 200
     for name in names[:3]:
         outbox = three_sites / name / ".radfed" / "outbox.jsonl"
@@ -125,6 +125,11 @@ def test_federation_end_to_end(three_sites, tmp_path):
         assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
         assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 4
         assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1 + 1 + 2
+        # the final model's calibration fit, main run only; every evaluation carries the pooled metrics' terms
+        assert kinds.count("query.recalibrate") == final["pooled"]["calibration"]["rounds"] >= 1
+        assert not any(e.get("fold") for e in sent if e["type"] == "query.recalibrate")
+        assert all("sse" in e["records"]["metrics"] and {"score-start", "decision"} <= set(e["records"]["arrays"])
+                   for e in sent if e["type"] == "evaluate")
         assert sorted(e["fold"] for e in sent if e["type"] == "query.combat_join") == sorted(
             {name} | {f"local:{o}" for o in others})
         assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {"", f"local:{name}", *others}
@@ -355,7 +360,7 @@ def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
 def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path):
     from sklearn.linear_model import LogisticRegression
 
-    from common import exact, metrics
+    from common import exact, metrics, model
 
     root = tmp_path / "data"
     for i, spec in enumerate(synth.tiny_sites(2, 12)):  # 2 blocks of 6 per class: 12 training cases per site
@@ -381,10 +386,13 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     events = _events(folder)
     rounds = [e for e in events if e["event"] == "newton-round"]
     assert 2 <= len(rounds) <= 15 and events[-1]["data"]["status"] == "completed"
+    held = []
     for name, d in zip(names, data, strict=True):  # the held-out AUC each site sent is the model's AUC there
         xt, yt = site_matrix(d, agreed, held_out=True, names=saved["features"])
         prob = 1 / (1 + np.exp(-((xt - mean) / scale @ coef[1:] + coef[0])))
         assert doc["final"]["sites"][name]["auc"] == pytest.approx(metrics.roc_auc(yt, prob), abs=1e-12)
+        held.append((yt, model.predict_proba(model.model_from_state(saved["state_dict"]), xt)))
+    _pooled_metrics_are_the_pooled_cases(doc, events, held)
 
     # LASSO selection (select-l1): the features the pooled L1 fit on the 4 candidates sets to zero leave, and
     # the sparse model is then trained (here by FedAvg) on the rest; pick a penalty that drops some, not all
@@ -412,6 +420,47 @@ def test_exact_training_is_the_pooled_fit_and_refuses_too_many_features(tmp_path
     dropouts = [e["data"] for e in _events(folder) if e["event"] == "dropout"]
     assert {d["site"] for d in dropouts} == set(names)
     assert all("too few for exact federated logistic regression with 8 features" in d["reason"] for d in dropouts)
+
+
+def _pooled_metrics_are_the_pooled_cases(doc: dict, events: list[dict], held: list[tuple[np.ndarray, np.ndarray]]
+                                         ) -> None:
+    """final.pooled, from the sites' aggregates only, against scikit-learn on the concatenated held-out scores
+    (``held``: per site, labels and the final model's probabilities, recomputed in-process)."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import brier_score_loss, roc_auc_score
+
+    from common import clinical
+
+    pooled = doc["final"]["pooled"]
+    y = np.concatenate([h[0] for h in held]).astype(int)
+    prob = np.concatenate([h[1] for h in held])
+    assert pooled["n"] == len(y) and pooled["n_hgg"] == int(y.sum())
+    assert pooled["sites"] == sorted(doc["final"]["sites"])
+    # pooled AUC: the exact one lies in the stated range, within the stated bound of the estimate
+    exact_auc = roc_auc_score(y, prob)
+    assert pooled["auc_low"] - 1e-12 <= exact_auc <= pooled["auc_high"] + 1e-12
+    assert abs(pooled["auc"] - exact_auc) <= pooled["auc_bound"] + 1e-12  # 6 cases per class a site: one group each
+    assert pooled["auc_ci"][0] <= pooled["auc_low"] and pooled["auc_high"] <= pooled["auc_ci"][1]
+    assert pooled["binning"]["bins"] == 40
+    assert pooled["brier"] == pytest.approx(brier_score_loss(y, prob), rel=1e-12)
+    # calibration slope and intercept: the unpenalised logistic fit of y on logit(p) of the pooled cases
+    cal = pooled["calibration"]
+    reference = LogisticRegression(penalty=None, solver="newton-cholesky", tol=1e-14, max_iter=1000).fit(
+        clinical.logit(prob)[:, None], y)
+    assert cal["converged"] and 2 <= cal["rounds"] <= cal["max_rounds"] == 25
+    assert cal["intercept"] == pytest.approx(reference.intercept_[0], abs=1e-6)
+    assert cal["slope"] == pytest.approx(reference.coef_[0][0], abs=1e-6)
+    rounds = [e["data"] for e in events if e["event"] == "recalibration-round"]
+    assert len(rounds) == cal["rounds"] and all(sorted(r["sites"]) == pooled["sites"] for r in rounds)
+    # net benefit at every threshold all sites kept: TP/N - FP/N t/(1 - t) of the pooled cases
+    curve = pooled["net_benefit"]
+    # (here, 6 cases per class a site, a site withholds most thresholds: elsewhere the stated range must hold it)
+    for i, t in enumerate(curve["threshold"]):
+        called = prob >= t
+        direct = np.sum(called & (y == 1)) / len(y) - np.sum(called & (y == 0)) / len(y) * t / (1 - t)
+        assert curve["model_low"][i] - 1e-12 <= direct <= curve["model_high"][i] + 1e-12
+        if curve["kept_by_every_site"][i]:
+            assert curve["model"][i] == pytest.approx(direct, abs=1e-12)
 
 
 def _set_covariates(site: Path, train_ids: set[str], missing_age: str | None = None) -> None:

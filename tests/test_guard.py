@@ -102,3 +102,66 @@ def test_the_guard_holds_the_sites_own_k_when_the_run_asks_less(tmp_path):
     with pytest.raises(PrivacyError, match="'n-hgg' = 6 is fewer than k = 8"):
         app(Message(RecordDict(), metadata=meta), context)
     assert not (tmp_path / ".radfed" / "outbox.jsonl").exists()  # nothing was logged as sent
+
+
+def _decision_reply(counts: np.ndarray, kept: np.ndarray, totals: np.ndarray) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({"decision": Array(counts.astype(float)),
+                                              "decision-kept": Array(kept.astype(float)),
+                                              "decision-totals": Array(totals.astype(float))}),
+                       "metrics": MetricRecord({"num-examples": int(totals.sum())})})
+
+
+def test_decision_counts_pass_only_when_every_step_between_released_thresholds_holds_k_cases_per_class():
+    from common import clinical
+
+    rng = np.random.default_rng(0)
+    y = np.r_[np.ones(12), np.zeros(12)].astype(int)
+    prob = np.clip(0.25 + 0.5 * y + rng.normal(0, 0.2, 24), 0.01, 0.99)
+    sent = clinical.site_decision_counts(y, prob, clinical.decision_thresholds(9), 5)
+    assert 0 < sent["kept"].sum() < 9  # some thresholds withheld, some released
+    check_reply(protocol.EVALUATE, _decision_reply(sent["tp_fp"], sent["kept"], sent["n_pos_neg"]), k=5,
+                sizes={"t": 9})
+
+    # release every threshold: somewhere the called set of one class changes by 1 to 4 cases
+    raw = np.array([[np.sum((prob >= t) & (y == 1)), np.sum((prob >= t) & (y == 0))]
+                    for t in clinical.decision_thresholds(9)], dtype=float)
+    with pytest.raises(PrivacyError, match="'decision' changes by [1-4] cases of one class"):
+        check_reply(protocol.EVALUATE, _decision_reply(raw, np.ones(9), sent["n_pos_neg"]), k=5, sizes={"t": 9})
+    # a count at a threshold marked withheld, and a count that grows with the threshold, are refused too
+    hidden = sent["tp_fp"].copy()
+    hidden[np.flatnonzero(sent["kept"] == 0)[0]] = raw[np.flatnonzero(sent["kept"] == 0)[0]]
+    with pytest.raises(PrivacyError, match="does not mark as released"):
+        check_reply(protocol.EVALUATE, _decision_reply(hidden, sent["kept"], sent["n_pos_neg"]), k=5, sizes={"t": 9})
+    with pytest.raises(PrivacyError, match="nested sets"):
+        check_reply(protocol.EVALUATE, _decision_reply(np.array([[5.0, 5.0], [10.0, 10.0]]), np.ones(2),
+                                                       np.array([12.0, 12.0])), k=5, sizes={"t": 2})
+    without = _decision_reply(sent["tp_fp"], sent["kept"], sent["n_pos_neg"])
+    del without["arrays"]["decision-totals"]
+    with pytest.raises(PrivacyError, match="without 'decision-kept' and 'decision-totals'"):
+        check_reply(protocol.EVALUATE, without, k=5, sizes={"t": 9})
+
+
+def test_score_histograms_and_recalibration_terms_are_declared_and_held_to_k():
+    from common import clinical
+
+    rng = np.random.default_rng(1)
+    y = np.r_[np.ones(11), np.zeros(9)].astype(int)
+    prob = rng.uniform(0.05, 0.95, 20)
+    h = clinical.site_score_histograms(y, prob, clinical.score_edges(12), 5)
+    reply = RecordDict({"arrays": ArrayRecord({"score-start": Array(h["start"]), "score-end": Array(h["end"])}),
+                        "metrics": MetricRecord({"num-examples": 20, "sse": 3.0})})
+    check_reply(protocol.EVALUATE, reply, k=5, sizes={"g": 12})
+    raw = np.vstack([np.bincount(np.clip(np.searchsorted(clinical.score_edges(12), prob[y == c], "right") - 1, 0, 11),
+                                 minlength=12) for c in (0, 1)]).astype(float)
+    reply["arrays"] = ArrayRecord({"score-start": Array(raw), "score-end": Array(raw)})
+    with pytest.raises(PrivacyError, match=r"'score-start' holds a count of [1-4]\.0 cases"):
+        check_reply(protocol.EVALUATE, reply, k=5, sizes={"g": 12})
+
+    terms = clinical.site_recalibration_terms(y, prob, np.array([0.0, 1.0]), 5)
+    sums = {"gradient": Array(terms["gradient"]), "hessian": Array(terms["hessian"])}
+    good = RecordDict({"arrays": ArrayRecord(sums),
+                       "metrics": MetricRecord({"n": 20, "loss": terms["loss"]})})
+    check_reply(protocol.RECALIBRATE, good, k=5)
+    good["metrics"] = MetricRecord({"n": 4, "loss": terms["loss"]})
+    with pytest.raises(PrivacyError, match="'n' = 4 is fewer than k = 5"):
+        check_reply(protocol.RECALIBRATE, good, k=5)

@@ -26,8 +26,8 @@ from server import report
 K = 5
 SITES = ("hospital-a", "hospital-b", "hospital-c", "<b>x</b>")
 EVIL_FEATURE = "t1c/enhancing/<i>glcm</i>|Contrast"
-SECTION_IDS = ("summary", "model-card", "final", "roc", "calibration", "training", "harmonization", "features",
-               "validation")
+SECTION_IDS = ("summary", "model-card", "final", "roc", "calibration", "clinical", "training", "harmonization",
+               "features", "validation")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 TAB_BLUE = np.array([31, 119, 180])  # the first site's colour in every figure
@@ -79,6 +79,21 @@ def _histogram(values: np.ndarray, edges: np.ndarray) -> list[int]:
     return [int(c) if c >= K else 0 for c in counts]  # cruder than the sites' merging, same promise
 
 
+def _pooled(scores: dict[str, tuple[np.ndarray, np.ndarray]], last: int) -> dict[str, Any]:
+    """final.pooled as server.clinical computes it from what the sites send (40 bins, 19 thresholds)."""
+    from common import clinical as cc
+    from server import clinical
+
+    terms = {}
+    for name, (y, prob) in scores.items():
+        h = cc.site_score_histograms(y, prob, cc.score_edges(40), K)
+        terms[name] = {"start": h["start"], "end": h["end"], **cc.site_brier_terms(y, prob, K),
+                       **cc.site_decision_counts(y, prob, cc.decision_thresholds(19), K)}
+    fit = cc.fit_recalibration(lambda p: [cc.site_recalibration_terms(y, prob, p, K) for y, prob in scores.values()],
+                               max_rounds=25)
+    return {"round": last, **clinical.pooled(terms, 40, 19), "calibration": {**fit, "max_rounds": 25}}
+
+
 def make_result(folder: Path, data_root: Path, sites: tuple[str, ...] = SITES, rounds: int = 6) -> report.RunResult:
     """A completed run at ``sites`` with every optional part: intervals, curves, histograms, LOSO, baselines."""
     rng = np.random.default_rng(3)
@@ -104,10 +119,12 @@ def make_result(folder: Path, data_root: Path, sites: tuple[str, ...] = SITES, r
         result.training[r] = {name: {"n": sizes[name] - held_out[name], "loss": 0.7 * 0.9 ** r + 0.02 * i,
                                      "update_sha256": "0" * 64} for i, name in enumerate(sites)}
         result.evaluations[r], result.curves[r] = {}, {}
+        scores = {}
         for i, name in enumerate(sites):
-            y, prob = _site_scores(np.random.default_rng(100 * i + r), held_out[name], 0.4 + 0.15 * r)
+            y, prob = scores[name] = _site_scores(np.random.default_rng(100 * i + r), held_out[name], 0.4 + 0.15 * r)
             result.evaluations[r][name] = _evaluation(y, prob, 0.6 - 0.02 * r)
             result.curves[r][name] = _curves(y, prob)
+    result.pooled = _pooled(scores, rounds)
     result.model_sha256 = "cd" * 32
     edges = np.linspace(-3.5, 3.5, 17)
     result.harmonization = {"features": {
@@ -158,6 +175,7 @@ def older_doc(full: dict[str, Any]) -> dict[str, Any]:
     doc = json.loads(json.dumps(full))
     for key in ("harmonization", "validation"):
         doc.pop(key)
+    doc["final"].pop("pooled")
     for site in doc["final"]["sites"].values():
         for key in ("ci", "roc", "calibration", "auc_var"):
             site.pop(key, None)
@@ -190,8 +208,8 @@ def test_full_report_has_every_section_and_valid_images(full_doc, full_page):
         assert f'<section id="{sid}">' in page
     assert "not available" not in page
     images = _images(page)
-    # ROC, calibration, training, 4 of the 6 harmonisation features, leave-one-site-out ROC
-    assert len(images) == page.count("<img ") == 8
+    # ROC, calibration, decision curve, training, 4 of the 6 harmonisation features, leave-one-site-out ROC
+    assert len(images) == page.count("<img ") == 9
     for png in images:
         assert png.startswith(PNG_SIGNATURE)
         assert len(png) > 10_000  # a drawn figure, not an empty canvas
@@ -199,7 +217,8 @@ def test_full_report_has_every_section_and_valid_images(full_doc, full_page):
         assert pixels.shape[0] > 200 and pixels.shape[1] > 300
         assert np.ptp(pixels[..., :3]) > 0.5
         assert np.sum(np.ptp(pixels[..., :3], axis=-1) > 0.3) > 200  # coloured site lines were drawn
-    for sid, n in (("roc", 1), ("calibration", 1), ("training", 1), ("harmonization", 4), ("validation", 1)):
+    for sid, n in (("roc", 1), ("calibration", 1), ("clinical", 1), ("training", 1), ("harmonization", 4),
+                   ("validation", 1)):
         assert _section(page, sid).count("<img ") == n, sid
     assert "showing 4 of 6 features" in page
     assert len(page) < 1_000_000  # modest: small figures at 100 dpi
@@ -235,6 +254,28 @@ def test_intervals_in_html_and_markdown(full_doc, full_page):
     assert "| held-out site | trained on | cases | AUC (95% CI) |" in md  # leave-one-site-out table
     assert "## Calibration" in md and "| site | bin | mean predicted |" in md
     assert "![" not in md and "data:image" not in md  # tables, no images
+
+
+def test_clinical_section_states_the_pooled_auc_bound_and_which_auc_is_which(full_doc, full_page):
+    pooled = full_doc["final"]["pooled"]
+    section = html.unescape(_section(full_page, "clinical"))
+    assert f"{pooled['auc']:.3f} (95% CI {pooled['auc_ci'][0]:.2f}–{pooled['auc_ci'][1]:.2f})" in section
+    assert (f"the exact pooled AUC lies between {pooled['auc_low']:.3f} and {pooled['auc_high']:.3f}, so within "
+            f"{pooled['auc_bound']:.3f} of {pooled['auc']:.3f}") in section
+    assert f"{full_doc['final']['aggregate']['auc']:.3f}: the mean of the site AUCs weighted by held-out cases" \
+        in section
+    cal = pooled["calibration"]
+    assert cal["converged"] and f"{cal['slope']:.3f} ± {cal['slope_se']:.3f} (SE)" in section
+    assert f"{pooled['brier']:.3f}: mean squared difference" in section
+    md = report.render_markdown(full_doc)
+    assert "| threshold | net benefit: model | treat all | treat none |" in md
+    assert md.count("| 0.05 |") == 1 and "### " not in md.split("## Clinical metrics")[1].split("## ")[0]
+    # a site that withheld a threshold: the table gives the range the pooled value lies in
+    kept = pooled["net_benefit"]["kept_by_every_site"]
+    if not all(kept):
+        i = kept.index(False)
+        low, high = pooled["net_benefit"]["model_low"][i], pooled["net_benefit"]["model_high"][i]
+        assert f"{low:.3f} to {high:.3f}" in md
 
 
 def test_report_is_self_contained(full_doc, full_page):
@@ -282,6 +323,7 @@ def test_older_run_keeps_tables_and_explains_missing_parts(full_doc):
     assert html.escape("not available: this run's metrics carry no before/after histograms") in _section(
         page, "harmonization")
     assert "not available: leave-one-site-out validation was not run" in _section(page, "validation")
+    assert "not available: the sites sent no pooled-metric terms" in _section(page, "clinical")
     assert _section(page, "training").count("<img ") == 1
     doc["config"]["harmonization"] = "none"
     assert html.escape('harmonisation was off in this run (harmonization = "none")') in report.render_html(doc)
@@ -398,7 +440,7 @@ def test_report_loads_in_headless_chromium(full_doc, full_page, tmp_path):
     assert "error" not in probe, probe
     assert probe["title"] == "radfed run 42"
     assert probe["sections"] == list(SECTION_IDS)
-    assert probe["total"] == 8 and probe["loaded"] == 8, probe
+    assert probe["total"] == 9 and probe["loaded"] == 9, probe
     assert all(w >= 400 for w in probe["widths"]), probe
 
     # 2. A screenshot of the whole page: not blank, and the figures' colours are on it.
