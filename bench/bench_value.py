@@ -1,14 +1,15 @@
 """The value of federation: AUC at an unseen hospital, federated vs each hospital alone, by cases and sites.
 
-    python bench/bench_value.py [--work DIR] [--cases 20,40,80] [--sites 2,4,8] [--seed 0] [--no-check]
+    python bench/bench_value.py [--work DIR] [--cases 20,40,80] [--sites 2,4,8] [--seed 0] [--draws 2] [--no-check]
 
 Synthetic tiny hospitals (radfed.synth.tiny_sites, distinct scanners), features from real pyradiomics, cached
-per site under --work (reuse it to skip extraction: the first run extracts the pool, ~6 minutes on 2 cores).
-One pool of hospitals is written, at least the default sweep's (8 hospitals x 80 cases), so a cell's numbers do
-not depend on which other cells are asked for; a cell (n cases per site, S sites) takes the first S hospitals
-and, at each, the first n // 2 HGG and n - n // 2 BM usable cases in manifest order (a random draw, nested
-between cells). Per cell, leave-one-site-out: each hospital in turn is the unseen one and scores, on all its
-cases:
+per site under --work (reuse it to skip extraction: the first run extracts ~6 minutes per draw on 2 cores). Each
+draw is one pool of hospitals, at least the default sweep's (8 hospitals x 80 cases), so a cell's numbers do not
+depend on which other cells are asked for. A cell (n cases per site, S sites) splits every pool into disjoint
+federations of S hospitals (8 / S per pool of 8), so every hospital is the unseen one once in every cell, and
+takes at each hospital the first n // 2 HGG and n - n // 2 BM usable cases in manifest order (a random draw,
+nested between cells). Leave-one-site-out in each federation: each hospital in turn is the unseen one and
+scores, on all its cases:
 
 - federated: radfed's protocol with exact training on the other S - 1 hospitals, computed in one process by
   bench/inprocess.py from the same pure functions the federation calls (fold-wise d-ComBat, the unseen hospital
@@ -18,11 +19,13 @@ cases:
 - local-only (own pipeline): each other hospital alone runs the same pipeline (its own ComBat, standardisation,
   selection with the same knobs, exact model) and the unseen hospital joins its ComBat; AUCs averaged over them;
 - pooled-centralised: the same model from textbook tools on the concatenated data (scipy, numpy, scikit-learn);
-  with exact training it equals federated, so it is printed only as a check column (largest |AUC difference|).
+  with exact training it equals federated, so it is printed only as a check column (largest |AUC| and
+  |coefficient| difference over the cell's folds).
 
 Knobs are the run's defaults (pyproject.toml) with training = "exact"; select-features is capped per cell by
 exact training's limit (a site needs more than exact-min-cases-per-coefficient x (features + 1) training cases),
-for both arms. Intervals: 95%, from the DeLong variances at each unseen hospital (the gain's interval adds the
+for both arms. AUCs are means over every unseen hospital of the cell (all draws); intervals: 95%, from the
+DeLong variances at each unseen hospital (the gain's interval adds the
 two arms' variances, conservative: common.metrics.federation_gain). A real federation admits a hospital with at
 least 2k = 10 patients per class; cells below 20 cases per site are computed but say so.
 """
@@ -61,6 +64,7 @@ CHECK_SITES, CHECK_PER_CLASS = 3, 12  # the real-federation check: 12 per class 
 class Cell:
     cases: int
     sites: int
+    federations: int  # disjoint federations of ``sites`` hospitals drawn from the pool
     features: int
     federated: float
     federated_ci: tuple[float, float]
@@ -100,24 +104,30 @@ def interval(value: float, var: float) -> tuple[float, float]:
     return value - half, value + half
 
 
-def measure(tables: dict[str, FeatureTable], run: RunConfig, n: int) -> Cell:
-    """One cell: leave-one-site-out federated and local-only, the gain, and the pooled-centralised check."""
-    least = min(len(t.labels) for t in tables.values())
+def measure(groups: list[dict[str, FeatureTable]], run: RunConfig, n: int) -> Cell:
+    """One cell: disjoint federations of the same size (every hospital of the pool serves as the unseen one
+    once), leave-one-site-out federated and local-only in each, the gain over all unseen hospitals, and the
+    pooled-centralised check."""
+    least = min(len(t.labels) for tables in groups for t in tables.values())
     features = min(run.select_features, inprocess.max_features(least, run))
     cell_run = run.model_copy(update={"select_features": features})
-    loso, check = {}, []
-    for h in sorted(tables):
-        others = {s: t for s, t in tables.items() if s != h}
-        fed, pooled = inprocess.fit(others, cell_run), inprocess.pooled_centralised(others, cell_run)
-        loso[h] = fed.evaluate(tables[h])
-        coef = float(np.abs(fed.coef - pooled.coef).max()) if fed.names == pooled.names else float("inf")
-        check.append((abs(pooled.evaluate(tables[h])["auc"] - loso[h]["auc"]), coef))
-    gain = metrics.federation_gain(loso, inprocess.local_only(tables, cell_run))["overall"]
+    loso: dict[str, dict[str, float]] = {}
+    local: dict[str, Any] = {}
+    check = []
+    for tables in groups:
+        for h in sorted(tables):
+            others = {s: t for s, t in tables.items() if s != h}
+            fed, pooled = inprocess.fit(others, cell_run), inprocess.pooled_centralised(others, cell_run)
+            loso[h] = fed.evaluate(tables[h])
+            coef = float(np.abs(fed.coef - pooled.coef).max()) if fed.names == pooled.names else float("inf")
+            check.append((abs(pooled.evaluate(tables[h])["auc"] - loso[h]["auc"]), coef))
+        local.update(inprocess.local_only(tables, cell_run))
+    gain = metrics.federation_gain(loso, local)["overall"]
     w = np.array([r["n"] for r in loso.values()]) / sum(r["n"] for r in loso.values())  # as federation_gain
     fed_var = float(np.sum(w**2 * [r["auc_var"] for r in loso.values()]))
-    return Cell(n, len(tables), features, gain["federated_auc"], interval(gain["federated_auc"], fed_var),
-                gain["local_only_auc"], gain["gain"], tuple(gain["gain_ci"]),
-                max(a for a, _ in check), max(c for _, c in check))
+    return Cell(n, len(groups[0]), len(groups), features, gain["federated_auc"],
+                interval(gain["federated_auc"], fed_var), gain["local_only_auc"], gain["gain"],
+                tuple(gain["gain_ci"]), max(a for a, _ in check), max(c for _, c in check))
 
 
 def check_with_federation(work: Path, run_values: dict[str, Any], seed: int) -> float:
@@ -176,29 +186,42 @@ def plot(cells: list[Cell], path: Path) -> None:
 
 def summary(cells: list[Cell]) -> str:
     """Where federation helps and where not, in words, from the measured cells."""
-    helps = [c for c in cells if c.gain_ci[0] > 0]
-    unclear = [c for c in cells if c.gain_ci[0] <= 0 and c.sites > 2]
     name = lambda cs: ", ".join(f"{c.cases}x{c.sites}" for c in cs) or "none"  # noqa: E731
-    parts = [f"Federation helps clearly (gain interval above 0) at {name(helps)} (cases per site x sites)."]
+    parts = [f"Federation helps clearly (gain interval above 0) at {name([c for c in cells if c.gain_ci[0] > 0])} "
+             "(cases per site x sites)."]
     two = [c for c in cells if c.sites == 2]
     if two and max(abs(c.gain) for c in two) < 1e-9:
         parts.append("With 2 sites it cannot help (gain 0): each leave-one-site-out fold trains on the one "
                      "remaining site, which is that site's own model.")
-    if unclear:
-        parts.append(f"Not clearly at {name(unclear)}: the gain's interval includes 0.")
-    by_cases = sorted({c.cases for c in cells})
-    for s in sorted({c.sites for c in cells if c.sites > 2}):
-        row = {c.cases: c for c in cells if c.sites == s}
-        lo, hi = row[by_cases[0]], row[by_cases[-1]]
+    multi = [c for c in cells if c.sites > 2]
+    shrinks = []
+    for s in sorted({c.sites for c in multi}):
+        row = sorted((c for c in multi if c.sites == s), key=lambda c: c.cases)
+        lo, hi = row[0], row[-1]
         if lo is hi:
             continue
-        parts.append(f"With {s} sites the gain goes from {lo.gain:+.3f} at {lo.cases} cases per site to "
-                     f"{hi.gain:+.3f} at {hi.cases}: a site alone goes from {lo.local:.3f} to {hi.local:.3f} and the "
-                     f"federation, training on {s - 1} sites' cases, from {lo.federated:.3f} to {hi.federated:.3f}.")
-    parts.append("Why: a hospital alone must choose its features and fit its model from its own few cases (and "
-                 "harmonise against itself only); the federation chooses and fits from every other hospital's "
-                 "cases and scanners, so it helps most where each hospital has few cases and there are more "
-                 "hospitals to pool, and less as one hospital's own data approaches what the pooled data show.")
+        shrinks.append(hi.gain < lo.gain)
+        parts.append(f"With {s} sites the gain {'shrinks' if shrinks[-1] else 'grows'} from {lo.gain:+.3f} at "
+                     f"{lo.cases} cases per site to {hi.gain:+.3f} at {hi.cases}: a site alone goes from "
+                     f"{lo.local:.3f} to {hi.local:.3f}, the federation (training on {s - 1} sites' cases) from "
+                     f"{lo.federated:.3f} to {hi.federated:.3f}.")
+    if not multi:
+        return " ".join(parts)
+    mean = float(np.mean([c.gain for c in multi]))
+    if mean > 0:
+        parts.append(f"Why it helps (mean gain {mean:+.3f} with more than 2 sites): a hospital alone chooses its "
+                     "features and fits its model from its own cases and scanner only, the federation from every "
+                     "other hospital's, so its model transfers better to an unseen one.")
+    else:
+        parts.append(f"With more than 2 sites the mean gain is {mean:+.3f}: pooling other hospitals did not transfer "
+                     "better to an unseen one here.")
+    if shrinks and all(shrinks):
+        parts.append("The gain is largest where each hospital has fewest cases: a hospital alone catches up as its "
+                     "own data grow.")
+    wide = [c for c in multi if c.gain_ci[0] <= 0]
+    if wide:
+        parts.append(f"Where the interval includes 0 ({name(wide)}), the unseen hospitals' cases are too few to "
+                     "tell the two apart, or the federated model is not better there.")
     return " ".join(parts)
 
 
@@ -207,40 +230,46 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="working folder, reused between runs (default: a fresh one)")
     parser.add_argument("--cases", default="20,40,80", help="cases per site, comma-separated")
     parser.add_argument("--sites", default="2,4,8", help="numbers of sites, comma-separated")
-    parser.add_argument("--seed", type=int, default=0, help="the synthetic hospitals' seed")
+    parser.add_argument("--seed", type=int, default=0, help="the synthetic hospitals' seed (of the first draw)")
+    parser.add_argument("--draws", type=int, default=2, help="independent pools of hospitals (seeds seed, seed+1, ..)")
     parser.add_argument("--no-check", action="store_true", help="skip the real federation run of the check")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-value-"))
     cases = sorted(int(v) for v in args.cases.split(","))
     n_sites = sorted(int(v) for v in args.sites.split(","))
-    if min(cases) < 4 or min(n_sites) < 2:
-        parser.error("need at least 4 cases per site and 2 sites")
+    if min(cases) < 4 or min(n_sites) < 2 or args.draws < 1:
+        parser.error("need at least 4 cases per site, 2 sites and 1 draw")
     values = {**default_config(), "training": "exact"}
     run = run_config(values)
 
     # one pool, at least the default's, so a cell's hospitals and cases do not depend on which cells are asked for
     pool_sites, per_class = max(POOL_SITES, *n_sites), max(POOL_PER_CLASS, -(-max(cases) // 2))
-    dirs = write_and_extract(work / f"pool-s{args.seed}-{pool_sites}x{2 * per_class}",
-                             synth.tiny_sites(pool_sites, per_class), args.seed)
-    pool = {d.name: feature_table(d) for d in dirs}
+    pools = []  # per draw, its hospitals' feature tables, named "s<seed>/<hospital>"
+    for seed in range(args.seed, args.seed + args.draws):
+        dirs = write_and_extract(work / f"pool-s{seed}-{pool_sites}x{2 * per_class}",
+                                 synth.tiny_sites(pool_sites, per_class), seed)
+        pools.append({f"s{seed}/{d.name}": feature_table(d) for d in dirs})
     cells = []
     for s in n_sites:
         for n in cases:
-            cell = measure({name: first_cases(pool[name], n) for name in list(pool)[:s]}, run, n)
+            groups = [{name: first_cases(pool[name], n) for name in list(pool)[g * s:(g + 1) * s]}
+                      for pool in pools for g in range(len(pool) // s)]
+            cell = measure(groups, run, n)
             cells.append(cell)
             print(f"  {n} cases x {s} sites: federated {cell.federated:.3f}, local-only {cell.local:.3f}", flush=True)
 
-    rows = [[str(c.cases) + (" (below admission)" if c.cases < SMALLEST_ADMITTED else ""), str(c.sites),
+    rows = [[str(c.cases) + (" (below admission)" if c.cases < SMALLEST_ADMITTED else ""),
+             f"{c.sites} x {c.federations}",
              str(c.features), f"{c.federated:.3f} ({c.federated_ci[0]:.3f} to {c.federated_ci[1]:.3f})",
              f"{c.local:.3f}", f"{c.gain:+.3f} ({c.gain_ci[0]:+.3f} to {c.gain_ci[1]:+.3f})",
              f"{c.pooled_auc_diff:.0e} / {c.pooled_coef_diff:.0e}"]
             for c in cells]
     print_columns(f"radfed: value of federation at an unseen hospital (leave-one-site-out AUC, mean over held-out "
-                  f"sites, 95% CI; seed {args.seed}, work folder {work})",
-                  ["cases/site", "sites", "features", "federated", "local-only (own)", "gain",
+                  f"sites, 95% CI; seeds {args.seed} to {args.seed + args.draws - 1}, work folder {work})",
+                  ["cases/site", "sites x federations", "features", "federated", "local-only (own)", "gain",
                    "check: pooled - fed, AUC / coef"],
                   rows)
-    png = work / f"value-of-federation-seed{args.seed}.png"
+    png = work / f"value-of-federation-s{args.seed}-draws{args.draws}.png"
     plot(cells, png)
     print(f"\nPlot: {png}")
     if not args.no_check:

@@ -54,7 +54,7 @@ def test_inprocess_fit_is_the_pooled_fit_on_the_concatenated_data():
         exact.check_dimensions(30, most + 1, min_cases_per_parameter=run.exact_min_cases_per_coefficient)
 
 
-def test_inprocess_numbers_are_a_real_federations(tmp_path):
+def test_inprocess_numbers_equal_a_real_federations(tmp_path):
     """Every leave-one-site-out AUC and every local-only model's AUC at each other site, exact training with
     ComBat: the real run's metrics.json against bench/inprocess.py on the same cases."""
     root = tmp_path / "data"
