@@ -242,7 +242,7 @@ def main() -> int:
     values = {**default_config(), "training": "exact"}
     run = run_config(values)
 
-    # one pool, at least the default's, so a cell's hospitals and cases do not depend on which cells are asked for
+    # each draw's pool is at least the default's, so a cell's numbers do not depend on the other cells asked for
     pool_sites, per_class = max(POOL_SITES, *n_sites), max(POOL_PER_CLASS, -(-max(cases) // 2))
     pools = []  # per draw, its hospitals' feature tables, named "s<seed>/<hospital>"
     for seed in range(args.seed, args.seed + args.draws):
