@@ -1,4 +1,5 @@
-"""External validation: leave-one-site-out folds inside one run, with nothing learned from the held-out site.
+"""Validation inside one run: leave-one-site-out folds, local-only baselines and cross-validation folds, each
+the whole pipeline on its own cohort, so nothing is learned from the cases a model is scored on.
 
 Each fold is the whole pipeline (server.pipeline.fit) on the other sites: the feature agreement, ComBat's
 pooled estimates, moments, selection and training see none of the held-out site's data. The held-out site
@@ -11,6 +12,9 @@ and model), scored on its own held-out split (internal) and, like a fold's model
 that site joins its harmonisation (external). What the federation gains at an unseen site is the
 leave-one-site-out AUC there minus the mean AUC of the other sites' local-only models there
 (``common.metrics.federation_gain``).
+
+Cross-validation (``internal-validation = "cv"``) refits the pipeline on every site's other folds for each fold
+of whole release blocks; each site keeps its held-out fold's scores and finally evaluates them together.
 """
 
 from __future__ import annotations
