@@ -94,7 +94,7 @@ def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
     if rows:
         blocks.append(Table(header, rows))
         blocks.append(Text("Intervals add the two AUCs' DeLong variances as if independent; both are computed on "
-                           "the same cases, so the paired interval would be narrower.", tight=True))
+                           "the same cases, so the paired interval would be narrower."))
     rows = []
     for site, rec in sorted(local.items()):
         if "error" in rec:
