@@ -66,7 +66,8 @@ class Coordinator:
             **overrides: object) -> SiteRun:
         """One run with these run-config overrides; the site approves its plan first (it always does here).
         ``combat``: also the first ComBat round (XᵀX, XᵀY over the training cases and covariate levels).
-        ``fold``: the moments of that cohort (e.g. "cv:1", a cross-validation fold's training cases)."""
+        ``fold``: the moments of that cohort (e.g. "cv:0:1": the training cases of fold 1 of the first
+        cross-validation repeat)."""
         from common.canon import sha256_json
         from radfed.cli import approve_demo_plan
         from radfed.launch import app_run_config

@@ -274,7 +274,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
     if _fold(msg).startswith("cv:") and part == "test":  # kept for the out-of-fold evaluation over every case
-        _keep_out_of_fold(context, data, prob)
+        _keep_out_of_fold(context, msg, data, prob)
     # every statistic, histogram group and decision step is over the part's cases or one of its classes
     result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
@@ -282,29 +282,32 @@ def evaluate(msg: Message, context: Context) -> Message:
                   arrays=_arrays(curves))
 
 
-OOF_STATE = "radfed-out-of-fold"  # case id -> probability of HGG from the model of the fold that held it out
+OOF_STATE = "radfed-out-of-fold"  # repeat -> case id -> probability of HGG from the model of the fold that held it out
 
 
-def _keep_out_of_fold(context: Context, data: steps.SiteData, prob: np.ndarray) -> None:
+def _keep_out_of_fold(context: Context, msg: Message, data: steps.SiteData, prob: np.ndarray) -> None:
     record = context.state.get(OOF_STATE)
     kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+    repeat = str(_fold(msg).split(":")[1])
     ids = np.array(data.table.case_ids, dtype=object)[data.held_out]
-    kept.update({str(c): float(p) for c, p in zip(ids, prob, strict=True)})
+    kept.setdefault(repeat, {}).update({str(c): float(p) for c, p in zip(ids, prob, strict=True)})
     context.state[OOF_STATE] = ConfigRecord({"scores": json.dumps(kept)})
 
 
 @app.query("out_of_fold")
 def out_of_fold(msg: Message, context: Context) -> Message:
     """Cross-validation's internal validation: every usable case scored by the model of the fold that held it
-    out, evaluated together (counts, AUC, curves over all cases; no score leaves)."""
+    out (with repeats, its mean score over them), evaluated together (counts, AUC, curves over all cases; no
+    score leaves)."""
     data = _data(context, msg)
     record = context.state.get(OOF_STATE)
     kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
-    missing = [c for c in data.table.case_ids if c not in kept]
+    repeats = [str(r) for r in range(_run(context).cv_repeats)]
+    missing = [c for c in data.table.case_ids for r in repeats if c not in kept.get(r, {})]
     if missing:
-        raise SiteError(f"{len(missing)} case(s) have no out-of-fold score (this site missed a cross-validation "
+        raise SiteError(f"{len(missing)} out-of-fold score(s) are missing (this site missed a cross-validation "
                         "fold's evaluation); restart the run")
-    prob = np.array([kept[c] for c in data.table.case_ids])
+    prob = np.array([np.mean([kept[r][c] for r in repeats]) for c in data.table.case_ids])
     result, curves = compute.evaluation(data.table.labels, prob, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
     return _reply(msg, data.declare("all", {"num-examples": ""}), metrics=MetricRecord(result),

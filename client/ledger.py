@@ -61,14 +61,18 @@ class Blocking:
                 held.update(self.blocks[b][1])
         return np.array([c in held for c in case_ids], dtype=bool)
 
-    def cv_folds(self, case_ids: Sequence[str], folds: int, seed: int) -> np.ndarray:
-        """(n,) int over ``case_ids``: each case's cross-validation fold (its whole block's), stratified by class."""
-        fold: dict[str, int] = {}
-        for label in CLASS_NAMES:
-            ids = sorted(b for b, (lab, _) in self.blocks.items() if lab == label)
-            for b, v in release.assign_folds(self.secret, ids, folds, seed).items():
-                fold.update({c: v for c in self.blocks[b][1]})
-        return np.array([fold.get(c, -1) for c in case_ids], dtype=np.int64)
+    def cv_folds(self, case_ids: Sequence[str], folds: int, seed: int, repeats: int = 1) -> np.ndarray:
+        """(repeats, n) int over ``case_ids``: each case's cross-validation fold in each repeat (its whole block's),
+        stratified by class."""
+        out = np.full((repeats, len(case_ids)), -1, dtype=np.int64)
+        for r in range(repeats):
+            fold: dict[str, int] = {}
+            for label in CLASS_NAMES:
+                ids = sorted(b for b, (lab, _) in self.blocks.items() if lab == label)
+                for b, v in release.assign_folds(self.secret, ids, folds, seed, r).items():
+                    fold.update({c: v for c in self.blocks[b][1]})
+            out[r] = [fold.get(c, -1) for c in case_ids]
+        return out
 
     def n_blocks(self, label: int) -> int:
         return sum(1 for lab, _ in self.blocks.values() if lab == label)

@@ -23,7 +23,7 @@ from common import covariates as cov
 from common.profile import Profile, load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig, parse
-from common.split import eligibility_problem, split_problem
+from common.split import cv_tag, eligibility_problem, parse_cv_tag, split_problem
 
 
 def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
@@ -64,17 +64,25 @@ class SiteData:
     held_out: np.ndarray  # (n,) bool over table rows
     covariates: np.ndarray | None = None  # (n, p) ComBat covariate design over table rows, when the run has any
     blocking: Blocking | None = None  # the release blocks the rows are drawn from (client.ledger)
-    cv_fold: np.ndarray | None = None  # (n,) int: each row's cross-validation fold (internal-validation = "cv")
+    cv_fold: np.ndarray | None = None  # (repeats, n) int: each row's fold per repeat (internal-validation = "cv")
 
     def fold_view(self, fold: str) -> SiteData:
-        """The data as cohort ``fold`` sees it: for a cross-validation fold ("cv:<v>"), fold v is held out and
-        the other folds train; any other cohort (main, leave-one-site-out, local-only) uses the run's split."""
+        """The data as cohort ``fold`` sees it: for a cross-validation fold ("cv:<repeat>:<v>"), that repeat's fold v
+        is held out and its other folds train; any other cohort (main, leave-one-site-out, local-only) uses the
+        run's split."""
         if not fold.startswith("cv:"):
             return self
+        where = parse_cv_tag(fold)
+        if self.cv_fold is None or where is None or where[0] >= len(self.cv_fold):
+            raise SiteError(f"the server asked for cross-validation fold {fold}, which this run's internal "
+                            "validation does not have here; restart the run")
+        return replace(self, held_out=self.cv_fold[where[0]] == where[1])
+
+    def cv_tags(self) -> list[str]:
+        """Every cross-validation fold's cohort tag ([] without cross-validation)."""
         if self.cv_fold is None:
-            raise SiteError(f"the server asked for cross-validation fold {fold}, but this run's internal "
-                            "validation is not cross-validation here; restart the run")
-        return replace(self, held_out=self.cv_fold == int(fold.removeprefix("cv:")))
+            return []
+        return [cv_tag(r, int(v)) for r in range(len(self.cv_fold)) for v in np.unique(self.cv_fold[r]) if v >= 0]
 
     def rows(self, part: str) -> np.ndarray:
         """(n,) bool: the rows of ``part`` (train, test or all)."""
@@ -161,7 +169,7 @@ def _release_problem(site: Site, profile: Profile, run: RunConfig) -> str:
         data = split_site(site, profile, table, design, run, record_problems=False)
     except SiteError as exc:
         return str(exc)
-    views = [data] if data.cv_fold is None else [data, *(data.fold_view(f"cv:{v}") for v in range(run.cv_folds))]
+    views = [data, *(data.fold_view(tag) for tag in data.cv_tags())]
     sets = {}
     for i, view in enumerate(views):  # the main split, and each cross-validation fold's
         sets.update({f"{i}:{name}": s for part in PARTS for name, s in view.case_sets(part).items() if s})
@@ -225,13 +233,12 @@ def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.nda
             _add_to_errors_report(site, problems)
     k, y = min_cases(site, run), table.labels
     if run.internal_validation == "cv":  # every case trains the final model; each fold is held out once
-        folds = blocking.cv_folds(table.case_ids, run.cv_folds, run.split_seed)
+        folds = blocking.cv_folds(table.case_ids, run.cv_folds, run.split_seed, run.cv_repeats)
         data = SiteData(site, profile, table, np.zeros(len(y), dtype=bool), design, blocking, folds)
         thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < run.cv_folds]
         problem = (f"its usable {' and '.join(thin)} cases form fewer than cv-folds = {run.cv_folds} release "
                    f"blocks of k = {site_floor(site.settings)} (one per fold; lower cv-folds)" if thin else
-                   next((p for v in range(run.cv_folds) if (p := _split_problem(data.fold_view(f"cv:{v}"), k))),
-                        None))
+                   next((p for tag in data.cv_tags() if (p := _split_problem(data.fold_view(tag), k))), None))
     else:
         data = SiteData(site, profile, table, blocking.held_out(table.case_ids, run.test_fraction, run.split_seed),
                         design, blocking)

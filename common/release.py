@@ -121,11 +121,11 @@ def held_out_blocks(n_blocks: int, test_fraction: float) -> int:
     return min(max(int(round(test_fraction * n_blocks)), 1), n_blocks - 1)
 
 
-def assign_folds(secret: bytes, block_ids: Sequence[str], folds: int, seed: int) -> dict[str, int]:
+def assign_folds(secret: bytes, block_ids: Sequence[str], folds: int, seed: int, repeat: int = 0) -> dict[str, int]:
     """Cross-validation folds of one class's blocks: block -> fold in 0..folds-1, dealt in turn in the site's
-    secret order for this seed, so each fold holds whole blocks (>= k patients each) and, with at least
-    ``folds`` blocks, every fold holds one or more."""
-    order = keyed_order(secret, block_ids, salt=f"cv-seed:{seed}")
+    secret order for this seed and repeat, so each fold holds whole blocks (>= k patients each) and, with at
+    least ``folds`` blocks, every fold holds one or more."""
+    order = keyed_order(secret, block_ids, salt=f"cv-seed:{seed}" + (f":repeat:{repeat}" if repeat else ""))
     return {b: i % folds for i, b in enumerate(order)}
 
 

@@ -34,6 +34,19 @@ def eligibility_problem(n_hgg: int, n_bm: int, k: int, test_fraction: float, blo
     return split_problem(least["HGG"][0], least["BM"][0], least["HGG"][1], least["BM"][1], k)
 
 
+def cv_tag(repeat: int, fold: int) -> str:
+    """The cohort tag of cross-validation fold ``fold`` of repeat ``repeat`` (both sides use it)."""
+    return f"cv:{repeat}:{fold}"
+
+
+def parse_cv_tag(tag: str) -> tuple[int, int] | None:
+    """(repeat, fold) of a cross-validation cohort tag; None for any other cohort."""
+    parts = tag.split(":")
+    if len(parts) != 3 or parts[0] != "cv" or not parts[1].isdigit() or not parts[2].isdigit():
+        return None
+    return int(parts[1]), int(parts[2])
+
+
 def split_problem(train_hgg: int, train_bm: int, test_hgg: int, test_bm: int, k: int) -> str | None:
     """Why this split cannot be used (a part with fewer than k cases), or None."""
     if min(train_hgg, train_bm) < k or test_hgg + test_bm < k:

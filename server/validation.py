@@ -24,6 +24,7 @@ import logging
 from flwr.app import RecordDict
 
 from common import metrics, protocol
+from common.split import cv_tag
 from server import clinical, phases, pipeline, training
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused
 from server.strategy import evaluation_records, record_sha256
@@ -115,23 +116,24 @@ def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
 
 def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
                    covariates: str = "") -> dict[str, object]:
-    """``cv-folds``-fold cross-validation over every site at once: per fold v, the whole pipeline on the other
-    folds' cases of every site, scored by each site on its fold-v cases (which it keeps, as out-of-fold
-    scores); then each site evaluates its out-of-fold scores over all its usable cases.
+    """``cv-folds``-fold cross-validation (``cv-repeats`` times) over every site at once: per fold v, the whole
+    pipeline on the other folds' cases of every site, scored by each site on its fold-v cases (which it keeps,
+    as out-of-fold scores); then each site evaluates its out-of-fold scores (their mean over the repeats) over
+    all its usable cases.
 
     Returns {"folds": {v: {site: metrics}}, "sites": {site: metrics}, "curves": {site: roc, calibration},
     "terms": {site: the pooled clinical metrics' terms}}."""
     folds: dict[str, dict[str, object]] = {}
     names = set(fed.sites.values())
-    for v in range(run.config.cv_folds):
-        tag = f"cv:{v}"
+    repeats, n_folds = run.config.cv_repeats, run.config.cv_folds
+    for tag in (cv_tag(r, v) for r in range(repeats) for v in range(n_folds)):
         cohort = Cohort(fed.subset(names), agreement, fold=tag)
-        log.info("Cross-validation: fold %d of %d", v + 1, run.config.cv_folds)
+        log.info("Cross-validation: fold %s (%d folds x %d repeat(s))", tag, n_folds, repeats)
         try:
             fitted = pipeline.fit(run, cohort, covariates, evaluate_rounds=False)
             scored = score(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)
         except RunRefused as exc:  # without this fold some cases have no out-of-fold score: the sites say which
-            log.warning("Cross-validation fold %d failed: %s", v, exc)
+            log.warning("Cross-validation fold %s failed: %s", tag, exc)
             run.audit.append("cross-validation", fold=tag, error=str(exc))
             folds[tag] = {"error": str(exc)}
             continue

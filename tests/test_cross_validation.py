@@ -12,6 +12,7 @@ from federation_helpers import K, events, run_federation_in
 from client.steps import load_site_data, plan_reply, site_matrix
 from common import exact, metrics, moments
 from common.release import assign_folds
+from common.split import parse_cv_tag
 from radfed import synth
 from radfed.launch import app_run_config
 
@@ -41,7 +42,7 @@ def test_every_case_is_scored_out_of_fold_by_the_pooled_fit_without_its_fold(tmp
     for i, spec in enumerate(synth.tiny_sites(2, 12)):
         synth.write_site(root, spec, seed=800 + i)
     config = {"training": "exact", "harmonization": "none", "select-features": 3, "external-validation": "none",
-              "local-only": "none", "internal-validation": "cv", "cv-folds": 2}
+              "local-only": "none", "internal-validation": "cv", "cv-folds": 2, "cv-repeats": 2}
     folder = run_federation_in(tmp_path / "cv", root, 2, **config)
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
@@ -52,10 +53,10 @@ def test_every_case_is_scored_out_of_fold_by_the_pooled_fit_without_its_fold(tmp
         {f for f, ok in zip(d.table.names, np.all(np.isfinite(d.table.values), 0), strict=True) if ok}
         for d in data.values())))
     folds = {e["data"]["fold"]: e["data"] for e in events(folder) if e["event"] == "cross-validation"}
-    assert sorted(folds) == ["cv:0", "cv:1"]
-    oof = {n: np.full(len(d.table.case_ids), np.nan) for n, d in data.items()}
+    assert sorted(folds) == ["cv:0:0", "cv:0:1", "cv:1:0", "cv:1:1"]
+    oof = {n: np.full((2, len(d.table.case_ids)), np.nan) for n, d in data.items()}  # per repeat
     for tag, entry in folds.items():
-        v, chosen = int(tag.removeprefix("cv:")), entry["features"]
+        (r, v), chosen = parse_cv_tag(tag), entry["features"]
         views = {n: d.fold_view(tag) for n, d in data.items()}
         train = [site_matrix(views[n], agreed, held_out=False, names=chosen) for n in names]
         mean, std = moments.pooled_mean_std(*zip(*(moments.site_moments(x) for x, _ in train), strict=True))
@@ -63,11 +64,13 @@ def test_every_case_is_scored_out_of_fold_by_the_pooled_fit_without_its_fold(tmp
         fit = exact.fit_exact([((x - mean) / std, yy) for x, yy in train], float(np.sum(y == 0) / np.sum(y == 1)),
                               l2=1.0)
         for n in names:
-            assert views[n].held_out.sum() > 0 and np.all(views[n].held_out == (data[n].cv_fold == v))
+            assert views[n].held_out.sum() > 0 and np.all(views[n].held_out == (data[n].cv_fold[r] == v))
             x_test, _ = site_matrix(views[n], agreed, held_out=True, names=chosen)
-            oof[n][views[n].held_out] = 1 / (1 + np.exp(-((x_test - mean) / std @ fit.coef[1:] + fit.coef[0])))
-    for n in names:  # every usable case got its score from the fold that held it out; the site's AUC is theirs
-        assert not np.isnan(oof[n]).any()
+            oof[n][r, views[n].held_out] = 1 / (1 + np.exp(-((x_test - mean) / std @ fit.coef[1:] + fit.coef[0])))
+    assert any(np.any(data[n].cv_fold[0] != data[n].cv_fold[1]) for n in names)  # the repeats deal blocks anew
+    for n in names:  # every usable case got a score from each repeat's fold that held it out; the site's AUC is
+        assert not np.isnan(oof[n]).any()  # that of their mean
+        oof[n] = oof[n].mean(axis=0)
         site = doc["final"]["sites"][n]
         assert site["n"] == len(data[n].table.case_ids) == doc["sites"][n]["split"]["n-cases"]
         assert site["auc"] == pytest.approx(metrics.roc_auc(data[n].table.labels, oof[n]), abs=1e-9)

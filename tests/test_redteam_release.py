@@ -234,16 +234,17 @@ def test_a_frozen_block_is_used_whole_or_not_at_all(tiny_site_root, tmp_path, ch
 
 def test_cross_validation_folds_recover_no_patient(tmp_path):
     """Every subset a later feature aggregates over goes through the same rule: cross-validation folds. The
-    coordinator varies cv-folds and split-seed between runs and asks for every fold's training moments, also
+    coordinator varies cv-folds, cv-repeats and split-seed between runs and asks for every fold's training moments, also
     beside held-out-split runs; the folds are whole release blocks, so no two released sets differ by fewer
     than k patients. A fold assignment by patient (what a textbook stratified k-fold does) would have."""
     site = _site(tmp_path, 15, seed=43)  # 15 per class: three release blocks of k = 5 each
     plain = {"harmonization": "none", "min-cases-per-class": K}
     coordinator = attacks.Coordinator(site)
-    for folds, seed in ((2, 1), (3, 1), (2, 2), (3, 5)):
-        for v in range(folds):
-            coordinator.run(fold=f"cv:{v}", **plain, **{"internal-validation": "cv", "cv-folds": folds,
-                                                         "split-seed": seed})
+    for folds, seed, repeats in ((2, 1, 1), (3, 1, 1), (2, 2, 2), (3, 5, 1)):
+        for r in range(repeats):
+            for v in range(folds):
+                coordinator.run(fold=f"cv:{r}:{v}", **plain, **{"internal-validation": "cv", "cv-folds": folds,
+                                                                 "split-seed": seed, "cv-repeats": repeats})
     for fraction in (0.3, 0.5):
         coordinator.run(**plain, **{"test-fraction": fraction})
     assert all(not r.refused for r in coordinator.runs), [r.refused for r in coordinator.runs]
