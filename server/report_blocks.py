@@ -9,11 +9,24 @@ Markdown names it in a line of text, so writing report.md never runs matplotlib.
 from __future__ import annotations
 
 import html
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from server import plots
+
+
+def as_dict(value: Any) -> dict[str, Any]:
+    """``value`` if it is a dict, else {}: a metrics.json from an older or failed run may lack any part."""
+    return value if isinstance(value, dict) else {}
+
+
+def finite_number(value: Any) -> float | None:
+    """``value`` as a float if it is a finite number (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
 
 NOWRAP_CHARS = 24  # "0.812 (0.70–0.90)" and other short cells stay on one line
 

@@ -7,35 +7,24 @@ for comparability with earlier runs). A document without it says why.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from server import plots
-from server.report_blocks import Block, Facts, Figure, Section, Table, Text, unavailable
+from server.report_blocks import Block, Facts, Figure, Section, Table, Text, as_dict, finite_number, unavailable
 
 TITLE = "Clinical metrics (pooled held-out cases, final model)"
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
-
-
 def _f(value: Any, digits: int = 3) -> str:
-    v = _num(value)
+    v = finite_number(value)
     return "n/a" if v is None else f"{v:.{digits}f}"
 
 
 def _auc_facts(pooled: dict[str, Any], aggregate: dict[str, Any]) -> list[tuple[str, str]]:
     ci = pooled.get("auc_ci") or [None, None]
-    interval = f" (95% CI {_f(ci[0], 2)}–{_f(ci[1], 2)})" if _num(ci[0]) is not None and _num(ci[1]) is not None \
-        else ""
-    binning = _dict(pooled.get("binning"))
+    both = finite_number(ci[0]) is not None and finite_number(ci[1]) is not None
+    interval = f" (95% CI {_f(ci[0], 2)}–{_f(ci[1], 2)})" if both else ""
+    binning = as_dict(pooled.get("binning"))
     bound = (f"the exact pooled AUC lies between {_f(pooled.get('auc_low'))} and {_f(pooled.get('auc_high'))}, so "
              f"within {_f(pooled.get('auc_bound'))} of {_f(pooled.get('auc'))}: each site sends per-class score "
              f"histograms over {binning.get('bins', '?')} bins (equal logit steps over "
@@ -52,7 +41,7 @@ def _auc_facts(pooled: dict[str, Any], aggregate: dict[str, Any]) -> list[tuple[
 def _calibration_facts(pooled: dict[str, Any]) -> list[tuple[str, str]]:
     facts = [("Brier score", f"{_f(pooled.get('brier'))}: mean squared difference between the predicted HGG "
                              "probability and the outcome (0 is perfect; 0.25 is always predicting 0.5)")]
-    cal = _dict(pooled.get("calibration"))
+    cal = as_dict(pooled.get("calibration"))
     if "error" in cal or "skipped" in cal:
         facts.append(("calibration slope and intercept", f"not fitted: {cal.get('error') or cal.get('skipped')}"))
         return facts
@@ -69,7 +58,7 @@ def _calibration_facts(pooled: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def _decision_blocks(pooled: dict[str, Any]) -> list[Block]:
-    curve = _dict(pooled.get("net_benefit"))
+    curve = as_dict(pooled.get("net_benefit"))
     if not curve.get("threshold"):
         return [unavailable("the sites sent no decision-curve counts")]
     caption = ("Net benefit of calling HGG above each threshold probability, pooled over every site's held-out "
@@ -93,8 +82,8 @@ def _decision_blocks(pooled: dict[str, Any]) -> list[Block]:
 
 
 def clinical_section(doc: dict[str, Any]) -> Section:
-    final = _dict(doc.get("final"))
-    pooled = _dict(final.get("pooled"))
+    final = as_dict(doc.get("final"))
+    pooled = as_dict(final.get("pooled"))
     if not pooled:
         why = ("the run ended before its final evaluation" if doc.get("status") != "completed"
                else "the sites sent no pooled-metric terms (a run from before they were reported)")
@@ -102,5 +91,5 @@ def clinical_section(doc: dict[str, Any]) -> Section:
     about = Text(f"All {pooled.get('n', '?')} held-out cases of {len(pooled.get('sites') or [])} site(s) together "
                  f"({pooled.get('n_hgg', '?')} HGG, {pooled.get('n_bm', '?')} BM), from aggregates only: no site sent "
                  "a case's score.")
-    return Section("clinical", TITLE, [about, Facts(_auc_facts(pooled, _dict(final.get("aggregate")))),
+    return Section("clinical", TITLE, [about, Facts(_auc_facts(pooled, as_dict(final.get("aggregate")))),
                                        Facts(_calibration_facts(pooled)), *_decision_blocks(pooled)])

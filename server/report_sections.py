@@ -9,13 +9,25 @@ sections of one report, read in the order the reader sees them; the model card i
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from server import plots
-from server.report_blocks import Block, Bullets, Facts, Figure, Heading, Section, Table, Text, md_code, unavailable
+from server.report_blocks import (
+    Block,
+    Bullets,
+    Facts,
+    Figure,
+    Heading,
+    Section,
+    Table,
+    Text,
+    as_dict,
+    finite_number,
+    md_code,
+    unavailable,
+)
 from server.report_clinical import clinical_section
 from server.report_validation import gain_sentence, local_only_blocks
 
@@ -28,22 +40,12 @@ DEMO_STAMP = "demo.json"  # radfed.synth.STAMP_NAME: written by `radfed demo` at
 # ---------------------------------------------------------------------------------------------- reading
 
 
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _number(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
-
-
 def _final(doc: dict[str, Any]) -> dict[str, Any]:
-    return _dict(doc.get("final"))
+    return as_dict(doc.get("final"))
 
 
 def _final_sites(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    return {str(k): _dict(v) for k, v in _dict(_final(doc).get("sites")).items()}
+    return {str(k): as_dict(v) for k, v in as_dict(_final(doc).get("sites")).items()}
 
 
 def _rounds(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -73,8 +75,8 @@ def _synthetic_data(doc: dict[str, Any]) -> str | None:
     Only when data-root holds the demo's stamp and every site of the run is one of the hospitals it lists:
     in a deployment the sites read their own folders, and data-root (default: the demo's) means nothing.
     """
-    root = _dict(doc.get("config")).get("data-root")
-    sites = set(_dict(doc.get("sites"))) | set(_final_sites(doc))
+    root = as_dict(doc.get("config")).get("data-root")
+    sites = set(as_dict(doc.get("sites"))) | set(_final_sites(doc))
     if not root or not sites:
         return None
     try:
@@ -101,7 +103,7 @@ def _interval(ci: Any) -> str | None:
     """ "0.70–0.90" from [lo, hi]; None when there is no usable interval."""
     if not isinstance(ci, list | tuple) or len(ci) != 2:
         return None
-    lo, hi = _number(ci[0]), _number(ci[1])
+    lo, hi = finite_number(ci[0]), finite_number(ci[1])
     if lo is None or hi is None:
         return None
     return f"{lo:.2f}–{hi:.2f}"
@@ -115,11 +117,11 @@ def _fmt_ci(value: Any, ci: Any) -> str:
 
 
 def _has_ci(records: list[dict[str, Any]]) -> bool:
-    return any(_interval(_dict(r.get("ci")).get(k)) for r in records for k in SHOWN)
+    return any(_interval(as_dict(r.get("ci")).get(k)) for r in records for k in SHOWN)
 
 
 def _metric_cells(record: dict[str, Any], with_ci: bool) -> list[str]:
-    ci = _dict(record.get("ci"))
+    ci = as_dict(record.get("ci"))
     return [_fmt_ci(record.get(k), ci.get(k)) if with_ci else _fmt(record.get(k)) for k in SHOWN]
 
 
@@ -131,7 +133,7 @@ def final_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the final per-site table (last row: the federation), with 95% intervals as
     "0.812 (0.70–0.90)" when the metrics carry them."""
     sites = _final_sites(doc)
-    agg = _dict(_final(doc).get("aggregate"))
+    agg = as_dict(_final(doc).get("aggregate"))
     with_ci = _has_ci([*sites.values(), agg])
     header = ["site", "held-out cases", *_metric_header(with_ci)]
     rows = [[name, _fmt(m.get("n")), *_metric_cells(m, with_ci)] for name, m in sorted(sites.items())]
@@ -141,20 +143,20 @@ def final_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 
 def _summary_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
-    prof = _dict(doc.get("profile"))
-    feats = _dict(doc.get("features"))
+    prof = as_dict(doc.get("profile"))
+    feats = as_dict(doc.get("features"))
     lines = [
         ("status", str(doc.get("status", "n/a")) + (f": {doc['error']}" if doc.get("error") else "")),
         ("run", str(doc.get("run_id", "n/a"))),
         ("profile", f"{prof.get('name', 'n/a')} v{prof.get('version', 'n/a')} ({str(prof.get('sha256', ''))[:12]})"),
-        ("sites", ", ".join(sorted(_dict(doc.get("sites")))) or "none"),
+        ("sites", ", ".join(sorted(as_dict(doc.get("sites")))) or "none"),
         ("rounds", str(len(_rounds(doc)))),
         ("features", f"{feats.get('n', 'n/a')} selected of {feats.get('agreed', 'n/a')} "
                      f"({feats.get('constant', 0)} near-constant, "
                      f"{feats.get('dropped_correlated', 0)} dropped as correlated"
                      + (f", {feats['dropped_l1']} by LASSO" if feats.get("dropped_l1") else "") + ")"),
         ("model sha256", str(doc.get("model_sha256"))),
-        ("wall time", f"{_number(doc.get('seconds')) or 0.0:.1f} s"),
+        ("wall time", f"{finite_number(doc.get('seconds')) or 0.0:.1f} s"),
     ]
     drops = [d for d in doc.get("dropouts") or [] if isinstance(d, dict)]
     if drops:
@@ -178,13 +180,13 @@ SITE_COLUMNS = (("manifest", "n-hgg", "HGG"), ("manifest", "n-bm", "BM"), ("mani
 
 
 def _site_data_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    sites = {str(k): _dict(v) for k, v in _dict(doc.get("sites")).items()}
+    sites = {str(k): as_dict(v) for k, v in as_dict(doc.get("sites")).items()}
     header = ["site", *(c[2] for c in SITE_COLUMNS)]
     rows, totals = [], [0] * len(SITE_COLUMNS)
     for name, s in sorted(sites.items()):
         row = [name]
         for i, (part, key, _) in enumerate(SITE_COLUMNS):
-            value = _dict(s.get(part)).get(key)
+            value = as_dict(s.get(part)).get(key)
             row.append(_fmt(value))
             totals[i] += value if isinstance(value, int) else 0
         rows.append(row)
@@ -195,8 +197,8 @@ def _site_data_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 
 def _held_out_sizes(doc: dict[str, Any]) -> dict[str, int]:
     sizes = {}
-    for name, s in _dict(doc.get("sites")).items():
-        split = _dict(_dict(s).get("split"))
+    for name, s in as_dict(doc.get("sites")).items():
+        split = as_dict(as_dict(s).get("split"))
         if isinstance(split.get("n-test-hgg"), int) and isinstance(split.get("n-test-bm"), int):
             sizes[str(name)] = split["n-test-hgg"] + split["n-test-bm"]
     for name, m in _final_sites(doc).items():
@@ -206,8 +208,8 @@ def _held_out_sizes(doc: dict[str, Any]) -> dict[str, int]:
 
 
 def _limitations(doc: dict[str, Any]) -> list[str]:
-    cfg = _dict(doc.get("config"))
-    notes = _dict(doc.get("notes"))
+    cfg = as_dict(doc.get("config"))
+    notes = as_dict(doc.get("notes"))
     k = cfg.get("min-cases-per-class", 5)
     out = []
     synthetic = _synthetic_data(doc)
@@ -234,7 +236,7 @@ def _limitations(doc: dict[str, Any]) -> list[str]:
     out.append(f"The decision threshold is fixed at {threshold} and was not tuned; training weighted the classes "
                "to balance them, so it does not reflect any site's prevalence. Other operating points are on the "
                "ROC curves.")
-    loso = _dict(_dict(doc.get("validation")).get("loso"))
+    loso = as_dict(as_dict(doc.get("validation")).get("loso"))
     if loso:
         out.append(f"External validity is estimated only by leaving out one of these {len(loso)} sites at a time; "
                    "the held-out splits above are internal validation (same sites, scanners and period).")
@@ -254,7 +256,7 @@ def _limitations(doc: dict[str, Any]) -> list[str]:
 
 
 def _training_text(doc: dict[str, Any]) -> str:
-    cfg = _dict(doc.get("config"))
+    cfg = as_dict(doc.get("config"))
     done = len(_rounds(doc))
     if str(cfg.get("training", "fedavg")) == "exact":
         return (f"exact federated logistic regression: Newton steps on the sites' summed gradients and Hessians "
@@ -267,7 +269,7 @@ def _training_text(doc: dict[str, Any]) -> str:
 
 def _privacy_text(cfg: dict[str, Any]) -> str:
     text = f"every statistic a site sent covers at least k = {cfg.get('min-cases-per-class', 5)} cases; "
-    noise = _number(cfg.get("dp-noise-multiplier"))
+    noise = finite_number(cfg.get("dp-noise-multiplier"))
     if noise:
         return text + (f"model updates clipped to L2 norm {cfg.get('dp-clip-norm', 'n/a')} with Gaussian noise "
                        f"(noise multiplier {noise:g}) at each site; no secure aggregation")
@@ -303,11 +305,11 @@ INTENDED_USE = ("Research on federated radiomics methods: comparing sites, harmo
 
 
 def _model_card(doc: dict[str, Any]) -> Section:
-    cfg = _dict(doc.get("config"))
-    prof = _dict(doc.get("profile"))
-    feats = _dict(doc.get("features"))
-    notes = _dict(doc.get("notes"))
-    lasso = f", then LASSO with select-l1 = {cfg['select-l1']}" if _number(cfg.get("select-l1")) else ""
+    cfg = as_dict(doc.get("config"))
+    prof = as_dict(doc.get("profile"))
+    feats = as_dict(doc.get("features"))
+    notes = as_dict(doc.get("notes"))
+    lasso = f", then LASSO with select-l1 = {cfg['select-l1']}" if finite_number(cfg.get("select-l1")) else ""
     facts = [
         ("task", "high-grade glioma (HGG) vs brain metastasis (BM) from MRI radiomics; positive class "
                  f"{notes.get('positive_class', 'HGG')}"),
@@ -324,7 +326,7 @@ def _model_card(doc: dict[str, Any]) -> Section:
         ("evaluation", f"held-out split per site (test fraction {cfg.get('test-fraction', 'n/a')}, split seed "
                        f"{cfg.get('split-seed', 'n/a')}), never used for training, selection or harmonisation fits"
                        + ("; leave-one-site-out external validation"
-                          if _dict(_dict(doc.get("validation")).get("loso")) else "")),
+                          if as_dict(as_dict(doc.get("validation")).get("loso")) else "")),
         ("privacy", _privacy_text(cfg)),
         ("model sha256", str(doc.get("model_sha256"))),
     ]
@@ -344,8 +346,8 @@ def _final_section(doc: dict[str, Any]) -> Section:
     if not _final_sites(doc):
         return _na(_why_no_rounds(doc))
     header, rows = final_table(doc)
-    notes = _dict(doc.get("notes"))
-    if _has_ci([*_final_sites(doc).values(), _dict(_final(doc).get("aggregate"))]):
+    notes = as_dict(doc.get("notes"))
+    if _has_ci([*_final_sites(doc).values(), as_dict(_final(doc).get("aggregate"))]):
         text = ("95% intervals: AUC from its DeLong variance (normal approximation), sensitivity and specificity "
                 "Wilson, balanced accuracy normal approximation.")
     else:
@@ -356,7 +358,7 @@ def _final_section(doc: dict[str, Any]) -> Section:
     if notes.get("aggregate"):
         blocks.append(Text(f"Federation row: {notes['aggregate']}.", "em"))
     final_round = _final(doc).get("round")
-    what = "Out-of-fold" if _dict(doc.get("config")).get("internal-validation") == "cv" else "Final held-out"
+    what = "Out-of-fold" if as_dict(doc.get("config")).get("internal-validation") == "cv" else "Final held-out"
     return Section("final", f"{what} metrics (round {final_round}, threshold {notes.get('threshold', 0.5)}, "
                             f"{notes.get('positive_class', 'HGG')} positive)", blocks)
 
@@ -401,7 +403,7 @@ def _calibration_section(doc: dict[str, Any]) -> Section:
         b = bins[name]
         for i, (p, o, n) in enumerate(zip(b.get("predicted") or [], b.get("observed") or [], b.get("n") or [],
                                           strict=False), start=1):
-            rows.append([name, str(i), _fmt(_number(p)), _fmt(_number(o)), _fmt(n)])
+            rows.append([name, str(i), _fmt(finite_number(p)), _fmt(finite_number(o)), _fmt(n)])
     table = Table(["site", "bin", "mean predicted", "observed HGG rate", "cases"], rows, only="md")
     return Section("calibration", "Calibration (held-out, final model)",
                    [figure, table, *_not_sent(missing, "calibration bins")])
@@ -416,20 +418,20 @@ def _training_section(doc: dict[str, Any]) -> Section:
     fed = []
     for rnd in rounds:
         r = rnd.get("round")
-        for name, m in _dict(_dict(rnd.get("train")).get("sites")).items():
-            loss.setdefault(str(name), []).append((r, _number(_dict(m).get("loss"))))
-        ev = _dict(rnd.get("evaluate"))
-        for name, m in _dict(ev.get("sites")).items():
-            auc.setdefault(str(name), []).append((r, _number(_dict(m).get("auc"))))
-        fed.append((r, _number(_dict(ev.get("aggregate")).get("auc"))))
+        for name, m in as_dict(as_dict(rnd.get("train")).get("sites")).items():
+            loss.setdefault(str(name), []).append((r, finite_number(as_dict(m).get("loss"))))
+        ev = as_dict(rnd.get("evaluate"))
+        for name, m in as_dict(ev.get("sites")).items():
+            auc.setdefault(str(name), []).append((r, finite_number(as_dict(m).get("auc"))))
+        fed.append((r, finite_number(as_dict(ev.get("aggregate")).get("auc"))))
     sites = sorted(set(auc) | set(_final_sites(doc)))
     rows = []
     for rnd in rounds:
-        ev = _dict(rnd.get("evaluate"))
-        if not _dict(ev.get("sites")):
+        ev = as_dict(rnd.get("evaluate"))
+        if not as_dict(ev.get("sites")):
             continue  # trained, not evaluated (an exact fit's Newton steps)
-        rows.append([_fmt(rnd.get("round")), _fmt(_dict(ev.get("aggregate")).get("auc")),
-                     *(_fmt(_dict(_dict(ev.get("sites")).get(s)).get("auc")) for s in sites)])
+        rows.append([_fmt(rnd.get("round")), _fmt(as_dict(ev.get("aggregate")).get("auc")),
+                     *(_fmt(as_dict(as_dict(ev.get("sites")).get(s)).get("auc")) for s in sites)])
     caption = ("Left: each site's mean training loss over its local epochs. Right: held-out AUC per site after each "
                "round, and the federation's (case-weighted mean of site AUCs).")
     return Section("training", "Training curves per round", [
@@ -439,8 +441,8 @@ def _training_section(doc: dict[str, Any]) -> Section:
 
 
 def _harmonization_section(doc: dict[str, Any]) -> Section:
-    cfg = _dict(doc.get("config"))
-    features = _dict(_dict(doc.get("harmonization")).get("features"))
+    cfg = as_dict(doc.get("config"))
+    features = as_dict(as_dict(doc.get("harmonization")).get("features"))
     if not features:
         if str(cfg.get("harmonization", "")) == "none":
             return _na('harmonisation was off in this run (harmonization = "none")')
@@ -453,20 +455,20 @@ def _harmonization_section(doc: dict[str, Any]) -> Section:
                                 "where needed), so steps can be uneven. Densities are per site, so sites of "
                                 "different sizes compare.", only="html")]
     for name in shown:
-        f = _dict(features[name])
-        blocks.append(Figure(plots.harmonization_png, (name, f.get("edges") or [], _dict(f.get("sites"))),
+        f = as_dict(features[name])
+        blocks.append(Figure(plots.harmonization_png, (name, f.get("edges") or [], as_dict(f.get("sites"))),
                              alt=f"{name} before and after harmonisation", caption=name, fallback=name, tight=True,
-                             md=f"- {md_code(name)}: {len(_dict(f.get('sites')))} site(s), figure in report.html"))
+                             md=f"- {md_code(name)}: {len(as_dict(f.get('sites')))} site(s), figure in report.html"))
     if len(features) > len(shown):
         blocks.append(Text(f"showing {len(shown)} of {len(features)} features", "item", tight=True))
     return Section("harmonization", "Harmonisation before/after", blocks)
 
 
 def _features_section(doc: dict[str, Any]) -> Section:
-    selected = _dict(_dict(doc.get("features")).get("selected"))
+    selected = as_dict(as_dict(doc.get("features")).get("selected"))
     if not selected:
         return _na(_why_no_rounds(doc) if not _rounds(doc) else "no selected features recorded")
-    rows = [[str(n), f"{t:+.2f}" if _number(t) is not None else "n/a"] for n, t in selected.items()]
+    rows = [[str(n), f"{t:+.2f}" if finite_number(t) is not None else "n/a"] for n, t in selected.items()]
     return Section("features", "Selected features (Welch's t, HGG vs BM, pooled training data)",
                    [Table(["feature", "t"], rows, code_first=True)])
 
@@ -500,25 +502,25 @@ def _loso_blocks(loso: dict[str, dict[str, Any]]) -> list[Block]:
 
 
 def _baseline_blocks(baselines: dict[str, Any]) -> list[Block]:
-    keys = [k for k in SHOWN if any(k in _dict(b) for b in baselines.values())]
-    keys += sorted({k for b in baselines.values() for k in _dict(b)} - set(keys) - {"ci"})
-    with_ci = _has_ci([_dict(b) for b in baselines.values()])
+    keys = [k for k in SHOWN if any(k in as_dict(b) for b in baselines.values())]
+    keys += sorted({k for b in baselines.values() for k in as_dict(b)} - set(keys) - {"ci"})
+    with_ci = _has_ci([as_dict(b) for b in baselines.values()])
     labels = dict(zip(SHOWN, _metric_header(with_ci), strict=True))
     rows = []
     for name, b in sorted(baselines.items()):
         if not isinstance(b, dict):
             rows.append([str(name), short(b, 160), *([""] * (len(keys) - 1))])
             continue
-        ci = _dict(b.get("ci"))
+        ci = as_dict(b.get("ci"))
         rows.append([str(name), *(_fmt_ci(b.get(k), ci.get(k)) if k in SHOWN else short(_fmt(b.get(k)), 160)
                                   for k in keys)])
     return [Heading("Baselines"), Table(["baseline", *(labels.get(k, k) for k in keys)], rows)]
 
 
 def _validation_section(doc: dict[str, Any]) -> Section:
-    validation = _dict(doc.get("validation"))
-    loso = {str(k): _dict(v) for k, v in _dict(validation.get("loso")).items()}
-    baselines = _dict(validation.get("baselines"))
+    validation = as_dict(doc.get("validation"))
+    loso = {str(k): as_dict(v) for k, v in as_dict(validation.get("loso")).items()}
+    baselines = as_dict(validation.get("baselines"))
     local = local_only_blocks(doc)
     if not loso and not baselines and not local:
         if not _rounds(doc) and doc.get("status") != "completed":
@@ -546,11 +548,11 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Section]]] = [
 
 def all_site_names(doc: dict[str, Any]) -> set[str]:
     """Every site the document names anywhere (for one colour per site across all figures)."""
-    names = set(_dict(doc.get("sites"))) | set(_final_sites(doc))
+    names = set(as_dict(doc.get("sites"))) | set(_final_sites(doc))
     for rnd in _rounds(doc):
-        names |= set(_dict(_dict(rnd.get("evaluate")).get("sites")))
-        names |= set(_dict(_dict(rnd.get("train")).get("sites")))
-    names |= set(_dict(_dict(doc.get("validation")).get("loso")))
-    for f in _dict(_dict(doc.get("harmonization")).get("features")).values():
-        names |= set(_dict(_dict(f).get("sites")))
+        names |= set(as_dict(as_dict(rnd.get("evaluate")).get("sites")))
+        names |= set(as_dict(as_dict(rnd.get("train")).get("sites")))
+    names |= set(as_dict(as_dict(doc.get("validation")).get("loso")))
+    for f in as_dict(as_dict(doc.get("harmonization")).get("features")).values():
+        names |= set(as_dict(as_dict(f).get("sites")))
     return {str(n) for n in names}

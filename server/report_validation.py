@@ -7,27 +7,16 @@ sentence is shared by the report's summary and the demo's final table.
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from server.report_blocks import Block, Heading, Table, Text
-
-
-def _dict(value: Any) -> dict[str, Any]:
-    return value if isinstance(value, dict) else {}
-
-
-def _num(value: Any) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
-        return None
-    return float(value)
+from server.report_blocks import Block, Heading, Table, Text, as_dict, finite_number
 
 
 def _auc(value: Any, ci: Any = None) -> str:
-    v = _num(value)
+    v = finite_number(value)
     if v is None:
         return "n/a"
-    if isinstance(ci, list | tuple) and len(ci) == 2 and _num(ci[0]) is not None and _num(ci[1]) is not None:
+    if isinstance(ci, list | tuple) and len(ci) == 2 and None not in (finite_number(ci[0]), finite_number(ci[1])):
         return f"{v:.3f} ({ci[0]:.2f}–{ci[1]:.2f})"
     return f"{v:.3f}"
 
@@ -37,22 +26,22 @@ def _signed(value: float) -> str:
 
 
 def _gain(record: dict[str, Any]) -> str:
-    gain, ci = _num(record.get("gain")), record.get("gain_ci") or [None, None]
+    gain, ci = finite_number(record.get("gain")), record.get("gain_ci") or [None, None]
     if gain is None:
         return "n/a"
-    lo, hi = _num(ci[0]), _num(ci[1])
+    lo, hi = finite_number(ci[0]), finite_number(ci[1])
     return _signed(gain) + (f" (95% CI {_signed(lo)} to {_signed(hi)})" if lo is not None and hi is not None else "")
 
 
 def gain_sentence(doc: dict[str, Any]) -> str | None:
     """One line: what the federation gained (or did not) at unseen sites, with its 95% interval; None when the
     run has no leave-one-site-out and local-only results to compare."""
-    overall = _dict(_dict(_dict(doc.get("validation")).get("federation_gain")).get("overall"))
-    fed, local, gain = (_num(overall.get(k)) for k in ("federated_auc", "local_only_auc", "gain"))
+    overall = as_dict(as_dict(as_dict(doc.get("validation")).get("federation_gain")).get("overall"))
+    fed, local, gain = (finite_number(overall.get(k)) for k in ("federated_auc", "local_only_auc", "gain"))
     if fed is None or local is None or gain is None:
         return None
     ci = overall.get("gain_ci") or [None, None]
-    lo, hi = _num(ci[0]), _num(ci[1])
+    lo, hi = finite_number(ci[0]), finite_number(ci[1])
     interval = f", 95% CI {_signed(lo)} to {_signed(hi)}" if lo is not None and hi is not None else ""
     if lo is not None and lo > 0:
         verdict = "the federation helped"
@@ -68,16 +57,16 @@ def gain_sentence(doc: dict[str, Any]) -> str | None:
 def gain_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per unseen site: the federated leave-one-site-out AUC, the mean AUC of the other sites' local-only
     models there, and the gain with its 95% interval; no rows without those results."""
-    gains = _dict(_dict(_dict(doc.get("validation")).get("federation_gain")).get("sites"))
-    rows = [[str(site), _auc(_dict(g).get("federated_auc")), _auc(_dict(g).get("local_only_auc")), _gain(_dict(g))]
-            for site, g in sorted(gains.items())]
+    gains = as_dict(as_dict(as_dict(doc.get("validation")).get("federation_gain")).get("sites"))
+    rows = [[str(site), _auc(as_dict(g).get("federated_auc")), _auc(as_dict(g).get("local_only_auc")),
+             _gain(as_dict(g))] for site, g in sorted(gains.items())]
     return ["unseen site", "federated AUC (trained on the others)", "mean AUC of the others alone", "gain"], rows
 
 
 def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
     """The comparison per unseen site, and each site's own model, internal and external."""
-    validation = _dict(doc.get("validation"))
-    local = {str(k): _dict(v) for k, v in _dict(validation.get("local_only")).items()}
+    validation = as_dict(doc.get("validation"))
+    local = {str(k): as_dict(v) for k, v in as_dict(validation.get("local_only")).items()}
     if not local:
         return []
     blocks: list[Block] = [Heading("Federation vs each hospital alone"),
@@ -100,10 +89,10 @@ def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
         if "error" in rec:
             rows.append([site, f"failed: {str(rec['error'])[:160]}", "", ""])
             continue
-        internal = _dict(rec.get("internal"))
-        external = {str(k): _dict(v) for k, v in _dict(rec.get("external")).items()}
+        internal = as_dict(rec.get("internal"))
+        external = {str(k): as_dict(v) for k, v in as_dict(rec.get("external")).items()}
         at = "; ".join(f"{other} {_auc(r.get('auc'))}" for other, r in sorted(external.items())) or "n/a"
-        rows.append([site, _auc(internal.get("auc"), _dict(internal.get("ci")).get("auc")), at,
+        rows.append([site, _auc(internal.get("auc"), as_dict(internal.get("ci")).get("auc")), at,
                      str(len(rec.get("features") or []))])
     blocks.append(Table(["site alone", "internal AUC (95% CI)", "AUC at each other site", "features"], rows))
     return blocks
