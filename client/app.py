@@ -25,6 +25,7 @@ from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
+from common.split import parse_cv_tag
 
 log = logging.getLogger("flwr.radfed.client")
 # order (the first mod is the outermost): errors leave without the site's local paths; the guard checks and
@@ -273,8 +274,9 @@ def evaluate(msg: Message, context: Context) -> Message:
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
-    if _fold(msg).startswith("cv:") and part == "test":  # kept for the out-of-fold evaluation over every case
-        _keep_out_of_fold(context, msg, data, prob)
+    where = parse_cv_tag(_fold(msg))
+    if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
+        _keep_out_of_fold(context, where[0], data, prob)
     # every statistic, histogram group and decision step is over the part's cases or one of its classes
     result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
@@ -285,12 +287,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 OOF_STATE = "radfed-out-of-fold"  # repeat -> case id -> probability of HGG from the model of the fold that held it out
 
 
-def _keep_out_of_fold(context: Context, msg: Message, data: steps.SiteData, prob: np.ndarray) -> None:
+def _out_of_fold_scores(context: Context) -> dict[str, dict[str, float]]:
     record = context.state.get(OOF_STATE)
-    kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
-    repeat = str(_fold(msg).split(":")[1])
+    return json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+
+
+def _keep_out_of_fold(context: Context, repeat: int, data: steps.SiteData, prob: np.ndarray) -> None:
+    kept = _out_of_fold_scores(context)
     ids = np.array(data.table.case_ids, dtype=object)[data.held_out]
-    kept.setdefault(repeat, {}).update({str(c): float(p) for c, p in zip(ids, prob, strict=True)})
+    kept.setdefault(str(repeat), {}).update({str(c): float(p) for c, p in zip(ids, prob, strict=True)})
     context.state[OOF_STATE] = ConfigRecord({"scores": json.dumps(kept)})
 
 
@@ -300,8 +305,7 @@ def out_of_fold(msg: Message, context: Context) -> Message:
     out (with repeats, its mean score over them), evaluated together (counts, AUC, curves over all cases; no
     score leaves)."""
     data = _data(context, msg)
-    record = context.state.get(OOF_STATE)
-    kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+    kept = _out_of_fold_scores(context)
     repeats = [str(r) for r in range(_run(context).cv_repeats)]
     missing = [c for c in data.table.case_ids for r in repeats if c not in kept.get(r, {})]
     if missing:
