@@ -53,6 +53,11 @@ def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort
             for site, values in per_site.items()}
 
 
+def _without_curves(record: dict[str, object]) -> dict[str, object]:
+    """A site's metrics without its ROC and calibration points (what the audit log and the baselines keep)."""
+    return {k: v for k, v in record.items() if k not in ("roc", "calibration")}
+
+
 def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
                        covariates: str = "") -> dict[str, dict[str, object]]:
     """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration; or ``error``."""
@@ -69,7 +74,7 @@ def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
                 raise RunRefused(f"{held} could not score the model")
             record: dict[str, object] = {**scored[held], "trained_on": sorted(others),
                                          "features": fitted.chosen.names}
-            values = {k: v for k, v in scored[held].items() if k not in ("ci", "roc", "calibration")}
+            values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
             run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
                              model_sha256=record_sha256(fitted.trained.arrays), metrics=values,
                              ci=record["ci"])
@@ -104,9 +109,8 @@ def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
             run.audit.append("local-only", site=site, error=str(exc))
             out[site] = {"error": str(exc)}
             continue
-        plain = lambda r: {k: v for k, v in r.items() if k not in ("roc", "calibration")}  # noqa: E731
-        record: dict[str, object] = {"internal": plain(internal.get(site, {})),
-                                     "external": {s: plain(r) for s, r in sorted(external.items())},
+        record: dict[str, object] = {"internal": _without_curves(internal.get(site, {})),
+                                     "external": {s: _without_curves(r) for s, r in sorted(external.items())},
                                      "features": fitted.chosen.names}
         run.audit.append("local-only", site=site, model_sha256=record_sha256(fitted.trained.arrays),
                          internal=record["internal"], external=record["external"])
@@ -137,7 +141,7 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
             run.audit.append("cross-validation", fold=tag, error=str(exc))
             folds[tag] = {"error": str(exc)}
             continue
-        plain = {s: {k: x for k, x in r.items() if k not in ("roc", "calibration")} for s, r in scored.items()}
+        plain = {s: _without_curves(r) for s, r in scored.items()}
         run.audit.append("cross-validation", fold=tag, model_sha256=record_sha256(fitted.trained.arrays),
                          sites=plain, features=fitted.chosen.names)
         folds[tag] = plain
