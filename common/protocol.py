@@ -69,6 +69,9 @@ class ReplySpec:
         count_keys: the metrics holding the numbers of cases the reply's statistics aggregate over
             (each must be >= k); empty for replies holding counts only.
         record_names: the RecordDict keys allowed in the reply.
+        counts_sent: False for the noised replies of the query phases (``NOISED_REPLIES``): their exact counts do
+            not leave the site; each count key still names the true case set the handler declares, which the
+            guard checks (>= k, release ledger) in their place.
     """
 
     config: dict[str, str] = field(default_factory=dict)
@@ -76,6 +79,7 @@ class ReplySpec:
     arrays: dict[str, ArraySpec] = field(default_factory=dict)
     count_keys: tuple[str, ...] = ()
     record_names: tuple[str, ...] = ("config", "metrics", "arrays")
+    counts_sent: bool = True
 
 
 REPLIES: dict[str, ReplySpec] = {
@@ -202,3 +206,41 @@ REPLIES[OUT_OF_FOLD] = ReplySpec(
     metrics={**REPLIES[EVALUATE].metrics, "num-examples": "usable cases (every one scored out of fold)",
              "auc": "ROC AUC of the out-of-fold scores over all usable cases"},
     arrays=REPLIES[EVALUATE].arrays, count_keys=REPLIES[EVALUATE].count_keys)
+
+# With differential privacy on the query phases (run config ``dp-query-noise-multiplier`` > 0, common/dp_query.py),
+# these replies take the place of the exact ones: sums of each case's clipped contribution, in units the server
+# fixed before the release, each with Gaussian noise added at the site. The exact counts are not sent.
+NOISED_REPLIES: dict[str, ReplySpec] = {
+    MOMENTS: ReplySpec(
+        arrays={f"{kind}-{cls}": ArraySpec(f"noised sum over {name} training cases of {what}", ("d",))
+                for cls, name in (("hgg", "HGG"), ("bm", "BM"))
+                for kind, what in (("sum", "u = clip((x - reference location) / reference scale, -c, c)"),
+                                   ("sumsq", "u squared"))},
+        metrics={"n-hgg-noised": "HGG training cases plus Gaussian noise (std z)",
+                 "n-bm-noised": "BM training cases plus Gaussian noise (std z)"},
+        count_keys=("n", "n-hgg", "n-bm"), counts_sent=False,
+    ),
+    CORRELATION: ReplySpec(
+        arrays={"crossproducts": ArraySpec("noised sum over training cases of z zᵀ, z = clip((x - pooled mean) / "
+                                           "pooled std, -c, c) of the candidates", ("m", "m"))},
+        count_keys=("n",), counts_sent=False,
+    ),
+    NEWTON: ReplySpec(
+        arrays={"grad": ArraySpec("noised gradient of the class-weighted log-likelihood summed over training cases, "
+                                  "features clipped to [-c, c] after standardising", ("c",)),
+                "hess": ArraySpec("its noised Hessian (symmetric noise)", ("c", "c"))},
+        count_keys=("n", "n-hgg", "n-bm"), counts_sent=False,
+    ),
+}
+
+# not sent at all when the query phases are noised: the report's before/after histograms (counts per bin of
+# single features have no useful noised form at these sizes)
+WITHHELD_WHEN_NOISED = (HISTOGRAMS,)
+
+
+def reply_spec(message_type: str, noised: bool = False) -> ReplySpec | None:
+    """The reply a site may send to ``message_type``: the noised one when the run noises the query phases and
+    the message type is one of them."""
+    if noised and message_type in NOISED_REPLIES:
+        return NOISED_REPLIES[message_type]
+    return REPLIES.get(message_type)

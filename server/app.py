@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import covariates, dp, metrics, runconfig
+from common import covariates, dp, dp_query, metrics, runconfig
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
@@ -72,10 +72,18 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    if run.training == "exact":
-        raise RunRefused("differential privacy covers FedAvg updates only: exact training sends exact "
-                                "gradients and Hessians. Set training = \"fedavg\" or dp-noise-multiplier = 0")
+    if run.training == "exact" and not run.dp_query:
+        raise RunRefused("differential privacy on model updates covers FedAvg only: exact training would send exact "
+                         "gradients and Hessians. Set training = \"fedavg\", dp-query-noise-multiplier > 0 (noised "
+                         "Newton sums) or dp-noise-multiplier = 0")
     return dp.DPAccount.from_settings(settings)
+
+
+def query_account(run: RunConfig) -> dp_query.QueryAccount | None:
+    """The account of the noised query phases, or None when they are sent exactly."""
+    if not run.dp_query:
+        return None
+    return dp_query.QueryAccount(run.dp_query_noise_multiplier, run.dp_query_clip, run.dp_delta)
 
 
 def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
@@ -129,6 +137,7 @@ def main(grid: Grid, context: Context) -> None:
     ctx = Run(grid, run, audit, folder, profile)
     try:
         ctx.dp_account = privacy_account(run)
+        ctx.query_account = query_account(run)
         covariate_spec = covariates.describe(run.covariates())
         node_ids = wait_for_nodes(grid, min_sites, timeout)
         fed = phases.plan_phase(ctx, node_ids, plan_hash)
@@ -183,8 +192,14 @@ def main(grid: Grid, context: Context) -> None:
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
     finally:
         restore_signals()  # Flower's handlers again: the outputs and run-end below are written in any case
+    privacy = {}
     if ctx.dp_account is not None:
-        audit.append("privacy-budget", **ctx.dp_account.to_dict())
+        privacy["model_updates"] = ctx.dp_account.to_dict()
+        audit.append("privacy-budget", **privacy["model_updates"])
+    if ctx.query_account is not None:
+        privacy["query"] = ctx.query_account.to_dict()
+        audit.append("privacy-budget-query", **privacy["query"])
+    result.privacy = privacy or None
     result.seconds = time.perf_counter() - started
     report.write_outputs(result)
     final = result.final_aggregate()

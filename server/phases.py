@@ -12,9 +12,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from common import combat, moments, protocol, selection
+from common import combat, dp_query, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused, error_reason, query, replies_of
 
@@ -99,15 +99,20 @@ class PooledMoments:
 
 
 def moments_phase(run: Run, cohort: Cohort,
-                  harmonization: Callable[[int], RecordDict] | None = None) -> PooledMoments:
+                  harmonization: Callable[[int], RecordDict] | None = None,
+                  reference: dict[str, object] | None = None) -> PooledMoments:
     """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments.
 
     With ``harmonization`` (the pooled ComBat estimates per node), each site first fits its own ComBat
-    parameters and computes the moments on harmonised features.
+    parameters and computes the moments on harmonised features. With the query phases noised, the sites send
+    noised sums of their features standardised with ``reference`` (the pooled ComBat estimates: grand mean,
+    pooled variance) and clipped; they are turned back into moments here.
     """
     agreement = cohort.agreement
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
     replies = cohort.ask(run, "moments", protocol.MOMENTS, config, per_node=harmonization)
+    if run.config.dp_query:
+        return _noised_moments(run, cohort, replies, reference)
     overall, classwise = [], []
     for reply in replies.values():
         arrays, counts = reply.content["arrays"], reply.content["metrics"]
@@ -120,6 +125,26 @@ def moments_phase(run: Run, cohort: Cohort,
     pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise))
     run.audit.append("moments", n_cases=n, n_features=len(mean),
                      stats_sha256=arrays_sha256({"mean": mean, "std": std}), **cohort.tag)
+    return pooled
+
+
+def _noised_moments(run: Run, cohort: Cohort, replies: dict[int, Message],
+                    reference: dict[str, object] | None) -> PooledMoments:
+    if reference is None:
+        raise RunRefused("the query phases are noised, and this cohort has no pooled ComBat estimates to "
+                         "standardise with (dp-query-noise-multiplier needs harmonization = 'combat')")
+    loc, scale = dp_query.reference(np.asarray(reference["grand_mean"], dtype=np.float64),
+                                    np.asarray(reference["var_pooled"], dtype=np.float64))
+    sites = []
+    for reply in replies.values():
+        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+        sites.append({**{k: arrays[k].numpy() for k in arrays}, **{k: float(v) for k, v in metrics.items()}})  # type: ignore[union-attr, arg-type]
+    # each site's true class counts are at least k (its guard checks them), so the floor is public
+    noised = dp_query.pool_noised_moments(sites, loc, scale, np.asarray(reference["zero_variance"], dtype=bool),
+                                          run.config.min_cases_per_class * len(sites))
+    pooled = PooledMoments(noised.n, noised.mean, noised.std, noised.classwise)
+    run.audit.append("moments", n_cases=noised.n, n_features=len(noised.mean), noised=True,
+                     stats_sha256=arrays_sha256({"mean": noised.mean, "std": noised.std}), **cohort.tag)
     return pooled
 
 
@@ -143,8 +168,11 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments) -> selectio
                                                    "std": Array(pooled.std[candidates])})})
         replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _: stats)
         cross = [r.content["arrays"]["crossproducts"].numpy() for r in replies.values()]  # type: ignore[union-attr]
-        n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
-        corr = selection.pooled_correlation(cross, n)
+        if run.config.dp_query:  # noised sums, no counts: normalised by their own diagonal
+            corr = dp_query.noised_correlation(cross)
+        else:
+            n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
+            corr = selection.pooled_correlation(cross, n)
         kept_local = selection.greedy_decorrelate(range(len(candidates)), corr, threshold, n_keep)
         kept = [candidates[i] for i in kept_local]
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated

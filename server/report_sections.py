@@ -267,12 +267,24 @@ def _training_text(doc: dict[str, Any]) -> str:
             f"weight decay {cfg.get('weight-decay', 'n/a')}; only aggregates left the sites")
 
 
-def _privacy_text(cfg: dict[str, Any]) -> str:
+def _privacy_text(cfg: dict[str, Any], privacy: dict[str, Any] | None = None) -> str:
     text = f"every statistic a site sent covers at least k = {cfg.get('min-cases-per-class', 5)} cases; "
     noise = finite_number(cfg.get("dp-noise-multiplier"))
+    query = finite_number(cfg.get("dp-query-noise-multiplier"))
+    parts = []
+    if query:
+        spent = as_dict(as_dict(privacy).get("query"))
+        eps = finite_number(spent.get("epsilon"))
+        parts.append(f"moments, correlation and Newton sums clipped at {cfg.get('dp-query-clip', 'n/a')} "
+                     f"(standardised) with Gaussian noise (noise multiplier {query:g}) at each site"
+                     + (f", epsilon {eps:.3g} at delta {cfg.get('dp-delta', 'n/a')} for the most-asked site "
+                        "(one case added or removed)" if eps is not None else "")
+                     + "; histograms withheld; ComBat sums and evaluations are not noised")
     if noise:
-        return text + (f"model updates clipped to L2 norm {cfg.get('dp-clip-norm', 'n/a')} with Gaussian noise "
-                       f"(noise multiplier {noise:g}) at each site; no secure aggregation")
+        parts.append(f"model updates clipped to L2 norm {cfg.get('dp-clip-norm', 'n/a')} with Gaussian noise "
+                     f"(noise multiplier {noise:g}) at each site")
+    if parts:
+        return text + "; ".join(parts) + "; no secure aggregation"
     return text + "no differential privacy or secure aggregation"
 
 
@@ -327,7 +339,7 @@ def _model_card(doc: dict[str, Any]) -> Section:
                        f"{cfg.get('split-seed', 'n/a')}), never used for training, selection or harmonisation fits"
                        + ("; leave-one-site-out external validation"
                           if as_dict(as_dict(doc.get("validation")).get("loso")) else "")),
-        ("privacy", _privacy_text(cfg)),
+        ("privacy", _privacy_text(cfg, as_dict(doc.get("privacy")))),
         ("model sha256", str(doc.get("model_sha256"))),
     ]
     blocks: list[Block] = []
@@ -446,6 +458,9 @@ def _harmonization_section(doc: dict[str, Any]) -> Section:
     if not features:
         if str(cfg.get("harmonization", "")) == "none":
             return _na('harmonisation was off in this run (harmonization = "none")')
+        if finite_number(cfg.get("dp-query-noise-multiplier")):
+            return _na("withheld: the query phases were noised (dp-query-noise-multiplier), and per-bin counts of "
+                       "single features have no useful noised form at these sizes")
         if not _rounds(doc):
             return _na(_why_no_rounds(doc))
         return _na("this run's metrics carry no before/after histograms (runs before they were reported)")

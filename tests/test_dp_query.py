@@ -1,0 +1,203 @@
+"""Differential privacy on the query phases (common/dp_query.py): the sensitivity of every clipped release, the
+noise, the accounting, the guard's view of noised replies, and the attacks it answers (issue 15)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+
+from client.guard import PrivacyError, check_release, check_reply
+from client.ledger import Declaration, Ledger
+from common import dp_query, exact, protocol
+from common.runconfig import RunConfigError, parse
+from radfed.launch import app_run_config
+
+# ------------------------------------------------------------------------------------------------
+# sensitivity: adding or removing one case moves each clipped release by at most its stated bound
+
+
+def _heavy(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    """Radiomics-like columns: wildly different scales, heavy tails and a few huge outliers."""
+    x = rng.standard_cauchy((n, d)) * 10.0 ** rng.uniform(-3, 9, d)
+    x[rng.random((n, d)) < 0.05] *= 1e6
+    return x
+
+
+def test_one_case_moves_each_release_by_at_most_its_sensitivity():
+    rng = np.random.default_rng(0)
+    ratios: dict[str, float] = {}
+    for _ in range(300):
+        n, d, clip = int(rng.integers(6, 30)), int(rng.integers(1, 40)), float(rng.uniform(0.5, 5.0))
+        x = _heavy(rng, n, d)
+        y = rng.integers(0, 2, n)
+        loc, scale = dp_query.reference(rng.normal(0, 1e3, d), rng.uniform(0, 1e6, d) * (rng.random(d) > 0.1))
+        u = dp_query.clip_standardised(x, loc, scale, clip)
+        gone = int(rng.integers(n))
+        keep = np.arange(n) != gone
+        full, less = dp_query.moment_sums(u, y), dp_query.moment_sums(u[keep], y[keep])
+        bound = dp_query.moment_sensitivities(clip, d)
+        moved = {tag: 0.0 for tag, _ in dp_query.CLASSES}
+        for tag, _ in dp_query.CLASSES:
+            for kind in ("n", "sum", "sumsq"):
+                key = f"{kind}-{tag}"
+                change = float(np.linalg.norm(np.atleast_1d(full[key] - less[key])))
+                assert change <= bound[kind] * (1 + 1e-12) + 1e-9
+                ratios[kind] = max(ratios.get(kind, 0.0), change / bound[kind])
+                moved[tag] += change
+        assert min(moved.values()) == 0.0  # a case lies in one class: the other class's sums do not move
+
+        cross = dp_query.crossproducts(u) - dp_query.crossproducts(u[keep])
+        change = float(np.linalg.norm(cross))
+        assert change <= dp_query.crossproduct_sensitivity(clip, d) * (1 + 1e-12)
+        ratios["cross"] = max(ratios.get("cross", 0.0), change / dp_query.crossproduct_sensitivity(clip, d))
+
+        coef, pos_weight = rng.normal(0, 5, d + 1), float(rng.uniform(0.2, 5.0))
+        a, b = exact.site_terms(u, y, coef, pos_weight), exact.site_terms(u[keep], y[keep], coef, pos_weight)
+        d_grad, d_hess = dp_query.newton_sensitivities(clip, d, pos_weight)
+        assert np.linalg.norm(a.grad - b.grad) <= d_grad * (1 + 1e-12)
+        assert np.linalg.norm(a.hess - b.hess) <= d_hess * (1 + 1e-12)
+        ratios["grad"] = max(ratios.get("grad", 0.0), float(np.linalg.norm(a.grad - b.grad)) / d_grad)
+    # the bounds are reached (outliers sit at the clip), so they are not loose by construction
+    assert ratios["n"] == 1.0 and ratios["sum"] > 0.99 and ratios["sumsq"] > 0.99 and ratios["cross"] > 0.99
+    assert ratios["grad"] > 0.5
+
+
+def test_without_clipping_one_outlier_moves_the_sums_without_bound():
+    """Why the clip: the exact moments of one outlier case move the class sum by the outlier itself."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(0, 1, (10, 5))
+    x[3] = 1e12
+    loc, scale = np.zeros(5), np.ones(5)
+    clipped = dp_query.clip_standardised(x, loc, scale, 3.0)
+    y = np.ones(10, dtype=int)
+    raw_change = np.linalg.norm(x.sum(axis=0) - np.delete(x, 3, axis=0).sum(axis=0))
+    clipped_change = np.linalg.norm(clipped.sum(axis=0) - np.delete(clipped, 3, axis=0).sum(axis=0))
+    assert raw_change > 1e12 and clipped_change <= dp_query.moment_sensitivities(3.0, 5)["sum"] + 1e-9
+    assert dp_query.moment_sums(clipped, y)["n-bm"] == 0.0
+
+
+# ------------------------------------------------------------------------------------------------
+# noise and accounting
+
+
+def test_noise_has_the_stated_std_in_every_key():
+    rng = np.random.default_rng(2)
+    z, clip, d = 1.5, 2.0, 3000
+    u, y = np.zeros((8, d)), np.array([1, 1, 1, 1, 0, 0, 0, 0])
+    arrays, metrics = dp_query.private_moments(u, y, z, clip, rng)
+    sens = dp_query.moment_sensitivities(clip, d)
+    for tag in ("hgg", "bm"):
+        for kind in ("sum", "sumsq"):
+            noise = arrays[f"{kind}-{tag}"]  # the exact sums are 0
+            assert noise.std() == pytest.approx(z * sens[kind], rel=0.06)
+            assert abs(noise.mean()) < 4 * z * sens[kind] / math.sqrt(d)
+    counts = np.array([list(dp_query.private_moments(u, y, z, clip, rng)[1].values()) for _ in range(3000)])
+    assert counts.mean(axis=0) == pytest.approx([4.0, 4.0], abs=4 * z / math.sqrt(3000))
+    assert counts.std(axis=0) == pytest.approx([z, z], rel=0.06)
+    m = 80
+    cross = dp_query.private_crossproducts(np.zeros((5, m)), z, clip, rng)
+    np.testing.assert_array_equal(cross, cross.T)
+    upper = cross[np.triu_indices(m)]
+    assert upper.std() == pytest.approx(z * dp_query.crossproduct_sensitivity(clip, m), rel=0.06)
+    again = dp_query.private_crossproducts(np.zeros((5, m)), z, clip, np.random.default_rng())
+    assert not np.array_equal(again, cross)
+
+
+def test_cost_per_release_and_the_run_account():
+    assert dp_query.rho_per_release(protocol.MOMENTS, 2.0) == pytest.approx(3 / 8)
+    assert dp_query.rho_per_release(protocol.NEWTON, 1.0) == pytest.approx(1.0)
+    assert dp_query.rho_per_release(protocol.CORRELATION, 1.0, changed=True) == pytest.approx(2.0)
+    with pytest.raises(ValueError, match="positive"):
+        dp_query.rho_per_release(protocol.MOMENTS, 0.0)
+    account = dp_query.QueryAccount(noise_multiplier=2.0, clip=3.0, delta=1e-5)
+    account.add(protocol.MOMENTS, ["a", "b"])
+    account.add(protocol.NEWTON, ["a"])
+    account.add(protocol.NEWTON, ["a"])
+    doc = account.to_dict()
+    rho_a = 3 / 8 + 2 * 2 / 8
+    assert doc["per_site"]["a"]["rho"] == pytest.approx(rho_a)
+    assert doc["per_site"]["a"]["rho_any_change"] == pytest.approx(4 * rho_a)
+    assert doc["per_site"]["b"]["releases"] == {protocol.MOMENTS: 1}
+    assert doc["epsilon"] == pytest.approx(rho_a + 2 * math.sqrt(rho_a * math.log(1e5)))
+    assert "query.histograms" in doc["withheld"] and "combat" in doc["not_covered"]
+
+
+def test_the_server_turns_noised_sums_back_into_moments_and_never_crashes():
+    rng = np.random.default_rng(3)
+    d = 6
+    loc, scale = rng.normal(50, 10, d), rng.uniform(1, 20, d)
+    x = loc + scale * rng.normal(0, 0.5, (40, d))
+    y = np.repeat([1, 0], 20)
+    u = dp_query.clip_standardised(x, loc, scale, 3.0)
+    sites = []
+    for rows in (slice(0, 10), slice(10, 40)):
+        arrays, metrics = dp_query.private_moments(u[rows], y[rows], 1e-9, 3.0, rng)
+        sites.append({**arrays, **metrics})
+    got = dp_query.pool_noised_moments(sites, loc, scale, np.zeros(d, dtype=bool), min_count=10)
+    assert got.n == 40
+    np.testing.assert_allclose(got.mean, x.mean(axis=0), rtol=1e-6)
+    np.testing.assert_allclose(got.std, x.std(axis=0, ddof=1), rtol=1e-6)
+    np.testing.assert_allclose(got.classwise[1][1], x[:20].mean(axis=0), rtol=1e-6)
+    # huge noise: negative variances and counts are floored, never NaN
+    noisy = [{**a, **m} for a, m in (dp_query.private_moments(u, y, 50.0, 3.0, rng) for _ in range(3))]
+    bad = dp_query.pool_noised_moments(noisy, loc, scale, np.arange(d) == 0, min_count=30)
+    assert np.all(np.isfinite(bad.std)) and np.all(bad.std[1:] > 0) and bad.std[0] == 0.0
+    assert bad.classwise[0][0] >= 15 and np.all(np.isfinite(bad.classwise[0][2]))
+    corr = dp_query.noised_correlation([dp_query.private_crossproducts(u, 50.0, 3.0, rng)])
+    assert np.all(np.abs(corr) <= 1.0) and np.all(np.diag(corr) == 1.0)
+    h = dp_query.psd(np.array([[1.0, 3.0], [3.0, 1.0]]))
+    assert np.linalg.eigvalsh(h).min() >= -1e-12
+
+
+def test_run_config_knobs_are_validated():
+    config = parse(app_run_config({"dp-query-noise-multiplier": 1.0}))
+    assert config.dp_query and config.dp_query_clip == 3.0
+    assert not parse(app_run_config({})).dp_query
+    with pytest.raises(RunConfigError, match="needs harmonization = 'combat'"):
+        parse(app_run_config({"dp-query-noise-multiplier": 1.0, "harmonization": "none"}))
+    with pytest.raises(RunConfigError, match="dp-query-clip"):
+        parse(app_run_config({"dp-query-noise-multiplier": 1.0, "dp-query-clip": 0.0}))
+    with pytest.raises(RunConfigError, match="dp-query-noise-multiplier"):
+        parse(app_run_config({"dp-query-noise-multiplier": -1.0}))
+
+
+# ------------------------------------------------------------------------------------------------
+# the guard: noised replies are checked on the true case sets
+
+
+def _noised_moments(d: int) -> RecordDict:
+    arrays, metrics = dp_query.private_moments(np.zeros((12, d)), np.repeat([1, 0], 6), 1.0, 3.0,
+                                               np.random.default_rng(4))
+    return RecordDict({"arrays": ArrayRecord({k: Array(v) for k, v in arrays.items()}),
+                       "metrics": MetricRecord(metrics)})
+
+
+def _sets(n_hgg: int, n_bm: int) -> Declaration:
+    hgg = frozenset(f"h{i}" for i in range(n_hgg))
+    bm = frozenset(f"b{i}" for i in range(n_bm))
+    return Declaration({"train": hgg | bm, "train-hgg": hgg, "train-bm": bm},
+                       {"n": "train", "n-hgg": "train-hgg", "n-bm": "train-bm"}, None)
+
+
+def test_the_guard_takes_noised_replies_only_when_the_run_noises_and_checks_k_on_the_true_sets(tmp_path):
+    reply = _noised_moments(30)
+    check_reply(protocol.MOMENTS, reply, k=5, sizes={"d": 30}, noised=True)
+    with pytest.raises(PrivacyError, match="not declared"):  # a run without DP: the noised keys are not its reply
+        check_reply(protocol.MOMENTS, reply, k=5, sizes={"d": 30}, noised=False)
+    exact_reply = RecordDict({"arrays": ArrayRecord({k: Array(np.zeros(30)) for k in
+                                                     ("mean", "m2", "mean-hgg", "m2-hgg", "mean-bm", "m2-bm")}),
+                              "metrics": MetricRecord({"n": 12, "n-hgg": 6, "n-bm": 6})})
+    with pytest.raises(PrivacyError, match="not declared"):  # a run with DP: exact sums are refused
+        check_reply(protocol.MOMENTS, exact_reply, k=5, sizes={"d": 30}, noised=True)
+    with pytest.raises(PrivacyError, match="not sent while the query phases are noised"):
+        check_reply(protocol.HISTOGRAMS, RecordDict({}), k=5, noised=True)
+    ledger = Ledger(tmp_path / "release", 5)
+    with pytest.raises(PrivacyError, match="'n-bm' counts 4 patients, fewer than k = 5"):
+        check_release(protocol.MOMENTS, reply, _sets(8, 4), ledger, 1, k=5, noised=True)
+    with pytest.raises(PrivacyError, match="does not name the cases"):
+        check_release(protocol.MOMENTS, reply, None, ledger, 1, k=5, noised=True)
+    check_release(protocol.MOMENTS, reply, _sets(6, 6), ledger, 1, k=5, noised=True)
+    assert len(ledger.released_sets()) == 3  # the true sets went into the release ledger
