@@ -3,16 +3,25 @@ noise, the accounting, the guard's view of noised replies, and the attacks it an
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
+from bench import attacks
 from client.guard import PrivacyError, check_release, check_reply
 from client.ledger import Declaration, Ledger
-from common import dp_query, exact, protocol
+from client.steps import load_site_data
+from common import combat, dp_query, exact, protocol
+from common.canon import sha256_json
+from common.dp import zcdp_to_epsilon
 from common.runconfig import RunConfigError, parse
+from radfed.cli import approve_demo_plan
 from radfed.launch import app_run_config
 
 # ------------------------------------------------------------------------------------------------
@@ -201,3 +210,107 @@ def test_the_guard_takes_noised_replies_only_when_the_run_noises_and_checks_k_on
         check_release(protocol.MOMENTS, reply, None, ledger, 1, k=5, noised=True)
     check_release(protocol.MOMENTS, reply, _sets(6, 6), ledger, 1, k=5, noised=True)
     assert len(ledger.released_sets()) == 3  # the true sets went into the release ledger
+
+
+# ------------------------------------------------------------------------------------------------
+# the site's real ClientApp: the "k - 1 known" attack, and the budget across runs
+
+
+def _copy(root: Path, tmp_path: Path) -> Path:
+    [site] = [p for p in root.iterdir() if (p / "manifest.csv").exists()]
+    return Path(shutil.copytree(site, tmp_path / "sites" / site.name))
+
+
+@dataclass
+class Released:
+    names: list[str]
+    pooled: combat.PooledEstimates
+    moments: RecordDict
+    config: dict[str, object]
+
+
+def _run_to_moments(site: Path, run_id: int, **overrides: object) -> Released:
+    """A coordinator's plan, features, both ComBat rounds and moments, sent to the site's real ClientApp (real
+    mods: guard, release ledger, DP budget); the site's refusal raises."""
+    config = app_run_config({"data-root": str(site.parent), "min-cases-per-class": 5, **overrides})
+    approve_demo_plan([site], config)
+    context = Context(run_id=run_id, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(),
+                      run_config=config)
+
+    def send(message_type: str, content: RecordDict) -> RecordDict:
+        return attacks.Coordinator(site)._send(context, message_type, content).content
+
+    send("query.plan", RecordDict({"config": ConfigRecord({})}))
+    names = [str(n) for n in send("query.features", RecordDict({"config": ConfigRecord({})}))["config"]["features"]]
+    agreed = {"features": names, "features-sha256": sha256_json(names), "n-sites": 1, "site-index": 0}
+    fit = send("query.combat_fit", RecordDict({"config": ConfigRecord(agreed)}))
+    xtx, xty = fit["arrays"]["xtx"].numpy(), fit["arrays"]["xty"].numpy()
+    means = combat.pool_moments([combat.SiteMoments(site=0, n_sites=1, n=int(fit["metrics"]["n"]), xtx=xtx, xty=xty)])
+    ss = send("query.combat_residuals", RecordDict({"config": ConfigRecord(agreed),
+                                                    "arrays": ArrayRecord({"beta": Array(means.beta)})}))
+    pooled = combat.pool_residuals(means, [combat.SiteResiduals(site=0, n=int(ss["metrics"]["n"]),
+                                                                ss=ss["arrays"]["ss"].numpy())])
+    estimates = ArrayRecord({"beta": Array(pooled.beta), "grand-mean": Array(pooled.grand_mean),
+                             "var-pooled": Array(pooled.var_pooled),
+                             "zero-variance": Array(pooled.zero_variance.astype(np.float64))})
+    moments = send("query.moments", RecordDict({"arrays": estimates,
+                                                "config": ConfigRecord({**agreed, "n-pooled": pooled.n})}))
+    return Released(names, pooled, moments, config)
+
+
+def _harmonised_training_hgg(site: Path, run: Released, run_id: int) -> np.ndarray:
+    """The site's own harmonised features of its HGG training cases (the truth the attack is scored against)."""
+    data = load_site_data(site, run.config)
+    params = combat.SiteCombat.from_dict(json.loads((site / ".radfed" / "harmonization" / f"run-{run_id}.json")
+                                                    .read_text(encoding="utf-8")))
+    rows = ~data.held_out & (data.table.labels == 1)
+    return params.apply(data.table.columns(run.names)[rows], None)
+
+
+def test_k_minus_1_known_recovers_the_last_patient_exactly_without_dp_query_and_not_with_it(tiny_site_root,
+                                                                                             tmp_path):
+    """A coordinator who knows every HGG training patient but one (k - 1 of a block-sized class) subtracts them
+    from the class sum. Without DP on the query phases that is the last patient's features, exactly; with it, the
+    error is of the order of the noise's std, on every feature."""
+    site = _copy(tiny_site_root, tmp_path)
+    plain = _run_to_moments(site, 1)
+    truth = _harmonised_training_hgg(site, plain, 1)
+    assert 5 <= len(truth) <= 9  # one release block: the k-rule is met
+    n = int(plain.moments["metrics"]["n-hgg"])
+    recovered = plain.moments["arrays"]["mean-hgg"].numpy() * n - truth[1:].sum(axis=0)
+    assert np.max(np.abs(recovered - truth[0]) / np.maximum(np.abs(truth[0]), 1e-9)) < 1e-6  # exact
+
+    z, clip = 1.0, 3.0
+    noised = _run_to_moments(site, 2, **{"dp-query-noise-multiplier": z, "dp-query-clip": clip})
+    assert set(noised.moments["metrics"]) == {"n-hgg-noised", "n-bm-noised"}  # no exact count left
+    truth = _harmonised_training_hgg(site, noised, 2)
+    loc, scale = dp_query.reference(noised.pooled.grand_mean, noised.pooled.var_pooled)
+    u = dp_query.clip_standardised(truth, loc, scale, clip)  # what the attacker knows, in the released units
+    guess = noised.moments["arrays"]["sum-hgg"].numpy() - u[1:].sum(axis=0)
+    error = guess - u[0]
+    sigma = z * dp_query.moment_sensitivities(clip, len(noised.names))["sum"]
+    assert 0.5 < np.median(np.abs(error)) / (0.6745 * sigma) < 1.5  # |N(0, sigma²)|: median 0.6745 sigma
+    assert np.mean(np.abs(error) < 0.1 * clip) < 0.01  # almost no feature is even roughly recovered
+    outbox = [json.loads(line) for line in (site / ".radfed" / "outbox.jsonl").read_text().splitlines()]
+    sent = [e for e in outbox if e["type"] == "query.moments" and e["run_id"] == 2]
+    assert set(sent[-1]["records"]["arrays"]) == {"sum-hgg", "sumsq-hgg", "sum-bm", "sumsq-bm"}
+
+
+def test_two_runs_that_together_pass_the_sites_cap_the_second_is_refused(tiny_site_root, tmp_path):
+    site = _copy(tiny_site_root, tmp_path)
+    z = 2.0
+    rho = dp_query.rho_per_release(protocol.MOMENTS, z, changed=True)  # 4 x 3 / (2 z²) = 1.5
+    cap = zcdp_to_epsilon(1.5 * rho, 1e-5)  # room for one noised moments release, not two
+    with (site / "site.yaml").open("a", encoding="utf-8") as fh:
+        fh.write(f"\ndp_budget_epsilon: {cap}\n")
+    on = {"dp-query-noise-multiplier": z}
+    _run_to_moments(site, 1, **on)
+    booked = [json.loads(line) for line in (site / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()]
+    assert [(b["run_id"], b["kind"]) for b in booked] == [(1, "query.moments")]
+    assert booked[0]["rho"] == pytest.approx(rho)
+    with pytest.raises(Exception, match="this site's DP budget is epsilon") as refused:
+        _run_to_moments(site, 2, **on)
+    assert "query.moments" in str(refused.value) and "dp_budget_epsilon" in str(refused.value)
+    with pytest.raises(Exception, match="sends query.moments only with differential privacy"):
+        _run_to_moments(site, 3)
+    assert len((site / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()) == 1
