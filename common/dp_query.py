@@ -171,7 +171,8 @@ def pool_noised_moments(sites: Sequence[Mapping[str, np.ndarray | float]], loc: 
     """The sites' noised class sums, summed, back to means and centred sums of squares.
 
     Counts are floored at ``min_count`` (each site's true class count is at least k, which is public), variances
-    of u at 1e-4 (a noisy Σu² − (Σu)²/n can be negative); features ComBat found to have zero pooled variance
+    of u at ``VAR_FLOOR`` (a noisy Σu² − (Σu)²/n can be negative, and a near-zero one would blow up Welch's t);
+    features ComBat found to have zero pooled variance
     keep std 0 (they are constant, whatever the noise says).
     """
     pooled: dict[int, tuple[int, np.ndarray, np.ndarray]] = {}
@@ -192,17 +193,20 @@ def pool_noised_moments(sites: Sequence[Mapping[str, np.ndarray | float]], loc: 
     return NoisedMoments(int(round(n_all)), loc + scale * mean_u, std, pooled)
 
 
+VAR_FLOOR = 0.01  # variance of u below which a noised estimate is not believed: u's reference scale is the pooled sd
+
+
 def _mean_m2(n: float, s1: np.ndarray, s2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     mean = s1 / n
-    return mean, np.maximum(s2 - s1 * mean, 1e-4 * max(n - 1.0, 1.0))
+    return mean, np.maximum(s2 - s1 * mean, VAR_FLOOR * max(n - 1.0, 1.0))
 
 
-def noised_correlation(crossproducts_per_site: Sequence[np.ndarray]) -> np.ndarray:
-    """Correlation from noised Σ z zᵀ: normalised by its own diagonal (floored), so it does not need a count."""
+def noised_correlation(crossproducts_per_site: Sequence[np.ndarray], n: int) -> np.ndarray:
+    """Correlation from noised Σ z zᵀ and the case count of the noised moments (an earlier release: reusing it
+    costs nothing): Σ z zᵀ / (n - 1), clipped to [-1, 1], with 1 on the diagonal. The count, not the noised
+    diagonal, divides: a noised diagonal can come out near zero."""
     total = np.sum([np.asarray(c, dtype=np.float64) for c in crossproducts_per_site], axis=0)
-    total = (total + total.T) / 2.0
-    diag = np.sqrt(np.maximum(np.diag(total), 1e-6))
-    corr = total / np.outer(diag, diag)
+    corr = (total + total.T) / (2.0 * max(n - 1, 1))
     np.fill_diagonal(corr, 1.0)
     return np.clip(corr, -1.0, 1.0)
 

@@ -168,8 +168,8 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments) -> selectio
                                                    "std": Array(pooled.std[candidates])})})
         replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _: stats)
         cross = [r.content["arrays"]["crossproducts"].numpy() for r in replies.values()]  # type: ignore[union-attr]
-        if run.config.dp_query:  # noised sums, no counts: normalised by their own diagonal
-            corr = dp_query.noised_correlation(cross)
+        if run.config.dp_query:  # noised sums, no counts: the noised moments' count divides
+            corr = dp_query.noised_correlation(cross, pooled.n)
         else:
             n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
             corr = selection.pooled_correlation(cross, n)

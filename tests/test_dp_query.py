@@ -150,12 +150,16 @@ def test_the_server_turns_noised_sums_back_into_moments_and_never_crashes():
     np.testing.assert_allclose(got.mean, x.mean(axis=0), rtol=1e-6)
     np.testing.assert_allclose(got.std, x.std(axis=0, ddof=1), rtol=1e-6)
     np.testing.assert_allclose(got.classwise[1][1], x[:20].mean(axis=0), rtol=1e-6)
+    exact_corr = np.corrcoef(x, rowvar=False)
+    z_std = dp_query.clip_standardised(x, got.mean, got.std, 10.0)  # nothing clipped: the exact correlation
+    np.testing.assert_allclose(dp_query.noised_correlation([dp_query.private_crossproducts(z_std, 1e-9, 10.0, rng)],
+                                                           got.n), exact_corr, atol=1e-6)
     # huge noise: negative variances and counts are floored, never NaN
     noisy = [{**a, **m} for a, m in (dp_query.private_moments(u, y, 50.0, 3.0, rng) for _ in range(3))]
     bad = dp_query.pool_noised_moments(noisy, loc, scale, np.arange(d) == 0, min_count=30)
     assert np.all(np.isfinite(bad.std)) and np.all(bad.std[1:] > 0) and bad.std[0] == 0.0
     assert bad.classwise[0][0] >= 15 and np.all(np.isfinite(bad.classwise[0][2]))
-    corr = dp_query.noised_correlation([dp_query.private_crossproducts(u, 50.0, 3.0, rng)])
+    corr = dp_query.noised_correlation([dp_query.private_crossproducts(u, 50.0, 3.0, rng)], 40)
     assert np.all(np.abs(corr) <= 1.0) and np.all(np.diag(corr) == 1.0)
     h = dp_query.psd(np.array([[1.0, 3.0], [3.0, 1.0]]))
     assert np.linalg.eigvalsh(h).min() >= -1e-12
@@ -314,3 +318,47 @@ def test_two_runs_that_together_pass_the_sites_cap_the_second_is_refused(tiny_si
     with pytest.raises(Exception, match="sends query.moments only with differential privacy"):
         _run_to_moments(site, 3)
     assert len((site / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()) == 1
+
+
+# ------------------------------------------------------------------------------------------------
+# a whole federation on Flower's simulation engine
+
+
+def test_a_federation_with_noised_query_phases_completes_and_books_its_budget(tmp_path):
+    from federation_helpers import events, run_federation_in
+
+    from radfed import synth
+
+    root = tmp_path / "data"
+    for i, spec in enumerate(synth.tiny_sites(2, 12)):  # 2 blocks of 6 per class: 12 training cases per site
+        synth.write_site(root, spec, seed=800 + i)
+    z, rounds = 0.5, 3
+    folder = run_federation_in(tmp_path, root, 2, training="exact", **{
+        "select-features": 4, "select-candidates": 10, "external-validation": "none", "local-only": "none",
+        "exact-max-rounds": rounds, "dp-query-noise-multiplier": z})
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    assert doc["final"]["aggregate"]["n"] > 0 and "harmonization" not in doc  # histograms withheld
+    log = [(e["event"], e["data"]) for e in events(folder)]
+    [moments] = [d for e, d in log if e == "moments"]
+    assert moments["noised"] is True
+    newton = [d for e, d in log if e == "newton-round"]
+    assert len(newton) == rounds and all(d["noised"] and d["objective"] is None for d in newton)
+    assert not [d for e, d in log if e == "histograms"]
+    [budget] = [d for e, d in log if e == "privacy-budget-query"]
+    sites = sorted(p.name for p in root.iterdir())
+    expected = {protocol.MOMENTS: 1, protocol.CORRELATION: 1, protocol.NEWTON: rounds}
+    assert {s: v["releases"] for s, v in budget["per_site"].items()} == {s: expected for s in sites}
+    rho = 3 / (2 * z * z) + 1 / (2 * z * z) + rounds * 2 / (2 * z * z)
+    assert budget["per_site"][sites[0]]["rho"] == pytest.approx(rho)
+    assert doc["privacy"]["query"]["epsilon"] == pytest.approx(zcdp_to_epsilon(rho, 1e-5))
+    assert "withheld" in (folder / "report.md").read_text(encoding="utf-8")
+    for site in sites:  # each site booked the same releases (one case changed: 4x), and sent no exact sums
+        booked = [json.loads(line) for line in (root / site / ".radfed" / "release" / "dp-budget.jsonl")
+                  .read_text().splitlines()]
+        assert sum(b["rho"] for b in booked) == pytest.approx(4 * rho)
+        outbox = [json.loads(line) for line in (root / site / ".radfed" / "outbox.jsonl").read_text().splitlines()]
+        for entry in outbox:
+            if entry["type"] in dp_query.MECHANISMS:
+                assert set(entry["records"].get("metrics", {})) <= {"n-hgg-noised", "n-bm-noised"}, entry
+                assert "mean-hgg" not in entry["records"]["arrays"]
