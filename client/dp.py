@@ -13,17 +13,22 @@ Order: in ``ClientApp(mods=[privacy_guard, dp_update_mod])`` the first mod is th
 (flwr ``make_ffn`` wraps the handler in the mods in reverse order), so the guard checks and logs in
 the outbox the reply *after* this mod privatised it: the outbox shows exactly what left.
 
-With DP on, the site also refuses ``query.newton`` (exact training): its reply is the exact gradient and
-Hessian summed over the training cases, the same information as a model update without clip or noise.
+With DP on, the site also refuses ``query.newton`` (exact training) unless the run noises the query phases
+(``dp-query-noise-multiplier`` > 0): an exact reply is the gradient and Hessian summed over the training cases,
+the same information as a model update without clip or noise.
+
+``dp_query_mod`` keeps the budget of the noised query phases (moments, correlation, Newton; the handlers clip and
+noise, ``common.dp_query``): each release is checked against the site's cap and booked with its kind.
 
 Fails closed: with DP requested, a reply that cannot be privatised (bad settings, arrays that do not
 match the received model, a buffer changed at the site, non-finite values) raises, and nothing is sent.
 
 **The site's own budget, across runs.** Every noised update a site sends is appended to
-``<output_dir>/release/dp-budget.jsonl`` with its ρ for a change of one case (2/z², zCDP). A site that sets
-``dp_budget_epsilon`` in its site.yaml refuses an update that would take the composed total past that ε (at
-its ``dp_budget_delta``), whatever run asks, and refuses model updates without noise (and exact training)
-altogether: the coordinator cannot spend a hospital's budget by running again.
+``<output_dir>/release/dp-budget.jsonl`` with its ρ for a change of one case (2/z², zCDP), and so is every noised
+query release (its kind named). A site that sets ``dp_budget_epsilon`` in its site.yaml refuses a release that
+would take the composed total, updates and queries together, past that ε (at its ``dp_budget_delta``), whatever
+run asks, and refuses model updates and the query phases DP covers without noise altogether: the coordinator
+cannot spend a hospital's budget by running again.
 """
 
 from __future__ import annotations

@@ -80,8 +80,9 @@ class SiteConfig(BaseModel):
     require_approval: bool = Field(True, strict=True)
     # also write every array's values (not only shape and sha256) to the outbox: for audits; large
     outbox_values: bool = Field(False, strict=True)
-    # the site's own cap on the differential privacy its model updates may spend, over all runs (per-case
-    # unit, zCDP composed, converted at dp_budget_delta); with a cap, updates without DP noise are refused
+    # the site's own cap on the differential privacy its model updates and noised query releases may spend,
+    # together, over all runs (one case changed, zCDP composed, converted at dp_budget_delta); with a cap, updates
+    # and the moments, correlation and Newton queries without DP noise are refused
     dp_budget_epsilon: float | None = Field(None, gt=0)
     dp_budget_delta: float = Field(1e-5, gt=0, lt=1)
 

@@ -294,7 +294,7 @@ def test_k_minus_1_known_recovers_the_last_patient_exactly_without_dp_query_and_
     error = guess - u[0]
     sigma = z * dp_query.moment_sensitivities(clip, len(noised.names))["sum"]
     assert 0.5 < np.median(np.abs(error)) / (0.6745 * sigma) < 1.5  # |N(0, sigma²)|: median 0.6745 sigma
-    assert np.mean(np.abs(error) < 0.1 * clip) < 0.01  # almost no feature is even roughly recovered
+    assert np.mean(np.abs(error) < 0.1 * clip) < 0.03  # almost no feature is even roughly recovered (expect 0.3%)
     outbox = [json.loads(line) for line in (site / ".radfed" / "outbox.jsonl").read_text().splitlines()]
     sent = [e for e in outbox if e["type"] == "query.moments" and e["run_id"] == 2]
     assert set(sent[-1]["records"]["arrays"]) == {"sum-hgg", "sumsq-hgg", "sum-bm", "sumsq-bm"}
