@@ -177,6 +177,22 @@ def test_run_config_knobs_are_validated():
         parse(app_run_config({"dp-query-noise-multiplier": -1.0}))
 
 
+def test_the_plan_a_site_approves_says_what_is_noised_and_what_is_withheld():
+    from common.plan import plan_sha256, run_plan, summary
+    from common.profile import load_profile
+
+    profile = load_profile("default")
+    off = run_plan(app_run_config({}), profile, code="same code")
+    on = run_plan(app_run_config({"dp-query-noise-multiplier": 1.0}), profile, code="same code")
+    assert plan_sha256(on) != plan_sha256(off)
+    assert on["messages"]["query.moments"]["noised"] and "noised" not in off["messages"]["query.moments"]
+    assert set(on["messages"]["query.moments"]["arrays"]) == {"sum-hgg", "sumsq-hgg", "sum-bm", "sumsq-bm"}
+    assert on["messages"]["query.histograms"]["withheld"] and "withheld" not in off["messages"]["query.histograms"]
+    assert "noised" not in on["messages"]["query.combat_fit"]  # ComBat's sums stay exact, and the plan says so
+    text = summary(on)
+    assert "query.newton (noised: differential privacy)" in text and "query.histograms (withheld)" in text
+
+
 # ------------------------------------------------------------------------------------------------
 # the guard: noised replies are checked on the true case sets
 
