@@ -195,6 +195,9 @@ def test_federation_end_to_end(three_sites, tmp_path):
     state = {k: v.numpy() for k, v in saved["state_dict"].items()}
     assert arrays_sha256(state) == events[-1]["data"]["model_sha256"] == doc["model_sha256"]
     assert len(saved["features"]) == doc["features"]["n"] == state["linear.weight"].shape[1]
+    # the report's weights are the saved model's, feature by feature
+    assert list(doc["features"]["weights"]) == saved["features"]
+    np.testing.assert_array_equal(list(doc["features"]["weights"].values()), state["linear.weight"].ravel())
     assert (folder / "report.html").read_text(encoding="utf-8").count("<tr>") > 3
     assert "federation" in (folder / "report.md").read_text(encoding="utf-8")
 
