@@ -95,19 +95,34 @@ def import_manifest(data_root: Path, manifest: Path, sequences: tuple[str, ...])
         raise SiteError(f"{manifest} lacks column(s) {missing}: the header must hold {','.join(needed)}")
 
     for line, row in enumerate(rows, start=2):
+        fields = [v for k, v in row.items() if k is not None and v is not None] + list(row.get(None) or [])
+        if None in row or any(row.get(c) is None for c in header):  # too many or too few fields for the header
+            text = ",".join(str(v) for v in fields)
+            yield CaseProblem(f"<line {line}>", f"line {line} of {manifest.name} is not a manifest row: {len(fields)} "
+                              f"field(s) where the header has {len(header)} ({text[:60]!r})",
+                              f"fix or remove line {line} (fields are separated by commas; quote a value that holds "
+                              "one)", kind="malformed-row")
+            continue
         case_id = (row.get("case_id") or "").strip()
         if not case_id:
             yield CaseProblem(f"<line {line}>", "empty case_id", f"give line {line} of {manifest} an id",
                               kind="empty-id")
             continue
-        problem = _diagnosis_problem(case_id, row.get("diagnosis") or "", manifest.name)
-        if problem:
-            yield problem
-            continue
+        # every problem of the row at once, so one edit fixes it
+        problems = [p for p in [_diagnosis_problem(case_id, row.get("diagnosis") or "", manifest.name)] if p]
         empty = [c for c in (*sequences, "mask") if not (row.get(c) or "").strip()]
         if empty:
-            yield CaseProblem(case_id, f"no path for {', '.join(empty)} in {manifest.name}",
-                              f"fill in the {', '.join(empty)} column(s) of line {line}", kind="missing-file")
+            problems.append(CaseProblem(case_id, f"no path for {', '.join(empty)} in {manifest.name}",
+                                        f"fill in the {', '.join(empty)} column(s) of line {line}",
+                                        kind="missing-file"))
+        if problems:
+            absent = [c for c in (*sequences, "mask") if c not in empty and not (data_root / row[c].strip()).exists()]
+            if absent:  # the Case is not built, so the file checks would never name these
+                problems.append(CaseProblem(case_id, f"no file for {', '.join(absent)} "
+                                            f"({', '.join(row[c].strip() for c in absent)})",
+                                            f"fix the path(s) on line {line} (relative to {data_root})",
+                                            kind="missing-file"))
+            yield from problems
             continue
         yield Case(case_id=case_id, diagnosis=(row["diagnosis"] or "").strip().upper(),
                    images={seq: data_root / row[seq].strip() for seq in sequences},

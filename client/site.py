@@ -230,6 +230,11 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
     for item in items:
         if isinstance(item, CaseProblem):
             problems.append(item)
+        elif item.case_id in seen and item.diagnosis == seen[item.case_id].diagnosis:
+            # named as a row of its own: the first row of that id stays usable, so the totals add up
+            problems.append(CaseProblem(f"{item.case_id} (again)", f"case_id {item.case_id} listed again in "
+                                        f"{config.source}; the first row is used",
+                                        f"remove the repeated row of {item.case_id}", kind="duplicate-id"))
         elif item.case_id in seen:
             if item.diagnosis != seen[item.case_id].diagnosis:  # which one is right is unknown: use neither
                 conflicting.add(item.case_id)
@@ -237,9 +242,6 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
                                             f"diagnoses ({seen[item.case_id].diagnosis} and {item.diagnosis})",
                                             "check the diagnosis and keep one row per patient",
                                             kind="conflicting-diagnosis"))
-            else:
-                problems.append(CaseProblem(item.case_id, f"duplicate case_id in {config.source}",
-                                            "give each case a unique id", kind="duplicate-id"))
         else:
             seen[item.case_id] = item
             cases.append(item)

@@ -47,7 +47,7 @@ def test_the_tree_holds_every_users_commands():
     names = {" ".join(c) for c in COMMANDS}
     for expected in ("demo", "site check", "site extract", "site approve", "site join", "predict", "plan write",
                      "audit verify", "deploy provision", "deploy run", "profile show", "completion", "site plan show",
-                     "site revoke", "site outbox"):
+                     "site revoke", "site outbox", "site approvals", "site plan diff"):
         assert expected in names, names
 
 
@@ -97,7 +97,8 @@ def test_the_site_folder_is_always_the_site_option():
         leaf = _leaf(command)
         positionals = [a.dest for a in leaf._actions if not a.option_strings]
         assert not {"site", "site_dir"} & set(positionals), command
-        if command[0] in ("site", "predict") and command != ("site", "plan", "show"):
+        # plans can be read anywhere: --site only adds the site's k, decision and saved plans
+        if command[0] in ("site", "predict") and command[:2] != ("site", "plan"):
             assert _options(command)["--site"].required, command
 
 
@@ -132,10 +133,11 @@ def test_site_commands_print_json_on_a_real_site(site, tmp_path, capsys):
     assert _json_out(capsys, ["site", "plan", "show", str(plan_file), "--site", str(site), "--json"])["state"] \
         == "approve"
     assert _json_out(capsys, ["site", "revoke", plan_hash, "--site", str(site), "--json"])["action"] == "revoke"
-    assert _json_out(capsys, ["site", "plan", "show", "--site", str(site), "--json"])["refused_plans"] == []
+    listed = _json_out(capsys, ["site", "plan", "show", "--site", str(site), "--json"])["plans"]
+    assert [(r["plan_sha256"], r["state"], r["note"]) for r in listed] == [(plan_hash, "revoke", "")]
 
     outbox = _json_out(capsys, ["site", "outbox", "--site", str(site), "--json"])
-    assert outbox == {"outbox": str(site / ".radfed" / "outbox.jsonl"), "messages": []}
+    assert outbox == {"outbox": str(site / ".radfed" / "outbox.jsonl"), "runs": [], "messages": []}
 
 
 def test_site_extract_prints_json_on_a_real_site(tmp_path, capsys):

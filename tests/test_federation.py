@@ -212,6 +212,7 @@ def _late_joiner_predicts(folder: Path, doc: dict, root: Path) -> None:
     pooled = folder / "harmonization.json"
     code, out, err = _radfed("site", "join", str(pooled), "--site", str(site))
     assert code == 0 and "harmonised against run" in out, err
+    assert f"radfed predict --model {pooled.resolve().parent / 'model.pt'} --site {site}" in out  # the real folder
     saved_path = site / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json"
     saved = json.loads(saved_path.read_text(encoding="utf-8"))
     late = json.loads(pooled.read_text(encoding="utf-8"))
