@@ -66,7 +66,7 @@ def _variant(tmp_path: Path, name: str) -> object:
     """The default profile, or a one-sequence variant of it written as a YAML file (so it is hashed as usual)."""
     if name == "default":
         return DEFAULT
-    doc = yaml.safe_load((PROFILE_DIR / "default.yaml").read_text())
+    doc = yaml.safe_load((PROFILE_DIR / f"{'extended' if name == 'extended' else 'default'}.yaml").read_text())
     doc["radfed"].update(name=f"fidelity-{name}", sequences=["t1c"], shape_from="t1c")
     setting = doc["setting"]
     if name == "no-resampling":
@@ -105,6 +105,18 @@ def test_features_equal_bare_pyradiomics_on_the_same_files(case_images, tmp_path
     rel = np.abs(a - b) / np.maximum(np.abs(b), np.finfo(float).tiny)
     worst = int(np.argmax(rel))
     assert rel[worst] <= RTOL, f"{names[worst]}: radfed {a[worst]!r} vs pyradiomics {b[worst]!r}"
+
+
+@pytest.mark.parametrize("pixel, fmt", [("int16", "nrrd"), ("float64", "nifti")])
+def test_filtered_image_features_equal_bare_pyradiomics(case_images, tmp_path, pixel, fmt):
+    """The extended profile (LoG at three sigmas, wavelets) on a one-sequence case: filters see the stored type."""
+    profile = _variant(tmp_path, "extended")
+    case = _write_case(tmp_path / "case", case_images, pixel, fmt, profile.sequences)
+    ours, theirs = extract_case_features(case, profile), _bare_pyradiomics(case, profile)
+    assert sorted(ours) == sorted(theirs)
+    assert any("wavelet-HHH" in n for n in ours) and any("log-sigma-4" in n for n in ours)
+    for name, value in theirs.items():
+        assert abs(ours[name] - value) <= RTOL * abs(value), (name, ours[name], value)
 
 
 @pytest.mark.parametrize("fmt", list(FORMATS))

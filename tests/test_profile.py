@@ -1,5 +1,6 @@
 """Profile loading and hashing: the hash follows values, not formatting."""
 
+import json
 from pathlib import Path
 
 import pytest
@@ -76,3 +77,14 @@ def test_an_own_name_shared_by_two_profiles_is_refused_naming_both(tmp_path, mon
     with pytest.raises(ProfileError, match=r"'hgg-vs-bm' is given by several bundled files \(first, second\)"):
         load_profile("hgg-vs-bm")
     assert load_profile("first").sha256 == load_profile("second").sha256
+
+
+def test_every_bundled_profile_is_valid_pyradiomics_params():
+    """pyradiomics validates its params against its own schema as it builds the extractor: a typo in a bundled
+    profile (an unknown setting, image type or feature) fails here, not at every site."""
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    for profile in bundled_profiles():
+        extractor = RadiomicsFeatureExtractor(json.loads(json.dumps(profile.params)))
+        assert set(extractor.enabledImagetypes) == set(profile.params["imageType"]), profile.name
+        assert set(extractor.enabledFeatures) == set(profile.params["featureClass"]), profile.name
