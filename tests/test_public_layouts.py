@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from federation_helpers import run_federation_in
 
 from client.checks import load_case_volumes
 from client.site import SiteError, load_site
@@ -52,9 +53,9 @@ def _labels_csv(site: Path, rows: list[tuple[str, str]]) -> None:
         csv.writer(fh).writerows([("case_id", "diagnosis"), *rows])
 
 
-def _brats_site(root: Path, cases) -> tuple[Path, list[str]]:
-    """GLI folders for HGG, METS folders for BM; the spare HGG case lacks its t2w."""
-    data = root / "BraTS2023"
+def _brats_site(root: Path, cases, name: str = "brats-site") -> tuple[Path, list[str]]:
+    """GLI folders for HGG, METS folders for BM (in ``root/BraTS2023-<name>``); the spare HGG case lacks its t2w."""
+    data = root / f"BraTS2023-{name}"
     rows = []
     for i, (diagnosis, images) in enumerate(cases):
         case_id = f"BraTS-GLI-{i:05d}-000" if diagnosis == "HGG" else f"BraTS-MET-{i:05d}-000"
@@ -67,10 +68,9 @@ def _brats_site(root: Path, cases) -> tuple[Path, list[str]]:
         for suffix, image in volumes.items():
             sitk.WriteImage(image, str(folder / f"{case_id}-{suffix}.nii.gz"))
         rows.append((case_id, diagnosis))
-    site = root / "brats-site"
+    site = root / name
     site.mkdir()
-    (site / "site.yaml").write_text("name: brats-hospital\nsource: brats\ndata_root: ../BraTS2023\n"
-                                    "profile: brats2023\n")
+    (site / "site.yaml").write_text(f"name: {name}\nsource: brats\ndata_root: ../{data.name}\nprofile: brats2023\n")
     _labels_csv(site, rows)
     return site, [r[0] for r in rows]
 
@@ -150,3 +150,23 @@ def test_a_sequence_no_case_has_is_a_named_refusal_of_the_site(cases, tmp_path, 
     assert "t1c" in err and "flair" in err  # the profile's sequences, so the administrator sees what is asked
     with pytest.raises(SiteError, match=r"holds t1pre \(<case>-t1pre.*, subtraction"):
         load_site(site, load_profile("ucsf-bmsr").sequences)
+
+
+def test_two_brats_2023_hospitals_run_a_federation_under_the_brats_profile(cases, tmp_path):
+    """Both hospitals keep the BraTS files as published; the run agrees on the brats2023 profile's features."""
+    other = synth.tiny_sites(2, 1)[1]  # another scanner
+    rng = np.random.default_rng(2024)
+    more = [(d, synth.generate_case(other, d, rng)) for d in ["HGG"] * (PER_CLASS + 1) + ["BM"] * PER_CLASS]
+    data = tmp_path / "data"
+    data.mkdir()
+    _brats_site(data, cases, "hospital-a")
+    _brats_site(data, more, "hospital-b")
+    folder = run_federation_in(tmp_path, data, 2, profile="brats2023", **{"external-validation": "none",
+                                                                          "local-only": "none"})
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc.get("error")
+    assert doc["profile"]["sha256"] == load_profile("brats2023").sha256
+    assert sorted(doc["final"]["sites"]) == ["hospital-a", "hospital-b"]
+    for name in ("hospital-a", "hospital-b"):
+        assert doc["sites"][name]["split"]["n-failed"] == 1  # the case without t2w, named at its site only
+    assert all(f.split("/")[0] in ("t1n", "t1c", "t2w", "t2f", "shape") for f in doc["features"]["selected"])
