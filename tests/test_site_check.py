@@ -249,7 +249,7 @@ def test_site_config_errors_name_the_field_and_the_fix(tmp_path):
     assert "'min_cases_per_class' must be a whole number (got 'five'): write it like 'min_cases_per_class: 5'" \
         in message
     message = _yaml_error(tmp_path, "source: pacs\n")
-    assert "'source' is 'pacs', which is not one of manifest, brats, dicom" in message
+    assert "'source' is 'pacs', which is not one of manifest, brats, ucsf-bmsr, dicom" in message
     message = _yaml_error(tmp_path, "label_map: {three: enhancing, 1: 2}\n")
     assert "'label_map.three' is a source label that is not a whole number" in message
     assert "'label_map.1' must be text (got 2)" in message
