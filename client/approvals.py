@@ -21,6 +21,7 @@ from client.site import SiteError, site_files, site_settings
 from client.steps import locate_site, run_config
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
+from common.protocol import not_approved_reason
 from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
@@ -130,10 +131,7 @@ def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tup
         saved = site_files(site_dir).plan(plan_hash)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
-        raise NotApproved(
-            f"run plan not approved: site {name} has {'revoked' if revoked else 'not approved'} run plan {plan_hash}; "
-            f"no data was read. Review it at the site with: radfed site plan show {plan_hash} --site {site_dir}; "
-            f"approve it with: radfed site approve {plan_hash} --site {site_dir}")
+        raise NotApproved(not_approved_reason(str(name), revoked, plan_hash, str(site_dir)))
     return plan_hash, "approved"
 
 

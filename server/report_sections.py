@@ -36,7 +36,6 @@ from server.report_blocks import (
     metric_header,
     not_available,
     rounds_of,
-    short,
     unavailable,
     why_no_rounds,
 )
@@ -113,7 +112,7 @@ def _summary_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _dropout(d: dict[str, Any]) -> str:
     where = f"round {d['round']} ({d.get('phase')})" if d.get("round") is not None else f"{d.get('phase')} phase"
-    return f"{d.get('site')} at {where}: {short(d.get('reason', ''), 160)}"
+    return f"{d.get('site')} at {where}: {d.get('reason', '')}"
 
 
 

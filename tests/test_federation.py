@@ -329,6 +329,15 @@ def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
     # the site's folders stay at the site: the reason names them by placeholder (issue 15, finding 7)
     assert str(tmp_path) not in refusal["reason"] and "--site <site>" in refusal["reason"]
     assert all(str(tmp_path) not in str(e["data"]) for e in events if e["event"] in ("refusal", "dropout"))
+    # named by the site, with its whole reason: in the dropouts, on the report's first screen, at the run's end,
+    # and as an answer, not a crash (no traceback in the log)
+    (drop,) = [d for d in doc["dropouts"] if d["phase"] == "plan"]
+    assert drop["site"] == refusal["site"] == refused and drop["reason"] == refusal["reason"]
+    first_screen = (folder / "report.html").read_text(encoding="utf-8").split("<nav>")[0]
+    assert f"{refused} left" in first_screen and f"radfed site approve {plan_hash}" in first_screen
+    log = (tmp_path / "flwr" / "flwr-run.log").read_text(encoding="utf-8")
+    assert f"Site {refused} did not take part from the plan phase on: run plan not approved" in log
+    assert "Traceback" not in log
     approved = [e["data"] for e in events if e["event"] == "site-plan"]
     assert {e["site"] for e in approved} == {specs[0].name, specs[1].name}
     assert all(e["plan_sha256"] == plan_hash and e["approval"] == "approved" for e in approved)
