@@ -21,6 +21,7 @@ from client.site import SiteError, site_files, site_settings
 from client.steps import locate_site, run_config
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
+from common.protocol import not_approved_reason
 from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
@@ -34,34 +35,51 @@ def approvals_file(site_dir: Path) -> Path:
     return site_files(site_dir).approvals
 
 
-def decide(site_dir: Path, plan_hash: str, action: str, note: str = "") -> dict[str, str]:
-    """Append one decision ("approve" or "revoke") for a plan hash; returns the line written."""
+def decide(site_dir: Path, plan_hash: str, action: str, note: str = "") -> dict[str, Any]:
+    """Append one decision ("approve" or "revoke") for a plan hash; returns the line written, with
+    ``changed`` True. Approving a plan that is approved, or revoking one that is revoked, writes nothing and
+    returns the standing decision with ``changed`` False. Revoking a plan never approved here is refused: it is
+    refused anyway, and the administrator probably meant another hash."""
     if action not in ("approve", "revoke"):
         raise ValueError(f"unknown action {action!r}")
     if len(plan_hash) != 64 or any(c not in "0123456789abcdef" for c in plan_hash):
         raise SiteError(f"{plan_hash!r} is not a plan hash: copy the 64 hex digits 'radfed site plan show' prints")
+    standing = decisions(site_dir).get(plan_hash)
+    if standing is not None and standing["action"] == action:
+        return {**standing, "changed": False}
+    if standing is None and action == "revoke":
+        raise SiteError(f"run plan {plan_hash} was never approved at {site_dir}: nothing to revoke (a plan that is "
+                        f"not approved is refused anyway). The approved plans: radfed site approvals --site {site_dir}")
     entry = {"time": datetime.now(UTC).isoformat(timespec="seconds"), "action": action,
              "plan_sha256": plan_hash, "by": getpass.getuser(), "note": note}
     path = approvals_file(site_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
-    return entry
+    return {**entry, "changed": True}
 
 
-def decisions(site_dir: Path) -> dict[str, dict[str, str]]:
-    """The latest decision per plan hash."""
+def history(site_dir: Path) -> list[dict[str, str]]:
+    """Every decision in the order it was made (the approvals file, validated line by line)."""
     path = approvals_file(site_dir)
-    latest: dict[str, dict[str, str]] = {}
+    out: list[dict[str, str]] = []
     if path.exists():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
             try:
                 entry = json.loads(line)
-                latest[entry["plan_sha256"]] = entry
-            except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                if not isinstance(entry, dict) or entry.get("action") not in ("approve", "revoke") \
+                        or not isinstance(entry.get("plan_sha256"), str):
+                    raise TypeError("no action and plan hash")
+            except (json.JSONDecodeError, TypeError) as exc:
                 raise SiteError(f"{path} line {number} is not an approval record ({exc}); the file is append-only: "
                                 "restore it from backup or remove the damaged line deliberately") from None
-    return latest
+            out.append(entry)
+    return out
+
+
+def decisions(site_dir: Path) -> dict[str, dict[str, str]]:
+    """The latest decision per plan hash."""
+    return {entry["plan_sha256"]: entry for entry in history(site_dir)}
 
 
 def is_approved(site_dir: Path, plan_hash: str) -> bool:
@@ -78,6 +96,22 @@ def pending_plans(site_dir: Path) -> list[Path]:
     """Plans of runs this site refused, kept for review (``<work_dir>/plans/<hash>.json``)."""
     folder = site_files(site_dir).plans
     return sorted(folder.glob("*.json")) if folder.exists() else []
+
+
+def known_plans(site_dir: Path) -> list[dict[str, Any]]:
+    """Every plan this site has seen or decided on, newest decision first: its hash, state ("approve",
+    "revoke" or "not approved"), when and by whom it was decided, the note, and the saved plan file if the
+    site refused it once (the coordinator's run asked before approval)."""
+    saved = {p.stem: p for p in pending_plans(site_dir)}
+    decided = decisions(site_dir)
+    rows = []
+    for plan_hash in sorted(set(saved) | set(decided), key=lambda h: decided.get(h, {}).get("time", ""),
+                            reverse=True):
+        entry = decided.get(plan_hash, {})
+        rows.append({"plan_sha256": plan_hash, "state": entry.get("action", "not approved"),
+                     "time": entry.get("time"), "by": entry.get("by"), "note": entry.get("note", ""),
+                     "plan_file": str(saved[plan_hash]) if plan_hash in saved else None})
+    return rows
 
 
 def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tuple[str, str]:
@@ -97,10 +131,7 @@ def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tup
         saved = site_files(site_dir).plan(plan_hash)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
-        raise NotApproved(
-            f"run plan not approved: site {name} has {'revoked' if revoked else 'not approved'} run plan {plan_hash}; "
-            f"no data was read. Review it at the site with: radfed site plan show {plan_hash} --site {site_dir}; "
-            f"approve it with: radfed site approve {plan_hash} --site {site_dir}")
+        raise NotApproved(not_approved_reason(str(name), revoked, plan_hash, str(site_dir)))
     return plan_hash, "approved"
 
 

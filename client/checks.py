@@ -140,7 +140,8 @@ def check_co_registered(volumes: Mapping[str, sitk.Image]) -> None:
 
 
 def check_finite(image: sitk.Image, what: str) -> None:
-    """NaN/Inf as SimpleITK read them: catches DICOM series; NIfTI/NRRD files were checked byte by byte."""
+    """NaN/Inf as SimpleITK read them: catches DICOM series; NIfTI/NRRD files were checked byte by byte.
+    A read-only view of the image's own pixel type: integer voxels cannot be non-finite, and nothing is cast."""
     arr = sitk.GetArrayViewFromImage(image)
     bad = int(np.count_nonzero(~np.isfinite(arr))) if np.issubdtype(arr.dtype, np.floating) else 0
     if bad:
@@ -223,7 +224,9 @@ def load_case_volumes(images: Mapping[str, Path], mask_path: Path, regions: Mapp
     """Read and check every volume of one case; raises CaseInputError on the first problem.
 
     ``label_map`` (source label -> region name, from site.yaml) is applied as the mask is read, so
-    the checks and pyradiomics see the profile's numbering. Returns float32 images and the mask.
+    the checks and pyradiomics see the profile's numbering. Returns the images in the pixel type they are
+    stored in, never cast: pyradiomics resamples an integer image as an integer image and normalises in
+    float64, so any cast here would make radfed's features differ from pyradiomics run on the same files.
     """
     mask = read_image(mask_path, "mask")
     lookup = label_lookup(label_map, regions)
@@ -239,8 +242,6 @@ def load_case_volumes(images: Mapping[str, Path], mask_path: Path, regions: Mapp
     if read:
         ref_name, ref = next(iter(read.items()))
         check_same_grid(mask, ref, "mask", ref_name)
-    volumes: dict[str, sitk.Image] = {}
     for seq, image in read.items():
         check_finite(image, seq)
-        volumes[seq] = sitk.Cast(image, sitk.sitkFloat32)
-    return volumes, mask
+    return read, mask

@@ -1,10 +1,14 @@
 """Radiomics extraction at a site: real pyradiomics per case x sequence x region, cached per case.
 
+pyradiomics gets each image exactly as SimpleITK reads it from the site's file (its stored pixel type), so a
+site's features equal bare pyradiomics run on the same files with the profile's settings.
+
 Everything is written under the site's ``output_dir`` (default ``<site>/.radfed``), and nothing here
 leaves the site:
 
 - ``cache/<profile-hash>/``: one entry per case, reused only when the sha256 of every input file, the
-  label map, the profile hash and the pyradiomics version all match, so a re-run only extracts what changed;
+  label map, the profile hash and the pyradiomics version all match, so a re-run only extracts what changed
+  (the reuse rules: ``client.featurecache``);
 - ``features-<profile-hash-12>.csv`` with a ``.json`` sidecar (provenance: profile hash, pyradiomics
   version, time, case ids, labels, input hashes);
 - ``extraction.log``: pyradiomics' own log and one line per case, so the terminal stays clean;
@@ -12,8 +16,7 @@ leaves the site:
 
 Every file is written through a unique temporary file and ``os.replace`` (``client.sitefiles``), so
 concurrent runs on one site never fail or leave half a file. With ``workers > 1`` the worker processes never
-outlive the extraction (``client.workerpool``). A little over 400 lines: the cache's reuse rules
-(``_read_cache``) stay beside the extraction they guard.
+outlive the extraction (``client.workerpool``).
 """
 
 from __future__ import annotations
@@ -23,7 +26,6 @@ import hashlib
 import io
 import json
 import logging
-import re
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -34,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
-from client.integrity import IntegrityError, check_image_file
+from client.featurecache import cache_file, new_entry, read_cache, write_cache
 from client.site import Case, CaseProblem, Site
 from client.sitefiles import atomic_write
 from client.workerpool import prepare_worker, worker_pool
@@ -47,9 +49,6 @@ log = logging.getLogger("flwr.radfed.extract")  # shown by Flower on the node's 
 # One line per case and pyradiomics' own messages go to <output_dir>/extraction.log only.
 file_log = logging.getLogger("radfed.extraction")
 FEATURES_SCHEMA = "radfed.features/1"
-# Stamped on cache entries whose input files passed client.integrity. An entry without it was made before
-# that check existed (a NIfTI NaN read as 0, a cut file zero-filled): its files are checked once on reuse.
-INPUT_CHECKS = "integrity/1"
 
 
 @dataclass
@@ -210,12 +209,6 @@ def _input_hashes(case: Case, label_map: Mapping[int, str] | None = None) -> dic
     return hashes
 
 
-def _cache_file(site: Site, profile: Profile, case_id: str) -> Path:
-    safe = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
-    tag = hashlib.sha256(case_id.encode()).hexdigest()[:8]
-    return site.files.cache_file(profile.short_hash, f"{safe}-{tag}.json")
-
-
 Job = tuple[Case, Profile, dict[int, str] | None]
 
 
@@ -267,7 +260,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     with _log_to(log_path):  # from here on: a bad cache entry is logged too
         for case in site.cases:
             hashes[case.case_id] = _input_hashes(case, site.label_map)
-            cached = _read_cache(_cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version,
+            cached = read_cache(cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version,
                                  case)
             if isinstance(cached, CaseProblem):
                 problems.append(cached)  # failures are cached too: same inputs, same failure
@@ -294,10 +287,8 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
                 else:
                     assert features is not None
                     results[case_id] = features
-                _write_cache(_cache_file(site, profile, case_id), {
-                    "case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
-                    "pyradiomics": version, "features": features, "problem": problem and problem.as_dict(),
-                    "input_checks": INPUT_CHECKS})
+                write_cache(cache_file(site, profile, case_id),
+                            new_entry(case_id, hashes[case_id], profile, version, features, problem))
 
         usable = [c for c in site.cases if c.case_id in results]
         names = _common_names([results[c.case_id] for c in usable])
@@ -363,57 +354,6 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
     sidecar_path = path.with_suffix(".json")
     atomic_write(sidecar_path, json.dumps(sidecar, indent=2))
     return path, sidecar_path
-
-
-def _write_cache(path: Path, entry: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write(path, json.dumps(entry))  # atomic: a killed run never leaves half an entry
-
-
-def _cache_miss(path: Path, why: str) -> None:
-    file_log.warning("cache entry %s %s: extracting the case again", path, why)
-
-
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
-
-
-def _read_cache(path: Path, inputs: dict[str, str], profile: Profile, version: str,
-                case: Case | None = None) -> dict[str, float] | CaseProblem | None:
-    """The cached features or failure of a case, or None when absent, made with other inputs, or not a
-    valid entry (damaged or edited by hand: logged, and the case is extracted again rather than crash).
-
-    Features cached before the file-level checks existed are reused only when ``case``'s files pass them now.
-    """
-    if not path.exists():
-        return None
-    try:
-        entry = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:  # ValueError: bad JSON or bad UTF-8
-        return _cache_miss(path, f"cannot be read ({exc})")
-    if not isinstance(entry, dict):
-        return _cache_miss(path, f"holds a JSON {type(entry).__name__}, not an object")
-    if entry.get("inputs") != inputs or entry.get("profile_sha256") != profile.sha256 \
-            or entry.get("pyradiomics") != version:
-        return None
-    problem, features = entry.get("problem"), entry.get("features")
-    if problem:
-        fields = ("case_id", "reason", "fix", "kind")
-        if isinstance(problem, dict) and set(problem) <= set(fields) and set(fields[:3]) <= set(problem) \
-                and all(isinstance(v, str) for v in problem.values()):
-            return CaseProblem(**problem)
-        return _cache_miss(path, "has a malformed 'problem'")
-    if not (isinstance(features, dict) and features and all(_is_number(v) for v in features.values())):
-        return _cache_miss(path, "has no valid 'features' (an object of numbers)")
-    if entry.get("input_checks") != INPUT_CHECKS and case is not None:
-        try:
-            for file in (*case.images.values(), case.mask):
-                if file.is_file():  # DICOM folders are checked by SimpleITK as before
-                    check_image_file(file)
-        except IntegrityError as exc:
-            return _cache_miss(path, f"predates the file checks and {exc.reason}")
-        _write_cache(path, {**entry, "input_checks": INPUT_CHECKS})  # checked once, not on every run
-    return {str(k): float(v) for k, v in features.items()}
 
 
 def _common_names(rows: list[dict[str, float]]) -> list[str]:

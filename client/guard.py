@@ -17,8 +17,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from client.ledger import Declaration, Ledger, take
 from client.site import site_floor, site_settings
@@ -241,10 +242,6 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     return reply
 
 
-class SiteRefusal(RuntimeError):
-    """A site's error as it leaves the site: the message with the site's local paths replaced."""
-
-
 def _local_paths(context: Context) -> list[tuple[str, str]]:
     """(path, placeholder) pairs, longest first, of the folders a site's messages may name."""
     pairs: list[tuple[str, str]] = []
@@ -270,4 +267,6 @@ def redact_local_paths(msg: Message, context: Context, call_next: ClientAppCalla
         for path, placeholder in _local_paths(context):
             text = text.replace(path, placeholder)
         logging.getLogger("flwr.radfed.client").error("refusing %s: %s", msg.metadata.message_type, exc)
-        raise SiteRefusal(text) from None
+        # an error reply, as Flower's own mods send one: a refusal is an answer, not a crash (no traceback in the
+        # logs, and the text arrives as the site wrote it)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=text), reply_to=msg)

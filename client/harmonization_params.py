@@ -141,10 +141,13 @@ def _combat_from(path: Path, doc: Mapping[str, Any], model: ModelFile, how: str,
                          params=_params_for_model(doc, path, model), covariates=_covariates_of(doc, path))
 
 
-def _missing(path_text: str, model: ModelFile, why: str) -> PredictRefusal:
+def _missing(path_text: str, model: ModelFile, why: str, site_dir: Path | None) -> PredictRefusal:
+    joiner = model.path.parent / "harmonization.json"  # model.pt sits in its run folder, beside this file
+    site = site_dir if site_dir is not None else "SITE_DIR"
     options = ["if this site took part in that run, its output_dir may have moved: pass --harmonization FILE",
-               "if it did not take part, rerun the federation with this site (each site fits its own ComBat "
-               "parameters during the run)"]
+               f"if it did not take part, join after the run first: radfed site join {joiner} --site {site} (fits "
+               "this site's own ComBat location/scale against the run's pooled estimates; nothing leaves the site), "
+               "then predict again"]
     if model.harmonization is None:
         options.append("if the federation ran with harmonization=none, pass --no-harmonization")
     return PredictRefusal(f"no harmonisation parameters of this site for the model's run: looked for {path_text}"
@@ -152,8 +155,10 @@ def _missing(path_text: str, model: ModelFile, why: str) -> PredictRefusal:
 
 
 def resolve_harmonization(model: ModelFile, work_dir: Path, run_id: str | None = None,
-                          explicit: Path | None = None, skip: bool = False) -> Harmonization:
-    """Find and check the site's ComBat parameters for the model's run (see the module doc)."""
+                          explicit: Path | None = None, skip: bool = False,
+                          site_dir: Path | None = None) -> Harmonization:
+    """Find and check the site's ComBat parameters for the model's run (see the module doc); ``site_dir`` only
+    completes the command a refusal suggests."""
     files = SiteFiles(work_dir)
     folder = files.harmonization_dir
     if run_id is not None and model.run_id is not None and model.run_id_source == "model.pt" \
@@ -195,7 +200,7 @@ def resolve_harmonization(model: ModelFile, work_dir: Path, run_id: str | None =
     if known is not None:
         path = files.harmonization(known)
         if not path.exists():
-            raise _missing(str(path), model, f"the model's run is {known}, from {source}")
+            raise _missing(str(path), model, f"the model's run is {known}, from {source}", site_dir)
         doc = _read_params(path)
         file_run = None if doc.get("run_id") is None else str(doc["run_id"])
         if file_run is not None and file_run != known:
@@ -206,7 +211,8 @@ def resolve_harmonization(model: ModelFile, work_dir: Path, run_id: str | None =
     # No run id anywhere: the one parameter file at the site that fits the model.
     files = sorted(folder.glob("run-*.json"))
     if not files:
-        raise _missing(str(folder / "run-*.json"), model, "model.pt names no run and the site holds no parameters")
+        raise _missing(str(folder / "run-*.json"), model, "model.pt names no run and the site holds no parameters",
+                       site_dir)
     fitting: list[tuple[Path, dict[str, Any], str]] = []
     unfit: list[str] = []
     for path in files:

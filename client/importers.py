@@ -6,9 +6,16 @@ Three layouts (``source`` in site.yaml):
   paths relative to ``data_root``.
 - ``brats``: one folder per case under ``data_root``, files ``<case>-<suffix>.nii.gz`` (BraTS 2023 suffixes:
   t1c, t2f = FLAIR, t1n, t2w, seg; ``adc`` if present); diagnoses from ``labels.csv``.
+- ``ucsf-bmsr``: the UCSF-BMSR release, one folder per MRI, files ``<id>/<id>_<suffix>.nii.gz`` with the
+  published suffixes T1pre, T1post, FLAIR, subtraction and seg (exact names: ``<id>_BraTS-seg`` is not the
+  mask); diagnoses from ``labels.csv``.
 - ``dicom``: one folder per case, one sub-folder per sequence holding a DICOM series (or a NIfTI/NRRD file
   of that name), the mask as ``mask.nii.gz``/``mask.nrrd`` or a ``mask/`` DICOM series; diagnoses from
   ``labels.csv``.
+
+A sequence (or the mask) that no case folder of a site holds is refused for the whole site, naming it: the
+profile asks for something the site does not have, which no case can fix. Cases lacking it one by one are
+named per case.
 
 NIfTI (.nii, .nii.gz) and NRRD (.nrrd, .nhdr) are accepted everywhere. Importers only look at names: no
 image is opened here (``client.checks`` reads and checks them), so importing a site is instant.
@@ -31,6 +38,9 @@ from client.cases import DIAGNOSES, Case, CaseProblem, SiteError
 IMAGE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".nhdr")
 # profile sequence -> BraTS 2023 file suffix (BraTS calls FLAIR "t2f"; it has no ADC, sites add their own)
 BRATS_NAMES = {"t1c": "t1c", "flair": "t2f", "t1": "t1n", "t2": "t2w", "adc": "adc"}
+# profile sequence -> UCSF-BMSR file suffix (its T1post is a post-contrast T1, so it serves a profile's t1c)
+UCSF_BMSR_NAMES = {"t1pre": "T1pre", "t1post": "T1post", "t1c": "T1post", "flair": "FLAIR",
+                   "subtraction": "subtraction"}
 ImportItem = Case | CaseProblem
 
 
@@ -95,19 +105,34 @@ def import_manifest(data_root: Path, manifest: Path, sequences: tuple[str, ...])
         raise SiteError(f"{manifest} lacks column(s) {missing}: the header must hold {','.join(needed)}")
 
     for line, row in enumerate(rows, start=2):
+        fields = [v for k, v in row.items() if k is not None and v is not None] + list(row.get(None) or [])
+        if None in row or any(row.get(c) is None for c in header):  # too many or too few fields for the header
+            text = ",".join(str(v) for v in fields)
+            yield CaseProblem(f"<line {line}>", f"line {line} of {manifest.name} is not a manifest row: {len(fields)} "
+                              f"field(s) where the header has {len(header)} ({text[:60]!r})",
+                              f"fix or remove line {line} (fields are separated by commas; quote a value that holds "
+                              "one)", kind="malformed-row")
+            continue
         case_id = (row.get("case_id") or "").strip()
         if not case_id:
             yield CaseProblem(f"<line {line}>", "empty case_id", f"give line {line} of {manifest} an id",
                               kind="empty-id")
             continue
-        problem = _diagnosis_problem(case_id, row.get("diagnosis") or "", manifest.name)
-        if problem:
-            yield problem
-            continue
+        # every problem of the row at once, so one edit fixes it
+        problems = [p for p in [_diagnosis_problem(case_id, row.get("diagnosis") or "", manifest.name)] if p]
         empty = [c for c in (*sequences, "mask") if not (row.get(c) or "").strip()]
         if empty:
-            yield CaseProblem(case_id, f"no path for {', '.join(empty)} in {manifest.name}",
-                              f"fill in the {', '.join(empty)} column(s) of line {line}", kind="missing-file")
+            problems.append(CaseProblem(case_id, f"no path for {', '.join(empty)} in {manifest.name}",
+                                        f"fill in the {', '.join(empty)} column(s) of line {line}",
+                                        kind="missing-file"))
+        if problems:
+            absent = [c for c in (*sequences, "mask") if c not in empty and not (data_root / row[c].strip()).exists()]
+            if absent:  # the Case is not built, so the file checks would never name these
+                problems.append(CaseProblem(case_id, f"no file for {', '.join(absent)} "
+                                            f"({', '.join(row[c].strip() for c in absent)})",
+                                            f"fix the path(s) on line {line} (relative to {data_root})",
+                                            kind="missing-file"))
+            yield from problems
             continue
         yield Case(case_id=case_id, diagnosis=(row["diagnosis"] or "").strip().upper(),
                    images={seq: data_root / row[seq].strip() for seq in sequences},
@@ -157,6 +182,12 @@ def _brats_entry(folder: Path, suffix: str) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower().endswith(tuple(wanted)))
 
 
+def _ucsf_bmsr_entry(folder: Path, name: str) -> list[Path]:
+    """The file ``<id>_<name>.nii.gz`` (or .nii, .nrrd) in a UCSF-BMSR folder ``<id>/``, case-insensitive."""
+    wanted = {f"{folder.name}_{name}{ext}".lower() for ext in IMAGE_SUFFIXES}
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.name.lower() in wanted)
+
+
 def _dicom_entry(folder: Path, name: str) -> list[Path]:
     """A sub-folder ``<name>`` (DICOM series) or a file ``<name>.<ext>`` in a case folder, case-insensitive."""
     wanted = {name.lower()} | {f"{name}{ext}".lower() for ext in IMAGE_SUFFIXES}
@@ -170,6 +201,9 @@ def _folder_cases(data_root: Path, labels_csv: Path, sequences: tuple[str, ...],
     diagnoses, problems = read_diagnoses(labels_csv)
     yield from problems
     folders = {p.name: p for p in _case_folders(data_root, skip)}
+    keys = [*((seq, names.get(seq, seq)) for seq in sequences), ("mask", mask_name)]
+    looked = 0  # case folders searched for volumes
+    held: set[str] = set()  # keys found in at least one of them
     for case_id, folder in folders.items():
         if case_id not in diagnoses:
             yield CaseProblem(case_id, f"no diagnosis for {case_id} in {labels_csv.name}",
@@ -182,8 +216,10 @@ def _folder_cases(data_root: Path, labels_csv: Path, sequences: tuple[str, ...],
         found: dict[str, Path] = {}
         absent: dict[str, str] = {}  # key -> what was expected
         ambiguous: list[CaseProblem] = []
-        for key, name in [*((seq, names.get(seq, seq)) for seq in sequences), ("mask", mask_name)]:
+        looked += 1
+        for key, name in keys:
             entries = find(folder, name)
+            held.update([key] if entries else [])
             if len(entries) > 1:
                 ambiguous.append(CaseProblem(
                     case_id, f"{len(entries)} entries match {key} ({', '.join(p.name for p in entries)})",
@@ -209,6 +245,12 @@ def _folder_cases(data_root: Path, labels_csv: Path, sequences: tuple[str, ...],
         if case_id not in folders:
             yield CaseProblem(case_id, f"listed in {labels_csv.name} but {data_root / case_id} is not a folder",
                               f"restore the case folder or remove {case_id} from {labels_csv}", kind="missing-file")
+    lacking = [(key, name) for key, name in keys if key not in held]
+    if looked and lacking:
+        listed = ", ".join(f"{key} ({expect('<case>', name)})" for key, name in lacking)
+        raise SiteError(f"no case folder under {data_root} holds {listed}, which the profile needs (its sequences: "
+                        f"{', '.join(sequences)}): use a profile whose sequences this site has (radfed profile list), "
+                        "or map each to its file name with 'sequence_names' / 'mask_name' in site.yaml")
 
 
 def import_brats(data_root: Path, labels_csv: Path, sequences: tuple[str, ...], names: Mapping[str, str] | None = None,
@@ -217,6 +259,16 @@ def import_brats(data_root: Path, labels_csv: Path, sequences: tuple[str, ...], 
     suffixes = {**BRATS_NAMES, **(names or {})}
     return _folder_cases(data_root, labels_csv, sequences, suffixes, mask_name or "seg", skip, _brats_entry,
                          lambda case_id, name: f"{case_id}-{name}.nii.gz or .nrrd")
+
+
+def import_ucsf_bmsr(data_root: Path, labels_csv: Path, sequences: tuple[str, ...],
+                     names: Mapping[str, str] | None = None, mask_name: str | None = None,
+                     skip: Iterable[Path] = ()) -> Iterator[ImportItem]:
+    """Cases of a UCSF-BMSR folder (``UCSF_BrainMetastases_TRAIN``); ``names`` maps profile sequences to file
+    suffixes (UCSF-BMSR's by default)."""
+    suffixes = {**UCSF_BMSR_NAMES, **(names or {})}
+    return _folder_cases(data_root, labels_csv, sequences, suffixes, mask_name or "seg", skip, _ucsf_bmsr_entry,
+                         lambda case_id, name: f"{case_id}_{name}.nii.gz")
 
 
 def import_dicom(data_root: Path, labels_csv: Path, sequences: tuple[str, ...], names: Mapping[str, str] | None = None,

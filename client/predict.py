@@ -169,6 +169,10 @@ def extract_case(case: Case, site: SiteInfo) -> dict[str, float]:
 # Scoring (the contributions and their words: common.explain)
 
 
+# A feature this many standard deviations from the training mean is outside what the model learned from.
+FAR_Z = 4.0
+
+
 @dataclass
 class Prediction:
     """One scored case, with what scored it (model, profile, harmonisation) and why (contributions)."""
@@ -248,7 +252,8 @@ def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None
     model = load_model_file(model_path)
     check_protocol(model)
     check_profile(model, site.profile, site.root)
-    harmonization = resolve_harmonization(model, site.work_dir, run_id, harmonization_file, no_harmonization)
+    harmonization = resolve_harmonization(model, site.work_dir, run_id, harmonization_file, no_harmonization,
+                                          site_dir=site.root)
     notes = list(harmonization.notes)
     if case_id is not None:
         case = case_from_site(site, case_id)
@@ -271,6 +276,13 @@ def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None
     harmonization.design(values, case.case_id)  # refuse a missing covariate before the slow extraction
     features = extract_case(case, site)
     probability, logit, contributions = score(features, model, harmonization, case.case_id, values)
+    far = sorted((c for c in contributions if abs(c.z) > FAR_Z), key=lambda c: -abs(c.z))
+    if far:  # the model never saw such values: a linear model extrapolates silently
+        shown = "; ".join(f"{c.feature} at {c.z:+.1f} SD" for c in far[:3]) + ("; ..." if len(far) > 3 else "")
+        notes.append(f"{len(far)} of the model's {len(contributions)} features lie more than {FAR_Z:g} standard "
+                     f"deviations from the federation's training mean ({shown}): outside what the model learned "
+                     "from (another scanner or protocol, or a segmentation error?); treat the probability with "
+                     "caution")
     inputs = {**{s: str(p) for s, p in case.images.items()}, "mask": str(case.mask)}
     return Prediction(case.case_id, source, inputs, site.name, probability, logit, model.intercept, contributions,
                       model, site.profile, harmonization, notes)

@@ -4,7 +4,8 @@ Site folder layout::
 
     <site>/site.yaml      optional, see SiteConfig (name, source, label_map, profile, ...)
     <site>/manifest.csv   source "manifest" (default): case_id,diagnosis,<one column per sequence>,mask
-    <site>/labels.csv     sources "brats" and "dicom": case_id,diagnosis (the image folders carry none)
+    <site>/labels.csv     sources "brats", "ucsf-bmsr" and "dicom": case_id,diagnosis (the image folders
+                          carry none)
     <site>/.radfed/       what radfed keeps locally (``output_dir``): cache, reports, features; never sent
 
 The cases themselves are read by the importers in ``client.importers``; image paths are relative to
@@ -29,7 +30,7 @@ from client.cases import Case, CaseProblem, SiteError
 from client.sitefiles import SiteFiles
 from common.protocol import DEFAULT_K
 
-SOURCES = ("manifest", "brats", "dicom")
+SOURCES = ("manifest", "brats", "ucsf-bmsr", "dicom")
 BACKGROUND = "background"  # label_map target that drops a source label (e.g. a resection cavity)
 
 
@@ -66,12 +67,12 @@ class SiteConfig(BaseModel):
 
     name: str | None = Field(None, min_length=1)
     data_root: Path | None = None
-    source: Literal["manifest", "brats", "dicom"] = "manifest"
+    source: Literal["manifest", "brats", "ucsf-bmsr", "dicom"] = "manifest"
     manifest: str = "manifest.csv"
     labels_csv: str = "labels.csv"
-    # profile sequence -> file suffix (BraTS, e.g. flair: t2f) or sub-folder name (DICOM)
+    # profile sequence -> file suffix (BraTS, e.g. flair: t2f; UCSF-BMSR, e.g. t1c: T1post) or sub-folder name (DICOM)
     sequence_names: dict[str, str] = Field(default_factory=dict)
-    mask_name: str | None = None  # BraTS suffix / DICOM entry of the mask; default "seg" / "mask"
+    mask_name: str | None = None  # BraTS / UCSF-BMSR suffix or DICOM entry of the mask; default "seg" / "mask"
     label_map: dict[int, str] | None = None
     min_cases_per_class: int | None = Field(None, ge=1, strict=True)  # strict: 'true' is not 1
     profile: str | None = None
@@ -220,7 +221,8 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
     if config.source == "manifest":
         items = importers.import_manifest(data_root, root / config.manifest, sequences)
     else:
-        layout = importers.import_brats if config.source == "brats" else importers.import_dicom
+        layout = {"brats": importers.import_brats, "ucsf-bmsr": importers.import_ucsf_bmsr,
+                  "dicom": importers.import_dicom}[config.source]
         items = layout(data_root, root / config.labels_csv, sequences, names=config.sequence_names,
                        mask_name=config.mask_name, skip=(output_dir,))
 
@@ -231,6 +233,11 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
     for item in items:
         if isinstance(item, CaseProblem):
             problems.append(item)
+        elif item.case_id in seen and item.diagnosis == seen[item.case_id].diagnosis:
+            # named as a row of its own: the first row of that id stays usable, so the totals add up
+            problems.append(CaseProblem(f"{item.case_id} (again)", f"case_id {item.case_id} listed again in "
+                                        f"{config.source}; the first row is used",
+                                        f"remove the repeated row of {item.case_id}", kind="duplicate-id"))
         elif item.case_id in seen:
             if item.diagnosis != seen[item.case_id].diagnosis:  # which one is right is unknown: use neither
                 conflicting.add(item.case_id)
@@ -238,9 +245,6 @@ def load_site(root: str | Path, sequences: tuple[str, ...]) -> Site:
                                             f"diagnoses ({seen[item.case_id].diagnosis} and {item.diagnosis})",
                                             "check the diagnosis and keep one row per patient",
                                             kind="conflicting-diagnosis"))
-            else:
-                problems.append(CaseProblem(item.case_id, f"duplicate case_id in {config.source}",
-                                            "give each case a unique id", kind="duplicate-id"))
         else:
             seen[item.case_id] = item
             cases.append(item)

@@ -128,20 +128,29 @@ def check_site(site_dir: str | Path, profile: str | Path | None = None, min_case
     start = time.perf_counter()
     settings = site_settings(site_dir)
     prof = load_profile(profile or settings.get("profile") or "default")
-    site = one_row_per_patient(load_site(site_dir, prof.sequences))
-    label_lookup(site.label_map, prof.regions)  # a bad label_map is a site error, not every case's
+    read = load_site(site_dir, prof.sequences)
+    label_lookup(read.label_map, prof.regions)  # a bad label_map is a site error, not every case's
     k = max(min_cases_per_class or DEFAULT_MIN_CASES, int(settings.get("min_cases_per_class", 0)))
     block = site_floor(settings)  # release blocks hold the site's own k, whatever the run asks
 
-    usable: list[Case] = []
-    problems = list(site.problems)
-    for case in site.cases:
+    # Every case's files are checked, also those a repeated patient rules out: one pass shows every problem.
+    broken: list[CaseProblem] = []
+    for case in read.cases:
+        absent = [(name, path) for name, path in (*case.images.items(), ("mask", case.mask)) if not path.exists()]
+        if absent:  # all of them at once (the volume checks stop at the first)
+            files = " and ".join(f"{name} file {path}" for name, path in absent)
+            broken.append(CaseProblem(case.case_id, f"{files} {'is' if len(absent) == 1 else 'are'} missing",
+                                      "fix the path(s) in the site's manifest/folder or restore the file(s)",
+                                      kind="missing-file"))
+            continue
         try:
-            load_case_volumes(case.images, case.mask, prof.regions, MIN_REGION_VOXELS, site.label_map)
+            load_case_volumes(case.images, case.mask, prof.regions, MIN_REGION_VOXELS, read.label_map)
         except CaseInputError as exc:
-            problems.append(CaseProblem(case.case_id, exc.reason, exc.fix, kind=exc.kind))
-        else:
-            usable.append(case)
+            broken.append(CaseProblem(case.case_id, exc.reason, exc.fix, kind=exc.kind))
+    site = one_row_per_patient(read)
+    failed = {p.case_id for p in broken}
+    usable = [c for c in site.cases if c.case_id not in failed]
+    problems = [*site.problems, *broken]
     n_hgg = sum(c.diagnosis == "HGG" for c in usable)
     eligibility = eligibility_problem(n_hgg, len(usable) - n_hgg, k, test_fraction, block) if usable else None
     return SiteCheck(site, prof, k, test_fraction, usable, problems, eligibility, time.perf_counter() - start)

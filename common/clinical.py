@@ -197,6 +197,33 @@ def pooled_auc(site_histograms: Sequence[Mapping[str, np.ndarray]]) -> dict[str,
             "n_pos": n_pos, "n_neg": n_neg}
 
 
+def pooled_roc(site_histograms: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Server: the ROC curve whose area is :func:`pooled_auc`'s ``auc``, from the same histograms.
+
+    Each group's cases are spread evenly over its bins (the assumption behind ``auc``), so each class has a
+    piecewise-uniform density over the bins; its ROC is straight between bin edges, and the points at every bin
+    edge, joined by lines, are the whole curve: its trapezoid area equals ``auc`` (up to rounding). Returns
+    ``fpr`` and ``tpr`` (b + 1,), from (0, 0) (threshold above every bin) to (1, 1); empty arrays when a class is
+    absent from every site. Nothing here is new: it re-reads the counts the sites sent.
+    """
+    if not site_histograms:
+        raise ValueError("no site histograms")
+    bins = np.shape(site_histograms[0]["end"])[-1]
+    spread = np.zeros((2, bins))
+    for h in site_histograms:
+        start, end = np.asarray(h["start"], dtype=np.float64), np.asarray(h["end"], dtype=np.float64)
+        for label in (0, 1):
+            for lo, hi, n in zip(*_groups(start[label], end[label]), strict=True):
+                spread[label, lo:hi + 1] += n / (hi - lo + 1)
+    totals = spread.sum(axis=1)
+    if np.any(totals == 0):
+        return {"fpr": np.empty(0), "tpr": np.empty(0)}
+    above = np.cumsum(spread[:, ::-1], axis=1) / totals[:, None]  # share of each class at or above each edge
+    fpr, tpr = np.r_[0.0, above[0]], np.r_[0.0, above[1]]
+    fpr[-1] = tpr[-1] = 1.0  # exactly, not 1 - rounding
+    return {"fpr": fpr, "tpr": tpr}
+
+
 def auc_interval(result: Mapping[str, float], z: float = Z95) -> tuple[float, float]:
     """95% interval of the pooled AUC from :func:`pooled_auc`: the normal interval around ``auc`` widened by the
     binning range on each side (``low`` below, ``high`` above: the binning error is not random, so it adds to the

@@ -94,3 +94,62 @@ def summary(plan: Mapping[str, Any], site_k: int = 0) -> str:
         for key, arr in spec["arrays"].items():
             lines.append(f"    {key} {tuple(arr['shape'])}: {arr['holds']}")
     return "\n".join(lines)
+
+
+# Knobs that change which of a site's cases are summed together: the release rule judges them at each site.
+CASE_SET_KEYS = ("test-fraction", "split-seed", "combat-covariates", "internal-validation", "cv-folds", "cv-repeats",
+                 "external-validation", "local-only", "min-cases-per-class")
+
+
+def _value(value: Any) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def diff(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """What changed from plan ``old`` to plan ``new``, one sentence per change, for the person who approves it:
+    the code, the profile, the protocol, each run-config setting (saying when it changes which cases are summed
+    together), and each message type or reply field added, removed or reshaped. [] when the plans are the same."""
+    out = []
+    if old.get("code_sha256") != new.get("code_sha256"):
+        out.append(f"The radfed code differs (sha256 {str(old.get('code_sha256'))[:12]} -> "
+                   f"{str(new.get('code_sha256'))[:12]}): another version of the software; ask the coordinator "
+                   "which release and what changed in it.")
+    po, pn = old.get("profile") or {}, new.get("profile") or {}
+    if po != pn:
+        out.append(f"The extraction profile differs: {po.get('name')} v{po.get('version')} "
+                   f"({str(po.get('sha256'))[:12]}) -> {pn.get('name')} v{pn.get('version')} "
+                   f"({str(pn.get('sha256'))[:12]}): other features are computed from your images.")
+    if old.get("protocol") != new.get("protocol"):
+        out.append(f"The message protocol differs: {old.get('protocol')} -> {new.get('protocol')}.")
+    ro, rn = old.get("run_config") or {}, new.get("run_config") or {}
+    for key in sorted(set(ro) | set(rn)):
+        if key in ro and key in rn and ro[key] == rn[key]:
+            continue
+        if key not in ro:
+            change = f"{key} is new, set to {_value(rn[key])}"
+        elif key not in rn:
+            change = f"{key} ({_value(ro[key])}) is gone"
+        else:
+            change = f"{key} changed from {_value(ro[key])} to {_value(rn[key])}"
+        why = (": this changes which of your cases are summed together (the release rule checks it at your site "
+               "before anything leaves)") if key in CASE_SET_KEYS else ""
+        out.append(f"{change}{why}.")
+    mo, mn = old.get("messages") or {}, new.get("messages") or {}
+    for kind in sorted(set(mo) | set(mn)):
+        if kind not in mo:
+            out.append(f"New message type {kind}: your site would also send {', '.join(_fields(mn[kind])) or 'it'}.")
+        elif kind not in mn:
+            out.append(f"Message type {kind} is no longer sent.")
+        elif mo[kind] != mn[kind]:
+            fo, fn = _fields(mo[kind]), _fields(mn[kind])
+            parts = [f"adds {', '.join(sorted(set(fn) - set(fo)))}" if set(fn) - set(fo) else "",
+                     f"drops {', '.join(sorted(set(fo) - set(fn)))}" if set(fo) - set(fn) else "",
+                     f"changes {', '.join(sorted(k for k in set(fo) & set(fn) if fo[k] != fn[k]))}"
+                     if any(fo[k] != fn[k] for k in set(fo) & set(fn)) else ""]
+            out.append(f"Message type {kind} " + ("; ".join(p for p in parts if p) or "changes its k rules") + ".")
+    return out
+
+
+def _fields(spec: Mapping[str, Any]) -> dict[str, Any]:
+    """A message's reply fields: config and metric keys (their descriptions) and arrays (shape and meaning)."""
+    return {**spec.get("config", {}), **spec.get("metrics", {}), **spec.get("arrays", {})}

@@ -77,11 +77,19 @@ def resolve_profile_path(name_or_path: str | Path) -> Path:
     named = [p for p in files if _own_name(p) == str(name_or_path)]
     if len(named) == 1:
         return named[0]
+    if named:
+        raise ProfileError(f"profile name {name_or_path!r} is given by several bundled files "
+                           f"({', '.join(p.stem for p in named)}): select one by its file name")
     if candidate.is_file():  # a profile file named without a .yaml suffix
         return candidate
     known = ", ".join(f"{p.stem} ({_own_name(p)})" for p in files)
     raise ProfileError(f"unknown profile {name_or_path!r}: use a bundled one by file or own name [{known}] "
                        "or a path to a .yaml file")
+
+
+def bundled_profiles() -> list[Profile]:
+    """Every profile shipped in ``common/profiles/``, by file name; raises ProfileError naming a bad one."""
+    return [load_profile(path) for path in sorted(PROFILE_DIR.glob("*.yaml"))]
 
 
 def load_profile(name_or_path: str | Path = "default") -> Profile:

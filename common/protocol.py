@@ -12,6 +12,26 @@ PROTOCOL_VERSION = "3"
 DEFAULT_K = 5
 
 PLAN = "query.plan"
+
+# How a site that did not approve the run's plan says so (client.approvals writes it, server.phases reads the site's
+# name from it: the site refuses before reading anything, so no plan reply carries its name).
+NOT_APPROVED = "run plan not approved"
+
+
+def not_approved_reason(site: str, revoked: bool, plan_hash: str, site_dir: str) -> str:
+    return (f"{NOT_APPROVED}: site {site} has {'revoked' if revoked else 'not approved'} run plan {plan_hash}; "
+            f"no data was read. Review it at the site with: radfed site plan show {plan_hash} --site {site_dir}; "
+            f"approve it with: radfed site approve {plan_hash} --site {site_dir}")
+
+
+def refusing_site(reason: str) -> str | None:
+    """The site named in a :func:`not_approved_reason`, or None for any other text."""
+    head = f"{NOT_APPROVED}: site "
+    if not reason.startswith(head):
+        return None
+    name, sep, _ = reason[len(head):].partition(" has ")
+    return name if sep and name else None
+
 FEATURES = "query.features"
 COMBAT_FIT = "query.combat_fit"
 COMBAT_RESIDUALS = "query.combat_residuals"

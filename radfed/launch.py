@@ -125,19 +125,26 @@ def overrides_text(run_config: Mapping[str, object]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
 
 
-def app_run_config(overrides: Mapping[str, object] | str | None = None, app_dir: Path = APP_DIR) -> dict[str, object]:
-    """The complete run config a run with these overrides sees: the app's defaults merged with the
-    overrides exactly as Flower merges them (unknown keys are an error)."""
+def parse_overrides(text: str) -> dict[str, object]:
+    """``k=v`` pairs of TOML values (``flwr run --run-config``) as a dict, parsed exactly as Flower parses them."""
     import click
-    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+    from flwr.common.config import parse_config_args
 
-    text = overrides if isinstance(overrides, str) else overrides_text(overrides or {})
     try:
-        parsed = parse_config_args([text] if text else None)
+        return dict(parse_config_args([text] if text else None))
     except click.ClickException:  # Flower's parser speaks to its own CLI; ours names the fix
         raise ValueError(f"run config {text!r} is not space-separated key=value pairs of TOML values: write numbers "
                          "and true/false as they are and text in quotes, e.g. \"training='exact' "
                          "num-server-rounds=10\"") from None
+
+
+def app_run_config(overrides: Mapping[str, object] | str | None = None, app_dir: Path = APP_DIR) -> dict[str, object]:
+    """The complete run config a run with these overrides sees: the app's defaults merged with the
+    overrides exactly as Flower merges them (unknown keys are an error)."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    text = overrides if isinstance(overrides, str) else overrides_text(overrides or {})
+    parsed = parse_overrides(text)
     try:
         return dict(get_fused_config_from_dir(app_dir, parsed))
     except ValueError as exc:

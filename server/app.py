@@ -161,6 +161,9 @@ def main(grid: Grid, context: Context) -> None:
                            "sha256": sha256_json(chosen.names)}
         result.harmonization = fitted.histograms
         arrays = trained.arrays
+        # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
+        result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
+                                              strict=True))
         torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names,
                     "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
                     "harmonization": "combat" if fitted.harmonization is not None else "none",
@@ -208,6 +211,9 @@ def main(grid: Grid, context: Context) -> None:
     audit.append("run-end", status=result.status, error=result.error, model_sha256=result.model_sha256,
                  final=final, seconds=round(result.seconds, 3), artifacts=signed,
                  metrics_sha256=signed.get("metrics.json"))
+    for drop in result.dropouts:  # one line per site, by name, at the end where the coordinator looks
+        where = f"{drop['phase']} phase" + (f", round {drop['round']}" if drop.get("round") is not None else "")
+        log.warning("Site %s did not take part from the %s on: %s", drop["site"], where, drop["reason"])
     log.info("radfed run %s %s in %.1fs; metrics, report and audit log in %s", context.run_id, result.status,
              result.seconds, folder)
     if result.status != "completed":

@@ -57,6 +57,7 @@ def pooled(terms: dict[str, Terms], score_bins: int, decision_thresholds: int) -
         return {}
     replies = [terms[s] for s in sorted(terms)]
     auc = clinical.pooled_auc(replies)
+    roc = clinical.pooled_roc(replies)  # its area is auc["auc"]: the report draws it beside that number
     ci = clinical.auc_interval(auc)
     thresholds = clinical.decision_thresholds(decision_thresholds)
     curve = clinical.pooled_net_benefit(replies, thresholds)
@@ -66,6 +67,7 @@ def pooled(terms: dict[str, Terms], score_bins: int, decision_thresholds: int) -
         "n_hgg": int(auc["n_pos"]), "n_bm": int(auc["n_neg"]),
         "auc": auc["auc"], "auc_bound": auc["bound"], "auc_low": auc["low"], "auc_high": auc["high"],
         "auc_var": auc["variance"], "auc_ci": list(ci),
+        "roc": {"fpr": roc["fpr"].tolist(), "tpr": roc["tpr"].tolist()},
         "binning": {"bins": score_bins, "scale": "logit", "span": SPAN},
         "brier": clinical.pooled_brier(replies),
         "net_benefit": {key: np.asarray(value).tolist() for key, value in curve.items()}

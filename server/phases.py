@@ -20,7 +20,6 @@ from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefu
 
 log = logging.getLogger("flwr.radfed.server")
 
-NOT_APPROVED = "run plan not approved"
 
 
 def plan_phase(run: Run, node_ids: list[int], plan_hash: str) -> Federation:
@@ -32,8 +31,10 @@ def plan_phase(run: Run, node_ids: list[int], plan_hash: str) -> Federation:
             "run-config-sha256": sha256_json(run.config.as_dict())}
     sent = query(run.grid, node_ids, protocol.PLAN, plan, run.timeout)
     for node_id, reply in sent.items():
-        if reply.has_error() and NOT_APPROVED in error_reason(reply):
-            audit.append("refusal", node=node_id, reason=error_reason(reply), plan_sha256=plan_hash)
+        refusing = protocol.refusing_site(error_reason(reply)) if reply.has_error() else None
+        if refusing is not None:  # named by the site itself: it refused before sending anything else
+            fed.sites[node_id] = refusing
+            audit.append("refusal", node=node_id, site=refusing, reason=error_reason(reply), plan_sha256=plan_hash)
     replies = replies_of(fed, audit, "plan", sent)
     mismatched = []
     for node_id, reply in replies.items():

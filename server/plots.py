@@ -25,6 +25,7 @@ POOLED_COLOUR = "#6a3d9a"  # the pooled cases of all sites: no site's colour
 PALETTE = ("#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd",
            "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22", "#17becf")
 LABEL_CHARS = 40
+FONT = 9  # points; at 100 dpi about 12 px on a desktop screen
 
 
 def site_colours(names: Iterable[str]) -> dict[str, str]:
@@ -74,44 +75,69 @@ def _png(fig: Figure) -> bytes:
 
 def _legend(ax: Axes, n_entries: int) -> None:
     if n_entries:
-        ax.legend(loc="best", fontsize=7, frameon=False, ncols=1 if n_entries <= 6 else 2)
+        ax.legend(loc="best", fontsize=FONT, frameon=True, framealpha=0.85, ncols=1 if n_entries <= 6 else 2)
 
 
 def _unit_square(ax: Axes, xlabel: str, ylabel: str) -> None:
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.set_aspect("equal")
-    ax.set_xlabel(xlabel, fontsize=8)
-    ax.set_ylabel(ylabel, fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.set_xlabel(xlabel, fontsize=FONT)
+    ax.set_ylabel(ylabel, fontsize=FONT)
+    ax.tick_params(labelsize=FONT - 1)
     ax.grid(alpha=0.3, linewidth=0.5)
 
 
-def roc_png(curves: Mapping[str, Mapping[str, Any]], title: str, aucs: Mapping[str, Any] | None = None,
-            colours: Mapping[str, str] | None = None) -> bytes:
-    """ROC curves, one line per site (``{"fpr": [...], "tpr": [...]}``), with the chance diagonal.
+def _roc_points(curve: Any, name: str) -> tuple[np.ndarray, np.ndarray]:
+    if not isinstance(curve, Mapping):
+        raise ValueError(f"ROC of {name}: expected {{fpr, tpr}}")
+    fpr, tpr = _floats(curve.get("fpr"), f"ROC fpr of {name}"), _floats(curve.get("tpr"), f"ROC tpr of {name}")
+    if len(fpr) != len(tpr) or len(fpr) < 2:
+        raise ValueError(f"ROC of {name}: fpr and tpr must be equally long lists of 2 or more points")
+    return fpr, tpr
 
-    The points are operating points of a threshold sweep; they are joined by straight lines.
+
+def _auc_label(name: str, auc: Any) -> str:
+    return label(name) + (f" (AUC {auc:.2f})" if isinstance(auc, int | float) and math.isfinite(auc) else "")
+
+
+def roc_png(points: Mapping[str, Mapping[str, Any]], title: str, aucs: Mapping[str, Any] | None = None,
+            colours: Mapping[str, str] | None = None, pooled: Mapping[str, Any] | None = None,
+            pooled_auc: float | None = None) -> bytes:
+    """Each site's ROC operating points as markers (``{"fpr": [...], "tpr": [...]}``; the corners (0, 0) and (1, 1)
+    are left out), with the chance diagonal, and ``pooled`` (the curve of all sites' cases) as the only line.
+
+    No line joins a site's points: two or three k-anonymous points do not make a curve, and a line through them
+    would enclose an area other than the site's AUC printed in the legend. The pooled curve's area is
+    ``pooled_auc`` (``common.clinical.pooled_roc``).
     """
-    if not curves:
-        raise ValueError("no ROC curves")
-    colours = colours or site_colours(curves)
-    fig, (ax,) = _figure(4.4, 4.2)
-    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=0.8, label="chance")
-    for name in sorted(curves):
-        curve = curves[name]
-        if not isinstance(curve, Mapping):
-            raise ValueError(f"ROC of {name}: expected {{fpr, tpr}}")
-        fpr, tpr = _floats(curve.get("fpr"), f"ROC fpr of {name}"), _floats(curve.get("tpr"), f"ROC tpr of {name}")
-        if len(fpr) != len(tpr) or len(fpr) < 2:
-            raise ValueError(f"ROC of {name}: fpr and tpr must be equally long lists of 2 or more points")
-        auc = (aucs or {}).get(name)
-        text = label(name) + (f" (AUC {auc:.2f})" if isinstance(auc, int | float) and math.isfinite(auc) else "")
-        ax.plot(fpr, tpr, marker="o", markersize=2.5, linewidth=1.4, color=colours.get(name), label=text)
-    _unit_square(ax, "1 − specificity (false positive rate)", "sensitivity (true positive rate)")
-    ax.set_title(label(title, 60), fontsize=9)
-    _legend(ax, len(curves) + 1)
+    fig, (ax,) = _figure(5.0, 5.0)
+    draw_roc(ax, points, title, aucs, colours, pooled, pooled_auc)
     return _png(fig)
+
+
+def draw_roc(ax: Axes, points: Mapping[str, Mapping[str, Any]], title: str, aucs: Mapping[str, Any] | None = None,
+             colours: Mapping[str, str] | None = None, pooled: Mapping[str, Any] | None = None,
+             pooled_auc: float | None = None) -> None:
+    """What :func:`roc_png` draws, on ``ax``."""
+    if not points and pooled is None:
+        raise ValueError("no ROC points")
+    colours = colours or site_colours(points)
+    ax.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=0.8, label="chance")
+    entries = 1
+    if pooled is not None:
+        fpr, tpr = _roc_points(pooled, "the pooled cases")
+        ax.plot(fpr, tpr, linewidth=2.0, color=POOLED_COLOUR, label=_auc_label("all sites pooled", pooled_auc))
+        entries += 1
+    for name in sorted(points):
+        fpr, tpr = _roc_points(points[name], name)
+        inner = ~(((fpr == 0) & (tpr == 0)) | ((fpr == 1) & (tpr == 1)))
+        ax.plot(fpr[inner], tpr[inner], linestyle="none", marker="o", markersize=6, color=colours.get(name),
+                label=_auc_label(name, (aucs or {}).get(name)))
+        entries += 1
+    _unit_square(ax, "1 − specificity (false positive rate)", "sensitivity (true positive rate)")
+    ax.set_title(label(title, 60), fontsize=FONT)
+    ax.legend(loc="lower right", fontsize=FONT, frameon=True, framealpha=0.85, ncols=1 if entries <= 7 else 2)
 
 
 def calibration_png(bins: Mapping[str, Mapping[str, Any]], title: str,
@@ -138,7 +164,7 @@ def calibration_png(bins: Mapping[str, Mapping[str, Any]], title: str,
         ax.scatter(pred, obs, s=size, color=colour, alpha=0.8, edgecolors="white", linewidths=0.5,
                    label=f"{label(name)} ({int(np.nansum(n))} cases)")
     _unit_square(ax, "mean predicted probability of HGG", "observed HGG rate")
-    ax.set_title(label(title, 60), fontsize=9)
+    ax.set_title(label(title, 60), fontsize=FONT)
     _legend(ax, len(bins) + 1)
     return _png(fig)
 
@@ -169,20 +195,20 @@ def training_png(loss: Series, auc: Series, federation_auc: Sequence[tuple[Any, 
     colours = colours or site_colours([*loss, *auc])
     fig, (left, right) = _figure(8.6, 3.2, ncols=2)
     drawn = _series(left, loss, colours, "training loss")
-    left.set_title("training loss per site (local epochs)", fontsize=9)
-    left.set_ylabel("loss", fontsize=8)
+    left.set_title("training loss per site (local epochs)", fontsize=FONT)
+    left.set_ylabel("loss", fontsize=FONT)
     _legend(left, drawn)
     drawn = _series(right, auc, colours, "held-out AUC")
     if federation_auc:
         drawn += _series(right, {"federation": federation_auc}, {"federation": FEDERATION_COLOUR}, "federation AUC")
         right.lines[-1].set_linewidth(2.2)
-    right.set_title("held-out AUC per site and federation", fontsize=9)
-    right.set_ylabel("AUC", fontsize=8)
+    right.set_title("held-out AUC per site and federation", fontsize=FONT)
+    right.set_ylabel("AUC", fontsize=FONT)
     right.axhline(0.5, linestyle="--", color="#999999", linewidth=0.8)
     _legend(right, drawn)
     for ax in (left, right):
-        ax.set_xlabel("round", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_xlabel("round", fontsize=FONT)
+        ax.tick_params(labelsize=FONT - 1)
         ax.grid(alpha=0.3, linewidth=0.5)
         ax.xaxis.get_major_locator().set_params(integer=True)
     return _png(fig)
@@ -214,13 +240,13 @@ def harmonization_png(feature: str, edges: Sequence[float], sites: Mapping[str, 
                 raise ValueError(f"histogram of {feature} at {name}: no '{phase}' counts")
             dens = _densities(e, hist[phase], f"{phase} counts of {feature} at {name}")
             ax.stairs(dens, e, color=colours.get(name), linewidth=1.3, label=label(name))
-        ax.set_title(f"{phase} harmonisation", fontsize=9)
-        ax.set_xlabel("feature value", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_title(f"{phase} harmonisation", fontsize=FONT)
+        ax.set_xlabel("feature value", fontsize=FONT)
+        ax.tick_params(labelsize=FONT - 1)
         ax.grid(alpha=0.3, linewidth=0.5)
-    axes[0].set_ylabel("density", fontsize=8)
+    axes[0].set_ylabel("density", fontsize=FONT)
     _legend(axes[1], len(sites))
-    fig.suptitle(label(feature, 90), fontsize=8)
+    fig.suptitle(label(feature, 90), fontsize=FONT)
     return _png(fig)
 
 
@@ -248,10 +274,10 @@ def decision_curve_png(curve: Mapping[str, Any], title: str, colours: Mapping[st
     top = float(np.nanmax(np.r_[high, treat_all, 0.0]))
     ax.set_xlim(0.0, 1.0)
     ax.set_ylim(-0.1, max(top, 0.05) * 1.1 + 0.02)
-    ax.set_xlabel("threshold probability of HGG", fontsize=8)
-    ax.set_ylabel("net benefit", fontsize=8)
-    ax.tick_params(labelsize=7)
+    ax.set_xlabel("threshold probability of HGG", fontsize=FONT)
+    ax.set_ylabel("net benefit", fontsize=FONT)
+    ax.tick_params(labelsize=FONT - 1)
     ax.grid(alpha=0.3, linewidth=0.5)
-    ax.set_title(label(title, 60), fontsize=9)
+    ax.set_title(label(title, 60), fontsize=FONT)
     _legend(ax, 4)
     return _png(fig)

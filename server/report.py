@@ -15,8 +15,8 @@ import logging
 from typing import Any
 
 from server import plots
-from server.report_blocks import Section, esc, to_html, to_markdown, unavailable
-from server.report_sections import DEMO_STAMP, SECTIONS, all_site_names, final_table, short
+from server.report_blocks import Section, esc, short, to_html, to_markdown, unavailable
+from server.report_sections import DEMO_STAMP, SECTIONS, all_site_names, final_table
 from server.results import RunResult, write_metrics
 
 __all__ = ["DEMO_STAMP", "RunResult", "final_table", "render_html", "render_markdown", "sections", "write_outputs"]
@@ -27,11 +27,14 @@ FOOTER = "Research use only: not a diagnostic device."
 CSP = "default-src 'none'; img-src data:; style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'"
 STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:62em;padding:0 1em;color:#222;
 line-height:1.4}
-table{border-collapse:collapse;margin:1em 0;font-size:.92em}
-td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top}th{background:#f4f4f4}
+table{border-collapse:collapse;margin:1em 0;font-size:.92em;display:block;max-width:100%;overflow-x:auto}
+td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left;vertical-align:top;overflow-wrap:anywhere}
+th{background:#f4f4f4}.facts th{overflow-wrap:normal}#headline td{font-size:1.05em}#headline th{width:11em}
 img{max-width:100%;height:auto}figure{margin:1em 0}figcaption{font-size:.85em;color:#555;max-width:48em}
 .na{color:#8a5300}.nw{white-space:nowrap}nav a{margin-right:.8em}section{border-top:1px solid #ddd;margin-top:1.5em}
-code{font-size:.9em}details{margin:.5em 0}"""
+code{font-size:.9em}details{margin:.5em 0}
+@media (max-width:600px){body{margin:1em auto;padding:0 .5em}table{font-size:.8em}td,th{padding:.2em .3em}
+.nw{white-space:normal}#headline th{width:auto}}"""
 
 
 def write_outputs(result: RunResult) -> None:
@@ -82,8 +85,11 @@ def render_html(doc: dict[str, Any]) -> str:
         except Exception as exc:  # a figure that cannot be drawn: the section says what broke
             bodies.append(to_html(_broken(sec.id, sec.title, exc).blocks, colours))
     nav = "".join(f'<a href="#{esc(s.id)}">{esc(s.title.split(" (")[0])}</a>' for s in secs)
-    body = "\n".join(f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>\n{html}</section>'
-                     for s, html in zip(secs, bodies, strict=True))
+    shown = [f'<section id="{esc(s.id)}"><h2>{esc(s.title)}</h2>\n{html}</section>'
+             for s, html in zip(secs, bodies, strict=True)]
+    # the result comes first, before the table of contents: it is what a reader opened the report for
+    first = shown.pop(0) if secs and secs[0].id == "headline" else ""
+    body = "\n".join(shown)
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta http-equiv="Content-Security-Policy" content="{CSP}">
@@ -91,6 +97,7 @@ def render_html(doc: dict[str, Any]) -> str:
 <title>radfed run {esc(doc.get('run_id', ''))}</title>
 <style>{STYLE}</style></head>
 <body><h1>radfed run report</h1>
+{first}
 <nav>{nav}</nav>
 {body}
 <p><strong>{esc(FOOTER)}</strong></p></body></html>

@@ -28,6 +28,8 @@ def finite_number(value: Any) -> float | None:
         return None
     return float(value)
 
+SHOWN = ("auc", "sensitivity", "specificity", "balanced_accuracy")
+SHOWN_LABELS = ("AUC", "sensitivity", "specificity", "balanced acc.")
 NOWRAP_CHARS = 24  # "0.812 (0.70–0.90)" and other short cells stay on one line
 
 
@@ -80,8 +82,8 @@ class Heading(Block):
 
 @dataclass
 class Figure(Block):
-    """``plot(*args, colours)`` -> PNG, drawn for the HTML page only; ``md``: the Markdown line that stands for
-    it (raw Markdown; none if empty). With ``fallback`` set, a ValueError while drawing renders as
+    """``plot(*args, colours, **options)`` -> PNG, drawn for the HTML page only; ``md``: the Markdown line that
+    stands for it (raw Markdown; none if empty). With ``fallback`` set, a ValueError while drawing renders as
     "not available for <fallback>: <why>" instead of failing the whole section."""
 
     plot: Callable[..., bytes]
@@ -90,6 +92,7 @@ class Figure(Block):
     caption: str
     md: str = ""
     fallback: str = ""
+    options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -133,7 +136,8 @@ def _html(b: Block, colours: dict[str, str]) -> str:
             return f'<p class="na">{esc(b.text)}</p>'
         return f"<p><em>{esc(b.text)}</em></p>" if b.style == "em" else f"<p>{esc(b.text)}</p>"
     if isinstance(b, Facts):
-        return "<table>" + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in b.pairs) + "</table>"
+        return ('<table class="facts">' + "".join(f"<tr><th>{esc(k)}</th><td>{esc(v)}</td></tr>" for k, v in b.pairs)
+                + "</table>")
     if isinstance(b, Table):
         table = html_table(b.header, b.rows, b.code_first)
         return f"<details><summary>{esc(b.fold)}</summary>{table}</details>" if b.fold else table
@@ -143,7 +147,7 @@ def _html(b: Block, colours: dict[str, str]) -> str:
         return f"<h3>{esc(b.text)}</h3>"
     if isinstance(b, Figure):
         try:
-            png = b.plot(*b.args, colours)
+            png = b.plot(*b.args, colours, **b.options)
         except ValueError as exc:
             if not b.fallback:
                 raise
@@ -201,3 +205,79 @@ def _md_lines(b: Block) -> list[str]:
     if isinstance(b, Figure):
         return [b.md] if b.md else []
     raise TypeError(f"not a report block: {b!r}")
+
+
+# ---------------------------------------------------------------------------------------------- reading a run
+
+
+def final_of(doc: dict[str, Any]) -> dict[str, Any]:
+    return as_dict(doc.get("final"))
+
+
+def final_sites(doc: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {str(k): as_dict(v) for k, v in as_dict(final_of(doc).get("sites")).items()}
+
+
+def rounds_of(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    return [r for r in doc.get("rounds") or [] if isinstance(r, dict)]
+
+
+def short(text: Any, limit: int = 240) -> str:
+    s = " ".join(str(text).split())
+    return s if len(s) <= limit else s[: limit - 1] + "…"
+
+
+def why_no_rounds(doc: dict[str, Any]) -> str:
+    status, error = doc.get("status"), doc.get("error")
+    because = f": {short(error)}" if error else ""
+    if status == "refused":
+        return f"the run was refused before training{because}"
+    if status == "failed":
+        return f"the run failed before a round was evaluated{because}"
+    if status == "running":
+        return "the run did not finish"
+    return "this run recorded no evaluation round"
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
+
+
+def not_available(why: str) -> Section:
+    """A section that cannot be shown: it says why (the caller's id and title are filled in)."""
+    return Section("", "", [unavailable(why)])
+
+
+# ---------------------------------------------------------------------------------------------- metrics with intervals
+
+
+def interval_text(ci: Any) -> str | None:
+    """ "0.70–0.90" from [lo, hi]; None when there is no usable interval."""
+    if not isinstance(ci, list | tuple) or len(ci) != 2:
+        return None
+    lo, hi = finite_number(ci[0]), finite_number(ci[1])
+    if lo is None or hi is None:
+        return None
+    return f"{lo:.2f}–{hi:.2f}"
+
+
+def fmt_ci(value: Any, ci: Any) -> str:
+    """ "0.812 (0.70–0.90)"; just the value when there is no interval."""
+    text = fmt(value)
+    interval = interval_text(ci)
+    return f"{text} ({interval})" if interval and value is not None else text
+
+
+def has_ci(records: list[dict[str, Any]]) -> bool:
+    return any(interval_text(as_dict(r.get("ci")).get(k)) for r in records for k in SHOWN)
+
+
+def metric_cells(record: dict[str, Any], with_ci: bool) -> list[str]:
+    ci = as_dict(record.get("ci"))
+    return [fmt_ci(record.get(k), ci.get(k)) if with_ci else fmt(record.get(k)) for k in SHOWN]
+
+
+def metric_header(with_ci: bool) -> list[str]:
+    return [f"{h} (95% CI)" for h in SHOWN_LABELS] if with_ci else list(SHOWN_LABELS)

@@ -1,15 +1,39 @@
-"""The report's answer to "is the federation better at an unseen hospital than each hospital alone?".
+"""The report's external validation section and its answer to "is the federation better at an unseen hospital
+than each hospital alone?".
 
-Built from metrics.json's ``validation.local_only`` (each site's own pipeline, scored on its held-out cases
-and at every other site) and ``validation.federation_gain`` (``common.metrics.federation_gain``). The
-sentence is shared by the report's summary and the demo's final table.
+Built from metrics.json's ``validation.loso`` (leave-one-site-out folds), ``validation.local_only`` (each site's
+own pipeline, scored on its held-out cases and at every other site), ``validation.federation_gain``
+(``common.metrics.federation_gain``) and ``validation.baselines``. The gain sentence is shared by the report's
+first screen and the demo's final table.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from server.report_blocks import Block, Heading, Table, Text, as_dict, finite_number
+from server import plots
+from server.report_blocks import (
+    SHOWN,
+    Block,
+    Figure,
+    Heading,
+    Section,
+    Table,
+    Text,
+    as_dict,
+    finite_number,
+    fmt,
+    fmt_ci,
+    has_ci,
+    metric_cells,
+    metric_header,
+    not_available,
+    rounds_of,
+    short,
+    unavailable,
+    why_no_rounds,
+)
+from server.report_curves import curves_of
 
 
 def _auc(value: Any, ci: Any = None) -> str:
@@ -96,3 +120,63 @@ def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
                      str(len(rec.get("features") or []))])
     blocks.append(Table(["site alone", "internal AUC (95% CI)", "AUC at each other site", "features"], rows))
     return blocks
+
+
+def _loso_blocks(loso: dict[str, dict[str, Any]]) -> list[Block]:
+    ok = [r for r in loso.values() if "error" not in r]
+    with_ci = has_ci(ok)
+    rows = []
+    for name, r in sorted(loso.items()):
+        trained = ", ".join(str(s) for s in r.get("trained_on") or []) or "the other sites"
+        if "error" in r:
+            rows.append([name, trained, "n/a", f"failed: {short(r['error'], 160)}", *([""] * (len(SHOWN) - 1))])
+        else:
+            rows.append([name, trained, fmt(r.get("n")), *metric_cells(r, with_ci)])
+    blocks: list[Block] = [
+        Text("Each row: a model trained from scratch by the other sites (feature agreement, ComBat, moments, feature "
+             "selection and training redone without the held-out site), scored on all of the held-out site's "
+             "usable cases after that site harmonised itself against the fold's ComBat estimates, as a "
+             "late-joining hospital does. Nothing learned from the held-out site enters its fold."),
+        Table(["held-out site", "trained on", "cases", *metric_header(with_ci)], rows)]
+    curves, _ = curves_of(loso, "roc")
+    if curves:
+        blocks.append(Figure(plots.roc_png, (curves, "leave-one-site-out ROC (each site unseen in training)",
+                                             {n: loso[n].get("auc") for n in curves}),
+                             alt="leave-one-site-out ROC points",
+                             caption="Operating points at each site of the model trained without it (markers, not "
+                             "joined: a few k-anonymous points do not make a curve).",
+                             md=f"Leave-one-site-out ROC points of {len(curves)} site(s): figure in report.html."))
+    else:
+        blocks.append(unavailable("no leave-one-site-out ROC points"))
+    return blocks
+
+
+def _baseline_blocks(baselines: dict[str, Any]) -> list[Block]:
+    keys = [k for k in SHOWN if any(k in as_dict(b) for b in baselines.values())]
+    keys += sorted({k for b in baselines.values() for k in as_dict(b)} - set(keys) - {"ci"})
+    with_ci = has_ci([as_dict(b) for b in baselines.values()])
+    labels = dict(zip(SHOWN, metric_header(with_ci), strict=True))
+    rows = []
+    for name, b in sorted(baselines.items()):
+        if not isinstance(b, dict):
+            rows.append([str(name), short(b, 160), *([""] * (len(keys) - 1))])
+            continue
+        ci = as_dict(b.get("ci"))
+        rows.append([str(name), *(fmt_ci(b.get(k), ci.get(k)) if k in SHOWN else short(fmt(b.get(k)), 160)
+                                  for k in keys)])
+    return [Heading("Baselines"), Table(["baseline", *(labels.get(k, k) for k in keys)], rows)]
+
+
+def validation_section(doc: dict[str, Any]) -> Section:
+    validation = as_dict(doc.get("validation"))
+    loso = {str(k): as_dict(v) for k, v in as_dict(validation.get("loso")).items()}
+    baselines = as_dict(validation.get("baselines"))
+    local = local_only_blocks(doc)
+    if not loso and not baselines and not local:
+        if not rounds_of(doc) and doc.get("status") != "completed":
+            return not_available(why_no_rounds(doc))
+        return not_available("leave-one-site-out validation was not run")
+    blocks = (_loso_blocks(loso) if loso else []) + local + (_baseline_blocks(baselines) if baselines else [])
+    if validation.get("note"):
+        blocks.append(Text(str(validation["note"])))
+    return Section("validation", "External validation (leave-one-site-out)", blocks)

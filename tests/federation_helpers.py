@@ -19,7 +19,8 @@ def run_federation_in(tmp_path: Path, data_root: Path, n_sites: int, unapproved:
     out = tmp_path / "runs"
     run_config = {"data-root": str(data_root), "output-dir": str(out), "num-server-rounds": ROUNDS,
                   "min-cases-per-class": K, "query-timeout": 600.0, **config}
-    sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists())
+    # the sites the simulation serves (client.steps): folders holding a manifest.csv or a site.yaml
+    sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists() or (p / "site.yaml").exists())
     approve_demo_plan([s for s in sites if s.name not in unapproved], run_config)
     run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
     runs = sorted(out.glob("*-run*"))

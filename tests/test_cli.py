@@ -46,8 +46,8 @@ def _radfed(*argv: str) -> subprocess.CompletedProcess[str]:
 def test_the_tree_holds_every_users_commands():
     names = {" ".join(c) for c in COMMANDS}
     for expected in ("demo", "site check", "site extract", "site approve", "site join", "predict", "plan write",
-                     "audit verify", "deploy provision", "deploy run", "profile show", "completion", "site plan show",
-                     "site revoke", "site outbox"):
+                     "audit verify", "deploy provision", "deploy run", "profile show", "profile list", "completion",
+                     "site plan show", "site revoke", "site outbox", "site approvals", "site plan diff"):
         assert expected in names, names
 
 
@@ -97,7 +97,8 @@ def test_the_site_folder_is_always_the_site_option():
         leaf = _leaf(command)
         positionals = [a.dest for a in leaf._actions if not a.option_strings]
         assert not {"site", "site_dir"} & set(positionals), command
-        if command[0] in ("site", "predict") and command != ("site", "plan", "show"):
+        # plans can be read anywhere: --site only adds the site's k, decision and saved plans
+        if command[0] in ("site", "predict") and command[:2] != ("site", "plan"):
             assert _options(command)["--site"].required, command
 
 
@@ -132,10 +133,11 @@ def test_site_commands_print_json_on_a_real_site(site, tmp_path, capsys):
     assert _json_out(capsys, ["site", "plan", "show", str(plan_file), "--site", str(site), "--json"])["state"] \
         == "approve"
     assert _json_out(capsys, ["site", "revoke", plan_hash, "--site", str(site), "--json"])["action"] == "revoke"
-    assert _json_out(capsys, ["site", "plan", "show", "--site", str(site), "--json"])["refused_plans"] == []
+    listed = _json_out(capsys, ["site", "plan", "show", "--site", str(site), "--json"])["plans"]
+    assert [(r["plan_sha256"], r["state"], r["note"]) for r in listed] == [(plan_hash, "revoke", "")]
 
     outbox = _json_out(capsys, ["site", "outbox", "--site", str(site), "--json"])
-    assert outbox == {"outbox": str(site / ".radfed" / "outbox.jsonl"), "messages": []}
+    assert outbox == {"outbox": str(site / ".radfed" / "outbox.jsonl"), "runs": [], "messages": []}
 
 
 def test_site_extract_prints_json_on_a_real_site(tmp_path, capsys):
@@ -192,6 +194,24 @@ def test_profile_show_by_file_name_own_name_and_path(capsys):
                                               f"{by_file['sha256']}")
     assert main(["profile", "show", "no-such-profile"]) == 2
     assert f"default ({by_file['name']})" in capsys.readouterr().err  # the refusal lists both names
+
+
+def test_profile_list_shows_every_bundled_profile_with_version_hash_and_sequences(capsys):
+    from common.profile import PROFILE_DIR, load_profile
+
+    listed = _json_out(capsys, ["profile", "list", "--json"])["profiles"]
+    files = sorted(p.stem for p in PROFILE_DIR.glob("*.yaml"))
+    assert [row["file"] for row in listed] == files
+    for row in listed:
+        profile = load_profile(row["file"])
+        assert (row["name"], row["version"], row["sha256"], row["sequences"]) == \
+            (profile.name, profile.version, profile.sha256, list(profile.sequences))
+        assert _json_out(capsys, ["profile", "show", row["name"], "--json"])["sha256"] == row["sha256"]
+    assert main(["profile", "list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == ["FILE", "NAME", "VERSION", "SEQUENCES", "SHA256"]
+    for row, line in zip(listed, lines[1:], strict=False):
+        assert line.split() == [row["file"], row["name"], row["version"], ",".join(row["sequences"]), row["sha256"]]
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -127,7 +127,8 @@ def test_each_bad_input_is_named_and_the_rest_survive(tiny_site_root, tmp_path):
         problem = problems[rows[index]["case_id"]]
         assert reason in problem.reason, how
         assert fix in problem.fix, how
-    assert "duplicate" in problems[rows[-2]["case_id"]].reason
+    repeated = problems[f"{rows[-2]['case_id']} (again)"]  # the repeated row, named apart from the usable one
+    assert repeated.kind == "duplicate-id" and "listed again" in repeated.reason
     assert "unknown diagnosis 'meningioma'" in problems["x-999"].reason
     assert len(table.case_ids) == 24 - len(BAD)  # every other case survived
     assert summary.failed == len(BAD) + 2

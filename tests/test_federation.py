@@ -195,6 +195,9 @@ def test_federation_end_to_end(three_sites, tmp_path):
     state = {k: v.numpy() for k, v in saved["state_dict"].items()}
     assert arrays_sha256(state) == events[-1]["data"]["model_sha256"] == doc["model_sha256"]
     assert len(saved["features"]) == doc["features"]["n"] == state["linear.weight"].shape[1]
+    # the report's weights are the saved model's, feature by feature
+    assert list(doc["features"]["weights"]) == saved["features"]
+    np.testing.assert_array_equal(list(doc["features"]["weights"].values()), state["linear.weight"].ravel())
     assert (folder / "report.html").read_text(encoding="utf-8").count("<tr>") > 3
     assert "federation" in (folder / "report.md").read_text(encoding="utf-8")
 
@@ -209,6 +212,7 @@ def _late_joiner_predicts(folder: Path, doc: dict, root: Path) -> None:
     pooled = folder / "harmonization.json"
     code, out, err = _radfed("site", "join", str(pooled), "--site", str(site))
     assert code == 0 and "harmonised against run" in out, err
+    assert f"radfed predict --model {pooled.resolve().parent / 'model.pt'} --site {site}" in out  # the real folder
     saved_path = site / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json"
     saved = json.loads(saved_path.read_text(encoding="utf-8"))
     late = json.loads(pooled.read_text(encoding="utf-8"))
@@ -325,6 +329,15 @@ def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
     # the site's folders stay at the site: the reason names them by placeholder (issue 15, finding 7)
     assert str(tmp_path) not in refusal["reason"] and "--site <site>" in refusal["reason"]
     assert all(str(tmp_path) not in str(e["data"]) for e in events if e["event"] in ("refusal", "dropout"))
+    # named by the site, with its whole reason: in the dropouts, on the report's first screen, at the run's end,
+    # and as an answer, not a crash (no traceback in the log)
+    (drop,) = [d for d in doc["dropouts"] if d["phase"] == "plan"]
+    assert drop["site"] == refusal["site"] == refused and drop["reason"] == refusal["reason"]
+    first_screen = (folder / "report.html").read_text(encoding="utf-8").split("<nav>")[0]
+    assert f"{refused} left" in first_screen and f"radfed site approve {plan_hash}" in first_screen
+    log = (tmp_path / "flwr" / "flwr-run.log").read_text(encoding="utf-8")
+    assert f"Site {refused} did not take part from the plan phase on: run plan not approved" in log
+    assert "Traceback" not in log
     approved = [e["data"] for e in events if e["event"] == "site-plan"]
     assert {e["site"] for e in approved} == {specs[0].name, specs[1].name}
     assert all(e["plan_sha256"] == plan_hash and e["approval"] == "approved" for e in approved)

@@ -190,7 +190,9 @@ def test_refuses_missing_harmonisation_naming_the_file(fed, tmp_path, capsys):
     code, _, err = _run(["--model", str(path), "--site", str(fed["site"]), "--case-id", NEW], capsys)
     assert code == 2
     assert str(fed["site"] / ".radfed" / "harmonization" / "run-99.json") in err
-    assert "rerun the federation with this site" in err and "--no-harmonization" in err
+    # a site that did not take part is told the exact command that makes it a late joiner
+    joined = f"radfed site join {path.parent / 'harmonization.json'} --site {Path(fed['site']).resolve()}"
+    assert joined in " ".join(err.split()) and "--no-harmonization" in err
     # a model that says it was harmonised does not offer to skip it
     path = _save_model(tmp_path / "m2" / "model.pt", fed["state"], fed["features"], run_id=99, harmonization="combat")
     code, _, err = _run(["--model", str(path), "--site", str(fed["site"]), "--case-id", NEW], capsys)
@@ -400,3 +402,29 @@ def test_combat_covariates_are_coded_from_the_manifest_or_the_command_line(fed, 
     code, out, _ = _run([*base, *_files(fed["case"]), "--covariate", "sex=F"], capsys)  # files carry no age
     refused = json.loads(out)
     assert code == 1 and "no age value" in refused["reason"] and "adjusts for sex=F|M,age" in refused["reason"]
+
+
+def test_a_feature_far_outside_the_training_data_is_named(fed, tmp_path, capsys):
+    """Moving one feature's training mean 10 standard deviations away from the case (everything else equal) adds
+    exactly that feature to the note naming far-off features, with its distance; the case is still scored."""
+    argv = ["--site", str(fed["site"]), "--case-id", NEW, "--json"]
+
+    def far_features(model_path: Path) -> tuple[list[str], list[str], dict]:
+        code, out, err = _run(["--model", str(model_path), *argv], capsys)
+        assert code == 0, err
+        result = json.loads(out)
+        notes = [n for n in result["notes"] if "standard deviations from the federation's training mean" in n]
+        return [c["feature"] for c in result["contributions"] if abs(c["z"]) > 4], notes, result
+
+    before, notes, plain = far_features(fed["model"])
+    assert len(notes) == (1 if before else 0)
+    j = min(range(N_MODEL_FEATURES), key=lambda i: abs(plain["contributions"][i]["z"]))  # the most ordinary one
+    state = {k: v.clone() for k, v in fed["state"].items()}
+    state["mean"][j] -= 10 * state["scale"][j]
+    shifted = _save_model(tmp_path / f"20250101-120000-run{RUN}" / "model.pt", state, fed["features"])
+    after, notes, result = far_features(shifted)
+    assert sorted(after) == sorted([*before, fed["features"][j]])
+    (note,) = notes
+    z = result["contributions"][j]["z"]
+    assert 9 < z < 11 and note.startswith(f"{len(after)} of the model's {N_MODEL_FEATURES} features lie more than 4")
+    assert f"{fed['features'][j]} at {z:+.1f} SD" in note  # the farthest is named first

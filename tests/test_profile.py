@@ -1,11 +1,12 @@
 """Profile loading and hashing: the hash follows values, not formatting."""
 
+import json
 from pathlib import Path
 
 import pytest
 import yaml
 
-from common.profile import ProfileError, load_profile, profile_from_dict
+from common.profile import ProfileError, bundled_profiles, load_profile, profile_from_dict
 
 BUNDLED = Path(__file__).resolve().parent.parent / "common" / "profiles" / "default.yaml"
 
@@ -55,3 +56,35 @@ def test_malformed_profiles_name_the_problem(tmp_path, text, needle):
 def test_unknown_profile_name_lists_the_known_ones():
     with pytest.raises(ProfileError, match=r"unknown profile 'nope'.*default"):
         load_profile("nope")
+
+
+def test_bundled_profiles_are_selectable_by_file_name_and_by_own_name():
+    """Every shipped profile loads, its own name and its file name lead to it, and no name means two files."""
+    profiles = bundled_profiles()
+    assert "default" in {Path(p.source).stem for p in profiles}
+    own = [p.name for p in profiles]
+    assert len(set(own)) == len(own), own
+    for profile in profiles:  # an own name that is another file's name would select that file instead
+        assert profile.name not in {Path(p.source).stem for p in profiles if p is not profile}
+    for profile in profiles:
+        assert load_profile(profile.name).sha256 == load_profile(Path(profile.source).stem).sha256 == profile.sha256
+
+
+def test_an_own_name_shared_by_two_profiles_is_refused_naming_both(tmp_path, monkeypatch):
+    for stem in ("first", "second"):
+        (tmp_path / f"{stem}.yaml").write_text(BUNDLED.read_text())
+    monkeypatch.setattr("common.profile.PROFILE_DIR", tmp_path)
+    with pytest.raises(ProfileError, match=r"'hgg-vs-bm' is given by several bundled files \(first, second\)"):
+        load_profile("hgg-vs-bm")
+    assert load_profile("first").sha256 == load_profile("second").sha256
+
+
+def test_every_bundled_profile_is_valid_pyradiomics_params():
+    """pyradiomics validates its params against its own schema as it builds the extractor: a typo in a bundled
+    profile (an unknown setting, image type or feature) fails here, not at every site."""
+    from radiomics.featureextractor import RadiomicsFeatureExtractor
+
+    for profile in bundled_profiles():
+        extractor = RadiomicsFeatureExtractor(json.loads(json.dumps(profile.params)))
+        assert set(extractor.enabledImagetypes) == set(profile.params["imageType"]), profile.name
+        assert set(extractor.enabledFeatures) == set(profile.params["featureClass"]), profile.name

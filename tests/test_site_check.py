@@ -150,7 +150,9 @@ def test_every_bad_input_is_named_with_its_fix_and_the_rest_survive(tiny_site_ro
         assert problem.kind == kind, how
     respaced = problems[rows[list(BAD).index("flair-respaced")]["case_id"]].reason
     assert "spacing (2, 2, 5) vs (1.6, 1.6, 4)" in respaced and "origin" in respaced  # what differs, both named
-    assert problems[rows[-3]["case_id"]].kind == "duplicate-id" and "duplicate" in problems[rows[-3]["case_id"]].reason
+    repeated = problems[f"{rows[-3]['case_id']} (again)"]  # its own row: the first row of that id stays usable
+    assert repeated.kind == "duplicate-id" and "listed again" in repeated.reason
+    assert "first row is used" in repeated.reason
     assert "unknown diagnosis 'meningioma'" in problems["x-999"].reason and "HGG" in problems["x-999"].fix
     assert problems["<line 28>"].kind == "empty-id"
     # every other case survived, the nearly-aligned one included
@@ -159,7 +161,8 @@ def test_every_bad_input_is_named_with_its_fix_and_the_rest_survive(tiny_site_ro
     # whatever min_cases_per_class the check is asked for)
     assert check.status == "cannot-take-part" and "two release blocks" in str(check.eligibility)
     assert check.problems_by_kind["not-co-registered"] == 2
-    assert check.n_cases == 26  # 24 cases + the unknown-diagnosis row + the row without id
+    # 24 cases + the repeated row + the unknown-diagnosis row + the row without id: usable + problem rows add up
+    assert check.n_cases == 27 == len(check.usable) + len({p.case_id for p in check.problems})
 
 
 def test_cli_warns_with_counts_and_writes_the_json_report(tiny_site_root, tmp_path, capsys):
@@ -246,7 +249,7 @@ def test_site_config_errors_name_the_field_and_the_fix(tmp_path):
     assert "'min_cases_per_class' must be a whole number (got 'five'): write it like 'min_cases_per_class: 5'" \
         in message
     message = _yaml_error(tmp_path, "source: pacs\n")
-    assert "'source' is 'pacs', which is not one of manifest, brats, dicom" in message
+    assert "'source' is 'pacs', which is not one of manifest, brats, ucsf-bmsr, dicom" in message
     message = _yaml_error(tmp_path, "label_map: {three: enhancing, 1: 2}\n")
     assert "'label_map.three' is a source label that is not a whole number" in message
     assert "'label_map.1' must be text (got 2)" in message

@@ -114,6 +114,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\n  at sites the model never saw (leave-one-site-out) vs each other hospital alone:")
             _print_table(header, rows)
             print("  " + str(gain_sentence(doc)))
+    drops = [d for d in doc.get("dropouts") or [] if isinstance(d, dict)]
+    if drops:
+        print("\n  sites that left the run (each says why and what to do):")
+        for d in drops:
+            where = f"round {d['round']}, {d.get('phase')}" if d.get("round") is not None else f"{d.get('phase')} phase"
+            print(f"    {d.get('site')} ({where}): {d.get('reason')}")
     print(f"\n  metrics   {files['metrics']}\n  report    {files['report']}"
           f"\n  audit log {files['audit_log']}   (check it: radfed audit verify {files['audit_log']})")
     return code

@@ -2,14 +2,16 @@
 
   radfed site check --site DIR         can the site take part, which cases need a fix (seconds, no extraction)
   radfed site extract --site DIR       check and extract every case (cached)
-  radfed site plan show [PLAN] --site DIR   what a run would compute and send, its hash, whether approved here
+  radfed site plan show|diff ...       what a run would compute and send; what changed between two plans
   radfed site approve|revoke HASH --site DIR   approve a run plan, or withdraw the approval
+  radfed site approvals --site DIR     every plan approved or revoked here, when and by whom
   radfed site outbox --site DIR        everything the site has sent
   radfed site join POOLED --site DIR   harmonise a late-joining site against a run's pooled ComBat estimates
   radfed predict --model M --site DIR ...   HGG vs BM for a new case, computed at the site (offline)
 
-The work is done in client/ (sitecheck, extract, approvals, join, predict); this module holds the parsers and
-turns results into text or, with ``--json``, one JSON document. Heavy imports (numpy, torch, pyradiomics) stay
+The work is done in client/ (sitecheck, extract, approvals, join, predict); this module (and ``site_plans`` for
+the plan and approval commands) holds the parsers and turns results into text or, with ``--json``, one JSON
+document. Heavy imports (numpy, torch, pyradiomics) stay
 inside the commands so ``--help`` is fast.
 """
 
@@ -22,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from radfed.cli.options import add_json, add_output, add_profile, add_site, add_workers, print_json
+from radfed.cli.site_plans import add_plan_commands
 
 if TYPE_CHECKING:
     from common.profile import Profile
@@ -66,9 +69,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     profile = site_profile(args.site, args.profile)
     site = load_site(args.site, profile.sequences)
     console = Console(stderr=args.json)  # with --json, stdout holds the document alone
-    columns = (TextColumn("extracting"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    # what is counted, named; the total is known before the first case finishes (the callback corrects it)
+    columns = (TextColumn(f"extracting {site.name}: cases"), BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
     with Progress(*columns, console=console, transient=True) as bar:
-        task = bar.add_task("extract", total=None)
+        task = bar.add_task("extract", total=len(site.cases))
 
         def progress(done: int, total: int) -> None:
             bar.update(task, completed=done, total=total)
@@ -100,84 +105,49 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
 
 def cmd_outbox(args: argparse.Namespace) -> int:
+    """Without --run: one line per run (messages, types, bytes, the fewest cases a statistic covered). With --run:
+    that run's messages; exit 1 when the outbox holds none of it."""
+    from client import outbox as box
     from client.site import site_files
 
-    outbox = site_files(args.site).outbox
-    entries = [json.loads(line) for line in outbox.read_text(encoding="utf-8").splitlines()] \
-        if outbox.exists() else []
-    entries = [e for e in entries if not args.run or str(e["run_id"]) == args.run]
-    if args.json:
-        print_json({"outbox": str(outbox), "messages": entries})
-        return 0
-    if not outbox.exists():
-        print(f"{outbox} does not exist: this site has sent nothing yet")
-    for entry in entries:
-        parts = []
-        for record, values in entry["records"].items():
-            for key, value in values.items():
-                shown = f"array{tuple(value['shape'])}" if isinstance(value, dict) and "shape" in value else value
-                parts.append(f"{record}.{key}={shown}")
-        print(f"{entry['time']} run {entry['run_id']} {entry['type']}: " + ", ".join(parts))
-    return 0
-
-
-def _load_plan(ref: str, site_dir: str | None) -> dict[str, Any]:
-    from client.approvals import pending_plans
-
-    path = Path(ref)
-    if not path.exists() and site_dir:
-        matches = [p for p in pending_plans(Path(site_dir)) if p.stem.startswith(ref)]
-        if len(matches) != 1:
-            raise ValueError(f"no single saved plan matches {ref!r} at {site_dir}: "
-                             f"{len(matches)} found (radfed site plan show --site {site_dir} lists them)")
-        path = matches[0]
-    if not path.exists():
-        raise ValueError(f"{ref} is neither a plan file nor a saved plan hash (pass --site to look at the site)")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def cmd_plan_show(args: argparse.Namespace) -> int:
-    from client.approvals import decisions, pending_plans
-    from client.site import site_floor, site_settings
-    from common.plan import plan_sha256, summary
-
-    if args.plan is None:
-        if not args.site:
-            raise ValueError("give a plan file or hash, or --site DIR to list the plans this site refused")
-        seen = decisions(Path(args.site))
-        plans = [{"plan_sha256": p.stem, "state": seen.get(p.stem, {}).get("action", "not approved")}
-                 for p in pending_plans(Path(args.site))]
+    path = site_files(args.site).outbox
+    entries = box.read(path)
+    runs = box.summary(entries)
+    if args.run:
+        chosen = [e for e in entries if str(e["run_id"]) == args.run]
+        if not chosen:
+            known = ", ".join(r["run_id"] for r in runs) or "none"
+            message = f"run {args.run}: this site sent nothing in it (runs in {path}: {known})"
+            if args.json:
+                print_json({"outbox": str(path), "run": args.run, "messages": [], "error": message})
+            else:
+                print(message, file=sys.stderr)
+            return 1
         if args.json:
-            print_json({"site": args.site, "refused_plans": plans})
+            print_json({"outbox": str(path), "run": args.run, "messages": chosen})
             return 0
-        print(f"plans refused at {args.site} (review one with: radfed site plan show HASH --site {args.site}):")
-        for plan in plans:
-            print(f"  {plan['plan_sha256']}  {plan['state']}")
+        for entry in chosen:
+            parts = []
+            for record, values in entry["records"].items():
+                for key, value in values.items():
+                    shown = f"array{tuple(value['shape'])}" if isinstance(value, dict) and "shape" in value else value
+                    parts.append(f"{record}.{key}={shown}")
+            fold = f" [{entry['fold']}]" if entry.get("fold") else ""
+            print(f"{entry['time']} {entry['type']}{fold}: " + ", ".join(parts))
         return 0
-    plan = _load_plan(args.plan, args.site)
-    site_k = site_floor(site_settings(args.site)) if args.site else 0
-    state = decisions(Path(args.site)).get(plan_sha256(plan), {}).get("action", "not approved") \
-        if args.site else None
     if args.json:
-        k = max(int(plan["run_config"]["min-cases-per-class"]), site_k)
-        print_json({"plan_sha256": plan_sha256(plan), "plan": plan, "site": args.site,
-                    "k_at_site": k if args.site else None, "state": state})
+        print_json({"outbox": str(path), "runs": runs, "messages": entries})
         return 0
-    print(summary(plan, site_k))
-    if args.site:
-        print(f"\nat {args.site}: {state}")
-    return 0
-
-
-def cmd_decide(args: argparse.Namespace) -> int:
-    from client.approvals import decide
-
-    entry = decide(Path(args.site), args.plan_hash, args.site_command, args.note)
-    if args.json:
-        print_json({**entry, "site": args.site})
+    if not entries:
+        print(f"{path} does not exist or is empty: this site has sent nothing yet")
         return 0
-    print(f"{entry['action']}d run plan {entry['plan_sha256']} at {args.site} ({entry['time']}, by {entry['by']}); "
-          "takes effect at the next message of any run")
+    print(f"{len(entries)} message(s) in {len(runs)} run(s), from {path} (one run's messages: --run RUN_ID):")
+    for r in runs:
+        types = ", ".join(f"{n} {t}" for t, n in sorted(r["types"].items()))
+        fewest = f"every statistic over >= {r['fewest_cases']} cases" if r["fewest_cases"] is not None \
+            else "counts from the manifest only"
+        print(f"  run {r['run_id']}  {r['first']} .. {r['last']}: {r['messages']} message(s), "
+              f"{r['array_bytes']:,} bytes of arrays; {fewest}\n    {types}")
     return 0
 
 
@@ -192,7 +162,8 @@ def cmd_join(args: argparse.Namespace) -> int:
         print(f"left out {problem}")
     print(f"site {result['site']} harmonised against run {result['run_id']} on its {result['cases']} usable cases "
           f"({result['features']} features); parameters kept in {result['path']} (nothing left the site). "
-          f"Predict with: radfed predict --model <run folder>/model.pt --site {args.site} --case-id ID")
+          f"Predict with: radfed predict --model {Path(args.pooled).resolve().parent / 'model.pt'} --site "
+          f"{args.site} --case-id ID")
     return 0
 
 
@@ -316,25 +287,10 @@ def add_site_commands(sub: Any) -> None:
     add_workers(extract)
     extract.set_defaults(func=cmd_extract)
 
-    plan = site.add_parser("plan", help="run plans: show one (file or hash) and whether it is approved here")
-    show = plan.add_subparsers(dest="plan_command", required=True, metavar="COMMAND").add_parser(
-        "show", help="what a run plan computes and sends, its hash, and whether this site approved it")
-    show.add_argument("plan", nargs="?", default=None, help="the coordinator's plan file, or a saved plan's hash "
-                      "(none: list the plans this site refused)")
-    add_site(show, required=False, text="the site folder (states the k that holds there and its decision)")
-    add_json(show)
-    show.set_defaults(func=cmd_plan_show)
+    add_plan_commands(site)
 
-    for action, text in (("approve", "approve a run plan hash at this site"),
-                         ("revoke", "revoke an approval (refused from the next message on)")):
-        decide = site.add_parser(action, help=text)
-        decide.add_argument("plan_hash", metavar="HASH", help="the plan's sha256 (radfed site plan show prints it)")
-        add_site(decide)
-        decide.add_argument("--note", default="", help="why (kept in the approvals file)")
-        add_json(decide)
-        decide.set_defaults(func=cmd_decide)
-
-    outbox = site.add_parser("outbox", help="show everything this site has sent (values as sent, arrays as shapes)")
+    outbox = site.add_parser("outbox", help="what this site has sent: a summary per run, or one run's messages "
+                             "(values as sent, arrays as shapes)")
     add_site(outbox)
     outbox.add_argument("--run", default=None, metavar="RUN_ID", help="only this run")
     add_json(outbox)
