@@ -258,7 +258,10 @@ def _run_to_moments(site: Path, run_id: int, **overrides: object) -> Released:
                       run_config=config)
 
     def send(message_type: str, content: RecordDict) -> RecordDict:
-        return attacks.Coordinator(site)._send(context, message_type, content).content
+        reply = attacks.Coordinator(site)._send(context, message_type, content)
+        if reply.has_error():  # the site's refusal, as it leaves the site
+            raise RuntimeError(reply.error.reason)
+        return reply.content
 
     send("query.plan", RecordDict({"config": ConfigRecord({})}))
     names = [str(n) for n in send("query.features", RecordDict({"config": ConfigRecord({})}))["config"]["features"]]
@@ -328,10 +331,10 @@ def test_two_runs_that_together_pass_the_sites_cap_the_second_is_refused(tiny_si
     booked = [json.loads(line) for line in (site / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()]
     assert [(b["run_id"], b["kind"]) for b in booked] == [(1, "query.moments")]
     assert booked[0]["rho"] == pytest.approx(rho)
-    with pytest.raises(Exception, match="this site's DP budget is epsilon") as refused:
+    with pytest.raises(RuntimeError, match="this site's DP budget is epsilon") as refused:
         _run_to_moments(site, 2, **on)
     assert "query.moments" in str(refused.value) and "dp_budget_epsilon" in str(refused.value)
-    with pytest.raises(Exception, match="sends query.moments only with differential privacy"):
+    with pytest.raises(RuntimeError, match="sends query.moments only with differential privacy"):
         _run_to_moments(site, 3)
     assert len((site / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()) == 1
 
