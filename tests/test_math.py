@@ -66,3 +66,21 @@ def test_eligibility_needs_two_release_blocks_per_class_and_k_in_each_split():
     # the run's k above the block size: 2 blocks of 5 leave 5 training HGG < 6
     assert "training" in eligibility_problem(10, 30, 6, 0.3, block=5)
     assert eligibility_problem(15, 15, 6, 0.3, block=5) is None  # 3 blocks: 2 train (>= 10), 1 held out
+
+
+def test_site_share_is_the_r2_of_the_feature_on_site_indicators():
+    from common.moments import site_moments, site_share
+
+    rng = np.random.default_rng(4)
+    sizes = (12, 30, 7)
+    blocks = [rng.normal(loc=rng.normal(0, 2, 5), scale=rng.uniform(0.5, 3, 5), size=(n, 5)) for n in sizes]
+    blocks[1][:, 0] = blocks[0][0, 0] + rng.normal(0, 1, sizes[1])  # feature 0: one site shifted, others similar
+    parts = [site_moments(b) for b in blocks]
+    share = site_share(*zip(*parts, strict=True))
+    x = np.vstack(blocks)
+    onehot = np.repeat(np.eye(len(sizes)), sizes, axis=0)
+    fitted = onehot @ np.linalg.lstsq(onehot, x, rcond=None)[0]
+    r2 = 1 - ((x - fitted) ** 2).sum(axis=0) / ((x - x.mean(axis=0)) ** 2).sum(axis=0)
+    np.testing.assert_allclose(share, r2, rtol=1e-10, atol=1e-12)
+    same = [site_moments(np.ones((n, 1))) for n in sizes]  # no variation at all: undefined, not 0
+    assert np.isnan(site_share(*zip(*same, strict=True))[0])
