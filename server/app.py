@@ -86,6 +86,20 @@ def query_account(run: RunConfig) -> dp_query.QueryAccount | None:
     return dp_query.QueryAccount(run.dp_query_noise_multiplier, run.dp_query_clip, run.dp_delta)
 
 
+def site_share(fitted: pipeline.Fitted, names: list[str]) -> dict[str, object]:
+    """metrics.json ``harmonization.site_share``: per agreed feature, the share of its variation between sites
+    before ComBat (from ComBat's sums) and after (from the moments of the harmonised features); {} when the
+    moments were noised. Without ComBat, "after" is the raw features' share."""
+    after = fitted.pooled.site_share
+    if after is None:
+        return {}
+    before = fitted.harmonization.site_share if fitted.harmonization is not None else None
+    share: dict[str, object] = {"features": names, "after": after.tolist()}
+    if before is not None:
+        share["before"] = before.tolist()
+    return {"site_share": share}
+
+
 def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
                  oof_terms: dict[str, clinical.Terms] | None = None) -> dict[str, object] | None:
     """The internal validation's pooled clinical metrics: of the final evaluation, with the final model's
@@ -159,7 +173,7 @@ def main(grid: Grid, context: Context) -> None:
                            "dropped_correlated": chosen.dropped_correlated, "dropped_l1": chosen.dropped_l1,
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
-        result.harmonization = fitted.histograms
+        result.harmonization = {**(fitted.histograms or {}), **site_share(fitted, agreement.names)}
         arrays = trained.arrays
         # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
         result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),

@@ -97,6 +97,7 @@ class PooledMoments:
     mean: np.ndarray
     std: np.ndarray
     classwise: dict[int, tuple[int, np.ndarray, np.ndarray]]
+    site_share: np.ndarray | None = None  # (d,) variation between sites (moments.site_share); None when noised
 
 
 def moments_phase(run: Run, cohort: Cohort,
@@ -123,7 +124,8 @@ def moments_phase(run: Run, cohort: Cohort,
                           0: (int(counts["n-bm"]), get["mean-bm"], get["m2-bm"])})  # type: ignore[arg-type]
     n = sum(c for c, _, _ in overall)
     mean, std = moments.pooled_mean_std(*zip(*overall, strict=True))
-    pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise))
+    pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise),
+                           moments.site_share(*zip(*overall, strict=True)))
     run.audit.append("moments", n_cases=n, n_features=len(mean),
                      stats_sha256=arrays_sha256({"mean": mean, "std": std}), **cohort.tag)
     return pooled
@@ -208,6 +210,7 @@ class Harmonization:
 
     per_node: Callable[[int], RecordDict]
     late_joiner: dict[str, object]
+    site_share: np.ndarray | None = None  # (d,) variation between sites before ComBat (moments.site_share)
 
 
 def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmonization:
@@ -234,12 +237,19 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
         return RecordDict({"arrays": ArrayRecord({"beta": Array(beta)}),
                            "config": ConfigRecord({"site-index": index[nid]})})
 
+    fitted = replies
     replies = cohort.ask(run, "harmonization", protocol.COMBAT_RESIDUALS, config, per_node=with_beta)
     if len(replies) != n_sites:
         raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
-    pooled = combat.pool_residuals(means, [combat.SiteResiduals(
-        site=index[nid], n=int(r.content["metrics"]["n"]), ss=r.content["arrays"]["ss"].numpy())  # type: ignore[arg-type,union-attr]
-        for nid, r in replies.items()])
+    residuals = [combat.SiteResiduals(site=index[nid], n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+                                      ss=r.content["arrays"]["ss"].numpy())  # type: ignore[union-attr]
+                 for nid, r in replies.items()]
+    pooled = combat.pool_residuals(means, residuals)
+    # before ComBat: each site's mean (its row of XᵀY over its count) and spread around it (its residual sum of
+    # squares; around the site's mean and, with covariates, their effects), from the sums already sent
+    site_means = [fitted[nid].content["arrays"]["xty"].numpy()[index[nid]] / r.n  # type: ignore[union-attr]
+                  for nid, r in zip(replies, residuals, strict=True)]
+    before = moments.site_share([r.n for r in residuals], site_means, [r.ss for r in residuals])
     late_joiner: dict[str, object] = {
         "features": agreement.names, "n_sites": n_sites, "n": pooled.n, "grand_mean": pooled.grand_mean.tolist(),
         "var_pooled": pooled.var_pooled.tolist(), "beta_cov": pooled.beta_cov.tolist(),
@@ -256,7 +266,7 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
             "zero-variance": Array(pooled.zero_variance.astype(np.float64))}),
             "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
 
-    return Harmonization(estimates, late_joiner)
+    return Harmonization(estimates, late_joiner, before)
 
 
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:

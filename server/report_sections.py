@@ -31,7 +31,6 @@ from server.report_blocks import (
     finite_number,
     fmt,
     has_ci,
-    md_code,
     metric_cells,
     metric_header,
     not_available,
@@ -41,10 +40,10 @@ from server.report_blocks import (
 )
 from server.report_clinical import clinical_section
 from server.report_curves import calibration_section, roc_section
+from server.report_harmonization import harmonization_section
 from server.report_headline import headline_section
 from server.report_validation import validation_section
 
-HISTOGRAM_FEATURES = 4  # at most this many harmonisation figures
 DEMO_STAMP = "demo.json"  # radfed.synth.STAMP_NAME: written by `radfed demo` at the root of its synthetic sites
 
 
@@ -349,33 +348,6 @@ def _training_section(doc: dict[str, Any]) -> Section:
         Table(["round", "federation", *sites], rows, fold="held-out AUC per round (table)")])
 
 
-def _harmonization_section(doc: dict[str, Any]) -> Section:
-    cfg = as_dict(doc.get("config"))
-    features = as_dict(as_dict(doc.get("harmonization")).get("features"))
-    if not features:
-        if str(cfg.get("harmonization", "")) == "none":
-            return not_available('harmonisation was off in this run (harmonization = "none")')
-        if finite_number(cfg.get("dp-query-noise-multiplier")):
-            return not_available("withheld: the query phases were noised (dp-query-noise-multiplier), and per-bin "
-                                 "counts of single features have no useful noised form at these sizes")
-        if not rounds_of(doc):
-            return not_available(why_no_rounds(doc))
-        return not_available("this run's metrics carry no before/after histograms (runs before they were reported)")
-    shown = list(features)[:HISTOGRAM_FEATURES]
-    blocks: list[Block] = [Text("Distributions of model features per site before and after harmonisation, aggregated "
-                                "at each site: every bin count is 0 or at least k cases (neighbouring bins merged "
-                                "where needed), so steps can be uneven. Densities are per site, so sites of "
-                                "different sizes compare.", only="html")]
-    for name in shown:
-        f = as_dict(features[name])
-        blocks.append(Figure(plots.harmonization_png, (name, f.get("edges") or [], as_dict(f.get("sites"))),
-                             alt=f"{name} before and after harmonisation", caption=name, fallback=name, tight=True,
-                             md=f"- {md_code(name)}: {len(as_dict(f.get('sites')))} site(s), figure in report.html"))
-    if len(features) > len(shown):
-        blocks.append(Text(f"showing {len(shown)} of {len(features)} features", "item", tight=True))
-    return Section("harmonization", "Harmonisation before/after", blocks)
-
-
 def _features_section(doc: dict[str, Any]) -> Section:
     feats = as_dict(doc.get("features"))
     selected, weights = as_dict(feats.get("selected")), as_dict(feats.get("weights"))
@@ -414,7 +386,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Section]]] = [
     ("calibration", "Calibration (held-out, final model)", calibration_section),
     ("clinical", "Clinical metrics (pooled held-out cases, final model)", clinical_section),
     ("training", "Training curves per round", _training_section),
-    ("harmonization", "Harmonisation before/after", _harmonization_section),
+    ("harmonization", "Harmonisation before/after", harmonization_section),
     ("features", "Selected features", _features_section),
     ("validation", "External validation (leave-one-site-out)", validation_section),
 ]

@@ -190,6 +190,20 @@ def test_federation_end_to_end(three_sites, tmp_path):
     selection_entry = next(e for e in _events(folder) if e["event"] == "selection")
     assert selection_entry["data"]["features"] == list(features["selected"])
 
+    # the share of each feature's variation between sites, before and after ComBat, is the R² of the feature on
+    # site indicators in the pooled training splits (raw, then harmonised)
+    share = doc["harmonization"]["site_share"]
+    chosen = [share["features"].index(n) for n in features["selected"]]
+    raw = [site_matrix(d, p["features"], held_out=False, names=list(features["selected"])) for d, p in
+           zip(data, params, strict=True)]
+    for key, parts in (("before", raw), ("after", train)):
+        xs = np.vstack([t[0] for t in parts])
+        onehot = np.repeat(np.eye(len(parts)), [len(t[0]) for t in parts], axis=0)
+        residual = xs - onehot @ np.linalg.lstsq(onehot, xs, rcond=None)[0]
+        r2 = 1 - (residual ** 2).sum(axis=0) / ((xs - xs.mean(axis=0)) ** 2).sum(axis=0)
+        np.testing.assert_allclose(np.array(share[key])[chosen], r2, rtol=1e-6, atol=1e-9)
+    assert np.median(share["after"]) < np.median(share["before"])  # ComBat took the scanners out
+
     # the saved model is the one the log names
     saved = torch.load(folder / "model.pt", weights_only=False)
     state = {k: v.numpy() for k, v in saved["state_dict"].items()}
