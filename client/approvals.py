@@ -17,10 +17,12 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client import runcache
 from client.site import SiteError, site_files, site_settings
 from client.steps import locate_site, run_config
-from common.plan import plan_sha256, run_plan
-from common.profile import load_profile
+from common.canon import sha256_json
+from common.plan import code_files, plan_sha256, run_plan
+from common.profile import load_profile, resolve_profile_path
 from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
@@ -50,8 +52,12 @@ def decide(site_dir: Path, plan_hash: str, action: str, note: str = "") -> dict[
 
 
 def decisions(site_dir: Path) -> dict[str, dict[str, str]]:
-    """The latest decision per plan hash."""
+    """The latest decision per plan hash (read again whenever the file changed: client.runcache)."""
     path = approvals_file(site_dir)
+    return runcache.remember("approvals", str(path), lambda: _read_decisions(path), lambda _: [path])
+
+
+def _read_decisions(path: Path) -> dict[str, dict[str, str]]:
     latest: dict[str, dict[str, str]] = {}
     if path.exists():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -70,8 +76,10 @@ def is_approved(site_dir: Path, plan_hash: str) -> bool:
 
 
 def site_plan(run: RunConfig) -> dict:
-    """The plan of the run this site is asked to take part in, computed from the code and config it runs."""
-    return run_plan(run, load_profile(run.profile))
+    """The plan of the run this site is asked to take part in, computed from the code and config it runs; made
+    again when the config, the profile file or any code file changes (client.runcache)."""
+    return runcache.remember("plan", sha256_json(run.as_dict()), lambda: run_plan(run, load_profile(run.profile)),
+                             lambda _: [resolve_profile_path(run.profile), *code_files()])
 
 
 def pending_plans(site_dir: Path) -> list[Path]:

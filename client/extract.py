@@ -36,7 +36,7 @@ import numpy as np
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
 from client.integrity import IntegrityError, check_image_file
 from client.site import Case, CaseProblem, Site
-from client.sitefiles import atomic_write
+from client.sitefiles import atomic_write, write_json_unless_same, write_unless_same
 from client.workerpool import prepare_worker, worker_pool
 from common.canon import file_sha256
 from common.profile import Profile
@@ -210,7 +210,7 @@ def _input_hashes(case: Case, label_map: Mapping[int, str] | None = None) -> dic
     return hashes
 
 
-def _cache_file(site: Site, profile: Profile, case_id: str) -> Path:
+def cache_file(site: Site, profile: Profile, case_id: str) -> Path:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", case_id)
     tag = hashlib.sha256(case_id.encode()).hexdigest()[:8]
     return site.files.cache_file(profile.short_hash, f"{safe}-{tag}.json")
@@ -267,7 +267,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     with _log_to(log_path):  # from here on: a bad cache entry is logged too
         for case in site.cases:
             hashes[case.case_id] = _input_hashes(case, site.label_map)
-            cached = _read_cache(_cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version,
+            cached = _read_cache(cache_file(site, profile, case.case_id), hashes[case.case_id], profile, version,
                                  case)
             if isinstance(cached, CaseProblem):
                 problems.append(cached)  # failures are cached too: same inputs, same failure
@@ -294,7 +294,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
                 else:
                     assert features is not None
                     results[case_id] = features
-                _write_cache(_cache_file(site, profile, case_id), {
+                _write_cache(cache_file(site, profile, case_id), {
                     "case_id": case_id, "inputs": hashes[case_id], "profile_sha256": profile.sha256,
                     "pyradiomics": version, "features": features, "problem": problem and problem.as_dict(),
                     "input_checks": INPUT_CHECKS})
@@ -341,7 +341,7 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
     for case_id, label, row in zip(table.case_ids, table.labels.tolist(), table.values, strict=True):
         writer.writerow([case_id, diagnosis[int(label)], int(label), *map(repr, row.tolist())])
     text = out.getvalue()
-    atomic_write(path, text)
+    write_unless_same(path, text)  # an unchanged table is not rewritten (its sidecar keeps its time)
     sidecar = {
         "schema": FEATURES_SCHEMA,
         "site": site.name,
@@ -361,7 +361,7 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
         "problems": len(table.problems),
     }
     sidecar_path = path.with_suffix(".json")
-    atomic_write(sidecar_path, json.dumps(sidecar, indent=2))
+    write_json_unless_same(sidecar_path, sidecar, "created")
     return path, sidecar_path
 
 
@@ -443,4 +443,4 @@ def _write_report(site: Site, profile: Profile, version: str, table: FeatureTabl
         "features_csv": features_path(site, profile).name,
         "problems": [p.as_dict() for p in table.problems],
     }
-    atomic_write(site.files.errors, json.dumps(report, indent=2))
+    write_json_unless_same(site.files.errors, report, "finished")

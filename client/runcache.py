@@ -24,6 +24,7 @@ from typing import TypeVar
 T = TypeVar("T")
 Stamp = tuple[int, int, int, int] | None
 SETTLE_NS = 1_000_000_000  # a file changed less than 1 s before its entry was made is not trusted
+MAX_ENTRIES = 4096  # a long-lived process serving many sites and runs drops its oldest entries beyond this
 
 _ENTRIES: dict[tuple[str, Hashable], tuple[tuple[Path, ...], tuple[Stamp, ...], object]] = {}
 _LOCK = threading.Lock()
@@ -60,7 +61,10 @@ def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T
     settled = all(s is None or max(s[2], s[3]) < started - SETTLE_NS for s in now)
     with _LOCK:
         if settled:
-            _ENTRIES[(kind, key)] = (paths, now, value)
+            _ENTRIES.pop((kind, key), None)
+            _ENTRIES[(kind, key)] = (paths, now, value)  # newest last: the oldest leave first
+            while len(_ENTRIES) > MAX_ENTRIES:
+                del _ENTRIES[next(iter(_ENTRIES))]
         else:
             _ENTRIES.pop((kind, key), None)
     return value

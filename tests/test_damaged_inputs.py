@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from client.extract import _cache_file, _input_hashes, _write_cache, extract_site, pyradiomics_version
+from client.extract import _input_hashes, _write_cache, cache_file, extract_site, pyradiomics_version
 from client.importers import read_diagnoses
 from client.site import SiteError, load_site
 from client.sitecheck import check_site
@@ -175,7 +175,7 @@ def test_features_cached_before_the_file_checks_are_not_reused_for_a_damaged_fil
     path = _damage(site_dir, rows[0], "nan-inside-mask")
     # the entry the old code wrote for the damaged file: its hashes, features, no file-check stamp
     case = load_site(site_dir, PROFILE.sequences).cases[0]
-    _write_cache(_cache_file(site, PROFILE, case.case_id), {
+    _write_cache(cache_file(site, PROFILE, case.case_id), {
         "case_id": case.case_id, "inputs": _input_hashes(case), "profile_sha256": PROFILE.sha256,
         "pyradiomics": pyradiomics_version(), "features": dict(zip(good.names, good.values[0].tolist(), strict=True)),
         "problem": None})
@@ -187,7 +187,7 @@ def test_features_cached_before_the_file_checks_are_not_reused_for_a_damaged_fil
     log = (site_dir / ".radfed" / "extraction.log").read_text()
     assert "predates the file checks" in log
     # a clean old entry is checked once, stamped, and reused
-    entry = json.loads(_cache_file(site, PROFILE, rows[1]["case_id"]).read_text())
+    entry = json.loads(cache_file(site, PROFILE, rows[1]["case_id"]).read_text())
     assert entry["input_checks"]
 
 
@@ -264,7 +264,7 @@ def test_cache_entries_of_the_wrong_shape_are_re_extracted_not_a_traceback(tiny_
     site_dir = _copy_site(tiny_site_root, tmp_path, 1)
     site = load_site(site_dir, PROFILE.sequences)
     first, _ = extract_site(site, PROFILE)
-    cache = _cache_file(site, PROFILE, site.cases[0].case_id)
+    cache = cache_file(site, PROFILE, site.cases[0].case_id)
     entry = json.loads(cache.read_text())
     for name, data in _entry_variants(entry).items():
         cache.write_bytes(data)
