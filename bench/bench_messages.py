@@ -110,6 +110,26 @@ def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path]) 
             f"{ours['per_round'] / base['per_round']:.2f}", f"{radfed_wall:.0f}", f"{floor_wall:.0f}"]
 
 
+def profile_simulation(work: Path, dirs: list[Path], config: dict) -> None:
+    """One radfed run with its ClientApp under cProfile in every simulation worker: the top functions, all workers
+    together, and the seconds its handlers took per message."""
+    app = make_app(work / "app-profiled", "server.app:app", "benchapp:profiled_client")
+    out = work / "runs-profiled"
+    shutil.rmtree(out, ignore_errors=True)
+    run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)}
+    approve_demo_plan(dirs, run_config)
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-profiled", app_dir=app, echo=False)
+    files = sorted(out.glob("client-*.prof"))
+    text = io.StringIO()
+    stats = pstats.Stats(*map(str, files), stream=text)
+    calls = sum(n for (path, _, name), (_, n, *_) in stats.stats.items() if name == "__call__"  # type: ignore[attr-defined]
+                and path.endswith("client_app.py"))
+    stats.sort_stats("cumulative").print_stats(r"(client|common|server|flwr)/.*\.py", 20)
+    lines = [line for line in text.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)]
+    print(f"\ncProfile of radfed's ClientApp inside the simulation ({len(dirs)} sites, {len(files)} worker "
+          f"process(es), {calls} message(s)); top functions by cumulative time:\n" + "\n".join(lines))
+
+
 def profile_site(site_dir: Path, config: dict, n_messages: int, reload_each: bool) -> tuple[float, str]:
     """cProfile of ``n_messages`` train messages through radfed's ClientApp (mods included) at one site:
     (seconds per message, the top functions by cumulative time)."""
@@ -129,7 +149,7 @@ def profile_site(site_dir: Path, config: dict, n_messages: int, reload_each: boo
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("cumulative").print_stats(r"(client|common|flwr/clientapp)/.*\.py", 14)
-    lines = [line for line in out.getvalue().splitlines() if line.strip() and "/" in line]
+    lines = [line for line in out.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)]
     return seconds, "\n".join(lines)
 
 
@@ -141,6 +161,8 @@ def main() -> int:
     parser.add_argument("--profile-messages", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-federation", action="store_true", help="only the in-process profile")
+    parser.add_argument("--profile-simulation", action="store_true",
+                        help="one more radfed run on the fewest sites, its ClientApp profiled in the simulation")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-messages-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -158,6 +180,8 @@ def main() -> int:
                       ["sites", "messages", "radfed s/msg", "floor s/msg", "ratio", "radfed s/msg (rounds)",
                        "floor s/msg (rounds)", "ratio (rounds)", "radfed wall s", "floor wall s"], rows)
 
+    if args.profile_simulation:
+        profile_simulation(work, dirs[:sizes[0]], config)
     profiled = []
     for reload_each, label in ((True, "every message reloads the site"), (False, "run cache")):
         seconds, top = profile_site(dirs[0], config, args.profile_messages, reload_each)

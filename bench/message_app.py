@@ -4,6 +4,8 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 - ``timed``: radfed's own ServerApp, its Grid wrapped to record every ``send_and_receive``: the message type,
   the wall seconds, and per message the sizes of request and reply (array bytes, config/metric bytes).
   Written to ``<output-dir>/messages.json``.
+- ``profiled_client``: radfed's ClientApp under cProfile in each simulation worker process, its statistics kept in
+  ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation).
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
   own cost per message: the floor). Written to ``<output-dir>/floor.json``.
@@ -11,7 +13,9 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 
 from __future__ import annotations
 
+import cProfile
 import json
+import os
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -21,6 +25,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
+from client.app import app as radfed_client
 from common.protocol import REPLIES
 from server.app import main as radfed_main
 
@@ -82,6 +87,27 @@ def timed_main(grid: Grid, context: Context) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / RECORD).write_text(json.dumps({"seconds": time.perf_counter() - start, "nodes": len(
             list(grid.get_node_ids())), "batches": recorder.batches}), encoding="utf-8")
+
+
+_PROFILER: list[cProfile.Profile] = []  # one per worker process, made there (a Profile does not pickle)
+
+
+class _ProfiledClientApp(ClientApp):
+    """radfed's ClientApp, profiled; the statistics of this process so far are written after every message."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        if not _PROFILER:
+            _PROFILER.append(cProfile.Profile())
+        _PROFILER[0].enable()
+        try:
+            return radfed_client(message, context)
+        finally:
+            _PROFILER[0].disable()
+            out = Path(str(context.run_config["output-dir"])).expanduser()
+            _PROFILER[0].dump_stats(str(out / f"client-{os.getpid()}.prof"))
+
+
+profiled_client = _ProfiledClientApp()
 
 
 def _padded(array_bytes: int, other_bytes: int, extra: dict[str, int] | None = None) -> RecordDict:
