@@ -35,6 +35,13 @@ from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: 
 from radfed.launch import run_federation  # noqa: E402
 
 ROUND_TYPES = ("train", "evaluate")
+HEADER = ["sites", "messages", "radfed s/msg", "floor s/msg", "ratio", "radfed s/msg (rounds)", "floor s/msg (rounds)",
+          "ratio (rounds)", "radfed wall s", "floor wall s"]
+# This bench on the code before the run cache (commit f5bce54: every message reloaded its site, rewrote the
+# feature table, recomputed the plan; torch.optim imported torch._dynamo in every worker), run back to back with
+# the code after it on the same busy 2-core machine, --sites 4,16 --rounds 5; printed beside every new run.
+BEFORE = [["4", "92", "0.4128", "0.3806", "1.08", "0.2494", "0.0485", "5.14", "61", "64"],
+          ["16", "352", "0.2483", "0.1012", "2.45", "0.1947", "0.0089", "21.99", "122", "61"]]
 
 
 def make_app(folder: Path, server: str, client: str) -> Path:
@@ -176,9 +183,9 @@ def main() -> int:
                 "floor": make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")}
         rows = [one_size(work, dirs[:n], config, apps) for n in sizes]
         print_columns(f"Seconds per site-message, radfed vs the trivial-ClientApp floor ({args.rounds} FedAvg rounds, "
-                      "tiny sites of 10 cases per class, LOSO and local-only off)",
-                      ["sites", "messages", "radfed s/msg", "floor s/msg", "ratio", "radfed s/msg (rounds)",
-                       "floor s/msg (rounds)", "ratio (rounds)", "radfed wall s", "floor wall s"], rows)
+                      "tiny sites of 10 cases per class, LOSO and local-only off; '(rounds)': train and evaluate "
+                      "messages only)", HEADER, rows)
+        print_columns("Before the run cache (recorded, commit f5bce54, same bench and machine)", HEADER, BEFORE)
 
     if args.profile_simulation:
         profile_simulation(work, dirs[:sizes[0]], config)
