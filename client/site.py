@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # Case, CaseProblem, SiteError and DIAGNOSES live in client.cases, which the importers share (no import
 # circle); re-exported here, where the rest of radfed imports them from.
-from client import importers
+from client import importers, runcache
 from client.cases import DIAGNOSES as DIAGNOSES
 from client.cases import Case, CaseProblem, SiteError
 from client.sitefiles import SiteFiles
@@ -178,9 +178,11 @@ def resolved_paths(root: Path, config: SiteConfig) -> tuple[Path, Path]:
 
 
 def site_settings(root: str | Path) -> dict[str, Any]:
-    """The validated ``site.yaml`` as a dict of the keys that have a value (paths resolved)."""
+    """The validated ``site.yaml`` as a dict of the keys that have a value (paths resolved); read again whenever
+    site.yaml or the folder changes (client.runcache)."""
     root = Path(root).expanduser().resolve()
-    return _settings(root, load_site_config(root))
+    return dict(runcache.remember("settings", str(root), lambda: _settings(root, load_site_config(root)),
+                                  lambda _: [root, root / "site.yaml"]))
 
 
 def site_floor(settings: dict[str, Any]) -> int:

@@ -24,12 +24,16 @@ APP_ROOT = Path(__file__).resolve().parent.parent
 CODE_PARTS = ("common", "client", "server")
 
 
+def code_files(root: Path = APP_ROOT) -> list[Path]:
+    """Every .py and profile file of the app (``common``, ``client``, ``server``), in path order."""
+    return sorted(p for part in CODE_PARTS for p in (root / part).rglob("*")
+                  if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
+
+
 def code_sha256(root: Path = APP_ROOT) -> str:
-    """sha256 over every .py and profile file of the app (``common``, ``client``, ``server``), in path order."""
+    """sha256 over every .py and profile file of the app (``code_files``)."""
     digest = hashlib.sha256()
-    files = sorted(p for part in CODE_PARTS for p in (root / part).rglob("*")
-                   if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
-    for path in files:
+    for path in code_files(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 

@@ -7,6 +7,7 @@ running after the run) on free ports, with a private FLWR_HOME, and always stop 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,12 +102,41 @@ def toml_value(value: object) -> str:
     return f"'{text}'"
 
 
+# What Flower 1.42 bundles into an app's FAB (flwr.common.constant.FAB_INCLUDE_PATTERNS), and the top-level
+# folders it walks file by file (flwr.cli.utils.collect_files has no pruning) only to drop what they hold
+BUNDLED_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+BUNDLED_FILES = ("LICENSE", ".gitignore")
+UNBUNDLED_DIRS = {".venv", ".git", ".radfed", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".flwr"}
+
+
+def staged_app(app_dir: Path, into: Path) -> Path:
+    """A copy of the app folder with only the files Flower would bundle, so `flwr run` builds the same FAB without
+    walking a virtualenv inside the app (45k files of ``.venv``: 8.5 s per run). Returns the copy's folder."""
+    app_dir = app_dir.resolve()
+    target = into / app_dir.name
+    shutil.rmtree(target, ignore_errors=True)
+    for folder, dirs, files in os.walk(app_dir):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not (here == app_dir and d in UNBUNDLED_DIRS)]
+        for name in files:
+            source = here / name
+            if source.is_symlink() or not (name.endswith(BUNDLED_SUFFIXES) or
+                                           (here == app_dir and name in BUNDLED_FILES)):
+                continue  # Flower skips symlinks and bundles only these kinds of file
+            copy = target / source.relative_to(app_dir)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, copy)
+    return target
+
+
 def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
                    app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True, cpus_per_node: int = 1) -> int:
     """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code.
 
-    Not echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
+    The app is run from a copy holding only what Flower bundles (``staged_app``, under ``flwr_home``). Not
+    echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
     """
+    app_dir = staged_app(app_dir, flwr_home / "app")
     with simulation_superlink(flwr_home):
         overrides = overrides_text(run_config)
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--federation-config",

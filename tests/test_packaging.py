@@ -247,3 +247,28 @@ def test_the_app_bundle_holds_the_app_only_whatever_lies_beside_it() -> None:
     code = {p.relative_to(ROOT).as_posix() for part in ("common", "client", "server")
             for p in (ROOT / part).rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts}
     assert code <= set(names)  # everything the plan's code hash covers travels
+
+def test_the_staged_app_bundles_the_same_fab_without_its_virtualenv(tmp_path: Path) -> None:
+    """radfed.launch runs `flwr run` from a copy of the app holding only what Flower bundles: the FAB is byte for
+    byte the one Flower builds from the app folder itself, and the copy has no .venv for Flower to walk."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from radfed.launch import staged_app
+
+    app = tmp_path / "radfed"
+    (app / "client" / "__pycache__").mkdir(parents=True)
+    (app / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    (app / "client" / "app.py").write_text("x = 1\n")
+    (app / "client" / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0")
+    (app / "client" / "profile.yaml").write_text("a: 1\n")
+    (app / "docs").mkdir()
+    (app / "docs" / "notes.md").write_text("# notes\n")
+    (app / "docs" / "scan.nii.gz").write_bytes(b"\x1f\x8b")  # data: never bundled
+    (app / "docs" / "link.py").symlink_to(app / "client" / "app.py")  # Flower skips symlinks
+    (app / "LICENSE").write_text("Apache-2.0\n")
+    for i in range(50):  # a virtualenv inside the app folder: Flower walks it and bundles none of it
+        (app / ".venv" / "lib" / f"pkg{i}").mkdir(parents=True)
+        (app / ".venv" / "lib" / f"pkg{i}" / "mod.py").write_text("y = 2\n")
+    staged = staged_app(app, tmp_path / "stage")
+    assert not (staged / ".venv").exists() and not (staged / "docs" / "scan.nii.gz").exists()
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)
