@@ -151,6 +151,8 @@ def main(grid: Grid, context: Context) -> None:
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
         result.harmonization = fitted.histograms
+        if fitted.robustness is not None:
+            result.features["robustness"] = fitted.robustness.summary()
         arrays = trained.arrays
         # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
         result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
