@@ -1,0 +1,95 @@
+"""The robustness filter at a site: perturbed copies are deterministic (profile seed + case content, no site
+secret), keep the stored pixel type, are cached per case and reused, and the sums sent match common.icc."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+import yaml
+
+from client.extract import extract_site
+from client.perturb import draw_seed, perturb_case
+from client.robustness import perturbed_cache_file, perturbed_features
+from client.site import load_site
+from common.profile import PROFILE_DIR, Perturbation, profile_from_dict
+
+
+def small_profile(seed: int = 7, perturbations: list[dict] | None = None):
+    doc = yaml.safe_load((PROFILE_DIR / "default.yaml").read_text(encoding="utf-8"))
+    doc["robustness"] = {"perturbations": perturbations or [{"kind": "noise", "sigma": 0.1},
+                                                            {"kind": "mask", "erode": 1}], "repeats": 1, "seed": seed}
+    return profile_from_dict(doc, source="test")
+
+
+def _site(tiny_site_root: Path, tmp_path: Path):
+    src = next(p for p in tiny_site_root.iterdir() if (p / "manifest.csv").exists())
+    dst = tmp_path / src.name
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(".radfed"))
+    return dst
+
+
+def test_perturbed_features_are_deterministic_cached_and_reused(tiny_site_root, tmp_path):
+    profile = small_profile()
+    site_dir = _site(tiny_site_root, tmp_path)
+    site = load_site(site_dir, profile.sequences)
+    table, _ = extract_site(site, profile)
+    ids = table.case_ids[:2]
+    first = perturbed_features(site, profile, ids)
+    assert set(first) == set(ids) and all(len(c) == 2 for c in first.values())
+    noise, eroded = first[ids[0]]
+    original = dict(zip(table.names, table.values[0], strict=True))
+    # every feature measured in each copy, and the copies really differ from the original
+    assert set(noise) == set(original) == set(eroded)
+    assert noise["t1c/enhancing/original_firstorder_Mean"] != original["t1c/enhancing/original_firstorder_Mean"]
+    assert noise["shape/enhancing/original_shape_VoxelVolume"] == original["shape/enhancing/original_shape_VoxelVolume"]
+    assert eroded["shape/edema/original_shape_VoxelVolume"] < original["shape/edema/original_shape_VoxelVolume"]
+
+    # cached: an entry per case; the next call reads it (a value planted in the entry comes back)
+    path = perturbed_cache_file(site, profile, ids[0])
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    assert entry["profile_sha256"] == profile.sha256 and len(entry["copies"]) == 2
+    entry["copies"][0]["t1c/enhancing/original_firstorder_Mean"] = 12345.0
+    path.write_text(json.dumps(entry), encoding="utf-8")
+    assert perturbed_features(site, profile, ids)[ids[0]][0]["t1c/enhancing/original_firstorder_Mean"] == 12345.0
+
+    # deterministic: extracted again from scratch (another folder, no cache), bit for bit the same
+    again_dir = _site(tiny_site_root, tmp_path / "again")
+    again = perturbed_features(load_site(again_dir, profile.sequences), profile, ids)
+    assert again[ids[1]] == first[ids[1]]
+
+    # another seed is another profile (hash) and other noise; the entry made under the first is not reused
+    other = small_profile(seed=8)
+    assert other.sha256 != profile.sha256
+    moved = perturbed_features(load_site(again_dir, other.sequences), other, ids[1:])[ids[1]]
+    assert moved[0]["t1c/enhancing/original_firstorder_Mean"] != first[ids[1]][0]["t1c/enhancing/original_firstorder_Mean"]
+    assert moved[1] == first[ids[1]][1]  # the erosion draws nothing at random
+
+
+def test_perturbations_keep_pixel_type_and_geometry():
+    rng = np.random.default_rng(0)
+    image = sitk.GetImageFromArray(rng.integers(0, 800, size=(12, 24, 24)).astype(np.int16))
+    image.SetSpacing((1.0, 1.0, 3.0))
+    mask_arr = np.zeros((12, 24, 24), dtype=np.uint8)
+    mask_arr[3:9, 6:18, 6:18] = 2
+    mask_arr[5:7, 10:14, 10:14] = 1
+    mask = sitk.GetImageFromArray(mask_arr)
+    mask.CopyInformation(image)
+    inputs = {"t1c": "a" * 64, "mask": "b" * 64}
+    for kind, amount in (("noise", 0.1), ("translate", 1.0), ("rotate", 10.0), ("dilate", 1), ("erode", 1)):
+        seed = draw_seed(3, inputs, 0)
+        volumes, moved_mask = perturb_case({"t1c": image}, mask, [1, 2], Perturbation(kind, float(amount)), seed)
+        out = volumes["t1c"]
+        assert out.GetPixelID() == image.GetPixelID() and out.GetSize() == image.GetSize()
+        assert out.GetSpacing() == image.GetSpacing() and moved_mask.GetSize() == mask.GetSize()
+        again, again_mask = perturb_case({"t1c": image}, mask, [1, 2], Perturbation(kind, float(amount)), seed)
+        assert np.array_equal(sitk.GetArrayFromImage(again["t1c"]), sitk.GetArrayFromImage(out))
+        assert np.array_equal(sitk.GetArrayFromImage(again_mask), sitk.GetArrayFromImage(moved_mask))
+    # erosion on 3 mm slices with 1 mm pixels: in-plane only (the slab thickness is not stripped)
+    _, eroded = perturb_case({"t1c": image}, mask, [1, 2], Perturbation("erode", 1.0), 0)
+    eroded_arr = sitk.GetArrayFromImage(eroded)
+    assert np.any(eroded_arr[3] == 2) and not np.any(eroded_arr[3, 6, :] == 2)
+    assert draw_seed(3, inputs, 0) != draw_seed(3, inputs, 1) != draw_seed(4, inputs, 1)
