@@ -24,7 +24,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import clinical, phases, pipeline, report, training, validation
+from server import clinical, phases, pipeline, report, robustness, training, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -130,6 +130,8 @@ def main(grid: Grid, context: Context) -> None:
     try:
         ctx.dp_account = privacy_account(run)
         covariate_spec = covariates.describe(run.covariates())
+        if run.robustness_min_icc > 0:
+            robustness.require_perturbations(run.robustness_min_icc, profile)
         node_ids = wait_for_nodes(grid, min_sites, timeout)
         fed = phases.plan_phase(ctx, node_ids, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped

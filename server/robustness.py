@@ -15,6 +15,7 @@ import numpy as np
 
 from common import icc, protocol
 from common.canon import arrays_sha256, sha256_json
+from common.profile import Profile, Robustness
 from server.federation import Cohort, Run, RunRefused
 
 log = logging.getLogger("flwr.radfed.server")
@@ -50,15 +51,21 @@ class RobustnessResult:
         }
 
 
+def require_perturbations(threshold: float, profile: Profile) -> Robustness:
+    """The profile's perturbations; RunRefused, in words, when the filter is on and the profile declares none
+    (checked before any site extracts anything, and again by the phase)."""
+    if profile.robustness is None:
+        raise RunRefused(f"robustness-min-icc = {threshold} but profile {profile.name} v{profile.version} declares "
+                         "no perturbations: add a 'robustness' block to the profile (see common/profiles/default.yaml) "
+                         "or set robustness-min-icc = 0")
+    return profile.robustness
+
+
 def robustness_phase(run: Run, cohort: Cohort) -> RobustnessResult:
     """Pooled ICC of every agreed feature over the cohort's sites; the features below the threshold, or not
     measurable (NaN), are named in ``removed``. Audit ``robustness``."""
-    robust = run.profile.robustness
+    robust = require_perturbations(run.config.robustness_min_icc, run.profile)
     threshold = run.config.robustness_min_icc
-    if robust is None:
-        raise RunRefused(f"robustness-min-icc = {threshold} but profile {run.profile.name} v{run.profile.version} "
-                         "declares no perturbations: add a 'robustness' block to the profile (see "
-                         "common/profiles/default.yaml) or set robustness-min-icc = 0")
     agreement = cohort.agreement
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
     replies = cohort.ask(run, "robustness", protocol.ROBUSTNESS, config)

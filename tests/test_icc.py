@@ -112,3 +112,13 @@ def test_robustness_block_is_hashed_and_counted() -> None:
     assert one.sha256 != other.sha256
     assert one.robustness is not None and one.robustness.measurements == 1 + 3 + 1  # mask ops drawn once
     assert load_profile("default").robustness is not None
+
+
+def test_filter_on_with_a_profile_without_perturbations_is_refused_in_words() -> None:
+    from server.federation import RunRefused
+    from server.robustness import require_perturbations
+
+    bare = profile_from_dict({k: v for k, v in _doc(None).items() if k != "robustness"})
+    with pytest.raises(RunRefused, match="robustness-min-icc = 0.8 but profile t v1 declares no perturbations"):
+        require_perturbations(0.8, bare)
+    assert require_perturbations(0.8, load_profile("default")).measurements == 6
