@@ -109,9 +109,9 @@ def perturbed_features(site: Site, profile: Profile, case_ids: Iterable[str]) ->
                                    "pyradiomics": version, "copies": copies})
                 extracted += 1
             out[case.case_id] = copies
-    if extracted:
-        file_log.info("site %s: %d case(s) extracted under %d perturbation(s) in %.1fs", site.name, extracted,
-                      len(profile.robustness.draws()) if profile.robustness else 0, time.perf_counter() - start)
+        if extracted:  # inside _log_to: the line goes to extraction.log
+            file_log.info("site %s: %d case(s) extracted under %d perturbation(s) in %.1fs", site.name, extracted,
+                          len(profile.robustness.draws()) if profile.robustness else 0, time.perf_counter() - start)
     return out
 
 
