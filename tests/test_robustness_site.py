@@ -94,3 +94,35 @@ def test_perturbations_keep_pixel_type_and_geometry():
     eroded_arr = sitk.GetArrayFromImage(eroded)
     assert np.any(eroded_arr[3] == 2) and not np.any(eroded_arr[3, 6, :] == 2)
     assert draw_seed(3, inputs, 0) != draw_seed(3, inputs, 1) != draw_seed(4, inputs, 1)
+
+
+def test_site_extract_perturbed_fills_the_cache_a_run_reads(tiny_site_root, tmp_path):
+    """`radfed site extract --perturbed`: every usable case's copies go to the cache once (a run then reads them)."""
+    import contextlib
+    import io
+
+    from radfed.cli import main as radfed_main
+
+    site_dir = _site(tiny_site_root, tmp_path)
+    lines = (site_dir / "manifest.csv").read_text(encoding="utf-8").splitlines()
+    (site_dir / "manifest.csv").write_text("\n".join(lines[:4]) + "\n", encoding="utf-8")  # header + 3 cases
+    doc = yaml.safe_load((PROFILE_DIR / "default.yaml").read_text(encoding="utf-8"))
+    doc["robustness"] = {"perturbations": [{"kind": "mask", "dilate": 1}], "repeats": 1, "seed": 1}
+    profile_path = tmp_path / "one-copy.yaml"
+    profile_path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+
+    def extract() -> dict:
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(io.StringIO()):
+            code = radfed_main(["site", "extract", "--site", str(site_dir), "--profile", str(profile_path),
+                                "--perturbed", "--json"])
+        assert code == 0
+        return json.loads(out.getvalue())
+
+    first, again = extract(), extract()
+    assert first["usable_cases"] == 3
+    assert first["perturbed"]["extracted"] == 3 and first["perturbed"]["copies_per_case"] == 1
+    assert again["perturbed"] == {**again["perturbed"], "extracted": 0, "cached": 3}
+    profile = profile_from_dict(doc)
+    site = load_site(site_dir, profile.sequences)
+    assert all(perturbed_cache_file(site, profile, c.case_id).exists() for c in site.cases)
