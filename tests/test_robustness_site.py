@@ -126,3 +126,36 @@ def test_site_extract_perturbed_fills_the_cache_a_run_reads(tiny_site_root, tmp_
     profile = profile_from_dict(doc)
     site = load_site(site_dir, profile.sequences)
     assert all(perturbed_cache_file(site, profile, c.case_id).exists() for c in site.cases)
+
+
+def test_site_reply_is_the_icc_sums_of_its_training_cases_and_names_unmeasured_features(tiny_site_root, tmp_path):
+    from client.robustness import robustness_reply
+    from client.steps import load_site_data
+    from common import icc
+    from radfed.launch import app_run_config
+
+    site_dir = _site(tiny_site_root, tmp_path)
+    doc = yaml.safe_load((PROFILE_DIR / "default.yaml").read_text(encoding="utf-8"))
+    doc["robustness"] = {"perturbations": [{"kind": "noise", "sigma": 0.1}], "repeats": 2, "seed": 3}
+    profile_path = tmp_path / "noise.yaml"
+    profile_path.write_text(yaml.safe_dump(doc), encoding="utf-8")
+    data = load_site_data(site_dir, app_run_config({"profile": str(profile_path), "min-cases-per-class": 5}))
+    names = data.table.names[:40]
+    train = [c for c, held in zip(data.table.case_ids, data.held_out, strict=True) if not held]
+    copies = perturbed_features(data.site, data.profile, train)
+    # one copy of one training case lacks a feature (as when pyradiomics cannot extract a region in a copy)
+    path = perturbed_cache_file(data.site, data.profile, train[0])
+    entry = json.loads(path.read_text(encoding="utf-8"))
+    del entry["copies"][1][names[3]]
+    path.write_text(json.dumps(entry), encoding="utf-8")
+
+    arrays, n = robustness_reply(data, names)
+    assert n == len(train) and set(arrays) == {"ssb", "ssw", "unmeasured"}
+    assert arrays["unmeasured"].tolist() == [1.0 if i == 3 else 0.0 for i in range(len(names))]
+    assert arrays["ssb"][3] == arrays["ssw"][3] == 0.0
+    x = np.array([[data.table.values[data.table.case_ids.index(c)][[data.table.names.index(n) for n in names]],
+                   *[[copy[n] for n in names] for copy in copies[c]]] for c in train])
+    expected = icc.site_icc_sums(x)
+    keep = np.arange(len(names)) != 3
+    np.testing.assert_allclose(arrays["ssb"][keep], expected.ssb[keep], rtol=1e-12)
+    np.testing.assert_allclose(arrays["ssw"][keep], expected.ssw[keep], rtol=1e-12)
