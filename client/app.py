@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 
 from client import compute, ledger, steps
 from client.approvals import approval_check, check_approved
-from client.dp import dp_update_mod
+from client.dp import dp_query_mod, dp_update_mod
 from client.guard import SITE_STATE, privacy_guard, redact_local_paths
 from client.site import Site, SiteError
 from common import combat, covariates
@@ -29,9 +29,9 @@ from common.split import parse_cv_tag
 
 log = logging.getLogger("flwr.radfed.client")
 # order (the first mod is the outermost): errors leave without the site's local paths; the guard checks and
-# logs exactly what leaves, after the optional DP noise on model updates; approval is checked before the
-# handler reads anything
-app = ClientApp(mods=[redact_local_paths, privacy_guard, dp_update_mod, approval_check])
+# logs exactly what leaves, after the optional DP noise on model updates (and on the query phases' sums, added by
+# their handlers; dp_query_mod keeps their budget); approval is checked before the handler reads anything
+app = ClientApp(mods=[redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod, approval_check])
 
 
 def _run(context: Context) -> RunConfig:
@@ -203,9 +203,17 @@ def moments(msg: Message, context: Context) -> Message:
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
             int(config["n-pooled"]), _run(context), c), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context, msg))
+    declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"})
+    if _run(context).dp_query:  # noised per-class sums in the units of the server's pooled ComBat estimates
+        if "arrays" not in msg.content:
+            raise SiteError("the query phases are noised, and the moments message holds no pooled ComBat estimates "
+                            "to standardise with; restart the run")
+        pooled = msg.content["arrays"]
+        noised, counts = compute.noised_moments_reply(x, y, pooled["grand-mean"].numpy(),  # type: ignore[union-attr]
+                                                      pooled["var-pooled"].numpy(), _run(context))  # type: ignore[union-attr]
+        return _reply(msg, declared, arrays=_arrays(noised), metrics=MetricRecord(counts))  # type: ignore[arg-type]
     arrays, counts = compute.moments_reply(x, y)
-    return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}), arrays=_arrays(arrays),
-                  metrics=MetricRecord(counts))
+    return _reply(msg, declared, arrays=_arrays(arrays), metrics=MetricRecord(counts))
 
 
 @app.query("correlation")
@@ -215,7 +223,11 @@ def correlation(msg: Message, context: Context) -> Message:
     data = _data(context, msg)
     x, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=candidates,
                              harmonize=_harmonizer(context, msg))
-    cross, n = compute.correlation_reply(x, pooled["mean"].numpy(), pooled["std"].numpy())  # type: ignore[union-attr]
+    mean, std = pooled["mean"].numpy(), pooled["std"].numpy()  # type: ignore[union-attr]
+    if _run(context).dp_query:  # noised, and no count: the server has the moments' noised ones
+        noised = compute.noised_correlation_reply(x, mean, std, _run(context))
+        return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": noised}))
+    cross, n = compute.correlation_reply(x, mean, std)
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": cross}),
                   metrics=MetricRecord({"n": n}))
 
@@ -250,8 +262,10 @@ def newton(msg: Message, context: Context) -> Message:
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     sent = compute.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, _run(context))
-    return _reply(msg, data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}),
-                  arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
+    declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"})
+    if _run(context).dp_query:  # noised gradient and Hessian only: counts and the (unbounded) loss stay here
+        return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}))
+    return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
                   metrics=MetricRecord({"n": sent.n, "n-hgg": sent.n_pos, "n-bm": sent.n_neg, "loss": sent.loss}))
 
 
@@ -335,6 +349,9 @@ def recalibrate(msg: Message, context: Context) -> Message:
 @app.query("histograms")
 def histograms(msg: Message, context: Context) -> Message:
     """Harmonisation before/after, for the report: k-anonymous histograms of a few features."""
+    if _run(context).dp_query:
+        raise SiteError("the query phases are noised in this run (dp-query-noise-multiplier): histograms are "
+                        "withheld")
     names = _accept_list(context, msg.content["config"], "histogram-features", "histogram-features")  # type: ignore[arg-type]
     edges = msg.content["arrays"]["edges"].numpy()  # type: ignore[union-attr]
     _agreement(context)["histogram-bins"] = int(edges.shape[1]) - 1

@@ -17,10 +17,13 @@ from typing import Any
 from flwr.app import Context, Message
 from flwr.clientapp.typing import ClientAppCallable
 
+from client import runcache
 from client.site import SiteError, site_files, site_settings
 from client.steps import locate_site, run_config
-from common.plan import plan_sha256, run_plan
-from common.profile import load_profile
+from common.canon import sha256_json
+from common.plan import code_files, plan_sha256, run_plan
+from common.profile import load_profile, resolve_profile_path
+from common.protocol import not_approved_reason
 from common.runconfig import RunConfig
 
 log = logging.getLogger("flwr.radfed.client")
@@ -60,7 +63,10 @@ def decide(site_dir: Path, plan_hash: str, action: str, note: str = "") -> dict[
 
 def history(site_dir: Path) -> list[dict[str, str]]:
     """Every decision in the order it was made (the approvals file, validated line by line)."""
-    path = approvals_file(site_dir)
+    return _read_history(approvals_file(site_dir))
+
+
+def _read_history(path: Path) -> list[dict[str, str]]:
     out: list[dict[str, str]] = []
     if path.exists():
         for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
@@ -77,8 +83,10 @@ def history(site_dir: Path) -> list[dict[str, str]]:
 
 
 def decisions(site_dir: Path) -> dict[str, dict[str, str]]:
-    """The latest decision per plan hash."""
-    return {entry["plan_sha256"]: entry for entry in history(site_dir)}
+    """The latest decision per plan hash (read again whenever the file changed: client.runcache)."""
+    path = approvals_file(site_dir)
+    return runcache.remember("approvals", str(path),
+                             lambda: {entry["plan_sha256"]: entry for entry in _read_history(path)}, lambda _: [path])
 
 
 def is_approved(site_dir: Path, plan_hash: str) -> bool:
@@ -87,8 +95,10 @@ def is_approved(site_dir: Path, plan_hash: str) -> bool:
 
 
 def site_plan(run: RunConfig) -> dict:
-    """The plan of the run this site is asked to take part in, computed from the code and config it runs."""
-    return run_plan(run, load_profile(run.profile))
+    """The plan of the run this site is asked to take part in, computed from the code and config it runs; made
+    again when the config, the profile file or any code file changes (client.runcache)."""
+    return runcache.remember("plan", sha256_json(run.as_dict()), lambda: run_plan(run, load_profile(run.profile)),
+                             lambda _: [resolve_profile_path(run.profile), *code_files()])
 
 
 def pending_plans(site_dir: Path) -> list[Path]:
@@ -130,10 +140,7 @@ def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tup
         saved = site_files(site_dir).plan(plan_hash)
         saved.parent.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
-        raise NotApproved(
-            f"run plan not approved: site {name} has {'revoked' if revoked else 'not approved'} run plan {plan_hash}; "
-            f"no data was read. Review it at the site with: radfed site plan show {plan_hash} --site {site_dir}; "
-            f"approve it with: radfed site approve {plan_hash} --site {site_dir}")
+        raise NotApproved(not_approved_reason(str(name), revoked, plan_hash, str(site_dir)))
     return plan_hash, "approved"
 
 

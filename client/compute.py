@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from client.site import SiteError
-from common import clinical, combat, curves, exact, metrics, model, moments, selection
+from common import clinical, combat, curves, dp_query, exact, metrics, model, moments, selection
 from common.runconfig import RunConfig
 
 
@@ -32,6 +32,23 @@ def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], 
 def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, int]:
     """Phase: cross-products of the candidates over the training split, standardised with pooled values."""
     return selection.site_crossproducts(x, mean, std), len(x)
+
+
+def noised_moments_reply(x: np.ndarray, y: np.ndarray, grand_mean: np.ndarray, var_pooled: np.ndarray,
+                         run: RunConfig) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Phase, with the query phases noised: per-class count, Σu and Σu² of u = the harmonised features x (n, d)
+    standardised with ComBat's pooled estimates (the server's) and clipped, each with Gaussian noise drawn from a
+    fresh generator seeded by the operating system."""
+    loc, scale = dp_query.reference(grand_mean, var_pooled)
+    u = dp_query.clip_standardised(x, loc, scale, run.dp_query_clip)
+    return dp_query.private_moments(u, y, run.dp_query_noise_multiplier, run.dp_query_clip, np.random.default_rng())
+
+
+def noised_correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray, run: RunConfig) -> np.ndarray:
+    """Phase, noised: Σ z zᵀ of the candidates, z standardised with the pooled values and clipped, plus noise."""
+    z = dp_query.clip_standardised(x, mean, np.where(std > 0, std, 1.0), run.dp_query_clip)
+    return dp_query.private_crossproducts(z, run.dp_query_noise_multiplier, run.dp_query_clip,
+                                          np.random.default_rng())
 
 
 def combat_options(run: RunConfig) -> dict[str, bool]:
@@ -74,6 +91,12 @@ def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], 
         exact.check_dimensions(len(y), x.shape[1], site_name, factor)
     except ValueError as exc:
         raise SiteError(str(exc)) from None
+    if run.dp_query:  # every case's [1, z] bounded, then the summed terms noised (common/dp_query.py)
+        z = dp_query.clip_standardised(x, arrays["mean"], arrays["scale"], run.dp_query_clip)
+        terms = exact.site_terms(z, y, arrays["coef"], pos_weight)
+        grad, hess = dp_query.private_newton(terms.grad, terms.hess, x.shape[1], pos_weight,
+                                             run.dp_query_noise_multiplier, run.dp_query_clip, np.random.default_rng())
+        return exact.SiteTerms(grad, hess, float("nan"), terms.n, terms.n_pos, terms.n_neg)
     z = (x - arrays["mean"]) / arrays["scale"]
     return exact.site_terms(z, y, arrays["coef"], pos_weight)
 

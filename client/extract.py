@@ -38,7 +38,7 @@ import numpy as np
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
 from client.featurecache import cache_file, new_entry, read_cache, write_cache
 from client.site import Case, CaseProblem, Site
-from client.sitefiles import atomic_write
+from client.sitefiles import write_json_unless_same, write_unless_same
 from client.workerpool import prepare_worker, worker_pool
 from common.canon import file_sha256
 from common.profile import Profile
@@ -332,7 +332,7 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
     for case_id, label, row in zip(table.case_ids, table.labels.tolist(), table.values, strict=True):
         writer.writerow([case_id, diagnosis[int(label)], int(label), *map(repr, row.tolist())])
     text = out.getvalue()
-    atomic_write(path, text)
+    write_unless_same(path, text)  # an unchanged table is not rewritten (its sidecar keeps its time)
     sidecar = {
         "schema": FEATURES_SCHEMA,
         "site": site.name,
@@ -352,7 +352,7 @@ def save_features(site: Site, profile: Profile, version: str, table: FeatureTabl
         "problems": len(table.problems),
     }
     sidecar_path = path.with_suffix(".json")
-    atomic_write(sidecar_path, json.dumps(sidecar, indent=2))
+    write_json_unless_same(sidecar_path, sidecar, "created")
     return path, sidecar_path
 
 
@@ -383,4 +383,4 @@ def _write_report(site: Site, profile: Profile, version: str, table: FeatureTabl
         "features_csv": features_path(site, profile).name,
         "problems": [p.as_dict() for p in table.problems],
     }
-    atomic_write(site.files.errors, json.dumps(report, indent=2))
+    write_json_unless_same(site.files.errors, report, "finished")

@@ -17,15 +17,16 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
+from flwr.common.constant import ErrorCode
 
 from client.ledger import Declaration, Ledger, take
 from client.site import site_floor, site_settings
 from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
 from common.canon import json_safe
-from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, NESTED_ROWS, REPLIES
+from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, NESTED_ROWS, WITHHELD_WHEN_NOISED, reply_spec
 
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
@@ -34,17 +35,24 @@ class PrivacyError(RuntimeError):
     """A reply that would break the privacy rules; names the offending key."""
 
 
-def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str, int] | None = None) -> None:
+def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str, int] | None = None,
+                noised: bool = False) -> None:
     """Raise PrivacyError unless ``content`` is an allowed reply to ``message_type``.
+
+    ``noised``: the run noises the query phases (``dp-query-noise-multiplier`` > 0); their replies must then be
+    the noised ones (``common.protocol.NOISED_REPLIES``), whose exact counts stay at the site and are checked by
+    ``check_release`` on the declared case sets.
 
     ``sizes`` gives the run's shape symbols (``d`` agreed features, ``q`` ComBat design columns,
     ``m`` selection candidates, ``s`` model features);
     every array must have exactly its declared shape, and with a symbol still unknown no such array
     may be sent at all.
     """
-    spec = REPLIES.get(message_type)
+    spec = reply_spec(message_type, noised)
     if spec is None:
         raise PrivacyError(f"message type {message_type!r} is not in the protocol: nothing is sent")
+    if noised and message_type in WITHHELD_WHEN_NOISED:
+        raise PrivacyError(f"{message_type}: not sent while the query phases are noised (dp-query-noise-multiplier)")
     sizes = sizes or {}
     for name, record in content.items():
         if name not in spec.record_names:
@@ -73,7 +81,7 @@ def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str,
                 else:
                     _check_counts(message_type, key, array.numpy(), spec.arrays[key].k_rule, k)
     metrics = [r for r in content.values() if isinstance(r, MetricRecord)]
-    for count_key in spec.count_keys:
+    for count_key in spec.count_keys if spec.counts_sent else ():
         counts = [int(r[count_key]) for r in metrics if count_key in r]  # type: ignore[arg-type]
         if not counts:
             raise PrivacyError(f"{message_type}: the reply must state its case count {count_key!r}")
@@ -176,10 +184,15 @@ def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: Rec
 
 
 def check_release(message_type: str, content: RecordDict, declared: Declaration | None, ledger: Ledger,
-                  run_id: int) -> None:
+                  run_id: int, k: int | None = None, noised: bool = False) -> None:
     """Refuse unless the reply names the case set behind each of its counts (sizes equal) and those sets keep
-    the ledger's invariant with every earlier release; then record them as released."""
-    spec = REPLIES[message_type]
+    the ledger's invariant with every earlier release; then record them as released.
+
+    A noised reply (``noised``) sends no exact count: each count key's declared set must then hold >= ``k``
+    patients itself."""
+    spec = reply_spec(message_type, noised)
+    if spec is None:
+        raise PrivacyError(f"message type {message_type!r} is not in the protocol: nothing is sent")
     if not spec.count_keys:
         return  # counts from the manifest only: no statistic of any case's values
     if declared is None:
@@ -192,7 +205,13 @@ def check_release(message_type: str, content: RecordDict, declared: Declaration 
         name = declared.counts.get(key)
         if name is None or name not in declared.sets:
             raise PrivacyError(f"{message_type}: no case set is named for the count {key!r}; nothing is sent")
-        if int(metrics[key]) != len(declared.sets[name]):  # type: ignore[call-overload]
+        if not spec.counts_sent:
+            if k is None:
+                raise PrivacyError(f"{message_type}: a noised reply is checked against k, and none was given")
+            if len(declared.sets[name]) < k:
+                raise PrivacyError(f"{message_type}: {key!r} counts {len(declared.sets[name])} patients, fewer than "
+                                   f"k = {k}; nothing is sent")
+        elif int(metrics[key]) != len(declared.sets[name]):  # type: ignore[call-overload]
             raise PrivacyError(f"{message_type}: {key!r} = {metrics[key]} but its case set {name!r} holds "
                                f"{len(declared.sets[name])} patients; nothing is sent")
     why = ledger.check(declared.sets)
@@ -213,17 +232,14 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     settings = site_settings(site_dir)
     floor = site_floor(settings)
     k = max(run.min_cases_per_class, floor)  # the site's own floor holds whatever the run asks
-    check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context))
+    noised = run.dp_query
+    check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context), noised)
     check_release(msg.metadata.message_type, reply.content, declared,
-                  Ledger(SiteFiles(Path(settings["output_dir"])).release, floor), context.run_id)
+                  Ledger(SiteFiles(Path(settings["output_dir"])).release, floor), context.run_id, k, noised)
     config = msg.content.get("config")
     fold = str(config.get("fold", "")) if isinstance(config, ConfigRecord) else ""
     record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content, fold)
     return reply
-
-
-class SiteRefusal(RuntimeError):
-    """A site's error as it leaves the site: the message with the site's local paths replaced."""
 
 
 def _local_paths(context: Context) -> list[tuple[str, str]]:
@@ -251,4 +267,6 @@ def redact_local_paths(msg: Message, context: Context, call_next: ClientAppCalla
         for path, placeholder in _local_paths(context):
             text = text.replace(path, placeholder)
         logging.getLogger("flwr.radfed.client").error("refusing %s: %s", msg.metadata.message_type, exc)
-        raise SiteRefusal(text) from None
+        # an error reply, as Flower's own mods send one: a refusal is an answer, not a crash (no traceback in the
+        # logs, and the text arrives as the site wrote it)
+        return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=text), reply_to=msg)

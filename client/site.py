@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 # Case, CaseProblem, SiteError and DIAGNOSES live in client.cases, which the importers share (no import
 # circle); re-exported here, where the rest of radfed imports them from.
-from client import importers
+from client import importers, runcache
 from client.cases import DIAGNOSES as DIAGNOSES
 from client.cases import Case, CaseProblem, SiteError
 from client.sitefiles import SiteFiles
@@ -81,8 +81,9 @@ class SiteConfig(BaseModel):
     require_approval: bool = Field(True, strict=True)
     # also write every array's values (not only shape and sha256) to the outbox: for audits; large
     outbox_values: bool = Field(False, strict=True)
-    # the site's own cap on the differential privacy its model updates may spend, over all runs (per-case
-    # unit, zCDP composed, converted at dp_budget_delta); with a cap, updates without DP noise are refused
+    # the site's own cap on the differential privacy its model updates and noised query releases may spend,
+    # together, over all runs (one case changed, zCDP composed, converted at dp_budget_delta); with a cap, updates
+    # and the moments, correlation and Newton queries without DP noise are refused
     dp_budget_epsilon: float | None = Field(None, gt=0)
     dp_budget_delta: float = Field(1e-5, gt=0, lt=1)
 
@@ -177,9 +178,11 @@ def resolved_paths(root: Path, config: SiteConfig) -> tuple[Path, Path]:
 
 
 def site_settings(root: str | Path) -> dict[str, Any]:
-    """The validated ``site.yaml`` as a dict of the keys that have a value (paths resolved)."""
+    """The validated ``site.yaml`` as a dict of the keys that have a value (paths resolved); read again whenever
+    site.yaml or the folder changes (client.runcache)."""
     root = Path(root).expanduser().resolve()
-    return _settings(root, load_site_config(root))
+    return dict(runcache.remember("settings", str(root), lambda: _settings(root, load_site_config(root)),
+                                  lambda _: [root, root / "site.yaml"]))
 
 
 def site_floor(settings: dict[str, Any]) -> int:

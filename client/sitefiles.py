@@ -17,10 +17,12 @@ its path, so the layout can be read (and changed) in one place::
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -105,3 +107,28 @@ def atomic_write(path: Path, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def write_unless_same(path: Path, text: str) -> bool:
+    """atomic_write unless the file already holds exactly ``text`` (an unchanged file keeps its stamp, so what
+    watches it, client.runcache, sees no change); True when written."""
+    try:
+        if path.read_text(encoding="utf-8") == text:
+            return False
+    except (OSError, ValueError):
+        pass
+    atomic_write(path, text)
+    return True
+
+
+def write_json_unless_same(path: Path, doc: dict[str, Any], volatile: str) -> bool:
+    """Write ``doc`` (indented JSON) unless the file holds the same document apart from its ``volatile`` key
+    (the time it was made); True when written."""
+    try:
+        old = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(old, dict) and {**old, volatile: None} == {**doc, volatile: None}:
+            return False
+    except (OSError, ValueError):
+        pass
+    atomic_write(path, json.dumps(doc, indent=2))
+    return True

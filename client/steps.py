@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 
-from client import patients
+from client import patients, runcache
 from client.extract import FeatureTable, extract_site, pyradiomics_version
+from client.featurecache import cache_file
 from client.ledger import Blocking, Declaration, Ledger
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from client.sitefiles import atomic_write
 from common import covariates as cov
-from common.profile import Profile, load_profile
+from common.profile import Profile, load_profile, resolve_profile_path
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig, parse
 from common.split import cv_tag, eligibility_problem, parse_cv_tag, split_problem
@@ -204,6 +205,8 @@ def _add_to_errors_report(site: Site, problems: list[CaseProblem]) -> None:
     report = json.loads(path.read_text(encoding="utf-8")) if path.exists() else {"problems": []}
     known = {(p["case_id"], p["reason"]) for p in report["problems"]}
     new = [p.as_dict() for p in problems if (p.case_id, p.reason) not in known]
+    if not new:
+        return  # already named: the report is not rewritten
     report["problems"] += new
     report["cases_used"] = report.get("cases_used", 0) - len(new)
     atomic_write(path, json.dumps(report, indent=2))
@@ -258,17 +261,53 @@ def _split_problem(data: SiteData, k: int) -> str | None:
                          int(np.sum((y == 1) & held_out)), int(np.sum((y == 0) & held_out)), k)
 
 
+Loaded = tuple[Site, Profile, FeatureTable, np.ndarray | None]
+
+
 def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], workers: int = 1) -> SiteData:
     """Features of every usable case (extracted or from the cache), one row per patient, the ComBat
-    covariates when the run has them, and the held-out split by whole release blocks."""
+    covariates when the run has them, and the held-out split by whole release blocks.
+
+    The site is read, checked and hashed once per process and read again only when one of its files changed
+    (client.runcache); the split is drawn anew every time, since it depends on the release ledger."""
     run = run_config(values)
-    site, profile = open_site(site_dir, run.profile)
+    root = Path(site_dir).expanduser().resolve()
+    key = (str(root), run.profile, run.combat_covariates if run.combat else "")
+    (site, profile, table, design), _ = runcache.remember("site", key, lambda: _load(root, run, workers),
+                                                          lambda loaded: loaded[1])
+    return split_site(site, profile, table, design, run)
+
+
+def _load(site_dir: Path, run: RunConfig, workers: int) -> tuple[Loaded, list[Path]]:
+    """The site's cases and features, and every file they were made from (client.runcache watches them)."""
+    profile = load_profile(str(site_settings(site_dir).get("profile") or run.profile))
+    raw = load_site(site_dir, profile.sequences)
+    watched = _site_files(raw, run)  # duplicates' files too: a changed one may no longer be a duplicate
+    site = patients.one_row_per_patient(raw)
     table, _ = extract_site(site, profile, workers=workers)
+    watched += [cache_file(site, profile, c.case_id) for c in site.cases]
     spec = run.covariates()
     design = None
     if spec:
         table, design = code_covariates(site, table, spec)
-    return split_site(site, profile, table, design, run)
+    return (site, profile, table, design), watched
+
+
+def _site_files(site: Site, run: RunConfig) -> list[Path]:
+    """What a site's cases are read from: site.yaml, the manifest or labels.csv, the profile, and each case's
+    images and mask (every file of a DICOM folder); for folder layouts, the data root and each case folder."""
+    files = [site.root / "site.yaml", site.root / str(site.settings["manifest"]),
+             site.root / str(site.settings["labels_csv"]),
+             resolve_profile_path(str(site.settings.get("profile") or run.profile))]
+    folders = site.settings.get("source", "manifest") != "manifest"
+    if folders:
+        files.append(Path(site.settings["data_root"]))
+    for case in site.cases:
+        for path in (*case.images.values(), case.mask):
+            files += sorted(path.rglob("*")) if path.is_dir() else [path]
+            if folders:
+                files.append(path.parent)
+    return files
 
 
 def covariate_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:

@@ -52,18 +52,29 @@ def train_local(model: RadiomicsLogistic, x: np.ndarray, y: np.ndarray, epochs: 
     yt = torch.as_tensor(y, dtype=torch.float64)
     loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
     # weight decay on the weights only: penalising the intercept would bias the class balance
-    optimizer = torch.optim.SGD([
-        {"params": [model.linear.weight], "weight_decay": weight_decay},
-        {"params": [model.linear.bias], "weight_decay": 0.0},
-    ], lr=lr)
+    decay = ((model.linear.weight, weight_decay), (model.linear.bias, 0.0))
     model.train()
     loss = torch.tensor(float("nan"))
     for _ in range(epochs):
-        optimizer.zero_grad()
+        for param, _ in decay:
+            param.grad = None
         loss = loss_fn(model(xt), yt)
         loss.backward()
-        optimizer.step()
+        _sgd_step(decay, lr)
     return float(loss.detach())
+
+
+@torch.no_grad()
+def _sgd_step(decay: tuple[tuple[torch.Tensor, float], ...], lr: float) -> None:
+    """One step of torch.optim.SGD without momentum, the same operations in the same order (so bit for bit the
+    same), written out because torch.optim's first step imports torch._dynamo: ~800 modules, 3 to 7 s in every
+    new process, i.e. in every simulation worker and deployed ClientApp process."""
+    for param, weight_decay in decay:
+        grad = param.grad
+        assert grad is not None
+        if weight_decay != 0:
+            grad = grad.add(param, alpha=weight_decay)
+        param.add_(grad, alpha=-lr)
 
 
 def predict_proba(model: RadiomicsLogistic, x: np.ndarray) -> np.ndarray:

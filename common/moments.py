@@ -44,3 +44,15 @@ def pooled_mean_std(counts: Sequence[int], means: Sequence[np.ndarray], m2s: Seq
     if n - ddof <= 0:
         raise ValueError(f"{n} cases are too few for ddof={ddof}")
     return mean, np.sqrt(np.maximum(m2, 0.0) / (n - ddof))
+
+
+def site_share(counts: Sequence[int], means: Sequence[np.ndarray], m2s: Sequence[np.ndarray]) -> np.ndarray:
+    """(d,) share of each feature's pooled variation that lies between sites: (total M2 − Σ site M2) / total M2,
+    the R² of the feature regressed on site indicators (eta²). 0 when every site has the same mean, 1 when the
+    site alone fixes the value; NaN where the pooled data do not vary. How predictable the site is from the
+    feature: what scanner harmonisation should bring down."""
+    _, _, total = pool_moments(counts, means, m2s)
+    within = np.sum([np.asarray(m, float) for m in m2s], axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        share = np.where(total > 0, (total - within) / total, np.nan)
+    return np.clip(share, 0.0, 1.0)  # rounding can put a constant-mean feature a hair below 0

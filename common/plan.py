@@ -16,7 +16,7 @@ from typing import Any
 
 from common.canon import sha256_json
 from common.profile import Profile
-from common.protocol import PROTOCOL_VERSION, REPLIES
+from common.protocol import PROTOCOL_VERSION, REPLIES, WITHHELD_WHEN_NOISED, reply_spec
 from common.runconfig import RunConfig, parse
 
 PLAN_SCHEMA = "radfed.plan/1"
@@ -24,22 +24,34 @@ APP_ROOT = Path(__file__).resolve().parent.parent
 CODE_PARTS = ("common", "client", "server")
 
 
+def code_files(root: Path = APP_ROOT) -> list[Path]:
+    """Every .py and profile file of the app (``common``, ``client``, ``server``), in path order."""
+    return sorted(p for part in CODE_PARTS for p in (root / part).rglob("*")
+                  if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
+
+
 def code_sha256(root: Path = APP_ROOT) -> str:
-    """sha256 over every .py and profile file of the app (``common``, ``client``, ``server``), in path order."""
+    """sha256 over every .py and profile file of the app (``code_files``)."""
     digest = hashlib.sha256()
-    files = sorted(p for part in CODE_PARTS for p in (root / part).rglob("*")
-                   if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts)
-    for path in files:
+    for path in code_files(root):
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
-def messages() -> dict[str, dict[str, Any]]:
-    """Every message type and what a site's reply to it may hold (keys, descriptions, array shapes)."""
-    return {kind: {"config": dict(spec.config), "metrics": dict(spec.metrics),
-                   "arrays": {k: {"shape": list(a.shape), "holds": a.description} for k, a in spec.arrays.items()},
-                   "at_least_k_cases": list(spec.count_keys)}
-            for kind, spec in REPLIES.items()}
+def messages(noised: bool = False) -> dict[str, dict[str, Any]]:
+    """Every message type and what a site's reply to it may hold (keys, descriptions, array shapes); with
+    ``noised`` (differential privacy on the query phases) the noised replies in place of the exact ones, marked."""
+    out = {}
+    for kind in REPLIES:
+        spec = reply_spec(kind, noised)
+        assert spec is not None
+        out[kind] = {"config": dict(spec.config), "metrics": dict(spec.metrics),
+                     "arrays": {k: {"shape": list(a.shape), "holds": a.description} for k, a in spec.arrays.items()},
+                     "at_least_k_cases": list(spec.count_keys),
+                     **({} if spec.counts_sent else {"noised": "differential privacy (dp-query-noise-multiplier)"}),
+                     **({"withheld": "not sent: the query phases are noised"}
+                        if noised and kind in WITHHELD_WHEN_NOISED else {})}
+    return out
 
 
 def run_plan(run_config: RunConfig | Mapping[str, Any], profile: Profile, code: str | None = None) -> dict[str, Any]:
@@ -47,7 +59,7 @@ def run_plan(run_config: RunConfig | Mapping[str, Any], profile: Profile, code: 
     run = run_config if isinstance(run_config, RunConfig) else parse(run_config)
     return {"schema": PLAN_SCHEMA, "code_sha256": code or code_sha256(), "run_config": run.site_facing(),
             "profile": {"name": profile.name, "version": profile.version, "sha256": profile.sha256},
-            "protocol": PROTOCOL_VERSION, "messages": messages()}
+            "protocol": PROTOCOL_VERSION, "messages": messages(run.dp_query_noise_multiplier > 0)}
 
 
 def plan_sha256(plan: Mapping[str, Any]) -> str:
@@ -78,7 +90,9 @@ def summary(plan: Mapping[str, Any], site_k: int = 0) -> str:
               "feature counts, never by the number of cases; and no combination of what the site ever released",
               "singles out fewer than k patients: docs/privacy.md, the release rule):"]
     for kind, spec in plan["messages"].items():
-        lines.append(f"  {kind}")
+        note = (" (noised: differential privacy)" if spec.get("noised")
+                else " (withheld)" if spec.get("withheld") else "")
+        lines.append(f"  {kind}{note}")
         for key, text in {**spec["config"], **spec["metrics"]}.items():
             lines.append(f"    {key}: {text}")
         for key, arr in spec["arrays"].items():

@@ -12,6 +12,26 @@ PROTOCOL_VERSION = "3"
 DEFAULT_K = 5
 
 PLAN = "query.plan"
+
+# How a site that did not approve the run's plan says so (client.approvals writes it, server.phases reads the site's
+# name from it: the site refuses before reading anything, so no plan reply carries its name).
+NOT_APPROVED = "run plan not approved"
+
+
+def not_approved_reason(site: str, revoked: bool, plan_hash: str, site_dir: str) -> str:
+    return (f"{NOT_APPROVED}: site {site} has {'revoked' if revoked else 'not approved'} run plan {plan_hash}; "
+            f"no data was read. Review it at the site with: radfed site plan show {plan_hash} --site {site_dir}; "
+            f"approve it with: radfed site approve {plan_hash} --site {site_dir}")
+
+
+def refusing_site(reason: str) -> str | None:
+    """The site named in a :func:`not_approved_reason`, or None for any other text."""
+    head = f"{NOT_APPROVED}: site "
+    if not reason.startswith(head):
+        return None
+    name, sep, _ = reason[len(head):].partition(" has ")
+    return name if sep and name else None
+
 FEATURES = "query.features"
 COMBAT_FIT = "query.combat_fit"
 COMBAT_RESIDUALS = "query.combat_residuals"
@@ -70,6 +90,9 @@ class ReplySpec:
         count_keys: the metrics holding the numbers of cases the reply's statistics aggregate over
             (each must be >= k); empty for replies holding counts only.
         record_names: the RecordDict keys allowed in the reply.
+        counts_sent: False for the noised replies of the query phases (``NOISED_REPLIES``): their exact counts do
+            not leave the site; each count key still names the true case set the handler declares, which the
+            guard checks (>= k, release ledger) in their place.
     """
 
     config: dict[str, str] = field(default_factory=dict)
@@ -77,6 +100,7 @@ class ReplySpec:
     arrays: dict[str, ArraySpec] = field(default_factory=dict)
     count_keys: tuple[str, ...] = ()
     record_names: tuple[str, ...] = ("config", "metrics", "arrays")
+    counts_sent: bool = True
 
 
 REPLIES: dict[str, ReplySpec] = {
@@ -216,3 +240,41 @@ REPLIES[ROBUSTNESS] = ReplySpec(
     metrics={"n": "training cases"},
     count_keys=("n",),
 )
+
+# With differential privacy on the query phases (run config ``dp-query-noise-multiplier`` > 0, common/dp_query.py),
+# these replies take the place of the exact ones: sums of each case's clipped contribution, in units the server
+# fixed before the release, each with Gaussian noise added at the site. The exact counts are not sent.
+NOISED_REPLIES: dict[str, ReplySpec] = {
+    MOMENTS: ReplySpec(
+        arrays={f"{kind}-{cls}": ArraySpec(f"noised sum over {name} training cases of {what}", ("d",))
+                for cls, name in (("hgg", "HGG"), ("bm", "BM"))
+                for kind, what in (("sum", "u = clip((x - reference location) / reference scale, -c, c)"),
+                                   ("sumsq", "u squared"))},
+        metrics={"n-hgg-noised": "HGG training cases plus Gaussian noise (std z)",
+                 "n-bm-noised": "BM training cases plus Gaussian noise (std z)"},
+        count_keys=("n", "n-hgg", "n-bm"), counts_sent=False,
+    ),
+    CORRELATION: ReplySpec(
+        arrays={"crossproducts": ArraySpec("noised sum over training cases of z zᵀ, z = clip((x - pooled mean) / "
+                                           "pooled std, -c, c) of the candidates", ("m", "m"))},
+        count_keys=("n",), counts_sent=False,
+    ),
+    NEWTON: ReplySpec(
+        arrays={"grad": ArraySpec("noised gradient of the class-weighted log-likelihood summed over training cases, "
+                                  "features clipped to [-c, c] after standardising", ("c",)),
+                "hess": ArraySpec("its noised Hessian (symmetric noise)", ("c", "c"))},
+        count_keys=("n", "n-hgg", "n-bm"), counts_sent=False,
+    ),
+}
+
+# not sent at all when the query phases are noised: the report's before/after histograms (counts per bin of
+# single features have no useful noised form at these sizes)
+WITHHELD_WHEN_NOISED = (HISTOGRAMS,)
+
+
+def reply_spec(message_type: str, noised: bool = False) -> ReplySpec | None:
+    """The reply a site may send to ``message_type``: the noised one when the run noises the query phases and
+    the message type is one of them."""
+    if noised and message_type in NOISED_REPLIES:
+        return NOISED_REPLIES[message_type]
+    return REPLIES.get(message_type)

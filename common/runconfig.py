@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from common import covariates
 from common.protocol import DEFAULT_K
@@ -64,6 +64,8 @@ class RunConfig(BaseModel):
     dp_noise_multiplier: float = Field(alias="dp-noise-multiplier", ge=0)
     dp_clip_norm: float = Field(alias="dp-clip-norm", gt=0)
     dp_delta: float = Field(alias="dp-delta", gt=0, lt=1)
+    dp_query_noise_multiplier: float = Field(alias="dp-query-noise-multiplier", ge=0, allow_inf_nan=False)
+    dp_query_clip: float = Field(alias="dp-query-clip", gt=0, allow_inf_nan=False)
     curve_points: int = Field(alias="curve-points", ge=2, le=100, strict=True)
     score_bins: int = Field(alias="score-bins", ge=2, le=400, strict=True)
     decision_thresholds: int = Field(alias="decision-thresholds", ge=1, le=99, strict=True)
@@ -79,6 +81,21 @@ class RunConfig(BaseModel):
     def _covariates(cls, value: str) -> str:
         covariates.parse(value)  # raises CovariateError (a ValueError) naming the entry and the fix
         return value
+
+    @model_validator(mode="after")
+    def _dp_query_reference(self) -> RunConfig:
+        # the noised moments are standardised with ComBat's pooled estimates (docs/privacy.md, section 2a):
+        # without them no reference fixed before the release exists
+        if self.dp_query_noise_multiplier > 0 and self.harmonization != "combat":
+            raise ValueError("dp-query-noise-multiplier > 0 needs harmonization = 'combat' (its pooled grand mean "
+                             "and variance are the reference each site standardises and clips its features with); "
+                             "set harmonization = 'combat' or dp-query-noise-multiplier = 0")
+        return self
+
+    @property
+    def dp_query(self) -> bool:
+        """Whether the query phases' sums are noised (common/dp_query.py)."""
+        return self.dp_query_noise_multiplier > 0
 
     @property
     def combat(self) -> bool:

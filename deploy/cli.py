@@ -8,7 +8,7 @@ authentication. Everything lives in one deployment folder (``--dir``, default ``
                                             crash: same ports, same database, the sites stay registered
   register [--sites a,b]                    register the sites' public keys with the SuperLink
   supernode --name NAME --site DIR          start one hospital's flower-supernode in the background
-  run [--run-config "k=v ..."]              flwr run, its log stream; then the run's status, report and audit log
+  run [--plan plan.json] [--run-config ..]  flwr run (of the approved plan), its log stream; then status and outputs
   status [--json]                           which processes are alive; Flower's runs and SuperNodes
   stop [NAME ...]                           SIGTERM the SuperNodes and the SuperLink, then SIGKILL stragglers
 
@@ -57,7 +57,7 @@ from deploy.processes import (
     stop_processes,
     tail,
 )
-from deploy.runs import run
+from deploy.runs import plan_run_config, run
 
 APP_DIR = Path(__file__).resolve().parent.parent
 GATEWAY = "fleet-gateway"  # the record of the public Fleet API gateway (deploy/gateway.py)
@@ -259,7 +259,12 @@ def cmd_supernode(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     _require_connection(args.dir)
-    return run(args.dir, Path(args.app).resolve(), args.run_config, args.quiet)
+    app = Path(args.app).resolve()
+    run_config = args.run_config
+    if args.plan:  # the approved plan is the run's settings: they cannot drift from what the sites approved
+        run_config = plan_run_config(Path(args.plan).expanduser(), app, run_config)
+        print(f"running the approved plan {args.plan}")
+    return run(args.dir, app, run_config, args.quiet)
 
 
 def _status(d: Path) -> dict[str, Any]:
@@ -365,7 +370,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = add("run", "flwr run and its log stream; then the run's status, report and audit log", cmd_run)
     p.add_argument("--app", default=str(APP_DIR), help=f"the Flower App (default {APP_DIR})")
-    p.add_argument("--run-config", default="", help="overrides, as for flwr run: \"num-server-rounds=10 ...\"")
+    p.add_argument("--run-config", default="", help="overrides, as for flwr run: \"num-server-rounds=10 ...\" "
+                   "(with --plan: only data-root, output-dir, audit-key, query-timeout)")
+    p.add_argument("--plan", default=None, metavar="PLAN_JSON",
+                   help="run exactly this approved plan (radfed plan write): its settings, refused if this app's "
+                        "code, profile or defaults would make another plan")
     p.add_argument("--quiet", action="store_true", help="do not echo Flower's log stream (it is still kept)")
 
     p = add("status", "which processes are alive; Flower's runs and SuperNodes", cmd_status)

@@ -17,7 +17,7 @@ from common import runconfig
 from deploy import flower
 from deploy.flower import FINISHED, FlowerError
 from deploy.layout import log_path, run_folder
-from radfed.launch import app_run_config
+from radfed.launch import app_run_config, overrides_text, parse_overrides
 
 OUTPUT_WAIT = 60.0  # a ServerApp whose SuperLink went away writes its outputs after the log stream ended
 
@@ -49,6 +49,34 @@ def _await_outputs(d: Path, output_dir: Path, run_id: int) -> Path | None:
             return None  # Flower ended the run and no ServerApp made a folder for it
         time.sleep(1.0)
     return run_folder(output_dir, run_id)
+
+
+def plan_run_config(plan_file: Path, app: Path, overrides: str = "") -> str:
+    """The ``--run-config`` text that runs exactly the approved plan in ``plan_file``: its settings, plus
+    ``overrides`` of where the coordinator keeps things only (``runconfig.LOCAL_KEYS``, outside the plan hash).
+    Raises ValueError when an override would change a setting, or when this app (its code, profile or defaults)
+    would run another plan than the one approved, naming each difference in words."""
+    from common.plan import code_sha256, diff, plan_sha256, run_plan
+    from common.profile import load_profile
+
+    try:
+        plan = json.loads(plan_file.read_text(encoding="utf-8"))
+        settings = dict(plan["run_config"])
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"{plan_file} is not a run plan ({exc}); write one with: radfed plan write") from None
+    given = parse_overrides(overrides)
+    changing = sorted(set(given) - set(runconfig.LOCAL_KEYS))
+    if changing:
+        raise ValueError(f"--run-config sets {', '.join(changing)}, which the approved plan fixes: with --plan only "
+                         f"{', '.join(runconfig.LOCAL_KEYS)} may be given (change a setting with a new plan that the "
+                         "sites approve)")
+    text = overrides_text({**settings, **given})
+    config = app_run_config(text, app)
+    ours = run_plan(config, load_profile(str(config["profile"])), code=code_sha256(app))
+    if plan_sha256(ours) != plan_sha256(plan):
+        raise ValueError(f"the app at {app} would run another plan than {plan_file} ({plan_sha256(plan)[:12]}), "
+                         "which the sites approved: " + " ".join(diff(plan, ours)))
+    return text
 
 
 def run(d: Path, app: Path, run_config: str, quiet: bool) -> int:

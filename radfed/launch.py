@@ -7,6 +7,7 @@ running after the run) on free ports, with a private FLWR_HOME, and always stop 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -101,12 +102,41 @@ def toml_value(value: object) -> str:
     return f"'{text}'"
 
 
+# What Flower 1.42 bundles into an app's FAB (flwr.common.constant.FAB_INCLUDE_PATTERNS), and the top-level
+# folders it walks file by file (flwr.cli.utils.collect_files has no pruning) only to drop what they hold
+BUNDLED_SUFFIXES = (".py", ".toml", ".md", ".yaml", ".yml", ".json", ".jsonl")
+BUNDLED_FILES = ("LICENSE", ".gitignore")
+UNBUNDLED_DIRS = {".venv", ".git", ".radfed", ".pytest_cache", ".ruff_cache", ".mypy_cache", ".flwr"}
+
+
+def staged_app(app_dir: Path, into: Path) -> Path:
+    """A copy of the app folder with only the files Flower would bundle, so `flwr run` builds the same FAB without
+    walking a virtualenv inside the app (45k files of ``.venv``: 8.5 s per run). Returns the copy's folder."""
+    app_dir = app_dir.resolve()
+    target = into / app_dir.name
+    shutil.rmtree(target, ignore_errors=True)
+    for folder, dirs, files in os.walk(app_dir):
+        here = Path(folder)
+        dirs[:] = [d for d in dirs if d != "__pycache__" and not (here == app_dir and d in UNBUNDLED_DIRS)]
+        for name in files:
+            source = here / name
+            if source.is_symlink() or not (name.endswith(BUNDLED_SUFFIXES) or
+                                           (here == app_dir and name in BUNDLED_FILES)):
+                continue  # Flower skips symlinks and bundles only these kinds of file
+            copy = target / source.relative_to(app_dir)
+            copy.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(source, copy)
+    return target
+
+
 def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
                    app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True, cpus_per_node: int = 1) -> int:
     """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code.
 
-    Not echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
+    The app is run from a copy holding only what Flower bundles (``staged_app``, under ``flwr_home``). Not
+    echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
     """
+    app_dir = staged_app(app_dir, flwr_home / "app")
     with simulation_superlink(flwr_home):
         overrides = overrides_text(run_config)
         cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--federation-config",
@@ -125,19 +155,26 @@ def overrides_text(run_config: Mapping[str, object]) -> str:
     return " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items())
 
 
-def app_run_config(overrides: Mapping[str, object] | str | None = None, app_dir: Path = APP_DIR) -> dict[str, object]:
-    """The complete run config a run with these overrides sees: the app's defaults merged with the
-    overrides exactly as Flower merges them (unknown keys are an error)."""
+def parse_overrides(text: str) -> dict[str, object]:
+    """``k=v`` pairs of TOML values (``flwr run --run-config``) as a dict, parsed exactly as Flower parses them."""
     import click
-    from flwr.common.config import get_fused_config_from_dir, parse_config_args
+    from flwr.common.config import parse_config_args
 
-    text = overrides if isinstance(overrides, str) else overrides_text(overrides or {})
     try:
-        parsed = parse_config_args([text] if text else None)
+        return dict(parse_config_args([text] if text else None))
     except click.ClickException:  # Flower's parser speaks to its own CLI; ours names the fix
         raise ValueError(f"run config {text!r} is not space-separated key=value pairs of TOML values: write numbers "
                          "and true/false as they are and text in quotes, e.g. \"training='exact' "
                          "num-server-rounds=10\"") from None
+
+
+def app_run_config(overrides: Mapping[str, object] | str | None = None, app_dir: Path = APP_DIR) -> dict[str, object]:
+    """The complete run config a run with these overrides sees: the app's defaults merged with the
+    overrides exactly as Flower merges them (unknown keys are an error)."""
+    from flwr.common.config import get_fused_config_from_dir
+
+    text = overrides if isinstance(overrides, str) else overrides_text(overrides or {})
+    parsed = parse_overrides(text)
     try:
         return dict(get_fused_config_from_dir(app_dir, parsed))
     except ValueError as exc:

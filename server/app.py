@@ -18,7 +18,7 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import covariates, dp, metrics, runconfig
+from common import covariates, dp, dp_query, metrics, runconfig
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
@@ -72,10 +72,32 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    if run.training == "exact":
-        raise RunRefused("differential privacy covers FedAvg updates only: exact training sends exact "
-                                "gradients and Hessians. Set training = \"fedavg\" or dp-noise-multiplier = 0")
+    if run.training == "exact" and not run.dp_query:
+        raise RunRefused("differential privacy on model updates covers FedAvg only: exact training would send exact "
+                         "gradients and Hessians. Set training = \"fedavg\", dp-query-noise-multiplier > 0 (noised "
+                         "Newton sums) or dp-noise-multiplier = 0")
     return dp.DPAccount.from_settings(settings)
+
+
+def query_account(run: RunConfig) -> dp_query.QueryAccount | None:
+    """The account of the noised query phases, or None when they are sent exactly."""
+    if not run.dp_query:
+        return None
+    return dp_query.QueryAccount(run.dp_query_noise_multiplier, run.dp_query_clip, run.dp_delta)
+
+
+def site_share(fitted: pipeline.Fitted, names: list[str]) -> dict[str, object]:
+    """metrics.json ``harmonization.site_share``: per agreed feature, the share of its variation between sites
+    before ComBat (from ComBat's sums) and after (from the moments of the harmonised features); {} when the
+    moments were noised. Without ComBat, "after" is the raw features' share."""
+    after = fitted.pooled.site_share
+    if after is None:
+        return {}
+    before = fitted.harmonization.site_share if fitted.harmonization is not None else None
+    share: dict[str, object] = {"features": names, "after": after.tolist()}
+    if before is not None:
+        share["before"] = before.tolist()
+    return {"site_share": share}
 
 
 def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
@@ -129,6 +151,7 @@ def main(grid: Grid, context: Context) -> None:
     ctx = Run(grid, run, audit, folder, profile)
     try:
         ctx.dp_account = privacy_account(run)
+        ctx.query_account = query_account(run)
         covariate_spec = covariates.describe(run.covariates())
         if run.robustness_min_icc > 0:
             robustness.require_perturbations(run.robustness_min_icc, profile)
@@ -152,7 +175,7 @@ def main(grid: Grid, context: Context) -> None:
                            "dropped_correlated": chosen.dropped_correlated, "dropped_l1": chosen.dropped_l1,
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
-        result.harmonization = fitted.histograms
+        result.harmonization = {**(fitted.histograms or {}), **site_share(fitted, agreement.names)}
         if fitted.robustness is not None:
             result.features["robustness"] = fitted.robustness.summary()
         arrays = trained.arrays
@@ -190,8 +213,14 @@ def main(grid: Grid, context: Context) -> None:
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
     finally:
         restore_signals()  # Flower's handlers again: the outputs and run-end below are written in any case
+    privacy = {}
     if ctx.dp_account is not None:
-        audit.append("privacy-budget", **ctx.dp_account.to_dict())
+        privacy["model_updates"] = ctx.dp_account.to_dict()
+        audit.append("privacy-budget", **privacy["model_updates"])
+    if ctx.query_account is not None:
+        privacy["query"] = ctx.query_account.to_dict()
+        audit.append("privacy-budget-query", **privacy["query"])
+    result.privacy = privacy or None
     result.seconds = time.perf_counter() - started
     report.write_outputs(result)
     final = result.final_aggregate()
@@ -200,6 +229,9 @@ def main(grid: Grid, context: Context) -> None:
     audit.append("run-end", status=result.status, error=result.error, model_sha256=result.model_sha256,
                  final=final, seconds=round(result.seconds, 3), artifacts=signed,
                  metrics_sha256=signed.get("metrics.json"))
+    for drop in result.dropouts:  # one line per site, by name, at the end where the coordinator looks
+        where = f"{drop['phase']} phase" + (f", round {drop['round']}" if drop.get("round") is not None else "")
+        log.warning("Site %s did not take part from the %s on: %s", drop["site"], where, drop["reason"])
     log.info("radfed run %s %s in %.1fs; metrics, report and audit log in %s", context.run_id, result.status,
              result.seconds, folder)
     if result.status != "completed":

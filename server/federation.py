@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Message, RecordDict
 from flwr.serverapp import Grid
 
-from common import dp
+from common import dp, dp_query
 from common.canon import sha256_json
 from common.profile import Profile
 from common.runconfig import RunConfig
@@ -94,6 +94,7 @@ class Run:
     folder: Path
     profile: Profile
     dp_account: dp.DPAccount | None = None
+    query_account: dp_query.QueryAccount | None = None  # noised query releases (dp-query-noise-multiplier > 0)
     training_started: bool = False  # a stop before the first model is sent is a refused run, after it a failed one
 
     @property
@@ -121,6 +122,8 @@ class Cohort:
         answer is dropped (and named); the run stops if too few remain."""
         sent = query(run.grid, list(self.fed.sites), message_type, {**config, **self.tag}, run.timeout, per_node)
         good = replies_of(self.fed, run.audit, phase, sent, server_round)
+        if run.query_account is not None and message_type in dp_query.MECHANISMS:  # each arrival is spent
+            run.query_account.add(message_type, [self.fed.sites[nid] for nid in good])
         where = f"the {phase} phase" if server_round is None else f"{phase} round {server_round}"
         self.fed.require_enough(where + (f" of fold {self.fold}" if self.fold else ""))
         return good

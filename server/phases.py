@@ -12,15 +12,14 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
-from common import combat, moments, protocol, selection
+from common import combat, dp_query, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused, error_reason, query, replies_of
 
 log = logging.getLogger("flwr.radfed.server")
 
-NOT_APPROVED = "run plan not approved"
 
 
 def plan_phase(run: Run, node_ids: list[int], plan_hash: str) -> Federation:
@@ -32,8 +31,10 @@ def plan_phase(run: Run, node_ids: list[int], plan_hash: str) -> Federation:
             "run-config-sha256": sha256_json(run.config.as_dict())}
     sent = query(run.grid, node_ids, protocol.PLAN, plan, run.timeout)
     for node_id, reply in sent.items():
-        if reply.has_error() and NOT_APPROVED in error_reason(reply):
-            audit.append("refusal", node=node_id, reason=error_reason(reply), plan_sha256=plan_hash)
+        refusing = protocol.refusing_site(error_reason(reply)) if reply.has_error() else None
+        if refusing is not None:  # named by the site itself: it refused before sending anything else
+            fed.sites[node_id] = refusing
+            audit.append("refusal", node=node_id, site=refusing, reason=error_reason(reply), plan_sha256=plan_hash)
     replies = replies_of(fed, audit, "plan", sent)
     mismatched = []
     for node_id, reply in replies.items():
@@ -96,18 +97,24 @@ class PooledMoments:
     mean: np.ndarray
     std: np.ndarray
     classwise: dict[int, tuple[int, np.ndarray, np.ndarray]]
+    site_share: np.ndarray | None = None  # (d,) variation between sites (moments.site_share); None when noised
 
 
 def moments_phase(run: Run, cohort: Cohort,
-                  harmonization: Callable[[int], RecordDict] | None = None) -> PooledMoments:
+                  harmonization: Callable[[int], RecordDict] | None = None,
+                  reference: dict[str, object] | None = None) -> PooledMoments:
     """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments.
 
     With ``harmonization`` (the pooled ComBat estimates per node), each site first fits its own ComBat
-    parameters and computes the moments on harmonised features.
+    parameters and computes the moments on harmonised features. With the query phases noised, the sites send
+    noised sums of their features standardised with ``reference`` (the pooled ComBat estimates: grand mean,
+    pooled variance) and clipped; they are turned back into moments here.
     """
     agreement = cohort.agreement
     config = {"features": agreement.names, "features-sha256": agreement.sha256}
     replies = cohort.ask(run, "moments", protocol.MOMENTS, config, per_node=harmonization)
+    if run.config.dp_query:
+        return _noised_moments(run, cohort, replies, reference)
     overall, classwise = [], []
     for reply in replies.values():
         arrays, counts = reply.content["arrays"], reply.content["metrics"]
@@ -117,9 +124,30 @@ def moments_phase(run: Run, cohort: Cohort,
                           0: (int(counts["n-bm"]), get["mean-bm"], get["m2-bm"])})  # type: ignore[arg-type]
     n = sum(c for c, _, _ in overall)
     mean, std = moments.pooled_mean_std(*zip(*overall, strict=True))
-    pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise))
+    pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise),
+                           moments.site_share(*zip(*overall, strict=True)))
     run.audit.append("moments", n_cases=n, n_features=len(mean),
                      stats_sha256=arrays_sha256({"mean": mean, "std": std}), **cohort.tag)
+    return pooled
+
+
+def _noised_moments(run: Run, cohort: Cohort, replies: dict[int, Message],
+                    reference: dict[str, object] | None) -> PooledMoments:
+    if reference is None:
+        raise RunRefused("the query phases are noised, and this cohort has no pooled ComBat estimates to "
+                         "standardise with (dp-query-noise-multiplier needs harmonization = 'combat')")
+    loc, scale = dp_query.reference(np.asarray(reference["grand_mean"], dtype=np.float64),
+                                    np.asarray(reference["var_pooled"], dtype=np.float64))
+    sites = []
+    for reply in replies.values():
+        arrays, metrics = reply.content["arrays"], reply.content["metrics"]
+        sites.append({**{k: arrays[k].numpy() for k in arrays}, **{k: float(v) for k, v in metrics.items()}})  # type: ignore[union-attr, arg-type]
+    # each site's true class counts are at least k (its guard checks them), so the floor is public
+    noised = dp_query.pool_noised_moments(sites, loc, scale, np.asarray(reference["zero_variance"], dtype=bool),
+                                          run.config.min_cases_per_class * len(sites))
+    pooled = PooledMoments(noised.n, noised.mean, noised.std, noised.classwise)
+    run.audit.append("moments", n_cases=noised.n, n_features=len(noised.mean), noised=True,
+                     stats_sha256=arrays_sha256({"mean": noised.mean, "std": noised.std}), **cohort.tag)
     return pooled
 
 
@@ -146,8 +174,11 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
                                                    "std": Array(pooled.std[candidates])})})
         replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _: stats)
         cross = [r.content["arrays"]["crossproducts"].numpy() for r in replies.values()]  # type: ignore[union-attr]
-        n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
-        corr = selection.pooled_correlation(cross, n)
+        if run.config.dp_query:  # noised sums, no counts: the noised moments' count divides
+            corr = dp_query.noised_correlation(cross, pooled.n)
+        else:
+            n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
+            corr = selection.pooled_correlation(cross, n)
         kept_local = selection.greedy_decorrelate(range(len(candidates)), corr, threshold, n_keep)
         kept = [candidates[i] for i in kept_local]
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
@@ -182,6 +213,7 @@ class Harmonization:
 
     per_node: Callable[[int], RecordDict]
     late_joiner: dict[str, object]
+    site_share: np.ndarray | None = None  # (d,) variation between sites before ComBat (moments.site_share)
 
 
 def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmonization:
@@ -208,12 +240,19 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
         return RecordDict({"arrays": ArrayRecord({"beta": Array(beta)}),
                            "config": ConfigRecord({"site-index": index[nid]})})
 
+    fitted = replies
     replies = cohort.ask(run, "harmonization", protocol.COMBAT_RESIDUALS, config, per_node=with_beta)
     if len(replies) != n_sites:
         raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
-    pooled = combat.pool_residuals(means, [combat.SiteResiduals(
-        site=index[nid], n=int(r.content["metrics"]["n"]), ss=r.content["arrays"]["ss"].numpy())  # type: ignore[arg-type,union-attr]
-        for nid, r in replies.items()])
+    residuals = [combat.SiteResiduals(site=index[nid], n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+                                      ss=r.content["arrays"]["ss"].numpy())  # type: ignore[union-attr]
+                 for nid, r in replies.items()]
+    pooled = combat.pool_residuals(means, residuals)
+    # before ComBat: each site's mean (its row of XᵀY over its count) and spread around it (its residual sum of
+    # squares; around the site's mean and, with covariates, their effects), from the sums already sent
+    site_means = [fitted[nid].content["arrays"]["xty"].numpy()[index[nid]] / r.n  # type: ignore[union-attr]
+                  for nid, r in zip(replies, residuals, strict=True)]
+    before = moments.site_share([r.n for r in residuals], site_means, [r.ss for r in residuals])
     late_joiner: dict[str, object] = {
         "features": agreement.names, "n_sites": n_sites, "n": pooled.n, "grand_mean": pooled.grand_mean.tolist(),
         "var_pooled": pooled.var_pooled.tolist(), "beta_cov": pooled.beta_cov.tolist(),
@@ -230,7 +269,7 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
             "zero-variance": Array(pooled.zero_variance.astype(np.float64))}),
             "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
 
-    return Harmonization(estimates, late_joiner)
+    return Harmonization(estimates, late_joiner, before)
 
 
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:

@@ -40,14 +40,15 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features."""
     robust = robustness_phase(run, cohort) if run.config.robustness_min_icc > 0 else None
     harmonization = phases.harmonization_phase(run, cohort, covariates) if run.config.combat else None
-    pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None)
+    pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
+                                  harmonization.late_joiner if harmonization else None)
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
     n_hgg, n_bm = pooled.classwise[1][0], pooled.classwise[0][0]
     cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
     chosen = phases.selection_phase(run, cohort, pooled, frozenset(robust.removed) if robust else frozenset())
     chosen = training.select_l1(run, cohort, pooled, chosen)
     drawn = None
-    if histograms and harmonization is not None and chosen.names:
+    if histograms and harmonization is not None and chosen.names and not run.config.dp_query:  # withheld under DP
         drawn = phases.histograms_phase(run, cohort, pooled, chosen.names[:4])
     trained = training.train(run, cohort, pooled, chosen, evaluate_rounds)
     return Fitted(harmonization, pooled, chosen, trained, cohort.agreement.pos_weight, drawn, robust)

@@ -95,6 +95,11 @@ def headline_section(doc: dict[str, Any]) -> Section:
         blocks.append(Text("This run's metrics hold no final evaluation.", "na"))
     if facts:
         blocks.append(Facts(facts))
+    drops = [d for d in doc.get("dropouts") or [] if isinstance(d, dict)]
+    if drops:  # whole reasons: each names what the site must do
+        blocks.append(Facts([(f"{d.get('site')} left", f"at the {d.get('phase')} phase"
+                              + (f", round {d['round']}" if d.get("round") is not None else "")
+                              + f": {d.get('reason')}") for d in drops]))
     wide = wide_intervals(doc)
     if wide:
         blocks.append(Text("Too wide to read anything into (95% interval of the AUC spans more than "

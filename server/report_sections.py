@@ -31,22 +31,20 @@ from server.report_blocks import (
     finite_number,
     fmt,
     has_ci,
-    md_code,
     metric_cells,
     metric_header,
     not_available,
     rounds_of,
-    short,
     unavailable,
     why_no_rounds,
 )
 from server.report_clinical import clinical_section
 from server.report_curves import calibration_section, roc_section
+from server.report_harmonization import harmonization_section
 from server.report_headline import headline_section
 from server.report_robustness import robustness_section
 from server.report_validation import validation_section
 
-HISTOGRAM_FEATURES = 4  # at most this many harmonisation figures
 DEMO_STAMP = "demo.json"  # radfed.synth.STAMP_NAME: written by `radfed demo` at the root of its synthetic sites
 
 
@@ -114,7 +112,7 @@ def _summary_lines(doc: dict[str, Any]) -> list[tuple[str, str]]:
 
 def _dropout(d: dict[str, Any]) -> str:
     where = f"round {d['round']} ({d.get('phase')})" if d.get("round") is not None else f"{d.get('phase')} phase"
-    return f"{d.get('site')} at {where}: {short(d.get('reason', ''), 160)}"
+    return f"{d.get('site')} at {where}: {d.get('reason', '')}"
 
 
 
@@ -217,12 +215,24 @@ def _training_text(doc: dict[str, Any]) -> str:
             f"weight decay {cfg.get('weight-decay', 'n/a')}; only aggregates left the sites")
 
 
-def _privacy_text(cfg: dict[str, Any]) -> str:
+def _privacy_text(cfg: dict[str, Any], privacy: dict[str, Any] | None = None) -> str:
     text = f"every statistic a site sent covers at least k = {cfg.get('min-cases-per-class', 5)} cases; "
     noise = finite_number(cfg.get("dp-noise-multiplier"))
+    query = finite_number(cfg.get("dp-query-noise-multiplier"))
+    parts = []
+    if query:
+        spent = as_dict(as_dict(privacy).get("query"))
+        eps = finite_number(spent.get("epsilon"))
+        parts.append(f"moments, correlation and Newton sums clipped at {cfg.get('dp-query-clip', 'n/a')} "
+                     f"(standardised) with Gaussian noise (noise multiplier {query:g}) at each site"
+                     + (f", epsilon {eps:.3g} at delta {cfg.get('dp-delta', 'n/a')} for the most-asked site "
+                        "(one case added or removed)" if eps is not None else "")
+                     + "; histograms withheld; ComBat sums and evaluations are not noised")
     if noise:
-        return text + (f"model updates clipped to L2 norm {cfg.get('dp-clip-norm', 'n/a')} with Gaussian noise "
-                       f"(noise multiplier {noise:g}) at each site; no secure aggregation")
+        parts.append(f"model updates clipped to L2 norm {cfg.get('dp-clip-norm', 'n/a')} with Gaussian noise "
+                     f"(noise multiplier {noise:g}) at each site")
+    if parts:
+        return text + "; ".join(parts) + "; no secure aggregation"
     return text + "no differential privacy or secure aggregation"
 
 
@@ -272,7 +282,7 @@ def _model_card(doc: dict[str, Any]) -> Section:
                        f"{cfg.get('split-seed', 'n/a')}), never used for training, selection or harmonisation fits"
                        + ("; leave-one-site-out external validation"
                           if as_dict(as_dict(doc.get("validation")).get("loso")) else "")),
-        ("privacy", _privacy_text(cfg)),
+        ("privacy", _privacy_text(cfg, as_dict(doc.get("privacy")))),
         ("model sha256", str(doc.get("model_sha256"))),
     ]
     blocks: list[Block] = []
@@ -339,30 +349,6 @@ def _training_section(doc: dict[str, Any]) -> Section:
         Table(["round", "federation", *sites], rows, fold="held-out AUC per round (table)")])
 
 
-def _harmonization_section(doc: dict[str, Any]) -> Section:
-    cfg = as_dict(doc.get("config"))
-    features = as_dict(as_dict(doc.get("harmonization")).get("features"))
-    if not features:
-        if str(cfg.get("harmonization", "")) == "none":
-            return not_available('harmonisation was off in this run (harmonization = "none")')
-        if not rounds_of(doc):
-            return not_available(why_no_rounds(doc))
-        return not_available("this run's metrics carry no before/after histograms (runs before they were reported)")
-    shown = list(features)[:HISTOGRAM_FEATURES]
-    blocks: list[Block] = [Text("Distributions of model features per site before and after harmonisation, aggregated "
-                                "at each site: every bin count is 0 or at least k cases (neighbouring bins merged "
-                                "where needed), so steps can be uneven. Densities are per site, so sites of "
-                                "different sizes compare.", only="html")]
-    for name in shown:
-        f = as_dict(features[name])
-        blocks.append(Figure(plots.harmonization_png, (name, f.get("edges") or [], as_dict(f.get("sites"))),
-                             alt=f"{name} before and after harmonisation", caption=name, fallback=name, tight=True,
-                             md=f"- {md_code(name)}: {len(as_dict(f.get('sites')))} site(s), figure in report.html"))
-    if len(features) > len(shown):
-        blocks.append(Text(f"showing {len(shown)} of {len(features)} features", "item", tight=True))
-    return Section("harmonization", "Harmonisation before/after", blocks)
-
-
 def _features_section(doc: dict[str, Any]) -> Section:
     feats = as_dict(doc.get("features"))
     selected, weights = as_dict(feats.get("selected")), as_dict(feats.get("weights"))
@@ -401,7 +387,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Section]]] = [
     ("calibration", "Calibration (held-out, final model)", calibration_section),
     ("clinical", "Clinical metrics (pooled held-out cases, final model)", clinical_section),
     ("training", "Training curves per round", _training_section),
-    ("harmonization", "Harmonisation before/after", _harmonization_section),
+    ("harmonization", "Harmonisation before/after", harmonization_section),
     ("robustness", "Feature robustness (ICC under perturbations)", robustness_section),
     ("features", "Selected features", _features_section),
     ("validation", "External validation (leave-one-site-out)", validation_section),

@@ -50,6 +50,8 @@ class RunResult:
     validation: dict[str, Any] | None = None
     # the final evaluation's pooled clinical metrics (server.clinical.pooled) and the calibration fit
     pooled: dict[str, Any] | None = None
+    # differential privacy spent in this run: {"model_updates": DPAccount, "query": QueryAccount} (to_dict each)
+    privacy: dict[str, Any] | None = None
 
     def rounds(self) -> list[dict[str, Any]]:
         """Every round that trained or evaluated; a round without evaluation (e.g. an exact-fit Newton step)
@@ -117,6 +119,8 @@ class RunResult:
             doc["harmonization"] = self.harmonization
         if self.validation:
             doc["validation"] = self.validation
+        if self.privacy:
+            doc["privacy"] = self.privacy
         return json_safe(doc)
 
 

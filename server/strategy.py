@@ -124,6 +124,9 @@ class AuditedFedAvg(FedAvg):
             self.dp_account.add_round([self.sites[m.metadata.src_node_id] for m in replies
                                        if not m.has_error() and m.metadata.src_node_id in self.sites])
         good = self._drop_failures(server_round, "train", replies)
+        # in site-name order, not arrival order: a weighted mean summed in another order differs in the last bits,
+        # so the same data would not give a bit-identical model run to run
+        good.sort(key=lambda m: (self.sites.get(m.metadata.src_node_id, ""), m.metadata.src_node_id))
         arrays, agg = super().aggregate_train(server_round, good)
         per_site = {self.sites[m.metadata.src_node_id]: {
             "n": int(m.content["metrics"]["num-examples"]),  # type: ignore[arg-type]

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common import exact, model, protocol, selection
+from common import dp_query, exact, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
 from server import clinical
@@ -92,14 +92,25 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
                    strategy.site_terms)
 
 
+def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
+    """One site's Newton reply; a noised one holds only the gradient and Hessian (its counts stay at the site)."""
+    grad, hess = content["arrays"]["grad"].numpy(), content["arrays"]["hess"].numpy()  # type: ignore[union-attr]
+    if noised:
+        return exact.SiteTerms(grad=grad, hess=hess, loss=0.0, n=0, n_pos=0, n_neg=0)
+    metrics = content["metrics"]
+    return exact.SiteTerms(grad=grad, hess=hess, loss=float(metrics["loss"]), n=int(metrics["n"]),  # type: ignore[arg-type]
+                           n_pos=int(metrics["n-hgg"]), n_neg=int(metrics["n-bm"]))  # type: ignore[arg-type]
+
+
 def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: RunConfig, mean: np.ndarray,
                  scale: np.ndarray, evaluate_rounds: bool, stage: str = "") -> Trained:
     """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation.
     ``cfg`` is the run's config, or a copy with the LASSO penalty (``stage = "lasso"``)."""
     tag = {**cohort.tag, **({"stage": stage} if stage else {})}
     pos_weight = cohort.agreement.pos_weight
+    noised = cfg.dp_query  # noised gradients and Hessians, no loss and no counts (common/dp_query.py)
     newton = exact.ExactNewton(len(chosen.names), l2=cfg.exact_l2, l1=cfg.exact_l1, tol=cfg.exact_tol,
-                               max_rounds=cfg.exact_max_rounds)
+                               max_rounds=cfg.exact_max_rounds, safeguard=not noised)
     config = shared_config(chosen, pos_weight)
     trained = Trained(ArrayRecord())
     while not newton.done:
@@ -108,19 +119,18 @@ def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: Run
                                                     "scale": Array(scale)})})
         replies = cohort.ask(run, "newton", protocol.NEWTON, {**config, "server-round": rnd},
                              per_node=lambda _, r=record: r, server_round=rnd)
-        terms = {cohort.fed.sites[nid]: exact.SiteTerms(
-            grad=r.content["arrays"]["grad"].numpy(), hess=r.content["arrays"]["hess"].numpy(),  # type: ignore[union-attr]
-            loss=float(r.content["metrics"]["loss"]), n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
-            n_pos=int(r.content["metrics"]["n-hgg"]), n_neg=int(r.content["metrics"]["n-bm"]))  # type: ignore[arg-type]
-            for nid, r in replies.items()}
+        terms = {cohort.fed.sites[nid]: _site_terms(r.content, noised) for nid, r in replies.items()}
         coef_sent = newton.coef.copy()
-        newton.update(exact.sum_terms(terms.values()))
+        total = exact.sum_terms(terms.values())
+        if noised:  # the noise can make the summed Hessian indefinite: its nearest PSD matrix (post-processing)
+            total = replace(total, hess=dp_query.psd(total.hess))
+        newton.update(total)
         step = newton.history[-1]
-        per_site = {s: {"n": t.n, "loss": t.loss / t.n,
+        per_site = {s: {**({} if noised else {"n": t.n, "loss": t.loss / t.n}),
                         "update_sha256": arrays_sha256({"grad": t.grad, "hess": t.hess})} for s, t in terms.items()}
         trained.training[rnd] = per_site
         run.audit.append("newton-round", round=rnd, sites=per_site, coef_sha256=arrays_sha256({"coef": coef_sent}),
-                     objective=step.objective, accepted=step.accepted,
+                     objective=None if noised else step.objective, accepted=step.accepted, noised=noised,
                      optimality=step.info.optimality if step.info else None, **tag)
     state = exact.to_state_dict(newton.coef, mean, scale)
     trained.arrays = ArrayRecord(state)

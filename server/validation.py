@@ -53,6 +53,12 @@ def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort
             for site, values in per_site.items()}
 
 
+def _fold_start(run: Run, kind: str, fold: str, index: int, of: int) -> None:
+    """Audit entry "fold-start": every entry after it (phases, rounds) belongs to this fold until the next one;
+    `radfed status` reads it to say where a run is."""
+    run.audit.append("fold-start", kind=kind, fold=fold, index=index, of=of)
+
+
 def _without_curves(record: dict[str, object]) -> dict[str, object]:
     """A site's metrics without its ROC and calibration points (what the audit log and the baselines keep)."""
     return {k: v for k, v in record.items() if k not in ("roc", "calibration")}
@@ -62,7 +68,8 @@ def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
                        covariates: str = "") -> dict[str, dict[str, object]]:
     """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration; or ``error``."""
     folds: dict[str, dict[str, object]] = {}
-    for held_node, held in sorted(fed.sites.items(), key=lambda kv: kv[1]):
+    for index, (held_node, held) in enumerate(sorted(fed.sites.items(), key=lambda kv: kv[1]), start=1):
+        _fold_start(run, "leave-one-site-out", held, index, len(fed.sites))
         others = {name for nid, name in fed.sites.items() if nid != held_node}
         train_on = Cohort(fed.subset(others), agreement.restricted(others), fold=held)
         outsider = Cohort(fed.subset({held}), train_on.agreement, fold=held)
@@ -92,9 +99,10 @@ def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
     """Per site: the model it would build alone (the whole pipeline on its own training split), scored on its
     own held-out split (``internal``) and at every other site (``external``, by site); or ``error``."""
     out: dict[str, dict[str, object]] = {}
-    for _, site in sorted(fed.sites.items(), key=lambda kv: kv[1]):
+    for index, (_, site) in enumerate(sorted(fed.sites.items(), key=lambda kv: kv[1]), start=1):
         others = {name for name in fed.sites.values() if name != site}
         fold = f"local:{site}"
+        _fold_start(run, "local-only", fold, index, len(fed.sites))
         alone = Cohort(fed.subset({site}), agreement.restricted({site}), fold=fold)
         log.info("Local-only baseline: %s alone", site)
         try:
@@ -130,7 +138,8 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
     folds: dict[str, dict[str, object]] = {}
     names = set(fed.sites.values())
     repeats, n_folds = run.config.cv_repeats, run.config.cv_folds
-    for tag in (cv_tag(r, v) for r in range(repeats) for v in range(n_folds)):
+    for index, tag in enumerate((cv_tag(r, v) for r in range(repeats) for v in range(n_folds)), start=1):
+        _fold_start(run, "cross-validation", tag, index, repeats * n_folds)
         cohort = Cohort(fed.subset(names), agreement, fold=tag)
         log.info("Cross-validation: fold %s (%d folds x %d repeat(s))", tag, n_folds, repeats)
         try:

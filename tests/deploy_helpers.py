@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+from common.runconfig import LOCAL_KEYS
 from deploy import flower
 from deploy.layout import read_record, records
 from deploy.processes import env_for, flower_processes, free_port, stop_processes
@@ -97,11 +98,18 @@ def run_config(dep: Deployment, name: str, **overrides: object) -> dict[str, obj
 
 
 def start_run(dep: Deployment, config: dict[str, object]) -> subprocess.Popen:
-    """`radfed deploy run` in the background, after every site approved this run's plan."""
-    approve_demo_plan(list(dep.sites.values()), config)
-    return subprocess.Popen([RADFED, "deploy", "run", "--dir", str(dep.dir), "--run-config", overrides_text(config),
-                             "--quiet"], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+    """`radfed deploy run --plan` in the background, after every site approved this run's plan: the coordinator
+    writes the plan, the sites approve its hash, the run takes its settings from that file (and only where the
+    coordinator keeps things from --run-config)."""
+    plan_hash = approve_demo_plan(list(dep.sites.values()), config)
+    plan_file = dep.dir / f"plan-{plan_hash[:12]}.json"
+    written = subprocess.run([RADFED, "plan", "write", "--output", str(plan_file), "--run-config",
+                              overrides_text(config), "--json"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert written.returncode == 0 and json.loads(written.stdout)["plan_sha256"] == plan_hash, written.stderr
+    local = {k: v for k, v in config.items() if k in LOCAL_KEYS}
+    return subprocess.Popen([RADFED, "deploy", "run", "--dir", str(dep.dir), "--plan", str(plan_file),
+                             "--run-config", overrides_text(local), "--quiet"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
 def finish(proc: subprocess.Popen, timeout: float = RUN_TIMEOUT) -> tuple[int, str]:

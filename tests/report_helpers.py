@@ -125,6 +125,9 @@ def make_result(folder: Path, data_root: Path, sites: tuple[str, ...] = SITES, r
             name: {"before": _histogram(rng.normal(0.8 * i - 1, 1, 60), edges),
                    "after": _histogram(rng.normal(0, 1, 60), edges)} for i, name in enumerate(sites)}}
         for n in [*names, "t1c/enhancing/original_shape_Sphericity"]}}
+    agreed = [*names, *(f"adc/edema/original_firstorder_X{j}" for j in range(20))]  # 25 agreed features
+    result.harmonization["site_share"] = {"features": agreed, "before": rng.uniform(0.05, 0.6, len(agreed)).tolist(),
+                                          "after": [*rng.uniform(0.0, 0.04, len(agreed) - 1).tolist(), None]}
     loso = {}
     for i, name in enumerate(sites):
         y, prob = _site_scores(np.random.default_rng(7 + i), 50, 0.9)

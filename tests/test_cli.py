@@ -47,7 +47,7 @@ def test_the_tree_holds_every_users_commands():
     names = {" ".join(c) for c in COMMANDS}
     for expected in ("demo", "site check", "site extract", "site approve", "site join", "predict", "plan write",
                      "audit verify", "deploy provision", "deploy run", "profile show", "profile list", "completion",
-                     "site plan show", "site revoke", "site outbox", "site approvals", "site plan diff"):
+                     "site plan show", "site revoke", "site outbox", "site approvals", "site plan diff", "status"):
         assert expected in names, names
 
 

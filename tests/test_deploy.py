@@ -228,6 +228,12 @@ def test_a_site_that_crashes_mid_run_drops_out_and_the_run_completes(deployment)
         "select-features": 0, "min-sites": 2, "query-timeout": 120.0}))
     try:
         wait_for_event(proc, out, "round-train")  # round 1 trained with all three
+        live = subprocess.run([RADFED, "status", "--output-dir", str(out), "--json"], cwd=REPO, capture_output=True,
+                              text=True, timeout=60, check=False)
+        assert live.returncode == 0, live.stderr
+        during = json.loads(live.stdout)  # the coordinator's view of the run in progress
+        assert during["status"] == "running" and during["phase"] in ("training", "calibration", "finished")
+        assert during["round"] >= 1 and during["sites"]["taking_part"] == sorted(dep.sites)
         kill_site(dep, victim, signal.SIGKILL)  # a crash: no goodbye to the SuperLink
         code, text = finish(proc)
     finally:
@@ -240,6 +246,10 @@ def test_a_site_that_crashes_mid_run_drops_out_and_the_run_completes(deployment)
     [dropout] = [e["data"] for e in events if e["event"] == "dropout"]
     assert dropout["site"] == victim and dropout["round"] in (1, 2) and "offline" in dropout["reason"], dropout
     assert doc["dropouts"] == [dropout] and f"site {victim} left at round" in text
+    after = subprocess.run([RADFED, "status", "--output-dir", str(out)], cwd=REPO, capture_output=True, text=True,
+                           timeout=60, check=False)
+    assert after.returncode == 0 and f"run {doc['run_id']}: completed" in after.stdout, after.stdout + after.stderr
+    assert f"left: {victim} at the " in after.stdout and "offline" in after.stdout
     trained = [sorted(e["data"]["sites"]) for e in events if e["event"] == "round-train"]
     assert trained[0] == sorted(dep.sites) and trained[-1] == others
     check = verify(folder / "audit.jsonl", pubkey=dep.pinned_pubkey(), receipts=[

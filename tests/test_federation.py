@@ -190,6 +190,20 @@ def test_federation_end_to_end(three_sites, tmp_path):
     selection_entry = next(e for e in _events(folder) if e["event"] == "selection")
     assert selection_entry["data"]["features"] == list(features["selected"])
 
+    # the share of each feature's variation between sites, before and after ComBat, is the R² of the feature on
+    # site indicators in the pooled training splits (raw, then harmonised)
+    share = doc["harmonization"]["site_share"]
+    chosen = [share["features"].index(n) for n in features["selected"]]
+    raw = [site_matrix(d, p["features"], held_out=False, names=list(features["selected"])) for d, p in
+           zip(data, params, strict=True)]
+    for key, parts in (("before", raw), ("after", train)):
+        xs = np.vstack([t[0] for t in parts])
+        onehot = np.repeat(np.eye(len(parts)), [len(t[0]) for t in parts], axis=0)
+        residual = xs - onehot @ np.linalg.lstsq(onehot, xs, rcond=None)[0]
+        r2 = 1 - (residual ** 2).sum(axis=0) / ((xs - xs.mean(axis=0)) ** 2).sum(axis=0)
+        np.testing.assert_allclose(np.array(share[key])[chosen], r2, rtol=1e-6, atol=1e-9)
+    assert np.median(share["after"]) < np.median(share["before"])  # ComBat took the scanners out
+
     # the saved model is the one the log names
     saved = torch.load(folder / "model.pt", weights_only=False)
     state = {k: v.numpy() for k, v in saved["state_dict"].items()}
@@ -329,6 +343,15 @@ def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
     # the site's folders stay at the site: the reason names them by placeholder (issue 15, finding 7)
     assert str(tmp_path) not in refusal["reason"] and "--site <site>" in refusal["reason"]
     assert all(str(tmp_path) not in str(e["data"]) for e in events if e["event"] in ("refusal", "dropout"))
+    # named by the site, with its whole reason: in the dropouts, on the report's first screen, at the run's end,
+    # and as an answer, not a crash (no traceback in the log)
+    (drop,) = [d for d in doc["dropouts"] if d["phase"] == "plan"]
+    assert drop["site"] == refusal["site"] == refused and drop["reason"] == refusal["reason"]
+    first_screen = (folder / "report.html").read_text(encoding="utf-8").split("<nav>")[0]
+    assert f"{refused} left" in first_screen and f"radfed site approve {plan_hash}" in first_screen
+    log = (tmp_path / "flwr" / "flwr-run.log").read_text(encoding="utf-8")
+    assert f"Site {refused} did not take part from the plan phase on: run plan not approved" in log
+    assert "Traceback" not in log
     approved = [e["data"] for e in events if e["event"] == "site-plan"]
     assert {e["site"] for e in approved} == {specs[0].name, specs[1].name}
     assert all(e["plan_sha256"] == plan_hash and e["approval"] == "approved" for e in approved)

@@ -66,3 +66,55 @@ def test_eligibility_needs_two_release_blocks_per_class_and_k_in_each_split():
     # the run's k above the block size: 2 blocks of 5 leave 5 training HGG < 6
     assert "training" in eligibility_problem(10, 30, 6, 0.3, block=5)
     assert eligibility_problem(15, 15, 6, 0.3, block=5) is None  # 3 blocks: 2 train (>= 10), 1 held out
+
+
+def test_site_share_is_the_r2_of_the_feature_on_site_indicators():
+    from common.moments import site_moments, site_share
+
+    rng = np.random.default_rng(4)
+    sizes = (12, 30, 7)
+    blocks = [rng.normal(loc=rng.normal(0, 2, 5), scale=rng.uniform(0.5, 3, 5), size=(n, 5)) for n in sizes]
+    blocks[1][:, 0] = blocks[0][0, 0] + rng.normal(0, 1, sizes[1])  # feature 0: one site shifted, others similar
+    parts = [site_moments(b) for b in blocks]
+    share = site_share(*zip(*parts, strict=True))
+    x = np.vstack(blocks)
+    onehot = np.repeat(np.eye(len(sizes)), sizes, axis=0)
+    fitted = onehot @ np.linalg.lstsq(onehot, x, rcond=None)[0]
+    r2 = 1 - ((x - fitted) ** 2).sum(axis=0) / ((x - x.mean(axis=0)) ** 2).sum(axis=0)
+    np.testing.assert_allclose(share, r2, rtol=1e-10, atol=1e-12)
+    same = [site_moments(np.ones((n, 1))) for n in sizes]  # no variation at all: undefined, not 0
+    assert np.isnan(site_share(*zip(*same, strict=True))[0])
+
+@pytest.mark.parametrize("seed", range(6))
+def test_local_training_is_torch_sgd_bit_for_bit(seed):
+    """train_local writes SGD's step out (torch.optim's first step imports torch._dynamo, seconds per process):
+    the trained state and loss equal torch.optim.SGD's exactly, weight decay on the weights only."""
+    import torch
+
+    from common import model
+
+    rng = np.random.default_rng(seed)
+    n, d = int(rng.integers(10, 60)), int(rng.integers(1, 12))
+    x, y = rng.normal(size=(n, d)) * 3 + 1, (rng.random(n) < 0.4).astype(float)
+    epochs, lr, pos_weight = int(rng.integers(1, 8)), float(rng.uniform(0.01, 0.5)), float(rng.uniform(0.5, 2))
+    wd = float(rng.choice([0, 1e-3, 0.1]))
+    ours = model.build_model(x.mean(0), x.std(0) + 0.1)
+    reference = model.build_model(x.mean(0), x.std(0) + 0.1)
+    with torch.no_grad():  # a zero start (as FedAvg's first round) or a trained model's
+        ours.linear.weight.copy_(torch.as_tensor(rng.normal(size=(1, d)) if seed % 2 else np.zeros((1, d))))
+        ours.linear.bias.fill_(float(rng.normal()) if seed % 2 else 0.0)
+        reference.load_state_dict(ours.state_dict())
+    loss = model.train_local(ours, x, y, epochs, lr, wd, pos_weight)
+
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    optimizer = torch.optim.SGD([{"params": [reference.linear.weight], "weight_decay": wd},
+                                 {"params": [reference.linear.bias], "weight_decay": 0.0}], lr=lr)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        ref_loss = loss_fn(reference(xt), yt)
+        ref_loss.backward()
+        optimizer.step()
+    assert loss == float(ref_loss.detach())
+    for key, value in reference.state_dict().items():
+        assert torch.equal(ours.state_dict()[key], value), key

@@ -220,3 +220,55 @@ RUNTIME_MODULES = sorted(name for name in module_names(ROOT, RUNTIME_PACKAGES) i
 @pytest.mark.parametrize("module", RUNTIME_MODULES)
 def test_runtime_module_imports(module: str) -> None:
     assert importlib.import_module(module).__name__ == module
+
+
+def test_the_app_bundle_holds_the_app_only_whatever_lies_beside_it() -> None:
+    """A coordinator who keeps site folders, caches or runs inside the project folder still sends a bundle of the
+    app's code and profiles only (pyproject [tool.flwr.app] fab-include), well under Flower's 10 MiB limit."""
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_files
+
+    files: dict[str, Path | bytes] = {"pyproject.toml": ROOT / "pyproject.toml"}
+    for part in ("common", "client", "server", "radfed", "deploy", "tests", "bench", "docs"):
+        for path in (ROOT / part).rglob("*"):
+            if path.is_file() and "__pycache__" not in path.parts:
+                files[path.relative_to(ROOT).as_posix()] = path
+    noise = b"[" + b"0.5," * 3_000_000 + b"0]"  # 12 MB of a cached feature table: alone above the limit
+    files |= {"data/hospital-a/site.yaml": b"name: hospital-a\n", "data/hospital-a/.radfed/cache/a.json": noise,
+              "runs/20260101-run1/metrics.json": b"{}", "data/hospital-a/manifest.csv": b"case_id\n"}
+    fab, _ = build_fab_from_files(files)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) < 2_000_000
+    top = {n.split("/")[0] for n in names}
+    assert top == {".info", "pyproject.toml", "common", "client", "server"}, top
+    assert "server/app.py" in names and "client/app.py" in names and "common/profiles/default.yaml" in names
+    code = {p.relative_to(ROOT).as_posix() for part in ("common", "client", "server")
+            for p in (ROOT / part).rglob("*") if p.suffix in (".py", ".yaml") and "__pycache__" not in p.parts}
+    assert code <= set(names)  # everything the plan's code hash covers travels
+
+def test_the_staged_app_bundles_the_same_fab_without_its_virtualenv(tmp_path: Path) -> None:
+    """radfed.launch runs `flwr run` from a copy of the app holding only what Flower bundles: the FAB is byte for
+    byte the one Flower builds from the app folder itself, and the copy has no .venv for Flower to walk."""
+    from flwr.cli.build import build_fab_from_disk
+
+    from radfed.launch import staged_app
+
+    app = tmp_path / "radfed"
+    (app / "client" / "__pycache__").mkdir(parents=True)
+    (app / "pyproject.toml").write_text((ROOT / "pyproject.toml").read_text(encoding="utf-8"), encoding="utf-8")
+    (app / "client" / "app.py").write_text("x = 1\n")
+    (app / "client" / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0")
+    (app / "client" / "profile.yaml").write_text("a: 1\n")
+    (app / "docs").mkdir()
+    (app / "docs" / "notes.md").write_text("# notes\n")
+    (app / "docs" / "scan.nii.gz").write_bytes(b"\x1f\x8b")  # data: never bundled
+    (app / "docs" / "link.py").symlink_to(app / "client" / "app.py")  # Flower skips symlinks
+    (app / "LICENSE").write_text("Apache-2.0\n")
+    for i in range(50):  # a virtualenv inside the app folder: Flower walks it and bundles none of it
+        (app / ".venv" / "lib" / f"pkg{i}").mkdir(parents=True)
+        (app / ".venv" / "lib" / f"pkg{i}" / "mod.py").write_text("y = 2\n")
+    staged = staged_app(app, tmp_path / "stage")
+    assert not (staged / ".venv").exists() and not (staged / "docs" / "scan.nii.gz").exists()
+    assert build_fab_from_disk(staged) == build_fab_from_disk(app)

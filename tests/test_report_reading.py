@@ -135,3 +135,17 @@ def test_an_unfinished_run_says_so_first(tmp_path: Path):
     text = _text(report.render_html(json.loads(json.dumps(result.as_json(), allow_nan=False))))
     assert "This run did not complete (failed: site hospital-b stopped answering)" in text
     assert text.index("did not complete") < text.index("Summary")
+
+
+def test_the_harmonisation_section_says_whether_combat_helped(doc, page):
+    share = doc["harmonization"]["site_share"]
+    before = np.array(share["before"], dtype=float)
+    after = np.array([np.nan if v is None else v for v in share["after"]], dtype=float)
+    section = _text(re.search(r'<section id="harmonization">(.*?)</section>', page, re.S).group(1))
+    ok = after[np.isfinite(after)]
+    assert f"Before ComBat: median {np.median(before):.3f}; {int(np.sum(before > 0.1))} of {len(before)} features" \
+        in section
+    assert f"After: median {np.median(ok):.3f}; {int(np.sum(ok > 0.1))} of {len(ok)} features above 0.1" in section
+    first = next(iter(doc["features"]["selected"]))
+    i = share["features"].index(first)
+    assert f"{first} {before[i]:.3f} {after[i]:.3f}" in section  # each model feature, before and after

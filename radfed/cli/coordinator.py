@@ -120,6 +120,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\n  at sites the model never saw (leave-one-site-out) vs each other hospital alone:")
             _print_table(header, rows)
             print("  " + str(gain_sentence(doc)))
+    drops = [d for d in doc.get("dropouts") or [] if isinstance(d, dict)]
+    if drops:
+        print("\n  sites that left the run (each says why and what to do):")
+        for d in drops:
+            where = f"round {d['round']}, {d.get('phase')}" if d.get("round") is not None else f"{d.get('phase')} phase"
+            print(f"    {d.get('site')} ({where}): {d.get('reason')}")
     print(f"\n  metrics   {files['metrics']}\n  report    {files['report']}"
           f"\n  audit log {files['audit_log']}   (check it: radfed audit verify {files['audit_log']})")
     return code
@@ -143,8 +149,32 @@ def cmd_plan_write(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """Where a run is (from its audit log): once, or with --watch until it ends. Exit 0 running or completed, 1
+    failed or refused."""
+    from server.progress import describe, latest_run, progress, read_entries
+
+    folder = Path(args.run).expanduser() if args.run else latest_run(Path(args.output_dir).expanduser())
+    log = folder / "audit.jsonl"
+    if not log.is_file():
+        raise ValueError(f"{folder} has no audit.jsonl: give a run folder (<output-dir>/<time>-run<id>)")
+    shown = None
+    while True:
+        state = {**progress(read_entries(log)), "run_folder": str(folder)}
+        if args.json and args.watch:
+            print(json.dumps(state), flush=True)  # one line per look: a stream a program can follow
+        elif args.json:
+            print_json(state)
+        elif describe(state) != shown:
+            shown = describe(state)
+            print(shown + ("\n" if args.watch else ""), flush=True)
+        if not args.watch or state["status"] != "running":
+            return 0 if state["status"] in ("running", "completed") else 1
+        time.sleep(args.interval)
+
+
 def add_coordinator_commands(sub: Any) -> None:
-    """``radfed demo`` and ``radfed plan write`` on the root's subcommands."""
+    """``radfed demo``, ``radfed status`` and ``radfed plan write`` on the root's subcommands."""
     demo = sub.add_parser("demo", help="coordinator: generate synthetic hospitals and run a whole federation on them")
     demo.add_argument("--data-root", default=str(DEFAULT_HOME / "demo"), metavar="DIR",
                       help="where the synthetic hospitals go (default %(default)s)")
@@ -161,6 +191,22 @@ def add_coordinator_commands(sub: Any) -> None:
     demo.add_argument("--quiet", action="store_true", help="hide Flower's log stream")
     add_json(demo)
     demo.set_defaults(func=cmd_demo)
+
+    status = sub.add_parser(
+        "status", help="coordinator: where a run is (phase, round, fold, sites, time left), from its audit log",
+        description="Read a run's audit log while it runs (simulation or deployment: the run folder is on the "
+                    "coordinator's machine) and say where it is: phase, round x of y, the fold of leave-one-site-out, "
+                    "local-only or cross-validation, which sites take part, answered the last round or left and why, "
+                    "elapsed time and an estimate of what is left. Exit 0: running or completed; 1: failed or "
+                    "refused.")
+    status.add_argument("run", nargs="?", default=None, metavar="RUN_FOLDER",
+                        help="a run folder (default: the newest under --output-dir)")
+    status.add_argument("--output-dir", default=str(DEFAULT_HOME / "runs"), metavar="DIR",
+                        help="where the coordinator's run folders are (default %(default)s)")
+    status.add_argument("--watch", action="store_true", help="keep watching until the run ends (JSON: one line each)")
+    status.add_argument("--interval", type=float, default=2.0, metavar="S", help="seconds between looks (--watch)")
+    add_json(status)
+    status.set_defaults(func=cmd_status)
 
     plan = sub.add_parser("plan", help="coordinator: the run plan sites approve").add_subparsers(
         dest="plan_command", required=True, metavar="COMMAND")

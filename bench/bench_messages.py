@@ -1,0 +1,203 @@
+"""Per-message cost of a site against Flower's own floor: prints tables.
+
+    python bench/bench_messages.py [--work DIR] [--sites 4,16] [--rounds 5] [--profile-messages 20]
+
+For each number of tiny synthetic sites (10 cases per class, extracted once before anything is timed), one
+simulated radfed run (FedAvg, leave-one-site-out and local-only off) with its Grid wrapped to time every
+send-and-receive, then the floor: the same batches of the same message types with same-sized records on the
+same number of nodes, answered at once by a trivial ClientApp (bench/message_app.py). Seconds per
+site-message = a batch's wall time / its messages, summed over the run. Then cProfile of one site's ClientApp
+in this process over a run of ``train`` messages: every message reloading the site (the cache cleared
+before each, as every message did before the run cache) and with the run cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import pstats
+import shutil
+import sys
+import tempfile
+import time
+import tomllib
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bench.table import print_columns  # noqa: E402
+from radfed import synth  # noqa: E402
+from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
+from radfed.launch import run_federation  # noqa: E402
+
+ROUND_TYPES = ("train", "evaluate")
+HEADER = ["sites", "messages", "radfed s/msg", "floor s/msg", "ratio", "radfed s/msg (rounds)", "floor s/msg (rounds)",
+          "ratio (rounds)", "radfed wall s", "floor wall s"]
+# This bench on the code before the run cache (commit f5bce54: every message reloaded its site, rewrote the
+# feature table, recomputed the plan; torch.optim imported torch._dynamo in every worker), run back to back with
+# the code after it on the same busy 2-core machine, --sites 4,16 --rounds 5; printed beside every new run.
+BEFORE = [["4", "92", "0.4128", "0.3806", "1.08", "0.2494", "0.0485", "5.14", "61", "64"],
+          ["16", "352", "0.2483", "0.1012", "2.45", "0.1947", "0.0089", "21.99", "122", "61"]]
+
+
+def make_app(folder: Path, server: str, client: str) -> Path:
+    """A scratch Flower app: radfed's code (so the plan hash is radfed's), the bench apps, and radfed's
+    pyproject with the components swapped."""
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    for part in ("common", "client", "server"):
+        shutil.copytree(ROOT / part, folder / part, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "bench" / "message_app.py", folder / "benchapp.py")
+    text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
+    text = text.replace('serverapp = "server.app:app"', f'serverapp = "{server}"')
+    text = text.replace('clientapp = "client.app:app"', f'clientapp = "{client}"')
+    (folder / "pyproject.toml").write_text(text, encoding="utf-8")
+    return folder
+
+
+def sites(work: Path, n_max: int, workers: int) -> list[Path]:
+    """``n_max`` tiny sites under work/sites, extracted (cached on later runs)."""
+    dirs = synth.make_demo(work / "sites", synth.tiny_sites(n_max, 10), seed=0)
+    with ProcessPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(extract_one_site, [str(d) for d in dirs], ["default"] * len(dirs), [1] * len(dirs)))
+    return dirs
+
+
+def data_root(work: Path, dirs: list[Path]) -> Path:
+    """A data-root holding exactly these sites (links, so every run shares one extraction)."""
+    root = work / f"root-{len(dirs)}"
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir()
+    for d in dirs:
+        (root / d.name).symlink_to(d.resolve())
+    return root
+
+
+def per_message(batches: list[dict], seconds_key: str = "seconds", count: str = "n") -> dict[str, float]:
+    """Seconds per site-message over every batch and over the training rounds' batches, and message counts."""
+    def n(b: dict) -> int:
+        return len(b["messages"]) if "messages" in b else int(b[count])
+
+    every = [b for b in batches if n(b)]
+    rounds = [b for b in every if b["type"] in ROUND_TYPES]
+    total = sum(n(b) for b in every)
+    in_rounds = sum(n(b) for b in rounds)
+    return {"messages": total, "per": sum(b[seconds_key] for b in every) / max(total, 1),
+            "round_messages": in_rounds, "per_round": sum(b[seconds_key] for b in rounds) / max(in_rounds, 1)}
+
+
+def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path]) -> list[str]:
+    root = data_root(work, dirs)
+    out = work / f"runs-{len(dirs)}"
+    shutil.rmtree(out, ignore_errors=True)
+    run_config = {**config, "data-root": str(root), "output-dir": str(out)}
+    approve_demo_plan(dirs, run_config)
+    t = time.perf_counter()
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-radfed", app_dir=apps["radfed"],
+                   echo=False)
+    radfed_wall = time.perf_counter() - t
+    record = json.loads((out / "messages.json").read_text())
+    metrics = json.loads(next(out.glob("*-run*/metrics.json")).read_text())
+    if metrics["status"] != "completed":
+        raise SystemExit(f"radfed run {metrics['status']}: {metrics['error']}")
+    t = time.perf_counter()
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=apps["floor"],
+                   echo=False)
+    floor_wall = time.perf_counter() - t
+    floor = json.loads((out / "floor.json").read_text())
+    ours, base = per_message(record["batches"]), per_message(floor["batches"])
+    return [str(len(dirs)), str(ours["messages"]), f"{ours['per']:.4f}", f"{base['per']:.4f}",
+            f"{ours['per'] / base['per']:.2f}", f"{ours['per_round']:.4f}", f"{base['per_round']:.4f}",
+            f"{ours['per_round'] / base['per_round']:.2f}", f"{radfed_wall:.0f}", f"{floor_wall:.0f}"]
+
+
+def profile_simulation(work: Path, dirs: list[Path], config: dict) -> None:
+    """One radfed run with its ClientApp under cProfile in every simulation worker: the top functions, all workers
+    together, and the seconds its handlers took per message."""
+    app = make_app(work / "app-profiled", "server.app:app", "benchapp:profiled_client")
+    out = work / "runs-profiled"
+    shutil.rmtree(out, ignore_errors=True)
+    run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)}
+    approve_demo_plan(dirs, run_config)
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-profiled", app_dir=app, echo=False)
+    files = sorted(out.glob("client-*.prof"))
+    text = io.StringIO()
+    stats = pstats.Stats(*map(str, files), stream=text)
+    calls = sum(n for (path, _, name), (_, n, *_) in stats.stats.items() if name == "__call__"  # type: ignore[attr-defined]
+                and path.endswith("client_app.py"))
+    stats.sort_stats("cumulative").print_stats(r"(client|common|server|flwr)/.*\.py", 20)
+    lines = [line for line in text.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)]
+    print(f"\ncProfile of radfed's ClientApp inside the simulation ({len(dirs)} sites, {len(files)} worker "
+          f"process(es), {calls} message(s)); top functions by cumulative time:\n" + "\n".join(lines))
+
+
+def profile_site(site_dir: Path, config: dict, n_messages: int, reload_each: bool) -> tuple[float, str]:
+    """cProfile of ``n_messages`` train messages through radfed's ClientApp (mods included) at one site:
+    (seconds per message, the top functions by cumulative time)."""
+    from bench.site_messages import SiteHarness
+
+    harness = SiteHarness(site_dir, config)
+    harness.train()  # the first message of a run loads the site either way
+    profiler = cProfile.Profile()
+    t = time.perf_counter()
+    profiler.enable()
+    for _ in range(n_messages):
+        if reload_each:
+            harness.forget()
+        harness.train()
+    profiler.disable()
+    seconds = (time.perf_counter() - t) / n_messages
+    out = io.StringIO()
+    stats = pstats.Stats(profiler, stream=out)
+    stats.sort_stats("cumulative").print_stats(r"(client|common|flwr/clientapp)/.*\.py", 14)
+    lines = [line for line in out.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)]
+    return seconds, "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--work", default=None, help="working folder (default: a fresh temporary one)")
+    parser.add_argument("--sites", default="4,16", help="comma-separated numbers of sites")
+    parser.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (train + evaluate each)")
+    parser.add_argument("--profile-messages", type=int, default=20)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--skip-federation", action="store_true", help="only the in-process profile")
+    parser.add_argument("--profile-simulation", action="store_true",
+                        help="one more radfed run on the fewest sites, its ClientApp profiled in the simulation")
+    args = parser.parse_args()
+    work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-messages-"))
+    work.mkdir(parents=True, exist_ok=True)
+    sizes = sorted(int(s) for s in args.sites.split(","))
+    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    config = {**config, "num-server-rounds": args.rounds, "external-validation": "none", "local-only": "none"}
+    dirs = sites(work, sizes[-1], args.workers)
+
+    if not args.skip_federation:
+        apps = {"radfed": make_app(work / "app-radfed", "benchapp:timed", "client.app:app"),
+                "floor": make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")}
+        rows = [one_size(work, dirs[:n], config, apps) for n in sizes]
+        print_columns(f"Seconds per site-message, radfed vs the trivial-ClientApp floor ({args.rounds} FedAvg rounds, "
+                      "tiny sites of 10 cases per class, LOSO and local-only off; '(rounds)': train and evaluate "
+                      "messages only)", HEADER, rows)
+        print_columns("Before the run cache (recorded, commit f5bce54, same bench and machine)", HEADER, BEFORE)
+
+    if args.profile_simulation:
+        profile_simulation(work, dirs[:sizes[0]], config)
+    profiled = []
+    for reload_each, label in ((True, "every message reloads the site"), (False, "run cache")):
+        seconds, top = profile_site(dirs[0], config, args.profile_messages, reload_each)
+        profiled.append([label, f"{seconds * 1000:.1f}"])
+        print(f"\ncProfile, one site's ClientApp, {args.profile_messages} train messages, {label} "
+              f"({seconds * 1000:.1f} ms per message); top functions by cumulative time:\n{top}")
+    print_columns("Site CPU per train message (in process, one tiny site)", ["site", "ms per message"], profiled)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,157 @@
+"""The two Flower apps bench/bench_messages.py runs, copied (as ``benchapp.py``) into a scratch app folder beside
+radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exact code and its plan hash):
+
+- ``timed``: radfed's own ServerApp, its Grid wrapped to record every ``send_and_receive``: the message type,
+  the wall seconds, and per message the sizes of request and reply (array bytes, config/metric bytes).
+  Written to ``<output-dir>/messages.json``.
+- ``profiled_client``: radfed's ClientApp under cProfile in each simulation worker process, its statistics kept in
+  ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation).
+- ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
+  same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
+  own cost per message: the floor). Written to ``<output-dir>/floor.json``.
+"""
+
+from __future__ import annotations
+
+import cProfile
+import json
+import os
+import time
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+from client.app import app as radfed_client
+from common.protocol import REPLIES
+from server.app import main as radfed_main
+
+RECORD = "messages.json"
+FLOOR = "floor.json"
+
+
+def sizes(content: RecordDict) -> tuple[int, int]:
+    """(array bytes, config and metric bytes as JSON) of a message's content."""
+    arrays, other = 0, 0
+    for record in content.values():
+        if isinstance(record, ArrayRecord):
+            arrays += sum(len(a.data) for a in record.values())
+        else:
+            other += len(json.dumps({k: v for k, v in record.items()}, default=repr))
+    return arrays, other
+
+
+class TimedGrid:
+    """A Grid that records each send_and_receive (type, seconds, request and reply sizes) and otherwise
+    does what the wrapped Grid does."""
+
+    def __init__(self, grid: Grid) -> None:
+        self._grid = grid
+        self.batches: list[dict[str, object]] = []
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        start = time.perf_counter()
+        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
+        seconds = time.perf_counter() - start
+        nodes = sorted(self._grid.get_node_ids())
+        back = {r.metadata.reply_to_message_id: r for r in replies}
+        rows = []
+        for m in messages:
+            reply = back.get(m.metadata.message_id)
+            answer = sizes(reply.content) if reply is not None and not reply.has_error() else (0, 0)
+            rows.append({"node": nodes.index(m.metadata.dst_node_id) if m.metadata.dst_node_id in nodes else 0,
+                         "request": sizes(m.content), "reply": answer})
+        types = sorted({m.metadata.message_type for m in messages})
+        self.batches.append({"type": ",".join(types), "seconds": seconds, "messages": rows})
+        return replies
+
+
+timed = ServerApp()
+
+
+@timed.main()
+def timed_main(grid: Grid, context: Context) -> None:
+    recorder = TimedGrid(grid)
+    start = time.perf_counter()
+    try:
+        radfed_main(recorder, context)  # type: ignore[arg-type]
+    finally:
+        out = Path(str(context.run_config["output-dir"])).expanduser()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / RECORD).write_text(json.dumps({"seconds": time.perf_counter() - start, "nodes": len(
+            list(grid.get_node_ids())), "batches": recorder.batches}), encoding="utf-8")
+
+
+_PROFILER: list[cProfile.Profile] = []  # one per worker process, made there (a Profile does not pickle)
+
+
+class _ProfiledClientApp(ClientApp):
+    """radfed's ClientApp, profiled; the statistics of this process so far are written after every message."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        if not _PROFILER:
+            _PROFILER.append(cProfile.Profile())
+        _PROFILER[0].enable()
+        try:
+            return radfed_client(message, context)
+        finally:
+            _PROFILER[0].disable()
+            out = Path(str(context.run_config["output-dir"])).expanduser()
+            _PROFILER[0].dump_stats(str(out / f"client-{os.getpid()}.prof"))
+
+
+profiled_client = _ProfiledClientApp()
+
+
+def _padded(array_bytes: int, other_bytes: int, extra: dict[str, int] | None = None) -> RecordDict:
+    return RecordDict({"arrays": ArrayRecord({"pad": Array(np.zeros(max(array_bytes - 128, 1), dtype=np.uint8))}),
+                       "config": ConfigRecord({"pad": "x" * max(other_bytes - 16, 0), **(extra or {})})})
+
+
+floor_server = ServerApp()
+
+
+@floor_server.main()
+def floor_main(grid: Grid, context: Context) -> None:
+    out = Path(str(context.run_config["output-dir"])).expanduser()
+    record = json.loads((out / RECORD).read_text(encoding="utf-8"))
+    while len(list(grid.get_node_ids())) < record["nodes"]:
+        time.sleep(0.2)
+    nodes = sorted(grid.get_node_ids())
+    timings = []
+    start = time.perf_counter()
+    for batch in record["batches"]:
+        kind = batch["type"].split(",")[0]
+        messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1]}),
+                            dst_node_id=nodes[m["node"]], message_type=kind) for m in batch["messages"]]
+        t = time.perf_counter()
+        replies = list(grid.send_and_receive(messages, timeout=600))
+        if any(r.has_error() for r in replies) or len(replies) != len(messages):
+            raise RuntimeError(f"the floor's {kind} batch failed: {[r.error.reason for r in replies if r.has_error()]}")
+        timings.append({"type": batch["type"], "seconds": time.perf_counter() - t, "n": len(messages)})
+    (out / FLOOR).write_text(json.dumps({"seconds": time.perf_counter() - start, "batches": timings}),
+                             encoding="utf-8")
+
+
+floor_client = ClientApp()
+
+
+def _echo(msg: Message, context: Context) -> Message:
+    config = msg.content["config"]
+    content = _padded(int(config["reply-arrays"]), int(config["reply-other"]))  # type: ignore[arg-type]
+    content["metrics"] = MetricRecord({"num-examples": 1})
+    return Message(content, reply_to=msg)
+
+
+floor_client.train()(_echo)
+floor_client.evaluate()(_echo)
+for _kind in REPLIES:
+    if _kind.startswith("query."):
+        floor_client.query(_kind.split(".", 1)[1])(_echo)

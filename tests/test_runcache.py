@@ -1,0 +1,120 @@
+"""A site is loaded once per run (client.runcache) yet sees every change to its files: real site folders, real
+extraction, radfed's ClientApp with all its mods driven by real Flower messages (bench/site_messages.py)."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from bench.site_messages import SiteHarness
+from client import runcache, steps
+from client.approvals import decide, site_plan
+from client.extract import features_path
+from client.site import load_site
+from common.plan import plan_sha256
+from common.profile import load_profile
+from radfed import synth
+from radfed.launch import app_run_config
+
+CONFIG = {"min-cases-per-class": 5}
+FULL = app_run_config(CONFIG)  # the complete run config a site gets
+
+
+@pytest.fixture(scope="module")
+def extracted(tmp_path_factory) -> Path:
+    """One tiny site (12 cases per class) with its features extracted once."""
+    root = tmp_path_factory.mktemp("runcache")
+    site = synth.write_site(root, synth.tiny_sites(1, 12)[0], seed=5)
+    steps.load_site_data(site, FULL)
+    return site
+
+
+@pytest.fixture
+def site(extracted, tmp_path) -> Path:
+    copy = tmp_path / extracted.name
+    shutil.copytree(extracted, copy)
+    time.sleep(runcache.SETTLE_NS / 1e9)  # files older than the settling time: the cache keeps its entries
+    runcache.clear()
+    yield copy
+    runcache.clear()
+
+
+def _content(reply) -> dict:
+    """A reply's arrays (exact bytes) and metrics."""
+    return {"arrays": {k: v.numpy().tobytes() for k, v in reply.content["arrays"].items()},
+            "metrics": dict(reply.content["metrics"])}
+
+
+def _train_case(site: Path) -> str:
+    data = steps.load_site_data(site, FULL)
+    return data.table.case_ids[int(np.flatnonzero(~data.held_out)[0])]
+
+
+def test_cached_replies_are_bit_identical_to_reloading_every_message(site):
+    harness = SiteHarness(site, CONFIG)
+    cached = [_content(harness.train()) for _ in range(3)]
+    assert ("site", (str(site.resolve()), "default", "")) in {k for k in runcache._ENTRIES}  # the cache was used
+    reloaded = []
+    for _ in range(3):
+        harness.forget()
+        reloaded.append(_content(harness.train()))
+    assert cached == reloaded
+
+
+def test_unchanged_files_are_not_rewritten_by_a_reload(site):
+    harness = SiteHarness(site, CONFIG)
+    csv_path = features_path(load_site(site, load_profile().sequences), load_profile())
+    before = {p: runcache.stamp(p) for p in (csv_path, csv_path.with_suffix(".json"), site / ".radfed/errors.json")}
+    harness.forget()
+    harness.train()
+    assert {p: runcache.stamp(p) for p in before} == before
+
+
+def test_a_changed_image_between_two_messages_is_read_again(site):
+    harness = SiteHarness(site, CONFIG)
+    first = _content(harness.train())
+    case = _train_case(site)
+    with (site / "manifest.csv").open(encoding="utf-8") as fh:
+        row = next(r for r in csv.DictReader(fh) if r["case_id"] == case)
+    for seq in synth.SEQUENCES:  # a brighter scan of one training case: its features change
+        path = site / row[seq]
+        image = sitk.ReadImage(str(path))
+        sitk.WriteImage(sitk.Cast(image, sitk.sitkFloat32) * 1.7 + 40.0, str(path))
+    after = _content(harness.train())
+    harness.forget()
+    assert after != first
+    assert after == _content(harness.train())  # what a site reloading every message sends
+
+
+def test_a_manifest_without_a_case_is_read_again(site):
+    harness = SiteHarness(site, CONFIG)
+    harness.train()
+    case = _train_case(site)
+    lines = (site / "manifest.csv").read_text(encoding="utf-8").splitlines(keepends=True)
+    (site / "manifest.csv").write_text("".join(x for x in lines if not x.startswith(case + ",")), encoding="utf-8")
+    # the case's frozen release block lost a member: its other patients leave the run, and a class is then too
+    # small for two blocks, as a site reloading every message finds
+    refusal = "cannot take part: its usable (HGG|BM) cases form fewer than two release blocks"
+    with pytest.raises(RuntimeError, match=refusal):
+        harness.train()
+    harness.forget()
+    with pytest.raises(RuntimeError, match=refusal):
+        harness.train()
+
+
+def test_a_plan_revoked_between_two_messages_is_refused(site):
+    harness = SiteHarness(site, CONFIG)  # approves the plan
+    time.sleep(runcache.SETTLE_NS / 1e9)  # an approval older than the settling time: the cache keeps it
+    harness.train()
+    harness.train()  # approved: every message passes, the second from the cache
+    assert any(kind == "approvals" for kind, _ in runcache._ENTRIES)
+    plan_hash = plan_sha256(site_plan(steps.run_config(FULL)))
+    decide(site, plan_hash, "revoke")
+    with pytest.raises(RuntimeError, match=f"revoked run plan {plan_hash}"):
+        harness.train()

@@ -1,0 +1,108 @@
+"""`radfed status`: where a run is, read from its audit log while it runs (phase, round, fold, sites, time left).
+The deployment case is in tests/test_deploy.py (a site crashes mid-run)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from federation_helpers import run_federation_in
+
+from radfed import synth
+from radfed.cli import main
+from server.audit import AuditLog
+from server.progress import progress, read_entries
+
+CONFIG = {"num-server-rounds": 4, "training": "fedavg", "external-validation": "loso", "local-only": "none",
+          "internal-validation": "split"}
+
+
+def _log(path: Path) -> AuditLog:
+    audit = AuditLog(path, Ed25519PrivateKey.generate())
+    audit.append("run-start", run_id=9, config=CONFIG, plan_sha256="ab" * 32)
+    return audit
+
+
+def test_progress_follows_the_log_entry_by_entry(tmp_path):
+    log = tmp_path / "audit.jsonl"
+    audit = _log(log)
+    for site in ("b", "a", "c"):
+        audit.append("site-plan", site=site)
+    audit.append("dropout", site="c", phase="plan", reason="ineligible: 3 BM cases, fewer than k = 5")
+    state = progress(read_entries(log))
+    assert (state["status"], state["phase"], state["round"]) == ("running", "plan", 0)
+    assert state["sites"]["taking_part"] == ["a", "b"]
+    assert state["sites"]["left"] == [{"site": "c", "phase": "plan", "reason": "ineligible: 3 BM cases, fewer than "
+                                                                                   "k = 5"}]
+    audit.append("features-agreed", split_counts={"a": {}, "b": {}})
+    audit.append("model-init", model_sha256="0" * 64, training="fedavg")
+    audit.append("round-train", round=1, sites={"a": {}, "b": {}})
+    audit.append("round-train", round=2, sites={"b": {}})
+    state = progress(read_entries(log))
+    assert (state["phase"], state["round"], state["rounds"], state["folds"]) == ("training", 2, 4, 2)
+    assert state["sites"]["answered_last_round"] == ["b"] and state["fold"] is None
+    audit.append("fold-start", kind="leave-one-site-out", fold="a", index=1, of=2)
+    audit.append("round-train", round=1, sites={"b": {}}, fold="a")
+    state = progress(read_entries(log))
+    assert state["phase"] == "leave-one-site-out" and state["round"] == 1
+    assert state["fold"] == {"kind": "leave-one-site-out", "fold": "a", "index": 1, "of": 2}
+    audit.append("external-validation", fold="a")
+    with log.open("a") as fh:
+        fh.write('{"event": "round-tr')  # the writer is mid-line: the reader stops before it
+    state = progress(read_entries(log))
+    assert state["folds_done"] == 1 and state["status"] == "running"
+
+
+def test_the_estimate_of_time_left_follows_the_pace(tmp_path):
+    """Two rounds of ten seconds with two more to go and two folds as long as the main fit: 20 s + 2 x 40 s."""
+    log = tmp_path / "audit.jsonl"
+    audit = _log(log)
+    audit.append("features-agreed", split_counts={"a": {}, "b": {}})
+    audit.append("model-init", model_sha256="0" * 64, training="fedavg")
+    audit.append("round-train", round=1, sites={})
+    audit.append("round-train", round=2, sites={})
+    entries = read_entries(log)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for entry, seconds in zip(entries, (0, 0, 0, 10, 20), strict=True):
+        entry["time"] = (t0 + timedelta(seconds=seconds)).isoformat()
+    state = progress(entries, now=t0 + timedelta(seconds=20))
+    assert state["elapsed_s"] == 20 and state["remaining_s"] == pytest.approx(20 + 2 * 40)
+    audit.append("run-end", status="failed", error="only 1 site remains")
+    state = progress(read_entries(log))
+    assert state["status"] == "failed" and state["remaining_s"] == 0 and "1 site" in state["error"]
+    (tmp_path / "other.jsonl").write_text('{"event": "hello"}\n')
+    with pytest.raises(ValueError, match="not a radfed audit log"):
+        progress(read_entries(tmp_path / "other.jsonl"))
+
+
+def test_status_watches_a_running_simulation(tmp_path, capsys):
+    root = tmp_path / "data"
+    for i, spec in enumerate(synth.tiny_sites(3, 10)):
+        synth.write_site(root, spec, seed=700 + i)
+    done: list[Path] = []
+    runner = threading.Thread(target=lambda: done.append(run_federation_in(
+        tmp_path, root, 3, **{k: v for k, v in CONFIG.items() if k != "num-server-rounds"})))
+    runner.start()
+    seen: list[dict] = []
+    out = tmp_path / "runs"
+    while runner.is_alive():
+        time.sleep(0.5)
+        if any(out.glob("*-run*/audit.jsonl")):
+            assert main(["status", "--output-dir", str(out), "--json"]) == 0
+            seen.append(json.loads(capsys.readouterr().out))
+    runner.join()
+    assert done, "the federation did not finish"
+    running = [s for s in seen if s["status"] == "running"]
+    assert any(s["phase"] == "training" and s["round"] >= 1 for s in running), [s["phase"] for s in seen]
+    folds = [s["fold"] for s in running if s["fold"]]
+    assert folds and {f["kind"] for f in folds} == {"leave-one-site-out"} and {f["of"] for f in folds} == {3}
+    assert all(s["sites"]["taking_part"] == sorted(p.name for p in root.iterdir()) for s in running if s["round"])
+    assert main(["status", str(done[0])]) == 0
+    final = capsys.readouterr().out
+    assert f"run {json.loads((done[0] / 'metrics.json').read_text())['run_id']}: completed" in final
+    assert "folds done 3 of 3" in final
