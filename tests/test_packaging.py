@@ -261,6 +261,11 @@ def test_the_staged_app_bundles_the_same_fab_without_its_virtualenv(tmp_path: Pa
     (app / "client" / "app.py").write_text("x = 1\n")
     (app / "client" / "__pycache__" / "app.cpython-311.pyc").write_bytes(b"\0")
     (app / "client" / "profile.yaml").write_text("a: 1\n")
+    (app / "common" / "profiles").mkdir(parents=True)  # one file for each of the app's fab-include patterns
+    (app / "common" / "plan.py").write_text("z = 3\n")
+    (app / "common" / "profiles" / "default.yaml").write_text("b: 2\n")
+    (app / "server").mkdir()
+    (app / "server" / "app.py").write_text("w = 4\n")
     (app / "docs").mkdir()
     (app / "docs" / "notes.md").write_text("# notes\n")
     (app / "docs" / "scan.nii.gz").write_bytes(b"\x1f\x8b")  # data: never bundled
