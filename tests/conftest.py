@@ -1,5 +1,6 @@
 """Shared fixtures: tiny synthetic sites written with the real generator and SimpleITK."""
 
+import locale
 from pathlib import Path
 
 import pytest
@@ -14,3 +15,11 @@ def tiny_site_root(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
     synth.write_site(root, synth.tiny_sites(1, 12)[0], seed=11)
     return root
+
+
+@pytest.fixture(autouse=True)
+def _locale_of_the_environment():
+    """Each test starts in the environment's locale: a library that switches the process to the C locale (ASCII)
+    would otherwise make the next test's text subprocess output undecodable."""
+    locale.setlocale(locale.LC_ALL, "")
+    yield

@@ -191,7 +191,8 @@ def chromium_path() -> str:
 def run_chromium(chromium: str, tmp_path: Path, name: str, args: list[str]) -> subprocess.CompletedProcess:
     profile = tmp_path / f"chromium-profile-{name}"  # a fresh profile every time
     return subprocess.run([chromium, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", *args],
-                          capture_output=True, text=True, timeout=120, check=False)
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
+                          check=False)
 
 
 def probe_report(page: str, folder: Path, width: int = 1100, height: int = 900) -> dict[str, Any]:

@@ -57,8 +57,8 @@ def test_running_with_flower_directly_works_as_written(tmp_path):
     block = _edit(block, "flwr run . radfed-sim --stream", f'flwr run . radfed-sim --stream --run-config "{OVERRIDES}"')
     env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}  # no venv on the PATH
     try:
-        done = subprocess.run(["bash", "-c", block], cwd=REPO, env=env, capture_output=True, text=True, timeout=1200,
-                              check=False)
+        done = subprocess.run(["bash", "-c", block], cwd=REPO, env=env, capture_output=True, encoding="utf-8",
+                              errors="replace", timeout=1200, check=False)
         runs = sorted((home / ".radfed" / "runs").glob("*-run*"))
         assert len(runs) == 1, done.stdout[-3000:] + done.stderr[-3000:]
         doc = json.loads((runs[0] / "metrics.json").read_text(encoding="utf-8"))
