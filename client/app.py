@@ -361,3 +361,15 @@ def histograms(msg: Message, context: Context) -> Message:
                                       harmonize=_harmonizer(context, msg))
     counts = compute.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))
+
+
+@app.query("robustness")
+def robustness(msg: Message, context: Context) -> Message:
+    """Robustness filter: ICC sums of the agreed features over the training split, originals and the profile's
+    perturbed copies (extracted now or from the site's cache); only the per-feature sums and n leave."""
+    from client.robustness import robustness_reply  # imported here: only runs that turn the filter on pay for it
+
+    agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
+    data = _data(context, msg)
+    arrays, n = robustness_reply(data, agreed)
+    return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(arrays), metrics=MetricRecord({"n": n}))

@@ -24,6 +24,94 @@ class ProfileError(ValueError):
 
 
 @dataclass(frozen=True)
+class Perturbation:
+    """One perturbation of a case before pyradiomics (client.perturb applies it).
+
+    ``kind``: "noise" (Gaussian, ``amount`` = sigma as a fraction of the image's std inside the mask),
+    "translate" (image and mask shifted together by ``amount`` mm in a random direction, resampled on the
+    original grid), "rotate" (image and mask rotated about the mask's centre by up to ``amount`` degrees about a
+    random axis), "dilate" / "erode" (each region grown into the background / shrunk by ``amount`` voxels).
+    """
+
+    kind: str
+    amount: float
+
+    @property
+    def random(self) -> bool:
+        return self.kind in ("noise", "translate", "rotate")
+
+    def describe(self) -> str:
+        unit = {"noise": " x the ROI std", "translate": " mm", "rotate": " degrees", "dilate": " voxel(s)",
+                "erode": " voxel(s)"}[self.kind]
+        return f"{self.kind} {self.amount:g}{unit}"
+
+
+@dataclass(frozen=True)
+class Robustness:
+    """The profile's ``robustness`` block: perturbations, how often each random one is drawn, and the seed
+    every site derives its per-case draws from (with the case's content hash: no site secret needed)."""
+
+    perturbations: tuple[Perturbation, ...]
+    repeats: int
+    seed: int
+
+    def draws(self) -> list[Perturbation]:
+        """Every perturbed copy of a case, in order: each random perturbation ``repeats`` times, each mask
+        operation once (it is deterministic)."""
+        return [p for p in self.perturbations for _ in range(self.repeats if p.random else 1)]
+
+    @property
+    def measurements(self) -> int:
+        """m: the original plus every perturbed copy."""
+        return 1 + len(self.draws())
+
+
+_AMOUNT_KEY = {"noise": "sigma", "translate": "mm", "rotate": "degrees"}
+
+
+def _robustness(block: Any, source: str) -> Robustness | None:
+    """Validate the optional ``robustness`` block; raises ProfileError naming the entry and the fix."""
+    if block is None:
+        return None
+    example = ("e.g. robustness: {perturbations: [{kind: noise, sigma: 0.05}, {kind: mask, erode: 1}], "
+               "repeats: 1, seed: 0}")
+    if not isinstance(block, dict) or set(block) - {"perturbations", "repeats", "seed"}:
+        raise ProfileError(f"profile {source}: 'robustness' must hold only perturbations, repeats, seed ({example})")
+    items = block.get("perturbations")
+    if not isinstance(items, list) or not items:
+        raise ProfileError(f"profile {source}: 'robustness.perturbations' must be a non-empty list ({example})")
+    repeats, seed = block.get("repeats", 1), block.get("seed", 0)
+    for key, value in (("repeats", repeats), ("seed", seed)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < (1 if key == "repeats" else 0):
+            raise ProfileError(f"profile {source}: 'robustness.{key}' must be a whole number "
+                               f"{'>= 1' if key == 'repeats' else '>= 0'}, got {value!r}")
+    parsed = []
+    for i, item in enumerate(items):
+        kind = item.get("kind") if isinstance(item, dict) else None
+        if kind == "mask":
+            ops = [k for k in ("dilate", "erode") if k in item]
+            if len(ops) != 1 or set(item) != {"kind", ops[0]}:
+                raise ProfileError(f"profile {source}: robustness perturbation {i + 1} (mask) needs exactly one "
+                                   "of 'dilate: N' or 'erode: N'")
+            name, key = ops[0], ops[0]
+        elif kind in _AMOUNT_KEY:
+            name, key = kind, _AMOUNT_KEY[kind]
+            if set(item) != {"kind", key}:
+                raise ProfileError(f"profile {source}: robustness perturbation {i + 1} ({kind}) needs exactly "
+                                   f"'{key}: <number>'")
+        else:
+            raise ProfileError(f"profile {source}: robustness perturbation {i + 1} has kind {kind!r}: use one of "
+                               "noise, translate, rotate, mask")
+        amount = item[key]
+        integral = name in ("dilate", "erode")
+        if isinstance(amount, bool) or not isinstance(amount, int if integral else int | float) or amount <= 0:
+            raise ProfileError(f"profile {source}: robustness perturbation {i + 1}: '{key}' must be a positive "
+                               f"{'whole number' if integral else 'number'}, got {amount!r}")
+        parsed.append(Perturbation(name, float(amount)))
+    return Robustness(tuple(parsed), int(repeats), int(seed))
+
+
+@dataclass(frozen=True)
 class Profile:
     """A loaded extraction profile.
 
@@ -33,8 +121,9 @@ class Profile:
         regions: region name -> mask label, e.g. ``{"enhancing": 1, ...}``.
         shape_from: the sequence whose extraction contributes the (mask-only) shape features.
         params: the pyradiomics params dict (``setting``, ``imageType``, ``featureClass``).
-        sha256: hash of the canonical form of the whole profile.
+        sha256: hash of the canonical form of the whole profile (the ``robustness`` block included).
         source: where it was loaded from.
+        robustness: the perturbations the robustness filter measures features under (None: not declared).
     """
 
     name: str
@@ -45,6 +134,8 @@ class Profile:
     params: dict[str, Any]
     sha256: str
     source: str
+    robustness: Robustness | None = None
+
 
     @property
     def short_hash(self) -> str:
@@ -139,4 +230,5 @@ def profile_from_dict(doc: Any, source: str = "<dict>") -> Profile:
         params=params,
         sha256=profile_hash(doc),
         source=source,
+        robustness=_robustness(doc.get("robustness"), source),
     )

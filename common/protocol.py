@@ -44,6 +44,7 @@ RECALIBRATE = "query.recalibrate"
 TRAIN = "train"
 EVALUATE = "evaluate"
 OUT_OF_FOLD = "query.out_of_fold"
+ROBUSTNESS = "query.robustness"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
 # "d" = agreed features, "q" = ComBat design columns (sites + covariates), "m" = selection candidates,
@@ -226,6 +227,19 @@ REPLIES[OUT_OF_FOLD] = ReplySpec(
     metrics={**REPLIES[EVALUATE].metrics, "num-examples": "usable cases (every one scored out of fold)",
              "auc": "ROC AUC of the out-of-fold scores over all usable cases"},
     arrays=REPLIES[EVALUATE].arrays, count_keys=REPLIES[EVALUATE].count_keys)
+# The robustness filter (profile ``robustness`` block, run config ``robustness-min-icc``): one-way ANOVA sums of
+# each agreed feature over the training cases, each measured on its original and on m - 1 perturbed copies,
+# centred on the site's own mean (common.icc).
+REPLIES[ROBUSTNESS] = ReplySpec(
+    arrays={"ssb": ArraySpec("per-feature between-case sum of squares m sum_i (case mean - site mean)^2 over the "
+                             "training cases (original and perturbed copies of each)", ("d",)),
+            "ssw": ArraySpec("per-feature within-case sum of squares sum_i sum_j (x_ij - case mean)^2 over the same "
+                             "cases", ("d",)),
+            "unmeasured": ArraySpec("1 where some copy of some training case has no finite value (then 0 in "
+                                    "ssb and ssw), else 0", ("d",))},
+    metrics={"n": "training cases"},
+    count_keys=("n",),
+)
 
 # With differential privacy on the query phases (run config ``dp-query-noise-multiplier`` > 0, common/dp_query.py),
 # these replies take the place of the exact ones: sums of each case's clipped contribution, in units the server

@@ -54,6 +54,7 @@ class RunConfig(BaseModel):
     select_l1: float = Field(alias="select-l1", ge=0)
     select_candidates: int = Field(alias="select-candidates", ge=1, strict=True)
     select_max_correlation: float = Field(alias="select-max-correlation", gt=0, le=1)
+    robustness_min_icc: float = Field(alias="robustness-min-icc", ge=0, lt=1)
     training: Literal["fedavg", "exact"] = Field(alias="training")
     exact_l2: float = Field(alias="exact-l2", ge=0)
     exact_l1: float = Field(alias="exact-l1", ge=0)

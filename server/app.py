@@ -24,7 +24,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import clinical, phases, pipeline, report, training, validation
+from server import clinical, phases, pipeline, report, robustness, training, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -153,6 +153,8 @@ def main(grid: Grid, context: Context) -> None:
         ctx.dp_account = privacy_account(run)
         ctx.query_account = query_account(run)
         covariate_spec = covariates.describe(run.covariates())
+        if run.robustness_min_icc > 0:
+            robustness.require_perturbations(run.robustness_min_icc, profile)
         node_ids = wait_for_nodes(grid, min_sites, timeout)
         fed = phases.plan_phase(ctx, node_ids, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
@@ -174,6 +176,8 @@ def main(grid: Grid, context: Context) -> None:
                            "selected": dict(zip(chosen.names, chosen.t, strict=True)),
                            "sha256": sha256_json(chosen.names)}
         result.harmonization = {**(fitted.histograms or {}), **site_share(fitted, agreement.names)}
+        if fitted.robustness is not None:
+            result.features["robustness"] = fitted.robustness.summary()
         arrays = trained.arrays
         # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
         result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),

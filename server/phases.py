@@ -151,14 +151,17 @@ def _noised_moments(run: Run, cohort: Cohort, replies: dict[int, Message],
     return pooled
 
 
-def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments) -> selection.Selection:
-    """Choose the model's features from aggregates: drop near-constant ones, rank by Welch's t,
-    then keep the best uncorrelated ones using the pooled correlation of the top candidates."""
+def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
+                    removed: frozenset[str] = frozenset()) -> selection.Selection:
+    """Choose the model's features from aggregates: drop near-constant ones (and the ``removed`` ones: the
+    robustness filter's), rank by Welch's t, then keep the best uncorrelated ones using the pooled correlation of
+    the top candidates."""
     agreement = cohort.agreement
     n_keep, threshold = run.config.select_features, run.config.select_max_correlation
     constant = selection.near_constant(pooled.std, pooled.mean)
     t = selection.welch_t(pooled.classwise[1], pooled.classwise[0])
-    order = [int(i) for i in np.argsort(-np.abs(t), kind="stable") if not constant[i]]
+    order = [int(i) for i in np.argsort(-np.abs(t), kind="stable")
+             if not constant[i] and agreement.names[i] not in removed]
     if n_keep <= 0:  # selection off: every non-constant feature, in the agreed order
         kept = sorted(order)
         chosen = selection.Selection([agreement.names[i] for i in kept], [float(t[i]) for i in kept],

@@ -42,6 +42,7 @@ from server.report_clinical import clinical_section
 from server.report_curves import calibration_section, roc_section
 from server.report_harmonization import harmonization_section
 from server.report_headline import headline_section
+from server.report_robustness import robustness_section
 from server.report_validation import validation_section
 
 DEMO_STAMP = "demo.json"  # radfed.synth.STAMP_NAME: written by `radfed demo` at the root of its synthetic sites
@@ -387,6 +388,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Section]]] = [
     ("clinical", "Clinical metrics (pooled held-out cases, final model)", clinical_section),
     ("training", "Training curves per round", _training_section),
     ("harmonization", "Harmonisation before/after", harmonization_section),
+    ("robustness", "Feature robustness (ICC under perturbations)", robustness_section),
     ("features", "Selected features", _features_section),
     ("validation", "External validation (leave-one-site-out)", validation_section),
 ]

@@ -17,6 +17,7 @@ import pytest
 from common import metrics
 from common.profile import load_profile
 from server import report
+from server.robustness import RobustnessResult
 
 K = 5
 SITES = ("hospital-a", "hospital-b", "hospital-c", "<b>x</b>")
@@ -103,6 +104,10 @@ def make_result(folder: Path, data_root: Path, sites: tuple[str, ...] = SITES, r
                        "selected": {n: float(t) for n, t in zip(names, (4.2, -3.1, 2.5, 2.2, -1.9), strict=True)},
                        "weights": {n: float(w) for n, w in zip(names, (0.4, -0.9, 0.05, 0.3, -0.2), strict=True)},
                        "sha256": "ab" * 32}
+    agreed = [*names, "t1c/edema/original_glcm_Contrast", "shape/edema/original_shape_Sphericity"]
+    icc = np.array([0.95, 0.9, 0.82, 0.97, 0.88, 0.41, np.nan])
+    result.features["robustness"] = RobustnessResult(agreed, icc, 0.75, [agreed[5], agreed[6]], 140, 6,
+                                                     list(sites)).summary()
     for r in range(1, rounds + 1):
         result.training[r] = {name: {"n": sizes[name] - held_out[name], "loss": 0.7 * 0.9 ** r + 0.02 * i,
                                      "update_sha256": "0" * 64} for i, name in enumerate(sites)}

@@ -20,7 +20,7 @@ from common.profile import load_profile
 from server import report
 
 SECTION_IDS = ("headline", "summary", "model-card", "final", "roc", "calibration", "clinical", "training",
-               "harmonization", "features", "validation")
+               "harmonization", "robustness", "features", "validation")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 TAB_BLUE = np.array([31, 119, 180])  # the first site's colour in every figure
@@ -281,3 +281,18 @@ def test_report_loads_in_headless_chromium(full_doc, full_page, tmp_path):
     assert pixels.shape[:2] == (height, 1100)
     assert np.mean(np.any(pixels < 200, axis=-1)) > 0.02  # text, tables and figures, not a blank page
     assert np.sum(np.all(np.abs(pixels - TAB_BLUE) < 8, axis=-1)) > 500  # markers in the first site's colour
+
+
+def test_robustness_section_shows_icc_quantiles_per_region_and_removed_features(full_doc):
+    html_page = report.render_html(full_doc)
+    section = _section(html_page, "robustness")
+    rob = full_doc["features"]["robustness"]
+    # one row per sequence/region with its quantiles; the two features that left are named
+    for group in ("t1c/enhancing", "adc/edema", "shape/edema"):
+        assert f"<code>{group}</code>" in section
+    assert rob["groups"]["t1c/edema"]["icc_quantiles"][2] == 0.41 and rob["groups"]["t1c/edema"]["removed"] == 1
+    assert rob["groups"]["shape/edema"]["not_measurable"] == 1
+    assert "t1c/edema/original_glcm_Contrast" in section and "shape/edema/original_shape_Sphericity" in section
+    assert "2 of 7" in section
+    off = {**full_doc, "features": {k: v for k, v in full_doc["features"].items() if k != "robustness"}}
+    assert "Off (robustness-min-icc = 0)" in _section(report.render_html(off), "robustness")

@@ -82,6 +82,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     run_config: dict[str, Any] = {"data-root": str(data_root), "output-dir": str(output_dir),
                                   "num-server-rounds": args.rounds, "profile": args.profile}
+    if args.robustness_min_icc is not None:
+        run_config["robustness-min-icc"] = args.robustness_min_icc
     plan_hash = approve_demo_plan(site_dirs, run_config)
     say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
         " see the plan with radfed plan write)")
@@ -108,6 +110,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     if doc["status"] != "completed":
         print(f"  reason: {doc['error']}")
     else:
+        robust = doc["features"].get("robustness")
+        if robust:
+            print(f"  robustness filter: {robust['n_removed']} of {robust['n_features']} features had ICC below "
+                  f"{robust['threshold']} under {robust['measurements'] - 1} perturbed copies and left")
         _print_table(*final_table(doc))
         header, rows = gain_table(doc)
         if rows:
@@ -177,6 +183,9 @@ def add_coordinator_commands(sub: Any) -> None:
     demo.add_argument("--flwr-home", default=None, metavar="DIR", help="private FLWR_HOME for the simulation")
     demo.add_argument("--rounds", type=int, default=20)
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--robustness-min-icc", type=float, default=None, metavar="ICC",
+                      help="robustness filter: features whose ICC under the profile's perturbations is below ICC "
+                           "leave before selection (default: the app's robustness-min-icc, 0 = off)")
     add_profile(demo, default="default")
     add_workers(demo)
     demo.add_argument("--quiet", action="store_true", help="hide Flower's log stream")

@@ -54,6 +54,30 @@ def cmd_check(args: argparse.Namespace) -> int:
     return check.exit_code
 
 
+def _extract_perturbed(site: Any, profile: Any, case_ids: list[str], console: Any) -> dict[str, object]:
+    """The profile's perturbed copies of every usable case (the robustness filter's), into the site's cache, so a
+    run with robustness-min-icc > 0 only reads them; returns how many were extracted now and the seconds."""
+    import time
+
+    from client.robustness import perturbed_cache_file, perturbed_features
+    from client.site import SiteError
+
+    if profile.robustness is None:
+        raise SiteError(f"profile {profile.name} declares no robustness perturbations: nothing to extract with "
+                        "--perturbed (add a 'robustness' block to the profile)")
+    before = sum(perturbed_cache_file(site, profile, c).exists() for c in case_ids)
+    start = time.perf_counter()
+    with console.status(f"extracting {site.name}: {len(profile.robustness.draws())} perturbed copies of "
+                        f"{len(case_ids) - before} case(s)"):
+        perturbed_features(site, profile, case_ids)
+    seconds = time.perf_counter() - start
+    extracted = sum(perturbed_cache_file(site, profile, c).exists() for c in case_ids) - before
+    console.print(f"perturbed copies (robustness filter): {extracted} case(s) extracted now, {before} from the "
+                  f"cache, {seconds:.1f}s", soft_wrap=True)
+    return {"copies_per_case": len(profile.robustness.draws()), "extracted": extracted, "cached": before,
+            "seconds": round(seconds, 3)}
+
+
 def cmd_extract(args: argparse.Namespace) -> int:
     import logging
 
@@ -79,6 +103,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
             bar.update(task, completed=done, total=total)
 
         table, summary = extract_site(site, profile, workers=args.workers, progress=progress)
+    perturbed = _extract_perturbed(site, profile, table.case_ids, console) if args.perturbed else None
     csv_path = features_path(site, profile)
     files = {"features": csv_path, "provenance": csv_path.with_suffix(".json"), "log": site.files.extraction_log,
              "errors": site.files.errors}
@@ -87,6 +112,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
         print_json({"site": site.name, "profile": {"name": profile.name, "sha256": profile.sha256},
                     "usable_cases": len(table.case_ids), "extracted": summary.extracted, "cached": summary.cached,
                     "seconds": round(summary.seconds, 3), "problems": [p.as_dict() for p in table.problems],
+                    **({"perturbed": perturbed} if perturbed is not None else {}),
                     "files": {k: str(v) for k, v in files.items()}})
         return code
     per_case = f", {summary.seconds_per_extracted_case:.2f}s per case" if summary.extracted else ""
@@ -285,6 +311,9 @@ def add_site_commands(sub: Any) -> None:
     add_json(extract)
     add_profile(extract)
     add_workers(extract)
+    extract.add_argument("--perturbed", action="store_true",
+                         help="also extract the profile's perturbed copies of every usable case (the robustness "
+                              "filter's, robustness-min-icc > 0), so a run only reads them from the cache")
     extract.set_defaults(func=cmd_extract)
 
     add_plan_commands(site)
