@@ -19,6 +19,7 @@ from flwr.clientapp.typing import ClientAppCallable
 
 from client import runcache
 from client.site import SiteError, site_files, site_settings
+from client.sitefiles import read_jsonl
 from client.steps import locate_site, run_config
 from common.canon import sha256_json
 from common.plan import code_files, plan_sha256, run_plan
@@ -66,20 +67,13 @@ def history(site_dir: Path) -> list[dict[str, str]]:
     return _read_history(approvals_file(site_dir))
 
 
+def _is_decision(entry: dict[str, Any]) -> bool:
+    return entry.get("action") in ("approve", "revoke") and isinstance(entry.get("plan_sha256"), str)
+
+
 def _read_history(path: Path) -> list[dict[str, str]]:
-    out: list[dict[str, str]] = []
-    if path.exists():
-        for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-            try:
-                entry = json.loads(line)
-                if not isinstance(entry, dict) or entry.get("action") not in ("approve", "revoke") \
-                        or not isinstance(entry.get("plan_sha256"), str):
-                    raise TypeError("no action and plan hash")
-            except (json.JSONDecodeError, TypeError) as exc:
-                raise SiteError(f"{path} line {number} is not an approval record ({exc}); the file is append-only: "
-                                "restore it from backup or remove the damaged line deliberately") from None
-            out.append(entry)
-    return out
+    return read_jsonl(path, _is_decision, "an approval record (action and plan hash)",
+                      "the file is append-only: restore it from backup or remove the damaged line deliberately")
 
 
 def decisions(site_dir: Path) -> dict[str, dict[str, str]]:

@@ -43,7 +43,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
 from client.site import site_settings
-from client.sitefiles import SiteFiles
+from client.sitefiles import SiteFiles, read_jsonl
 from client.steps import locate_site, run_config
 from common import dp, dp_query
 from common.protocol import NEWTON, WITHHELD_WHEN_NOISED
@@ -82,10 +82,10 @@ class SiteBudget:
         self.delta = float(settings.get("dp_budget_delta", 1e-5))
 
     def spent_rho(self) -> float:
-        if not self.path.exists():
-            return 0.0
-        return dp.compose(float(json.loads(line)["rho"]) for line in self.path.read_text(encoding="utf-8").splitlines()
-                          if line.strip())
+        entries = read_jsonl(self.path, lambda e: isinstance(e.get("rho"), int | float), "a budget entry (rho)",
+                             "the DP budget ledger is append-only: restore it from backup; until then nothing noised "
+                             "can be sent")
+        return dp.compose(float(e["rho"]) for e in entries) if entries else 0.0
 
     def check(self, rho: float, what: str = "dp_update_mod: this update") -> None:
         """Refuse when one more release of ``rho`` would take the site past its cap."""

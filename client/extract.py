@@ -32,6 +32,7 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -153,6 +154,36 @@ def _extractors(profile: Profile) -> tuple[object, object]:
     return _EXTRACTORS[profile.sha256]
 
 
+# What a failing sequence/region gives: another pyradiomics result, None (left out), or it raises.
+OnError = Callable[[Any, str, str, int, Exception], Mapping[str, Any] | None]
+
+
+def _named(extractor: Any, seq: str, region: str, label: int, exc: Exception) -> None:
+    raise type(exc)(f"{seq} / {region} (label {label}): {exc}") from exc  # pyradiomics does not say where
+
+
+def extract_volumes(profile: Profile, volumes: Mapping[str, Any], mask: Any,
+                    on_error: OnError = _named) -> dict[str, float]:
+    """Every sequence x region of one loaded (or perturbed) case through pyradiomics, as
+    ``<sequence, or shape>/<region>/<pyradiomics key>``; shape features from ``profile.shape_from`` only.
+    ``on_error(extractor, sequence, region, label, exc)`` decides a failing pair (default: raise, named)."""
+    with_shape, without_shape = _extractors(profile)
+    features: dict[str, float] = {}
+    for seq in profile.sequences:
+        extractor = with_shape if seq == profile.shape_from else without_shape
+        for region, label in profile.regions.items():
+            try:
+                result = extractor.execute(volumes[seq], mask, label=label)  # type: ignore[attr-defined]
+            except (ValueError, RuntimeError) as exc:
+                result = on_error(extractor, seq, region, label, exc)
+                if result is None:
+                    continue
+            for key, value in result.items():
+                if not key.startswith("diagnostics_"):
+                    features[f"{'shape' if '_shape_' in key else seq}/{region}/{key}"] = float(value)
+    return features
+
+
 def extract_case_features(case: Case, profile: Profile,
                           label_map: Mapping[int, str] | None = None) -> dict[str, float]:
     """All features of one case; raises CaseInputError (bad input) or ValueError (pyradiomics).
@@ -160,21 +191,7 @@ def extract_case_features(case: Case, profile: Profile,
     ``label_map`` (the site's source label -> region name) relabels the mask as it is read.
     """
     volumes, mask = load_case_volumes(case.images, case.mask, profile.regions, MIN_REGION_VOXELS, label_map)
-    with_shape, without_shape = _extractors(profile)
-    features: dict[str, float] = {}
-    for seq in profile.sequences:
-        extractor = with_shape if seq == profile.shape_from else without_shape
-        for region, label in profile.regions.items():
-            try:
-                result = extractor.execute(volumes[seq], mask, label=label)
-            except (ValueError, RuntimeError) as exc:  # name where it failed: pyradiomics does not
-                raise type(exc)(f"{seq} / {region} (label {label}): {exc}") from exc
-            for key, value in result.items():
-                if key.startswith("diagnostics_"):
-                    continue
-                prefix = "shape" if "_shape_" in key else seq
-                features[f"{prefix}/{region}/{key}"] = float(value)
-    return features
+    return extract_volumes(profile, volumes, mask)
 
 
 _FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}  # one hash per file version per process

@@ -6,30 +6,18 @@ arrays, and the fewest cases any statistic covered (the k that held).
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from client.site import SiteError
+from client.sitefiles import read_jsonl
 from common.protocol import REPLIES
 
 
 def read(outbox: Path) -> list[dict[str, Any]]:
     """Every entry, in the order sent; [] when the site has sent nothing. A damaged line is named."""
-    if not outbox.exists():
-        return []
-    entries = []
-    for number, line in enumerate(outbox.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            entry = json.loads(line)
-            if not isinstance(entry, dict) or "run_id" not in entry or "type" not in entry:
-                raise TypeError("no run id and message type")
-        except (json.JSONDecodeError, TypeError) as exc:
-            raise SiteError(f"{outbox} line {number} is not an outbox entry ({exc}); the guard appends one JSON "
-                            "line per reply: was the file edited?") from None
-        entries.append(entry)
-    return entries
+    return read_jsonl(outbox, lambda e: "run_id" in e and "type" in e, "an outbox entry (run id and message type)",
+                      "the guard appends one JSON line per reply: was the file edited?")
 
 
 def _fewest_cases(entry: dict[str, Any]) -> int | None:

@@ -12,19 +12,20 @@ import json
 import logging
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, load_case_volumes
-from client.extract import _extractors, _input_hashes, _log_to, pyradiomics_version
+from client.extract import _input_hashes, _log_to, extract_volumes, pyradiomics_version
 from client.featurecache import cache_file, write_cache
 from client.perturb import draw_seed, perturb_case
 from client.site import Case, Site, SiteError
 from client.steps import SiteData
 from common import icc
-from common.profile import Profile
+from common.profile import Perturbation, Profile
 
 log = logging.getLogger("flwr.radfed.robustness")
 file_log = logging.getLogger("radfed.extraction")
@@ -45,31 +46,24 @@ def extract_perturbed(case: Case, profile: Profile, inputs: dict[str, str],
     if profile.robustness is None:
         raise SiteError(f"profile {profile.name} declares no robustness perturbations")
     volumes, mask = load_case_volumes(case.images, case.mask, profile.regions, MIN_REGION_VOXELS, label_map)
-    with_shape, without_shape = _extractors(profile)
     labels = list(profile.regions.values())
     copies: Copies = []
     for index, perturbation in enumerate(profile.robustness.draws()):
         moved, moved_mask = perturb_case(volumes, mask, labels, perturbation,
                                          draw_seed(profile.robustness.seed, inputs, index))
-        features: dict[str, float] = {}
-        for seq in profile.sequences:
-            extractor = with_shape if seq == profile.shape_from else without_shape
-            for region, label in profile.regions.items():
-                try:
-                    result = extractor.execute(moved[seq], moved_mask, label=label)
-                except (ValueError, RuntimeError) as exc:
-                    if perturbation.kind not in ("dilate", "erode"):
-                        file_log.warning("case %s, %s: %s / %s not extracted (%s)", case.case_id,
-                                         perturbation.describe(), seq, region, exc)
-                        continue
-                    # a region the mask operation would destroy (a thin rim eroded away) keeps its contour
-                    file_log.info("case %s, %s: region %s kept as segmented (%s)", case.case_id,
-                                  perturbation.describe(), region, exc)
-                    result = extractor.execute(moved[seq], mask, label=label)
-                for key, value in result.items():
-                    if not key.startswith("diagnostics_"):
-                        features[f"{'shape' if '_shape_' in key else seq}/{region}/{key}"] = float(value)
-        copies.append(features)
+
+        def on_error(extractor: Any, seq: str, region: str, label: int, exc: Exception,
+                     perturbation: Perturbation = perturbation, moved: dict = moved) -> Mapping[str, Any] | None:
+            if perturbation.kind not in ("dilate", "erode"):
+                file_log.warning("case %s, %s: %s / %s not extracted (%s)", case.case_id,
+                                 perturbation.describe(), seq, region, exc)
+                return None
+            # a region the mask operation would destroy (a thin rim eroded away) keeps its contour
+            file_log.info("case %s, %s: region %s kept as segmented (%s)", case.case_id,
+                          perturbation.describe(), region, exc)
+            return extractor.execute(moved[seq], mask, label=label)
+
+        copies.append(extract_volumes(profile, moved, moved_mask, on_error))
     return copies
 
 

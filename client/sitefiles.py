@@ -20,9 +20,12 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from client.cases import SiteError
 
 
 @dataclass(frozen=True)
@@ -132,3 +135,24 @@ def write_json_unless_same(path: Path, doc: dict[str, Any], volatile: str) -> bo
         pass
     atomic_write(path, json.dumps(doc, indent=2))
     return True
+
+
+def read_jsonl(path: Path, valid: Callable[[dict[str, Any]], bool], what: str, fix: str) -> list[dict[str, Any]]:
+    """Every entry of an append-only JSON-lines file, in order ([] when it does not exist; blank lines skipped).
+    A line that is not a JSON object passing ``valid`` stops the read with a SiteError naming the file, the line,
+    ``what`` a line should be and ``fix``: a damaged record must never be skipped silently."""
+    if not path.exists():
+        return []
+    entries = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            ok = isinstance(entry, dict) and valid(entry)
+        except json.JSONDecodeError as exc:
+            raise SiteError(f"{path} line {number} is not {what} ({exc}); {fix}") from None
+        if not ok:
+            raise SiteError(f"{path} line {number} is not {what}; {fix}")
+        entries.append(entry)
+    return entries

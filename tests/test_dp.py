@@ -17,6 +17,7 @@ from flwr.clientapp import ClientApp
 from client import ledger
 from client.dp import DPError, dp_update_mod
 from client.guard import SITE_STATE, privacy_guard
+from client.site import SiteError
 from common import dp, model
 from radfed.launch import app_run_config
 
@@ -420,3 +421,17 @@ def test_a_site_caps_its_own_dp_budget_across_runs(tmp_path):
     assert len((tmp_path / ".radfed" / "release" / "dp-budget.jsonl").read_text().splitlines()) == 2
     with pytest.raises(DPError, match="only with differential privacy"):
         dp_update_mod(_train_message(glob), _context({}, site), _handler(local))
+
+
+def test_a_damaged_budget_ledger_line_stops_every_noised_release(tmp_path):
+    """The budget ledger is what keeps a site under its cap across runs: a line that cannot be read must refuse the
+    next noised release (naming the file and line), never count as zero spent."""
+    (tmp_path / "site.yaml").write_text("dp_budget_epsilon: 1000\n")
+    site = {"site-dir": str(tmp_path)}
+    rng = np.random.default_rng(3)
+    glob = _state(5, rng)
+    dp_update_mod(_train_message(glob), _context(ON, site), _handler(_moved(glob, rng, size=1.0)))
+    ledger = tmp_path / ".radfed" / "release" / "dp-budget.jsonl"
+    ledger.write_text(ledger.read_text() + "\n" + '{"run_id": 2, "rho": "a lot"}\n')
+    with pytest.raises(SiteError, match=r"dp-budget.jsonl line 3 is not a budget entry"):
+        dp_update_mod(_train_message(glob), _context(ON, site), _handler(_moved(glob, rng, size=1.0)))
