@@ -92,6 +92,17 @@ class RunConfig(BaseModel):
                              "set harmonization = 'combat' or dp-query-noise-multiplier = 0")
         return self
 
+    @model_validator(mode="after")
+    def _dp_updates_need_fedavg(self) -> RunConfig:
+        # DP on model updates noises FedAvg's train replies; exact training (the default) sends gradients and
+        # Hessians instead, which only the query DP (dp-query-noise-multiplier) noises. Refused rather than
+        # switched: the training mode is part of the plan every site approved
+        if self.dp_noise_multiplier > 0 and self.training == "exact" and not self.dp_query:
+            raise ValueError("dp-noise-multiplier > 0 noises FedAvg updates only, and training = 'exact' sends exact "
+                             "gradients and Hessians: set training = 'fedavg' (DP on model updates), or "
+                             "dp-query-noise-multiplier > 0 (noised Newton sums), or dp-noise-multiplier = 0")
+        return self
+
     @property
     def dp_query(self) -> bool:
         """Whether the query phases' sums are noised (common/dp_query.py)."""

@@ -72,10 +72,7 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    if run.training == "exact" and not run.dp_query:
-        raise RunRefused("differential privacy on model updates covers FedAvg only: exact training would send exact "
-                         "gradients and Hessians. Set training = \"fedavg\", dp-query-noise-multiplier > 0 (noised "
-                         "Newton sums) or dp-noise-multiplier = 0")
+    # exact training with DP on updates is refused when the run config is parsed (common/runconfig.py)
     return dp.DPAccount.from_settings(settings)
 
 
