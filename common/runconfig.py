@@ -33,6 +33,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     num_server_rounds: int = Field(alias="num-server-rounds", ge=1, strict=True)
+    evaluate_every: int = Field(alias="evaluate-every", ge=0, strict=True)
     local_epochs: int = Field(alias="local-epochs", ge=1, strict=True)
     learning_rate: float = Field(alias="learning-rate", gt=0)
     weight_decay: float = Field(alias="weight-decay", ge=0)
