@@ -109,16 +109,17 @@ class AuditedFedAvg(FedAvg):
             return []
         return self._messages(server_round, arrays, config, MessageType.EVALUATE)
 
-    def _site_of(self, reply: Message) -> int:
+    def _site_of(self, reply: Message, sent: dict[str, int]) -> int:
         """The site a reply stands for. When a site's SuperNode goes offline (stopped, crashed, lost its
         network: no heartbeat for 2 x 30 s), Flower 1.42's SuperLink answers in its place with an error
         reply ("Node Unavailable") whose sender is the SuperLink itself (node id 1), not the site; the
         same for an expired reply. So find the site by the message the reply answers."""
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
         return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _drop_failures(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
-        by_site = [(self._site_of(m), m) for m in replies]
+        # the message each reply answers, by id: built once per round (once per reply was sites^2 per round)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
+        by_site = [(self._site_of(m, sent), m) for m in replies]
         answered = {node_id for node_id, _ in by_site}
         good = []
         for node_id, msg in by_site:
