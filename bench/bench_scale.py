@@ -77,7 +77,7 @@ class PeakMemory:
         self._thread.join()
 
 
-def one_size(work: Path, n_sites: int, per_class: int, n_features: int, timeout: float) -> list[str]:
+def one_size(work: Path, n_sites: int, per_class: int, n_features: int, timeout: float, batch: int) -> list[str]:
     root = work / f"sites-{n_sites}"
     t = time.perf_counter()
     dirs = write_feature_sites(root, n_sites, per_class, n_features)
@@ -88,7 +88,7 @@ def one_size(work: Path, n_sites: int, per_class: int, n_features: int, timeout:
     out = work / f"runs-{n_sites}"
     shutil.rmtree(out, ignore_errors=True)
     run_config = {"data-root": str(root), "output-dir": str(out), "external-validation": "none",
-                  "local-only": "none", "min-sites": 2, "query-timeout": timeout}
+                  "local-only": "none", "min-sites": 2, "query-timeout": timeout, "send-batch": batch}
     approve_demo_plan(dirs, run_config)
     flwr_home = work / f"flwr-{n_sites}"
     shutil.rmtree(flwr_home, ignore_errors=True)
@@ -120,13 +120,15 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=16, help="cases of each class per site")
     parser.add_argument("--features", type=int, default=60, help="features per case")
     parser.add_argument("--timeout", type=float, default=1800.0, help="query-timeout of each batch, seconds")
+    parser.add_argument("--send-batch", type=int, default=50, help="run config send-batch (0: all sites at once)")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-scale-"))
     rows = []
     for n in (int(s) for s in args.sites.split(",")):
-        rows.append(one_size(work, n, args.per_class, args.features, args.timeout))
+        rows.append(one_size(work, n, args.per_class, args.features, args.timeout, args.send_batch))
         print_columns(f"radfed at scale: feature-level sites, {args.per_class} cases per class, {args.features} "
-                      f"features, exact training, LOSO and local-only off (work folder {work})", HEADER, rows)
+                      f"features, exact training, LOSO and local-only off, send-batch {args.send_batch} "
+                      f"(work folder {work})", HEADER, rows)
     return 0 if all(r[-1] == "completed" for r in rows) else 1
 
 

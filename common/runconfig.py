@@ -20,7 +20,7 @@ from common import covariates
 from common.protocol import DEFAULT_K
 
 # where the coordinator keeps files and its key, and its own patience: nothing a site's data is exposed to
-LOCAL_KEYS = ("data-root", "output-dir", "audit-key", "query-timeout")
+LOCAL_KEYS = ("data-root", "output-dir", "audit-key", "query-timeout", "send-batch")
 
 
 class RunConfigError(ValueError):
@@ -44,6 +44,7 @@ class RunConfig(BaseModel):
     output_dir: str = Field(alias="output-dir", min_length=1, strict=True)
     profile: str = Field(alias="profile", min_length=1, strict=True)
     query_timeout: float = Field(alias="query-timeout", gt=0)
+    send_batch: int = Field(alias="send-batch", ge=0, strict=True)
     min_sites: int = Field(alias="min-sites", ge=1, strict=True)
     audit_key: str = Field(alias="audit-key", strict=True)
     harmonization: Literal["combat", "none"] = Field(alias="harmonization")
