@@ -14,7 +14,7 @@ import numpy as np
 
 from client.compute import combat_options
 from client.steps import Harmonizer, SiteData, load_site_data, run_config, site_matrix
-from common import combat, metrics, model, moments
+from common import combat, exact, metrics, model, moments
 
 
 def load_sites(site_dirs: list[Path], run_config: Mapping[str, Any]) -> dict[str, SiteData]:
@@ -35,10 +35,16 @@ def _fit(xs: list[np.ndarray], ys: list[np.ndarray], steps: int, config: Mapping
     mean, std = moments.pooled_mean_std(*zip(*(moments.site_moments(x) for x in xs), strict=True))
     scale = np.where(std <= 1e-9 * np.maximum(1.0, np.abs(mean)), 1.0, std)
     y = np.concatenate(ys)
+    pos_weight = float((y == 0).sum() / max((y == 1).sum(), 1))
+    if str(config.get("training", "fedavg")) == "exact":  # the federation's exact fit, on the data in one place
+        z = (np.vstack(xs) - mean) / scale
+        fit = exact.fit_exact([(z, y)], pos_weight, l2=float(config["exact-l2"]), l1=float(config["exact-l1"]),
+                              tol=float(config["exact-tol"]), max_rounds=int(config["exact-max-rounds"]))
+        return model.model_from_state(exact.to_state_dict(fit.coef, mean, scale))
     net = model.build_model(mean, scale)
     model.train_local(net, np.vstack(xs), y, epochs=steps, lr=float(config["learning-rate"]),
                       weight_decay=float(config["weight-decay"]),
-                      pos_weight=float((y == 0).sum() / max((y == 1).sum(), 1)))
+                      pos_weight=pos_weight)
     return net
 
 
@@ -58,7 +64,8 @@ def harmonizers(sites: dict[str, SiteData], agreed: list[str], config: Mapping[s
 
 
 def pooled_centralised(sites: dict[str, SiteData], names: list[str], config: Mapping[str, Any]) -> dict[str, float]:
-    """One model on all training splits together (rounds x local epochs steps), on the same harmonised
+    """One model on all training splits together (the exact pooled fit, or with FedAvg rounds x local epochs
+    full-batch steps, as the run config trains), on the same harmonised
     features as the run; held-out metrics per site combined."""
     steps = int(config["num-server-rounds"]) * int(config["local-epochs"])
     agreed = agreed_features(sites)

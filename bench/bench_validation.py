@@ -7,7 +7,8 @@ alone, "local-only"), then without the local-only baselines, then without either
 Beside them, in one process on the same features (a real federation never does this):
 
 - pooled-centralised: one model on the fold's training sites' data together, same fold features and the
-  same (leak-free) harmonisation, rounds x local epochs full-batch steps (the FedAvg counterpart);
+  same (leak-free) harmonisation, the same fit (exact training, the default: the pooled maximum-likelihood fit;
+  FedAvg: rounds x local epochs full-batch steps);
 - the protocol before protocol 3, where ComBat was fitted once with every site, so the held-out site's
   features shaped its own fold's harmonisation: same pooled fit, to show what that changed;
 - "site alone with the federation's features" (the old baseline, kept as a second row): each site's model

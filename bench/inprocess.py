@@ -43,8 +43,7 @@ def agreed_features(tables: Tables) -> list[str]:
 def max_features(n_cases: int, run: RunConfig) -> int:
     """The most features exact training allows a site with ``n_cases`` training cases: it needs more than
     exact-min-cases-per-coefficient x (features + 1) (``common.exact.check_dimensions``)."""
-    return max(int(np.ceil(n_cases / run.exact_min_cases_per_coefficient)) - 2, 0) \
-        if run.exact_min_cases_per_coefficient > 0 else n_cases
+    return exact.max_features(n_cases, run.exact_min_cases_per_coefficient)
 
 
 @dataclass

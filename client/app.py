@@ -149,8 +149,9 @@ def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.nd
     data = _data(context, msg)
     spec = _run(context).covariates()
     x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, _run(context)))
-    # the design: one column per site, then the covariates' columns
-    _agreement(context)["design-columns"] = n_sites + len(covariates.columns(spec))
+    # the design: one column per site, then the covariates' columns; a site sends only its own column's and the
+    # covariates' block of it (common.combat.site_block)
+    _agreement(context)["design-columns"] = 1 + len(covariates.columns(spec))
     return data, x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
 
 
@@ -158,9 +159,10 @@ def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.nd
 def combat_fit(msg: Message, context: Context) -> Message:
     data, x, c, site, n_sites = _combat_round(msg, context)
     sent = combat.site_moments(x, site, n_sites, c)
+    xtx, xty = combat.site_block(sent)
     # XᵀY sums the features over each covariate level's training cases too
     groups = steps.covariate_sets(data, _run(context).covariates())
-    return _reply(msg, data.declare("train", {"n": ""}, groups), arrays=_arrays({"xtx": sent.xtx, "xty": sent.xty}),
+    return _reply(msg, data.declare("train", {"n": ""}, groups), arrays=_arrays({"xtx": xtx, "xty": xty}),
                   metrics=MetricRecord({"n": sent.n}))
 
 

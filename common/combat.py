@@ -45,7 +45,7 @@ Where this deliberately departs from neuroCombat (neither changes results on wel
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -257,22 +257,59 @@ def site_moments(y: np.ndarray, site: int, n_sites: int, covariates: np.ndarray 
     return SiteMoments(site=site, n_sites=n_sites, n=y.shape[0], xtx=x.T @ x, xty=x.T @ y)
 
 
-def pool_moments(messages: Sequence[SiteMoments]) -> PooledMeans:
-    """Server after round 1: sum the sites' XᵀX and XᵀY, solve for B_hat (q, d) and the grand mean (d,)."""
-    if not messages:
-        raise ValueError("no site moments to pool")
-    n_sites = messages[0].n_sites
-    _check_senders([m.site for m in messages], n_sites)
-    q, d = np.shape(messages[0].xty)
+def _block_index(site: int, n_sites: int, q: int) -> np.ndarray:
+    """The design columns one site's rows can be non-zero in: its own site column, then the covariates'."""
+    return np.r_[site, np.arange(n_sites, q)]
+
+
+def site_block(m: SiteMoments) -> tuple[np.ndarray, np.ndarray]:
+    """What a site sends of its round-1 moments: XᵀX and XᵀY restricted to its own site column and the
+    covariate columns, (1 + p, 1 + p) and (1 + p, d). Every other entry of its XᵀX and XᵀY is a structural zero
+    (its rows are zero in the other sites' indicator columns), so the block holds the same numbers without a
+    sites x sites matrix per site (8 MB per site at 1,000 sites)."""
+    q = np.shape(m.xtx)[0]
+    idx = _block_index(m.site, m.n_sites, q)
+    return m.xtx[np.ix_(idx, idx)], m.xty[idx]
+
+
+def from_block(site: int, n_sites: int, n: int, xtx_block: np.ndarray, xty_block: np.ndarray) -> SiteMoments:
+    """The server's side of :func:`site_block`: a site's full XᵀX (q, q) and XᵀY (q, d) from its block."""
+    r, d = np.shape(xty_block)
+    if np.shape(xtx_block) != (r, r) or r < 1:
+        raise ValueError(f"site {site} sent design blocks of shapes {np.shape(xtx_block)} and {np.shape(xty_block)}; "
+                         "expected (r, r) and (r, d) with r = 1 + covariate columns")
+    q = n_sites + r - 1
+    idx = _block_index(site, n_sites, q)
+    xtx, xty = np.zeros((q, q)), np.zeros((q, d))
+    xtx[np.ix_(idx, idx)] = xtx_block
+    xty[idx] = xty_block
+    return SiteMoments(site=site, n_sites=n_sites, n=n, xtx=xtx, xty=xty)
+
+
+def pool_moments(messages: Iterable[SiteMoments]) -> PooledMeans:
+    """Server after round 1: sum the sites' XᵀX and XᵀY, solve for B_hat (q, d) and the grand mean (d,).
+
+    One pass, adding each site's matrices as it comes (``messages`` may be a generator: at 1,000 sites the
+    sites' full (q, q) matrices are never all held at once)."""
+    xtx = xty = None
+    senders: list[int] = []
+    n = n_sites = q = d = 0
     for m in messages:
+        if xtx is None:
+            n_sites, (q, d) = m.n_sites, np.shape(m.xty)
+            xtx, xty = np.zeros((q, q)), np.zeros((q, d))
         if m.n_sites != n_sites or np.shape(m.xtx) != (q, q) or np.shape(m.xty) != (q, d):
             raise ValueError(f"site {m.site} sent moments for {m.n_sites} sites with shapes {np.shape(m.xtx)}, "
                              f"{np.shape(m.xty)}; expected {n_sites} sites, ({q}, {q}) and ({q}, {d})")
         if m.n < 2:
             raise ValueError(f"site {m.site} has {m.n} case(s); ComBat needs at least 2 per site")
-    xtx = np.sum([m.xtx for m in messages], axis=0)
-    xty = np.sum([m.xty for m in messages], axis=0)
-    n = sum(m.n for m in messages)
+        xtx += m.xtx
+        xty += m.xty
+        n += m.n
+        senders.append(m.site)
+    if xtx is None or xty is None:
+        raise ValueError("no site moments to pool")
+    _check_senders(senders, n_sites)
     beta = _solve_pooled(xtx, xty, n_sites)
     # The site-indicator block of ΣXᵀX is diag(n_1..n_S): the weights neuroCombat gives the site intercepts.
     counts = np.diag(xtx)[:n_sites]

@@ -133,8 +133,16 @@ def check_dimensions(n_cases: int, d: int, site_name: str = "site", min_cases_pe
             f"{site_name}: {n_cases} cases are too few for exact federated logistic regression with {d} features "
             f"({n_parameters} coefficients with the intercept; it needs more than "
             f"{min_cases_per_parameter:g} x {n_parameters}, i.e. at least {need} cases). Select fewer features "
-            f"with `select-features` (at most {max(int(np.ceil(n_cases / min_cases_per_parameter)) - 2, 0)} here) "
-            "or train with fedavg instead.")
+            f"with `select-features` (at most {max_features(n_cases, min_cases_per_parameter)} here), lower "
+            f"`exact-min-cases-per-coefficient` (now {min_cases_per_parameter:g}; 1 is the floor), "
+            "or train with `training = \"fedavg\"` instead.")
+
+
+def max_features(n_cases: int, min_cases_per_parameter: float) -> int:
+    """The most features ``check_dimensions`` lets a site with ``n_cases`` training cases fit (0: none)."""
+    if min_cases_per_parameter <= 0:
+        return n_cases
+    return max(int(np.ceil(n_cases / min_cases_per_parameter)) - 2, 0)
 
 
 def penalised_objective(loss: float, coef: np.ndarray, l2: float, l1: float = 0.0) -> float:

@@ -47,7 +47,8 @@ OUT_OF_FOLD = "query.out_of_fold"
 ROBUSTNESS = "query.robustness"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
-# "d" = agreed features, "q" = ComBat design columns (sites + covariates), "m" = selection candidates,
+# "d" = agreed features, "q" = ComBat design columns a site holds (its own site column + covariates),
+# "m" = selection candidates,
 # "s" = features the model uses (after selection), "p" = curve points (run config ``curve-points``),
 # "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept),
 # "g" = score-histogram bins (run config ``score-bins``), "t" = decision-curve thresholds (``decision-thresholds``).
@@ -135,7 +136,8 @@ REPLIES: dict[str, ReplySpec] = {
         count_keys=("n-cases",),
     ),
     COMBAT_FIT: ReplySpec(
-        arrays={"xtx": ArraySpec("design cross-products XᵀX over training cases", ("q", "q")),
+        arrays={"xtx": ArraySpec("design cross-products XᵀX over training cases (own site column, covariates)",
+                                 ("q", "q")),
                 "xty": ArraySpec("design-feature cross-products XᵀY over training cases", ("q", "d"))},
         metrics={"n": "training cases"},
         count_keys=("n",),

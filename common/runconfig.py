@@ -20,7 +20,7 @@ from common import covariates
 from common.protocol import DEFAULT_K
 
 # where the coordinator keeps files and its key, and its own patience: nothing a site's data is exposed to
-LOCAL_KEYS = ("data-root", "output-dir", "audit-key", "query-timeout")
+LOCAL_KEYS = ("data-root", "output-dir", "audit-key", "query-timeout", "send-batch")
 
 
 class RunConfigError(ValueError):
@@ -33,6 +33,7 @@ class RunConfig(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", populate_by_name=True)
 
     num_server_rounds: int = Field(alias="num-server-rounds", ge=1, strict=True)
+    evaluate_every: int = Field(alias="evaluate-every", ge=0, strict=True)
     local_epochs: int = Field(alias="local-epochs", ge=1, strict=True)
     learning_rate: float = Field(alias="learning-rate", gt=0)
     weight_decay: float = Field(alias="weight-decay", ge=0)
@@ -43,6 +44,7 @@ class RunConfig(BaseModel):
     output_dir: str = Field(alias="output-dir", min_length=1, strict=True)
     profile: str = Field(alias="profile", min_length=1, strict=True)
     query_timeout: float = Field(alias="query-timeout", gt=0)
+    send_batch: int = Field(alias="send-batch", ge=0, strict=True)
     min_sites: int = Field(alias="min-sites", ge=1, strict=True)
     audit_key: str = Field(alias="audit-key", strict=True)
     harmonization: Literal["combat", "none"] = Field(alias="harmonization")
@@ -90,6 +92,17 @@ class RunConfig(BaseModel):
             raise ValueError("dp-query-noise-multiplier > 0 needs harmonization = 'combat' (its pooled grand mean "
                              "and variance are the reference each site standardises and clips its features with); "
                              "set harmonization = 'combat' or dp-query-noise-multiplier = 0")
+        return self
+
+    @model_validator(mode="after")
+    def _dp_updates_need_fedavg(self) -> RunConfig:
+        # DP on model updates noises FedAvg's train replies; exact training (the default) sends gradients and
+        # Hessians instead, which only the query DP (dp-query-noise-multiplier) noises. Refused rather than
+        # switched: the training mode is part of the plan every site approved
+        if self.dp_noise_multiplier > 0 and self.training == "exact" and not self.dp_query:
+            raise ValueError("dp-noise-multiplier > 0 noises FedAvg updates only, and training = 'exact' sends exact "
+                             "gradients and Hessians: set training = 'fedavg' (DP on model updates), or "
+                             "dp-query-noise-multiplier > 0 (noised Newton sums), or dp-noise-multiplier = 0")
         return self
 
     @property

@@ -24,7 +24,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import clinical, phases, pipeline, report, robustness, training, validation
+from server import batching, clinical, phases, pipeline, report, robustness, training, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -72,10 +72,7 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    if run.training == "exact" and not run.dp_query:
-        raise RunRefused("differential privacy on model updates covers FedAvg only: exact training would send exact "
-                         "gradients and Hessians. Set training = \"fedavg\", dp-query-noise-multiplier > 0 (noised "
-                         "Newton sums) or dp-noise-multiplier = 0")
+    # exact training with DP on updates is refused when the run config is parsed (common/runconfig.py)
     return dp.DPAccount.from_settings(settings)
 
 
@@ -148,6 +145,7 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     restore_signals = raise_on_stop_signal()
+    grid = batching.batched(grid, run.send_batch)  # Flower's simulation at many sites (server/batching.py)
     ctx = Run(grid, run, audit, folder, profile)
     try:
         ctx.dp_account = privacy_account(run)

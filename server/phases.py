@@ -228,10 +228,11 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
         raise RunRefused(f"{n_sites - len(replies)} site(s) left during harmonization; ComBat needs every site "
                          "of the design, so the run stops (restart it with the remaining sites)")
     try:
-        means = combat.pool_moments([combat.SiteMoments(
-            site=index[nid], n_sites=n_sites, n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
-            xtx=r.content["arrays"]["xtx"].numpy(), xty=r.content["arrays"]["xty"].numpy())  # type: ignore[union-attr]
-            for nid, r in replies.items()])
+        # each site sent its block of the design (common.combat.site_block); summed one site at a time
+        means = combat.pool_moments(combat.from_block(
+            index[nid], n_sites, int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+            r.content["arrays"]["xtx"].numpy(), r.content["arrays"]["xty"].numpy())  # type: ignore[union-attr]
+            for nid, r in replies.items())
     except ValueError as exc:  # e.g. a covariate level no site has: the pooled design is singular
         raise RunRefused(f"distributed ComBat cannot pool the sites' designs: {exc}") from None
 
@@ -250,7 +251,7 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
     pooled = combat.pool_residuals(means, residuals)
     # before ComBat: each site's mean (its row of XᵀY over its count) and spread around it (its residual sum of
     # squares; around the site's mean and, with covariates, their effects), from the sums already sent
-    site_means = [fitted[nid].content["arrays"]["xty"].numpy()[index[nid]] / r.n  # type: ignore[union-attr]
+    site_means = [fitted[nid].content["arrays"]["xty"].numpy()[0] / r.n  # type: ignore[union-attr]
                   for nid, r in zip(replies, residuals, strict=True)]
     before = moments.site_share([r.n for r in residuals], site_means, [r.ss for r in residuals])
     late_joiner: dict[str, object] = {

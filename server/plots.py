@@ -73,8 +73,11 @@ def _png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
+LEGEND_MAX = 20  # beyond this many sites a legend hides the plot (and matplotlib's "best" spot takes minutes)
+
+
 def _legend(ax: Axes, n_entries: int) -> None:
-    if n_entries:
+    if 0 < n_entries <= LEGEND_MAX:
         ax.legend(loc="best", fontsize=FONT, frameon=True, framealpha=0.85, ncols=1 if n_entries <= 6 else 2)
 
 

@@ -332,7 +332,8 @@ def _training_section(doc: dict[str, Any]) -> Section:
         ev = as_dict(rnd.get("evaluate"))
         for name, m in as_dict(ev.get("sites")).items():
             auc.setdefault(str(name), []).append((r, finite_number(as_dict(m).get("auc"))))
-        fed.append((r, finite_number(as_dict(ev.get("aggregate")).get("auc"))))
+        if as_dict(ev.get("sites")):  # evaluated rounds only: the last, and every evaluate-every-th when set
+            fed.append((r, finite_number(as_dict(ev.get("aggregate")).get("auc"))))
     sites = sorted(set(auc) | set(final_sites(doc)))
     rows = []
     for rnd in rounds:
@@ -342,7 +343,8 @@ def _training_section(doc: dict[str, Any]) -> Section:
         rows.append([fmt(rnd.get("round")), fmt(as_dict(ev.get("aggregate")).get("auc")),
                      *(fmt(as_dict(as_dict(ev.get("sites")).get(s)).get("auc")) for s in sites)])
     caption = ("Left: each site's mean training loss over its local epochs. Right: held-out AUC per site after each "
-               "round, and the federation's (case-weighted mean of site AUCs).")
+               "evaluated round (the last; also every evaluate-every-th round when that knob is set), and the "
+               "federation's (case-weighted mean of site AUCs).")
     return Section("training", "Training curves per round", [
         Figure(plots.training_png, (loss, auc, fed), alt="training loss and held-out AUC per round", caption=caption),
         Text("Held-out AUC per round:", only="md"),

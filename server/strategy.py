@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import FedAvg, Result
 
 from common import curves, dp, metrics
 from common.canon import arrays_sha256
@@ -61,7 +61,7 @@ class AuditedFedAvg(FedAvg):
     """
 
     def __init__(self, fed: Federation, audit: AuditLog, fold: str = "", evaluate_rounds: bool = True,
-                 dp_account: dp.DPAccount | None = None, **kwargs: object) -> None:
+                 dp_account: dp.DPAccount | None = None, evaluate_every: int = 0, **kwargs: object) -> None:
         n = len(fed.sites)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, **kwargs)  # type: ignore[arg-type]
         self.fed = fed
@@ -69,6 +69,10 @@ class AuditedFedAvg(FedAvg):
         self.audit = audit
         self.fold = fold  # "" for the main federation; the held-out site's name in a leave-one-site-out fold
         self.evaluate_rounds = evaluate_rounds
+        # the sites evaluate after the last round only (one message each, what the results need), and after every
+        # evaluate_every-th round when a training curve is asked for (run config evaluate-every > 0)
+        self.evaluate_every = evaluate_every
+        self.num_rounds = 0
         self.dp_account = dp_account  # spends privacy budget for every noised update that arrived
         self.site_training: dict[int, dict[str, dict[str, float]]] = {}
         self.site_evaluations: dict[int, dict[str, dict[str, float]]] = {}
@@ -85,26 +89,37 @@ class AuditedFedAvg(FedAvg):
         self._sent = list(self._construct_messages(record, list(self.sites), message_type))
         return self._sent
 
+    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, **kwargs: object) -> Result:  # type: ignore[override]
+        self.num_rounds = num_rounds
+        return super().start(grid, initial_arrays, num_rounds=num_rounds, **kwargs)  # type: ignore[arg-type]
+
+    def evaluates(self, server_round: int) -> bool:
+        """Whether the sites evaluate the model of this round: the last round's, and every evaluate-every-th."""
+        if not self.evaluate_rounds:
+            return False
+        return server_round == self.num_rounds or (self.evaluate_every > 0 and server_round % self.evaluate_every == 0)
+
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         return self._messages(server_round, arrays, config, MessageType.TRAIN)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        if not self.evaluate_rounds:
+        if not self.evaluates(server_round):
             return []
         return self._messages(server_round, arrays, config, MessageType.EVALUATE)
 
-    def _site_of(self, reply: Message) -> int:
+    def _site_of(self, reply: Message, sent: dict[str, int]) -> int:
         """The site a reply stands for. When a site's SuperNode goes offline (stopped, crashed, lost its
         network: no heartbeat for 2 x 30 s), Flower 1.42's SuperLink answers in its place with an error
         reply ("Node Unavailable") whose sender is the SuperLink itself (node id 1), not the site; the
         same for an expired reply. So find the site by the message the reply answers."""
-        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
         return sent.get(reply.metadata.reply_to_message_id, reply.metadata.src_node_id)
 
     def _drop_failures(self, server_round: int, phase: str, replies: list[Message]) -> list[Message]:
-        by_site = [(self._site_of(m), m) for m in replies]
+        # the message each reply answers, by id: built once per round (once per reply was sites^2 per round)
+        sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
+        by_site = [(self._site_of(m, sent), m) for m in replies]
         answered = {node_id for node_id, _ in by_site}
         good = []
         for node_id, msg in by_site:
@@ -142,7 +157,7 @@ class AuditedFedAvg(FedAvg):
         return {"fold": self.fold} if self.fold else {}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
-        if not self.evaluate_rounds:
+        if not self.evaluates(server_round):
             return None
         good = self._drop_failures(server_round, "evaluate", list(replies))
         per_site, site_curves = evaluation_records(self.sites, good)

@@ -82,7 +82,7 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
     if cfg.training == "exact":
         return _train_exact(run, cohort, chosen, cfg, pooled.mean[cols], pooled.std[cols], evaluate_rounds)
     strategy = AuditedFedAvg(cohort.fed, run.audit, fold=cohort.fold, evaluate_rounds=evaluate_rounds,
-                             dp_account=run.dp_account)
+                             dp_account=run.dp_account, evaluate_every=cfg.evaluate_every)
     shared = shared_config(chosen, cohort.agreement.pos_weight)
     train_config = ConfigRecord({**shared, "local-epochs": cfg.local_epochs,  # type: ignore[dict-item]
                                  "learning-rate": cfg.learning_rate, "weight-decay": cfg.weight_decay})

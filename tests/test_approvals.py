@@ -116,6 +116,8 @@ def test_the_plan_hash_ignores_where_the_coordinator_keeps_its_files():
     ("test-fraction=1.5", "'test-fraction' is 1.5; it must be a number > 0 and < 1"),
     ("combat-covariates='sex='", "give the levels after '='"),
     ("num-server-rounds=abc", "write numbers and true/false as they are and text in quotes"),
+    # DP on model updates with the default exact training: refused before any site approves, naming the fix
+    ("dp-noise-multiplier=1.0", "set training = 'fedavg' (DP on model updates)"),
 ])
 def test_plan_write_refuses_a_bad_value_naming_the_key_and_what_it_allows(tmp_path, capsys, override, named):
     from radfed.cli import main

@@ -166,6 +166,29 @@ def test_messages_have_no_per_case_dimension():
     np.testing.assert_allclose(sum(m.xty for m in moments), x.T @ np.vstack(data["y"]))
 
 
+def test_a_site_sends_only_its_block_of_the_design_and_the_pooled_fit_is_unchanged():
+    # what travels: the site's own indicator column and the covariates' (1 + p), never the sites x sites matrix;
+    # every entry left out is a structural zero, so the server's expansion is the site's full XᵀX and XᵀY
+    data = make_sites(seed=2)
+    covs = federated_covariates(data, "age")
+    n_sites, d = len(SIZES), N_FEATURES
+    full = [combat.site_moments(data["y"][i], i, n_sites, covs[i]) for i in range(n_sites)]
+    blocks = [combat.site_block(m) for m in full]
+    for (xtx, xty), c in zip(blocks, covs, strict=True):
+        assert xtx.shape == (1 + c.shape[1], 1 + c.shape[1]) and xty.shape == (1 + c.shape[1], d)
+    expanded = [combat.from_block(i, n_sites, m.n, *b) for i, (m, b) in enumerate(zip(full, blocks, strict=True))]
+    for m, e in zip(full, expanded, strict=True):
+        np.testing.assert_array_equal(e.xtx, m.xtx)
+        np.testing.assert_array_equal(e.xty, m.xty)
+    reference, pooled = combat.pool_moments(full), combat.pool_moments(iter(expanded))  # a generator pools too
+    np.testing.assert_array_equal(pooled.beta, reference.beta)
+    np.testing.assert_array_equal(pooled.grand_mean, reference.grand_mean)
+    with pytest.raises(ValueError, match="expected one message from each of sites"):
+        combat.pool_moments(expanded[:-1])
+    with pytest.raises(ValueError, match="design blocks of shapes"):
+        combat.from_block(0, n_sites, 9, np.zeros((2, 3)), np.zeros((2, d)))
+
+
 def test_stored_parameters_reproduce_training_output_and_harmonise_new_cases():
     data = make_sites(seed=1)
     covs = federated_covariates(data, "categorical")

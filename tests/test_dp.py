@@ -279,7 +279,7 @@ def _handler(local: dict[str, np.ndarray]):
     return call_next
 
 
-ON = {"dp-noise-multiplier": 1.0, "dp-clip-norm": 0.05}
+ON = {"dp-noise-multiplier": 1.0, "dp-clip-norm": 0.05, "training": "fedavg"}
 
 
 def test_mod_off_leaves_the_reply_as_the_handler_made_it():

@@ -61,6 +61,8 @@ def test_federation_end_to_end(three_sites, tmp_path):
     assert doc["status"] == "completed", doc["error"]
     assert doc["schema"] == "radfed.metrics/1"
     assert len(doc["rounds"]) == ROUNDS
+    # FedAvg evaluates after the last round only (evaluate-every = 0): one evaluation per site, not one per round
+    assert [r["round"] for r in doc["rounds"] if r["evaluate"]["sites"]] == [ROUNDS] == [doc["final"]["round"]]
     final = doc["final"]
     assert len(final["sites"]) == 3
     for name, m in final["sites"].items():
@@ -88,12 +90,12 @@ def test_federation_end_to_end(three_sites, tmp_path):
     pinned.write_bytes(public_pem(load_or_create_key(folder.parent / "coordinator-audit-key.pem")))
     check = verify(folder / "audit.jsonl", pubkey=pinned, receipts=receipts)
     assert check.ok, check.reason
-    # main run: 3 sites x (train + evaluate) x ROUNDS; each leave-one-site-out fold: 2 sites x ROUNDS trains
+    # main run: 3 sites x (ROUNDS trains + 1 evaluation); each leave-one-site-out fold: 2 sites x ROUNDS trains
     # and one evaluation at the held-out site; each local-only baseline: ROUNDS trains at its site, one
     # evaluation there (internal) and one at each of the 2 other sites (external)
-    assert check.receipts_checked == 3 * 2 * ROUNDS + 3 * (2 * ROUNDS + 1) + 3 * (ROUNDS + 1 + 2)
+    assert check.receipts_checked == 3 * (ROUNDS + 1) + 3 * (2 * ROUNDS + 1) + 3 * (ROUNDS + 1 + 2)
     assert check.events["site-plan"] == 4 and check.events["round-train"] == ROUNDS * 7
-    assert check.events["round-evaluate"] == ROUNDS and check.events["run-end"] == 1
+    assert check.events["round-evaluate"] == 1 and check.events["run-end"] == 1
     assert check.events["external-validation"] == 3 and check.events["histograms"] == 1
     events = _events(folder)
     # external validation: each site scored, on all its usable cases, a model trained without it
@@ -110,9 +112,9 @@ def test_federation_end_to_end(three_sites, tmp_path):
     # privacy, over every message each site really sent (its outbox): only protocol keys, arrays sized
     # by the feature count, every statistic over >= k cases
     features = doc["features"]
-    sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": len(final["sites"]),
+    sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": 1,
              "p": 10, "h": 4, "b": 16, "g": 40, "t": 19}
-    assert features["n"] == 30 and len(features["selected"]) == 30 and features["candidates"] == 200
+    assert features["n"] == 8 and len(features["selected"]) == 8 and features["candidates"] == 200
     for name in names[:3]:
         outbox = three_sites / name / ".radfed" / "outbox.jsonl"
         sent = [json.loads(line) for line in outbox.read_text(encoding="utf-8").splitlines()]
@@ -124,7 +126,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
         others = set(names[:3]) - {name}
         assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
         assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 4
-        assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == ROUNDS + 1 + 1 + 2
+        assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == 1 + 1 + 1 + 2
         # the final model's calibration fit, main run only; every evaluation carries the pooled metrics' terms
         assert kinds.count("query.recalibrate") == final["pooled"]["calibration"]["rounds"] >= 1
         assert not any(e.get("fold") for e in sent if e["type"] == "query.recalibrate")
@@ -135,8 +137,8 @@ def test_federation_end_to_end(three_sites, tmp_path):
         assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {"", f"local:{name}", *others}
         for entry in sent:
             spec = protocol.REPLIES[entry["type"]]
-            fold = entry.get("fold", "")  # a fold's ComBat design has one column per site it is fitted on
-            sizes["q"] = 1 if fold.startswith("local:") else len(final["sites"]) - (1 if fold else 0)
+            # a site sends its own block of ComBat's design (its column, no covariates here), whatever the sites
+            sizes["q"] = 1
             for record, values in entry["records"].items():
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
@@ -282,9 +284,11 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     shutil.move(root / "tiny-a" / ".radfed", root / "tiny-a-private")  # the generator's release secret moves too
     folder = _run(tmp_path, root, 2, harmonization="none",
                   **{"select-features": 0, "num-server-rounds": 2, "external-validation": "none", "local-only": "none",
-                     "dp-noise-multiplier": 2.0, "dp-clip-norm": 0.1})
+                     "dp-noise-multiplier": 2.0, "dp-clip-norm": 0.1, "training": "fedavg", "evaluate-every": 1})
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
+    # a training curve asked for (evaluate-every = 1): the sites evaluated after every round
+    assert [sorted(r["evaluate"]["sites"]) for r in doc["rounds"]] == [["tiny-a", "tiny-b"]] * 2
     events = verify(folder / "audit.jsonl").events
     assert "harmonization" not in events and events["selection"] == 1
     # every non-constant agreed feature is used, no correlation round was needed

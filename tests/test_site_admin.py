@@ -80,14 +80,14 @@ def test_approvals_lists_each_decision_with_when_who_and_why(site, tmp_path, cap
 
 def test_plan_diff_says_in_words_what_changed(tmp_path, capsys):
     old, old_hash = _plan(tmp_path, capsys, "old")
-    new, new_hash = _plan(tmp_path, capsys, "new", "test-fraction=0.4", "training='exact'")
+    new, new_hash = _plan(tmp_path, capsys, "new", "test-fraction=0.4", "training='fedavg'")
     assert main(["site", "plan", "diff", str(old), str(old), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["changes"] == []
     assert main(["site", "plan", "diff", str(old), str(new)]) == 1
     out = " ".join(capsys.readouterr().out.split())
     assert f"from plan {old_hash[:12]} to plan {new_hash[:12]}, 2 change(s)" in out
     assert "test-fraction changed from 0.3 to 0.4: this changes which of your cases are summed together" in out
-    assert "training changed from 'fedavg' to 'exact'." in out
+    assert "training changed from 'exact' to 'fedavg'." in out
     # a reply field added to a message: named, with the message
     plan = json.loads(new.read_text())
     plan["messages"]["query.moments"]["metrics"]["extra"] = "one more number per feature"
