@@ -13,6 +13,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 from federation_helpers import K, events, run_federation_in
+from test_exact import _sklearn as sklearn_fit
 
 from client.steps import load_site_data, site_matrix
 from common import exact, families
@@ -94,11 +95,13 @@ def test_every_family_under_one_protocol(tmp_path):
     y = np.concatenate([t[1] for t in train])
     pos_weight = float(np.sum(y == 0) / np.sum(y == 1))
     run = app_run_config()
+    x = np.vstack([t[0] for t in train])
     for f, l1 in (("logistic-l2", 0.0), ("logistic-l1", float(run["model-l1"]))):
         coef, mean, scale = exact.from_state_dict(saved["models"][f])
-        reference = exact.fit_exact([((x - mean) / scale, yy) for x, yy in train], pos_weight,
-                                    l2=float(run["exact-l2"]), l1=l1, tol=1e-12)
-        np.testing.assert_allclose(coef, reference.coef, atol=1e-6, err_msg=f)
+        reference = sklearn_fit((x - mean) / scale, y, pos_weight, l2=float(run["exact-l2"]), l1=l1)
+        np.testing.assert_allclose(coef, reference, atol=1e-6, err_msg=f)
+    assert not np.array_equal(saved["models"]["logistic-l1"]["linear.weight"],
+                              saved["models"]["logistic-l2"]["linear.weight"])
 
     # radfed predict with a non-default family's model file (svm here; the mlp has no per-feature drivers)
     for f in ("svm", "mlp"):
