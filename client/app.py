@@ -241,6 +241,9 @@ def _receipt(msg: Message, context: Context, site: Site) -> None:
              "site": site.name,
              "type": msg.metadata.message_type, "round": int(msg.content["config"]["server-round"]),  # type: ignore[arg-type]
              "fold": str(msg.content["config"].get("fold", "")),  # type: ignore[union-attr]
+             # with several families each has its own rounds (the audit log names the family then too)
+             **({"family": str(msg.content["config"].get("family", ""))}  # type: ignore[union-attr]
+                if len(_run(context).families) > 1 else {}),
              "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
     site.work_dir.mkdir(parents=True, exist_ok=True)
     with site.files.receipts.open("a", encoding="utf-8") as fh:
@@ -289,10 +292,11 @@ def evaluate(msg: Message, context: Context) -> Message:
     data = _data(context, msg)
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
-    prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict())  # type: ignore[union-attr]
+    family = compute.family_of(config)  # type: ignore[arg-type]
+    prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict(), family)  # type: ignore[union-attr]
     where = parse_cv_tag(_fold(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
-        _keep_out_of_fold(context, where[0], data, prob)
+        _keep_out_of_fold(context, where[0], data, prob, family)
     # every statistic, histogram group and decision step is over the part's cases or one of its classes
     result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
@@ -300,19 +304,39 @@ def evaluate(msg: Message, context: Context) -> Message:
                   arrays=_arrays(curves))
 
 
-OOF_STATE = "radfed-out-of-fold"  # repeat -> case id -> probability of HGG from the model of the fold that held it out
+@app.query("compare")
+def compare(msg: Message, context: Context) -> Message:
+    """Paired comparison of the run's families: every family's model of the cohort scores the same evaluation
+    cases (held-out split, or every usable case at a site outside the cohort); the AUCs, their paired DeLong
+    covariance and the Brier sums leave, no score."""
+    config, data = msg.content["config"], _data(context, msg)
+    part = "all" if str(config.get("split", "")) == "all" else "test"
+    x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
+    names = _run(context).families
+    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    rows = np.array([compute.scores(x, {k.split("|", 1)[1]: v for k, v in sent.items() if k.startswith(f"{f}|")}, f)
+                     for f in names])
+    arrays, counts = compute.compare_reply(y, rows, steps.min_cases(data.site, _run(context)))
+    return _reply(msg, data.declare(part, {"num-examples": "", "n-hgg": "hgg", "n-bm": "bm"}),
+                  arrays=_arrays(arrays), metrics=MetricRecord(counts))
 
 
-def _out_of_fold_scores(context: Context) -> dict[str, dict[str, float]]:
+OOF_STATE = "radfed-out-of-fold"  # family -> repeat -> case id -> score from the model of the fold that held it out
+
+
+def _out_of_fold_scores(context: Context, family: str) -> dict[str, dict[str, float]]:
     record = context.state.get(OOF_STATE)
-    return json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+    kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
+    return kept.get(family, {})
 
 
-def _keep_out_of_fold(context: Context, repeat: int, data: steps.SiteData, prob: np.ndarray) -> None:
-    kept = _out_of_fold_scores(context)
+def _keep_out_of_fold(context: Context, repeat: int, data: steps.SiteData, prob: np.ndarray, family: str) -> None:
+    record = context.state.get(OOF_STATE)
+    every = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
     ids = np.array(data.table.case_ids, dtype=object)[data.held_out]
-    kept.setdefault(str(repeat), {}).update({str(c): float(p) for c, p in zip(ids, prob, strict=True)})
-    context.state[OOF_STATE] = ConfigRecord({"scores": json.dumps(kept)})
+    every.setdefault(family, {}).setdefault(str(repeat), {}).update(
+        {str(c): float(p) for c, p in zip(ids, prob, strict=True)})
+    context.state[OOF_STATE] = ConfigRecord({"scores": json.dumps(every)})
 
 
 @app.query("out_of_fold")
@@ -321,7 +345,7 @@ def out_of_fold(msg: Message, context: Context) -> Message:
     out (with repeats, its mean score over them), evaluated together (counts, AUC, curves over all cases; no
     score leaves)."""
     data = _data(context, msg)
-    kept = _out_of_fold_scores(context)
+    kept = _out_of_fold_scores(context, compute.family_of(msg.content["config"]))  # type: ignore[arg-type]
     repeats = [str(r) for r in range(_run(context).cv_repeats)]
     missing = [c for c in data.table.case_ids for r in repeats if c not in kept.get(r, {})]
     if missing:
@@ -342,7 +366,8 @@ def recalibrate(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=True, receipt=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
-    sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)))
+    sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)),
+                                    compute.family_of(config))  # type: ignore[arg-type]
     return _reply(msg, data.declare("test", {"n": ""}),
                   arrays=_arrays({"gradient": sent["gradient"], "hessian": sent["hessian"]}),
                   metrics=MetricRecord({"n": sent["n"], "loss": sent["loss"]}))

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from client.site import SiteError
-from common import clinical, combat, curves, dp_query, exact, metrics, model, moments, selection
+from common import clinical, combat, curves, delong, dp_query, exact, families, metrics, model, moments, selection
 from common.runconfig import RunConfig
 
 
@@ -73,12 +73,29 @@ def combat_join_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], n_sites: in
     return combat.fit_site(x, pooled, covariates, **combat_options(run))
 
 
+def family_of(config: Mapping[str, Any]) -> str:
+    """The model family a message's config names (messages without one are logistic-l2, today's model)."""
+    return str(config.get("family", "logistic-l2"))
+
+
 def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
                config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model."""
+    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model of the config's
+    family (logistic-l2 in torch as before; svm and mlp from common.families / common.mlp)."""
+    name = family_of(config)
+    options = {"epochs": int(config["local-epochs"]), "lr": float(config["learning-rate"]),
+               "weight_decay": float(config["weight-decay"]), "pos_weight": float(config["pos-weight"])}
+    if name in ("svm", "mlp"):
+        arrays = {k: v.detach().numpy() for k, v in state.items()}
+        from common import mlp  # torch model of the mlp family, imported only where it trains
+
+        trained, loss = (families.svm_train_local if name == "svm" else mlp.train_local)(arrays, x, y, **options)
+        return {k: torch.as_tensor(v) for k, v in trained.items()}, {"num-examples": len(y), "train-loss": loss}
+    if name != "logistic-l2":
+        raise SiteError(f"the server asked for FedAvg training of family {name!r}, which radfed trains otherwise "
+                        "(logistic-l1: exact Newton rounds); restart the run with this radfed on both sides")
     net = model.model_from_state(state)
-    loss = model.train_local(net, x, y, epochs=int(config["local-epochs"]), lr=float(config["learning-rate"]),
-                             weight_decay=float(config["weight-decay"]), pos_weight=float(config["pos-weight"]))
+    loss = model.train_local(net, x, y, **options)
     return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
 
 
@@ -101,9 +118,25 @@ def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], 
     return exact.site_terms(z, y, arrays["coef"], pos_weight)
 
 
-def scores(x: np.ndarray, state: dict[str, torch.Tensor]) -> np.ndarray:
-    """The model's probability of HGG (n,) for the cases x (n, s)."""
-    return model.predict_proba(model.model_from_state(state), x)
+def scores(x: np.ndarray, state: Mapping[str, Any], family: str = "logistic-l2") -> np.ndarray:
+    """The model's score of HGG (n,) for the cases x (n, s), by its family (common.families)."""
+    arrays = {k: v.detach().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in state.items()}
+    try:
+        return families.predict_proba(family, arrays, x)
+    except families.FamilyError as exc:
+        raise SiteError(f"cannot score the server's model: {exc}") from None
+
+
+def compare_reply(y: np.ndarray, score_rows: np.ndarray, k: int) -> tuple[dict[str, np.ndarray], dict[str, int]]:
+    """Paired comparison of the families: each family's AUC (f,), their paired DeLong covariance (f, f), Brier
+    sums (f,) and cross sums (f, f) over the evaluation cases y (n,) scored by every family, score_rows (f, n).
+    Refuses a class of fewer than k cases (the guard checks it again)."""
+    n_pos, n_neg = int(np.sum(y == 1)), int(np.sum(y == 0))
+    if min(n_pos, n_neg) < k:
+        raise SiteError(f"the comparison needs >= k = {k} evaluation cases of each class ({n_pos} HGG, {n_neg} BM)")
+    site = delong.site_comparison(y, score_rows)
+    return ({"auc": site.auc, "auc-cov": site.cov, "sse": site.sse, "sse-cross": site.cross},
+            {"num-examples": len(y), "n-hgg": n_pos, "n-bm": n_neg})
 
 
 def evaluation(y: np.ndarray, prob: np.ndarray, pos_weight: float, k: int,
@@ -128,10 +161,10 @@ def evaluation(y: np.ndarray, prob: np.ndarray, pos_weight: float, k: int,
 
 
 def recalibrate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], params: np.ndarray,
-                     k: int) -> dict[str, Any]:
+                     k: int, family: str = "logistic-l2") -> dict[str, Any]:
     """One round of the federated calibration fit: the final model's scores on the held-out cases, and the
     gradient and Hessian of y ~ a + b logit(p) there at the server's (a, b)."""
-    return clinical.site_recalibration_terms(y, scores(x, state), params, k)
+    return clinical.site_recalibration_terms(y, scores(x, state, family), params, k)
 
 
 def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,

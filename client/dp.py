@@ -135,7 +135,7 @@ def dp_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         return reply
     local = _state(reply.content.get(ARRAYS), "reply")
     try:
-        private = dp.privatize_update(received, local, dp.TRAINABLE_KEYS, settings.clip_norm,
+        private = dp.privatize_update(received, local, dp.trainable_keys(received), settings.clip_norm,
                                       settings.noise_multiplier, np.random.default_rng())
     except ValueError as exc:
         raise DPError(f"dp_update_mod: {exc}; nothing is sent") from None

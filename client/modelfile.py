@@ -1,7 +1,8 @@
 """A run's ``model.pt`` for `radfed predict`: reading it and checking it against this radfed and this site.
 
-``load_model_file`` reads the file (``weights_only``: no code runs on load), checks it is radfed's logistic
-model with one name per input, and says which run made it: ``model.pt["run_id"]``, else the run folder's name
+``load_model_file`` reads the file (``weights_only``: no code runs on load), checks it is a model of a radfed
+family (``model.pt["family"]``, common.families; logistic-l2 when absent) with one name per input, and says
+which run made it: ``model.pt["run_id"]``, else the run folder's name
 (``<time>-run<id>``). ``check_protocol`` and ``check_profile`` refuse a model written under another protocol
 or trained on another extraction profile than the site's. Every problem is a ``PredictRefusal`` naming the
 file and the fix. torch is imported only when a file is read, so ``radfed predict --help`` stays light.
@@ -41,13 +42,30 @@ class ModelFile:
     run_id_source: str | None = None
     harmonization: str | None = None  # model.pt["harmonization"] (proposed): "combat" or "none"
     agreed_sha256: str | None = None  # model.pt["agreed_features_sha256"] (proposed)
+    family: str = "logistic-l2"  # model.pt["family"] (common.families); files before it hold logistic-l2
+
+    @property
+    def linear(self) -> bool:
+        """Whether the family has one weight per standardised feature (plain-language drivers apply)."""
+        from common.families import family
+
+        return family(self.family).linear
+
+    @property
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v.detach().cpu().numpy() for k, v in self.state.items()}
 
     @property
     def weights(self) -> np.ndarray:
+        """Per standardised feature (zeros for a family without such weights, e.g. mlp)."""
+        if not self.linear:
+            return np.zeros(len(self.features))
         return self.state["linear.weight"].detach().cpu().numpy().reshape(-1)
 
     @property
     def intercept(self) -> float:
+        if not self.linear:
+            return 0.0
         return float(self.state["linear.bias"].detach().cpu().numpy().reshape(-1)[0])
 
 
@@ -56,6 +74,7 @@ def load_model_file(path: str | Path) -> ModelFile:
     import torch
 
     from common.canon import arrays_sha256, file_sha256
+    from common.families import FAMILIES, predict_proba
     from common.model import model_from_state
 
     path = Path(path).expanduser()
@@ -73,13 +92,21 @@ def load_model_file(path: str | Path) -> ModelFile:
     if missing:
         raise PredictRefusal(f"{path} is not a radfed model file: it lacks {', '.join(missing)}", fix_path)
     state, features = doc["state_dict"], [str(n) for n in doc["features"]]
+    name = str(doc.get("family") or "logistic-l2")
+    if name not in FAMILIES:
+        raise PredictRefusal(f"{path} holds a model of family {name!r}, which this radfed does not know (it knows "
+                             f"{', '.join(FAMILIES)})", "use the radfed release the federation ran with")
     try:
-        net = model_from_state(state)
-    except (RuntimeError, KeyError, AttributeError, TypeError) as exc:
-        raise PredictRefusal(f"{path}: its state dict is not radfed's logistic model ({exc})", fix_path) from exc
-    if int(net.mean.shape[0]) != len(features):
+        if FAMILIES[name].linear:
+            n_inputs = int(model_from_state(state).mean.shape[0])
+        else:  # shapes must agree with the family's scoring: a trial score of one zero case
+            n_inputs = int(state["mean"].shape[0])
+            predict_proba(name, {k: v.detach().cpu().numpy() for k, v in state.items()}, np.zeros((1, n_inputs)))
+    except (RuntimeError, KeyError, AttributeError, TypeError, ValueError) as exc:
+        raise PredictRefusal(f"{path}: its state dict is not radfed's {name} model ({exc})", fix_path) from exc
+    if n_inputs != len(features):
         raise PredictRefusal(f"{path} is inconsistent: {len(features)} feature names for a model of "
-                             f"{int(net.mean.shape[0])} inputs", "use the model.pt a run wrote, unmodified")
+                             f"{n_inputs} inputs", "use the model.pt a run wrote, unmodified")
     if len(set(features)) != len(features):
         raise PredictRefusal(f"{path} names a feature twice", "use the model.pt a run wrote, unmodified")
     weights_sha256 = arrays_sha256({k: v.detach().cpu().numpy() for k, v in state.items()})
@@ -93,7 +120,8 @@ def load_model_file(path: str | Path) -> ModelFile:
     agreed = str(doc["agreed_features_sha256"]) if doc.get("agreed_features_sha256") else None
     return ModelFile(path=path, sha256=file_sha256(path), weights_sha256=weights_sha256, state=state,
                      features=features, profile_sha256=str(doc["profile_sha256"]), protocol=str(doc["protocol"]),
-                     run_id=run_id, run_id_source=source, harmonization=harmonization, agreed_sha256=agreed)
+                     run_id=run_id, run_id_source=source, harmonization=harmonization, agreed_sha256=agreed,
+                     family=name)
 
 
 def check_protocol(model: ModelFile) -> None:

@@ -206,7 +206,7 @@ def score(features: Mapping[str, float], model: ModelFile, harmonization: Harmon
           case_id: str, covariates: Mapping[str, str] | None = None) -> tuple[float, float, list[Contribution]]:
     """(probability of HGG, logit, contributions) of one case's extracted features; ``covariates`` are its
     raw ComBat covariate values (e.g. {"age": "63"}) when the run adjusted for any."""
-    from common.model import model_from_state, predict_proba
+    from common.families import predict_proba
 
     absent = [n for n in model.features if n not in features]
     if absent:
@@ -222,10 +222,13 @@ def score(features: Mapping[str, float], model: ModelFile, harmonization: Harmon
         x = harmonization.params.apply(x, harmonization.design(covariates or {}, case_id))
         _finite_or_refuse(x[0], model.features, case_id, "are after harmonisation",
                           "the site's ComBat parameters are damaged: restore the harmonisation file")
-    net = model_from_state(model.state)
-    probability = float(predict_proba(net, x)[0])
-    logit, contributions = explain(model.features, x[0], net.mean.detach().numpy(), net.scale.detach().numpy(),
-                                   model.weights, model.intercept)
+    arrays = model.arrays
+    probability = float(predict_proba(model.family, arrays, x)[0])
+    logit, contributions = explain(model.features, x[0], arrays["mean"], arrays["scale"], model.weights,
+                                   model.intercept)
+    if not model.linear:  # no weight per feature: the contributions only carry each feature's z (all 0 weight)
+        eps = 1e-300
+        logit = float(np.log(max(probability, eps)) - np.log(max(1.0 - probability, eps)))
     return probability, logit, contributions
 
 
@@ -305,9 +308,9 @@ def prediction_json(pred: Prediction, top: int) -> dict[str, Any]:
         "threshold": THRESHOLD,
         "logit": pred.logit,
         "intercept": pred.intercept,
-        "drivers": [c.as_dict() for c in pred.drivers(top)],
-        "contributions": [c.as_dict() for c in pred.contributions],
-        "model": {"path": str(pred.model.path), "sha256": pred.model.sha256,
+        "drivers": [c.as_dict() for c in pred.drivers(top)] if pred.model.linear else [],
+        "contributions": [c.as_dict() for c in pred.contributions] if pred.model.linear else [],
+        "model": {"path": str(pred.model.path), "sha256": pred.model.sha256, "family": pred.model.family,
                   "weights_sha256": pred.model.weights_sha256, "run_id": pred.model.run_id,
                   "run_id_source": pred.model.run_id_source, "protocol": pred.model.protocol,
                   "n_features": len(pred.model.features)},
@@ -335,15 +338,22 @@ def render_text(pred: Prediction, top: int) -> str:
         f"  what drove it: the {len(drivers)} largest of {len(pred.contributions)} contributions to the log-odds "
         "(weight x standardised value; + towards HGG, - towards BM)",
     ]
-    lines += [f"    {c.contribution:+.3f}  {c.words()}" for c in drivers]
+    if pred.model.linear:
+        lines += [f"    {c.contribution:+.3f}  {c.words()}" for c in drivers]
+        lines += [f"    all contributions sum to {total:+.3f}; with the intercept {pred.intercept:+.3f} the log-odds "
+                  f"are {pred.logit:+.3f}"]
+    else:
+        lines[-1] = (f"  what drove it: a {pred.model.family} model has no weight per feature, so no plain-language "
+                     f"drivers (log-odds {pred.logit:+.3f})")
+    if pred.model.family == "svm":
+        lines.append("  (svm: the score is sigmoid(margin); it ranks cases but is not a calibrated probability)")
     lines += [
-        f"    all contributions sum to {total:+.3f}; with the intercept {pred.intercept:+.3f} the log-odds are "
-        f"{pred.logit:+.3f}",
         "",
         f"  model          {pred.model.path}",
         f"                 sha256 {pred.model.sha256}",
         f"                 weights sha256 {pred.model.weights_sha256} (the audit log's model_sha256)",
-        f"                 run {pred.model.run_id or 'not named'}, {len(pred.model.features)} features, "
+        f"                 {pred.model.family}, run {pred.model.run_id or 'not named'}, "
+        f"{len(pred.model.features)} features, "
         f"protocol {pred.model.protocol}",
         f"  profile        {pred.profile.name} v{pred.profile.version}, sha256 {pred.profile.sha256}",
         f"  harmonisation  {pred.harmonization.how}" + (f"\n                 {pred.harmonization.path}"

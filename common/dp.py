@@ -36,6 +36,14 @@ import numpy as np
 
 # The trainable parameters of common.model.RadiomicsLogistic (its buffers are "mean" and "scale").
 TRAINABLE_KEYS: tuple[str, ...] = ("linear.weight", "linear.bias")
+# those of the mlp family (common.mlp.RadiomicsMLP; same buffers)
+MLP_TRAINABLE_KEYS: tuple[str, ...] = ("hidden.weight", "hidden.bias", "output.weight", "output.bias")
+
+
+def trainable_keys(state: Mapping[str, object]) -> tuple[str, ...]:
+    """The trainable arrays of a received model: the mlp family's when it has a hidden layer, else the linear ones
+    (every other array must come back unchanged, see privatize_update)."""
+    return MLP_TRAINABLE_KEYS if "hidden.weight" in state else TRAINABLE_KEYS
 
 # Run-config keys (pyproject [tool.flwr.app.config]).
 NOISE_MULTIPLIER_KEY = "dp-noise-multiplier"  # 0 (default): DP off

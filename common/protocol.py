@@ -44,6 +44,7 @@ RECALIBRATE = "query.recalibrate"
 TRAIN = "train"
 EVALUATE = "evaluate"
 OUT_OF_FOLD = "query.out_of_fold"
+COMPARE = "query.compare"
 ROBUSTNESS = "query.robustness"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
@@ -51,7 +52,8 @@ ROBUSTNESS = "query.robustness"
 # "m" = selection candidates,
 # "s" = features the model uses (after selection), "p" = curve points (run config ``curve-points``),
 # "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept),
-# "g" = score-histogram bins (run config ``score-bins``), "t" = decision-curve thresholds (``decision-thresholds``).
+# "g" = score-histogram bins (run config ``score-bins``), "t" = decision-curve thresholds (``decision-thresholds``),
+# "u" = the mlp family's hidden units (``mlp-hidden``), "f" = model families of the run (``models``).
 Shape = tuple[str | int, ...]
 
 # How the guard checks that an array of counts covers no fewer than k cases anywhere:
@@ -71,12 +73,17 @@ class ArraySpec:
     k_rule: str = ""  # one of the rules above for arrays of counts; "" for statistics over count_keys cases
 
 
-# The model's state dict (common.model.RadiomicsLogistic): the only arrays a train reply holds.
+# A model's arrays (common.families): the only arrays a train reply holds. The linear families (logistic-l2, svm)
+# hold mean, scale and linear.*; the mlp family mean, scale, hidden.* and output.*.
 MODEL_ARRAYS = {
     "mean": ArraySpec("pooled feature mean the model standardises with", ("s",)),
     "scale": ArraySpec("pooled feature std the model standardises with", ("s",)),
     "linear.weight": ArraySpec("coefficients after local training on the training split", (1, "s")),
     "linear.bias": ArraySpec("intercept after local training on the training split", (1,)),
+    "hidden.weight": ArraySpec("mlp: hidden-layer weights after local training on the training split", ("u", "s")),
+    "hidden.bias": ArraySpec("mlp: hidden-layer biases after local training", ("u",)),
+    "output.weight": ArraySpec("mlp: output weights after local training", (1, "u")),
+    "output.bias": ArraySpec("mlp: output bias after local training", (1,)),
 }
 
 
@@ -229,6 +236,18 @@ REPLIES[OUT_OF_FOLD] = ReplySpec(
     metrics={**REPLIES[EVALUATE].metrics, "num-examples": "usable cases (every one scored out of fold)",
              "auc": "ROC AUC of the out-of-fold scores over all usable cases"},
     arrays=REPLIES[EVALUATE].arrays, count_keys=REPLIES[EVALUATE].count_keys)
+# Paired comparison of the run's model families (common.delong): each site scores its evaluation cases with every
+# family's model of the cohort and sends the AUCs, their paired DeLong covariance and the Brier sums.
+REPLIES[COMPARE] = ReplySpec(
+    arrays={"auc": ArraySpec("ROC AUC of each family's model over the evaluation cases", ("f",)),
+            "auc-cov": ArraySpec("paired DeLong covariance of those AUCs (structural components over the same "
+                                 "cases)", ("f", "f")),
+            "sse": ArraySpec("per family, sum over the evaluation cases of e = (score - label)^2", ("f",)),
+            "sse-cross": ArraySpec("per pair of families, sum over the same cases of e_a e_b (the Brier "
+                                   "difference's variance)", ("f", "f"))},
+    metrics={"num-examples": "evaluation cases", "n-hgg": "HGG evaluation cases", "n-bm": "BM evaluation cases"},
+    count_keys=("num-examples", "n-hgg", "n-bm"),
+)
 # The robustness filter (profile ``robustness`` block, run config ``robustness-min-icc``): one-way ANOVA sums of
 # each agreed feature over the training cases, each measured on its original and on m - 1 perturbed copies,
 # centred on the site's own mean (common.icc).

@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from common import covariates
+from common import covariates, families
 from common.protocol import DEFAULT_K
 
 # where the coordinator keeps files and its key, and its own patience: nothing a site's data is exposed to
@@ -77,6 +77,16 @@ class RunConfig(BaseModel):
     internal_validation: Literal["split", "cv"] = Field(alias="internal-validation")
     cv_folds: int = Field(alias="cv-folds", ge=2, le=20, strict=True)
     cv_repeats: int = Field(alias="cv-repeats", ge=1, le=20, strict=True)
+    models: str = Field(alias="models", strict=True)
+    model_l1: float = Field(alias="model-l1", gt=0, allow_inf_nan=False)
+    mlp_hidden: int = Field(alias="mlp-hidden", ge=1, le=64, strict=True)
+    model_choice: Literal["internal-auc"] = Field(alias="model-choice")
+
+    @field_validator("models")
+    @classmethod
+    def _models(cls, value: str) -> str:
+        families.parse_models(value)  # raises FamilyError (a ValueError) naming the bad entry and the known ones
+        return value
 
     @field_validator("combat_covariates")
     @classmethod
@@ -109,6 +119,11 @@ class RunConfig(BaseModel):
     def dp_query(self) -> bool:
         """Whether the query phases' sums are noised (common/dp_query.py)."""
         return self.dp_query_noise_multiplier > 0
+
+    @property
+    def families(self) -> list[str]:
+        """The model families the run fits on every cohort, in the order listed (the first is the reference)."""
+        return families.parse_models(self.models)
 
     @property
     def combat(self) -> bool:

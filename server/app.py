@@ -18,13 +18,13 @@ import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
-from common import covariates, dp, dp_query, metrics, runconfig
+from common import covariates, dp, dp_query, families, metrics, runconfig
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import batching, clinical, phases, pipeline, report, robustness, training, validation
+from server import batching, clinical, comparison, phases, pipeline, report, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -114,8 +114,7 @@ def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
     if oof_terms is not None:
         summary["calibration"] = {"skipped": "cross-validation: the out-of-fold scores come from one model per fold"}
     else:
-        config = training.shared_config(fitted.chosen, fitted.pos_weight)
-        summary["calibration"] = clinical.calibration_phase(ctx, cohort, trained.arrays, config)
+        summary["calibration"] = clinical.calibration_phase(ctx, cohort, trained.arrays, fitted.config())
     ctx.audit.append("clinical-metrics", **summary)
     return summary
 
@@ -167,6 +166,13 @@ def main(grid: Grid, context: Context) -> None:
                                 "mean-only": run.combat_mean_only}, "covariates": covariate_spec}
             (folder / "harmonization.json").write_text(
                 json.dumps({**about, **fitted.harmonization.late_joiner}), encoding="utf-8")
+        result.validation = {}
+        crossed: dict[str, object] = {}
+        if cv:  # internal validation: out-of-fold scores of models refitted without each fold
+            crossed = validation.cross_validate(ctx, fed, agreement, covariate_spec)
+            result.validation["cv"] = {"folds": crossed["folds"]}
+        # the run's model among the families, by the plan's rule, before any external validation
+        fitted.family = comparison.choose(ctx, comparison.internal_records(fitted, crossed))
         chosen, trained = fitted.chosen, fitted.trained
         result.features = {"agreed": len(agreement.names), "n": len(chosen.names),
                            "constant": chosen.dropped_constant, "candidates": chosen.candidates,
@@ -177,27 +183,33 @@ def main(grid: Grid, context: Context) -> None:
         if fitted.robustness is not None:
             result.features["robustness"] = fitted.robustness.summary()
         arrays = trained.arrays
-        # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
-        result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
-                                              strict=True))
-        torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names,
+        if families.family(fitted.family).linear:
+            # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
+            result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
+                                                  strict=True))
+        torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names, "family": fitted.family,
                     "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
                     "harmonization": "combat" if fitted.harmonization is not None else "none",
                     "agreed_features_sha256": agreement.sha256, "schema": "radfed.model/1",
-                    "profile": {"name": profile.name, "version": profile.version}}, folder / "model.pt")
+                    "profile": {"name": profile.name, "version": profile.version},
+                    # every family's model of the main run (the comparison's rows), the chosen one above
+                    **({"models": {f: t.arrays.to_torch_state_dict() for f, t in fitted.models.items()}}
+                       if len(fitted.models) > 1 else {})}, folder / "model.pt")
         result.model_sha256 = record_sha256(arrays)
         result.training, result.evaluations, result.curves = trained.training, trained.evaluations, trained.curves
-        result.validation = {}
-        if cv:  # internal validation: out-of-fold scores of models refitted without each fold
-            crossed = validation.cross_validate(ctx, fed, agreement, covariate_spec)
+        if cv:
+            own = crossed["families"][fitted.family]  # type: ignore[index]
             last = max(trained.training) if trained.training else run.num_server_rounds
-            result.evaluations, result.curves = {last: crossed["sites"]}, {last: crossed["curves"]}
-            result.validation["cv"] = {"folds": crossed["folds"]}
-            result.pooled = final_pooled(ctx, main_cohort, fitted, crossed["terms"])
+            result.evaluations, result.curves = {last: own["sites"]}, {last: own["curves"]}
+            result.pooled = final_pooled(ctx, main_cohort, fitted, own["terms"])
         else:
             result.pooled = final_pooled(ctx, main_cohort, fitted)
+        internal_compared = {} if cv else comparison.compare(ctx, fitted, main_cohort, "test")
         if run.external_validation == "loso":
-            result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec)
+            result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec,
+                                                                      family=fitted.family)
+        result.families = comparison.summary(ctx, main_cohort, fitted, crossed, internal_compared,
+                                             result.validation.get("loso", {}), result.pooled)
         if run.local_only == "own-pipeline":
             result.validation["local_only"] = validation.local_only(ctx, fed, agreement, covariate_spec)
         if result.validation.get("loso") and result.validation.get("local_only"):

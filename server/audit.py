@@ -190,6 +190,13 @@ def _check_line(line: str, number: int, prev: str, public: Ed25519PublicKey,
     return entry, ""
 
 
+def _stream(data: dict[str, Any]) -> str:
+    """The models one sequence of rounds sent: the fold ("" for the main federation), and the family when the run
+    fits several (each family has its own rounds, numbered from 1)."""
+    fold, family = str(data.get("fold", "")), str(data.get("family", ""))
+    return f"{fold}|{family}" if family else fold
+
+
 def model_hashes(entries: list[dict[str, Any]]) -> dict[tuple[str, str, int], str]:
     """What the log says each site was sent, by (fold, type, round): ("train", r) -> model of round r-1;
     ("evaluate", r) -> round r. The fold is "" for the main federation, else the leave-one-site-out
@@ -197,7 +204,7 @@ def model_hashes(entries: list[dict[str, Any]]) -> dict[tuple[str, str, int], st
     sent: dict[tuple[str, str, int], str] = {}
     for entry in entries:
         data = entry["data"]
-        fold = str(data.get("fold", ""))
+        fold = _stream(data)
         if data.get("stage"):  # a selection step (LASSO): Newton messages only, nothing a site keeps a receipt of
             continue
         if entry["event"] == "model-init":
@@ -259,7 +266,7 @@ def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str
     required: dict[str, set[tuple[str, str, int]]] = {}
     for entry in entries:
         data, event = entry["data"], entry["event"]
-        fold = str(data.get("fold", ""))
+        fold = _stream(data)
         if event == "model-init":
             training[fold] = str(data.get("training", "fedavg"))
         elif event == "round-train":
@@ -270,8 +277,9 @@ def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str
         elif event == "round-evaluate":
             for site in data.get("sites") or {}:
                 required.setdefault(site, set()).add((fold, "evaluate", int(data["round"])))
-        elif event == "external-validation" and not data.get("error") and fold in last_round:
-            required.setdefault(fold, set()).add((fold, "evaluate", last_round[fold]))
+        elif event == "external-validation" and not data.get("error"):  # every family of the fold was scored
+            for stream in (s for s in last_round if s == fold or s.startswith(f"{fold}|")):
+                required.setdefault(fold, set()).add((stream, "evaluate", last_round[stream]))
     return required
 
 
@@ -296,7 +304,7 @@ def _check_receipts(entries: list[dict[str, Any]], receipt_file: Path, result: V
             receipt = json.loads(line)
             if receipt.get("run_id") != run_id:
                 continue
-            key = (str(receipt.get("fold", "")), str(receipt["type"]), int(receipt["round"]))
+            key = (_stream(receipt), str(receipt["type"]), int(receipt["round"]))
             got = str(receipt["model_sha256"])
         except (json.JSONDecodeError, AttributeError, KeyError, TypeError, ValueError):
             problems.append(f"{receipt_file} line {number} is not a receipt: the file was edited")

@@ -1,7 +1,8 @@
 """Fitting one model on one cohort: everything that learns from data, in order.
 
 (robustness filter, when on) -> ComBat (pooled estimates; each site fits its own location/scale) -> moments
-(standardisation) -> selection (+ LASSO; without the features the robustness filter removed) -> training. The main
+(standardisation) -> selection (+ LASSO; without the features the robustness filter removed) -> training of every
+family the run lists (``models``, common/families.py). The main
 run, each leave-one-site-out fold and each local-only baseline call ``fit`` on their own cohort, so no statistic of
 a site outside the cohort enters any step.
 """
@@ -23,15 +24,29 @@ log = logging.getLogger("flwr.radfed.server")
 @dataclass
 class Fitted:
     """What fitting on a cohort produced: its ComBat estimates (None without ComBat), pooled moments,
-    chosen features, the trained model, and (main run only) the harmonisation histograms."""
+    chosen features, the trained model of every family (``models``, in the run's ``models`` order), and (main run
+    only) the harmonisation histograms. ``family`` is the model in use (the first listed, until the run's
+    ``model-choice`` picks one); ``trained`` is its model."""
 
     harmonization: Harmonization | None
     pooled: PooledMoments
     chosen: selection.Selection
-    trained: training.Trained
+    models: dict[str, training.Trained]
     pos_weight: float
     histograms: dict[str, object] | None = None
     robustness: RobustnessResult | None = None
+    family: str = ""
+
+    def __post_init__(self) -> None:
+        self.family = self.family or next(iter(self.models))
+
+    @property
+    def trained(self) -> training.Trained:
+        return self.models[self.family]
+
+    def config(self, family: str | None = None) -> dict[str, object]:
+        """What a train/evaluate message about ``family``'s model (default: the one in use) carries."""
+        return training.shared_config(self.chosen, self.pos_weight, family or self.family)
 
 
 def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = True,
@@ -50,5 +65,8 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     drawn = None
     if histograms and harmonization is not None and chosen.names and not run.config.dp_query:  # withheld under DP
         drawn = phases.histograms_phase(run, cohort, pooled, chosen.names[:4])
-    trained = training.train(run, cohort, pooled, chosen, evaluate_rounds)
-    return Fitted(harmonization, pooled, chosen, trained, cohort.agreement.pos_weight, drawn, robust)
+    # every family on the same harmonised, standardised, selected features: the rows of the comparison differ
+    # only in the model
+    models = {family: training.train(run, cohort, pooled, chosen, evaluate_rounds, family)
+              for family in run.config.families}
+    return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust)

@@ -284,3 +284,23 @@ def decision_curve_png(curve: Mapping[str, Any], title: str, colours: Mapping[st
     ax.set_title(label(title, 60), fontsize=FONT)
     _legend(ax, 4)
     return _png(fig)
+
+
+def forest_png(rows: Sequence[tuple[str, str, float, float, float, float]], reference: str, colours: object = None,
+               ) -> bytes:
+    """Forest plot: one line per (family, validation), the AUC difference to ``reference`` and its 95% interval."""
+    if not rows:
+        raise ValueError("no finite AUC difference to draw")
+    height = 1.0 + 0.35 * len(rows)
+    fig, (ax,) = _figure(6.5, height, top=1 - 0.4 / height)
+    fig.subplots_adjust(left=2.4 / 6.5)
+    ys = np.arange(len(rows))[::-1]
+    for y, (_, part, diff, low, high, _p) in zip(ys, rows, strict=True):
+        colour = "#1f77b4" if part == "internal" else "#d62728"
+        ax.plot([low, high], [y, y], color=colour, lw=1.5)
+        ax.plot([diff], [y], "s", color=colour, ms=5)
+    ax.axvline(0.0, color="#555", lw=0.8, ls="--")
+    ax.set_yticks(ys, [f"{name} ({part})" for name, part, *_ in rows], fontsize=FONT)
+    ax.set_xlabel(f"AUC difference to {reference} (95% CI)", fontsize=FONT)
+    ax.tick_params(labelsize=FONT)
+    return _png(fig)

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from common import families
 from common.explain import feature_words
 from server import plots
 from server.report_blocks import (
@@ -40,6 +41,7 @@ from server.report_blocks import (
 )
 from server.report_clinical import clinical_section
 from server.report_curves import calibration_section, roc_section
+from server.report_families import families_section
 from server.report_harmonization import harmonization_section
 from server.report_headline import headline_section
 from server.report_robustness import robustness_section
@@ -268,8 +270,7 @@ def _model_card(doc: dict[str, Any]) -> Section:
     facts = [
         ("task", "high-grade glioma (HGG) vs brain metastasis (BM) from MRI radiomics; positive class "
                  f"{notes.get('positive_class', 'HGG')}"),
-        ("model", "logistic regression on the selected features, standardised with the pooled training "
-                  "means and standard deviations"),
+        ("model", _model_text(doc)),
         ("training", _training_text(doc)),
         ("extraction profile", f"{prof.get('name', 'n/a')} version {prof.get('version', 'n/a')}, "
                                f"sha256 {prof.get('sha256', 'n/a')}"),
@@ -295,6 +296,15 @@ def _model_card(doc: dict[str, Any]) -> Section:
                    "no site reported its case counts" + (f" ({why_no_rounds(doc)})" if not rounds_of(doc) else "")),
                Heading("Limitations"), Bullets(_limitations(doc))]
     return Section("model-card", "Model card", blocks)
+
+
+def _model_text(doc: dict[str, Any]) -> str:
+    """The model card's model line: the chosen family (the only one in a one-family run) and how it was fitted."""
+    cfg = as_dict(doc.get("config"))
+    family = str(as_dict(doc.get("families")).get("chosen") or str(cfg.get("models", "logistic-l2")).split(",")[0])
+    how = families.FAMILIES[family].fitted_by if family in families.FAMILIES else "unknown family"
+    return (f"{family}: {how}; on the selected features, standardised with the pooled training means and standard "
+            "deviations")
 
 
 def _final_section(doc: dict[str, Any]) -> Section:
@@ -393,6 +403,7 @@ SECTIONS: list[tuple[str, str, Callable[[dict[str, Any]], Section]]] = [
     ("robustness", "Feature robustness (ICC under perturbations)", robustness_section),
     ("features", "Selected features", _features_section),
     ("validation", "External validation (leave-one-site-out)", validation_section),
+    ("families", "Model families", families_section),
 ]
 
 

@@ -52,6 +52,8 @@ class RunResult:
     pooled: dict[str, Any] | None = None
     # differential privacy spent in this run: {"model_updates": DPAccount, "query": QueryAccount} (to_dict each)
     privacy: dict[str, Any] | None = None
+    # the model families compared (server.comparison.summary): chosen, rule, per family internal/external, paired
+    families: dict[str, Any] | None = None
 
     def rounds(self) -> list[dict[str, Any]]:
         """Every round that trained or evaluated; a round without evaluation (e.g. an exact-fit Newton step)
@@ -121,6 +123,8 @@ class RunResult:
             doc["validation"] = self.validation
         if self.privacy:
             doc["privacy"] = self.privacy
+        if self.families:
+            doc["families"] = self.families
         return json_safe(doc)
 
 

@@ -33,6 +33,8 @@ def evaluation_records(sites: dict[int, str], replies: Iterable[Message]) -> tup
                   **{k: int(rec[k]) for k in metrics.COUNT_KEYS},  # type: ignore[arg-type]
                   "auc": float(rec["auc"]), "auc_var": float(rec["auc-var"]),  # type: ignore[arg-type]
                   "loss": float(rec["loss"])}  # type: ignore[arg-type]
+        if "sse" in rec:  # the Brier score's numerator (the families' comparison table)
+            values["sse"] = float(rec["sse"])  # type: ignore[arg-type]
         values.update(metrics.rates(values))
         per_site[name] = values
         if "arrays" in m.content:
@@ -61,7 +63,8 @@ class AuditedFedAvg(FedAvg):
     """
 
     def __init__(self, fed: Federation, audit: AuditLog, fold: str = "", evaluate_rounds: bool = True,
-                 dp_account: dp.DPAccount | None = None, evaluate_every: int = 0, **kwargs: object) -> None:
+                 dp_account: dp.DPAccount | None = None, evaluate_every: int = 0, family: str = "",
+                 **kwargs: object) -> None:
         n = len(fed.sites)
         super().__init__(min_train_nodes=n, min_evaluate_nodes=n, min_available_nodes=n, **kwargs)  # type: ignore[arg-type]
         self.fed = fed
@@ -73,6 +76,7 @@ class AuditedFedAvg(FedAvg):
         # evaluate_every-th round when a training curve is asked for (run config evaluate-every > 0)
         self.evaluate_every = evaluate_every
         self.num_rounds = 0
+        self.family = family  # named in the audit entries when the run fits several families
         self.dp_account = dp_account  # spends privacy budget for every noised update that arrived
         self.site_training: dict[int, dict[str, dict[str, float]]] = {}
         self.site_evaluations: dict[int, dict[str, dict[str, float]]] = {}
@@ -154,7 +158,7 @@ class AuditedFedAvg(FedAvg):
         return arrays, agg
 
     def _tag(self) -> dict[str, str]:
-        return {"fold": self.fold} if self.fold else {}
+        return {**({"fold": self.fold} if self.fold else {}), **({"family": self.family} if self.family else {})}
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         if not self.evaluates(server_round):

@@ -37,9 +37,21 @@ class Trained:
     info: dict[str, object] = field(default_factory=dict)
 
 
-def shared_config(chosen: selection.Selection, pos_weight: float) -> dict[str, object]:
-    """What every train and evaluate message carries: the class weight and the model's feature list."""
-    return {"pos-weight": pos_weight, "features": chosen.names, "features-sha256": sha256_json(chosen.names)}
+def shared_config(chosen: selection.Selection, pos_weight: float, family: str = "logistic-l2") -> dict[str, object]:
+    """What every train and evaluate message carries: the class weight, the model's feature list and family."""
+    return {"pos-weight": pos_weight, "features": chosen.names, "features-sha256": sha256_json(chosen.names),
+            "family": family}
+
+
+def initial_arrays(family: str, mean: np.ndarray, scale: np.ndarray, cfg: RunConfig) -> ArrayRecord:
+    """A family's starting model standardising with the pooled mean and scale (s,): zero weights for the linear
+    families, the split-seed's Glorot draw for the mlp (zero weights would keep its hidden units identical)."""
+    if family == "mlp":
+        from common import mlp  # torch module of the mlp family
+
+        return ArrayRecord({k: Array(v) for k, v in mlp.initial_arrays(mean, scale, cfg.mlp_hidden,
+                                                                       cfg.split_seed).items()})
+    return ArrayRecord(model.build_model(mean, scale).state_dict())
 
 
 def select_l1(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection) -> selection.Selection:
@@ -68,28 +80,46 @@ def select_l1(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection
     return result
 
 
+def mode(family: str, cfg: RunConfig) -> str:
+    """How a family is fitted: "exact" (Newton rounds on summed gradients and Hessians) or "fedavg".
+
+    logistic-l2 follows ``training``; logistic-l1 is always the exact proximal-Newton fit; svm and mlp are always
+    FedAvg. (An exact generalised-Newton fit of the squared hinge would sum x xᵀ over only the cases inside the
+    margin, a set that changes every round: two rounds' Hessians would differ by the outer products of the few
+    cases that crossed it, i.e. single patients' features. FedAvg sends only the model, as for logistic-l2.)"""
+    if family == "logistic-l1" or (family == "logistic-l2" and cfg.training == "exact"):
+        return "exact"
+    return "fedavg"
+
+
 def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection,
-          evaluate_rounds: bool = True) -> Trained:
-    """Train from a zero model standardising with the pooled moments, in the run's ``training`` mode."""
+          evaluate_rounds: bool = True, family: str = "logistic-l2") -> Trained:
+    """Train one family from its starting model standardising with the pooled moments (see ``mode``)."""
     cfg = run.config
     index = {n: i for i, n in enumerate(cohort.agreement.names)}
     cols = [index[n] for n in chosen.names]
-    net = model.build_model(pooled.mean[cols], pooled.std[cols])
-    initial = ArrayRecord(net.state_dict())
+    initial = initial_arrays(family, pooled.mean[cols], pooled.std[cols], cfg)
+    how = mode(family, cfg)
+    tag = {**cohort.tag, "family": family} if len(cfg.families) > 1 else cohort.tag
     run.audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
-                     training=cfg.training, **cohort.tag)
+                     training=how, **tag)
     run.training_started = True
-    if cfg.training == "exact":
-        return _train_exact(run, cohort, chosen, cfg, pooled.mean[cols], pooled.std[cols], evaluate_rounds)
+    if how == "exact":
+        fit_cfg = cfg.model_copy(update={"exact_l1": cfg.model_l1}) if family == "logistic-l1" else cfg
+        trained = _train_exact(run, cohort, chosen, fit_cfg, pooled.mean[cols], pooled.std[cols], evaluate_rounds,
+                               family=family)
+        trained.info["family"] = family
+        return trained
     strategy = AuditedFedAvg(cohort.fed, run.audit, fold=cohort.fold, evaluate_rounds=evaluate_rounds,
-                             dp_account=run.dp_account, evaluate_every=cfg.evaluate_every)
-    shared = shared_config(chosen, cohort.agreement.pos_weight)
+                             dp_account=run.dp_account, evaluate_every=cfg.evaluate_every,
+                             family=tag.get("family", ""))
+    shared = shared_config(chosen, cohort.agreement.pos_weight, family)
     train_config = ConfigRecord({**shared, "local-epochs": cfg.local_epochs,  # type: ignore[dict-item]
                                  "learning-rate": cfg.learning_rate, "weight-decay": cfg.weight_decay})
     result = strategy.start(run.grid, initial, num_rounds=cfg.num_server_rounds, timeout=run.timeout,
                             train_config=train_config, evaluate_config=ConfigRecord(shared))  # type: ignore[arg-type]
     return Trained(result.arrays, strategy.site_training, strategy.site_evaluations, strategy.site_curves,
-                   strategy.site_terms)
+                   strategy.site_terms, {"mode": "fedavg", "family": family})
 
 
 def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
@@ -103,15 +133,17 @@ def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
 
 
 def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: RunConfig, mean: np.ndarray,
-                 scale: np.ndarray, evaluate_rounds: bool, stage: str = "") -> Trained:
+                 scale: np.ndarray, evaluate_rounds: bool, stage: str = "", family: str = "logistic-l2") -> Trained:
     """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation.
-    ``cfg`` is the run's config, or a copy with the LASSO penalty (``stage = "lasso"``)."""
-    tag = {**cohort.tag, **({"stage": stage} if stage else {})}
+    ``cfg`` is the run's config, or a copy with the LASSO penalty (``stage = "lasso"``, or the logistic-l1 family's
+    ``model-l1``)."""
+    tag = {**cohort.tag, **({"stage": stage} if stage else {}),
+           **({"family": family} if len(run.config.families) > 1 and not stage else {})}
     pos_weight = cohort.agreement.pos_weight
     noised = cfg.dp_query  # noised gradients and Hessians, no loss and no counts (common/dp_query.py)
     newton = exact.ExactNewton(len(chosen.names), l2=cfg.exact_l2, l1=cfg.exact_l1, tol=cfg.exact_tol,
                                max_rounds=cfg.exact_max_rounds, safeguard=not noised)
-    config = shared_config(chosen, pos_weight)
+    config = shared_config(chosen, pos_weight, family)
     trained = Trained(ArrayRecord())
     while not newton.done:
         rnd = newton.rounds + 1
@@ -141,7 +173,7 @@ def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: Run
                  aggregated_sha256=record_sha256(trained.arrays), converged=newton.converged, **tag)
     log.info("Exact fit %s after %d round(s)", "converged" if newton.converged else "stopped", final_round)
     if evaluate_rounds:
-        evaluate_config = {**shared_config(chosen, pos_weight), "server-round": final_round}
+        evaluate_config = {**shared_config(chosen, pos_weight, family), "server-round": final_round}
         replies = cohort.ask(run, "evaluate", protocol.EVALUATE, evaluate_config,
                              per_node=lambda _: RecordDict({"arrays": trained.arrays}), server_round=final_round)
         per_site_eval, site_curves = evaluation_records(cohort.fed.sites, replies.values())

@@ -25,32 +25,41 @@ from flwr.app import RecordDict
 
 from common import metrics, protocol
 from common.split import cv_tag
-from server import clinical, phases, pipeline, training
+from server import clinical, comparison, phases, pipeline
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused
 from server.strategy import evaluation_records, record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
 
 
-def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort,
-          outside: bool = True) -> dict[str, dict[str, object]]:
-    """``scorers`` score the model fitted on ``trained_on`` and send metrics; per scoring site. ``outside``:
-    sites that were not in the cohort first join its harmonisation, then score all their usable cases;
-    otherwise the cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
-    trained, chosen = fitted.trained, fitted.chosen
-    config = {**training.shared_config(chosen, fitted.pos_weight), "split": "all" if outside else "test",
-              "server-round": max(trained.training) if trained.training else run.config.num_server_rounds}
+def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort,
+              outside: bool = True) -> tuple[dict[str, dict[str, dict[str, object]]], dict[str, object]]:
+    """``scorers`` score every family's model fitted on ``trained_on`` and send metrics: per family, per scoring
+    site; and, with several families, their paired comparison (server.comparison). ``outside``: sites that were
+    not in the cohort first join its harmonisation (once), then score all their usable cases; otherwise the
+    cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
+    by_family: dict[str, dict[str, dict[str, object]]] = {}
     try:
         if outside and fitted.harmonization is not None:
             phases.join_phase(run, scorers, fitted.harmonization)
-        replies = scorers.ask(run, "external validation" if outside else "evaluate", protocol.EVALUATE, config,
-                              per_node=lambda _, a=trained.arrays: RecordDict({"arrays": a}))
+        for family, trained in fitted.models.items():
+            config = {**fitted.config(family), "split": "all" if outside else "test",
+                      "server-round": max(trained.training) if trained.training else run.config.num_server_rounds}
+            replies = scorers.ask(run, "external validation" if outside else "evaluate", protocol.EVALUATE, config,
+                                  per_node=lambda _, a=trained.arrays: RecordDict({"arrays": a}))
+            per_site, site_curves = evaluation_records(scorers.fed.sites, replies.values())
+            by_family[family] = {site: {**values, "ci": metrics.intervals(values), **site_curves.get(site, {})}
+                                 for site, values in per_site.items()}
     except RunRefused:  # every scoring site failed: say why, in their words
         reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in scorers.fed.dropped)
         raise RunRefused(f"could not score the model ({reasons})") from None
-    per_site, site_curves = evaluation_records(scorers.fed.sites, replies.values())
-    return {site: {**values, "ci": metrics.intervals(values), **site_curves.get(site, {})}
-            for site, values in per_site.items()}
+    return by_family, comparison.compare(run, fitted, scorers, "all" if outside else "test")
+
+
+def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort,
+          outside: bool = True) -> dict[str, dict[str, object]]:
+    """``score_all``'s results of the family in use (``fitted.family``), per scoring site."""
+    return score_all(run, fitted, trained_on, scorers, outside)[0][fitted.family]
 
 
 def _fold_start(run: Run, kind: str, fold: str, index: int, of: int) -> None:
@@ -65,8 +74,10 @@ def _without_curves(record: dict[str, object]) -> dict[str, object]:
 
 
 def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
-                       covariates: str = "") -> dict[str, dict[str, object]]:
-    """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration; or ``error``."""
+                       covariates: str = "", family: str = "") -> dict[str, dict[str, object]]:
+    """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration of the ``family`` in use
+    (default: the first listed); with several families also ``families`` (each one's metrics there) and
+    ``comparison`` (paired, vs the first listed); or ``error``."""
     folds: dict[str, dict[str, object]] = {}
     for index, (held_node, held) in enumerate(sorted(fed.sites.items(), key=lambda kv: kv[1]), start=1):
         _fold_start(run, "leave-one-site-out", held, index, len(fed.sites))
@@ -76,11 +87,16 @@ def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
         log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
         try:
             fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False)
-            scored = score(run, fitted, train_on, outsider)
+            fitted.family = family or fitted.family
+            every, compared = score_all(run, fitted, train_on, outsider)
+            scored = every[fitted.family]
             if held not in scored:
                 raise RunRefused(f"{held} could not score the model")
             record: dict[str, object] = {**scored[held], "trained_on": sorted(others),
                                          "features": fitted.chosen.names}
+            if len(every) > 1:
+                record["families"] = {f: _without_curves(r.get(held, {})) for f, r in every.items()}
+                record["comparison"] = compared
             values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
             run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
                              model_sha256=record_sha256(fitted.trained.arrays), metrics=values,
@@ -144,7 +160,9 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
         log.info("Cross-validation: fold %s (%d folds x %d repeat(s))", tag, n_folds, repeats)
         try:
             fitted = pipeline.fit(run, cohort, covariates, evaluate_rounds=False)
-            scored = score(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)
+            # every family scores the fold, so each site keeps every family's out-of-fold scores
+            scored = score_all(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)[0][
+                fitted.family]
         except RunRefused as exc:  # without this fold some cases have no out-of-fold score: the sites say which
             log.warning("Cross-validation fold %s failed: %s", tag, exc)
             run.audit.append("cross-validation", fold=tag, error=str(exc))
@@ -155,12 +173,18 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
                          sites=plain, features=fitted.chosen.names)
         folds[tag] = plain
     everyone = Cohort(fed.subset(names), agreement)
-    try:
-        replies = everyone.ask(run, "out-of-fold", protocol.OUT_OF_FOLD, {"pos-weight": agreement.pos_weight})
-    except RunRefused:
-        reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in everyone.fed.dropped)
-        raise RunRefused(f"no site could evaluate its out-of-fold scores ({reasons})") from None
-    per_site, site_curves = evaluation_records(everyone.fed.sites, replies.values())
-    run.audit.append("out-of-fold", sites=per_site, aggregate=metrics.combine_sites(list(per_site.values())))
-    return {"folds": folds, "sites": per_site, "curves": site_curves,
-            "terms": clinical.terms_of(everyone.fed.sites, replies.values())}
+    out: dict[str, object] = {"folds": folds, "families": {}}
+    for family in run.config.families:  # the first listed first: its results are the run's until a choice
+        try:
+            replies = everyone.ask(run, "out-of-fold", protocol.OUT_OF_FOLD,
+                                   {"pos-weight": agreement.pos_weight, "family": family})
+        except RunRefused:
+            reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in everyone.fed.dropped)
+            raise RunRefused(f"no site could evaluate its out-of-fold scores ({reasons})") from None
+        per_site, site_curves = evaluation_records(everyone.fed.sites, replies.values())
+        tag = {"family": family} if len(run.config.families) > 1 else {}
+        run.audit.append("out-of-fold", sites=per_site, aggregate=metrics.combine_sites(list(per_site.values())),
+                         **tag)
+        out["families"][family] = {"sites": per_site, "curves": site_curves,  # type: ignore[index]
+                                   "terms": clinical.terms_of(everyone.fed.sites, replies.values())}
+    return {**out, **out["families"][run.config.families[0]]}  # type: ignore[index]

@@ -20,7 +20,7 @@ from common.profile import load_profile
 from server import report
 
 SECTION_IDS = ("headline", "summary", "model-card", "final", "roc", "calibration", "clinical", "training",
-               "harmonization", "robustness", "features", "validation")
+               "harmonization", "robustness", "features", "validation", "families")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 IMG_SRC = re.compile(r'<img src="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 TAB_BLUE = np.array([31, 119, 180])  # the first site's colour in every figure

@@ -1,0 +1,142 @@
+"""Several model families in one real federation (Flower simulation, real extraction): every family fitted on
+the same cohort, the choice by internal AUC before external validation, the paired comparison, the model file and
+`radfed predict` for a non-default family, and a canary case no family's message carries."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+import torch
+from federation_helpers import K, events, run_federation_in
+from test_exact import _sklearn as sklearn_fit
+
+from client.steps import load_site_data, site_matrix
+from common import exact, families
+from radfed import synth
+from radfed.cli import main as radfed_main
+from radfed.launch import app_run_config
+from server.audit import verify
+
+MODELS = "logistic-l2,logistic-l1,svm,mlp"
+
+
+def _numbers(value) -> list[float]:
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _numbers(v)]
+    return [x for v in value for x in _numbers(v)]
+
+
+def test_every_family_under_one_protocol(tmp_path):
+    root = tmp_path / "data"
+    specs = synth.tiny_sites(3, 12)  # 2 release blocks of 6 per class: 12 training cases per site
+    for i, spec in enumerate(specs):
+        synth.write_site(root, spec, seed=700 + i)
+    # the canary: one case whose edema is grown far beyond any other's
+    site = root / specs[0].name
+    row = (site / "manifest.csv").read_text(encoding="utf-8").splitlines()[1].split(",")
+    canary_id, mask_path = row[0], site / row[5]
+    mask = sitk.ReadImage(str(mask_path))
+    grown = sitk.BinaryDilate(mask > 0, [6, 6, 3])
+    sitk.WriteImage(sitk.Cast(mask + sitk.Cast((grown - (mask > 0)) * 3, mask.GetPixelID()), mask.GetPixelID()),
+                    str(mask_path))
+    (site / "site.yaml").write_text(f"name: {specs[0].name}\noutbox_values: true\n")
+
+    config = {"training": "exact", "harmonization": "none", "select-features": 3, "models": MODELS,
+              "local-only": "none", "recalibration-max-rounds": 5}
+    folder = run_federation_in(tmp_path, root, 3, **config)
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    names = MODELS.split(",")
+    fam = doc["families"]
+    assert fam["order"] == names and fam["reference"] == "logistic-l2" and fam["rule"] == "internal-auc"
+    internal = {f: fam["rows"][f]["internal"]["auc"] for f in names}
+    best = max(names, key=lambda f: (internal[f], -names.index(f)))  # ties to the first listed
+    assert fam["chosen"] == best
+    for f in names:  # every family has an internal and an external row, with intervals and a Brier score
+        for part in ("internal", "external"):
+            row = fam["rows"][f][part]
+            assert 0 <= row["auc"] <= 1 and len(row["ci"]["auc"]) == 2 and 0 <= row["brier"] <= 1, (f, part)
+    for part in ("internal", "external"):
+        pairs = fam["comparison"][part] if part == "external" else fam["comparison"][part]["pairs"]
+        assert sorted(pairs) == sorted(names[1:])
+        for f in names[1:]:
+            assert 0 <= pairs[f]["p_value"] <= 1 and pairs[f]["auc_diff_ci"][0] <= pairs[f]["auc_diff"], (f, part)
+    # each leave-one-site-out fold scored every family at its held-out site and compared them there
+    for held, record in doc["validation"]["loso"].items():
+        assert sorted(record["families"]) == sorted(names) and record["comparison"]["sites"].keys() == {held}
+
+    # the choice is audited before external validation starts, with each family's internal AUC
+    log = events(folder)
+    kinds = [e["event"] for e in log]
+    choice = log[kinds.index("model-choice")]["data"]
+    assert choice["chosen"] == best and choice["internal_auc"] == pytest.approx(internal, abs=1e-12)
+    assert kinds.index("model-choice") < kinds.index("fold-start")
+    receipts = [root / s.name / ".radfed" / "receipts.jsonl" for s in specs]
+    check = verify(folder / "audit.jsonl", receipts=receipts)
+    assert check.ok, check.reason
+
+    # the model file is the chosen family's; it keeps every family's model of the main run
+    saved = torch.load(folder / "model.pt", weights_only=False)
+    assert saved["family"] == best and sorted(saved["models"]) == sorted(names)
+    # logistic-l2 (exact) and logistic-l1 (exact proximal Newton, penalty model-l1) are the pooled fits
+    data = [load_site_data(root / s.name, app_run_config({"min-cases-per-class": K})) for s in specs]
+    agreed = sorted(set.intersection(*(set(n for n, ok in zip(d.table.names, np.all(np.isfinite(d.table.values), 0),
+                                                              strict=True) if ok) for d in data)))
+    train = [site_matrix(d, agreed, held_out=False, names=saved["features"]) for d in data]
+    y = np.concatenate([t[1] for t in train])
+    pos_weight = float(np.sum(y == 0) / np.sum(y == 1))
+    run = app_run_config()
+    x = np.vstack([t[0] for t in train])
+    for f, l1 in (("logistic-l2", 0.0), ("logistic-l1", float(run["model-l1"]))):
+        coef, mean, scale = exact.from_state_dict(saved["models"][f])
+        reference = sklearn_fit((x - mean) / scale, y, pos_weight, l2=float(run["exact-l2"]), l1=l1)
+        np.testing.assert_allclose(coef, reference, atol=1e-6, err_msg=f)
+    assert not np.array_equal(saved["models"]["logistic-l1"]["linear.weight"],
+                              saved["models"]["logistic-l2"]["linear.weight"])
+
+    # radfed predict with a non-default family's model file (svm here; the mlp has no per-feature drivers)
+    for f in ("svm", "mlp"):
+        path = folder / f"{f}-model" / "model.pt"
+        path.parent.mkdir()
+        torch.save({**{k: v for k, v in saved.items() if k != "models"}, "state_dict": saved["models"][f],
+                    "family": f}, path)
+        case = data[1].table.case_ids[0]
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = radfed_main(["predict", "--model", str(path), "--site", str(root / specs[1].name),
+                                "--case-id", case, "--json"])
+        assert code == 0, err.getvalue()
+        result = json.loads(out.getvalue())
+        x = data[1].table.columns(saved["features"])[[0]]
+        arrays = {k: v.numpy() for k, v in saved["models"][f].items()}
+        assert result["probability_hgg"] == pytest.approx(families.predict_proba(f, arrays, x)[0], rel=1e-9)
+        assert result["model"]["family"] == f and (len(result["drivers"]) > 0) == (f == "svm")
+
+    # report: the comparison table, the forest plot and the chosen model
+    report = (folder / "report.md").read_text(encoding="utf-8")
+    assert "Model families" in report and f"Chosen model: {best}" in report
+    assert "forest plot" in report.lower()
+
+    # no number any message carried equals a value of the canary's features
+    table = next((site / ".radfed").glob("features-*.csv")).read_text(encoding="utf-8").splitlines()
+    rows = {r.split(",")[0]: r.split(",") for r in table[1:]}
+    raw = np.array([float(v) for v in rows[canary_id][3:]])
+    others = np.array([[float(v) for v in r[3:]] for cid, r in rows.items() if cid != canary_id])
+    unique = [v for v in raw if np.isfinite(v) and abs(v - round(v)) > 1e-6
+              and not np.any(np.isclose(others, v, rtol=1e-9))]
+    assert len(unique) > 300
+    outbox = [json.loads(line) for line in (site / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {"query.compare", "train", "query.newton"} <= {e["type"] for e in outbox}
+    sent = np.sort([x for e in outbox for x in _numbers(e["records"])])
+    for v in unique:
+        i = np.searchsorted(sent, v)
+        assert not np.any(np.isclose(sent[max(i - 1, 0): i + 1], v, rtol=1e-9, atol=0)), v
