@@ -64,6 +64,11 @@ def _accept_list(context: Context, config: ConfigRecord, key: str, state_key: st
     return names
 
 
+def _selected(context: Context) -> list[str]:
+    """The model's inputs the last train/evaluate/newton message named."""
+    return [str(n) for n in _agreement(context).get("selected", [])]  # type: ignore[union-attr]
+
+
 def _agreed(context: Context) -> list[str]:
     record = _agreement(context)
     if "features" not in record:
@@ -103,7 +108,8 @@ def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
     spec = covariates.describe(_run(context).covariates())
-    text = json.dumps({**params.to_dict(), "features": _agreed(context), "run_id": context.run_id,
+    radiomics = [n for n in _agreed(context) if not covariates.is_clinical(n)]  # ComBat never sees clinical inputs
+    text = json.dumps({**params.to_dict(), "features": radiomics, "run_id": context.run_id,
                        "covariates": spec})
     context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": text})
     if not _fold(msg):
@@ -198,14 +204,14 @@ def moments(msg: Message, context: Context) -> Message:
     agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
     data = _data(context, msg)
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
-        x_raw, _ = steps.site_matrix(data, agreed, held_out=False)
+        x_raw, _ = steps.site_matrix(data, [n for n in agreed if not covariates.is_clinical(n)], held_out=False)
         c = None if data.covariates is None else data.covariates[~data.held_out]
         arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
         _keep_combat(context, msg, compute.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
             int(config["n-pooled"]), _run(context), c), data.site)  # type: ignore[arg-type, index]
     x, y = steps.site_matrix(data, agreed, held_out=False, harmonize=_harmonizer(context, msg))
-    declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"})
+    declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"}, _groups(data, context, agreed))
     if _run(context).dp_query:  # noised per-class sums in the units of the server's pooled ComBat estimates
         if "arrays" not in msg.content:
             raise SiteError("the query phases are noised, and the moments message holds no pooled ComBat estimates "
@@ -216,6 +222,11 @@ def moments(msg: Message, context: Context) -> Message:
         return _reply(msg, declared, arrays=_arrays(noised), metrics=MetricRecord(counts))  # type: ignore[arg-type]
     arrays, counts = compute.moments_reply(x, y)
     return _reply(msg, declared, arrays=_arrays(arrays), metrics=MetricRecord(counts))
+
+
+def _groups(data: steps.SiteData, context: Context, names: list[str]) -> dict[str, frozenset[str]]:
+    """The model covariates' level groups a reply over ``names`` sums over (none without clinical inputs)."""
+    return steps.model_groups(data, _run(context)) if any(covariates.is_clinical(n) for n in names) else {}
 
 
 @app.query("correlation")
@@ -267,7 +278,8 @@ def newton(msg: Message, context: Context) -> Message:
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     sent = compute.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, _run(context))
-    declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"})
+    declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"},
+                            _groups(data, context, _selected(context)))
     if _run(context).dp_query:  # noised gradient and Hessian only: counts and the (unbounded) loss stay here
         return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}))
     return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
@@ -280,7 +292,8 @@ def train(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
-    return _reply(msg, data.declare("train", {"num-examples": ""}), arrays=ArrayRecord(new_state),
+    declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context)))
+    return _reply(msg, declared, arrays=ArrayRecord(new_state),
                   metrics=MetricRecord(train_metrics))
 
 

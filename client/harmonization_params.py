@@ -86,7 +86,7 @@ def _feature_problem(doc: Mapping[str, Any], model: ModelFile) -> str | None:
     if model.agreed_sha256 is not None and sha256_json(features) != model.agreed_sha256:
         return (f"its feature list ({len(features)} features, sha256 {sha256_json(features)[:12]}) is not the "
                 f"run's agreed list (sha256 {model.agreed_sha256[:12]})")
-    lacking = [n for n in model.features if n not in set(features)]
+    lacking = [n for n in model.radiomics if n not in set(features)]
     if lacking:
         shown = ", ".join(lacking[:3]) + (", ..." if len(lacking) > 3 else "")
         return f"it lacks {len(lacking)} of the model's {len(model.features)} features ({shown})"
@@ -111,7 +111,7 @@ def _params_for_model(doc: Mapping[str, Any], path: Path, model: ModelFile) -> S
     if params.beta_cov.shape[0] != len(columns(_covariates_of(doc, path))):
         raise damaged
     index = {n: i for i, n in enumerate(features)}
-    cols = np.array([index[n] for n in model.features], dtype=np.int64)
+    cols = np.array([index[n] for n in model.radiomics], dtype=np.int64)
     return replace(params, grand_mean=params.grand_mean[cols], beta_cov=params.beta_cov[:, cols],
                    var_pooled=params.var_pooled[cols], gamma_star=params.gamma_star[cols],
                    delta_star=params.delta_star[cols], unadjusted=params.unadjusted[cols])

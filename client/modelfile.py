@@ -11,13 +11,14 @@ file and the fix. torch is imported only when a file is read, so ``radfed predic
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
 
-from client.predict_refusals import PredictRefusal
+from client.predict_refusals import CaseRefusal, PredictRefusal
 
 if TYPE_CHECKING:
     import torch
@@ -43,6 +44,31 @@ class ModelFile:
     harmonization: str | None = None  # model.pt["harmonization"] (proposed): "combat" or "none"
     agreed_sha256: str | None = None  # model.pt["agreed_features_sha256"] (proposed)
     family: str = "logistic-l2"  # model.pt["family"] (common.families); files before it hold logistic-l2
+    model_covariates: str = ""  # model.pt["model_covariates"]: the manifest covariates among its inputs
+
+    @property
+    def radiomics(self) -> list[str]:
+        """The model's radiomics inputs (what extraction and ComBat give), in model order."""
+        from common.covariates import is_clinical
+
+        return [n for n in self.features if not is_clinical(n)]
+
+    def code_clinical(self, values: Mapping[str, str], case_id: str) -> dict[str, float]:
+        """The case's clinical inputs (clinical/age, ...) coded from its raw values; a missing or invalid value is a
+        CaseRefusal naming it and how to give it. {} when the model takes none."""
+        from common import covariates as cov
+
+        spec = cov.parse(self.model_covariates, "model-covariates")
+        if not spec:
+            return {}
+        try:
+            row = cov.code_case(spec, values)
+        except ValueError as exc:
+            names = " ".join(f"--covariate {c.name}=..." for c in spec)
+            raise CaseRefusal(f"case {case_id}: {exc}; the model takes {cov.describe(spec)} as inputs",
+                              f"give the case's values with {names} (or fill in those columns of the site's "
+                              "manifest)", case_id) from None
+        return dict(zip(cov.clinical_columns(spec), row.tolist(), strict=True))
 
     @property
     def linear(self) -> bool:
@@ -118,10 +144,26 @@ def load_model_file(path: str | Path) -> ModelFile:
         raise PredictRefusal(f"{path} says harmonization={harmonization!r}, which radfed predict does not know",
                              "use a radfed release that knows it, or a model from a run with combat or none")
     agreed = str(doc["agreed_features_sha256"]) if doc.get("agreed_features_sha256") else None
+    spec = str(doc.get("model_covariates") or "")
+    _check_clinical(path, features, spec)
     return ModelFile(path=path, sha256=file_sha256(path), weights_sha256=weights_sha256, state=state,
                      features=features, profile_sha256=str(doc["profile_sha256"]), protocol=str(doc["protocol"]),
                      run_id=run_id, run_id_source=source, harmonization=harmonization, agreed_sha256=agreed,
-                     family=name)
+                     family=name, model_covariates=spec)
+
+
+def _check_clinical(path: Path, features: list[str], spec: str) -> None:
+    """The clinical inputs the file names must be exactly its ``model_covariates``' coded columns."""
+    from common import covariates as cov
+
+    try:
+        expected = cov.clinical_columns(cov.parse(spec, "model-covariates"))
+    except cov.CovariateError as exc:
+        raise PredictRefusal(f"{path}: its model_covariates are not readable ({exc})",
+                             "use the model.pt a run wrote, unmodified") from exc
+    if [n for n in features if cov.is_clinical(n)] != expected:
+        raise PredictRefusal(f"{path} is inconsistent: its clinical inputs do not match its model_covariates "
+                             f"{spec!r}", "use the model.pt a run wrote, unmodified")
 
 
 def check_protocol(model: ModelFile) -> None:

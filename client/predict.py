@@ -205,23 +205,29 @@ def _finite_or_refuse(values: np.ndarray, names: list[str], case_id: str, stage:
 def score(features: Mapping[str, float], model: ModelFile, harmonization: Harmonization,
           case_id: str, covariates: Mapping[str, str] | None = None) -> tuple[float, float, list[Contribution]]:
     """(probability of HGG, logit, contributions) of one case's extracted features; ``covariates`` are its
-    raw ComBat covariate values (e.g. {"age": "63"}) when the run adjusted for any."""
+    raw covariate values (e.g. {"age": "63"}): ComBat's when the run adjusted for any, and the model's clinical
+    inputs (model-covariates), which join after harmonisation as the sites coded them."""
     from common.families import predict_proba
 
-    absent = [n for n in model.features if n not in features]
+    radiomics = model.radiomics
+    absent = [n for n in radiomics if n not in features]
     if absent:
         shown = ", ".join(absent[:3]) + (", ..." if len(absent) > 3 else "")
         raise PredictRefusal(f"case {case_id}: the extraction gave no value for {len(absent)} of the model's "
                              f"features ({shown}), although the profile hash matches",
                              "extract with the federation's pyradiomics version (see the run's report)", case_id)
-    x = np.array([[float(features[n]) for n in model.features]], dtype=np.float64)
-    _finite_or_refuse(x[0], model.features, case_id, "are",
+    clinical = model.code_clinical(covariates or {}, case_id)
+    x = np.array([[float(features[n]) for n in radiomics]], dtype=np.float64)
+    _finite_or_refuse(x[0], radiomics, case_id, "are",
                       "check the case's images and segmentation (a region too small or uniform after "
                       "resampling gives undefined texture features); the model cannot score it without them")
     if harmonization.params is not None:
         x = harmonization.params.apply(x, harmonization.design(covariates or {}, case_id))
-        _finite_or_refuse(x[0], model.features, case_id, "are after harmonisation",
+        _finite_or_refuse(x[0], radiomics, case_id, "are after harmonisation",
                           "the site's ComBat parameters are damaged: restore the harmonisation file")
+    if clinical:  # the model's inputs in its order: radiomics (harmonised), clinical (never adjusted)
+        joined = dict(zip(radiomics, x[0].tolist(), strict=True)) | clinical
+        x = np.array([[joined[n] for n in model.features]], dtype=np.float64)
     arrays = model.arrays
     probability = float(predict_proba(model.family, arrays, x)[0])
     logit, contributions = explain(model.features, x[0], arrays["mean"], arrays["scale"], model.weights,
@@ -267,16 +273,22 @@ def predict(model_path: str | Path, site_dir: str | Path, *, case_id: str | None
         assert mask is not None and images
         case = case_from_files(images, mask, site.profile, case_name)
         source = "files"
-    unknown = sorted(set(covariates or {}) - {c.name for c in harmonization.covariates})
+    from common.covariates import parse as parse_covariates
+
+    taken = parse_covariates(model.model_covariates, "model-covariates")
+    unknown = sorted(set(covariates or {}) - {c.name for c in [*harmonization.covariates, *taken]})
     if unknown:
         from common.covariates import describe as describe_covariates
 
         adjusted = describe_covariates(harmonization.covariates)
+        used = describe_covariates(taken)
         raise PredictRefusal(f"--covariate {', '.join(unknown)}: the run's ComBat adjusted for "
-                             f"{adjusted or 'no covariates'}",
-                             f"give only {adjusted}" if adjusted else "drop --covariate", case.case_id)
+                             f"{adjusted or 'no covariates'} and its model takes {used or 'no covariates'}",
+                             f"give only {','.join(x for x in (adjusted, used) if x)}" if adjusted or used
+                             else "drop --covariate", case.case_id)
     values = {**case.covariates, **(covariates or {})}  # --covariate overrides the manifest
     harmonization.design(values, case.case_id)  # refuse a missing covariate before the slow extraction
+    model.code_clinical(values, case.case_id)
     features = extract_case(case, site)
     probability, logit, contributions = score(features, model, harmonization, case.case_id, values)
     far = sorted((c for c in contributions if abs(c.z) > FAR_Z), key=lambda c: -abs(c.z))

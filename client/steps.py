@@ -66,6 +66,8 @@ class SiteData:
     covariates: np.ndarray | None = None  # (n, p) ComBat covariate design over table rows, when the run has any
     blocking: Blocking | None = None  # the release blocks the rows are drawn from (client.ledger)
     cv_fold: np.ndarray | None = None  # (repeats, n) int: each row's fold per repeat (internal-validation = "cv")
+    clinical: np.ndarray | None = None  # (n, pc) the model-covariates' coded columns over table rows, when any
+    clinical_names: tuple[str, ...] = ()  # their input names (clinical/age, clinical/sex=M), pc of them
 
     def fold_view(self, fold: str) -> SiteData:
         """The data as cohort ``fold`` sees it: for a cross-validation fold ("cv:<repeat>:<v>"), that repeat's fold v
@@ -153,21 +155,22 @@ def _release_problem(site: Site, profile: Profile, run: RunConfig) -> str:
     aggregate over, from the manifest's cases, must pass the ledger with everything released before."""
     table = FeatureTable([c.case_id for c in site.cases], np.array([c.label for c in site.cases], dtype=np.int64),
                          [], np.zeros((len(site.cases), 0)), [])
-    spec = run.covariates()
-    design = None
-    if spec:
-        by_id = {c.case_id: c for c in site.cases}
-        rows, coded = [], []
-        for i, case_id in enumerate(table.case_ids):
-            try:
-                coded.append(cov.code_case(spec, by_id[case_id].covariates))
-                rows.append(i)
-            except ValueError:
-                continue  # named at the features phase; the plan is judged on the cases that have values
-        table = _subset(table, rows)
-        design = np.array(coded, dtype=np.float64).reshape(len(rows), len(cov.columns(spec)))
+    spec, clinical_spec = run.covariates(), run.model_covariates_spec()
+    by_id = {c.case_id: c for c in site.cases}
+    rows, coded = [], []
+    for i, case_id in enumerate(table.case_ids):
+        try:  # named at the features phase; the plan is judged on the cases that have values
+            values = by_id[case_id].covariates
+            coded.append((cov.code_case(spec, values), cov.code_case(clinical_spec, values)))
+            rows.append(i)
+        except ValueError:
+            continue
+    table = _subset(table, rows)
+    design = np.array([c for c, _ in coded], dtype=np.float64).reshape(len(rows), len(cov.columns(spec)))
+    clinical = np.array([m for _, m in coded], dtype=np.float64).reshape(len(rows), len(cov.columns(clinical_spec)))
     try:
-        data = split_site(site, profile, table, design, run, record_problems=False)
+        data = split_site(site, profile, table, design if spec else None, run, record_problems=False,
+                          clinical=clinical if clinical_spec else None)
     except SiteError as exc:
         return str(exc)
     views = [data, *(data.fold_view(tag) for tag in data.cv_tags())]
@@ -175,14 +178,17 @@ def _release_problem(site: Site, profile: Profile, run: RunConfig) -> str:
     for i, view in enumerate(views):  # the main split, and each cross-validation fold's
         sets.update({f"{i}:{name}": s for part in PARTS for name, s in view.case_sets(part).items() if s})
         sets.update({f"{i}:{name}": s for name, s in covariate_sets(view, spec).items()})
+        sets.update({f"{i}:{name}": s for name, s in clinical_sets(view, clinical_spec).items()})
     why = ledger(site).check(sets)
     return f"site {site.name} refuses this run plan: {why}" if why else ""
 
 
-def code_covariates(site: Site, table: FeatureTable,
-                    spec: list[cov.Covariate]) -> tuple[FeatureTable, np.ndarray]:
+def code_covariates(site: Site, table: FeatureTable, spec: list[cov.Covariate],
+                    knob: str = "combat-covariates") -> tuple[FeatureTable, np.ndarray]:
     """The covariate design (n, p) of the table's cases, from the manifest; a case without a valid value is
-    taken out of the table and added to its problems (and to errors.json), named with the fix."""
+    taken out of the table and added to its problems (and to errors.json), named with the fix. ``knob`` is the
+    run-config key that asks for them (the ComBat covariates or the model's)."""
+    what = "ComBat covariates" if knob == "combat-covariates" else "model covariates (the model's clinical inputs)"
     by_id = {c.case_id: c for c in site.cases}
     rows, design, problems = [], [], []
     for i, case_id in enumerate(table.case_ids):
@@ -191,7 +197,7 @@ def code_covariates(site: Site, table: FeatureTable,
             rows.append(i)
         except ValueError as exc:
             problems.append(CaseProblem(
-                case_id, f"{exc} (ComBat covariates {cov.describe(spec)})",
+                case_id, f"{exc} ({what} {cov.describe(spec)}, run config {knob})",
                 f"fill in {', '.join(c.name for c in spec)} for {case_id} in the site's manifest (or labels.csv)",
                 kind="bad-covariate"))
     if problems:
@@ -219,7 +225,7 @@ def _subset(table: FeatureTable, rows: list[int], problems: list[CaseProblem] | 
 
 
 def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.ndarray | None,
-               run: RunConfig, record_problems: bool = True) -> SiteData:
+               run: RunConfig, record_problems: bool = True, clinical: np.ndarray | None = None) -> SiteData:
     """The usable cases drawn into the site's release blocks (client.ledger) and split by whole blocks.
 
     Cases the blocks leave out are named (in errors.json with ``record_problems``); raises SiteError when the
@@ -232,19 +238,21 @@ def split_site(site: Site, profile: Profile, table: FeatureTable, design: np.nda
                     for c, why in blocking.left_out.items() if c in set(table.case_ids)]
         table = _subset(table, rows, problems)
         design = None if design is None else design[rows]
+        clinical = None if clinical is None else clinical[rows]
         if record_problems:
             _add_to_errors_report(site, problems)
     k, y = min_cases(site, run), table.labels
+    names = tuple(run.clinical_inputs) if clinical is not None else ()
     if run.internal_validation == "cv":  # every case trains the final model; each fold is held out once
         folds = blocking.cv_folds(table.case_ids, run.cv_folds, run.split_seed, run.cv_repeats)
-        data = SiteData(site, profile, table, np.zeros(len(y), dtype=bool), design, blocking, folds)
+        data = SiteData(site, profile, table, np.zeros(len(y), dtype=bool), design, blocking, folds, clinical, names)
         thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < run.cv_folds]
         problem = (f"its usable {' and '.join(thin)} cases form fewer than cv-folds = {run.cv_folds} release "
                    f"blocks of k = {site_floor(site.settings)} (one per fold; lower cv-folds)" if thin else
                    next((p for tag in data.cv_tags() if (p := _split_problem(data.fold_view(tag), k))), None))
     else:
         data = SiteData(site, profile, table, blocking.held_out(table.case_ids, run.test_fraction, run.split_seed),
-                        design, blocking)
+                        design, blocking, clinical=clinical, clinical_names=names)
         thin = [name for label, name in ((1, "HGG"), (0, "BM")) if blocking.n_blocks(label) < 2]
         problem = (f"its usable {' and '.join(thin)} cases form fewer than two release blocks of k = "
                    f"{site_floor(site.settings)} (one for training, one held out)" if thin else
@@ -261,7 +269,7 @@ def _split_problem(data: SiteData, k: int) -> str | None:
                          int(np.sum((y == 1) & held_out)), int(np.sum((y == 0) & held_out)), k)
 
 
-Loaded = tuple[Site, Profile, FeatureTable, np.ndarray | None]
+Loaded = tuple[Site, Profile, FeatureTable, np.ndarray | None, np.ndarray | None]
 
 
 def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], workers: int = 1) -> SiteData:
@@ -272,10 +280,10 @@ def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], worker
     (client.runcache); the split is drawn anew every time, since it depends on the release ledger."""
     run = run_config(values)
     root = Path(site_dir).expanduser().resolve()
-    key = (str(root), run.profile, run.combat_covariates if run.combat else "")
-    (site, profile, table, design), _ = runcache.remember("site", key, lambda: _load(root, run, workers),
-                                                          lambda loaded: loaded[1])
-    return split_site(site, profile, table, design, run)
+    key = (str(root), run.profile, run.combat_covariates if run.combat else "", run.model_covariates)
+    (site, profile, table, design, clinical), _ = runcache.remember("site", key, lambda: _load(root, run, workers),
+                                                                    lambda loaded: loaded[1])
+    return split_site(site, profile, table, design, run, clinical=clinical)
 
 
 def _load(site_dir: Path, run: RunConfig, workers: int) -> tuple[Loaded, list[Path]]:
@@ -286,11 +294,16 @@ def _load(site_dir: Path, run: RunConfig, workers: int) -> tuple[Loaded, list[Pa
     site = patients.one_row_per_patient(raw)
     table, _ = extract_site(site, profile, workers=workers)
     watched += [cache_file(site, profile, c.case_id) for c in site.cases]
-    spec = run.covariates()
-    design = None
+    spec, clinical_spec = run.covariates(), run.model_covariates_spec()
+    design = clinical = None
+    if clinical_spec:  # first, so a case missing a value both lists need is named once per list
+        table, clinical = code_covariates(site, table, clinical_spec, "model-covariates")
     if spec:
+        before = {c: i for i, c in enumerate(table.case_ids)}
         table, design = code_covariates(site, table, spec)
-    return (site, profile, table, design), watched
+        if clinical is not None:  # only the rows ComBat's coding kept
+            clinical = clinical[[before[c] for c in table.case_ids]]
+    return (site, profile, table, design, clinical), watched
 
 
 def _site_files(site: Site, run: RunConfig) -> list[Path]:
@@ -320,6 +333,36 @@ def covariate_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, froze
             for level, mask in cov.level_groups(spec, data.covariates[rows]).items()}
 
 
+def clinical_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
+    """The training cases of each categorical model-covariate level ("train|clinical/sex=M"): the correlation and
+    training replies sum the model's other inputs over them (an indicator's cross-product with a feature is the
+    feature's sum over the level's cases), as ComBat's XᵀY does. Per class only counts of a level leave (the
+    class-wise moments of its indicator): sums over the class, like any feature's."""
+    if data.clinical is None or not spec:
+        return {}
+    rows = ~data.held_out
+    ids = np.array(data.table.case_ids, dtype=object)[rows]
+    return {f"train|{cov.CLINICAL}{level}": frozenset(ids[members])
+            for level, members in cov.level_groups(spec, data.clinical[rows]).items()}
+
+
+def model_groups(data: SiteData, run: RunConfig) -> dict[str, frozenset[str]]:
+    """The level groups a reply over the model's inputs aggregates (``clinical_sets``), after checking that each
+    level (and pair of levels) holds 0 or >= k training cases; else the site refuses, naming them (the ComBat
+    covariates' rule)."""
+    spec = run.model_covariates_spec()
+    if data.clinical is None or not spec:
+        return {}
+    k = min_cases(data.site, run)
+    small = cov.small_groups(spec, data.clinical[~data.held_out], k)
+    if small:
+        raise SiteError(f"site {data.site.name} cannot use the model covariates {cov.describe(spec)}: its training "
+                        f"split has fewer than k = {k} cases in {', '.join(small)}, and the model's sums over such "
+                        "a group would describe too few patients; add cases, or drop that covariate from "
+                        "model-covariates")
+    return clinical_sets(data, spec)
+
+
 def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
     """Phase 2: feature names finite at every usable case, and the split's class counts."""
     finite = np.all(np.isfinite(data.table.values), axis=0)
@@ -346,13 +389,24 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     columns are picked after it; ``names`` defaults to ``agreed``.
     """
     rows = np.ones_like(data.held_out) if held_out is None else data.held_out if held_out else ~data.held_out
-    x = data.table.columns(agreed)[rows]
+    radiomics = [n for n in agreed if not cov.is_clinical(n)]
+    x = data.table.columns(radiomics)[rows]
     if harmonize is not None:
         x = harmonize(x, None if data.covariates is None else data.covariates[rows])
-    if names is not None and names != agreed:
-        index = {n: i for i, n in enumerate(agreed)}
-        x = x[:, [index[n] for n in names]]
-    return x, data.table.labels[rows]
+    wanted = agreed if names is None else names
+    if wanted == radiomics:
+        return x, data.table.labels[rows]
+    # clinical inputs (model-covariates) join after ComBat, which never adjusts them, as they were coded
+    index = {n: i for i, n in enumerate(radiomics)}
+    clinical = {n: j for j, n in enumerate(data.clinical_names)}
+    missing = [n for n in wanted if n not in index and n not in clinical]
+    if missing:
+        raise SiteError(f"the server asked for input(s) {', '.join(missing)}, which this site does not have in this "
+                        "run (model-covariates differs between the sides?); restart the run")
+    out = np.empty((int(rows.sum()), len(wanted)))
+    for j, n in enumerate(wanted):
+        out[:, j] = x[:, index[n]] if n in index else data.clinical[rows, clinical[n]]  # type: ignore[index]
+    return out, data.table.labels[rows]
 
 
 def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],

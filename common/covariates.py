@@ -61,8 +61,9 @@ class Covariate:
         return [number]
 
 
-def parse(spec: str) -> list[Covariate]:
-    """``"age,sex=F|M"`` -> covariates in design order (categorical first, then continuous); ``""`` -> []."""
+def parse(spec: str, knob: str = "combat-covariates") -> list[Covariate]:
+    """``"age,sex=F|M"`` -> covariates in design order (categorical first, then continuous); ``""`` -> [].
+    ``knob`` names the run-config key in error messages (``combat-covariates`` or ``model-covariates``)."""
     found: list[Covariate] = []
     for entry in (e.strip() for e in spec.split(",")):
         if not entry:
@@ -70,23 +71,23 @@ def parse(spec: str) -> list[Covariate]:
         name, _, levels_text = entry.partition("=")
         name = name.strip()
         if not _NAME.match(name):
-            raise CovariateError(f"combat-covariates entry {entry!r}: a covariate name is letters, digits, '_', "
+            raise CovariateError(f"{knob} entry {entry!r}: a covariate name is letters, digits, '_', "
                                  "'.', '-' and starts with a letter, e.g. \"age,sex=F|M\"")
         if name.lower() in _FORBIDDEN:
-            raise CovariateError(f"combat-covariates: {name!r} cannot be a ComBat covariate; the diagnosis is "
-                                 "unknown when a new case is predicted and would leak the label into the features")
+            raise CovariateError(f"{knob}: {name!r} cannot be a covariate; the diagnosis is unknown when a new "
+                                 "case is predicted and would leak the label into the model")
         levels: tuple[str, ...] = ()
         if levels_text.strip():
             raw_levels = [level.strip() for level in levels_text.split("|")]
             levels = tuple(sorted(set(raw_levels)))
             if "" in levels or len(levels) < 2 or len(levels) != len(raw_levels):
-                raise CovariateError(f"combat-covariates entry {entry!r}: list two or more distinct, non-empty "
+                raise CovariateError(f"{knob} entry {entry!r}: list two or more distinct, non-empty "
                                      "levels separated by '|', e.g. sex=F|M")
         elif "=" in entry:
-            raise CovariateError(f"combat-covariates entry {entry!r}: give the levels after '=', e.g. sex=F|M, or "
+            raise CovariateError(f"{knob} entry {entry!r}: give the levels after '=', e.g. sex=F|M, or "
                                  "drop '=' for a continuous covariate")
         if any(c.name == name for c in found):
-            raise CovariateError(f"combat-covariates names {name!r} twice")
+            raise CovariateError(f"{knob} names {name!r} twice")
         found.append(Covariate(name, levels))
     return [c for c in found if c.categorical] + [c for c in found if not c.categorical]
 
@@ -99,6 +100,18 @@ def describe(covariates: Sequence[Covariate]) -> str:
 def columns(covariates: Sequence[Covariate]) -> list[str]:
     """All design column names, in order: p of them."""
     return [col for c in covariates for col in c.columns]
+
+
+CLINICAL = "clinical/"  # prefix of a model covariate's input column (e.g. clinical/age, clinical/sex=M)
+
+
+def clinical_columns(covariates: Sequence[Covariate]) -> list[str]:
+    """The model's input columns of the ``model-covariates`` (same coding as ComBat's design, prefixed)."""
+    return [CLINICAL + col for col in columns(covariates)]
+
+
+def is_clinical(name: str) -> bool:
+    return name.startswith(CLINICAL)
 
 
 def code_case(covariates: Sequence[Covariate], values: Mapping[str, str]) -> np.ndarray:

@@ -85,6 +85,9 @@ _FEATURES = {"10Percentile": "10th percentile", "90Percentile": "90th percentile
 def feature_words(feature: str) -> str:
     """A feature id in plain words, e.g. ``t1c/enhancing/original_firstorder_Mean`` -> "mean (intensity) of the
     enhancing tumour on T1c"; an id of another form is returned as it is."""
+    if feature.startswith("clinical/"):  # a model covariate: clinical/age, clinical/sex=M
+        name, _, level = feature.removeprefix("clinical/").partition("=")
+        return f"{name} (clinical){f', {level} rather than the reference level' if level else ''}"
     parts = feature.split("/")
     if len(parts) != 3:
         return feature

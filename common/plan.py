@@ -84,6 +84,11 @@ def summary(plan: Mapping[str, Any], site_k: int = 0) -> str:
     if covariates and plan["run_config"].get("harmonization") == "combat":
         lines += ["", f"ComBat reads these columns of your manifest: {covariates}. The values stay here; the ComBat",
                   "sums over each of their levels (at least k training cases each) leave."]
+    clinical = plan["run_config"].get("model-covariates")
+    if clinical:
+        lines += ["", f"The model takes these columns of your manifest as inputs: {clinical}. The values stay here;",
+                  "sums over each level's training cases (0 or at least k each) leave in the moments,",
+                  "correlation and training replies."]
     held = (f"k = {k} at this site (the run asks {run_k}, this site's own floor is {site_k})" if site_k
             else f"k = {k}")
     lines += ["", f"What would leave this site (each statistic over at least {held}; arrays sized by the agreed",
@@ -101,8 +106,8 @@ def summary(plan: Mapping[str, Any], site_k: int = 0) -> str:
 
 
 # Knobs that change which of a site's cases are summed together: the release rule judges them at each site.
-CASE_SET_KEYS = ("test-fraction", "split-seed", "combat-covariates", "internal-validation", "cv-folds", "cv-repeats",
-                 "external-validation", "local-only", "min-cases-per-class")
+CASE_SET_KEYS = ("test-fraction", "split-seed", "combat-covariates", "model-covariates", "internal-validation",
+                 "cv-folds", "cv-repeats", "external-validation", "local-only", "min-cases-per-class")
 
 
 def _value(value: Any) -> str:

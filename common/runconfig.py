@@ -52,6 +52,7 @@ class RunConfig(BaseModel):
     combat_eb: bool = Field(alias="combat-eb", strict=True)
     combat_mean_only: bool = Field(alias="combat-mean-only", strict=True)
     combat_covariates: str = Field(alias="combat-covariates", strict=True)
+    model_covariates: str = Field(alias="model-covariates", strict=True)
     select_features: int = Field(alias="select-features", ge=0, strict=True)
     select_l1: float = Field(alias="select-l1", ge=0)
     select_candidates: int = Field(alias="select-candidates", ge=1, strict=True)
@@ -94,6 +95,12 @@ class RunConfig(BaseModel):
         covariates.parse(value)  # raises CovariateError (a ValueError) naming the entry and the fix
         return value
 
+    @field_validator("model_covariates")
+    @classmethod
+    def _model_covariates(cls, value: str) -> str:
+        covariates.parse(value, "model-covariates")
+        return value
+
     @model_validator(mode="after")
     def _dp_query_reference(self) -> RunConfig:
         # the noised moments are standardised with ComBat's pooled estimates (docs/privacy.md, section 2a):
@@ -102,6 +109,15 @@ class RunConfig(BaseModel):
             raise ValueError("dp-query-noise-multiplier > 0 needs harmonization = 'combat' (its pooled grand mean "
                              "and variance are the reference each site standardises and clips its features with); "
                              "set harmonization = 'combat' or dp-query-noise-multiplier = 0")
+        return self
+
+    @model_validator(mode="after")
+    def _model_covariates_not_noised(self) -> RunConfig:
+        # the noised moments are standardised with ComBat's pooled estimates, which do not cover clinical inputs
+        if self.model_covariates.strip() and self.dp_query_noise_multiplier > 0:
+            raise ValueError("model-covariates cannot be used with dp-query-noise-multiplier > 0 (the noised moments "
+                             "are standardised with ComBat's estimates, which cover radiomics features only); set "
+                             "model-covariates = '' or dp-query-noise-multiplier = 0")
         return self
 
     @model_validator(mode="after")
@@ -132,6 +148,15 @@ class RunConfig(BaseModel):
     def covariates(self) -> list[covariates.Covariate]:
         """The ComBat covariates ([] without ComBat or without covariates)."""
         return covariates.parse(self.combat_covariates) if self.combat else []
+
+    def model_covariates_spec(self) -> list[covariates.Covariate]:
+        """The clinical covariates the model takes as inputs beside the radiomics features ([] when none)."""
+        return covariates.parse(self.model_covariates, "model-covariates")
+
+    @property
+    def clinical_inputs(self) -> list[str]:
+        """The model's clinical input columns (``clinical/age``, ``clinical/sex=M``), in design order."""
+        return covariates.clinical_columns(self.model_covariates_spec())
 
     def as_dict(self) -> dict[str, Any]:
         """Every key by its pyproject name (what Flower sends)."""

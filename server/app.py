@@ -91,7 +91,8 @@ def site_share(fitted: pipeline.Fitted, names: list[str]) -> dict[str, object]:
     if after is None:
         return {}
     before = fitted.harmonization.site_share if fitted.harmonization is not None else None
-    share: dict[str, object] = {"features": names, "after": after.tolist()}
+    # the radiomics features only: the clinical inputs (model-covariates) come after them and have no ComBat side
+    share: dict[str, object] = {"features": names, "after": after[:len(names)].tolist()}
     if before is not None:
         share["before"] = before.tolist()
     return {"site_share": share}
@@ -191,6 +192,8 @@ def main(grid: Grid, context: Context) -> None:
                     "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
                     "harmonization": "combat" if fitted.harmonization is not None else "none",
                     "agreed_features_sha256": agreement.sha256, "schema": "radfed.model/1",
+                    # the manifest covariates the model takes as inputs (clinical/...), coded as at the sites
+                    "model_covariates": covariates.describe(run.model_covariates_spec()),
                     "profile": {"name": profile.name, "version": profile.version},
                     # every family's model of the main run (the comparison's rows), the chosen one above
                     **({"models": {f: t.arrays.to_torch_state_dict() for f, t in fitted.models.items()}}

@@ -89,6 +89,12 @@ def features_phase(run: Run, fed: Federation) -> FeatureAgreement:
     return agreement
 
 
+def model_inputs(run: Run, agreement: FeatureAgreement) -> list[str]:
+    """What the moments cover and the model may take: the agreed radiomics features, then the clinical inputs
+    (``model-covariates``: clinical/age, clinical/sex=M), which ComBat never adjusts and selection always keeps."""
+    return [*agreement.names, *run.config.clinical_inputs]
+
+
 @dataclass
 class PooledMoments:
     """Pooled over every site's training split: n, mean (d,), std (d,), and per class (n, mean, m2)."""
@@ -110,8 +116,8 @@ def moments_phase(run: Run, cohort: Cohort,
     noised sums of their features standardised with ``reference`` (the pooled ComBat estimates: grand mean,
     pooled variance) and clipped; they are turned back into moments here.
     """
-    agreement = cohort.agreement
-    config = {"features": agreement.names, "features-sha256": agreement.sha256}
+    names = model_inputs(run, cohort.agreement)
+    config = {"features": names, "features-sha256": sha256_json(names)}
     replies = cohort.ask(run, "moments", protocol.MOMENTS, config, per_node=harmonization)
     if run.config.dp_query:
         return _noised_moments(run, cohort, replies, reference)
@@ -156,19 +162,27 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
     """Choose the model's features from aggregates: drop near-constant ones (and the ``removed`` ones: the
     robustness filter's), rank by Welch's t, then keep the best uncorrelated ones using the pooled correlation of
     the top candidates."""
-    agreement = cohort.agreement
+    names_all = model_inputs(run, cohort.agreement)
+    n_radiomics = len(cohort.agreement.names)
     n_keep, threshold = run.config.select_features, run.config.select_max_correlation
     constant = selection.near_constant(pooled.std, pooled.mean)
+    flat = [n for i, n in enumerate(names_all) if i >= n_radiomics and constant[i]]
+    if flat:
+        raise RunRefused(f"model covariate input(s) {', '.join(flat)} take one value at every training case of "
+                         f"{cohort.fold or 'the federation'}: the model cannot learn from them; drop them from "
+                         "model-covariates")
     t = selection.welch_t(pooled.classwise[1], pooled.classwise[0])
-    order = [int(i) for i in np.argsort(-np.abs(t), kind="stable")
-             if not constant[i] and agreement.names[i] not in removed]
+    # the clinical inputs are never ranked out: ranking and decorrelation choose among the radiomics only
+    order = [int(i) for i in np.argsort(-np.abs(t[:n_radiomics]), kind="stable")
+             if not constant[i] and names_all[i] not in removed]
+    clinical = list(range(n_radiomics, len(names_all)))
     if n_keep <= 0:  # selection off: every non-constant feature, in the agreed order
-        kept = sorted(order)
-        chosen = selection.Selection([agreement.names[i] for i in kept], [float(t[i]) for i in kept],
+        kept = sorted(order) + clinical
+        chosen = selection.Selection([names_all[i] for i in kept], [float(t[i]) for i in kept],
                                      int(constant.sum()), 0, 0, threshold)
     else:
         candidates = order[: max(n_keep, run.config.select_candidates)]
-        names = [agreement.names[i] for i in candidates]
+        names = [names_all[i] for i in candidates]
         config = {"candidates": names, "candidates-sha256": sha256_json(names)}
         stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates]),
                                                    "std": Array(pooled.std[candidates])})})
@@ -180,18 +194,18 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
             n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
             corr = selection.pooled_correlation(cross, n)
         kept_local = selection.greedy_decorrelate(range(len(candidates)), corr, threshold, n_keep)
-        kept = [candidates[i] for i in kept_local]
+        kept = [candidates[i] for i in kept_local] + clinical
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
         examined = kept_local[-1] + 1 if len(kept_local) == n_keep else len(candidates)
         dropped = examined - len(kept_local)
-        chosen = selection.Selection([agreement.names[i] for i in kept], [float(t[i]) for i in kept],
+        chosen = selection.Selection([names_all[i] for i in kept], [float(t[i]) for i in kept],
                                      int(constant.sum()), len(candidates), dropped, threshold)
     run.audit.append("selection", features=chosen.names, welch_t=chosen.t,
                      dropped_constant=chosen.dropped_constant, candidates=chosen.candidates,
                      dropped_correlated=chosen.dropped_correlated, max_correlation=threshold,
                      features_sha256=sha256_json(chosen.names), **cohort.tag)
     log.info("%sSelected %d feature(s) from %d (%d near-constant, %d dropped as correlated above %.2f)",
-             f"Fold {cohort.fold}: " if cohort.fold else "", len(chosen.names), len(agreement.names),
+             f"Fold {cohort.fold}: " if cohort.fold else "", len(chosen.names), len(names_all),
              chosen.dropped_constant, chosen.dropped_correlated, threshold)
     return chosen
 

@@ -14,10 +14,10 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common import dp_query, exact, model, protocol, selection
+from common import covariates, dp_query, exact, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
-from server import clinical
+from server import clinical, phases
 from server.federation import Cohort, Run, RunRefused
 from server.phases import PooledMoments
 from server.strategy import AuditedFedAvg, evaluation_records, record_sha256
@@ -61,20 +61,21 @@ def select_l1(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection
     l1 = run.config.select_l1
     if l1 <= 0 or not chosen.names:
         return chosen
-    index = {n: i for i, n in enumerate(cohort.agreement.names)}
+    index = {n: i for i, n in enumerate(phases.model_inputs(run, cohort.agreement))}
     cols = [index[n] for n in chosen.names]
     lasso = run.config.model_copy(update={"exact_l1": l1})
     fit = _train_exact(run, cohort, chosen, lasso, pooled.mean[cols], pooled.std[cols], evaluate_rounds=False,
                        stage="lasso")
     coef, _, _ = exact.from_state_dict(fit.arrays.to_torch_state_dict())
     weights = dict(zip(chosen.names, coef[1:].tolist(), strict=True))
-    kept = [i for i, n in enumerate(chosen.names) if weights[n] != 0.0]
+    # the clinical inputs (model-covariates) stay whatever their coefficient: selection never drops them
+    kept = [i for i, n in enumerate(chosen.names) if weights[n] != 0.0 or covariates.is_clinical(n)]
     if not kept:
         raise RunRefused(f"select-l1 = {l1} set every candidate's coefficient to zero: lower it (or set it to 0)")
     result = replace(chosen, names=[chosen.names[i] for i in kept], t=[chosen.t[i] for i in kept],
                      dropped_l1=len(chosen.names) - len(kept), l1=l1)
     run.audit.append("selection-l1", l1=l1, coefficients=weights, features=result.names,
-                     dropped=[n for n in chosen.names if weights[n] == 0.0], rounds=fit.info.get("rounds"),
+                     dropped=[n for n in chosen.names if n not in result.names], rounds=fit.info.get("rounds"),
                      converged=fit.info.get("converged"), features_sha256=sha256_json(result.names), **cohort.tag)
     log.info("LASSO (select-l1 = %g) kept %d of %d feature(s)", l1, len(kept), len(chosen.names))
     return result
@@ -96,7 +97,7 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
           evaluate_rounds: bool = True, family: str = "logistic-l2") -> Trained:
     """Train one family from its starting model standardising with the pooled moments (see ``mode``)."""
     cfg = run.config
-    index = {n: i for i, n in enumerate(cohort.agreement.names)}
+    index = {n: i for i, n in enumerate(phases.model_inputs(run, cohort.agreement))}
     cols = [index[n] for n in chosen.names]
     initial = initial_arrays(family, pooled.mean[cols], pooled.std[cols], cfg)
     how = mode(family, cfg)

@@ -59,7 +59,7 @@ def _train_case(site: Path) -> str:
 def test_cached_replies_are_bit_identical_to_reloading_every_message(site):
     harness = SiteHarness(site, CONFIG)
     cached = [_content(harness.train()) for _ in range(3)]
-    assert ("site", (str(site.resolve()), "default", "")) in {k for k in runcache._ENTRIES}  # the cache was used
+    assert ("site", (str(site.resolve()), "default", "", "")) in {k for k in runcache._ENTRIES}  # the cache was used
     reloaded = []
     for _ in range(3):
         harness.forget()

@@ -279,8 +279,8 @@ def add_predict(sub: Any) -> None:
     p.add_argument("--no-harmonization", action="store_true",
                    help="the federation ran with harmonization=none: apply no ComBat")
     p.add_argument("--covariate", action="append", type=_covariate_arg, default=[], metavar="NAME=VALUE",
-                   help="a ComBat covariate of the case (e.g. age=63, sex=F) when the run adjusted for any; "
-                        "a site case's manifest columns are used otherwise")
+                   help="a covariate of the case (e.g. age=63, sex=F) when the run's ComBat adjusted for it or "
+                        "its model takes it (model-covariates); a site case's manifest columns are used otherwise")
     p.add_argument("--top", type=int, default=5, help="how many driving features to show (default 5)")
     add_json(p)
     p.set_defaults(func=cmd_predict)
