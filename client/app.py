@@ -254,7 +254,7 @@ def _receipt(msg: Message, context: Context, site: Site) -> None:
              "fold": str(msg.content["config"].get("fold", "")),  # type: ignore[union-attr]
              # with several families each has its own rounds (the audit log names the family then too)
              **({"family": str(msg.content["config"].get("family", ""))}  # type: ignore[union-attr]
-                if len(_run(context).families) > 1 else {}),
+                if len(_run(context).compared) > 1 else {}),
              "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
     site.work_dir.mkdir(parents=True, exist_ok=True)
     with site.files.receipts.open("a", encoding="utf-8") as fh:
@@ -325,7 +325,7 @@ def compare(msg: Message, context: Context) -> Message:
     config, data = msg.content["config"], _data(context, msg)
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
-    names = _run(context).families
+    names = _run(context).compared
     sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     rows = np.array([compute.scores(x, {k.split("|", 1)[1]: v for k, v in sent.items() if k.startswith(f"{f}|")}, f)
                      for f in names])

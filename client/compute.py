@@ -82,7 +82,7 @@ def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
                config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
     """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model of the config's
     family (logistic-l2 in torch as before; svm and mlp from common.families / common.mlp)."""
-    name = family_of(config)
+    name = families.base(family_of(config))  # a variant (radiomics-only, clinical-only) trains as its family
     options = {"epochs": int(config["local-epochs"]), "lr": float(config["learning-rate"]),
                "weight_decay": float(config["weight-decay"]), "pos_weight": float(config["pos-weight"])}
     if name in ("svm", "mlp"):

@@ -84,10 +84,36 @@ class FamilyError(ValueError):
     """A family name or a model's arrays radfed does not know; the message names it and what is known."""
 
 
+# With model-covariates, the run also fits the reference family on part of the inputs, for the comparison:
+# "<family>:radiomics-only" and "<family>:clinical-only" (a variant scores and trains as its family).
+VARIANTS = ("radiomics-only", "clinical-only")
+
+
+def base(name: str) -> str:
+    """A model's family: ``logistic-l2:radiomics-only`` -> ``logistic-l2``."""
+    return name.split(":", 1)[0]
+
+
 def family(name: str) -> Family:
-    if name not in FAMILIES:
+    if base(name) not in FAMILIES or (":" in name and name.split(":", 1)[1] not in VARIANTS):
         raise FamilyError(f"unknown model family {name!r}: radfed knows {', '.join(FAMILIES)}")
-    return FAMILIES[name]
+    return FAMILIES[base(name)]
+
+
+def widen(arrays: Arrays, names: list[str], full: list[str]) -> Arrays:
+    """A model on ``names`` as the same model on the inputs ``full`` (a superset): the inputs it does not take get
+    weight 0 (mean 0, scale 1), so it scores cases x (n, len(full)) exactly as before on their ``names`` columns."""
+    cols = [full.index(n) for n in names]
+    out = dict(arrays)
+    for key, fill in (("mean", 0.0), ("scale", 1.0)):
+        out[key] = np.full(len(full), fill)
+        out[key][cols] = np.asarray(arrays[key]).reshape(-1)
+    for key in ("linear.weight", "hidden.weight"):
+        if key in arrays:
+            w = np.asarray(arrays[key])
+            out[key] = np.zeros((w.shape[0], len(full)))
+            out[key][:, cols] = w
+    return out
 
 
 def parse_models(text: str) -> list[str]:
@@ -96,6 +122,9 @@ def parse_models(text: str) -> list[str]:
     if not names:
         raise FamilyError(f"models is empty: name at least one of {', '.join(FAMILIES)}")
     for name in names:
+        if ":" in name:
+            raise FamilyError(f"models names {name!r}: list families only ({', '.join(FAMILIES)}); the "
+                              "radiomics-only and clinical-only variants come with model-covariates")
         family(name)
     twice = sorted({n for n in names if names.count(n) > 1})
     if twice:

@@ -53,7 +53,8 @@ ROBUSTNESS = "query.robustness"
 # "s" = features the model uses (after selection), "p" = curve points (run config ``curve-points``),
 # "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept),
 # "g" = score-histogram bins (run config ``score-bins``), "t" = decision-curve thresholds (``decision-thresholds``),
-# "u" = the mlp family's hidden units (``mlp-hidden``), "f" = model families of the run (``models``).
+# "u" = the mlp family's hidden units (``mlp-hidden``), "f" = models compared (``models``, then with
+# ``model-covariates`` the first family's radiomics-only and clinical-only variants: RunConfig.compared).
 Shape = tuple[str | int, ...]
 
 # How the guard checks that an array of counts covers no fewer than k cases anywhere:

@@ -142,6 +142,13 @@ class RunConfig(BaseModel):
         return families.parse_models(self.models)
 
     @property
+    def compared(self) -> list[str]:
+        """Every model the run fits on each cohort and compares: the families, then (with model-covariates) the
+        first listed family on the radiomics features only and on the clinical inputs only."""
+        variants = [f"{self.families[0]}:{v}" for v in families.VARIANTS] if self.model_covariates.strip() else []
+        return [*self.families, *variants]
+
+    @property
     def combat(self) -> bool:
         return self.harmonization == "combat"
 

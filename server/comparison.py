@@ -16,6 +16,7 @@ import logging
 import math
 from collections.abc import Mapping
 
+import numpy as np
 from flwr.app import Array, ArrayRecord, RecordDict
 
 from common import delong, metrics, protocol
@@ -34,8 +35,8 @@ def compare(run: Run, fitted: Fitted, scorers: Cohort, split: str) -> dict[str, 
     names = list(fitted.models)
     if len(names) < 2:
         return {}
-    arrays = ArrayRecord({f"{family}|{key}": Array(value.numpy())
-                          for family, trained in fitted.models.items() for key, value in trained.arrays.items()})
+    arrays = ArrayRecord({f"{name}|{key}": Array(np.ascontiguousarray(value))
+                          for name in names for key, value in fitted.compared_arrays(name).items()})
     config = {**fitted.config(names[0]), "split": split}
     try:
         replies = scorers.ask(run, "comparison", protocol.COMPARE, config,
@@ -119,7 +120,7 @@ def summary(run: Run, cohort: Cohort, fitted: Fitted, crossed: Mapping[str, obje
     Brier differences to the reference. None for a run with one family. The calibration slope of each family
     other than the chosen one takes its own capped recalibration rounds on the held-out split (none under
     cross-validation, whose out-of-fold scores come from one model per fold)."""
-    names = run.config.families
+    names = run.config.compared
     if len(names) < 2:
         return None
     internal = internal_records(fitted, crossed)

@@ -10,9 +10,12 @@ a site outside the cohort enters any step.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
-from common import selection
+import numpy as np
+
+from common import families, selection
+from common.covariates import is_clinical
 from server import phases, training
 from server.federation import Cohort, Run
 from server.phases import Harmonization, PooledMoments
@@ -36,6 +39,7 @@ class Fitted:
     histograms: dict[str, object] | None = None
     robustness: RobustnessResult | None = None
     family: str = ""
+    inputs: dict[str, selection.Selection] = field(default_factory=dict)  # a variant's own inputs (default: chosen)
 
     def __post_init__(self) -> None:
         self.family = self.family or next(iter(self.models))
@@ -46,7 +50,15 @@ class Fitted:
 
     def config(self, family: str | None = None) -> dict[str, object]:
         """What a train/evaluate message about ``family``'s model (default: the one in use) carries."""
-        return training.shared_config(self.chosen, self.pos_weight, family or self.family)
+        name = family or self.family
+        return training.shared_config(self.inputs.get(name, self.chosen), self.pos_weight, name)
+
+    def compared_arrays(self, name: str) -> dict[str, np.ndarray]:
+        """``name``'s model as one on the whole chosen input list (a variant's other inputs at weight 0), so every
+        model of the comparison scores the same matrix."""
+        arrays = {k: v.numpy() for k, v in self.models[name].arrays.items()}
+        own = self.inputs.get(name)
+        return arrays if own is None else families.widen(arrays, own.names, self.chosen.names)
 
 
 def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = True,
@@ -64,9 +76,26 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     chosen = training.select_l1(run, cohort, pooled, chosen)
     drawn = None
     if histograms and harmonization is not None and chosen.names and not run.config.dp_query:  # withheld under DP
-        drawn = phases.histograms_phase(run, cohort, pooled, chosen.names[:4])
+        radiomics = [n for n in chosen.names if not is_clinical(n)]  # ComBat's before/after: no clinical
+        drawn = phases.histograms_phase(run, cohort, pooled, radiomics[:4])
     # every family on the same harmonised, standardised, selected features: the rows of the comparison differ
     # only in the model
     models = {family: training.train(run, cohort, pooled, chosen, evaluate_rounds, family)
               for family in run.config.families}
-    return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust)
+    # with clinical inputs: the first listed family again on the radiomics features alone and on the clinical inputs
+    # alone, same cohort, ComBat, moments and selection; the comparison's rows then differ only in the inputs
+    inputs = variants(chosen, run.config.compared[len(run.config.families):])
+    for name, own in inputs.items():
+        models[name] = training.train(run, cohort, pooled, own, evaluate_rounds, name)
+    return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust, inputs=inputs)
+
+
+def variants(chosen: selection.Selection, names: list[str]) -> dict[str, selection.Selection]:
+    """Each variant's inputs: ``<family>:radiomics-only`` the chosen radiomics features, ``<family>:clinical-only``
+    the clinical inputs (model-covariates)."""
+    out = {}
+    for name in names:
+        clinical = name.endswith(":clinical-only")
+        keep = [i for i, n in enumerate(chosen.names) if is_clinical(n) == clinical]
+        out[name] = replace(chosen, names=[chosen.names[i] for i in keep], t=[chosen.t[i] for i in keep])
+    return out

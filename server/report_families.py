@@ -66,6 +66,15 @@ def difference_rows(fam: Mapping[str, Any]) -> list[tuple[str, str, float, float
     return out
 
 
+def _how(name: str) -> str:
+    """A model's card line; a variant (model-covariates) says which inputs it took."""
+    base, _, variant = name.partition(":")
+    how = FAMILIES[base].fitted_by if base in FAMILIES else "unknown family"
+    inputs = {"radiomics-only": "on the selected radiomics features only (no clinical inputs)",
+              "clinical-only": "on the clinical inputs (model-covariates) only"}
+    return f"{how}; {inputs[variant]}" if variant in inputs else how
+
+
 def families_section(doc: dict[str, Any]) -> Section:
     fam = as_dict(doc.get("families"))
     if not fam:
@@ -79,8 +88,7 @@ def families_section(doc: dict[str, Any]) -> Section:
     header, rows = comparison_table(fam)
     blocks.append(Table(header, rows))
     blocks.append(Table(["family", "model card: how it was fitted and what its score is"],
-                        [[n, FAMILIES[n].fitted_by if n in FAMILIES else "unknown family"]
-                         for n in fam.get("order", [])]))
+                        [[n, _how(n)] for n in fam.get("order", [])]))
     diffs = difference_rows(fam)
     reference = str(fam.get("reference", ""))
     blocks.append(Table(["family", "validation", f"AUC difference to {reference} (95% CI)", "p"],

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common import covariates, dp_query, exact, model, protocol, selection
+from common import covariates, dp_query, exact, families, model, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
 from server import clinical, phases
@@ -46,7 +46,7 @@ def shared_config(chosen: selection.Selection, pos_weight: float, family: str = 
 def initial_arrays(family: str, mean: np.ndarray, scale: np.ndarray, cfg: RunConfig) -> ArrayRecord:
     """A family's starting model standardising with the pooled mean and scale (s,): zero weights for the linear
     families, the split-seed's Glorot draw for the mlp (zero weights would keep its hidden units identical)."""
-    if family == "mlp":
+    if families.base(family) == "mlp":
         from common import mlp  # torch module of the mlp family
 
         return ArrayRecord({k: Array(v) for k, v in mlp.initial_arrays(mean, scale, cfg.mlp_hidden,
@@ -88,6 +88,7 @@ def mode(family: str, cfg: RunConfig) -> str:
     FedAvg. (An exact generalised-Newton fit of the squared hinge would sum x xᵀ over only the cases inside the
     margin, a set that changes every round: two rounds' Hessians would differ by the outer products of the few
     cases that crossed it, i.e. single patients' features. FedAvg sends only the model, as for logistic-l2.)"""
+    family = families.base(family)  # a variant (e.g. logistic-l2:radiomics-only) is fitted as its family
     if family == "logistic-l1" or (family == "logistic-l2" and cfg.training == "exact"):
         return "exact"
     return "fedavg"
@@ -101,12 +102,12 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
     cols = [index[n] for n in chosen.names]
     initial = initial_arrays(family, pooled.mean[cols], pooled.std[cols], cfg)
     how = mode(family, cfg)
-    tag = {**cohort.tag, "family": family} if len(cfg.families) > 1 else cohort.tag
+    tag = {**cohort.tag, "family": family} if len(cfg.compared) > 1 else cohort.tag
     run.audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
                      training=how, **tag)
     run.training_started = True
     if how == "exact":
-        fit_cfg = cfg.model_copy(update={"exact_l1": cfg.model_l1}) if family == "logistic-l1" else cfg
+        fit_cfg = cfg.model_copy(update={"exact_l1": cfg.model_l1}) if families.base(family) == "logistic-l1" else cfg
         trained = _train_exact(run, cohort, chosen, fit_cfg, pooled.mean[cols], pooled.std[cols], evaluate_rounds,
                                family=family)
         trained.info["family"] = family
@@ -139,7 +140,7 @@ def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: Run
     ``cfg`` is the run's config, or a copy with the LASSO penalty (``stage = "lasso"``, or the logistic-l1 family's
     ``model-l1``)."""
     tag = {**cohort.tag, **({"stage": stage} if stage else {}),
-           **({"family": family} if len(run.config.families) > 1 and not stage else {})}
+           **({"family": family} if len(run.config.compared) > 1 and not stage else {})}
     pos_weight = cohort.agreement.pos_weight
     noised = cfg.dp_query  # noised gradients and Hessians, no loss and no counts (common/dp_query.py)
     newton = exact.ExactNewton(len(chosen.names), l2=cfg.exact_l2, l1=cfg.exact_l1, tol=cfg.exact_tol,

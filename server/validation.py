@@ -174,7 +174,7 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
         folds[tag] = plain
     everyone = Cohort(fed.subset(names), agreement)
     out: dict[str, object] = {"folds": folds, "families": {}}
-    for family in run.config.families:  # the first listed first: its results are the run's until a choice
+    for family in run.config.compared:  # the first listed first: its results are the run's until a choice
         try:
             replies = everyone.ask(run, "out-of-fold", protocol.OUT_OF_FOLD,
                                    {"pos-weight": agreement.pos_weight, "family": family})
@@ -182,7 +182,7 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
             reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in everyone.fed.dropped)
             raise RunRefused(f"no site could evaluate its out-of-fold scores ({reasons})") from None
         per_site, site_curves = evaluation_records(everyone.fed.sites, replies.values())
-        tag = {"family": family} if len(run.config.families) > 1 else {}
+        tag = {"family": family} if len(run.config.compared) > 1 else {}
         run.audit.append("out-of-fold", sites=per_site, aggregate=metrics.combine_sites(list(per_site.values())),
                          **tag)
         out["families"][family] = {"sites": per_site, "curves": site_curves,  # type: ignore[index]

@@ -112,3 +112,28 @@ def test_the_knob_is_validated_and_named():
         parse(app_run_config({"model-covariates": "diagnosis"}))
     with pytest.raises(RunConfigError, match="model-covariates cannot be used with dp-query"):
         parse(app_run_config({"model-covariates": "age", "dp-query-noise-multiplier": 1.0}))
+
+
+@pytest.mark.parametrize("name", ["logistic-l2:radiomics-only", "mlp:clinical-only"])
+def test_a_variant_widened_to_every_input_scores_as_on_its_own(name):
+    """query.compare scores every model on the combined model's inputs: a variant widened with zero weights must give
+    exactly its own scores."""
+    from common import families
+
+    rng = np.random.default_rng(9)
+    full = ["t1c/enhancing/f1", "flair/edema/f3", "clinical/sex=M", "clinical/age"]
+    own = full[:2] if name.endswith("radiomics-only") else full[2:]
+    arrays = {"mean": rng.normal(size=2), "scale": rng.uniform(0.5, 2, 2)}
+    if families.family(name).linear:
+        arrays |= {"linear.weight": rng.normal(size=(1, 2)), "linear.bias": rng.normal(size=1)}
+    else:
+        arrays |= {"hidden.weight": rng.normal(size=(3, 2)), "hidden.bias": rng.normal(size=3),
+                   "output.weight": rng.normal(size=(1, 3)), "output.bias": rng.normal(size=1)}
+    x = rng.normal(size=(7, 4))
+    wide = families.widen(arrays, own, full)
+    np.testing.assert_allclose(families.predict_proba(name, wide, x),
+                               families.predict_proba(name, arrays, x[:, [full.index(n) for n in own]]), rtol=1e-12)
+    assert parse(app_run_config({"model-covariates": SPEC})).compared == [
+        "logistic-l2", "logistic-l2:radiomics-only", "logistic-l2:clinical-only"]
+    with pytest.raises(RunConfigError, match="variants come with model-covariates"):
+        parse(app_run_config({"models": "logistic-l2:clinical-only"}))
