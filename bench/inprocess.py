@@ -107,8 +107,8 @@ def _select(xs: list[np.ndarray], ys: list[np.ndarray], mean: np.ndarray, std: n
 
 def fit(tables: Tables, run: RunConfig) -> Fitted:
     """The federation's fit on the cohort ``tables`` (site -> its cases), every case training."""
-    if run.select_l1 > 0 or run.combat_covariates:
-        raise ValueError("the in-process pipeline mirrors neither select-l1 nor ComBat covariates")
+    if run.select_l1 > 0 or run.combat_covariates or run.model_covariates:
+        raise ValueError("the in-process pipeline mirrors neither select-l1 nor ComBat or model covariates")
     sites = sorted(tables)
     agreed = agreed_features(tables)
     ys = [tables[s].labels for s in sites]
