@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from client.site import SiteError
-from common import clinical, combat, curves, dp_query, exact, metrics, model, moments, selection
+from common import clinical, combat, curves, dp_query, exact, metrics, model, moments, selection, trees
 from common.runconfig import RunConfig
 
 
@@ -102,7 +102,10 @@ def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], 
 
 
 def scores(x: np.ndarray, state: dict[str, torch.Tensor]) -> np.ndarray:
-    """The model's probability of HGG (n,) for the cases x (n, s)."""
+    """The model's probability of HGG (n,) for the cases x (n, s): the logistic model, or gradient-boosted trees
+    (``training = "gbt"``, their arrays hold ``leaf``; each case routed by its own values, at the site)."""
+    if "leaf" in state:
+        return trees.predict_proba({k: v.detach().cpu().numpy() for k, v in state.items()}, x)
     return model.predict_proba(model.model_from_state(state), x)
 
 

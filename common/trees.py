@@ -161,10 +161,11 @@ def best_splits(grad: np.ndarray, hess: np.ndarray, count: np.ndarray, params: T
     gl, hl, cl = (np.cumsum(a, axis=2)[:, :, :-1] for a in (grad, hess, count))  # left = bins 0..j
     g, h, c = (a.sum(axis=2)[:, :1, None] for a in (grad, hess, count))  # node totals (same for every feature)
     gr, hr, cr = g - gl, h - hl, c - cl
-    gain = 0.5 * (gl ** 2 / (hl + lam) + gr ** 2 / (hr + lam) - g ** 2 / (h + lam))
+    with np.errstate(divide="ignore", invalid="ignore"):  # empty children with lambda = 0: not allowed below
+        gain = 0.5 * (gl ** 2 / (hl + lam) + gr ** 2 / (hr + lam) - g ** 2 / (h + lam))
     allowed = ((cl >= params.min_child_cases) & (cr >= params.min_child_cases)
                & (hl >= params.min_child_hessian) & (hr >= params.min_child_hessian))
-    gain = np.where(allowed, gain, -np.inf)
+    gain = np.where(allowed & np.isfinite(gain), gain, -np.inf)
     out = []
     for node in range(gain.shape[0]):
         flat = gain[node].ravel()

@@ -180,8 +180,9 @@ def main(grid: Grid, context: Context) -> None:
             result.features["robustness"] = fitted.robustness.summary()
         arrays = trained.arrays
         # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
-        result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
-                                              strict=True))
+        if "linear.weight" in arrays:  # the logistic model's; trees (training = "gbt") have none
+            result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
+                                                  strict=True))
         torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names,
                     "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
                     "harmonization": "combat" if fitted.harmonization is not None else "none",

@@ -72,6 +72,10 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
           evaluate_rounds: bool = True) -> Trained:
     """Train from a zero model standardising with the pooled moments, in the run's ``training`` mode."""
     cfg = run.config
+    if cfg.training == "gbt":  # gradient-boosted trees from histograms (server/trees.py imports this module)
+        from server.trees import train_trees
+
+        return train_trees(run, cohort, pooled, chosen, evaluate_rounds)
     index = {n: i for i, n in enumerate(cohort.agreement.names)}
     cols = [index[n] for n in chosen.names]
     net = model.build_model(pooled.mean[cols], pooled.std[cols])
