@@ -73,6 +73,10 @@ def load_model_file(path: str | Path) -> ModelFile:
     if missing:
         raise PredictRefusal(f"{path} is not a radfed model file: it lacks {', '.join(missing)}", fix_path)
     state, features = doc["state_dict"], [str(n) for n in doc["features"]]
+    if isinstance(state, dict) and "leaf" in state:  # common/trees.py's arrays
+        raise PredictRefusal(f"{path} holds gradient-boosted trees (training = \"gbt\"), which radfed predict does not "
+                             "score yet", "use the model.pt of a run with training = \"exact\" or \"fedavg\" (trees "
+                             "reach radfed predict with the model-family registry, issue 19)")
     try:
         net = model_from_state(state)
     except (RuntimeError, KeyError, AttributeError, TypeError) as exc:

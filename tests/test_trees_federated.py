@@ -1,5 +1,6 @@
-"""Red team for gradient-boosted trees: a coordinator grows trees on one site through its real ClientApp (real
-messages, the real privacy guard and release ledger, real pyradiomics features) and then attacks what left.
+"""Gradient-boosted trees through real sites: one Flower simulation federation training them end to end, and a red
+team: a coordinator grows trees on one site through its real ClientApp (real messages, the real privacy guard and
+release ledger, real pyradiomics features) and then attacks what left.
 
 The attacker is given the worst case: the exact case set behind every histogram cell it received. It tries to write
 a single patient's indicator as a combination of those sets (least squares, per reply), which recovers that
@@ -14,11 +15,15 @@ guard by swapping the site function: declared honestly, the ledger refuses it; d
 
 from __future__ import annotations
 
+import json
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from federation_helpers import events, run_federation_in
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 import client.trees as site_trees
@@ -38,20 +43,28 @@ CONFIG = {"harmonization": "none", "training": "gbt", "tree-rounds": 3, "tree-de
 
 @pytest.fixture(scope="module")
 def site_source(tmp_path_factory) -> Path:
-    """A site of 20 cases per class (4 blocks of 5 per class, 3 of each class train), its features extracted once
-    (the copies keep the cache; nothing is released here, so no ledger entry)."""
-    site = synth.write_site(tmp_path_factory.mktemp("trees-site"), synth.tiny_sites(1, 20)[0], seed=23)
+    """A site of 16 cases per class (3 blocks of 5 or 6 per class, 2 of each class train), its features extracted
+    once (copies keep the cache; nothing is released here, so no ledger entry)."""
+    site = synth.write_site(tmp_path_factory.mktemp("trees-site"), synth.tiny_sites(1, 16)[0], seed=23)
     load_site_data(site, app_run_config({"data-root": str(site.parent), **CONFIG}))
     return site
 
 
 @pytest.fixture
 def site(site_source, tmp_path) -> Path:
-    import shutil
-
     target = tmp_path / "sites" / site_source.name
     shutil.copytree(site_source, target)  # a fresh ledger per test, the feature cache kept
     return target
+
+
+@pytest.fixture
+def two_sites(site_source, tmp_path) -> Path:
+    """Two hospitals for a federation: copies of the site under two names (each its own ledger and outbox; the
+    feature cache, keyed by the images' hashes, is reused, so nothing is extracted again)."""
+    root = tmp_path / "federation"
+    for name in ("tiny-a", "tiny-b"):
+        shutil.copytree(site_source, root / name)
+    return root
 
 
 def _send(context: Context, message_type: str, content: RecordDict) -> Message:
@@ -209,3 +222,44 @@ def test_naive_design_declaring_only_the_training_set_leaks_patients(site, monke
     assert refused == "" and released
     hits = _attack(released, known, _labels(data))
     assert len(hits) >= 1, "the differencing attack should recover a patient from per-case cumulative sums"
+
+
+def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
+    """training = "gbt" in a real simulation of two sites: the saved ensemble is the pooled fit over both sites'
+    training blocks (same splits, leaves within 1e-9), every level one round trip, each site's held-out AUC the
+    model's own there."""
+    from client.steps import site_matrix as matrix
+    from common.metrics import roc_auc
+
+    config = {**CONFIG, "select-features": 4, "external-validation": "none", "local-only": "none",
+              "recalibration-max-rounds": 0}
+    sites = two_sites
+    folder = run_federation_in(tmp_path, sites, 2, **config)
+    doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
+    assert doc["status"] == "completed", doc["error"]
+    saved = torch.load(folder / "model.pt", weights_only=False)
+    model = {k: v.numpy() for k, v in saved["state_dict"].items()}
+    levels = [e for e in events(folder) if e["event"] == "tree-level"]
+    assert 1 <= len(levels) <= 3 * 2 and int(model["trees"][0]) == 3
+    params = trees.TreeParams(rounds=3, depth=2, bins=24, min_child_cases=10)
+    run = app_run_config({"data-root": str(sites), **config})
+    rows, held = [], []
+    for site in sorted(p for p in sites.iterdir() if (p / "manifest.csv").exists()):
+        data = load_site_data(site, run)
+        agreed = sorted(n for n, ok in zip(data.table.names, np.all(np.isfinite(data.table.values), 0), strict=True)
+                        if ok)
+        x, y = matrix(data, agreed, held_out=False, names=saved["features"])
+        ids = [str(c) for c in np.array(data.table.case_ids, dtype=object)[~data.held_out]]
+        units = site_trees.routing_units(ids, y, data.blocking, K)
+        zb, yb, wb = trees.block_rows(trees.standardise(x, model["mean"], model["scale"]), y, units)
+        rows.append((trees.bin_of(zb, model["edges"]), yb, wb))
+        held.append((site.name, *matrix(data, agreed, held_out=True, names=saved["features"])))
+    pooled, trips = trees.fit_rows([tuple(np.concatenate(p) for p in zip(*rows, strict=True))], params,
+                                   model["mean"], model["scale"])
+    assert trips == len(levels)
+    assert np.array_equal(pooled["feature"], model["feature"]) and np.array_equal(pooled["split"], model["split"])
+    assert np.max(np.abs(pooled["leaf"] - model["leaf"])) < 1e-9 and (model["feature"] >= 0).any()
+    [evaluated] = [e["data"]["sites"] for e in events(folder) if e["event"] == "round-evaluate"]
+    sent = {name: float(record["auc"]) for name, record in evaluated.items()}
+    for name, x_test, y_test in held:
+        assert abs(sent[name] - roc_auc(y_test, trees.predict_proba(model, x_test))) < 1e-12
