@@ -40,6 +40,9 @@ def train_trees(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selecti
     grower = trees.TreeGrower(params, pooled.mean[cols], pooled.std[cols])
     config = shared_config(chosen, cohort.agreement.pos_weight)
     trained = Trained(ArrayRecord())
+    run.audit.append("model-init", model_sha256=record_sha256(ArrayRecord({k: Array(v) for k, v in
+                                                                          grower.arrays.items()})),
+                     n_features=len(chosen.names), training="gbt", **cohort.tag)
     run.training_started = True
     trip = 0
     while not grower.done:

@@ -230,8 +230,9 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     model's own there."""
     from client.steps import site_matrix as matrix
     from common.metrics import roc_auc
+    from server.audit import verify
 
-    config = {**CONFIG, "select-features": 4, "external-validation": "none", "local-only": "none",
+    config = {**CONFIG, "select-features": 4, "external-validation": "loso", "local-only": "none",
               "recalibration-max-rounds": 0}
     sites = two_sites
     folder = run_federation_in(tmp_path, sites, 2, **config)
@@ -239,7 +240,11 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     assert doc["status"] == "completed", doc["error"]
     saved = torch.load(folder / "model.pt", weights_only=False)
     model = {k: v.numpy() for k, v in saved["state_dict"].items()}
-    levels = [e for e in events(folder) if e["event"] == "tree-level"]
+    receipts = [sites / n / ".radfed" / "receipts.jsonl" for n in ("tiny-a", "tiny-b")]
+    check = verify(folder / "audit.jsonl", receipts=receipts)
+    assert check.ok, check.reason
+    assert sorted(doc["validation"]["loso"]) == ["tiny-a", "tiny-b"]  # each fold grew its own trees and scored them
+    levels = [e for e in events(folder) if e["event"] == "tree-level" and not e["data"].get("fold")]
     assert 1 <= len(levels) <= 3 * 2 and int(model["trees"][0]) == 3
     params = trees.TreeParams(rounds=3, depth=2, bins=24, min_child_cases=10)
     run = app_run_config({"data-root": str(sites), **config})
@@ -259,7 +264,8 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     assert trips == len(levels)
     assert np.array_equal(pooled["feature"], model["feature"]) and np.array_equal(pooled["split"], model["split"])
     assert np.max(np.abs(pooled["leaf"] - model["leaf"])) < 1e-9 and (model["feature"] >= 0).any()
-    [evaluated] = [e["data"]["sites"] for e in events(folder) if e["event"] == "round-evaluate"]
+    [evaluated] = [e["data"]["sites"] for e in events(folder) if e["event"] == "round-evaluate"
+                   and not e["data"].get("fold")]
     sent = {name: float(record["auc"]) for name, record in evaluated.items()}
     for name, x_test, y_test in held:
         assert abs(sent[name] - roc_auc(y_test, trees.predict_proba(model, x_test))) < 1e-12
