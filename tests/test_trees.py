@@ -150,3 +150,40 @@ def test_mixed_block_and_bad_settings_are_refused_with_the_fix():
         trees.block_rows(np.zeros((2, 1)), np.array([1.0, 0.0]), np.array(["b", "b"]))
     with pytest.raises(ValueError, match="tree-depth"):
         trees.TreeParams(depth=0)
+
+
+def test_site_splits_only_at_the_agreed_edges_and_routes_whole_blocks():
+    """The site refuses a model whose edges are not the run's (a coordinator's own thresholds could isolate a
+    value), and merges blocks into units of >= the run's k when that exceeds the site's block size."""
+    from client.ledger import Blocking
+    from client.site import SiteError
+    from client.trees import check_model, routing_units
+
+    params = trees.TreeParams(rounds=2, depth=2, bins=8)
+    model = {**trees.empty_model(params, np.zeros(3), np.ones(3)), "open": np.array([1.0, 0.0])}
+    assert check_model(model, params, 3)["edges"].shape == (7,)
+    with pytest.raises(SiteError, match="agreed"):
+        check_model({**model, "edges": model["edges"] + 0.01}, params, 3)
+    with pytest.raises(SiteError, match="shape"):
+        check_model(model, params, 4)
+    ids = [f"c{i}" for i in range(17)]
+    labels = np.array([1] * 11 + [0] * 6)
+    blocks = {"b1": (1, ids[0:5]), "b2": (1, ids[5:11]), "b3": (0, ids[11:17])}
+    units = routing_units(ids, labels, Blocking(b"s", blocks), k=5)
+    assert len(set(units[:5])) == 1 and units[0] != units[5] and len(set(units)) == 3  # blocks as they are
+    merged = routing_units(ids, labels, Blocking(b"s", blocks), k=8)
+    assert len(set(merged[:11])) == 1 and len(set(merged)) == 2  # two blocks of 5 and 6 make one unit of 11
+
+
+def test_radfed_predict_refuses_a_trees_model_file_plainly(tmp_path):
+    import torch
+
+    from client.modelfile import load_model_file
+    from client.predict_refusals import PredictRefusal
+
+    params = trees.TreeParams(rounds=2, depth=2, bins=8)
+    state = {k: torch.from_numpy(v) for k, v in trees.empty_model(params, np.zeros(3), np.ones(3)).items()}
+    torch.save({"state_dict": state, "features": ["a", "b", "c"], "profile_sha256": "x", "protocol": "3"},
+               tmp_path / "model.pt")
+    with pytest.raises(PredictRefusal, match="gradient-boosted trees"):
+        load_model_file(tmp_path / "model.pt")
