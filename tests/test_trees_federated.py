@@ -231,6 +231,7 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     from client.steps import site_matrix as matrix
     from common.metrics import roc_auc
     from server.audit import verify
+    from server.progress import progress, read_entries
 
     config = {**CONFIG, "select-features": 4, "external-validation": "loso", "local-only": "none",
               "recalibration-max-rounds": 0}
@@ -243,6 +244,9 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     receipts = [sites / n / ".radfed" / "receipts.jsonl" for n in ("tiny-a", "tiny-b")]
     check = verify(folder / "audit.jsonl", receipts=receipts)
     assert check.ok, check.reason
+    assert "gradient-boosted trees" in (folder / "report.md").read_text(encoding="utf-8")
+    status = progress(read_entries(folder / "audit.jsonl"))  # radfed status: one round trip per level at most
+    assert status["rounds"] == 3 * 2 and status["rounds_are_a_cap"] and status["status"] == "completed"
     assert sorted(doc["validation"]["loso"]) == ["tiny-a", "tiny-b"]  # each fold grew its own trees and scored them
     levels = [e for e in events(folder) if e["event"] == "tree-level" and not e["data"].get("fold")]
     assert 1 <= len(levels) <= 3 * 2 and int(model["trees"][0]) == 3
