@@ -77,6 +77,40 @@ def unseen(table, fitted: inprocess.Fitted) -> np.ndarray:
     return x[:, [index[n] for n in fitted.names]]
 
 
+def ledger_cost(x: np.ndarray, y: np.ndarray, case_ids: list[str], units: np.ndarray, params: trees.TreeParams,
+                mean: np.ndarray, scale: np.ndarray, k: int) -> list[list[str]]:
+    """One site growing the trees alone through its real site function and release ledger (a temporary one):
+    replies, distinct case sets the ledger holds after, seconds of check + record, ledger.json size."""
+    import tempfile
+
+    from client.ledger import Ledger
+    from client.trees import site_reply
+
+    grower = trees.TreeGrower(params, mean, scale)
+    seconds, replies, declared = 0.0, 0, 0
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(Path(tmp), k)
+        while not grower.done:
+            level, open_nodes = grower.request()
+            sent, sets = site_reply(x, y, case_ids, units, {**grower.arrays, "open": open_nodes}, level, params)
+            started = time.perf_counter()
+            why = ledger.check(sets)
+            if why:
+                raise RuntimeError(why)
+            ledger.record(1, "query.trees", sets, None)
+            seconds += time.perf_counter() - started
+            replies, declared = replies + 1, declared + len(sets)
+            grower.update(sent["grad"], sent["hess"], sent["count"])
+        held = len(ledger.load()["sets"])
+        size = (Path(tmp) / "ledger.json").stat().st_size
+    per_reply = 1000 * seconds / max(replies, 1)
+    return [["training cases / routing units", f"{len(y)} / {len(set(units))}"],
+            ["replies (tree levels)", str(replies)],
+            ["case sets declared / distinct in the ledger after", f"{declared} / {held}"],
+            ["ledger check + record, total / per reply", f"{seconds:.2f} s / {per_reply:.0f} ms"],
+            ["ledger.json size", f"{size / 1024:.0f} KiB"]]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--demo", type=Path, default=Path("~/.radfed/demo").expanduser())
@@ -171,6 +205,13 @@ def main() -> int:
                    "round trips per fit", "messages per fit", "seconds per fit"], table)
     print(f"\nfederated == pooled (blocks): splits equal {check['splits_equal']}, "
           f"max |leaf difference| {check['leaf_diff']:.1e}")
+    site = sorted(cohort)[0]  # the last fold's first site, alone, through its real site function and a fresh ledger
+    keep = blocks_of(list(cohort[site].case_ids), cohort[site].labels, args.k, secret) != ""
+    units = blocks_of(list(cohort[site].case_ids), cohort[site].labels, args.k, secret)[keep]
+    print_columns(f"Release ledger cost at one site ({site}) growing the same trees alone", ["measure", "value"],
+                  ledger_cost(xs[site][keep], cohort[site].labels[keep],
+                              [str(c) for c in np.array(cohort[site].case_ids, dtype=object)[keep]], units, params,
+                              mean, scale, args.k))
     return 0
 
 
