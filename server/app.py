@@ -72,6 +72,10 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
+    if run.training == "gbt":
+        raise RunRefused("differential privacy on model updates covers FedAvg only: gradient-boosted trees (training = "
+                         "\"gbt\") send exact gradient and hessian histograms. Set training = \"fedavg\" or "
+                         "dp-noise-multiplier = 0")
     if run.training == "exact" and not run.dp_query:
         raise RunRefused("differential privacy on model updates covers FedAvg only: exact training would send exact "
                          "gradients and Hessians. Set training = \"fedavg\", dp-query-noise-multiplier > 0 (noised "

@@ -187,3 +187,16 @@ def test_radfed_predict_refuses_a_trees_model_file_plainly(tmp_path):
                tmp_path / "model.pt")
     with pytest.raises(PredictRefusal, match="gradient-boosted trees"):
         load_model_file(tmp_path / "model.pt")
+
+
+def test_runs_that_cannot_protect_trees_are_refused_naming_the_fix():
+    from common.runconfig import RunConfigError, parse
+    from radfed.launch import app_run_config
+    from server.app import privacy_account
+    from server.federation import RunRefused
+
+    with pytest.raises(RunConfigError, match="dp-query-noise-multiplier = 0"):
+        parse(app_run_config({"training": "gbt", "dp-query-noise-multiplier": 1.0}))
+    with pytest.raises(RunRefused, match="training = \"fedavg\""):
+        privacy_account(parse(app_run_config({"training": "gbt", "dp-noise-multiplier": 1.0})))
+    assert parse(app_run_config({"training": "gbt"})).tree_params().open_nodes == 4

@@ -273,3 +273,13 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     sent = {name: float(record["auc"]) for name, record in evaluated.items()}
     for name, x_test, y_test in held:
         assert abs(sent[name] - roc_auc(y_test, trees.predict_proba(model, x_test))) < 1e-12
+
+
+def test_a_site_with_a_dp_budget_never_sends_trees(site):
+    """The trees' histograms have no noised form: a site that set its own DP cap refuses them before reading data."""
+    (site / "site.yaml").write_text("dp_budget_epsilon: 10\n", encoding="utf-8")
+    config = app_run_config({"data-root": str(site.parent), **CONFIG})
+    context = Context(run_id=502, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(),
+                      run_config=config)
+    reply = _send(context, "query.trees", RecordDict({"config": ConfigRecord({})}))
+    assert reply.has_error() and "no noised form" in reply.error.reason
