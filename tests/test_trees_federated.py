@@ -233,7 +233,7 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     from server.audit import verify
     from server.progress import progress, read_entries
 
-    config = {**CONFIG, "select-features": 4, "external-validation": "loso", "local-only": "none",
+    config = {**CONFIG, "select-features": 4, "external-validation": "none", "local-only": "none",
               "recalibration-max-rounds": 0}
     sites = two_sites
     folder = run_federation_in(tmp_path, sites, 2, **config)
@@ -247,7 +247,6 @@ def test_federation_grows_the_pooled_trees_end_to_end(two_sites, tmp_path):
     assert "gradient-boosted trees" in (folder / "report.md").read_text(encoding="utf-8")
     status = progress(read_entries(folder / "audit.jsonl"))  # radfed status: one round trip per level at most
     assert status["rounds"] == 3 * 2 and status["rounds_are_a_cap"] and status["status"] == "completed"
-    assert sorted(doc["validation"]["loso"]) == ["tiny-a", "tiny-b"]  # each fold grew its own trees and scored them
     levels = [e for e in events(folder) if e["event"] == "tree-level" and not e["data"].get("fold")]
     assert 1 <= len(levels) <= 3 * 2 and int(model["trees"][0]) == 3
     params = trees.TreeParams(rounds=3, depth=2, bins=24, min_child_cases=10)
