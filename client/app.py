@@ -18,6 +18,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from client import compute, ledger, steps
+from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.dp import dp_query_mod, dp_update_mod
 from client.guard import SITE_STATE, privacy_guard, redact_local_paths
@@ -272,6 +273,21 @@ def newton(msg: Message, context: Context) -> Message:
         return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}))
     return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
                   metrics=MetricRecord({"n": sent.n, "n-hgg": sent.n_pos, "n-bm": sent.n_neg, "loss": sent.loss}))
+
+
+@app.query("trees")
+def trees_level(msg: Message, context: Context) -> Message:
+    """Gradient-boosted trees, one level: gradient/hessian/count histograms per open node, model feature and agreed
+    bin, over the training split's routing units (whole release blocks, client/trees.py), every set declared."""
+    data = _data(context, msg)
+    x, y = _model_split(msg, context, data, held_out=False, receipt=False)
+    ids = [str(c) for c in np.array(data.table.case_ids, dtype=object)[~data.held_out]]
+    units = site_trees.routing_units(ids, y, data.blocking, steps.min_cases(data.site, _run(context)))
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    level = int(msg.content["config"]["level"])  # type: ignore[arg-type, index]
+    sent, sets = site_trees.site_reply(x, y, ids, units, arrays, level, _run(context).tree_params())
+    declared = data.declare("train", {"n": ""}, sets)
+    return _reply(msg, declared, arrays=_arrays(sent), metrics=MetricRecord({"n": len(y)}))
 
 
 @app.train()

@@ -137,7 +137,7 @@ def agreed_sizes(context: Context) -> dict[str, int]:
     """The run's shape symbols as this site agreed them (kept in ``context.state``)."""
     run = run_config(context.run_config)
     sizes = {"p": run.curve_points, "g": run.score_bins, "t": run.decision_thresholds, "u": run.mlp_hidden,
-             "f": len(run.families)}
+             "f": len(run.families), "o": 2 ** (run.tree_depth - 1), "v": run.tree_bins}
     site = context.state.get(SITE_STATE)
     if not isinstance(site, ConfigRecord):
         return sizes

@@ -72,7 +72,7 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    # exact training with DP on updates is refused when the run config is parsed (common/runconfig.py)
+    # exact training or trees with DP on updates are refused when the run config is parsed (common/runconfig.py)
     return dp.DPAccount.from_settings(settings)
 
 

@@ -259,7 +259,8 @@ def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str
     """Per site, every (fold, type, round) model the log says it received and answered for.
 
     round-train and round-evaluate list the sites that replied in that round; exact training's Newton
-    queries carry no model, so its round-train needs no train receipt. A fold's external-validation
+    queries and the trees' level queries (``gbt``) are no train messages, so their round-train needs no train
+    receipt. A fold's external-validation
     (without error) means the held-out site scored the fold's last model."""
     training: dict[str, str] = {}
     last_round: dict[str, int] = {}
@@ -271,7 +272,7 @@ def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str
             training[fold] = str(data.get("training", "fedavg"))
         elif event == "round-train":
             last_round[fold] = int(data["round"])
-            if training.get(fold, "fedavg") != "exact":
+            if training.get(fold, "fedavg") not in ("exact", "gbt"):  # their rounds are queries: no train receipt
                 for site in data.get("sites") or {}:
                     required.setdefault(site, set()).add((fold, "train", int(data["round"])))
         elif event == "round-evaluate":

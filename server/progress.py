@@ -16,7 +16,7 @@ from typing import Any
 PHASES = {"run-start": "plan", "site-plan": "plan", "refusal": "plan", "features-agreed": "features",
           "harmonization": "harmonisation", "harmonization-join": "harmonisation (late joiner)",
           "moments": "standardisation", "selection": "feature selection", "histograms": "feature selection",
-          "model-init": "training", "round-train": "training", "round-evaluate": "training",
+          "model-init": "training", "round-train": "training", "tree-level": "training", "round-evaluate": "training",
           "recalibration-round": "calibration", "recalibration": "calibration", "clinical-metrics": "clinical metrics",
           "external-validation": "leave-one-site-out", "local-only": "local-only baselines",
           "cross-validation": "cross-validation", "out-of-fold": "cross-validation", "run-end": "finished"}
@@ -61,11 +61,15 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
     now = now or datetime.now(UTC)
     start = entries[0]["data"]
     config = dict(start.get("config") or {})
-    training = str(config.get("training", "fedavg"))
+    # the first listed family is the reference whose rounds are counted (trees: "gbt")
+    first = str(config.get("models", "")).split(",")[0].strip()
+    training = "gbt" if first == "gbt" else str(config.get("training", "fedavg"))
     rounds = int(config.get("exact-max-rounds" if training == "exact" else "num-server-rounds", 0))
+    if training == "gbt":  # one round trip per tree level, at most (a tree stops early when no split is allowed)
+        rounds = int(config.get("tree-rounds", 0)) * int(config.get("tree-depth", 0))
     out: dict[str, Any] = {"run_id": start.get("run_id"), "status": "running", "phase": "plan", "round": 0,
-                           "rounds": rounds, "rounds_are_a_cap": training == "exact", "fold": None, "folds_done": 0,
-                           "folds": 0, "started": entries[0]["time"], "error": None}
+                           "rounds": rounds, "rounds_are_a_cap": training in ("exact", "gbt"), "fold": None,
+                           "folds_done": 0, "folds": 0, "started": entries[0]["time"], "error": None}
     taking_part: list[str] = []
     left: list[dict[str, Any]] = []
     answered: list[str] = []
@@ -86,7 +90,7 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
             out["folds"] = _folds_planned(config, len(data.get("split_counts") or taking_part))
         elif event == "model-init":
             out["round"] = 0
-        elif event == "round-train":
+        elif event in ("round-train", "tree-level"):
             out["round"] = int(data.get("round", 0))
             answered = sorted(data.get("sites") or {})
         elif event == "fold-start":
