@@ -75,6 +75,7 @@ class RunConfig(BaseModel):
     internal_validation: Literal["split", "cv"] = Field(alias="internal-validation")
     cv_folds: int = Field(alias="cv-folds", ge=2, le=20, strict=True)
     cv_repeats: int = Field(alias="cv-repeats", ge=1, le=20, strict=True)
+    fold_batching: bool = Field(alias="fold-batching", strict=True)
 
     @field_validator("combat_covariates")
     @classmethod
