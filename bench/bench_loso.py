@@ -80,7 +80,7 @@ def main() -> int:
     both = sorted(int(s) for s in args.sites.split(",") if s)
     batched_only = sorted(int(s) for s in args.batched_only.split(",") if s)
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = {**config, "training": "exact", "select-features": 5, "external-validation": "loso",
+    config = {**config, "training": "exact", "select-features": 3, "external-validation": "loso",
               "local-only": "own-pipeline" if args.local_only else "none", "query-timeout": 1800.0}
     dirs = sites(work, max(both + batched_only), args.workers)
     rows = []

@@ -15,6 +15,10 @@ leave-one-site-out AUC there minus the mean AUC of the other sites' local-only m
 
 Cross-validation (``internal-validation = "cv"``) refits the pipeline on every site's other folds for each fold
 of whole release blocks; each site keeps its held-out fold's scores and finally evaluates them together.
+
+Each fold is a ``FoldJob``; ``server.folds.run_folds`` runs a group of them (the leave-one-site-out folds with the
+local-only baselines; the cross-validation folds) together in the same rounds, or one after another
+(``fold-batching``), with identical results.
 """
 
 from __future__ import annotations
