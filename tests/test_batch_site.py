@@ -157,3 +157,58 @@ def test_a_batch_through_the_real_client_app_equals_each_request_alone(site, tmp
         return [(e["type"], e.get("fold"), json.dumps(e["records"], sort_keys=True)) for e in _outbox(where)]
 
     assert sent(site) == sent(twin) and [f for _, f, _ in sent(site)][-2:] == ["a", "b"]
+
+
+def test_interleaved_folds_keep_their_own_feature_lists_at_the_site(site):
+    """Folds in one batch interleave at the site: fold "a" joins its harmonisation on 4 agreed features, fold "b"
+    then agrees 6, and fold "a" scores its model. Fold "a" must harmonise with its own 4-feature list (a single
+    list for every fold would hand it fold b's 6 and its ComBat parameters would not fit), and its reply must equal
+    fold "a" alone at a fresh site."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from client import runcache
+    from client.app import app
+    from common import model
+
+    config = app_run_config({"data-root": str(site.parent), "harmonization": "combat", "min-cases-per-class": K})
+    approve_demo_plan([site], config)
+
+    def fresh() -> Context:
+        ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
+        app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
+        return ctx
+
+    ctx = fresh()
+    names = [str(n) for n in app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"),
+                                 ctx).content["config"]["features"]]
+
+    def agreed(d: int, fold: str) -> dict:
+        return {"features": names[:d], "features-sha256": sha256_json(names[:d]), "fold": fold}
+
+    def join(d: int, fold: str, mid: str) -> Message:
+        arrays = ArrayRecord({"grand-mean": Array(np.zeros(d)), "var-pooled": Array(np.ones(d)),
+                              "beta-cov": Array(np.zeros((0, d))), "zero-variance": Array(np.zeros(d))})
+        return _request(protocol.COMBAT_JOIN, RecordDict({"config": ConfigRecord(
+            {**agreed(d, fold), "n-sites": 2, "n-pooled": 40}), "arrays": arrays}), mid)
+
+    selected = names[:2]
+    state = ArrayRecord(model.build_model(np.zeros(2), np.ones(2)).state_dict())
+    evaluate = {"features": selected, "features-sha256": sha256_json(selected), "pos-weight": 1.0,
+                "server-round": 1, "split": "all", "fold": "a"}
+
+    def score(mid: str) -> Message:
+        return _request(protocol.EVALUATE, RecordDict({"config": ConfigRecord(evaluate), "arrays": state}), mid)
+
+    requests = [join(4, "a", "j-a"), join(6, "b", "j-b"), score("e-a")]
+    [packed] = batch.pack(requests)
+    reply = app(_as_received(packed.message, "batch-1"), ctx)
+    packed.message.metadata.__dict__["_message_id"] = "batch-1"
+    subs = batch.unpack_replies([packed], [reply])
+    assert not any(m.has_error() for m in subs.values()), [m.error.reason for m in subs.values() if m.has_error()]
+
+    runcache.clear()
+    alone = fresh()
+    app(join(4, "a", "j-a2"), alone)
+    single = app(score("e-a2"), alone)
+    assert dict(subs["e-a"].content["metrics"]) == dict(single.content["metrics"])
