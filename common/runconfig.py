@@ -85,6 +85,7 @@ class RunConfig(BaseModel):
     internal_validation: Literal["split", "cv"] = Field(alias="internal-validation")
     cv_folds: int = Field(alias="cv-folds", ge=2, le=20, strict=True)
     cv_repeats: int = Field(alias="cv-repeats", ge=1, le=20, strict=True)
+    fold_batching: bool = Field(alias="fold-batching", strict=True)
     models: str = Field(alias="models", strict=True)
     model_l1: float = Field(alias="model-l1", gt=0, allow_inf_nan=False)
     mlp_hidden: int = Field(alias="mlp-hidden", ge=1, le=64, strict=True)
