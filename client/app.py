@@ -15,12 +15,13 @@ from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
 
 from client import compute, ledger, steps
+from client import trees as site_trees
 from client.approvals import approval_check, check_approved
+from client.batch import BatchingClientApp
 from client.dp import dp_query_mod, dp_update_mod
-from client.guard import SITE_STATE, privacy_guard, redact_local_paths
+from client.guard import privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
@@ -31,7 +32,8 @@ log = logging.getLogger("flwr.radfed.client")
 # order (the first mod is the outermost): errors leave without the site's local paths; the guard checks and
 # logs exactly what leaves, after the optional DP noise on model updates (and on the query phases' sums, added by
 # their handlers; dp_query_mod keeps their budget); approval is checked before the handler reads anything
-app = ClientApp(mods=[redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod, approval_check])
+# (a query.batch of several folds' requests is split before these mods: client.batch)
+app = BatchingClientApp(mods=[redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod, approval_check])
 
 
 def _run(context: Context) -> RunConfig:
@@ -47,30 +49,35 @@ def _data(context: Context, msg: Message) -> steps.SiteData:
     return steps.load_site_data(_site_dir(context), _run(context)).fold_view(_fold(msg))
 
 
-def _agreement(context: Context) -> ConfigRecord:
-    record = context.state.get(SITE_STATE)
+def _agreement(context: Context, msg: Message) -> ConfigRecord:
+    """What the site agreed to for the message's cohort: each fold keeps its own (folds run interleaved)."""
+    key = site_state_key(_fold(msg))
+    record = context.state.get(key)
     if not isinstance(record, ConfigRecord):
         record = ConfigRecord()
-        context.state[SITE_STATE] = record
+        context.state[key] = record
     return record
 
 
-def _accept_list(context: Context, config: ConfigRecord, key: str, state_key: str) -> list[str]:
+def _accept_list(context: Context, msg: Message, key: str, state_key: str) -> list[str]:
     """Take a name list from the server, check it against its hash, and remember it for the guard."""
+    config = msg.content["config"]
     names = [str(n) for n in config[key]]  # type: ignore[union-attr]
-    if sha256_json(names) != str(config[f"{key}-sha256"]):
+    if sha256_json(names) != str(config[f"{key}-sha256"]):  # type: ignore[index]
         raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
-    _agreement(context)[state_key] = names
+    _agreement(context, msg)[state_key] = names
     return names
 
 
-def _selected(context: Context) -> list[str]:
-    """The model's inputs the last train/evaluate/newton message named."""
-    return [str(n) for n in _agreement(context).get("selected", [])]  # type: ignore[union-attr]
+def _selected(context: Context, msg: Message) -> list[str]:
+    """The model's inputs the last train/evaluate/newton message of this cohort named."""
+    return [str(n) for n in _agreement(context, msg).get("selected", [])]  # type: ignore[union-attr]
 
 
-def _agreed(context: Context) -> list[str]:
-    record = _agreement(context)
+def _agreed(context: Context, msg: Message, default: list[str] | None = None) -> list[str]:
+    record = _agreement(context, msg)
+    if "features" not in record and default is not None:
+        return default
     if "features" not in record:
         raise SiteError("this site holds no agreed feature list for the run (it missed a phase); restart the run")
     return [str(n) for n in record["features"]]  # type: ignore[union-attr]
@@ -108,7 +115,7 @@ def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
     spec = covariates.describe(_run(context).covariates())
-    radiomics = [n for n in _agreed(context) if not covariates.is_clinical(n)]  # ComBat never sees clinical inputs
+    radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical inputs
     text = json.dumps({**params.to_dict(), "features": radiomics, "run_id": context.run_id,
                        "covariates": spec})
     context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": text})
@@ -150,14 +157,14 @@ def features(msg: Message, context: Context) -> Message:
 def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.ndarray, np.ndarray | None, int, int]:
     """Training split of the agreed features and its covariates, and this site's place in the ComBat design."""
     config = msg.content["config"]
-    agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
+    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
     n_sites = int(config["n-sites"])  # type: ignore[arg-type, index]
     data = _data(context, msg)
     spec = _run(context).covariates()
     x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, _run(context)))
     # the design: one column per site, then the covariates' columns; a site sends only its own column's and the
     # covariates' block of it (common.combat.site_block)
-    _agreement(context)["design-columns"] = 1 + len(covariates.columns(spec))
+    _agreement(context, msg)["design-columns"] = 1 + len(covariates.columns(spec))
     return data, x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
 
 
@@ -187,7 +194,7 @@ def combat_residuals(msg: Message, context: Context) -> Message:
 def combat_join(msg: Message, context: Context) -> Message:
     """A fold this site is held out of: harmonise against the fold's pooled ComBat estimates as a late-joining
     hospital does (own location/scale from all usable cases, no labels). Only the number of cases leaves."""
-    agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
+    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
     config, data = msg.content["config"], _data(context, msg)
     arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
     x, _ = steps.site_matrix(data, agreed, held_out=None)
@@ -201,7 +208,7 @@ def combat_join(msg: Message, context: Context) -> Message:
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    agreed = _accept_list(context, config, "features", "features")  # type: ignore[arg-type]
+    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
     data = _data(context, msg)
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
         x_raw, _ = steps.site_matrix(data, [n for n in agreed if not covariates.is_clinical(n)], held_out=False)
@@ -231,10 +238,10 @@ def _groups(data: steps.SiteData, context: Context, names: list[str]) -> dict[st
 
 @app.query("correlation")
 def correlation(msg: Message, context: Context) -> Message:
-    candidates = _accept_list(context, msg.content["config"], "candidates", "candidates")  # type: ignore[arg-type]
+    candidates = _accept_list(context, msg, "candidates", "candidates")  # type: ignore[arg-type]
     pooled = msg.content["arrays"]
     data = _data(context, msg)
-    x, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=candidates,
+    x, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=candidates,
                              harmonize=_harmonizer(context, msg))
     mean, std = pooled["mean"].numpy(), pooled["std"].numpy()  # type: ignore[union-attr]
     if _run(context).dp_query:  # noised, and no count: the server has the moments' noised ones
@@ -265,8 +272,10 @@ def _model_split(msg: Message, context: Context, data: steps.SiteData,
                  held_out: bool | None, receipt: bool = True) -> tuple[np.ndarray, np.ndarray]:
     if receipt:
         _receipt(msg, context, data.site)
-    selected = _accept_list(context, msg.content["config"], "features", "selected")  # type: ignore[arg-type]
-    return steps.site_matrix(data, _agreed(context), held_out=held_out, names=selected,
+    selected = _accept_list(context, msg, "features", "selected")  # type: ignore[arg-type]
+    # a site scoring a fold it did not train in, without ComBat, agreed no feature list for it: the model's own
+    agreed = _agreed(context, msg, default=selected if _fold(msg) else None)
+    return steps.site_matrix(data, agreed, held_out=held_out, names=selected,
                              harmonize=_harmonizer(context, msg))
 
 
@@ -279,11 +288,26 @@ def newton(msg: Message, context: Context) -> Message:
     sent = compute.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, _run(context))
     declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"},
-                            _groups(data, context, _selected(context)))
+                            _groups(data, context, _selected(context, msg)))
     if _run(context).dp_query:  # noised gradient and Hessian only: counts and the (unbounded) loss stay here
         return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}))
     return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
                   metrics=MetricRecord({"n": sent.n, "n-hgg": sent.n_pos, "n-bm": sent.n_neg, "loss": sent.loss}))
+
+
+@app.query("trees")
+def trees_level(msg: Message, context: Context) -> Message:
+    """Gradient-boosted trees, one level: gradient/hessian/count histograms per open node, model feature and agreed
+    bin, over the training split's routing units (whole release blocks, client/trees.py), every set declared."""
+    data = _data(context, msg)
+    x, y = _model_split(msg, context, data, held_out=False, receipt=False)
+    ids = [str(c) for c in np.array(data.table.case_ids, dtype=object)[~data.held_out]]
+    units = site_trees.routing_units(ids, y, data.blocking, steps.min_cases(data.site, _run(context)))
+    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    level = int(msg.content["config"]["level"])  # type: ignore[arg-type, index]
+    sent, sets = site_trees.site_reply(x, y, ids, units, arrays, level, _run(context).tree_params())
+    declared = data.declare("train", {"n": ""}, sets)
+    return _reply(msg, declared, arrays=_arrays(sent), metrics=MetricRecord({"n": len(y)}))
 
 
 @app.train()
@@ -292,7 +316,7 @@ def train(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
-    declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context)))
+    declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context, msg)))
     return _reply(msg, declared, arrays=ArrayRecord(new_state),
                   metrics=MetricRecord(train_metrics))
 
@@ -392,12 +416,12 @@ def histograms(msg: Message, context: Context) -> Message:
     if _run(context).dp_query:
         raise SiteError("the query phases are noised in this run (dp-query-noise-multiplier): histograms are "
                         "withheld")
-    names = _accept_list(context, msg.content["config"], "histogram-features", "histogram-features")  # type: ignore[arg-type]
+    names = _accept_list(context, msg, "histogram-features", "histogram-features")  # type: ignore[arg-type]
     edges = msg.content["arrays"]["edges"].numpy()  # type: ignore[union-attr]
-    _agreement(context)["histogram-bins"] = int(edges.shape[1]) - 1
+    _agreement(context, msg)["histogram-bins"] = int(edges.shape[1]) - 1
     data = _data(context, msg)
-    raw, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names)
-    harmonized, _ = steps.site_matrix(data, _agreed(context), held_out=False, names=names,
+    raw, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=names)
+    harmonized, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=names,
                                       harmonize=_harmonizer(context, msg))
     counts = compute.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))
@@ -409,7 +433,7 @@ def robustness(msg: Message, context: Context) -> Message:
     perturbed copies (extracted now or from the site's cache); only the per-feature sums and n leave."""
     from client.robustness import robustness_reply  # imported here: only runs that turn the filter on pay for it
 
-    agreed = _accept_list(context, msg.content["config"], "features", "features")  # type: ignore[arg-type]
+    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
     data = _data(context, msg)
     arrays, n = robustness_reply(data, agreed)
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(arrays), metrics=MetricRecord({"n": n}))

@@ -46,7 +46,7 @@ from client.site import site_settings
 from client.sitefiles import SiteFiles, read_jsonl
 from client.steps import locate_site, run_config
 from common import dp, dp_query
-from common.protocol import NEWTON, WITHHELD_WHEN_NOISED
+from common.protocol import NEWTON, TREES, WITHHELD_WHEN_NOISED
 
 log = logging.getLogger("flwr.radfed.client")
 
@@ -151,6 +151,13 @@ def dp_query_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     booked in its ledger after (a release the guard then refuses stays booked: the ledger errs on the safe side).
     A site with a cap refuses the query phases DP covers when the run does not noise them."""
     kind = msg.metadata.message_type
+    if kind == TREES:  # gradient-boosted trees' histograms have no noised form: a site with a cap never sends them
+        cap = SiteBudget(context).cap
+        if cap is not None:
+            raise DPError(f"dp_query_mod: this site sends statistics of its cases only with differential privacy (its "
+                          f"dp_budget_epsilon is {cap:g}), and {kind} (the gbt family) has no noised form. Nothing "
+                          "is sent")
+        return call_next(msg, context)
     if kind not in dp_query.MECHANISMS and kind not in WITHHELD_WHEN_NOISED:
         return call_next(msg, context)
     run = run_config(context.run_config)

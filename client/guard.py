@@ -31,6 +31,12 @@ from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, NESTED_RO
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
 
+def site_state_key(fold: str) -> str:
+    """The state record of one cohort: the main federation's, or a fold's (folds run interleaved, so each keeps
+    its own feature lists and sizes)."""
+    return f"{SITE_STATE}:{fold}" if fold else SITE_STATE
+
+
 class PrivacyError(RuntimeError):
     """A reply that would break the privacy rules; names the offending key."""
 
@@ -133,12 +139,17 @@ def _check_nested(message_type: str, key: str, record: ArrayRecord, k: int) -> N
                            f"released thresholds, fewer than k = {k}; nothing is sent")
 
 
-def agreed_sizes(context: Context) -> dict[str, int]:
-    """The run's shape symbols as this site agreed them (kept in ``context.state``)."""
+def _fold_of(msg: Message) -> str:
+    config = msg.content.get("config") if msg.has_content() else None
+    return str(config.get("fold", "")) if isinstance(config, ConfigRecord) else ""
+
+
+def agreed_sizes(context: Context, fold: str = "") -> dict[str, int]:
+    """The run's shape symbols as this site agreed them for the cohort ``fold`` (kept in ``context.state``)."""
     run = run_config(context.run_config)
     sizes = {"p": run.curve_points, "g": run.score_bins, "t": run.decision_thresholds, "u": run.mlp_hidden,
-             "f": len(run.compared)}
-    site = context.state.get(SITE_STATE)
+             "f": len(run.compared), "o": 2 ** (run.tree_depth - 1), "v": run.tree_bins}
+    site = context.state.get(site_state_key(fold))
     if not isinstance(site, ConfigRecord):
         return sizes
     if "features" in site:
@@ -234,11 +245,10 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     floor = site_floor(settings)
     k = max(run.min_cases_per_class, floor)  # the site's own floor holds whatever the run asks
     noised = run.dp_query
-    check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context), noised)
+    fold = _fold_of(msg)
+    check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context, fold), noised)
     check_release(msg.metadata.message_type, reply.content, declared,
                   Ledger(SiteFiles(Path(settings["output_dir"])).release, floor), context.run_id, k, noised)
-    config = msg.content.get("config")
-    fold = str(config.get("fold", "")) if isinstance(config, ConfigRecord) else ""
     record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content, fold)
     return reply
 

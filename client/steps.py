@@ -46,12 +46,20 @@ def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
     if not root.is_dir():
         raise SiteError(f"data-root {root} does not exist: generate the demo with 'radfed demo' or set "
                         "--run-config \"data-root='/path'\"")
-    sites = sorted(p for p in root.iterdir() if (p / "manifest.csv").exists() or (p / "site.yaml").exists())
+    # listed once per process while the folder's own entries stay the same (client.runcache watches data-root):
+    # every message asks several times, and at 1,000 simulated sites each listing stats 1,000 folders
+    sites = runcache.remember("site-folders", str(root.resolve()), lambda: _site_folders(root),
+                              lambda _: [root])
     pid = int(node_config["partition-id"])  # type: ignore[arg-type]
     if pid >= len(sites):
         raise SiteError(f"simulated node {pid} has no site: {root} holds {len(sites)} site folder(s); "
                         f"run with num-supernodes={len(sites)}")
     return sites[pid]
+
+
+def _site_folders(root: Path) -> list[Path]:
+    """The simulated sites under ``root``: sorted folders holding a manifest.csv or a site.yaml."""
+    return sorted(p for p in root.iterdir() if (p / "manifest.csv").exists() or (p / "site.yaml").exists())
 
 
 PARTS = ("train", "test", "all")  # the splits a reply can aggregate over; each also by class ("-hgg", "-bm")

@@ -6,10 +6,11 @@ All start with the pooled standardisation ``mean`` (s,) and ``scale`` (s,): z = 
 - ``logistic-l2``, ``logistic-l1``: p = sigmoid(w . z + b), ``linear.weight`` (1, s), ``linear.bias`` (1,).
 - ``svm``: the same arrays, margin f = w . z + b of a squared-hinge linear SVM; its score is sigmoid(f), which
   ranks as the margin does and crosses 0.5 where f = 0 (the SVM's decision), but is not a calibrated probability.
+- ``gbt``: gradient-boosted trees grown from histograms (common/trees.py; its arrays are described there).
 - ``mlp``: one hidden layer, p = sigmoid(v . tanh(W z + a) + c), ``hidden.weight`` (u, s), ``hidden.bias`` (u,),
   ``output.weight`` (1, u), ``output.bias`` (1,).
 
-A new family (e.g. gradient-boosted trees) adds one ``Family`` to ``FAMILIES`` with its ``predict_proba``.
+A new family adds one ``Family`` to ``FAMILIES`` with its ``predict_proba``.
 """
 
 from __future__ import annotations
@@ -18,6 +19,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
+
+from common import trees
 
 Arrays = Mapping[str, np.ndarray]
 
@@ -63,6 +66,7 @@ class Family:
 
 LINEAR_KEYS = ("mean", "scale", "linear.weight", "linear.bias")
 MLP_KEYS = ("mean", "scale", "hidden.weight", "hidden.bias", "output.weight", "output.bias")
+TREE_KEYS = ("mean", "scale", "edges", "base", "trees", "feature", "split", "leaf")  # common/trees.py
 
 FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("logistic-l2", linear_proba, LINEAR_KEYS, True,
@@ -77,6 +81,10 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
     Family("mlp", mlp_proba, MLP_KEYS, False,
            "one hidden layer of mlp-hidden tanh units, class-weighted log loss + weight-decay: FedAvg rounds "
            "(torch), initial weights from split-seed"),
+    Family("gbt", trees.predict_proba, TREE_KEYS, False,
+           "gradient-boosted trees (logistic loss): tree-rounds trees of depth tree-depth grown level by level from "
+           "the sites' summed gradient/hessian histograms over the tree-bins agreed bins, each site's release blocks "
+           "routed whole (docs/privacy.md, section 1b)"),
 )}
 
 

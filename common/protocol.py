@@ -46,6 +46,7 @@ EVALUATE = "evaluate"
 OUT_OF_FOLD = "query.out_of_fold"
 COMPARE = "query.compare"
 ROBUSTNESS = "query.robustness"
+TREES = "query.trees"
 
 # Array shapes are declared in symbols fixed by the run, never by a site's number of cases:
 # "d" = agreed features, "q" = ComBat design columns a site holds (its own site column + covariates),
@@ -54,7 +55,8 @@ ROBUSTNESS = "query.robustness"
 # "h" = features shown as histograms, "b" = histogram bins, "c" = model coefficients (s + 1, with the intercept),
 # "g" = score-histogram bins (run config ``score-bins``), "t" = decision-curve thresholds (``decision-thresholds``),
 # "u" = the mlp family's hidden units (``mlp-hidden``), "f" = models compared (``models``, then with
-# ``model-covariates`` the first family's radiomics-only and clinical-only variants: RunConfig.compared).
+# ``model-covariates`` the first family's radiomics-only and clinical-only variants: RunConfig.compared),
+# "o" = tree nodes open at one level (2^(``tree-depth`` - 1)), "v" = the trees' agreed bins (``tree-bins``).
 Shape = tuple[str | int, ...]
 
 # How the guard checks that an array of counts covers no fewer than k cases anywhere:
@@ -259,6 +261,18 @@ REPLIES[ROBUSTNESS] = ReplySpec(
                              "cases", ("d",)),
             "unmeasured": ArraySpec("1 where some copy of some training case has no finite value (then 0 in "
                                     "ssb and ssw), else 0", ("d",))},
+    metrics={"n": "training cases"},
+    count_keys=("n",),
+)
+# Gradient-boosted trees (the ``gbt`` family, common/trees.py): one level of the tree being grown. The site routes
+# each of its training release blocks whole, by the block's mean z, so every entry sums whole blocks (each k to 2k - 1
+# patients of one class); the handler declares every node's and bin's case set to the release ledger.
+REPLIES[TREES] = ReplySpec(
+    arrays={"grad": ArraySpec("per open node, model feature and agreed bin: sum of the logistic loss's gradient over "
+                              "the training cases of the release blocks whose mean falls there", ("o", "s", "v")),
+            "hess": ArraySpec("the same sums of the hessian", ("o", "s", "v")),
+            "count": ArraySpec("the same blocks' training cases: every entry 0 or >= k", ("o", "s", "v"),
+                               EACH_ENTRY)},
     metrics={"n": "training cases"},
     count_keys=("n",),
 )

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from common import covariates, families
 from common.protocol import DEFAULT_K
+from common.trees import TreeParams
 
 # where the coordinator keeps files and its key, and its own patience: nothing a site's data is exposed to
 LOCAL_KEYS = ("data-root", "output-dir", "audit-key", "query-timeout", "send-batch")
@@ -64,6 +65,13 @@ class RunConfig(BaseModel):
     exact_tol: float = Field(alias="exact-tol", gt=0)
     exact_max_rounds: int = Field(alias="exact-max-rounds", ge=1, strict=True)
     exact_min_cases_per_coefficient: float = Field(alias="exact-min-cases-per-coefficient", ge=0)
+    tree_rounds: int = Field(alias="tree-rounds", ge=1, le=500, strict=True)
+    tree_depth: int = Field(alias="tree-depth", ge=1, le=6, strict=True)
+    tree_bins: int = Field(alias="tree-bins", ge=2, le=64, strict=True)
+    tree_learning_rate: float = Field(alias="tree-learning-rate", gt=0, le=1)
+    tree_l2: float = Field(alias="tree-l2", ge=0)
+    tree_min_child_cases: int = Field(alias="tree-min-child-cases", ge=0, strict=True)
+    tree_min_child_hessian: float = Field(alias="tree-min-child-hessian", ge=0)
     dp_noise_multiplier: float = Field(alias="dp-noise-multiplier", ge=0)
     dp_clip_norm: float = Field(alias="dp-clip-norm", gt=0)
     dp_delta: float = Field(alias="dp-delta", gt=0, lt=1)
@@ -78,6 +86,7 @@ class RunConfig(BaseModel):
     internal_validation: Literal["split", "cv"] = Field(alias="internal-validation")
     cv_folds: int = Field(alias="cv-folds", ge=2, le=20, strict=True)
     cv_repeats: int = Field(alias="cv-repeats", ge=1, le=20, strict=True)
+    fold_batching: bool = Field(alias="fold-batching", strict=True)
     models: str = Field(alias="models", strict=True)
     model_l1: float = Field(alias="model-l1", gt=0, allow_inf_nan=False)
     mlp_hidden: int = Field(alias="mlp-hidden", ge=1, le=64, strict=True)
@@ -109,6 +118,11 @@ class RunConfig(BaseModel):
             raise ValueError("dp-query-noise-multiplier > 0 needs harmonization = 'combat' (its pooled grand mean "
                              "and variance are the reference each site standardises and clips its features with); "
                              "set harmonization = 'combat' or dp-query-noise-multiplier = 0")
+        # the trees' histograms have no noised form: a run that noises the query phases cannot grow them
+        if self.dp_query_noise_multiplier > 0 and "gbt" in self.families:
+            raise ValueError("the gbt family sends exact gradient/hessian histograms, which "
+                             "dp-query-noise-multiplier > 0 does not noise; take gbt out of models, or set "
+                             "dp-query-noise-multiplier = 0")
         return self
 
     @model_validator(mode="after")
@@ -118,6 +132,10 @@ class RunConfig(BaseModel):
             raise ValueError("model-covariates cannot be used with dp-query-noise-multiplier > 0 (the noised moments "
                              "are standardised with ComBat's estimates, which cover radiomics features only); set "
                              "model-covariates = '' or dp-query-noise-multiplier = 0")
+        # the trees' site handler bins the radiomics inputs only (client/trees.py): clinical inputs are not routed
+        if self.model_covariates.strip() and "gbt" in self.families:
+            raise ValueError("model-covariates are not model inputs of the gbt family yet: take gbt out of models, "
+                             "or set model-covariates = \"\"")
         return self
 
     @model_validator(mode="after")
@@ -129,12 +147,21 @@ class RunConfig(BaseModel):
             raise ValueError("dp-noise-multiplier > 0 noises FedAvg updates only, and training = 'exact' sends exact "
                              "gradients and Hessians: set training = 'fedavg' (DP on model updates), or "
                              "dp-query-noise-multiplier > 0 (noised Newton sums), or dp-noise-multiplier = 0")
+        if self.dp_noise_multiplier > 0 and "gbt" in self.families:
+            raise ValueError("dp-noise-multiplier > 0 noises FedAvg updates only, and the gbt family sends exact "
+                             "gradient/hessian histograms: take gbt out of models, or set dp-noise-multiplier = 0")
         return self
 
     @property
     def dp_query(self) -> bool:
         """Whether the query phases' sums are noised (common/dp_query.py)."""
         return self.dp_query_noise_multiplier > 0
+
+    def tree_params(self) -> TreeParams:
+        """The boosting settings of the ``gbt`` family (common/trees.py)."""
+        return TreeParams(rounds=self.tree_rounds, depth=self.tree_depth, bins=self.tree_bins,
+                          learning_rate=self.tree_learning_rate, l2=self.tree_l2,
+                          min_child_cases=self.tree_min_child_cases, min_child_hessian=self.tree_min_child_hessian)
 
     @property
     def families(self) -> list[str]:

@@ -72,7 +72,7 @@ def privacy_account(run: RunConfig) -> dp.DPAccount | None:
         raise RunRefused(f"differential privacy settings: {exc}") from None
     if settings is None:
         return None
-    # exact training with DP on updates is refused when the run config is parsed (common/runconfig.py)
+    # exact training or trees with DP on updates are refused when the run config is parsed (common/runconfig.py)
     return dp.DPAccount.from_settings(settings)
 
 
@@ -208,13 +208,16 @@ def main(grid: Grid, context: Context) -> None:
         else:
             result.pooled = final_pooled(ctx, main_cohort, fitted)
         internal_compared = {} if cv else comparison.compare(ctx, fitted, main_cohort, "test")
-        if run.external_validation == "loso":
-            result.validation["loso"] = validation.leave_one_site_out(ctx, fed, agreement, covariate_spec,
-                                                                      family=fitted.family)
+        loso, local = run.external_validation == "loso", run.local_only == "own-pipeline"
+        if loso or local:  # every fold of both in the same rounds (fold-batching)
+            held_out, alone = validation.external_and_local(ctx, fed, agreement, covariate_spec, loso, local,
+                                                            family=fitted.family)
+            if loso:
+                result.validation["loso"] = held_out
+            if local:
+                result.validation["local_only"] = alone
         result.families = comparison.summary(ctx, main_cohort, fitted, crossed, internal_compared,
                                              result.validation.get("loso", {}), result.pooled)
-        if run.local_only == "own-pipeline":
-            result.validation["local_only"] = validation.local_only(ctx, fed, agreement, covariate_spec)
         if result.validation.get("loso") and result.validation.get("local_only"):
             result.validation["federation_gain"] = metrics.federation_gain(result.validation["loso"],
                                                                            result.validation["local_only"])

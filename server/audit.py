@@ -13,6 +13,9 @@ import base64
 import hashlib
 import json
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -69,7 +72,8 @@ def key_fingerprint(public: bytes) -> str:
 
 
 class AuditLog:
-    """Append-only signed writer; every entry is flushed and fsynced before the run goes on."""
+    """Append-only signed writer; every entry is flushed and fsynced before the run goes on. Thread-safe: folds
+    that run together (server/folds.py) append from their own threads, each entry tagged with its fold."""
 
     def __init__(self, path: Path, key: Ed25519PrivateKey) -> None:
         self.path = path
@@ -78,6 +82,8 @@ class AuditLog:
         self.public = public_pem(key)
         (path.parent / "audit.pub").write_bytes(self.public)
         self.prev, self.seq = GENESIS, 0
+        self._lock = threading.Lock()
+        self._local = threading.local()  # the fold the calling thread works for (fold_context)
         if path.exists():
             lines = path.read_text(encoding="utf-8").splitlines()
             if lines:
@@ -87,8 +93,25 @@ class AuditLog:
     def fingerprint(self) -> str:
         return key_fingerprint(self.public)
 
+    @contextmanager
+    def fold_context(self, fold: str) -> Iterator[None]:
+        """Every entry this thread appends inside carries ``fold`` (unless it names its own)."""
+        before = getattr(self._local, "fold", "")
+        self._local.fold = fold
+        try:
+            yield
+        finally:
+            self._local.fold = before
+
     def append(self, event: str, **data: Any) -> str:
         """Write one entry and return its hash (the next entry's ``prev``)."""
+        fold = getattr(self._local, "fold", "")
+        if fold and "fold" not in data:
+            data = {**data, "fold": fold}
+        with self._lock:
+            return self._write(event, data)
+
+    def _write(self, event: str, data: dict[str, Any]) -> str:
         entry = {
             "schema": SCHEMA,
             "seq": self.seq,
@@ -259,7 +282,8 @@ def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str
     """Per site, every (fold, type, round) model the log says it received and answered for.
 
     round-train and round-evaluate list the sites that replied in that round; exact training's Newton
-    queries carry no model, so its round-train needs no train receipt. A fold's external-validation
+    queries and the trees' level queries (``gbt``) are no train messages, so their round-train needs no train
+    receipt. A fold's external-validation
     (without error) means the held-out site scored the fold's last model."""
     training: dict[str, str] = {}
     last_round: dict[str, int] = {}
@@ -271,7 +295,7 @@ def _required_receipts(entries: list[dict[str, Any]]) -> dict[str, set[tuple[str
             training[fold] = str(data.get("training", "fedavg"))
         elif event == "round-train":
             last_round[fold] = int(data["round"])
-            if training.get(fold, "fedavg") != "exact":
+            if training.get(fold, "fedavg") not in ("exact", "gbt"):  # their rounds are queries: no train receipt
                 for site in data.get("sites") or {}:
                     required.setdefault(site, set()).add((fold, "train", int(data["round"])))
         elif event == "round-evaluate":

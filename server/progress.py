@@ -16,7 +16,7 @@ from typing import Any
 PHASES = {"run-start": "plan", "site-plan": "plan", "refusal": "plan", "features-agreed": "features",
           "harmonization": "harmonisation", "harmonization-join": "harmonisation (late joiner)",
           "moments": "standardisation", "selection": "feature selection", "histograms": "feature selection",
-          "model-init": "training", "round-train": "training", "round-evaluate": "training",
+          "model-init": "training", "round-train": "training", "tree-level": "training", "round-evaluate": "training",
           "recalibration-round": "calibration", "recalibration": "calibration", "clinical-metrics": "clinical metrics",
           "external-validation": "leave-one-site-out", "local-only": "local-only baselines",
           "cross-validation": "cross-validation", "out-of-fold": "cross-validation", "run-end": "finished"}
@@ -61,15 +61,21 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
     now = now or datetime.now(UTC)
     start = entries[0]["data"]
     config = dict(start.get("config") or {})
-    training = str(config.get("training", "fedavg"))
+    # the first listed family is the reference whose rounds are counted (trees: "gbt")
+    first = str(config.get("models", "")).split(",")[0].strip()
+    training = "gbt" if first == "gbt" else str(config.get("training", "fedavg"))
     rounds = int(config.get("exact-max-rounds" if training == "exact" else "num-server-rounds", 0))
+    if training == "gbt":  # one round trip per tree level, at most (a tree stops early when no split is allowed)
+        rounds = int(config.get("tree-rounds", 0)) * int(config.get("tree-depth", 0))
     out: dict[str, Any] = {"run_id": start.get("run_id"), "status": "running", "phase": "plan", "round": 0,
-                           "rounds": rounds, "rounds_are_a_cap": training == "exact", "fold": None, "folds_done": 0,
-                           "folds": 0, "started": entries[0]["time"], "error": None}
+                           "rounds": rounds, "rounds_are_a_cap": training in ("exact", "gbt"), "fold": None,
+                           "folds_done": 0, "folds": 0, "started": entries[0]["time"], "error": None}
     taking_part: list[str] = []
     left: list[dict[str, Any]] = []
     answered: list[str] = []
     main_done_at: datetime | None = None
+    together_at: datetime | None = None  # when the current group of folds run together began
+    started = 0  # folds begun so far
     for entry in entries:
         event, data = entry.get("event"), entry.get("data") or {}
         # once the folds begin, the run is in them until it ends (their phases are the fold's own steps)
@@ -86,14 +92,18 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
             out["folds"] = _folds_planned(config, len(data.get("split_counts") or taking_part))
         elif event == "model-init":
             out["round"] = 0
-        elif event == "round-train":
-            out["round"] = int(data.get("round", 0))
+        elif event in ("round-train", "tree-level"):
+            # folds run together (fold-batching): their rounds interleave; the furthest one says where they are
+            rnd = int(data.get("round", 0))
+            out["round"] = max(out["round"], rnd) if together_at else rnd
             answered = sorted(data.get("sites") or {})
         elif event == "fold-start":
             main_done_at = main_done_at or _time(entry)
             out["fold"] = {k: data.get(k) for k in ("kind", "fold", "index", "of")}
             out["phase"] = str(data.get("kind"))
             out["round"] = 0
+            together_at = _time(entry) if data.get("together") else None
+            started += int(data.get("of") or 1) if data.get("together") else 1
         elif event in FOLD_RESULTS:
             out["folds_done"] += 1
         elif event == "run-end":
@@ -103,18 +113,23 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
     last = _time(entries[-1]) if out["status"] != "running" else now
     elapsed = (last - _time(entries[0])).total_seconds()
     out["elapsed_s"] = round(elapsed, 1)
-    out["remaining_s"] = _remaining(out, entries, main_done_at, last)
+    out["remaining_s"] = _remaining(out, entries, main_done_at, last, together_at, started)
     out["sites"] = {"taking_part": sorted(taking_part), "answered_last_round": answered, "left": left}
     return out
 
 
 def _remaining(out: dict[str, Any], entries: list[dict[str, Any]], main_done_at: datetime | None,
-               now: datetime) -> float | None:
+               now: datetime, together_at: datetime | None = None, started: int = 0) -> float | None:
     """Seconds left at the pace so far: the main training's rounds at its mean round time, then each fold at
     the main fit's duration (a fold refits the same pipeline on fewer sites: an upper estimate at first), then
-    at the folds' own mean once one has finished."""
+    at the folds' own mean once one has finished. Folds run together (fold-batching) take about one main fit
+    per group: what is left of this group's, plus one more if folds remain that have not begun."""
     if out["status"] != "running":
         return 0.0
+    if together_at is not None and main_done_at is not None:
+        main_fit = (main_done_at - _time(entries[0])).total_seconds()
+        left = max(main_fit - (now - together_at).total_seconds(), 0.0)
+        return round(left + (main_fit if out["folds"] > started else 0.0), 1)
     fits = [e for e in entries if e.get("event") == "model-init"]
     if not fits:
         return None
@@ -156,7 +171,10 @@ def describe(p: dict[str, Any]) -> str:
     lines = [head]
     if p["fold"]:
         f = p["fold"]
-        lines.append(f"  fold {f['index']} of {f['of']} ({f['kind']}): {f['fold']}")
+        if f["index"] is None:  # fold-batching: the group's folds progress in the same rounds
+            lines.append(f"  {f['of']} folds at once, in the same rounds ({f['kind']})")
+        else:
+            lines.append(f"  fold {f['index']} of {f['of']} ({f['kind']}): {f['fold']}")
     if p["folds"]:
         lines.append(f"  folds done {p['folds_done']} of {p['folds']}")
     left = f", about {p['remaining_s']:.0f} s left" if p["remaining_s"] else ""

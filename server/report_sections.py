@@ -212,6 +212,12 @@ def _training_text(doc: dict[str, Any]) -> str:
         return (f"exact federated logistic regression: Newton steps on the sites' summed gradients and Hessians "
                 f"(the pooled maximum-likelihood fit, L2 {cfg.get('exact-l2', 'n/a')}, L1 {cfg.get('exact-l1', 0)}); "
                 f"{done} step(s) of at most {cfg.get('exact-max-rounds', 'n/a')}; only aggregates left the sites")
+    if str(cfg.get("models", "")).split(",")[0].strip() == "gbt":
+        return (f"gradient-boosted trees grown from k-anonymous histograms: {cfg.get('tree-rounds', 'n/a')} trees of "
+                f"depth {cfg.get('tree-depth', 'n/a')}, thresholds only at {cfg.get('tree-bins', 'n/a')} agreed bins, "
+                f"learning rate {cfg.get('tree-learning-rate', 'n/a')}, L2 {cfg.get('tree-l2', 'n/a')}; {done} round "
+                "trip(s), one per tree level; each site's release blocks were routed whole, so every node and bin it "
+                "sent covers whole blocks; only aggregates left the sites")
     return (f"federated averaging: {done} of {cfg.get('num-server-rounds', 'n/a')} rounds completed, "
             f"{cfg.get('local-epochs', 'n/a')} local epochs, learning rate {cfg.get('learning-rate', 'n/a')}, "
             f"weight decay {cfg.get('weight-decay', 'n/a')}; only aggregates left the sites")

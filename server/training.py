@@ -82,13 +82,16 @@ def select_l1(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection
 
 
 def mode(family: str, cfg: RunConfig) -> str:
-    """How a family is fitted: "exact" (Newton rounds on summed gradients and Hessians) or "fedavg".
+    """How a family is fitted: "exact" (Newton rounds on summed gradients and Hessians), "fedavg", or "gbt" (trees
+    grown level by level from summed histograms, server/trees.py).
 
     logistic-l2 follows ``training``; logistic-l1 is always the exact proximal-Newton fit; svm and mlp are always
     FedAvg. (An exact generalised-Newton fit of the squared hinge would sum x xᵀ over only the cases inside the
     margin, a set that changes every round: two rounds' Hessians would differ by the outer products of the few
     cases that crossed it, i.e. single patients' features. FedAvg sends only the model, as for logistic-l2.)"""
     family = families.base(family)  # a variant (e.g. logistic-l2:radiomics-only) is fitted as its family
+    if family == "gbt":
+        return "gbt"
     if family == "logistic-l1" or (family == "logistic-l2" and cfg.training == "exact"):
         return "exact"
     return "fedavg"
@@ -98,6 +101,10 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
           evaluate_rounds: bool = True, family: str = "logistic-l2") -> Trained:
     """Train one family from its starting model standardising with the pooled moments (see ``mode``)."""
     cfg = run.config
+    if family == "gbt":  # gradient-boosted trees from histograms (server/trees.py imports this module)
+        from server.trees import train_trees
+
+        return train_trees(run, cohort, pooled, chosen, evaluate_rounds)
     index = {n: i for i, n in enumerate(phases.model_inputs(run, cohort.agreement))}
     cols = [index[n] for n in chosen.names]
     initial = initial_arrays(family, pooled.mean[cols], pooled.std[cols], cfg)

@@ -15,6 +15,10 @@ leave-one-site-out AUC there minus the mean AUC of the other sites' local-only m
 
 Cross-validation (``internal-validation = "cv"``) refits the pipeline on every site's other folds for each fold
 of whole release blocks; each site keeps its held-out fold's scores and finally evaluates them together.
+
+Each fold is a ``FoldJob``; ``server.folds.run_folds`` runs a group of them (the leave-one-site-out folds with the
+local-only baselines; the cross-validation folds) together in the same rounds, or one after another
+(``fold-batching``), with identical results.
 """
 
 from __future__ import annotations
@@ -27,6 +31,7 @@ from common import metrics, protocol
 from common.split import cv_tag
 from server import clinical, comparison, phases, pipeline
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused
+from server.folds import FoldJob, run_folds
 from server.strategy import evaluation_records, record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
@@ -62,15 +67,47 @@ def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort
     return score_all(run, fitted, trained_on, scorers, outside)[0][fitted.family]
 
 
-def _fold_start(run: Run, kind: str, fold: str, index: int, of: int) -> None:
-    """Audit entry "fold-start": every entry after it (phases, rounds) belongs to this fold until the next one;
-    `radfed status` reads it to say where a run is."""
-    run.audit.append("fold-start", kind=kind, fold=fold, index=index, of=of)
-
-
 def _without_curves(record: dict[str, object]) -> dict[str, object]:
     """A site's metrics without its ROC and calibration points (what the audit log and the baselines keep)."""
     return {k: v for k, v in record.items() if k not in ("roc", "calibration")}
+
+
+def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str, held_node: int,
+               held: str, family: str = "") -> dict[str, object]:
+    """One leave-one-site-out fold: fit without ``held``, score every family at ``held``; the record of the
+    ``family`` in use (with several, also each one's metrics and their paired comparison), or ``error``."""
+    others = {name for nid, name in fed.sites.items() if nid != held_node}
+    train_on = Cohort(fed.subset(others), agreement.restricted(others), fold=held)
+    outsider = Cohort(fed.subset({held}), train_on.agreement, fold=held)
+    log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
+    try:
+        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False)
+        fitted.family = family or fitted.family
+        every, compared = score_all(run, fitted, train_on, outsider)
+        scored = every[fitted.family]
+        if held not in scored:
+            raise RunRefused(f"{held} could not score the model")
+        record: dict[str, object] = {**scored[held], "trained_on": sorted(others), "features": fitted.chosen.names}
+        if len(every) > 1:
+            record["families"] = {f: _without_curves(r.get(held, {})) for f, r in every.items()}
+            record["comparison"] = compared
+        values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
+        run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
+                         model_sha256=record_sha256(fitted.trained.arrays), metrics=values, ci=record["ci"])
+        log.info("External validation at %s: AUC %.3f over %d cases", held, values["auc"], values["n"])
+        return record
+    except RunRefused as exc:
+        log.warning("External validation at %s failed: %s", held, exc)
+        run.audit.append("external-validation", fold=held, error=str(exc))
+        return {"error": str(exc)}
+
+
+def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "", family: str = "") -> list[FoldJob]:
+    """One fold per site, in site order: the pipeline on the other sites, scored at the held-out one."""
+    sites = sorted(fed.sites.items(), key=lambda kv: kv[1])
+    return [FoldJob("leave-one-site-out", held,
+                    lambda run, n=nid, h=held: _loso_fold(run, fed, agreement, covariates, n, h, family))
+            for nid, held in sites]
 
 
 def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
@@ -78,68 +115,85 @@ def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
     """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration of the ``family`` in use
     (default: the first listed); with several families also ``families`` (each one's metrics there) and
     ``comparison`` (paired, vs the first listed); or ``error``."""
-    folds: dict[str, dict[str, object]] = {}
-    for index, (held_node, held) in enumerate(sorted(fed.sites.items(), key=lambda kv: kv[1]), start=1):
-        _fold_start(run, "leave-one-site-out", held, index, len(fed.sites))
-        others = {name for nid, name in fed.sites.items() if nid != held_node}
-        train_on = Cohort(fed.subset(others), agreement.restricted(others), fold=held)
-        outsider = Cohort(fed.subset({held}), train_on.agreement, fold=held)
-        log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
-        try:
-            fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False)
-            fitted.family = family or fitted.family
-            every, compared = score_all(run, fitted, train_on, outsider)
-            scored = every[fitted.family]
-            if held not in scored:
-                raise RunRefused(f"{held} could not score the model")
-            record: dict[str, object] = {**scored[held], "trained_on": sorted(others),
-                                         "features": fitted.chosen.names}
-            if len(every) > 1:
-                record["families"] = {f: _without_curves(r.get(held, {})) for f, r in every.items()}
-                record["comparison"] = compared
-            values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
-            run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
-                             model_sha256=record_sha256(fitted.trained.arrays), metrics=values,
-                             ci=record["ci"])
-            folds[held] = record
-            log.info("External validation at %s: AUC %.3f over %d cases", held, values["auc"], values["n"])
-        except RunRefused as exc:
-            log.warning("External validation at %s failed: %s", held, exc)
-            run.audit.append("external-validation", fold=held, error=str(exc))
-            folds[held] = {"error": str(exc)}
-    return folds
+    return run_folds(run, loso_jobs(fed, agreement, covariates, family))
+
+
+def _local_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str,
+                site: str) -> dict[str, object]:
+    """One site's local-only baseline: its internal and external scores, or ``error``."""
+    others = {name for name in fed.sites.values() if name != site}
+    fold = f"local:{site}"
+    alone = Cohort(fed.subset({site}), agreement.restricted({site}), fold=fold)
+    log.info("Local-only baseline: %s alone", site)
+    try:
+        fitted = pipeline.fit(run, alone, covariates, evaluate_rounds=False)
+        # under cross-validation nothing is held out of the main split: its internal score would need its own
+        # folds (one fit each); the comparison that matters, at the other sites, does not
+        internal = {} if run.config.internal_validation == "cv" else score(
+            run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold), outside=False)
+        external = score(run, fitted, alone, Cohort(fed.subset(others), alone.agreement, fold=fold))
+    except RunRefused as exc:
+        log.warning("Local-only baseline of %s failed: %s", site, exc)
+        run.audit.append("local-only", site=site, error=str(exc))
+        return {"error": str(exc)}
+    record: dict[str, object] = {"internal": _without_curves(internal.get(site, {})),
+                                 "external": {s: _without_curves(r) for s, r in sorted(external.items())},
+                                 "features": fitted.chosen.names}
+    run.audit.append("local-only", site=site, model_sha256=record_sha256(fitted.trained.arrays),
+                     internal=record["internal"], external=record["external"])
+    return record
+
+
+def local_only_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "") -> list[FoldJob]:
+    """One baseline per site, in site order (fold tag ``local:<site>``)."""
+    return [FoldJob("local-only", f"local:{site}",
+                    lambda run, s=site: _local_fold(run, fed, agreement, covariates, s))
+            for site in sorted(fed.sites.values())]
 
 
 def local_only(run: Run, fed: Federation, agreement: FeatureAgreement,
                covariates: str = "") -> dict[str, dict[str, object]]:
     """Per site: the model it would build alone (the whole pipeline on its own training split), scored on its
     own held-out split (``internal``) and at every other site (``external``, by site); or ``error``."""
-    out: dict[str, dict[str, object]] = {}
-    for index, (_, site) in enumerate(sorted(fed.sites.items(), key=lambda kv: kv[1]), start=1):
-        others = {name for name in fed.sites.values() if name != site}
-        fold = f"local:{site}"
-        _fold_start(run, "local-only", fold, index, len(fed.sites))
-        alone = Cohort(fed.subset({site}), agreement.restricted({site}), fold=fold)
-        log.info("Local-only baseline: %s alone", site)
-        try:
-            fitted = pipeline.fit(run, alone, covariates, evaluate_rounds=False)
-            # under cross-validation nothing is held out of the main split: its internal score would need its own
-            # folds (one fit each); the comparison that matters, at the other sites, does not
-            internal = {} if run.config.internal_validation == "cv" else score(
-                run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold), outside=False)
-            external = score(run, fitted, alone, Cohort(fed.subset(others), alone.agreement, fold=fold))
-        except RunRefused as exc:
-            log.warning("Local-only baseline of %s failed: %s", site, exc)
-            run.audit.append("local-only", site=site, error=str(exc))
-            out[site] = {"error": str(exc)}
-            continue
-        record: dict[str, object] = {"internal": _without_curves(internal.get(site, {})),
-                                     "external": {s: _without_curves(r) for s, r in sorted(external.items())},
-                                     "features": fitted.chosen.names}
-        run.audit.append("local-only", site=site, model_sha256=record_sha256(fitted.trained.arrays),
-                         internal=record["internal"], external=record["external"])
-        out[site] = record
-    return out
+    done = run_folds(run, local_only_jobs(fed, agreement, covariates))
+    return {fold.removeprefix("local:"): record for fold, record in done.items()}
+
+
+Records = dict[str, dict[str, object]]
+
+
+def external_and_local(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str, loso: bool,
+                       local: bool, family: str = "") -> tuple[Records, Records]:
+    """The leave-one-site-out folds (scored as ``family``, the run's choice) and the local-only baselines asked for,
+    all together in the same rounds (``fold-batching``); returns (loso by held-out site, local-only by site)."""
+    jobs = (loso_jobs(fed, agreement, covariates, family) if loso else []) + \
+        (local_only_jobs(fed, agreement, covariates) if local else [])
+    done = run_folds(run, jobs)
+    held = {j.fold for j in jobs if j.kind == "leave-one-site-out"}
+    return ({f: r for f, r in done.items() if f in held},
+            {f.removeprefix("local:"): r for f, r in done.items() if f not in held})
+
+
+def _cv_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str,
+             tag: str) -> dict[str, object]:
+    """One cross-validation fold: fit on every site's other folds, each site scores (and keeps) its fold-``tag``
+    cases; the sites' metrics, or ``error``."""
+    names = set(fed.sites.values())
+    cohort = Cohort(fed.subset(names), agreement, fold=tag)
+    log.info("Cross-validation: fold %s (%d folds x %d repeat(s))", tag, run.config.cv_folds, run.config.cv_repeats)
+    try:
+        fitted = pipeline.fit(run, cohort, covariates, evaluate_rounds=False)
+        # every family scores the fold, so each site keeps every family's out-of-fold scores
+        scored = score_all(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)[0][
+            fitted.family]
+    except RunRefused as exc:  # without this fold some cases have no out-of-fold score: the sites say which
+        log.warning("Cross-validation fold %s failed: %s", tag, exc)
+        run.audit.append("cross-validation", fold=tag, error=str(exc))
+        return {"error": str(exc)}
+    plain = {s: _without_curves(r) for s, r in scored.items()}
+    run.audit.append("cross-validation", fold=tag, model_sha256=record_sha256(fitted.trained.arrays),
+                     sites=plain, features=fitted.chosen.names)
+    return plain
 
 
 def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
@@ -151,27 +205,11 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
 
     Returns {"folds": {v: {site: metrics}}, "sites": {site: metrics}, "curves": {site: roc, calibration},
     "terms": {site: the pooled clinical metrics' terms}}."""
-    folds: dict[str, dict[str, object]] = {}
     names = set(fed.sites.values())
     repeats, n_folds = run.config.cv_repeats, run.config.cv_folds
-    for index, tag in enumerate((cv_tag(r, v) for r in range(repeats) for v in range(n_folds)), start=1):
-        _fold_start(run, "cross-validation", tag, index, repeats * n_folds)
-        cohort = Cohort(fed.subset(names), agreement, fold=tag)
-        log.info("Cross-validation: fold %s (%d folds x %d repeat(s))", tag, n_folds, repeats)
-        try:
-            fitted = pipeline.fit(run, cohort, covariates, evaluate_rounds=False)
-            # every family scores the fold, so each site keeps every family's out-of-fold scores
-            scored = score_all(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)[0][
-                fitted.family]
-        except RunRefused as exc:  # without this fold some cases have no out-of-fold score: the sites say which
-            log.warning("Cross-validation fold %s failed: %s", tag, exc)
-            run.audit.append("cross-validation", fold=tag, error=str(exc))
-            folds[tag] = {"error": str(exc)}
-            continue
-        plain = {s: _without_curves(r) for s, r in scored.items()}
-        run.audit.append("cross-validation", fold=tag, model_sha256=record_sha256(fitted.trained.arrays),
-                         sites=plain, features=fitted.chosen.names)
-        folds[tag] = plain
+    jobs = [FoldJob("cross-validation", tag, lambda r, t=tag: _cv_fold(r, fed, agreement, covariates, t))
+            for tag in (cv_tag(r, v) for r in range(repeats) for v in range(n_folds))]
+    folds: dict[str, dict[str, object]] = run_folds(run, jobs)
     everyone = Cohort(fed.subset(names), agreement)
     out: dict[str, object] = {"folds": folds, "families": {}}
     for family in run.config.compared:  # the first listed first: its results are the run's until a choice

@@ -38,3 +38,25 @@ def test_feature_level_sites_load_as_an_extraction_cache_without_any_image(tmp_p
     before = (a / "manifest.csv").stat().st_mtime_ns
     write_feature_sites(tmp_path, 2, n_per_class=12, n_features=20, seed=3)
     assert (a / "manifest.csv").stat().st_mtime_ns == before
+
+
+def test_a_simulated_node_finds_its_site_without_listing_the_root_every_message(tmp_path, monkeypatch):
+    import time
+    from pathlib import Path
+
+    from client import runcache
+    from client.steps import locate_site
+    from common.runconfig import parse
+
+    write_feature_sites(tmp_path, 3, n_per_class=6, n_features=4)
+    run = parse(app_run_config({"data-root": str(tmp_path)}))
+    time.sleep(1.1)  # runcache trusts a listing made more than a second after the folder last changed
+    runcache.clear()
+    listed = []
+    real = Path.iterdir
+    monkeypatch.setattr(Path, "iterdir", lambda self: listed.append(self) or real(self))
+    assert [locate_site({"partition-id": i}, run).name for i in range(3)] == ["site-0001", "site-0002", "site-0003"]
+    assert listed.count(tmp_path) == 1  # once per process, not once per message
+    (tmp_path / "site-0000").mkdir()  # a new site folder (sorted first) changes the root: listed again
+    (tmp_path / "site-0000" / "manifest.csv").write_text("case_id,diagnosis\n", encoding="utf-8")
+    assert locate_site({"partition-id": 0}, run).name == "site-0000" and listed.count(tmp_path) == 2

@@ -58,6 +58,44 @@ def test_progress_follows_the_log_entry_by_entry(tmp_path):
     assert state["folds_done"] == 1 and state["status"] == "running"
 
 
+def test_folds_run_together_are_shown_as_one_group_with_the_furthest_round(tmp_path):
+    """fold-batching: one fold-start for the group; the folds' rounds interleave and every entry carries its fold
+    (from the log's fold context, thread by thread); time left is what remains of one main fit."""
+    log = tmp_path / "audit.jsonl"
+    audit = _log(log)
+    audit.append("features-agreed", split_counts={"a": {}, "b": {}})
+    audit.append("model-init", model_sha256="0" * 64, training="fedavg")
+    audit.append("round-train", round=4, sites={"a": {}, "b": {}})
+    audit.append("fold-start", kind="leave-one-site-out", fold="2 folds together", index=None, of=2,
+                 together=["a", "b"])
+    written = []
+
+    def fold(name: str, rounds: int) -> None:
+        with audit.fold_context(name):
+            for r in range(1, rounds + 1):
+                written.append(audit.append("round-train", round=r, sites={}))
+
+    threads = [threading.Thread(target=fold, args=(name, n)) for name, n in (("a", 3), ("b", 2))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    entries = read_entries(log)
+    assert len(written) == 5 and [e["seq"] for e in entries] == list(range(len(entries)))  # one chain, no gaps
+    assert sorted(e["data"]["fold"] for e in entries if e["event"] == "round-train" and "fold" in e["data"]) == \
+        ["a", "a", "a", "b", "b"]
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for i, entry in enumerate(entries):  # the main fit took 30 s; the folds began at 30 s
+        entry["time"] = (t0 + timedelta(seconds=min(i * 10, 30) if i < 5 else 30)).isoformat()
+    state = progress(entries, now=t0 + timedelta(seconds=40))
+    assert state["phase"] == "leave-one-site-out" and state["round"] == 3
+    assert state["fold"] == {"kind": "leave-one-site-out", "fold": "2 folds together", "index": None, "of": 2}
+    assert state["remaining_s"] == pytest.approx(30 - 10)  # one main fit (30 s, to the folds) less 10 s in them
+    from server.progress import describe
+
+    assert "2 folds at once, in the same rounds (leave-one-site-out)" in describe(state)
+
+
 def test_the_estimate_of_time_left_follows_the_pace(tmp_path):
     """Two rounds of ten seconds with two more to go and two folds as long as the main fit: 20 s + 2 x 40 s."""
     log = tmp_path / "audit.jsonl"

@@ -12,7 +12,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from radfed import synth
+from radfed import phantom, synth
 
 HEADER = ["case_id", "diagnosis", "t1c", "flair", "adc", "mask"]
 
@@ -145,7 +145,7 @@ def test_manifest_and_files(tiny_demo: tuple[list[synth.SiteSpec], list[Path]]) 
             mask = sitk.GetArrayFromImage(images["mask"])
             labels, counts = np.unique(mask, return_counts=True)
             assert labels.tolist() == [0, 1, 2, 3]
-            assert counts[1:].min() >= synth.MIN_LABEL_VOXELS
+            assert counts[1:].min() >= phantom.MIN_LABEL_VOXELS
     stamp = json.loads((folders[0].parent / "demo.json").read_text())
     assert stamp["seed"] == 0 and [s["name"] for s in stamp["sites"]] == [s.name for s in specs]
 

@@ -1,0 +1,194 @@
+"""Running a run's folds (leave-one-site-out, local-only baselines, cross-validation) together, in the same rounds.
+
+Each fold is still ``pipeline.fit`` (and scoring) on its own cohort, written as if it ran alone: one code path.
+With ``fold-batching = true`` each fold runs in its own thread with a ``FoldGrid`` in place of the run's grid.
+The folds take turns, in fold order, one at a time (so the audit log, the DP accounts and everything else a fold
+touches see the same order every run): a fold runs until it sends its next query, then the next fold runs.
+When every live fold waits (or has finished), the coordinator packs, per site, every pending request of every
+fold into ONE ``query.batch`` message (``common.batch``), sends them once, and hands each fold its
+replies. Folds converge at different rounds, so one batch may carry different message types.
+
+Sites split a batch before their mod stack (``client.batch``): each sub-request passes the approval check, the
+DP mods, the privacy guard, the release ledger and the outbox exactly as a message of its own does, and a
+sub-request that fails is that fold's dropout only (the site's own words, as today).
+
+``fold-batching = false`` runs the folds one after another on the run's grid, as before; both give identical
+fold results (``tests/test_fold_batching.py``). Either way the run's ``folds-end`` audit entry counts the
+Flower messages the folds sent.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from flwr.app import Message
+from flwr.serverapp import Grid
+
+from common import batch
+from server.federation import Run, RunRefused
+
+log = logging.getLogger("flwr.radfed.server")
+
+
+@dataclass
+class FoldJob:
+    """One fold: its audit kind ("leave-one-site-out", "local-only", "cross-validation"), its tag, and the work
+    (``pipeline.fit`` and scoring on the fold's cohort), given the run whose grid it must talk through."""
+
+    kind: str
+    fold: str
+    work: Callable[[Run], Any]
+
+
+class CountingGrid(Grid):
+    """The run's grid, counting the messages sent through it (the sequential folds' count)."""
+
+    def __init__(self, grid: Grid) -> None:
+        self.inner, self.messages = grid, 0
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        self.messages += len(messages)
+        return self.inner.send_and_receive(messages, timeout=timeout) if messages else []
+
+    def get_node_ids(self) -> Iterable[int]:
+        return self.inner.get_node_ids()
+
+    # what Flower's Strategy and radfed never call on a fold's grid: refused, so a new caller is noticed
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
+        raise NotImplementedError("a fold's grid only sends through send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        raise NotImplementedError("a fold's grid only sends through send_and_receive")
+
+    def create_message(self, *args: Any, **kwargs: Any) -> Message:
+        raise NotImplementedError("build a Message directly")
+
+    def set_run(self, run_id: int) -> None:
+        raise NotImplementedError("a fold's grid belongs to the run")
+
+    @property
+    def run(self) -> Any:
+        return self.inner.run
+
+
+@dataclass
+class _Turn:
+    """One fold thread's place in the turn-taking: it runs while ``go`` is set and parks (with its pending
+    requests, or finished) by setting ``parked``."""
+
+    index: int
+    go: threading.Event = field(default_factory=threading.Event)
+    parked: threading.Event = field(default_factory=threading.Event)
+    pending: list[Message] = field(default_factory=list)
+    replies: list[Message] = field(default_factory=list)
+    finished: bool = False
+    aborted: bool = False
+
+
+class FoldGrid(CountingGrid):
+    """What one fold thread sees as the grid: ``send_and_receive`` hands the requests to the coordinator and
+    waits for this fold's share of the batched replies."""
+
+    def __init__(self, grid: Grid, turn: _Turn) -> None:
+        super().__init__(grid)
+        self.turn = turn
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        messages = list(messages)
+        if not messages:  # e.g. FedAvg's evaluate step when rounds are not evaluated: nothing to wait for
+            return []
+        turn = self.turn
+        for m in messages:  # an id of its own: FedAvg finds a reply's site by the request it answers
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+        turn.pending, turn.replies = messages, []
+        turn.go.clear()
+        turn.parked.set()
+        turn.go.wait()
+        if turn.aborted:
+            raise RunRefused("the run stopped while this fold waited for its replies")
+        return turn.replies
+
+
+def _run_turns(grid: Grid, timeout: float, turns: list[_Turn]) -> tuple[int, int, int]:
+    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent."""
+    messages = requests = rounds = 0
+    live = list(turns)
+    while live:
+        for turn in live:  # one at a time, in fold order: each runs until it sends or ends
+            turn.parked.clear()
+            turn.go.set()
+            turn.parked.wait()
+        live = [t for t in live if not t.finished]
+        waiting = [t for t in live if t.pending]
+        if not waiting:
+            continue
+        batches = batch.pack([m for t in waiting for m in t.pending])  # in fold order
+        rounds, messages = rounds + 1, messages + len(batches)
+        requests += sum(len(t.pending) for t in waiting)
+        replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
+        by_request = batch.unpack_replies(batches, replies)
+        for t in waiting:
+            t.replies = [by_request[m.metadata.message_id] for m in t.pending if m.metadata.message_id in by_request]
+            t.pending = []
+    return messages, requests, rounds
+
+
+def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
+    """Every job's result by fold tag: together in the same rounds (``fold-batching``) or one after another."""
+    if not jobs:
+        return {}
+    kinds = sorted({j.kind for j in jobs})
+    if not run.config.fold_batching:
+        counting = CountingGrid(run.grid)
+        alone = replace(run, grid=counting)
+        out = {}
+        for index, job in enumerate(jobs, start=1):
+            run.audit.append("fold-start", kind=job.kind, fold=job.fold, index=index, of=len(jobs))
+            with run.audit.fold_context(job.fold):
+                out[job.fold] = job.work(alone)
+        run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=False, messages=counting.messages)
+        return out
+    run.audit.append("fold-start", kind=" + ".join(kinds), fold=f"{len(jobs)} folds together", index=None,
+                     of=len(jobs), together=[j.fold for j in jobs])
+    log.info("Running %d fold(s) together (%s): one message per site per round", len(jobs), ", ".join(kinds))
+    turns = [_Turn(i) for i in range(len(jobs))]
+    results: dict[str, Any] = {}
+    errors: list[BaseException] = []
+
+    def body(job: FoldJob, turn: _Turn) -> None:
+        turn.go.wait()
+        try:
+            with run.audit.fold_context(job.fold):
+                results[job.fold] = job.work(replace(run, grid=FoldGrid(run.grid, turn)))
+        except BaseException as exc:  # noqa: BLE001  # handed to the coordinator, raised there
+            errors.append(exc)
+        finally:
+            turn.finished = True
+            turn.parked.set()
+
+    threads = [threading.Thread(target=body, args=(job, turn), name=f"fold-{job.fold}", daemon=True)
+               for job, turn in zip(jobs, turns, strict=True)]
+    for t in threads:
+        t.start()
+    try:
+        messages, requests, rounds = _run_turns(run.grid, run.timeout, turns)
+    except BaseException:  # e.g. the coordinator was stopped: every waiting fold ends, nothing more is sent
+        for turn in turns:
+            turn.aborted = True
+            turn.go.set()
+        raise
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=True, messages=messages,
+                     requests=requests, rounds=rounds)
+    log.info("The %d fold(s) took %d round(s) of %d message(s) in all, carrying %d request(s)", len(jobs), rounds,
+             messages, requests)
+    return {job.fold: results[job.fold] for job in jobs if job.fold in results}

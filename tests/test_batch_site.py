@@ -1,0 +1,214 @@
+"""A site answering ``query.batch`` (several folds' requests in one message): every sub-request goes through the
+same handler and the same mods (approval, DP, privacy guard, release ledger, outbox) as when sent alone, and a
+sub-reply that breaks a rule is refused on its own, through the real guard (issue 20)."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+from flwr.app import ConfigRecord, Context, Message, Metadata, MetricRecord, RecordDict
+
+from client import ledger
+from client.batch import BatchingClientApp
+from client.guard import privacy_guard, redact_local_paths
+from common import batch, protocol
+from common.canon import sha256_json
+from radfed import synth
+from radfed.cli import approve_demo_plan
+from radfed.launch import app_run_config
+
+K = 5
+
+
+@pytest.fixture(autouse=True)
+def _server_identity():
+    """The server side packs a batch with Flower's own Message constructor, which reads the task's identity
+    (set by the ServerApp runtime; here by hand, Flower's internal API)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
+def _request(message_type: str, content: RecordDict, message_id: str, node_id: int = 7) -> Message:
+    """A request as the server's fold grid hands it over: its own id, before packing."""
+    meta = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=node_id, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content, metadata=meta)
+
+
+def _as_received(sent: Message, message_id: str) -> Message:
+    """The batch as the site's runtime hands it to the ClientApp (the SuperLink gives it an id)."""
+    meta = sent.metadata
+    return Message(sent.content, metadata=Metadata(
+        run_id=1, message_id=message_id, src_node_id=0, dst_node_id=meta.dst_node_id, reply_to_message_id="",
+        group_id="", created_at=time.time(), ttl=3600.0, message_type=meta.message_type))
+
+
+def _outbox(site: Path) -> list[dict]:
+    path = site / ".radfed" / "outbox.jsonl"
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()] if path.exists() else []
+
+
+def test_a_batch_sub_reply_that_breaks_k_is_refused_alone_through_the_real_guard(tmp_path):
+    """Two folds in one batch: one reply over 6 + 6 cases, one over 3 + 3 (fewer than k = 5). The guard refuses
+    the second only (its error goes back as that fold's sub-reply); the first leaves, and the outbox and the
+    release ledger hold exactly the first."""
+    app = BatchingClientApp(mods=[redact_local_paths, privacy_guard])
+
+    @app.query("moments")
+    def moments(msg: Message, context: Context) -> Message:
+        n = 6 if msg.content["config"]["fold"] == "good" else 3
+        hgg, bm = frozenset(f"h{i}" for i in range(n)), frozenset(f"b{i}" for i in range(n))
+        ledger.declare(msg.metadata.message_id, ledger.Declaration(
+            {"train": hgg | bm, "train-hgg": hgg, "train-bm": bm},
+            {"n": "train", "n-hgg": "train-hgg", "n-bm": "train-bm"}, None))
+        return Message(RecordDict({"metrics": MetricRecord({"n": 2 * n, "n-hgg": n, "n-bm": n})}), reply_to=msg)
+
+    context = Context(run_id=1, node_id=7, node_config={"site-dir": str(tmp_path)}, state=RecordDict(),
+                      run_config=app_run_config({"min-cases-per-class": K}))
+    requests = [_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord({"fold": fold})}), f"sub-{fold}")
+                for fold in ("good", "small")]
+    [packed] = batch.pack(requests)
+    reply = app(_as_received(packed.message, "batch-1"), context)
+    packed.message.metadata.__dict__["_message_id"] = "batch-1"  # as the grid stamps it when it sends
+    subs = batch.unpack_replies([packed], [reply])
+
+    good, small = subs["sub-good"], subs["sub-small"]
+    assert not good.has_error() and int(good.content["metrics"]["n-hgg"]) == 6
+    assert small.has_error() and "'n-hgg' = 3 is fewer than k = 5" in small.error.reason
+    assert good.metadata.reply_to_message_id == "sub-good" and good.metadata.message_type == protocol.MOMENTS
+    assert [(e["type"], e.get("fold")) for e in _outbox(tmp_path)] == [(protocol.MOMENTS, "good")]
+    released = ledger.Ledger(tmp_path / ".radfed" / "release", K).released_sets()
+    assert len(max(released, key=len)) == 12 and all(len(s) != 3 for s in released)
+
+
+def test_a_batch_nested_in_a_batch_or_with_repeated_ids_is_refused_before_anything_is_read(tmp_path):
+    app = BatchingClientApp(mods=[redact_local_paths, privacy_guard])
+    context = Context(run_id=1, node_id=7, node_config={"site-dir": str(tmp_path)}, state=RecordDict(),
+                      run_config=app_run_config({"min-cases-per-class": K}))
+    twice = [_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord({})}), "same") for _ in range(2)]
+    [packed] = batch.pack(twice)
+    reply = app(_as_received(packed.message, "b"), context)
+    assert reply.has_error() and "unique id" in reply.error.reason
+    nested = [_request(batch.BATCH, RecordDict({"config": ConfigRecord({})}), "inner")]
+    [packed] = batch.pack(nested)
+    reply = app(_as_received(packed.message, "b2"), context)
+    assert reply.has_error() and "may not hold another batch" in reply.error.reason
+    assert _outbox(tmp_path) == []
+
+
+@pytest.fixture
+def site(tmp_path) -> Path:
+    return synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
+
+
+def test_a_batch_through_the_real_client_app_equals_each_request_alone(site, tmp_path):
+    """The real ClientApp (every mod): two folds' moments and one request with a bad feature hash in one batch
+    give the same replies, outbox entries and refusals as the three sent one by one at a twin site."""
+    from client.app import app
+
+    config = app_run_config({"data-root": str(site.parent), "harmonization": "none", "min-cases-per-class": K})
+    twin = tmp_path / "twin" / site.name
+    twin.parent.mkdir()
+    import shutil
+
+    shutil.copytree(site, twin)
+    approve_demo_plan([site, twin], config)
+
+    def context(where: Path) -> Context:
+        return Context(run_id=1, node_id=7, node_config={"site-dir": str(where)}, state=RecordDict(),
+                       run_config=config)
+
+    batched, alone = context(site), context(twin)
+    for ctx in (batched, alone):
+        app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
+        names = [str(n) for n in app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"),
+                                     ctx).content["config"]["features"]][:4]
+
+    def requests() -> list[Message]:
+        agreed = {"features": names, "features-sha256": sha256_json(names)}
+        return [_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord({**agreed, "fold": "a"})}), "m-a"),
+                _request(protocol.MOMENTS, RecordDict({"config": ConfigRecord(
+                    {**agreed, "features-sha256": "0" * 64, "fold": "bad"})}), "m-bad"),
+                _request(protocol.MOMENTS, RecordDict({"config": ConfigRecord({**agreed, "fold": "b"})}), "m-b")]
+
+    [packed] = batch.pack(requests())
+    reply = app(_as_received(packed.message, "batch-1"), batched)
+    packed.message.metadata.__dict__["_message_id"] = "batch-1"
+    subs = batch.unpack_replies([packed], [reply])
+    one_by_one = {m.metadata.message_id: app(m, alone) for m in requests()}
+    for sub_id, single in one_by_one.items():
+        assert subs[sub_id].has_error() == single.has_error(), sub_id
+        if single.has_error():
+            assert "does not match its hash" in subs[sub_id].error.reason == single.error.reason
+            continue
+        for key in ("mean-hgg", "mean-bm"):
+            assert subs[sub_id].content["arrays"][key].numpy().tolist() == \
+                single.content["arrays"][key].numpy().tolist()
+        assert dict(subs[sub_id].content["metrics"]) == dict(single.content["metrics"])
+
+    def sent(where: Path) -> list[tuple]:
+        return [(e["type"], e.get("fold"), json.dumps(e["records"], sort_keys=True)) for e in _outbox(where)]
+
+    assert sent(site) == sent(twin) and [f for _, f, _ in sent(site)][-2:] == ["a", "b"]
+
+
+def test_interleaved_folds_keep_their_own_feature_lists_at_the_site(site):
+    """Folds in one batch interleave at the site: fold "a" joins its harmonisation on 4 agreed features, fold "b"
+    then agrees 6, and fold "a" scores its model. Fold "a" must harmonise with its own 4-feature list (a single
+    list for every fold would hand it fold b's 6 and its ComBat parameters would not fit), and its reply must equal
+    fold "a" alone at a fresh site."""
+    import numpy as np
+    from flwr.app import Array, ArrayRecord
+
+    from client import runcache
+    from client.app import app
+    from common import model
+
+    config = app_run_config({"data-root": str(site.parent), "harmonization": "combat", "min-cases-per-class": K})
+    approve_demo_plan([site], config)
+
+    def fresh() -> Context:
+        ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
+        app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
+        return ctx
+
+    ctx = fresh()
+    names = [str(n) for n in app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"),
+                                 ctx).content["config"]["features"]]
+
+    def agreed(d: int, fold: str) -> dict:
+        return {"features": names[:d], "features-sha256": sha256_json(names[:d]), "fold": fold}
+
+    def join(d: int, fold: str, mid: str) -> Message:
+        arrays = ArrayRecord({"grand-mean": Array(np.zeros(d)), "var-pooled": Array(np.ones(d)),
+                              "beta-cov": Array(np.zeros((0, d))), "zero-variance": Array(np.zeros(d))})
+        return _request(protocol.COMBAT_JOIN, RecordDict({"config": ConfigRecord(
+            {**agreed(d, fold), "n-sites": 2, "n-pooled": 40}), "arrays": arrays}), mid)
+
+    selected = names[:2]
+    state = ArrayRecord(model.build_model(np.zeros(2), np.ones(2)).state_dict())
+    evaluate = {"features": selected, "features-sha256": sha256_json(selected), "pos-weight": 1.0,
+                "server-round": 1, "split": "all", "fold": "a"}
+
+    def score(mid: str) -> Message:
+        return _request(protocol.EVALUATE, RecordDict({"config": ConfigRecord(evaluate), "arrays": state}), mid)
+
+    requests = [join(4, "a", "j-a"), join(6, "b", "j-b"), score("e-a")]
+    [packed] = batch.pack(requests)
+    reply = app(_as_received(packed.message, "batch-1"), ctx)
+    packed.message.metadata.__dict__["_message_id"] = "batch-1"
+    subs = batch.unpack_replies([packed], [reply])
+    assert not any(m.has_error() for m in subs.values()), [m.error.reason for m in subs.values() if m.has_error()]
+
+    runcache.clear()
+    alone = fresh()
+    app(join(4, "a", "j-a2"), alone)
+    single = app(score("e-a2"), alone)
+    assert dict(subs["e-a"].content["metrics"]) == dict(single.content["metrics"])
