@@ -34,3 +34,14 @@ def run_federation_in(tmp_path: Path, data_root: Path, n_sites: int, unapproved:
 def events(folder: Path) -> list[dict]:
     """The run's audit log entries."""
     return [json.loads(line) for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
+
+
+def numbers(value) -> list[float]:
+    """Every number in a JSON value (outbox records), flattened."""
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return []
+    if isinstance(value, int | float):
+        return [float(value)]
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in numbers(v)]
+    return [x for v in value for x in numbers(v)]

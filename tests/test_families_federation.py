@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 import torch
-from federation_helpers import K, events, run_federation_in
+from federation_helpers import K, events, numbers, run_federation_in
 from test_exact import _sklearn as sklearn_fit
 
 from client.steps import load_site_data, site_matrix
@@ -23,16 +23,6 @@ from radfed.launch import app_run_config
 from server.audit import verify
 
 MODELS = "logistic-l2,logistic-l1,svm,mlp"
-
-
-def _numbers(value) -> list[float]:
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return []
-    if isinstance(value, int | float):
-        return [float(value)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _numbers(v)]
-    return [x for v in value for x in _numbers(v)]
 
 
 def test_every_family_under_one_protocol(tmp_path):
@@ -137,7 +127,7 @@ def test_every_family_under_one_protocol(tmp_path):
     assert len(unique) > 300
     outbox = [json.loads(line) for line in (site / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").splitlines()]
     assert {"query.compare", "train", "query.newton"} <= {e["type"] for e in outbox}
-    sent = np.sort([x for e in outbox for x in _numbers(e["records"])])
+    sent = np.sort([x for e in outbox for x in numbers(e["records"])])
     for v in unique:
         i = np.searchsorted(sent, v)
         assert not np.any(np.isclose(sent[max(i - 1, 0): i + 1], v, rtol=1e-9, atol=0)), v

@@ -12,7 +12,7 @@ import pytest
 import SimpleITK as sitk
 import torch
 import yaml
-from federation_helpers import ROUNDS, K, events, run_federation_in
+from federation_helpers import ROUNDS, K, events, numbers, run_federation_in
 from scipy import stats
 
 from client.ledger import Ledger
@@ -308,17 +308,6 @@ def test_harmonisation_and_selection_can_be_switched_off(tmp_path):
     assert set(budget["per_site"]) == {"tiny-a", "tiny-b"}
 
 
-def _numbers(value) -> list[float]:
-    """Every number in a JSON value (outbox records), flattened."""
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return []
-    if isinstance(value, int | float):
-        return [float(value)]
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _numbers(v)]
-    return [x for v in value for x in _numbers(v)]
-
-
 def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
     root = tmp_path / "data"
     specs = synth.tiny_sites(3, 10)
@@ -379,7 +368,7 @@ def test_unapproved_site_is_refused_and_a_canary_case_never_leaves(tmp_path):
               if np.isfinite(v) and abs(v - round(v)) > 1e-6 and not np.any(np.isclose(others, v, rtol=1e-9))]
     assert len(unique) > 500
     sent = np.array([x for line in (site / ".radfed" / "outbox.jsonl").read_text(encoding="utf-8").splitlines()
-                     for x in _numbers(json.loads(line)["records"])])
+                     for x in numbers(json.loads(line)["records"])])
     assert len(sent) > 10_000  # arrays were logged with their values
     sent = np.sort(sent)
     for v in unique:
