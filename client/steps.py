@@ -333,12 +333,7 @@ def _site_files(site: Site, run: RunConfig) -> list[Path]:
 
 def covariate_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
     """The training cases of each categorical covariate level ("train|sex=F"): ComBat's XᵀY sums over them."""
-    if data.covariates is None or not spec:
-        return {}
-    rows = ~data.held_out
-    ids = np.array(data.table.case_ids, dtype=object)[rows]
-    return {f"train|{level}": frozenset(ids[mask])
-            for level, mask in cov.level_groups(spec, data.covariates[rows]).items()}
+    return _training_level_sets(data, data.covariates, spec, "train|")
 
 
 def clinical_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
@@ -346,12 +341,18 @@ def clinical_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozen
     training replies sum the model's other inputs over them (an indicator's cross-product with a feature is the
     feature's sum over the level's cases), as ComBat's XᵀY does. Per class only counts of a level leave (the
     class-wise moments of its indicator): sums over the class, like any feature's."""
-    if data.clinical is None or not spec:
+    return _training_level_sets(data, data.clinical, spec, f"train|{cov.CLINICAL}")
+
+
+def _training_level_sets(data: SiteData, design: np.ndarray | None, spec: list[cov.Covariate],
+                         prefix: str) -> dict[str, frozenset[str]]:
+    """``prefix + level`` -> the training cases at that level, from a coded design (n, p) of the site's cases."""
+    if design is None or not spec:
         return {}
     rows = ~data.held_out
     ids = np.array(data.table.case_ids, dtype=object)[rows]
-    return {f"train|{cov.CLINICAL}{level}": frozenset(ids[members])
-            for level, members in cov.level_groups(spec, data.clinical[rows]).items()}
+    return {f"{prefix}{level}": frozenset(ids[members])
+            for level, members in cov.level_groups(spec, design[rows]).items()}
 
 
 def model_groups(data: SiteData, run: RunConfig) -> dict[str, frozenset[str]]:
