@@ -6,6 +6,7 @@ DeLong covariance (DeLong, DeLong & Clarke-Pearson 1988, structural components),
 v_s = C_aa + C_bb - 2 C_ab is pooled by inverse variance over sites (sites are independent), giving the difference,
 its 95% interval and two-sided p-value; the Brier difference is exact over all sites' cases, with the normal
 interval of a mean of paired per-case differences.
+Under cross-validation each repeat is combined so, then ``average_repeats`` takes the mean over the repeats.
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def average_repeats(repeats: Sequence[Mapping[str, object]]) -> dict[str, object
     Repeats deal the same cases anew, so their differences are positively correlated, not independent: inverse-
     variance pooling (or se / sqrt(repeats)) would overstate the evidence. The standard error of a mean of R
     correlated estimates is at most the mean of their standard errors (equal when they are perfectly correlated),
-    so this interval is conservative; with one repeat it is that repeat's."""
+    so this interval is conservative; with one repeat it is that repeat's. A repeat in which every site ranked the
+    cases alike under both families (``combine``'s 0-variance case) enters with its exact difference 0 and 0."""
     if not repeats:
         return {"auc_diff": float("nan"), "auc_diff_ci": [float("nan")] * 2, "p_value": float("nan"), "repeats": 0}
     diff = float(np.mean([float(r["auc_diff"]) for r in repeats]))  # type: ignore[arg-type]
