@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import compute, ledger, steps
+from client import compute, ledger, outoffold, steps
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.batch import BatchingClientApp
@@ -333,7 +333,8 @@ def evaluate(msg: Message, context: Context) -> Message:
     prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict(), family)  # type: ignore[union-attr]
     where = parse_cv_tag(_fold(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
-        _keep_out_of_fold(context, where[0], data, prob, family)
+        held = np.array(data.table.case_ids, dtype=object)[data.held_out]
+        outoffold.keep(context.state, family, where[0], [str(c) for c in held], prob)
     # every statistic, histogram group and decision step is over the part's cases or one of its classes
     result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
@@ -358,41 +359,34 @@ def compare(msg: Message, context: Context) -> Message:
                   arrays=_arrays(arrays), metrics=MetricRecord(counts))
 
 
-OOF_STATE = "radfed-out-of-fold"  # family -> repeat -> case id -> score from the model of the fold that held it out
-
-
-def _out_of_fold_scores(context: Context, family: str) -> dict[str, dict[str, float]]:
-    record = context.state.get(OOF_STATE)
-    kept = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
-    return kept.get(family, {})
-
-
-def _keep_out_of_fold(context: Context, repeat: int, data: steps.SiteData, prob: np.ndarray, family: str) -> None:
-    record = context.state.get(OOF_STATE)
-    every = json.loads(str(record["scores"])) if isinstance(record, ConfigRecord) else {}
-    ids = np.array(data.table.case_ids, dtype=object)[data.held_out]
-    every.setdefault(family, {}).setdefault(str(repeat), {}).update(
-        {str(c): float(p) for c, p in zip(ids, prob, strict=True)})
-    context.state[OOF_STATE] = ConfigRecord({"scores": json.dumps(every)})
-
-
 @app.query("out_of_fold")
 def out_of_fold(msg: Message, context: Context) -> Message:
     """Cross-validation's internal validation: every usable case scored by the model of the fold that held it
     out (with repeats, its mean score over them), evaluated together (counts, AUC, curves over all cases; no
     score leaves)."""
     data = _data(context, msg)
-    kept = _out_of_fold_scores(context, compute.family_of(msg.content["config"]))  # type: ignore[arg-type]
-    repeats = [str(r) for r in range(_run(context).cv_repeats)]
-    missing = [c for c in data.table.case_ids for r in repeats if c not in kept.get(r, {})]
-    if missing:
-        raise SiteError(f"{len(missing)} out-of-fold score(s) are missing (this site missed a cross-validation "
-                        "fold's evaluation); restart the run")
-    prob = np.array([np.mean([kept[r][c] for r in repeats]) for c in data.table.case_ids])
+    prob = outoffold.mean_scores(context.state, compute.family_of(msg.content["config"]),  # type: ignore[arg-type]
+                                 data.table.case_ids, _run(context).cv_repeats)
     result, curves = compute.evaluation(data.table.labels, prob, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
     return _reply(msg, data.declare("all", {"num-examples": ""}), metrics=MetricRecord(result),
                   arrays=_arrays(curves))
+
+
+@app.query("compare_out_of_fold")
+def compare_out_of_fold(msg: Message, context: Context) -> Message:
+    """Cross-validation's paired comparison of the run's families: one repeat's out-of-fold scores of every usable
+    case (each from the model of the fold that held it out); the AUCs, their paired DeLong covariance and the Brier
+    sums leave, no score. The cases are the main cohort's training set (all usable cases), by class."""
+    data = _data(context, msg)
+    repeat = int(msg.content["config"]["repeat"])  # type: ignore[arg-type, index]
+    if not 0 <= repeat < _run(context).cv_repeats:
+        raise SiteError(f"the server asked for cross-validation repeat {repeat}, which this run (cv-repeats = "
+                        f"{_run(context).cv_repeats}) does not have; restart the run")
+    arrays, counts = outoffold.compare_reply(context.state, _run(context).compared, data.table.case_ids,
+                                             data.table.labels, repeat, steps.min_cases(data.site, _run(context)))
+    return _reply(msg, data.declare("all", {"num-examples": "", "n-hgg": "hgg", "n-bm": "bm"}),
+                  arrays=_arrays(arrays), metrics=MetricRecord(counts))
 
 
 @app.query("recalibrate")

@@ -6,6 +6,7 @@ DeLong covariance (DeLong, DeLong & Clarke-Pearson 1988, structural components),
 v_s = C_aa + C_bb - 2 C_ab is pooled by inverse variance over sites (sites are independent), giving the difference,
 its 95% interval and two-sided p-value; the Brier difference is exact over all sites' cases, with the normal
 interval of a mean of paired per-case differences.
+Under cross-validation each repeat is combined so, then ``average_repeats`` takes the mean over the repeats.
 """
 
 from __future__ import annotations
@@ -128,3 +129,28 @@ def pool_differences(pairs: Sequence[Mapping[str, object]]) -> dict[str, object]
              if n else float("nan"))
     return {"auc_diff": diff, "auc_diff_var": se**2, "auc_diff_ci": [diff - Z95 * se, diff + Z95 * se],
             "p_value": _p_two_sided(diff / se), "folds": len(usable), "brier_diff": brier}
+
+
+def average_repeats(repeats: Sequence[Mapping[str, object]]) -> dict[str, object]:
+    """One family's paired difference over the repeats of cross-validation, each repeat's ``combine`` result (sites
+    pooled by inverse variance): the mean AUC difference and the mean Brier difference, each with the mean of the
+    repeats' standard errors as its own.
+
+    Repeats deal the same cases anew, so their differences are positively correlated, not independent: inverse-
+    variance pooling (or se / sqrt(repeats)) would overstate the evidence. The standard error of a mean of R
+    correlated estimates is at most the mean of their standard errors (equal when they are perfectly correlated),
+    so this interval is conservative; with one repeat it is that repeat's. A repeat in which every site ranked the
+    cases alike under both families (``combine``'s 0-variance case) enters with its exact difference 0 and 0."""
+    if not repeats:
+        return {"auc_diff": float("nan"), "auc_diff_ci": [float("nan")] * 2, "p_value": float("nan"), "repeats": 0}
+    diff = float(np.mean([float(r["auc_diff"]) for r in repeats]))  # type: ignore[arg-type]
+    se = float(np.mean([sqrt(float(r["auc_diff_var"])) for r in repeats]))  # type: ignore[arg-type]
+    brier = float(np.mean([float(r["brier_diff"]) for r in repeats]))  # type: ignore[arg-type]
+    brier_half = float(np.mean([(float(r["brier_diff_ci"][1]) - float(r["brier_diff_ci"][0])) / 2  # type: ignore[index]
+                                for r in repeats]))
+    # every repeat ranked the cases identically under both models at every site (combine's 0-variance case)
+    p = _p_two_sided(diff / se) if se > 0 else 1.0
+    return {"auc_diff": diff, "auc_diff_var": se**2, "auc_diff_ci": [diff - Z95 * se, diff + Z95 * se],
+            "p_value": p, "repeats": len(repeats), "brier_diff": brier,
+            "brier_diff_ci": [brier - brier_half, brier + brier_half], "reference": repeats[0].get("reference"),
+            "n": repeats[0].get("n")}

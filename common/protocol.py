@@ -45,6 +45,7 @@ TRAIN = "train"
 EVALUATE = "evaluate"
 OUT_OF_FOLD = "query.out_of_fold"
 COMPARE = "query.compare"
+COMPARE_OUT_OF_FOLD = "query.compare_out_of_fold"
 ROBUSTNESS = "query.robustness"
 TREES = "query.trees"
 
@@ -249,6 +250,18 @@ REPLIES[COMPARE] = ReplySpec(
             "sse-cross": ArraySpec("per pair of families, sum over the same cases of e_a e_b (the Brier "
                                    "difference's variance)", ("f", "f"))},
     metrics={"num-examples": "evaluation cases", "n-hgg": "HGG evaluation cases", "n-bm": "BM evaluation cases"},
+    count_keys=("num-examples", "n-hgg", "n-bm"),
+)
+# Cross-validation's paired comparison: the same sums as COMPARE over every usable case, each family's score of a case
+# the one the model of the fold that held it out gave it in one repeat (the message names the repeat).
+REPLIES[COMPARE_OUT_OF_FOLD] = ReplySpec(
+    arrays={"auc": ArraySpec("ROC AUC of each family's out-of-fold scores (one repeat) over all usable cases", ("f",)),
+            "auc-cov": ArraySpec("paired DeLong covariance of those AUCs (structural components over the same "
+                                 "cases)", ("f", "f")),
+            "sse": ArraySpec("per family, sum over the same cases of e = (out-of-fold score - label)^2", ("f",)),
+            "sse-cross": ArraySpec("per pair of families, sum over the same cases of e_a e_b", ("f", "f"))},
+    metrics={"num-examples": "usable cases (every one scored out of fold)", "n-hgg": "HGG usable cases",
+             "n-bm": "BM usable cases"},
     count_keys=("num-examples", "n-hgg", "n-bm"),
 )
 # The robustness filter (profile ``robustness`` block, run config ``robustness-min-icc``): one-way ANOVA sums of

@@ -5,6 +5,11 @@
 sums; the server pools sites by inverse variance (common.delong) into each family's AUC and Brier difference to
 the reference (the first listed family), with 95% intervals and p-values.
 
+``compare_out_of_fold``: the same under cross-validation, over every usable case's out-of-fold scores (each from
+the model of the fold that held the case out), one ``query.compare_out_of_fold`` per repeat; sites pooled by inverse
+variance per repeat, the repeats averaged (mean difference with the mean of the repeats' standard errors: they share
+their cases, so they are not independent).
+
 ``choose``: the run's ``model-choice`` rule, fixed in the plan before any external validation: the family with
 the highest internal validated AUC (held-out split, or out-of-fold under cross-validation), ties to the first
 listed. It is audited (``model-choice``) before the leave-one-site-out folds start.
@@ -44,14 +49,49 @@ def compare(run: Run, fitted: Fitted, scorers: Cohort, split: str) -> dict[str, 
     except RunRefused as exc:
         log.warning("Paired comparison failed: %s", exc)
         return {"error": str(exc)}
-    sites = {scorers.fed.sites[nid]: delong.from_reply({k: v.numpy() for k, v in r.content["arrays"].items()},  # type: ignore[union-attr]
-                                                       int(r.content["metrics"]["num-examples"]))  # type: ignore[arg-type]
-             for nid, r in replies.items()}
+    sites = _site_comparisons(scorers, replies)
     pairs = delong.combine(list(sites.values()), names)
     result = {"reference": names[0], "families": names, "pairs": pairs,
               "sites": {s: dict(zip(names, c.auc.tolist(), strict=True)) for s, c in sorted(sites.items())}}
     run.audit.append("family-comparison", split=split, **result, **scorers.tag)
     return result
+
+
+def compare_out_of_fold(run: Run, everyone: Cohort) -> dict[str, object]:
+    """Cross-validation's paired comparison: per repeat, each site compares the families on the out-of-fold scores
+    of all its usable cases (``query.compare_out_of_fold``) and the sites are pooled by inverse variance as for a
+    held-out split; the repeats are then averaged (common.delong.average_repeats: mean difference, mean standard
+    error, since repeats of the same cases are not independent). {} with one family; ``error`` when no site could
+    compare."""
+    names = list(run.config.compared)
+    if len(names) < 2:
+        return {}
+    repeats: list[dict[str, object]] = []
+    for repeat in range(run.config.cv_repeats):
+        try:
+            replies = everyone.ask(run, "out-of-fold comparison", protocol.COMPARE_OUT_OF_FOLD, {"repeat": repeat})
+        except RunRefused as exc:
+            log.warning("Paired comparison of the out-of-fold scores failed: %s", exc)
+            return {"error": str(exc)}
+        sites = _site_comparisons(everyone, replies)
+        pairs = delong.combine(list(sites.values()), names)
+        done = {"repeat": repeat, "pairs": pairs,
+                "sites": {s: dict(zip(names, c.auc.tolist(), strict=True)) for s, c in sorted(sites.items())}}
+        run.audit.append("family-comparison", split="out-of-fold", reference=names[0], families=names, **done)
+        repeats.append(done)
+    pairs = {name: delong.average_repeats([r["pairs"][name] for r in repeats])  # type: ignore[index]
+             for name in names[1:]}
+    for name, pair in pairs.items():
+        log.info("Out-of-fold AUC difference %s - %s: %+.3f (95%% CI %+.3f to %+.3f), p = %.3g over %d repeat(s)",
+                 name, names[0], pair["auc_diff"], *pair["auc_diff_ci"], pair["p_value"], len(repeats))  # type: ignore[misc]
+    return {"reference": names[0], "families": names, "pairs": pairs, "repeats": repeats}
+
+
+def _site_comparisons(scorers: Cohort, replies: Mapping[int, object]) -> dict[str, delong.SiteComparison]:
+    """Each replying site's ``query.compare`` (or ``query.compare_out_of_fold``) reply, by site name."""
+    return {scorers.fed.sites[nid]: delong.from_reply({k: v.numpy() for k, v in r.content["arrays"].items()},  # type: ignore[attr-defined]
+                                                      int(r.content["metrics"]["num-examples"]))  # type: ignore[attr-defined]
+            for nid, r in replies.items()}
 
 
 def internal_auc(evaluations: Mapping[str, Mapping[str, float]]) -> float:
@@ -136,4 +176,7 @@ def summary(run: Run, cohort: Cohort, fitted: Fitted, crossed: Mapping[str, obje
             row["calibration"] = {k: cal[k] for k in kept if k in cal}
         rows[family] = row
     return {"chosen": fitted.family, "rule": run.config.model_choice, "reference": names[0], "order": names,
-            "rows": rows, "comparison": {"internal": dict(internal_compared), "external": external_pairs}}
+            "internal_validation": run.config.internal_validation,
+            "rows": rows, "comparison": {"internal": dict(internal_compared), "external": external_pairs,
+                                         # cross-validation's out-of-fold comparison (server.validation)
+                                         "cv": dict(crossed.get("comparison", {})) if crossed else {}}}

@@ -296,7 +296,7 @@ def forest_png(rows: Sequence[tuple[str, str, float, float, float, float]], refe
     fig.subplots_adjust(left=2.4 / 6.5)
     ys = np.arange(len(rows))[::-1]
     for y, (_, part, diff, low, high, _p) in zip(ys, rows, strict=True):
-        colour = "#1f77b4" if part == "internal" else "#d62728"
+        colour = "#1f77b4" if part.startswith("internal") else "#d62728"  # held-out split or cross-validated
         ax.plot([low, high], [y, y], color=colour, lw=1.5)
         ax.plot([diff], [y], "s", color=colour, ms=5)
     ax.axvline(0.0, color="#555", lw=0.8, ls="--")

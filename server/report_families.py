@@ -39,11 +39,12 @@ def comparison_table(fam: Mapping[str, Any]) -> tuple[list[str], list[list[str]]
     """One line per family and validation (internal, external)."""
     header = ["family", "validation", "AUC (95% CI)", "sensitivity", "specificity", "Brier", "calibration slope"]
     rows = []
+    internal = "internal (CV)" if fam.get("internal_validation") == "cv" else "internal"  # out-of-fold scores
     for name in fam.get("order", []):
         row = as_dict(as_dict(fam.get("rows")).get(name))
         mark = " (chosen)" if name == fam.get("chosen") else ""
         cal = as_dict(row.get("calibration"))
-        rows.append([name + mark, "internal", *_cells(as_dict(row.get("internal"))), _num(cal.get("slope"))])
+        rows.append([name + mark, internal, *_cells(as_dict(row.get("internal"))), _num(cal.get("slope"))])
         if as_dict(row.get("external")):
             rows.append([name + mark, "external (LOSO)", *_cells(as_dict(row.get("external"))), "n/a"])
     return header, rows
@@ -54,6 +55,7 @@ def difference_rows(fam: Mapping[str, Any]) -> list[tuple[str, str, float, float
     out = []
     comparison = as_dict(fam.get("comparison"))
     parts = (("internal", as_dict(as_dict(comparison.get("internal")).get("pairs"))),
+             ("internal (CV)", as_dict(as_dict(comparison.get("cv")).get("pairs"))),
              ("external", as_dict(comparison.get("external"))))
     for part, pairs in parts:
         for name, pair in pairs.items():
@@ -94,11 +96,15 @@ def families_section(doc: dict[str, Any]) -> Section:
     blocks.append(Table(["family", "validation", f"AUC difference to {reference} (95% CI)", "p"],
                         [[n, p, f"{d:+.3f} ({lo:+.3f} to {hi:+.3f})", f"{pv:.3g}"] for n, p, d, lo, hi, pv in diffs]))
     blocks.append(Text("Internal: paired DeLong covariance at each site over its held-out cases, sites pooled by "
-                       "inverse variance; external: the same at each leave-one-site-out fold's held-out site, folds "
-                       "pooled by inverse variance. The svm's score is sigmoid(margin), not a calibrated probability: "
-                       "its Brier score and calibration slope describe that score."))
+                       "inverse variance; internal (CV): the same over every usable case's out-of-fold scores (each "
+                       "from the fold model that did not train on it), per repeat, then the mean difference over the "
+                       "repeats with the mean of their standard errors (repeats reuse the cases, so they are not "
+                       "independent: a conservative interval); external: the same at each leave-one-site-out fold's "
+                       "held-out site, folds pooled by inverse variance. The svm's score is sigmoid(margin), not a "
+                       "calibrated probability: its Brier score and calibration slope describe that score."))
     blocks.append(Figure(plots.forest_png, (diffs, reference), f"forest plot of AUC differences to {reference}",
-                         f"AUC difference of each family to {reference}, internal (blue) and external (red), "
+                         f"AUC difference of each family to {reference}, internal (blue: held-out split or "
+                         "cross-validated) and external (red), "
                          "with 95% intervals", md=f"(forest plot of AUC differences to {reference}: see report.html)",
                          fallback="the forest plot"))
     return Section("families", "Model families", blocks)

@@ -204,7 +204,8 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
     all its usable cases.
 
     Returns {"folds": {v: {site: metrics}}, "sites": {site: metrics}, "curves": {site: roc, calibration},
-    "terms": {site: the pooled clinical metrics' terms}}."""
+    "terms": {site: the pooled clinical metrics' terms}, "comparison": the families' paired comparison ({} with
+    one)}."""
     names = set(fed.sites.values())
     repeats, n_folds = run.config.cv_repeats, run.config.cv_folds
     jobs = [FoldJob("cross-validation", tag, lambda r, t=tag: _cv_fold(r, fed, agreement, covariates, t))
@@ -225,4 +226,6 @@ def cross_validate(run: Run, fed: Federation, agreement: FeatureAgreement,
                          **tag)
         out["families"][family] = {"sites": per_site, "curves": site_curves,  # type: ignore[index]
                                    "terms": clinical.terms_of(everyone.fed.sites, replies.values())}
+    # with several families, their paired comparison over the same out-of-fold scores (server.comparison)
+    out["comparison"] = comparison.compare_out_of_fold(run, everyone)
     return {**out, **out["families"][run.config.families[0]]}  # type: ignore[index]
