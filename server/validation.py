@@ -89,7 +89,11 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
             raise RunRefused(f"{held} could not score the model")
         record: dict[str, object] = {**scored[held], "trained_on": sorted(others), "features": fitted.chosen.names}
         if len(every) > 1:
-            record["families"] = {f: _without_curves(r.get(held, {})) for f, r in every.items()}
+            # each family's calibration slope at the held-out site: the main run's recalibration rounds
+            # (server.clinical.calibration_phase) over every case the site scored
+            record["families"] = {f: {**_without_curves(r.get(held, {})),
+                                      "calibration": _calibration(run, fitted, outsider, f)}
+                                  for f, r in every.items()}
             record["comparison"] = compared
         values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
         run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
@@ -100,6 +104,16 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
         log.warning("External validation at %s failed: %s", held, exc)
         run.audit.append("external-validation", fold=held, error=str(exc))
         return {"error": str(exc)}
+
+
+def _calibration(run: Run, fitted: pipeline.Fitted, scorers: Cohort, family: str) -> dict[str, object]:
+    """Calibration slope (with its standard error and 95% interval) and intercept of one family's model at sites
+    outside its cohort, from their summed recalibration terms; ``error`` / ``skipped`` as calibration_phase says."""
+    cal = clinical.calibration_phase(run, scorers, fitted.models[family].arrays, {**fitted.config(family),
+                                                                                 "split": "all"})
+    kept = {k: cal[k] for k in ("slope", "slope_se", "intercept", "converged", "rounds", "error", "skipped")
+            if k in cal}
+    return {**kept, "slope_ci": metrics.slope_interval(cal)} if "slope" in cal else kept
 
 
 def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "", family: str = "") -> list[FoldJob]:
