@@ -43,7 +43,7 @@ def plan(family: str, config: dict[str, Any], n_sites: int) -> dict[str, Any]:
     every = int(config.get("evaluate-every", 0) or 0)
     evaluations = 1 + (sum(1 for r in range(1, rounds) if r % every == 0) if how == "fedavg" and every > 0 else 0)
     return {"training": how, "rounds": rounds, "rounds_are_a_cap": how != "fedavg",
-            "messages": (rounds + evaluations) * n_sites}
+            "messages": (rounds + evaluations) * n_sites if n_sites else None}  # None: the sites are not known yet
 
 
 def _time(entry: dict[str, Any]) -> datetime:
@@ -111,10 +111,12 @@ def describe_families(families: dict[str, dict[str, Any]]) -> list[str]:
     lines = ["  model families (main run, fitted in turn):"]
     for name, f in families.items():
         cap = " at most" if f["rounds_are_a_cap"] else ""
-        where = {"waiting": "waiting", "training": f"round {f['round']} of{cap} {f['rounds']}",
-                 "done": f"done in {f['round']} round(s)"}[f["state"]]
+        where = {"waiting": "waiting", "training": f"round {f['round']}", "done": f"done in {f['round']} round(s)"}[
+            f["state"]]
         took = f"{f['seconds']:.0f} s" + (" so far" if f["state"] == "training" else "")
         left = f", about {f['seconds_left']:.0f} s left" if f["seconds_left"] else ""
-        lines.append(f"    {name} ({f['training']}): {where}; {f['messages_so_far']} of{cap} {f['messages']} "
-                     f"messages; {took if f['state'] != 'waiting' else 'not started'}{left}")
+        planned = f"{f['messages_so_far']} of{cap} {f['messages']} messages" if f["messages"] is not None else \
+            "messages once the sites are known"
+        lines.append(f"    {name} ({f['training']}, {cap.strip() or 'exactly'} {f['rounds']} round trips): {where}; "
+                     f"{planned}; {took if f['state'] != 'waiting' else 'not started'}{left}")
     return lines

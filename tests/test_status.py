@@ -185,6 +185,9 @@ def test_status_estimates_every_listed_family(tmp_path, capsys):
     assert state["rounds"] == 4 and state["remaining_s"] == pytest.approx(10 + 37.5)
     assert main(["status", str(tmp_path)]) == 0
     shown = capsys.readouterr().out
-    for line in ("logistic-l2 (exact): done in 2 round(s); 9 of at most 33 messages",
-                 "svm (fedavg): round 2 of 4; 6 of 15 messages", "gbt (gbt): waiting; 0 of at most 33 messages"):
+    for line in ("logistic-l2 (exact, at most 10 round trips): done in 2 round(s); 9 of at most 33 messages",
+                 "svm (fedavg, exactly 4 round trips): round 2; 6 of 15 messages",
+                 "gbt (gbt, at most 10 round trips): waiting; 0 of at most 33 messages"):
         assert line in shown, shown
+    # before the features phase the sites are not known: no message count is made up
+    assert progress(entries[:1], now=t0)["families"]["svm"]["messages"] is None
