@@ -117,7 +117,7 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
     last = _time(entries[-1]) if out["status"] != "running" else now
     elapsed = (last - _time(entries[0])).total_seconds()
     out["elapsed_s"] = round(elapsed, 1)
-    out["families"] = families_progress(entries, config, n_sites or len(taking_part), last)
+    out["families"] = families_progress(entries, config, len(taking_part) or n_sites, last)  # the sites still in
     training = [f for f in out["families"].values() if f["state"] == "training"]
     if training and main_done_at is None:  # the main run's rounds are the family being fitted's
         out["rounds"], out["rounds_are_a_cap"] = training[0]["rounds"], training[0]["rounds_are_a_cap"]
