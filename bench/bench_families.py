@@ -1,11 +1,14 @@
-"""Model families under one protocol, on the default demo: one federation fitting every family. Prints one table.
+"""Model families under one protocol, on the default demo: one federation fitting every family. Prints two tables.
 
-    python bench/bench_families.py [--work DIR] [--models logistic-l2,logistic-l1,svm,mlp] [--features 10]
+    python bench/bench_families.py [--work DIR] [--models logistic-l2,logistic-l1,svm,mlp,gbt] [--features 10]
+                                  [--long-rounds 1000]
 
 Per family: the leave-one-site-out (external) AUC, mean over the held-out sites and at each; the main run's training
-rounds (FedAvg rounds, or Newton rounds for the exact fits); the messages its training and evaluation took (site
-replies, from the audit log); the seconds from its ``model-init`` to its last entry in the main run (audit times);
-and the paired AUC difference to the first listed family (external, pooled over folds) with its 95% interval.
+rounds (FedAvg rounds, Newton rounds for the exact fits, tree levels for gbt); the messages its training and
+evaluation took (site replies, from the audit log); the seconds from its ``model-init`` to its last entry in the main
+run (audit times); and the paired AUC difference to the first listed family (external, pooled over folds) with its
+95% interval. A second table puts each FedAvg family (svm, mlp) beside the same family fitted on the pooled data
+(bench/fedavg_pooled.py).
 ``training = "exact"`` (logistic-l2 by Newton), ``local-only = "none"``. The demo is generated and extracted under
 ``--work`` (kept between runs when reused).
 """
@@ -23,6 +26,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.demo_run import demo_sites, federate  # noqa: E402
+from bench.fedavg_pooled import TRAINED, compare, print_table  # noqa: E402
 from bench.table import print_columns  # noqa: E402
 
 
@@ -37,11 +41,12 @@ def per_family_costs(folder: Path, names: list[str]) -> dict[str, dict[str, floa
     out = {}
     for name in names:
         own = [e for e in main if e["data"].get("family") == name]
-        rounds = [e for e in own if e["event"] in ("round-train", "newton-round")]
-        exact = any(e["event"] == "newton-round" for e in own)
-        counted = [e for e in own if e["event"] in (("newton-round", "round-evaluate") if exact else
-                                                    ("round-train", "round-evaluate"))]
-        out[name] = {"rounds": len([e for e in rounds if e["event"] == ("newton-round" if exact else "round-train")]),
+        events = {e["event"] for e in own}
+        # one entry per training round trip: Newton rounds (exact), tree levels (gbt), else FedAvg rounds; the
+        # exact and gbt fits also log one closing round-train (no message of its own)
+        trip = "newton-round" if "newton-round" in events else "tree-level" if "tree-level" in events else "round-train"
+        counted = [e for e in own if e["event"] in (trip, "round-evaluate")]
+        out[name] = {"rounds": sum(e["event"] == trip for e in own),
                      "messages": sum(len(e["data"].get("sites") or {}) for e in counted),
                      "seconds": (_time(own[-1]) - _time(own[0])).total_seconds() if own else float("nan")}
     return out
@@ -50,8 +55,9 @@ def per_family_costs(folder: Path, names: list[str]) -> dict[str, dict[str, floa
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default=None, help="working folder (default: a fresh temporary one)")
-    parser.add_argument("--models", default="logistic-l2,logistic-l1,svm,mlp")
+    parser.add_argument("--models", default="logistic-l2,logistic-l1,svm,mlp,gbt")
     parser.add_argument("--features", type=int, default=10)
+    parser.add_argument("--long-rounds", type=int, default=1000, help="FedAvg rounds of the in-process long replay")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-"))
     site_dirs = demo_sites(work)
@@ -77,6 +83,9 @@ def main() -> int:
                   f"external AUC per site: {', '.join(sites)})",
                   ["family", "internal AUC", "external AUC (mean)", "external AUC per site",
                    f"external AUC diff to {names[0]} (95% CI)", "rounds", "messages", "seconds (main run)"], rows)
+    if any(n in TRAINED for n in names):  # the FedAvg families against the pooled fits (bench/fedavg_pooled.py)
+        print()
+        print_table(compare(folder, site_dirs, args.long_rounds))
     return 0
 
 

@@ -391,15 +391,17 @@ def compare_out_of_fold(msg: Message, context: Context) -> Message:
 
 @app.query("recalibrate")
 def recalibrate(msg: Message, context: Context) -> Message:
-    """One round of the calibration fit of the main run's final model, on the held-out split (the cases its
-    evaluation scored): gradient and Hessian of y ~ a + b logit(p) at the server's (a, b)."""
+    """One round of the calibration fit of a model, on the cases its evaluation scored (the held-out split, or
+    ``split = "all"``: every usable case at a site outside the cohort, a leave-one-site-out fold's held-out site):
+    gradient and Hessian of y ~ a + b logit(p) at the server's (a, b)."""
     config, data = msg.content["config"], _data(context, msg)
-    x, y = _model_split(msg, context, data, held_out=True, receipt=False)
+    part = "all" if str(config.get("split", "")) == "all" else "test"
+    x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
     params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
     sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)),
                                     compute.family_of(config))  # type: ignore[arg-type]
-    return _reply(msg, data.declare("test", {"n": ""}),
+    return _reply(msg, data.declare(part, {"n": ""}),
                   arrays=_arrays({"gradient": sent["gradient"], "hessian": sent["hessian"]}),
                   metrics=MetricRecord({"n": sent["n"], "loss": sent["loss"]}))
 

@@ -177,3 +177,21 @@ def _normal_ci(value: float, var: float, z: float) -> list[float]:
 
 def _dict_of(value: Any) -> Mapping[str, Any]:
     return value if isinstance(value, Mapping) else {}
+
+
+def slope_interval(fit: Mapping[str, Any], z: float = Z95) -> list[float]:
+    """Wald 95% interval of a calibration fit's slope (``slope``, ``slope_se`` from common.clinical's Newton fit)."""
+    slope, se = float(fit.get("slope", float("nan"))), float(fit.get("slope_se", float("nan")))
+    return _normal_ci(slope, se**2, z) if np.isfinite(se) and se > 0 else [float("nan")] * 2
+
+
+def pool_slopes(fits: Sequence[Mapping[str, Any]], z: float = Z95) -> dict[str, Any]:
+    """Calibration slopes of independent fits (one per leave-one-site-out fold's held-out site) pooled by inverse
+    variance, with the Wald 95% interval; fits without a finite slope and standard error are left out."""
+    usable = [(float(f["slope"]), float(f["slope_se"])) for f in fits
+              if np.isfinite(float(f.get("slope", float("nan")))) and float(f.get("slope_se", 0.0)) > 0]
+    if not usable:
+        return {"slope": float("nan"), "slope_se": float("nan"), "slope_ci": [float("nan")] * 2, "folds": 0}
+    w = np.array([1.0 / se**2 for _, se in usable])
+    slope, se = float(np.dot(w, [s for s, _ in usable]) / w.sum()), float(np.sqrt(1.0 / w.sum()))
+    return {"slope": slope, "slope_se": se, "slope_ci": _normal_ci(slope, se**2, z), "folds": len(usable)}

@@ -228,9 +228,10 @@ REPLIES: dict[str, ReplySpec] = {
     ),
     RECALIBRATE: ReplySpec(
         arrays={"gradient": ArraySpec("gradient of the summed log-likelihood of y ~ a + b logit(p) over the "
-                                      "held-out cases, at the server's (a, b), p the final model's scores", (2,)),
+                                      "evaluated cases (held-out split, or every usable case at a held-out site), at "
+                                      "the server's (a, b), p the model's scores", (2,)),
                 "hessian": ArraySpec("its Hessian, summed over the same cases", (2, 2))},
-        metrics={"n": "held-out cases", "loss": "that negative log-likelihood summed over the held-out cases"},
+        metrics={"n": "evaluated cases", "loss": "that negative log-likelihood summed over the evaluated cases"},
         count_keys=("n",),
     ),
 }

@@ -142,8 +142,11 @@ def _external(loso: Mapping[str, Mapping[str, object]], names: list[str]) -> tup
     rows: dict[str, object] = {}
     folds = [r for r in loso.values() if "error" not in r]
     for family in names:
-        rows[family] = _row([r["families"][family] for r in folds  # type: ignore[index]
-                             if family in r.get("families", {})])  # type: ignore[operator]
+        records = [r["families"][family] for r in folds if family in r.get("families", {})]  # type: ignore[index, operator]
+        rows[family] = _row(records)
+        if rows[family]:  # each held-out site's calibration slope, pooled over folds by inverse variance
+            rows[family]["calibration"] = metrics.pool_slopes([r["calibration"] for r in records  # type: ignore[index]
+                                                               if "calibration" in r])
     pairs: dict[str, object] = {}
     for family in names[1:]:
         per_fold = [r["comparison"]["pairs"][family] for r in folds  # type: ignore[index]
@@ -156,10 +159,11 @@ def summary(run: Run, cohort: Cohort, fitted: Fitted, crossed: Mapping[str, obje
             internal_compared: Mapping[str, object], loso: Mapping[str, Mapping[str, object]],
             pooled: Mapping[str, object] | None) -> dict[str, object] | None:
     """metrics.json ``families``: the chosen family and rule, per family its internal and external (leave-one-
-    site-out) AUC, sensitivity, specificity, Brier and calibration slope with intervals, and the paired AUC and
-    Brier differences to the reference. None for a run with one family. The calibration slope of each family
-    other than the chosen one takes its own capped recalibration rounds on the held-out split (none under
-    cross-validation, whose out-of-fold scores come from one model per fold)."""
+    site-out) AUC, sensitivity, specificity, Brier and calibration slope with intervals (external: each held-out
+    site's slope, pooled over folds by inverse variance), and the paired AUC and Brier differences to the
+    reference. None for a run with one family. The calibration slope of each family other than the chosen one takes
+    its own capped recalibration rounds on the held-out split (none under cross-validation, whose out-of-fold scores
+    come from one model per fold)."""
     names = run.config.compared
     if len(names) < 2:
         return None
@@ -172,8 +176,9 @@ def summary(run: Run, cohort: Cohort, fitted: Fitted, crossed: Mapping[str, obje
         if not crossed:
             cal = (dict((pooled or {}).get("calibration", {})) if family == fitted.family  # type: ignore[call-overload]
                    else clinical.calibration_phase(run, cohort, fitted.models[family].arrays, fitted.config(family)))
-            kept = ("slope", "intercept", "converged", "error", "skipped")
-            row["calibration"] = {k: cal[k] for k in kept if k in cal}
+            kept = ("slope", "slope_se", "intercept", "converged", "error", "skipped")
+            row["calibration"] = {k: cal[k] for k in kept if k in cal} | (
+                {"slope_ci": metrics.slope_interval(cal)} if "slope" in cal else {})
         rows[family] = row
     return {"chosen": fitted.family, "rule": run.config.model_choice, "reference": names[0], "order": names,
             "internal_validation": run.config.internal_validation,

@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from server.progress_families import describe_families, families_progress
+
 # The phase an entry says the run has reached (the phase it starts or is in).
 PHASES = {"run-start": "plan", "site-plan": "plan", "refusal": "plan", "features-agreed": "features",
           "harmonization": "harmonisation", "harmonization-join": "harmonisation (late joiner)",
@@ -71,6 +73,7 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
                            "rounds": rounds, "rounds_are_a_cap": training in ("exact", "gbt"), "fold": None,
                            "folds_done": 0, "folds": 0, "started": entries[0]["time"], "error": None}
     taking_part: list[str] = []
+    n_sites = 0
     left: list[dict[str, Any]] = []
     answered: list[str] = []
     main_done_at: datetime | None = None
@@ -89,7 +92,8 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
             if site in taking_part:
                 taking_part.remove(site)
         elif event == "features-agreed":
-            out["folds"] = _folds_planned(config, len(data.get("split_counts") or taking_part))
+            n_sites = len(data.get("split_counts") or taking_part)
+            out["folds"] = _folds_planned(config, n_sites)
         elif event == "model-init":
             out["round"] = 0
         elif event in ("round-train", "tree-level"):
@@ -113,6 +117,10 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
     last = _time(entries[-1]) if out["status"] != "running" else now
     elapsed = (last - _time(entries[0])).total_seconds()
     out["elapsed_s"] = round(elapsed, 1)
+    out["families"] = families_progress(entries, config, len(taking_part) or n_sites, last)  # the sites still in
+    training = [f for f in out["families"].values() if f["state"] == "training"]
+    if training and main_done_at is None:  # the main run's rounds are the family being fitted's
+        out["rounds"], out["rounds_are_a_cap"] = training[0]["rounds"], training[0]["rounds_are_a_cap"]
     out["remaining_s"] = _remaining(out, entries, main_done_at, last, together_at, started)
     out["sites"] = {"taking_part": sorted(taking_part), "answered_last_round": answered, "left": left}
     return out
@@ -140,6 +148,9 @@ def _remaining(out: dict[str, Any], entries: list[dict[str, Any]], main_done_at:
             return None
         per_round = (now - first_fit).total_seconds() / out["round"]
         main_left = per_round * max(out["rounds"] - out["round"], 0)
+        left = [f["seconds_left"] for f in out["families"].values()]
+        if len(left) > 1 and None not in left:  # several families, fitted in turn: what each has left
+            main_left = sum(left)
         main_total = (now - _time(entries[0])).total_seconds() + main_left
         return round(main_left + folds_left * main_total, 1)
     if out["folds_done"]:
@@ -177,6 +188,7 @@ def describe(p: dict[str, Any]) -> str:
             lines.append(f"  fold {f['index']} of {f['of']} ({f['kind']}): {f['fold']}")
     if p["folds"]:
         lines.append(f"  folds done {p['folds_done']} of {p['folds']}")
+    lines += describe_families(p.get("families") or {})
     left = f", about {p['remaining_s']:.0f} s left" if p["remaining_s"] else ""
     lines.append(f"  elapsed {p['elapsed_s']:.0f} s{left if p['status'] == 'running' else ''}")
     sites = p["sites"]

@@ -35,18 +35,25 @@ def _cells(row: Mapping[str, Any]) -> list[str]:
             _with_ci(row.get("specificity"), ci.get("specificity")), _num(row.get("brier"))]
 
 
+def _slope(cal: Mapping[str, Any]) -> str:
+    return _with_ci(cal.get("slope"), cal.get("slope_ci"))
+
+
 def comparison_table(fam: Mapping[str, Any]) -> tuple[list[str], list[list[str]]]:
     """One line per family and validation (internal, external)."""
-    header = ["family", "validation", "AUC (95% CI)", "sensitivity", "specificity", "Brier", "calibration slope"]
+    header = ["family", "validation", "AUC (95% CI)", "sensitivity", "specificity", "Brier",
+              "calibration slope (95% CI)"]
     rows = []
     internal = "internal (CV)" if fam.get("internal_validation") == "cv" else "internal"  # out-of-fold scores
     for name in fam.get("order", []):
         row = as_dict(as_dict(fam.get("rows")).get(name))
         mark = " (chosen)" if name == fam.get("chosen") else ""
-        cal = as_dict(row.get("calibration"))
-        rows.append([name + mark, internal, *_cells(as_dict(row.get("internal"))), _num(cal.get("slope"))])
-        if as_dict(row.get("external")):
-            rows.append([name + mark, "external (LOSO)", *_cells(as_dict(row.get("external"))), "n/a"])
+        external = as_dict(row.get("external"))
+        rows.append([name + mark, internal, *_cells(as_dict(row.get("internal"))),
+                     _slope(as_dict(row.get("calibration")))])
+        if external:
+            rows.append([name + mark, "external (LOSO)", *_cells(external),
+                         _slope(as_dict(external.get("calibration")))])
     return header, rows
 
 
@@ -100,8 +107,11 @@ def families_section(doc: dict[str, Any]) -> Section:
                        "from the fold model that did not train on it), per repeat, then the mean difference over the "
                        "repeats with the mean of their standard errors (repeats reuse the cases, so they are not "
                        "independent: a conservative interval); external: the same at each leave-one-site-out fold's "
-                       "held-out site, folds pooled by inverse variance. The svm's score is sigmoid(margin), not a "
-                       "calibrated probability: its Brier score and calibration slope describe that score."))
+                       "held-out site, folds pooled by inverse variance. Calibration slope: logistic recalibration "
+                       "y ~ a + b logit(p) by Newton rounds on the sites' summed terms, internal over the held-out "
+                       "cases, external at each fold's held-out site over all its cases, folds pooled by inverse "
+                       "variance (Wald intervals). The svm's score is sigmoid(margin), not a calibrated probability: "
+                       "its Brier score and calibration slope describe that score."))
     blocks.append(Figure(plots.forest_png, (diffs, reference), f"forest plot of AUC differences to {reference}",
                          f"AUC difference of each family to {reference}, internal (blue: held-out split or "
                          "cross-validated) and external (red), "

@@ -108,17 +108,25 @@ def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
         blocks.append(Table(header, rows))
         blocks.append(Text("Intervals add the two AUCs' DeLong variances as if independent; both are computed on "
                            "the same cases, so the paired interval would be narrower."))
+    # with several model families (models), one row per site and family: each site alone fits every family
+    several = any(as_dict(rec.get("families")) for rec in local.values())
     rows = []
     for site, rec in sorted(local.items()):
         if "error" in rec:
-            rows.append([site, f"failed: {str(rec['error'])[:160]}", "", ""])
+            rows.append([site, *([""] if several else []), f"failed: {str(rec['error'])[:160]}", "", ""])
             continue
-        internal = as_dict(rec.get("internal"))
-        external = {str(k): as_dict(v) for k, v in as_dict(rec.get("external")).items()}
-        at = "; ".join(f"{other} {_auc(r.get('auc'))}" for other, r in sorted(external.items())) or "n/a"
-        rows.append([site, _auc(internal.get("auc"), as_dict(internal.get("ci")).get("auc")), at,
-                     str(len(rec.get("features") or []))])
-    blocks.append(Table(["site alone", "internal AUC (95% CI)", "AUC at each other site", "features"], rows))
+        for family, fam in (as_dict(rec.get("families")) or {"": rec}).items():
+            internal = as_dict(as_dict(fam).get("internal"))
+            external = {str(k): as_dict(v) for k, v in as_dict(as_dict(fam).get("external")).items()}
+            at = "; ".join(f"{other} {_auc(r.get('auc'))}" for other, r in sorted(external.items())) or "n/a"
+            rows.append([site, *([str(family)] if several else []),
+                         _auc(internal.get("auc"), as_dict(internal.get("ci")).get("auc")), at,
+                         str(len(rec.get("features") or []))])
+    blocks.append(Table(["site alone", *(["family"] if several else []), "internal AUC (95% CI)",
+                         "AUC at each other site", "features"], rows))
+    if several:
+        blocks.append(Text("The gain above compares the first listed family's local-only models with the "
+                           "federation's leave-one-site-out model."))
     return blocks
 
 

@@ -37,12 +37,12 @@ from server.strategy import evaluation_records, record_sha256
 log = logging.getLogger("flwr.radfed.server")
 
 
-def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort,
-              outside: bool = True) -> tuple[dict[str, dict[str, dict[str, object]]], dict[str, object]]:
+def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort, outside: bool = True,
+              paired: bool = True) -> tuple[dict[str, dict[str, dict[str, object]]], dict[str, object]]:
     """``scorers`` score every family's model fitted on ``trained_on`` and send metrics: per family, per scoring
-    site; and, with several families, their paired comparison (server.comparison). ``outside``: sites that were
-    not in the cohort first join its harmonisation (once), then score all their usable cases; otherwise the
-    cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
+    site; and, with several families and ``paired``, their paired comparison (server.comparison). ``outside``: sites
+    that were not in the cohort first join its harmonisation (once), then score all their usable cases; otherwise
+    the cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
     by_family: dict[str, dict[str, dict[str, object]]] = {}
     try:
         if outside and fitted.harmonization is not None:
@@ -58,13 +58,7 @@ def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Co
     except RunRefused:  # every scoring site failed: say why, in their words
         reasons = "; ".join(f"{d['site']}: {d['reason']}" for d in scorers.fed.dropped)
         raise RunRefused(f"could not score the model ({reasons})") from None
-    return by_family, comparison.compare(run, fitted, scorers, "all" if outside else "test")
-
-
-def score(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort,
-          outside: bool = True) -> dict[str, dict[str, object]]:
-    """``score_all``'s results of the family in use (``fitted.family``), per scoring site."""
-    return score_all(run, fitted, trained_on, scorers, outside)[0][fitted.family]
+    return by_family, comparison.compare(run, fitted, scorers, "all" if outside else "test") if paired else {}
 
 
 def _without_curves(record: dict[str, object]) -> dict[str, object]:
@@ -89,7 +83,11 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
             raise RunRefused(f"{held} could not score the model")
         record: dict[str, object] = {**scored[held], "trained_on": sorted(others), "features": fitted.chosen.names}
         if len(every) > 1:
-            record["families"] = {f: _without_curves(r.get(held, {})) for f, r in every.items()}
+            # each family's calibration slope at the held-out site: the main run's recalibration rounds
+            # (server.clinical.calibration_phase) over every case the site scored
+            record["families"] = {f: {**_without_curves(r.get(held, {})),
+                                      "calibration": _calibration(run, fitted, outsider, f)}
+                                  for f, r in every.items()}
             record["comparison"] = compared
         values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
         run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
@@ -100,6 +98,16 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
         log.warning("External validation at %s failed: %s", held, exc)
         run.audit.append("external-validation", fold=held, error=str(exc))
         return {"error": str(exc)}
+
+
+def _calibration(run: Run, fitted: pipeline.Fitted, scorers: Cohort, family: str) -> dict[str, object]:
+    """Calibration slope (with its standard error and 95% interval) and intercept of one family's model at sites
+    outside its cohort, from their summed recalibration terms; ``error`` / ``skipped`` as calibration_phase says."""
+    cal = clinical.calibration_phase(run, scorers, fitted.models[family].arrays, {**fitted.config(family),
+                                                                                 "split": "all"})
+    kept = {k: cal[k] for k in ("slope", "slope_se", "intercept", "converged", "rounds", "error", "skipped")
+            if k in cal}
+    return {**kept, "slope_ci": metrics.slope_interval(cal)} if "slope" in cal else kept
 
 
 def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "", family: str = "") -> list[FoldJob]:
@@ -129,18 +137,25 @@ def _local_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariat
         fitted = pipeline.fit(run, alone, covariates, evaluate_rounds=False)
         # under cross-validation nothing is held out of the main split: its internal score would need its own
         # folds (one fit each); the comparison that matters, at the other sites, does not
-        internal = {} if run.config.internal_validation == "cv" else score(
-            run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold), outside=False)
-        external = score(run, fitted, alone, Cohort(fed.subset(others), alone.agreement, fold=fold))
+        # every family's model, without a paired comparison (the baseline is compared with the federation)
+        internal = {} if run.config.internal_validation == "cv" else score_all(
+            run, fitted, alone, Cohort(fed.subset({site}), alone.agreement, fold=fold), outside=False, paired=False)[0]
+        external = score_all(run, fitted, alone, Cohort(fed.subset(others), alone.agreement, fold=fold),
+                             paired=False)[0]
     except RunRefused as exc:
         log.warning("Local-only baseline of %s failed: %s", site, exc)
         run.audit.append("local-only", site=site, error=str(exc))
         return {"error": str(exc)}
-    record: dict[str, object] = {"internal": _without_curves(internal.get(site, {})),
-                                 "external": {s: _without_curves(r) for s, r in sorted(external.items())},
-                                 "features": fitted.chosen.names}
+    per_family = {f: {"internal": _without_curves(internal.get(f, {}).get(site, {})),
+                      "external": {s: _without_curves(r) for s, r in sorted(external[f].items())}}
+                  for f in fitted.models}
+    # the first listed family's records stay at the top: the federation gain compares them
+    record: dict[str, object] = {**per_family[fitted.family], "features": fitted.chosen.names}
+    if len(per_family) > 1:
+        record["families"] = per_family
     run.audit.append("local-only", site=site, model_sha256=record_sha256(fitted.trained.arrays),
-                     internal=record["internal"], external=record["external"])
+                     internal=record["internal"], external=record["external"],
+                     **({"families": per_family} if len(per_family) > 1 else {}))
     return record
 
 

@@ -16,7 +16,7 @@ from federation_helpers import K, events, numbers, run_federation_in
 from test_exact import _sklearn as sklearn_fit
 
 from client.steps import load_site_data, site_matrix
-from common import exact, families
+from common import clinical, exact, families, metrics, moments
 from radfed import synth
 from radfed.cli import main as radfed_main
 from radfed.launch import app_run_config
@@ -41,8 +41,9 @@ def test_every_family_under_one_protocol(tmp_path):
     (site / "site.yaml").write_text(f"name: {specs[0].name}\noutbox_values: true\n")
 
     # two sites (each leave-one-site-out fold trains on the other alone: min-sites 1), two FedAvg rounds: kept small
+    # with each site's local-only baselines (every family) and each family's calibration at the held-out sites
     config = {"training": "exact", "harmonization": "none", "select-features": 3, "models": MODELS,
-              "local-only": "none", "recalibration-max-rounds": 5, "min-sites": 1, "num-server-rounds": 2}
+              "local-only": "own-pipeline", "recalibration-max-rounds": 10, "min-sites": 1, "num-server-rounds": 2}
     folder = run_federation_in(tmp_path, root, 2, **config)
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
     assert doc["status"] == "completed", doc["error"]
@@ -93,6 +94,7 @@ def test_every_family_under_one_protocol(tmp_path):
         np.testing.assert_allclose(coef, reference, atol=1e-6, err_msg=f)
     assert not np.array_equal(saved["models"]["logistic-l1"]["linear.weight"],
                               saved["models"]["logistic-l2"]["linear.weight"])
+    _check_alone_and_external_calibration(doc, data, [s.name for s in specs], run)
 
     # radfed predict with a non-default family's model file (svm here; the mlp has no per-feature drivers)
     for f in ("svm", "mlp"):
@@ -116,6 +118,7 @@ def test_every_family_under_one_protocol(tmp_path):
     report = (folder / "report.md").read_text(encoding="utf-8")
     assert "Model families" in report and f"Chosen model: {best}" in report
     assert "forest plot" in report.lower()
+    assert "calibration slope (95% CI)" in report and "| site alone | family |" in report
 
     # no number any message carried equals a value of the canary's features
     table = next((site / ".radfed").glob("features-*.csv")).read_text(encoding="utf-8").splitlines()
@@ -131,3 +134,57 @@ def test_every_family_under_one_protocol(tmp_path):
     for v in unique:
         i = np.searchsorted(sent, v)
         assert not np.any(np.isclose(sent[max(i - 1, 0): i + 1], v, rtol=1e-9, atol=0)), v
+
+
+def _check_alone_and_external_calibration(doc, data, sites, run):
+    """Two sites: the leave-one-site-out fold without h and the other site's local-only baseline are both the
+    pipeline on that site alone. Every family has a local-only record (internal and at the other site) and an
+    external calibration slope with its interval at each held-out site; for the exact logistic families they equal
+    scikit-learn's fit on that site's training split, scored at h (AUC), and scikit-learn's unpenalised logistic
+    recalibration y ~ a + b logit(p) over all of h's cases (slope, standard error from its Hessian)."""
+    names = MODELS.split(",")
+    fam, local, loso = doc["families"], doc["validation"]["local_only"], doc["validation"]["loso"]
+    for trained, held in (sites, sites[::-1]):
+        rec, fold = local[trained], loso[held]
+        assert sorted(rec["families"]) == sorted(names) and rec["features"] == fold["features"]
+        # the gain keeps comparing the first listed family's baselines
+        assert rec["internal"] == rec["families"][names[0]]["internal"]
+        assert rec["external"] == rec["families"][names[0]]["external"]
+        for f in names:
+            assert 0 <= rec["families"][f]["internal"]["auc"] <= 1, (trained, f)
+            assert list(rec["families"][f]["external"]) == [held], (trained, f)
+            cal = fold["families"][f]["calibration"]
+            assert cal["slope_ci"][0] < cal["slope"] < cal["slope_ci"][1], (held, f, cal)
+        i, j = sites.index(trained), sites.index(held)
+        x, y = site_matrix(data[i], fold["features"], held_out=False)
+        mean, std = moments.pooled_mean_std(*zip(moments.site_moments(x), strict=True))
+        pos_weight = float(np.sum(y == 0) / np.sum(y == 1))
+        x_held, y_held = site_matrix(data[j], fold["features"], held_out=None)
+        x_own, y_own = site_matrix(data[i], fold["features"], held_out=True)
+        for f, l1 in (("logistic-l2", 0.0), ("logistic-l1", float(run["model-l1"]))):
+            coef = sklearn_fit((x - mean) / std, y, pos_weight, l2=float(run["exact-l2"]), l1=l1)
+            arrays = exact.to_state_dict(coef, mean, std)
+            prob = families.predict_proba(f, {k: v.numpy() for k, v in arrays.items()}, x_held)
+            auc = metrics.roc_auc(y_held, prob)
+            assert rec["families"][f]["external"][held]["auc"] == pytest.approx(auc, abs=1e-9), (trained, f)
+            assert fold["families"][f]["auc"] == pytest.approx(auc, abs=1e-9), (held, f)
+            own = families.predict_proba(f, {k: v.numpy() for k, v in arrays.items()}, x_own)
+            assert rec["families"][f]["internal"]["auc"] == pytest.approx(metrics.roc_auc(y_own, own), abs=1e-9)
+            design = clinical.logit(prob)[:, None]
+            a, b = sklearn_fit(design, y_held, 1.0, l2=0.0)
+            mu = 1.0 / (1.0 + np.exp(-(a + b * design[:, 0])))
+            full = np.column_stack([np.ones(len(y_held)), design])
+            se = float(np.sqrt(np.linalg.inv((full * (mu * (1 - mu))[:, None]).T @ full)[1, 1]))
+            cal = fold["families"][f]["calibration"]
+            assert cal["converged"] and cal["slope"] == pytest.approx(b, abs=1e-5), (held, f, cal, b)
+            assert cal["slope_se"] == pytest.approx(se, rel=1e-4) and cal["intercept"] == pytest.approx(a, abs=1e-5)
+    # the external row pools the held-out sites' slopes by inverse variance; the internal row keeps its interval
+    for f in names:
+        fits = [loso[h]["families"][f]["calibration"] for h in sites]
+        w = np.array([1 / c["slope_se"] ** 2 for c in fits])
+        ext = fam["rows"][f]["external"]["calibration"]
+        assert ext["folds"] == 2 and ext["slope"] == pytest.approx(np.dot(w, [c["slope"] for c in fits]) / w.sum())
+        assert ext["slope_se"] == pytest.approx(np.sqrt(1 / w.sum()))
+        internal = fam["rows"][f]["calibration"]
+        assert internal["slope_ci"] == pytest.approx([internal["slope"] - 1.959963984540054 * internal["slope_se"],
+                                                      internal["slope"] + 1.959963984540054 * internal["slope_se"]])

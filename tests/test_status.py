@@ -144,3 +144,50 @@ def test_status_watches_a_running_simulation(tmp_path, capsys):
     final = capsys.readouterr().out
     assert f"run {json.loads((done[0] / 'metrics.json').read_text())['run_id']}: completed" in final
     assert "folds done 3 of 3" in final
+
+
+def test_status_estimates_every_listed_family(tmp_path, capsys):
+    """Several families are fitted in turn in the main run: each one's round trips and messages (planned and so
+    far), its time, and the time left as the sum of what each family has left at its own pace (a family not yet
+    started at the mean pace of those fitted so far)."""
+    config = {**CONFIG, "external-validation": "none", "models": "logistic-l2,svm,gbt", "training": "exact",
+              "exact-max-rounds": 10, "tree-rounds": 5, "tree-depth": 2, "evaluate-every": 0}
+    log = tmp_path / "audit.jsonl"
+    audit = AuditLog(log, Ed25519PrivateKey.generate())
+    audit.append("run-start", run_id=9, config=config, plan_sha256="ab" * 32)
+    sites = {"a": {}, "b": {}, "c": {}}
+    audit.append("features-agreed", split_counts=sites)
+    audit.append("model-init", model_sha256="0" * 64, training="exact", family="logistic-l2")
+    audit.append("newton-round", round=1, sites=sites, family="logistic-l2")
+    audit.append("newton-round", round=2, sites=sites, family="logistic-l2")
+    audit.append("round-train", round=2, sites=sites, family="logistic-l2")  # the exact fit's closing entry
+    audit.append("round-evaluate", round=2, sites=sites, family="logistic-l2")
+    audit.append("newton-round", round=1, sites=sites, stage="lasso")  # not a family's fit: left out
+    audit.append("model-init", model_sha256="0" * 64, training="fedavg", family="svm")
+    audit.append("round-train", round=1, sites=sites, family="svm")
+    audit.append("round-train", round=2, sites=sites, family="svm")
+    entries = read_entries(log)
+    t0 = datetime(2026, 1, 1, tzinfo=UTC)
+    for entry, seconds in zip(entries, (0, 0, 0, 2, 4, 4, 5, 5, 5, 10, 15), strict=True):
+        entry["time"] = (t0 + timedelta(seconds=seconds)).isoformat()
+    state = progress(entries, now=t0 + timedelta(seconds=15))
+    fam = state["families"]
+    assert list(fam) == ["logistic-l2", "svm", "gbt"]
+    assert {n: (f["training"], f["state"], f["round"], f["rounds"], f["rounds_are_a_cap"]) for n, f in fam.items()} == {
+        "logistic-l2": ("exact", "done", 2, 10, True), "svm": ("fedavg", "training", 2, 4, False),
+        "gbt": ("gbt", "waiting", 0, 10, True)}
+    # planned: (round trips + the final evaluation) x 3 sites; so far: the replies logged
+    assert {n: (f["messages"], f["messages_so_far"]) for n, f in fam.items()} == {
+        "logistic-l2": (33, 9), "svm": (15, 6), "gbt": (33, 0)}
+    assert (fam["logistic-l2"]["seconds"], fam["svm"]["seconds"]) == (5, 10)
+    # svm: 5 s a round, 2 rounds left; gbt: 10 round trips at the mean pace (2.5 s and 5 s a round) 3.75 s
+    assert (fam["svm"]["seconds_left"], fam["gbt"]["seconds_left"]) == (pytest.approx(10), pytest.approx(37.5))
+    assert state["rounds"] == 4 and state["remaining_s"] == pytest.approx(10 + 37.5)
+    assert main(["status", str(tmp_path)]) == 0
+    shown = capsys.readouterr().out
+    for line in ("logistic-l2 (exact, at most 10 round trips): done in 2 round(s); 9 of at most 33 messages",
+                 "svm (fedavg, exactly 4 round trips): round 2; 6 of 15 messages",
+                 "gbt (gbt, at most 10 round trips): waiting; 0 of at most 33 messages"):
+        assert line in shown, shown
+    # before the features phase the sites are not known: no message count is made up
+    assert progress(entries[:1], now=t0)["families"]["svm"]["messages"] is None
