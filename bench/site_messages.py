@@ -96,3 +96,31 @@ class BatchHarness(SiteHarness):
         if failed:
             raise RuntimeError(f"{len(failed)} sub-request(s) refused: {failed[0]}")
         return reply
+
+
+def profile_batches(site_dir: Path, config: dict, n_sites: int, n_batches: int = 5, top: int = 12) -> tuple[float, str]:
+    """cProfile of one site answering ``n_batches`` leave-one-site-out batches of ``n_sites - 1`` Newton requests:
+    (ms per sub-request without the profiler, the top functions by own time with it)."""
+    import cProfile
+    import io
+    import pstats
+    import statistics
+    import time
+
+    harness = BatchHarness(site_dir, config, n_sites)
+    harness.batch()  # the first batch of a run loads the site either way
+    seconds = []
+    for _ in range(n_batches):
+        t = time.perf_counter()
+        harness.batch()
+        seconds.append(time.perf_counter() - t)
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(n_batches):
+        harness.batch()
+    profiler.disable()
+    out = io.StringIO()
+    pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(top)
+    lines = [line for line in out.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)
+             or "{" in line]
+    return 1000 * statistics.median(seconds) / (n_sites - 1), "\n".join(lines)
