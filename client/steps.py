@@ -32,20 +32,19 @@ _PARSED: dict[tuple, RunConfig] = {}  # raw table -> its validated config (a Run
 
 def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
     """The run's validated config (Flower hands each message the raw table; tests and benches may pass the
-    parsed one). Raises RunConfigError naming a bad key. Each message asks a dozen times: a table already
-    validated is not validated again."""
+    parsed one), validated once per table. Raises RunConfigError naming a bad key."""
     if isinstance(values, RunConfig):
         return values
     try:
         key = tuple(sorted(values.items()))
-        hash(key)
-    except TypeError:  # an unhashable value: validation names it
+        return _PARSED[key]
+    except TypeError:  # an unhashable value (not TOML's): parse names it
         return parse(values)
-    if key not in _PARSED:
+    except KeyError:
         if len(_PARSED) >= 64:  # a long-lived process serving many runs
             _PARSED.clear()
         _PARSED[key] = parse(values)
-    return _PARSED[key]
+        return _PARSED[key]
 
 
 def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
