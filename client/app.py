@@ -108,7 +108,18 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
             return None
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
                         "harmonization or join); restart the run")
-    return combat.SiteCombat.from_dict(json.loads(str(record["params"]))).apply
+    return _parsed_combat(str(record["params"])).apply
+
+
+_COMBAT: dict[str, combat.SiteCombat] = {}  # the parameters' JSON -> parsed: each fold's are read once, not per message
+
+
+def _parsed_combat(text: str) -> combat.SiteCombat:
+    if text not in _COMBAT:
+        if len(_COMBAT) >= 256:  # more cohorts than a run has: start again
+            _COMBAT.clear()
+        _COMBAT[text] = combat.SiteCombat.from_dict(json.loads(text))
+    return _COMBAT[text]
 
 
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:

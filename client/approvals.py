@@ -6,6 +6,7 @@ Every message of a run is checked against it before any data is read (``approval
 
 from __future__ import annotations
 
+import functools
 import getpass
 import json
 import logging
@@ -91,7 +92,21 @@ def is_approved(site_dir: Path, plan_hash: str) -> bool:
 def site_plan(run: RunConfig) -> dict:
     """The plan of the run this site is asked to take part in, computed from the code and config it runs; made
     again when the config, the profile file or any code file changes (client.runcache)."""
-    return runcache.remember("plan", sha256_json(run.as_dict()), lambda: run_plan(run, load_profile(run.profile)),
+    return _plan_and_hash(run)[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _run_key(run: RunConfig) -> str:
+    return sha256_json(run.as_dict())  # a RunConfig is frozen: its hash never changes
+
+
+def _plan_and_hash(run: RunConfig) -> tuple[dict, str]:
+    """The site's plan and its hash, kept together: every message checks the hash, which is computed once."""
+    def make() -> tuple[dict, str]:
+        plan = run_plan(run, load_profile(run.profile))
+        return plan, plan_sha256(plan)
+
+    return runcache.remember("plan", _run_key(run), make,
                              lambda _: [resolve_profile_path(run.profile), *code_files()])
 
 
@@ -121,8 +136,7 @@ def check_approved(site_dir: Path, values: RunConfig | Mapping[str, Any]) -> tup
     """(plan hash, "approved" or "off"); raises NotApproved naming the hash and the command to approve it.
 
     A refused plan is saved under ``<work_dir>/plans/`` so the administrator can review exactly that plan."""
-    plan = site_plan(run_config(values))
-    plan_hash = plan_sha256(plan)
+    plan, plan_hash = _plan_and_hash(run_config(values))
     settings = site_settings(site_dir)
     if not settings.get("require_approval", True):
         log.warning("Site %s runs plan %s WITHOUT approval (require_approval: false in site.yaml): development "

@@ -22,6 +22,7 @@ outlive the extraction (``client.workerpool``).
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import io
 import json
@@ -72,8 +73,13 @@ class FeatureTable:
 
     def columns(self, names: list[str]) -> np.ndarray:
         """The (n, len(names)) sub-matrix in the order given."""
-        index = {n: i for i, n in enumerate(self.names)}
+        index = self.index
         return self.values[:, [index[n] for n in names]]
+
+    @functools.cached_property
+    def index(self) -> dict[str, int]:
+        """Each feature name's column (made at the first use: a site's table serves every message of a run)."""
+        return {n: i for i, n in enumerate(self.names)}
 
 
 def pyradiomics_version() -> str:

@@ -21,7 +21,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from client.ledger import Declaration, Ledger, take
+from client.ledger import Declaration, Ledger, append_line, take
 from client.site import site_floor, site_settings
 from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
@@ -189,10 +189,8 @@ def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: Rec
     entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
              "type": message_type, "records": describe(content, bool(settings.get("outbox_values"))),
              **({"fold": fold} if fold else {})}
-    outbox = SiteFiles(Path(settings["output_dir"])).outbox
-    outbox.parent.mkdir(parents=True, exist_ok=True)
-    with outbox.open("a", encoding="utf-8") as fh:
-        fh.write(json.dumps(json_safe(entry), sort_keys=True) + "\n")
+    # inside a batch, appended with the batch's ledger update once every sub-reply is checked (client.ledger)
+    append_line(SiteFiles(Path(settings["output_dir"])).outbox, json.dumps(json_safe(entry), sort_keys=True) + "\n")
 
 
 def check_release(message_type: str, content: RecordDict, declared: Declaration | None, ledger: Ledger,

@@ -12,6 +12,13 @@ Files, under ``<output_dir>/release/`` (never sent anywhere)::
     secret          32 random bytes (hex), created on first use; deleting it re-draws unfrozen blocks only
     ledger.json     frozen blocks and every released case set (case ids), with the first run that sent it
     releases.jsonl  one line per reply that left: run, message type, the sets by hash
+
+A ``query.batch`` (several folds' requests in one message, client.batch) is answered inside ``deferred()``: each
+sub-reply is still checked on its own, against everything on disk PLUS the sets this batch already accepted (so
+two folds whose case sets differ by one patient cannot both leave in one batch), and its sets are booked in
+memory; the batch's ledger update, its releases.jsonl lines and its outbox lines are then written once, durably
+(fsync), re-checked under the ledger's lock, before the batch's reply is handed to Flower. A refused sub-request
+books nothing; a batch that fails before that write sends nothing and writes nothing.
 """
 
 from __future__ import annotations
@@ -23,13 +30,15 @@ import os
 import secrets
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
-from client.sitefiles import atomic_write
+from client import runcache
+from client.sitefiles import append_lines, atomic_write
 from common import release
 
 LEDGER_SCHEMA = "radfed.release-ledger/1"
@@ -119,7 +128,8 @@ class Ledger:
                 fh.write(secrets.token_hex(32))
         return bytes.fromhex(path.read_text().strip())
 
-    def load(self) -> dict:
+    def _read(self) -> dict:
+        """The ledger on disk."""
         path = self.folder / "ledger.json"
         if not path.exists():
             return {"schema": LEDGER_SCHEMA, "blocks": {}, "sets": {}}
@@ -132,8 +142,28 @@ class Ledger:
             raise ReleaseRefused(f"{path} is not a radfed release ledger ({LEDGER_SCHEMA}); restore it from backup")
         return doc
 
+    def _pending(self) -> _Pending | None:
+        """This ledger's share of the batch being answered (read from disk at its first use), or None outside one."""
+        book = _BOOK.get()
+        if book is None:
+            return None
+        key = str(runcache.resolved(self.folder))
+        if key not in book.ledgers:
+            doc = self._read()
+            sets = [frozenset(e["cases"]) for e in doc["sets"].values()]
+            book.ledgers[key] = _Pending(self, doc, sets, set(sets))
+        return book.ledgers[key]
+
+    def load(self) -> dict:
+        """The ledger: on disk, and inside a batch with the sets its earlier sub-replies released."""
+        pending = self._pending()
+        return pending.doc if pending is not None else self._read()
+
     def released_sets(self) -> list[frozenset[str]]:
-        return [frozenset(entry["cases"]) for entry in self.load()["sets"].values()]
+        pending = self._pending()
+        if pending is not None:
+            return pending.sets
+        return [frozenset(entry["cases"]) for entry in self._read()["sets"].values()]
 
     def blocking(self, case_ids: Sequence[str], labels: np.ndarray) -> Blocking:
         """Blocks over these usable cases: frozen blocks whose every patient is usable, then the remaining
@@ -171,42 +201,138 @@ class Ledger:
 
     def check(self, sets: Mapping[str, frozenset[str]]) -> str:
         """'' when releasing ``sets`` keeps the invariant with everything released before, else why not."""
-        before = self.released_sets()
-        new = {name: s for name, s in sets.items() if s and s not in set(before)}
-        if not new:
-            return ""
-        found = release.isolated_group([*before, *new.values()], self.k)
-        if found is None:
-            return ""
-        n = len(found.patients)
-        if not found.proven:
-            return (f"the site cannot rule out that {', '.join(sorted(new))} together with its {len(before)} earlier "
-                    f"release(s) single out fewer than k = {self.k} patients (too many small groups to check)")
-        return (f"{', '.join(sorted(new))} together with the site's {len(before)} earlier release(s) would single "
-                f"out {n} patient{'s' if n != 1 else ''} (fewer than k = {self.k}): subtracting the sums of two "
-                "releases whose case sets differ by so few patients recovers their values")
+        return _why(self.released_sets(), sets, self.k)
 
     def record(self, run_id: int, message_type: str, sets: Mapping[str, frozenset[str]],
                blocking: Blocking | None) -> None:
-        """Add the sets to the ledger and freeze every block any of them touches."""
+        """Add the sets to the ledger and freeze every block any of them touches (inside a batch: in memory, written
+        with the batch's other sub-replies' by ``Book.write``)."""
+        now = datetime.now(UTC).isoformat(timespec="seconds")
+        pending = self._pending()
+        if pending is not None:
+            keys = _apply(pending.doc, run_id, message_type, sets, blocking, now)
+            for members in sets.values():
+                if members and members not in pending.known:
+                    pending.known.add(members)
+                    pending.sets.append(members)
+            pending.records.append((run_id, message_type, dict(sets), blocking, now))
+            pending.lines.append(_release_line(now, run_id, message_type, keys))
+            return
         with self._locked():
-            doc = self.load()
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            keys = {}
-            for name, members in sets.items():
-                if not members:
-                    continue
-                key = keys[name] = _set_key(members)
-                doc["sets"].setdefault(key, {"cases": sorted(members), "first_run": run_id,
-                                             "first_message": message_type, "first_set": name, "first_time": now})
-            touched = frozenset().union(*sets.values()) if sets else frozenset()
-            for bid, (label, members) in (blocking.blocks.items() if blocking else ()):
-                if bid not in doc["blocks"] and touched.intersection(members):
-                    doc["blocks"][bid] = {"label": label, "cases": sorted(members), "frozen": now}
-            atomic_write(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True))
-            with (self.folder / "releases.jsonl").open("a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"time": now, "run_id": run_id, "type": message_type, "sets": keys},
-                                    sort_keys=True) + "\n")
+            doc = self._read()
+            keys = _apply(doc, run_id, message_type, sets, blocking, now)
+            atomic_write(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True), durable=True)
+            append_lines(self.folder / "releases.jsonl", [_release_line(now, run_id, message_type, keys)],
+                         durable=True)
+
+    def _write_pending(self, pending: _Pending) -> None:
+        """A batch's releases in one durable write, checked again under the lock against the ledger as it is now
+        (another run on the same site may have released since the batch first read it)."""
+        with self._locked():
+            doc = self._read()
+            every = {f"{i}:{name}": members for i, (_, _, sets, _, _) in enumerate(pending.records)
+                     for name, members in sets.items()}
+            why = _why([frozenset(e["cases"]) for e in doc["sets"].values()], every, self.k)
+            if why:
+                raise ReleaseRefused(f"this batch's replies, checked again before they leave: {why}")
+            for run_id, message_type, sets, blocking, now in pending.records:
+                _apply(doc, run_id, message_type, sets, blocking, now)
+            atomic_write(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True), durable=True)
+            append_lines(self.folder / "releases.jsonl", pending.lines, durable=True)
+
+
+def _why(before: list[frozenset[str]], sets: Mapping[str, frozenset[str]], k: int) -> str:
+    """'' when ``sets`` added to the ``before`` releases single out no group of fewer than k patients."""
+    known = set(before)
+    new = {str(name): s for name, s in sets.items() if s and s not in known}
+    if not new:
+        return ""
+    found = release.isolated_group([*before, *new.values()], k)
+    if found is None:
+        return ""
+    n = len(found.patients)
+    if not found.proven:
+        return (f"the site cannot rule out that {', '.join(sorted(new))} together with its {len(before)} earlier "
+                f"release(s) single out fewer than k = {k} patients (too many small groups to check)")
+    return (f"{', '.join(sorted(new))} together with the site's {len(before)} earlier release(s) would single "
+            f"out {n} patient{'s' if n != 1 else ''} (fewer than k = {k}): subtracting the sums of two "
+            "releases whose case sets differ by so few patients recovers their values")
+
+
+def _apply(doc: dict, run_id: int, message_type: str, sets: Mapping[str, frozenset[str]], blocking: Blocking | None,
+           now: str) -> dict[str, str]:
+    """Add the sets (first sender kept) and the blocks they touch to the ledger ``doc``; the sets' keys by name."""
+    keys = {}
+    for name, members in sets.items():
+        if not members:
+            continue
+        key = keys[name] = _set_key(members)
+        doc["sets"].setdefault(key, {"cases": sorted(members), "first_run": run_id, "first_message": message_type,
+                                     "first_set": name, "first_time": now})
+    touched = frozenset().union(*sets.values()) if sets else frozenset()
+    for bid, (label, members) in (blocking.blocks.items() if blocking else ()):
+        if bid not in doc["blocks"] and touched.intersection(members):
+            doc["blocks"][bid] = {"label": label, "cases": sorted(members), "frozen": now}
+    return keys
+
+
+def _release_line(now: str, run_id: int, message_type: str, keys: dict[str, str]) -> str:
+    return json.dumps({"time": now, "run_id": run_id, "type": message_type, "sets": keys}, sort_keys=True) + "\n"
+
+
+@dataclass
+class _Pending:
+    """One ledger's releases in the batch being answered: the ledger as read at its first use with the batch's
+    accepted sets added (``doc``, ``sets``), and what to write (``records``, ``lines`` for releases.jsonl)."""
+
+    ledger: Ledger
+    doc: dict
+    sets: list[frozenset[str]]
+    known: set[frozenset[str]]
+    records: list[tuple[int, str, dict[str, frozenset[str]], Blocking | None, str]] = field(default_factory=list)
+    lines: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Book:
+    """What a batch releases, kept until its reply is ready: per ledger folder its releases, per file (the outbox)
+    the lines to append."""
+
+    ledgers: dict[str, _Pending] = field(default_factory=dict)
+    appends: dict[Path, list[str]] = field(default_factory=dict)
+
+    def write(self) -> None:
+        """Every ledger first (what the site released must be known before it leaves), then the outbox lines;
+        each in one durable write. Raises when a ledger, checked again, refuses: nothing of the batch may leave."""
+        for pending in self.ledgers.values():
+            if pending.records:
+                pending.ledger._write_pending(pending)
+        for path, lines in self.appends.items():
+            append_lines(path, lines, durable=True)
+
+
+_BOOK: ContextVar[Book | None] = ContextVar("radfed_release_book", default=None)
+
+
+@contextmanager
+def deferred() -> Iterator[Book]:
+    """Answer a batch: the ledgers and appends of the block are kept in the yielded Book until ``Book.write``
+    (by the caller, once the reply is ready); if the block raises, nothing of it is written."""
+    book = Book()
+    token = _BOOK.set(book)
+    try:
+        yield book
+    finally:
+        _BOOK.reset(token)
+
+
+def append_line(path: Path, line: str) -> None:
+    """Append a line to a site file (the outbox): now, or inside a batch with the batch's release (``Book.write``)."""
+    book = _BOOK.get()
+    if book is None:
+        append_lines(path, [line])
+    else:
+        book.appends.setdefault(path, []).append(line)
 
 
 @dataclass

@@ -8,6 +8,10 @@ changed, replaced, removed or newly created input is read again by the next mess
 disk, as when it reloaded every message. Files written while an entry was being made are not trusted (their
 stamp may predate the last write): such an entry is used once and made again next time.
 
+Inside ``one_look()`` (a ``query.batch``: client.batch) each entry is stamped once: the first lookup of the batch
+checks its files, the batch's later sub-requests (dozens of folds) trust that look and see the same files, so the
+batch is answered from one consistent state of the site; a change lands in the next message, as between messages.
+
 Only the node's own process holds it (nothing is written or sent). In a deployment where Flower starts a fresh
 ClientApp process per message it is simply empty each time, and the site loads as before.
 """
@@ -17,7 +21,9 @@ from __future__ import annotations
 import os
 import threading
 import time
-from collections.abc import Callable, Hashable, Iterable
+from collections.abc import Callable, Hashable, Iterable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
@@ -28,6 +34,34 @@ MAX_ENTRIES = 4096  # a long-lived process serving many sites and runs drops its
 
 _ENTRIES: dict[tuple[str, Hashable], tuple[tuple[Path, ...], tuple[Stamp, ...], object]] = {}
 _LOCK = threading.Lock()
+# the entries already stamped in this look (one query.batch), or None outside one
+_LOOKED: ContextVar[set[tuple[str, Hashable]] | None] = ContextVar("radfed_runcache_look", default=None)
+_RESOLVED: ContextVar[dict[str, Path] | None] = ContextVar("radfed_runcache_resolved", default=None)
+
+
+@contextmanager
+def one_look() -> Iterator[None]:
+    """Stamp each entry's files at most once until the block ends (nested blocks share the outer look)."""
+    if _LOOKED.get() is not None:
+        yield
+        return
+    token, paths = _LOOKED.set(set()), _RESOLVED.set({})
+    try:
+        yield
+    finally:
+        _RESOLVED.reset(paths)
+        _LOOKED.reset(token)
+
+
+def resolved(path: str | Path) -> Path:
+    """``path`` expanded and resolved (symlinks followed): once per look, every time outside one."""
+    memo = _RESOLVED.get()
+    if memo is None:
+        return Path(path).expanduser().resolve()
+    key = str(path)
+    if key not in memo:
+        memo[key] = Path(path).expanduser().resolve()
+    return memo[key]
 
 
 def stamp(path: Path) -> Stamp:
@@ -48,11 +82,16 @@ def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T
 
     ``kind`` separates what is kept (a site's features, a run plan, approvals); errors are not kept (the next
     message tries again and raises again with the current files)."""
+    looked = _LOOKED.get()
     with _LOCK:
         entry = _ENTRIES.get((kind, key))
     if entry is not None:
         paths, before, value = entry
+        if looked is not None and (kind, key) in looked:
+            return value  # type: ignore[return-value]  # stamped earlier in this look
         if stamps(paths) == before:
+            if looked is not None:
+                looked.add((kind, key))
             return value  # type: ignore[return-value]
     started = time.time_ns()
     value = make()
@@ -65,6 +104,8 @@ def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T
             _ENTRIES[(kind, key)] = (paths, now, value)  # newest last: the oldest leave first
             while len(_ENTRIES) > MAX_ENTRIES:
                 del _ENTRIES[next(iter(_ENTRIES))]
+            if looked is not None:
+                looked.add((kind, key))
         else:
             _ENTRIES.pop((kind, key), None)
     return value

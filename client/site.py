@@ -180,7 +180,7 @@ def resolved_paths(root: Path, config: SiteConfig) -> tuple[Path, Path]:
 def site_settings(root: str | Path) -> dict[str, Any]:
     """The validated ``site.yaml`` as a dict of the keys that have a value (paths resolved); read again whenever
     site.yaml or the folder changes (client.runcache)."""
-    root = Path(root).expanduser().resolve()
+    root = runcache.resolved(root)
     return dict(runcache.remember("settings", str(root), lambda: _settings(root, load_site_config(root)),
                                   lambda _: [root, root / "site.yaml"]))
 

@@ -98,18 +98,32 @@ def _umask() -> int:
 _FILE_MODE = 0o666 & ~_umask()  # read once at import: os.umask is process-wide and not thread-safe
 
 
-def atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str, durable: bool = False) -> None:
     """Write a whole file or nothing. The temporary file is unique (mkstemp in the same folder, so
-    os.replace stays atomic): two writers of one path (workers, two runs on one site) never collide on it."""
+    os.replace stays atomic): two writers of one path (workers, two runs on one site) never collide on it.
+    ``durable``: on disk (fsync) before it replaces the old file, for what must survive a power cut."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             os.fchmod(fh.fileno(), _FILE_MODE)  # mkstemp's 0600 would differ from the site's other files
             fh.write(text)
+            if durable:
+                fh.flush()
+                os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def append_lines(path: Path, lines: list[str], durable: bool = False) -> None:
+    """Append whole lines (each ends in a newline) in one write; ``durable``: on disk (fsync) before returning."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write("".join(lines))
+        if durable:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def write_unless_same(path: Path, text: str) -> bool:

@@ -6,6 +6,7 @@ manifest alone (``plan_reply``).
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, replace
@@ -26,11 +27,24 @@ from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig, parse
 from common.split import cv_tag, eligibility_problem, parse_cv_tag, split_problem
 
+_PARSED: dict[tuple, RunConfig] = {}  # raw table -> its validated config (a RunConfig is frozen): parsed once
+
 
 def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
     """The run's validated config (Flower hands each message the raw table; tests and benches may pass the
-    parsed one). Raises RunConfigError naming a bad key."""
-    return values if isinstance(values, RunConfig) else parse(values)
+    parsed one), validated once per table. Raises RunConfigError naming a bad key."""
+    if isinstance(values, RunConfig):
+        return values
+    try:
+        key = tuple(sorted(values.items()))
+        return _PARSED[key]
+    except TypeError:  # an unhashable value (not TOML's): parse names it
+        return parse(values)
+    except KeyError:
+        if len(_PARSED) >= 64:  # a long-lived process serving many runs
+            _PARSED.clear()
+        _PARSED[key] = parse(values)
+        return _PARSED[key]
 
 
 def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
@@ -48,7 +62,7 @@ def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
                         "--run-config \"data-root='/path'\"")
     # listed once per process while the folder's own entries stay the same (client.runcache watches data-root):
     # every message asks several times, and at 1,000 simulated sites each listing stats 1,000 folders
-    sites = runcache.remember("site-folders", str(root.resolve()), lambda: _site_folders(root),
+    sites = runcache.remember("site-folders", str(runcache.resolved(root)), lambda: _site_folders(root),
                               lambda _: [root])
     pid = int(node_config["partition-id"])  # type: ignore[arg-type]
     if pid >= len(sites):
@@ -287,7 +301,7 @@ def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], worker
     The site is read, checked and hashed once per process and read again only when one of its files changed
     (client.runcache); the split is drawn anew every time, since it depends on the release ledger."""
     run = run_config(values)
-    root = Path(site_dir).expanduser().resolve()
+    root = runcache.resolved(site_dir)
     key = (str(root), run.profile, run.combat_covariates if run.combat else "", run.model_covariates)
     (site, profile, table, design, clinical), _ = runcache.remember("site", key, lambda: _load(root, run, workers),
                                                                     lambda loaded: loaded[1])
@@ -398,7 +412,7 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     columns are picked after it; ``names`` defaults to ``agreed``.
     """
     rows = np.ones_like(data.held_out) if held_out is None else data.held_out if held_out else ~data.held_out
-    radiomics = [n for n in agreed if not cov.is_clinical(n)]
+    radiomics, index = _radiomics(tuple(agreed))
     x = data.table.columns(radiomics)[rows]
     if harmonize is not None:
         x = harmonize(x, None if data.covariates is None else data.covariates[rows])
@@ -406,7 +420,6 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     if wanted == radiomics:
         return x, data.table.labels[rows]
     # clinical inputs (model-covariates) join after ComBat, which never adjusts them, as they were coded
-    index = {n: i for i, n in enumerate(radiomics)}
     clinical = {n: j for j, n in enumerate(data.clinical_names)}
     missing = [n for n in wanted if n not in index and n not in clinical]
     if missing:
@@ -416,6 +429,14 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     for j, n in enumerate(wanted):
         out[:, j] = x[:, index[n]] if n in index else data.clinical[rows, clinical[n]]  # type: ignore[index]
     return out, data.table.labels[rows]
+
+
+@functools.lru_cache(maxsize=256)
+def _radiomics(agreed: tuple[str, ...]) -> tuple[list[str], dict[str, int]]:
+    """The agreed radiomics features (not the clinical inputs) and each one's place: every message of a fold asks
+    with the same ~1,000 names, so they are sorted out once."""
+    radiomics = [n for n in agreed if not cov.is_clinical(n)]
+    return radiomics, {n: i for i, n in enumerate(radiomics)}
 
 
 def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],

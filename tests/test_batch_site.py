@@ -212,3 +212,82 @@ def test_interleaved_folds_keep_their_own_feature_lists_at_the_site(site):
     app(join(4, "a", "j-a2"), alone)
     single = app(score("e-a2"), alone)
     assert dict(subs["e-a"].content["metrics"]) == dict(single.content["metrics"])
+
+
+def _one_patient_apart_app(crash_on: str = "") -> BatchingClientApp:
+    """The real guard and ledger behind a handler whose fold "a" sums over 6 + 6 patients and fold "b" over the same
+    and one more HGG patient: each reply is within k alone, but the two differ by exactly one patient."""
+    app = BatchingClientApp(mods=[redact_local_paths, privacy_guard])
+
+    @app.query("moments")
+    def moments(msg: Message, context: Context) -> Message:
+        fold = str(msg.content["config"]["fold"])
+        if fold == crash_on:
+            raise KeyboardInterrupt("the site's process is stopped mid-batch")  # not an Exception: nothing catches it
+        if fold == "boom":
+            raise RuntimeError("this fold's handler failed")
+        extra = 1 if fold == "b" else 0
+        hgg, bm = frozenset(f"h{i}" for i in range(6 + extra)), frozenset(f"b{i}" for i in range(6))
+        ledger.declare(msg.metadata.message_id, ledger.Declaration(
+            {"train": hgg | bm, "train-hgg": hgg, "train-bm": bm},
+            {"n": "train", "n-hgg": "train-hgg", "n-bm": "train-bm"}, None))
+        return Message(RecordDict({"metrics": MetricRecord({"n": len(hgg | bm), "n-hgg": len(hgg), "n-bm": 6})}),
+                       reply_to=msg)
+
+    return app
+
+
+def _send_folds(app: BatchingClientApp, site: Path, folds: list[str]) -> tuple[Message | None, dict[str, Message]]:
+    site.mkdir(parents=True, exist_ok=True)
+    context = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(),
+                      run_config=app_run_config({"min-cases-per-class": K}))
+    requests = [_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord({"fold": f})}), f"sub-{f}")
+                for f in folds]
+    [packed] = batch.pack(requests)
+    reply = app(_as_received(packed.message, "batch-1"), context)
+    packed.message.metadata.__dict__["_message_id"] = "batch-1"
+    return reply, batch.unpack_replies([packed], [reply])
+
+
+def _released(site: Path) -> list[frozenset[str]]:
+    return ledger.Ledger(site / ".radfed" / "release", K).released_sets()
+
+
+def test_two_folds_one_patient_apart_in_one_batch_the_second_is_refused(tmp_path):
+    """Red team: two sub-requests of ONE batch whose case sets differ by one patient (h6). Each is fine against the
+    ledger as it was before the batch, so a site checking every sub-reply against that alone would send both and
+    h6's values would be their difference. The second must be checked against the first's sets too: refused, and
+    the ledger, releases.jsonl and the outbox on disk hold the first only."""
+    reply, subs = _send_folds(_one_patient_apart_app(), tmp_path, ["a", "b"])
+    assert not reply.has_error()
+    assert not subs["sub-a"].has_error()
+    assert subs["sub-b"].has_error() and "would single out 1 patient" in subs["sub-b"].error.reason
+    released = _released(tmp_path)
+    assert frozenset(f"h{i}" for i in range(6)) | frozenset(f"b{i}" for i in range(6)) in released
+    assert all("h6" not in s for s in released)
+    lines = (tmp_path / ".radfed" / "release" / "releases.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["type"] == protocol.MOMENTS
+    assert [e.get("fold") for e in _outbox(tmp_path)] == ["a"]
+
+    # the same two folds in two messages: the ledger on disk refuses the second the same way
+    again, subs = _send_folds(_one_patient_apart_app(), tmp_path, ["b"])
+    assert subs["sub-b"].has_error() and "would single out 1 patient" in subs["sub-b"].error.reason
+
+
+def test_a_fold_that_fails_mid_batch_books_nothing_and_a_crash_sends_and_writes_nothing(tmp_path):
+    """A later sub-request that raises (its handler fails) is that fold's error only: the earlier fold leaves and is
+    booked, the failed one neither. A crash that stops the batch itself (nothing catches it) sends no reply and
+    leaves nothing of the batch on disk: no set is recorded that did not leave, and none leaves unrecorded (the
+    ledger is written before the reply is handed to Flower, so that order holds whatever stops the site)."""
+    reply, subs = _send_folds(_one_patient_apart_app(), tmp_path / "fails", ["a", "boom"])
+    assert not subs["sub-a"].has_error() and subs["sub-boom"].has_error()
+    assert len(_released(tmp_path / "fails")) == 3 and [e.get("fold") for e in _outbox(tmp_path / "fails")] == ["a"]
+
+    crashed = tmp_path / "crash"
+    with pytest.raises(KeyboardInterrupt):
+        _send_folds(_one_patient_apart_app(crash_on="b"), crashed, ["a", "b"])
+    assert _released(crashed) == [] and _outbox(crashed) == []
+    assert not (crashed / ".radfed" / "release" / "releases.jsonl").exists()
+    # the site answers the next batch as if the crashed one had never come
+    reply, subs = _send_folds(_one_patient_apart_app(), crashed, ["a"])
+    assert not subs["sub-a"].has_error() and len(_released(crashed)) == 3
