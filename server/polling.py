@@ -1,12 +1,13 @@
 """Waiting for replies without Flower's fixed 3-second nap.
 
-Flower 1.42 gives the ServerApp an ``HttpGrid`` (flwr/superlink/grid/http_grid.py) whose ``send_and_receive``
-pulls the replies once right after pushing, then sleeps 3 s between pulls. The sites need well under a second per
-query, so every round trip of a run cost 3 s (6 s if a reply just missed a pull): about 22 round trips of the
-main run alone took over a minute of waiting (bench/bench_overhead.py). ``PollingGrid`` pushes and pulls through
-the same grid's ``push_messages`` / ``pull_messages`` and sleeps 20 ms after the first empty pull, growing by half
-each time up to 0.5 s, so a quick query returns within tens of milliseconds and a slow one costs at most a pull
-every 0.5 s. Replies, timeouts and errors are Flower's own, exactly as ``send_and_receive`` returns them.
+In a deployment, Flower 1.42 gives the ServerApp an ``HttpGrid`` (flwr/superlink/grid/http_grid.py) whose
+``send_and_receive`` pulls the replies once right after pushing, then sleeps 3 s between pulls. The sites need well
+under a second per query, so every round trip of a deployed run cost 3 s (6 s if a reply just missed a pull): the
+main run's ~20 round trips and the folds' ~15 waited well over a minute. (Flower's simulation runs the ServerApp
+on an ``InMemoryGrid``, which pulls every 0.1 s.) ``PollingGrid`` pushes and pulls through the same grid's
+``push_messages`` / ``pull_messages``, sleeping 10 ms after the first empty pull, growing by half each time up to
+0.1 s: a quick query returns within tens of milliseconds, and a slow one costs a pull every 0.1 s, as the
+simulation's grid does. Replies, timeouts and errors are Flower's own, exactly as ``send_and_receive`` returns them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-FIRST, LONGEST, GROWTH = 0.02, 0.5, 1.5  # seconds between pulls: from FIRST, times GROWTH, at most LONGEST
+FIRST, LONGEST, GROWTH = 0.01, 0.1, 1.5  # seconds between pulls: from FIRST, times GROWTH, at most LONGEST
 
 
 class PollingGrid:
