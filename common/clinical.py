@@ -261,6 +261,9 @@ def sum_recalibration_terms(replies: Sequence[Mapping[str, Any]]) -> tuple[np.nd
             float(sum(float(r["loss"]) for r in replies)), int(sum(int(r["n"]) for r in replies)))
 
 
+START = np.array([0.0, 1.0])  # (a, b) where every calibration fit starts: perfect calibration
+
+
 def fit_recalibration(query: Callable[[np.ndarray], Sequence[Mapping[str, Any]]], fixed_slope: float | None = None,
                       tol: float = 1e-10, max_iter: int = 25, max_rounds: int | None = None) -> dict[str, Any]:
     """Server: Newton's method on the sites' summed :func:`site_recalibration_terms`, from (a, b) = (0, 1)
@@ -275,7 +278,7 @@ def fit_recalibration(query: Callable[[np.ndarray], Sequence[Mapping[str, Any]]]
     accepted point is returned with ``converged`` False.
     """
     free = [0] if fixed_slope is not None else [0, 1]
-    params = np.array([0.0, 1.0 if fixed_slope is None else float(fixed_slope)])
+    params = START.copy() if fixed_slope is None else np.array([0.0, float(fixed_slope)])
     grad, hess, loss, n = sum_recalibration_terms(query(params))
     rounds, converged = 1, False
     for _ in range(max_iter):

@@ -24,7 +24,7 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import batching, clinical, comparison, phases, pipeline, report, robustness, validation
+from server import batching, clinical, comparison, merging, phases, pipeline, polling, report, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.strategy import record_sha256
@@ -145,7 +145,10 @@ def main(grid: Grid, context: Context) -> None:
     started = time.perf_counter()
     result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     restore_signals = raise_on_stop_signal()
-    grid = batching.batched(grid, run.send_batch)  # Flower's simulation at many sites (server/batching.py)
+    # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
+    # several requests to one site packed into one message (server/merging.py), which also counts what was sent
+    packing = merging.PackingGrid(batching.batched(polling.polling(grid), run.send_batch))
+    grid = packing  # type: ignore[assignment]
     ctx = Run(grid, run, audit, folder, profile)
     try:
         ctx.dp_account = privacy_account(run)
@@ -242,13 +245,15 @@ def main(grid: Grid, context: Context) -> None:
     final = result.final_aggregate()
     # every output is written by now: run-end signs each file's hash, so `radfed audit verify` can compare them
     signed = artifact_hashes(folder)
+    sent = packing.counts()  # Flower messages and the requests they carried (merge-phases packs several in one)
     audit.append("run-end", status=result.status, error=result.error, model_sha256=result.model_sha256,
                  final=final, seconds=round(result.seconds, 3), artifacts=signed,
-                 metrics_sha256=signed.get("metrics.json"))
+                 metrics_sha256=signed.get("metrics.json"), messages=sent)
     for drop in result.dropouts:  # one line per site, by name, at the end where the coordinator looks
         where = f"{drop['phase']} phase" + (f", round {drop['round']}" if drop.get("round") is not None else "")
         log.warning("Site %s did not take part from the %s on: %s", drop["site"], where, drop["reason"])
-    log.info("radfed run %s %s in %.1fs; metrics, report and audit log in %s", context.run_id, result.status,
-             result.seconds, folder)
+    log.info("radfed run %s %s in %.1fs (%d message(s) to %d site(s), carrying %d request(s)); metrics, report and "
+             "audit log in %s", context.run_id, result.status, result.seconds, sent["messages"], sent["sites"],
+             sent["requests"], folder)
     if result.status != "completed":
         raise RuntimeError(f"radfed run {result.status}: {result.error}")

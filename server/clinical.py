@@ -75,6 +75,19 @@ def pooled(terms: dict[str, Terms], score_bins: int, decision_thresholds: int) -
     }
 
 
+def _recalibrate_request(config: dict[str, Any], params: np.ndarray, rnd: int) -> dict[str, Any]:
+    return {**config, "intercept": float(params[0]), "slope": float(params[1]), "server-round": rnd}
+
+
+def prefetch_calibration(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, Any]) -> None:
+    """The calibration fit's first round of the model ``arrays`` (at (a, b) = (0, 1), so it waits for nothing) goes
+    out with the cohort's next query, the model's final evaluation (merge-phases, server/merging.py); the fit
+    (``calibration_phase``) takes those replies when it asks exactly that."""
+    if run.config.recalibration_max_rounds > 0 and run.config.internal_validation != "cv":
+        cohort.prefetch(run, protocol.RECALIBRATE, _recalibrate_request(config, clinical.START, 1),
+                        per_node=lambda _: RecordDict({"arrays": arrays}))
+
+
 def calibration_phase(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, Any]) -> dict[str, Any]:
     """Calibration slope and intercept of the final model ``arrays`` on the cohort's held-out cases: logistic
     recalibration y ~ a + b logit(p) fitted by Newton steps on the sites' summed gradients and Hessians
@@ -89,8 +102,7 @@ def calibration_phase(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dic
 
     def query(params: np.ndarray) -> list[dict[str, Any]]:
         rnd = len(answered) + 1
-        replies = cohort.ask(run, "recalibrate", protocol.RECALIBRATE,
-                             {**config, "intercept": float(params[0]), "slope": float(params[1]), "server-round": rnd},
+        replies = cohort.ask(run, "recalibrate", protocol.RECALIBRATE, _recalibrate_request(config, params, rnd),
                              per_node=lambda _: RecordDict({"arrays": arrays}), server_round=rnd)
         sites = [cohort.fed.sites[nid] for nid in replies]
         if answered and sites != answered[0]:  # the sums would then be over other cases than round 1's

@@ -21,6 +21,7 @@ from common import dp, dp_query
 from common.canon import sha256_json
 from common.profile import Profile
 from common.runconfig import RunConfig
+from server import merging
 from server.audit import AuditLog
 
 log = logging.getLogger("flwr.radfed.server")
@@ -96,6 +97,9 @@ class Run:
     dp_account: dp.DPAccount | None = None
     query_account: dp_query.QueryAccount | None = None  # noised query releases (dp-query-noise-multiplier > 0)
     training_started: bool = False  # a stop before the first model is sent is a refused run, after it a failed one
+    # replies fetched ahead of their query (merge-phases, server/merging.py); shared by the folds' copies of the run,
+    # whose requests differ by their fold tag
+    prefetched: merging.Prefetched = field(default_factory=merging.Prefetched)
 
     @property
     def timeout(self) -> float:
@@ -116,11 +120,38 @@ class Cohort:
     def tag(self) -> dict[str, str]:
         return {"fold": self.fold} if self.fold else {}
 
+    riders: list[merging.Rider] = field(default_factory=list, compare=False, repr=False)
+
     def ask(self, run: Run, phase: str, message_type: str, config: dict,
             per_node: Callable[[int], RecordDict] | None = None, server_round: int | None = None) -> dict[int, Message]:
         """One query to every site of the cohort; the good replies by node id. A site that fails or does not
-        answer is dropped (and named); the run stops if too few remain."""
-        sent = query(run.grid, list(self.fed.sites), message_type, {**config, **self.tag}, run.timeout, per_node)
+        answer is dropped (and named); the run stops if too few remain. Requests deferred or prefetched on this
+        cohort (``defer``, ``prefetch``) go in the same round trip."""
+        messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node)
+        sent = merging.exchange(run.grid, messages, run.timeout, self.riders, run.prefetched)
+        return self._receive(run, phase, message_type, sent, server_round)
+
+    def defer(self, run: Run, phase: str, message_type: str, config: dict,
+              per_node: Callable[[int], RecordDict] | None, done: Callable[[dict[int, Message]], None]) -> None:
+        """A query that goes out with this cohort's next one (merge-phases) and is read just before it, as if it
+        had been sent on its own: ``done`` gets its good replies. Without merge-phases it is sent now."""
+        if not run.config.merge_phases:
+            done(self.ask(run, phase, message_type, config, per_node))
+            return
+        messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node)
+        self.riders.append(merging.Rider(messages, lambda sent: done(
+            self._receive(run, phase, message_type, sent, None))))
+
+    def prefetch(self, run: Run, message_type: str, config: dict,
+                 per_node: Callable[[int], RecordDict] | None = None) -> None:
+        """Send, with this cohort's next query, a request a later query will make (merge-phases): that query then
+        takes these replies instead of asking again, if it asks exactly this. Off without merge-phases."""
+        if run.config.merge_phases:
+            messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node)
+            self.riders.append(run.prefetched.rider(messages))
+
+    def _receive(self, run: Run, phase: str, message_type: str, sent: dict[int, Message],
+                 server_round: int | None) -> dict[int, Message]:
         good = replies_of(self.fed, run.audit, phase, sent, server_round)
         if run.query_account is not None and message_type in dp_query.MECHANISMS:  # each arrival is spent
             run.query_account.add(message_type, [self.fed.sites[nid] for nid in good])
@@ -153,17 +184,24 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
         time.sleep(1.0)
 
 
+def build(node_ids: list[int], message_type: str, config: dict,
+          per_node: Callable[[int], RecordDict] | None = None) -> list[Message]:
+    """One message per node: ``config`` for every node, plus the records ``per_node(node_id)`` holds for that node."""
+    messages = []
+    for nid in node_ids:
+        content = per_node(nid) if per_node else RecordDict()
+        content["config"] = ConfigRecord({**config, **dict(content.get("config") or {})})
+        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
+    return messages
+
+
 def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, timeout: float,
           per_node: Callable[[int], RecordDict] | None = None) -> dict[int, Message]:
     """Send one query to every node; replies by node id (a node that did not answer is absent).
 
     ``config`` goes to every node; ``per_node(node_id)`` adds records meant for that node only.
     """
-    messages = []
-    for nid in node_ids:
-        content = per_node(nid) if per_node else RecordDict()
-        content["config"] = ConfigRecord({**config, **dict(content.get("config") or {})})
-        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
+    messages = build(node_ids, message_type, config, per_node)
     return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
 
 

@@ -49,11 +49,13 @@ class CountingGrid(Grid):
     """The run's grid, counting the messages sent through it (the sequential folds' count)."""
 
     def __init__(self, grid: Grid) -> None:
-        self.inner, self.messages = grid, 0
+        self.inner, self.messages, self.requests = grid, 0, 0
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
         messages = list(messages)
-        self.messages += len(messages)
+        # the run's grid packs several requests to one site into one message (merge-phases, server/merging.py)
+        self.messages += len({m.metadata.dst_node_id for m in messages})
+        self.requests += len(messages)
         return self.inner.send_and_receive(messages, timeout=timeout) if messages else []
 
     def get_node_ids(self) -> Iterable[int]:
@@ -152,7 +154,8 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
             run.audit.append("fold-start", kind=job.kind, fold=job.fold, index=index, of=len(jobs))
             with run.audit.fold_context(job.fold):
                 out[job.fold] = job.work(alone)
-        run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=False, messages=counting.messages)
+        run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=False, messages=counting.messages,
+                         requests=counting.requests)
         return out
     run.audit.append("fold-start", kind=" + ".join(kinds), fold=f"{len(jobs)} folds together", index=None,
                      of=len(jobs), together=[j.fold for j in jobs])

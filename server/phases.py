@@ -290,7 +290,8 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:
     """Sites outside a cohort harmonise themselves against its pooled estimates, as a late-joining hospital
     does (``radfed site join``): each fits its own location/scale on all its usable cases, with no labels,
-    and keeps it for the cohort's fold. Only the number of cases comes back."""
+    and keeps it for the cohort's fold. Only the number of cases comes back. With merge-phases the join goes
+    out with ``outsider``'s next query (the scoring of the cohort's model), which must follow."""
     est = harmonization.late_joiner
     names = [str(n) for n in est["features"]]  # type: ignore[union-attr]
     d = len(names)
@@ -301,10 +302,15 @@ def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None
         "zero-variance": Array(np.asarray(est["zero_variance"], dtype=np.float64))})})
     config = {"features": names, "features-sha256": sha256_json(names), "n-sites": int(est["n_sites"]),  # type: ignore[call-overload]
               "n-pooled": int(est["n"])}  # type: ignore[call-overload]
-    replies = outsider.ask(run, "harmonization", protocol.COMBAT_JOIN, config, per_node=lambda _: arrays)
-    run.audit.append("harmonization-join", sites=sorted(outsider.fed.sites[n] for n in replies),
-                     n_cases={outsider.fed.sites[n]: int(r.content["metrics"]["n"]) for n, r in replies.items()},  # type: ignore[arg-type]
-                     **outsider.tag)
+
+    def joined(replies: dict[int, Message]) -> None:
+        run.audit.append("harmonization-join", sites=sorted(outsider.fed.sites[n] for n in replies),
+                         n_cases={outsider.fed.sites[n]: int(r.content["metrics"]["n"]) for n, r in replies.items()},  # type: ignore[arg-type]
+                         **outsider.tag)
+
+    # nothing waits for the join's replies but the scoring that follows: it travels with it (merge-phases); a site
+    # whose join fails is dropped before its scoring reply is read, as when the join went alone
+    outsider.defer(run, "harmonization", protocol.COMBAT_JOIN, config, lambda _: arrays, joined)
 
 
 def histograms_phase(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[str],

@@ -74,17 +74,22 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
     chosen = phases.selection_phase(run, cohort, pooled, frozenset(robust.removed) if robust else frozenset())
     chosen = training.select_l1(run, cohort, pooled, chosen)
+    # with clinical inputs: the first listed family again on the radiomics features alone and on the clinical inputs
+    # alone, same cohort, ComBat, moments and selection; the comparison's rows then differ only in the inputs
+    inputs = variants(chosen, run.config.compared[len(run.config.families):])
     drawn = None
     if histograms and harmonization is not None and chosen.names and not run.config.dp_query:  # withheld under DP
         radiomics = [n for n in chosen.names if not is_clinical(n)]  # ComBat's before/after: no clinical
+        # each exact fit's first Newton round waits only for the selection: it travels with the histograms
+        for family in run.config.families:
+            training.prefetch_first_round(run, cohort, pooled, chosen, family)
+        for name, own in inputs.items():
+            training.prefetch_first_round(run, cohort, pooled, own, name)
         drawn = phases.histograms_phase(run, cohort, pooled, radiomics[:4])
     # every family on the same harmonised, standardised, selected features: the rows of the comparison differ
     # only in the model
     models = {family: training.train(run, cohort, pooled, chosen, evaluate_rounds, family)
               for family in run.config.families}
-    # with clinical inputs: the first listed family again on the radiomics features alone and on the clinical inputs
-    # alone, same cohort, ComBat, moments and selection; the comparison's rows then differ only in the inputs
-    inputs = variants(chosen, run.config.compared[len(run.config.families):])
     for name, own in inputs.items():
         models[name] = training.train(run, cohort, pooled, own, evaluate_rounds, name)
     return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust, inputs=inputs)

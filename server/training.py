@@ -141,6 +141,27 @@ def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
                            n_pos=int(metrics["n-hgg"]), n_neg=int(metrics["n-bm"]))  # type: ignore[arg-type]
 
 
+def _newton_request(config: dict[str, object], rnd: int, coef: np.ndarray, mean: np.ndarray,
+                    scale: np.ndarray) -> tuple[dict[str, object], RecordDict]:
+    """Newton round ``rnd``'s config and arrays (the coefficients and the standardisation)."""
+    record = RecordDict({"arrays": ArrayRecord({"coef": Array(coef), "mean": Array(mean), "scale": Array(scale)})})
+    return {**config, "server-round": rnd}, record
+
+
+def prefetch_first_round(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection,
+                         family: str) -> None:
+    """Exact training's first Newton round of ``family`` on ``chosen`` (from zero coefficients, so it waits for
+    nothing) goes out with the cohort's next query (merge-phases, server/merging.py); other modes send nothing."""
+    if mode(family, run.config) != "exact" or not chosen.names:
+        return
+    index = {n: i for i, n in enumerate(phases.model_inputs(run, cohort.agreement))}
+    cols = [index[n] for n in chosen.names]
+    coef = np.zeros(len(chosen.names) + 1)  # exact.ExactNewton starts there
+    request, record = _newton_request(shared_config(chosen, cohort.agreement.pos_weight, family), 1, coef,
+                                      pooled.mean[cols], pooled.std[cols])
+    cohort.prefetch(run, protocol.NEWTON, request, per_node=lambda _: record)
+
+
 def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: RunConfig, mean: np.ndarray,
                  scale: np.ndarray, evaluate_rounds: bool, stage: str = "", family: str = "logistic-l2") -> Trained:
     """Newton rounds until the step is below ``exact-tol`` (or ``exact-max-rounds``), then one evaluation.
@@ -156,10 +177,8 @@ def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: Run
     trained = Trained(ArrayRecord())
     while not newton.done:
         rnd = newton.rounds + 1
-        record = RecordDict({"arrays": ArrayRecord({"coef": Array(newton.coef), "mean": Array(mean),
-                                                    "scale": Array(scale)})})
-        replies = cohort.ask(run, "newton", protocol.NEWTON, {**config, "server-round": rnd},
-                             per_node=lambda _, r=record: r, server_round=rnd)
+        request, record = _newton_request(config, rnd, newton.coef, mean, scale)
+        replies = cohort.ask(run, "newton", protocol.NEWTON, request, per_node=lambda _, r=record: r, server_round=rnd)
         terms = {cohort.fed.sites[nid]: _site_terms(r.content, noised) for nid, r in replies.items()}
         coef_sent = newton.coef.copy()
         total = exact.sum_terms(terms.values())
@@ -183,6 +202,8 @@ def _train_exact(run: Run, cohort: Cohort, chosen: selection.Selection, cfg: Run
     log.info("Exact fit %s after %d round(s)", "converged" if newton.converged else "stopped", final_round)
     if evaluate_rounds:
         evaluate_config = {**shared_config(chosen, pos_weight, family), "server-round": final_round}
+        if not cohort.fold and not stage:  # the main run's model: its calibration fit's first round rides along
+            clinical.prefetch_calibration(run, cohort, trained.arrays, shared_config(chosen, pos_weight, family))
         replies = cohort.ask(run, "evaluate", protocol.EVALUATE, evaluate_config,
                              per_node=lambda _: RecordDict({"arrays": trained.arrays}), server_round=final_round)
         per_site_eval, site_curves = evaluation_records(cohort.fed.sites, replies.values())

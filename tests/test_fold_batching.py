@@ -51,7 +51,7 @@ def test_batched_folds_equal_sequential_folds_with_fewer_messages(tmp_path):
     assert [e["batched"] for e in ends["sequential"]] == [False, False]
     for batched, sequential in zip(ends["batched"], ends["sequential"], strict=True):
         assert batched["folds"] == sequential["folds"]
-        assert batched["requests"] == sequential["messages"]  # every request still went, packed
+        assert batched["requests"] == sequential["requests"]  # every request still went, packed
         assert 2 * batched["messages"] <= sequential["messages"], (batched, sequential)
     # `radfed status` reads the batched fold-start: every fold at once
     starts = [e["data"] for e in events(runs["batched"]) if e["event"] == "fold-start"]

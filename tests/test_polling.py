@@ -1,0 +1,54 @@
+"""server/polling.py: replies are pulled in short, growing steps (Flower's HttpGrid sleeps 3 s between pulls)."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from server import polling
+
+
+class _Grid:
+    """Pushes give ids 0..n-1; the reply to id i is ready from pull number ``ready[i]`` on (never if None)."""
+
+    def __init__(self, ready: list[int | None]) -> None:
+        self.ready, self.pulls, self.pushed = ready, 0, []
+
+    def push_messages(self, messages):
+        self.pushed = list(messages)
+        return [str(i) for i in range(len(self.pushed))]
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return [SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=i)) for i in sorted(ids)
+                if self.ready[int(i)] is not None and self.pulls >= self.ready[int(i)]]
+
+    def get_node_ids(self):
+        return [7]
+
+
+@pytest.fixture
+def naps(monkeypatch):
+    slept: list[float] = []
+    monkeypatch.setattr(polling.time, "sleep", slept.append)
+    return slept
+
+
+def test_every_reply_once_with_short_growing_pauses(naps):
+    grid = _Grid([1, 3, 12])
+    replies = polling.polling(grid).send_and_receive(["a", "b", "c"], timeout=60.0)
+    assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
+    assert grid.pulls == 12 and len(naps) == 11  # one pause between pulls, none after the last reply
+    assert naps[0] == polling.FIRST and max(naps) == polling.LONGEST < 3.0
+    assert all(b == min(a * polling.GROWTH, polling.LONGEST) for a, b in zip(naps, naps[1:], strict=False))
+    assert polling.polling(grid).get_node_ids() == [7]  # the rest is the wrapped grid's
+
+
+def test_a_site_that_never_answers_ends_at_the_timeout(naps, monkeypatch):
+    clock = iter(range(0, 1000, 1))  # every time.time() call is one second later
+    monkeypatch.setattr(polling.time, "time", lambda: float(next(clock)))
+    grid = _Grid([1, None])
+    replies = polling.polling(grid).send_and_receive(["a", "b"], timeout=10.0)
+    assert [r.metadata.reply_to_message_id for r in replies] == ["0"]
+    assert 1 < grid.pulls < 12
