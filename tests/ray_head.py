@@ -1,10 +1,11 @@
 """One Ray cluster for every simulated federation of a test session.
 
 Each `flwr run` on the simulation engine calls ``ray.init()``, which starts a whole local Ray cluster (GCS,
-raylet, agents) and stops it after the run: about 10-40 s of every run on 2 cores, for nothing the tests
-check. With ``RAY_ADDRESS`` set, Flower's Ray backend joins a running cluster instead; its ClientApp actors
-are still new processes of that run's own Ray job, and die with it. The head is started on first use, in
-its own process group and temp folder, and stopped by that group at the end of the session.
+raylet, agents) and stops it after the run: ray.init() and a first task took 18-35 s on the shared 2-core
+machine, 0.6-5 s joining a running head, for nothing the tests check. With ``RAY_ADDRESS`` set, Flower's Ray
+backend joins a running cluster instead; its ClientApp actors are still new processes of that run's own Ray
+job, and die with it. The head is started on first use, in its own process group and temp folder, and
+stopped by that group at the end of the session.
 """
 
 from __future__ import annotations
