@@ -4,6 +4,7 @@ import locale
 from pathlib import Path
 
 import pytest
+import ray_head
 
 from radfed import synth
 
@@ -23,3 +24,10 @@ def _locale_of_the_environment():
     would otherwise make the next test's text subprocess output undecodable."""
     locale.setlocale(locale.LC_ALL, "")
     yield
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _stop_the_shared_ray_head():
+    """The Ray head simulated federations share (tests/ray_head.py), if one started, stops with the session."""
+    yield
+    ray_head.stop()

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import ray_head
+
 from radfed.cli import approve_demo_plan
 from radfed.launch import run_federation
 
@@ -24,7 +26,8 @@ def run_federation_in(tmp_path: Path, data_root: Path, n_sites: int, unapproved:
     # the sites the simulation serves (client.steps): folders holding a manifest.csv or a site.yaml
     sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists() or (p / "site.yaml").exists())
     approve_demo_plan([s for s in sites if s.name not in unapproved], run_config)
-    run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
+    with ray_head.joined():  # one Ray cluster for the session's runs (tests/ray_head.py says why)
+        run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
     runs = sorted(out.glob("*-run*"))
     log = tmp_path / "flwr" / "flwr-run.log"
     assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text(encoding="utf-8")[-3000:]
