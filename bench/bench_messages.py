@@ -56,6 +56,8 @@ def make_app(folder: Path, server: str, client: str) -> Path:
     text = (ROOT / "pyproject.toml").read_text(encoding="utf-8")
     text = text.replace('serverapp = "server.app:app"', f'serverapp = "{server}"')
     text = text.replace('clientapp = "client.app:app"', f'clientapp = "{client}"')
+    # the app bundle holds only what fab-include lists: the bench apps' module too
+    text = text.replace('fab-include = [', 'fab-include = ["benchapp.py", ', 1)
     (folder / "pyproject.toml").write_text(text, encoding="utf-8")
     return folder
 
@@ -175,7 +177,8 @@ def main() -> int:
     work.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in args.sites.split(","))
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = {**config, "num-server-rounds": args.rounds, "external-validation": "none", "local-only": "none"}
+    config = {**config, "training": "fedavg", "num-server-rounds": args.rounds, "external-validation": "none",
+              "local-only": "none"}  # FedAvg: the rounds this bench counts (exact needs bigger sites)
     dirs = sites(work, sizes[-1], args.workers)
 
     if not args.skip_federation:

@@ -1,7 +1,7 @@
 """The two Flower apps bench/bench_messages.py runs, copied (as ``benchapp.py``) into a scratch app folder beside
 radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exact code and its plan hash):
 
-- ``timed``: radfed's own ServerApp, its Grid wrapped to record every ``send_and_receive``: the message type,
+- ``timed``: radfed's own ServerApp, its Grid wrapped to record every batch of messages it pushes: the message type,
   the wall seconds, and per message the sizes of request and reply (array bytes, config/metric bytes).
   Written to ``<output-dir>/messages.json``.
 - ``profiled_client``: radfed's ClientApp under cProfile in each simulation worker process, its statistics kept in
@@ -28,6 +28,7 @@ from flwr.serverapp import Grid, ServerApp
 from client.app import app as radfed_client
 from common.protocol import REPLIES
 from server.app import main as radfed_main
+from server.polling import polling
 
 RECORD = "messages.json"
 FLOOR = "floor.json"
@@ -45,32 +46,66 @@ def sizes(content: RecordDict) -> tuple[int, int]:
 
 
 class TimedGrid:
-    """A Grid that records each send_and_receive (type, seconds, request and reply sizes) and otherwise
-    does what the wrapped Grid does."""
+    """A Grid that records each batch of messages (type, seconds from push to the last reply, request and reply
+    sizes) and otherwise does what the wrapped Grid does. radfed's coordinator waits through ``push_messages`` /
+    ``pull_messages`` (server/polling.py), so a batch is what one push sent, done when its last reply is pulled."""
 
     def __init__(self, grid: Grid) -> None:
         self._grid = grid
         self.batches: list[dict[str, object]] = []
+        self._open: list[dict[str, object]] = []
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
 
-    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+    def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         start = time.perf_counter()
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        seconds = time.perf_counter() - start
+        ids = list(self._grid.push_messages(messages))
+        self._open.append({"start": start, "messages": messages, "pending": set(ids), "replies": {}, "end": start})
+        return ids
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        replies = list(self._grid.pull_messages(message_ids))
+        now = time.perf_counter()
+        for r in replies:
+            for batch in self._open:
+                if r.metadata.reply_to_message_id in batch["pending"]:  # type: ignore[operator]
+                    batch["pending"].discard(r.metadata.reply_to_message_id)  # type: ignore[attr-defined]
+                    batch["replies"][r.metadata.reply_to_message_id] = r  # type: ignore[index]
+                    batch["end"] = now
+        for batch in [b for b in self._open if not b["pending"]]:
+            self._close(batch)
+        return replies
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None) -> Iterable[Message]:
+        ids = set(self.push_messages(messages))
+        end = time.time() + (timeout if timeout is not None else 0.0)
+        replies: list[Message] = []
+        while ids and (timeout is None or time.time() < end):
+            got = list(self.pull_messages(ids))
+            replies.extend(got)
+            ids.difference_update(r.metadata.reply_to_message_id for r in got)
+            if ids:
+                time.sleep(0.01)
+        return replies
+
+    def finish(self) -> None:
+        """Record the batches still waiting for a reply (a site that left), up to their last reply."""
+        for batch in list(self._open):
+            self._close(batch)
+
+    def _close(self, batch: dict) -> None:
+        self._open.remove(batch)
         nodes = sorted(self._grid.get_node_ids())
-        back = {r.metadata.reply_to_message_id: r for r in replies}
         rows = []
-        for m in messages:
-            reply = back.get(m.metadata.message_id)
+        for m in batch["messages"]:
+            reply = batch["replies"].get(m.metadata.message_id)
             answer = sizes(reply.content) if reply is not None and not reply.has_error() else (0, 0)
             rows.append({"node": nodes.index(m.metadata.dst_node_id) if m.metadata.dst_node_id in nodes else 0,
                          "request": sizes(m.content), "reply": answer})
-        types = sorted({m.metadata.message_type for m in messages})
-        self.batches.append({"type": ",".join(types), "seconds": seconds, "messages": rows})
-        return replies
+        types = sorted({m.metadata.message_type for m in batch["messages"]})
+        self.batches.append({"type": ",".join(types), "seconds": batch["end"] - batch["start"], "messages": rows})
 
 
 timed = ServerApp()
@@ -83,6 +118,7 @@ def timed_main(grid: Grid, context: Context) -> None:
     try:
         radfed_main(recorder, context)  # type: ignore[arg-type]
     finally:
+        recorder.finish()
         out = Path(str(context.run_config["output-dir"])).expanduser()
         out.mkdir(parents=True, exist_ok=True)
         (out / RECORD).write_text(json.dumps({"seconds": time.perf_counter() - start, "nodes": len(
@@ -125,6 +161,7 @@ def floor_main(grid: Grid, context: Context) -> None:
     while len(list(grid.get_node_ids())) < record["nodes"]:
         time.sleep(0.2)
     nodes = sorted(grid.get_node_ids())
+    waiting = polling(grid)  # the coordinator's own way of waiting for replies, so only the ClientApp differs
     timings = []
     start = time.perf_counter()
     for batch in record["batches"]:
@@ -132,7 +169,7 @@ def floor_main(grid: Grid, context: Context) -> None:
         messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1]}),
                             dst_node_id=nodes[m["node"]], message_type=kind) for m in batch["messages"]]
         t = time.perf_counter()
-        replies = list(grid.send_and_receive(messages, timeout=600))
+        replies = list(waiting.send_and_receive(messages, timeout=600))
         if any(r.has_error() for r in replies) or len(replies) != len(messages):
             raise RuntimeError(f"the floor's {kind} batch failed: {[r.error.reason for r in replies if r.has_error()]}")
         timings.append({"type": batch["type"], "seconds": time.perf_counter() - t, "n": len(messages)})
