@@ -8,6 +8,7 @@ exact shape of every array before a reply leaves the site.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 from datetime import UTC, datetime
@@ -111,15 +112,10 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
     return _parsed_combat(str(record["params"])).apply
 
 
-_COMBAT: dict[str, combat.SiteCombat] = {}  # the parameters' JSON -> parsed: each fold's are read once, not per message
-
-
+@functools.lru_cache(maxsize=256)
 def _parsed_combat(text: str) -> combat.SiteCombat:
-    if text not in _COMBAT:
-        if len(_COMBAT) >= 256:  # more cohorts than a run has: start again
-            _COMBAT.clear()
-        _COMBAT[text] = combat.SiteCombat.from_dict(json.loads(text))
-    return _COMBAT[text]
+    """The parameters' JSON, parsed: each fold's are read once, not per message."""
+    return combat.SiteCombat.from_dict(json.loads(text))
 
 
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:

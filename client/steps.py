@@ -27,8 +27,6 @@ from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig, parse
 from common.split import cv_tag, eligibility_problem, parse_cv_tag, split_problem
 
-_PARSED: dict[tuple, RunConfig] = {}  # raw table -> its validated config (a RunConfig is frozen): parsed once
-
 
 def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
     """The run's validated config (Flower hands each message the raw table; tests and benches may pass the
@@ -36,15 +34,14 @@ def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
     if isinstance(values, RunConfig):
         return values
     try:
-        key = tuple(sorted(values.items()))
-        return _PARSED[key]
+        return _parsed(tuple(sorted(values.items())))
     except TypeError:  # an unhashable value (not TOML's): parse names it
         return parse(values)
-    except KeyError:
-        if len(_PARSED) >= 64:  # a long-lived process serving many runs
-            _PARSED.clear()
-        _PARSED[key] = parse(values)
-        return _PARSED[key]
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed(items: tuple) -> RunConfig:
+    return parse(dict(items))  # a RunConfig is frozen: one per raw table serves every message
 
 
 def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
