@@ -7,6 +7,7 @@ canonical JSON form, so comments, key order and whitespace do not change it but 
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -183,9 +184,6 @@ def bundled_profiles() -> list[Profile]:
     return [load_profile(path) for path in sorted(PROFILE_DIR.glob("*.yaml"))]
 
 
-_PARSED: dict[tuple[str, str], Profile] = {}  # (path, text) -> its profile: a process parses each text once
-
-
 def load_profile(name_or_path: str | Path = "default") -> Profile:
     """Load and validate a profile; raises ProfileError naming the file and what to fix.
 
@@ -194,18 +192,18 @@ def load_profile(name_or_path: str | Path = "default") -> Profile:
     path = resolve_profile_path(name_or_path)
     try:
         text = path.read_text(encoding="utf-8")
-        if (str(path), text) in _PARSED:
-            return _PARSED[(str(path), text)]
-        doc = yaml.safe_load(text)
     except FileNotFoundError as exc:
         raise ProfileError(f"profile file {path} does not exist: check the path in your configuration") from exc
+    return _parse(str(path), text)
+
+
+@functools.lru_cache(maxsize=64)  # keyed by the text, so an edited file is parsed anew
+def _parse(source: str, text: str) -> Profile:
+    try:
+        doc = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise ProfileError(f"profile {path} is not valid YAML ({exc}); fix the syntax") from exc
-    profile = profile_from_dict(doc, source=str(path))
-    if len(_PARSED) >= 64:  # a bound for a long-lived process whose profile files keep changing
-        _PARSED.clear()
-    _PARSED[(str(path), text)] = profile
-    return profile
+        raise ProfileError(f"profile {source} is not valid YAML ({exc}); fix the syntax") from exc
+    return profile_from_dict(doc, source=source)
 
 
 def profile_from_dict(doc: Any, source: str = "<dict>") -> Profile:
