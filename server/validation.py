@@ -198,9 +198,10 @@ def _cv_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates:
     log.info("Cross-validation: fold %s (%d folds x %d repeat(s))", tag, run.config.cv_folds, run.config.cv_repeats)
     try:
         fitted = pipeline.fit(run, cohort, covariates, evaluate_rounds=False)
-        # every family scores the fold, so each site keeps every family's out-of-fold scores
-        scored = score_all(run, fitted, cohort, Cohort(fed.subset(names), agreement, fold=tag), outside=False)[0][
-            fitted.family]
+        # every family scores the fold, so each site keeps every family's out-of-fold scores (compared per repeat
+        # afterwards, over every case: server.comparison.compare_out_of_fold; a per-fold comparison would go unused)
+        scorers = Cohort(fed.subset(names), agreement, fold=tag)
+        scored = score_all(run, fitted, cohort, scorers, outside=False, paired=False)[0][fitted.family]
     except RunRefused as exc:  # without this fold some cases have no out-of-fold score: the sites say which
         log.warning("Cross-validation fold %s failed: %s", tag, exc)
         run.audit.append("cross-validation", fold=tag, error=str(exc))
