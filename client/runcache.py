@@ -77,14 +77,18 @@ def stamps(paths: Iterable[Path]) -> tuple[Stamp, ...]:
     return tuple(stamp(p) for p in paths)
 
 
-def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T], Iterable[Path]]) -> T:
-    """``make()``'s value for ``key``, made again whenever a file ``watch(value)`` names has changed since.
+def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T], Iterable[Path]],
+             valid: Callable[[T], bool] | None = None) -> T:
+    """``make()``'s value for ``key``, made again whenever a file ``watch(value)`` names has changed since, or
+    (``valid``) when the kept value no longer fits what the caller holds (e.g. made from an older object).
 
     ``kind`` separates what is kept (a site's features, a run plan, approvals); errors are not kept (the next
     message tries again and raises again with the current files)."""
     looked = _LOOKED.get()
     with _LOCK:
         entry = _ENTRIES.get((kind, key))
+    if entry is not None and valid is not None and not valid(entry[2]):  # type: ignore[arg-type]
+        entry = None
     if entry is not None:
         paths, before, value = entry
         if looked is not None and (kind, key) in looked:
