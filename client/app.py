@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import compute, ledger, outoffold, steps
+from client import compute, ledger, outoffold, runcache, steps
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.batch import BatchingClientApp
@@ -30,11 +30,13 @@ from common.runconfig import RunConfig
 from common.split import parse_cv_tag
 
 log = logging.getLogger("flwr.radfed.client")
-# order (the first mod is the outermost): errors leave without the site's local paths; the guard checks and
-# logs exactly what leaves, after the optional DP noise on model updates (and on the query phases' sums, added by
-# their handlers; dp_query_mod keeps their budget); approval is checked before the handler reads anything
-# (a query.batch of several folds' requests is split before these mods: client.batch)
-app = BatchingClientApp(mods=[redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod, approval_check])
+# order (the first mod is the outermost): the site's files are stamped once per message (client.runcache); errors
+# leave without the site's local paths; the guard checks and logs exactly what leaves, after the optional DP noise on
+# model updates (and on the query phases' sums, added by their handlers; dp_query_mod keeps their budget); approval
+# is checked before the handler reads anything (a query.batch of several folds' requests is split before these
+# mods: client.batch)
+app = BatchingClientApp(mods=[runcache.look_mod, redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod,
+                              approval_check])
 
 
 def _run(context: Context) -> RunConfig:

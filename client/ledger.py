@@ -31,6 +31,7 @@ books nothing; a batch that fails before that write sends nothing and writes not
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -94,6 +95,7 @@ class Blocking:
         return sum(1 for lab, _ in self.blocks.values() if lab == label)
 
 
+@functools.lru_cache(maxsize=1024)  # every round declares the same few sets again
 def _set_key(members: frozenset[str]) -> str:
     return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()
 

@@ -8,9 +8,10 @@ changed, replaced, removed or newly created input is read again by the next mess
 disk, as when it reloaded every message. Files written while an entry was being made are not trusted (their
 stamp may predate the last write): such an entry is used once and made again next time.
 
-Inside ``one_look()`` (a ``query.batch``: client.batch) each entry is stamped once: the first lookup of the batch
-checks its files, the batch's later sub-requests (dozens of folds) trust that look and see the same files, so the
-batch is answered from one consistent state of the site; a change lands in the next message, as between messages.
+Inside ``one_look()`` (every message: ``look_mod``; a whole ``query.batch``: client.batch) each entry is stamped once:
+the first lookup of the message or batch checks its files, its later lookups (the approval check, the handler and
+the guard each ask for the site's settings; a batch's dozens of folds) trust that look and see the same files, so
+the message is answered from one consistent state of the site; a change lands in the next message.
 
 Only the node's own process holds it (nothing is written or sent). In a deployment where Flower starts a fresh
 ClientApp process per message it is simply empty each time, and the site loads as before.
@@ -26,6 +27,9 @@ from contextlib import contextmanager
 from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
+
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
 
 T = TypeVar("T")
 Stamp = tuple[int, int, int, int] | None
@@ -51,6 +55,14 @@ def one_look() -> Iterator[None]:
     finally:
         _RESOLVED.reset(paths)
         _LOOKED.reset(token)
+
+
+def look_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod (the outermost): one look per message, so the approval check, the handler and the guard, which
+    each ask for the site's settings, plan and ledger, stamp their files once and see the same state of the site
+    (as a batch's sub-requests do); a change lands in the next message."""
+    with one_look():
+        return call_next(msg, context)
 
 
 def resolved(path: str | Path) -> Path:
