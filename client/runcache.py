@@ -36,7 +36,7 @@ Stamp = tuple[int, int, int, int] | None
 SETTLE_NS = 1_000_000_000  # a file changed less than 1 s before its entry was made is not trusted
 MAX_ENTRIES = 4096  # a long-lived process serving many sites and runs drops its oldest entries beyond this
 
-_ENTRIES: dict[tuple[str, Hashable], tuple[tuple[Path, ...], tuple[Stamp, ...], object]] = {}
+_ENTRIES: dict[tuple[str, Hashable], tuple[tuple[str, ...], tuple[Stamp, ...], object]] = {}
 _LOCK = threading.Lock()
 # the entries already stamped in this look (one query.batch), or None outside one
 _LOOKED: ContextVar[set[tuple[str, Hashable]] | None] = ContextVar("radfed_runcache_look", default=None)
@@ -76,7 +76,7 @@ def resolved(path: str | Path) -> Path:
     return memo[key]
 
 
-def stamp(path: Path) -> Stamp:
+def stamp(path: str | Path) -> Stamp:
     """(inode, size, mtime_ns, ctime_ns) of a file or folder, None when it does not exist."""
     try:
         st = os.stat(path)
@@ -85,7 +85,7 @@ def stamp(path: Path) -> Stamp:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def stamps(paths: Iterable[Path]) -> tuple[Stamp, ...]:
+def stamps(paths: Iterable[str | Path]) -> tuple[Stamp, ...]:
     return tuple(stamp(p) for p in paths)
 
 
@@ -111,7 +111,7 @@ def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T
             return value  # type: ignore[return-value]
     started = time.time_ns()
     value = make()
-    paths = tuple(watch(value))
+    paths = tuple(map(os.fspath, watch(value)))  # kept as text: a site's ~10 files per case are stamped every message
     now = stamps(paths)
     settled = all(s is None or max(s[2], s[3]) < started - SETTLE_NS for s in now)
     with _LOCK:
