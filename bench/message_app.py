@@ -27,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import app as radfed_client
+from common.batch import BATCH
 from common.protocol import REPLIES
 from server.app import main as radfed_main
 from server.polling import polling
@@ -205,6 +206,6 @@ def _echo(msg: Message, context: Context) -> Message:
 
 floor_client.train()(_echo)
 floor_client.evaluate()(_echo)
-for _kind in REPLIES:
+for _kind in [*REPLIES, BATCH]:  # query.batch: requests merged into one message (exact training's first round)
     if _kind.startswith("query."):
         floor_client.query(_kind.split(".", 1)[1])(_echo)
