@@ -1,14 +1,19 @@
 """Per-message cost of a site against Flower's own floor: prints tables.
 
-    python bench/bench_messages.py [--work DIR] [--sites 4,16] [--rounds 5] [--profile-messages 20]
+    python bench/bench_messages.py [--work DIR] [--sites 4,16] [--rounds 5] [--training fedavg,exact]
+                                   [--profile-messages 20] [--profile-simulation]
 
-For each number of tiny synthetic sites (10 cases per class, extracted once before anything is timed), one
-simulated radfed run (FedAvg, leave-one-site-out and local-only off) with its Grid wrapped to time every
+For each training mode and number of tiny synthetic sites (10 cases per class, extracted once before anything is
+timed), one simulated radfed run (leave-one-site-out and local-only off) with its Grid wrapped to time every
 send-and-receive, then the floor: the same batches of the same message types with same-sized records on the
 same number of nodes, answered at once by a trivial ClientApp (bench/message_app.py). Seconds per
-site-message = a batch's wall time / its messages, summed over the run. Then cProfile of one site's ClientApp
-in this process over a run of ``train`` messages: every message reloading the site (the cache cleared
-before each, as every message did before the run cache) and with the run cache.
+site-message = a batch's wall time / its messages, summed over the run; "rounds" are the training rounds' batches:
+``train`` and ``evaluate`` for FedAvg (``--rounds`` of them), ``query.newton`` and ``evaluate`` for the default
+exact trainer (as many Newton rounds as it takes to converge; ``select-features = 3``, since a tiny site's 14
+training cases allow at most 6 coefficients at ``exact-min-cases-per-coefficient = 2``). Then cProfile of one
+site's ClientApp in this process over a run of ``train`` messages: every message reloading the site (the cache
+cleared before each, as every message did before the run cache) and with the run cache. ``--profile-simulation``:
+one more FedAvg run on the most sites with the coordinator and every simulation worker's ClientApp under cProfile.
 """
 
 from __future__ import annotations
@@ -34,14 +39,14 @@ from radfed import synth  # noqa: E402
 from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
-ROUND_TYPES = ("train", "evaluate")
-HEADER = ["sites", "messages", "radfed s/msg", "floor s/msg", "ratio", "radfed s/msg (rounds)", "floor s/msg (rounds)",
-          "ratio (rounds)", "radfed wall s", "floor wall s"]
+ROUND_TYPES = ("train", "evaluate", "query.newton")
+HEADER = ["training", "sites", "messages", "radfed s/msg", "floor s/msg", "ratio", "radfed s/msg (rounds)",
+          "floor s/msg (rounds)", "ratio (rounds)", "radfed wall s", "floor wall s"]
 # This bench on the code before the run cache (commit f5bce54: every message reloaded its site, rewrote the
 # feature table, recomputed the plan; torch.optim imported torch._dynamo in every worker), run back to back with
 # the code after it on the same busy 2-core machine, --sites 4,16 --rounds 5; printed beside every new run.
-BEFORE = [["4", "92", "0.4128", "0.3806", "1.08", "0.2494", "0.0485", "5.14", "61", "64"],
-          ["16", "352", "0.2483", "0.1012", "2.45", "0.1947", "0.0089", "21.99", "122", "61"]]
+BEFORE = [["fedavg", "4", "92", "0.4128", "0.3806", "1.08", "0.2494", "0.0485", "5.14", "61", "64"],
+          ["fedavg", "16", "352", "0.2483", "0.1012", "2.45", "0.1947", "0.0089", "21.99", "122", "61"]]
 
 
 def make_app(folder: Path, server: str, client: str) -> Path:
@@ -96,7 +101,7 @@ def per_message(batches: list[dict], seconds_key: str = "seconds", count: str = 
 
 def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path]) -> list[str]:
     root = data_root(work, dirs)
-    out = work / f"runs-{len(dirs)}"
+    out = work / f"runs-{config['training']}-{len(dirs)}"
     shutil.rmtree(out, ignore_errors=True)
     run_config = {**config, "data-root": str(root), "output-dir": str(out)}
     approve_demo_plan(dirs, run_config)
@@ -114,47 +119,64 @@ def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path]) 
     floor_wall = time.perf_counter() - t
     floor = json.loads((out / "floor.json").read_text())
     ours, base = per_message(record["batches"]), per_message(floor["batches"])
-    return [str(len(dirs)), str(ours["messages"]), f"{ours['per']:.4f}", f"{base['per']:.4f}",
+    return [str(config["training"]), str(len(dirs)), str(ours["messages"]), f"{ours['per']:.4f}", f"{base['per']:.4f}",
             f"{ours['per'] / base['per']:.2f}", f"{ours['per_round']:.4f}", f"{base['per_round']:.4f}",
             f"{ours['per_round'] / base['per_round']:.2f}", f"{radfed_wall:.0f}", f"{floor_wall:.0f}"]
 
 
 def profile_simulation(work: Path, dirs: list[Path], config: dict) -> None:
-    """One radfed run with its ClientApp under cProfile in every simulation worker: the top functions, all workers
-    together, and the seconds its handlers took per message."""
-    app = make_app(work / "app-profiled", "server.app:app", "benchapp:profiled_client")
+    """One radfed run with the coordinator and the ClientApp of every simulation worker under cProfile: the top
+    functions of each side, and the seconds the site's handlers took per message."""
+    app = make_app(work / "app-profiled", "benchapp:profiled_server", "benchapp:profiled_client")
     out = work / "runs-profiled"
     shutil.rmtree(out, ignore_errors=True)
     run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)}
     approve_demo_plan(dirs, run_config)
     run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-profiled", app_dir=app, echo=False)
     files = sorted(out.glob("client-*.prof"))
-    text = io.StringIO()
-    stats = pstats.Stats(*map(str, files), stream=text)
+    stats = pstats.Stats(*map(str, files))
     calls = sum(n for (path, _, name), (_, n, *_) in stats.stats.items() if name == "__call__"  # type: ignore[attr-defined]
                 and path.endswith("client_app.py"))
-    stats.sort_stats("cumulative").print_stats(r"(client|common|server|flwr)/.*\.py", 20)
-    lines = [line for line in text.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)]
+    total = sum(t for (path, _, name), (_, _, _, t, _) in stats.stats.items()  # type: ignore[attr-defined]
+                if name == "__call__" and path.endswith("client/batch.py"))
     print(f"\ncProfile of radfed's ClientApp inside the simulation ({len(dirs)} sites, {len(files)} worker "
-          f"process(es), {calls} message(s)); top functions by cumulative time:\n" + "\n".join(lines))
+          f"process(es), {calls} message(s), {1000 * total / max(calls, 1):.1f} ms per message under the profiler); "
+          f"top functions by cumulative time:\n" + _top(stats, r"(client|common|flwr)/.*\.py", 24))
+    server = pstats.Stats(str(out / "server.prof"))
+    print(f"\ncProfile of radfed's coordinator (the ServerApp process, {len(dirs)} sites); top functions by "
+          "cumulative time:\n" + _top(server, r"(server|common|flwr|benchapp)[^/]*/?.*\.py", 30))
+
+
+def _top(stats: pstats.Stats, pattern: str, n: int) -> str:
+    text = io.StringIO()
+    stats.stream = text  # type: ignore[attr-defined]
+    stats.sort_stats("cumulative").print_stats(pattern, n)
+    return "\n".join(line for line in text.getvalue().splitlines()
+                     if "ncalls" in line or ("/" in line and "List" not in line))
 
 
 def profile_site(site_dir: Path, config: dict, n_messages: int, reload_each: bool) -> tuple[float, str]:
     """cProfile of ``n_messages`` train messages through radfed's ClientApp (mods included) at one site:
-    (seconds per message, the top functions by cumulative time)."""
+    (median seconds per message without the profiler, the top functions by cumulative time with it)."""
     from bench.site_messages import SiteHarness
 
     harness = SiteHarness(site_dir, config)
     harness.train()  # the first message of a run loads the site either way
+    timed = []
+    for _ in range(n_messages):  # without the profiler: the median (the machine's other load spreads the mean)
+        if reload_each:
+            harness.forget()
+        t = time.perf_counter()
+        harness.train()
+        timed.append(time.perf_counter() - t)
     profiler = cProfile.Profile()
-    t = time.perf_counter()
     profiler.enable()
     for _ in range(n_messages):
         if reload_each:
             harness.forget()
         harness.train()
     profiler.disable()
-    seconds = (time.perf_counter() - t) / n_messages
+    seconds = sorted(timed)[len(timed) // 2]
     out = io.StringIO()
     stats = pstats.Stats(profiler, stream=out)
     stats.sort_stats("cumulative").print_stats(r"(client|common|flwr/clientapp)/.*\.py", 14)
@@ -167,38 +189,42 @@ def main() -> int:
     parser.add_argument("--work", default=None, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--sites", default="4,16", help="comma-separated numbers of sites")
     parser.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (train + evaluate each)")
+    parser.add_argument("--training", default="fedavg,exact", help="comma-separated training modes to run")
     parser.add_argument("--profile-messages", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-federation", action="store_true", help="only the in-process profile")
     parser.add_argument("--profile-simulation", action="store_true",
-                        help="one more radfed run on the fewest sites, its ClientApp profiled in the simulation")
+                        help="one more FedAvg run on the most sites, the coordinator and its ClientApps profiled")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-messages-"))
     work.mkdir(parents=True, exist_ok=True)
     sizes = sorted(int(s) for s in args.sites.split(","))
-    config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
-    config = {**config, "training": "fedavg", "num-server-rounds": args.rounds, "external-validation": "none",
-              "local-only": "none"}  # FedAvg: the rounds this bench counts (exact needs bigger sites)
+    base = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    base = {**base, "num-server-rounds": args.rounds, "external-validation": "none", "local-only": "none"}
+    modes = {"fedavg": {**base, "training": "fedavg"},
+             "exact": {**base, "training": "exact", "select-features": 3}}  # tiny sites: see the docstring
     dirs = sites(work, sizes[-1], args.workers)
 
     if not args.skip_federation:
         apps = {"radfed": make_app(work / "app-radfed", "benchapp:timed", "client.app:app"),
                 "floor": make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")}
-        rows = [one_size(work, dirs[:n], config, apps) for n in sizes]
-        print_columns(f"Seconds per site-message, radfed vs the trivial-ClientApp floor ({args.rounds} FedAvg rounds, "
-                      "tiny sites of 10 cases per class, LOSO and local-only off; '(rounds)': train and evaluate "
-                      "messages only)", HEADER, rows)
+        rows = [one_size(work, dirs[:n], modes[mode], apps) for mode in args.training.split(",") for n in sizes]
+        print_columns(f"Seconds per site-message, radfed vs the trivial-ClientApp floor (FedAvg: {args.rounds} rounds; "
+                      "exact: Newton rounds to convergence; tiny sites of 10 cases per class, LOSO and local-only "
+                      "off; '(rounds)': the training rounds' messages only: train/evaluate, query.newton/evaluate)",
+                      HEADER, rows)
         print_columns("Before the run cache (recorded, commit f5bce54, same bench and machine)", HEADER, BEFORE)
 
     if args.profile_simulation:
-        profile_simulation(work, dirs[:sizes[0]], config)
+        profile_simulation(work, dirs[:sizes[-1]], modes["fedavg"])
     profiled = []
     for reload_each, label in ((True, "every message reloads the site"), (False, "run cache")):
-        seconds, top = profile_site(dirs[0], config, args.profile_messages, reload_each)
+        seconds, top = profile_site(dirs[0], modes["fedavg"], args.profile_messages, reload_each)
         profiled.append([label, f"{seconds * 1000:.1f}"])
         print(f"\ncProfile, one site's ClientApp, {args.profile_messages} train messages, {label} "
               f"({seconds * 1000:.1f} ms per message); top functions by cumulative time:\n{top}")
-    print_columns("Site CPU per train message (in process, one tiny site)", ["site", "ms per message"], profiled)
+    print_columns("Site time per train message (in process, one tiny site, median)", ["site", "ms per message"],
+                  profiled)
     return 0
 
 

@@ -5,7 +5,8 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
   the wall seconds, and per message the sizes of request and reply (array bytes, config/metric bytes).
   Written to ``<output-dir>/messages.json``.
 - ``profiled_client``: radfed's ClientApp under cProfile in each simulation worker process, its statistics kept in
-  ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation).
+  ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation);
+  ``profiled_server``: ``timed`` under cProfile, kept in ``<output-dir>/server.prof`` (the coordinator's side).
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
   own cost per message: the floor). Written to ``<output-dir>/floor.json``.
@@ -26,6 +27,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.app import app as radfed_client
+from common.batch import BATCH
 from common.protocol import REPLIES
 from server.app import main as radfed_main
 from server.polling import polling
@@ -125,6 +127,21 @@ def timed_main(grid: Grid, context: Context) -> None:
             list(grid.get_node_ids())), "batches": recorder.batches}), encoding="utf-8")
 
 
+profiled_server = ServerApp()
+
+
+@profiled_server.main()
+def profiled_server_main(grid: Grid, context: Context) -> None:
+    """radfed's coordinator (timed as ``timed`` is) under cProfile: ``<output-dir>/server.prof``."""
+    profiler = cProfile.Profile()
+    profiler.enable()
+    try:
+        timed_main(grid, context)
+    finally:
+        profiler.disable()
+        profiler.dump_stats(str(Path(str(context.run_config["output-dir"])).expanduser() / "server.prof"))
+
+
 _PROFILER: list[cProfile.Profile] = []  # one per worker process, made there (a Profile does not pickle)
 
 
@@ -189,6 +206,6 @@ def _echo(msg: Message, context: Context) -> Message:
 
 floor_client.train()(_echo)
 floor_client.evaluate()(_echo)
-for _kind in REPLIES:
+for _kind in [*REPLIES, BATCH]:  # query.batch: requests merged into one message (exact training's first round)
     if _kind.startswith("query."):
         floor_client.query(_kind.split(".", 1)[1])(_echo)

@@ -17,6 +17,12 @@ from client.site import SiteError
 from common import clinical, combat, curves, delong, dp_query, exact, families, metrics, model, moments, selection
 from common.runconfig import RunConfig
 
+# a site's models are tiny (s + 1 weights over tens to hundreds of cases): more threads only contend, and on a busy
+# machine torch's idle threads cost more than the work (a 20-case step took 0.1 ms on one thread, 20 ms at the 90th
+# percentile on two). Flower's simulation already sets this through Ray (OMP_NUM_THREADS=1); a deployed ClientApp
+# process does not.
+torch.set_num_threads(1)
+
 
 def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
     """Phase: moments of the training split, overall and per class (standardisation and Welch's t)."""

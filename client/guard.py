@@ -84,7 +84,7 @@ def check_reply(message_type: str, content: RecordDict, k: int, sizes: dict[str,
                         f"{declared} = {expected} (-1: not yet agreed): it could hold per-case values")
                 if spec.arrays[key].k_rule == NESTED_ROWS:
                     _check_nested(message_type, key, record, k)
-                else:
+                elif spec.arrays[key].k_rule:  # arrays of counts (a model's weights have no count rule)
                     _check_counts(message_type, key, array.numpy(), spec.arrays[key].k_rule, k)
     metrics = [r for r in content.values() if isinstance(r, MetricRecord)]
     for count_key in spec.count_keys if spec.counts_sent else ():

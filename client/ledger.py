@@ -13,6 +13,13 @@ Files, under ``<output_dir>/release/`` (never sent anywhere)::
     ledger.json     frozen blocks and every released case set (case ids), with the first run that sent it
     releases.jsonl  one line per reply that left: run, message type, the sets by hash
 
+A reply whose sets are all in ledger.json already, touching no block that is not frozen (every FedAvg or Newton
+round after the first releases the training set again), teaches the ledger nothing: ledger.json is not rewritten and
+its releases.jsonl line is appended without fsync, as the outbox line is. The guarantee rests on ledger.json: every
+set a reply releases is in it, durably, before the reply leaves; the repeat's sets were put there by an earlier
+reply. The reply is still checked in full first. ledger.json is parsed once and kept while its stamp is unchanged
+(client.runcache), so a repeat costs neither a parse nor a write.
+
 A ``query.batch`` (several folds' requests in one message, client.batch) is answered inside ``deferred()``: each
 sub-reply is still checked on its own, against everything on disk PLUS the sets this batch already accepted (so
 two folds whose case sets differ by one patient cannot both leave in one batch), and its sets are booked in
@@ -24,6 +31,7 @@ books nothing; a batch that fails before that write sends nothing and writes not
 from __future__ import annotations
 
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -87,6 +95,7 @@ class Blocking:
         return sum(1 for lab, _ in self.blocks.values() if lab == label)
 
 
+@functools.lru_cache(maxsize=1024)  # every round declares the same few sets again
 def _set_key(members: frozenset[str]) -> str:
     return hashlib.sha256("\n".join(sorted(members)).encode()).hexdigest()
 
@@ -142,6 +151,23 @@ class Ledger:
             raise ReleaseRefused(f"{path} is not a radfed release ledger ({LEDGER_SCHEMA}); restore it from backup")
         return doc
 
+    @property
+    def files(self) -> tuple[Path, Path]:
+        """What the blocks are drawn from: ``ledger.json`` (frozen blocks) and ``secret`` (the order of the rest)."""
+        return self.folder / "ledger.json", self.folder / "secret"
+
+    def _snapshot(self) -> _Snapshot:
+        """The ledger on disk, parsed once and kept until ``ledger.json`` changes (client.runcache stamps it on every
+        call); read only: a change is always made on a fresh read under the lock."""
+        path = self.folder / "ledger.json"
+
+        def make() -> _Snapshot:
+            doc = self._read()
+            sets = [frozenset(e["cases"]) for e in doc["sets"].values()]
+            return _Snapshot(doc, sets, frozenset(doc["sets"]))
+
+        return runcache.remember("ledger", str(path), make, lambda _: [path])
+
     def _pending(self) -> _Pending | None:
         """This ledger's share of the batch being answered (read from disk at its first use), or None outside one."""
         book = _BOOK.get()
@@ -157,13 +183,13 @@ class Ledger:
     def load(self) -> dict:
         """The ledger: on disk, and inside a batch with the sets its earlier sub-replies released."""
         pending = self._pending()
-        return pending.doc if pending is not None else self._read()
+        return pending.doc if pending is not None else self._snapshot().doc
 
     def released_sets(self) -> list[frozenset[str]]:
         pending = self._pending()
         if pending is not None:
             return pending.sets
-        return [frozenset(entry["cases"]) for entry in self._read()["sets"].values()]
+        return list(self._snapshot().sets)
 
     def blocking(self, case_ids: Sequence[str], labels: np.ndarray) -> Blocking:
         """Blocks over these usable cases: frozen blocks whose every patient is usable, then the remaining
@@ -218,6 +244,11 @@ class Ledger:
             pending.records.append((run_id, message_type, dict(sets), blocking, now))
             pending.lines.append(_release_line(now, run_id, message_type, keys))
             return
+        known = self._snapshot()
+        if not _learns(known, sets, blocking):  # every set and block already on disk: ledger.json stays as it is
+            keys = {name: _set_key(members) for name, members in sets.items() if members}
+            append_lines(self.folder / "releases.jsonl", [_release_line(now, run_id, message_type, keys)])
+            return
         with self._locked():
             doc = self._read()
             keys = _apply(doc, run_id, message_type, sets, blocking, now)
@@ -235,6 +266,11 @@ class Ledger:
             why = _why([frozenset(e["cases"]) for e in doc["sets"].values()], every, self.k)
             if why:
                 raise ReleaseRefused(f"this batch's replies, checked again before they leave: {why}")
+            new = any(_learns(_Snapshot(doc, [], frozenset(doc["sets"])), sets, blocking)
+                      for _, _, sets, blocking, _ in pending.records)
+            if not new:  # a batch of repeats: ledger.json stays as it is, the lines are appended (as in record)
+                append_lines(self.folder / "releases.jsonl", pending.lines)
+                return
             for run_id, message_type, sets, blocking, now in pending.records:
                 _apply(doc, run_id, message_type, sets, blocking, now)
             atomic_write(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True), durable=True)
@@ -259,6 +295,17 @@ def _why(before: list[frozenset[str]], sets: Mapping[str, frozenset[str]], k: in
             "releases whose case sets differ by so few patients recovers their values")
 
 
+def _learns(known: _Snapshot, sets: Mapping[str, frozenset[str]], blocking: Blocking | None) -> bool:
+    """Whether recording ``sets`` would change the ledger ``known``: a set it does not hold, or a block they touch
+    that is not frozen yet (what ``_apply`` would add)."""
+    if any(members and _set_key(members) not in known.keys for members in sets.values()):
+        return True
+    touched = frozenset().union(*sets.values()) if sets else frozenset()
+    blocks = known.doc["blocks"]
+    return any(bid not in blocks and touched.intersection(members)
+               for bid, (_, members) in (blocking.blocks.items() if blocking else ()))
+
+
 def _apply(doc: dict, run_id: int, message_type: str, sets: Mapping[str, frozenset[str]], blocking: Blocking | None,
            now: str) -> dict[str, str]:
     """Add the sets (first sender kept) and the blocks they touch to the ledger ``doc``; the sets' keys by name."""
@@ -278,6 +325,15 @@ def _apply(doc: dict, run_id: int, message_type: str, sets: Mapping[str, frozens
 
 def _release_line(now: str, run_id: int, message_type: str, keys: dict[str, str]) -> str:
     return json.dumps({"time": now, "run_id": run_id, "type": message_type, "sets": keys}, sort_keys=True) + "\n"
+
+
+@dataclass(frozen=True)
+class _Snapshot:
+    """The ledger as read from disk (never changed in place): the document, its released sets and their keys."""
+
+    doc: dict
+    sets: list[frozenset[str]]
+    keys: frozenset[str]
 
 
 @dataclass
@@ -324,6 +380,11 @@ def deferred() -> Iterator[Book]:
         yield book
     finally:
         _BOOK.reset(token)
+
+
+def in_batch() -> bool:
+    """Whether a batch is being answered (its releases booked in memory, ``deferred``)."""
+    return _BOOK.get() is not None
 
 
 def append_line(path: Path, line: str) -> None:

@@ -8,9 +8,10 @@ changed, replaced, removed or newly created input is read again by the next mess
 disk, as when it reloaded every message. Files written while an entry was being made are not trusted (their
 stamp may predate the last write): such an entry is used once and made again next time.
 
-Inside ``one_look()`` (a ``query.batch``: client.batch) each entry is stamped once: the first lookup of the batch
-checks its files, the batch's later sub-requests (dozens of folds) trust that look and see the same files, so the
-batch is answered from one consistent state of the site; a change lands in the next message, as between messages.
+Inside ``one_look()`` (every message: ``look_mod``; a whole ``query.batch``: client.batch) each entry is stamped once:
+the first lookup of the message or batch checks its files, its later lookups (the approval check, the handler and
+the guard each ask for the site's settings; a batch's dozens of folds) trust that look and see the same files, so
+the message is answered from one consistent state of the site; a change lands in the next message.
 
 Only the node's own process holds it (nothing is written or sent). In a deployment where Flower starts a fresh
 ClientApp process per message it is simply empty each time, and the site loads as before.
@@ -27,12 +28,15 @@ from contextvars import ContextVar
 from pathlib import Path
 from typing import TypeVar
 
+from flwr.app import Context, Message
+from flwr.clientapp.typing import ClientAppCallable
+
 T = TypeVar("T")
 Stamp = tuple[int, int, int, int] | None
 SETTLE_NS = 1_000_000_000  # a file changed less than 1 s before its entry was made is not trusted
 MAX_ENTRIES = 4096  # a long-lived process serving many sites and runs drops its oldest entries beyond this
 
-_ENTRIES: dict[tuple[str, Hashable], tuple[tuple[Path, ...], tuple[Stamp, ...], object]] = {}
+_ENTRIES: dict[tuple[str, Hashable], tuple[tuple[str, ...], tuple[Stamp, ...], object]] = {}
 _LOCK = threading.Lock()
 # the entries already stamped in this look (one query.batch), or None outside one
 _LOOKED: ContextVar[set[tuple[str, Hashable]] | None] = ContextVar("radfed_runcache_look", default=None)
@@ -53,6 +57,14 @@ def one_look() -> Iterator[None]:
         _LOOKED.reset(token)
 
 
+def look_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+    """Client mod (the outermost): one look per message, so the approval check, the handler and the guard, which
+    each ask for the site's settings, plan and ledger, stamp their files once and see the same state of the site
+    (as a batch's sub-requests do); a change lands in the next message."""
+    with one_look():
+        return call_next(msg, context)
+
+
 def resolved(path: str | Path) -> Path:
     """``path`` expanded and resolved (symlinks followed): once per look, every time outside one."""
     memo = _RESOLVED.get()
@@ -64,7 +76,7 @@ def resolved(path: str | Path) -> Path:
     return memo[key]
 
 
-def stamp(path: Path) -> Stamp:
+def stamp(path: str | Path) -> Stamp:
     """(inode, size, mtime_ns, ctime_ns) of a file or folder, None when it does not exist."""
     try:
         st = os.stat(path)
@@ -73,18 +85,22 @@ def stamp(path: Path) -> Stamp:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
-def stamps(paths: Iterable[Path]) -> tuple[Stamp, ...]:
+def stamps(paths: Iterable[str | Path]) -> tuple[Stamp, ...]:
     return tuple(stamp(p) for p in paths)
 
 
-def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T], Iterable[Path]]) -> T:
-    """``make()``'s value for ``key``, made again whenever a file ``watch(value)`` names has changed since.
+def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T], Iterable[Path]],
+             valid: Callable[[T], bool] | None = None) -> T:
+    """``make()``'s value for ``key``, made again whenever a file ``watch(value)`` names has changed since, or
+    (``valid``) when the kept value no longer fits what the caller holds (e.g. made from an older object).
 
     ``kind`` separates what is kept (a site's features, a run plan, approvals); errors are not kept (the next
     message tries again and raises again with the current files)."""
     looked = _LOOKED.get()
     with _LOCK:
         entry = _ENTRIES.get((kind, key))
+    if entry is not None and valid is not None and not valid(entry[2]):  # type: ignore[arg-type]
+        entry = None
     if entry is not None:
         paths, before, value = entry
         if looked is not None and (kind, key) in looked:
@@ -95,7 +111,7 @@ def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T
             return value  # type: ignore[return-value]
     started = time.time_ns()
     value = make()
-    paths = tuple(watch(value))
+    paths = tuple(map(os.fspath, watch(value)))  # kept as text: a site's ~10 files per case are stamped every message
     now = stamps(paths)
     settled = all(s is None or max(s[2], s[3]) < started - SETTLE_NS for s in now)
     with _LOCK:

@@ -18,7 +18,7 @@ import numpy as np
 from client import patients, runcache
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.featurecache import cache_file
-from client.ledger import Blocking, Declaration, Ledger
+from client.ledger import Blocking, Declaration, Ledger, in_batch
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from client.sitefiles import atomic_write
 from common import covariates as cov
@@ -296,13 +296,21 @@ def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], worker
     covariates when the run has them, and the held-out split by whole release blocks.
 
     The site is read, checked and hashed once per process and read again only when one of its files changed
-    (client.runcache); the split is drawn anew every time, since it depends on the release ledger."""
+    (client.runcache); the split, which depends on the release ledger too, is drawn again when the site was read
+    again or the ledger's files changed (and inside a batch every time: client.ledger.in_batch)."""
     run = run_config(values)
     root = runcache.resolved(site_dir)
     key = (str(root), run.profile, run.combat_covariates if run.combat else "", run.model_covariates)
-    (site, profile, table, design, clinical), _ = runcache.remember("site", key, lambda: _load(root, run, workers),
-                                                                    lambda loaded: loaded[1])
-    return split_site(site, profile, table, design, run, clinical=clinical)
+    loaded, _ = runcache.remember("site", key, lambda: _load(root, run, workers), lambda made: made[1])
+    site, profile, table, design, clinical = loaded
+    if in_batch():  # a batch's earlier sub-replies may have frozen blocks not yet on disk: drawn from them
+        return split_site(site, profile, table, design, run, clinical=clinical)
+    # the split is a function of the loaded site (a reload is a new object), the run and the ledger's files: drawn
+    # again when any of them changes
+    _, data = runcache.remember("split", (key, run),
+                                lambda: (loaded, split_site(site, profile, table, design, run, clinical=clinical)),
+                                lambda _: ledger(site).files, valid=lambda kept: kept[0] is loaded)
+    return data
 
 
 def _load(site_dir: Path, run: RunConfig, workers: int) -> tuple[Loaded, list[Path]]:

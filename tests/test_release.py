@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
 
+from client import runcache
 from client.guard import PrivacyError, check_release
-from client.ledger import Declaration, Ledger
+from client.ledger import Blocking, Declaration, Ledger
 from common import protocol
 from common.release import choose_held_out, held_out_blocks, isolated_group, make_blocks
 
@@ -81,6 +82,33 @@ def test_ledger_freezes_blocks_and_leaves_a_broken_block_out(tmp_path):
     assert ledger.check({"train": train}) == ""
     why = ledger.check({"train": train - {sorted(train)[0]}})
     assert "would single out 1 patient (fewer than k = 5)" in why
+
+
+def test_a_repeated_release_rewrites_nothing_yet_new_sets_and_blocks_are_still_checked_and_recorded(tmp_path):
+    ledger = Ledger(tmp_path / "release", 5)
+    ids = [f"c{i:02d}" for i in range(24)]
+    blocking = ledger.blocking(ids, np.array([1] * 12 + [0] * 12))
+    held = blocking.held_out(ids, 0.3, seed=1)
+    train = frozenset(c for c, h in zip(ids, held, strict=True) if not h)
+    ledger.record(1, "train", {"train": train}, blocking)  # the first round: a new set, its blocks frozen
+    path, log = ledger.folder / "ledger.json", ledger.folder / "releases.jsonl"
+    before = path.read_bytes(), runcache.stamp(path)
+    for _ in range(3):  # every later round releases the same set: checked, logged, and ledger.json left alone
+        assert ledger.check({"train": train}) == ""
+        ledger.record(1, "train", {"train": train}, blocking)
+    assert (path.read_bytes(), runcache.stamp(path)) == before
+    lines = log.read_text().splitlines()
+    assert len(lines) == 4 and len({line.split('"sets": ')[1] for line in lines}) == 1  # one line per reply
+    # a set one patient smaller is still refused; the held-out set is new: recorded, its blocks frozen
+    assert "would single out 1 patient" in ledger.check({"train": train - {sorted(train)[0]}})
+    test = frozenset(ids) - train
+    ledger.record(1, "evaluate", {"test": test}, blocking)
+    assert runcache.stamp(path) != before[1] and test in ledger.released_sets()
+    assert len(ledger.load()["blocks"]) == len(blocking.blocks)
+    # a known set touching a block the ledger has not frozen (another blocking of the same cases) is written too
+    other = Blocking(blocking.secret, {"unfrozen": (1, sorted(train)[:5])})
+    ledger.record(2, "train", {"train": train}, other)
+    assert "unfrozen" in ledger.load()["blocks"]
 
 
 def _moments_reply(n_hgg: int, n_bm: int) -> RecordDict:

@@ -118,3 +118,20 @@ def test_a_plan_revoked_between_two_messages_is_refused(site):
     decide(site, plan_hash, "revoke")
     with pytest.raises(RuntimeError, match=f"revoked run plan {plan_hash}"):
         harness.train()
+
+
+def test_a_ledger_changed_between_two_messages_draws_the_split_again(site):
+    harness = SiteHarness(site, CONFIG)
+    harness.train()  # records the training set: the ledger changes
+    time.sleep(runcache.SETTLE_NS / 1e9)  # the ledger older than the settling time: the split is kept
+    before = _content(harness.train())
+    assert any(kind == "split" for kind, _ in runcache._ENTRIES)
+    # the site's administrator starts its ledger again with another secret: its blocks, so its split, are drawn anew
+    release = site / ".radfed" / "release"
+    for name in ("ledger.json", "releases.jsonl"):
+        (release / name).unlink()
+    (release / "secret").write_text("5a" * 32)
+    after = _content(harness.train())
+    harness.forget()
+    assert after != before
+    assert after == _content(harness.train())  # what a site drawing its split every message sends
