@@ -324,6 +324,8 @@ def _numpy_state(msg: Message) -> dict[str, np.ndarray]:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import torch  # noqa: F401  FedAvg only; to_torch_state_dict needs torch loaded and does not import it
+
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
