@@ -19,8 +19,6 @@ from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
-# Flower's SuperExec looks for a new run once a second by default, and the run waits for that look
-SUPEREXEC_POLL_SECONDS = "0.05"
 # Read by the Ray services the simulation starts (RAY_<setting>): Flower's ClientApp actors get workers of their
 # own, so the two idle workers Ray would start for the first driver only take CPU from them (each imports Ray)
 RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
@@ -55,7 +53,6 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     # Otherwise the SuperLink `uv sync`s the app into a fresh env and pulls a multi-GB CUDA torch.
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
-    env["FLWR_SUPEREXEC_TASK_POLL_INTERVAL"] = SUPEREXEC_POLL_SECONDS
     env.update(RAY_ENV)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
