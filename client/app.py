@@ -324,8 +324,15 @@ def trees_level(msg: Message, context: Context) -> Message:
     return _reply(msg, declared, arrays=_arrays(sent), metrics=MetricRecord({"n": len(y)}))
 
 
+def _numpy_state(msg: Message) -> dict[str, np.ndarray]:
+    """The server's model as numpy arrays: scoring is numpy (common.families), so evaluating needs no torch."""
+    return {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    import torch  # noqa: F401  FedAvg only; to_torch_state_dict needs torch loaded and does not import it
+
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
     state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
@@ -344,7 +351,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     family = compute.family_of(config)  # type: ignore[arg-type]
-    prob = compute.scores(x, msg.content["arrays"].to_torch_state_dict(), family)  # type: ignore[union-attr]
+    prob = compute.scores(x, _numpy_state(msg), family)
     where = parse_cv_tag(_fold(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
         held = np.array(data.table.case_ids, dtype=object)[data.held_out]
@@ -411,7 +418,7 @@ def recalibrate(msg: Message, context: Context) -> Message:
     config, data = msg.content["config"], _data(context, msg)
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
-    state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    state = _numpy_state(msg)
     params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
     sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)),
                                     compute.family_of(config))  # type: ignore[arg-type]

@@ -7,21 +7,18 @@ before anything leaves.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from client.site import SiteError
-from common import clinical, combat, curves, delong, dp_query, exact, families, metrics, model, moments, selection
+from common import clinical, combat, curves, delong, dp_query, exact, families, metrics, moments, selection
 from common.runconfig import RunConfig
 
-# a site's models are tiny (s + 1 weights over tens to hundreds of cases): more threads only contend, and on a busy
-# machine torch's idle threads cost more than the work (a 20-case step took 0.1 ms on one thread, 20 ms at the 90th
-# percentile on two). Flower's simulation already sets this through Ray (OMP_NUM_THREADS=1); a deployed ClientApp
-# process does not.
-torch.set_num_threads(1)
+if TYPE_CHECKING:
+    import torch
 
 
 def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -91,6 +88,16 @@ def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
     name = families.base(family_of(config))  # a variant (radiomics-only, clinical-only) trains as its family
     options = {"epochs": int(config["local-epochs"]), "lr": float(config["learning-rate"]),
                "weight_decay": float(config["weight-decay"]), "pos_weight": float(config["pos-weight"])}
+    import torch  # FedAvg training only: a site answering queries, Newton rounds or evaluations never loads torch
+
+    # a site's models are tiny (s + 1 weights over tens to hundreds of cases): more threads only contend, and on a
+    # busy machine torch's idle threads cost more than the work (a 20-case step took 0.1 ms on one thread, 20 ms at
+    # the 90th percentile on two). Flower's simulation sets this through Ray (OMP_NUM_THREADS=1); a deployed
+    # ClientApp process does not.
+    torch.set_num_threads(1)
+
+    from common import model
+
     if name in ("svm", "mlp"):
         arrays = {k: v.detach().numpy() for k, v in state.items()}
         from common import mlp  # torch model of the mlp family, imported only where it trains
@@ -126,7 +133,9 @@ def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], 
 
 def scores(x: np.ndarray, state: Mapping[str, Any], family: str = "logistic-l2") -> np.ndarray:
     """The model's score of HGG (n,) for the cases x (n, s), by its family (common.families)."""
-    arrays = {k: v.detach().numpy() if isinstance(v, torch.Tensor) else np.asarray(v) for k, v in state.items()}
+    torch = sys.modules.get("torch")  # a tensor exists only if torch was imported: never import it just to check
+    arrays = {k: v.detach().numpy() if torch is not None and isinstance(v, torch.Tensor) else np.asarray(v)
+              for k, v in state.items()}
     try:
         return families.predict_proba(family, arrays, x)
     except families.FamilyError as exc:
@@ -166,7 +175,7 @@ def evaluation(y: np.ndarray, prob: np.ndarray, pos_weight: float, k: int,
                     "decision-totals": decision["n_pos_neg"]}
 
 
-def recalibrate_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor], params: np.ndarray,
+def recalibrate_step(x: np.ndarray, y: np.ndarray, state: Mapping[str, Any], params: np.ndarray,
                      k: int, family: str = "logistic-l2") -> dict[str, Any]:
     """One round of the federated calibration fit: the final model's scores on the held-out cases, and the
     gradient and Hessian of y ~ a + b logit(p) there at the server's (a, b)."""

@@ -25,11 +25,12 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from common.model import RadiomicsLogistic
+if TYPE_CHECKING:
+    import torch
 
 # Below this ratio of smallest to largest eigenvalue the penalised Hessian is lifted (Levenberg damping).
 RCOND = 1e-10
@@ -371,6 +372,10 @@ def to_state_dict(coef: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict
     d = mean.shape[0]
     if coef.shape != (d + 1,) or scale.shape != (d,):
         raise ValueError(f"need coef ({d + 1},) and scale ({d},), got {coef.shape} and {scale.shape}")
+    import torch  # here, not at the top: sites fit and score with numpy, and torch takes seconds to import
+
+    from common.model import RadiomicsLogistic
+
     net = RadiomicsLogistic(d)  # built from the model itself so keys, order, shapes and dtypes always agree
     with torch.no_grad():
         net.mean.copy_(torch.from_numpy(mean))
@@ -382,6 +387,8 @@ def to_state_dict(coef: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict
 
 def from_state_dict(state: dict[str, torch.Tensor]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Inverse of :func:`to_state_dict`: (coef (d+1,) = [b, w...], mean (d,), scale (d,))."""
+    import torch  # only a caller holding torch tensors gets here
+
     weight = state["linear.weight"].detach().to(torch.float64).numpy().ravel()
     bias = state["linear.bias"].detach().to(torch.float64).numpy().ravel()
     coef = np.concatenate([bias, weight])

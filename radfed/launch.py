@@ -19,6 +19,9 @@ from pathlib import Path
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
+# Read by the Ray services the simulation starts (RAY_<setting>): Flower's ClientApp actors get workers of their
+# own, so the two idle workers Ray would start for the first driver only take CPU from them (each imports Ray)
+RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
 
 
 def free_port() -> int:
@@ -40,7 +43,7 @@ def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise RuntimeError(f"flower-superlink did not open port {port} within {timeout:.0f}s")
 
 
@@ -50,6 +53,7 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     # Otherwise the SuperLink `uv sync`s the app into a fresh env and pulls a multi-GB CUDA torch.
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env.update(RAY_ENV)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env

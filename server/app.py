@@ -14,7 +14,6 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
@@ -191,6 +190,8 @@ def main(grid: Grid, context: Context) -> None:
             # per standard deviation of each feature (the model standardises its inputs): the report's "weight"
             result.features["weights"] = dict(zip(chosen.names, arrays["linear.weight"].numpy().ravel().tolist(),
                                                   strict=True))
+        import torch  # here, not at the top: the ServerApp starts (and answers the plan) seconds sooner without it
+
         torch.save({"state_dict": arrays.to_torch_state_dict(), "features": chosen.names, "family": fitted.family,
                     "profile_sha256": profile.sha256, "protocol": PROTOCOL_VERSION, "run_id": context.run_id,
                     "harmonization": "combat" if fitted.harmonization is not None else "none",

@@ -11,12 +11,13 @@ import base64
 import io
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
+
+if TYPE_CHECKING:
+    from matplotlib.axes import Axes
+    from matplotlib.figure import Figure
 
 DPI = 100
 FEDERATION_COLOUR = "#222222"
@@ -59,6 +60,10 @@ def _floats(values: Any, what: str) -> np.ndarray:
 
 def _figure(width: float, height: float, ncols: int = 1, top: float = 0.92, **kwargs: Any) -> tuple[Figure, list[Axes]]:
     """A figure with fixed margins (a layout engine would triple the drawing time)."""
+    # here, not at the top: matplotlib takes ~1 s to import, and only the report's outputs draw
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
     fig = Figure(figsize=(width, height), dpi=DPI)
     FigureCanvasAgg(fig)
     fig.subplots_adjust(left=0.6 / width, right=1 - 0.15 / width, bottom=0.5 / height, top=top,

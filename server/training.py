@@ -14,7 +14,7 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common import covariates, dp_query, exact, families, model, protocol, selection
+from common import covariates, dp_query, exact, families, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.runconfig import RunConfig
 from server import clinical, phases
@@ -51,6 +51,8 @@ def initial_arrays(family: str, mean: np.ndarray, scale: np.ndarray, cfg: RunCon
 
         return ArrayRecord({k: Array(v) for k, v in mlp.initial_arrays(mean, scale, cfg.mlp_hidden,
                                                                        cfg.split_seed).items()})
+    from common import model  # torch: FedAvg's starting model only (exact training fits in numpy)
+
     return ArrayRecord(model.build_model(mean, scale).state_dict())
 
 
