@@ -278,6 +278,9 @@ class ExactNewton:
     # False when the sites' terms are noised (differential privacy): no loss comes back, so every point is
     # accepted, and a noised step never meets ``tol``: the fit runs ``max_rounds`` rounds
     safeguard: bool = True
+    # where round 1 evaluates (d+1,); None: zero. A warm start (e.g. a leave-one-site-out fold from the main run's
+    # model) only shortens the walk: J is strictly convex, so the fit stops at the same optimum within ``tol``
+    start: np.ndarray | None = None
     coef: np.ndarray = field(init=False)
     converged: bool = field(init=False, default=False)
     history: list[RoundRecord] = field(init=False, default_factory=list)
@@ -286,7 +289,14 @@ class ExactNewton:
     _halvings: int = field(init=False, default=0, repr=False)
 
     def __post_init__(self) -> None:
-        self.coef = np.zeros(self.d + 1)
+        if self.start is None:
+            self.coef = np.zeros(self.d + 1)
+            return
+        start = np.asarray(self.start, dtype=np.float64).ravel()
+        if start.shape != (self.d + 1,) or not np.isfinite(start).all():
+            raise ValueError(f"a Newton start needs {self.d + 1} finite coefficients (intercept first), got "
+                             f"shape {start.shape}")
+        self.coef = start.copy()
 
     @property
     def rounds(self) -> int:
@@ -360,6 +370,23 @@ def fit_exact(sites: Sequence[tuple[np.ndarray, np.ndarray]], pos_weight: float,
     return ExactFit(coef=server.coef.copy(), converged=server.converged, rounds=server.rounds,
                     objective=[r.objective for r in server.history], history=list(server.history), n=total.n,
                     n_pos=total.n_pos, n_neg=total.n_neg)
+
+
+def restandardise(coef: np.ndarray, names: Sequence[str], mean: np.ndarray, scale: np.ndarray,
+                  new_names: Sequence[str], new_mean: np.ndarray, new_scale: np.ndarray) -> np.ndarray:
+    """A fitted model's coefficients (d+1,) on ``names`` standardised with (mean, scale), re-expressed on
+    ``new_names`` standardised with (new_mean, new_scale): the same logit on every case for the inputs both lists
+    hold, weight 0 on the new ones; an input the new list lacks leaves at its mean. A Newton start, nothing more."""
+    coef = np.asarray(coef, dtype=np.float64).ravel()
+    old = {n: j for j, n in enumerate(names)}
+    out = np.zeros(len(new_names) + 1)
+    out[0] = coef[0]
+    for k, n in enumerate(new_names):
+        j = old.get(n)
+        if j is not None:  # w (x - m) / s = (w s' / s) (x - m') / s' + w (m' - m) / s
+            out[k + 1] = coef[j + 1] * new_scale[k] / scale[j]
+            out[0] += coef[j + 1] * (new_mean[k] - mean[j]) / scale[j]
+    return out
 
 
 def to_state_dict(coef: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[str, torch.Tensor]:
