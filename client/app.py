@@ -8,7 +8,6 @@ exact shape of every array before a reply leaves the site.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 from datetime import UTC, datetime
@@ -17,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import compute, ledger, outoffold, steps
+from client import combat_state, compute, ledger, outoffold, steps
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.batch import BatchingClientApp
@@ -84,7 +83,7 @@ def _agreed(context: Context, msg: Message, default: list[str] | None = None) ->
     return [str(n) for n in record["features"]]  # type: ignore[union-attr]
 
 
-COMBAT_STATE = "radfed-combat"  # the site's fitted ComBat parameters for this run (JSON), kept at the site
+COMBAT_STATE = "radfed-combat"  # the site's fitted ComBat parameters per cohort (client.combat_state), at the site
 
 
 def _fold(msg: Message) -> str:
@@ -109,24 +108,17 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
             return None
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
                         "harmonization or join); restart the run")
-    return _parsed_combat(str(record["params"])).apply
-
-
-@functools.lru_cache(maxsize=256)
-def _parsed_combat(text: str) -> combat.SiteCombat:
-    """The parameters' JSON, parsed: each fold's are read once, not per message."""
-    return combat.SiteCombat.from_dict(json.loads(text))
+    return combat_state.unpack(bytes(record["params"])).apply  # type: ignore[arg-type]
 
 
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
-    spec = covariates.describe(_run(context).covariates())
-    radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical inputs
-    text = json.dumps({**params.to_dict(), "features": radiomics, "run_id": context.run_id,
-                       "covariates": spec})
-    context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": text})
+    context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": combat_state.pack(params)})
     if not _fold(msg):
+        spec = covariates.describe(_run(context).covariates())
+        radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical
+        text = json.dumps({**params.to_dict(), "features": radiomics, "run_id": context.run_id, "covariates": spec})
         path = site.files.harmonization(context.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(text, encoding="utf-8")
