@@ -181,7 +181,7 @@ def combat_fit(msg: Message, context: Context) -> Message:
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
     data, x, c, site, n_sites = _combat_round(msg, context)
-    beta = msg.content["arrays"]["beta"].numpy()  # type: ignore[union-attr]
+    beta = combat.full_beta(msg.content["arrays"]["beta"].numpy(), site, n_sites)  # type: ignore[union-attr]
     means = combat.PooledMeans(n_sites=n_sites, n=0, beta=beta, grand_mean=np.zeros(beta.shape[1]),
                                fitted_ms=np.zeros(beta.shape[1]))
     sent = combat.site_residuals(x, means, site, c)

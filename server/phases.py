@@ -211,11 +211,9 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
 
 
 def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
-    """B_hat with other sites' intercept rows zeroed: a site needs only its own row and the covariate
-    effects, and must not learn other hospitals' feature means."""
-    masked = beta.copy()
-    masked[[i for i in range(n_sites) if i != site]] = 0.0
-    return masked
+    """B_hat's rows a site needs: its own row and the covariate effects (common.combat.site_rows); it must not
+    learn other hospitals' feature means."""
+    return combat.site_rows(beta, n_sites, site)
 
 
 @dataclass
