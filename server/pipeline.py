@@ -68,13 +68,15 @@ class Fitted:
 
 
 def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = True,
-        histograms: bool = False, warm: dict[str, training.WarmStart] | None = None) -> Fitted:
+        histograms: bool = False, main: Fitted | None = None) -> Fitted:
     """Fit the run's model on ``cohort``. ``evaluate_rounds``: each site scores every round's model on its
-    held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features; ``warm``: by
-    family, an exact fit to start that family's exact fit from (same optimum, fewer Newton rounds)."""
-    warm = warm or {}
+    held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features; ``main``: the
+    main run's fit, for a leave-one-site-out fold: its ComBat sums are pooled again instead of asked for
+    (phases.harmonization_phase ``reuse``), and with ``loso-warm-start`` each exact fit starts from its model."""
+    warm = main.warm_starts() if main is not None and run.config.loso_warm_start else {}
     robust = robustness_phase(run, cohort) if run.config.robustness_min_icc > 0 else None
-    harmonization = phases.harmonization_phase(run, cohort, covariates) if run.config.combat else None
+    harmonization = phases.harmonization_phase(run, cohort, covariates, main.harmonization if main else None) \
+        if run.config.combat else None
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
                                   harmonization.late_joiner if harmonization else None)
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)

@@ -29,13 +29,12 @@ from flwr.app import RecordDict
 
 from common import metrics, protocol
 from common.split import cv_tag
-from server import clinical, comparison, phases, pipeline, training
+from server import clinical, comparison, phases, pipeline
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused
 from server.folds import FoldJob, run_folds
 from server.strategy import evaluation_records, record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
-Warm = dict[str, training.WarmStart] | None  # the main run's exact fits by family: where a fold's Newton rounds start
 
 
 def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort, outside: bool = True,
@@ -68,16 +67,16 @@ def _without_curves(record: dict[str, object]) -> dict[str, object]:
 
 
 def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str, held_node: int,
-               held: str, family: str = "", warm: Warm = None) -> dict[str, object]:
+               held: str, family: str = "", main: pipeline.Fitted | None = None) -> dict[str, object]:
     """One leave-one-site-out fold: fit without ``held``, score every family at ``held``; the record of the
-    ``family`` in use (with several, also each one's metrics and their paired comparison), or ``error``. ``warm``:
-    the main run's exact fits, where the fold's Newton rounds start (``loso-warm-start``)."""
+    ``family`` in use (with several, also each one's metrics and their paired comparison), or ``error``. ``main``:
+    the main run's fit (its ComBat sums and, with ``loso-warm-start``, its models: ``pipeline.fit``)."""
     others = {name for nid, name in fed.sites.items() if nid != held_node}
     train_on = Cohort(fed.subset(others), agreement.restricted(others), fold=held)
     outsider = Cohort(fed.subset({held}), train_on.agreement, fold=held)
     log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
     try:
-        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False, warm=warm)
+        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False, main=main)
         fitted.family = family or fitted.family
         every, compared = score_all(run, fitted, train_on, outsider)
         scored = every[fitted.family]
@@ -113,20 +112,21 @@ def _calibration(run: Run, fitted: pipeline.Fitted, scorers: Cohort, family: str
 
 
 def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "", family: str = "",
-              warm: Warm = None) -> list[FoldJob]:
+              main: pipeline.Fitted | None = None) -> list[FoldJob]:
     """One fold per site, in site order: the pipeline on the other sites, scored at the held-out one."""
     sites = sorted(fed.sites.items(), key=lambda kv: kv[1])
     return [FoldJob("leave-one-site-out", held,
-                    lambda run, n=nid, h=held: _loso_fold(run, fed, agreement, covariates, n, h, family, warm))
+                    lambda run, n=nid, h=held: _loso_fold(run, fed, agreement, covariates, n, h, family, main))
             for nid, held in sites]
 
 
 def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
-                       covariates: str = "", family: str = "", warm: Warm = None) -> dict[str, dict[str, object]]:
+                       covariates: str = "", family: str = "",
+                       main: pipeline.Fitted | None = None) -> dict[str, dict[str, object]]:
     """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration of the ``family`` in use
     (default: the first listed); with several families also ``families`` (each one's metrics there) and
     ``comparison`` (paired, vs the first listed); or ``error``."""
-    return run_folds(run, loso_jobs(fed, agreement, covariates, family, warm))
+    return run_folds(run, loso_jobs(fed, agreement, covariates, family, main))
 
 
 def _local_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str,
@@ -184,9 +184,8 @@ def external_and_local(run: Run, fed: Federation, agreement: FeatureAgreement, c
                        local: bool, family: str = "", main: pipeline.Fitted | None = None) -> tuple[Records, Records]:
     """The leave-one-site-out folds (scored as ``family``, the run's choice) and the local-only baselines asked for,
     all together in the same rounds (``fold-batching``); returns (loso by held-out site, local-only by site).
-    ``main``: the main run's fit, whose exact models start each fold's Newton rounds when ``loso-warm-start``."""
-    warm = main.warm_starts() if main is not None and run.config.loso_warm_start else None
-    jobs = (loso_jobs(fed, agreement, covariates, family, warm) if loso else []) + \
+    ``main``: the main run's fit, which each leave-one-site-out fold starts from (``pipeline.fit``)."""
+    jobs = (loso_jobs(fed, agreement, covariates, family, main) if loso else []) + \
         (local_only_jobs(fed, agreement, covariates) if local else [])
     done = run_folds(run, jobs)
     held = {j.fold for j in jobs if j.kind == "leave-one-site-out"}

@@ -36,6 +36,10 @@ def test_warm_started_folds_reach_the_cold_optimum_in_fewer_rounds(tmp_path):
             for warm in (True, False)}
     docs = {warm: json.loads((f / "metrics.json").read_text(encoding="utf-8")) for warm, f in runs.items()}
     assert docs[True]["status"] == docs[False]["status"] == "completed", docs[True].get("error")
+    # every fold pooled the ComBat sums its sites sent for the main run (no covariates: both rounds), asking nothing
+    for folder in runs.values():
+        combats = [e["data"] for e in events(folder) if e["event"] == "harmonization" and e["data"].get("fold")]
+        assert len(combats) == 4 and all(c["reused"] == "the main run's rounds 1-2" for c in combats)
     warm, cold = _folds(runs[True]), _folds(runs[False])
     assert sorted(warm) == sorted(cold) == sorted(docs[True]["sites"])
     for fold in warm:
