@@ -9,7 +9,9 @@ own audit log: the main fit is from ``features-agreed`` to the first ``fold-star
 exact training, evaluation, calibration), the folds from ``fold-start`` to the last ``folds-end``; the
 ``folds-end`` entries count the Flower messages the folds sent (and, batched, the requests they carried and the
 rounds). The issue's target: leave-one-site-out <= 2x the main fit's wall time. ``--batched-only`` sizes run
-batched only (the sequential run at 48 sites takes about an hour).
+batched only (the sequential run at 48 sites takes about an hour). Each row also gives the folds' Newton rounds (mean
+and slowest fold: a warm start from the main model, ``loso-warm-start``, saves some), and a second table splits the
+folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and scoring).
 
 ``--profile N`` (alone: ``--sites ''``) profiles, in this process, one site answering the ``query.batch`` of a
 leave-one-site-out round over N sites (N - 1 Newton requests, every mod included, bench/site_messages.py): ms per
