@@ -9,7 +9,9 @@ own audit log: the main fit is from ``features-agreed`` to the first ``fold-star
 exact training, evaluation, calibration), the folds from ``fold-start`` to the last ``folds-end``; the
 ``folds-end`` entries count the Flower messages the folds sent (and, batched, the requests they carried and the
 rounds). The issue's target: leave-one-site-out <= 2x the main fit's wall time. ``--batched-only`` sizes run
-batched only (the sequential run at 48 sites takes about an hour).
+batched only (the sequential run at 48 sites takes about an hour). Each row also gives the folds' Newton rounds (mean
+and slowest fold: a warm start from the main model, ``loso-warm-start``, saves some), and a second table splits the
+folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and scoring).
 
 ``--profile N`` (alone: ``--sites ''``) profiles, in this process, one site answering the ``query.batch`` of a
 leave-one-site-out round over N sites (N - 1 Newton requests, every mod included, bench/site_messages.py): ms per
@@ -37,15 +39,37 @@ from radfed.cli.coordinator import approve_demo_plan  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 HEADER = ["sites", "folds", "mode", "main fit s", "folds s", "folds / main", "messages (folds)", "requests",
-          "rounds", "run wall s"]
+          "rounds", "Newton rounds per fold (max)", "run wall s"]
+# where the folds' wall time goes, by the audit entry that ends each stretch (folds run in the same rounds, so a
+# stretch ends when the slowest fold's entry is written): ComBat's two rounds, moments (each site fits its own ComBat
+# location/scale), selection (correlation), the Newton rounds, the held-out site's join and scoring
+PHASES = {"harmonization": "ComBat (2 rounds)", "moments": "moments", "selection": "selection",
+          "newton-round": "Newton", "round-train": "Newton", "harmonization-join": "join + scoring",
+          "external-validation": "join + scoring"}
+PHASE_HEADER = ["sites", "mode", *dict.fromkeys(PHASES.values()), "other"]
 
 
 def _time(entry: dict) -> datetime:
     return datetime.fromisoformat(str(entry["time"]).replace("Z", "+00:00"))
 
 
-def one_run(work: Path, dirs: list[Path], config: dict, batched: bool) -> list[str]:
-    """One run; its row of the table."""
+def phase_seconds(entries: list[dict], start: datetime) -> dict[str, float]:
+    """The folds' wall time by phase: each gap between consecutive audit entries after ``start`` counts to the
+    phase of the entry that ends it."""
+    out: dict[str, float] = {}
+    last = start
+    for e in entries:
+        t = _time(e)
+        if t <= start:
+            continue
+        phase = PHASES.get(e["event"], "other") if e["event"] != "folds-end" else "other"
+        out[phase] = out.get(phase, 0.0) + (t - last).total_seconds()
+        last = t
+    return out
+
+
+def one_run(work: Path, dirs: list[Path], config: dict, batched: bool) -> tuple[list[str], list[str]]:
+    """One run; its row of the table and of the phase table."""
     mode = "batched" if batched else "sequential"
     out = work / f"runs-{len(dirs)}-{mode}"
     shutil.rmtree(out, ignore_errors=True)
@@ -67,8 +91,16 @@ def one_run(work: Path, dirs: list[Path], config: dict, batched: bool) -> list[s
     messages = sum(int(e["data"]["messages"]) for e in ends)
     requests = sum(int(e["data"].get("requests", e["data"]["messages"])) for e in ends)
     rounds = sum(int(e["data"]["rounds"]) for e in ends) if batched else "-"
-    return [str(len(dirs)), str(sum(int(e["data"]["folds"]) for e in ends)), mode, f"{main:.1f}", f"{folds:.1f}",
-            f"{folds / main:.2f}", str(messages), str(requests), str(rounds), f"{wall:.0f}"]
+    newton: dict[str, int] = {}
+    for e in entries:
+        if e["event"] == "newton-round" and e["data"].get("fold"):
+            newton[e["data"]["fold"]] = newton.get(e["data"]["fold"], 0) + 1
+    per_fold = f"{sum(newton.values()) / max(len(newton), 1):.1f} ({max(newton.values(), default=0)})"
+    row = [str(len(dirs)), str(sum(int(e["data"]["folds"]) for e in ends)), mode, f"{main:.1f}", f"{folds:.1f}",
+           f"{folds / main:.2f}", str(messages), str(requests), str(rounds), per_fold, f"{wall:.0f}"]
+    until_end = [e for e in entries if _time(e) <= _time(ends[-1])]
+    spent = phase_seconds(until_end, starts[0])
+    return row, [str(len(dirs)), mode, *(f"{spent.get(p, 0.0):.1f}" for p in PHASE_HEADER[2:])]
 
 
 # --profile 48 on the code before the per-batch amortisation (bd6fa03^: every sub-request stamped the site's files,
@@ -121,14 +153,18 @@ def main() -> int:
     if not both + batched_only:
         return 0
     dirs = sites(work, max(both + batched_only), args.workers)
-    rows = []
+    rows, phases = [], []
     for n in sorted(set(both + batched_only)):
         for batched in ((False, True) if n in both else (True,)):
-            rows.append(one_run(work, dirs[:n], config, batched))
-            print(" | ".join(rows[-1]), flush=True)
+            row, spent = one_run(work, dirs[:n], config, batched)
+            rows.append(row)
+            phases.append(spent)
+            print(" | ".join(row), flush=True)
     print_columns("Leave-one-site-out" + (" and local-only baselines" if args.local_only else "") +
                   ": folds one after another (sequential) vs all in the same rounds (batched); exact training, "
                   "tiny sites of 10 cases per class, times from each run's audit log", HEADER, rows)
+    print_columns("Where the folds' wall time goes (s), by the audit entry that ends each stretch", PHASE_HEADER,
+                  phases)
     return 0
 
 

@@ -8,17 +8,15 @@ exact shape of every array before a reply leaves the site.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
-import zlib
 from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import compute, ledger, outoffold, runcache, steps
+from client import combat_state, compute, ledger, outoffold, runcache, steps
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.batch import BatchingClientApp
@@ -87,10 +85,10 @@ def _agreed(context: Context, msg: Message, default: list[str] | None = None) ->
     return [str(n) for n in record["features"]]  # type: ignore[union-attr]
 
 
-# the site's fitted ComBat parameters for this run, kept at the site: zlib-compressed JSON (without the feature names,
-# which the cohort's agreement holds) in context.state. Flower's simulation ships a node's whole context to the worker
-# and back with every message, and Ray passes an argument above 100 KB through its object store (about 1.5 ms per
-# round trip below, 7 ms above): the plain JSON (119 KB at 861 features) put every message of the run there.
+# the site's fitted ComBat parameters per cohort (client.combat_state), kept at the site in context.state. Flower's
+# simulation ships a node's whole context to the worker and back with every message, and Ray passes an argument
+# above 100 KB through its object store (about 1.5 ms per round trip below, 7 ms above): the plain JSON (119 KB at
+# 861 features) put every message of the run there; the packed form is about 35 KB.
 COMBAT_STATE = "radfed-combat"
 
 
@@ -116,20 +114,13 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
             return None
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
                         "harmonization or join); restart the run")
-    return _parsed_combat(bytes(record["params-z"])).apply  # type: ignore[arg-type]
-
-
-@functools.lru_cache(maxsize=256)
-def _parsed_combat(packed: bytes) -> combat.SiteCombat:
-    """The parameters, unpacked and parsed: each fold's are read once, not per message."""
-    return combat.SiteCombat.from_dict(json.loads(zlib.decompress(packed)))
+    return combat_state.Harmonizer(bytes(record["params"]))  # type: ignore[arg-type]
 
 
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
-    packed = zlib.compress(json.dumps(params.to_dict()).encode("utf-8"), 1)
-    context.state[_combat_key(_fold(msg))] = ConfigRecord({"params-z": packed})
+    context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": combat_state.pack(params)})
     if not _fold(msg):
         spec = covariates.describe(_run(context).covariates())
         radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical
@@ -196,7 +187,7 @@ def combat_fit(msg: Message, context: Context) -> Message:
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
     data, x, c, site, n_sites = _combat_round(msg, context)
-    beta = msg.content["arrays"]["beta"].numpy()  # type: ignore[union-attr]
+    beta = combat.full_beta(msg.content["arrays"]["beta"].numpy(), site, n_sites)  # type: ignore[union-attr]
     means = combat.PooledMeans(n_sites=n_sites, n=0, beta=beta, grand_mean=np.zeros(beta.shape[1]),
                                fitted_ms=np.zeros(beta.shape[1]))
     sent = combat.site_residuals(x, means, site, c)

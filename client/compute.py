@@ -62,7 +62,8 @@ def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, 
                     run: RunConfig, covariates: np.ndarray | None = None) -> combat.SiteCombat:
     """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
     against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
-    pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=arrays["beta"], grand_mean=arrays["grand-mean"],
+    pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=combat.full_beta(arrays["beta"], site, n_sites),
+                                    grand_mean=arrays["grand-mean"],
                                     var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
     return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
 

@@ -413,15 +413,24 @@ def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names:
     """(x, y) of one split (``held_out`` True/False; None: every usable case): x (n, len(names)) after
     harmonising all ``agreed`` features, y (n,).
 
-    Harmonisation (the site's own ComBat parameters) works on the whole agreed feature list, so the
-    columns are picked after it; ``names`` defaults to ``agreed``.
+    Harmonisation (the site's own ComBat parameters) is fitted on the whole agreed feature list; a harmoniser
+    with ``restrict`` (client.combat_state.Harmonizer) adjusts only the columns ``names`` picks, any other all of
+    them before the columns are picked. ``names`` defaults to ``agreed``.
     """
     rows = np.ones_like(data.held_out) if held_out is None else data.held_out if held_out else ~data.held_out
     radiomics, index = _radiomics(tuple(agreed))
-    x = data.table.columns(radiomics)[rows]
-    if harmonize is not None:
-        x = harmonize(x, None if data.covariates is None else data.covariates[rows])
     wanted = agreed if names is None else names
+    restrict = getattr(harmonize, "restrict", None)  # one that adjusts single columns: only the wanted ones
+    if restrict is not None and names is not None:
+        picked = [n for n in wanted if n in index]
+        x = data.table.columns(picked)[rows]
+        x = restrict(tuple(index[n] for n in picked))(x, None if data.covariates is None else data.covariates[rows])
+        index = {n: j for j, n in enumerate(picked)}
+        radiomics = picked
+    else:
+        x = data.table.columns(radiomics)[rows]
+        if harmonize is not None:
+            x = harmonize(x, None if data.covariates is None else data.covariates[rows])
     if wanted == radiomics:
         return x, data.table.labels[rows]
     # clinical inputs (model-covariates) join after ComBat, which never adjusts them, as they were coded

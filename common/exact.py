@@ -265,10 +265,12 @@ class ExactNewton:
     repeat until it returns True. ``coef`` then holds the final model.
 
     Stopping rule: the step from an accepted point is at most ``tol * max(1, max|coef|)`` (Newton converges
-    quadratically, so the last step is far below the error it leaves), or ``max_rounds`` rounds (``converged``
-    stays False). Safeguard: the sites' loss sum gives J at every point they evaluate; if J rose above the
-    last accepted point's, that point is rejected and the next one is halfway back (costs a round only when a
-    full step overshoots, which from zero with l2 > 0 is rare).
+    quadratically, so the last step is far below the error it leaves), or the NEXT step, predicted from the last
+    two (s_next ~ s^3 / s_prev^2 once convergence is quadratic: both undamped, shrinking, l1 = 0), is: that round
+    would only confirm it and is not sent, and the point kept is within ``tol`` of the optimum as well; or
+    ``max_rounds`` rounds (``converged`` stays False). Safeguard: the sites' loss sum gives J at every point they
+    evaluate; if J rose above the last accepted point's, that point is rejected and the next one is halfway back
+    (costs a round only when a full step overshoots, which from zero with l2 > 0 is rare).
     """
 
     d: int
@@ -279,6 +281,9 @@ class ExactNewton:
     # False when the sites' terms are noised (differential privacy): no loss comes back, so every point is
     # accepted, and a noised step never meets ``tol``: the fit runs ``max_rounds`` rounds
     safeguard: bool = True
+    # where round 1 evaluates (d+1,); None: zero. A warm start (e.g. a leave-one-site-out fold from the main run's
+    # model) only shortens the walk: J is strictly convex, so the fit stops at the same optimum within ``tol``
+    start: np.ndarray | None = None
     coef: np.ndarray = field(init=False)
     converged: bool = field(init=False, default=False)
     history: list[RoundRecord] = field(init=False, default_factory=list)
@@ -287,7 +292,14 @@ class ExactNewton:
     _halvings: int = field(init=False, default=0, repr=False)
 
     def __post_init__(self) -> None:
-        self.coef = np.zeros(self.d + 1)
+        if self.start is None:
+            self.coef = np.zeros(self.d + 1)
+            return
+        start = np.asarray(self.start, dtype=np.float64).ravel()
+        if start.shape != (self.d + 1,) or not np.isfinite(start).all():
+            raise ValueError(f"a Newton start needs {self.d + 1} finite coefficients (intercept first), got "
+                             f"shape {start.shape}")
+        self.coef = start.copy()
 
     @property
     def rounds(self) -> int:
@@ -296,6 +308,17 @@ class ExactNewton:
     @property
     def done(self) -> bool:
         return self.converged or self.rounds >= self.max_rounds or self._halvings > MAX_HALVINGS
+
+    def _within_tol(self, info: NewtonInfo) -> bool:
+        """Whether the step just taken (``info``, from ``self.coef``) or the predicted next one is within tol."""
+        bound = self.tol * max(1.0, float(np.abs(self.coef).max()))
+        step = info.step_norm
+        if step <= bound:
+            return True
+        prev = self.history[-2].info if len(self.history) >= 2 and self.history[-2].accepted else None
+        if prev is None or self.l1 != 0 or not self.safeguard or info.damping or prev.damping:
+            return False
+        return step < prev.step_norm and step ** 3 <= bound * prev.step_norm ** 2
 
     def update(self, total: SiteTerms) -> bool:
         """Take the summed site terms at ``self.coef``; set the next ``coef``. True when finished."""
@@ -313,7 +336,7 @@ class ExactNewton:
         self._best, self._best_objective, self._halvings = self.coef.copy(), objective, 0
         new, info = newton_update(total.grad, total.hess, self.coef, self.l2, self.l1)
         self.history.append(RoundRecord(objective, True, info))
-        self.converged = info.step_norm <= self.tol * max(1.0, float(np.abs(self.coef).max()))
+        self.converged = self._within_tol(info)
         self.coef = new
         return self.done
 
@@ -361,6 +384,23 @@ def fit_exact(sites: Sequence[tuple[np.ndarray, np.ndarray]], pos_weight: float,
     return ExactFit(coef=server.coef.copy(), converged=server.converged, rounds=server.rounds,
                     objective=[r.objective for r in server.history], history=list(server.history), n=total.n,
                     n_pos=total.n_pos, n_neg=total.n_neg)
+
+
+def restandardise(coef: np.ndarray, names: Sequence[str], mean: np.ndarray, scale: np.ndarray,
+                  new_names: Sequence[str], new_mean: np.ndarray, new_scale: np.ndarray) -> np.ndarray:
+    """A fitted model's coefficients (d+1,) on ``names`` standardised with (mean, scale), re-expressed on
+    ``new_names`` standardised with (new_mean, new_scale): the same logit on every case for the inputs both lists
+    hold, weight 0 on the new ones; an input the new list lacks leaves at its mean. A Newton start, nothing more."""
+    coef = np.asarray(coef, dtype=np.float64).ravel()
+    old = {n: j for j, n in enumerate(names)}
+    out = np.zeros(len(new_names) + 1)
+    out[0] = coef[0]
+    for k, n in enumerate(new_names):
+        j = old.get(n)
+        if j is not None:  # w (x - m) / s = (w s' / s) (x - m') / s' + w (m' - m) / s
+            out[k + 1] = coef[j + 1] * new_scale[k] / scale[j]
+            out[0] += coef[j + 1] * (new_mean[k] - mean[j]) / scale[j]
+    return out
 
 
 def to_state_dict(coef: np.ndarray, mean: np.ndarray, scale: np.ndarray) -> dict[str, torch.Tensor]:

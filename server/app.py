@@ -215,7 +215,7 @@ def main(grid: Grid, context: Context) -> None:
         loso, local = run.external_validation == "loso", run.local_only == "own-pipeline"
         if loso or local:  # every fold of both in the same rounds (fold-batching)
             held_out, alone = validation.external_and_local(ctx, fed, agreement, covariate_spec, loso, local,
-                                                            family=fitted.family)
+                                                            family=fitted.family, main=fitted)
             if loso:
                 result.validation["loso"] = held_out
             if local:

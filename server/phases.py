@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
@@ -211,11 +211,9 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
 
 
 def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
-    """B_hat with other sites' intercept rows zeroed: a site needs only its own row and the covariate
-    effects, and must not learn other hospitals' feature means."""
-    masked = beta.copy()
-    masked[[i for i in range(n_sites) if i != site]] = 0.0
-    return masked
+    """B_hat's rows a site needs: its own row and the covariate effects (common.combat.site_rows); it must not
+    learn other hospitals' feature means."""
+    return combat.site_rows(beta, n_sites, site)
 
 
 @dataclass
@@ -228,25 +226,45 @@ class Harmonization:
     per_node: Callable[[int], RecordDict]
     late_joiner: dict[str, object]
     site_share: np.ndarray | None = None  # (d,) variation between sites before ComBat (moments.site_share)
+    # what each site sent in rounds 1-2, by site name (n, XᵀX block, XᵀY block, residual sum of squares), for the
+    # feature list and covariates they were sent for: a leave-one-site-out fold pools them again (``reuse``)
+    sums: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
+    key: tuple[str, str] = ("", "")
 
 
-def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmonization:
-    """Distributed ComBat, rounds 1-2 (common.combat), over the cohort's sites only."""
+def _reusable(reuse: Harmonization | None, cohort: Cohort, covariates: str) -> bool:
+    """Whether ``reuse`` (the main run's ComBat) holds round 1 of every site of ``cohort`` for its feature list."""
+    return reuse is not None and reuse.key == (cohort.agreement.sha256, covariates) and \
+        all(name in reuse.sums for name in cohort.fed.sites.values())
+
+
+def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
+                        reuse: Harmonization | None = None) -> Harmonization:
+    """Distributed ComBat, rounds 1-2 (common.combat), over the cohort's sites only.
+
+    ``reuse``: the main run's ComBat. A site's round-1 block (its count and sums over its training split) is the
+    same in every cohort it belongs to, and so, without covariates, is its round-2 residual sum of squares (B_hat's
+    row of a site is then its own mean): a leave-one-site-out fold pools what its sites already sent for the
+    main run instead of asking again (no message; nothing new leaves a site), when the feature list is the same."""
     fed, agreement = cohort.fed, cohort.agreement
     index = {nid: i for i, nid in enumerate(sorted(fed.sites, key=lambda nid: (fed.sites[nid], nid)))}
     n_sites = len(index)
     config = {"features": agreement.names, "features-sha256": agreement.sha256, "n-sites": n_sites}
     own = lambda nid: RecordDict({"config": ConfigRecord({"site-index": index[nid]})})  # noqa: E731
-    replies = cohort.ask(run, "harmonization", protocol.COMBAT_FIT, config, per_node=own)
-    if len(replies) != n_sites:  # the design has one column per site: a lost site invalidates it
-        raise RunRefused(f"{n_sites - len(replies)} site(s) left during harmonization; ComBat needs every site "
-                         "of the design, so the run stops (restart it with the remaining sites)")
+    again = _reusable(reuse, cohort, covariates)
+    if again:
+        blocks = {nid: reuse.sums[fed.sites[nid]][:3] for nid in sorted(index, key=index.__getitem__)}  # type: ignore[union-attr]
+    else:
+        replies = cohort.ask(run, "harmonization", protocol.COMBAT_FIT, config, per_node=own)
+        if len(replies) != n_sites:  # the design has one column per site: a lost site invalidates it
+            raise RunRefused(f"{n_sites - len(replies)} site(s) left during harmonization; ComBat needs every site "
+                             "of the design, so the run stops (restart it with the remaining sites)")
+        blocks = {nid: (int(r.content["metrics"]["n"]), r.content["arrays"]["xtx"].numpy(),  # type: ignore[arg-type, union-attr]
+                        r.content["arrays"]["xty"].numpy()) for nid, r in replies.items()}  # type: ignore[union-attr]
     try:
         # each site sent its block of the design (common.combat.site_block); summed one site at a time
-        means = combat.pool_moments(combat.from_block(
-            index[nid], n_sites, int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
-            r.content["arrays"]["xtx"].numpy(), r.content["arrays"]["xty"].numpy())  # type: ignore[union-attr]
-            for nid, r in replies.items())
+        means = combat.pool_moments(combat.from_block(index[nid], n_sites, n, xtx, xty)
+                                    for nid, (n, xtx, xty) in blocks.items())
     except ValueError as exc:  # e.g. a covariate level no site has: the pooled design is singular
         raise RunRefused(f"distributed ComBat cannot pool the sites' designs: {exc}") from None
 
@@ -255,27 +273,29 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
         return RecordDict({"arrays": ArrayRecord({"beta": Array(beta)}),
                            "config": ConfigRecord({"site-index": index[nid]})})
 
-    fitted = replies
-    replies = cohort.ask(run, "harmonization", protocol.COMBAT_RESIDUALS, config, per_node=with_beta)
-    if len(replies) != n_sites:
-        raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
-    residuals = [combat.SiteResiduals(site=index[nid], n=int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
-                                      ss=r.content["arrays"]["ss"].numpy())  # type: ignore[union-attr]
-                 for nid, r in replies.items()]
+    both = again and all(np.shape(xtx) == (1, 1) for _, xtx, _ in blocks.values())  # no covariate columns
+    if both:
+        ss = {nid: reuse.sums[fed.sites[nid]][3] for nid in blocks}  # type: ignore[union-attr]
+    else:
+        replies = cohort.ask(run, "harmonization", protocol.COMBAT_RESIDUALS, config, per_node=with_beta)
+        if len(replies) != n_sites:
+            raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
+        ss = {nid: r.content["arrays"]["ss"].numpy() for nid, r in replies.items()}  # type: ignore[union-attr]
+    residuals = [combat.SiteResiduals(site=index[nid], n=blocks[nid][0], ss=ss[nid]) for nid in ss]
     pooled = combat.pool_residuals(means, residuals)
     # before ComBat: each site's mean (its row of XᵀY over its count) and spread around it (its residual sum of
     # squares; around the site's mean and, with covariates, their effects), from the sums already sent
-    site_means = [fitted[nid].content["arrays"]["xty"].numpy()[0] / r.n  # type: ignore[union-attr]
-                  for nid, r in zip(replies, residuals, strict=True)]
+    site_means = [blocks[nid][2][0] / r.n for nid, r in zip(ss, residuals, strict=True)]
     before = moments.site_share([r.n for r in residuals], site_means, [r.ss for r in residuals])
     late_joiner: dict[str, object] = {
         "features": agreement.names, "n_sites": n_sites, "n": pooled.n, "grand_mean": pooled.grand_mean.tolist(),
         "var_pooled": pooled.var_pooled.tolist(), "beta_cov": pooled.beta_cov.tolist(),
         "zero_variance": pooled.zero_variance.tolist()}
+    reused = {"reused": "the main run's rounds 1-2" if both else "the main run's round 1"} if again else {}
     run.audit.append("harmonization", method="combat", covariates=covariates, n_sites=n_sites, n_cases=pooled.n,
                      n_features=len(pooled.grand_mean), zero_variance=int(pooled.zero_variance.sum()),
                      pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,
-                                                  "var_pooled": pooled.var_pooled}), **cohort.tag)
+                                                  "var_pooled": pooled.var_pooled}), **reused, **cohort.tag)
 
     def estimates(nid: int) -> RecordDict:
         return RecordDict({"arrays": ArrayRecord({
@@ -284,7 +304,8 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "") -> Harmo
             "zero-variance": Array(pooled.zero_variance.astype(np.float64))}),
             "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
 
-    return Harmonization(estimates, late_joiner, before)
+    sums = {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
+    return Harmonization(estimates, late_joiner, before, sums, (agreement.sha256, covariates))  # type: ignore[arg-type]
 
 
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:

@@ -53,6 +53,12 @@ class Fitted:
         name = family or self.family
         return training.shared_config(self.inputs.get(name, self.chosen), self.pos_weight, name)
 
+    def warm_starts(self) -> dict[str, training.WarmStart]:
+        """Every exactly fitted model as a Newton start for another cohort (a leave-one-site-out fold)."""
+        starts = {name: training.WarmStart.of(trained, self.inputs.get(name, self.chosen).names)
+                  for name, trained in self.models.items()}
+        return {name: start for name, start in starts.items() if start is not None}
+
     def compared_arrays(self, name: str) -> dict[str, np.ndarray]:
         """``name``'s model as one on the whole chosen input list (a variant's other inputs at weight 0), so every
         model of the comparison scores the same matrix."""
@@ -62,11 +68,15 @@ class Fitted:
 
 
 def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = True,
-        histograms: bool = False) -> Fitted:
+        histograms: bool = False, main: Fitted | None = None) -> Fitted:
     """Fit the run's model on ``cohort``. ``evaluate_rounds``: each site scores every round's model on its
-    held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features."""
+    held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features; ``main``: the
+    main run's fit, for a leave-one-site-out fold: its ComBat sums are pooled again instead of asked for
+    (phases.harmonization_phase ``reuse``), and with ``loso-warm-start`` each exact fit starts from its model."""
+    warm = main.warm_starts() if main is not None and run.config.loso_warm_start else {}
     robust = robustness_phase(run, cohort) if run.config.robustness_min_icc > 0 else None
-    harmonization = phases.harmonization_phase(run, cohort, covariates) if run.config.combat else None
+    harmonization = phases.harmonization_phase(run, cohort, covariates, main.harmonization if main else None) \
+        if run.config.combat else None
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
                                   harmonization.late_joiner if harmonization else None)
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
@@ -88,10 +98,10 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
         drawn = phases.histograms_phase(run, cohort, pooled, radiomics[:4])
     # every family on the same harmonised, standardised, selected features: the rows of the comparison differ
     # only in the model
-    models = {family: training.train(run, cohort, pooled, chosen, evaluate_rounds, family)
+    models = {family: training.train(run, cohort, pooled, chosen, evaluate_rounds, family, warm.get(family))
               for family in run.config.families}
     for name, own in inputs.items():
-        models[name] = training.train(run, cohort, pooled, own, evaluate_rounds, name)
+        models[name] = training.train(run, cohort, pooled, own, evaluate_rounds, name, warm.get(name))
     return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust, inputs=inputs)
 
 

@@ -67,15 +67,16 @@ def _without_curves(record: dict[str, object]) -> dict[str, object]:
 
 
 def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str, held_node: int,
-               held: str, family: str = "") -> dict[str, object]:
+               held: str, family: str = "", main: pipeline.Fitted | None = None) -> dict[str, object]:
     """One leave-one-site-out fold: fit without ``held``, score every family at ``held``; the record of the
-    ``family`` in use (with several, also each one's metrics and their paired comparison), or ``error``."""
+    ``family`` in use (with several, also each one's metrics and their paired comparison), or ``error``. ``main``:
+    the main run's fit (its ComBat sums and, with ``loso-warm-start``, its models: ``pipeline.fit``)."""
     others = {name for nid, name in fed.sites.items() if nid != held_node}
     train_on = Cohort(fed.subset(others), agreement.restricted(others), fold=held)
     outsider = Cohort(fed.subset({held}), train_on.agreement, fold=held)
     log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
     try:
-        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False)
+        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False, main=main)
         fitted.family = family or fitted.family
         every, compared = score_all(run, fitted, train_on, outsider)
         scored = every[fitted.family]
@@ -110,20 +111,22 @@ def _calibration(run: Run, fitted: pipeline.Fitted, scorers: Cohort, family: str
     return {**kept, "slope_ci": metrics.slope_interval(cal)} if "slope" in cal else kept
 
 
-def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "", family: str = "") -> list[FoldJob]:
+def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = "", family: str = "",
+              main: pipeline.Fitted | None = None) -> list[FoldJob]:
     """One fold per site, in site order: the pipeline on the other sites, scored at the held-out one."""
     sites = sorted(fed.sites.items(), key=lambda kv: kv[1])
     return [FoldJob("leave-one-site-out", held,
-                    lambda run, n=nid, h=held: _loso_fold(run, fed, agreement, covariates, n, h, family))
+                    lambda run, n=nid, h=held: _loso_fold(run, fed, agreement, covariates, n, h, family, main))
             for nid, held in sites]
 
 
 def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
-                       covariates: str = "", family: str = "") -> dict[str, dict[str, object]]:
+                       covariates: str = "", family: str = "",
+                       main: pipeline.Fitted | None = None) -> dict[str, dict[str, object]]:
     """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration of the ``family`` in use
     (default: the first listed); with several families also ``families`` (each one's metrics there) and
     ``comparison`` (paired, vs the first listed); or ``error``."""
-    return run_folds(run, loso_jobs(fed, agreement, covariates, family))
+    return run_folds(run, loso_jobs(fed, agreement, covariates, family, main))
 
 
 def _local_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str,
@@ -178,10 +181,11 @@ Records = dict[str, dict[str, object]]
 
 
 def external_and_local(run: Run, fed: Federation, agreement: FeatureAgreement, covariates: str, loso: bool,
-                       local: bool, family: str = "") -> tuple[Records, Records]:
+                       local: bool, family: str = "", main: pipeline.Fitted | None = None) -> tuple[Records, Records]:
     """The leave-one-site-out folds (scored as ``family``, the run's choice) and the local-only baselines asked for,
-    all together in the same rounds (``fold-batching``); returns (loso by held-out site, local-only by site)."""
-    jobs = (loso_jobs(fed, agreement, covariates, family) if loso else []) + \
+    all together in the same rounds (``fold-batching``); returns (loso by held-out site, local-only by site).
+    ``main``: the main run's fit, which each leave-one-site-out fold starts from (``pipeline.fit``)."""
+    jobs = (loso_jobs(fed, agreement, covariates, family, main) if loso else []) + \
         (local_only_jobs(fed, agreement, covariates) if local else [])
     done = run_folds(run, jobs)
     held = {j.fold for j in jobs if j.kind == "leave-one-site-out"}

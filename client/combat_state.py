@@ -1,0 +1,75 @@
+"""A site's fitted ComBat parameters as its node keeps them in the run state (``context.state``), one entry per
+cohort (the main run, each fold): a short JSON header and the arrays as little-endian float64 bytes.
+
+Why not the JSON of ``SiteCombat.to_dict`` (what the site's harmonisation file holds): at ~860 features writing it
+took ~17 ms and reading it ~11 ms, once per fold at every site, i.e. n(n - 1) times in a leave-one-site-out run
+(2,256 at 48 sites, in the moments round). The bytes round-trip every float64 exactly, so the harmonised features
+are the same to the bit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import replace
+
+import numpy as np
+
+from common.combat import SiteCombat
+
+_ARRAYS = ("grand_mean", "var_pooled", "gamma_star", "delta_star", "unadjusted")  # each (d,); beta_cov (p, d) last
+_HEAD = 4  # bytes of the header's length
+
+
+def pack(params: SiteCombat) -> bytes:
+    """``params`` as bytes (``unpack`` reads them back)."""
+    d, p = params.grand_mean.shape[0], params.beta_cov.shape[0]
+    head = json.dumps({"site": params.site, "n": params.n, "parametric": params.parametric, "eb": params.eb,
+                       "mean_only": params.mean_only, "d": d, "p": p}).encode()
+    body = np.concatenate([np.asarray(getattr(params, k), dtype="<f8").ravel() for k in (*_ARRAYS, "beta_cov")])
+    return len(head).to_bytes(_HEAD, "big") + head + body.tobytes()
+
+
+@functools.lru_cache(maxsize=256)
+def unpack(blob: bytes) -> SiteCombat:
+    """The parameters ``pack`` wrote; each fold's are read once per process, not per message."""
+    size = int.from_bytes(blob[:_HEAD], "big")
+    head = json.loads(blob[_HEAD:_HEAD + size])
+    d, p = int(head["d"]), int(head["p"])
+    body = np.frombuffer(blob, dtype="<f8", offset=_HEAD + size)
+    if body.shape[0] != (len(_ARRAYS) + p) * d:
+        raise ValueError(f"the site's kept ComBat parameters hold {body.shape[0]} numbers, not "
+                         f"{(len(_ARRAYS) + p) * d}: restart the run")
+    parts = {k: body[j * d:(j + 1) * d].copy() for j, k in enumerate(_ARRAYS)}
+    return SiteCombat(site=None if head["site"] is None else int(head["site"]), n=int(head["n"]),
+                      parametric=bool(head["parametric"]), eb=bool(head["eb"]), mean_only=bool(head["mean_only"]),
+                      grand_mean=parts["grand_mean"], var_pooled=parts["var_pooled"],
+                      gamma_star=parts["gamma_star"], delta_star=parts["delta_star"],
+                      unadjusted=parts["unadjusted"].astype(bool),
+                      beta_cov=body[len(_ARRAYS) * d:].reshape(p, d).copy())
+
+
+class Harmonizer:
+    """A cohort's ComBat adjustment at the site (client.steps.site_matrix): ``(x, covariates)`` over every agreed
+    radiomics feature, or ``restrict(columns)`` for only those columns of the agreed list. ComBat adjusts each
+    feature on its own, so adjusting the few columns a message uses (a model's inputs, the correlation's
+    candidates) gives the same numbers as adjusting all ~860 and picking them after (0.4 ms less per message)."""
+
+    def __init__(self, blob: bytes) -> None:
+        self.blob = blob
+
+    def __call__(self, x: np.ndarray, covariates: np.ndarray | None) -> np.ndarray:
+        return unpack(self.blob).apply(x, covariates)
+
+    def restrict(self, columns: tuple[int, ...]) -> Callable[[np.ndarray, np.ndarray | None], np.ndarray]:
+        return _columns(self.blob, columns).apply
+
+
+@functools.lru_cache(maxsize=1024)
+def _columns(blob: bytes, columns: tuple[int, ...]) -> SiteCombat:
+    """The parameters of ``columns`` only (a fold's model inputs: one entry per fold and input list)."""
+    full, cols = unpack(blob), list(columns)
+    return replace(full, grand_mean=full.grand_mean[cols], beta_cov=full.beta_cov[:, cols],
+                   var_pooled=full.var_pooled[cols], gamma_star=full.gamma_star[cols],
+                   delta_star=full.delta_star[cols], unadjusted=full.unadjusted[cols])
