@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import combat_state, compute, ledger, outoffold, runcache, steps
+from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.batch import BatchingClientApp
@@ -179,7 +179,7 @@ def combat_fit(msg: Message, context: Context) -> Message:
     sent = combat.site_moments(x, site, n_sites, c)
     xtx, xty = combat.site_block(sent)
     # XᵀY sums the features over each covariate level's training cases too
-    groups = steps.covariate_sets(data, _run(context).covariates())
+    groups = level_groups.covariate_sets(data, _run(context).covariates())
     return _reply(msg, data.declare("train", {"n": ""}, groups), arrays=_arrays({"xtx": xtx, "xty": xty}),
                   metrics=MetricRecord({"n": sent.n}))
 
@@ -238,7 +238,10 @@ def moments(msg: Message, context: Context) -> Message:
 
 def _groups(data: steps.SiteData, context: Context, names: list[str]) -> dict[str, frozenset[str]]:
     """The model covariates' level groups a reply over ``names`` sums over (none without clinical inputs)."""
-    return steps.model_groups(data, _run(context)) if any(covariates.is_clinical(n) for n in names) else {}
+    if not any(covariates.is_clinical(n) for n in names):
+        return {}
+    run = _run(context)
+    return level_groups.model_groups(data, run.model_covariates_spec(), steps.min_cases(data.site, run))
 
 
 @app.query("correlation")

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from client import patients, runcache
+from client import level_groups, patients, runcache
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.featurecache import cache_file
 from client.ledger import Blocking, Declaration, Ledger, in_batch
@@ -196,8 +196,8 @@ def _release_problem(site: Site, profile: Profile, run: RunConfig) -> str:
     sets = {}
     for i, view in enumerate(views):  # the main split, and each cross-validation fold's
         sets.update({f"{i}:{name}": s for part in PARTS for name, s in view.case_sets(part).items() if s})
-        sets.update({f"{i}:{name}": s for name, s in covariate_sets(view, spec).items()})
-        sets.update({f"{i}:{name}": s for name, s in clinical_sets(view, clinical_spec).items()})
+        sets.update({f"{i}:{name}": s for name, s in level_groups.covariate_sets(view, spec).items()})
+        sets.update({f"{i}:{name}": s for name, s in level_groups.clinical_sets(view, clinical_spec).items()})
     why = ledger(site).check(sets)
     return f"site {site.name} refuses this run plan: {why}" if why else ""
 
@@ -350,47 +350,6 @@ def _site_files(site: Site, run: RunConfig) -> list[Path]:
     return files
 
 
-def covariate_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
-    """The training cases of each categorical covariate level ("train|sex=F"): ComBat's XᵀY sums over them."""
-    return _training_level_sets(data, data.covariates, spec, "train|")
-
-
-def clinical_sets(data: SiteData, spec: list[cov.Covariate]) -> dict[str, frozenset[str]]:
-    """The training cases of each categorical model-covariate level ("train|clinical/sex=M"): the correlation and
-    training replies sum the model's other inputs over them (an indicator's cross-product with a feature is the
-    feature's sum over the level's cases), as ComBat's XᵀY does. Per class only counts of a level leave (the
-    class-wise moments of its indicator): sums over the class, like any feature's."""
-    return _training_level_sets(data, data.clinical, spec, f"train|{cov.CLINICAL}")
-
-
-def _training_level_sets(data: SiteData, design: np.ndarray | None, spec: list[cov.Covariate],
-                         prefix: str) -> dict[str, frozenset[str]]:
-    """``prefix + level`` -> the training cases at that level, from a coded design (n, p) of the site's cases."""
-    if design is None or not spec:
-        return {}
-    rows = ~data.held_out
-    ids = np.array(data.table.case_ids, dtype=object)[rows]
-    return {f"{prefix}{level}": frozenset(ids[members])
-            for level, members in cov.level_groups(spec, design[rows]).items()}
-
-
-def model_groups(data: SiteData, run: RunConfig) -> dict[str, frozenset[str]]:
-    """The level groups a reply over the model's inputs aggregates (``clinical_sets``), after checking that each
-    level (and pair of levels) holds 0 or >= k training cases; else the site refuses, naming them (the ComBat
-    covariates' rule)."""
-    spec = run.model_covariates_spec()
-    if data.clinical is None or not spec:
-        return {}
-    k = min_cases(data.site, run)
-    small = cov.small_groups(spec, data.clinical[~data.held_out], k)
-    if small:
-        raise SiteError(f"site {data.site.name} cannot use the model covariates {cov.describe(spec)}: its training "
-                        f"split has fewer than k = {k} cases in {', '.join(small)}, and the model's sums over such "
-                        "a group would describe too few patients; add cases, or drop that covariate from "
-                        "model-covariates")
-    return clinical_sets(data, spec)
-
-
 def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
     """Phase 2: feature names finite at every usable case, and the split's class counts."""
     finite = np.all(np.isfinite(data.table.values), axis=0)
@@ -464,10 +423,5 @@ def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],
     if data.covariates is None:
         return x, None
     c = data.covariates[~data.held_out]
-    small = cov.small_groups(spec, c, k)
-    if small:
-        raise SiteError(f"site {data.site.name} cannot take part in ComBat with covariates {cov.describe(spec)}: "
-                        f"its training split has fewer than k = {k} cases in {', '.join(small)}, and the ComBat "
-                        "sums over such a group would describe too few patients; add cases, or run without that "
-                        "covariate (combat-covariates)")
+    level_groups.refuse_small(data, c, spec, k, "take part in ComBat with covariates", "combat-covariates")
     return x, c

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from client import compute, steps
+from client import compute, level_groups, steps
 from client.cases import Case
 from client.extract import FeatureTable
 from client.site import Site, SiteError
@@ -95,12 +95,12 @@ def test_a_level_under_k_is_refused_and_levels_are_declared(tmp_path):
     held_out = np.zeros(24, dtype=bool)
     data = steps.SiteData(site, None, table, held_out, clinical=clinical,  # type: ignore[arg-type]
                           clinical_names=tuple(cv.clinical_columns(spec)))
-    groups = steps.model_groups(data, run)
+    groups = level_groups.model_groups(data, spec, steps.min_cases(site, run))
     assert groups["train|clinical/sex=M"] == frozenset(np.array(table.case_ids)[sexes == "M"])
     few_men = held_out | ((sexes == "M") & (np.arange(24) > 6))  # 3 men left in training
     with pytest.raises(SiteError, match=r"sex=M \(3 cases\).*model-covariates"):
-        steps.model_groups(steps.SiteData(site, None, table, few_men, clinical=clinical,  # type: ignore[arg-type]
-                                          clinical_names=data.clinical_names), run)
+        level_groups.model_groups(steps.SiteData(site, None, table, few_men, clinical=clinical,  # type: ignore[arg-type]
+                                                 clinical_names=data.clinical_names), spec, steps.min_cases(site, run))
 
 
 def test_the_knob_is_validated_and_named():
