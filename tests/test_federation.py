@@ -115,17 +115,24 @@ def test_federation_end_to_end(three_sites, tmp_path):
     sizes = {"d": features["agreed"], "m": features["candidates"], "s": features["n"], "q": 1,
              "p": 10, "h": 4, "b": 16, "g": 40, "t": 19}
     assert features["n"] == 8 and len(features["selected"]) == 8 and features["candidates"] == 200
+    # each leave-one-site-out fold's ComBat pooled its sites' main-run sums (the held-out site's not among them)
+    harmonized = {e["data"].get("fold", ""): e["data"] for e in events if e["event"] == "harmonization"}
+    assert all(harmonized[n].get("reused") == "the main run's rounds 1-2" and harmonized[n]["n_sites"] == 2
+               for n in names[:3])
+    assert "reused" not in harmonized[""] and "reused" not in harmonized[f"local:{names[0]}"]
     for name in names[:3]:
         outbox = three_sites / name / ".radfed" / "outbox.jsonl"
         sent = [json.loads(line) for line in outbox.read_text(encoding="utf-8").splitlines()]
         kinds = [e["type"] for e in sent]
         assert kinds.count("query.plan") == kinds.count("query.features") == kinds.count("query.histograms") == 1
-        # ComBat, moments, correlation and training again in the two folds where the site trains and in its
-        # local-only baseline; in the fold it is held out of and at the other sites' local-only models, it
-        # harmonises itself against their estimates (a join), then scores the model on all its cases
+        # moments, correlation and training again in the two folds where the site trains and in its local-only
+        # baseline; ComBat's two rounds only in the main run and the baseline: a leave-one-site-out fold pools the
+        # sums its sites sent for the main run (same features, no covariates), so nothing is asked twice; in the
+        # fold it is held out of and at the other sites' local-only models, it harmonises itself against their
+        # estimates (a join), then scores the model on all its cases
         others = set(names[:3]) - {name}
         assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
-        assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 4
+        assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 2
         assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == 1 + 1 + 1 + 2
         # the final model's calibration fit, main run only; every evaluation carries the pooled metrics' terms
         assert kinds.count("query.recalibrate") == final["pooled"]["calibration"]["rounds"] >= 1
@@ -134,7 +141,7 @@ def test_federation_end_to_end(three_sites, tmp_path):
                    for e in sent if e["type"] == "evaluate")
         assert sorted(e["fold"] for e in sent if e["type"] == "query.combat_join") == sorted(
             {name} | {f"local:{o}" for o in others})
-        assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {"", f"local:{name}", *others}
+        assert {e.get("fold", "") for e in sent if e["type"] == "query.combat_fit"} == {"", f"local:{name}"}
         for entry in sent:
             spec = protocol.REPLIES[entry["type"]]
             # a site sends its own block of ComBat's design (its column, no covariates here), whatever the sites
