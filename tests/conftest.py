@@ -1,6 +1,7 @@
 """Shared fixtures: tiny synthetic sites written with the real generator and SimpleITK."""
 
 import locale
+import signal
 from pathlib import Path
 
 import pytest
@@ -26,8 +27,18 @@ def _locale_of_the_environment():
     yield
 
 
+def _interrupt(signum: int, _frame: object) -> None:
+    raise KeyboardInterrupt(f"stopped by signal {signum}")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _stop_the_shared_ray_head():
-    """The Ray head simulated federations share (tests/ray_head.py), if one started, stops with the session."""
-    yield
-    ray_head.stop()
+    """The Ray head simulated federations share (tests/ray_head.py), if one started, stops with the session; also
+    when the session is stopped by SIGTERM (a CI timeout, `timeout`): pytest then unwinds as on Ctrl-C, so the
+    running test's SuperLink (radfed.launch) and this head are stopped by their process groups, not left behind."""
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        ray_head.stop()
