@@ -273,7 +273,7 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
         return RecordDict({"arrays": ArrayRecord({"beta": Array(beta)}),
                            "config": ConfigRecord({"site-index": index[nid]})})
 
-    both = again and all(np.shape(xtx) == (1, 1) for _, xtx, _ in blocks.values())  # no covariate columns
+    both = again and not covariates  # without covariate columns a site's round-2 sum is cohort-independent too
     if both:
         ss = {nid: reuse.sums[fed.sites[nid]][3] for nid in blocks}  # type: ignore[union-attr]
     else:
