@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps
+from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps, warmup
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.arrays import decode, decode_all, encode
@@ -146,6 +146,7 @@ def _reply(msg: Message, declared: ledger.Declaration | None = None,
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
+    warmup.prefetch_torch(_run(context))
     plan_hash, approval = check_approved(_site_dir(context), _run(context))
     config, counts = steps.plan_reply(_site_dir(context), _run(context))
     return _reply(msg, config=ConfigRecord({**config, "plan-sha256": plan_hash, "approval": approval}),
@@ -154,6 +155,7 @@ def plan(msg: Message, context: Context) -> Message:
 
 @app.query("features")
 def features(msg: Message, context: Context) -> Message:
+    warmup.prefetch_torch(_run(context))
     data = _data(context, msg)
     names, counts = steps.features_reply(data)
     return _reply(msg, data.declare("all", {"n-cases": ""}), config=ConfigRecord({"features": names}),

@@ -56,23 +56,24 @@ def decode_all(record: object) -> dict[str, np.ndarray]:
 
 
 @functools.lru_cache(maxsize=1024)
-def _header_for(dtype: np.dtype, shape: tuple[int, ...]) -> bytes | None:
-    """The header ``np.save`` writes before a C-ordered array of this dtype and shape (None: leave it to np.save)."""
+def _header_for(dtype: np.dtype, shape: tuple[int, ...]) -> tuple[bytes, str] | None:
+    """The header ``np.save`` writes before a C-ordered array of this dtype and shape, and the dtype's name as
+    Flower gives it (``str(dtype)`` is itself slow); None: leave it to np.save."""
     if dtype.hasobject:
         return None
     probe = np.zeros(shape, dtype=dtype)
     buffer = BytesIO()
     np.save(buffer, probe, allow_pickle=False)
     data = buffer.getvalue()
-    return data[:len(data) - probe.nbytes]
+    return data[:len(data) - probe.nbytes], str(dtype)
 
 
 def encode(values: np.ndarray) -> Array:
     """``Array(values)`` for a C-contiguous array (the bytes np.save writes), the header written once per shape."""
     if not values.flags.c_contiguous:
         return Array(values)
-    header = _header_for(values.dtype, tuple(values.shape))
-    if header is None:
+    kept = _header_for(values.dtype, values.shape)
+    if kept is None:
         return Array(values)
-    return Array(dtype=str(values.dtype), shape=tuple(int(n) for n in values.shape), stype=NUMPY,
-                 data=header + values.tobytes())
+    header, dtype = kept
+    return Array(dtype=dtype, shape=values.shape, stype=NUMPY, data=header + values.tobytes())

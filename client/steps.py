@@ -56,6 +56,12 @@ def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
     """The site folder: ``site-dir`` from the node config (deployment), else the partition's folder
     under the run config's ``data-root`` (simulation: sorted folders holding a manifest.csv or a site.yaml,
     one per partition)."""
+    # asked about eight times per message (mods, handler, guard): found once per message or batch
+    return runcache.in_look(("site-dir", id(node_config), run.data_root), node_config,
+                            lambda: _locate(node_config, run))
+
+
+def _locate(node_config: Mapping[str, Any], run: RunConfig) -> Path:
     if "site-dir" in node_config:
         return Path(str(node_config["site-dir"])).expanduser()
     if "partition-id" not in node_config:
