@@ -22,7 +22,7 @@ from client.approvals import approval_check, check_approved
 from client.arrays import decode, decode_all, encode
 from client.batch import BatchingClientApp
 from client.dp import dp_query_mod, dp_update_mod
-from client.guard import privacy_guard, redact_local_paths, site_state_key
+from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
@@ -66,24 +66,25 @@ def _accept_list(context: Context, msg: Message, key: str, state_key: str) -> li
     """Take a name list from the server, check it against its hash, and remember it for the guard."""
     config = msg.content["config"]
     names = [str(n) for n in config[key]]  # type: ignore[union-attr]
-    if sha256_json(names) != str(config[f"{key}-sha256"]):  # type: ignore[index]
+    digest = sha256_json(names)
+    if digest != str(config[f"{key}-sha256"]):  # type: ignore[index]
         raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
-    _agreement(context, msg)[state_key] = names
+    keep_names(context.state, _agreement(context, msg), state_key, names, digest)
     return names
 
 
 def _selected(context: Context, msg: Message) -> list[str]:
     """The model's inputs the last train/evaluate/newton message of this cohort named."""
-    return [str(n) for n in _agreement(context, msg).get("selected", [])]  # type: ignore[union-attr]
+    return agreed_names(context.state, _agreement(context, msg), "selected") or []
 
 
 def _agreed(context: Context, msg: Message, default: list[str] | None = None) -> list[str]:
-    record = _agreement(context, msg)
-    if "features" not in record and default is not None:
+    names = agreed_names(context.state, _agreement(context, msg), "features")
+    if names is None and default is not None:
         return default
-    if "features" not in record:
+    if names is None:
         raise SiteError("this site holds no agreed feature list for the run (it missed a phase); restart the run")
-    return list(record["features"])  # type: ignore[arg-type]  # str already (_accept_list); not re-made per name
+    return names
 
 
 # the site's fitted ComBat parameters per cohort (client.combat_state), kept at the site in context.state. Flower's
