@@ -322,22 +322,18 @@ def trees_level(msg: Message, context: Context) -> Message:
     return _reply(msg, declared, arrays=_arrays(sent), metrics=MetricRecord({"n": len(y)}))
 
 
-def _numpy_state(msg: Message) -> dict[str, np.ndarray]:
-    """The server's model as numpy arrays: scoring is numpy (common.families), so evaluating needs no torch."""
-    return decode_all(msg.content["arrays"])  # type: ignore[union-attr]
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    import torch  # noqa: F401  FedAvg only; to_torch_state_dict needs torch loaded and does not import it
+    import torch  # FedAvg only
 
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
-    state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    # Flower's to_torch_state_dict / ArrayRecord(state_dict), with the arrays' headers kept (client.arrays)
+    state = {k: torch.from_numpy(v) for k, v in decode_all(msg.content["arrays"]).items()}
     new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
     declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context, msg)))
-    return _reply(msg, declared, arrays=ArrayRecord(new_state),
-                  metrics=MetricRecord(train_metrics))
+    arrays = ArrayRecord({k: encode(v.detach().cpu().numpy()) for k, v in new_state.items()})
+    return _reply(msg, declared, arrays=arrays, metrics=MetricRecord(train_metrics))
 
 
 @app.evaluate()
@@ -349,7 +345,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     family = compute.family_of(config)  # type: ignore[arg-type]
-    prob = compute.scores(x, _numpy_state(msg), family)
+    prob = compute.scores(x, decode_all(msg.content["arrays"]), family)
     where = parse_cv_tag(_fold(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
         held = np.array(data.table.case_ids, dtype=object)[data.held_out]
@@ -416,7 +412,7 @@ def recalibrate(msg: Message, context: Context) -> Message:
     config, data = msg.content["config"], _data(context, msg)
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
-    state = _numpy_state(msg)
+    state = decode_all(msg.content["arrays"])
     params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
     sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)),
                                     compute.family_of(config))  # type: ignore[arg-type]
