@@ -51,3 +51,26 @@ def test_folds_agreeing_the_same_features_keep_one_list_and_their_own_sizes(tmp_
     assert {f: agreed_sizes(ctx, f)["d"] for f in "abcd"} == {"a": len(names), "b": len(names), "c": len(names),
                                                               "d": 4}
     assert all(len(pickle.dumps(ctx.state[site_state_key(f)])) < 1000 for f in "abcd")  # no copy of the names
+
+
+def test_a_batch_draws_its_split_again_only_when_a_sub_reply_froze_a_block(tmp_path):
+    """Inside a batch the split is drawn from the ledger with the batch's booked releases: kept from one sub-request
+    to the next while they freeze nothing, drawn again once one froze a block (client.steps.load_site_data)."""
+    from client import ledger, runcache, steps
+
+    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
+    run = steps.run_config(app_run_config({"data-root": str(site.parent), "min-cases-per-class": 5}))
+    steps.load_site_data(site, run)  # extracted now: kept once its files are older than the cache's settling time
+    time.sleep(runcache.SETTLE_NS / 1e9)
+    runcache.clear()
+    with runcache.one_look(), ledger.deferred():
+        first = steps.load_site_data(site, run)
+        assert steps.load_site_data(site, run) is first  # nothing frozen yet: the same draw
+        book = steps.ledger(first.site)
+        assert book.frozen_blocks() == 0
+        book.record(1, protocol.MOMENTS, first.case_sets("train"), first.blocking)  # booked in memory, not written
+        assert book.frozen_blocks() > 0
+        again = steps.load_site_data(site, run)
+        assert again is not first and np.array_equal(again.held_out, first.held_out)  # drawn again, same blocks
+        assert steps.load_site_data(site, run) is again
+    assert not (site / ".radfed" / "release" / "ledger.json").exists()  # the batch was never written
