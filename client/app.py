@@ -14,14 +14,15 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps
+from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps, warmup
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
+from client.arrays import decode, decode_all, encode
 from client.batch import BatchingClientApp
 from client.dp import dp_query_mod, dp_update_mod
-from client.guard import privacy_guard, redact_local_paths, site_state_key
+from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
@@ -65,24 +66,25 @@ def _accept_list(context: Context, msg: Message, key: str, state_key: str) -> li
     """Take a name list from the server, check it against its hash, and remember it for the guard."""
     config = msg.content["config"]
     names = [str(n) for n in config[key]]  # type: ignore[union-attr]
-    if sha256_json(names) != str(config[f"{key}-sha256"]):  # type: ignore[index]
+    digest = sha256_json(names)
+    if digest != str(config[f"{key}-sha256"]):  # type: ignore[index]
         raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
-    _agreement(context, msg)[state_key] = names
+    keep_names(context.state, _agreement(context, msg), state_key, names, digest)
     return names
 
 
 def _selected(context: Context, msg: Message) -> list[str]:
     """The model's inputs the last train/evaluate/newton message of this cohort named."""
-    return [str(n) for n in _agreement(context, msg).get("selected", [])]  # type: ignore[union-attr]
+    return agreed_names(context.state, _agreement(context, msg), "selected") or []
 
 
 def _agreed(context: Context, msg: Message, default: list[str] | None = None) -> list[str]:
-    record = _agreement(context, msg)
-    if "features" not in record and default is not None:
+    names = agreed_names(context.state, _agreement(context, msg), "features")
+    if names is None and default is not None:
         return default
-    if "features" not in record:
+    if names is None:
         raise SiteError("this site holds no agreed feature list for the run (it missed a phase); restart the run")
-    return [str(n) for n in record["features"]]  # type: ignore[union-attr]
+    return names
 
 
 # the site's fitted ComBat parameters per cohort (client.combat_state), kept at the site in context.state. Flower's
@@ -131,7 +133,7 @@ def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site
 
 
 def _arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v, dtype=np.float64)) for k, v in values.items()})
+    return ArrayRecord({k: encode(np.ascontiguousarray(v, dtype=np.float64)) for k, v in values.items()})
 
 
 def _reply(msg: Message, declared: ledger.Declaration | None = None,
@@ -145,6 +147,7 @@ def _reply(msg: Message, declared: ledger.Declaration | None = None,
 
 @app.query("plan")
 def plan(msg: Message, context: Context) -> Message:
+    warmup.prefetch_torch(_run(context))
     plan_hash, approval = check_approved(_site_dir(context), _run(context))
     config, counts = steps.plan_reply(_site_dir(context), _run(context))
     return _reply(msg, config=ConfigRecord({**config, "plan-sha256": plan_hash, "approval": approval}),
@@ -153,6 +156,7 @@ def plan(msg: Message, context: Context) -> Message:
 
 @app.query("features")
 def features(msg: Message, context: Context) -> Message:
+    warmup.prefetch_torch(_run(context))
     data = _data(context, msg)
     names, counts = steps.features_reply(data)
     return _reply(msg, data.declare("all", {"n-cases": ""}), config=ConfigRecord({"features": names}),
@@ -187,7 +191,7 @@ def combat_fit(msg: Message, context: Context) -> Message:
 @app.query("combat_residuals")
 def combat_residuals(msg: Message, context: Context) -> Message:
     data, x, c, site, n_sites = _combat_round(msg, context)
-    beta = combat.full_beta(msg.content["arrays"]["beta"].numpy(), site, n_sites)  # type: ignore[union-attr]
+    beta = combat.full_beta(decode(msg.content["arrays"]["beta"]), site, n_sites)  # type: ignore[union-attr]
     means = combat.PooledMeans(n_sites=n_sites, n=0, beta=beta, grand_mean=np.zeros(beta.shape[1]),
                                fitted_ms=np.zeros(beta.shape[1]))
     sent = combat.site_residuals(x, means, site, c)
@@ -201,7 +205,7 @@ def combat_join(msg: Message, context: Context) -> Message:
     hospital does (own location/scale from all usable cases, no labels). Only the number of cases leaves."""
     agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
     config, data = msg.content["config"], _data(context, msg)
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    arrays = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
     x, _ = steps.site_matrix(data, agreed, held_out=None)
     c = data.covariates
     params = compute.combat_join_fit(x, arrays, int(config["n-sites"]), int(config["n-pooled"]),  # type: ignore[arg-type, index]
@@ -218,7 +222,7 @@ def moments(msg: Message, context: Context) -> Message:
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
         x_raw, _ = steps.site_matrix(data, [n for n in agreed if not covariates.is_clinical(n)], held_out=False)
         c = None if data.covariates is None else data.covariates[~data.held_out]
-        arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+        arrays = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
         _keep_combat(context, msg, compute.combat_site_fit(
             x_raw, arrays, int(config["site-index"]), int(config["n-sites"]),  # type: ignore[arg-type, index]
             int(config["n-pooled"]), _run(context), c), data.site)  # type: ignore[arg-type, index]
@@ -229,8 +233,8 @@ def moments(msg: Message, context: Context) -> Message:
             raise SiteError("the query phases are noised, and the moments message holds no pooled ComBat estimates "
                             "to standardise with; restart the run")
         pooled = msg.content["arrays"]
-        noised, counts = compute.noised_moments_reply(x, y, pooled["grand-mean"].numpy(),  # type: ignore[union-attr]
-                                                      pooled["var-pooled"].numpy(), _run(context))  # type: ignore[union-attr]
+        noised, counts = compute.noised_moments_reply(x, y, decode(pooled["grand-mean"]),  # type: ignore[union-attr]
+                                                      decode(pooled["var-pooled"]), _run(context))  # type: ignore[union-attr]
         return _reply(msg, declared, arrays=_arrays(noised), metrics=MetricRecord(counts))  # type: ignore[arg-type]
     arrays, counts = compute.moments_reply(x, y)
     return _reply(msg, declared, arrays=_arrays(arrays), metrics=MetricRecord(counts))
@@ -251,7 +255,7 @@ def correlation(msg: Message, context: Context) -> Message:
     data = _data(context, msg)
     x, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=candidates,
                              harmonize=_harmonizer(context, msg))
-    mean, std = pooled["mean"].numpy(), pooled["std"].numpy()  # type: ignore[union-attr]
+    mean, std = decode(pooled["mean"]), decode(pooled["std"])  # type: ignore[union-attr]
     if _run(context).dp_query:  # noised, and no count: the server has the moments' noised ones
         noised = compute.noised_correlation_reply(x, mean, std, _run(context))
         return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": noised}))
@@ -270,7 +274,7 @@ def _receipt(msg: Message, context: Context, site: Site) -> None:
              # with several families each has its own rounds (the audit log names the family then too)
              **({"family": str(msg.content["config"].get("family", ""))}  # type: ignore[union-attr]
                 if len(_run(context).compared) > 1 else {}),
-             "model_sha256": arrays_sha256({k: a.numpy() for k, a in arrays.items()})}  # type: ignore[union-attr]
+             "model_sha256": arrays_sha256(decode_all(arrays))}  # type: ignore[union-attr]
     site.work_dir.mkdir(parents=True, exist_ok=True)
     with site.files.receipts.open("a", encoding="utf-8") as fh:
         fh.write(json.dumps(entry, sort_keys=True) + "\n")
@@ -292,7 +296,7 @@ def newton(msg: Message, context: Context) -> Message:
     """Exact training: gradient and Hessian of the training split's log-likelihood at the server's coefficients."""
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False, receipt=False)
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    arrays = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
     sent = compute.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, _run(context))
     declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"},
@@ -311,29 +315,25 @@ def trees_level(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=False, receipt=False)
     ids = [str(c) for c in np.array(data.table.case_ids, dtype=object)[~data.held_out]]
     units = site_trees.routing_units(ids, y, data.blocking, steps.min_cases(data.site, _run(context)))
-    arrays = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    arrays = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
     level = int(msg.content["config"]["level"])  # type: ignore[arg-type, index]
     sent, sets = site_trees.site_reply(x, y, ids, units, arrays, level, _run(context).tree_params())
     declared = data.declare("train", {"n": ""}, sets)
     return _reply(msg, declared, arrays=_arrays(sent), metrics=MetricRecord({"n": len(y)}))
 
 
-def _numpy_state(msg: Message) -> dict[str, np.ndarray]:
-    """The server's model as numpy arrays: scoring is numpy (common.families), so evaluating needs no torch."""
-    return {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
-
-
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    import torch  # noqa: F401  FedAvg only; to_torch_state_dict needs torch loaded and does not import it
+    import torch  # FedAvg only
 
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
-    state = msg.content["arrays"].to_torch_state_dict()  # type: ignore[union-attr]
+    # Flower's to_torch_state_dict / ArrayRecord(state_dict), with the arrays' headers kept (client.arrays)
+    state = {k: torch.from_numpy(v) for k, v in decode_all(msg.content["arrays"]).items()}
     new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
     declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context, msg)))
-    return _reply(msg, declared, arrays=ArrayRecord(new_state),
-                  metrics=MetricRecord(train_metrics))
+    arrays = ArrayRecord({k: encode(v.detach().cpu().numpy()) for k, v in new_state.items()})
+    return _reply(msg, declared, arrays=arrays, metrics=MetricRecord(train_metrics))
 
 
 @app.evaluate()
@@ -345,7 +345,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     family = compute.family_of(config)  # type: ignore[arg-type]
-    prob = compute.scores(x, _numpy_state(msg), family)
+    prob = compute.scores(x, decode_all(msg.content["arrays"]), family)
     where = parse_cv_tag(_fold(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
         held = np.array(data.table.case_ids, dtype=object)[data.held_out]
@@ -366,7 +366,7 @@ def compare(msg: Message, context: Context) -> Message:
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
     names = _run(context).compared
-    sent = {k: v.numpy() for k, v in msg.content["arrays"].items()}  # type: ignore[union-attr]
+    sent = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
     rows = np.array([compute.scores(x, {k.split("|", 1)[1]: v for k, v in sent.items() if k.startswith(f"{f}|")}, f)
                      for f in names])
     arrays, counts = compute.compare_reply(y, rows, steps.min_cases(data.site, _run(context)))
@@ -412,7 +412,7 @@ def recalibrate(msg: Message, context: Context) -> Message:
     config, data = msg.content["config"], _data(context, msg)
     part = "all" if str(config.get("split", "")) == "all" else "test"
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True, receipt=False)
-    state = _numpy_state(msg)
+    state = decode_all(msg.content["arrays"])
     params = np.array([float(config["intercept"]), float(config["slope"])])  # type: ignore[arg-type, index]
     sent = compute.recalibrate_step(x, y, state, params, steps.min_cases(data.site, _run(context)),
                                     compute.family_of(config))  # type: ignore[arg-type]
@@ -428,7 +428,7 @@ def histograms(msg: Message, context: Context) -> Message:
         raise SiteError("the query phases are noised in this run (dp-query-noise-multiplier): histograms are "
                         "withheld")
     names = _accept_list(context, msg, "histogram-features", "histogram-features")  # type: ignore[arg-type]
-    edges = msg.content["arrays"]["edges"].numpy()  # type: ignore[union-attr]
+    edges = decode(msg.content["arrays"]["edges"])  # type: ignore[union-attr]
     _agreement(context, msg)["histogram-bins"] = int(edges.shape[1]) - 1
     data = _data(context, msg)
     raw, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=names)

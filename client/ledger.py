@@ -185,6 +185,11 @@ class Ledger:
         pending = self._pending()
         return pending.doc if pending is not None else self._snapshot().doc
 
+    def frozen_blocks(self) -> int:
+        """How many blocks are frozen (inside a batch, with the batch's): blocks are only ever added, so within one
+        look at the site an unchanged number means unchanged blocks (client.steps keeps a batch's split by it)."""
+        return len(self.load()["blocks"])
+
     def released_sets(self) -> list[frozenset[str]]:
         pending = self._pending()
         if pending is not None:

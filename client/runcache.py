@@ -41,6 +41,8 @@ _LOCK = threading.Lock()
 # the entries already stamped in this look (one query.batch), or None outside one
 _LOOKED: ContextVar[set[tuple[str, Hashable]] | None] = ContextVar("radfed_runcache_look", default=None)
 _RESOLVED: ContextVar[dict[str, Path] | None] = ContextVar("radfed_runcache_resolved", default=None)
+# what one look works out once and its later lookups reuse (the parsed run config, a batch's split), or None outside
+_MEMO: ContextVar[dict[Hashable, tuple[object, object]] | None] = ContextVar("radfed_runcache_memo", default=None)
 
 
 @contextmanager
@@ -49,12 +51,28 @@ def one_look() -> Iterator[None]:
     if _LOOKED.get() is not None:
         yield
         return
-    token, paths = _LOOKED.set(set()), _RESOLVED.set({})
+    token, paths, memo = _LOOKED.set(set()), _RESOLVED.set({}), _MEMO.set({})
     try:
         yield
     finally:
+        _MEMO.reset(memo)
         _RESOLVED.reset(paths)
         _LOOKED.reset(token)
+
+
+def in_look(key: Hashable, source: object, make: Callable[[], T]) -> T:
+    """``make()``, worked out once per look for ``key`` made from the object ``source`` (kept, so the same object is
+    asked for, not a new one at a reused id), every time outside a look. Only for values that cannot change within
+    one message or batch (Flower does not change a message's run config while it is answered)."""
+    memo = _MEMO.get()
+    if memo is None:
+        return make()
+    kept = memo.get(key)
+    if kept is not None and kept[0] is source:
+        return kept[1]  # type: ignore[return-value]
+    value = make()
+    memo[key] = (source, value)
+    return value
 
 
 def look_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:

@@ -30,9 +30,17 @@ from common.split import cv_tag, eligibility_problem, parse_cv_tag, split_proble
 
 def run_config(values: RunConfig | Mapping[str, Any]) -> RunConfig:
     """The run's validated config (Flower hands each message the raw table; tests and benches may pass the
-    parsed one), validated once per table. Raises RunConfigError naming a bad key."""
+    parsed one), validated once per table. Raises RunConfigError naming a bad key.
+
+    A message asks about a dozen times (mods, handler, guard) with the same table: looked up once per message or
+    batch (client.runcache.in_look), since sorting and hashing its ~100 items each time was a visible share of a
+    batched sub-request."""
     if isinstance(values, RunConfig):
         return values
+    return runcache.in_look(("run-config", id(values)), values, lambda: _validated(values))
+
+
+def _validated(values: Mapping[str, Any]) -> RunConfig:
     try:
         return _parsed(tuple(sorted(values.items())))
     except TypeError:  # an unhashable value (not TOML's): parse names it
@@ -48,6 +56,12 @@ def locate_site(node_config: Mapping[str, Any], run: RunConfig) -> Path:
     """The site folder: ``site-dir`` from the node config (deployment), else the partition's folder
     under the run config's ``data-root`` (simulation: sorted folders holding a manifest.csv or a site.yaml,
     one per partition)."""
+    # asked about eight times per message (mods, handler, guard): found once per message or batch
+    return runcache.in_look(("site-dir", id(node_config), run.data_root), node_config,
+                            lambda: _locate(node_config, run))
+
+
+def _locate(node_config: Mapping[str, Any], run: RunConfig) -> Path:
     if "site-dir" in node_config:
         return Path(str(node_config["site-dir"])).expanduser()
     if "partition-id" not in node_config:
@@ -297,14 +311,18 @@ def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], worker
 
     The site is read, checked and hashed once per process and read again only when one of its files changed
     (client.runcache); the split, which depends on the release ledger too, is drawn again when the site was read
-    again or the ledger's files changed (and inside a batch every time: client.ledger.in_batch)."""
+    again or the ledger's files changed (inside a batch, again whenever a sub-reply froze a block: client.ledger)."""
     run = run_config(values)
     root = runcache.resolved(site_dir)
     key = (str(root), run.profile, run.combat_covariates if run.combat else "", run.model_covariates)
     loaded, _ = runcache.remember("site", key, lambda: _load(root, run, workers), lambda made: made[1])
     site, profile, table, design, clinical = loaded
-    if in_batch():  # a batch's earlier sub-replies may have frozen blocks not yet on disk: drawn from them
-        return split_site(site, profile, table, design, run, clinical=clinical)
+    if in_batch():  # a batch's earlier sub-replies may have frozen blocks not yet on disk: drawn from them, and
+        # drawn again whenever one of them froze a block (the blocks are all the split reads from the ledger; within
+        # one batch they are only ever added to, so their number says whether the draw could differ)
+        frozen = ledger(site).frozen_blocks()
+        return runcache.in_look(("batch-split", key, run, frozen), loaded,
+                                lambda: split_site(site, profile, table, design, run, clinical=clinical))
     # the split is a function of the loaded site (a reload is a new object), the run and the ledger's files: drawn
     # again when any of them changes
     _, data = runcache.remember("split", (key, run),

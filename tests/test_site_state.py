@@ -1,0 +1,76 @@
+"""What a site keeps in Flower's node state during a run stays small: each distinct agreed name list once, under its
+hash, whatever the number of folds that agreed it, while the guard still checks every fold's shapes against that
+fold's own list (client.guard.keep_names; the simulation ships the state with every message)."""
+
+from __future__ import annotations
+
+import pickle
+import time
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client.app import app
+from client.guard import NAMES, agreed_sizes, site_state_key
+from common import protocol
+from common.canon import sha256_json
+from radfed import synth
+from radfed.cli import approve_demo_plan
+from radfed.launch import app_run_config
+
+
+def _request(message_type: str, content: RecordDict, message_id: str) -> Message:
+    meta = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content, metadata=meta)
+
+
+def test_folds_agreeing_the_same_features_keep_one_list_and_their_own_sizes(tmp_path):
+    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
+    config = app_run_config({"data-root": str(site.parent), "harmonization": "combat", "min-cases-per-class": 5})
+    approve_demo_plan([site], config)
+    ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
+    app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
+    reply = app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"), ctx)
+    names = [str(n) for n in reply.content["config"]["features"]]
+
+    def join(d: int, fold: str) -> None:
+        arrays = ArrayRecord({"grand-mean": Array(np.zeros(d)), "var-pooled": Array(np.ones(d)),
+                              "beta-cov": Array(np.zeros((0, d))), "zero-variance": Array(np.zeros(d))})
+        config = {"features": names[:d], "features-sha256": sha256_json(names[:d]), "fold": fold, "n-sites": 2,
+                  "n-pooled": 40}
+        sent = app(_request(protocol.COMBAT_JOIN, RecordDict({"config": ConfigRecord(config), "arrays": arrays}),
+                            f"join-{fold}"), ctx)
+        assert not sent.has_error(), sent.error.reason
+
+    for fold in ("a", "b", "c"):
+        join(len(names), fold)
+    join(4, "d")
+    shared = ctx.state[NAMES]
+    assert sorted(len(v) for v in shared.values()) == [4, len(names)]  # two distinct lists, each kept once
+    assert {f: agreed_sizes(ctx, f)["d"] for f in "abcd"} == {"a": len(names), "b": len(names), "c": len(names),
+                                                              "d": 4}
+    assert all(len(pickle.dumps(ctx.state[site_state_key(f)])) < 1000 for f in "abcd")  # no copy of the names
+
+
+def test_a_batch_draws_its_split_again_only_when_a_sub_reply_froze_a_block(tmp_path):
+    """Inside a batch the split is drawn from the ledger with the batch's booked releases: kept from one sub-request
+    to the next while they freeze nothing, drawn again once one froze a block (client.steps.load_site_data)."""
+    from client import ledger, runcache, steps
+
+    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
+    run = steps.run_config(app_run_config({"data-root": str(site.parent), "min-cases-per-class": 5}))
+    steps.load_site_data(site, run)  # extracted now: kept once its files are older than the cache's settling time
+    time.sleep(runcache.SETTLE_NS / 1e9)
+    runcache.clear()
+    with runcache.one_look(), ledger.deferred():
+        first = steps.load_site_data(site, run)
+        assert steps.load_site_data(site, run) is first  # nothing frozen yet: the same draw
+        book = steps.ledger(first.site)
+        assert book.frozen_blocks() == 0
+        book.record(1, protocol.MOMENTS, first.case_sets("train"), first.blocking)  # booked in memory, not written
+        assert book.frozen_blocks() > 0
+        again = steps.load_site_data(site, run)
+        assert again is not first and np.array_equal(again.held_out, first.held_out)  # drawn again, same blocks
+        assert steps.load_site_data(site, run) is again
+    assert not (site / ".radfed" / "release" / "ledger.json").exists()  # the batch was never written
