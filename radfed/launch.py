@@ -67,8 +67,9 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 
 @contextmanager
 def simulation_superlink(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int]]:
-    """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME, stopped by its process group
-    on leaving; yields (its process, its port) at once, before it listens (``wait_port`` waits for it)."""
+    """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME, stopped with everything it
+    started on leaving (``stop_superlink``); yields (its process, its port) at once, before it listens
+    (``wait_port`` waits for it)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
     (flwr_home / "config.toml").write_text(
