@@ -40,12 +40,15 @@ def program(name: str) -> str:
 
 def env_for(flwr_home: Path) -> dict[str, str]:
     """Environment for every Flower process: a private FLWR_HOME, no runtime dependency installation
-    (else the SuperLink `uv sync`s the app and pulls a multi-GB CUDA torch), the venv's programs first."""
+    (else the SuperLink `uv sync`s the app and pulls a multi-GB CUDA torch), no usage telemetry (else each Flower
+    process posts an event to telemetry.flower.ai at start and exit: a hospital's processes call no third party),
+    the venv's programs first."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("COLUMNS", "160")  # Flower's tables
     return env

@@ -7,15 +7,18 @@ running after the run) on free ports, with a private FLWR_HOME, and always stop 
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
+from typing import IO
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
@@ -35,7 +38,7 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def _wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -53,6 +56,9 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     # Otherwise the SuperLink `uv sync`s the app into a fresh env and pulls a multi-GB CUDA torch.
     env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] = "1"
     env["FLWR_DISABLE_UPDATE_CHECK"] = "1"
+    # Flower's processes otherwise post a usage event to telemetry.flower.ai at start and exit, and wait up to 4 s
+    # for it when they exit: nothing of a run should call a third party, and a firewalled network makes the wait long
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.update(RAY_ENV)
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
@@ -60,25 +66,49 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path) -> Iterator[Path]:
-    """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME; yields its log."""
+def simulation_superlink(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+    """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME, stopped with everything it
+    started on leaving (``stop_superlink``); yields (its process, its port) at once, before it listens
+    (``wait_port`` waits for it)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
-    log_path = flwr_home / "superlink.log"
-    with log_path.open("ab") as log:
+    with (flwr_home / "superlink.log").open("ab") as log:
         proc = subprocess.Popen(
             [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
             env=flwr_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_port(port, proc, timeout=60)
-        yield log_path
+        yield proc, port
     finally:
-        stop_process_group(proc)
+        stop_superlink(proc)
+
+
+def stop_superlink(proc: subprocess.Popen, grace: float = 25.0) -> None:
+    """Stop the SuperLink and everything it started, each by its pid or process group, at once: SIGTERM, then
+    SIGKILL what is left after ``grace`` seconds. The SuperLink starts its SuperExec, and that the simulation, in
+    sessions of their own, so its process group does not reach them; the simulation's Ray services and workers are
+    its descendants."""
+    import psutil
+
+    try:
+        started = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.Error:
+        started = []
+    for child in started:
+        with suppress(psutil.Error):
+            child.terminate()  # psutil checks that the pid is still the process it listed
+    with suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGTERM)
+    _, left = psutil.wait_procs(started, timeout=grace)
+    for child in left:
+        with suppress(psutil.Error):
+            child.kill()
+    psutil.wait_procs(left, timeout=grace)
+    stop_process_group(proc, grace)
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 25.0) -> None:
@@ -133,25 +163,97 @@ def staged_app(app_dir: Path, into: Path) -> Path:
     return target
 
 
+# `flwr run` in a process that imports Flower's CLI (seconds) while the SuperLink starts, then waits for its port:
+# `flwr run` itself would fail on a SuperLink that does not listen yet. argv: port, seconds to wait, flwr's arguments.
+FLWR_RUN_WHEN_READY = """\
+import socket, sys, time
+from flwr.cli.app import app
+port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
+while True:
+    with socket.socket() as sock:
+        if sock.connect_ex(("127.0.0.1", port)) == 0:
+            break
+    if time.monotonic() > deadline:
+        sys.exit(f"flower-superlink did not open port {port} in time")
+    time.sleep(0.05)
+sys.argv = ["flwr", *sys.argv[3:]]
+sys.exit(app())
+"""
+# The ServerApp's last log line (server/app.py `main`): every output and the signed run-end are written before it
+RUN_END = re.compile(r"radfed run \d+ (completed|failed|refused) in \d")
+STOPPED_AT_END = "radfed: the ServerApp finished ({status}); Flower's processes were stopped then"
+# Once the run is over, what each of Flower's and Ray's processes gets to exit on SIGTERM before SIGKILL: what Ray's
+# own shutdown gives each of its services, but all at once instead of one after the other. Ray's services and
+# workers took 5 to 8 s on SIGTERM here, the simulation 5 s (Flower's forced exit), with nothing left to do.
+END_GRACE = 1.0
+
+
+def follow_run(proc: subprocess.Popen, out: IO[str]) -> str | None:
+    """Copy ``flwr run``'s stream (``proc.stdout``, text) to ``out`` line by line until the ServerApp's last line
+    (``RUN_END``); returns its status, or None when the stream ended without it (a crash: Flower's own exit)."""
+    assert proc.stdout is not None
+    for line in proc.stdout:
+        out.write(line)
+        out.flush()
+        if found := RUN_END.search(line):
+            return found.group(1)
+    return None
+
+
+def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
+    """SIGTERM one process we started, SIGKILL it after ``grace`` seconds."""
+    if proc.poll() is None:
+        proc.terminate()
+        with suppress(subprocess.TimeoutExpired):
+            proc.wait(timeout=grace)
+    if proc.poll() is None:
+        proc.kill()
+    proc.wait()
+
+
 def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
                    app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True, cpus_per_node: int = 1) -> int:
-    """`flwr run <app> radfed-sim --stream` with run-config overrides; returns flwr's exit code.
+    """`flwr run <app> radfed-sim --stream` with run-config overrides; returns 0 when the run completed, else
+    non-zero (flwr's exit code when the ServerApp did not get to its last line).
 
     The app is run from a copy holding only what Flower bundles (``staged_app``, under ``flwr_home``). Not
-    echoed, the stream goes to ``<flwr_home>/flwr-run.log``.
+    echoed, the stream goes to ``<flwr_home>/flwr-run.log``. ``flwr run`` starts beside the SuperLink (it imports
+    Flower's CLI meanwhile). Once the ServerApp's last line arrives, its outputs are written and no site has a
+    message left: Flower's processes are stopped then (``flwr run``, then the SuperLink's process group: the
+    SuperExec, the simulation and its Ray cluster), not after the simulation's own teardown (Ray's processes
+    stopped one by one, up to a second each) and the log stream's end (``STOPPED_AT_END`` says so in the stream).
     """
     app_dir = staged_app(app_dir, flwr_home / "app")
-    with simulation_superlink(flwr_home):
-        overrides = overrides_text(run_config)
-        cmd = [_bin("flwr"), "run", str(app_dir), CONNECTION, "--stream", "--federation-config",
-               f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"]
-        if overrides:
-            cmd += ["--run-config", overrides]
-        if echo:
-            return subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, check=False).returncode
-        with (flwr_home / "flwr-run.log").open("ab") as out:  # kept for diagnosis when not echoed
-            return subprocess.run(cmd, env=flwr_env(flwr_home), timeout=timeout, stdout=out,
-                                  stderr=subprocess.STDOUT, check=False).returncode
+    overrides = overrides_text(run_config)
+    args = ["run", str(app_dir), CONNECTION, "--stream", "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"]
+    if overrides:
+        args += ["--run-config", overrides]
+    # the log is kept for diagnosis when not echoed
+    stream = nullcontext(sys.stdout) if echo else (flwr_home / "flwr-run.log").open("a", encoding="utf-8")
+    with simulation_superlink(flwr_home) as (superlink, port), stream as out:
+        run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port), "60", *args],
+                               env={**flwr_env(flwr_home), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT,
+                               text=True, errors="replace", bufsize=1)
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), run.kill()))  # as subprocess.run(timeout=) did
+        timer.start()
+        try:
+            wait_port(port, superlink, timeout=60)
+            status = follow_run(run, out)
+        finally:
+            timer.cancel()
+            stop_process(run)  # at once after the last line; else flwr run has exited by itself
+        if status is not None:  # the run is over: no site has a message left, every output is written
+            stop_superlink(superlink, END_GRACE)
+        if timed_out.is_set():
+            raise subprocess.TimeoutExpired(run.args, timeout)
+        if status is None:
+            return run.returncode
+        out.write(STOPPED_AT_END.format(status=status) + "\n")
+        out.flush()
+        return 0 if status == "completed" else 1
 
 
 def overrides_text(run_config: Mapping[str, object]) -> str:

@@ -63,6 +63,15 @@ def raise_on_stop_signal() -> Callable[[], None]:
     return restore
 
 
+def warm_imports() -> None:
+    """Import what the coordinator needs later, while it waits for the sites' first replies (``server/polling.py``):
+    torch (the starting model, model.pt; ~2 s of the main fit otherwise) and matplotlib (the report's figures, ~1 s
+    of the outputs). ``server.app`` itself imports neither, so the ServerApp starts and sends the plan query first."""
+    import torch  # noqa: F401
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
+    from matplotlib.figure import Figure  # noqa: F401
+
+
 def privacy_account(run: RunConfig) -> dp.DPAccount | None:
     """The run's DP budget account, or None with DP off; bad settings refuse the run."""
     try:
@@ -146,7 +155,7 @@ def main(grid: Grid, context: Context) -> None:
     restore_signals = raise_on_stop_signal()
     # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
     # several requests to one site packed into one message (server/merging.py), which also counts what was sent
-    packing = merging.PackingGrid(batching.batched(polling.polling(grid), run.send_batch))
+    packing = merging.PackingGrid(batching.batched(polling.polling(grid, idle=[warm_imports]), run.send_batch))
     grid = packing  # type: ignore[assignment]
     ctx = Run(grid, run, audit, folder, profile)
     try:

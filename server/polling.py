@@ -8,12 +8,16 @@ on an ``InMemoryGrid``, which pulls every 0.1 s.) ``PollingGrid`` pushes and pul
 ``push_messages`` / ``pull_messages``, sleeping 10 ms after the first empty pull, growing by half each time up to
 0.1 s: a quick query returns within tens of milliseconds, and a slow one costs a pull every 0.1 s, as the
 simulation's grid does. Replies, timeouts and errors are Flower's own, exactly as ``send_and_receive`` returns them.
+
+The first time it has to wait, ``PollingGrid`` runs the work it was given for idle time once (the coordinator's
+imports of what it needs later, ``server/app.py``): in simulation the first replies come only after Ray and the
+ClientApp actors started, seconds the coordinator otherwise sleeps through.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -25,8 +29,9 @@ class PollingGrid:
     """A Grid whose ``send_and_receive`` pulls with a short, growing interval; everything else is the wrapped
     Grid's."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, idle: Iterable[Callable[[], None]] = ()) -> None:
         self._grid = grid
+        self._idle = list(idle)  # run once, at the first wait for replies
 
     def __getattr__(self, name: str) -> object:
         return getattr(self._grid, name)
@@ -42,11 +47,13 @@ class PollingGrid:
             pending.difference_update(r.metadata.reply_to_message_id for r in got)
             if not pending:
                 break
+            while self._idle:  # replies pulled after it as after a pause
+                self._idle.pop(0)()
             time.sleep(pause)
             pause = min(pause * GROWTH, LONGEST)
         return replies
 
 
-def polling(grid: Grid) -> Grid:
-    """``grid`` waiting for replies in short pulls (a PollingGrid around it)."""
-    return PollingGrid(grid)  # type: ignore[return-value]
+def polling(grid: Grid, idle: Iterable[Callable[[], None]] = ()) -> Grid:
+    """``grid`` waiting for replies in short pulls (a PollingGrid around it), doing ``idle`` at its first wait."""
+    return PollingGrid(grid, idle)  # type: ignore[return-value]

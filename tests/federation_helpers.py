@@ -8,7 +8,7 @@ from pathlib import Path
 import ray_head
 
 from radfed.cli import approve_demo_plan
-from radfed.launch import run_federation
+from radfed.launch import STOPPED_AT_END, run_federation
 
 K = 5
 ROUNDS = 3
@@ -27,11 +27,29 @@ def run_federation_in(tmp_path: Path, data_root: Path, n_sites: int, unapproved:
     sites = sorted(p for p in data_root.iterdir() if (p / "manifest.csv").exists() or (p / "site.yaml").exists())
     approve_demo_plan([s for s in sites if s.name not in unapproved], run_config)
     with ray_head.joined():  # one Ray cluster for the session's runs (tests/ray_head.py says why)
-        run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False, timeout=900)
+        code = run_federation(run_config, num_supernodes=n_sites, flwr_home=tmp_path / "flwr", echo=False,
+                              timeout=900)
     runs = sorted(out.glob("*-run*"))
-    log = tmp_path / "flwr" / "flwr-run.log"
-    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log.read_text(encoding="utf-8")[-3000:]
+    log = (tmp_path / "flwr" / "flwr-run.log").read_text(encoding="utf-8")
+    assert len(runs) == 1 and (runs[0] / "metrics.json").exists(), log[-3000:]
+    # the launcher stopped Flower's processes at the ServerApp's last line, not after Flower's own teardown, and
+    # none of them is left
+    status = json.loads((runs[0] / "metrics.json").read_text(encoding="utf-8"))["status"]
+    assert STOPPED_AT_END.format(status=status) in log and code == (0 if status == "completed" else 1), log[-3000:]
+    assert not flower_processes_of(tmp_path / "flwr")
     return runs[0]
+
+
+def flower_processes_of(flwr_home: Path) -> list[str]:
+    """Command lines of the live processes started with this FLWR_HOME (the launcher sets it for all of them)."""
+    mark, found = f"FLWR_HOME={flwr_home}".encode(), []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace"))
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
 
 
 def events(folder: Path) -> list[dict]:

@@ -52,3 +52,18 @@ def test_a_site_that_never_answers_ends_at_the_timeout(naps, monkeypatch):
     replies = polling.polling(grid).send_and_receive(["a", "b"], timeout=10.0)
     assert [r.metadata.reply_to_message_id for r in replies] == ["0"]
     assert 1 < grid.pulls < 12
+
+
+def test_idle_work_runs_once_at_the_first_wait_only(naps):
+    done: list[int] = []
+    waiting = polling.polling(_Grid([1, 1]), idle=[lambda: done.append(1), lambda: done.append(2)])
+    waiting.send_and_receive(["a", "b"], timeout=60.0)  # every reply at the first pull: no wait, no idle work
+    assert done == []
+    grid = _Grid([3])
+    waiting._grid = grid
+    assert len(waiting.send_and_receive(["a"], timeout=60.0)) == 1  # replies pulled after the work as before
+    assert done == [1, 2] and grid.pulls == 3
+    grid.pulls = 0
+    waiting.send_and_receive(["a"], timeout=60.0)
+    assert done == [1, 2]  # once per run
+
