@@ -227,6 +227,9 @@ def main(grid: Grid, context: Context) -> None:
                                                             family=fitted.family, main=fitted)
             if loso:
                 result.validation["loso"] = held_out
+                # the held-out sites' calibration slopes pooled by inverse variance (as the families' external rows)
+                result.validation["loso_calibration"] = metrics.pool_slopes(
+                    [r["calibration_fit"] for r in held_out.values() if isinstance(r.get("calibration_fit"), dict)])
             if local:
                 result.validation["local_only"] = alone
         result.families = comparison.summary(ctx, main_cohort, fitted, crossed, internal_compared,

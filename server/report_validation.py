@@ -130,22 +130,35 @@ def local_only_blocks(doc: dict[str, Any]) -> list[Block]:
     return blocks
 
 
-def _loso_blocks(loso: dict[str, dict[str, Any]]) -> list[Block]:
+def _slope_cell(fit: dict[str, Any]) -> str:
+    """A calibration fit as "0.93 (0.61–1.25)", or why there is none."""
+    if "slope" in fit:
+        return fmt_ci(fit.get("slope"), fit.get("slope_ci"))
+    return short(f"not fitted: {fit['error']}" if fit.get("error") else fit.get("skipped") or "n/a", 80)
+
+
+def _loso_blocks(loso: dict[str, dict[str, Any]], pooled: dict[str, Any]) -> list[Block]:
     ok = [r for r in loso.values() if "error" not in r]
     with_ci = has_ci(ok)
     rows = []
     for name, r in sorted(loso.items()):
         trained = ", ".join(str(s) for s in r.get("trained_on") or []) or "the other sites"
         if "error" in r:
-            rows.append([name, trained, "n/a", f"failed: {short(r['error'], 160)}", *([""] * (len(SHOWN) - 1))])
+            rows.append([name, trained, "n/a", f"failed: {short(r['error'], 160)}", *([""] * len(SHOWN))])
         else:
-            rows.append([name, trained, fmt(r.get("n")), *metric_cells(r, with_ci)])
+            rows.append([name, trained, fmt(r.get("n")), *metric_cells(r, with_ci),
+                         _slope_cell(as_dict(r.get("calibration_fit")))])
     blocks: list[Block] = [
         Text("Each row: a model trained from scratch by the other sites (feature agreement, ComBat, moments, feature "
              "selection and training redone without the held-out site), scored on all of the held-out site's "
              "usable cases after that site harmonised itself against the fold's ComBat estimates, as a "
-             "late-joining hospital does. Nothing learned from the held-out site enters its fold."),
-        Table(["held-out site", "trained on", "cases", *metric_header(with_ci)], rows)]
+             "late-joining hospital does. Nothing learned from the held-out site enters its fold. Calibration "
+             "slope: logistic recalibration of the outcome on the model's logit at the held-out site (1 is ideal; "
+             "below 1 the model is too confident there)."),
+        Table(["held-out site", "trained on", "cases", *metric_header(with_ci), "calibration slope (95% CI)"], rows)]
+    if int(pooled.get("folds") or 0) > 0:
+        blocks.append(Text(f"Calibration slope at unseen sites, the {pooled['folds']} held-out sites' slopes pooled "
+                           f"by inverse variance: {_slope_cell(pooled)}."))
     curves, _ = curves_of(loso, "roc")
     if curves:
         blocks.append(Figure(plots.roc_png, (curves, "leave-one-site-out ROC (each site unseen in training)",
@@ -184,7 +197,9 @@ def validation_section(doc: dict[str, Any]) -> Section:
         if not rounds_of(doc) and doc.get("status") != "completed":
             return not_available(why_no_rounds(doc))
         return not_available("leave-one-site-out validation was not run")
-    blocks = (_loso_blocks(loso) if loso else []) + local + (_baseline_blocks(baselines) if baselines else [])
+    pooled_slope = as_dict(validation.get("loso_calibration"))
+    blocks = (_loso_blocks(loso, pooled_slope) if loso else []) + local + \
+        (_baseline_blocks(baselines) if baselines else [])
     if validation.get("note"):
         blocks.append(Text(str(validation["note"])))
     return Section("validation", "External validation (leave-one-site-out)", blocks)

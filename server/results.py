@@ -46,7 +46,8 @@ class RunResult:
     curves: dict[int, dict[str, dict[str, Any]]] = field(default_factory=dict)
     # {"features": {name: {"edges": [...], "sites": {site: {"before": [...], "after": [...]}}}}}
     harmonization: dict[str, Any] | None = None
-    # {"loso": {site: {n, auc, sensitivity, ..., "ci", "roc", ...} or {"error"}}, "baselines": {...}}
+    # {"loso": {site: {n, auc, sensitivity, ..., "ci", "roc", "calibration_fit", ...} or {"error"}},
+    #  "loso_calibration": the held-out sites' slopes pooled (common.metrics.pool_slopes), "baselines": {...}}
     validation: dict[str, Any] | None = None
     # the final evaluation's pooled clinical metrics (server.clinical.pooled) and the calibration fit
     pooled: dict[str, Any] | None = None

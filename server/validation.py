@@ -83,16 +83,18 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
         if held not in scored:
             raise RunRefused(f"{held} could not score the model")
         record: dict[str, object] = {**scored[held], "trained_on": sorted(others), "features": fitted.chosen.names}
+        # each family's calibration slope at the held-out site (the one in use's always): the main run's
+        # recalibration rounds (server.clinical.calibration_phase) over every case the site scored
+        fits = {f: _calibration(run, fitted, outsider, f) for f in (every if len(every) > 1 else [fitted.family])}
+        record["calibration_fit"] = fits[fitted.family]
         if len(every) > 1:
-            # each family's calibration slope at the held-out site: the main run's recalibration rounds
-            # (server.clinical.calibration_phase) over every case the site scored
-            record["families"] = {f: {**_without_curves(r.get(held, {})),
-                                      "calibration": _calibration(run, fitted, outsider, f)}
+            record["families"] = {f: {**_without_curves(r.get(held, {})), "calibration": fits[f]}
                                   for f, r in every.items()}
             record["comparison"] = compared
         values = {k: v for k, v in _without_curves(scored[held]).items() if k != "ci"}
         run.audit.append("external-validation", fold=held, trained_on=record["trained_on"],
-                         model_sha256=record_sha256(fitted.trained.arrays), metrics=values, ci=record["ci"])
+                         model_sha256=record_sha256(fitted.trained.arrays), metrics=values, ci=record["ci"],
+                         calibration=record["calibration_fit"])
         log.info("External validation at %s: AUC %.3f over %d cases", held, values["auc"], values["n"])
         return record
     except RunRefused as exc:
@@ -123,9 +125,10 @@ def loso_jobs(fed: Federation, agreement: FeatureAgreement, covariates: str = ""
 def leave_one_site_out(run: Run, fed: Federation, agreement: FeatureAgreement,
                        covariates: str = "", family: str = "",
                        main: pipeline.Fitted | None = None) -> dict[str, dict[str, object]]:
-    """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration of the ``family`` in use
-    (default: the first listed); with several families also ``families`` (each one's metrics there) and
-    ``comparison`` (paired, vs the first listed); or ``error``."""
+    """Per held-out site: n, counts, AUC, rates, 95% intervals, ROC and calibration points of the ``family`` in use
+    (default: the first listed) and its calibration slope there (``calibration_fit``); with several families also
+    ``families`` (each one's metrics and slope there) and ``comparison`` (paired, vs the first listed); or
+    ``error``."""
     return run_folds(run, loso_jobs(fed, agreement, covariates, family, main))
 
 

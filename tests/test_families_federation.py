@@ -155,6 +155,7 @@ def _check_alone_and_external_calibration(doc, data, sites, run):
             assert list(rec["families"][f]["external"]) == [held], (trained, f)
             cal = fold["families"][f]["calibration"]
             assert cal["slope_ci"][0] < cal["slope"] < cal["slope_ci"][1], (held, f, cal)
+        assert fold["calibration_fit"] == fold["families"][fam["chosen"]]["calibration"]  # the one in use's
         i, j = sites.index(trained), sites.index(held)
         x, y = site_matrix(data[i], fold["features"], held_out=False)
         mean, std = moments.pooled_mean_std(*zip(moments.site_moments(x), strict=True))

@@ -134,9 +134,12 @@ def test_federation_end_to_end(three_sites, tmp_path):
         assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
         assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 2
         assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == 1 + 1 + 1 + 2
-        # the final model's calibration fit, main run only; every evaluation carries the pooled metrics' terms
-        assert kinds.count("query.recalibrate") == final["pooled"]["calibration"]["rounds"] >= 1
-        assert not any(e.get("fold") for e in sent if e["type"] == "query.recalibrate")
+        # the final model's calibration fit in the main run, and the fold model's where the site is held out
+        # (its calibration slope at an unseen site); every evaluation carries the pooled metrics' terms
+        held_fit = doc["validation"]["loso"][name]["calibration_fit"]
+        assert kinds.count("query.recalibrate") == final["pooled"]["calibration"]["rounds"] + held_fit["rounds"]
+        assert {e.get("fold", "") for e in sent if e["type"] == "query.recalibrate"} == {"", name}
+        assert held_fit["rounds"] >= 1 and held_fit["slope_ci"][0] < held_fit["slope"] < held_fit["slope_ci"][1]
         assert all("sse" in e["records"]["metrics"] and {"score-start", "decision"} <= set(e["records"]["arrays"])
                    for e in sent if e["type"] == "evaluate")
         assert sorted(e["fold"] for e in sent if e["type"] == "query.combat_join") == sorted(
@@ -176,6 +179,17 @@ def test_federation_end_to_end(three_sites, tmp_path):
         assert g["gain"] == pytest.approx(doc["validation"]["loso"][held]["auc"] - expected)
         assert g["gain_ci"][0] <= g["gain"] <= g["gain_ci"][1]
     assert gain["overall"]["sites"] == 3
+    # the calibration slope at unseen sites: each held-out site's, pooled by inverse variance, audited per fold
+    fits = [doc["validation"]["loso"][h]["calibration_fit"] for h in names[:3]]
+    w = np.array([1 / f["slope_se"] ** 2 for f in fits])
+    pooled_slope = doc["validation"]["loso_calibration"]
+    assert pooled_slope["folds"] == 3 and pooled_slope["slope"] == pytest.approx(np.dot(w, [f["slope"] for f in fits])
+                                                                                 / w.sum())
+    audited = {e["data"]["fold"]: e["data"]["calibration"] for e in _events(folder)
+               if e["event"] == "external-validation"}
+    assert audited == {h: doc["validation"]["loso"][h]["calibration_fit"] for h in names[:3]}
+    assert "Calibration slope at unseen sites, the 3 held-out sites' slopes pooled" in (
+        folder / "report.md").read_text(encoding="utf-8")
     run_config = app_run_config({"test-fraction": 0.3, "split-seed": 7, "min-cases-per-class": K})
     params = [json.loads((three_sites / n / ".radfed" / "harmonization" / f"run-{doc['run_id']}.json").read_text())
               for n in names[:3]]
