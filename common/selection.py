@@ -80,3 +80,10 @@ class Selection:
     threshold: float
     dropped_l1: int = 0  # by the optional LASSO step (server.training.select_l1)
     l1: float = 0.0
+
+
+def first_ask(n_candidates: int, n_keep: int) -> int:
+    """How many of the best-ranked candidates the correlation query asks for first: enough that the greedy walk
+    (``greedy_decorrelate``) almost always keeps ``n_keep`` among them (it examined 3 to 4 for 3 kept on the bench's
+    sites), at most every candidate. The walk is the same either way; a walk that runs out asks for all."""
+    return min(n_candidates, 2 * n_keep + 8)
