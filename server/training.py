@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common import covariates, dp_query, exact, families, protocol, selection
 from common.canon import arrays_sha256, sha256_json
+from common.npy import as_numpy
 from common.runconfig import RunConfig
 from server import clinical, phases
 from server.federation import Cohort, Run, RunRefused
@@ -163,7 +164,7 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
 
 def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
     """One site's Newton reply; a noised one holds only the gradient and Hessian (its counts stay at the site)."""
-    grad, hess = content["arrays"]["grad"].numpy(), content["arrays"]["hess"].numpy()  # type: ignore[union-attr]
+    grad, hess = as_numpy(content["arrays"]["grad"]), as_numpy(content["arrays"]["hess"])  # type: ignore[arg-type]
     if noised:
         return exact.SiteTerms(grad=grad, hess=hess, loss=0.0, n=0, n_pos=0, n_neg=0)
     metrics = content["metrics"]
