@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,6 +80,9 @@ class Selection:
     threshold: float
     dropped_l1: int = 0  # by the optional LASSO step (server.training.select_l1)
     l1: float = 0.0
+    # the pooled correlation of the candidates the decorrelation read (names, matrix): exact training's start
+    # (common.newton_start) takes the chosen features' block; None without it (selection off, noised)
+    correlation: tuple[tuple[str, ...], np.ndarray] | None = field(default=None, repr=False, compare=False)
 
 
 def first_ask(n_candidates: int, n_keep: int) -> int:

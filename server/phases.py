@@ -183,14 +183,14 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
                                      int(constant.sum()), 0, 0, threshold)
     else:
         candidates = order[: max(n_keep, run.config.select_candidates)]
-        kept_local = _decorrelated(run, cohort, pooled, [names_all[i] for i in candidates], candidates, n_keep,
-                                   threshold)
+        kept_local, read = _decorrelated(run, cohort, pooled, [names_all[i] for i in candidates], candidates,
+                                         n_keep, threshold)
         kept = [candidates[i] for i in kept_local] + clinical
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
         examined = kept_local[-1] + 1 if len(kept_local) == n_keep else len(candidates)
         dropped = examined - len(kept_local)
         chosen = selection.Selection([names_all[i] for i in kept], [float(t[i]) for i in kept],
-                                     int(constant.sum()), len(candidates), dropped, threshold)
+                                     int(constant.sum()), len(candidates), dropped, threshold, correlation=read)
     run.audit.append("selection", features=chosen.names, welch_t=chosen.t,
                      dropped_constant=chosen.dropped_constant, candidates=chosen.candidates,
                      dropped_correlated=chosen.dropped_correlated, max_correlation=threshold,
@@ -202,8 +202,9 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
 
 
 def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[str], candidates: list[int],
-                  n_keep: int, threshold: float) -> list[int]:
-    """The greedy decorrelation's walk over ``candidates`` (best first) from the sites' pooled correlation.
+                  n_keep: int, threshold: float) -> tuple[list[int], tuple[tuple[str, ...], np.ndarray] | None]:
+    """The greedy decorrelation's walk over ``candidates`` (best first) from the sites' pooled correlation; and the
+    correlation it read, by candidate name (None when noised: exact training's start, common.newton_start).
 
     The walk stops once ``n_keep`` are kept and reads only the correlations among the candidates it examined, so the
     sites are first asked for the top ``selection.first_ask`` candidates' cross-products only (at 200 candidates and
@@ -226,7 +227,7 @@ def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[s
         kept = selection.greedy_decorrelate(range(m), corr, threshold, n_keep)
         if len(kept) == n_keep:
             break
-    return kept
+    return kept, None if run.config.dp_query else (tuple(names[:m]), corr)
 
 
 def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
@@ -316,12 +317,14 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
                      pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,
                                                   "var_pooled": pooled.var_pooled}), **reused, **cohort.tag)
 
+    # what every site of the cohort is sent alike, serialised once (47 folds x 47 sites at 48 sites)
+    shared = {"grand-mean": Array(pooled.grand_mean), "var-pooled": Array(pooled.var_pooled),
+              "zero-variance": Array(pooled.zero_variance.astype(np.float64))}
+
     def estimates(nid: int) -> RecordDict:
-        return RecordDict({"arrays": ArrayRecord({
-            "beta": Array(_site_beta(pooled.beta, n_sites, index[nid])), "grand-mean": Array(pooled.grand_mean),
-            "var-pooled": Array(pooled.var_pooled),
-            "zero-variance": Array(pooled.zero_variance.astype(np.float64))}),
-            "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
+        own = {"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n}
+        return RecordDict({"arrays": ArrayRecord({"beta": Array(_site_beta(pooled.beta, n_sites, index[nid])),
+                                                  **shared}), "config": ConfigRecord(own)})
 
     sums = {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
     return Harmonization(estimates, late_joiner, before, sums, (agreement.sha256, covariates))  # type: ignore[arg-type]

@@ -19,11 +19,12 @@ def _folds(folder):
         fold = e["data"].get("fold")
         if not fold or e["event"] not in ("newton-round", "model-init"):
             continue
-        entry = out.setdefault(fold, {"objective": [], "start": None})
+        entry = out.setdefault(fold, {"objective": [], "start": None, "discriminant": None})
         if e["event"] == "newton-round":
             entry["objective"].append(e["data"]["objective"])
         else:
             entry["start"] = e["data"].get("warm_start_sha256")
+            entry["discriminant"] = e["data"].get("discriminant_start_sha256")
     return out
 
 
@@ -44,6 +45,8 @@ def test_warm_started_folds_reach_the_cold_optimum_in_fewer_rounds(tmp_path):
     assert sorted(warm) == sorted(cold) == sorted(docs[True]["sites"])
     for fold in warm:
         assert warm[fold]["start"] is not None and cold[fold]["start"] is None
+        # without it, a fold starts at the discriminant of its own pooled moments (common.newton_start), not zero
+        assert cold[fold]["discriminant"] is not None and warm[fold]["discriminant"] is None
         # the same optimum: the final objective to the exact fit's tolerance, fewer or as many rounds
         assert warm[fold]["objective"][-1] == pytest.approx(cold[fold]["objective"][-1], rel=1e-12)
         assert len(warm[fold]["objective"]) <= len(cold[fold]["objective"])
