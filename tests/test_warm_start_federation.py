@@ -1,6 +1,7 @@
 """Leave-one-site-out folds warm-started from the main run's model (``loso-warm-start``, issue 20) in a real
-simulated run: every fold's model reaches the same optimum as from zero (its objective to the fit's tolerance, its
-metrics at the held-out site unchanged), in fewer Newton rounds."""
+simulated run: every fold's model reaches the same optimum as from the default start, the linear discriminant of the
+fold's own pooled moments (its objective to the fit's tolerance, its metrics at the held-out site unchanged); the
+warm start no longer saves rounds over that start (it did over zero)."""
 
 from __future__ import annotations
 
@@ -47,11 +48,11 @@ def test_warm_started_folds_reach_the_cold_optimum_in_fewer_rounds(tmp_path):
         assert warm[fold]["start"] is not None and cold[fold]["start"] is None
         # without it, a fold starts at the discriminant of its own pooled moments (common.newton_start), not zero
         assert cold[fold]["discriminant"] is not None and warm[fold]["discriminant"] is None
-        # the same optimum: the final objective to the exact fit's tolerance, fewer or as many rounds
+        # the same optimum: the final objective to the exact fit's tolerance
         assert warm[fold]["objective"][-1] == pytest.approx(cold[fold]["objective"][-1], rel=1e-12)
-        assert len(warm[fold]["objective"]) <= len(cold[fold]["objective"])
+    # the fold's own discriminant starts nearer than the main model (which saw the held-out site): 19 rounds vs 22
     rounds = {w: sum(len(f["objective"]) for f in folds.values()) for w, folds in ((True, warm), (False, cold))}
-    assert rounds[True] < rounds[False], rounds
+    assert rounds[False] <= rounds[True], rounds
     # what the held-out sites measured is unchanged: AUC, counts, intervals, curves (scores equal to ~1e-9)
     loso = {w: docs[w]["validation"]["loso"] for w in (True, False)}
     assert sorted(loso[True]) == sorted(loso[False])
