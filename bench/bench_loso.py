@@ -1,6 +1,7 @@
 """Leave-one-site-out at the cost of one training (issue 20): prints a table.
 
     python bench/bench_loso.py [--work DIR] [--sites 4,16] [--batched-only 48] [--local-only] [--profile 48]
+                               [--profile-server 48]
 
 For each number of tiny synthetic sites (10 cases per class, extracted once before anything is timed), two
 simulated radfed runs on the same data: the folds one after another (``fold-batching = false``, what every run
@@ -10,8 +11,13 @@ exact training, evaluation, calibration), the folds from ``fold-start`` to the l
 ``folds-end`` entries count the Flower messages the folds sent (and, batched, the requests they carried and the
 rounds). The issue's target: leave-one-site-out <= 2x the main fit's wall time. ``--batched-only`` sizes run
 batched only (the sequential run at 48 sites takes about an hour). Each row also gives the folds' Newton rounds (mean
-and slowest fold: a warm start from the main model, ``loso-warm-start``, saves some), and a second table splits the
-folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and scoring).
+and slowest fold: each starts at the discriminant of its own pooled moments, common/newton_start.py), a second
+table splits the folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and
+scoring), and a third the batched folds' coordinator by step (``folds-end`` ``seconds``: the fold threads' own work,
+packing, the round trips, unpacking), i.e. how much of the folds' time is the ServerApp rather than the sites.
+
+``--profile-server N`` (alone: ``--sites ''``) runs one batched N-site run with the coordinator under cProfile in
+every thread (bench/loso_app.py: the fold threads too) and prints the top functions by own time.
 
 ``--profile N`` (alone: ``--sites ''``) profiles, in this process, one site answering the ``query.batch`` of a
 leave-one-site-out round over N sites (N - 1 Newton requests, every mod included, bench/site_messages.py): ms per

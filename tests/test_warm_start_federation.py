@@ -48,8 +48,9 @@ def test_warm_started_folds_reach_the_cold_optimum_in_fewer_rounds(tmp_path):
         assert warm[fold]["start"] is not None and cold[fold]["start"] is None
         # without it, a fold starts at the discriminant of its own pooled moments (common.newton_start), not zero
         assert cold[fold]["discriminant"] is not None and warm[fold]["discriminant"] is None
-        # the same optimum: the final objective to the exact fit's tolerance
-        assert warm[fold]["objective"][-1] == pytest.approx(cold[fold]["objective"][-1], rel=1e-12)
+        # the same optimum: the objective at the last point each walk evaluated (the model kept is one Newton step of
+        # up to ~1e-5 further, below exact-tol's predicted next step), so equal to what that last step leaves
+        assert warm[fold]["objective"][-1] == pytest.approx(cold[fold]["objective"][-1], rel=1e-10)
     # the fold's own discriminant starts nearer than the main model (which saw the held-out site): 19 rounds vs 22
     rounds = {w: sum(len(f["objective"]) for f in folds.values()) for w, folds in ((True, warm), (False, cold))}
     assert rounds[False] <= rounds[True], rounds
