@@ -19,6 +19,7 @@ from client.ledger import Ledger
 from client.steps import load_site_data, site_matrix
 from common import combat, protocol
 from common.canon import arrays_sha256
+from common.selection import first_ask
 from radfed import synth
 from radfed.cli import main as radfed_main
 from radfed.launch import app_run_config
@@ -146,6 +147,9 @@ def test_federation_end_to_end(three_sites, tmp_path):
             spec = protocol.REPLIES[entry["type"]]
             # a site sends its own block of ComBat's design (its column, no covariates here), whatever the sites
             sizes["q"] = 1
+            if entry["type"] == "query.correlation":  # the top candidates first, all only if the walk ran out of them
+                sizes["m"] = entry["records"]["arrays"]["crossproducts"]["shape"][0]
+                assert sizes["m"] in (first_ask(features["candidates"], 8), features["candidates"])
             for record, values in entry["records"].items():
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
