@@ -207,8 +207,8 @@ def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[s
     correlation it read, by candidate name (None when noised: exact training's start, common.newton_start).
 
     The walk stops once ``n_keep`` are kept and reads only the correlations among the candidates it examined, so the
-    sites are first asked for the top ``selection.first_ask`` candidates' cross-products only (at 200 candidates and
-    3 to 8 kept the walk examined 3 to 4: m x m cross-products of 200 were 320 KB per site and cohort, most never
+    sites are first asked for the top ``selection.first_ask`` candidates' cross-products only (on the bench's sites,
+    3 kept of 200, the walk examined 3 to 4: m x m cross-products of 200 were 320 KB per site and cohort, most never
     read); only a walk that runs out of them asks again for every candidate, and then walks all. Either way the
     walk is the same, so the same features are kept. Noised queries ask once, for every candidate (each query spends
     privacy budget)."""

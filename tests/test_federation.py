@@ -132,7 +132,8 @@ def test_federation_end_to_end(three_sites, tmp_path):
         # fold it is held out of and at the other sites' local-only models, it harmonises itself against their
         # estimates (a join), then scores the model on all its cases
         others = set(names[:3]) - {name}
-        assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
+        # (the correlation once per cohort, twice in a cohort whose decorrelation walk ran out of the top candidates)
+        assert kinds.count("query.moments") == 4 <= kinds.count("query.correlation") <= 8
         assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 2
         assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == 1 + 1 + 1 + 2
         # the final model's calibration fit, main run only; every evaluation carries the pooled metrics' terms

@@ -89,11 +89,11 @@ def test_a_walk_that_finds_its_features_among_the_first_asks_only_those(tmp_path
     xs, ys = _data(0, 60, 3)
     chosen, reference, asked = _select(tmp_path, xs, ys, 3)
     assert chosen.names == reference
-    assert asked == [selection.first_ask(60, 3)] * 4 and selection.first_ask(60, 3) < 60  # one query, 14 of 60
+    assert asked == [selection.first_ask(60, 3)] * 4 and selection.first_ask(60, 3) < 60  # one query, 28 of 60
 
 
 def test_a_walk_that_runs_out_asks_again_for_every_candidate(tmp_path):
-    xs, ys = _data(1, 60, 30)  # the top 30 are copies of one feature: 14 candidates hold 1 feature to keep, not 3
+    xs, ys = _data(1, 60, 30)  # the top 30 are copies of one feature: the first 28 hold 1 feature to keep, not 3
     chosen, reference, asked = _select(tmp_path, xs, ys, 3)
     assert chosen.names == reference
     assert asked == [selection.first_ask(60, 3)] * 4 + [60] * 4
