@@ -1,6 +1,7 @@
 """Leave-one-site-out at the cost of one training (issue 20): prints a table.
 
     python bench/bench_loso.py [--work DIR] [--sites 4,16] [--batched-only 48] [--local-only] [--profile 48]
+                               [--profile-server 48]
 
 For each number of tiny synthetic sites (10 cases per class, extracted once before anything is timed), two
 simulated radfed runs on the same data: the folds one after another (``fold-batching = false``, what every run
@@ -10,8 +11,13 @@ exact training, evaluation, calibration), the folds from ``fold-start`` to the l
 ``folds-end`` entries count the Flower messages the folds sent (and, batched, the requests they carried and the
 rounds). The issue's target: leave-one-site-out <= 2x the main fit's wall time. ``--batched-only`` sizes run
 batched only (the sequential run at 48 sites takes about an hour). Each row also gives the folds' Newton rounds (mean
-and slowest fold: a warm start from the main model, ``loso-warm-start``, saves some), and a second table splits the
-folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and scoring).
+and slowest fold: each starts at the discriminant of its own pooled moments, common/newton_start.py), a second
+table splits the folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and
+scoring), and a third the batched folds' coordinator by step (``folds-end`` ``seconds``: the fold threads' own work,
+packing, the round trips, unpacking), i.e. how much of the folds' time is the ServerApp rather than the sites.
+
+``--profile-server N`` (alone: ``--sites ''``) runs one batched N-site run with the coordinator under cProfile in
+every thread (bench/loso_app.py: the fold threads too) and prints the top functions by own time.
 
 ``--profile N`` (alone: ``--sites ''``) profiles, in this process, one site answering the ``query.batch`` of a
 leave-one-site-out round over N sites (N - 1 Newton requests, every mod included, bench/site_messages.py): ms per
@@ -21,6 +27,7 @@ sub-request and the top functions by own time, beside the recorded numbers befor
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import shutil
 import sys
@@ -47,6 +54,10 @@ PHASES = {"harmonization": "ComBat (2 rounds)", "moments": "moments", "selection
           "newton-round": "Newton", "round-train": "Newton", "harmonization-join": "join + scoring",
           "external-validation": "join + scoring"}
 PHASE_HEADER = ["sites", "mode", *dict.fromkeys(PHASES.values()), "other"]
+# the batched folds' coordinator (server/folds.py, the ``folds-end`` entry's ``seconds``): the fold threads' own work
+# between rounds, packing the batches, the round trips (the sites' work and Flower's delivery), unpacking
+STEPS = {"folds": "folds' own work", "pack": "packing", "sites": "round trips", "unpack": "unpacking"}
+STEP_HEADER = ["sites", *STEPS.values(), "coordinator share"]
 
 
 def _time(entry: dict) -> datetime:
@@ -68,15 +79,17 @@ def phase_seconds(entries: list[dict], start: datetime) -> dict[str, float]:
     return out
 
 
-def one_run(work: Path, dirs: list[Path], config: dict, batched: bool) -> tuple[list[str], list[str]]:
-    """One run; its row of the table and of the phase table."""
+def one_run(work: Path, dirs: list[Path], config: dict, batched: bool,
+            app_dir: Path | None = None) -> tuple[list[str], list[str], list[str]]:
+    """One run; its row of the table, of the phase table and (batched) of the coordinator's steps."""
     mode = "batched" if batched else "sequential"
-    out = work / f"runs-{len(dirs)}-{mode}"
+    out = work / f"runs-{len(dirs)}-{mode}{'-profiled' if app_dir else ''}"
     shutil.rmtree(out, ignore_errors=True)
     run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out), "fold-batching": batched}
     approve_demo_plan(dirs, run_config)
     t = time.perf_counter()
-    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / f"flwr-{mode}", echo=False, timeout=7200)
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / f"flwr-{mode}", echo=False, timeout=7200,
+                   **({"app_dir": app_dir} if app_dir else {}))
     wall = time.perf_counter() - t
     folder = next(out.glob("*-run*"))
     doc = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))
@@ -100,7 +113,10 @@ def one_run(work: Path, dirs: list[Path], config: dict, batched: bool) -> tuple[
            f"{folds / main:.2f}", str(messages), str(requests), str(rounds), per_fold, f"{wall:.0f}"]
     until_end = [e for e in entries if _time(e) <= _time(ends[-1])]
     spent = phase_seconds(until_end, starts[0])
-    return row, [str(len(dirs)), mode, *(f"{spent.get(p, 0.0):.1f}" for p in PHASE_HEADER[2:])]
+    steps = {k: sum(float(e["data"].get("seconds", {}).get(k, 0.0)) for e in ends) for k in STEPS}
+    own = steps["folds"] + steps["pack"] + steps["unpack"]
+    return row, [str(len(dirs)), mode, *(f"{spent.get(p, 0.0):.1f}" for p in PHASE_HEADER[2:])], \
+        [str(len(dirs)), *(f"{v:.1f}" for v in steps.values()), f"{own / max(folds, 1e-9):.0%}"]
 
 
 # --profile 48 on the code before the per-batch amortisation (bd6fa03^: every sub-request stamped the site's files,
@@ -132,6 +148,32 @@ def profile(work: Path, n_sites: int) -> None:
                   [*PROFILE_BEFORE, ["this run", f"{ms:.1f}", "-", "(above)"]])
 
 
+def profile_server(work: Path, dirs: list[Path], config: dict) -> None:
+    """One batched run with the coordinator under cProfile in every thread (bench/loso_app.py): the top functions
+    by own time of the ServerApp's thread and of the others (fold threads, Flower's)."""
+    import pstats
+
+    from bench.bench_messages import make_app
+
+    app = make_app(work / "app-loso-profiled", "losoapp:profiled", "client.app:app")
+    shutil.copy(ROOT / "bench" / "loso_app.py", app / "losoapp.py")
+    text = (app / "pyproject.toml").read_text(encoding="utf-8")
+    (app / "pyproject.toml").write_text(text.replace('fab-include = [', 'fab-include = ["losoapp.py", ', 1),
+                                        encoding="utf-8")
+    row, _, steps = one_run(work, dirs, config, True, app)
+    print(" | ".join(row), flush=True)
+    folder = next((work / f"runs-{len(dirs)}-batched-profiled").glob("*-run*")).parent
+    for name, title in (("server-main.prof", "the ServerApp's thread"),
+                        ("server-threads.prof", "every other thread (the fold threads, Flower's)")):
+        text_out = io.StringIO()
+        stats = pstats.Stats(str(folder / name), stream=text_out)
+        stats.sort_stats("tottime").print_stats(25)
+        print(f"\ncProfile of the coordinator, {len(dirs)} sites, whole run, {title}; top functions by own time:")
+        print("\n".join(line for line in text_out.getvalue().splitlines() if line.strip()
+                        and not line.startswith(("   Ordered", "   List"))))
+    print_columns("The folds' coordinator under the profiler (s)", STEP_HEADER, [steps])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default=None, help="working folder (default: a fresh temporary one)")
@@ -140,6 +182,8 @@ def main() -> int:
     parser.add_argument("--local-only", action="store_true", help="the local-only baselines too (2 folds a site)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--profile", type=int, default=0, help="profile one site answering an N-site batch")
+    parser.add_argument("--profile-server", type=int, default=0,
+                        help="one batched run over N sites with the coordinator under cProfile (every thread)")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-loso-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -150,21 +194,29 @@ def main() -> int:
               "local-only": "own-pipeline" if args.local_only else "none", "query-timeout": 1800.0}
     if args.profile:
         profile(work, args.profile)
+    if args.profile_server:
+        profile_server(work, sites(work, args.profile_server, args.workers), config)
     if not both + batched_only:
         return 0
     dirs = sites(work, max(both + batched_only), args.workers)
-    rows, phases = [], []
+    rows, phases, steps = [], [], []
     for n in sorted(set(both + batched_only)):
         for batched in ((False, True) if n in both else (True,)):
-            row, spent = one_run(work, dirs[:n], config, batched)
+            row, spent, step = one_run(work, dirs[:n], config, batched)
             rows.append(row)
             phases.append(spent)
+            if batched:
+                steps.append(step)
             print(" | ".join(row), flush=True)
     print_columns("Leave-one-site-out" + (" and local-only baselines" if args.local_only else "") +
                   ": folds one after another (sequential) vs all in the same rounds (batched); exact training, "
                   "tiny sites of 10 cases per class, times from each run's audit log", HEADER, rows)
     print_columns("Where the folds' wall time goes (s), by the audit entry that ends each stretch", PHASE_HEADER,
                   phases)
+    if steps:
+        print_columns("The batched folds' coordinator (s): the fold threads' own work between rounds, packing, the "
+                      "round trips (sites and Flower's delivery), unpacking; its share of the folds' wall time",
+                      STEP_HEADER, steps)
     return 0
 
 

@@ -10,7 +10,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -80,3 +80,15 @@ class Selection:
     threshold: float
     dropped_l1: int = 0  # by the optional LASSO step (server.training.select_l1)
     l1: float = 0.0
+    # the pooled correlation of the candidates the decorrelation read (names, matrix): exact training's start
+    # (common.newton_start) takes the chosen features' block; None without it (selection off, noised)
+    correlation: tuple[tuple[str, ...], np.ndarray] | None = field(default=None, repr=False, compare=False)
+
+
+def first_ask(n_candidates: int, n_keep: int) -> int:
+    """How many of the best-ranked candidates the correlation query asks for first: enough that the greedy walk
+    (``greedy_decorrelate``) usually keeps ``n_keep`` among them, at most every candidate. The walk examined 3 to 4
+    for 3 kept on the bench's sites (10 cases per class), 12 to 56 for 8 kept in the tiny cohorts of
+    tests/test_federation.py (6 cases per class); the walk is the same either way, and one that runs out asks for all
+    (one more round for that cohort). 48 of 200 for 8 kept: 18 kB of cross-products per site and cohort, not 320."""
+    return min(n_candidates, 4 * n_keep + 16)

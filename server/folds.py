@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
@@ -117,15 +118,21 @@ class FoldGrid(CountingGrid):
         return turn.replies
 
 
-def _run_turns(grid: Grid, timeout: float, turns: list[_Turn]) -> tuple[int, int, int]:
-    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent."""
+def _run_turns(grid: Grid, timeout: float, turns: list[_Turn]) -> tuple[int, int, int, dict[str, float]]:
+    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent and the
+    wall seconds by step: the folds' own work between rounds (pooling, audit, building requests), packing, the
+    round trips (the sites and Flower's delivery), unpacking."""
     messages = requests = rounds = 0
+    spent = dict.fromkeys(("folds", "pack", "sites", "unpack"), 0.0)
     live = list(turns)
     while live:
+        t0 = time.perf_counter()
         for turn in live:  # one at a time, in fold order: each runs until it sends or ends
             turn.parked.clear()
             turn.go.set()
             turn.parked.wait()
+        t1 = time.perf_counter()
+        spent["folds"] += t1 - t0
         live = [t for t in live if not t.finished]
         waiting = [t for t in live if t.pending]
         if not waiting:
@@ -133,12 +140,17 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn]) -> tuple[int, int
         batches = batch.pack([m for t in waiting for m in t.pending])  # in fold order
         rounds, messages = rounds + 1, messages + len(batches)
         requests += sum(len(t.pending) for t in waiting)
+        t2 = time.perf_counter()
         replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
+        t3 = time.perf_counter()
         by_request = batch.unpack_replies(batches, replies)
         for t in waiting:
             t.replies = [by_request[m.metadata.message_id] for m in t.pending if m.metadata.message_id in by_request]
             t.pending = []
-    return messages, requests, rounds
+        spent["pack"] += t2 - t1
+        spent["sites"] += t3 - t2
+        spent["unpack"] += time.perf_counter() - t3
+    return messages, requests, rounds, {k: round(v, 3) for k, v in spent.items()}
 
 
 def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
@@ -180,7 +192,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     for t in threads:
         t.start()
     try:
-        messages, requests, rounds = _run_turns(run.grid, run.timeout, turns)
+        messages, requests, rounds, spent = _run_turns(run.grid, run.timeout, turns)
     except BaseException:  # e.g. the coordinator was stopped: every waiting fold ends, nothing more is sent
         for turn in turns:
             turn.aborted = True
@@ -191,7 +203,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     if errors:
         raise errors[0]
     run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=True, messages=messages,
-                     requests=requests, rounds=rounds)
+                     requests=requests, rounds=rounds, seconds=spent)
     log.info("The %d fold(s) took %d round(s) of %d message(s) in all, carrying %d request(s)", len(jobs), rounds,
              messages, requests)
     return {job.fold: results[job.fold] for job in jobs if job.fold in results}

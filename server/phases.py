@@ -16,6 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common import combat, dp_query, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
+from common.npy import as_numpy
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused, error_reason, query, replies_of
 
 log = logging.getLogger("flwr.radfed.server")
@@ -124,7 +125,7 @@ def moments_phase(run: Run, cohort: Cohort,
     overall, classwise = [], []
     for reply in replies.values():
         arrays, counts = reply.content["arrays"], reply.content["metrics"]
-        get = {k: arrays[k].numpy() for k in arrays}  # type: ignore[union-attr]
+        get = {k: as_numpy(arrays[k]) for k in arrays}  # type: ignore[union-attr]
         overall.append((int(counts["n"]), get["mean"], get["m2"]))  # type: ignore[arg-type]
         classwise.append({1: (int(counts["n-hgg"]), get["mean-hgg"], get["m2-hgg"]),  # type: ignore[arg-type]
                           0: (int(counts["n-bm"]), get["mean-bm"], get["m2-bm"])})  # type: ignore[arg-type]
@@ -182,24 +183,14 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
                                      int(constant.sum()), 0, 0, threshold)
     else:
         candidates = order[: max(n_keep, run.config.select_candidates)]
-        names = [names_all[i] for i in candidates]
-        config = {"candidates": names, "candidates-sha256": sha256_json(names)}
-        stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates]),
-                                                   "std": Array(pooled.std[candidates])})})
-        replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _: stats)
-        cross = [r.content["arrays"]["crossproducts"].numpy() for r in replies.values()]  # type: ignore[union-attr]
-        if run.config.dp_query:  # noised sums, no counts: the noised moments' count divides
-            corr = dp_query.noised_correlation(cross, pooled.n)
-        else:
-            n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
-            corr = selection.pooled_correlation(cross, n)
-        kept_local = selection.greedy_decorrelate(range(len(candidates)), corr, threshold, n_keep)
+        kept_local, read = _decorrelated(run, cohort, pooled, [names_all[i] for i in candidates], candidates,
+                                         n_keep, threshold)
         kept = [candidates[i] for i in kept_local] + clinical
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
         examined = kept_local[-1] + 1 if len(kept_local) == n_keep else len(candidates)
         dropped = examined - len(kept_local)
         chosen = selection.Selection([names_all[i] for i in kept], [float(t[i]) for i in kept],
-                                     int(constant.sum()), len(candidates), dropped, threshold)
+                                     int(constant.sum()), len(candidates), dropped, threshold, correlation=read)
     run.audit.append("selection", features=chosen.names, welch_t=chosen.t,
                      dropped_constant=chosen.dropped_constant, candidates=chosen.candidates,
                      dropped_correlated=chosen.dropped_correlated, max_correlation=threshold,
@@ -208,6 +199,35 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
              f"Fold {cohort.fold}: " if cohort.fold else "", len(chosen.names), len(names_all),
              chosen.dropped_constant, chosen.dropped_correlated, threshold)
     return chosen
+
+
+def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[str], candidates: list[int],
+                  n_keep: int, threshold: float) -> tuple[list[int], tuple[tuple[str, ...], np.ndarray] | None]:
+    """The greedy decorrelation's walk over ``candidates`` (best first) from the sites' pooled correlation; and the
+    correlation it read, by candidate name (None when noised: exact training's start, common.newton_start).
+
+    The walk stops once ``n_keep`` are kept and reads only the correlations among the candidates it examined, so the
+    sites are first asked for the top ``selection.first_ask`` candidates' cross-products only (on the bench's sites,
+    3 kept of 200, the walk examined 3 to 4: m x m cross-products of 200 were 320 KB per site and cohort, most never
+    read); only a walk that runs out of them asks again for every candidate, and then walks all. Either way the
+    walk is the same, so the same features are kept. Noised queries ask once, for every candidate (each query spends
+    privacy budget)."""
+    first = len(candidates) if run.config.dp_query else selection.first_ask(len(candidates), n_keep)
+    for m in dict.fromkeys((first, len(candidates))):
+        config = {"candidates": names[:m], "candidates-sha256": sha256_json(names[:m])}
+        stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates[:m]]),
+                                                   "std": Array(pooled.std[candidates[:m]])})})
+        replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _, r=stats: r)
+        cross = [as_numpy(r.content["arrays"]["crossproducts"]) for r in replies.values()]  # type: ignore[index, arg-type]
+        if run.config.dp_query:  # noised sums, no counts: the noised moments' count divides
+            corr = dp_query.noised_correlation(cross, pooled.n)
+        else:
+            n = sum(int(r.content["metrics"]["n"]) for r in replies.values())  # type: ignore[arg-type]
+            corr = selection.pooled_correlation(cross, n)
+        kept = selection.greedy_decorrelate(range(m), corr, threshold, n_keep)
+        if len(kept) == n_keep:
+            break
+    return kept, None if run.config.dp_query else (tuple(names[:m]), corr)
 
 
 def _site_beta(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
@@ -297,12 +317,14 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
                      pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,
                                                   "var_pooled": pooled.var_pooled}), **reused, **cohort.tag)
 
+    # what every site of the cohort is sent alike, serialised once (47 folds x 47 sites at 48 sites)
+    shared = {"grand-mean": Array(pooled.grand_mean), "var-pooled": Array(pooled.var_pooled),
+              "zero-variance": Array(pooled.zero_variance.astype(np.float64))}
+
     def estimates(nid: int) -> RecordDict:
-        return RecordDict({"arrays": ArrayRecord({
-            "beta": Array(_site_beta(pooled.beta, n_sites, index[nid])), "grand-mean": Array(pooled.grand_mean),
-            "var-pooled": Array(pooled.var_pooled),
-            "zero-variance": Array(pooled.zero_variance.astype(np.float64))}),
-            "config": ConfigRecord({"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n})})
+        own = {"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n}
+        return RecordDict({"arrays": ArrayRecord({"beta": Array(_site_beta(pooled.beta, n_sites, index[nid])),
+                                                  **shared}), "config": ConfigRecord(own)})
 
     sums = {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
     return Harmonization(estimates, late_joiner, before, sums, (agreement.sha256, covariates))  # type: ignore[arg-type]

@@ -14,8 +14,9 @@ from dataclasses import dataclass, field, replace
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from common import covariates, dp_query, exact, families, protocol, selection
+from common import covariates, dp_query, exact, families, newton_start, protocol, selection
 from common.canon import arrays_sha256, sha256_json
+from common.npy import as_numpy
 from common.runconfig import RunConfig
 from server import clinical, phases
 from server.federation import Cohort, Run, RunRefused
@@ -137,9 +138,8 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
     initial = initial_arrays(family, pooled.mean[cols], pooled.std[cols], cfg)
     how = mode(family, cfg)
     tag = {**cohort.tag, "family": family} if len(cfg.compared) > 1 else cohort.tag
-    start = None if how != "exact" or warm is None or cfg.dp_query else \
-        warm.coefficients(chosen.names, pooled.mean[cols], pooled.std[cols])
-    started = {} if start is None else {"warm_start_sha256": arrays_sha256({"coef": start})}
+    start, kind = exact_start(run, cohort, pooled, chosen, family, warm)
+    started = {} if start is None else {f"{kind}_start_sha256": arrays_sha256({"coef": start})}
     run.audit.append("model-init", model_sha256=record_sha256(initial), n_features=len(chosen.names),
                      training=how, **started, **tag)
     run.training_started = True
@@ -161,9 +161,33 @@ def train(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Sel
                    strategy.site_terms, {"mode": "fedavg", "family": family})
 
 
+def exact_start(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection, family: str,
+                warm: WarmStart | None = None) -> tuple[np.ndarray | None, str]:
+    """Where an exact fit's first Newton round evaluates, and what it is: ``warm`` re-expressed in this cohort's
+    standardisation ("warm", loso-warm-start), else the discriminant of the cohort's own pooled moments and
+    correlation for the L2 fit ("discriminant", common.newton_start), else zero (None). Never when the rounds are
+    noised (they run exact-max-rounds whatever the start)."""
+    cfg = run.config
+    if mode(family, cfg) != "exact" or cfg.dp_query or not chosen.names:
+        return None, ""
+    index = {n: i for i, n in enumerate(phases.model_inputs(run, cohort.agreement))}
+    cols = [index[n] for n in chosen.names]
+    mean, std = pooled.mean[cols], pooled.std[cols]
+    if warm is not None:
+        return warm.coefficients(chosen.names, mean, std), "warm"
+    read = chosen.correlation
+    if families.base(family) != "logistic-l2" or read is None or not set(chosen.names) <= set(read[0]):
+        return None, ""  # e.g. a clinical input: the selection read no correlation of it
+    at = [read[0].index(n) for n in chosen.names]
+    (n1, mean1, _), (n0, mean0, _) = pooled.classwise[1], pooled.classwise[0]
+    start = newton_start.discriminant_start((mean1[cols] - mean) / std, (mean0[cols] - mean) / std, n1, n0,
+                                            read[1][np.ix_(at, at)], cohort.agreement.pos_weight)
+    return (None, "") if start is None else (start, "discriminant")
+
+
 def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
     """One site's Newton reply; a noised one holds only the gradient and Hessian (its counts stay at the site)."""
-    grad, hess = content["arrays"]["grad"].numpy(), content["arrays"]["hess"].numpy()  # type: ignore[union-attr]
+    grad, hess = as_numpy(content["arrays"]["grad"]), as_numpy(content["arrays"]["hess"])  # type: ignore[arg-type]
     if noised:
         return exact.SiteTerms(grad=grad, hess=hess, loss=0.0, n=0, n_pos=0, n_neg=0)
     metrics = content["metrics"]
@@ -180,13 +204,15 @@ def _newton_request(config: dict[str, object], rnd: int, coef: np.ndarray, mean:
 
 def prefetch_first_round(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selection.Selection,
                          family: str) -> None:
-    """Exact training's first Newton round of ``family`` on ``chosen`` (from zero coefficients, so it waits for
-    nothing) goes out with the cohort's next query (merge-phases, server/merging.py); other modes send nothing."""
+    """Exact training's first Newton round of ``family`` on ``chosen`` (at ``exact_start``'s point, known from the
+    moments and the selection, so it waits for nothing) goes out with the cohort's next query (merge-phases,
+    server/merging.py); other modes send nothing."""
     if mode(family, run.config) != "exact" or not chosen.names:
         return
     index = {n: i for i, n in enumerate(phases.model_inputs(run, cohort.agreement))}
     cols = [index[n] for n in chosen.names]
-    coef = np.zeros(len(chosen.names) + 1)  # exact.ExactNewton starts there
+    start, _ = exact_start(run, cohort, pooled, chosen, family)  # where train's first round evaluates (no warm start
+    coef = np.zeros(len(chosen.names) + 1) if start is None else start  # in the main run, which prefetches)
     request, record = _newton_request(shared_config(chosen, cohort.agreement.pos_weight, family), 1, coef,
                                       pooled.mean[cols], pooled.std[cols])
     cohort.prefetch(run, protocol.NEWTON, request, per_node=lambda _: record)

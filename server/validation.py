@@ -24,6 +24,7 @@ local-only baselines; the cross-validation folds) together in the same rounds, o
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 from flwr.app import RecordDict
 
@@ -38,15 +39,20 @@ log = logging.getLogger("flwr.radfed.server")
 
 
 def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Cohort, outside: bool = True,
-              paired: bool = True) -> tuple[dict[str, dict[str, dict[str, object]]], dict[str, object]]:
+              paired: bool = True, calibrated: Sequence[str] = ()) -> tuple[dict[str, dict[str, dict[str, object]]],
+                                                                        dict[str, object]]:
     """``scorers`` score every family's model fitted on ``trained_on`` and send metrics: per family, per scoring
     site; and, with several families and ``paired``, their paired comparison (server.comparison). ``outside``: sites
     that were not in the cohort first join its harmonisation (once), then score all their usable cases; otherwise
-    the cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag."""
+    the cohort's own sites score their held-out split. ``scorers`` carries the cohort's fold tag. The first
+    calibration round of each family in ``calibrated`` (``_calibration`` fits them next) rides with the scoring."""
     by_family: dict[str, dict[str, dict[str, object]]] = {}
     try:
         if outside and fitted.harmonization is not None:
             phases.join_phase(run, scorers, fitted.harmonization)
+        for family in calibrated:  # after the join (riders go in the order added): the site needs its harmonisation
+            clinical.prefetch_calibration(run, scorers, fitted.models[family].arrays, _calibration_config(fitted,
+                                                                                                          family))
         for family, trained in fitted.models.items():
             config = {**fitted.config(family), "split": "all" if outside else "test",
                       "server-round": max(trained.training) if trained.training else run.config.num_server_rounds}
@@ -78,14 +84,15 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
     try:
         fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False, main=main)
         fitted.family = family or fitted.family
-        every, compared = score_all(run, fitted, train_on, outsider)
+        calibrated = list(fitted.models) if len(fitted.models) > 1 else [fitted.family]
+        every, compared = score_all(run, fitted, train_on, outsider, calibrated=calibrated)
         scored = every[fitted.family]
         if held not in scored:
             raise RunRefused(f"{held} could not score the model")
         record: dict[str, object] = {**scored[held], "trained_on": sorted(others), "features": fitted.chosen.names}
         # each family's calibration slope at the held-out site (the one in use's always): the main run's
         # recalibration rounds (server.clinical.calibration_phase) over every case the site scored
-        fits = {f: _calibration(run, fitted, outsider, f) for f in (every if len(every) > 1 else [fitted.family])}
+        fits = {f: _calibration(run, fitted, outsider, f) for f in calibrated}
         record["calibration_fit"] = fits[fitted.family]
         if len(every) > 1:
             record["families"] = {f: {**_without_curves(r.get(held, {})), "calibration": fits[f]}
@@ -103,11 +110,15 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
         return {"error": str(exc)}
 
 
+def _calibration_config(fitted: pipeline.Fitted, family: str) -> dict[str, object]:
+    """What a calibration fit's requests carry at sites outside the cohort: the model's features, all their cases."""
+    return {**fitted.config(family), "split": "all"}
+
+
 def _calibration(run: Run, fitted: pipeline.Fitted, scorers: Cohort, family: str) -> dict[str, object]:
     """Calibration slope (with its standard error and 95% interval) and intercept of one family's model at sites
     outside its cohort, from their summed recalibration terms; ``error`` / ``skipped`` as calibration_phase says."""
-    cal = clinical.calibration_phase(run, scorers, fitted.models[family].arrays, {**fitted.config(family),
-                                                                                 "split": "all"})
+    cal = clinical.calibration_phase(run, scorers, fitted.models[family].arrays, _calibration_config(fitted, family))
     kept = {k: cal[k] for k in ("slope", "slope_se", "intercept", "converged", "rounds", "error", "skipped")
             if k in cal}
     return {**kept, "slope_ci": metrics.slope_interval(cal)} if "slope" in cal else kept

@@ -19,6 +19,7 @@ from client.ledger import Ledger
 from client.steps import load_site_data, site_matrix
 from common import combat, protocol
 from common.canon import arrays_sha256
+from common.selection import first_ask
 from radfed import synth
 from radfed.cli import main as radfed_main
 from radfed.launch import app_run_config
@@ -131,7 +132,8 @@ def test_federation_end_to_end(three_sites, tmp_path):
         # fold it is held out of and at the other sites' local-only models, it harmonises itself against their
         # estimates (a join), then scores the model on all its cases
         others = set(names[:3]) - {name}
-        assert kinds.count("query.moments") == kinds.count("query.correlation") == 4
+        # (the correlation once per cohort, twice in a cohort whose decorrelation walk ran out of the top candidates)
+        assert kinds.count("query.moments") == 4 <= kinds.count("query.correlation") <= 8
         assert kinds.count("query.combat_fit") == kinds.count("query.combat_residuals") == 2
         assert kinds.count("train") == 4 * ROUNDS and kinds.count("evaluate") == 1 + 1 + 1 + 2
         # the final model's calibration fit in the main run, and the fold model's where the site is held out
@@ -149,6 +151,9 @@ def test_federation_end_to_end(three_sites, tmp_path):
             spec = protocol.REPLIES[entry["type"]]
             # a site sends its own block of ComBat's design (its column, no covariates here), whatever the sites
             sizes["q"] = 1
+            if entry["type"] == "query.correlation":  # the top candidates first, all only if the walk ran out of them
+                sizes["m"] = entry["records"]["arrays"]["crossproducts"]["shape"][0]
+                assert sizes["m"] in (first_ask(features["candidates"], 8), features["candidates"])
             for record, values in entry["records"].items():
                 allowed = {**spec.config, **spec.metrics, **spec.arrays}
                 assert set(values) <= set(allowed), (name, entry["type"], record)
@@ -611,6 +616,7 @@ def test_leave_one_site_out_learns_nothing_from_the_held_out_site(tmp_path):
         assert after[other] != before[other]  # the changed site trains in these folds: they see it
     assert after[""] != before[""]
     # the held-out site joined its fold's harmonisation (no labels) and scored the fold's model on all its cases
+    # (one join per fold; in the order the folds finish, which under fold-batching need not be the folds' order)
     joins = [e["data"] for e in _events(after_folder) if e["event"] == "harmonization-join"]
-    assert [j["fold"] for j in joins] == sorted(s.name for s in specs)
+    assert sorted(j["fold"] for j in joins) == sorted(s.name for s in specs)
     assert all(j["sites"] == [j["fold"]] for j in joins)

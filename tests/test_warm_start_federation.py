@@ -1,6 +1,7 @@
 """Leave-one-site-out folds warm-started from the main run's model (``loso-warm-start``, issue 20) in a real
-simulated run: every fold's model reaches the same optimum as from zero (its objective to the fit's tolerance, its
-metrics at the held-out site unchanged), in fewer Newton rounds."""
+simulated run: every fold's model reaches the same optimum as from the default start, the linear discriminant of the
+fold's own pooled moments (its objective to the fit's tolerance, its metrics at the held-out site unchanged); the
+warm start no longer saves rounds over that start (it did over zero)."""
 
 from __future__ import annotations
 
@@ -19,11 +20,12 @@ def _folds(folder):
         fold = e["data"].get("fold")
         if not fold or e["event"] not in ("newton-round", "model-init"):
             continue
-        entry = out.setdefault(fold, {"objective": [], "start": None})
+        entry = out.setdefault(fold, {"objective": [], "start": None, "discriminant": None})
         if e["event"] == "newton-round":
             entry["objective"].append(e["data"]["objective"])
         else:
             entry["start"] = e["data"].get("warm_start_sha256")
+            entry["discriminant"] = e["data"].get("discriminant_start_sha256")
     return out
 
 
@@ -44,11 +46,14 @@ def test_warm_started_folds_reach_the_cold_optimum_in_fewer_rounds(tmp_path):
     assert sorted(warm) == sorted(cold) == sorted(docs[True]["sites"])
     for fold in warm:
         assert warm[fold]["start"] is not None and cold[fold]["start"] is None
-        # the same optimum: the final objective to the exact fit's tolerance, fewer or as many rounds
-        assert warm[fold]["objective"][-1] == pytest.approx(cold[fold]["objective"][-1], rel=1e-12)
-        assert len(warm[fold]["objective"]) <= len(cold[fold]["objective"])
+        # without it, a fold starts at the discriminant of its own pooled moments (common.newton_start), not zero
+        assert cold[fold]["discriminant"] is not None and warm[fold]["discriminant"] is None
+        # the same optimum: the objective at the last point each walk evaluated (the model kept is one Newton step of
+        # up to ~1e-5 further, below exact-tol's predicted next step), so equal to what that last step leaves
+        assert warm[fold]["objective"][-1] == pytest.approx(cold[fold]["objective"][-1], rel=1e-10)
+    # the fold's own discriminant starts nearer than the main model (which saw the held-out site): 19 rounds vs 22
     rounds = {w: sum(len(f["objective"]) for f in folds.values()) for w, folds in ((True, warm), (False, cold))}
-    assert rounds[True] < rounds[False], rounds
+    assert rounds[False] <= rounds[True], rounds
     # what the held-out sites measured is unchanged: AUC, counts, intervals, curves (scores equal to ~1e-9)
     loso = {w: docs[w]["validation"]["loso"] for w in (True, False)}
     assert sorted(loso[True]) == sorted(loso[False])
