@@ -19,13 +19,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps, warmup
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
-from client.arrays import decode, decode_all, encode
 from client.batch import BatchingClientApp
 from client.dp import dp_query_mod, dp_update_mod
 from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256, sha256_json
+from common.npy import decode, decode_all, encode
 from common.runconfig import RunConfig
 from common.split import parse_cv_tag
 
@@ -328,7 +328,7 @@ def train(msg: Message, context: Context) -> Message:
 
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
-    # Flower's to_torch_state_dict / ArrayRecord(state_dict), with the arrays' headers kept (client.arrays)
+    # Flower's to_torch_state_dict / ArrayRecord(state_dict), with the arrays' headers kept (common.npy)
     state = {k: torch.from_numpy(v) for k, v in decode_all(msg.content["arrays"]).items()}
     new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
     declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context, msg)))

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 
 from common import combat, dp_query, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
-from common.npy import as_numpy
+from common.npy import decode
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused, error_reason, query, replies_of
 
 log = logging.getLogger("flwr.radfed.server")
@@ -125,7 +125,7 @@ def moments_phase(run: Run, cohort: Cohort,
     overall, classwise = [], []
     for reply in replies.values():
         arrays, counts = reply.content["arrays"], reply.content["metrics"]
-        get = {k: as_numpy(arrays[k]) for k in arrays}  # type: ignore[union-attr]
+        get = {k: decode(arrays[k]) for k in arrays}  # type: ignore[union-attr]
         overall.append((int(counts["n"]), get["mean"], get["m2"]))  # type: ignore[arg-type]
         classwise.append({1: (int(counts["n-hgg"]), get["mean-hgg"], get["m2-hgg"]),  # type: ignore[arg-type]
                           0: (int(counts["n-bm"]), get["mean-bm"], get["m2-bm"])})  # type: ignore[arg-type]
@@ -218,7 +218,7 @@ def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[s
         stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates[:m]]),
                                                    "std": Array(pooled.std[candidates[:m]])})})
         replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _, r=stats: r)
-        cross = [as_numpy(r.content["arrays"]["crossproducts"]) for r in replies.values()]  # type: ignore[index, arg-type]
+        cross = [decode(r.content["arrays"]["crossproducts"]) for r in replies.values()]  # type: ignore[index, arg-type]
         if run.config.dp_query:  # noised sums, no counts: the noised moments' count divides
             corr = dp_query.noised_correlation(cross, pooled.n)
         else:

@@ -16,7 +16,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from common import covariates, dp_query, exact, families, newton_start, protocol, selection
 from common.canon import arrays_sha256, sha256_json
-from common.npy import as_numpy
+from common.npy import decode
 from common.runconfig import RunConfig
 from server import clinical, phases
 from server.federation import Cohort, Run, RunRefused
@@ -187,7 +187,7 @@ def exact_start(run: Run, cohort: Cohort, pooled: PooledMoments, chosen: selecti
 
 def _site_terms(content: RecordDict, noised: bool) -> exact.SiteTerms:
     """One site's Newton reply; a noised one holds only the gradient and Hessian (its counts stay at the site)."""
-    grad, hess = as_numpy(content["arrays"]["grad"]), as_numpy(content["arrays"]["hess"])  # type: ignore[arg-type]
+    grad, hess = decode(content["arrays"]["grad"]), decode(content["arrays"]["hess"])  # type: ignore[arg-type]
     if noised:
         return exact.SiteTerms(grad=grad, hess=hess, loss=0.0, n=0, n_pos=0, n_neg=0)
     metrics = content["metrics"]
