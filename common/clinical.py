@@ -284,6 +284,9 @@ def fit_recalibration(query: Callable[[np.ndarray], Sequence[Mapping[str, Any]]]
     for _ in range(max_iter):
         step = np.zeros(2)
         step[free] = np.linalg.solve(hess[np.ix_(free, free)], grad[free])
+        if np.max(np.abs(step)) < tol:  # already within tol of the optimum: no round is spent to confirm it
+            converged = True
+            break
         scale = 1.0
         while rounds < (max_iter * 8 if max_rounds is None else max_rounds):
             trial = params - scale * step

@@ -324,4 +324,8 @@ def test_recalibration_stops_at_its_round_cap_and_thresholds_are_equal_steps():
     sent.clear()
     free = clinical.fit_recalibration(query)
     assert free["converged"] and free["rounds"] == len(sent) > 2
+    # no round is spent on a step below the tolerance: the fit stops at the point whose Newton step (from the
+    # replies already in hand) is that small, so its last two queries are still a real step apart
+    assert np.max(np.abs(sent[-1] - sent[-2])) >= 1e-10
+    assert [free["intercept"], free["slope"]] == list(sent[-1])
     np.testing.assert_allclose(clinical.decision_thresholds(4), [0.2, 0.4, 0.6, 0.8])
