@@ -421,6 +421,17 @@ def recalibrate(msg: Message, context: Context) -> Message:
                   metrics=MetricRecord({"n": sent["n"], "loss": sent["loss"]}))
 
 
+@app.query("calibration_fit")
+def calibration_fit(msg: Message, context: Context) -> Message:
+    """The whole calibration fit of a model over every usable case, at a site that is a cohort of its own (a
+    leave-one-site-out fold's held-out site): the fit only leaves, not its rounds' sums."""
+    config, data = msg.content["config"], _data(context, msg)
+    x, y = _model_split(msg, context, data, held_out=None, receipt=False)
+    fit = compute.calibration_fit(x, y, decode_all(msg.content["arrays"]), steps.min_cases(data.site, _run(context)),
+                                  compute.family_of(config), int(config["max-rounds"]))  # type: ignore[arg-type]
+    return _reply(msg, data.declare("all", {"n": ""}), metrics=MetricRecord(fit))  # type: ignore[arg-type]
+
+
 @app.query("histograms")
 def histograms(msg: Message, context: Context) -> Message:
     """Harmonisation before/after, for the report: k-anonymous histograms of a few features."""

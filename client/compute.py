@@ -183,6 +183,18 @@ def recalibrate_step(x: np.ndarray, y: np.ndarray, state: Mapping[str, Any], par
     return clinical.site_recalibration_terms(y, scores(x, state, family), params, k)
 
 
+def calibration_fit(x: np.ndarray, y: np.ndarray, state: Mapping[str, Any], k: int, family: str,
+                    max_rounds: int) -> dict[str, float]:
+    """The calibration fit of the model at this site alone (a cohort of one): common.clinical.fit_recalibration's
+    Newton on this site's own terms, the same fit the federated rounds give for one site, number for number."""
+    prob = scores(x, state, family)
+    fit = clinical.fit_recalibration(lambda params: [clinical.site_recalibration_terms(y, prob, params, k)],
+                                     max_rounds=max_rounds)
+    return {"n": int(fit["n"]), "intercept": fit["intercept"], "slope": fit["slope"],
+            "intercept-se": fit["intercept_se"], "slope-se": fit["slope_se"], "loss": fit["loss"],
+            "rounds": int(fit["rounds"]), "converged": int(fit["converged"])}
+
+
 def histograms_reply(x_raw: np.ndarray, x_harmonized: np.ndarray, edges: np.ndarray,
                      k: int) -> dict[str, np.ndarray]:
     """Counts per bin (h, b) of h features before and after harmonisation, every count 0 or >= k.

@@ -41,6 +41,7 @@ CORRELATION = "query.correlation"
 HISTOGRAMS = "query.histograms"
 NEWTON = "query.newton"
 RECALIBRATE = "query.recalibrate"
+CALIBRATION_FIT = "query.calibration_fit"
 TRAIN = "train"
 EVALUATE = "evaluate"
 OUT_OF_FOLD = "query.out_of_fold"
@@ -232,6 +233,17 @@ REPLIES: dict[str, ReplySpec] = {
                                       "the server's (a, b), p the model's scores", (2,)),
                 "hessian": ArraySpec("its Hessian, summed over the same cases", (2, 2))},
         metrics={"n": "evaluated cases", "loss": "that negative log-likelihood summed over the evaluated cases"},
+        count_keys=("n",),
+    ),
+    # at a site that is a cohort of its own (a leave-one-site-out fold's held-out site), the same Newton fit run at
+    # the site: the fit only, a function of what the rounds of query.recalibrate would send (the final round's sums)
+    CALIBRATION_FIT: ReplySpec(
+        metrics={"n": "evaluated cases (every usable case of the site)",
+                 "intercept": "a of y ~ a + b logit(p) fitted over those cases, p the model's scores",
+                 "slope": "b of that fit", "intercept-se": "standard error of a (inverse Hessian)",
+                 "slope-se": "standard error of b", "loss": "the fit's negative log-likelihood summed over the cases",
+                 "rounds": "Newton steps the fit took (as the federated rounds count them)",
+                 "converged": "1 when the fit converged, else 0"},
         count_keys=("n",),
     ),
 }

@@ -88,6 +88,40 @@ def prefetch_calibration(run: Run, cohort: Cohort, arrays: ArrayRecord, config: 
                         per_node=lambda _: RecordDict({"arrays": arrays}))
 
 
+def _site_fit_request(run: Run, config: dict[str, Any]) -> dict[str, Any]:
+    return {**config, "max-rounds": run.config.recalibration_max_rounds}
+
+
+def prefetch_site_fit(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, Any]) -> None:
+    """``site_fit``'s request rides with the cohort's next query (merge-phases): no round trip of its own."""
+    if run.config.recalibration_max_rounds > 0:
+        cohort.prefetch(run, protocol.CALIBRATION_FIT, _site_fit_request(run, config),
+                        per_node=lambda _: RecordDict({"arrays": arrays}))
+
+
+def site_fit(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, Any]) -> dict[str, Any]:
+    """``calibration_phase`` for a cohort of one site (a leave-one-site-out fold's held-out site): the site runs the
+    same Newton fit on its own terms (``query.calibration_fit``) and sends the fit, in one round trip (none when it
+    rode with the scoring: ``prefetch_site_fit``) instead of one per Newton step; the same numbers."""
+    cap = run.config.recalibration_max_rounds
+    if cap == 0:
+        return {"skipped": "recalibration-max-rounds = 0"}
+    model_sha256 = arrays_sha256(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+    replies = cohort.ask(run, "calibration fit", protocol.CALIBRATION_FIT, _site_fit_request(run, config),
+                         per_node=lambda _: RecordDict({"arrays": arrays}))
+    if not replies:
+        raise RunRefused("the site did not send its calibration fit")
+    (nid, reply), = replies.items()
+    got = reply.content["metrics"]
+    fit = {"intercept": float(got["intercept"]), "slope": float(got["slope"]),  # type: ignore[arg-type]
+           "intercept_se": float(got["intercept-se"]), "slope_se": float(got["slope-se"]),  # type: ignore[arg-type]
+           "loss": float(got["loss"]), "n": int(got["n"]), "rounds": int(got["rounds"]),  # type: ignore[arg-type]
+           "converged": bool(got["converged"]), "max_rounds": cap, "sites": [cohort.fed.sites[nid]],
+           "fitted_at": "site"}
+    run.audit.append("recalibration", **fit, model_sha256=model_sha256, **cohort.tag)
+    return fit
+
+
 def calibration_phase(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, Any]) -> dict[str, Any]:
     """Calibration slope and intercept of the final model ``arrays`` on the cohort's held-out cases: logistic
     recalibration y ~ a + b logit(p) fitted by Newton steps on the sites' summed gradients and Hessians

@@ -51,8 +51,7 @@ def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Co
         if outside and fitted.harmonization is not None:
             phases.join_phase(run, scorers, fitted.harmonization)
         for family in calibrated:  # after the join (riders go in the order added): the site needs its harmonisation
-            clinical.prefetch_calibration(run, scorers, fitted.models[family].arrays, _calibration_config(fitted,
-                                                                                                          family))
+            clinical.prefetch_site_fit(run, scorers, fitted.models[family].arrays, _calibration_config(fitted, family))
         for family, trained in fitted.models.items():
             config = {**fitted.config(family), "split": "all" if outside else "test",
                       "server-round": max(trained.training) if trained.training else run.config.num_server_rounds}
@@ -115,10 +114,15 @@ def _calibration_config(fitted: pipeline.Fitted, family: str) -> dict[str, objec
     return {**fitted.config(family), "split": "all"}
 
 
-def _calibration(run: Run, fitted: pipeline.Fitted, scorers: Cohort, family: str) -> dict[str, object]:
-    """Calibration slope (with its standard error and 95% interval) and intercept of one family's model at sites
-    outside its cohort, from their summed recalibration terms; ``error`` / ``skipped`` as calibration_phase says."""
-    cal = clinical.calibration_phase(run, scorers, fitted.models[family].arrays, _calibration_config(fitted, family))
+def _calibration(run: Run, fitted: pipeline.Fitted, scorer: Cohort, family: str) -> dict[str, object]:
+    """Calibration slope (with its standard error and 95% interval) and intercept of one family's model at the
+    held-out site, fitted there (``clinical.site_fit``); ``error`` / ``skipped`` as calibration_phase says."""
+    try:
+        cal = clinical.site_fit(run, scorer, fitted.models[family].arrays, _calibration_config(fitted, family))
+    except RunRefused as exc:  # the fold's metrics stand without it, as when the federated fit fails
+        log.warning("Calibration fit at %s failed: %s", ", ".join(scorer.fed.sites.values()), exc)
+        run.audit.append("recalibration", error=str(exc), **scorer.tag)
+        cal = {"error": str(exc)}
     kept = {k: cal[k] for k in ("slope", "slope_se", "intercept", "converged", "rounds", "error", "skipped")
             if k in cal}
     return {**kept, "slope_ci": metrics.slope_interval(cal)} if "slope" in cal else kept
