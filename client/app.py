@@ -87,20 +87,9 @@ def _agreed(context: Context, msg: Message, default: list[str] | None = None) ->
     return names
 
 
-# the site's fitted ComBat parameters per cohort (client.combat_state), kept at the site in context.state. Flower's
-# simulation ships a node's whole context to the worker and back with every message, and Ray passes an argument
-# above 100 KB through its object store (about 1.5 ms per round trip below, 7 ms above): the plain JSON (119 KB at
-# 861 features) put every message of the run there; the packed form is about 35 KB.
-COMBAT_STATE = "radfed-combat"
-
-
 def _fold(msg: Message) -> str:
     """The cohort a message belongs to: "" for the main federation, else a fold (e.g. the held-out site)."""
     return str(msg.content["config"].get("fold", ""))  # type: ignore[union-attr]
-
-
-def _combat_key(fold: str) -> str:
-    return f"{COMBAT_STATE}:{fold}" if fold else COMBAT_STATE
 
 
 def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
@@ -110,19 +99,17 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
     if not _run(context).combat:
         return None
     fold = _fold(msg)
-    record = context.state.get(_combat_key(fold))
-    if not isinstance(record, ConfigRecord):
-        if not fold:
-            return None
+    kept = combat_state.kept(context.state, fold)
+    if kept is None and fold:
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
                         "harmonization or join); restart the run")
-    return combat_state.Harmonizer(bytes(record["params"]))  # type: ignore[arg-type]
+    return kept
 
 
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
-    context.state[_combat_key(_fold(msg))] = ConfigRecord({"params": combat_state.pack(params)})
+    combat_state.keep(context.state, _fold(msg), params)
     if not _fold(msg):
         spec = covariates.describe(_run(context).covariates())
         radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical
