@@ -123,13 +123,15 @@ def test_status_watches_a_running_simulation(tmp_path, capsys):
     for i, spec in enumerate(synth.tiny_sites(3, 10)):
         synth.write_site(root, spec, seed=700 + i)
     done: list[Path] = []
+    # 8 FedAvg rounds, watched every 0.1 s: a site's train round now takes tens of milliseconds (torch is loaded
+    # before it), so a few rounds watched every 0.5 s could pass unseen
     runner = threading.Thread(target=lambda: done.append(run_federation_in(
-        tmp_path, root, 3, **{k: v for k, v in CONFIG.items() if k != "num-server-rounds"})))
+        tmp_path, root, 3, **{**CONFIG, "num-server-rounds": 8})))
     runner.start()
     seen: list[dict] = []
     out = tmp_path / "runs"
     while runner.is_alive():
-        time.sleep(0.5)
+        time.sleep(0.1)
         if any(out.glob("*-run*/audit.jsonl")):
             assert main(["status", "--output-dir", str(out), "--json"]) == 0
             seen.append(json.loads(capsys.readouterr().out))
