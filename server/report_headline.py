@@ -12,7 +12,7 @@ from typing import Any
 
 from common import metrics
 from server.report_blocks import Block, Facts, Section, Text, as_dict, finite_number
-from server.report_validation import gain_sentence
+from server.report_validation import calibration_sentence, gain_sentence
 
 # A 95% interval of an AUC, sensitivity or specificity wider than this says little about the point value.
 TOO_WIDE = 0.3
@@ -77,6 +77,9 @@ def headline_section(doc: dict[str, Any]) -> Section:
         facts.append(("at a hospital it never saw", f"AUC {unseen['auc']:.3f}{_ci(unseen['ci'].get('auc'))}; "
                       f"{_operating_point(unseen)} (leave-one-site-out, {unseen['sites']} sites, "
                       f"{unseen['n']} cases)"))
+    calibration = calibration_sentence(doc)
+    if calibration:
+        facts.append(("calibration", calibration))
     gain = gain_sentence(doc)
     if gain:
         facts.append(("vs each hospital alone", gain))

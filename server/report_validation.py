@@ -78,6 +78,24 @@ def gain_sentence(doc: dict[str, Any]) -> str | None:
             f"{int(overall.get('sites', 0))} site(s); {verdict}.")
 
 
+def calibration_sentence(doc: dict[str, Any]) -> str | None:
+    """One line: the calibration slope at unseen sites (the held-out sites' slopes pooled by inverse variance) and
+    what it means; None without it."""
+    pooled = as_dict(as_dict(doc.get("validation")).get("loso_calibration"))
+    slope, ci = finite_number(pooled.get("slope")), pooled.get("slope_ci") or [None, None]
+    lo, hi = finite_number(ci[0]), finite_number(ci[1])
+    if slope is None or lo is None or hi is None:
+        return None
+    if hi < 1:
+        verdict = "below 1: its probabilities are too extreme at hospitals it never saw; recalibrate at a new site"
+    elif lo > 1:
+        verdict = "above 1: its probabilities are too timid at hospitals it never saw; recalibrate at a new site"
+    else:
+        verdict = "the interval includes 1: no miscalibration shown at these sites"
+    return (f"Calibration slope at sites it never saw: {slope:.2f} (95% CI {lo:.2f} to {hi:.2f}) over "
+            f"{int(pooled.get('folds', 0))} held-out site(s); {verdict}.")
+
+
 def gain_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     """Per unseen site: the federated leave-one-site-out AUC, the mean AUC of the other sites' local-only
     models there, and the gain with its 95% interval; no rows without those results."""

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from common import metrics
-from server.report_validation import gain_sentence, gain_table
+from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
 
 def _loso() -> dict:
@@ -52,3 +52,17 @@ def test_the_sentence_says_what_the_interval_allows():
     doc["validation"]["federation_gain"]["overall"].update(gain=-0.1, gain_ci=[-0.2, -0.01])
     assert "each hospital alone did better" in str(gain_sentence(doc))
     assert gain_sentence({"validation": {}}) is None and gain_table({})[1] == []
+
+
+def test_the_calibration_at_unseen_sites_says_what_its_interval_allows():
+    """The held-out sites' slopes pooled by inverse variance (common.metrics.pool_slopes), read in one sentence."""
+    fits = [{"slope": 0.5, "slope_se": 0.1}, {"slope": 0.7, "slope_se": 0.2}, {"error": "did not converge"}]
+    doc = {"validation": {"loso_calibration": metrics.pool_slopes(fits)}}
+    text = str(calibration_sentence(doc))
+    assert "0.54 (95% CI" in text and "over 2 held-out site(s)" in text and "too extreme" in text
+    doc["validation"]["loso_calibration"] = metrics.pool_slopes([{"slope": 1.6, "slope_se": 0.2}])
+    assert "too timid" in str(calibration_sentence(doc))
+    doc["validation"]["loso_calibration"] = metrics.pool_slopes([{"slope": 0.9, "slope_se": 0.2}])
+    assert "no miscalibration shown" in str(calibration_sentence(doc))
+    assert calibration_sentence({"validation": {"loso_calibration": metrics.pool_slopes([])}}) is None
+    assert calibration_sentence({"validation": {}}) is None

@@ -60,7 +60,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
     from radfed.launch import run_federation
     from server.report import final_table
-    from server.report_validation import gain_sentence, gain_table
+    from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
     # With --json the steps go to stderr and Flower's stream to its log file: stdout holds the document alone.
     say = print if not args.json else lambda *a, **k: print(*a, **k, file=sys.stderr)
@@ -120,6 +120,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print("\n  at sites the model never saw (leave-one-site-out) vs each other hospital alone:")
             _print_table(header, rows)
             print("  " + str(gain_sentence(doc)))
+        calibration = calibration_sentence(doc)
+        if calibration:
+            print("  " + calibration)
     drops = [d for d in doc.get("dropouts") or [] if isinstance(d, dict)]
     if drops:
         print("\n  sites that left the run (each says why and what to do):")
