@@ -92,6 +92,11 @@ def _site_fit_request(run: Run, config: dict[str, Any]) -> dict[str, Any]:
     return {**config, "max-rounds": run.config.recalibration_max_rounds}
 
 
+def _model_sha256(arrays: ArrayRecord) -> str:
+    """The audited hash of the model a calibration fit is about (the same hash whoever fits it)."""
+    return arrays_sha256(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+
+
 def prefetch_site_fit(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, Any]) -> None:
     """``site_fit``'s request rides with the cohort's next query (merge-phases): no round trip of its own."""
     if run.config.recalibration_max_rounds > 0:
@@ -106,7 +111,7 @@ def site_fit(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dict[str, An
     cap = run.config.recalibration_max_rounds
     if cap == 0:
         return {"skipped": "recalibration-max-rounds = 0"}
-    model_sha256 = arrays_sha256(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+    model_sha256 = _model_sha256(arrays)
     replies = cohort.ask(run, "calibration fit", protocol.CALIBRATION_FIT, _site_fit_request(run, config),
                          per_node=lambda _: RecordDict({"arrays": arrays}))
     if not replies:
@@ -131,7 +136,7 @@ def calibration_phase(run: Run, cohort: Cohort, arrays: ArrayRecord, config: dic
     cap = run.config.recalibration_max_rounds
     if cap == 0:
         return {"skipped": "recalibration-max-rounds = 0"}
-    model_sha256 = arrays_sha256(dict(zip(arrays.keys(), arrays.to_numpy_ndarrays(), strict=True)))
+    model_sha256 = _model_sha256(arrays)
     answered: list[list[str]] = []
 
     def query(params: np.ndarray) -> list[dict[str, Any]]:
