@@ -10,11 +10,11 @@ messages the sites sent (every site's outbox, i.e. every reply that passed its g
 (ServerApp seconds / messages), peak resident memory summed over this process and every process under it
 (SuperLink, simulation, Ray workers; psutil, sampled every 0.5 s), and the AUC of the final model.
 
-The cost curve: a run is a fixed number of rounds (22 messages per site here, at 10 and at 1,000 sites: exact
-training converges in the same 8 Newton steps whatever their number), each a batch of one message per site.
+The cost curve: a run is a fixed number of rounds (15 to 17 messages per site here, at 10 and at 1,000 sites: exact
+training converges in 3 or 4 Newton steps whatever their number), each a batch of one message per site.
 Flower's simulation runs the ClientApps on the node's cores (2 here), so a batch costs about sites x seconds per
-site-message / cores, and wall time is a fixed start-up (SuperLink, Ray: ~30 s) plus a term linear in the sites
-(measured, 2 shared cores: 10 sites 55 s, 1,000 sites 1,569 s at 0.068 s per site-message, peak 3.5 GiB). Three
+site-message / cores, and wall time is a fixed start-up (SuperLink, Ray: about 9 s) plus a term linear in the sites
+(measured, 2 shared cores: 10 sites 20 s, 1,000 sites 894 s at 0.052 s per site-message, peak 2.9 GiB). Three
 things grew with the square of the sites and were removed: each site's ComBat matrix, the simulation node
 listing data-root (every site folder) several times per message, and Flower's simulation checking every held
 message for every node every 0.1 s (``send-batch`` bounds the held messages; this bench uses 50).
