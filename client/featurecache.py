@@ -14,8 +14,6 @@ import logging
 import re
 from pathlib import Path
 
-import SimpleITK as sitk
-
 from client.integrity import IntegrityError, check_image_file
 from client.site import Case, CaseProblem, Site
 from client.sitefiles import atomic_write
@@ -64,6 +62,8 @@ def stored_as_float32(path: Path) -> bool:
     folder or a file SimpleITK cannot read the header of."""
     if not path.is_file():
         return False
+    import SimpleITK as sitk  # here: a site that reads only current entries never loads it
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:

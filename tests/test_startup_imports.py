@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "radiomics", "matplotlib", "scipy", "pandas", "sklearn")
+# SimpleITK: ~0.4 s of each simulation worker's first message; only reading images (extraction, checks) needs it
+HEAVY = ("torch", "radiomics", "SimpleITK", "matplotlib", "scipy", "pandas", "sklearn")
 
 
 def loaded_after(code: str) -> list[str]:
@@ -29,6 +30,20 @@ def loaded_after(code: str) -> list[str]:
 @pytest.mark.parametrize("module", ["client.app", "server.app"])
 def test_apps_import_no_heavy_library(module: str) -> None:
     assert loaded_after(f"import {module}") == []
+
+
+def test_pyradiomics_version_without_loading_pyradiomics() -> None:
+    """The plan and features replies name pyradiomics' version (the cache is keyed by it): read from its version
+    file, the same string as ``radiomics.__version__``, without importing the package."""
+    code = """
+from client.extract import pyradiomics_version
+version = pyradiomics_version()
+import sys
+assert "radiomics" not in sys.modules
+import radiomics
+assert version == radiomics.__version__, (version, radiomics.__version__)
+"""
+    assert loaded_after(code) == ["SimpleITK", "radiomics"]  # pyradiomics loads SimpleITK: only for the check
 
 
 def test_scoring_a_linear_model_needs_no_torch() -> None:
