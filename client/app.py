@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import combat_state, compute, ledger, level_groups, outoffold, planphase, runcache, steps, warmup
+from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps, warmup
 from client import trees as site_trees
 from client.approvals import approval_check, check_approved
 from client.batch import BatchingClientApp
@@ -144,7 +144,6 @@ def plan(msg: Message, context: Context) -> Message:
 @app.query("features")
 def features(msg: Message, context: Context) -> Message:
     warmup.prefetch_torch(_run(context))
-    planphase.require_plan_accepted(_site_dir(context), _run(context), msg.content["config"])  # type: ignore[arg-type]
     data = _data(context, msg)
     names, counts = steps.features_reply(data)
     return _reply(msg, data.declare("all", {"n-cases": ""}), config=ConfigRecord({"features": names}),

@@ -167,7 +167,7 @@ def main(grid: Grid, context: Context) -> None:
         node_ids = wait_for_nodes(grid, min_sites, timeout)
         fed = phases.plan_phase(ctx, node_ids, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
-        agreement = phases.features_phase(ctx, fed, plan_hash)
+        agreement = phases.features_phase(ctx, fed)
         result.split_counts = agreement.split_counts
         cv = run.internal_validation == "cv"  # then nothing is held out: every case trains the final model
         main_cohort = Cohort(fed, agreement)

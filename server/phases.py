@@ -17,8 +17,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
 from common import combat, dp_query, moments, protocol, selection
 from common.canon import arrays_sha256, sha256_json
 from common.npy import decode
-from server import merging
-from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused, build, error_reason, replies_of
+from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused, error_reason, query, replies_of
 
 log = logging.getLogger("flwr.radfed.server")
 
@@ -31,10 +30,7 @@ def plan_phase(run: Run, node_ids: list[int], plan_hash: str) -> Federation:
     fed = Federation({nid: f"node {nid}" for nid in node_ids}, run.config.min_sites)
     plan = {"protocol": protocol.PROTOCOL_VERSION, "profile-sha256": profile.sha256, "plan-sha256": plan_hash,
             "run-config-sha256": sha256_json(run.config.as_dict())}
-    riders = []
-    if run.config.merge_phases:  # the features request rides along: a site answers it only if this phase admits it
-        riders.append(run.prefetched.rider(build(node_ids, protocol.FEATURES, features_request(run, plan_hash))))
-    sent = merging.exchange(run.grid, build(node_ids, protocol.PLAN, plan), run.timeout, riders, run.prefetched)
+    sent = query(run.grid, node_ids, protocol.PLAN, plan, run.timeout)
     for node_id, reply in sent.items():
         refusing = protocol.refusing_site(error_reason(reply)) if reply.has_error() else None
         if refusing is not None:  # named by the site itself: it refused before sending anything else
@@ -79,17 +75,9 @@ def plan_phase(run: Run, node_ids: list[int], plan_hash: str) -> Federation:
     return fed
 
 
-def features_request(run: Run, plan_hash: str) -> dict[str, str]:
-    """The features request names the plan the plan query named, so that a site asked in the same message
-    (merge-phases) answers only if the plan phase admits it (``client/planphase.py``)."""
-    return {"protocol": protocol.PROTOCOL_VERSION, "profile-sha256": run.profile.sha256, "plan-sha256": plan_hash}
-
-
-def features_phase(run: Run, fed: Federation, plan_hash: str) -> FeatureAgreement:
-    """Sites extract (or load their cache) and report which features are finite at all their cases; with
-    merge-phases their replies came with the plan replies, and only the admitted sites' are read here."""
-    replies = Cohort(fed, FeatureAgreement([], "", 1.0, {})).ask(run, "features", protocol.FEATURES,
-                                                                 features_request(run, plan_hash))
+def features_phase(run: Run, fed: Federation) -> FeatureAgreement:
+    """Sites extract (or load their cache) and report which features are finite at all their cases."""
+    replies = Cohort(fed, FeatureAgreement([], "", 1.0, {})).ask(run, "features", protocol.FEATURES, {})
     site_features, split_counts = {}, {}
     for node_id, reply in replies.items():
         site_features[fed.sites[node_id]] = frozenset(str(n) for n in reply.content["config"]["features"])  # type: ignore[union-attr]
