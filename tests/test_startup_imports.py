@@ -66,3 +66,13 @@ assert np.array_equal(p, p_torch), (p, p_torch)
 assert np.allclose(p, 1 / (1 + np.exp(-(coef[0] + ((x - mean) / scale) @ coef[1:]))), rtol=1e-12)
 """
     assert loaded_after(code) == ["torch"]  # torch only for the reference state dict, after the numpy scores
+
+
+def test_the_coordinator_loads_the_report_modules_only_for_its_outputs() -> None:
+    """The ServerApp's import is on the path to the simulation's Ray start (the same process); the report and its
+    figures come at the first wait for replies (server.app.warm_imports) or at the outputs."""
+    code = """
+import server.app, sys
+assert not [m for m in ("server.report", "server.plots", "server.report_sections") if m in sys.modules]
+"""
+    assert loaded_after(code) == []
