@@ -1,9 +1,9 @@
 """sha256 of a case's input files (what the feature cache is keyed by and duplicate patients are found by), once per
-file version, and remembered across processes in the site's ``cache/input-hashes.json``.
+file version, and remembered across processes in the site's ``input-hashes.json`` (in its output_dir).
 
 A file version is its path and stamp (inode, size, mtime_ns, ctime_ns): any write changes mtime and ctime, a
 replaced file has another inode, and ctime cannot be set back from user space, so a changed file always gets a
-new stamp and is hashed again. Within a process this saved re-hashing per message; kept in the site's cache folder
+new stamp and is hashed again. Within a process this saved re-hashing per message; kept in the site's output_dir
 it also spares each new process (every simulation worker, at its first message of every run) re-hashing every
 image and mask of the site (the demo's 4 sites: 680 files, 0.3-0.8 s per worker on the 2-core machine), while a
 changed file is still noticed: its stamp is not in the file. As with ``client.runcache``, a hash is kept only when

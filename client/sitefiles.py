@@ -41,7 +41,7 @@ class SiteFiles:
     @property
     def input_hashes(self) -> Path:
         """Each input file's sha256 by its stamp, so a new process need not hash it again (client.inputhashes)."""
-        return self.root / "cache" / "input-hashes.json"
+        return self.root / "input-hashes.json"
 
     @property
     def extraction_log(self) -> Path:

@@ -72,7 +72,7 @@ def _inputs(site: Path) -> list[Path]:
 def test_a_new_process_hashes_no_unchanged_file(site):
     first = load_in_new_process(site)
     assert sorted(first["hashed"]) == sorted(map(str, _inputs(site)))  # a copy: every file hashed once
-    recorded = json.loads((site / ".radfed/cache/input-hashes.json").read_text(encoding="utf-8"))["files"]
+    recorded = json.loads((site / ".radfed/input-hashes.json").read_text(encoding="utf-8"))["files"]
     assert {r[0]: r[5] for r in recorded} == {str(p): file_sha256(p) for p in _inputs(site)}
     second = load_in_new_process(site)
     assert second["hashed"] == [] and second["extracted"] == 0 and second["table"] == first["table"]
@@ -95,7 +95,7 @@ def test_a_changed_file_is_hashed_and_extracted_again(site):
     again = load_in_new_process(site)
     assert again["hashed"] == [str(image)]
     assert again["extracted"] == 1 and again["table"] != first["table"]
-    recorded = json.loads((site / ".radfed/cache/input-hashes.json").read_text(encoding="utf-8"))["files"]
+    recorded = json.loads((site / ".radfed/input-hashes.json").read_text(encoding="utf-8"))["files"]
     assert {r[0]: r[5] for r in recorded}[str(image)] == file_sha256(image)
 
 
