@@ -11,12 +11,15 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import SimpleITK as sitk
 
 from client.integrity import IntegrityError, check_image_file
 from client.site import BACKGROUND, SiteError
+
+if TYPE_CHECKING:  # imported by the functions that read images: a site answering from its cache never loads it
+    import SimpleITK as sitk
 
 GEOMETRY_TOLERANCE = 1e-3  # mm for spacing/origin, unitless for direction cosines
 MIN_REGION_VOXELS = 20
@@ -44,6 +47,7 @@ def _itk_reason(exc: RuntimeError, path: Path) -> str:
 
 def _read_dicom_series(path: Path, what: str) -> sitk.Image:
     """The one DICOM series in a folder; ITK's own warnings are silenced because we report the cause."""
+    import SimpleITK as sitk
     warnings = sitk.ProcessObject.GetGlobalWarningDisplay()
     sitk.ProcessObject.SetGlobalWarningDisplay(False)
     try:
@@ -74,6 +78,7 @@ def _read_dicom_series(path: Path, what: str) -> sitk.Image:
 
 def read_image(path: Path, what: str) -> sitk.Image:
     """A 3D scalar volume from a NIfTI/NRRD file or a DICOM series folder."""
+    import SimpleITK as sitk
     if not path.exists():
         raise CaseInputError(f"{what} file {path} is missing", "fix the path in the site's manifest/folder or "
                              "restore the file", kind="missing-file")
@@ -104,6 +109,7 @@ def _fmt(values: tuple[float, ...] | tuple[int, ...]) -> str:
 def geometry_differences(image: sitk.Image, reference: sitk.Image,
                          tolerance: float = GEOMETRY_TOLERANCE) -> list[str]:
     """Each grid property in which two volumes differ, as 'spacing (a) vs (b)'; empty when on one grid."""
+    import SimpleITK as sitk
     if image.GetSize() != reference.GetSize():
         diffs = [f"size {_fmt(image.GetSize())} vs {_fmt(reference.GetSize())}"]
     else:
@@ -142,6 +148,7 @@ def check_co_registered(volumes: Mapping[str, sitk.Image]) -> None:
 def check_finite(image: sitk.Image, what: str) -> None:
     """NaN/Inf as SimpleITK read them: catches DICOM series; NIfTI/NRRD files were checked byte by byte.
     A read-only view of the image's own pixel type: integer voxels cannot be non-finite, and nothing is cast."""
+    import SimpleITK as sitk
     arr = sitk.GetArrayViewFromImage(image)
     bad = int(np.count_nonzero(~np.isfinite(arr))) if np.issubdtype(arr.dtype, np.floating) else 0
     if bad:
@@ -150,6 +157,7 @@ def check_finite(image: sitk.Image, what: str) -> None:
 
 
 def _integer_labels(mask: sitk.Image) -> np.ndarray:
+    import SimpleITK as sitk
     arr = sitk.GetArrayViewFromImage(mask)
     if not np.issubdtype(arr.dtype, np.integer) and not (np.all(np.isfinite(arr)) and np.all(arr == np.round(arr))):
         raise CaseInputError("mask holds non-integer values", "save the mask as an integer label map",
@@ -177,6 +185,7 @@ def label_lookup(label_map: Mapping[int, str] | None, regions: Mapping[str, int]
 
 def relabel_mask(mask: sitk.Image, label_map: Mapping[int, str], lookup: Mapping[int, int]) -> sitk.Image:
     """The mask in the profile's numbering; a source label outside the map is an error naming the raw label."""
+    import SimpleITK as sitk
     arr = _integer_labels(mask)
     present = {int(v) for v in np.unique(arr)} - {0}
     unknown = sorted(present - set(lookup))

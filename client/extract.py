@@ -21,15 +21,14 @@ outlive the extraction (``client.workerpool``).
 
 from __future__ import annotations
 
-import csv
 import functools
-import hashlib
-import io
 import json
 import logging
+import operator
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,18 +38,20 @@ import numpy as np
 
 from client.checks import MIN_REGION_VOXELS, CaseInputError, label_lookup, load_case_volumes
 from client.featurecache import cache_file, new_entry, read_cache, write_cache
+from client.featurefiles import features_path, save_features
+from client.inputhashes import input_hashes as _input_hashes
+from client.inputhashes import input_sha256, recall, record
 from client.site import Case, CaseProblem, Site
-from client.sitefiles import write_json_unless_same, write_unless_same
+from client.sitefiles import write_json_unless_same
 from client.workerpool import prepare_worker, worker_pool
-from common.canon import file_sha256
 from common.profile import Profile
 
-__all__ = ["MIN_REGION_VOXELS", "ExtractionSummary", "FeatureTable", "extract_case_features", "extract_site"]
+__all__ = ["MIN_REGION_VOXELS", "ExtractionSummary", "FeatureTable", "extract_case_features", "extract_site",
+           "features_path", "input_sha256"]
 
 log = logging.getLogger("flwr.radfed.extract")  # shown by Flower on the node's console
 # One line per case and pyradiomics' own messages go to <output_dir>/extraction.log only.
 file_log = logging.getLogger("radfed.extraction")
-FEATURES_SCHEMA = "radfed.features/1"
 
 
 @dataclass
@@ -82,15 +83,45 @@ class FeatureTable:
         return {n: i for i, n in enumerate(self.names)}
 
 
+@functools.cache
 def pyradiomics_version() -> str:
+    """pyradiomics' ``__version__``, read from its ``_version.py`` alone when the package is not loaded yet:
+    importing pyradiomics (~0.3 s) only for its version cost every simulation worker that much at its first plan
+    and features replies, though a site answering from its cache never extracts."""
+    if "radiomics" not in sys.modules:
+        with suppress(Exception):  # any surprise: the import below says it as it always did
+            return _version_file_only()
     import radiomics
 
     return str(radiomics.__version__)
 
 
+def _version_file_only() -> str:
+    """``radiomics._version.get_versions()['version']`` (what ``radiomics.__version__`` is set from) without
+    running ``radiomics/__init__.py``."""
+    import importlib.util
+
+    spec = importlib.util.find_spec("radiomics")  # finding a top-level package does not run it
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("radiomics is not installed")
+    path = Path(next(iter(spec.submodule_search_locations))) / "_version.py"
+    loaded = importlib.util.spec_from_file_location("_radfed_radiomics_version", path)
+    if loaded is None or loaded.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(loaded)
+    loaded.loader.exec_module(module)
+    return str(module.get_versions()["version"])
+
+
 def quiet_pyradiomics() -> None:
     """pyradiomics installs its own stderr handler and warns per call: silence that handler and keep its
-    warnings for extraction.log (attached by ``_log_to``), away from the user's terminal."""
+    warnings for extraction.log (attached by ``_log_to``), away from the user's terminal. Not loaded yet, it is
+    not loaded for this (~0.2 s at every simulation worker's first look at a site answered from its cache): the
+    code that loads it to extract (``_extractors``) calls this again."""
+    file_log.setLevel(logging.INFO)
+    file_log.propagate = False
+    if "radiomics" not in sys.modules:
+        return
     import radiomics
 
     radiomics.setVerbosity(60)  # pyradiomics' "quiet": its stderr handler prints nothing
@@ -98,8 +129,6 @@ def quiet_pyradiomics() -> None:
     logger.setLevel(logging.WARNING)
     logger.propagate = False  # a host app's root handler (Flower, pytest) would print them again
     logging.getLogger("pykwalify").setLevel(logging.WARNING)
-    file_log.setLevel(logging.INFO)
-    file_log.propagate = False
 
 
 def _ensure_log_handler(path: Path) -> logging.Handler | None:
@@ -200,38 +229,6 @@ def extract_case_features(case: Case, profile: Profile,
     return extract_volumes(profile, volumes, mask)
 
 
-_FILE_HASHES: dict[tuple[str, int, int, int, int], str] = {}  # one hash per file version per process
-
-
-def _file_hash(path: Path) -> str:
-    """file_sha256, once per file version in a process (the cache lookup and client.patients both need it)."""
-    stat = path.stat()
-    key = (str(path), stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns)  # ctime: any rewrite
-    if key not in _FILE_HASHES:
-        _FILE_HASHES[key] = file_sha256(path)
-    return _FILE_HASHES[key]
-
-
-def input_sha256(path: Path) -> str:
-    """sha256 of a volume: the file, or for a DICOM series folder every file's relative name and hash."""
-    if not path.exists():
-        return "missing"
-    if not path.is_dir():
-        return _file_hash(path)
-    digest = hashlib.sha256()
-    for item in sorted(p for p in path.rglob("*") if p.is_file()):
-        digest.update(f"{item.relative_to(path).as_posix()}\0{file_sha256(item)}\n".encode())
-    return "dir:" + digest.hexdigest()
-
-
-def _input_hashes(case: Case, label_map: Mapping[int, str] | None = None) -> dict[str, str]:
-    paths = {**{seq: p for seq, p in case.images.items()}, "mask": case.mask}
-    hashes = {key: input_sha256(p) for key, p in paths.items()}
-    if label_map is not None:  # the same mask under another map gives other regions
-        hashes["label_map"] = json.dumps({str(k): v for k, v in sorted(label_map.items())})
-    return hashes
-
-
 Job = tuple[Case, Profile, dict[int, str] | None]
 
 
@@ -280,6 +277,7 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
     hashes: dict[str, dict[str, str]] = {}
     extract_seconds = 0.0
     log_path = site.files.extraction_log
+    recall(site)  # the input hashes the site recorded: only files changed since are hashed again
     with _log_to(log_path):  # from here on: a bad cache entry is logged too
         for case in site.cases:
             hashes[case.case_id] = _input_hashes(case, site.label_map)
@@ -315,7 +313,9 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
 
         usable = [c for c in site.cases if c.case_id in results]
         names = _common_names([results[c.case_id] for c in usable])
-        values = np.array([[results[c.case_id].get(n, np.nan) for n in names] for c in usable], dtype=np.float64)
+        # every usable case holds every name (their intersection); one name: a value per case, reshaped below
+        row = operator.itemgetter(*names) if names else (lambda _: ())
+        values = np.array([row(results[c.case_id]) for c in usable], dtype=np.float64)
         table = FeatureTable(
             case_ids=[c.case_id for c in usable],
             labels=np.array([c.label for c in usable], dtype=np.int64),
@@ -332,51 +332,10 @@ def extract_site(site: Site, profile: Profile, workers: int = 1,
         )
         _write_report(site, profile, version, table, summary)
         save_features(site, profile, version, table, {c.case_id: hashes[c.case_id] for c in usable})
+        record(site, [p for c in site.cases for p in (*c.images.values(), c.mask) if not p.is_dir()])
         file_log.info("site %s: %d usable, %d extracted now, %d cached, %d problem(s), %.1fs", site.name,
                       len(usable), summary.extracted, summary.cached, summary.failed, summary.seconds)
     return table, summary
-
-
-def features_path(site: Site, profile: Profile) -> Path:
-    """``<output_dir>/features-<profile-hash-12>.csv``; its provenance sidecar has the same stem, ``.json``."""
-    return site.files.features_csv(profile.short_hash)
-
-
-def save_features(site: Site, profile: Profile, version: str, table: FeatureTable,
-                  inputs: Mapping[str, Mapping[str, str]]) -> tuple[Path, Path]:
-    """Write the feature table as CSV (case_id, diagnosis, label, one column per feature) and a JSON
-    sidecar saying how it was made; returns both paths. Floats are written with repr (exact round trip)."""
-    site.work_dir.mkdir(parents=True, exist_ok=True)
-    path = features_path(site, profile)
-    diagnosis = {1: "HGG", 0: "BM"}
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["case_id", "diagnosis", "label", *table.names])
-    for case_id, label, row in zip(table.case_ids, table.labels.tolist(), table.values, strict=True):
-        writer.writerow([case_id, diagnosis[int(label)], int(label), *map(repr, row.tolist())])
-    text = out.getvalue()
-    write_unless_same(path, text)  # an unchanged table is not rewritten (its sidecar keeps its time)
-    sidecar = {
-        "schema": FEATURES_SCHEMA,
-        "site": site.name,
-        "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "features_csv": path.name,
-        "csv_sha256": hashlib.sha256(text.encode("utf-8")).hexdigest(),
-        "profile": {"name": profile.name, "version": profile.version, "sha256": profile.sha256},
-        "pyradiomics": version,
-        "source": site.settings.get("source", "manifest"),
-        "label_map": {str(k): v for k, v in site.label_map.items()} if site.label_map is not None else None,
-        "label_coding": {"HGG": 1, "BM": 0},
-        "n_cases": len(table.case_ids),
-        "n_features": len(table.names),
-        "case_ids": table.case_ids,
-        "labels": table.labels.tolist(),
-        "inputs_sha256": {case_id: dict(inputs[case_id]) for case_id in table.case_ids},
-        "problems": len(table.problems),
-    }
-    sidecar_path = path.with_suffix(".json")
-    write_json_unless_same(sidecar_path, sidecar, "created")
-    return path, sidecar_path
 
 
 def _common_names(rows: list[dict[str, float]]) -> list[str]:

@@ -12,9 +12,8 @@ import hashlib
 import json
 import logging
 import re
+from collections.abc import Iterable
 from pathlib import Path
-
-import SimpleITK as sitk
 
 from client.integrity import IntegrityError, check_image_file
 from client.site import Case, CaseProblem, Site
@@ -55,8 +54,10 @@ def _cache_miss(path: Path, why: str) -> None:
     file_log.warning("cache entry %s %s: extracting the case again", path, why)
 
 
-def _is_number(value: object) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
+def _all_numbers(values: Iterable[object]) -> bool:
+    """Every value an int or float from JSON (not a bool): one pass over the types (an entry holds ~900 values,
+    and a site reads every entry at a run's first message)."""
+    return {type(v) for v in values} <= {int, float}
 
 
 def stored_as_float32(path: Path) -> bool:
@@ -64,6 +65,8 @@ def stored_as_float32(path: Path) -> bool:
     folder or a file SimpleITK cannot read the header of."""
     if not path.is_file():
         return False
+    import SimpleITK as sitk  # here: a site that reads only current entries never loads it
+
     reader = sitk.ImageFileReader()
     reader.SetFileName(str(path))
     try:
@@ -98,7 +101,7 @@ def read_cache(path: Path, inputs: dict[str, str], profile: Profile, version: st
         if not (isinstance(problem, dict) and set(problem) <= set(fields) and set(fields[:3]) <= set(problem)
                 and all(isinstance(v, str) for v in problem.values())):
             return _cache_miss(path, "has a malformed 'problem'")
-    elif not (isinstance(features, dict) and features and all(_is_number(v) for v in features.values())):
+    elif not (isinstance(features, dict) and features and _all_numbers(features.values())):
         return _cache_miss(path, "has no valid 'features' (an object of numbers)")
     stamps = {}
     if entry.get("pixel_types") != PIXEL_TYPES:  # a failure too may depend on the pixel type pyradiomics saw
@@ -118,4 +121,4 @@ def read_cache(path: Path, inputs: dict[str, str], profile: Profile, version: st
         write_cache(path, {**entry, **stamps})  # checked once, not on every run
     if problem:
         return CaseProblem(**problem)
-    return {str(k): float(v) for k, v in features.items()}
+    return dict(zip(features, map(float, features.values()), strict=True))  # JSON keys are str already

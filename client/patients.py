@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
-from client.extract import input_sha256
+from client.inputhashes import input_sha256, recall
 from client.site import Case, CaseProblem, Site
 
 
@@ -51,6 +51,7 @@ def same_patient_groups(cases: list[Case]) -> list[list[Case]]:
 
 def one_row_per_patient(site: Site) -> Site:
     """The site with one case per patient; the other rows become named problems."""
+    recall(site)  # the image hashes the site recorded at its extraction: only changed files are hashed again
     kept: list[Case] = []
     problems: list[CaseProblem] = []
     for group in same_patient_groups(site.cases):

@@ -39,6 +39,11 @@ class SiteFiles:
         return self.root / f"features-{profile_short_hash}.csv"
 
     @property
+    def input_hashes(self) -> Path:
+        """Each input file's sha256 by its stamp, so a new process need not hash it again (client.inputhashes)."""
+        return self.root / "input-hashes.json"
+
+    @property
     def extraction_log(self) -> Path:
         return self.root / "extraction.log"
 

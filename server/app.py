@@ -23,9 +23,10 @@ from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
 from common.protocol import PROTOCOL_VERSION
 from common.runconfig import RunConfig
-from server import batching, clinical, comparison, merging, phases, pipeline, polling, report, robustness, validation
+from server import batching, clinical, comparison, merging, phases, pipeline, polling, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
+from server.results import RunResult
 from server.strategy import record_sha256
 
 log = logging.getLogger("flwr.radfed.server")
@@ -70,6 +71,8 @@ def warm_imports() -> None:
     import torch  # noqa: F401
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: F401
     from matplotlib.figure import Figure  # noqa: F401
+
+    from server import report  # noqa: F401  # the report's modules: not needed before the outputs
 
 
 def privacy_account(run: RunConfig) -> dp.DPAccount | None:
@@ -151,7 +154,7 @@ def main(grid: Grid, context: Context) -> None:
                  protocol=PROTOCOL_VERSION, code_sha256=plan["code_sha256"])
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
-    result = report.RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
+    result = RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     restore_signals = raise_on_stop_signal()
     # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
     # several requests to one site packed into one message (server/merging.py), which also counts what was sent
@@ -254,6 +257,8 @@ def main(grid: Grid, context: Context) -> None:
         audit.append("privacy-budget-query", **privacy["query"])
     result.privacy = privacy or None
     result.seconds = time.perf_counter() - started
+    from server import report  # loaded at the first wait (warm_imports), not when the ServerApp starts
+
     report.write_outputs(result)
     final = result.final_aggregate()
     # every output is written by now: run-end signs each file's hash, so `radfed audit verify` can compare them

@@ -15,7 +15,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-HEAVY = ("torch", "radiomics", "matplotlib", "scipy", "pandas", "sklearn")
+# SimpleITK: ~0.4 s of each simulation worker's first message; only reading images (extraction, checks) needs it
+HEAVY = ("torch", "radiomics", "SimpleITK", "matplotlib", "scipy", "pandas", "sklearn")
 
 
 def loaded_after(code: str) -> list[str]:
@@ -29,6 +30,20 @@ def loaded_after(code: str) -> list[str]:
 @pytest.mark.parametrize("module", ["client.app", "server.app"])
 def test_apps_import_no_heavy_library(module: str) -> None:
     assert loaded_after(f"import {module}") == []
+
+
+def test_pyradiomics_version_without_loading_pyradiomics() -> None:
+    """The plan and features replies name pyradiomics' version (the cache is keyed by it): read from its version
+    file, the same string as ``radiomics.__version__``, without importing the package."""
+    code = """
+from client.extract import pyradiomics_version
+version = pyradiomics_version()
+import sys
+assert "radiomics" not in sys.modules
+import radiomics
+assert version == radiomics.__version__, (version, radiomics.__version__)
+"""
+    assert loaded_after(code) == ["SimpleITK", "radiomics"]  # pyradiomics loads SimpleITK: only for the check
 
 
 def test_scoring_a_linear_model_needs_no_torch() -> None:
@@ -51,3 +66,13 @@ assert np.array_equal(p, p_torch), (p, p_torch)
 assert np.allclose(p, 1 / (1 + np.exp(-(coef[0] + ((x - mean) / scale) @ coef[1:]))), rtol=1e-12)
 """
     assert loaded_after(code) == ["torch"]  # torch only for the reference state dict, after the numpy scores
+
+
+def test_the_coordinator_loads_the_report_modules_only_for_its_outputs() -> None:
+    """The ServerApp's import is on the path to the simulation's Ray start (the same process); the report and its
+    figures come at the first wait for replies (server.app.warm_imports) or at the outputs."""
+    code = """
+import server.app, sys
+assert not [m for m in ("server.report", "server.plots", "server.report_sections") if m in sys.modules]
+"""
+    assert loaded_after(code) == []
