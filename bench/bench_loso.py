@@ -19,6 +19,10 @@ packing, the round trips, unpacking), i.e. how much of the folds' time is the Se
 ``--profile-server N`` (alone: ``--sites ''``) runs one batched N-site run with the coordinator under cProfile in
 every thread (bench/loso_app.py: the fold threads too) and prints the top functions by own time.
 
+``--profile-sites N`` (alone: ``--sites ''``) runs one batched N-site run with every site's ClientApp under cProfile
+inside the simulation (bench/loso_site_app.py: one profiler per Ray worker, every site it serves) and prints the sites'
+CPU by message type and the top functions by own time.
+
 ``--profile N`` (alone: ``--sites ''``) profiles, in this process, one site answering the ``query.batch`` of a
 leave-one-site-out round over N sites (N - 1 Newton requests, every mod included, bench/site_messages.py): ms per
 sub-request and the top functions by own time, beside the recorded numbers before the per-batch amortisation.
@@ -174,6 +178,40 @@ def profile_server(work: Path, dirs: list[Path], config: dict) -> None:
     print_columns("The folds' coordinator under the profiler (s)", STEP_HEADER, [steps])
 
 
+def profile_sites(work: Path, dirs: list[Path], config: dict) -> None:
+    """One batched run with every site's ClientApp under cProfile (bench/loso_site_app.py): the sites' CPU inside the
+    ClientApp by message type and the top functions by own time, over every worker."""
+    import glob
+    import pstats
+
+    from bench.bench_messages import make_app
+
+    app = make_app(work / "app-loso-sites", "server.app:app", "lososites:profiled_site")
+    shutil.copy(ROOT / "bench" / "loso_site_app.py", app / "lososites.py")
+    text = (app / "pyproject.toml").read_text(encoding="utf-8")
+    (app / "pyproject.toml").write_text(text.replace('fab-include = [', 'fab-include = ["lososites.py", ', 1),
+                                        encoding="utf-8")
+    row, _, _ = one_run(work, dirs, config, True, app)
+    print(" | ".join(row), flush=True)
+    folder = work / f"runs-{len(dirs)}-batched-profiled"
+    spent: dict[str, list[float]] = {}
+    cpu = 0.0
+    for path in glob.glob(str(folder / "site-*.json")):
+        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        cpu += float(doc["cpu"])
+        for kind, values in doc["spent"].items():
+            spent[kind] = [a + b for a, b in zip(spent.get(kind, [0, 0.0, 0.0]), values, strict=True)]
+    print_columns(f"The sites inside the ClientApp, {len(dirs)} sites, under the profiler (every worker's process: "
+                  f"{cpu:.1f} s of CPU in all)", ["message type", "calls", "wall s", "CPU s"],
+                  [[k, str(int(v[0])), f"{v[1]:.1f}", f"{v[2]:.1f}"] for k, v in sorted(spent.items(),
+                                                                                   key=lambda kv: -kv[1][2])])
+    text_out = io.StringIO()
+    pstats.Stats(*glob.glob(str(folder / "site-*.prof")), stream=text_out).sort_stats("tottime").print_stats(25)
+    print(f"\ncProfile of the sites' ClientApp, {len(dirs)} sites, whole run; top functions by own time:")
+    print("\n".join(line for line in text_out.getvalue().splitlines() if line.strip()
+                    and not line.startswith(("   Ordered", "   List"))))
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--work", default=None, help="working folder (default: a fresh temporary one)")
@@ -184,6 +222,8 @@ def main() -> int:
     parser.add_argument("--profile", type=int, default=0, help="profile one site answering an N-site batch")
     parser.add_argument("--profile-server", type=int, default=0,
                         help="one batched run over N sites with the coordinator under cProfile (every thread)")
+    parser.add_argument("--profile-sites", type=int, default=0,
+                        help="one batched run over N sites with every site's ClientApp under cProfile")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-loso-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -196,6 +236,8 @@ def main() -> int:
         profile(work, args.profile)
     if args.profile_server:
         profile_server(work, sites(work, args.profile_server, args.workers), config)
+    if args.profile_sites:
+        profile_sites(work, sites(work, args.profile_sites, args.workers), config)
     if not both + batched_only:
         return 0
     dirs = sites(work, max(both + batched_only), args.workers)

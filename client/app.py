@@ -24,7 +24,7 @@ from client.dp import dp_query_mod, dp_update_mod
 from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
 from common import combat, covariates
-from common.canon import arrays_sha256, sha256_json
+from common.canon import arrays_sha256
 from common.npy import decode, decode_all, encode
 from common.runconfig import RunConfig
 from common.split import parse_cv_tag
@@ -66,7 +66,7 @@ def _accept_list(context: Context, msg: Message, key: str, state_key: str) -> li
     """Take a name list from the server, check it against its hash, and remember it for the guard."""
     config = msg.content["config"]
     names = [str(n) for n in config[key]]  # type: ignore[union-attr]
-    digest = sha256_json(names)
+    digest = steps.names_sha256(names)  # once per distinct list, not per fold's request
     if digest != str(config[f"{key}-sha256"]):  # type: ignore[index]
         raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
     keep_names(context.state, _agreement(context, msg), state_key, names, digest)
@@ -207,7 +207,7 @@ def moments(msg: Message, context: Context) -> Message:
     agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
     data = _data(context, msg)
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
-        x_raw, _ = steps.site_matrix(data, [n for n in agreed if not covariates.is_clinical(n)], held_out=False)
+        x_raw, _ = steps.site_matrix(data, steps.radiomics_names(agreed), held_out=False)
         c = None if data.covariates is None else data.covariates[~data.held_out]
         arrays = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
         _keep_combat(context, msg, compute.combat_site_fit(
@@ -229,7 +229,7 @@ def moments(msg: Message, context: Context) -> Message:
 
 def _groups(data: steps.SiteData, context: Context, names: list[str]) -> dict[str, frozenset[str]]:
     """The model covariates' level groups a reply over ``names`` sums over (none without clinical inputs)."""
-    if not any(covariates.is_clinical(n) for n in names):
+    if not steps.has_clinical(names):
         return {}
     run = _run(context)
     return level_groups.model_groups(data, run.model_covariates_spec(), steps.min_cases(data.site, run))

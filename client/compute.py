@@ -62,8 +62,14 @@ def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, 
                     run: RunConfig, covariates: np.ndarray | None = None) -> combat.SiteCombat:
     """The site's own ComBat location/scale (empirical Bayes), fitted locally on its training split
     against the pooled estimates the server sent (beta holds only this site's row and covariate effects)."""
-    pooled = combat.PooledEstimates(n_sites=n_sites, n=n_pooled, beta=combat.full_beta(arrays["beta"], site, n_sites),
-                                    grand_mean=arrays["grand-mean"],
+    rows = np.asarray(arrays["beta"], dtype=np.float64)
+    if rows.ndim != 2 or rows.shape[0] < 1 or not 0 <= site < n_sites:
+        raise SiteError(f"the pooled ComBat estimates sent have rows of shape {rows.shape} for site index {site} of "
+                        f"{n_sites}; expected (1 + covariate columns, d) and an index below {n_sites}: restart the run")
+    # the fit reads only the covariate effects (beta's rows after the sites'), never a site's intercept: the design
+    # as one site column and the covariates' (common.combat.site_rows), not the (sites + p, d) matrix with every other
+    # site's row zero, which full_beta built for each fold and site (330 kB at 48 sites) to the same numbers
+    pooled = combat.PooledEstimates(n_sites=1, n=n_pooled, beta=rows, grand_mean=arrays["grand-mean"],
                                     var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
     return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
 

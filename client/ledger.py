@@ -261,9 +261,10 @@ class Ledger:
             append_lines(self.folder / "releases.jsonl", [_release_line(now, run_id, message_type, keys)],
                          durable=True)
 
-    def _write_pending(self, pending: _Pending) -> None:
+    def _write_pending(self, pending: _Pending) -> bool:
         """A batch's releases in one durable write, checked again under the lock against the ledger as it is now
-        (another run on the same site may have released since the batch first read it)."""
+        (another run on the same site may have released since the batch first read it). True when ledger.json was
+        rewritten (the batch released a set or froze a block it did not hold), False for a batch of repeats."""
         with self._locked():
             doc = self._read()
             every = {f"{i}:{name}": members for i, (_, _, sets, _, _) in enumerate(pending.records)
@@ -275,11 +276,12 @@ class Ledger:
                       for _, _, sets, blocking, _ in pending.records)
             if not new:  # a batch of repeats: ledger.json stays as it is, the lines are appended (as in record)
                 append_lines(self.folder / "releases.jsonl", pending.lines)
-                return
+                return False
             for run_id, message_type, sets, blocking, now in pending.records:
                 _apply(doc, run_id, message_type, sets, blocking, now)
             atomic_write(self.folder / "ledger.json", json.dumps(doc, indent=1, sort_keys=True), durable=True)
             append_lines(self.folder / "releases.jsonl", pending.lines, durable=True)
+            return True
 
 
 def _why(before: list[frozenset[str]], sets: Mapping[str, frozenset[str]], k: int) -> str:
@@ -363,13 +365,18 @@ class Book:
     appends: dict[Path, list[str]] = field(default_factory=dict)
 
     def write(self) -> None:
-        """Every ledger first (what the site released must be known before it leaves), then the outbox lines;
-        each in one durable write. Raises when a ledger, checked again, refuses: nothing of the batch may leave."""
+        """Every ledger first (what the site released must be known before it leaves), then the outbox lines, each
+        in one write; durable (fsync) when a ledger learned something. A batch of repeats only (every Newton round
+        after a fold's first: sets and blocks the ledger already holds) writes its outbox lines as a single reply of
+        repeats does, without fsync (the guarantee rests on ledger.json, which then already holds every set: docs/
+        privacy.md, "The ledger in a batch"; one fsync per site and round was ~6 ms of a batch's wall time).
+        Raises when a ledger, checked again, refuses: nothing of the batch may leave."""
+        learned = False
         for pending in self.ledgers.values():
             if pending.records:
-                pending.ledger._write_pending(pending)
+                learned = pending.ledger._write_pending(pending) or learned
         for path, lines in self.appends.items():
-            append_lines(path, lines, durable=True)
+            append_lines(path, lines, durable=learned)
 
 
 _BOOK: ContextVar[Book | None] = ContextVar("radfed_release_book", default=None)

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import functools
 import json
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +19,7 @@ from client import level_groups, patients, runcache
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.featurecache import cache_file
 from client.ledger import Blocking, Declaration, Ledger, in_batch
+from client.matrices import Harmonizer, has_clinical, names_sha256, radiomics_names, site_matrix  # noqa: F401
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from client.sitefiles import atomic_write
 from common import covariates as cov
@@ -101,6 +102,8 @@ class SiteData:
     cv_fold: np.ndarray | None = None  # (repeats, n) int: each row's fold per repeat (internal-validation = "cv")
     clinical: np.ndarray | None = None  # (n, pc) the model-covariates' coded columns over table rows, when any
     clinical_names: tuple[str, ...] = ()  # their input names (clinical/age, clinical/sex=M), pc of them
+    # each part's case sets, worked out once per split (a batch's sub-requests share one split; fold_view makes anew)
+    _sets: dict[str, dict[str, frozenset[str]]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def fold_view(self, fold: str) -> SiteData:
         """The data as cohort ``fold`` sees it: for a cross-validation fold ("cv:<repeat>:<v>"), that repeat's fold v
@@ -126,10 +129,14 @@ class SiteData:
 
     def case_sets(self, part: str) -> dict[str, frozenset[str]]:
         """The case ids of ``part`` and of its classes: {part, part-hgg, part-bm}."""
-        rows, ids = self.rows(part), np.array(self.table.case_ids, dtype=object)
-        y = self.table.labels
-        return {part: frozenset(ids[rows]), f"{part}-hgg": frozenset(ids[rows & (y == 1)]),
-                f"{part}-bm": frozenset(ids[rows & (y == 0)])}
+        sets = self._sets.get(part)
+        if sets is None:
+            rows, ids = self.rows(part), np.array(self.table.case_ids, dtype=object)
+            y = self.table.labels
+            sets = {part: frozenset(ids[rows]), f"{part}-hgg": frozenset(ids[rows & (y == 1)]),
+                    f"{part}-bm": frozenset(ids[rows & (y == 0)])}
+            self._sets[part] = sets
+        return dict(sets)
 
     def declare(self, part: str, counts: Mapping[str, str], groups: Mapping[str, frozenset[str]] | None = None,
                 ) -> Declaration:
@@ -380,54 +387,6 @@ def features_reply(data: SiteData) -> tuple[list[str], dict[str, int]]:
         "n-failed": len(data.table.problems),
     }
     return names, counts
-
-
-Harmonizer = Callable[[np.ndarray, np.ndarray | None], np.ndarray]  # (x (n, d), covariates (n, p)) -> (n, d)
-
-
-def site_matrix(data: SiteData, agreed: list[str], held_out: bool | None, names: list[str] | None = None,
-                harmonize: Harmonizer | None = None) -> tuple[np.ndarray, np.ndarray]:
-    """(x, y) of one split (``held_out`` True/False; None: every usable case): x (n, len(names)) after
-    harmonising all ``agreed`` features, y (n,).
-
-    Harmonisation (the site's own ComBat parameters) is fitted on the whole agreed feature list; a harmoniser
-    with ``restrict`` (client.combat_state.Harmonizer) adjusts only the columns ``names`` picks, any other all of
-    them before the columns are picked. ``names`` defaults to ``agreed``.
-    """
-    rows = np.ones_like(data.held_out) if held_out is None else data.held_out if held_out else ~data.held_out
-    radiomics, index = _radiomics(tuple(agreed))
-    wanted = agreed if names is None else names
-    restrict = getattr(harmonize, "restrict", None)  # one that adjusts single columns: only the wanted ones
-    if restrict is not None and names is not None:
-        picked = [n for n in wanted if n in index]
-        x = data.table.columns(picked)[rows]
-        x = restrict(tuple(index[n] for n in picked))(x, None if data.covariates is None else data.covariates[rows])
-        index = {n: j for j, n in enumerate(picked)}
-        radiomics = picked
-    else:
-        x = data.table.columns(radiomics)[rows]
-        if harmonize is not None:
-            x = harmonize(x, None if data.covariates is None else data.covariates[rows])
-    if wanted == radiomics:
-        return x, data.table.labels[rows]
-    # clinical inputs (model-covariates) join after ComBat, which never adjusts them, as they were coded
-    clinical = {n: j for j, n in enumerate(data.clinical_names)}
-    missing = [n for n in wanted if n not in index and n not in clinical]
-    if missing:
-        raise SiteError(f"the server asked for input(s) {', '.join(missing)}, which this site does not have in this "
-                        "run (model-covariates differs between the sides?); restart the run")
-    out = np.empty((int(rows.sum()), len(wanted)))
-    for j, n in enumerate(wanted):
-        out[:, j] = x[:, index[n]] if n in index else data.clinical[rows, clinical[n]]  # type: ignore[index]
-    return out, data.table.labels[rows]
-
-
-@functools.lru_cache(maxsize=256)
-def _radiomics(agreed: tuple[str, ...]) -> tuple[list[str], dict[str, int]]:
-    """The agreed radiomics features (not the clinical inputs) and each one's place: every message of a fold asks
-    with the same ~1,000 names, so they are sorted out once."""
-    radiomics = [n for n in agreed if not cov.is_clinical(n)]
-    return radiomics, {n: i for i, n in enumerate(radiomics)}
 
 
 def combat_design(data: SiteData, agreed: list[str], spec: list[cov.Covariate],

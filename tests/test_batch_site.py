@@ -291,3 +291,28 @@ def test_a_fold_that_fails_mid_batch_books_nothing_and_a_crash_sends_and_writes_
     # the site answers the next batch as if the crashed one had never come
     reply, subs = _send_folds(_one_patient_apart_app(), crashed, ["a"])
     assert not subs["sub-a"].has_error() and len(_released(crashed)) == 3
+
+
+def test_a_batch_of_repeats_writes_its_lines_without_fsync_a_batch_that_releases_a_set_with_it(tmp_path, monkeypatch):
+    """A batch that releases a set the ledger does not hold writes ledger.json, releases.jsonl and the outbox durably
+    (fsync) before its reply leaves; a batch of repeats (a fold's later Newton rounds) leaves ledger.json as it is and
+    appends its releases.jsonl and outbox lines without fsync, as a single reply of repeats does: the sets it
+    releases are on disk, durably, from the first batch. Either way every line is on disk before the reply."""
+    import os
+
+    synced: list[str] = []
+    real = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (synced.append(os.readlink(f"/proc/self/fd/{fd}")), real(fd))[1])
+    reply, subs = _send_folds(_one_patient_apart_app(), tmp_path, ["a"])
+    assert not reply.has_error() and not subs["sub-a"].has_error()
+    names = sorted(Path(p).name for p in synced)
+    assert "outbox.jsonl" in names and "releases.jsonl" in names and any("ledger.json" in n for n in names)
+    ledger_before = (tmp_path / ".radfed" / "release" / "ledger.json").read_bytes()
+    synced.clear()
+    reply, subs = _send_folds(_one_patient_apart_app(), tmp_path, ["a", "a2"])  # the same sets again
+    assert not reply.has_error() and not subs["sub-a"].has_error() and not subs["sub-a2"].has_error()
+    assert synced == []
+    assert (tmp_path / ".radfed" / "release" / "ledger.json").read_bytes() == ledger_before
+    assert [e.get("fold") for e in _outbox(tmp_path)] == ["a", "a", "a2"]
+    lines = (tmp_path / ".radfed" / "release" / "releases.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 3

@@ -45,3 +45,32 @@ def test_what_a_site_sends_in_rounds_1_and_2_is_the_same_in_every_cohort_without
         for k in cohorts["fold"]:
             assert all(np.array_equal(a, b) for a, b in zip(main_blocks[k], fold_blocks[k], strict=True))
             assert np.allclose(main_ss[k], fold_ss[k], rtol=1e-13) != covariates
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_a_sites_own_fit_from_its_rows_equals_the_fit_against_the_masked_matrix(p):
+    """client.compute.combat_site_fit fits the site's location/scale from the rows it is sent, without rebuilding the
+    (sites + p, d) matrix for every fold: the same parameters, bit for bit, and a wrong site index is refused."""
+    from client import compute
+    from client.site import SiteError
+    from common.runconfig import parse
+    from radfed.launch import app_run_config
+
+    run = parse(app_run_config({}))  # the defaults: parametric empirical Bayes
+    rng = np.random.default_rng(11 + p)
+    n_sites, d = 7, 30
+    for site in range(n_sites):
+        x = rng.normal(loc=1.0, scale=3.0, size=(15, d))
+        covariates = rng.normal(size=(15, p)) if p else None
+        arrays = {"beta": rng.normal(size=(1 + p, d)), "grand-mean": rng.normal(size=d),
+                  "var-pooled": rng.uniform(0.5, 2.0, d), "zero-variance": (rng.random(d) > 0.9).astype(float)}
+        got = compute.combat_site_fit(x, arrays, site, n_sites, 100, run, covariates)
+        pooled = combat.PooledEstimates(n_sites=n_sites, n=100, beta=combat.full_beta(arrays["beta"], site, n_sites),
+                                        grand_mean=arrays["grand-mean"], var_pooled=arrays["var-pooled"],
+                                        zero_variance=arrays["zero-variance"] > 0.5)
+        want = combat.fit_site(x, pooled, covariates, site=site, **compute.combat_options(run))
+        for key in ("grand_mean", "var_pooled", "gamma_star", "delta_star", "unadjusted", "beta_cov"):
+            assert np.array_equal(getattr(got, key), getattr(want, key)), key
+        assert (got.site, got.n) == (want.site, want.n)
+    with pytest.raises(SiteError, match="an index below 7"):
+        compute.combat_site_fit(x, arrays, 7, n_sites, 100, run, covariates)
