@@ -17,6 +17,7 @@ from __future__ import annotations
 import cProfile
 import json
 import os
+import pickle
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -161,6 +162,28 @@ class _ProfiledClientApp(ClientApp):
 
 
 profiled_client = _ProfiledClientApp()
+
+
+class _SizedClientApp(ClientApp):
+    """radfed's ClientApp, noting per message its type, the handler's seconds and the pickled size of the node's
+    Context before and after (what Flower's simulation ships to the Ray actor and back with every message), one
+    JSON line per message in ``<output-dir>/sizes-<pid>.jsonl``."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        before = len(pickle.dumps(context))
+        t = time.perf_counter()
+        try:
+            return radfed_client(message, context)
+        finally:
+            seconds = time.perf_counter() - t
+            line = {"type": message.metadata.message_type, "seconds": seconds, "context-in": before,
+                    "context-out": len(pickle.dumps(context)), "state-keys": len(context.state)}
+            out = Path(str(context.run_config["output-dir"])).expanduser()
+            with (out / f"sizes-{os.getpid()}.jsonl").open("a", encoding="utf-8") as fh:
+                fh.write(json.dumps(line) + "\n")
+
+
+sized_client = _SizedClientApp()
 
 
 def _padded(array_bytes: int, other_bytes: int, extra: dict[str, int] | None = None) -> RecordDict:
