@@ -7,9 +7,13 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 - ``profiled_client``: radfed's ClientApp under cProfile in each simulation worker process, its statistics kept in
   ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation);
   ``profiled_server``: ``timed`` under cProfile, kept in ``<output-dir>/server.prof`` (the coordinator's side).
+- ``sized_client``: radfed's ClientApp noting, per message, the pickled size of the Context Flower ships with it
+  and the handler's seconds (``<output-dir>/sizes-<pid>.jsonl``).
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
-  own cost per message: the floor). Written to ``<output-dir>/floor.json``.
+  own cost per message: the floor). Written to ``<output-dir>/floor.json``. With ``floor-state-bytes`` in the
+  record, each floor node also keeps that many bytes of names in its ``context.state`` (as a site's agreed lists
+  were kept): what a node's state alone costs per message.
 """
 
 from __future__ import annotations
@@ -204,9 +208,11 @@ def floor_main(grid: Grid, context: Context) -> None:
     waiting = polling(grid)  # the coordinator's own way of waiting for replies, so only the ClientApp differs
     timings = []
     start = time.perf_counter()
+    state = int(record.get("floor-state-bytes", 0))
     for batch in record["batches"]:
         kind = batch["type"].split(",")[0]
-        messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1]}),
+        messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1],
+                                                    "state-bytes": state}),
                             dst_node_id=nodes[m["node"]], message_type=kind) for m in batch["messages"]]
         t = time.perf_counter()
         replies = list(waiting.send_and_receive(messages, timeout=600))
@@ -222,6 +228,9 @@ floor_client = ClientApp()
 
 def _echo(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
+    state = int(config.get("state-bytes", 0))  # type: ignore[arg-type]
+    if state and "pad" not in context.state:  # names of ~40 characters, as a site's agreed feature list
+        context.state["pad"] = ConfigRecord({"names": [f"original_glcm_feature_{i:018d}" for i in range(state // 40)]})
     content = _padded(int(config["reply-arrays"]), int(config["reply-other"]))  # type: ignore[arg-type]
     content["metrics"] = MetricRecord({"num-examples": 1})
     return Message(content, reply_to=msg)
