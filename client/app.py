@@ -18,8 +18,8 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from client import combat_state, compute, ledger, level_groups, nodestate, outoffold, runcache, steps, warmup
 from client import trees as site_trees
+from client.appref import ReferencedClientApp
 from client.approvals import approval_check, check_approved
-from client.batch import BatchingClientApp
 from client.dp import dp_query_mod, dp_update_mod
 from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
@@ -34,9 +34,9 @@ log = logging.getLogger("flwr.radfed.client")
 # leave without the site's local paths; the guard checks and logs exactly what leaves, after the optional DP noise on
 # model updates (and on the query phases' sums, added by their handlers; dp_query_mod keeps their budget); approval
 # is checked before the handler reads anything (a query.batch of several folds' requests is split before these
-# mods: client.batch)
-app = BatchingClientApp(mods=[runcache.look_mod, redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod,
-                              approval_check])
+# mods: client.batch); Flower's simulation ships the app to its workers by reference (client.appref)
+app = ReferencedClientApp("client.app:app", mods=[runcache.look_mod, redact_local_paths, privacy_guard, dp_update_mod,
+                                                   dp_query_mod, approval_check])
 
 
 def _run(context: Context) -> RunConfig:
