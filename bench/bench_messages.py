@@ -18,7 +18,8 @@ one more FedAvg run on the most sites with the coordinator and every simulation 
 ``--floor-state-kb N``: the floor once more with N KB of names in each node's ``context.state`` (Flower's simulation
 ships a node's whole Context to the Ray actor and back with every message; a site's was ~80 KB before its lists
 and ComBat parameters moved to client.nodestate). ``--context-sizes``: one more radfed run per mode on the most
-sites, noting per message type the Context shipped and the handler's time inside the worker.
+sites, noting per message type the Context shipped and the handler's time inside the worker, and the floor again,
+timing where a training-round batch's time goes on both sides.
 """
 
 from __future__ import annotations
@@ -136,23 +137,55 @@ def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path], 
     return row
 
 
-def context_sizes(work: Path, dirs: list[Path], config: dict) -> list[list[str]]:
+def _noted(out: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(out.glob("sizes-*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def timeline(batches: list[dict], noted: list[dict]) -> list[float]:
+    """Mean milliseconds per training-round batch: from the push to the first message entering a ClientApp (Flower's
+    pick-up: the simulation polls its queue every 0.1 s, then Ray), from there to the last one leaving it, the
+    ClientApp's own time summed over the batch's messages, and from the last one leaving to the coordinator pulling
+    the last reply; the batch's wall time. Messages are matched to their batch by time (batches do not overlap)."""
+    parts = []
+    for b in batches:
+        if b["type"] not in ROUND_TYPES:
+            continue
+        inside = [e for e in noted if b["pushed"] <= e["in"] <= b["pushed"] + b["seconds"]]
+        if inside:
+            first, last = min(e["in"] for e in inside), max(e["out"] for e in inside)
+            parts.append([first - b["pushed"], last - first, sum(e["out"] - e["in"] for e in inside),
+                          b["pushed"] + b["seconds"] - last, b["seconds"]])
+    return [1000 * sum(p[i] for p in parts) / max(len(parts), 1) for i in range(5)]
+
+
+def context_sizes(work: Path, dirs: list[Path], config: dict,
+                  floor_app: Path) -> tuple[list[list[str]], list[list[str]]]:
     """One radfed run with ``benchapp:sized_client``: per message type, the mean pickled Context Flower shipped to the
-    worker and back, and the median seconds of radfed's ClientApp (mods included) inside the worker."""
+    worker and back, and the median seconds of radfed's ClientApp (mods included) inside the worker; then the
+    floor replaying it, and where a training-round batch's time goes on each side (``timeline``)."""
     app = make_app(work / "app-sized", "benchapp:timed", "benchapp:sized_client")
     out = work / f"runs-sized-{config['training']}-{len(dirs)}"
     shutil.rmtree(out, ignore_errors=True)
     run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)}
     approve_demo_plan(dirs, run_config)
     run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-sized", app_dir=app, echo=False)
+    noted = _noted(out)
     seen: dict[str, list[dict]] = {}
-    for path in sorted(out.glob("sizes-*.jsonl")):
-        for line in path.read_text(encoding="utf-8").splitlines():
-            entry = json.loads(line)
-            seen.setdefault(entry["type"], []).append(entry)
-    return [[str(config["training"]), kind, str(len(v)),
-             f"{sum(e['context-in'] + e['context-out'] for e in v) / 2 / len(v) / 1000:.1f}",
-             f"{1000 * sorted(e['seconds'] for e in v)[len(v) // 2]:.1f}"] for kind, v in seen.items()]
+    for entry in noted:
+        seen.setdefault(entry["type"], []).append(entry)
+    sizes = [[str(config["training"]), kind, str(len(v)),
+              f"{sum(e['context-in'] + e['context-out'] for e in v) / 2 / len(v) / 1000:.1f}",
+              f"{1000 * sorted(e['seconds'] for e in v)[len(v) // 2]:.1f}"] for kind, v in seen.items()]
+    record = json.loads((out / "messages.json").read_text())
+    for path in out.glob("sizes-*.jsonl"):
+        path.unlink()
+    (out / "messages.json").write_text(json.dumps({**record, "floor-timeline": True}))
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=floor_app, echo=False)
+    floor = json.loads((out / "floor.json").read_text())["batches"]
+    lines = [[str(config["training"]), who, *(f"{v:.0f}" for v in timeline(batches, notes))]
+             for who, batches, notes in (("radfed", record["batches"], noted), ("floor", floor, _noted(out)))]
+    return sizes, lines
 
 
 def profile_simulation(work: Path, dirs: list[Path], config: dict) -> None:
@@ -254,10 +287,14 @@ def main() -> int:
         print_columns("Before the run cache (recorded, commit f5bce54, same bench and machine)", HEADER, BEFORE)
 
     if args.context_sizes:
-        rows = [row for mode in args.training.split(",") for row in context_sizes(work, dirs[:sizes[-1]], modes[mode])]
+        floor_app = make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")
+        both = [context_sizes(work, dirs[:sizes[-1]], modes[mode], floor_app) for mode in args.training.split(",")]
         print_columns(f"Context Flower ships with each message, radfed ({sizes[-1]} sites; the trivial ClientApp's is "
                       "~1.7 KB: its run config)", ["training", "message type", "messages", "context KB (mean)",
-                                                   "ClientApp ms (median)"], rows)
+                                                   "ClientApp ms (median)"], [r for rows, _ in both for r in rows])
+        print_columns(f"Where a training-round batch's time goes ({sizes[-1]} sites; ms per batch, mean)",
+                      ["training", "app", "push -> first in ClientApp", "first in -> last out", "in ClientApps (sum)",
+                       "last out -> pulled", "batch wall"], [r for _, rows in both for r in rows])
     if args.profile_simulation:
         profile_simulation(work, dirs[:sizes[-1]], modes["fedavg"])
     profiled = []
