@@ -178,8 +178,10 @@ def context_sizes(work: Path, dirs: list[Path], config: dict,
               f"{sum(e['context-in'] + e['context-out'] for e in v) / 2 / len(v) / 1000:.1f}",
               f"{1000 * sorted(e['seconds'] for e in v)[len(v) // 2]:.1f}"] for kind, v in seen.items()]
     record = json.loads((out / "messages.json").read_text())
+    kept = out / "radfed-notes"  # radfed's notes kept apart from the floor's
+    kept.mkdir(exist_ok=True)
     for path in out.glob("sizes-*.jsonl"):
-        path.unlink()
+        path.rename(kept / path.name)
     (out / "messages.json").write_text(json.dumps({**record, "floor-timeline": True}))
     run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=floor_app, echo=False)
     floor = json.loads((out / "floor.json").read_text())["batches"]
