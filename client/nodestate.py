@@ -10,7 +10,8 @@ parameters 35 KB), one more 35 KB per leave-one-site-out fold; the trivial Clien
 
 Correct wherever a message runs: memory only saves reading the file again. A message on another Ray actor, or after
 a restart, reads the file; a file is used only when its bytes hash to the name the state holds, so a changed or
-cut file is refused (restart the run), and a node reads only its own site's folder. Nothing here is ever sent.
+cut file is refused (restart the run), and a node reads only its own site's folder. Nothing here is ever sent; a
+run's folder is not needed once the run has ended (prediction reads ``harmonization/run-<id>.json``).
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from client.site import SiteError, work_dir
 from client.steps import locate_site, run_config
 
 MEMORY_BYTES = 128 * 2 ** 20  # a process keeps up to this much, the least recently used leave first (read again)
+MAX_WRITTEN = 100_000
 
 _MEMORY: OrderedDict[str, bytes] = OrderedDict()
 _WRITTEN: set[tuple[str, str]] = set()  # (folder, sha256) known on disk: a put of the same bytes skips the stat
@@ -56,6 +58,8 @@ class NodeState:
             part.write_bytes(data)
             os.replace(part, path)  # whole or absent: a crash never leaves half a file under the name
         with _LOCK:
+            if len(_WRITTEN) >= MAX_WRITTEN:  # a long-lived process serving many runs: stat again, rather than grow
+                _WRITTEN.clear()
             _WRITTEN.add((str(self.folder), digest))
         return digest
 

@@ -13,11 +13,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
 from client import combat_state, nodestate
 from client.app import app
 from client.guard import agreed_sizes, site_state_key
+from client.site import SiteError
 from common import protocol
 from common.canon import sha256_json
 from radfed import synth
@@ -105,3 +107,20 @@ def test_a_changed_or_missing_stored_list_is_refused(tmp_path):
     stored.unlink()
     refused = _join(ctx, names, "b")  # the same list: the other fold's agreement names it too
     assert refused.has_error() and "no longer holds the features list" in refused.error.reason
+
+
+def test_memory_holds_at_most_its_budget_and_a_dropped_blob_is_read_back_from_the_folder(tmp_path, monkeypatch):
+    """Blobs beyond the process's memory budget leave it, least recently used first, and come back from the run
+    folder, checked against their hash; a blob kept by another node's folder is not this node's."""
+    monkeypatch.setattr(nodestate, "MEMORY_BYTES", 3000)
+    nodestate.clear()
+    node = nodestate.NodeState(RecordDict(), tmp_path / "site-a")
+    blobs = [bytes([i]) * 1000 for i in range(5)]
+    digests = [node.put(b) for b in blobs]
+    assert sorted(p.name for p in node.folder.iterdir()) == sorted(digests)
+    assert sum(len(b) for b in nodestate._MEMORY.values()) <= 3000 and digests[0] not in nodestate._MEMORY
+    assert [node.get(d, "blob") for d in digests] == blobs  # the first ones read back from the folder
+    other = nodestate.NodeState(RecordDict(), tmp_path / "site-b")
+    nodestate.clear()
+    with pytest.raises(SiteError, match="no longer holds the blob"):
+        other.get(digests[0], "blob")
