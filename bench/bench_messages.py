@@ -1,7 +1,8 @@
 """Per-message cost of a site against Flower's own floor: prints tables.
 
     python bench/bench_messages.py [--work DIR] [--sites 4,16] [--rounds 5] [--training fedavg,exact]
-                                   [--profile-messages 20] [--profile-simulation]
+                                   [--profile-messages 20] [--profile-simulation] [--floor-state-kb 80]
+                                   [--context-sizes]
 
 For each training mode and number of tiny synthetic sites (10 cases per class, extracted once before anything is
 timed), one simulated radfed run (leave-one-site-out and local-only off) with its Grid wrapped to time every
@@ -14,6 +15,11 @@ training cases allow at most 6 coefficients at ``exact-min-cases-per-coefficient
 site's ClientApp in this process over a run of ``train`` messages: every message reloading the site (the cache
 cleared before each, as every message did before the run cache) and with the run cache. ``--profile-simulation``:
 one more FedAvg run on the most sites with the coordinator and every simulation worker's ClientApp under cProfile.
+``--floor-state-kb N``: the floor once more with N KB of names in each node's ``context.state`` (Flower's simulation
+ships a node's whole Context to the Ray actor and back with every message; a site's was ~80 KB before its lists
+and ComBat parameters moved to client.nodestate). ``--context-sizes``: one more radfed run per mode on the most
+sites, noting per message type the Context shipped and the handler's time inside the worker, and the floor again,
+timing where a training-round batch's time goes on both sides.
 """
 
 from __future__ import annotations
@@ -99,7 +105,7 @@ def per_message(batches: list[dict], seconds_key: str = "seconds", count: str = 
             "round_messages": in_rounds, "per_round": sum(b[seconds_key] for b in rounds) / max(in_rounds, 1)}
 
 
-def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path]) -> list[str]:
+def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path], floor_state: int = 0) -> list[str]:
     root = data_root(work, dirs)
     out = work / f"runs-{config['training']}-{len(dirs)}"
     shutil.rmtree(out, ignore_errors=True)
@@ -119,9 +125,69 @@ def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path]) 
     floor_wall = time.perf_counter() - t
     floor = json.loads((out / "floor.json").read_text())
     ours, base = per_message(record["batches"]), per_message(floor["batches"])
-    return [str(config["training"]), str(len(dirs)), str(ours["messages"]), f"{ours['per']:.4f}", f"{base['per']:.4f}",
-            f"{ours['per'] / base['per']:.2f}", f"{ours['per_round']:.4f}", f"{base['per_round']:.4f}",
-            f"{ours['per_round'] / base['per_round']:.2f}", f"{radfed_wall:.0f}", f"{floor_wall:.0f}"]
+    row = [str(config["training"]), str(len(dirs)), str(ours["messages"]), f"{ours['per']:.4f}", f"{base['per']:.4f}",
+           f"{ours['per'] / base['per']:.2f}", f"{ours['per_round']:.4f}", f"{base['per_round']:.4f}",
+           f"{ours['per_round'] / base['per_round']:.2f}", f"{radfed_wall:.0f}", f"{floor_wall:.0f}"]
+    if floor_state:  # the same floor, each node keeping floor_state bytes in its context.state
+        (out / "messages.json").write_text(json.dumps({**record, "floor-state-bytes": floor_state}))
+        run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=apps["floor"],
+                       echo=False)
+        padded = per_message(json.loads((out / "floor.json").read_text())["batches"])
+        row += [f"{padded['per_round']:.4f}", f"{padded['per_round'] / base['per_round']:.2f}"]
+    return row
+
+
+def _noted(out: Path) -> list[dict]:
+    return [json.loads(line) for path in sorted(out.glob("sizes-*.jsonl"))
+            for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def timeline(batches: list[dict], noted: list[dict]) -> list[float]:
+    """Mean milliseconds per training-round batch: from the push to the first message entering a ClientApp (Flower's
+    pick-up: the simulation polls its queue every 0.1 s, then Ray), from there to the last one leaving it, the
+    ClientApp's own time summed over the batch's messages, and from the last one leaving to the coordinator pulling
+    the last reply; the batch's wall time. Messages are matched to their batch by time (batches do not overlap)."""
+    parts = []
+    for b in batches:
+        if b["type"] not in ROUND_TYPES:
+            continue
+        inside = [e for e in noted if b["pushed"] <= e["in"] <= b["pushed"] + b["seconds"]]
+        if inside:
+            first, last = min(e["in"] for e in inside), max(e["out"] for e in inside)
+            parts.append([first - b["pushed"], last - first, sum(e["out"] - e["in"] for e in inside),
+                          b["pushed"] + b["seconds"] - last, b["seconds"]])
+    return [1000 * sum(p[i] for p in parts) / max(len(parts), 1) for i in range(5)]
+
+
+def context_sizes(work: Path, dirs: list[Path], config: dict,
+                  floor_app: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """One radfed run with ``benchapp:sized_client``: per message type, the mean pickled Context Flower shipped to the
+    worker and back, and the median seconds of radfed's ClientApp (mods included) inside the worker; then the
+    floor replaying it, and where a training-round batch's time goes on each side (``timeline``)."""
+    app = make_app(work / "app-sized", "benchapp:timed", "benchapp:sized_client")
+    out = work / f"runs-sized-{config['training']}-{len(dirs)}"
+    shutil.rmtree(out, ignore_errors=True)
+    run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)}
+    approve_demo_plan(dirs, run_config)
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-sized", app_dir=app, echo=False)
+    noted = _noted(out)
+    seen: dict[str, list[dict]] = {}
+    for entry in noted:
+        seen.setdefault(entry["type"], []).append(entry)
+    sizes = [[str(config["training"]), kind, str(len(v)),
+              f"{sum(e['context-in'] + e['context-out'] for e in v) / 2 / len(v) / 1000:.1f}",
+              f"{1000 * sorted(e['seconds'] for e in v)[len(v) // 2]:.1f}"] for kind, v in seen.items()]
+    record = json.loads((out / "messages.json").read_text())
+    kept = out / "radfed-notes"  # radfed's notes kept apart from the floor's
+    kept.mkdir(exist_ok=True)
+    for path in out.glob("sizes-*.jsonl"):
+        path.rename(kept / path.name)
+    (out / "messages.json").write_text(json.dumps({**record, "floor-timeline": True}))
+    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=floor_app, echo=False)
+    floor = json.loads((out / "floor.json").read_text())["batches"]
+    lines = [[str(config["training"]), who, *(f"{v:.0f}" for v in timeline(batches, notes))]
+             for who, batches, notes in (("radfed", record["batches"], noted), ("floor", floor, _noted(out)))]
+    return sizes, lines
 
 
 def profile_simulation(work: Path, dirs: list[Path], config: dict) -> None:
@@ -195,6 +261,10 @@ def main() -> int:
     parser.add_argument("--skip-federation", action="store_true", help="only the in-process profile")
     parser.add_argument("--profile-simulation", action="store_true",
                         help="one more FedAvg run on the most sites, the coordinator and its ClientApps profiled")
+    parser.add_argument("--floor-state-kb", type=float, default=0,
+                        help="also run the floor with this many KB of names in each node's context.state")
+    parser.add_argument("--context-sizes", action="store_true",
+                        help="one more radfed run per mode on the most sites: the Context shipped per message type")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-bench-messages-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -208,13 +278,25 @@ def main() -> int:
     if not args.skip_federation:
         apps = {"radfed": make_app(work / "app-radfed", "benchapp:timed", "client.app:app"),
                 "floor": make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")}
-        rows = [one_size(work, dirs[:n], modes[mode], apps) for mode in args.training.split(",") for n in sizes]
+        state = int(args.floor_state_kb * 1000)
+        rows = [one_size(work, dirs[:n], modes[mode], apps, state) for mode in args.training.split(",") for n in sizes]
+        header = HEADER + ([f"floor+{args.floor_state_kb:g}KB state s/msg (rounds)", "vs floor (rounds)"] if state
+                           else [])
         print_columns(f"Seconds per site-message, radfed vs the trivial-ClientApp floor (FedAvg: {args.rounds} rounds; "
                       "exact: Newton rounds to convergence; tiny sites of 10 cases per class, LOSO and local-only "
                       "off; '(rounds)': the training rounds' messages only: train/evaluate, query.newton/evaluate)",
-                      HEADER, rows)
+                      header, rows)
         print_columns("Before the run cache (recorded, commit f5bce54, same bench and machine)", HEADER, BEFORE)
 
+    if args.context_sizes:
+        floor_app = make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")
+        both = [context_sizes(work, dirs[:sizes[-1]], modes[mode], floor_app) for mode in args.training.split(",")]
+        print_columns(f"Context Flower ships with each message, radfed ({sizes[-1]} sites; the trivial ClientApp's is "
+                      "~1.7 KB: its run config)", ["training", "message type", "messages", "context KB (mean)",
+                                                   "ClientApp ms (median)"], [r for rows, _ in both for r in rows])
+        print_columns(f"Where a training-round batch's time goes ({sizes[-1]} sites; ms per batch, mean)",
+                      ["training", "app", "push -> first in ClientApp", "first in -> last out", "in ClientApps (sum)",
+                       "last out -> pulled", "batch wall"], [r for _, rows in both for r in rows])
     if args.profile_simulation:
         profile_simulation(work, dirs[:sizes[-1]], modes["fedavg"])
     profiled = []

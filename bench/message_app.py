@@ -7,9 +7,13 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 - ``profiled_client``: radfed's ClientApp under cProfile in each simulation worker process, its statistics kept in
   ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation);
   ``profiled_server``: ``timed`` under cProfile, kept in ``<output-dir>/server.prof`` (the coordinator's side).
+- ``sized_client``: radfed's ClientApp noting, per message, the pickled size of the Context Flower ships with it
+  and the handler's seconds (``<output-dir>/sizes-<pid>.jsonl``).
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
-  own cost per message: the floor). Written to ``<output-dir>/floor.json``.
+  own cost per message: the floor). Written to ``<output-dir>/floor.json``. With ``floor-state-bytes`` in the
+  record, each floor node also keeps that many bytes of names in its ``context.state`` (as a site's agreed lists
+  were kept): what a node's state alone costs per message.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import cProfile
 import json
 import os
+import pickle
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -64,7 +69,8 @@ class TimedGrid:
         messages = list(messages)
         start = time.perf_counter()
         ids = list(self._grid.push_messages(messages))
-        self._open.append({"start": start, "messages": messages, "pending": set(ids), "replies": {}, "end": start})
+        self._open.append({"start": start, "messages": messages, "pending": set(ids), "replies": {}, "end": start,
+                           "wall": time.time()})
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
@@ -107,7 +113,8 @@ class TimedGrid:
             rows.append({"node": nodes.index(m.metadata.dst_node_id) if m.metadata.dst_node_id in nodes else 0,
                          "request": sizes(m.content), "reply": answer})
         types = sorted({m.metadata.message_type for m in batch["messages"]})
-        self.batches.append({"type": ",".join(types), "seconds": batch["end"] - batch["start"], "messages": rows})
+        self.batches.append({"type": ",".join(types), "seconds": batch["end"] - batch["start"], "messages": rows,
+                             "pushed": batch["wall"]})
 
 
 timed = ServerApp()
@@ -163,6 +170,34 @@ class _ProfiledClientApp(ClientApp):
 profiled_client = _ProfiledClientApp()
 
 
+class _SizedClientApp(ClientApp):
+    """radfed's ClientApp, noting per message its type, the handler's seconds and the pickled size of the node's
+    Context before and after (what Flower's simulation ships to the Ray actor and back with every message), one
+    JSON line per message in ``<output-dir>/sizes-<pid>.jsonl``."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        wall = time.time()
+        before = len(pickle.dumps(context))
+        t = time.perf_counter()
+        try:
+            return radfed_client(message, context)
+        finally:
+            seconds = time.perf_counter() - t
+            line = {"type": message.metadata.message_type, "seconds": seconds, "context-in": before,
+                    "context-out": len(pickle.dumps(context)), "state-keys": len(context.state),
+                    "id": message.metadata.message_id, "in": wall, "out": wall + seconds}
+            _note(context, line)
+
+
+def _note(context: Context, line: dict) -> None:
+    out = Path(str(context.run_config["output-dir"])).expanduser()
+    with (out / f"sizes-{os.getpid()}.jsonl").open("a", encoding="utf-8") as fh:
+        fh.write(json.dumps(line) + "\n")
+
+
+sized_client = _SizedClientApp()
+
+
 def _padded(array_bytes: int, other_bytes: int, extra: dict[str, int] | None = None) -> RecordDict:
     return RecordDict({"arrays": ArrayRecord({"pad": Array(np.zeros(max(array_bytes - 128, 1), dtype=np.uint8))}),
                        "config": ConfigRecord({"pad": "x" * max(other_bytes - 16, 0), **(extra or {})})})
@@ -181,15 +216,18 @@ def floor_main(grid: Grid, context: Context) -> None:
     waiting = polling(grid)  # the coordinator's own way of waiting for replies, so only the ClientApp differs
     timings = []
     start = time.perf_counter()
+    state = int(record.get("floor-state-bytes", 0))
+    timeline = bool(record.get("floor-timeline", False))
     for batch in record["batches"]:
         kind = batch["type"].split(",")[0]
-        messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1]}),
+        messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1],
+                                                    "state-bytes": state, "timeline": timeline}),
                             dst_node_id=nodes[m["node"]], message_type=kind) for m in batch["messages"]]
-        t = time.perf_counter()
+        t, wall = time.perf_counter(), time.time()
         replies = list(waiting.send_and_receive(messages, timeout=600))
         if any(r.has_error() for r in replies) or len(replies) != len(messages):
             raise RuntimeError(f"the floor's {kind} batch failed: {[r.error.reason for r in replies if r.has_error()]}")
-        timings.append({"type": batch["type"], "seconds": time.perf_counter() - t, "n": len(messages)})
+        timings.append({"type": batch["type"], "seconds": time.perf_counter() - t, "n": len(messages), "pushed": wall})
     (out / FLOOR).write_text(json.dumps({"seconds": time.perf_counter() - start, "batches": timings}),
                              encoding="utf-8")
 
@@ -198,9 +236,15 @@ floor_client = ClientApp()
 
 
 def _echo(msg: Message, context: Context) -> Message:
-    config = msg.content["config"]
+    config, wall = msg.content["config"], time.time()
+    state = int(config.get("state-bytes", 0))  # type: ignore[arg-type]
+    if state and "pad" not in context.state:  # names of ~40 characters, as a site's agreed feature list
+        context.state["pad"] = ConfigRecord({"names": [f"original_glcm_feature_{i:018d}" for i in range(state // 40)]})
     content = _padded(int(config["reply-arrays"]), int(config["reply-other"]))  # type: ignore[arg-type]
     content["metrics"] = MetricRecord({"num-examples": 1})
+    if config.get("timeline", False):
+        _note(context, {"type": msg.metadata.message_type, "id": msg.metadata.message_id, "in": wall,
+                        "out": time.time()})
     return Message(content, reply_to=msg)
 
 

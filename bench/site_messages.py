@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client import runcache
+from client import nodestate, runcache
 from client.app import app
 from client.guard import SITE_STATE
 from common import model
@@ -54,6 +54,7 @@ class SiteHarness:
     def forget() -> None:
         """Drop everything the node's process keeps between messages: the next message reloads the site."""
         runcache.clear()
+        nodestate.clear()
 
 
 class BatchHarness(SiteHarness):

@@ -2,8 +2,8 @@
 client.steps, what each message computes in client.compute.
 
 What the site agrees to during a run (feature list, design size, candidates, model features) is kept
-in ``context.state`` under ``SITE_STATE``; the privacy guard (client.guard) reads it to check the
-exact shape of every array before a reply leaves the site.
+in ``context.state`` under ``SITE_STATE`` (name lists by hash, in client.nodestate); the privacy guard
+(client.guard) reads it to check the exact shape of every array before a reply leaves the site.
 """
 
 from __future__ import annotations
@@ -16,10 +16,10 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import combat_state, compute, ledger, level_groups, outoffold, runcache, steps, warmup
+from client import combat_state, compute, ledger, level_groups, nodestate, outoffold, runcache, steps, warmup
 from client import trees as site_trees
+from client.appref import ReferencedClientApp
 from client.approvals import approval_check, check_approved
-from client.batch import BatchingClientApp
 from client.dp import dp_query_mod, dp_update_mod
 from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
 from client.site import Site, SiteError
@@ -34,9 +34,9 @@ log = logging.getLogger("flwr.radfed.client")
 # leave without the site's local paths; the guard checks and logs exactly what leaves, after the optional DP noise on
 # model updates (and on the query phases' sums, added by their handlers; dp_query_mod keeps their budget); approval
 # is checked before the handler reads anything (a query.batch of several folds' requests is split before these
-# mods: client.batch)
-app = BatchingClientApp(mods=[runcache.look_mod, redact_local_paths, privacy_guard, dp_update_mod, dp_query_mod,
-                              approval_check])
+# mods: client.batch); Flower's simulation ships the app to its workers by reference (client.appref)
+app = ReferencedClientApp("client.app:app", mods=[runcache.look_mod, redact_local_paths, privacy_guard, dp_update_mod,
+                                                   dp_query_mod, approval_check])
 
 
 def _run(context: Context) -> RunConfig:
@@ -69,17 +69,17 @@ def _accept_list(context: Context, msg: Message, key: str, state_key: str) -> li
     digest = steps.names_sha256(names)  # once per distinct list, not per fold's request
     if digest != str(config[f"{key}-sha256"]):  # type: ignore[index]
         raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
-    keep_names(context.state, _agreement(context, msg), state_key, names, digest)
+    keep_names(nodestate.of(context), _agreement(context, msg), state_key, names, digest)
     return names
 
 
 def _selected(context: Context, msg: Message) -> list[str]:
     """The model's inputs the last train/evaluate/newton message of this cohort named."""
-    return agreed_names(context.state, _agreement(context, msg), "selected") or []
+    return agreed_names(nodestate.of(context), _agreement(context, msg), "selected") or []
 
 
 def _agreed(context: Context, msg: Message, default: list[str] | None = None) -> list[str]:
-    names = agreed_names(context.state, _agreement(context, msg), "features")
+    names = agreed_names(nodestate.of(context), _agreement(context, msg), "features")
     if names is None and default is not None:
         return default
     if names is None:
@@ -99,7 +99,7 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
     if not _run(context).combat:
         return None
     fold = _fold(msg)
-    kept = combat_state.kept(context.state, fold)
+    kept = combat_state.kept(nodestate.of(context), fold)
     if kept is None and fold:
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
                         "harmonization or join); restart the run")
@@ -109,7 +109,7 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
-    combat_state.keep(context.state, _fold(msg), params)
+    combat_state.keep(nodestate.of(context), _fold(msg), params)
     if not _fold(msg):
         spec = covariates.describe(_run(context).covariates())
         radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical
@@ -336,7 +336,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     where = parse_cv_tag(_fold(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
         held = np.array(data.table.case_ids, dtype=object)[data.held_out]
-        outoffold.keep(context.state, family, where[0], [str(c) for c in held], prob)
+        outoffold.keep(nodestate.of(context), family, where[0], [str(c) for c in held], prob)
     # every statistic, histogram group and decision step is over the part's cases or one of its classes
     result, curves = compute.evaluation(y, prob, float(config["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
@@ -367,7 +367,7 @@ def out_of_fold(msg: Message, context: Context) -> Message:
     out (with repeats, its mean score over them), evaluated together (counts, AUC, curves over all cases; no
     score leaves)."""
     data = _data(context, msg)
-    prob = outoffold.mean_scores(context.state, compute.family_of(msg.content["config"]),  # type: ignore[arg-type]
+    prob = outoffold.mean_scores(nodestate.of(context), compute.family_of(msg.content["config"]),  # type: ignore[arg-type]
                                  data.table.case_ids, _run(context).cv_repeats)
     result, curves = compute.evaluation(data.table.labels, prob, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                                         steps.min_cases(data.site, _run(context)), _run(context))
@@ -385,7 +385,7 @@ def compare_out_of_fold(msg: Message, context: Context) -> Message:
     if not 0 <= repeat < _run(context).cv_repeats:
         raise SiteError(f"the server asked for cross-validation repeat {repeat}, which this run (cv-repeats = "
                         f"{_run(context).cv_repeats}) does not have; restart the run")
-    arrays, counts = outoffold.compare_reply(context.state, _run(context).compared, data.table.case_ids,
+    arrays, counts = outoffold.compare_reply(nodestate.of(context), _run(context).compared, data.table.case_ids,
                                              data.table.labels, repeat, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("all", {"num-examples": "", "n-hgg": "hgg", "n-bm": "bm"}),
                   arrays=_arrays(arrays), metrics=MetricRecord(counts))

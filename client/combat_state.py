@@ -1,5 +1,6 @@
-"""A site's fitted ComBat parameters as its node keeps them in the run state (``context.state``), one entry per
-cohort (the main run, each fold): a short JSON header and the arrays as little-endian float64 bytes.
+"""A site's fitted ComBat parameters as its node keeps them for the run, one entry per cohort (the main run, each
+fold): a short JSON header and the arrays as little-endian float64 bytes, kept by their hash (client.nodestate;
+``context.state`` holds only the hash).
 
 Why not the JSON of ``SiteCombat.to_dict`` (what the site's harmonisation file holds): at ~860 features writing it
 took ~17 ms and reading it ~11 ms, once per fold at every site, i.e. n(n - 1) times in a leave-one-site-out run
@@ -15,14 +16,15 @@ from collections.abc import Callable
 from dataclasses import replace
 
 import numpy as np
-from flwr.app import ConfigRecord, RecordDict
+from flwr.app import ConfigRecord
 
+from client.nodestate import NodeState
 from common.combat import SiteCombat
 
-# The parameters per cohort in the node's context.state. Flower's simulation ships a node's whole context to the worker
-# and back with every message, and Ray passes an argument above 100 KB through its object store (about 1.5 ms per
-# round trip below, 7 ms above): the plain JSON (119 KB at 861 features) put every message of the run there; the
-# packed form is about 35 KB.
+# The parameters per cohort: their hash in the node's context.state, their bytes in client.nodestate. Flower's
+# simulation ships a node's whole context to the worker and back with every message (Ray passes an argument above
+# 100 KB through its object store: about 1.5 ms per round trip below, 7 ms above); the packed form is about 35 KB at
+# 861 features, one per leave-one-site-out fold (1.6 MB at 48 sites), kept out of the context.
 STATE = "radfed-combat"
 _ARRAYS = ("grand_mean", "var_pooled", "gamma_star", "delta_star", "unadjusted")  # each (d,); beta_cov (p, d) last
 _HEAD = 4  # bytes of the header's length
@@ -32,15 +34,18 @@ def _key(fold: str) -> str:
     return f"{STATE}:{fold}" if fold else STATE
 
 
-def keep(state: RecordDict, fold: str, params: SiteCombat) -> None:
-    """Keep the cohort ``fold``'s parameters ("" = the main run) in the node's run state."""
-    state[_key(fold)] = ConfigRecord({"params": pack(params)})
+def keep(node: NodeState, fold: str, params: SiteCombat) -> None:
+    """Keep the cohort ``fold``'s parameters ("" = the main run) for the node's run."""
+    node.state[_key(fold)] = ConfigRecord({"params-sha256": node.put(pack(params))})
 
 
-def kept(state: RecordDict, fold: str) -> Harmonizer | None:
+def kept(node: NodeState, fold: str) -> Harmonizer | None:
     """The cohort ``fold``'s kept parameters as a Harmonizer, None when the node holds none."""
-    record = state.get(_key(fold))
-    return Harmonizer(bytes(record["params"])) if isinstance(record, ConfigRecord) else None  # type: ignore[arg-type]
+    record = node.state.get(_key(fold))
+    if not isinstance(record, ConfigRecord):
+        return None
+    what = f"ComBat parameters of fold {fold}" if fold else "ComBat parameters"
+    return Harmonizer(node.get(str(record["params-sha256"]), what))
 
 
 def pack(params: SiteCombat) -> bytes:

@@ -9,6 +9,7 @@ everything the site released in any run before, would single out fewer than k pa
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -21,11 +22,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
+from client import nodestate
 from client.ledger import Declaration, Ledger, append_line, take
+from client.nodestate import NodeState
 from client.site import site_floor, site_settings
 from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
-from common.canon import json_safe
+from common.canon import canonical_json, json_safe
 from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, NESTED_ROWS, WITHHELD_WHEN_NOISED, reply_spec
 
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
@@ -37,32 +40,32 @@ def site_state_key(fold: str) -> str:
     return f"{SITE_STATE}:{fold}" if fold else SITE_STATE
 
 
-# Each distinct name list a cohort agreed to is kept once in this state record, under its hash, and the cohort's
-# record names the hash: Flower's simulation ships a node's whole state to the worker and back with every message,
-# and the leave-one-site-out folds mostly agree the same ~860 names (42 KB each; 1.8 MB of state per message at 48
-# sites, half of it the same list again and again).
-NAMES = "radfed-names"
+# Each name list a cohort agreed to is kept by the node as its canonical JSON under its hash (client.nodestate), and the
+# cohort's record names the hash: Flower ships a node's whole state with every message, and a list of ~860 names is
+# 42 KB (the leave-one-site-out folds mostly agree the same list: it is kept once).
 _BY_HASH = "sha256:"
 
 
-def keep_names(state: RecordDict, record: ConfigRecord, key: str, names: list[str], digest: str) -> None:
+def keep_names(node: NodeState, record: ConfigRecord, key: str, names: list[str], digest: str) -> None:
     """Remember ``names`` (whose ``common.canon.sha256_json`` is ``digest``) as ``record[key]``."""
-    shared = state.get(NAMES)
-    if not isinstance(shared, ConfigRecord):
-        shared = ConfigRecord()
-        state[NAMES] = shared
-    if digest not in shared:
-        shared[digest] = names
-    record[key] = _BY_HASH + digest
+    if record.get(key) == _BY_HASH + digest:
+        return  # the cohort's list again (every train, evaluate and newton message names the model's inputs)
+    blob = canonical_json(names).encode("utf-8")  # the bytes sha256_json hashes: the file's name is the list's hash
+    record[key] = _BY_HASH + node.put(blob, digest)
 
 
-def agreed_names(state: RecordDict, record: ConfigRecord, key: str) -> list[str] | None:
+def agreed_names(node: NodeState, record: ConfigRecord, key: str) -> list[str] | None:
     """The name list kept as ``record[key]`` (by ``keep_names``, or as a plain list), None when there is none."""
     value = record.get(key)
     if isinstance(value, str) and value.startswith(_BY_HASH):
-        shared = state.get(NAMES)
-        value = shared.get(value[len(_BY_HASH):]) if isinstance(shared, ConfigRecord) else None
+        return list(_names(node.get(value[len(_BY_HASH):], f"{key} list")))
     return None if value is None else list(value)  # type: ignore[arg-type]
+
+
+@functools.lru_cache(maxsize=256)
+def _names(blob: bytes) -> tuple[str, ...]:
+    """A kept list's names, decoded once per process (the guard asks for every reply's sizes)."""
+    return tuple(str(n) for n in json.loads(blob))
 
 
 class PrivacyError(RuntimeError):
@@ -180,8 +183,9 @@ def agreed_sizes(context: Context, fold: str = "") -> dict[str, int]:
     site = context.state.get(site_state_key(fold))
     if not isinstance(site, ConfigRecord):
         return sizes
+    node = nodestate.of(context)
     lists = {key: names for key in ("features", "candidates", "selected", "histogram-features")
-             if (names := agreed_names(context.state, site, key)) is not None}
+             if (names := agreed_names(node, site, key)) is not None}
     if "features" in lists:
         sizes["d"] = len(lists["features"])
     if "design-columns" in site:

@@ -5,6 +5,8 @@ one place on the same out-of-fold scores, and the site's refusal of a class of f
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, MetricRecord, RecordDict
@@ -13,6 +15,7 @@ from test_delong import _brute_force
 
 from client import outoffold
 from client.guard import PrivacyError, check_reply
+from client.nodestate import NodeState
 from client.site import SiteError
 from common import delong, protocol
 
@@ -20,14 +23,14 @@ NAMES = ["logistic-l2", "logistic-l1", "mlp"]
 Z = 1.959963984540054
 
 
-def _site(rng: np.random.Generator, n: int, repeats: int, folds: int = 3) -> tuple[list[str], np.ndarray, RecordDict,
-                                                                                  np.ndarray]:
+def _site(rng: np.random.Generator, n: int, repeats: int, folder: Path,
+          folds: int = 3) -> tuple[list[str], np.ndarray, NodeState, np.ndarray]:
     """One site: case ids, labels, and its node state after every cross-validation fold scored its held-out cases
     with every family (each repeat deals the cases to folds anew); also the scores (repeats, families, n)."""
     ids = [f"case-{i:03d}" for i in range(n)]
     y = (rng.random(n) < 0.5).astype(np.int64)
     y[:2], y[2:4] = 1, 0
-    state = RecordDict()
+    state = NodeState(RecordDict(), folder)  # the scores' chunks in the site's run folder (client.nodestate)
     every = np.zeros((repeats, len(NAMES), n))
     for r in range(repeats):
         fold = rng.permutation(np.arange(n) % folds)
@@ -40,7 +43,7 @@ def _site(rng: np.random.Generator, n: int, repeats: int, folds: int = 3) -> tup
     return ids, y, state, every
 
 
-def _reply(state: RecordDict, ids: list[str], y: np.ndarray, repeat: int, k: int = 5) -> RecordDict:
+def _reply(state: NodeState, ids: list[str], y: np.ndarray, repeat: int, k: int = 5) -> RecordDict:
     """The site's reply as it leaves: computed by client.outoffold, checked by the real guard."""
     arrays, counts = outoffold.compare_reply(state, NAMES, ids, y, repeat, k)
     reply = RecordDict({"arrays": ArrayRecord({key: Array(v) for key, v in arrays.items()}),
@@ -50,9 +53,9 @@ def _reply(state: RecordDict, ids: list[str], y: np.ndarray, repeat: int, k: int
 
 
 @pytest.mark.parametrize("repeats", [1, 3])
-def test_out_of_fold_comparison_equals_delong_on_the_out_of_fold_scores_in_one_place(repeats):
+def test_out_of_fold_comparison_equals_delong_on_the_out_of_fold_scores_in_one_place(repeats, tmp_path):
     rng = np.random.default_rng(19)
-    sites = [_site(rng, n, repeats) for n in (30, 44, 37)]
+    sites = [_site(rng, n, repeats, tmp_path / str(n)) for n in (30, 44, 37)]
     federated_repeats = []
     for r in range(repeats):
         replies = []
@@ -95,9 +98,9 @@ def test_out_of_fold_comparison_equals_delong_on_the_out_of_fold_scores_in_one_p
             assert got["auc_diff_ci"] == pytest.approx(federated_repeats[0][name]["auc_diff_ci"], abs=1e-15)
 
 
-def test_a_site_refuses_an_out_of_fold_comparison_over_a_class_of_fewer_than_k_cases():
+def test_a_site_refuses_an_out_of_fold_comparison_over_a_class_of_fewer_than_k_cases(tmp_path):
     rng = np.random.default_rng(3)
-    ids, y, state, _ = _site(rng, 30, 1)
+    ids, y, state, _ = _site(rng, 30, 1, tmp_path)
     # the run's k above the site's class size: 4 BM cases in its whole out-of-fold set
     few = np.flatnonzero(y == 0)[:4]
     keep = np.r_[np.flatnonzero(y == 1), few]
@@ -111,9 +114,9 @@ def test_a_site_refuses_an_out_of_fold_comparison_over_a_class_of_fewer_than_k_c
         check_reply(protocol.COMPARE_OUT_OF_FOLD, reply, k=5, sizes={"f": len(NAMES)})
 
 
-def test_a_site_missing_an_out_of_fold_score_refuses_and_names_the_family():
+def test_a_site_missing_an_out_of_fold_score_refuses_and_names_the_family(tmp_path):
     rng = np.random.default_rng(4)
-    ids, y, state, _ = _site(rng, 20, 2)
+    ids, y, state, _ = _site(rng, 20, 2, tmp_path)
     with pytest.raises(SiteError, match="out-of-fold score"):  # repeat 2 was never scored
         outoffold.compare_reply(state, NAMES, ids, y, 2, k=5)
     for family in ("logistic-l2", "mlp"):  # a case the logistic-l1 models of repeat 0 never scored

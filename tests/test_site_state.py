@@ -1,17 +1,20 @@
-"""What a site keeps in Flower's node state during a run stays small: each distinct agreed name list once, under its
-hash, whatever the number of folds that agreed it, while the guard still checks every fold's shapes against that
-fold's own list (client.guard.keep_names; the simulation ships the state with every message)."""
+"""What a site keeps in Flower's node state during a run stays small: each agreed name list is kept once, under its
+hash, in the site's run folder (client.nodestate), whatever the number of folds that agreed it, and the state names
+the hashes, while the guard still checks every fold's shapes against that fold's own list (client.guard.keep_names;
+the simulation ships the state with every message)."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import time
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 
+from client import nodestate
 from client.app import app
-from client.guard import NAMES, agreed_sizes, site_state_key
+from client.guard import agreed_sizes, site_state_key
 from common import protocol
 from common.canon import sha256_json
 from radfed import synth
@@ -46,8 +49,10 @@ def test_folds_agreeing_the_same_features_keep_one_list_and_their_own_sizes(tmp_
     for fold in ("a", "b", "c"):
         join(len(names), fold)
     join(4, "d")
-    shared = ctx.state[NAMES]
-    assert sorted(len(v) for v in shared.values()) == [4, len(names)]  # two distinct lists, each kept once
+    kept = {str(ctx.state[site_state_key(f)]["features"]) for f in "abcd"}  # each fold's list, by hash
+    folder = nodestate.of(ctx).folder
+    assert sorted(len(json.loads((folder / k.split(":", 1)[1]).read_bytes())) for k in kept) == [4, len(names)]
+    assert len(pickle.dumps(ctx.state)) < 4000  # four folds' lists and ComBat parameters: hashes only
     assert {f: agreed_sizes(ctx, f)["d"] for f in "abcd"} == {"a": len(names), "b": len(names), "c": len(names),
                                                               "d": 4}
     assert all(len(pickle.dumps(ctx.state[site_state_key(f)])) < 1000 for f in "abcd")  # no copy of the names

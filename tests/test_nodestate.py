@@ -1,0 +1,126 @@
+"""A site's large run state (agreed name lists, ComBat parameters) lives in its run folder and process memory by
+hash, Flower's context.state holding the hashes (client.nodestate): the node answers the same in a fresh process
+(a restart, or another Ray actor of the simulation), and a stored list or parameter file that changed or went
+missing is refused, through the real guard."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+
+from client import combat_state, nodestate
+from client.app import app
+from client.guard import agreed_sizes, site_state_key
+from client.site import SiteError
+from common import protocol
+from common.canon import sha256_json
+from radfed import synth
+from radfed.cli import approve_demo_plan
+from radfed.launch import app_run_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _request(message_type: str, content: RecordDict, message_id: str) -> Message:
+    meta = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=7, reply_to_message_id="",
+                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
+    return Message(content, metadata=meta)
+
+
+def _join(ctx: Context, names: list[str], fold: str) -> Message:
+    """A leave-one-site-out fold's ComBat join (the site agrees the fold's feature list and keeps its parameters)."""
+    d = len(names)
+    rng = np.random.default_rng(len(fold))
+    arrays = ArrayRecord({"grand-mean": Array(rng.normal(size=d)), "var-pooled": Array(rng.uniform(0.5, 2, d)),
+                          "beta-cov": Array(np.zeros((0, d))), "zero-variance": Array(np.zeros(d))})
+    config = {"features": names, "features-sha256": sha256_json(names), "fold": fold, "n-sites": 2, "n-pooled": 40}
+    return app(_request(protocol.COMBAT_JOIN, RecordDict({"config": ConfigRecord(config), "arrays": arrays}),
+                        f"join-{fold}-{time.time_ns()}"), ctx)
+
+
+def _joined(tmp_path: Path) -> tuple[Context, list[str]]:
+    """A node that agreed its features and joined two folds' ComBat."""
+    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
+    config = app_run_config({"data-root": str(site.parent), "harmonization": "combat", "min-cases-per-class": 5})
+    approve_demo_plan([site], config)
+    ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
+    app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
+    reply = app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"), ctx)
+    names = [str(n) for n in reply.content["config"]["features"]]
+    for fold in ("a", "b"):
+        sent = _join(ctx, names, fold)
+        assert not sent.has_error(), sent.error.reason
+    return ctx, names
+
+
+_FRESH = """
+import json, pickle, sys
+import numpy as np
+from client import combat_state, nodestate
+from client.guard import agreed_sizes
+ctx = pickle.loads(open(sys.argv[1], "rb").read())
+x = np.load(sys.argv[2])
+print(json.dumps({"d": agreed_sizes(ctx, "a")["d"],
+                  "adjusted": combat_state.kept(nodestate.of(ctx), "a")(x, None).tolist()}))
+"""
+
+
+def test_a_fresh_process_reads_what_the_node_agreed_from_its_run_folder(tmp_path):
+    """The context as Flower ships it (pickled) is small; a new process (a restarted node, another Ray actor) given it
+    finds the same agreed sizes and applies the same ComBat parameters, to the bit."""
+    ctx, names = _joined(tmp_path)
+    shipped = pickle.dumps(ctx)
+    assert len(pickle.dumps(ctx.state)) < 2000, "the state should hold hashes, not the lists and parameters"
+    x = np.random.default_rng(0).normal(size=(6, len(names)))
+    here = combat_state.kept(nodestate.of(ctx), "a")(x, None)
+    (tmp_path / "ctx.pkl").write_bytes(shipped)
+    np.save(tmp_path / "x.npy", x)
+    out = subprocess.run([sys.executable, "-c", _FRESH, str(tmp_path / "ctx.pkl"), str(tmp_path / "x.npy")],
+                         cwd=ROOT, capture_output=True, text=True, check=True, timeout=300)
+    there = json.loads(out.stdout.strip().splitlines()[-1])
+    assert there["d"] == len(names) == agreed_sizes(ctx, "a")["d"]
+    assert np.array_equal(np.array(there["adjusted"]), here)
+    # and in this process once it forgot everything (as another actor): a fold's message is answered as before
+    nodestate.clear()
+    again = _join(pickle.loads(shipped), names, "a")
+    assert not again.has_error(), again.error.reason
+
+
+def test_a_changed_or_missing_stored_list_is_refused(tmp_path):
+    """The feature list the node agreed, changed on disk (a name dropped) or removed, is not used: the guard, which
+    checks every reply's shapes against it, refuses the fold's reply, naming the file's problem."""
+    ctx, names = _joined(tmp_path)
+    folder = nodestate.of(ctx).folder
+    stored = folder / str(ctx.state[site_state_key("a")]["features"]).split(":", 1)[1]
+    stored.write_text(json.dumps(names[1:]), encoding="utf-8")
+    nodestate.clear()  # a fresh process: nothing in memory, the file is what it reads
+    refused = _join(ctx, names, "a")
+    assert refused.has_error() and "changed on disk" in refused.error.reason
+    stored.unlink()
+    refused = _join(ctx, names, "b")  # the same list: the other fold's agreement names it too
+    assert refused.has_error() and "no longer holds the features list" in refused.error.reason
+
+
+def test_memory_holds_at_most_its_budget_and_a_dropped_blob_is_read_back_from_the_folder(tmp_path, monkeypatch):
+    """Blobs beyond the process's memory budget leave it, least recently used first, and come back from the run
+    folder, checked against their hash; a blob kept by another node's folder is not this node's."""
+    monkeypatch.setattr(nodestate, "MEMORY_BYTES", 3000)
+    nodestate.clear()
+    node = nodestate.NodeState(RecordDict(), tmp_path / "site-a")
+    blobs = [bytes([i]) * 1000 for i in range(5)]
+    digests = [node.put(b) for b in blobs]
+    assert sorted(p.name for p in node.folder.iterdir()) == sorted(digests)
+    assert sum(len(b) for b in nodestate._MEMORY.values()) <= 3000 and digests[0] not in nodestate._MEMORY
+    assert [node.get(d, "blob") for d in digests] == blobs  # the first ones read back from the folder
+    other = nodestate.NodeState(RecordDict(), tmp_path / "site-b")
+    nodestate.clear()
+    with pytest.raises(SiteError, match="no longer holds the blob"):
+        other.get(digests[0], "blob")
