@@ -28,6 +28,7 @@ _CALLS = [0]
 class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a ClientApp
     def __init__(self) -> None:
         self.__dict__.update(radfed.__dict__)
+        self._where = "lososites:profiled_site"  # shipped by reference (client.appref): to this app, not radfed's
 
     def __call__(self, message: Message, context: Context) -> Message:
         wall, cpu = time.perf_counter(), time.process_time()
