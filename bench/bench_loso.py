@@ -152,18 +152,25 @@ def profile(work: Path, n_sites: int) -> None:
                   [*PROFILE_BEFORE, ["this run", f"{ms:.1f}", "-", "(above)"]])
 
 
+def _app_with(folder: Path, source: str, module: str, server_ref: str, client_ref: str) -> Path:
+    """A scratch copy of radfed's app whose ServerApp and ClientApp are ``server_ref`` and ``client_ref``, with
+    bench/``source`` bundled beside the code as ``module``.py (bench.bench_messages.make_app)."""
+    from bench.bench_messages import make_app
+
+    app = make_app(folder, server_ref, client_ref)
+    shutil.copy(ROOT / "bench" / source, app / f"{module}.py")
+    text = (app / "pyproject.toml").read_text(encoding="utf-8")
+    (app / "pyproject.toml").write_text(text.replace('fab-include = [', f'fab-include = ["{module}.py", ', 1),
+                                        encoding="utf-8")
+    return app
+
+
 def profile_server(work: Path, dirs: list[Path], config: dict) -> None:
     """One batched run with the coordinator under cProfile in every thread (bench/loso_app.py): the top functions
     by own time of the ServerApp's thread and of the others (fold threads, Flower's)."""
     import pstats
 
-    from bench.bench_messages import make_app
-
-    app = make_app(work / "app-loso-profiled", "losoapp:profiled", "client.app:app")
-    shutil.copy(ROOT / "bench" / "loso_app.py", app / "losoapp.py")
-    text = (app / "pyproject.toml").read_text(encoding="utf-8")
-    (app / "pyproject.toml").write_text(text.replace('fab-include = [', 'fab-include = ["losoapp.py", ', 1),
-                                        encoding="utf-8")
+    app = _app_with(work / "app-loso-profiled", "loso_app.py", "losoapp", "losoapp:profiled", "client.app:app")
     row, _, steps = one_run(work, dirs, config, True, app)
     print(" | ".join(row), flush=True)
     folder = next((work / f"runs-{len(dirs)}-batched-profiled").glob("*-run*")).parent
@@ -184,13 +191,8 @@ def profile_sites(work: Path, dirs: list[Path], config: dict) -> None:
     import glob
     import pstats
 
-    from bench.bench_messages import make_app
-
-    app = make_app(work / "app-loso-sites", "server.app:app", "lososites:profiled_site")
-    shutil.copy(ROOT / "bench" / "loso_site_app.py", app / "lososites.py")
-    text = (app / "pyproject.toml").read_text(encoding="utf-8")
-    (app / "pyproject.toml").write_text(text.replace('fab-include = [', 'fab-include = ["lososites.py", ', 1),
-                                        encoding="utf-8")
+    app = _app_with(work / "app-loso-sites", "loso_site_app.py", "lososites", "server.app:app",
+                    "lososites:profiled_site")
     row, _, _ = one_run(work, dirs, config, True, app)
     print(" | ".join(row), flush=True)
     folder = work / f"runs-{len(dirs)}-batched-profiled"

@@ -9,52 +9,29 @@ import json
 import pickle
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from flwr.app import Context, Message, RecordDict
+from site_helpers import agreed_node, combat_join
 
 from client import combat_state, nodestate
-from client.app import app
 from client.guard import agreed_sizes, site_state_key
 from client.site import SiteError
-from common import protocol
-from common.canon import sha256_json
-from radfed import synth
-from radfed.cli import approve_demo_plan
-from radfed.launch import app_run_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _request(message_type: str, content: RecordDict, message_id: str) -> Message:
-    meta = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
-    return Message(content, metadata=meta)
-
-
 def _join(ctx: Context, names: list[str], fold: str) -> Message:
     """A leave-one-site-out fold's ComBat join (the site agrees the fold's feature list and keeps its parameters)."""
-    d = len(names)
     rng = np.random.default_rng(len(fold))
-    arrays = ArrayRecord({"grand-mean": Array(rng.normal(size=d)), "var-pooled": Array(rng.uniform(0.5, 2, d)),
-                          "beta-cov": Array(np.zeros((0, d))), "zero-variance": Array(np.zeros(d))})
-    config = {"features": names, "features-sha256": sha256_json(names), "fold": fold, "n-sites": 2, "n-pooled": 40}
-    return app(_request(protocol.COMBAT_JOIN, RecordDict({"config": ConfigRecord(config), "arrays": arrays}),
-                        f"join-{fold}-{time.time_ns()}"), ctx)
+    return combat_join(ctx, names, fold, rng.normal(size=len(names)), rng.uniform(0.5, 2, len(names)))
 
 
 def _joined(tmp_path: Path) -> tuple[Context, list[str]]:
     """A node that agreed its features and joined two folds' ComBat."""
-    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
-    config = app_run_config({"data-root": str(site.parent), "harmonization": "combat", "min-cases-per-class": 5})
-    approve_demo_plan([site], config)
-    ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
-    app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
-    reply = app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"), ctx)
-    names = [str(n) for n in reply.content["config"]["features"]]
+    ctx, names = agreed_node(tmp_path)
     for fold in ("a", "b"):
         sent = _join(ctx, names, fold)
         assert not sent.has_error(), sent.error.reason

@@ -4,13 +4,13 @@ extraction, radfed's ClientApp with all its mods driven by real Flower messages 
 from __future__ import annotations
 
 import csv
-import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from site_helpers import extracted_site, settled_copy
 
 from bench.site_messages import SiteHarness
 from client import runcache, steps
@@ -28,20 +28,12 @@ FULL = app_run_config(CONFIG)  # the complete run config a site gets
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
-    """One tiny site (12 cases per class) with its features extracted once."""
-    root = tmp_path_factory.mktemp("runcache")
-    site = synth.write_site(root, synth.tiny_sites(1, 12)[0], seed=5)
-    steps.load_site_data(site, FULL)
-    return site
+    return extracted_site(tmp_path_factory.mktemp("runcache"), 5, FULL)
 
 
 @pytest.fixture
 def site(extracted, tmp_path) -> Path:
-    copy = tmp_path / extracted.name
-    shutil.copytree(extracted, copy)
-    time.sleep(runcache.SETTLE_NS / 1e9)  # files older than the settling time: the cache keeps its entries
-    runcache.clear()
-    yield copy
+    yield settled_copy(extracted, tmp_path)
     runcache.clear()
 
 

@@ -6,13 +6,12 @@ radfed's ClientApp with all its mods driven by real Flower messages (bench/site_
 from __future__ import annotations
 
 import csv
-import shutil
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
+from site_helpers import extracted_site, settled_copy
 
 from bench.site_messages import BatchHarness
 from client import combat_state, matrices, runcache, steps
@@ -26,19 +25,12 @@ FULL = app_run_config(CONFIG)
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory) -> Path:
-    """One tiny site (12 cases per class) with its features extracted once."""
-    root = tmp_path_factory.mktemp("matrices")
-    site = synth.write_site(root, synth.tiny_sites(1, 12)[0], seed=7)
-    steps.load_site_data(site, FULL)
-    return site
+    return extracted_site(tmp_path_factory.mktemp("matrices"), 7, FULL)
 
 
 @pytest.fixture
 def site(extracted, tmp_path) -> Path:
-    copy = tmp_path / extracted.name
-    shutil.copytree(extracted, copy)
-    time.sleep(runcache.SETTLE_NS / 1e9)  # files older than the settling time: the run cache keeps its entries
-    runcache.clear()
+    copy = settled_copy(extracted, tmp_path)
     matrices.forget()
     yield copy
     runcache.clear()

@@ -10,40 +10,20 @@ import pickle
 import time
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
+from site_helpers import agreed_node, combat_join
 
 from client import nodestate
-from client.app import app
 from client.guard import agreed_sizes, site_state_key
 from common import protocol
-from common.canon import sha256_json
 from radfed import synth
-from radfed.cli import approve_demo_plan
 from radfed.launch import app_run_config
 
 
-def _request(message_type: str, content: RecordDict, message_id: str) -> Message:
-    meta = Metadata(run_id=1, message_id=message_id, src_node_id=0, dst_node_id=7, reply_to_message_id="",
-                    group_id="1", created_at=time.time(), ttl=3600.0, message_type=message_type)
-    return Message(content, metadata=meta)
-
-
 def test_folds_agreeing_the_same_features_keep_one_list_and_their_own_sizes(tmp_path):
-    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
-    config = app_run_config({"data-root": str(site.parent), "harmonization": "combat", "min-cases-per-class": 5})
-    approve_demo_plan([site], config)
-    ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
-    app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
-    reply = app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"), ctx)
-    names = [str(n) for n in reply.content["config"]["features"]]
+    ctx, names = agreed_node(tmp_path)
 
     def join(d: int, fold: str) -> None:
-        arrays = ArrayRecord({"grand-mean": Array(np.zeros(d)), "var-pooled": Array(np.ones(d)),
-                              "beta-cov": Array(np.zeros((0, d))), "zero-variance": Array(np.zeros(d))})
-        config = {"features": names[:d], "features-sha256": sha256_json(names[:d]), "fold": fold, "n-sites": 2,
-                  "n-pooled": 40}
-        sent = app(_request(protocol.COMBAT_JOIN, RecordDict({"config": ConfigRecord(config), "arrays": arrays}),
-                            f"join-{fold}"), ctx)
+        sent = combat_join(ctx, names[:d], fold, np.zeros(d), np.ones(d))
         assert not sent.has_error(), sent.error.reason
 
     for fold in ("a", "b", "c"):
