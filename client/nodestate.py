@@ -11,14 +11,17 @@ parameters 35 KB), one more 35 KB per leave-one-site-out fold; the trivial Clien
 Correct wherever a message runs: memory only saves reading the file again. A message on another Ray actor, or after
 a restart, reads the file; a file is used only when its bytes hash to the name the state holds, so a changed or
 cut file is refused (restart the run), and a node reads only its own site's folder. Nothing here is ever sent; a
-run's folder is not needed once the run has ended (prediction reads ``harmonization/run-<id>.json``).
+run's folder is not needed once the run has ended (prediction reads ``harmonization/run-<id>.json``), so a run's
+first write removes the folders last written more than 7 days before (``prune``).
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +34,7 @@ from client.steps import locate_site, run_config
 
 MEMORY_BYTES = 128 * 2 ** 20  # a process keeps up to this much, the least recently used leave first (read again)
 MAX_WRITTEN = 100_000
+KEEP_SECONDS = 7 * 24 * 3600  # a run's folder outlives its last write by this much (runs last hours)
 
 _MEMORY: OrderedDict[str, bytes] = OrderedDict()
 _WRITTEN: set[tuple[str, str]] = set()  # (folder, sha256) known on disk: a put of the same bytes skips the stat
@@ -53,6 +57,8 @@ class NodeState:
             return digest
         path = self.folder / digest
         if not path.exists():
+            if not self.folder.exists():  # a run's first blob here: older runs' folders go (nothing reads them)
+                prune(self.folder.parent, keep=self.folder)
             self.folder.mkdir(parents=True, exist_ok=True)
             part = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
             part.write_bytes(data)
@@ -92,6 +98,23 @@ def _remember(digest: str, data: bytes) -> None:
         _held[0] += len(data)
         while _held[0] > MEMORY_BYTES and len(_MEMORY) > 1:
             _held[0] -= len(_MEMORY.popitem(last=False)[1])
+
+
+def prune(parent: Path, keep: Path, now: float | None = None) -> list[Path]:
+    """Remove the ``run-*`` folders under ``parent`` (but ``keep``) last written more than KEEP_SECONDS ago: a
+    run's state is read only during the run, and a site would otherwise keep every run's folder for ever.
+    Returns what was removed."""
+    now = time.time() if now is None else now
+    gone = []
+    for folder in parent.glob("run-*") if parent.is_dir() else []:
+        try:
+            old = folder != keep and folder.is_dir() and now - folder.stat().st_mtime > KEEP_SECONDS
+        except OSError:
+            continue  # another process removed it first
+        if old:
+            shutil.rmtree(folder, ignore_errors=True)
+            gone.append(folder)
+    return gone
 
 
 def of(context: Context) -> NodeState:

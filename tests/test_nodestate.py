@@ -6,9 +6,11 @@ missing is refused, through the real guard."""
 from __future__ import annotations
 
 import json
+import os
 import pickle
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -101,3 +103,23 @@ def test_memory_holds_at_most_its_budget_and_a_dropped_blob_is_read_back_from_th
     nodestate.clear()
     with pytest.raises(SiteError, match="no longer holds the blob"):
         other.get(digests[0], "blob")
+
+
+def test_a_new_run_removes_run_folders_last_written_more_than_a_week_ago(tmp_path):
+    parent = tmp_path / "run-state"
+    stale, recent, other = parent / "run-1", parent / "run-2", parent / "notes"
+    for folder in (stale, recent, other):
+        folder.mkdir(parents=True)
+        (folder / "blob").write_bytes(b"x")
+    week_ago = time.time() - nodestate.KEEP_SECONDS - 60
+    os.utime(stale, (week_ago, week_ago))
+    os.utime(other, (week_ago, week_ago))
+
+    node = nodestate.NodeState(RecordDict(), parent / "run-3")
+    digest = node.put(b"the new run's list")
+
+    assert not stale.exists()  # older than a week: gone
+    assert recent.exists() and other.exists()  # a recent run's folder, and anything not a run's, stay
+    assert node.get(digest, "list") == b"the new run's list"
+    assert nodestate.prune(parent, keep=parent / "run-3", now=time.time() + nodestate.KEEP_SECONDS + 60) == [recent]
+    assert (parent / "run-3").exists()  # the folder in use is never removed
