@@ -156,5 +156,8 @@ def approval_check(msg: Message, context: Context, call_next: ClientAppCallable)
     """Client mod: refuse every message of a run whose plan this site has not approved, before the handler
     (and so before any data) runs."""
     run = run_config(context.run_config)
-    check_approved(locate_site(context.node_config, run), run)
+    # once per message or batch: the approvals it reads are stamped once per look anyway (client.runcache), so a
+    # batch's sub-requests would only repeat it; a refusal is not kept, each sub-request raises it again
+    runcache.in_look(("approved", id(context)), context,
+                     lambda: check_approved(locate_site(context.node_config, run), run))
     return call_next(msg, context)

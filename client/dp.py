@@ -42,6 +42,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, Context, Message, MessageType
 from flwr.clientapp.typing import ClientAppCallable
 
+from client import runcache
 from client.site import site_settings
 from client.sitefiles import SiteFiles, read_jsonl
 from client.steps import locate_site, run_config
@@ -106,6 +107,11 @@ class SiteBudget:
                                  "rho": rho, "unit": "one case changed", "kind": kind}) + "\n")
 
 
+def _budget(context: Context) -> SiteBudget:
+    """The site's budget ledger and cap, found once per message or batch (each spend is read from the file)."""
+    return runcache.in_look(("dp-budget", id(context)), context, lambda: SiteBudget(context))
+
+
 def dp_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
     """Client mod: clip and noise the model update of a ``train`` reply when the run asks for DP, within the
     site's own budget."""
@@ -117,7 +123,7 @@ def dp_update_mod(msg: Message, context: Context, call_next: ClientAppCallable) 
         settings = dp.settings_from_config(context.run_config)
     except dp.DPConfigError as exc:
         raise DPError(f"dp_update_mod: {exc}; nothing is sent") from None
-    budget = SiteBudget(context)
+    budget = _budget(context)
     if settings is None:
         if budget.cap is not None:
             raise DPError(f"dp_update_mod: this site sends model updates only with differential privacy (its "
@@ -152,7 +158,7 @@ def dp_query_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     A site with a cap refuses the query phases DP covers when the run does not noise them."""
     kind = msg.metadata.message_type
     if kind == TREES:  # gradient-boosted trees' histograms have no noised form: a site with a cap never sends them
-        cap = SiteBudget(context).cap
+        cap = _budget(context).cap
         if cap is not None:
             raise DPError(f"dp_query_mod: this site sends statistics of its cases only with differential privacy (its "
                           f"dp_budget_epsilon is {cap:g}), and {kind} (the gbt family) has no noised form. Nothing "
@@ -161,7 +167,7 @@ def dp_query_mod(msg: Message, context: Context, call_next: ClientAppCallable) -
     if kind not in dp_query.MECHANISMS and kind not in WITHHELD_WHEN_NOISED:
         return call_next(msg, context)
     run = run_config(context.run_config)
-    budget = SiteBudget(context)
+    budget = _budget(context)
     if not run.dp_query:
         if budget.cap is not None:
             raise DPError(f"dp_query_mod: this site sends {kind} only with differential privacy (its "
