@@ -15,18 +15,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import threading
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
+from client import runcache
 from client.site import Case, Site
 from client.sitefiles import write_unless_same
 from common.canon import file_sha256
 
 SCHEMA = "radfed.input-hashes/1"
-SETTLE_NS = 1_000_000_000
+SETTLE_NS = runcache.SETTLE_NS  # the run cache's settling rule, for the same reason
 Key = tuple[str, int, int, int, int]
 
 _HASHES: dict[Key, str] = {}  # one hash per file version per process
@@ -76,19 +76,11 @@ def input_hashes(case: Case, label_map: Mapping[int, str] | None = None) -> dict
     return hashes
 
 
-def _file_stamp(path: Path) -> tuple[int, int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
-
-
 def recall(site: Site) -> None:
     """Read the hashes the site recorded (once per version of its file per process); a missing or damaged file
     only means hashing again."""
     path = site.files.input_hashes
-    now = _file_stamp(path)
+    now = runcache.stamp(path)
     if now is None or _LOADED.get(str(path)) == now:
         return
     try:
@@ -120,4 +112,4 @@ def record(site: Site, files: Iterable[Path]) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if write_unless_same(target, json.dumps({"schema": SCHEMA, "files": sorted(rows)}, separators=(",", ":"))):
         with _LOCK:
-            _LOADED[str(target)] = _file_stamp(target)
+            _LOADED[str(target)] = runcache.stamp(target)
