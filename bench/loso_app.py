@@ -50,5 +50,6 @@ def profiled_main(grid: Grid, context: Context) -> None:
         threading.Thread.run = original  # type: ignore[method-assign]
         out.mkdir(parents=True, exist_ok=True)
         main.dump_stats(str(out / "server-main.prof"))
-        if _THREADS:
-            pstats.Stats(*_THREADS).dump_stats(str(out / "server-threads.prof"))
+        recorded = [p for p in _THREADS if p.getstats()]  # pstats refuses a profiler that saw no call
+        if recorded:
+            pstats.Stats(*recorded).dump_stats(str(out / "server-threads.prof"))

@@ -50,8 +50,9 @@ def keep_names(node: NodeState, record: ConfigRecord, key: str, names: list[str]
     """Remember ``names`` (whose ``common.canon.sha256_json`` is ``digest``) as ``record[key]``."""
     if record.get(key) == _BY_HASH + digest:
         return  # the cohort's list again (every train, evaluate and newton message names the model's inputs)
-    blob = canonical_json(names).encode("utf-8")  # the bytes sha256_json hashes: the file's name is the list's hash
-    record[key] = _BY_HASH + node.put(blob, digest)
+    if not node.has(digest):  # another cohort's same list (each fold's moments request): not encoded again (42 KB)
+        node.put(canonical_json(names).encode("utf-8"), digest)  # the bytes sha256_json hashes: named by its hash
+    record[key] = _BY_HASH + digest
 
 
 def agreed_names(node: NodeState, record: ConfigRecord, key: str) -> list[str] | None:

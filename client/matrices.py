@@ -100,10 +100,11 @@ def _matrix(data: SiteData, agreed: list[str], held_out: bool | None, names: lis
         x = restrict(tuple(index[n] for n in picked))(x, None if data.covariates is None else data.covariates[rows])
         index = {n: j for j, n in enumerate(picked)}
         radiomics = picked
+    elif harmonize is not None:  # from the raw matrix kept for the split (each fold's moments request adjusts it)
+        raw, _ = site_matrix(data, radiomics, held_out)
+        x = harmonize(raw, None if data.covariates is None else data.covariates[rows])
     else:
         x = data.table.columns(radiomics)[rows]
-        if harmonize is not None:
-            x = harmonize(x, None if data.covariates is None else data.covariates[rows])
     if wanted == radiomics:
         return x, data.table.labels[rows]
     # clinical inputs (model-covariates) join after ComBat, which never adjusts them, as they were coded

@@ -69,6 +69,12 @@ class NodeState:
             _WRITTEN.add((str(self.folder), digest))
         return digest
 
+    def has(self, digest: str) -> bool:
+        """Whether this process wrote (or found) ``digest`` in the node's run folder: a caller may then name it
+        without building its bytes again (e.g. the same ~860-name list each fold agrees)."""
+        with _LOCK:
+            return (str(self.folder), digest) in _WRITTEN
+
     def get(self, digest: str, what: str) -> bytes:
         """The bytes kept as ``digest``; ``what`` names them in the refusal when they are missing or changed."""
         with _LOCK:

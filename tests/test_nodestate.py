@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import Context, Message, RecordDict
+from flwr.app import ConfigRecord, Context, Message, RecordDict
 from site_helpers import agreed_node, combat_join
 
 from client import combat_state, nodestate
@@ -123,3 +123,27 @@ def test_a_new_run_removes_run_folders_last_written_more_than_a_week_ago(tmp_pat
     assert node.get(digest, "list") == b"the new run's list"
     assert nodestate.prune(parent, keep=parent / "run-3", now=time.time() + nodestate.KEEP_SECONDS + 60) == [recent]
     assert (parent / "run-3").exists()  # the folder in use is never removed
+
+
+def test_a_list_the_node_already_wrote_is_not_encoded_again_for_another_cohort(tmp_path, monkeypatch):
+    """Each leave-one-site-out fold agrees mostly the same ~860 names: the node names the blob it wrote for an earlier
+    cohort by its hash instead of encoding the list again; a node that does not hold it (a fresh process) still
+    writes it, and every cohort reads the same list back."""
+    from client import guard
+    from common.canon import sha256_json
+
+    nodestate.clear()
+    encoded = []
+    real = guard.canonical_json
+    monkeypatch.setattr(guard, "canonical_json", lambda value: encoded.append(1) or real(value))
+    node = nodestate.NodeState(RecordDict(), tmp_path / "run-1")
+    names = [f"feature-{i}" for i in range(50)]
+    records = [ConfigRecord() for _ in range(3)]  # three cohorts' agreements
+    for record in records:
+        guard.keep_names(node, record, "features", names, sha256_json(names))
+    assert len(encoded) == 1
+    nodestate.clear()  # another process: it does not know the folder holds the blob, so it writes it (same bytes)
+    fresh = ConfigRecord()
+    guard.keep_names(node, fresh, "features", names, sha256_json(names))
+    assert len(encoded) == 2
+    assert all(guard.agreed_names(node, r, "features") == names for r in [*records, fresh])

@@ -85,6 +85,23 @@ def test_a_kept_matrix_equals_computing_it_again_and_is_a_copy(site):
     assert raw[0].tobytes() == _fresh(data, agreed, held_out=False)[0].tobytes()
 
 
+
+def test_every_folds_full_harmonised_matrix_adjusts_the_kept_raw_one(site, monkeypatch):
+    """Each fold's moments request harmonises all ~860 agreed features of the training split: the columns are taken
+    from the table once (the raw matrix the site keeps), not again per fold, and each fold's matrix equals its
+    parameters applied to the raw features, to the bit."""
+    data = steps.load_site_data(site, FULL)
+    agreed = steps.features_reply(data)[0]
+    folds = [_harmonizer(data, agreed, shift) for shift in (0.25, 0.5, 1.0)]
+    raw, _ = _fresh(data, agreed, held_out=False)
+    taken = []
+    real = type(data.table).columns
+    monkeypatch.setattr(type(data.table), "columns", lambda table, names: taken.append(1) or real(table, names))
+    for harmonize in folds:
+        x, _ = steps.site_matrix(data, agreed, held_out=False, harmonize=harmonize)
+        assert x.tobytes() == harmonize(raw.copy(), None).tobytes()
+    assert taken == []
+
 def test_another_folds_parameters_or_columns_are_never_served_the_kept_matrix(site):
     data = steps.load_site_data(site, FULL)
     agreed = steps.features_reply(data)[0]  # finite at every case, as the features phase agrees them
