@@ -1,12 +1,16 @@
 """The signed audit chain: intact logs verify; every kind of tampering is named at its first line."""
 
 import json
+import os
+import threading
+import time
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from radfed.cli import main as cli
-from server.audit import AuditLog, load_or_create_key, public_pem, verify
+from server import audit as audit_module
+from server.audit import AuditLog, line_sha256, load_or_create_key, public_pem, verify
 
 
 def _write_run(path, key, rounds=3):
@@ -134,3 +138,42 @@ def test_cli_exit_codes(log, capsys):
     _write(log, _lines(log)[:1] + _lines(log)[2:])
     assert cli(["audit", "verify", str(log)]) == 1
     assert "BROKEN at line 2" in capsys.readouterr().out
+
+
+
+def test_threads_share_fsyncs_and_each_entry_is_on_disk_before_append_returns(tmp_path, key, monkeypatch):
+    """Fold threads append together: the chain stays intact, every append returns only after an fsync that began
+    after its line was written has finished, and under contention one fsync covers several entries (group commit)."""
+    path = tmp_path / "run" / "audit.jsonl"
+    log = AuditLog(path, key)
+    synced = []  # the file's size when each finished fsync began: what it put on disk
+    real_fsync = os.fsync
+
+    def slow_fsync(fd):
+        size = os.fstat(fd).st_size
+        time.sleep(0.01)  # a disk's fsync: long enough for other threads to write meanwhile
+        real_fsync(fd)
+        synced.append(size)
+
+    monkeypatch.setattr(audit_module.os, "fsync", slow_fsync)
+    returned = []  # (entry hash, bytes on disk when its append returned)
+
+    def fold(name):
+        for r in range(10):
+            digest = log.append("round-train", round=r, fold=name)
+            returned.append((digest, max(synced, default=0)))
+
+    threads = [threading.Thread(target=fold, args=(f"site-{i}",)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    lines = _lines(path)
+    log.append("run-end", status="completed")
+    assert len(lines) == 80 and verify(path).ok
+    ends, total = {}, 0
+    for line in lines:
+        total += len(line.encode()) + 1
+        ends[line_sha256(line)] = total
+    assert all(on_disk >= ends[digest] for digest, on_disk in returned)
+    assert len(synced) < 80  # one fsync per entry without the group commit
