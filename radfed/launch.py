@@ -94,14 +94,16 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "") -> Iterator[tup
 
 def ray_head_command(port: int, temp: Path) -> list[str]:
     """`ray start --head` in the foreground (``--block``: SIGTERM to it stops what it started) on 127.0.0.1:port,
-    its sockets and logs in ``temp`` (short: a unix socket's path must stay under 108 characters), no dashboard or
-    usage report, and every other port it listens on a free one: Ray's fixed defaults (client server 10001,
+    its sockets and logs in ``temp`` (short: a unix socket's path must stay under 108 characters), no dashboard,
+    usage report or autoscaler monitor (a process importing Ray on the cores the run starts on, for a cluster that
+    never scales), and every other port it listens on a free one: Ray's fixed defaults (client server 10001,
     dashboard 8265, agent 52365) clash with another Ray cluster on the same machine."""
     ports = [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-port",
                                                      "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                      "metrics-export-port", "runtime-env-agent-port")]
-    return [_bin("ray"), "start", "--head", "--block", "--port", str(port), *ports, "--node-ip-address",
-            "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard=false", "--disable-usage-stats"]
+    return [_bin("ray"), "start", "--head", "--block", "--port", str(port), *ports, "--no-monitor",
+            "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard=false",
+            "--disable-usage-stats"]
 
 
 @contextmanager
@@ -133,15 +135,13 @@ def stop_tree(proc: subprocess.Popen, grace: float = 25.0) -> None:
     process group, at once: SIGTERM, then SIGKILL what is left after ``grace`` seconds (``grace=0``: SIGKILL at
     once). The SuperLink starts its SuperExec, and that the simulation, in sessions of their own, so its process
     group does not reach them; Ray's services and workers are descendants of the process that started the
-    cluster. The session folders of the Ray clusters among them (``ray_sessions``) are removed once they are gone:
-    Ray leaves its logs and sockets there on any exit."""
+    cluster."""
     import psutil
 
     try:
         started = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         started = []
-    sessions = ray_sessions(started)
     # at grace 0 the SuperLink goes too, at once: it reaps the SuperExec, which would stay a zombie until then
     sig = signal.SIGTERM if grace > 0 else signal.SIGKILL
     for child in started:
@@ -149,38 +149,31 @@ def stop_tree(proc: subprocess.Popen, grace: float = 25.0) -> None:
             child.send_signal(sig)  # psutil checks that the pid is still the process it listed
     with suppress(ProcessLookupError):
         os.killpg(proc.pid, sig)
-    _, left = psutil.wait_procs(started, timeout=grace if grace > 0 else 25.0)
+    left = wait_dead(started, timeout=grace if grace > 0 else 25.0)
     for child in left:
         with suppress(psutil.Error):
             child.kill()
-    psutil.wait_procs(left, timeout=25.0)
+    wait_dead(left, timeout=25.0)
     stop_process_group(proc, grace)
-    for session in sessions:
-        remove_ray_session(session)
 
 
-def ray_sessions(processes: list) -> list[Path]:
-    """The session folders of the Ray clusters whose GCS is among ``processes`` (psutil.Process): a cluster the
-    simulation started itself. A shared cluster it only joined (RAY_ADDRESS) has its GCS elsewhere: not listed."""
+def wait_dead(processes: list, timeout: float) -> list:
+    """Wait until each of ``processes`` (psutil.Process) has exited; returns those still running after ``timeout``.
+    An exited process counts as soon as it is a zombie: one whose parent died waits for pid 1 to reap it, which
+    here took 2 s (psutil.wait_procs waits for the reaping)."""
     import psutil
 
-    found = []
-    for process in processes:
-        with suppress(psutil.Error):
-            for arg in process.cmdline():
-                if arg.startswith("--session-dir=") and "gcs_server" in process.name():
-                    found.append(Path(arg.removeprefix("--session-dir=")))
-    return found
-
-
-def remove_ray_session(session: Path) -> None:
-    """Remove a stopped Ray cluster's session folder, and Ray's ``session_latest`` link beside it when it points
-    there (Ray's next cluster in that temp folder makes it anew)."""
-    shutil.rmtree(session, ignore_errors=True)
-    latest = session.parent / "session_latest"
-    with suppress(OSError):
-        if latest.is_symlink() and Path(os.readlink(latest)) == session:
-            latest.unlink()
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for process in processes:
+            with suppress(psutil.Error):  # gone: psutil also checks that the pid is still the process it listed
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(process)
+        if not left or time.monotonic() >= deadline:
+            return left
+        processes = left
+        time.sleep(0.02)
 
 
 def stop_process_group(proc: subprocess.Popen, grace: float = 25.0) -> None:
