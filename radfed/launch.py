@@ -92,18 +92,17 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "") -> Iterator[tup
         stop_tree(proc)
 
 
-def ray_head_command(port: int, temp: Path) -> list[str]:
-    """`ray start --head` in the foreground (``--block``: SIGTERM to it stops what it started) on 127.0.0.1:port,
-    its sockets and logs in ``temp`` (short: a unix socket's path must stay under 108 characters), no dashboard,
-    usage report or autoscaler monitor (a process importing Ray on the cores the run starts on, for a cluster that
-    never scales), and every other port it listens on a free one: Ray's fixed defaults (client server 10001,
-    dashboard 8265, agent 52365) clash with another Ray cluster on the same machine."""
-    ports = [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-port",
-                                                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                                     "metrics-export-port", "runtime-env-agent-port")]
-    return [_bin("ray"), "start", "--head", "--block", "--port", str(port), *ports, "--no-monitor",
-            "--node-ip-address", "127.0.0.1", "--temp-dir", str(temp), "--include-dashboard=false",
-            "--disable-usage-stats"]
+# The run's Ray cluster, started as Flower's own `ray.init()` starts one (the same services; `ray start` would add a
+# Ray Client server, a process importing Ray and listening on every interface), by a process that then only holds
+# it. argv: its folder. Its GCS port is RAY_GCS_SERVER_PORT (Ray reads it for a new head).
+RAY_HEAD = """\
+import sys, threading
+import ray
+ray.init(address="local", _temp_dir=sys.argv[1], _node_ip_address="127.0.0.1", include_dashboard=False,
+         log_to_driver=False, configure_logging=False)
+print("radfed: the Ray head is up", flush=True)
+threading.Event().wait()
+"""
 
 
 @contextmanager
@@ -116,12 +115,15 @@ def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
     if os.environ.get("RAY_ADDRESS"):
         yield None
         return
+    # a short folder: Ray's unix sockets live under it and their paths must stay below 108 characters
     temp = Path(tempfile.mkdtemp(prefix="rfray-", dir="/tmp"))
     port = free_port()
     try:
         with (temp / "head.log").open("wb") as log:
-            proc = subprocess.Popen(ray_head_command(port, temp), env=flwr_env(flwr_home), stdout=log,
-                                    stderr=subprocess.STDOUT, start_new_session=True)
+            proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
+                                    env={**flwr_env(flwr_home), "RAY_GCS_SERVER_PORT": str(port),
+                                         "RAY_USAGE_STATS_ENABLED": "0"},
+                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc, port
         finally:

@@ -14,6 +14,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -21,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from radfed.launch import free_port, ray_head_command
+from radfed.launch import free_port
 
 READY = "Ray runtime started"
 ATTEMPTS = 2  # starts of the head per session; after that, each run starts its own cluster as without this module
@@ -53,9 +54,16 @@ def _start() -> str:
     _temp = tempfile.mkdtemp(prefix="rfray-", dir="/tmp")
     log = Path(_temp) / "head.log"
     port = free_port()
+    # every port the head listens on is a free one: Ray's fixed defaults (client server 10001, dashboard 8265,
+    # agent 52365) clash with another Ray head on the same machine
+    ports = [f"--{name}={free_port()}" for name in ("ray-client-server-port", "dashboard-port",
+                                                     "dashboard-agent-listen-port", "dashboard-agent-grpc-port",
+                                                     "metrics-export-port", "runtime-env-agent-port")]
     with log.open("wb") as out:
-        _head = subprocess.Popen(ray_head_command(port, Path(_temp)), stdout=out, stderr=subprocess.STDOUT,
-                                 start_new_session=True)
+        _head = subprocess.Popen(
+            [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--port", str(port), *ports,
+             "--node-ip-address", "127.0.0.1", "--temp-dir", _temp, "--include-dashboard=false",
+             "--disable-usage-stats"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + 180
     while READY not in log.read_text(errors="replace"):
         if _head.poll() is not None or time.monotonic() > deadline:
