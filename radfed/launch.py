@@ -128,6 +128,8 @@ def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
             yield proc, port
         finally:
             stop_tree(proc, END_GRACE)  # nothing of a run is written by Ray: its logs go with its folder
+            if proc.returncode != -signal.SIGKILL:  # it ended by itself: its log says why
+                shutil.copyfile(temp / "head.log", flwr_home / "ray-head.log")
     finally:
         shutil.rmtree(temp, ignore_errors=True)
 
@@ -243,7 +245,7 @@ for port in ports:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 break
         if time.monotonic() > deadline:
-            sys.exit(f"port {port} (flower-superlink or ray start --head) did not open in time")
+            sys.exit(f"port {port} (flower-superlink or the Ray head) did not open in time")
         time.sleep(0.05)
 sys.argv = ["flwr", *sys.argv[3:]]
 sys.exit(app())
@@ -256,7 +258,7 @@ STOPPED_AT_END = "radfed: the ServerApp finished ({status}); Flower's processes 
 # or appended lines, docs/privacy.md); on SIGTERM Ray's services and workers took 3 to 8 s here and the simulation
 # 5 s (Flower's forced exit), with nothing left to do but their own teardown.
 END_GRACE = 0.0
-# Seconds the SuperLink and the Ray head get to listen (`ray start` alone took up to 35 s on the loaded 2 cores)
+# Seconds the SuperLink and the Ray head get to listen (a Ray cluster's start took up to 35 s on the loaded 2 cores)
 READY_TIMEOUT = 180
 
 
@@ -316,7 +318,8 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
         try:
             wait_port(port, superlink, timeout=READY_TIMEOUT)
             if head:
-                wait_port(head[1], head[0], timeout=READY_TIMEOUT, name="ray start --head")
+                wait_port(head[1], head[0], timeout=READY_TIMEOUT,
+                          name=f"the run's Ray head (its log: {flwr_home / 'ray-head.log'})")
             status = follow_run(run, out)
         finally:
             timer.cancel()

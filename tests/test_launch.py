@@ -68,7 +68,7 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
     with ray_head(tmp_path) as head:
         assert head is not None
         proc, port = head
-        wait_port(port, proc, timeout=READY_TIMEOUT, name="ray start --head")
+        wait_port(port, proc, timeout=READY_TIMEOUT, name="the Ray head")
         temp = Path(proc.args[-1])
         assert temp.is_dir() and len(str(temp)) < 30  # Ray's unix socket paths under it must stay short
         deadline = time.monotonic() + READY_TIMEOUT
