@@ -23,9 +23,10 @@ from typing import IO
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
-# Read by the Ray services the simulation starts (RAY_<setting>): Flower's ClientApp actors get workers of their
-# own, so the two idle workers Ray would start for the first driver only take CPU from them (each imports Ray)
-RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
+# Read by Ray's processes (RAY_<setting>): Flower's ClientApp actors get workers of their own, so the two idle workers
+# Ray would start for the first driver only take CPU from them (each imports Ray); a cluster a run starts reports no
+# usage to Ray's servers (nothing of a run should call a third party)
+RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -121,9 +122,8 @@ def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
     try:
         with (temp / "head.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
-                                    env={**flwr_env(flwr_home), "RAY_GCS_SERVER_PORT": str(port),
-                                         "RAY_USAGE_STATS_ENABLED": "0"},
-                                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+                                    env={**flwr_env(flwr_home), "RAY_GCS_SERVER_PORT": str(port)}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc, port
         finally:
@@ -307,7 +307,7 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
     stream = nullcontext(sys.stdout) if echo else (flwr_home / "flwr-run.log").open("a", encoding="utf-8")
     with ray_head(flwr_home) as head, simulation_superlink(flwr_home, ray_address(head)) as (superlink, port), \
             stream as out:
-        ports = ",".join(str(p) for p in (port, *(head[1:] if head else ())))
+        ports = f"{port},{head[1]}" if head else str(port)
         run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, ports, str(READY_TIMEOUT), *args],
                                env={**flwr_env(flwr_home), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT,
