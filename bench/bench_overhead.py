@@ -8,9 +8,10 @@ For each profile, on the demo's four synthetic hospitals (``--scale`` multiplies
 - cold extraction: every site extracted from an empty cache, two sites at a time with one worker each (2 cores,
   as ``make demo`` does); cases per second per core = usable cases / (wall seconds x 2);
 - the federation as the demo runs it (default run config: main run, leave-one-site-out and the local-only
-  baselines, fold-batching on) on the warm caches: wall seconds of ``flwr run`` from SuperLink start to stop, the
-  ServerApp's own seconds, and where they went (from the audit log's times: start-up before the first entry,
-  plan + features, the main fit, the folds, outputs); Flower messages and requests (run-end);
+  baselines, fold-batching on) on the warm caches: wall seconds of ``flwr run`` from the launch (Ray head,
+  SuperLink) to every process stopped, the ServerApp's own seconds, and where they went (from the audit log's
+  times: start-up before the first entry, plan + features, the main fit, the folds, outputs); Flower messages and
+  requests (run-end);
 - overhead ratio = federation wall / cold extraction wall (goal, issue 20: <= 10% on the default demo).
 
 ``--modes merged,separate`` runs the federation with ``merge-phases`` on and off (the messages each sends);
@@ -69,8 +70,8 @@ def _time(entry: dict) -> float:
 
 def phases(folder: Path, started: float, stopped: float) -> tuple[list[str], dict]:
     """Seconds from the run's audit times: start-up (launch to the first entry), plan + features, main fit and its
-    scoring (to the folds' start), folds, outputs (folds' end to run-end), shutdown (run-end to the SuperLink
-    stopped); rounds; and run-end's data."""
+    scoring (to the folds' start), folds, outputs (folds' end to run-end), shutdown (run-end to the launcher's
+    processes stopped); rounds; and run-end's data."""
     entries = [json.loads(line) for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
     at = {}
     for e in entries:

@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator, Mapping
@@ -22,9 +23,10 @@ from typing import IO
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
-# Read by the Ray services the simulation starts (RAY_<setting>): Flower's ClientApp actors get workers of their
-# own, so the two idle workers Ray would start for the first driver only take CPU from them (each imports Ray)
-RAY_ENV = {"RAY_prestart_worker_first_driver": "0"}
+# Read by Ray's processes (RAY_<setting>): Flower's ClientApp actors get workers of their own, so the two idle workers
+# Ray would start for the first driver only take CPU from them (each imports Ray); a cluster a run starts reports no
+# usage to Ray's servers (nothing of a run should call a third party)
+RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
 
 
 def free_port() -> int:
@@ -38,19 +40,21 @@ def _bin(name: str) -> str:
     return str(candidate) if candidate.exists() else name
 
 
-def wait_port(port: int, proc: subprocess.Popen, timeout: float) -> None:
+def wait_port(port: int, proc: subprocess.Popen, timeout: float, name: str = "flower-superlink") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise RuntimeError(f"flower-superlink exited with code {proc.returncode} before it was ready")
+            raise RuntimeError(f"{name} exited with code {proc.returncode} before it was ready")
         with socket.socket() as sock:
             if sock.connect_ex(("127.0.0.1", port)) == 0:
                 return
         time.sleep(0.05)
-    raise RuntimeError(f"flower-superlink did not open port {port} within {timeout:.0f}s")
+    raise RuntimeError(f"{name} did not open port {port} within {timeout:.0f}s")
 
 
-def flwr_env(flwr_home: Path) -> dict[str, str]:
+def flwr_env(flwr_home: Path, ray_address: str = "") -> dict[str, str]:
+    """The environment of the processes a run starts; with ``ray_address``, the simulation joins that Ray cluster
+    (RAY_ADDRESS) instead of starting one of its own."""
     env = dict(os.environ)
     env["FLWR_HOME"] = str(flwr_home)
     # Otherwise the SuperLink `uv sync`s the app into a fresh env and pulls a multi-GB CUDA torch.
@@ -60,15 +64,17 @@ def flwr_env(flwr_home: Path) -> dict[str, str]:
     # for it when they exit: nothing of a run should call a third party, and a firewalled network makes the wait long
     env["FLWR_TELEMETRY_ENABLED"] = "0"
     env.update(RAY_ENV)
+    if ray_address:
+        env["RAY_ADDRESS"] = ray_address
     bindir = str(Path(sys.executable).parent)
     env["PATH"] = bindir + os.pathsep + env.get("PATH", "")
     return env
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int]]:
+def simulation_superlink(flwr_home: Path, ray_address: str = "") -> Iterator[tuple[subprocess.Popen, int]]:
     """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME, stopped with everything it
-    started on leaving (``stop_superlink``); yields (its process, its port) at once, before it listens
+    started on leaving (``stop_tree``); yields (its process, its port) at once, before it listens
     (``wait_port`` waits for it)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
@@ -80,40 +86,103 @@ def simulation_superlink(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, in
             [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
-            env=flwr_env(flwr_home), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=flwr_env(flwr_home, ray_address), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc, port
     finally:
-        stop_superlink(proc)
+        stop_tree(proc)
 
 
-def stop_superlink(proc: subprocess.Popen, grace: float = 25.0) -> None:
-    """Stop the SuperLink and everything it started, each by its pid or process group, at once: SIGTERM, then
-    SIGKILL what is left after ``grace`` seconds. The SuperLink starts its SuperExec, and that the simulation, in
-    sessions of their own, so its process group does not reach them; the simulation's Ray services and workers are
-    its descendants."""
+# The run's Ray cluster, started as Flower's own `ray.init()` starts one (the same services; `ray start` would add a
+# Ray Client server, a process importing Ray and listening on every interface), by a process that then only holds
+# it. argv: its folder. Its GCS port is RAY_GCS_SERVER_PORT (Ray reads it for a new head).
+RAY_HEAD = """\
+import sys, threading
+import ray
+ray.init(address="local", _temp_dir=sys.argv[1], _node_ip_address="127.0.0.1", include_dashboard=False,
+         log_to_driver=False, configure_logging=False)
+print("radfed: the Ray head is up", flush=True)
+threading.Event().wait()
+"""
+
+
+@contextmanager
+def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
+    """A Ray cluster for the run's simulation to join, started beside the SuperLink: the simulation's own
+    ``ray.init()`` would start one only after the SuperLink, ``flwr run``, the SuperExec and the simulation itself
+    have started (seconds of imports, one after the other), and the ClientApp actors wait for it. Yields (its
+    process, its port) at once; stopped with everything it started, its folder removed, on leaving. None when
+    RAY_ADDRESS names a cluster already (the tests' shared head): the simulation joins that one."""
+    if os.environ.get("RAY_ADDRESS"):
+        yield None
+        return
+    # a short folder: Ray's unix sockets live under it and their paths must stay below 108 characters
+    temp = Path(tempfile.mkdtemp(prefix="rfray-", dir="/tmp"))
+    port = free_port()
+    try:
+        with (temp / "head.log").open("wb") as log:
+            proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
+                                    env={**flwr_env(flwr_home), "RAY_GCS_SERVER_PORT": str(port)}, stdout=log,
+                                    stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            yield proc, port
+        finally:
+            stop_tree(proc, END_GRACE)  # nothing of a run is written by Ray: its logs go with its folder
+            if proc.returncode != -signal.SIGKILL:  # it ended by itself: its log says why
+                shutil.copyfile(temp / "head.log", flwr_home / "ray-head.log")
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def stop_tree(proc: subprocess.Popen, grace: float = 25.0) -> None:
+    """Stop a process we started (the SuperLink, the Ray head) and everything it started, each by its pid or
+    process group, at once: SIGTERM, then SIGKILL what is left after ``grace`` seconds (``grace=0``: SIGKILL at
+    once). The SuperLink starts its SuperExec, and that the simulation, in sessions of their own, so its process
+    group does not reach them; Ray's services and workers are descendants of the process that started the
+    cluster."""
     import psutil
 
     try:
         started = psutil.Process(proc.pid).children(recursive=True)
     except psutil.Error:
         started = []
+    # at grace 0 the SuperLink goes too, at once: it reaps the SuperExec, which would stay a zombie until then
+    sig = signal.SIGTERM if grace > 0 else signal.SIGKILL
     for child in started:
         with suppress(psutil.Error):
-            child.terminate()  # psutil checks that the pid is still the process it listed
+            child.send_signal(sig)  # psutil checks that the pid is still the process it listed
     with suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGTERM)
-    _, left = psutil.wait_procs(started, timeout=grace)
+        os.killpg(proc.pid, sig)
+    left = wait_dead(started, timeout=grace if grace > 0 else 25.0)
     for child in left:
         with suppress(psutil.Error):
             child.kill()
-    psutil.wait_procs(left, timeout=grace)
+    wait_dead(left, timeout=25.0)
     stop_process_group(proc, grace)
 
 
+def wait_dead(processes: list, timeout: float) -> list:
+    """Wait until each of ``processes`` (psutil.Process) has exited; returns those still running after ``timeout``.
+    An exited process counts as soon as it is a zombie: one whose parent died waits for pid 1 to reap it, which
+    here took 2 s (psutil.wait_procs waits for the reaping)."""
+    import psutil
+
+    deadline = time.monotonic() + timeout
+    while True:
+        left = []
+        for process in processes:
+            with suppress(psutil.Error):  # gone: psutil also checks that the pid is still the process it listed
+                if process.status() != psutil.STATUS_ZOMBIE:
+                    left.append(process)
+        if not left or time.monotonic() >= deadline:
+            return left
+        processes = left
+        time.sleep(0.02)
+
+
 def stop_process_group(proc: subprocess.Popen, grace: float = 25.0) -> None:
-    """SIGTERM the whole group (SuperLink, simulation, ray workers), SIGKILL what is left."""
-    if proc.poll() is None:
+    """SIGTERM the whole group (SuperLink, simulation, ray workers), SIGKILL what is left (at once: ``grace=0``)."""
+    if proc.poll() is None and grace > 0:
         try:
             os.killpg(proc.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -163,29 +232,34 @@ def staged_app(app_dir: Path, into: Path) -> Path:
     return target
 
 
-# `flwr run` in a process that imports Flower's CLI (seconds) while the SuperLink starts, then waits for its port:
-# `flwr run` itself would fail on a SuperLink that does not listen yet. argv: port, seconds to wait, flwr's arguments.
+# `flwr run` in a process that imports Flower's CLI (seconds) while the SuperLink and the Ray head start, then waits
+# for their ports: `flwr run` itself would fail on a SuperLink that does not listen yet, and the simulation it starts
+# joins the head. argv: the ports (comma list), seconds to wait, flwr's arguments.
 FLWR_RUN_WHEN_READY = """\
 import socket, sys, time
 from flwr.cli.app import app
-port, deadline = int(sys.argv[1]), time.monotonic() + float(sys.argv[2])
-while True:
-    with socket.socket() as sock:
-        if sock.connect_ex(("127.0.0.1", port)) == 0:
-            break
-    if time.monotonic() > deadline:
-        sys.exit(f"flower-superlink did not open port {port} in time")
-    time.sleep(0.05)
+ports, deadline = [int(p) for p in sys.argv[1].split(",")], time.monotonic() + float(sys.argv[2])
+for port in ports:
+    while True:
+        with socket.socket() as sock:
+            if sock.connect_ex(("127.0.0.1", port)) == 0:
+                break
+        if time.monotonic() > deadline:
+            sys.exit(f"port {port} (flower-superlink or the Ray head) did not open in time")
+        time.sleep(0.05)
 sys.argv = ["flwr", *sys.argv[3:]]
 sys.exit(app())
 """
 # The ServerApp's last log line (server/app.py `main`): every output and the signed run-end are written before it
 RUN_END = re.compile(r"radfed run \d+ (completed|failed|refused) in \d")
 STOPPED_AT_END = "radfed: the ServerApp finished ({status}); Flower's processes were stopped then"
-# Once the run is over, what each of Flower's and Ray's processes gets to exit on SIGTERM before SIGKILL: what Ray's
-# own shutdown gives each of its services, but all at once instead of one after the other. Ray's services and
-# workers took 5 to 8 s on SIGTERM here, the simulation 5 s (Flower's forced exit), with nothing left to do.
-END_GRACE = 1.0
+# Once the run is over, what each of Flower's and Ray's processes gets to exit on SIGTERM before SIGKILL: none.
+# Every output and the signed run-end are written before the last line, and a site's files are crash-safe (atomic
+# or appended lines, docs/privacy.md); on SIGTERM Ray's services and workers took 3 to 8 s here and the simulation
+# 5 s (Flower's forced exit), with nothing left to do but their own teardown.
+END_GRACE = 0.0
+# Seconds the SuperLink and the Ray head get to listen (a Ray cluster's start took up to 35 s on the loaded 2 cores)
+READY_TIMEOUT = 180
 
 
 def follow_run(proc: subprocess.Popen, out: IO[str]) -> str | None:
@@ -231,8 +305,10 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
         args += ["--run-config", overrides]
     # the log is kept for diagnosis when not echoed
     stream = nullcontext(sys.stdout) if echo else (flwr_home / "flwr-run.log").open("a", encoding="utf-8")
-    with simulation_superlink(flwr_home) as (superlink, port), stream as out:
-        run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, str(port), "60", *args],
+    with ray_head(flwr_home) as head, simulation_superlink(flwr_home, ray_address(head)) as (superlink, port), \
+            stream as out:
+        ports = f"{port},{head[1]}" if head else str(port)
+        run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, ports, str(READY_TIMEOUT), *args],
                                env={**flwr_env(flwr_home), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT,
                                text=True, errors="replace", bufsize=1)
@@ -240,13 +316,16 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
         timer = threading.Timer(timeout, lambda: (timed_out.set(), run.kill()))  # as subprocess.run(timeout=) did
         timer.start()
         try:
-            wait_port(port, superlink, timeout=60)
+            wait_port(port, superlink, timeout=READY_TIMEOUT)
+            if head:
+                wait_port(head[1], head[0], timeout=READY_TIMEOUT,
+                          name=f"the run's Ray head (its log: {flwr_home / 'ray-head.log'})")
             status = follow_run(run, out)
         finally:
             timer.cancel()
             stop_process(run)  # at once after the last line; else flwr run has exited by itself
         if status is not None:  # the run is over: no site has a message left, every output is written
-            stop_superlink(superlink, END_GRACE)
+            stop_tree(superlink, END_GRACE)
         if timed_out.is_set():
             raise subprocess.TimeoutExpired(run.args, timeout)
         if status is None:
@@ -254,6 +333,10 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
         out.write(STOPPED_AT_END.format(status=status) + "\n")
         out.flush()
         return 0 if status == "completed" else 1
+
+
+def ray_address(head: tuple[subprocess.Popen, int] | None) -> str:
+    return f"127.0.0.1:{head[1]}" if head else ""
 
 
 def overrides_text(run_config: Mapping[str, object]) -> str:

@@ -1,0 +1,88 @@
+"""radfed.launch starting and stopping the processes of a run: the Ray head beside the SuperLink, and the stop at
+the ServerApp's last line (real processes, no federation: seconds)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from federation_helpers import flower_processes_of
+
+from radfed.launch import END_GRACE, READY_TIMEOUT, ray_head, stop_tree, wait_dead, wait_port
+
+# A process that notes any SIGTERM in a file and lives on, then starts itself again in a session of its own (as the
+# SuperLink starts the SuperExec): the parent's process group does not reach the copy, only its pid does.
+TREE = """\
+import os, signal, subprocess, sys, time
+from pathlib import Path
+folder, depth = Path(sys.argv[1]), int(sys.argv[2])
+signal.signal(signal.SIGTERM, lambda *_: (folder / f"sigterm-{depth}").touch())
+if depth == 0:
+    subprocess.Popen([sys.executable, "-c", sys.argv[3], *sys.argv[1:2], "1", sys.argv[3]], start_new_session=True)
+(folder / f"up-{depth}").touch()
+time.sleep(120)
+"""
+
+
+def test_the_run_end_stop_kills_every_process_started_at_once_without_their_teardown(tmp_path):
+    """At the ServerApp's last line every output is written: Flower's and Ray's processes get no SIGTERM (their
+    teardown took seconds for nothing), each is SIGKILLed, also one outside the process group."""
+    top = subprocess.Popen([sys.executable, "-c", TREE, str(tmp_path), "0", TREE], start_new_session=True)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "up-1").exists():
+        assert time.monotonic() < deadline and top.poll() is None, "the process tree did not start"
+        time.sleep(0.05)
+    started = [top.pid, *(p.pid for p in psutil.Process(top.pid).children(recursive=True))]
+    assert len(started) == 2
+
+    stop_tree(top, END_GRACE)
+
+    assert top.returncode == -9
+    assert not wait_dead([psutil.Process(pid) for pid in started if psutil.pid_exists(pid)], timeout=0)
+    assert not list(tmp_path.glob("sigterm-*"))
+
+
+def test_an_exited_process_counts_as_stopped_before_it_is_reaped():
+    """A killed process whose parent has not reaped it yet (a zombie; pid 1 reaps orphans when it gets to it) is
+    stopped: the stop does not wait for the reaping. A live one is still listed."""
+    dead, live = (subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(2))
+    try:
+        dead.kill()
+        zombie = psutil.Process(dead.pid)
+        deadline = time.monotonic() + 30
+        while zombie.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert wait_dead([zombie, psutil.Process(live.pid)], timeout=0) == [psutil.Process(live.pid)]
+    finally:
+        live.kill()
+        live.wait()
+        dead.wait()
+
+
+def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file(tmp_path, monkeypatch):
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with ray_head(tmp_path) as head:
+        assert head is not None
+        proc, port = head
+        wait_port(port, proc, timeout=READY_TIMEOUT, name="the Ray head")
+        temp = Path(proc.args[-1])
+        assert temp.is_dir() and len(str(temp)) < 30  # Ray's unix socket paths under it must stay short
+        deadline = time.monotonic() + READY_TIMEOUT
+        while "the Ray head is up" not in (temp / "head.log").read_text(errors="replace"):
+            assert time.monotonic() < deadline and proc.poll() is None
+            time.sleep(0.1)
+        assert len(flower_processes_of(tmp_path)) >= 3  # the head's process, GCS, raylet (FLWR_HOME marks them)
+    assert not flower_processes_of(tmp_path)
+    assert not temp.exists()
+
+
+def test_a_ray_cluster_named_by_ray_address_is_joined_not_started(tmp_path, monkeypatch):
+    """The tests' shared head (tests/ray_head.py), or a user's cluster: the simulation joins it."""
+    monkeypatch.setenv("RAY_ADDRESS", "127.0.0.1:6379")
+    with ray_head(tmp_path) as head:
+        assert head is None
+    assert not list(tmp_path.iterdir())
