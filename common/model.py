@@ -6,9 +6,14 @@ state dict carries everything needed to score a harmonised feature vector.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
+
+STATE_KEYS = ("mean", "scale", "linear.weight", "linear.bias")  # a state dict's arrays, in its order
 
 
 class RadiomicsLogistic(nn.Module):
@@ -41,27 +46,47 @@ def model_from_state(state: dict[str, torch.Tensor]) -> RadiomicsLogistic:
     return model
 
 
-def train_local(model: RadiomicsLogistic, x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
-                weight_decay: float, pos_weight: float) -> float:
-    """Full-batch gradient descent on class-weighted logistic loss; returns the final mean loss.
+def train_local(arrays: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
+                weight_decay: float, pos_weight: float) -> tuple[dict[str, np.ndarray], float]:
+    """Full-batch gradient descent on class-weighted logistic loss from the global model's arrays (a
+    RadiomicsLogistic state dict); returns the new arrays and the final mean loss.
 
     ``pos_weight`` (n_negative / n_positive over the federation) balances HGG against BM;
-    the buffers (mean, scale) are not trained.
+    the buffers (mean, scale) are not trained. The module's forward and BCEWithLogitsLoss's operations, in the same
+    order on the same tensors, without building a module per message (a third of a train message's handler time);
+    the standardisation, the same in every epoch, is computed once.
     """
-    xt = torch.as_tensor(x, dtype=torch.float64)
+    _check_state(arrays)
+    mean, scale, weight, bias = (torch.tensor(np.asarray(arrays[k]), dtype=torch.float64) for k in STATE_KEYS)
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    z = (torch.as_tensor(x, dtype=torch.float64) - mean) / scale
     yt = torch.as_tensor(y, dtype=torch.float64)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    weights = torch.tensor(pos_weight, dtype=torch.float64)
     # weight decay on the weights only: penalising the intercept would bias the class balance
-    decay = ((model.linear.weight, weight_decay), (model.linear.bias, 0.0))
-    model.train()
+    decay = ((weight, weight_decay), (bias, 0.0))
     loss = torch.tensor(float("nan"))
     for _ in range(epochs):
-        for param, _ in decay:
-            param.grad = None
-        loss = loss_fn(model(xt), yt)
+        weight.grad = bias.grad = None
+        loss = functional.binary_cross_entropy_with_logits(functional.linear(z, weight, bias).squeeze(-1), yt,
+                                                           pos_weight=weights)
         loss.backward()
         _sgd_step(decay, lr)
-    return float(loss.detach())
+    trained = (mean, scale, weight.detach(), bias.detach())
+    return {k: v.numpy() for k, v in zip(STATE_KEYS, trained, strict=True)}, float(loss.detach())
+
+
+def _check_state(arrays: Mapping[str, np.ndarray]) -> None:
+    """Refuse a state that is not exactly RadiomicsLogistic's arrays in its shapes (what load_state_dict refused:
+    a missing, extra or misshapen array)."""
+    if set(arrays) != set(STATE_KEYS) or np.ndim(arrays["mean"]) != 1:
+        raise ValueError(f"a logistic model's state holds {', '.join(STATE_KEYS)} (d,), (d,), (1, d), (1,); "
+                         f"got {sorted(arrays)}")
+    d = len(arrays["mean"])
+    expected = {"mean": (d,), "scale": (d,), "linear.weight": (1, d), "linear.bias": (1,)}
+    wrong = [f"{k} {np.shape(arrays[k])}" for k, shape in expected.items() if np.shape(arrays[k]) != shape]
+    if wrong:
+        raise ValueError(f"a logistic model of {d} inputs has the wrong shapes: {', '.join(wrong)}")
 
 
 @torch.no_grad()
