@@ -122,18 +122,55 @@ def test_local_training_is_torch_sgd_bit_for_bit(seed):
         assert trained[key].dtype == np.float64 and np.array_equal(trained[key], value.numpy()), key
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_mlp_local_training_is_its_module_under_torch_sgd_bit_for_bit(seed):
+    """The mlp family's local epochs, written out on the state's tensors (no module per message), equal
+    RadiomicsMLP's forward under BCEWithLogitsLoss and torch.optim.SGD exactly: arrays in the state dict's order,
+    loss, weight decay on the weights only."""
+    import torch
+
+    from common import mlp
+
+    rng = np.random.default_rng(seed)
+    n, d, hidden = int(rng.integers(10, 60)), int(rng.integers(1, 9)), int(rng.integers(1, 6))
+    x, y = rng.normal(size=(n, d)) * 3 + 1, (rng.random(n) < 0.4).astype(float)
+    epochs, lr, pos_weight = int(rng.integers(1, 8)), float(rng.uniform(0.01, 0.5)), float(rng.uniform(0.5, 2))
+    wd = float(rng.choice([0, 1e-3, 0.1]))
+    start = mlp.initial_arrays(x.mean(0), x.std(0) + 0.1, hidden, seed)
+    trained, loss = mlp.train_local(start, x, y, epochs, lr, wd, pos_weight)
+
+    reference = mlp._module(start)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    optimizer = torch.optim.SGD([{"params": [reference.hidden.weight, reference.output.weight], "weight_decay": wd},
+                                 {"params": [reference.hidden.bias, reference.output.bias], "weight_decay": 0.0}],
+                                lr=lr)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        ref_loss = loss_fn(reference(torch.as_tensor(x)), torch.as_tensor(y))
+        ref_loss.backward()
+        optimizer.step()
+    assert loss == float(ref_loss.detach())
+    assert list(trained) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        assert np.array_equal(trained[key], value.numpy()), key
+
+
 @pytest.mark.parametrize("change", ["missing", "extra", "shape"])
 def test_local_training_refuses_a_state_load_state_dict_refused(change):
-    """A model state that is not RadiomicsLogistic's (an array missing or extra, a wrong shape) is refused, as
-    load_state_dict refused it before the step stopped building a module."""
-    from common import model
+    """A model state that is not the family's module's (an array missing or extra, a wrong shape) is refused, as
+    load_state_dict refused it before the steps stopped building a module."""
+    from common import mlp, model
 
-    state = {"mean": np.zeros(3), "scale": np.ones(3), "linear.weight": np.zeros((1, 3)), "linear.bias": np.zeros(1)}
-    if change == "missing":
-        del state["scale"]
-    elif change == "extra":
-        state["hidden.weight"] = np.zeros((2, 3))
-    else:
-        state["linear.weight"] = np.zeros((1, 4))
-    with pytest.raises(ValueError, match="logistic model"):
-        model.train_local(state, np.zeros((4, 3)), np.array([0.0, 1, 0, 1]), 1, 0.1, 0.0, 1.0)
+    x, y = np.zeros((4, 3)), np.array([0.0, 1, 0, 1])
+    logistic = {"mean": np.zeros(3), "scale": np.ones(3), "linear.weight": np.zeros((1, 3)), "linear.bias": np.zeros(1)}
+    hidden = mlp.initial_arrays(np.zeros(3), np.ones(3), 2, 0)
+    for state, train in ((logistic, model.train_local), (hidden, mlp.train_local)):
+        assert train(dict(state), x, y, 1, 0.1, 0.0, 1.0)[0].keys() == state.keys()  # the state as it comes: trained
+        if change == "missing":
+            del state["scale"]
+        elif change == "extra":
+            state["extra.weight"] = np.zeros((2, 3))
+        else:
+            state["mean"] = np.zeros(4)
+        with pytest.raises(ValueError, match="model's state"):
+            train(state, x, y, 1, 0.1, 0.0, 1.0)
