@@ -51,7 +51,7 @@ def train_local(arrays: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, 
 
     ``pos_weight`` (n_negative / n_positive over the federation) balances HGG against BM;
     the buffers (mean, scale) are not trained. The module's forward on the arrays' own tensors, without building a
-    module per message (a third of a train message's handler time).
+    module per message.
     """
     d = len(arrays["mean"]) if "mean" in arrays else 0
     state = state_tensors(arrays, {"mean": (d,), "scale": (d,), "linear.weight": (1, d), "linear.bias": (1,)})
