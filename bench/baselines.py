@@ -41,11 +41,12 @@ def _fit(xs: list[np.ndarray], ys: list[np.ndarray], steps: int, config: Mapping
         fit = exact.fit_exact([(z, y)], pos_weight, l2=float(config["exact-l2"]), l1=float(config["exact-l1"]),
                               tol=float(config["exact-tol"]), max_rounds=int(config["exact-max-rounds"]))
         return model.model_from_state(exact.to_state_dict(fit.coef, mean, scale))
-    net = model.build_model(mean, scale)
-    model.train_local(net, np.vstack(xs), y, epochs=steps, lr=float(config["learning-rate"]),
-                      weight_decay=float(config["weight-decay"]),
-                      pos_weight=pos_weight)
-    return net
+    import torch  # FedAvg's baseline only
+
+    start = {k: v.numpy() for k, v in model.build_model(mean, scale).state_dict().items()}
+    trained, _ = model.train_local(start, np.vstack(xs), y, epochs=steps, lr=float(config["learning-rate"]),
+                                   weight_decay=float(config["weight-decay"]), pos_weight=pos_weight)
+    return model.model_from_state({k: torch.from_numpy(v) for k, v in trained.items()})
 
 
 def _evaluate(net: model.RadiomicsLogistic, x: np.ndarray, y: np.ndarray) -> dict[str, float]:

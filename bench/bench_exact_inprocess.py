@@ -85,9 +85,9 @@ def fedavg(train: list[tuple[np.ndarray, np.ndarray]], mean: np.ndarray, scale: 
     for _ in range(rounds):
         updates = []
         for x, y in train:
-            net = model_from_state(state)
-            train_local(net, x, y, epochs=epochs, lr=lr, weight_decay=weight_decay, pos_weight=pos_weight)
-            updates.append((len(y), net.state_dict()))
+            trained, _ = train_local({k: v.numpy() for k, v in state.items()}, x, y, epochs=epochs, lr=lr,
+                                     weight_decay=weight_decay, pos_weight=pos_weight)
+            updates.append((len(y), {k: torch.from_numpy(v) for k, v in trained.items()}))
         state = {k: sum(n * s[k] for n, s in updates) / total for k in state}
     return state
 
@@ -138,7 +138,8 @@ def main() -> int:
             rows.append((f"{label}: weights exactly 0", f"{int(np.sum(fit.weights == 0))} of {D}"))
 
     # warm torch up (its first backward pass costs seconds) so the timing is of the rounds themselves
-    train_local(build_model(mean, scale), *train[0], epochs=1, lr=0.0, weight_decay=0.0, pos_weight=pos_weight)
+    train_local({k: v.numpy() for k, v in build_model(mean, scale).state_dict().items()}, *train[0], epochs=1, lr=0.0,
+                weight_decay=0.0, pos_weight=pos_weight)
     t = time.perf_counter()
     state = fedavg(train, mean, scale, pos_weight, weight_decay=args.l2 / n_total)
     wall = time.perf_counter() - t

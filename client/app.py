@@ -311,16 +311,15 @@ def trees_level(msg: Message, context: Context) -> Message:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    import torch  # FedAvg only
-
     data = _data(context, msg)
     x, y = _model_split(msg, context, data, held_out=False)
-    # Flower's to_torch_state_dict / ArrayRecord(state_dict), with the arrays' headers kept (common.npy)
-    state = {k: torch.from_numpy(v) for k, v in decode_all(msg.content["arrays"]).items()}
-    new_state, train_metrics = compute.train_step(x, y, state, msg.content["config"])  # type: ignore[arg-type]
+    # the model's arrays to and from Flower's records with their headers kept (common.npy), never through torch
+    # tensors (the training step converts what it trains)
+    trained, train_metrics = compute.train_step(x, y, decode_all(msg.content["arrays"]),  # type: ignore[arg-type]
+                                                msg.content["config"])  # type: ignore[arg-type]
     declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context, msg)))
-    arrays = ArrayRecord({k: encode(v.detach().cpu().numpy()) for k, v in new_state.items()})
-    return _reply(msg, declared, arrays=arrays, metrics=MetricRecord(train_metrics))
+    return _reply(msg, declared, arrays=ArrayRecord({k: encode(v) for k, v in trained.items()}),
+                  metrics=MetricRecord(train_metrics))
 
 
 @app.evaluate()

@@ -9,16 +9,13 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from client.site import SiteError
 from common import clinical, combat, curves, delong, dp_query, exact, families, metrics, moments, selection
 from common.runconfig import RunConfig
-
-if TYPE_CHECKING:
-    import torch
 
 
 def moments_reply(x: np.ndarray, y: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, int]]:
@@ -88,13 +85,19 @@ def family_of(config: Mapping[str, Any]) -> str:
     return str(config.get("family", "logistic-l2"))
 
 
-def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
-               config: Mapping[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, float]]:
-    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model of the config's
-    family (logistic-l2 in torch as before; svm and mlp from common.families / common.mlp)."""
+def train_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray],
+               config: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, float]]:
+    """Each round: local epochs on the training split (x (n, s), y (n,)) from the global model's arrays of the
+    config's family (logistic-l2 in torch, common.model; svm and mlp from common.families / common.mlp)."""
     name = families.base(family_of(config))  # a variant (radiomics-only, clinical-only) trains as its family
     options = {"epochs": int(config["local-epochs"]), "lr": float(config["learning-rate"]),
                "weight_decay": float(config["weight-decay"]), "pos_weight": float(config["pos-weight"])}
+    if name == "svm":
+        trained, loss = families.svm_train_local(arrays, x, y, **options)
+        return trained, {"num-examples": len(y), "train-loss": loss}
+    if name not in ("logistic-l2", "mlp"):
+        raise SiteError(f"the server asked for FedAvg training of family {name!r}, which radfed trains otherwise "
+                        "(logistic-l1: exact Newton rounds); restart the run with this radfed on both sides")
     import torch  # FedAvg training only: a site answering queries, Newton rounds or evaluations never loads torch
 
     # a site's models are tiny (s + 1 weights over tens to hundreds of cases): more threads only contend, and on a
@@ -102,21 +105,15 @@ def train_step(x: np.ndarray, y: np.ndarray, state: dict[str, torch.Tensor],
     # the 90th percentile on two). Flower's simulation sets this through Ray (OMP_NUM_THREADS=1); a deployed
     # ClientApp process does not.
     torch.set_num_threads(1)
-
-    from common import model
-
-    if name in ("svm", "mlp"):
-        arrays = {k: v.detach().numpy() for k, v in state.items()}
+    if name == "mlp":
         from common import mlp  # torch model of the mlp family, imported only where it trains
 
-        trained, loss = (families.svm_train_local if name == "svm" else mlp.train_local)(arrays, x, y, **options)
-        return {k: torch.as_tensor(v) for k, v in trained.items()}, {"num-examples": len(y), "train-loss": loss}
-    if name != "logistic-l2":
-        raise SiteError(f"the server asked for FedAvg training of family {name!r}, which radfed trains otherwise "
-                        "(logistic-l1: exact Newton rounds); restart the run with this radfed on both sides")
-    net = model.model_from_state(state)
-    loss = model.train_local(net, x, y, **options)
-    return net.state_dict(), {"num-examples": len(y), "train-loss": loss}
+        trained, loss = mlp.train_local(dict(arrays), x, y, **options)
+    else:
+        from common import model
+
+        trained, loss = model.train_local(arrays, x, y, **options)
+    return trained, {"num-examples": len(y), "train-loss": loss}
 
 
 def newton_step(x: np.ndarray, y: np.ndarray, arrays: Mapping[str, np.ndarray], pos_weight: float, site_name: str,

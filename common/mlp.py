@@ -10,8 +10,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 
-from common.model import _sgd_step
+from common.model import descend, state_tensors
 
 
 class RadiomicsMLP(nn.Module):
@@ -47,17 +48,14 @@ def _module(arrays: dict[str, np.ndarray]) -> RadiomicsMLP:
 def train_local(arrays: dict[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
                 weight_decay: float, pos_weight: float) -> tuple[dict[str, np.ndarray], float]:
     """``epochs`` full-batch gradient steps on the class-weighted log loss (weight decay on the weights, not the
-    biases) from the global model; returns the new arrays and the final mean loss."""
-    net = _module(arrays)
-    xt, yt = torch.as_tensor(x, dtype=torch.float64), torch.as_tensor(y, dtype=torch.float64)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
-    decay = ((net.hidden.weight, weight_decay), (net.hidden.bias, 0.0),
-             (net.output.weight, weight_decay), (net.output.bias, 0.0))
-    loss = torch.tensor(float("nan"))
-    for _ in range(epochs):
-        for param, _ in decay:
-            param.grad = None
-        loss = loss_fn(net(xt), yt)
-        loss.backward()
-        _sgd_step(decay, lr)
-    return {k: v.detach().numpy().copy() for k, v in net.state_dict().items()}, float(loss.detach())
+    biases) from the global model; returns the new arrays and the final mean loss. RadiomicsMLP's forward on the
+    arrays' own tensors (common.model.descend), without building a module per message."""
+    s, hidden = (len(arrays["mean"]), len(arrays["hidden.bias"])) if {"mean", "hidden.bias"} <= set(arrays) else (0, 0)
+    state = state_tensors(arrays, {"mean": (s,), "scale": (s,), "hidden.weight": (hidden, s), "hidden.bias": (hidden,),
+                                   "output.weight": (1, hidden), "output.bias": (1,)})
+    z = (torch.as_tensor(x, dtype=torch.float64) - state["mean"]) / state["scale"]
+    w1, b1, w2, b2 = (state[k] for k in ("hidden.weight", "hidden.bias", "output.weight", "output.bias"))
+    loss = descend(((w1, weight_decay), (b1, 0.0), (w2, weight_decay), (b2, 0.0)),
+                   lambda: functional.linear(torch.tanh(functional.linear(z, w1, b1)), w2, b2).squeeze(-1), y,
+                   epochs, lr, pos_weight)
+    return {k: v.detach().numpy() for k, v in state.items()}, loss

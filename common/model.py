@@ -6,9 +6,12 @@ state dict carries everything needed to score a harmonised feature vector.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
+
 import numpy as np
 import torch
 from torch import nn
+from torch.nn import functional
 
 
 class RadiomicsLogistic(nn.Module):
@@ -41,26 +44,54 @@ def model_from_state(state: dict[str, torch.Tensor]) -> RadiomicsLogistic:
     return model
 
 
-def train_local(model: RadiomicsLogistic, x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
-                weight_decay: float, pos_weight: float) -> float:
-    """Full-batch gradient descent on class-weighted logistic loss; returns the final mean loss.
+def train_local(arrays: Mapping[str, np.ndarray], x: np.ndarray, y: np.ndarray, epochs: int, lr: float,
+                weight_decay: float, pos_weight: float) -> tuple[dict[str, np.ndarray], float]:
+    """Full-batch gradient descent on class-weighted logistic loss from the global model's arrays (a
+    RadiomicsLogistic state dict); returns the new arrays and the final mean loss.
 
     ``pos_weight`` (n_negative / n_positive over the federation) balances HGG against BM;
-    the buffers (mean, scale) are not trained.
+    the buffers (mean, scale) are not trained. The module's forward on the arrays' own tensors, without building a
+    module per message.
     """
-    xt = torch.as_tensor(x, dtype=torch.float64)
-    yt = torch.as_tensor(y, dtype=torch.float64)
-    loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    d = len(arrays["mean"]) if "mean" in arrays else 0
+    state = state_tensors(arrays, {"mean": (d,), "scale": (d,), "linear.weight": (1, d), "linear.bias": (1,)})
+    z = (torch.as_tensor(x, dtype=torch.float64) - state["mean"]) / state["scale"]
+    weight, bias = state["linear.weight"], state["linear.bias"]
     # weight decay on the weights only: penalising the intercept would bias the class balance
-    decay = ((model.linear.weight, weight_decay), (model.linear.bias, 0.0))
-    model.train()
+    loss = descend(((weight, weight_decay), (bias, 0.0)), lambda: functional.linear(z, weight, bias).squeeze(-1), y,
+                   epochs, lr, pos_weight)
+    return {k: v.detach().numpy() for k, v in state.items()}, loss
+
+
+def state_tensors(arrays: Mapping[str, np.ndarray], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, torch.Tensor]:
+    """A model's arrays as float64 tensors of their own (the trained ones will require grad), in the order of
+    ``shapes``, the module's state dict order; a missing, extra or misshapen array is refused, as the module's
+    load_state_dict refused it."""
+    if set(arrays) != set(shapes):
+        raise ValueError(f"the model's state holds {sorted(arrays)}, not {list(shapes)}")
+    wrong = [f"{k} {np.shape(arrays[k])} (expected {shape})" for k, shape in shapes.items()
+             if np.shape(arrays[k]) != shape]
+    if wrong:
+        raise ValueError(f"the model's state has the wrong shapes: {', '.join(wrong)}")
+    return {k: torch.tensor(np.asarray(arrays[k]), dtype=torch.float64) for k in shapes}
+
+
+def descend(params: tuple[tuple[torch.Tensor, float], ...], logits: Callable[[], torch.Tensor], y: np.ndarray,
+            epochs: int, lr: float, pos_weight: float) -> float:
+    """``epochs`` full-batch SGD steps of the trained tensors ``params`` (each with its weight decay) on the
+    class-weighted mean log loss of ``logits()`` (n,) against y (n,): BCEWithLogitsLoss and torch.optim.SGD's
+    operations in their order, so bit for bit the same; returns the last epoch's loss (before its step)."""
+    for param, _ in params:
+        param.requires_grad_(True)
+    yt = torch.as_tensor(y, dtype=torch.float64)
+    weights = torch.tensor(pos_weight, dtype=torch.float64)
     loss = torch.tensor(float("nan"))
     for _ in range(epochs):
-        for param, _ in decay:
+        for param, _ in params:
             param.grad = None
-        loss = loss_fn(model(xt), yt)
+        loss = functional.binary_cross_entropy_with_logits(logits(), yt, pos_weight=weights)
         loss.backward()
-        _sgd_step(decay, lr)
+        _sgd_step(params, lr)
     return float(loss.detach())
 
 

@@ -87,8 +87,10 @@ def test_site_share_is_the_r2_of_the_feature_on_site_indicators():
 
 @pytest.mark.parametrize("seed", range(6))
 def test_local_training_is_torch_sgd_bit_for_bit(seed):
-    """train_local writes SGD's step out (torch.optim's first step imports torch._dynamo, seconds per process):
-    the trained state and loss equal torch.optim.SGD's exactly, weight decay on the weights only."""
+    """train_local writes the module's forward, its loss and SGD's step out on the state's tensors (no module per
+    message; torch.optim's first step imports torch._dynamo, seconds per process): the trained state, in the state
+    dict's order, and the loss equal RadiomicsLogistic under torch.optim.SGD's exactly, weight decay on the weights
+    only."""
     import torch
 
     from common import model
@@ -98,13 +100,12 @@ def test_local_training_is_torch_sgd_bit_for_bit(seed):
     x, y = rng.normal(size=(n, d)) * 3 + 1, (rng.random(n) < 0.4).astype(float)
     epochs, lr, pos_weight = int(rng.integers(1, 8)), float(rng.uniform(0.01, 0.5)), float(rng.uniform(0.5, 2))
     wd = float(rng.choice([0, 1e-3, 0.1]))
-    ours = model.build_model(x.mean(0), x.std(0) + 0.1)
     reference = model.build_model(x.mean(0), x.std(0) + 0.1)
     with torch.no_grad():  # a zero start (as FedAvg's first round) or a trained model's
-        ours.linear.weight.copy_(torch.as_tensor(rng.normal(size=(1, d)) if seed % 2 else np.zeros((1, d))))
-        ours.linear.bias.fill_(float(rng.normal()) if seed % 2 else 0.0)
-        reference.load_state_dict(ours.state_dict())
-    loss = model.train_local(ours, x, y, epochs, lr, wd, pos_weight)
+        reference.linear.weight.copy_(torch.as_tensor(rng.normal(size=(1, d)) if seed % 2 else np.zeros((1, d))))
+        reference.linear.bias.fill_(float(rng.normal()) if seed % 2 else 0.0)
+    start = {k: v.numpy().copy() for k, v in reference.state_dict().items()}
+    trained, loss = model.train_local(start, x, y, epochs, lr, wd, pos_weight)
 
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
@@ -116,5 +117,60 @@ def test_local_training_is_torch_sgd_bit_for_bit(seed):
         ref_loss.backward()
         optimizer.step()
     assert loss == float(ref_loss.detach())
+    assert list(trained) == list(reference.state_dict())
     for key, value in reference.state_dict().items():
-        assert torch.equal(ours.state_dict()[key], value), key
+        assert trained[key].dtype == np.float64 and np.array_equal(trained[key], value.numpy()), key
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_mlp_local_training_is_its_module_under_torch_sgd_bit_for_bit(seed):
+    """The mlp family's local epochs, written out on the state's tensors (no module per message), equal
+    RadiomicsMLP's forward under BCEWithLogitsLoss and torch.optim.SGD exactly: arrays in the state dict's order,
+    loss, weight decay on the weights only."""
+    import torch
+
+    from common import mlp
+
+    rng = np.random.default_rng(seed)
+    n, d, hidden = int(rng.integers(10, 60)), int(rng.integers(1, 9)), int(rng.integers(1, 6))
+    x, y = rng.normal(size=(n, d)) * 3 + 1, (rng.random(n) < 0.4).astype(float)
+    epochs, lr, pos_weight = int(rng.integers(1, 8)), float(rng.uniform(0.01, 0.5)), float(rng.uniform(0.5, 2))
+    wd = float(rng.choice([0, 1e-3, 0.1]))
+    start = mlp.initial_arrays(x.mean(0), x.std(0) + 0.1, hidden, seed)
+    trained, loss = mlp.train_local(start, x, y, epochs, lr, wd, pos_weight)
+
+    reference = mlp._module(start)
+    loss_fn = torch.nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, dtype=torch.float64))
+    optimizer = torch.optim.SGD([{"params": [reference.hidden.weight, reference.output.weight], "weight_decay": wd},
+                                 {"params": [reference.hidden.bias, reference.output.bias], "weight_decay": 0.0}],
+                                lr=lr)
+    for _ in range(epochs):
+        optimizer.zero_grad()
+        ref_loss = loss_fn(reference(torch.as_tensor(x)), torch.as_tensor(y))
+        ref_loss.backward()
+        optimizer.step()
+    assert loss == float(ref_loss.detach())
+    assert list(trained) == list(reference.state_dict())
+    for key, value in reference.state_dict().items():
+        assert np.array_equal(trained[key], value.numpy()), key
+
+
+@pytest.mark.parametrize("change", ["missing", "extra", "shape"])
+def test_local_training_refuses_a_state_load_state_dict_refused(change):
+    """A model state that is not the family's module's (an array missing or extra, a wrong shape) is refused, as
+    load_state_dict refused it before the steps stopped building a module."""
+    from common import mlp, model
+
+    x, y = np.zeros((4, 3)), np.array([0.0, 1, 0, 1])
+    logistic = {"mean": np.zeros(3), "scale": np.ones(3), "linear.weight": np.zeros((1, 3)), "linear.bias": np.zeros(1)}
+    hidden = mlp.initial_arrays(np.zeros(3), np.ones(3), 2, 0)
+    for state, train in ((logistic, model.train_local), (hidden, mlp.train_local)):
+        assert train(dict(state), x, y, 1, 0.1, 0.0, 1.0)[0].keys() == state.keys()  # the state as it comes: trained
+        if change == "missing":
+            del state["scale"]
+        elif change == "extra":
+            state["extra.weight"] = np.zeros((2, 3))
+        else:
+            state["mean"] = np.zeros(4)
+        with pytest.raises(ValueError, match="model's state"):
+            train(state, x, y, 1, 0.1, 0.0, 1.0)
