@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
+import tempfile
 from dataclasses import replace
 from pathlib import Path
 
@@ -56,7 +58,11 @@ def test_running_with_flower_directly_works_as_written(tmp_path):
     block = _edit(block, 'radfed plan write --output "$FLWR_HOME/plan.json" --json',
                   f'radfed plan write --output "$FLWR_HOME/plan.json" --run-config "{OVERRIDES}" --json')
     block = _edit(block, "flwr run . radfed-sim --stream", f'flwr run . radfed-sim --stream --run-config "{OVERRIDES}"')
-    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"}  # no venv on the PATH
+    # Flower starts its own Ray cluster here (no RAY_ADDRESS), whose session folder Ray keeps after the run: a
+    # short folder of the test's own (Ray's unix sockets need paths below 108 characters), not /tmp/ray
+    ray_tmp = tempfile.mkdtemp(prefix="rfray-", dir="/tmp")
+    env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",  # no venv on the PATH
+           "RAY_TMPDIR": ray_tmp}
     try:
         done = subprocess.run(["bash", "-c", block], cwd=REPO, env=env, capture_output=True, encoding="utf-8",
                               errors="replace", timeout=1200, check=False)
@@ -72,3 +78,4 @@ def test_running_with_flower_directly_works_as_written(tmp_path):
     finally:
         for proc in _ours(home):  # a failed run must not leave this test's SuperLink behind either
             proc.kill()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
