@@ -76,7 +76,9 @@ class AuditLog:
     that run together (server/folds.py) append from their own threads, each entry tagged with its fold. Their
     fsyncs are shared (group commit): an entry is written in order under one lock, then its thread waits until an
     fsync that began after the write has returned; one fsync covers every entry written before it began, so the 48
-    fold threads of a 48-site run do not each wait out their own (528 fsyncs, 2.4 s of their time)."""
+    fold threads of a 48-site run do not each wait out their own (528 fsyncs, 2.4 s of their time). Folds taking turns
+    one at a time never overlap their appends, so they write ``deferred`` and their coordinator syncs once per round,
+    before the round's requests leave (server/folds.py)."""
 
     def __init__(self, path: Path, key: Ed25519PrivateKey) -> None:
         self.path = path
