@@ -30,6 +30,7 @@ from client.sitefiles import SiteFiles
 from client.steps import locate_site, run_config
 from common.canon import canonical_json, json_safe
 from common.protocol import CUMULATIVE_ROWS, EACH_ENTRY, FIRST_COLUMN, NESTED_ROWS, WITHHELD_WHEN_NOISED, reply_spec
+from common.runconfig import RunConfig
 
 SITE_STATE = "radfed-site"  # context.state record holding what the site agreed to ("features", ...)
 
@@ -178,54 +179,89 @@ def _fold_of(msg: Message) -> str:
 
 def agreed_sizes(context: Context, fold: str = "") -> dict[str, int]:
     """The run's shape symbols as this site agreed them for the cohort ``fold`` (kept in ``context.state``)."""
-    run = run_config(context.run_config)
-    sizes = {"p": run.curve_points, "g": run.score_bins, "t": run.decision_thresholds, "u": run.mlp_hidden,
-             "f": len(run.compared), "o": 2 ** (run.tree_depth - 1), "v": run.tree_bins}
+    sizes = dict(_run_sizes(run_config(context.run_config)))
     site = context.state.get(site_state_key(fold))
     if not isinstance(site, ConfigRecord):
         return sizes
     node = nodestate.of(context)
-    lists = {key: names for key in ("features", "candidates", "selected", "histogram-features")
-             if (names := agreed_names(node, site, key)) is not None}
-    if "features" in lists:
-        sizes["d"] = len(lists["features"])
+    # only the lists' lengths are read: counted on the kept names, not copied (every reply of every fold asks)
+    lengths = {key: n for key in ("features", "candidates", "selected", "histogram-features")
+               if (n := _agreed_count(node, site, key)) is not None}
+    if "features" in lengths:
+        sizes["d"] = lengths["features"]
     if "design-columns" in site:
         sizes["q"] = int(site["design-columns"])  # type: ignore[arg-type]
-    if "candidates" in lists:
-        sizes["m"] = len(lists["candidates"])
-    if "selected" in lists:
-        sizes["s"] = len(lists["selected"])
+    if "candidates" in lengths:
+        sizes["m"] = lengths["candidates"]
+    if "selected" in lengths:
+        sizes["s"] = lengths["selected"]
         sizes["c"] = sizes["s"] + 1
-    if "histogram-features" in lists:
-        sizes["h"] = len(lists["histogram-features"])
+    if "histogram-features" in lengths:
+        sizes["h"] = lengths["histogram-features"]
         sizes["b"] = int(site["histogram-bins"])  # type: ignore[arg-type]
     return sizes
 
 
+def _agreed_count(node: NodeState, record: ConfigRecord, key: str) -> int | None:
+    """``len(agreed_names(node, record, key))`` (None when there is none), without copying the list."""
+    value = record.get(key)
+    if isinstance(value, str) and value.startswith(_BY_HASH):
+        return len(_names(node.get(value[len(_BY_HASH):], f"{key} list")))
+    return None if value is None else len(value)  # type: ignore[arg-type]
+
+
+_RUN_SIZES: dict[int, tuple[RunConfig, dict[str, int]]] = {}
+
+
+def _run_sizes(run: RunConfig) -> dict[str, int]:
+    """The shape symbols the run config alone fixes, worked out once per (frozen) config object: a run's messages
+    share one (client.steps.run_config); kept with the object, so a reused id never serves another config."""
+    kept = _RUN_SIZES.get(id(run))
+    if kept is None or kept[0] is not run:
+        sizes = {"p": run.curve_points, "g": run.score_bins, "t": run.decision_thresholds, "u": run.mlp_hidden,
+                 "f": len(run.compared), "o": 2 ** (run.tree_depth - 1), "v": run.tree_bins}
+        if len(_RUN_SIZES) > 64:  # a long-lived process serving many runs
+            _RUN_SIZES.clear()
+        kept = _RUN_SIZES[id(run)] = (run, sizes)
+    return kept[1]
+
+
 def describe(content: RecordDict, values: bool = False) -> dict[str, dict[str, object]]:
     """What a reply holds, for the outbox: config and metric values as sent; arrays as shape, size and sha256
-    (and, with ``values``, every number)."""
+    (and, with ``values``, every number). Strict JSON as ``common.canon.json_safe`` makes it (NaN/Inf -> None,
+    numpy scalars -> Python): applied to the values as sent and to the arrays' numbers only, as an array's shape,
+    size and hash already are (every reply of every fold is described)."""
     out: dict[str, dict[str, object]] = {}
     for name, record in content.items():
         if isinstance(record, ArrayRecord):
-            out[name] = {key: {"shape": list(arr.shape), "bytes": len(arr.data),
-                               "sha256": hashlib.sha256(arr.data).hexdigest(),
-                               **({"values": arr.numpy().tolist()} if values else {})} for key, arr in record.items()}
+            out[str(name)] = {str(key): {"shape": [int(n) for n in arr.shape], "bytes": len(arr.data),
+                                         "sha256": hashlib.sha256(arr.data).hexdigest(),
+                                         **({"values": json_safe(arr.numpy().tolist())} if values else {})}
+                              for key, arr in record.items()}
         else:
-            out[name] = {key: (f"<{len(value)} items>" if isinstance(value, list) and len(value) > 8 else value)
-                         for key, value in record.items()}  # type: ignore[union-attr]
+            out[str(name)] = json_safe({key: (f"<{len(value)} items>" if isinstance(value, list) and len(value) > 8
+                                              else value) for key, value in record.items()})  # type: ignore[union-attr]
     return out
 
 
-def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict, fold: str = "") -> None:
+@functools.lru_cache(maxsize=64)
+def _site_files(output_dir: str) -> tuple[Path, Path]:
+    """(outbox, release ledger folder) of a site's output folder: every reply names both."""
+    files = SiteFiles(Path(output_dir))
+    return files.outbox, files.release
+
+
+def record_outgoing(site_dir: Path, run_id: int, message_type: str, content: RecordDict, fold: str = "",
+                    settings: dict | None = None) -> None:
     """Append what is about to leave to the site's local outbox (``<output_dir>/outbox.jsonl``); ``fold`` names
-    the cohort the reply serves ("" for the main federation, else e.g. the held-out site of a fold)."""
-    settings = site_settings(site_dir)
-    entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": run_id,
-             "type": message_type, "records": describe(content, bool(settings.get("outbox_values"))),
-             **({"fold": fold} if fold else {})}
+    the cohort the reply serves ("" for the main federation, else e.g. the held-out site of a fold); ``settings``:
+    the site's (``client.site.site_settings(site_dir)``), when the caller has them."""
+    settings = site_settings(site_dir) if settings is None else settings
+    entry = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), "run_id": json_safe(run_id),
+             "type": str(message_type), "records": describe(content, bool(settings.get("outbox_values"))),
+             **({"fold": str(fold)} if fold else {})}
     # inside a batch, appended with the batch's ledger update once every sub-reply is checked (client.ledger)
-    append_line(SiteFiles(Path(settings["output_dir"])).outbox, json.dumps(json_safe(entry), sort_keys=True) + "\n")
+    append_line(_site_files(str(settings["output_dir"]))[0], json.dumps(entry, sort_keys=True) + "\n")
 
 
 def check_release(message_type: str, content: RecordDict, declared: Declaration | None, ledger: Ledger,
@@ -281,8 +317,8 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     fold = _fold_of(msg)
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context, fold), noised)
     check_release(msg.metadata.message_type, reply.content, declared,
-                  Ledger(SiteFiles(Path(settings["output_dir"])).release, floor), context.run_id, k, noised)
-    record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content, fold)
+                  Ledger(_site_files(str(settings["output_dir"]))[1], floor), context.run_id, k, noised)
+    record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content, fold, settings)
     return reply
 
 

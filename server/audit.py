@@ -76,7 +76,9 @@ class AuditLog:
     that run together (server/folds.py) append from their own threads, each entry tagged with its fold. Their
     fsyncs are shared (group commit): an entry is written in order under one lock, then its thread waits until an
     fsync that began after the write has returned; one fsync covers every entry written before it began, so the 48
-    fold threads of a 48-site run do not each wait out their own (528 fsyncs, 2.4 s of their time)."""
+    fold threads of a 48-site run do not each wait out their own (528 fsyncs, 2.4 s of their time). Folds taking turns
+    one at a time never overlap their appends, so they write ``deferred`` and their coordinator syncs once per round,
+    before the round's requests leave (server/folds.py)."""
 
     def __init__(self, path: Path, key: Ed25519PrivateKey) -> None:
         self.path = path
@@ -116,8 +118,28 @@ class AuditLog:
         with self._lock:
             digest = self._write(event, data)
             mine = self.seq
-        self._sync(mine)
+        if not getattr(self._local, "deferred", False):
+            self._sync(mine)
         return digest
+
+    @contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Inside (this thread only), ``append`` writes and flushes its entry and leaves the fsync to ``sync``: for
+        the fold threads that take turns (server/folds.py), whose coordinator syncs once before any of their
+        requests leave and before the folds end, so nothing is sent or concluded on an entry not yet on disk, without
+        one fsync per entry on the turns' critical path (where they cannot share one)."""
+        before = getattr(self._local, "deferred", False)
+        self._local.deferred = True
+        try:
+            yield
+        finally:
+            self._local.deferred = before
+
+    def sync(self) -> None:
+        """Return once every entry written so far is on disk (one fsync, none when they already are)."""
+        with self._lock:
+            upto = self.seq
+        self._sync(upto)
 
     def _sync(self, upto: int) -> None:
         """Return once entries up to ``upto`` are on disk: at most one fsync, none when another thread's fsync

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterable
+from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -118,10 +119,12 @@ class FoldGrid(CountingGrid):
         return turn.replies
 
 
-def _run_turns(grid: Grid, timeout: float, turns: list[_Turn]) -> tuple[int, int, int, dict[str, float]]:
+def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
+               sync: Callable[[], None]) -> tuple[int, int, int, dict[str, float]]:
     """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent and the
     wall seconds by step: the folds' own work between rounds (pooling, audit, building requests), packing, the
-    round trips (the sites and Flower's delivery), unpacking."""
+    round trips (the sites and Flower's delivery), unpacking. ``sync`` puts the folds' audit entries on disk (they
+    write them deferred): once per round, after every fold's turn and before anything leaves."""
     messages = requests = rounds = 0
     spent = dict.fromkeys(("folds", "pack", "sites", "unpack"), 0.0)
     live = list(turns)
@@ -131,6 +134,7 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn]) -> tuple[int, int
             turn.parked.clear()
             turn.go.set()
             turn.parked.wait()
+        sync()  # the round's entries on disk (one fsync for all) before its requests leave or the folds end
         t1 = time.perf_counter()
         spent["folds"] += t1 - t0
         live = [t for t in live if not t.finished]
@@ -179,7 +183,9 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     def body(job: FoldJob, turn: _Turn) -> None:
         turn.go.wait()
         try:
-            with run.audit.fold_context(job.fold):
+            # the fold's entries written in turn order, put on disk by the coordinator's sync before each round
+            # leaves (one fsync per round, not one per entry: the turns run one at a time, so theirs never overlap)
+            with run.audit.fold_context(job.fold), run.audit.deferred():
                 results[job.fold] = job.work(replace(run, grid=FoldGrid(run.grid, turn)))
         except BaseException as exc:  # noqa: BLE001  # handed to the coordinator, raised there
             errors.append(exc)
@@ -192,14 +198,17 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     for t in threads:
         t.start()
     try:
-        messages, requests, rounds, spent = _run_turns(run.grid, run.timeout, turns)
+        messages, requests, rounds, spent = _run_turns(run.grid, run.timeout, turns, run.audit.sync)
     except BaseException:  # e.g. the coordinator was stopped: every waiting fold ends, nothing more is sent
         for turn in turns:
             turn.aborted = True
             turn.go.set()
+        with suppress(OSError):
+            run.audit.sync()  # what the folds logged so far, on disk as the stop is logged
         raise
     for t in threads:
         t.join()
+    run.audit.sync()  # every fold's last entries (a fold's failure included) on disk before the run goes on
     if errors:
         raise errors[0]
     run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=True, messages=messages,
