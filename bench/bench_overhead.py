@@ -1,6 +1,8 @@
 """Extraction throughput and the federation's overhead beside it, per extraction profile: prints tables.
 
     python bench/bench_overhead.py [--work DIR] [--profiles default,extended] [--scale 1.0] [--modes merged]
+                                   [--reuse-extraction] [--timeline]
+    python bench/bench_overhead.py --work DIR --demo BEFORE_ROOT,AFTER_ROOT [--pairs 3]
 
 For each profile, on the demo's four synthetic hospitals (``--scale`` multiplies their case counts; 1 = the demo's
 170 cases):
@@ -13,6 +15,13 @@ For each profile, on the demo's four synthetic hospitals (``--scale`` multiplies
   times: start-up before the first entry, plan + features, the main fit, the folds, outputs); Flower messages and
   requests (run-end);
 - overhead ratio = federation wall / cold extraction wall (goal, issue 20: <= 10% on the default demo).
+
+``--demo ROOT[,ROOT]`` times instead the whole ``radfed demo`` (the ``make demo`` path) of each checkout, from cold
+caches, interleaved ``--pairs`` times: since the demo starts its federation beside the last sites' extraction, the
+federation's cost there is the demo's wall minus the extraction alone (the extraction a run reports is then the
+time to its last site, on cores it shared with Flower's start); the run folders stay under ``WORK/demo-runs``.
+``--timeline`` prints, for each federation run, its processes (first seen, gone, CPU seconds), the stream's lines
+and the audit entries in seconds from the launch.
 
 ``--modes merged,separate`` runs the federation with ``merge-phases`` on and off (the messages each sends);
 ``--reuse-extraction`` keeps the sites' caches and the cold extraction time measured by an earlier run in ``--work``
@@ -183,7 +192,13 @@ def demo_run(root: Path, work: Path, tag: str) -> dict[str, float | str]:
     after it as the demo reports them, and the load at its start. Its run folder stays under work/demo-runs/tag."""
     data = work / "demo-cold"
     for site in data.glob("hospital-*"):  # cold: no cache, ledger, approvals or outbox of an earlier run
+        # but the release secret synth seeded (radfed/synth.py): every run then splits the same way
+        kept = {path: path.read_bytes() for path in (site / ".radfed").rglob("secret")}
         shutil.rmtree(site / ".radfed", ignore_errors=True)
+        for path, secret in kept.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(secret)
+            path.chmod(0o600)
     out, flwr_home = work / "demo-runs" / tag, work / "demo-flwr" / tag
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(flwr_home, ignore_errors=True)

@@ -37,16 +37,26 @@ def extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> t
 
 def approve_demo_plan(site_dirs: list[Path], run_config: dict) -> str:
     """The demo's visible approval step: every synthetic hospital approves this run's plan."""
-    from client.approvals import decide
+    plan_hash = demo_plan_hash(run_config)
+    approve_plan(site_dirs, plan_hash)
+    return plan_hash
+
+
+def demo_plan_hash(run_config: dict) -> str:
+    """The sha256 of the plan of a run with these overrides (it imports Flower's config module: seconds loaded)."""
     from common.plan import plan_sha256, run_plan
     from common.profile import load_profile
     from radfed.launch import app_run_config
 
     config = app_run_config(run_config)
-    plan_hash = plan_sha256(run_plan(config, load_profile(str(config["profile"]))))
+    return plan_sha256(run_plan(config, load_profile(str(config["profile"]))))
+
+
+def approve_plan(site_dirs: list[Path], plan_hash: str) -> None:
+    from client.approvals import decide
+
     for site_dir in site_dirs:
         decide(Path(site_dir), plan_hash, "approve", note="radfed demo")
-    return plan_hash
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -84,6 +94,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     say(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
     with ExitStack() as stack:
         federation: Federation | None = None
+        plan_hash = ""
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
             pending = {pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs}
             while pending:
@@ -96,10 +107,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     # ServerApp waits for every site's extraction and approval before anything (launch.START_GATE)
                     federation = stack.enter_context(started_federation(
                         run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo, gated=True))
+                    plan_hash = demo_plan_hash(run_config)  # on the idle core too, not between extraction and run
         extraction = time.perf_counter() - t1
         say(f"      extraction done in {extraction:.1f}s")
 
-        plan_hash = approve_demo_plan(site_dirs, run_config)
+        plan_hash = plan_hash or demo_plan_hash(run_config)
+        approve_plan(site_dirs, plan_hash)
         say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
             " see the plan with radfed plan write)")
 
