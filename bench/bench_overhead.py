@@ -1,6 +1,8 @@
 """Extraction throughput and the federation's overhead beside it, per extraction profile: prints tables.
 
     python bench/bench_overhead.py [--work DIR] [--profiles default,extended] [--scale 1.0] [--modes merged]
+                                   [--reuse-extraction] [--timeline]
+    python bench/bench_overhead.py --work DIR --demo BEFORE_ROOT,AFTER_ROOT [--pairs 3]
 
 For each profile, on the demo's four synthetic hospitals (``--scale`` multiplies their case counts; 1 = the demo's
 170 cases):
@@ -14,6 +16,13 @@ For each profile, on the demo's four synthetic hospitals (``--scale`` multiplies
   requests (run-end);
 - overhead ratio = federation wall / cold extraction wall (goal, issue 20: <= 10% on the default demo).
 
+``--demo ROOT[,ROOT]`` times instead the whole ``radfed demo`` (the ``make demo`` path) of each checkout, from cold
+caches, interleaved ``--pairs`` times: since the demo starts its federation beside the last sites' extraction, the
+federation's cost there is the demo's wall minus the extraction alone (the extraction a run reports is then the
+time to its last site, on cores it shared with Flower's start); the run folders stay under ``WORK/demo-runs``.
+``--timeline`` prints, for each federation run, its processes (first seen, gone, CPU seconds), the stream's lines
+and the audit entries in seconds from the launch.
+
 ``--modes merged,separate`` runs the federation with ``merge-phases`` on and off (the messages each sends);
 ``--reuse-extraction`` keeps the sites' caches and the cold extraction time measured by an earlier run in ``--work``
 (to time only the federation, e.g. of another version of the code). ``--extraction-only`` stops after the cold
@@ -24,11 +33,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
 
@@ -89,7 +103,69 @@ def phases(folder: Path, started: float, stopped: float) -> tuple[list[str], dic
             end["data"])
 
 
-def federation(work: Path, dirs: list[Path], profile: str, mode: str) -> tuple[float, float, Path | None]:
+class Timeline:
+    """Samples, every 20 ms while a run goes, the processes started with its FLWR_HOME (first seen, gone, CPU
+    seconds) and the new lines of its ``flwr-run.log``, each stamped with the time it was first seen; ``print``
+    gives them in order beside the audit log's entries, in seconds from the launch (``--timeline``)."""
+
+    def __init__(self, flwr_home: Path) -> None:
+        self.mark, self.log = f"FLWR_HOME={flwr_home}".encode(), flwr_home / "flwr-run.log"
+        self.procs: dict[int, list] = {}  # pid -> [first seen, last seen, command, cpu s]
+        self.lines: list[tuple[float, str]] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.tick = os.sysconf("SC_CLK_TCK")
+
+    def __enter__(self) -> Timeline:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _sample(self) -> None:
+        offset = 0
+        while not self.stop.is_set():
+            now = time.time()
+            for proc in Path("/proc").iterdir():
+                if not proc.name.isdigit():
+                    continue
+                pid = int(proc.name)
+                try:
+                    if pid not in self.procs:
+                        if self.mark not in (proc / "environ").read_bytes().split(b"\0"):
+                            continue
+                        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        self.procs[pid] = [now, now, cmd, 0.0]
+                    stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+                    self.procs[pid][1] = now
+                    self.procs[pid][3] = (int(stat[11]) + int(stat[12])) / self.tick
+                except OSError:
+                    continue
+            if self.log.exists():
+                with self.log.open("rb") as f:
+                    f.seek(offset)
+                    chunk = f.read()
+                cut = chunk.rfind(b"\n") + 1
+                offset += cut
+                self.lines += [(now, line) for line in chunk[:cut].decode(errors="replace").splitlines() if line]
+            time.sleep(0.02)
+
+    def print(self, started: float, folder: Path | None) -> None:
+        events = [(t, f"process {pid} {'' if i == 0 else 'gone'} {cmd[:110]}" + (f" cpu {cpu:.1f}s" if i else ""))
+                  for pid, (first, last, cmd, cpu) in self.procs.items() for i, t in enumerate((first, last))]
+        events += [(t, f"log {line[:130]}") for t, line in self.lines]
+        if folder is not None and (folder / "audit.jsonl").exists():
+            for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines():
+                entry = json.loads(line)
+                events.append((_time(entry), f"audit {entry['event']}"))
+        for t, what in sorted(events):
+            print(f"{t - started:7.2f}  {what}")
+
+
+def federation(work: Path, dirs: list[Path], profile: str, mode: str,
+               timeline: bool = False) -> tuple[float, float, Path | None]:
     """One demo run on the warm caches: (wall seconds, launch time (epoch), run folder or None)."""
     out = work / f"runs-{profile}-{mode}"
     shutil.rmtree(out, ignore_errors=True)
@@ -99,11 +175,63 @@ def federation(work: Path, dirs: list[Path], profile: str, mode: str) -> tuple[f
     approve_demo_plan(dirs, run_config)
     flwr_home = work / f"flwr-{profile}-{mode}"
     shutil.rmtree(flwr_home, ignore_errors=True)
+    flwr_home.mkdir(parents=True)
     started, t = time.time(), time.perf_counter()
-    run_federation(run_config, num_supernodes=len(dirs), flwr_home=flwr_home, echo=False)
-    wall = time.perf_counter() - t
+    with Timeline(flwr_home) if timeline else nullcontext() as sampled:
+        run_federation(run_config, num_supernodes=len(dirs), flwr_home=flwr_home, echo=False)
+        wall = time.perf_counter() - t
     runs = sorted(out.glob("*-run*"))
+    if sampled is not None:
+        sampled.print(started, runs[-1] if runs else None)
     return wall, started, (runs[-1] if runs else None)
+
+
+def demo_run(root: Path, work: Path, tag: str) -> dict[str, float | str]:
+    """One ``radfed demo`` (the ``make demo`` path) of the checkout at ``root`` on the demo's sites under ``work``,
+    from cold caches: its whole wall seconds (the process, imports included), the extraction and the federation
+    after it as the demo reports them, and the load at its start. Its run folder stays under work/demo-runs/tag."""
+    data = work / "demo-cold"
+    for site in data.glob("hospital-*"):  # cold: no cache, ledger, approvals or outbox of an earlier run
+        # but the release secret synth seeded (radfed/synth.py): every run then splits the same way
+        kept = {path: path.read_bytes() for path in (site / ".radfed").rglob("secret")}
+        shutil.rmtree(site / ".radfed", ignore_errors=True)
+        for path, secret in kept.items():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(secret)
+            path.chmod(0o600)
+    out, flwr_home = work / "demo-runs" / tag, work / "demo-flwr" / tag
+    shutil.rmtree(out, ignore_errors=True)
+    shutil.rmtree(flwr_home, ignore_errors=True)
+    load = os.getloadavg()[0]
+    t = time.perf_counter()
+    done = subprocess.run([sys.executable, "-m", "radfed.cli", "demo", "--data-root", str(data), "--output-dir",
+                           str(out), "--flwr-home", str(flwr_home), "--quiet"],
+                          cwd=root, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    said = re.search(r"run (\w+) in \d+s: extraction ([\d.]+)s, federation ([\d.]+)s", done.stdout)
+    if done.returncode != 0 or said is None:
+        sys.exit(f"the demo of {root} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
+    return {"root": str(root), "load": load, "wall": wall, "status": said.group(1),
+            "extraction": float(said.group(2)), "federation": float(said.group(3))}
+
+
+def demo_pairs(roots: list[Path], work: Path, pairs: int) -> int:
+    """``--demo``: the whole ``radfed demo`` from cold caches, the checkouts at ``roots`` interleaved (before,
+    after, before, after, ...): the demo's own wall is what overlapping the federation's start with the extraction
+    changes, so the overhead is that wall minus the extraction alone (the extraction of a run that does not start
+    its federation early, e.g. main's)."""
+    synth.make_demo(work / "demo-cold", seed=0)
+    rows = []
+    for i in range(pairs):
+        for root in roots:
+            got = demo_run(root, work, f"{i}-{roots.index(root)}")
+            print(json.dumps({"pair": i, **got}), flush=True)
+            rows.append([str(i), str(root), f"{got['load']:.1f}", f"{got['wall']:.1f}", f"{got['extraction']:.1f}",
+                         f"{got['federation']:.1f}", str(got["status"])])
+    print_columns(f"The whole demo from cold caches, interleaved (work folder {work})",
+                  ["pair", "checkout", "load", "demo wall s", "extraction s (as reported)",
+                   "federation s after it", "status"], rows)
+    return 0
 
 
 def main() -> int:
@@ -115,8 +243,15 @@ def main() -> int:
     parser.add_argument("--reuse-extraction", action="store_true",
                         help="keep the caches and the cold extraction time an earlier run in --work measured")
     parser.add_argument("--extraction-only", action="store_true", help="no federation: cases per second per core")
+    parser.add_argument("--timeline", action="store_true",
+                        help="print each run's processes (start, end, CPU s), stream lines and audit entries in time")
+    parser.add_argument("--demo", default="", metavar="ROOT[,ROOT]",
+                        help="time the whole `radfed demo` of these checkouts from cold caches, interleaved")
+    parser.add_argument("--pairs", type=int, default=3, help="with --demo: rounds of the interleaving")
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-overhead-"))
+    if args.demo:
+        return demo_pairs([Path(r).resolve() for r in args.demo.split(",")], work, args.pairs)
     rows, timing = [], []
     ok = True
     for profile in args.profiles.split(","):
@@ -136,7 +271,7 @@ def main() -> int:
                           HEADER, rows)
             continue
         for mode in args.modes.split(","):
-            wall, started, folder = federation(work, dirs, profile, mode)
+            wall, started, folder = federation(work, dirs, profile, mode, args.timeline)
             if folder is None:
                 rows.append([profile, mode, str(cases), "", f"{extraction:.0f}", f"{per_core:.3f}", f"{wall:.0f}",
                              "", "", "", "", "no run folder"])

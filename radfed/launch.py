@@ -72,21 +72,23 @@ def flwr_env(flwr_home: Path, ray_address: str = "") -> dict[str, str]:
 
 
 @contextmanager
-def simulation_superlink(flwr_home: Path, ray_address: str = "") -> Iterator[tuple[subprocess.Popen, int]]:
+def simulation_superlink(flwr_home: Path, ray_address: str = "",
+                         gate: Path | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME, stopped with everything it
     started on leaving (``stop_tree``); yields (its process, its port) at once, before it listens
-    (``wait_port`` waits for it)."""
+    (``wait_port`` waits for it). With ``gate``, the ServerApp it runs waits for that file to exist (START_GATE)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
+    env = {**flwr_env(flwr_home, ray_address), **({START_GATE: str(gate)} if gate else {})}
     with (flwr_home / "superlink.log").open("ab") as log:
         proc = subprocess.Popen(
             [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
              "--host", "127.0.0.1", "--port", str(port),
              "--disable-runtime-dependency-installation"],
-            env=flwr_env(flwr_home, ray_address), stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         yield proc, port
     finally:
@@ -285,6 +287,85 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
     proc.wait()
 
 
+# Names a file the ServerApp waits for before it does anything (server/app.py ``wait_for_start``): a federation the
+# launcher starts before its sites' inputs are ready (``started_federation(gated=True)``) boots meanwhile
+START_GATE = "RADFED_START_GATE"
+
+
+class Federation:
+    """A run ``started_federation`` started: its processes boot (the Ray head, the SuperLink, ``flwr run``);
+    ``finish`` follows it to its end."""
+
+    def __init__(self, run: subprocess.Popen, superlink: subprocess.Popen, port: int,
+                 head: tuple[subprocess.Popen, int] | None, out: IO[str], flwr_home: Path, gate: Path | None) -> None:
+        self.run, self.superlink, self.port, self.head = run, superlink, port, head
+        self.out, self.flwr_home, self.gate = out, flwr_home, gate
+
+    def finish(self, timeout: float = 3600) -> int:
+        """Open the gate (a gated run's ServerApp starts now), copy the stream until the ServerApp's last line and
+        stop every process of the run; 0 when the run completed, else non-zero (flwr's exit code when the
+        ServerApp did not get to its last line). ``timeout`` counts from here."""
+        run, out = self.run, self.out
+        timed_out = threading.Event()
+        timer = threading.Timer(timeout, lambda: (timed_out.set(), run.kill()))  # as subprocess.run(timeout=) did
+        timer.start()
+        try:
+            if self.gate is not None:
+                self.gate.touch()
+            wait_port(self.port, self.superlink, timeout=READY_TIMEOUT)
+            if self.head:
+                wait_port(self.head[1], self.head[0], timeout=READY_TIMEOUT,
+                          name=f"the run's Ray head (its log: {self.flwr_home / 'ray-head.log'})")
+            status = follow_run(run, out)
+        finally:
+            timer.cancel()
+            stop_process(run)  # at once after the last line; else flwr run has exited by itself
+        if status is not None:  # the run is over: no site has a message left, every output is written
+            stop_tree(self.superlink, END_GRACE)
+        if timed_out.is_set():
+            raise subprocess.TimeoutExpired(run.args, timeout)
+        if status is None:
+            return run.returncode
+        out.write(STOPPED_AT_END.format(status=status) + "\n")
+        out.flush()
+        return 0 if status == "completed" else 1
+
+
+@contextmanager
+def started_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
+                       app_dir: Path = APP_DIR, echo: bool = True, cpus_per_node: int = 1,
+                       gated: bool = False) -> Iterator[Federation]:
+    """Start `flwr run <app> radfed-sim --stream` with run-config overrides, its SuperLink and Ray head, and yield
+    the run (``Federation.finish`` follows it); every process of it is stopped on leaving.
+
+    ``gated``: the ServerApp, once started, waits until ``finish`` before anything else (no run folder, no
+    message): the demo starts its federation while the last sites still extract (``radfed demo``), so Flower's
+    and Ray's processes, the actors and the coordinator's imports boot on the core the extraction leaves idle.
+    """
+    app_dir = staged_app(app_dir, flwr_home / "app")
+    overrides = overrides_text(run_config)
+    args = ["run", str(app_dir), CONNECTION, "--stream", "--federation-config",
+            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"]
+    if overrides:
+        args += ["--run-config", overrides]
+    gate = flwr_home.resolve() / "start-gate" if gated else None
+    if gate is not None:
+        gate.unlink(missing_ok=True)
+    # the log is kept for diagnosis when not echoed
+    stream = nullcontext(sys.stdout) if echo else (flwr_home / "flwr-run.log").open("a", encoding="utf-8")
+    with ray_head(flwr_home) as head, \
+            simulation_superlink(flwr_home, ray_address(head), gate) as (superlink, port), stream as out:
+        ports = f"{port},{head[1]}" if head else str(port)
+        run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, ports, str(READY_TIMEOUT), *args],
+                               env={**flwr_env(flwr_home), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT,
+                               text=True, errors="replace", bufsize=1)
+        try:
+            yield Federation(run, superlink, port, head, out, flwr_home, gate)
+        finally:
+            stop_process(run, grace=0 if run.poll() is None else 5.0)
+
+
 def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
                    app_dir: Path = APP_DIR, timeout: float = 3600, echo: bool = True, cpus_per_node: int = 1) -> int:
     """`flwr run <app> radfed-sim --stream` with run-config overrides; returns 0 when the run completed, else
@@ -297,42 +378,8 @@ def run_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_h
     SuperExec, the simulation and its Ray cluster), not after the simulation's own teardown (Ray's processes
     stopped one by one, up to a second each) and the log stream's end (``STOPPED_AT_END`` says so in the stream).
     """
-    app_dir = staged_app(app_dir, flwr_home / "app")
-    overrides = overrides_text(run_config)
-    args = ["run", str(app_dir), CONNECTION, "--stream", "--federation-config",
-            f"num-supernodes={num_supernodes} client-resources-num-cpus={cpus_per_node}"]
-    if overrides:
-        args += ["--run-config", overrides]
-    # the log is kept for diagnosis when not echoed
-    stream = nullcontext(sys.stdout) if echo else (flwr_home / "flwr-run.log").open("a", encoding="utf-8")
-    with ray_head(flwr_home) as head, simulation_superlink(flwr_home, ray_address(head)) as (superlink, port), \
-            stream as out:
-        ports = f"{port},{head[1]}" if head else str(port)
-        run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, ports, str(READY_TIMEOUT), *args],
-                               env={**flwr_env(flwr_home), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT,
-                               text=True, errors="replace", bufsize=1)
-        timed_out = threading.Event()
-        timer = threading.Timer(timeout, lambda: (timed_out.set(), run.kill()))  # as subprocess.run(timeout=) did
-        timer.start()
-        try:
-            wait_port(port, superlink, timeout=READY_TIMEOUT)
-            if head:
-                wait_port(head[1], head[0], timeout=READY_TIMEOUT,
-                          name=f"the run's Ray head (its log: {flwr_home / 'ray-head.log'})")
-            status = follow_run(run, out)
-        finally:
-            timer.cancel()
-            stop_process(run)  # at once after the last line; else flwr run has exited by itself
-        if status is not None:  # the run is over: no site has a message left, every output is written
-            stop_tree(superlink, END_GRACE)
-        if timed_out.is_set():
-            raise subprocess.TimeoutExpired(run.args, timeout)
-        if status is None:
-            return run.returncode
-        out.write(STOPPED_AT_END.format(status=status) + "\n")
-        out.flush()
-        return 0 if status == "completed" else 1
+    with started_federation(run_config, num_supernodes, flwr_home, app_dir, echo, cpus_per_node) as federation:
+        return federation.finish(timeout)
 
 
 def ray_address(head: tuple[subprocess.Popen, int] | None) -> str:

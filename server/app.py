@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import threading
 import time
@@ -75,6 +76,27 @@ def warm_imports() -> None:
     from server import report  # noqa: F401  # the report's modules: not needed before the outputs
 
 
+# Set by radfed's launcher (radfed/launch.py START_GATE) for a run it starts before its sites' inputs are ready
+START_GATE = "RADFED_START_GATE"
+GATE_TIMEOUT = 24 * 3600.0
+
+
+def wait_for_start(timeout: float | None = None) -> None:
+    """When the launcher started the run early (the demo, while its last sites extract), wait for its go (the file
+    START_GATE names) before anything else: no run folder, no audit entry, no message before every site's inputs
+    are ready. The coordinator's later imports (``warm_imports``) are done meanwhile."""
+    gate = os.environ.get(START_GATE)
+    if not gate or os.path.exists(gate):
+        return
+    warm_imports()
+    timeout = GATE_TIMEOUT if timeout is None else timeout
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(gate):
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"radfed: the launcher did not start the run within {timeout:.0f}s ({gate} missing)")
+        time.sleep(0.02)
+
+
 def privacy_account(run: RunConfig) -> dp.DPAccount | None:
     """The run's DP budget account, or None with DP off; bad settings refuse the run."""
     try:
@@ -133,6 +155,7 @@ def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
+    wait_for_start()
     try:  # the config is read once, here; a bad value refuses the run before anything is sent
         run = runconfig.parse(context.run_config)
     except runconfig.RunConfigError as exc:

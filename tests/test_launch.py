@@ -5,13 +5,24 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
 import psutil
+import pytest
 from federation_helpers import flower_processes_of
 
-from radfed.launch import END_GRACE, READY_TIMEOUT, ray_head, stop_tree, wait_dead, wait_port
+from radfed.launch import (
+    END_GRACE,
+    READY_TIMEOUT,
+    START_GATE,
+    ray_head,
+    simulation_superlink,
+    stop_tree,
+    wait_dead,
+    wait_port,
+)
 
 # A process that notes any SIGTERM in a file and lives on, then starts itself again in a session of its own (as the
 # SuperLink starts the SuperExec): the parent's process group does not reach the copy, only its pid does.
@@ -86,3 +97,46 @@ def test_a_ray_cluster_named_by_ray_address_is_joined_not_started(tmp_path, monk
     with ray_head(tmp_path) as head:
         assert head is None
     assert not list(tmp_path.iterdir())
+
+
+def test_a_gated_run_s_superlink_passes_the_gate_to_the_processes_it_starts(tmp_path):
+    """`radfed demo` starts its federation while the last sites extract: the SuperLink (and so its SuperExec and
+    the simulation running the ServerApp, which inherit its environment) names the file the ServerApp waits for."""
+    gate = tmp_path / "start-gate"
+    with simulation_superlink(tmp_path / "flwr", "", gate) as (superlink, port):
+        wait_port(port, superlink, timeout=READY_TIMEOUT)
+        environ = Path(f"/proc/{superlink.pid}/environ").read_bytes().split(b"\0")
+        assert f"{START_GATE}={gate}".encode() in environ
+    assert not flower_processes_of(tmp_path / "flwr")
+    assert not gate.exists()
+
+
+def test_the_coordinator_waits_for_the_gate_before_anything(tmp_path, monkeypatch):
+    """Started early, the ServerApp writes nothing and sends nothing before the launcher's go: with the gate
+    closed it gives up (here after a short timeout) without a run folder, an audit entry or a message (the grid
+    is never touched)."""
+    from flwr.app import Context, RecordDict
+
+    import server.app as server_app
+    from radfed.launch import app_run_config
+
+    monkeypatch.setenv(server_app.START_GATE, str(tmp_path / "start-gate"))
+    monkeypatch.setattr(server_app, "GATE_TIMEOUT", 0.3)
+    out = tmp_path / "runs"
+    config = app_run_config({"output-dir": str(out), "data-root": str(tmp_path), "audit-key": str(tmp_path / "k")})
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=config)
+    with pytest.raises(RuntimeError, match="did not start the run"):
+        server_app.main(None, context)  # type: ignore[arg-type]
+    assert not out.exists() and not (tmp_path / "k").exists()
+
+
+def test_the_gate_opens_when_the_launcher_writes_it(tmp_path, monkeypatch):
+    import server.app as server_app
+
+    gate = tmp_path / "start-gate"
+    monkeypatch.setenv(server_app.START_GATE, str(gate))
+    opener = threading.Timer(0.2, gate.touch)
+    opener.start()
+    server_app.wait_for_start(timeout=READY_TIMEOUT)
+    assert gate.exists()
+    opener.join()

@@ -12,7 +12,8 @@ import argparse
 import json
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +37,26 @@ def extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> t
 
 def approve_demo_plan(site_dirs: list[Path], run_config: dict) -> str:
     """The demo's visible approval step: every synthetic hospital approves this run's plan."""
-    from client.approvals import decide
+    plan_hash = demo_plan_hash(run_config)
+    approve_plan(site_dirs, plan_hash)
+    return plan_hash
+
+
+def demo_plan_hash(run_config: dict) -> str:
+    """The sha256 of the plan of a run with these overrides (it imports Flower's config module: seconds loaded)."""
     from common.plan import plan_sha256, run_plan
     from common.profile import load_profile
     from radfed.launch import app_run_config
 
     config = app_run_config(run_config)
-    plan_hash = plan_sha256(run_plan(config, load_profile(str(config["profile"]))))
+    return plan_sha256(run_plan(config, load_profile(str(config["profile"]))))
+
+
+def approve_plan(site_dirs: list[Path], plan_hash: str) -> None:
+    from client.approvals import decide
+
     for site_dir in site_dirs:
         decide(Path(site_dir), plan_hash, "approve", note="radfed demo")
-    return plan_hash
 
 
 def _print_table(header: list[str], rows: list[list[str]]) -> None:
@@ -58,7 +69,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
-    from radfed.launch import run_federation
+    from radfed.launch import Federation, started_federation
     from server.report import final_table
     from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
@@ -71,31 +82,47 @@ def cmd_demo(args: argparse.Namespace) -> int:
     site_dirs = synth.make_demo(data_root, seed=args.seed)
     say(f"      {len(site_dirs)} sites ready in {time.perf_counter() - t0:.1f}s")
 
-    t1 = time.perf_counter()
-    say(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        jobs = [pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs]
-        for job in jobs:
-            name, used, extracted, failed, seconds, _ = job.result()
-            say(f"      {name}: {used} cases usable, {extracted} extracted now, {failed} problem(s)")
-    extraction = time.perf_counter() - t1
-    say(f"      extraction done in {extraction:.1f}s")
-
     run_config: dict[str, Any] = {"data-root": str(data_root), "output-dir": str(output_dir),
                                   "num-server-rounds": args.rounds, "profile": args.profile}
     if args.robustness_min_icc is not None:
         run_config["robustness-min-icc"] = args.robustness_min_icc
-    plan_hash = approve_demo_plan(site_dirs, run_config)
-    say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
-        " see the plan with radfed plan write)")
-
-    say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
     before = set(output_dir.glob("*-run*")) if output_dir.exists() else set()
     flwr_home = Path(args.flwr_home).expanduser().resolve() if args.flwr_home else DEFAULT_HOME / "flwr"
-    t2 = time.perf_counter()
-    run_federation(run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home,
-                   echo=not (args.quiet or args.json))
-    federation = time.perf_counter() - t2
+    echo = not (args.quiet or args.json)
+
+    t1 = time.perf_counter()
+    say(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
+    with ExitStack() as stack:
+        federation: Federation | None = None
+        plan_hash = ""
+        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+            pending = {pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs}
+            while pending:
+                done, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for job in done:
+                    name, used, extracted, failed, seconds, _ = job.result()
+                    say(f"      {name}: {used} cases usable, {extracted} extracted now, {failed} problem(s)")
+                if federation is None and pending and len(pending) < args.workers:
+                    # a core is idle until the last sites are done: Flower's and Ray's processes boot on it, and the
+                    # ServerApp waits for every site's extraction and approval before anything (launch.START_GATE)
+                    federation = stack.enter_context(started_federation(
+                        run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo, gated=True))
+                    plan_hash = demo_plan_hash(run_config)  # on the idle core too, not between extraction and run
+        extraction = time.perf_counter() - t1
+        say(f"      extraction done in {extraction:.1f}s")
+
+        plan_hash = plan_hash or demo_plan_hash(run_config)
+        approve_plan(site_dirs, plan_hash)
+        say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
+            " see the plan with radfed plan write)")
+
+        say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
+        t2 = time.perf_counter()
+        if federation is None:
+            federation = stack.enter_context(started_federation(
+                run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo))
+        federation.finish()
+    federation_seconds = time.perf_counter() - t2
     runs = sorted(set(output_dir.glob("*-run*")) - before)
     if not runs:
         print(f"no run folder appeared in {output_dir}; see {flwr_home / 'superlink.log'}", file=sys.stderr)
@@ -109,9 +136,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "plan_sha256": plan_hash, "seconds": round(time.perf_counter() - t0, 1),
                     "files": {k: str(v) for k, v in files.items()}, "metrics": doc})
         return code
-    # the federation's wall time counts Flower's and Ray's start and stop, not only the ServerApp's own seconds
+    # the federation's wall time counts Flower's and Ray's start and stop, not only the ServerApp's own seconds; what
+    # of their start overlapped the last sites' extraction is not in it
     print(f"\nrun {doc['status']} in {time.perf_counter() - t0:.0f}s: extraction {extraction:.0f}s, federation "
-          f"{federation:.0f}s (Flower's start and stop included; the ServerApp {doc['seconds']:.0f}s)")
+          f"{federation_seconds:.0f}s after it (Flower's start and stop included, begun beside the last sites' "
+          f"extraction; the ServerApp {doc['seconds']:.0f}s)")
     if doc["status"] != "completed":
         print(f"  reason: {doc['error']}")
     else:
