@@ -9,6 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 PROTOCOL_VERSION = "3"
+# Not a message: names a file the ServerApp waits for before anything (server/app.py ``wait_for_start``), set by
+# radfed's launcher for a run it starts before its sites' inputs are ready (radfed/launch.py, the demo)
+START_GATE = "RADFED_START_GATE"
 DEFAULT_K = 5
 
 PLAN = "query.plan"

@@ -21,6 +21,8 @@ from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import IO
 
+from common.protocol import START_GATE  # a gated run (started_federation(gated=True)) boots meanwhile
+
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
 # Read by Ray's processes (RAY_<setting>): Flower's ClientApp actors get workers of their own, so the two idle workers
@@ -285,11 +287,6 @@ def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
     if proc.poll() is None:
         proc.kill()
     proc.wait()
-
-
-# Names a file the ServerApp waits for before it does anything (server/app.py ``wait_for_start``): a federation the
-# launcher starts before its sites' inputs are ready (``started_federation(gated=True)``) boots meanwhile
-START_GATE = "RADFED_START_GATE"
 
 
 class Federation:

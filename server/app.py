@@ -22,7 +22,7 @@ from common import covariates, dp, dp_query, families, metrics, runconfig
 from common.canon import sha256_json
 from common.plan import plan_sha256, run_plan
 from common.profile import load_profile
-from common.protocol import PROTOCOL_VERSION
+from common.protocol import PROTOCOL_VERSION, START_GATE
 from common.runconfig import RunConfig
 from server import batching, clinical, comparison, merging, phases, pipeline, polling, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
@@ -76,8 +76,6 @@ def warm_imports() -> None:
     from server import report  # noqa: F401  # the report's modules: not needed before the outputs
 
 
-# Set by radfed's launcher (radfed/launch.py START_GATE) for a run it starts before its sites' inputs are ready
-START_GATE = "RADFED_START_GATE"
 GATE_TIMEOUT = 24 * 3600.0
 
 

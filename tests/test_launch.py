@@ -13,10 +13,10 @@ import psutil
 import pytest
 from federation_helpers import flower_processes_of
 
+from common.protocol import START_GATE
 from radfed.launch import (
     END_GRACE,
     READY_TIMEOUT,
-    START_GATE,
     ray_head,
     simulation_superlink,
     stop_tree,
@@ -120,7 +120,7 @@ def test_the_coordinator_waits_for_the_gate_before_anything(tmp_path, monkeypatc
     import server.app as server_app
     from radfed.launch import app_run_config
 
-    monkeypatch.setenv(server_app.START_GATE, str(tmp_path / "start-gate"))
+    monkeypatch.setenv(START_GATE, str(tmp_path / "start-gate"))
     monkeypatch.setattr(server_app, "GATE_TIMEOUT", 0.3)
     out = tmp_path / "runs"
     config = app_run_config({"output-dir": str(out), "data-root": str(tmp_path), "audit-key": str(tmp_path / "k")})
@@ -134,7 +134,7 @@ def test_the_gate_opens_when_the_launcher_writes_it(tmp_path, monkeypatch):
     import server.app as server_app
 
     gate = tmp_path / "start-gate"
-    monkeypatch.setenv(server_app.START_GATE, str(gate))
+    monkeypatch.setenv(START_GATE, str(gate))
     opener = threading.Timer(0.2, gate.touch)
     opener.start()
     server_app.wait_for_start(timeout=READY_TIMEOUT)
