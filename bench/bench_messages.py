@@ -1,6 +1,6 @@
 """Per-message cost of a site against Flower's own floor: prints tables.
 
-    python bench/bench_messages.py [--work DIR] [--sites 4,16] [--rounds 5] [--training fedavg,exact]
+    python bench/bench_messages.py [--work DIR] [--sites 4,16] [--rounds 5] [--training fedavg,exact] [--repeats 3]
                                    [--profile-messages 20] [--profile-simulation] [--floor-state-kb 80]
                                    [--context-sizes]
 
@@ -11,7 +11,12 @@ same number of nodes, answered at once by a trivial ClientApp (bench/message_app
 site-message = a batch's wall time / its messages, summed over the run; "rounds" are the training rounds' batches:
 ``train`` and ``evaluate`` for FedAvg (``--rounds`` of them), ``query.newton`` and ``evaluate`` for the default
 exact trainer (as many Newton rounds as it takes to converge; ``select-features = 3``, since a tiny site's 14
-training cases allow at most 6 coefficients at ``exact-min-cases-per-coefficient = 2``). Then cProfile of one
+training cases allow at most 6 coefficients at ``exact-min-cases-per-coefficient = 2``). ``--repeats N`` (default 3)
+runs N rounds of such pairs, every mode and size in each (radfed then its floor, back to back: on a shared machine
+the load drifts between runs, so one pair proves little), and prints every pair with the load, the median ratio
+with its spread, and where a training-round batch's time goes on each side (both sides note each message's entry
+and exit in their ClientApp, one appended line each; the coordinator's pulls per batch and the pull that got the
+last reply: its schedule's steps). Then cProfile of one
 site's ClientApp in this process over a run of ``train`` messages: every message reloading the site (the cache
 cleared before each, as every message did before the run cache) and with the run cache. ``--profile-simulation``:
 one more FedAvg run on the most sites with the coordinator and every simulation worker's ClientApp under cProfile.
@@ -28,8 +33,10 @@ import argparse
 import cProfile
 import io
 import json
+import os
 import pstats
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -105,36 +112,110 @@ def per_message(batches: list[dict], seconds_key: str = "seconds", count: str = 
             "round_messages": in_rounds, "per_round": sum(b[seconds_key] for b in rounds) / max(in_rounds, 1)}
 
 
-def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path], floor_state: int = 0) -> list[str]:
-    root = data_root(work, dirs)
+def _run(run_config: dict, n: int, flwr_home: Path, app: Path) -> tuple[float, str]:
+    """One federation: (wall seconds, the load average before and after it)."""
+    before, t = os.getloadavg()[0], time.perf_counter()
+    run_federation(run_config, num_supernodes=n, flwr_home=flwr_home, app_dir=app, echo=False)
+    return time.perf_counter() - t, f"{before:.1f}-{os.getloadavg()[0]:.1f}"
+
+
+def one_pair(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path], timeline_notes: bool = False) -> dict:
+    """One radfed run, then the floor replaying it: both sides' batches, wall times and loads (with
+    ``timeline_notes``, each side's per-message notes too, for ``timeline``)."""
     out = work / f"runs-{config['training']}-{len(dirs)}"
     shutil.rmtree(out, ignore_errors=True)
-    run_config = {**config, "data-root": str(root), "output-dir": str(out)}
+    run_config = {**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)}
     approve_demo_plan(dirs, run_config)
-    t = time.perf_counter()
-    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-radfed", app_dir=apps["radfed"],
-                   echo=False)
-    radfed_wall = time.perf_counter() - t
+    radfed_wall, radfed_load = _run(run_config, len(dirs), work / "flwr-radfed", apps["radfed"])
     record = json.loads((out / "messages.json").read_text())
     metrics = json.loads(next(out.glob("*-run*/metrics.json")).read_text())
     if metrics["status"] != "completed":
         raise SystemExit(f"radfed run {metrics['status']}: {metrics['error']}")
-    t = time.perf_counter()
-    run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=apps["floor"],
-                   echo=False)
-    floor_wall = time.perf_counter() - t
+    notes = _noted(out)
+    for path in out.glob("sizes-*.jsonl"):  # radfed's notes apart from the floor's
+        path.unlink()
+    if timeline_notes:
+        (out / "messages.json").write_text(json.dumps({**record, "floor-timeline": True}))
+    floor_wall, floor_load = _run(run_config, len(dirs), work / "flwr-floor", apps["floor"])
     floor = json.loads((out / "floor.json").read_text())
-    ours, base = per_message(record["batches"]), per_message(floor["batches"])
-    row = [str(config["training"]), str(len(dirs)), str(ours["messages"]), f"{ours['per']:.4f}", f"{base['per']:.4f}",
-           f"{ours['per'] / base['per']:.2f}", f"{ours['per_round']:.4f}", f"{base['per_round']:.4f}",
-           f"{ours['per_round'] / base['per_round']:.2f}", f"{radfed_wall:.0f}", f"{floor_wall:.0f}"]
+    return {"training": str(config["training"]), "sites": len(dirs), "radfed": record["batches"],
+            "floor": floor["batches"], "radfed-notes": notes, "floor-notes": _noted(out), "radfed-wall": radfed_wall,
+            "floor-wall": floor_wall, "radfed-load": radfed_load, "floor-load": floor_load, "out": out}
+
+
+def pair_row(pair: dict, repeat: int | None = None) -> list[str]:
+    ours, base = per_message(pair["radfed"]), per_message(pair["floor"])
+    return [pair["training"], str(pair["sites"]), *([] if repeat is None else [str(repeat)]), str(ours["messages"]),
+            f"{ours['per']:.4f}", f"{base['per']:.4f}", f"{ours['per'] / base['per']:.2f}", f"{ours['per_round']:.4f}",
+            f"{base['per_round']:.4f}", f"{ours['per_round'] / base['per_round']:.2f}", f"{pair['radfed-wall']:.0f}",
+            f"{pair['floor-wall']:.0f}", *([] if repeat is None else [pair["radfed-load"], pair["floor-load"]])]
+
+
+def one_size(work: Path, dirs: list[Path], config: dict, apps: dict[str, Path], floor_state: int = 0) -> list[str]:
+    pair = one_pair(work, dirs, config, apps)
+    row = pair_row(pair)
     if floor_state:  # the same floor, each node keeping floor_state bytes in its context.state
+        out = pair["out"]
+        record = json.loads((out / "messages.json").read_text())
         (out / "messages.json").write_text(json.dumps({**record, "floor-state-bytes": floor_state}))
-        run_federation(run_config, num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=apps["floor"],
-                       echo=False)
+        run_federation({**config, "data-root": str(data_root(work, dirs)), "output-dir": str(out)},
+                       num_supernodes=len(dirs), flwr_home=work / "flwr-floor", app_dir=apps["floor"], echo=False)
+        base = per_message(pair["floor"])
         padded = per_message(json.loads((out / "floor.json").read_text())["batches"])
         row += [f"{padded['per_round']:.4f}", f"{padded['per_round'] / base['per_round']:.2f}"]
     return row
+
+
+def _spread(values: list[float], digits: int = 2) -> str:
+    """``median [min-max]``."""
+    return f"{statistics.median(values):.{digits}f} [{min(values):.{digits}f}-{max(values):.{digits}f}]"
+
+
+def ending_pulls(batches: list[dict]) -> str:
+    """How many training-round batches ended at each of the coordinator's pulls (1 = the pull right after the
+    push): the pull schedule's steps, e.g. ``5:3 6:12`` (pulls at ~81 and ~132 ms with the 10 ms x1.5 schedule)."""
+    counts: dict[int, int] = {}
+    for b in batches:
+        if b["type"] in ROUND_TYPES and b.get("pulls"):
+            counts[len(b["pulls"])] = counts.get(len(b["pulls"]), 0) + 1
+    return " ".join(f"{k}:{v}" for k, v in sorted(counts.items()))
+
+
+def repeated(work: Path, dirs: list[Path], modes: dict[str, dict], sizes: list[int], repeats: int,
+             apps: dict[str, Path]) -> None:
+    """``repeats`` rounds of (radfed, floor) pairs, every mode and size in each round (the load drifts: interleaved,
+    each pair back to back), then the median ratio and its spread, and where a training-round batch's time goes."""
+    pairs = [one_pair(work, dirs[:n], config, apps, timeline_notes=True)
+             for _ in range(repeats) for config in modes.values() for n in sizes]
+    print_columns("Every pair, in the order run (radfed, then the floor replaying its batches; load: the 1-minute "
+                  "load average before and after each run)",
+                  HEADER[:2] + ["repeat"] + HEADER[2:] + ["radfed load", "floor load"],
+                  [pair_row(p, 1 + i // (len(modes) * len(sizes))) for i, p in enumerate(pairs)])
+    summary, where = [], []
+    for mode in modes:
+        for n in sizes:
+            group = [p for p in pairs if p["training"] == mode and p["sites"] == n]
+            ours = [per_message(p["radfed"]) for p in group]
+            base = [per_message(p["floor"]) for p in group]
+            summary.append([mode, str(n), str(len(group)),
+                            _spread([o["per_round"] / b["per_round"] for o, b in zip(ours, base, strict=True)]),
+                            _spread([o["per"] / b["per"] for o, b in zip(ours, base, strict=True)]),
+                            _spread([o["per_round"] for o in ours], 4), _spread([b["per_round"] for b in base], 4)])
+            for side in ("radfed", "floor"):
+                parts = [timeline(p[side], p[f"{side}-notes"]) for p in group]
+                rounds = [b for p in group for b in p[side] if b["type"] in ROUND_TYPES]
+                where.append([mode, str(n), side, *(f"{statistics.median(v[i] for v in parts):.0f}" for i in range(5)),
+                              f"{statistics.median(len(b['pulls']) for b in rounds):.0f}",
+                              f"{1000 * statistics.median(b['pulling'] for b in rounds):.1f}", ending_pulls(rounds)])
+    print_columns(f"Median over {repeats} interleaved pair(s) [min-max]: ratio radfed / floor, s per site-message",
+                  ["training", "sites", "pairs", "ratio (rounds)", "ratio (every message)", "radfed s/msg (rounds)",
+                   "floor s/msg (rounds)"], summary)
+    print_columns("Where a training-round batch's time goes (ms per batch: each pair's mean, median over the pairs; "
+                  "pulls: the coordinator's pulls per batch, median; pulling: their time per batch; ending pull: "
+                  "batches ending at the n-th pull after the push, n:count)",
+                  ["training", "sites", "app", "push -> first in ClientApp", "first in -> last out",
+                   "in ClientApps (sum)", "last out -> pulled", "batch wall", "pulls", "pulling ms", "ending pull"],
+                  where)
 
 
 def _noted(out: Path) -> list[dict]:
@@ -256,6 +337,9 @@ def main() -> int:
     parser.add_argument("--sites", default="4,16", help="comma-separated numbers of sites")
     parser.add_argument("--rounds", type=int, default=5, help="FedAvg rounds (train + evaluate each)")
     parser.add_argument("--training", default="fedavg,exact", help="comma-separated training modes to run")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="interleaved (radfed, floor) pairs per mode and size: median ratio and spread, and where "
+                             "a batch's time goes (1: one pair each, the single table)")
     parser.add_argument("--profile-messages", type=int, default=20)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--skip-federation", action="store_true", help="only the in-process profile")
@@ -275,7 +359,11 @@ def main() -> int:
              "exact": {**base, "training": "exact", "select-features": 3}}  # tiny sites: see the docstring
     dirs = sites(work, sizes[-1], args.workers)
 
-    if not args.skip_federation:
+    if not args.skip_federation and args.repeats > 1:
+        apps = {"radfed": make_app(work / "app-radfed", "benchapp:timed", "benchapp:noted_client"),
+                "floor": make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")}
+        repeated(work, dirs, {m: modes[m] for m in args.training.split(",")}, sizes, args.repeats, apps)
+    elif not args.skip_federation:
         apps = {"radfed": make_app(work / "app-radfed", "benchapp:timed", "client.app:app"),
                 "floor": make_app(work / "app-floor", "benchapp:floor_server", "benchapp:floor_client")}
         state = int(args.floor_state_kb * 1000)

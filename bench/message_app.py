@@ -8,7 +8,9 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
   ``<output-dir>/client-<pid>.prof`` (where the time of a site's messages goes inside the simulation);
   ``profiled_server``: ``timed`` under cProfile, kept in ``<output-dir>/server.prof`` (the coordinator's side).
 - ``sized_client``: radfed's ClientApp noting, per message, the pickled size of the Context Flower ships with it
-  and the handler's seconds (``<output-dir>/sizes-<pid>.jsonl``).
+  and the handler's seconds (``<output-dir>/sizes-<pid>.jsonl``); ``noted_client``: the same notes without the
+  Context's sizes (one appended line per message, as the floor with ``floor-timeline`` writes: where a batch's time
+  goes, at the cost of that line on both sides).
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
   own cost per message: the floor). Written to ``<output-dir>/floor.json``. With ``floor-state-bytes`` in the
@@ -70,12 +72,16 @@ class TimedGrid:
         start = time.perf_counter()
         ids = list(self._grid.push_messages(messages))
         self._open.append({"start": start, "messages": messages, "pending": set(ids), "replies": {}, "end": start,
-                           "wall": time.time()})
+                           "wall": time.time(), "pulls": [], "pulling": 0.0})
         return ids
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
+        t = time.perf_counter()
         replies = list(self._grid.pull_messages(message_ids))
         now = time.perf_counter()
+        for batch in self._open:  # when each pull came and how long it took (the coordinator's own CPU)
+            batch["pulls"].append(now - batch["start"])  # type: ignore[attr-defined]
+            batch["pulling"] += now - t  # type: ignore[operator]
         for r in replies:
             for batch in self._open:
                 if r.metadata.reply_to_message_id in batch["pending"]:  # type: ignore[operator]
@@ -114,7 +120,7 @@ class TimedGrid:
                          "request": sizes(m.content), "reply": answer})
         types = sorted({m.metadata.message_type for m in batch["messages"]})
         self.batches.append({"type": ",".join(types), "seconds": batch["end"] - batch["start"], "messages": rows,
-                             "pushed": batch["wall"]})
+                             "pushed": batch["wall"], "pulls": batch["pulls"], "pulling": batch["pulling"]})
 
 
 timed = ServerApp()
@@ -189,6 +195,22 @@ class _SizedClientApp(ClientApp):
             _note(context, line)
 
 
+class _NotedClientApp(ClientApp):
+    """radfed's ClientApp noting, per message, its type and when it entered and left the handler (wall clock), as the
+    floor does with ``floor-timeline``: one JSON line per message in ``<output-dir>/sizes-<pid>.jsonl``."""
+
+    def __call__(self, message: Message, context: Context) -> Message:
+        wall = time.time()
+        try:
+            return radfed_client(message, context)
+        finally:
+            _note(context, {"type": message.metadata.message_type, "id": message.metadata.message_id, "in": wall,
+                            "out": time.time()})
+
+
+noted_client = _NotedClientApp()
+
+
 def _note(context: Context, line: dict) -> None:
     out = Path(str(context.run_config["output-dir"])).expanduser()
     with (out / f"sizes-{os.getpid()}.jsonl").open("a", encoding="utf-8") as fh:
@@ -213,7 +235,8 @@ def floor_main(grid: Grid, context: Context) -> None:
     while len(list(grid.get_node_ids())) < record["nodes"]:
         time.sleep(0.2)
     nodes = sorted(grid.get_node_ids())
-    waiting = polling(grid)  # the coordinator's own way of waiting for replies, so only the ClientApp differs
+    recorder = TimedGrid(grid)  # the pulls noted as radfed's are
+    waiting = polling(recorder)  # type: ignore[arg-type]  # the coordinator's own way of waiting, so only the ClientApp differs
     timings = []
     start = time.perf_counter()
     state = int(record.get("floor-state-bytes", 0))
@@ -223,11 +246,14 @@ def floor_main(grid: Grid, context: Context) -> None:
         messages = [Message(_padded(*m["request"], {"reply-arrays": m["reply"][0], "reply-other": m["reply"][1],
                                                     "state-bytes": state, "timeline": timeline}),
                             dst_node_id=nodes[m["node"]], message_type=kind) for m in batch["messages"]]
-        t, wall = time.perf_counter(), time.time()
+        wall = time.time()
         replies = list(waiting.send_and_receive(messages, timeout=600))
         if any(r.has_error() for r in replies) or len(replies) != len(messages):
             raise RuntimeError(f"the floor's {kind} batch failed: {[r.error.reason for r in replies if r.has_error()]}")
-        timings.append({"type": batch["type"], "seconds": time.perf_counter() - t, "n": len(messages), "pushed": wall})
+        pulled = recorder.batches.pop()
+        # timed from push to the last reply's pull, as radfed's batches are (TimedGrid)
+        timings.append({"type": batch["type"], "seconds": pulled["seconds"], "n": len(messages), "pushed": wall,
+                        "pulls": pulled["pulls"], "pulling": pulled["pulling"]})
     (out / FLOOR).write_text(json.dumps({"seconds": time.perf_counter() - start, "batches": timings}),
                              encoding="utf-8")
 

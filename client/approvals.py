@@ -10,9 +10,11 @@ import functools
 import getpass
 import json
 import logging
+import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 from flwr.app import Context, Message
@@ -23,7 +25,7 @@ from client.site import SiteError, site_files, site_settings
 from client.sitefiles import read_jsonl
 from client.steps import locate_site, run_config
 from common.canon import sha256_json
-from common.plan import code_files, plan_sha256, run_plan
+from common.plan import APP_ROOT, code_files, plan_sha256, run_plan
 from common.profile import load_profile, resolve_profile_path
 from common.protocol import not_approved_reason
 from common.runconfig import RunConfig
@@ -101,13 +103,48 @@ def _run_key(run: RunConfig) -> str:
 
 
 def _plan_and_hash(run: RunConfig) -> tuple[dict, str]:
-    """The site's plan and its hash, kept together: every message checks the hash, which is computed once."""
-    def make() -> tuple[dict, str]:
-        plan = run_plan(run, load_profile(run.profile))
-        return plan, plan_sha256(plan)
+    """The site's plan and its hash, kept together: every message checks the hash, which is computed once.
 
-    return runcache.remember("plan", _run_key(run), make,
-                             lambda _: [resolve_profile_path(run.profile), *code_files()])
+    Made again when the profile file or a code file this process has not imported changes (client.runcache), or
+    when a module it had imported is no longer the same module object or was reloaded (``importlib.reload`` gives it
+    a new spec): either may run a changed file.
+    A module's file once imported is not stamped: the process runs the code it imported, so a later change to the
+    file cannot change what this process executes (docs/architecture.md, "Cost per message")."""
+    def make() -> tuple[tuple[dict, str], tuple[tuple[str, ModuleType, object], ...]]:
+        loaded = imported_modules(code_files())  # before hashing: their code in memory is what was hashed or older
+        plan = run_plan(run, load_profile(run.profile))
+        return (plan, plan_sha256(plan)), loaded
+
+    def watch(made: tuple[object, tuple[tuple[str, ModuleType, object], ...]]) -> list[Path]:
+        loaded = {str(APP_ROOT / (name.replace(".", "/"))) for name, _, _ in made[1]}
+        return [resolve_profile_path(run.profile), *(p for p in code_files() if _module_stem(p) not in loaded)]
+
+    kept, _ = runcache.remember("plan", _run_key(run), make, watch,
+                                valid=lambda made: all(sys.modules.get(name) is module and module.__spec__ is spec
+                                                       for name, module, spec in made[1]))
+    return kept
+
+
+def _module_stem(path: Path) -> str:
+    """``APP_ROOT/client/app`` for ``client/app.py``, ``APP_ROOT/client`` for ``client/__init__.py``."""
+    return str(path.parent if path.name == "__init__.py" else path.with_suffix(""))
+
+
+def imported_modules(files: list[Path]) -> tuple[tuple[str, ModuleType, object], ...]:
+    """(name, module, its spec) of every one of ``files`` that this process has imported from exactly that source
+    file."""
+    found = []
+    for path in files:
+        if path.suffix != ".py":
+            continue  # profiles are read at run time
+        rel = Path(_module_stem(path)).relative_to(APP_ROOT)
+        name = ".".join(rel.parts)
+        module = sys.modules.get(name)
+        spec = getattr(module, "__spec__", None)
+        origin = getattr(spec, "origin", None)
+        if module is not None and origin and Path(origin).resolve() == path:
+            found.append((name, module, spec))
+    return tuple(found)
 
 
 def pending_plans(site_dir: Path) -> list[Path]:

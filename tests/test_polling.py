@@ -41,8 +41,19 @@ def test_every_reply_once_with_short_growing_pauses(naps):
     assert sorted(r.metadata.reply_to_message_id for r in replies) == ["0", "1", "2"]
     assert grid.pulls == 12 and len(naps) == 11  # one pause between pulls, none after the last reply
     assert naps[0] == polling.FIRST and max(naps) == polling.LONGEST < 3.0
-    assert all(b == min(a * polling.GROWTH, polling.LONGEST) for a, b in zip(naps, naps[1:], strict=False))
+    for pull, (a, b) in enumerate(zip(naps, naps[1:], strict=False), start=2):  # nap b follows pull number `pull`
+        assert b == (polling.FIRST if pull == 3 else min(a * polling.GROWTH, polling.LONGEST))  # pull 3 brought one
     assert polling.polling(grid).get_node_ids() == [7]  # the rest is the wrapped grid's
+
+
+def test_replies_coming_in_are_pulled_again_after_the_shortest_pause(naps):
+    # a batch's replies land one after another from the 5th pull on: each pull that brought one is followed by the
+    # shortest pause, not the next longer step (the schedule alone would wait 51, 76, then 100 ms)
+    grid = _Grid([5, 6, 7, 8])
+    replies = polling.polling(grid).send_and_receive(["a", "b", "c", "d"], timeout=60.0)
+    assert len(replies) == 4 and grid.pulls == 8
+    assert naps[:4] == [polling.FIRST * polling.GROWTH ** i for i in range(4)]  # nothing yet: growing
+    assert naps[4:] == [polling.FIRST] * 3
 
 
 def test_a_site_that_never_answers_ends_at_the_timeout(naps, monkeypatch):
