@@ -13,6 +13,7 @@ import logging
 import sys
 from collections.abc import Mapping
 from datetime import UTC, datetime
+from importlib.machinery import ModuleSpec
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -110,14 +111,14 @@ def _plan_and_hash(run: RunConfig) -> tuple[dict, str]:
     a new spec): either may run a changed file.
     A module's file once imported is not stamped: the process runs the code it imported, so a later change to the
     file cannot change what this process executes (docs/architecture.md, "Cost per message")."""
-    def make() -> tuple[tuple[dict, str], tuple[tuple[str, ModuleType, object], ...]]:
+    def make() -> tuple[tuple[dict, str], tuple[tuple[str, ModuleType, ModuleSpec], ...]]:
         loaded = imported_modules(code_files())  # before hashing: their code in memory is what was hashed or older
         plan = run_plan(run, load_profile(run.profile))
         return (plan, plan_sha256(plan)), loaded
 
-    def watch(made: tuple[object, tuple[tuple[str, ModuleType, object], ...]]) -> list[Path]:
-        loaded = {str(APP_ROOT / (name.replace(".", "/"))) for name, _, _ in made[1]}
-        return [resolve_profile_path(run.profile), *(p for p in code_files() if _module_stem(p) not in loaded)]
+    def watch(made: tuple[object, tuple[tuple[str, ModuleType, ModuleSpec], ...]]) -> list[Path]:
+        loaded = {Path(spec.origin).resolve() for _, _, spec in made[1]}  # each is its file (imported_modules)
+        return [resolve_profile_path(run.profile), *(p for p in code_files() if p not in loaded)]
 
     kept, _ = runcache.remember("plan", _run_key(run), make, watch,
                                 valid=lambda made: all(sys.modules.get(name) is module and module.__spec__ is spec
@@ -130,7 +131,7 @@ def _module_stem(path: Path) -> str:
     return str(path.parent if path.name == "__init__.py" else path.with_suffix(""))
 
 
-def imported_modules(files: list[Path]) -> tuple[tuple[str, ModuleType, object], ...]:
+def imported_modules(files: list[Path]) -> tuple[tuple[str, ModuleType, ModuleSpec], ...]:
     """(name, module, its spec) of every one of ``files`` that this process has imported from exactly that source
     file."""
     found = []
