@@ -251,6 +251,12 @@ def _incoming(message_type: str, content: RecordDict) -> Message:
     return Message(content, metadata=meta)
 
 
+@pytest.fixture(autouse=True)
+def _site_dirs_in_tmp_path(tmp_path, monkeypatch):
+    """Each test's site folders (``_context``) under pytest's own tmp_path, which pytest prunes, not left in /tmp."""
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+
 def _context(run_config: dict, node_config: dict | None = None, complete: bool = True) -> Context:
     """A node's context: the run config completed with the app's defaults (as Flower sends it) unless
     ``complete`` is False, and a site folder of its own (the mod keeps the site's DP budget there)."""

@@ -62,7 +62,7 @@ def test_running_with_flower_directly_works_as_written(tmp_path):
     # short folder of the test's own (Ray's unix sockets need paths below 108 characters), not /tmp/ray
     ray_tmp = tempfile.mkdtemp(prefix="rfray-", dir="/tmp")
     env = {"HOME": str(home), "PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8",  # no venv on the PATH
-           "RAY_TMPDIR": ray_tmp}
+           "RAY_TMPDIR": ray_tmp, "TMPDIR": str(tmp_path)}  # the README's `mktemp -d` FLWR_HOME goes here too
     try:
         done = subprocess.run(["bash", "-c", block], cwd=REPO, env=env, capture_output=True, encoding="utf-8",
                               errors="replace", timeout=1200, check=False)
