@@ -187,6 +187,9 @@ def repeated(work: Path, dirs: list[Path], modes: dict[str, dict], sizes: list[i
     each pair back to back), then the median ratio and its spread, and where a training-round batch's time goes."""
     pairs = [one_pair(work, dirs[:n], config, apps, timeline_notes=True)
              for _ in range(repeats) for config in modes.values() for n in sizes]
+    kept = work / f"pairs-{time.strftime('%Y%m%dT%H%M%S')}.json"  # every pair's batches and notes, for a later look
+    kept.write_text(json.dumps([{k: v for k, v in p.items() if k != "out"} for p in pairs]), encoding="utf-8")
+    print(f"every pair's batches and per-message notes: {kept}")
     print_columns("Every pair, in the order run (radfed, then the floor replaying its batches; load: the 1-minute "
                   "load average before and after each run)",
                   HEADER[:2] + ["repeat"] + HEADER[2:] + ["radfed load", "floor load"],
