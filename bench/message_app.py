@@ -10,7 +10,8 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 - ``sized_client``: radfed's ClientApp noting, per message, the pickled size of the Context Flower ships with it
   and the handler's seconds (``<output-dir>/sizes-<pid>.jsonl``); ``noted_client``: the same notes without the
   Context's sizes (one appended line per message, as the floor with ``floor-timeline`` writes: where a batch's time
-  goes, at the cost of that line on both sides).
+  goes, at the cost of that line on both sides), with the message's thread and process CPU, garbage collections and
+  the site's parts (its data, the model split, the training step: wall and CPU) in the worker.
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
   own cost per message: the floor). Written to ``<output-dir>/floor.json``. With ``floor-state-bytes`` in the
