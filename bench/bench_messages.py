@@ -16,10 +16,12 @@ runs N rounds of such pairs, every mode and size in each (radfed then its floor,
 the load drifts between runs, so one pair proves little), and prints every pair with the load, the median ratio
 with its spread, and where a training-round batch's time goes on each side (both sides note each message's entry
 and exit in their ClientApp, one appended line each; the coordinator's pulls per batch and the pull that got the
-last reply: its schedule's steps). Then cProfile of one
-site's ClientApp in this process over a run of ``train`` messages: every message reloading the site (the cache
-cleared before each, as every message did before the run cache) and with the run cache. ``--profile-simulation``:
-one more FedAvg run on the most sites with the coordinator and every simulation worker's ClientApp under cProfile.
+last reply: its schedule's steps; a round's period in the simulation's 0.1 s passes, the coordinator's time between
+round batches, radfed's ClientApp CPU per message) and keeps every pair's batches and notes in
+``<work>/pairs-<time>.json``. Then cProfile of one site's ClientApp in this process over a run of ``train``
+messages: every message reloading the site (the cache cleared before each, as every message did before the run
+cache) and with the run cache. ``--profile-simulation``: one more FedAvg run on the most sites with the coordinator
+and every simulation worker's ClientApp under cProfile.
 ``--floor-state-kb N``: the floor once more with N KB of names in each node's ``context.state`` (Flower's simulation
 ships a node's whole Context to the Ray actor and back with every message; a site's was ~80 KB before its lists
 and ComBat parameters moved to client.nodestate). ``--context-sizes``: one more radfed run per mode on the most
