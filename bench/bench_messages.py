@@ -16,10 +16,12 @@ runs N rounds of such pairs, every mode and size in each (radfed then its floor,
 the load drifts between runs, so one pair proves little), and prints every pair with the load, the median ratio
 with its spread, and where a training-round batch's time goes on each side (both sides note each message's entry
 and exit in their ClientApp, one appended line each; the coordinator's pulls per batch and the pull that got the
-last reply: its schedule's steps). Then cProfile of one
-site's ClientApp in this process over a run of ``train`` messages: every message reloading the site (the cache
-cleared before each, as every message did before the run cache) and with the run cache. ``--profile-simulation``:
-one more FedAvg run on the most sites with the coordinator and every simulation worker's ClientApp under cProfile.
+last reply: its schedule's steps; a round's period in the simulation's 0.1 s passes, the coordinator's time between
+round batches, radfed's ClientApp CPU per message) and keeps every pair's batches and notes in
+``<work>/pairs-<time>.json``. Then cProfile of one site's ClientApp in this process over a run of ``train``
+messages: every message reloading the site (the cache cleared before each, as every message did before the run
+cache) and with the run cache. ``--profile-simulation``: one more FedAvg run on the most sites with the coordinator
+and every simulation worker's ClientApp under cProfile.
 ``--floor-state-kb N``: the floor once more with N KB of names in each node's ``context.state`` (Flower's simulation
 ships a node's whole Context to the Ray actor and back with every message; a site's was ~80 KB before its lists
 and ComBat parameters moved to client.nodestate). ``--context-sizes``: one more radfed run per mode on the most
@@ -187,6 +189,9 @@ def repeated(work: Path, dirs: list[Path], modes: dict[str, dict], sizes: list[i
     each pair back to back), then the median ratio and its spread, and where a training-round batch's time goes."""
     pairs = [one_pair(work, dirs[:n], config, apps, timeline_notes=True)
              for _ in range(repeats) for config in modes.values() for n in sizes]
+    kept = work / f"pairs-{time.strftime('%Y%m%dT%H%M%S')}.json"  # every pair's batches and notes, for a later look
+    kept.write_text(json.dumps([{k: v for k, v in p.items() if k != "out"} for p in pairs]), encoding="utf-8")
+    print(f"every pair's batches and per-message notes: {kept}")
     print_columns("Every pair, in the order run (radfed, then the floor replaying its batches; load: the 1-minute "
                   "load average before and after each run)",
                   HEADER[:2] + ["repeat"] + HEADER[2:] + ["radfed load", "floor load"],
@@ -204,17 +209,24 @@ def repeated(work: Path, dirs: list[Path], modes: dict[str, dict], sizes: list[i
             for side in ("radfed", "floor"):
                 parts = [timeline(p[side], p[f"{side}-notes"]) for p in group]
                 rounds = [b for p in group for b in p[side] if b["type"] in ROUND_TYPES]
+                paced = [cadence(p[side], p[f"{side}-notes"]) for p in group]
                 where.append([mode, str(n), side, *(f"{statistics.median(v[i] for v in parts):.0f}" for i in range(5)),
                               f"{statistics.median(len(b['pulls']) for b in rounds):.0f}",
-                              f"{1000 * statistics.median(b['pulling'] for b in rounds):.1f}", ending_pulls(rounds)])
+                              f"{1000 * statistics.median(b['pulling'] for b in rounds):.1f}", ending_pulls(rounds),
+                              *(f"{statistics.median(v[i] for v in paced):.{d}f}"
+                                for i, d in ((0, 0), (1, 0), (2, 2)))])
     print_columns(f"Median over {repeats} interleaved pair(s) [min-max]: ratio radfed / floor, s per site-message",
                   ["training", "sites", "pairs", "ratio (rounds)", "ratio (every message)", "radfed s/msg (rounds)",
                    "floor s/msg (rounds)"], summary)
     print_columns("Where a training-round batch's time goes (ms per batch: each pair's mean, median over the pairs; "
                   "pulls: the coordinator's pulls per batch, median; pulling: their time per batch; ending pull: "
-                  "batches ending at the n-th pull after the push, n:count)",
+                  "batches ending at the n-th pull after the push, n:count; then medians: a round's period from its "
+                  "first message in a ClientApp to the next round's, a whole number of the simulation's ~0.1 s "
+                  "passes; the coordinator's own time between round batches; radfed's ClientApp thread CPU per "
+                  "round message)",
                   ["training", "sites", "app", "push -> first in ClientApp", "first in -> last out",
-                   "in ClientApps (sum)", "last out -> pulled", "batch wall", "pulls", "pulling ms", "ending pull"],
+                   "in ClientApps (sum)", "last out -> pulled", "batch wall", "pulls", "pulling ms", "ending pull",
+                   "first in -> next round's", "coordinator: pulled -> next push", "ClientApp CPU per message"],
                   where)
 
 
@@ -238,6 +250,26 @@ def timeline(batches: list[dict], noted: list[dict]) -> list[float]:
             parts.append([first - b["pushed"], last - first, sum(e["out"] - e["in"] for e in inside),
                           b["pushed"] + b["seconds"] - last, b["seconds"]])
     return [1000 * sum(p[i] for p in parts) / max(len(parts), 1) for i in range(5)]
+
+
+def cadence(batches: list[dict], noted: list[dict]) -> list[float]:
+    """Median milliseconds: from a training-round batch's first message entering a ClientApp to the next round
+    batch's (Flower's simulation queues a node's messages in passes every ~0.1 s, so a round takes a whole number of
+    passes: ~103 or ~206 ms), the coordinator's own time from a round batch's last reply pulled to its next push, and
+    the ClientApp's thread CPU per message (radfed's notes; nan without them)."""
+    rounds = [b for b in batches if b["type"] in ROUND_TYPES and (b.get("messages") or b.get("n"))]
+    firsts = [min((e["in"] for e in noted if b["pushed"] <= e["in"] <= b["pushed"] + b["seconds"]), default=None)
+              for b in rounds]
+    periods = [b - a for a, b in zip(firsts, firsts[1:], strict=False) if a is not None and b is not None]
+    ordered = [b for b in batches if b.get("messages") or b.get("n")]
+    between = [b["pushed"] - (a["pushed"] + a["seconds"]) for a, b in zip(ordered, ordered[1:], strict=False)
+               if a["type"] in ROUND_TYPES and b["type"] in ROUND_TYPES]
+    cpu = [e["cpu"] for e in noted if "cpu" in e and e["type"] in ROUND_TYPES]
+
+    def median(values: list[float]) -> float:
+        return 1000 * statistics.median(values) if values else float("nan")
+
+    return [median(periods), median(between), median(cpu)]
 
 
 def context_sizes(work: Path, dirs: list[Path], config: dict,

@@ -10,7 +10,8 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 - ``sized_client``: radfed's ClientApp noting, per message, the pickled size of the Context Flower ships with it
   and the handler's seconds (``<output-dir>/sizes-<pid>.jsonl``); ``noted_client``: the same notes without the
   Context's sizes (one appended line per message, as the floor with ``floor-timeline`` writes: where a batch's time
-  goes, at the cost of that line on both sides).
+  goes, at the cost of that line on both sides), with the message's thread and process CPU, garbage collections and
+  the site's parts (its data, the model split, the training step: wall and CPU) in the worker.
 - ``floor_server`` + ``floor_client``: replay that record on the same number of nodes: the same batches of the
   same message types with same-sized records, answered at once by a ClientApp that does nothing else (Flower's
   own cost per message: the floor). Written to ``<output-dir>/floor.json``. With ``floor-state-bytes`` in the
@@ -21,9 +22,11 @@ radfed's ``common/``, ``client/`` and ``server/`` (so the FAB holds radfed's exa
 from __future__ import annotations
 
 import cProfile
+import gc
 import json
 import os
 import pickle
+import threading
 import time
 from collections.abc import Iterable
 from pathlib import Path
@@ -195,17 +198,71 @@ class _SizedClientApp(ClientApp):
             _note(context, line)
 
 
+_SPLIT: dict[str, float] = {}  # this process's time in radfed's parts during the current message (seconds)
+
+
+def _timed(module: object, name: str) -> None:
+    """Wrap ``module.name`` (looked up at each call by its callers) to add its wall and thread-CPU seconds to _SPLIT."""
+    inner = getattr(module, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        wall, cpu = time.perf_counter(), time.thread_time()
+        try:
+            return inner(*args, **kwargs)
+        finally:
+            _SPLIT[name] = _SPLIT.get(name, 0.0) + time.perf_counter() - wall
+            _SPLIT[f"{name}-cpu"] = _SPLIT.get(f"{name}-cpu", 0.0) + time.thread_time() - cpu
+
+    setattr(module, name, wrapper)
+
+
+def _split_parts() -> None:
+    """Time, inside the worker, the site's data (client.app._data), the model split (_model_split) and the training
+    step (client.compute.train_step): the rest of a message is Flower's records, the mods (stamps, guard, ledger,
+    approval) and the reply."""
+    import client.app as site_app
+    from client import compute
+
+    _timed(site_app, "_data")
+    _timed(site_app, "_model_split")
+    _timed(compute, "train_step")
+
+
+_split_parts()
+_GC_STARTED: list[float] = []
+
+
+def _gc_timer(phase: str, info: dict[str, int]) -> None:
+    """Add each garbage collection's seconds to _SPLIT (``gc-<generation>``)."""
+    if phase == "start":
+        _GC_STARTED[:] = [time.perf_counter()]
+    elif _GC_STARTED:
+        key = f"gc-{info['generation']}"
+        _SPLIT[key] = _SPLIT.get(key, 0.0) + time.perf_counter() - _GC_STARTED[0]
+
+
+gc.callbacks.append(_gc_timer)
+
+
 class _NotedClientApp(ClientApp):
     """radfed's ClientApp noting, per message, its type and when it entered and left the handler (wall clock), as the
-    floor does with ``floor-timeline``: one JSON line per message in ``<output-dir>/sizes-<pid>.jsonl``."""
+    floor does with ``floor-timeline``: one JSON line per message in ``<output-dir>/sizes-<pid>.jsonl``; with the
+    thread's and the process's CPU seconds over the message (working vs waiting), the collections the garbage
+    collector ran, the process's threads, and the parts _split_parts times."""
 
     def __call__(self, message: Message, context: Context) -> Message:
-        wall = time.time()
+        _SPLIT.clear()
+        gcs = sum(s["collections"] for s in gc.get_stats())
+        wall, cpu, proc, t = time.time(), time.thread_time(), time.process_time(), time.perf_counter()
         try:
             return radfed_client(message, context)
         finally:
+            seconds = time.perf_counter() - t
             _note(context, {"type": message.metadata.message_type, "id": message.metadata.message_id, "in": wall,
-                            "out": time.time()})
+                            "out": wall + seconds, "cpu": time.thread_time() - cpu,
+                            "process-cpu": time.process_time() - proc,
+                            "gc": sum(s["collections"] for s in gc.get_stats()) - gcs,
+                            "threads": threading.active_count(), "pid": os.getpid(), **_SPLIT})
 
 
 noted_client = _NotedClientApp()
