@@ -174,10 +174,16 @@ def profile_server(work: Path, dirs: list[Path], config: dict) -> None:
     row, _, steps = one_run(work, dirs, config, True, app)
     print(" | ".join(row), flush=True)
     folder = next((work / f"runs-{len(dirs)}-batched-profiled").glob("*-run*")).parent
-    for name, title in (("server-main.prof", "the ServerApp's thread"),
-                        ("server-threads.prof", "every other thread (the fold threads, Flower's)")):
+    # a file the launcher's stop cut short is left out (it stops the run's processes once the run logs its end)
+    threads = [p for p in sorted(folder.glob("server-thread-*.prof")) if p.stat().st_size]
+    main = [p for p in [folder / "server-main.prof"] if p.exists() and p.stat().st_size]
+    for names, title in ((main, "the ServerApp's thread"),
+                         (threads, "every other thread (the fold threads, Flower's)")):
+        if not names:
+            print(f"\nno profile of {title} was written")
+            continue
         text_out = io.StringIO()
-        stats = pstats.Stats(str(folder / name), stream=text_out)
+        stats = pstats.Stats(*map(str, names), stream=text_out)
         stats.sort_stats("tottime").print_stats(25)
         print(f"\ncProfile of the coordinator, {len(dirs)} sites, whole run, {title}; top functions by own time:")
         print("\n".join(line for line in text_out.getvalue().splitlines() if line.strip()

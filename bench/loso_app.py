@@ -2,15 +2,16 @@
 
 Copied as ``losoapp.py`` into a scratch app folder beside radfed's code (bench.bench_messages.make_app). cProfile
 sees only the thread it was enabled in, and under ``fold-batching`` each fold runs in a thread of its own: every
-thread started during the run gets its own profiler (``threading.Thread.run`` wrapped), merged at the end. Writes
+thread started during the run gets its own profiler (``threading.Thread.run`` wrapped). Writes
 ``<output-dir>/server-main.prof`` (the ServerApp's thread: the folds' coordinator packing, sending, unpacking) and
-``<output-dir>/server-threads.prof`` (every other thread: the folds' own work, and Flower's threads).
+``<output-dir>/server-thread-<i>.prof`` as each other thread ends (the folds' own work, and Flower's threads; merged
+by the bench: the launcher stops the run's processes once its end is logged, and at 48 sites merging them at the
+end left no file).
 """
 
 from __future__ import annotations
 
 import cProfile
-import pstats
 import threading
 from pathlib import Path
 
@@ -20,7 +21,9 @@ from flwr.serverapp import Grid, ServerApp
 from server.app import main as radfed_main
 
 profiled = ServerApp()
-_THREADS: list[cProfile.Profile] = []
+_THREADS = [0]  # thread profiles written
+_OUT: list[Path] = []  # the run's output folder
+_LOCK = threading.Lock()
 
 
 def _profiled_run(run):  # type: ignore[no-untyped-def]
@@ -31,7 +34,12 @@ def _profiled_run(run):  # type: ignore[no-untyped-def]
             run(self)
         finally:
             profiler.disable()
-            _THREADS.append(profiler)
+            if profiler.getstats() and _OUT:  # on disk as the thread ends: the launcher stops the run's processes
+                # once the run logs its end, before a ServerApp's last lines could write 48 fold threads' profiles
+                with _LOCK:
+                    _THREADS[0] += 1
+                    name = f"server-thread-{_THREADS[0]}.prof"
+                profiler.dump_stats(str(_OUT[0] / name))
 
     return wrapped
 
@@ -39,6 +47,8 @@ def _profiled_run(run):  # type: ignore[no-untyped-def]
 @profiled.main()
 def profiled_main(grid: Grid, context: Context) -> None:
     out = Path(str(context.run_config["output-dir"])).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    _OUT[:] = [out]
     original = threading.Thread.run
     threading.Thread.run = _profiled_run(original)  # type: ignore[method-assign]
     main = cProfile.Profile()
@@ -48,8 +58,4 @@ def profiled_main(grid: Grid, context: Context) -> None:
     finally:
         main.disable()
         threading.Thread.run = original  # type: ignore[method-assign]
-        out.mkdir(parents=True, exist_ok=True)
         main.dump_stats(str(out / "server-main.prof"))
-        recorded = [p for p in _THREADS if p.getstats()]  # pstats refuses a profiler that saw no call
-        if recorded:
-            pstats.Stats(*recorded).dump_stats(str(out / "server-threads.prof"))

@@ -10,9 +10,10 @@ the server packs requests and unpacks replies (``server.folds``), the site unpac
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
-from flwr.app import ConfigRecord, Error, Message, Metadata, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
 
 BATCH = "query.batch"
@@ -36,6 +37,26 @@ def _records(content: RecordDict, j: int) -> list[tuple[str, object]]:
     return [(f"{j}/{name}", record) for name, record in content.items()]
 
 
+_RECORDS = (ArrayRecord, ConfigRecord, MetricRecord)
+
+
+def _record_dict(items: Iterable[tuple[str, object]]) -> RecordDict:
+    """``RecordDict(dict(items))``: the same records under the same names, each checked as Flower checks it (a str
+    name, a Flower record), without ``RecordDict.__setitem__``'s look-up of a value to replace (a ``KeyError`` raised
+    and caught per record through ``MutableMapping.get``): a 48-site run packs and unpacks ~11,000 sub-requests' and
+    sub-replies' records per side, each name new in its RecordDict. Flower's internal ``_data`` dict, as
+    server.federation._with and server/folds.py use it."""
+    content = RecordDict()
+    data = content.__dict__["_data"]
+    for name, record in items:
+        if not isinstance(name, str) or not isinstance(record, _RECORDS):
+            raise TypeError(f"{BATCH}: record {name!r} is a {type(record).__name__}, not a Flower record")
+        if name in data:
+            raise BatchError(f"{BATCH}: record {name!r} appears twice; nothing was read")
+        data[name] = record
+    return content
+
+
 def pack(requests: list[Message]) -> list[Batch]:
     """Per destination site, one ``query.batch`` message carrying its requests in the order given. Every request
     must hold a unique ``message_id`` (the fold's grid gives each one); a sub-reply names it."""
@@ -44,14 +65,12 @@ def pack(requests: list[Message]) -> list[Batch]:
         by_node.setdefault(m.metadata.dst_node_id, []).append(m)
     batches = []
     for node_id, subs in by_node.items():
-        content = RecordDict()
-        for j, m in enumerate(subs):
-            for key, record in _records(m.content, j):
-                content[key] = record  # type: ignore[assignment]
-        content[INDEX] = ConfigRecord({"ids": [m.metadata.message_id for m in subs],
-                                       "types": [m.metadata.message_type for m in subs],
-                                       "groups": [m.metadata.group_id for m in subs],
-                                       "records": [",".join(m.content.keys()) for m in subs]})
+        index = ConfigRecord({"ids": [m.metadata.message_id for m in subs],
+                              "types": [m.metadata.message_type for m in subs],
+                              "groups": [m.metadata.group_id for m in subs],
+                              "records": [",".join(m.content.keys()) for m in subs]})
+        content = _record_dict([*(item for j, m in enumerate(subs) for item in _records(m.content, j)),
+                                (INDEX, index)])
         batches.append(Batch(node_id, Message(content, dst_node_id=node_id, message_type=BATCH), subs))
     return batches
 
@@ -89,7 +108,7 @@ def unpack_replies(batches: list[Batch], replies: list[Message]) -> dict[str, Me
             elif int(codes[j]):  # type: ignore[call-overload]
                 out[m.metadata.message_id] = _sub_reply(m, reply, None, Error(int(codes[j]), str(reasons[j])))  # type: ignore[call-overload]
             else:
-                content = RecordDict({name: reply.content[f"{j}/{name}"] for name in names[j]})
+                content = _record_dict((name, reply.content[f"{j}/{name}"]) for name in names[j])
                 out[m.metadata.message_id] = _sub_reply(m, reply, content, None)
     return out
 
@@ -109,7 +128,7 @@ def split(message: Message) -> list[Message]:
     subs = []
     for j, (sub_id, sub_type) in enumerate(zip(ids, types, strict=True)):
         records = str(names[j]).split(",") if names[j] else []
-        content = RecordDict({name: message.content[f"{j}/{name}"] for name in records})
+        content = _record_dict((name, message.content[f"{j}/{name}"]) for name in records)
         subs.append(Message(content=content, metadata=Metadata(
             run_id=meta.run_id, message_id=sub_id, src_node_id=meta.src_node_id, dst_node_id=meta.dst_node_id,
             reply_to_message_id="", group_id=str(groups[j]), created_at=meta.created_at, ttl=meta.ttl,
@@ -119,7 +138,7 @@ def split(message: Message) -> list[Message]:
 
 def join(message: Message, replies: list[Message]) -> Message:
     """The batch's reply: every sub-reply's records, or its error code and text, in the sub-requests' order."""
-    content = RecordDict()
+    items: list[tuple[str, object]] = []
     codes, reasons, names = [], [], []
     for j, r in enumerate(replies):
         if r.has_error():
@@ -130,8 +149,7 @@ def join(message: Message, replies: list[Message]) -> Message:
         codes.append(0)
         reasons.append("")
         names.append(",".join(r.content.keys()))
-        for key, record in _records(r.content, j):
-            content[key] = record  # type: ignore[assignment]
-    content[INDEX] = ConfigRecord({"ids": [r.metadata.reply_to_message_id for r in replies], "error-codes": codes,
-                                   "errors": reasons, "records": names})
-    return Message(content, reply_to=message)
+        items += _records(r.content, j)
+    items.append((INDEX, ConfigRecord({"ids": [r.metadata.reply_to_message_id for r in replies],
+                                       "error-codes": codes, "errors": reasons, "records": names})))
+    return Message(_record_dict(items), reply_to=message)
