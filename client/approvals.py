@@ -110,7 +110,7 @@ def _plan_and_hash(run: RunConfig) -> tuple[dict, str]:
     when a module it had imported is no longer the same module object or was reloaded (``importlib.reload`` gives it
     a new spec): either may run a changed file.
     A module's file once imported is not stamped: the process runs the code it imported, so a later change to the
-    file cannot change what this process executes (docs/architecture.md, "Cost per message")."""
+    file cannot change what this process executes (docs/architecture.md, "Run plans and approvals")."""
     def make() -> tuple[tuple[dict, str], tuple[tuple[str, ModuleType, ModuleSpec], ...]]:
         loaded = imported_modules(code_files())  # before hashing: their code in memory is what was hashed or older
         plan = run_plan(run, load_profile(run.profile))
