@@ -29,6 +29,12 @@ CONNECTION = "radfed-sim"
 # Ray would start for the first driver only take CPU from them (each imports Ray); a cluster a run starts reports no
 # usage to Ray's servers (nothing of a run should call a third party)
 RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Read by the raylet of a cluster a run starts: each Python worker it starts (the ClientApp actors) imports radfed's
+# ClientApp module as it boots (Ray's `--worker-preload-modules`, best effort: an ImportError is logged, and the
+# first message imports it as before), from the same path the first message's unpickling would, instead of on that
+# first message. It imports code only: no site is known to an actor before a message names one, so nothing is read
+# or sent; a gated demo's actors boot while the ServerApp waits at START_GATE (`tests/test_launch.py`).
+ACTOR_PRELOAD = {"RAY_preload_python_modules": "client.app"}
 
 
 def free_port() -> int:
@@ -126,7 +132,8 @@ def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
     try:
         with (temp / "head.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
-                                    env={**flwr_env(flwr_home), "RAY_GCS_SERVER_PORT": str(port)}, stdout=log,
+                                    env={**flwr_env(flwr_home), **ACTOR_PRELOAD, "RAY_GCS_SERVER_PORT": str(port)},
+                                    stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc, port
