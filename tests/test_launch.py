@@ -21,6 +21,7 @@ from radfed.launch import (
     ray_head,
     simulation_superlink,
     stop_tree,
+    stop_trees,
     wait_dead,
     wait_port,
 )
@@ -55,6 +56,28 @@ def test_the_run_end_stop_kills_every_process_started_at_once_without_their_tear
     assert top.returncode == -9
     assert not wait_dead([psutil.Process(pid) for pid in started if psutil.pid_exists(pid)], timeout=0)
     assert not list(tmp_path.glob("sigterm-*"))
+
+
+def test_the_run_end_stops_the_superlink_s_and_the_ray_head_s_trees_together(tmp_path):
+    """At the run's end the launcher stops the SuperLink's tree and the Ray head's in one go (``stop_trees``), each
+    process SIGKILLed by its pid, not one tree after the other."""
+    tops = []
+    for name in ("superlink", "head"):
+        (tmp_path / name).mkdir()
+        tops.append(subprocess.Popen([sys.executable, "-c", TREE, str(tmp_path / name), "0", TREE],
+                                     start_new_session=True))
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / name / "up-1").exists() for name in ("superlink", "head")):
+        assert time.monotonic() < deadline and all(top.poll() is None for top in tops), "the trees did not start"
+        time.sleep(0.05)
+    started = [p.pid for top in tops for p in (psutil.Process(top.pid), *psutil.Process(top.pid).children(True))]
+    assert len(started) == 4
+
+    stop_trees(tops, END_GRACE)
+
+    assert [top.returncode for top in tops] == [-9, -9]
+    assert not wait_dead([psutil.Process(pid) for pid in started if psutil.pid_exists(pid)], timeout=0)
+    assert not list(tmp_path.glob("*/sigterm-*"))
 
 
 def test_an_exited_process_counts_as_stopped_before_it_is_reaped():
