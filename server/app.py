@@ -82,11 +82,13 @@ GATE_TIMEOUT = 24 * 3600.0
 def wait_for_start(timeout: float | None = None) -> None:
     """When the launcher started the run early (the demo, while its last sites extract), wait for its go (the file
     START_GATE names) before anything else: no run folder, no audit entry, no message before every site's inputs
-    are ready. The coordinator's later imports (``warm_imports``) are done meanwhile."""
+    are ready. The coordinator's later imports (``warm_imports``) are done meanwhile, in a thread."""
     gate = os.environ.get(START_GATE)
     if not gate or os.path.exists(gate):
         return
-    warm_imports()
+    # in a thread: at the go the run starts even if they are not done (torch alone takes seconds on a loaded
+    # machine); the first wait for replies imports them again, waiting only for what this thread has not finished
+    threading.Thread(target=warm_imports, name="radfed-warm-imports", daemon=True).start()
     timeout = GATE_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while not os.path.exists(gate):

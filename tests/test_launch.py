@@ -226,3 +226,29 @@ def test_the_gate_opens_when_the_launcher_writes_it(tmp_path, monkeypatch):
     server_app.wait_for_start(timeout=READY_TIMEOUT)
     assert gate.exists()
     opener.join()
+
+
+def test_the_run_starts_at_the_go_without_waiting_for_the_coordinator_s_early_imports(tmp_path, monkeypatch):
+    """The coordinator's later imports (torch, matplotlib: seconds on a loaded machine) go on in a thread while it
+    waits at the gate; once the gate opens the run starts, whether or not they are done."""
+    import server.app as server_app
+
+    gate, importing, go_on = tmp_path / "start-gate", threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def slow_imports() -> None:  # stands for warm_imports still importing when the gate opens
+        importing.set()
+        go_on.wait(timeout=10)  # the old way, in the coordinator's thread, would wait for this
+        done.append("imports")
+
+    monkeypatch.setenv(START_GATE, str(gate))
+    monkeypatch.setattr(server_app, "warm_imports", slow_imports)
+    opener = threading.Thread(target=lambda: (importing.wait(READY_TIMEOUT), gate.touch()))
+    opener.start()
+    try:
+        server_app.wait_for_start(timeout=READY_TIMEOUT)
+        done.append("run")
+    finally:
+        go_on.set()
+        opener.join()
+    assert done[0] == "run"
