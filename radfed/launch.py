@@ -29,12 +29,11 @@ CONNECTION = "radfed-sim"
 # Ray would start for the first driver only take CPU from them (each imports Ray); a cluster a run starts reports no
 # usage to Ray's servers (nothing of a run should call a third party)
 RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
-# Read by the raylet of a cluster a run starts: each Python worker it starts (the ClientApp actors) imports radfed's
-# ClientApp module as it boots (Ray's `--worker-preload-modules`, best effort: an ImportError is logged, and the
-# first message imports it as before), from the same path the first message's unpickling would, instead of on that
-# first message. It imports code only: no site is known to an actor before a message names one, so nothing is read
-# or sent; a gated demo's actors boot while the ServerApp waits at START_GATE (`tests/test_launch.py`).
-ACTOR_PRELOAD = {"RAY_preload_python_modules": "client.app"}
+# Read by the raylet of the run's Ray head: each Python worker it starts (the ClientApp actors) imports radfed's
+# ClientApp module as it boots (Ray's `--worker-preload-modules`; radfed/actor_preload.py), from the path the first
+# message's unpickling would, instead of on that first message (a gated demo's actors boot while the ServerApp waits
+# at START_GATE). Code only: no site is known to an actor before a message names one (`tests/test_launch.py`).
+ACTOR_PRELOAD = {"RAY_preload_python_modules": "radfed.actor_preload"}
 
 
 def free_port() -> int:

@@ -141,7 +141,8 @@ import json, sys
 opened, sockets = [], []
 sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else
                  sockets.append(event) if event.startswith("socket.") and event != "socket.__new__" else None)
-import client.app  # noqa: E402,F401
+import radfed.actor_preload  # noqa: E402,F401
+assert "client.app" in sys.modules
 print(json.dumps({"opened": opened, "sockets": sockets, "prefixes": [sys.prefix, sys.base_prefix]}))
 """
 ROOT = Path(__file__).resolve().parent.parent
@@ -162,8 +163,9 @@ def test_the_run_s_ray_workers_import_the_clientapp_module_before_any_message(tm
 
 
 def test_the_actors_early_import_reads_no_site_file_and_sends_nothing(tmp_path):
-    """What the preload runs before the gate opens: importing `client.app` opens only code (Python's and the
-    environment's libraries, radfed's own modules) and no socket; no site is named to an actor before a message."""
+    """What the preload runs before the gate opens (radfed/actor_preload.py, importing `client.app`) opens only
+    code (Python's and the environment's libraries, radfed's own modules) and no socket; no site is named to an actor
+    before a message."""
     import json
 
     done = subprocess.run([sys.executable, "-c", IMPORT_AUDIT], cwd=tmp_path, capture_output=True, text=True,
