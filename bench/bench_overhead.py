@@ -152,9 +152,10 @@ class Timeline:
                 self.lines += [(now, line) for line in chunk[:cut].decode(errors="replace").splitlines() if line]
             time.sleep(0.02)
 
-    def print(self, started: float, folder: Path | None) -> None:
-        events = [(t, f"process {pid} {'' if i == 0 else 'gone'} {cmd[:110]}" + (f" cpu {cpu:.1f}s" if i else ""))
-                  for pid, (first, last, cmd, cpu) in self.procs.items() for i, t in enumerate((first, last))]
+    def print(self, started: float, folder: Path | None, marks: list[tuple[float, str]] | None = None) -> None:
+        events = list(marks or [])
+        events += [(t, f"process {pid} {'' if i == 0 else 'gone'} {cmd[:110]}" + (f" cpu {cpu:.1f}s" if i else ""))
+                   for pid, (first, last, cmd, cpu) in self.procs.items() for i, t in enumerate((first, last))]
         events += [(t, f"log {line[:130]}") for t, line in self.lines]
         if folder is not None and (folder / "audit.jsonl").exists():
             for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines():
@@ -186,7 +187,7 @@ def federation(work: Path, dirs: list[Path], profile: str, mode: str,
     return wall, started, (runs[-1] if runs else None)
 
 
-def demo_run(root: Path, work: Path, tag: str) -> dict[str, float | str]:
+def demo_run(root: Path, work: Path, tag: str, timeline: bool = False) -> dict[str, float | str]:
     """One ``radfed demo`` (the ``make demo`` path) of the checkout at ``root`` on the demo's sites under ``work``,
     from cold caches: its whole wall seconds (the process, imports included), the extraction and the federation
     after it as the demo reports them, and the load at its start. Its run folder stays under work/demo-runs/tag."""
@@ -203,11 +204,18 @@ def demo_run(root: Path, work: Path, tag: str) -> dict[str, float | str]:
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(flwr_home, ignore_errors=True)
     load = os.getloadavg()[0]
-    t = time.perf_counter()
-    done = subprocess.run([sys.executable, "-m", "radfed.cli", "demo", "--data-root", str(data), "--output-dir",
-                           str(out), "--flwr-home", str(flwr_home), "--quiet"],
-                          cwd=root, capture_output=True, text=True)
-    wall = time.perf_counter() - t
+    started, t = time.time(), time.perf_counter()
+    with Timeline(flwr_home) if timeline else nullcontext() as sampled:
+        done = subprocess.run([sys.executable, "-m", "radfed.cli", "demo", "--data-root", str(data), "--output-dir",
+                               str(out), "--flwr-home", str(flwr_home), "--quiet"],
+                              cwd=root, capture_output=True, text=True)
+        wall = time.perf_counter() - t
+    if sampled is not None:  # in seconds from the demo's start; the gate's opening is the start-gate file's mtime
+        runs = sorted(out.glob("*-run*"))
+        gate = flwr_home / "start-gate"
+        print(f"timeline of {root} (demo started at 0; extraction and federation as the demo reports below)")
+        sampled.print(started, runs[-1] if runs else None,
+                      [(gate.stat().st_mtime, "gate opened")] if gate.exists() else [])
     said = re.search(r"run (\w+) in \d+s: extraction ([\d.]+)s, federation ([\d.]+)s", done.stdout)
     if done.returncode != 0 or said is None:
         sys.exit(f"the demo of {root} failed:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}")
@@ -215,7 +223,7 @@ def demo_run(root: Path, work: Path, tag: str) -> dict[str, float | str]:
             "extraction": float(said.group(2)), "federation": float(said.group(3))}
 
 
-def demo_pairs(roots: list[Path], work: Path, pairs: int) -> int:
+def demo_pairs(roots: list[Path], work: Path, pairs: int, timeline: bool = False) -> int:
     """``--demo``: the whole ``radfed demo`` from cold caches, the checkouts at ``roots`` interleaved (before,
     after, before, after, ...): the demo's own wall is what overlapping the federation's start with the extraction
     changes, so the overhead is that wall minus the extraction alone (the extraction of a run that does not start
@@ -224,7 +232,7 @@ def demo_pairs(roots: list[Path], work: Path, pairs: int) -> int:
     rows = []
     for i in range(pairs):
         for root in roots:
-            got = demo_run(root, work, f"{i}-{roots.index(root)}")
+            got = demo_run(root, work, f"{i}-{roots.index(root)}", timeline)
             print(json.dumps({"pair": i, **got}), flush=True)
             rows.append([str(i), str(root), f"{got['load']:.1f}", f"{got['wall']:.1f}", f"{got['extraction']:.1f}",
                          f"{got['federation']:.1f}", str(got["status"])])
@@ -251,7 +259,7 @@ def main() -> int:
     args = parser.parse_args()
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="radfed-overhead-"))
     if args.demo:
-        return demo_pairs([Path(r).resolve() for r in args.demo.split(",")], work, args.pairs)
+        return demo_pairs([Path(r).resolve() for r in args.demo.split(",")], work, args.pairs, args.timeline)
     rows, timing = [], []
     ok = True
     for profile in args.profiles.split(","):

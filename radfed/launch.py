@@ -29,6 +29,11 @@ CONNECTION = "radfed-sim"
 # Ray would start for the first driver only take CPU from them (each imports Ray); a cluster a run starts reports no
 # usage to Ray's servers (nothing of a run should call a third party)
 RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# Read by the raylet of the run's Ray head: each Python worker it starts (the ClientApp actors) imports radfed's
+# ClientApp module as it boots (Ray's `--worker-preload-modules`; radfed/actor_preload.py), from the path the first
+# message's unpickling would, instead of on that first message (a gated demo's actors boot while the ServerApp waits
+# at START_GATE). Code only: no site is known to an actor before a message names one (`tests/test_launch.py`).
+ACTOR_PRELOAD = {"RAY_preload_python_modules": "radfed.actor_preload"}
 
 
 def free_port() -> int:
@@ -126,7 +131,8 @@ def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
     try:
         with (temp / "head.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
-                                    env={**flwr_env(flwr_home), "RAY_GCS_SERVER_PORT": str(port)}, stdout=log,
+                                    env={**flwr_env(flwr_home), **ACTOR_PRELOAD, "RAY_GCS_SERVER_PORT": str(port)},
+                                    stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:
             yield proc, port
@@ -144,25 +150,33 @@ def stop_tree(proc: subprocess.Popen, grace: float = 25.0) -> None:
     once). The SuperLink starts its SuperExec, and that the simulation, in sessions of their own, so its process
     group does not reach them; Ray's services and workers are descendants of the process that started the
     cluster."""
+    stop_trees([proc], grace)
+
+
+def stop_trees(procs: list[subprocess.Popen], grace: float = 25.0) -> None:
+    """``stop_tree`` for several processes (each started in a session of its own) and all they started, signalled
+    together (the run's end: the SuperLink's and the Ray head's trees in one go, not one after the other)."""
     import psutil
 
-    try:
-        started = psutil.Process(proc.pid).children(recursive=True)
-    except psutil.Error:
-        started = []
+    started = []
+    for proc in procs:
+        with suppress(psutil.Error):
+            started += psutil.Process(proc.pid).children(recursive=True)
     # at grace 0 the SuperLink goes too, at once: it reaps the SuperExec, which would stay a zombie until then
     sig = signal.SIGTERM if grace > 0 else signal.SIGKILL
     for child in started:
         with suppress(psutil.Error):
             child.send_signal(sig)  # psutil checks that the pid is still the process it listed
-    with suppress(ProcessLookupError):
-        os.killpg(proc.pid, sig)
+    for proc in procs:
+        with suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
     left = wait_dead(started, timeout=grace if grace > 0 else 25.0)
     for child in left:
         with suppress(psutil.Error):
             child.kill()
     wait_dead(left, timeout=25.0)
-    stop_process_group(proc, grace)
+    for proc in procs:
+        stop_process_group(proc, grace)
 
 
 def wait_dead(processes: list, timeout: float) -> list:
@@ -306,6 +320,7 @@ class Federation:
         timed_out = threading.Event()
         timer = threading.Timer(timeout, lambda: (timed_out.set(), run.kill()))  # as subprocess.run(timeout=) did
         timer.start()
+        status = None
         try:
             if self.gate is not None:
                 self.gate.touch()
@@ -316,9 +331,12 @@ class Federation:
             status = follow_run(run, out)
         finally:
             timer.cancel()
-            stop_process(run)  # at once after the last line; else flwr run has exited by itself
+            if status is None:
+                stop_process(run)  # flwr run has exited by itself, or the run timed out
         if status is not None:  # the run is over: no site has a message left, every output is written
-            stop_tree(self.superlink, END_GRACE)
+            run.kill()  # flwr run, the SuperLink's tree and the Ray head's, all at once (a 2nd stop finds them gone)
+            stop_trees([self.superlink, *([self.head[0]] if self.head else [])], END_GRACE)
+            run.wait()
         if timed_out.is_set():
             raise subprocess.TimeoutExpired(run.args, timeout)
         if status is None:

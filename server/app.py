@@ -82,11 +82,13 @@ GATE_TIMEOUT = 24 * 3600.0
 def wait_for_start(timeout: float | None = None) -> None:
     """When the launcher started the run early (the demo, while its last sites extract), wait for its go (the file
     START_GATE names) before anything else: no run folder, no audit entry, no message before every site's inputs
-    are ready. The coordinator's later imports (``warm_imports``) are done meanwhile."""
+    are ready. The coordinator's later imports (``warm_imports``) are done meanwhile, in a thread."""
     gate = os.environ.get(START_GATE)
     if not gate or os.path.exists(gate):
         return
-    warm_imports()
+    # in a thread: at the go the run starts even if they are not done (torch alone takes seconds on a loaded
+    # machine); the first wait for replies imports them again, waiting only for what this thread has not finished
+    threading.Thread(target=warm_imports, name="radfed-warm-imports", daemon=True).start()
     timeout = GATE_TIMEOUT if timeout is None else timeout
     deadline = time.monotonic() + timeout
     while not os.path.exists(gate):
@@ -175,6 +177,7 @@ def main(grid: Grid, context: Context) -> None:
                  protocol=PROTOCOL_VERSION, code_sha256=plan["code_sha256"])
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
+    ahead: threading.Thread | None = None  # the report's figures drawn during the folds (report.draw_ahead)
     result = RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     restore_signals = raise_on_stop_signal()
     # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
@@ -247,6 +250,9 @@ def main(grid: Grid, context: Context) -> None:
         internal_compared = {} if cv else comparison.compare(ctx, fitted, main_cohort, "test")
         loso, local = run.external_validation == "loso", run.local_only == "own-pipeline"
         if loso or local:  # every fold of both in the same rounds (fold-batching)
+            from server import report  # loaded at the first wait (warm_imports)
+
+            ahead = report.draw_ahead(result)  # the report's figures known by now, drawn while the folds run
             held_out, alone = validation.external_and_local(ctx, fed, agreement, covariate_spec, loso, local,
                                                             family=fitted.family, main=fitted)
             if loso:
@@ -280,7 +286,7 @@ def main(grid: Grid, context: Context) -> None:
     result.seconds = time.perf_counter() - started
     from server import report  # loaded at the first wait (warm_imports), not when the ServerApp starts
 
-    report.write_outputs(result)
+    report.write_outputs(result, ahead)
     final = result.final_aggregate()
     # every output is written by now: run-end signs each file's hash, so `radfed audit verify` can compare them
     signed = artifact_hashes(folder)

@@ -9,7 +9,9 @@ Markdown names it in a line of text, so writing report.md never runs matplotlib.
 from __future__ import annotations
 
 import html
+import io
 import math
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -130,6 +132,30 @@ def to_html(blocks: list[Block], colours: dict[str, str]) -> str:
     return "".join(_html(b, colours) for b in blocks if b.only != "md")
 
 
+# PNGs drawn ahead of the outputs (``report.draw_ahead``: while the run's last rounds go on), by what drew them
+DRAWN: dict[bytes, bytes] = {}
+
+
+def figure_key(b: Figure, colours: dict[str, str]) -> bytes | None:
+    """What a figure is drawn from (its plot, data, colours and options), as bytes: a figure drawn ahead is used only
+    for a figure whose key is the same, byte for byte, so it is the same picture; None when it cannot be pickled."""
+    buf = io.BytesIO()
+    pickler = pickle.Pickler(buf, protocol=5)
+    pickler.fast = True  # no memo: equal data gives equal bytes whichever objects it shares
+    try:
+        pickler.dump((b.plot.__module__, b.plot.__qualname__, b.args, colours, b.options))
+    except Exception:  # noqa: BLE001  # such a figure is just drawn when the report is written
+        return None
+    return buf.getvalue()
+
+
+def draw(b: Figure, colours: dict[str, str]) -> bytes:
+    """The figure's PNG: the one drawn ahead from the same key, else drawn now."""
+    key = figure_key(b, colours)
+    png = DRAWN.get(key) if key is not None else None
+    return png if png is not None else b.plot(*b.args, colours, **b.options)
+
+
 def _html(b: Block, colours: dict[str, str]) -> str:
     if isinstance(b, Text):
         if b.style == "na":
@@ -147,7 +173,7 @@ def _html(b: Block, colours: dict[str, str]) -> str:
         return f"<h3>{esc(b.text)}</h3>"
     if isinstance(b, Figure):
         try:
-            png = b.plot(*b.args, colours, **b.options)
+            png = draw(b, colours)
         except ValueError as exc:
             if not b.fallback:
                 raise

@@ -3,6 +3,7 @@ the ServerApp's last line (real processes, no federation: seconds)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import threading
@@ -20,6 +21,7 @@ from radfed.launch import (
     ray_head,
     simulation_superlink,
     stop_tree,
+    stop_trees,
     wait_dead,
     wait_port,
 )
@@ -56,6 +58,28 @@ def test_the_run_end_stop_kills_every_process_started_at_once_without_their_tear
     assert not list(tmp_path.glob("sigterm-*"))
 
 
+def test_the_run_end_stops_the_superlink_s_and_the_ray_head_s_trees_together(tmp_path):
+    """At the run's end the launcher stops the SuperLink's tree and the Ray head's in one go (``stop_trees``), each
+    process SIGKILLed by its pid, not one tree after the other."""
+    tops = []
+    for name in ("superlink", "head"):
+        (tmp_path / name).mkdir()
+        tops.append(subprocess.Popen([sys.executable, "-c", TREE, str(tmp_path / name), "0", TREE],
+                                     start_new_session=True))
+    deadline = time.monotonic() + 60
+    while not all((tmp_path / name / "up-1").exists() for name in ("superlink", "head")):
+        assert time.monotonic() < deadline and all(top.poll() is None for top in tops), "the trees did not start"
+        time.sleep(0.05)
+    started = [p.pid for top in tops for p in (psutil.Process(top.pid), *psutil.Process(top.pid).children(True))]
+    assert len(started) == 4
+
+    stop_trees(tops, END_GRACE)
+
+    assert [top.returncode for top in tops] == [-9, -9]
+    assert not wait_dead([psutil.Process(pid) for pid in started if psutil.pid_exists(pid)], timeout=0)
+    assert not list(tmp_path.glob("*/sigterm-*"))
+
+
 def test_an_exited_process_counts_as_stopped_before_it_is_reaped():
     """A killed process whose parent has not reaped it yet (a zombie; pid 1 reaps orphans when it gets to it) is
     stopped: the stop does not wait for the reaping. A live one is still listed."""
@@ -89,6 +113,70 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
         assert len(flower_processes_of(tmp_path)) >= 3  # the head's process, GCS, raylet (FLWR_HOME marks them)
     assert not flower_processes_of(tmp_path)
     assert not temp.exists()
+
+
+# A driver joining the run's Ray head (argv: its address, the app folder) as Flower's simulation does (the app's
+# folder on the job's PYTHONPATH), with one actor that says whether radfed's ClientApp module was loaded in its worker
+# before the actor existed, i.e. before any task (a message) reached it.
+ACTOR_PROBE = """\
+import sys
+import ray
+ray.init(address=sys.argv[1], runtime_env={"env_vars": {"PYTHONPATH": sys.argv[2]}}, log_to_driver=False,
+         configure_logging=False)
+
+@ray.remote(num_cpus=0)
+class Probe:
+    def __init__(self):
+        self.loaded = "client.app" in sys.modules
+
+    def loaded_before_any_task(self):
+        return self.loaded
+
+print("preloaded", ray.get(Probe.remote().loaded_before_any_task.remote()), flush=True)
+"""
+
+# Importing radfed's ClientApp module as a Ray worker's preload does, with every file opened and socket used noted.
+IMPORT_AUDIT = """\
+import json, sys
+opened, sockets = [], []
+sys.addaudithook(lambda event, args: opened.append(str(args[0])) if event == "open" else
+                 sockets.append(event) if event.startswith("socket.") and event != "socket.__new__" else None)
+import radfed.actor_preload  # noqa: E402,F401
+assert "client.app" in sys.modules
+print(json.dumps({"opened": opened, "sockets": sockets, "prefixes": [sys.prefix, sys.base_prefix]}))
+"""
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_run_s_ray_workers_import_the_clientapp_module_before_any_message(tmp_path, monkeypatch):
+    """Each ClientApp actor of a run's own Ray head imports radfed's ClientApp module as its worker boots (a gated
+    demo's actors then do it while the ServerApp waits at the gate), not when the first message arrives."""
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with ray_head(tmp_path) as head:
+        assert head is not None
+        proc, port = head
+        wait_port(port, proc, timeout=READY_TIMEOUT, name="the Ray head")
+        probe = subprocess.run([sys.executable, "-c", ACTOR_PROBE, f"127.0.0.1:{port}", str(ROOT)],
+                               cwd=tmp_path, capture_output=True, text=True, timeout=READY_TIMEOUT)
+        assert "preloaded True" in probe.stdout, probe.stdout + probe.stderr
+    assert not flower_processes_of(tmp_path)
+
+
+def test_the_actors_early_import_reads_no_site_file_and_sends_nothing(tmp_path):
+    """What the preload runs before the gate opens (radfed/actor_preload.py, importing `client.app`) opens only
+    code (Python's and the environment's libraries, radfed's own modules) and no socket; no site is named to an actor
+    before a message."""
+    import json
+
+    done = subprocess.run([sys.executable, "-c", IMPORT_AUDIT], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True, timeout=READY_TIMEOUT)
+    seen = json.loads(done.stdout.strip().splitlines()[-1])
+    assert not seen["sockets"]
+    prefixes = tuple(os.path.realpath(p) for p in seen["prefixes"])
+    code = (".py", ".pyc", ".so", ".pth", ".typed")  # modules and their compiled libraries
+    read = [p for p in seen["opened"] if not os.path.realpath(p).startswith(prefixes)]
+    assert read and all(p.endswith(code) or Path(p).is_dir() for p in read), read
+    assert all(Path(p).resolve().is_relative_to(ROOT) or p.startswith(prefixes) for p in read), read
 
 
 def test_a_ray_cluster_named_by_ray_address_is_joined_not_started(tmp_path, monkeypatch):
@@ -140,3 +228,29 @@ def test_the_gate_opens_when_the_launcher_writes_it(tmp_path, monkeypatch):
     server_app.wait_for_start(timeout=READY_TIMEOUT)
     assert gate.exists()
     opener.join()
+
+
+def test_the_run_starts_at_the_go_without_waiting_for_the_coordinator_s_early_imports(tmp_path, monkeypatch):
+    """The coordinator's later imports (torch, matplotlib: seconds on a loaded machine) go on in a thread while it
+    waits at the gate; once the gate opens the run starts, whether or not they are done."""
+    import server.app as server_app
+
+    gate, importing, go_on = tmp_path / "start-gate", threading.Event(), threading.Event()
+    done: list[str] = []
+
+    def slow_imports() -> None:  # stands for warm_imports still importing when the gate opens
+        importing.set()
+        go_on.wait(timeout=10)  # the old way, in the coordinator's thread, would wait for this
+        done.append("imports")
+
+    monkeypatch.setenv(START_GATE, str(gate))
+    monkeypatch.setattr(server_app, "warm_imports", slow_imports)
+    opener = threading.Thread(target=lambda: (importing.wait(READY_TIMEOUT), gate.touch()))
+    opener.start()
+    try:
+        server_app.wait_for_start(timeout=READY_TIMEOUT)
+        done.append("run")
+    finally:
+        go_on.set()
+        opener.join()
+    assert done[0] == "run"
