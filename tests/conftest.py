@@ -19,6 +19,18 @@ def tiny_site_root(tmp_path_factory) -> Path:
     return root
 
 
+@pytest.fixture
+def server_identity():
+    """Flower's Message constructor reads the task's identity, which the ServerApp runtime sets; tests that build
+    the coordinator's messages set it by hand (Flower's internal API) and restore it after."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+
+
 @pytest.fixture(autouse=True)
 def _locale_of_the_environment():
     """Each test starts in the environment's locale: a library that switches the process to the C locale (ASCII)

@@ -12,16 +12,7 @@ from common import batch
 from common.npy import encode
 from server import phases
 
-
-@pytest.fixture(autouse=True)
-def _server_identity():
-    """Flower's Message constructor reads the task's identity (set by the runtime; here by hand)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+pytestmark = pytest.mark.usefixtures("server_identity")  # tests/conftest.py
 
 
 def _request(j: int, node_id: int) -> Message:

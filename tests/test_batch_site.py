@@ -23,16 +23,7 @@ from radfed.launch import app_run_config
 K = 5
 
 
-@pytest.fixture(autouse=True)
-def _server_identity():
-    """The server side packs a batch with Flower's own Message constructor, which reads the task's identity
-    (set by the ServerApp runtime; here by hand, Flower's internal API)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+pytestmark = pytest.mark.usefixtures("server_identity")  # tests/conftest.py
 
 
 def _request(message_type: str, content: RecordDict, message_id: str, node_id: int = 7) -> Message:

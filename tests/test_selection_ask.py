@@ -14,16 +14,7 @@ from server.audit import AuditLog, load_or_create_key
 from server.federation import Cohort, FeatureAgreement, Federation, Run
 from server.phases import PooledMoments, selection_phase
 
-
-@pytest.fixture(autouse=True)
-def _server_identity():
-    """Flower's Message constructor reads the task's identity (set by the ServerApp runtime; here by hand)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+pytestmark = pytest.mark.usefixtures("server_identity")  # tests/conftest.py
 
 
 class SumsGrid:

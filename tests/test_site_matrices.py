@@ -37,18 +37,6 @@ def site(extracted, tmp_path) -> Path:
     matrices.forget()
 
 
-@pytest.fixture
-def server_identity():
-    """The harness packs a batch with Flower's own Message constructor, which reads the task's identity (set by the
-    ServerApp runtime; here by hand, Flower's internal API)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
-
-
 def _harmonizer(data: steps.SiteData, agreed: list[str], shift: float) -> combat_state.Harmonizer:
     """A fold's ComBat parameters as the node keeps them: the site's own fit against pooled estimates (``shift``
     moves the pooled grand mean, i.e. another fold's estimates)."""
