@@ -38,6 +38,7 @@ KEEP_SECONDS = 7 * 24 * 3600  # a run's folder outlives its last write by this m
 
 _MEMORY: OrderedDict[str, bytes] = OrderedDict()
 _WRITTEN: set[tuple[str, str]] = set()  # (folder, sha256) known on disk: a put of the same bytes skips the stat
+_FOLDERS: set[str] = set()  # run folders this process made or found (a folder removed under it: restart the run)
 _LOCK = threading.Lock()
 _held = [0]  # bytes in _MEMORY
 
@@ -55,13 +56,23 @@ class NodeState:
         _remember(digest, data)
         if (str(self.folder), digest) in _WRITTEN:
             return digest
-        path = self.folder / digest
-        if not path.exists():
-            if not self.folder.exists():  # a run's first blob here: older runs' folders go (nothing reads them)
-                prune(self.folder.parent, keep=self.folder)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            part = path.with_name(f".{digest}.{os.getpid()}.{threading.get_ident()}")
-            part.write_bytes(data)
+        folder = str(self.folder)
+        path = os.path.join(folder, digest)  # str paths: a 48-site run writes ~2,300 fold blobs per site process
+        if not os.path.exists(path):
+            if folder not in _FOLDERS:  # once per process and run folder, not per blob
+                if not self.folder.exists():  # a run's first blob here: older runs' folders go (nothing reads them)
+                    prune(self.folder.parent, keep=self.folder)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with _LOCK:
+                    _FOLDERS.add(folder)
+            part = os.path.join(folder, f".{digest}.{os.getpid()}.{threading.get_ident()}")
+            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as write_bytes
+            try:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
+            finally:
+                os.close(fd)
             os.replace(part, path)  # whole or absent: a crash never leaves half a file under the name
         with _LOCK:
             if len(_WRITTEN) >= MAX_WRITTEN:  # a long-lived process serving many runs: stat again, rather than grow
@@ -137,4 +148,5 @@ def clear() -> None:
     with _LOCK:
         _MEMORY.clear()
         _WRITTEN.clear()
+        _FOLDERS.clear()
         _held[0] = 0

@@ -188,21 +188,41 @@ def build(node_ids: list[int], message_type: str, config: dict,
           per_node: Callable[[int], RecordDict] | None = None) -> list[Message]:
     """One message per node: ``config`` for every node, plus the records ``per_node(node_id)`` holds for that node."""
     shared = ConfigRecord(config)  # Flower checks every value, each list item by item, once per call: not per node
-    messages = []
+    messages: list[Message] = []
     for nid in node_ids:
         content = per_node(nid) if per_node else RecordDict()
-        content["config"] = _with(shared, dict(content.get("config") or {}))
-        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
+        if not isinstance(content, RecordDict):
+            raise TypeError(f"per_node({nid}) gave a {type(content).__name__}, not a RecordDict")
+        # Flower's internal ``_data`` dict, as common/batch.py: ``content.get`` raises and catches a KeyError per
+        # node when there is no "config", and ``content["config"] = ...`` checks a record built just here
+        data = content.__dict__["_data"]
+        data["config"] = _with(shared, data.get("config"))
+        messages.append(Message(content, dst_node_id=nid, message_type=message_type) if not messages
+                        else _like(messages[0], content, nid))
     return messages
 
 
-def _with(shared: ConfigRecord, own: dict) -> ConfigRecord:
-    """A node's own copy of ``shared`` (already checked) with its ``own`` values (checked here) over it: what
-    ``ConfigRecord({**shared, **own})`` holds, without checking the shared values again for every node (a fold's
-    moments request lists its ~860 agreed features; 47 folds x 48 sites of them at 48 sites). Flower's internal
-    ``_data`` dict, as server/folds.py sets a message id."""
-    record = ConfigRecord(own)
-    record.__dict__["_data"] = {**shared.__dict__["_data"], **record.__dict__["_data"]}
+def _like(first: Message, content: RecordDict, node_id: int) -> Message:
+    """What ``Message(content, dst_node_id=node_id, message_type=...)`` builds, taking the metadata ``first`` (built
+    by Flower in the same call) got: the same run, sender, type, TTL and creation time, this node as destination.
+    The folds' turns build 2,256 messages per round at 48 sites, each re-checking the same arguments and reading
+    the clock (``tests/test_federation_build.py`` compares them with Flower's). Flower's internal attributes."""
+    meta = object.__new__(type(first.metadata))
+    meta.__dict__.update(first.metadata.__dict__)
+    meta.__dict__["_dst_node_id"] = node_id
+    message = object.__new__(Message)
+    message.__dict__.update(_metadata=meta, _content=content, _error=None)
+    return message
+
+
+def _with(shared: ConfigRecord, own: ConfigRecord | None) -> ConfigRecord:
+    """A node's own copy of ``shared`` with its ``own`` values over it: what ``ConfigRecord({**shared, **own})``
+    holds, without checking the values again for every node: Flower checked both records' values as they were built
+    (a fold's moments request lists its ~860 agreed features; 47 folds x 48 sites of them at 48 sites). A new record,
+    so a ``per_node`` that hands out one record for every node never sees another's. Flower's internal ``_data``
+    dict, as server/folds.py sets a message id."""
+    record = ConfigRecord()
+    record.__dict__["_data"] = {**shared.__dict__["_data"], **(own.__dict__["_data"] if own is not None else {})}
     return record
 
 

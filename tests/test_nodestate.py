@@ -147,3 +147,25 @@ def test_a_list_the_node_already_wrote_is_not_encoded_again_for_another_cohort(t
     guard.keep_names(node, fresh, "features", names, sha256_json(names))
     assert len(encoded) == 2
     assert all(guard.agreed_names(node, r, "features") == names for r in [*records, fresh])
+
+
+def test_a_run_folder_is_made_once_per_process(tmp_path, monkeypatch):
+    """~2,300 fold blobs per site process at 48 sites: the run folder is checked and made once, not per blob; each
+    blob is still written whole under its hash, with write_bytes' mode."""
+    nodestate.clear()
+    (tmp_path / "run-state").mkdir()  # the runs' parent, as after an earlier run
+    made = []
+    real = Path.mkdir
+    monkeypatch.setattr(Path, "mkdir", lambda self, *a, **k: (made.append(self), real(self, *a, **k))[1])
+    node = nodestate.NodeState(RecordDict(), tmp_path / "run-state" / "run-1")
+    blobs = [bytes([i]) * 1000 for i in range(5)]
+    digests = [node.put(b) for b in blobs]
+    assert made == [node.folder]
+    for b, d in zip(blobs, digests, strict=True):
+        assert (node.folder / d).read_bytes() == b
+        probe = tmp_path / "probe"
+        probe.write_bytes(b"")
+        assert (node.folder / d).stat().st_mode == probe.stat().st_mode
+    assert sorted(p.name for p in node.folder.iterdir()) == sorted(digests)  # no part file left
+    nodestate.clear()
+    assert nodestate.NodeState(RecordDict(), node.folder).get(digests[0], "blob") == blobs[0]
