@@ -197,22 +197,8 @@ def build(node_ids: list[int], message_type: str, config: dict,
         # node when there is no "config", and ``content["config"] = ...`` checks a record built just here
         data = content.__dict__["_data"]
         data["config"] = _with(shared, data.get("config"))
-        messages.append(Message(content, dst_node_id=nid, message_type=message_type) if not messages
-                        else _like(messages[0], content, nid))
+        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
     return messages
-
-
-def _like(first: Message, content: RecordDict, node_id: int) -> Message:
-    """What ``Message(content, dst_node_id=node_id, message_type=...)`` builds, taking the metadata ``first`` (built
-    by Flower in the same call) got: the same run, sender, type, TTL and creation time, this node as destination.
-    The folds' turns build 2,256 messages per round at 48 sites, each re-checking the same arguments and reading
-    the clock (``tests/test_federation_build.py`` compares them with Flower's). Flower's internal attributes."""
-    meta = object.__new__(type(first.metadata))
-    meta.__dict__.update(first.metadata.__dict__)
-    meta.__dict__["_dst_node_id"] = node_id
-    message = object.__new__(Message)
-    message.__dict__.update(_metadata=meta, _content=content, _error=None)
-    return message
 
 
 def _with(shared: ConfigRecord, own: ConfigRecord | None) -> ConfigRecord:

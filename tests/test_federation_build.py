@@ -1,23 +1,19 @@
 """server.federation.build: the messages it builds are the ones Flower's own constructors build (each node's
-config the shared one with its own values over it, the node's other records as given), with Flower's metadata made
-and checked once per call rather than once per node (the folds' turns build 2,256 messages per round at 48 sites)."""
+config the shared one with its own values over it, the node's other records as given), its shared values checked
+once per call rather than once per node (the folds' turns build 2,256 messages per round at 48 sites)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
-from flwr.app.message import message as flower_message
-from flwr.supercore.task_identity import TaskIdentity
 
 from server import federation
 
 CONFIG = {"features": [f"original_f{i}" for i in range(50)], "n-sites": 3, "fold": "site-b"}
 
 
-@pytest.fixture(autouse=True)
-def _identity():
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 7, 0, 0
+pytestmark = pytest.mark.usefixtures("server_identity")  # tests/conftest.py
 
 
 def _own(nid: int) -> RecordDict:
@@ -55,18 +51,3 @@ def test_one_record_handed_to_every_node():
     shared_own = RecordDict({"config": ConfigRecord({"extra": 1})})
     built = federation.build([1, 2], "query.x", {"a": 2}, lambda nid: shared_own)
     assert [dict(m.content["config"]) for m in built] == [{"a": 2, "extra": 1}] * 2
-
-
-def test_flower_makes_the_metadata_once_per_call(monkeypatch):
-    made = []
-    real = flower_message.Metadata
-
-    def counting(*args, **kwargs):
-        made.append(kwargs.get("dst_node_id"))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(flower_message, "Metadata", counting)
-    built = federation.build(list(range(1, 49)), "query.newton", CONFIG)
-    assert len(made) == 1
-    assert [m.metadata.dst_node_id for m in built] == list(range(1, 49))
-    assert len({m.metadata.created_at for m in built}) == 1  # made in one call: one creation time
