@@ -159,15 +159,21 @@ def test_an_outsider_with_only_the_ca_cannot_register_or_join(deployment, outsid
     assert sorted(supernodes(dep).values()) == ["online", "online"]
 
 
+IDLE_CALM = 12  # checks 0.5 s apart: longer than a SuperNode's 3 s sleep after a pull that found no message
+
+
 def wait_until_idle(logs: list[Path], timeout: float = 120) -> None:
-    """Until every SuperNode has sent a reply for each message it received (its log says so) and stays so 2 s."""
+    """Until every SuperNode has sent a reply for each message it began to pull (its log's "Receiving:" line comes
+    before the SuperLink confirms the message) and stays so for 6 s: a message the coordinator pushed just before it
+    was held still is pulled at the node's next poll, up to 3 s later (Flower 1.42's SuperNode sleeps 3 s after an
+    empty pull), so a shorter calm could end before that pull."""
     deadline, calm = time.monotonic() + timeout, 0
-    while time.monotonic() < deadline and calm < 4:
+    while time.monotonic() < deadline and calm < IDLE_CALM:
         texts = [log.read_text(errors="replace") for log in logs]
-        idle = all(t.count("Received successfully") == t.count("Sent successfully") for t in texts)
+        idle = all(t.count("Receiving:") == t.count("Sent successfully") for t in texts)
         calm = calm + 1 if idle else 0
         time.sleep(0.5)
-    assert calm >= 4, "a SuperNode did not answer its message within 120 s with the coordinator held still"
+    assert calm >= IDLE_CALM, "a SuperNode did not answer its message within 120 s with the coordinator held still"
 
 
 def test_a_superlink_restart_mid_run_keeps_the_sites_and_fails_the_run_cleanly(deployment):
