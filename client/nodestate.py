@@ -54,9 +54,9 @@ class NodeState:
         """Keep ``data``; returns its sha256 (pass ``digest`` when the caller has just computed it)."""
         digest = digest or hashlib.sha256(data).hexdigest()
         _remember(digest, data)
-        if (str(self.folder), digest) in _WRITTEN:
-            return digest
         folder = str(self.folder)
+        if (folder, digest) in _WRITTEN:
+            return digest
         path = os.path.join(folder, digest)  # str paths: a 48-site run writes ~2,300 fold blobs per site process
         if not os.path.exists(path):
             if folder not in _FOLDERS:  # once per process and run folder, not per blob
@@ -66,18 +66,13 @@ class NodeState:
                 with _LOCK:
                     _FOLDERS.add(folder)
             part = os.path.join(folder, f".{digest}.{os.getpid()}.{threading.get_ident()}")
-            fd = os.open(part, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)  # less the umask, as write_bytes
-            try:
-                view = memoryview(data)
-                while view:
-                    view = view[os.write(fd, view):]
-            finally:
-                os.close(fd)
+            with open(part, "wb") as fh:
+                fh.write(data)
             os.replace(part, path)  # whole or absent: a crash never leaves half a file under the name
         with _LOCK:
             if len(_WRITTEN) >= MAX_WRITTEN:  # a long-lived process serving many runs: stat again, rather than grow
                 _WRITTEN.clear()
-            _WRITTEN.add((str(self.folder), digest))
+            _WRITTEN.add((folder, digest))
         return digest
 
     def has(self, digest: str) -> bool:

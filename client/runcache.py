@@ -104,16 +104,7 @@ def stamp(path: str | Path) -> Stamp:
 
 
 def stamps(paths: Iterable[str | Path]) -> tuple[Stamp, ...]:
-    """``stamp`` of each path: written out in one loop, since a site stamps ~160 files per message."""
-    out: list[Stamp] = []
-    for path in paths:
-        try:
-            st = os.stat(path)
-        except OSError:
-            out.append(None)
-            continue
-        out.append((st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
-    return tuple(out)
+    return tuple(stamp(p) for p in paths)
 
 
 def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T], Iterable[Path]],

@@ -151,7 +151,7 @@ def figure_key(b: Figure, colours: dict[str, str]) -> bytes | None:
 
 def draw(b: Figure, colours: dict[str, str]) -> bytes:
     """The figure's PNG: the one drawn ahead from the same key, else drawn now."""
-    key = figure_key(b, colours)
+    key = figure_key(b, colours) if DRAWN else None  # nothing drawn ahead (no folds): no key to compute
     png = DRAWN.get(key) if key is not None else None
     return png if png is not None else b.plot(*b.args, colours, **b.options)
 
