@@ -26,7 +26,7 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/python -m pytest -q
+	$(VENV)/bin/python -m pytest -q --durations=25
 
 # Opt-in, not part of `make test` (it builds a fresh venv: minutes): does a clean `pip install .` bring
 # everything radfed imports? torch goes in first, pinned, so pip takes the CPU wheel on local disk
