@@ -9,7 +9,7 @@ The buffers (``mean``, ``scale``) go back as received. With DP off the mod does 
 Nothing is added to the reply: whether the update was clipped depends on the data, and the server
 knows the clip norm and the multiplier from the run config. The math is in ``common.dp``.
 
-Order: in ``ClientApp(mods=[privacy_guard, dp_update_mod])`` the first mod is the outermost
+Order: ``client/app.py`` lists ``privacy_guard`` before ``dp_update_mod`` and the first mod is the outermost
 (flwr ``make_ffn`` wraps the handler in the mods in reverse order), so the guard checks and logs in
 the outbox the reply *after* this mod privatised it: the outbox shows exactly what left.
 

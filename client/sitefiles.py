@@ -6,6 +6,7 @@ its path, so the layout can be read (and changed) in one place::
     <output_dir>/
         cache/<profile-hash-12>/<case>-<tag>.json   per-case features (or failure), keyed by input hashes
         features-<profile-hash-12>.csv / .json      the feature table and its provenance sidecar
+        input-hashes.json                           each input file's sha256 by its stamp (client.inputhashes)
         extraction.log, predict.log                 pyradiomics' own logs
         errors.json, check.json                     the last extraction's and site check's reports
         approvals.jsonl, plans/<hash>.json          run-plan decisions; plans refused, kept for review
@@ -13,6 +14,7 @@ its path, so the layout can be read (and changed) in one place::
         harmonization/run-<id>.json                 the site's ComBat parameters per run
         release/                                    the release ledger (secret, ledger.json, releases.jsonl)
                                                     and the DP budget ledger (dp-budget.jsonl)
+        run-state/run-<id>/<sha256>                 a run's large node state by hash (client.nodestate)
 """
 
 from __future__ import annotations

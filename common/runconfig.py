@@ -67,7 +67,7 @@ class RunConfig(BaseModel):
     exact_min_cases_per_coefficient: float = Field(alias="exact-min-cases-per-coefficient", ge=0)
     tree_rounds: int = Field(alias="tree-rounds", ge=1, le=500, strict=True)
     tree_depth: int = Field(alias="tree-depth", ge=1, le=6, strict=True)
-    tree_bins: int = Field(alias="tree-bins", ge=2, le=64, strict=True)
+    tree_bins: int = Field(alias="tree-bins", ge=3, le=64, strict=True)  # 2 bins: one edge at z = -3
     tree_learning_rate: float = Field(alias="tree-learning-rate", gt=0, le=1)
     tree_l2: float = Field(alias="tree-l2", ge=0)
     tree_min_child_cases: int = Field(alias="tree-min-child-cases", ge=0, strict=True)

@@ -371,7 +371,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("run", "flwr run and its log stream; then the run's status, report and audit log", cmd_run)
     p.add_argument("--app", default=str(APP_DIR), help=f"the Flower App (default {APP_DIR})")
     p.add_argument("--run-config", default="", help="overrides, as for flwr run: \"num-server-rounds=10 ...\" "
-                   "(with --plan: only data-root, output-dir, audit-key, query-timeout)")
+                   "(with --plan: only data-root, output-dir, audit-key, query-timeout, send-batch)")
     p.add_argument("--plan", default=None, metavar="PLAN_JSON",
                    help="run exactly this approved plan (radfed plan write): its settings, refused if this app's "
                         "code, profile or defaults would make another plan")

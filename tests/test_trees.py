@@ -210,3 +210,7 @@ def test_runs_that_cannot_protect_trees_are_refused_naming_the_fix():
     with pytest.raises(RunConfigError, match="take gbt out of models"):
         parse(app_run_config({"models": "logistic-l2,gbt", "training": "fedavg", "dp-noise-multiplier": 1.0}))
     assert parse(app_run_config({"models": "gbt"})).tree_params().open_nodes == 4
+    # two bins would be one edge at z = -3: no grid to split on (privacy.md's resolution 6 / (tree-bins - 2))
+    with pytest.raises(RunConfigError, match="tree-bins"):
+        parse(app_run_config({"models": "gbt", "tree-bins": 2}))
+    assert parse(app_run_config({"models": "gbt", "tree-bins": 3})).tree_params().bins == 3
