@@ -7,7 +7,8 @@ and CPU seconds inside the ClientApp, and the process's CPU in all) every 10 cal
 Flower stops the workers. In-process profiling of one site (``--profile``) misses what the simulation does: one worker
 serving every site, its caches shared between them.
 
-With ``RADFED_CAPTURE_NODE=<partition id>`` in the environment, the worker serving that node also pickles every
+With ``RADFED_SITE_PROFILE=0`` no profiler runs (the CPU by message type is then the sites' own, without cProfile's
+share). With ``RADFED_CAPTURE_NODE=<partition id>`` in the environment, the worker serving that node also pickles every
 message it is handed, with the node's context as it arrived, to ``<output-dir>/capture-<partition id>/<n>.pkl``
 (before the call): ``bench/site_messages.py`` ``replay`` answers them again in one process, to time and profile a
 site's real batches of every kind (moments, correlation, Newton) and to compare its replies between two versions.
@@ -51,12 +52,15 @@ class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a 
 
     def __call__(self, message: Message, context: Context) -> Message:
         _capture(message, context)
+        profiled = os.environ.get("RADFED_SITE_PROFILE", "1") != "0"  # "0": only the CPU by message type
         wall, cpu = time.perf_counter(), time.process_time()
-        _PROFILER.enable()
+        if profiled:
+            _PROFILER.enable()
         try:
             return radfed(message, context)
         finally:
-            _PROFILER.disable()
+            if profiled:
+                _PROFILER.disable()
             spent = _SPENT.setdefault(message.metadata.message_type, [0, 0.0, 0.0])
             spent[0] += 1
             spent[1] += time.perf_counter() - wall
@@ -79,7 +83,8 @@ def _capture(message: Message, context: Context) -> None:
 
 def _dump(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _PROFILER.dump_stats(str(out / f"site-{os.getpid()}.prof"))
+    if os.environ.get("RADFED_SITE_PROFILE", "1") != "0":
+        _PROFILER.dump_stats(str(out / f"site-{os.getpid()}.prof"))
     doc = {"spent": _SPENT, "cpu": time.process_time(), "gc": {k: _GC[k] for k in ("seconds", "collections")}}
     (out / f"site-{os.getpid()}.json").write_text(json.dumps(doc), encoding="utf-8")
 
