@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -39,12 +40,17 @@ def _received(sent: Message, message_id: str) -> Message:
         created_at=time.time(), ttl=3600.0, message_type=sent.metadata.message_type))
 
 
-@pytest.fixture
-def joined(tmp_path) -> tuple[Context, list[str]]:
-    """A tiny site through the real ClientApp's plan and features phases; the context and 4 agreed features."""
+@pytest.fixture(scope="module")
+def joined(tmp_path_factory) -> Iterator[tuple[Context, list[str]]]:
+    """A tiny site through the real ClientApp's plan and features phases; the context and 4 agreed features (one
+    site for the module's tests: each sends its own messages to it)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
     from client.app import app
 
-    site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
+    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # as tests/conftest.py server_identity
+    site = synth.write_site(tmp_path_factory.mktemp("sites"), synth.tiny_sites(1, 12)[0], seed=5)
     config = app_run_config({"data-root": str(site.parent), "harmonization": "none", "min-cases-per-class": K})
     approve_demo_plan([site], config)
     ctx = Context(run_id=1, node_id=7, node_config={"site-dir": str(site)}, state=RecordDict(), run_config=config)
@@ -52,7 +58,8 @@ def joined(tmp_path) -> tuple[Context, list[str]]:
     names = [str(n) for n in app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"),
                                  ctx).content["config"]["features"]][:4]
     time.sleep(1.1)  # files written less than a second before a load are not trusted (client.runcache): settle them
-    return ctx, names
+    yield ctx, names
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 
 
 def _moments_batch(names: list[str], tag: str) -> Message:
