@@ -6,13 +6,21 @@ process; each worker writes ``<output-dir>/site-<pid>.prof`` and ``site-<pid>.js
 and CPU seconds inside the ClientApp, and the process's CPU in all) every 10 calls, so the last state is on disk when
 Flower stops the workers. In-process profiling of one site (``--profile``) misses what the simulation does: one worker
 serving every site, its caches shared between them.
+
+With ``RADFED_SITE_PROFILE=0`` no profiler runs (the CPU by message type is then the sites' own, without cProfile's
+share). With ``RADFED_CAPTURE_NODE=<partition id>`` in the environment, the worker serving that node also pickles every
+message it is handed, with the node's context as it arrived, to ``<output-dir>/capture-<partition id>/<n>.pkl``
+(before the call): ``bench/site_messages.py`` ``replay`` answers them again in one process, to time and profile a
+site's real batches of every kind (moments, correlation, Newton) and to compare its replies between two versions.
 """
 
 from __future__ import annotations
 
 import cProfile
+import gc
 import json
 import os
+import pickle
 import time
 from pathlib import Path
 
@@ -23,6 +31,18 @@ from client.app import app as radfed
 _PROFILER = cProfile.Profile()
 _SPENT: dict[str, list[float]] = {}  # message type -> [calls, wall s, CPU s] inside the ClientApp
 _CALLS = [0]
+_GC = {"seconds": [0.0, 0.0, 0.0], "collections": [0, 0, 0], "started": [0.0]}  # the collector's CPU by generation
+
+
+def _gc_time(phase: str, info: dict) -> None:
+    if phase == "start":
+        _GC["started"][0] = time.process_time()
+        return
+    _GC["seconds"][info["generation"]] += time.process_time() - _GC["started"][0]
+    _GC["collections"][info["generation"]] += 1
+
+
+gc.callbacks.append(_gc_time)
 
 
 class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a ClientApp
@@ -31,12 +51,16 @@ class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a 
         self._where = "lososites:profiled_site"  # shipped by reference (client.appref): to this app, not radfed's
 
     def __call__(self, message: Message, context: Context) -> Message:
+        _capture(message, context)
+        profiled = os.environ.get("RADFED_SITE_PROFILE", "1") != "0"  # "0": only the CPU by message type
         wall, cpu = time.perf_counter(), time.process_time()
-        _PROFILER.enable()
+        if profiled:
+            _PROFILER.enable()
         try:
             return radfed(message, context)
         finally:
-            _PROFILER.disable()
+            if profiled:
+                _PROFILER.disable()
             spent = _SPENT.setdefault(message.metadata.message_type, [0, 0.0, 0.0])
             spent[0] += 1
             spent[1] += time.perf_counter() - wall
@@ -46,11 +70,23 @@ class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a 
                 _dump(Path(str(context.run_config["output-dir"])).expanduser())
 
 
+def _capture(message: Message, context: Context) -> None:
+    """Keep the message and the context it arrived with, for the node ``RADFED_CAPTURE_NODE`` names (if any)."""
+    node = os.environ.get("RADFED_CAPTURE_NODE", "")
+    if not node or str(context.node_config.get("partition-id", "")) != node:
+        return
+    folder = Path(str(context.run_config["output-dir"])).expanduser() / f"capture-{node}"
+    folder.mkdir(parents=True, exist_ok=True)
+    n = len(list(folder.glob("*.pkl")))
+    (folder / f"{n:05d}.pkl").write_bytes(pickle.dumps((message, context)))
+
+
 def _dump(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
-    _PROFILER.dump_stats(str(out / f"site-{os.getpid()}.prof"))
-    (out / f"site-{os.getpid()}.json").write_text(json.dumps({"spent": _SPENT, "cpu": time.process_time()}),
-                                                  encoding="utf-8")
+    if os.environ.get("RADFED_SITE_PROFILE", "1") != "0":
+        _PROFILER.dump_stats(str(out / f"site-{os.getpid()}.prof"))
+    doc = {"spent": _SPENT, "cpu": time.process_time(), "gc": {k: _GC[k] for k in ("seconds", "collections")}}
+    (out / f"site-{os.getpid()}.json").write_text(json.dumps(doc), encoding="utf-8")
 
 
 profiled_site = _Profiled()

@@ -125,3 +125,100 @@ def profile_batches(site_dir: Path, config: dict, n_sites: int, n_batches: int =
     lines = [line for line in out.getvalue().splitlines() if "ncalls" in line or ("/" in line and "List" not in line)
              or "{" in line]
     return 1000 * statistics.median(seconds) / (n_sites - 1), "\n".join(lines)
+
+
+def replay(capture: Path, work: Path, passes: int = 3, profile_top: int = 0, site: Path | None = None) -> dict:
+    """A site's captured messages (bench/loso_site_app.py ``RADFED_CAPTURE_NODE``) answered again in this process,
+    on a copy of the site (``site``, else the one the capture's node served) under ``work``: once in order (its
+    replies' digests, to compare two versions), then
+    ``passes`` more times each from its context as captured, timing the process CPU of every ``query.batch`` by the
+    kind of its sub-requests. Returns {"digests": [...], "cpu_ms": {kind: [ms per sub-request, one per pass]},
+    "subs": {kind: sub-requests per pass}, "lines": the outbox's and releases.jsonl's lines of the first
+    answers (times left out), "top": cProfile text of one more pass (``profile_top`` lines)}."""
+    import cProfile
+    import hashlib
+    import io
+    import json
+    import pickle
+    import pstats
+    import shutil
+    import time
+
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.app import app as site_app
+    from client.steps import locate_site, run_config
+    from common import batch
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0  # Flower's Message needs them
+    blobs = [p.read_bytes() for p in sorted(capture.glob("*.pkl"))]
+    first_msg, first_ctx = pickle.loads(blobs[0])
+    site = (site or locate_site(first_ctx.node_config, run_config(first_ctx.run_config))).resolve()
+    root = work / "root"
+    shutil.rmtree(work, ignore_errors=True)
+    root.mkdir(parents=True)
+    shutil.copytree(site, root / site.name, symlinks=True)
+    local = {"data-root": str(root), "output-dir": str(work / "out")}
+    approve_demo_plan([root / site.name], {**first_ctx.run_config, **local})
+
+    def loaded(blob: bytes) -> tuple[Message, Context]:
+        msg, ctx = pickle.loads(blob)
+        ctx.run_config = {**ctx.run_config, **local}
+        return msg, ctx
+
+    def digest(reply: Message) -> str:
+        if reply.has_error():
+            return f"error {reply.error.code}: {reply.error.reason}"
+        h = hashlib.sha256()
+        for name, record in sorted(reply.content.items()):
+            h.update(name.encode())
+            for key, value in sorted(record.items()):
+                h.update(key.encode() + (value.data if isinstance(value, Array) else repr(value).encode()))
+        return h.hexdigest()
+
+    def kind(msg: Message) -> str:
+        if msg.metadata.message_type != batch.BATCH:
+            return msg.metadata.message_type
+        types = sorted({str(t) for t in msg.content[batch.INDEX]["types"]})  # type: ignore[union-attr]
+        return f"batch of {'+'.join(types)}"
+
+    logs = ("outbox.jsonl", "releases.jsonl", "ledger.json")
+    before = {name: len(path.read_text(encoding="utf-8").splitlines()) for name in logs
+              for path in root.rglob(name)}
+    digests = [digest(site_app(*loaded(b))) for b in blobs]
+    lines = {}  # what the site logged answering them once: its new outbox and releases lines, times left out
+    for name in logs:
+        for path in root.rglob(name):
+            text = path.read_text(encoding="utf-8")
+            if name == "ledger.json":  # its sets and frozen blocks (their times left out)
+                doc = json.loads(text)
+                lines[name] = sorted(doc["sets"]) + sorted(doc["blocks"])
+                continue
+            lines[name] = [json.dumps({k: v for k, v in json.loads(line).items() if k != "time"}, sort_keys=True)
+                           for line in text.splitlines()[before.get(name, 0):]]
+    cpu: dict[str, list[float]] = {}
+    subs: dict[str, int] = {}
+    batches = [b for b in blobs if loaded(b)[0].metadata.message_type == batch.BATCH]
+    for p in range(passes):
+        spent: dict[str, float] = {}
+        for blob in batches:
+            msg, ctx = loaded(blob)
+            t = time.process_time()
+            site_app(msg, ctx)
+            spent[kind(msg)] = spent.get(kind(msg), 0.0) + time.process_time() - t
+            if p == 0:
+                subs[kind(msg)] = subs.get(kind(msg), 0) + len(msg.content[batch.INDEX]["ids"])  # type: ignore[union-attr, arg-type]
+        for k, s in spent.items():
+            cpu.setdefault(k, []).append(1000 * s / subs[k])
+    top = ""
+    if profile_top:
+        profiler = cProfile.Profile()
+        for blob in batches:
+            msg, ctx = loaded(blob)
+            profiler.enable()
+            site_app(msg, ctx)
+            profiler.disable()
+        out = io.StringIO()
+        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(profile_top)
+        top = out.getvalue()
+    return {"digests": digests, "lines": lines, "cpu_ms": cpu, "subs": subs, "top": top}

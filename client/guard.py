@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricR
 from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
-from client import nodestate
+from client import nodestate, runcache
 from client.ledger import Declaration, Ledger, append_line, take
 from client.nodestate import NodeState
 from client.site import site_floor, site_settings
@@ -308,18 +308,27 @@ def privacy_guard(msg: Message, context: Context, call_next: ClientAppCallable) 
     declared = take(msg.metadata.message_id)
     if reply.has_error():
         return reply
-    run = run_config(context.run_config)
-    site_dir = locate_site(context.node_config, run)
-    settings = site_settings(site_dir)
-    floor = site_floor(settings)
-    k = max(run.min_cases_per_class, floor)  # the site's own floor holds whatever the run asks
+    run, site_dir, settings, ledger = _site_of(context)
+    k = max(run.min_cases_per_class, ledger.k)  # the site's own floor holds whatever the run asks
     noised = run.dp_query
     fold = _fold_of(msg)
     check_reply(msg.metadata.message_type, reply.content, k, agreed_sizes(context, fold), noised)
-    check_release(msg.metadata.message_type, reply.content, declared,
-                  Ledger(_site_files(str(settings["output_dir"]))[1], floor), context.run_id, k, noised)
+    check_release(msg.metadata.message_type, reply.content, declared, ledger, context.run_id, k, noised)
     record_outgoing(site_dir, context.run_id, msg.metadata.message_type, reply.content, fold, settings)
     return reply
+
+
+def _site_of(context: Context) -> tuple[RunConfig, Path, dict, Ledger]:
+    """(run config, site folder, site settings, release ledger with the site's own k) of the node answering: once per
+    look (one message or ``query.batch``), whose lookups all see one stamped state of the site anyway
+    (client.runcache), instead of once per sub-reply."""
+    def make() -> tuple[RunConfig, Path, dict, Ledger]:
+        run = run_config(context.run_config)
+        site_dir = locate_site(context.node_config, run)
+        settings = site_settings(site_dir)
+        return run, site_dir, settings, Ledger(_site_files(str(settings["output_dir"]))[1], site_floor(settings))
+
+    return runcache.in_look(("guard-site", id(context)), context, make)
 
 
 def _local_paths(context: Context) -> list[tuple[str, str]]:

@@ -232,6 +232,9 @@ class Ledger:
 
     def check(self, sets: Mapping[str, frozenset[str]]) -> str:
         """'' when releasing ``sets`` keeps the invariant with everything released before, else why not."""
+        pending = self._pending()
+        if pending is not None:  # in a batch: the set of what it holds is kept with the list (not rebuilt per reply)
+            return _why(pending.sets, sets, self.k, pending.known)
         return _why(self.released_sets(), sets, self.k)
 
     def record(self, run_id: int, message_type: str, sets: Mapping[str, frozenset[str]],
@@ -247,7 +250,11 @@ class Ledger:
                     pending.known.add(members)
                     pending.sets.append(members)
             pending.records.append((run_id, message_type, dict(sets), blocking, now))
-            pending.lines.append(_release_line(now, run_id, message_type, keys))
+            line_key = (now, run_id, message_type, tuple(sorted(keys.items())))
+            line = pending.line_of.get(line_key)
+            if line is None:  # a batch's folds mostly release the same sets in the same second: the same line
+                line = pending.line_of[line_key] = _release_line(now, run_id, message_type, keys)
+            pending.lines.append(line)
             return
         known = self._snapshot()
         if not _learns(known, sets, blocking):  # every set and block already on disk: ledger.json stays as it is
@@ -284,9 +291,11 @@ class Ledger:
             return True
 
 
-def _why(before: list[frozenset[str]], sets: Mapping[str, frozenset[str]], k: int) -> str:
-    """'' when ``sets`` added to the ``before`` releases single out no group of fewer than k patients."""
-    known = set(before)
+def _why(before: list[frozenset[str]], sets: Mapping[str, frozenset[str]], k: int,
+         known: set[frozenset[str]] | None = None) -> str:
+    """'' when ``sets`` added to the ``before`` releases single out no group of fewer than k patients (``known``:
+    ``set(before)``, when the caller keeps it)."""
+    known = set(before) if known is None else known
     new = {str(name): s for name, s in sets.items() if s and s not in known}
     if not new:
         return ""
@@ -354,6 +363,7 @@ class _Pending:
     known: set[frozenset[str]]
     records: list[tuple[int, str, dict[str, frozenset[str]], Blocking | None, str]] = field(default_factory=list)
     lines: list[str] = field(default_factory=list)
+    line_of: dict[tuple, str] = field(default_factory=dict)  # releases.jsonl lines made in this batch, by content
 
 
 @dataclass

@@ -327,7 +327,7 @@ def load_site_data(site_dir: Path, values: RunConfig | Mapping[str, Any], worker
     if in_batch():  # a batch's earlier sub-replies may have frozen blocks not yet on disk: drawn from them, and
         # drawn again whenever one of them froze a block (the blocks are all the split reads from the ledger; within
         # one batch they are only ever added to, so their number says whether the draw could differ)
-        frozen = ledger(site).frozen_blocks()
+        frozen = runcache.in_look(("ledger", id(site)), site, lambda: ledger(site)).frozen_blocks()  # one per look
         return runcache.in_look(("batch-split", key, run, frozen), loaded,
                                 lambda: split_site(site, profile, table, design, run, clinical=clinical))
     # the split is a function of the loaded site (a reload is a new object), the run and the ledger's files: drawn

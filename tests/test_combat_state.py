@@ -46,3 +46,28 @@ def test_adjusting_only_the_wanted_columns_gives_the_numbers_of_adjusting_all(p)
     assert np.array_equal(harmonize(y, c), params.apply(y, c))
     np.testing.assert_allclose(harmonize.restrict(cols)(y[:, list(cols)], c), params.apply(y, c)[:, list(cols)],
                                rtol=1e-15, atol=0)
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_a_folds_model_columns_are_picked_from_the_bytes_without_unpacking_every_column(p):
+    """A site's process serves ~2,300 folds' parameters, more than unpack keeps: a fold's few model columns are read
+    from the kept bytes, the same numbers (to the bit) as unpacking all and picking them, and unpack stays unused."""
+    params = _params(p, 1)
+    blob = combat_state.pack(params)
+    columns = (5, 0, 3)
+    combat_state.unpack.cache_clear()
+    combat_state._columns.cache_clear()
+    picked = combat_state.Harmonizer(blob).restrict(columns)
+    assert combat_state.unpack.cache_info().misses == 0  # nothing unpacked whole
+    rng = np.random.default_rng(5)
+    y, c = rng.normal(size=(6, 3)) * 40.0, rng.normal(size=(6, p)) if p else None
+    full = combat_state.unpack(blob)
+    cols = list(columns)
+    expected = combat.SiteCombat(site=1, n=23, parametric=True, eb=p == 0, mean_only=False,
+                                 grand_mean=full.grand_mean[cols], beta_cov=full.beta_cov[:, cols],
+                                 var_pooled=full.var_pooled[cols], gamma_star=full.gamma_star[cols],
+                                 delta_star=full.delta_star[cols], unadjusted=full.unadjusted[cols])
+    assert combat_state._columns(blob, columns).to_dict() == expected.to_dict()
+    assert np.array_equal(picked(y, c), expected.apply(y, c))
+    with pytest.raises(ValueError, match="restart the run"):
+        combat_state._columns(blob[:-8], columns)
