@@ -93,6 +93,8 @@ class _Turn:
     replies: list[Message] = field(default_factory=list)
     finished: bool = False
     aborted: bool = False
+    cpu: float = 0.0  # this fold thread's CPU seconds in its turns (time.thread_time)
+    since: float = 0.0  # thread_time when its current turn began
 
 
 class FoldGrid(CountingGrid):
@@ -112,21 +114,27 @@ class FoldGrid(CountingGrid):
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         turn.pending, turn.replies = messages, []
         turn.go.clear()
+        turn.cpu += time.thread_time() - turn.since
         turn.parked.set()
         turn.go.wait()
+        turn.since = time.thread_time()
         if turn.aborted:
             raise RunRefused("the run stopped while this fold waited for its replies")
         return turn.replies
 
 
 def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
-               sync: Callable[[], None]) -> tuple[int, int, int, dict[str, float]]:
-    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent and the
+               sync: Callable[[], None]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
+    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent, the
     wall seconds by step: the folds' own work between rounds (pooling, audit, building requests), packing, the
-    round trips (the sites and Flower's delivery), unpacking. ``sync`` puts the folds' audit entries on disk (they
-    write them deferred): once per round, after every fold's turn and before anything leaves."""
+    round trips (the sites and Flower's delivery), unpacking; and the CPU seconds: the fold threads' in their turns,
+    this thread's packing and unpacking, and the whole process's over the folds (Flower's simulation threads and
+    any other thread of the ServerApp's process too). ``sync`` puts the folds' audit entries on disk (they write them
+    deferred): once per round, after every fold's turn and before anything leaves."""
     messages = requests = rounds = 0
     spent = dict.fromkeys(("folds", "pack", "sites", "unpack"), 0.0)
+    cpu = dict.fromkeys(("pack", "unpack"), 0.0)
+    process = time.process_time()
     live = list(turns)
     while live:
         t0 = time.perf_counter()
@@ -141,12 +149,13 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
         waiting = [t for t in live if t.pending]
         if not waiting:
             continue
+        c1 = time.thread_time()
         batches = batch.pack([m for t in waiting for m in t.pending])  # in fold order
         rounds, messages = rounds + 1, messages + len(batches)
         requests += sum(len(t.pending) for t in waiting)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
-        t3 = time.perf_counter()
+        t3, c3 = time.perf_counter(), time.thread_time()
         by_request = batch.unpack_replies(batches, replies)
         for t in waiting:
             t.replies = [by_request[m.metadata.message_id] for m in t.pending if m.metadata.message_id in by_request]
@@ -154,7 +163,11 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
         spent["pack"] += t2 - t1
         spent["sites"] += t3 - t2
         spent["unpack"] += time.perf_counter() - t3
-    return messages, requests, rounds, {k: round(v, 3) for k, v in spent.items()}
+        cpu["pack"] += c2 - c1
+        cpu["unpack"] += time.thread_time() - c3
+    cpu = {"folds": sum(t.cpu for t in turns), **cpu, "process": time.process_time() - process}
+    return messages, requests, rounds, {k: round(v, 3) for k, v in spent.items()}, \
+        {k: round(v, 3) for k, v in cpu.items()}
 
 
 def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
@@ -182,6 +195,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
 
     def body(job: FoldJob, turn: _Turn) -> None:
         turn.go.wait()
+        turn.since = time.thread_time()
         try:
             # the fold's entries written in turn order, put on disk by the coordinator's sync before each round
             # leaves (one fsync per round, not one per entry: the turns run one at a time, so theirs never overlap)
@@ -190,6 +204,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
         except BaseException as exc:  # noqa: BLE001  # handed to the coordinator, raised there
             errors.append(exc)
         finally:
+            turn.cpu += time.thread_time() - turn.since
             turn.finished = True
             turn.parked.set()
 
@@ -198,7 +213,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     for t in threads:
         t.start()
     try:
-        messages, requests, rounds, spent = _run_turns(run.grid, run.timeout, turns, run.audit.sync)
+        messages, requests, rounds, spent, cpu = _run_turns(run.grid, run.timeout, turns, run.audit.sync)
     except BaseException:  # e.g. the coordinator was stopped: every waiting fold ends, nothing more is sent
         for turn in turns:
             turn.aborted = True
@@ -212,7 +227,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     if errors:
         raise errors[0]
     run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=True, messages=messages,
-                     requests=requests, rounds=rounds, seconds=spent)
+                     requests=requests, rounds=rounds, seconds=spent, cpu_seconds=cpu)
     log.info("The %d fold(s) took %d round(s) of %d message(s) in all, carrying %d request(s)", len(jobs), rounds,
              messages, requests)
     return {job.fold: results[job.fold] for job in jobs if job.fold in results}
