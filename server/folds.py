@@ -28,11 +28,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import batch
 from server.federation import Run, RunRefused
+from server.merging import Reply, Request
 
 log = logging.getLogger("flwr.radfed.server")
 
@@ -101,6 +103,8 @@ class FoldGrid(CountingGrid):
     """What one fold thread sees as the grid: ``send_and_receive`` hands the requests to the coordinator and
     waits for this fold's share of the batched replies."""
 
+    packs_every_request = True  # a cohort's queries build merging.Request, not Messages (federation.build)
+
     def __init__(self, grid: Grid, turn: _Turn) -> None:
         super().__init__(grid)
         self.turn = turn
@@ -111,7 +115,10 @@ class FoldGrid(CountingGrid):
             return []
         turn = self.turn
         for m in messages:  # an id of its own: FedAvg finds a reply's site by the request it answers
-            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if isinstance(m, Request):
+                m.metadata.message_id = uuid.uuid4().hex
+            else:  # a Flower Message (FedAvg's own): Flower's internal field, as its grids set it
+                m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         turn.pending, turn.replies = messages, []
         turn.go.clear()
         turn.cpu += time.thread_time() - turn.since
@@ -156,7 +163,7 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
         t2, c2 = time.perf_counter(), time.thread_time()
         replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
         t3, c3 = time.perf_counter(), time.thread_time()
-        by_request = batch.unpack_replies(batches, replies)
+        by_request = _unpack(batches, replies)
         for t in waiting:
             t.replies = [by_request[m.metadata.message_id] for m in t.pending if m.metadata.message_id in by_request]
             t.pending = []
@@ -168,6 +175,55 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
     cpu = {"folds": sum(t.cpu for t in turns), **cpu, "process": time.process_time() - process}
     return messages, requests, rounds, {k: round(v, 3) for k, v in spent.items()}, \
         {k: round(v, 3) for k, v in cpu.items()}
+
+
+def _unpack(batches: list[batch.Batch], replies: list[Message]) -> dict[str, Message | Reply]:
+    """Each sub-request's reply by its id, as ``common.batch.unpack_replies`` reads them: a ``merging.Reply`` for a
+    cohort's ``Request`` (the same records, or the same error), a Flower ``Message`` for a Message (FedAvg's)."""
+    by_batch = {r.metadata.reply_to_message_id: r for r in replies}
+    out: dict[str, Message | Reply] = {}
+    for b in batches:
+        reply = by_batch.get(b.message.metadata.message_id)
+        if reply is None:  # no answer at all: its sub-requests get none
+            continue
+        light = [m for m in b.requests if isinstance(m, Request)]
+        if len(light) < len(b.requests):
+            out.update(batch.unpack_replies([batch.Batch(b.node_id, b.message, [
+                m for m in b.requests if not isinstance(m, Request)])], [reply]))
+        if not light:
+            continue
+        if reply.has_error():  # the site went offline, its reply was lost: every sub-request gets that error
+            for m in light:
+                out[m.metadata.message_id] = Reply(m, None, Error(reply.error.code, reply.error.reason))
+            continue
+        index = reply.content[batch.INDEX]
+        codes, reasons = list(index["error-codes"]), list(index["errors"])  # type: ignore[arg-type]
+        names = [str(n).split(",") if n else [] for n in index["records"]]  # type: ignore[union-attr]
+        position = {str(i): j for j, i in enumerate(index["ids"])}  # type: ignore[arg-type]
+        content = reply.content
+        for m in light:
+            j = position.get(m.metadata.message_id)
+            if j is None:
+                out[m.metadata.message_id] = Reply(m, None, Error(
+                    ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "the site's batch reply holds no answer to this request"))
+            elif int(codes[j]):  # type: ignore[call-overload]
+                out[m.metadata.message_id] = Reply(m, None, Error(int(codes[j]), str(reasons[j])))  # type: ignore[call-overload]
+            else:
+                out[m.metadata.message_id] = Reply(m, _records(content, j, names[j]), None)
+    return out
+
+
+def _records(content: RecordDict, j: int, names: list[str]) -> RecordDict:
+    """Sub-reply ``j``'s records (``"<j>/<name>"`` in the batch reply) under their own names: the records Flower
+    checked as it read the batch reply, in a RecordDict without its per-record look-up (Flower's internal ``_data``
+    dict, as common/batch.py builds them)."""
+    records = RecordDict()
+    data = records.__dict__["_data"]
+    for name in names:
+        if name in data:
+            raise batch.BatchError(f"{batch.BATCH}: record {name!r} appears twice; nothing was read")
+        data[name] = content[f"{j}/{name}"]
+    return records
 
 
 def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
