@@ -14,8 +14,9 @@ batched only (the sequential run at 48 sites takes about an hour). Each row also
 and slowest fold: each starts at the discriminant of its own pooled moments, common/newton_start.py), a second
 table splits the folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and
 scoring), and a third the batched folds' coordinator by step (``folds-end`` ``seconds``: the fold threads' own work,
-packing, the round trips, unpacking), i.e. how much of the folds' time is the ServerApp rather than the sites, with its
-CPU seconds (``cpu_seconds``: the fold threads' in their turns, packing and unpacking, the whole ServerApp process's).
+packing, the round trips, unpacking), i.e. how much of the folds' time is the ServerApp rather than the sites, with
+its CPU seconds (``seconds`` ``cpu``: the fold threads' in their turns, packing and unpacking, the whole ServerApp
+process's).
 
 ``--profile-server N`` (alone: ``--sites ''``) runs one batched N-site run with the coordinator under cProfile in
 every thread (bench/loso_app.py: the fold threads too) and prints the top functions by own time.
@@ -62,8 +63,8 @@ PHASE_HEADER = ["sites", "mode", *dict.fromkeys(PHASES.values()), "other"]
 # the batched folds' coordinator (server/folds.py, the ``folds-end`` entry's ``seconds``): the fold threads' own work
 # between rounds, packing the batches, the round trips (the sites' work and Flower's delivery), unpacking
 STEPS = {"folds": "folds' own work", "pack": "packing", "sites": "round trips", "unpack": "unpacking"}
-# and its CPU (``folds-end`` ``cpu_seconds``): the fold threads' in their turns, packing and unpacking, and the whole
-# ServerApp process's over the folds (with Flower's simulation threads and the report's drawing thread)
+# and its CPU (``folds-end`` ``seconds`` ``cpu``): the fold threads' in their turns, packing and unpacking, and the
+# whole ServerApp process's over the folds (with Flower's simulation threads and the report's drawing thread)
 STEP_HEADER = ["sites", *STEPS.values(), "coordinator share", "CPU: fold threads", "CPU: pack + unpack",
                "CPU: process"]
 
@@ -123,7 +124,7 @@ def one_run(work: Path, dirs: list[Path], config: dict, batched: bool,
     spent = phase_seconds(until_end, starts[0])
     steps = {k: sum(float(e["data"].get("seconds", {}).get(k, 0.0)) for e in ends) for k in STEPS}
     own = steps["folds"] + steps["pack"] + steps["unpack"]
-    cpu = {k: sum(float(e["data"].get("cpu_seconds", {}).get(k, 0.0)) for e in ends)
+    cpu = {k: sum(float(e["data"].get("seconds", {}).get("cpu", {}).get(k, 0.0)) for e in ends)
            for k in ("folds", "pack", "unpack", "process")}
     return row, [str(len(dirs)), mode, *(f"{spent.get(p, 0.0):.1f}" for p in PHASE_HEADER[2:])], \
         [str(len(dirs)), *(f"{v:.1f}" for v in steps.values()), f"{own / max(folds, 1e-9):.0%}",

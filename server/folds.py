@@ -283,7 +283,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     if errors:
         raise errors[0]
     run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=True, messages=messages,
-                     requests=requests, rounds=rounds, seconds=spent, cpu_seconds=cpu)
+                     requests=requests, rounds=rounds, seconds={**spent, "cpu": cpu})
     log.info("The %d fold(s) took %d round(s) of %d message(s) in all, carrying %d request(s)", len(jobs), rounds,
              messages, requests)
     return {job.fold: results[job.fold] for job in jobs if job.fold in results}
