@@ -200,7 +200,7 @@ def _unpack(batches: list[batch.Batch], replies: list[Message]) -> dict[str, Mes
         codes, reasons = list(index["error-codes"]), list(index["errors"])  # type: ignore[arg-type]
         names = [str(n).split(",") if n else [] for n in index["records"]]  # type: ignore[union-attr]
         position = {str(i): j for j, i in enumerate(index["ids"])}  # type: ignore[arg-type]
-        content = reply.content
+        content = reply.content.__dict__["_data"]  # the records Flower checked as it read the reply, by name
         for m in light:
             j = position.get(m.metadata.message_id)
             if j is None:
@@ -213,10 +213,10 @@ def _unpack(batches: list[batch.Batch], replies: list[Message]) -> dict[str, Mes
     return out
 
 
-def _records(content: RecordDict, j: int, names: list[str]) -> RecordDict:
-    """Sub-reply ``j``'s records (``"<j>/<name>"`` in the batch reply) under their own names: the records Flower
-    checked as it read the batch reply, in a RecordDict without its per-record look-up (Flower's internal ``_data``
-    dict, as common/batch.py builds them)."""
+def _records(content: dict[str, Any], j: int, names: list[str]) -> RecordDict:
+    """Sub-reply ``j``'s records (``"<j>/<name>"`` among the batch reply's records, a missing one a KeyError) under
+    their own names: the records Flower checked as it read the batch reply, in a RecordDict without its per-record
+    look-ups (Flower's internal ``_data`` dicts, as common/batch.py builds them)."""
     records = RecordDict()
     data = records.__dict__["_data"]
     for name in names:
