@@ -48,6 +48,14 @@ NEWTON = RecordDict({"arrays": ArrayRecord({"grad": encode(np.ones(4)), "hess": 
                      "metrics": MetricRecord({"loss": 1.0, "n": 10, "n-hgg": 5, "n-bm": 5})})
 
 
+def _answer(message_type: str) -> RecordDict:
+    """A sub-reply's own records (as a site's handler makes them: new objects for every sub-request)."""
+    like = MOMENTS if message_type == "query.moments" else NEWTON
+    return RecordDict({"arrays": ArrayRecord({k: Array(dtype=a.dtype, shape=a.shape, stype=a.stype, data=bytes(a.data))
+                                              for k, a in like["arrays"].items()}),
+                       "metrics": MetricRecord(dict(like["metrics"].items()))})
+
+
 class Sites:
     """Every site in this process: splits each batch and answers each sub-request with a fixed reply (its CPU is
     counted apart)."""
@@ -61,8 +69,7 @@ class Sites:
         for m in messages:
             m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grid does when it pushes
             subs = batch.split(m)
-            out.append(batch.join(m, [Message(MOMENTS if s.metadata.message_type == "query.moments" else NEWTON,
-                                              reply_to=s) for s in subs]))
+            out.append(batch.join(m, [Message(_answer(s.metadata.message_type), reply_to=s) for s in subs]))
         self.cpu += time.process_time() - start
         return out
 
