@@ -64,9 +64,10 @@ PHASE_HEADER = ["sites", "mode", *dict.fromkeys(PHASES.values()), "other"]
 # between rounds, packing the batches, the round trips (the sites' work and Flower's delivery), unpacking
 STEPS = {"folds": "folds' own work", "pack": "packing", "sites": "round trips", "unpack": "unpacking"}
 # and its CPU (``folds-end`` ``seconds`` ``cpu``): the fold threads' in their turns, packing and unpacking, and the
-# whole ServerApp process's over the folds (with Flower's simulation threads and the report's drawing thread)
+# whole ServerApp process's over the folds (with Flower's simulation threads and the report's drawing thread); the
+# garbage collector's wall seconds over the folds and its full collections
 STEP_HEADER = ["sites", *STEPS.values(), "coordinator share", "CPU: fold threads", "CPU: pack + unpack",
-               "CPU: process"]
+               "CPU: process", "garbage collector s (full)"]
 
 
 def _time(entry: dict) -> datetime:
@@ -125,10 +126,11 @@ def one_run(work: Path, dirs: list[Path], config: dict, batched: bool,
     steps = {k: sum(float(e["data"].get("seconds", {}).get(k, 0.0)) for e in ends) for k in STEPS}
     own = steps["folds"] + steps["pack"] + steps["unpack"]
     cpu = {k: sum(float(e["data"].get("seconds", {}).get("cpu", {}).get(k, 0.0)) for e in ends)
-           for k in ("folds", "pack", "unpack", "process")}
+           for k in ("folds", "pack", "unpack", "process", "gc", "gc-full")}
     return row, [str(len(dirs)), mode, *(f"{spent.get(p, 0.0):.1f}" for p in PHASE_HEADER[2:])], \
         [str(len(dirs)), *(f"{v:.1f}" for v in steps.values()), f"{own / max(folds, 1e-9):.0%}",
-         f"{cpu['folds']:.2f}", f"{cpu['pack'] + cpu['unpack']:.2f}", f"{cpu['process']:.1f}"]
+         f"{cpu['folds']:.2f}", f"{cpu['pack'] + cpu['unpack']:.2f}", f"{cpu['process']:.1f}",
+         f"{cpu['gc']:.1f} ({cpu['gc-full']:.0f})"]
 
 
 # --profile 48 on the code before the per-batch amortisation (bd6fa03^: every sub-request stamped the site's files,
