@@ -289,7 +289,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     for t in threads:
         t.start()
     # every object alive now (the coordinator's modules, Flower, Ray, torch, matplotlib, the main fit) leaves the
-    # collector's sight until the folds end: a full collection walked all of them (~350,000, 0.2 to 0.9 s each), some
+    # collector's sight until the folds end: a full collection walked all of them (~350,000: 0.85 s at load 15), some
     # of them during the folds' turns, holding the GIL; only the folds' own objects are collected meanwhile
     gc.freeze()
     try:
