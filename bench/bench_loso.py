@@ -14,7 +14,9 @@ batched only (the sequential run at 48 sites takes about an hour). Each row also
 and slowest fold: each starts at the discriminant of its own pooled moments, common/newton_start.py), a second
 table splits the folds' wall time by phase (ComBat, moments, selection, Newton, the held-out site's join and
 scoring), and a third the batched folds' coordinator by step (``folds-end`` ``seconds``: the fold threads' own work,
-packing, the round trips, unpacking), i.e. how much of the folds' time is the ServerApp rather than the sites.
+packing, the round trips, unpacking), i.e. how much of the folds' time is the ServerApp rather than the sites, with
+its CPU seconds (``seconds`` ``cpu``: the fold threads' in their turns, packing and unpacking, the whole ServerApp
+process's).
 
 ``--profile-server N`` (alone: ``--sites ''``) runs one batched N-site run with the coordinator under cProfile in
 every thread (bench/loso_app.py: the fold threads too) and prints the top functions by own time.
@@ -61,7 +63,11 @@ PHASE_HEADER = ["sites", "mode", *dict.fromkeys(PHASES.values()), "other"]
 # the batched folds' coordinator (server/folds.py, the ``folds-end`` entry's ``seconds``): the fold threads' own work
 # between rounds, packing the batches, the round trips (the sites' work and Flower's delivery), unpacking
 STEPS = {"folds": "folds' own work", "pack": "packing", "sites": "round trips", "unpack": "unpacking"}
-STEP_HEADER = ["sites", *STEPS.values(), "coordinator share"]
+# and its CPU (``folds-end`` ``seconds`` ``cpu``): the fold threads' in their turns, packing and unpacking, and the
+# whole ServerApp process's over the folds (with Flower's simulation threads and the report's drawing thread); the
+# garbage collector's wall seconds over the folds and its full collections
+STEP_HEADER = ["sites", *STEPS.values(), "coordinator share", "CPU: fold threads", "CPU: pack + unpack",
+               "CPU: process", "garbage collector s (full)"]
 
 
 def _time(entry: dict) -> datetime:
@@ -119,8 +125,12 @@ def one_run(work: Path, dirs: list[Path], config: dict, batched: bool,
     spent = phase_seconds(until_end, starts[0])
     steps = {k: sum(float(e["data"].get("seconds", {}).get(k, 0.0)) for e in ends) for k in STEPS}
     own = steps["folds"] + steps["pack"] + steps["unpack"]
+    cpu = {k: sum(float(e["data"].get("seconds", {}).get("cpu", {}).get(k, 0.0)) for e in ends)
+           for k in ("folds", "pack", "unpack", "process", "gc", "gc-full")}
     return row, [str(len(dirs)), mode, *(f"{spent.get(p, 0.0):.1f}" for p in PHASE_HEADER[2:])], \
-        [str(len(dirs)), *(f"{v:.1f}" for v in steps.values()), f"{own / max(folds, 1e-9):.0%}"]
+        [str(len(dirs)), *(f"{v:.1f}" for v in steps.values()), f"{own / max(folds, 1e-9):.0%}",
+         f"{cpu['folds']:.2f}", f"{cpu['pack'] + cpu['unpack']:.2f}", f"{cpu['process']:.1f}",
+         f"{cpu['gc']:.1f} ({cpu['gc-full']:.0f})"]
 
 
 # --profile 48 on the code before the per-batch amortisation (bd6fa03^: every sub-request stamped the site's files,

@@ -127,7 +127,7 @@ class Cohort:
         """One query to every site of the cohort; the good replies by node id. A site that fails or does not
         answer is dropped (and named); the run stops if too few remain. Requests deferred or prefetched on this
         cohort (``defer``, ``prefetch``) go in the same round trip."""
-        messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node)
+        messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node, packed(run.grid))
         sent = merging.exchange(run.grid, messages, run.timeout, self.riders, run.prefetched)
         return self._receive(run, phase, message_type, sent, server_round)
 
@@ -138,7 +138,7 @@ class Cohort:
         if not run.config.merge_phases:
             done(self.ask(run, phase, message_type, config, per_node))
             return
-        messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node)
+        messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node, packed(run.grid))
         self.riders.append(merging.Rider(messages, lambda sent: done(
             self._receive(run, phase, message_type, sent, None))))
 
@@ -147,7 +147,7 @@ class Cohort:
         """Send, with this cohort's next query, a request a later query will make (merge-phases): that query then
         takes these replies instead of asking again, if it asks exactly this. Off without merge-phases."""
         if run.config.merge_phases:
-            messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node)
+            messages = build(list(self.fed.sites), message_type, {**config, **self.tag}, per_node, packed(run.grid))
             self.riders.append(run.prefetched.rider(messages))
 
     def _receive(self, run: Run, phase: str, message_type: str, sent: dict[int, Message],
@@ -185,10 +185,13 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
 
 
 def build(node_ids: list[int], message_type: str, config: dict,
-          per_node: Callable[[int], RecordDict] | None = None) -> list[Message]:
-    """One message per node: ``config`` for every node, plus the records ``per_node(node_id)`` holds for that node."""
+          per_node: Callable[[int], RecordDict] | None = None, packed: bool = False) -> list[Message]:
+    """One message per node: ``config`` for every node, plus the records ``per_node(node_id)`` holds for that node.
+    ``packed``: the grid sends every request inside a ``query.batch`` (the folds' grid), so each is a
+    ``merging.Request`` (the same records) rather than a Flower ``Message`` of its own."""
     shared = ConfigRecord(config)  # Flower checks every value, each list item by item, once per call: not per node
     messages: list[Message] = []
+    make = merging.Request if packed else Message
     for nid in node_ids:
         content = per_node(nid) if per_node else RecordDict()
         if not isinstance(content, RecordDict):
@@ -197,8 +200,13 @@ def build(node_ids: list[int], message_type: str, config: dict,
         # node when there is no "config", and ``content["config"] = ...`` checks a record built just here
         data = content.__dict__["_data"]
         data["config"] = _with(shared, data.get("config"))
-        messages.append(Message(content, dst_node_id=nid, message_type=message_type))
+        messages.append(make(content, dst_node_id=nid, message_type=message_type))  # type: ignore[arg-type]
     return messages
+
+
+def packed(grid: Grid) -> bool:
+    """Whether ``grid`` sends every request packed in a ``query.batch`` (``server.folds.FoldGrid``)."""
+    return getattr(grid, "packs_every_request", False)
 
 
 def _with(shared: ConfigRecord, own: ConfigRecord | None) -> ConfigRecord:

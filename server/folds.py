@@ -19,6 +19,7 @@ Flower messages the folds sent.
 
 from __future__ import annotations
 
+import gc
 import logging
 import threading
 import time
@@ -28,11 +29,13 @@ from contextlib import suppress
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-from flwr.app import Message
+from flwr.app import Error, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import batch
 from server.federation import Run, RunRefused
+from server.merging import Reply, Request
 
 log = logging.getLogger("flwr.radfed.server")
 
@@ -93,11 +96,15 @@ class _Turn:
     replies: list[Message] = field(default_factory=list)
     finished: bool = False
     aborted: bool = False
+    cpu: float = 0.0  # this fold thread's CPU seconds in its turns (time.thread_time)
+    since: float = 0.0  # thread_time when its current turn began
 
 
 class FoldGrid(CountingGrid):
     """What one fold thread sees as the grid: ``send_and_receive`` hands the requests to the coordinator and
     waits for this fold's share of the batched replies."""
+
+    packs_every_request = True  # a cohort's queries build merging.Request, not Messages (federation.build)
 
     def __init__(self, grid: Grid, turn: _Turn) -> None:
         super().__init__(grid)
@@ -109,24 +116,50 @@ class FoldGrid(CountingGrid):
             return []
         turn = self.turn
         for m in messages:  # an id of its own: FedAvg finds a reply's site by the request it answers
-            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
+            if isinstance(m, Request):
+                m.metadata.message_id = uuid.uuid4().hex
+            else:  # a Flower Message (FedAvg's own): Flower's internal field, as its grids set it
+                m.metadata.__dict__["_message_id"] = uuid.uuid4().hex
         turn.pending, turn.replies = messages, []
         turn.go.clear()
+        turn.cpu += time.thread_time() - turn.since
         turn.parked.set()
         turn.go.wait()
+        turn.since = time.thread_time()
         if turn.aborted:
             raise RunRefused("the run stopped while this fold waited for its replies")
         return turn.replies
 
 
+class _GcClock:
+    """Wall seconds in Python's garbage collector (every thread's), and how many full collections ran: a ``gc``
+    callback, the collector's own start and stop."""
+
+    def __init__(self) -> None:
+        self.seconds, self.full, self._start = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+            return
+        self.seconds += time.perf_counter() - self._start
+        self.full += info.get("generation") == 2
+
+
 def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
-               sync: Callable[[], None]) -> tuple[int, int, int, dict[str, float]]:
-    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent and the
+               sync: Callable[[], None]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
+    """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent, the
     wall seconds by step: the folds' own work between rounds (pooling, audit, building requests), packing, the
-    round trips (the sites and Flower's delivery), unpacking. ``sync`` puts the folds' audit entries on disk (they
-    write them deferred): once per round, after every fold's turn and before anything leaves."""
+    round trips (the sites and Flower's delivery), unpacking; and the CPU seconds: the fold threads' in their turns,
+    this thread's packing and unpacking, and the whole process's over the folds (Flower's simulation threads and
+    any other thread of the ServerApp's process too). ``sync`` puts the folds' audit entries on disk (they write them
+    deferred): once per round, after every fold's turn and before anything leaves."""
     messages = requests = rounds = 0
     spent = dict.fromkeys(("folds", "pack", "sites", "unpack"), 0.0)
+    cpu = dict.fromkeys(("pack", "unpack"), 0.0)
+    process = time.process_time()
+    collecting = _GcClock()
+    gc.callbacks.append(collecting)
     live = list(turns)
     while live:
         t0 = time.perf_counter()
@@ -141,20 +174,76 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
         waiting = [t for t in live if t.pending]
         if not waiting:
             continue
+        c1 = time.thread_time()
         batches = batch.pack([m for t in waiting for m in t.pending])  # in fold order
         rounds, messages = rounds + 1, messages + len(batches)
         requests += sum(len(t.pending) for t in waiting)
-        t2 = time.perf_counter()
+        t2, c2 = time.perf_counter(), time.thread_time()
         replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
-        t3 = time.perf_counter()
-        by_request = batch.unpack_replies(batches, replies)
+        t3, c3 = time.perf_counter(), time.thread_time()
+        by_request = _unpack(batches, replies)
         for t in waiting:
             t.replies = [by_request[m.metadata.message_id] for m in t.pending if m.metadata.message_id in by_request]
             t.pending = []
         spent["pack"] += t2 - t1
         spent["sites"] += t3 - t2
         spent["unpack"] += time.perf_counter() - t3
-    return messages, requests, rounds, {k: round(v, 3) for k, v in spent.items()}
+        cpu["pack"] += c2 - c1
+        cpu["unpack"] += time.thread_time() - c3
+    gc.callbacks.remove(collecting)
+    cpu = {"folds": sum(t.cpu for t in turns), **cpu, "process": time.process_time() - process,
+           "gc": collecting.seconds, "gc-full": collecting.full}
+    return messages, requests, rounds, {k: round(v, 3) for k, v in spent.items()}, \
+        {k: round(v, 3) for k, v in cpu.items()}
+
+
+def _unpack(batches: list[batch.Batch], replies: list[Message]) -> dict[str, Message | Reply]:
+    """Each sub-request's reply by its id, as ``common.batch.unpack_replies`` reads them: a ``merging.Reply`` for a
+    cohort's ``Request`` (the same records, or the same error), a Flower ``Message`` for a Message (FedAvg's)."""
+    by_batch = {r.metadata.reply_to_message_id: r for r in replies}
+    out: dict[str, Message | Reply] = {}
+    for b in batches:
+        reply = by_batch.get(b.message.metadata.message_id)
+        if reply is None:  # no answer at all: its sub-requests get none
+            continue
+        light = [m for m in b.requests if isinstance(m, Request)]
+        if len(light) < len(b.requests):
+            out.update(batch.unpack_replies([batch.Batch(b.node_id, b.message, [
+                m for m in b.requests if not isinstance(m, Request)])], [reply]))
+        if not light:
+            continue
+        if reply.has_error():  # the site went offline, its reply was lost: every sub-request gets that error
+            for m in light:
+                out[m.metadata.message_id] = Reply(m, None, Error(reply.error.code, reply.error.reason))
+            continue
+        index = reply.content[batch.INDEX]
+        codes, reasons = list(index["error-codes"]), list(index["errors"])  # type: ignore[arg-type]
+        names = [str(n).split(",") if n else [] for n in index["records"]]  # type: ignore[union-attr]
+        position = {str(i): j for j, i in enumerate(index["ids"])}  # type: ignore[arg-type]
+        content = reply.content.__dict__["_data"]  # the records Flower checked as it read the reply, by name
+        for m in light:
+            j = position.get(m.metadata.message_id)
+            if j is None:
+                out[m.metadata.message_id] = Reply(m, None, Error(
+                    ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "the site's batch reply holds no answer to this request"))
+            elif int(codes[j]):  # type: ignore[call-overload]
+                out[m.metadata.message_id] = Reply(m, None, Error(int(codes[j]), str(reasons[j])))  # type: ignore[call-overload]
+            else:
+                out[m.metadata.message_id] = Reply(m, _records(content, j, names[j]), None)
+    return out
+
+
+def _records(content: dict[str, Any], j: int, names: list[str]) -> RecordDict:
+    """Sub-reply ``j``'s records (``"<j>/<name>"`` among the batch reply's records, a missing one a KeyError) under
+    their own names: the records Flower checked as it read the batch reply, in a RecordDict without its per-record
+    look-ups (Flower's internal ``_data`` dicts, as common/batch.py builds them)."""
+    records = RecordDict()
+    data = records.__dict__["_data"]
+    for name in names:
+        if name in data:
+            raise batch.BatchError(f"{batch.BATCH}: record {name!r} appears twice; nothing was read")
+        data[name] = content[f"{j}/{name}"]
+    return records
 
 
 def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
@@ -182,6 +271,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
 
     def body(job: FoldJob, turn: _Turn) -> None:
         turn.go.wait()
+        turn.since = time.thread_time()
         try:
             # the fold's entries written in turn order, put on disk by the coordinator's sync before each round
             # leaves (one fsync per round, not one per entry: the turns run one at a time, so theirs never overlap)
@@ -190,6 +280,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
         except BaseException as exc:  # noqa: BLE001  # handed to the coordinator, raised there
             errors.append(exc)
         finally:
+            turn.cpu += time.thread_time() - turn.since
             turn.finished = True
             turn.parked.set()
 
@@ -197,8 +288,12 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
                for job, turn in zip(jobs, turns, strict=True)]
     for t in threads:
         t.start()
+    # every object alive now (the coordinator's modules, Flower, Ray, torch, matplotlib, the main fit) leaves the
+    # collector's sight until the folds end: a full collection walked all of them (~350,000: 0.85 s at load 15), some
+    # of them during the folds' turns, holding the GIL; only the folds' own objects are collected meanwhile
+    gc.freeze()
     try:
-        messages, requests, rounds, spent = _run_turns(run.grid, run.timeout, turns, run.audit.sync)
+        messages, requests, rounds, spent, cpu = _run_turns(run.grid, run.timeout, turns, run.audit.sync)
     except BaseException:  # e.g. the coordinator was stopped: every waiting fold ends, nothing more is sent
         for turn in turns:
             turn.aborted = True
@@ -206,13 +301,15 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
         with suppress(OSError):
             run.audit.sync()  # what the folds logged so far, on disk as the stop is logged
         raise
+    finally:
+        gc.unfreeze()
     for t in threads:
         t.join()
     run.audit.sync()  # every fold's last entries (a fold's failure included) on disk before the run goes on
     if errors:
         raise errors[0]
     run.audit.append("folds-end", kinds=kinds, folds=len(jobs), batched=True, messages=messages,
-                     requests=requests, rounds=rounds, seconds=spent)
+                     requests=requests, rounds=rounds, seconds={**spent, "cpu": cpu})
     log.info("The %d fold(s) took %d round(s) of %d message(s) in all, carrying %d request(s)", len(jobs), rounds,
              messages, requests)
     return {job.fold: results[job.fold] for job in jobs if job.fold in results}

@@ -28,14 +28,58 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from flwr.app import ArrayRecord, Message
+from flwr.app import ArrayRecord, Error, Message, RecordDict
 from flwr.serverapp import Grid
 
 from common import batch
 from common.canon import arrays_sha256
 
 
-def fingerprint(message: Message) -> str:
+class Meta:
+    """What a packed request (``Request``) or its reply (``Reply``) carries of a Flower ``Metadata``: the fields
+    ``common.batch.pack``, the folds' coordinator and the phases read."""
+
+    __slots__ = ("dst_node_id", "src_node_id", "message_type", "message_id", "group_id", "reply_to_message_id")
+
+    def __init__(self, dst_node_id: int, message_type: str, message_id: str = "", group_id: str = "",
+                 src_node_id: int = 0, reply_to_message_id: str = "") -> None:
+        self.dst_node_id, self.src_node_id, self.message_type = dst_node_id, src_node_id, message_type
+        self.message_id, self.group_id, self.reply_to_message_id = message_id, group_id, reply_to_message_id
+
+
+class Request:
+    """A per-node request that only ever travels inside a ``query.batch`` (the folds' grid, ``server.folds``): its
+    destination, type, id and records, without a Flower ``Message`` of its own. Flower's constructor stamps the time,
+    run, task and node ids and checks every argument, and each such request came back as a reply ``Message`` built
+    the same way: 2,256 of each per round in the folds' turns at 48 sites, on the coordinator's one GIL. The batch
+    that carries it is Flower's own message, with the same records (``common.batch.pack`` reads exactly these)."""
+
+    __slots__ = ("metadata", "content")
+
+    def __init__(self, content: RecordDict, dst_node_id: int, message_type: str) -> None:
+        self.metadata, self.content = Meta(dst_node_id, message_type), content
+
+
+class Reply:
+    """A ``Request``'s answer from its site's batch reply: its records, or the site's error (the ``Message`` fields
+    the phases read: ``metadata.src_node_id`` and ``reply_to_message_id``, ``content``, ``error``, ``has_error``)."""
+
+    __slots__ = ("metadata", "content", "error")
+
+    def __init__(self, request: Request, content: RecordDict | None, error: Error | None) -> None:
+        meta = request.metadata
+        self.metadata = Meta(meta.src_node_id, meta.message_type, "", meta.group_id, src_node_id=meta.dst_node_id,
+                             reply_to_message_id=meta.message_id)
+        self.content, self.error = content, error
+
+    def has_error(self) -> bool:
+        return self.error is not None
+
+    def has_content(self) -> bool:
+        return self.content is not None
+
+
+def fingerprint(message: Message | Request) -> str:
     """What a request asks, exactly: its type and every record (arrays by their hash). Two requests with the same
     fingerprint to the same site get the same answer from it."""
     parts: dict[str, object] = {"type": message.metadata.message_type}
