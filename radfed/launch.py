@@ -102,14 +102,29 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "",
         stop_tree(proc)
 
 
-# The run's Ray cluster, started as Flower's own `ray.init()` starts one (the same services; `ray start` would add a
-# Ray Client server, a process importing Ray and listening on every interface), by a process that then only holds
-# it. argv: its folder. Its GCS port is RAY_GCS_SERVER_PORT (Ray reads it for a new head).
+# The run's Ray cluster, started as Flower's own `ray.init()` starts one (the same node: address, folder, memory, no
+# dashboard; `ray start` would add a Ray Client server, a process importing Ray and listening on every interface), by a
+# process that then only holds it, but without the two services a simulation on one machine does not use, as `ray
+# start --no-monitor --include-log-monitor=False` leaves them out (ray.init has no switch for them): the autoscaler's
+# monitor (nothing to scale) and the log monitor (it forwards the workers' stdout and stderr to a driver; Flower's
+# simulation logs a ClientApp's errors itself, and no radfed line came that way). 1.2 CPU s less to boot, on the core
+# the demo's last site extracts on. Nor does it connect a driver of its own. argv: its folder. Its GCS port is
+# RAY_GCS_SERVER_PORT (Ray reads it for a new head).
 RAY_HEAD = """\
 import sys, threading
-import ray
-ray.init(address="local", _temp_dir=sys.argv[1], _node_ip_address="127.0.0.1", include_dashboard=False,
-         log_to_driver=False, configure_logging=False)
+from ray._common.usage import usage_lib
+from ray._private import ray_constants, services, utils
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+from ray._private.resource_isolation_config import ResourceIsolationConfig
+usage_lib.set_usage_stats_enabled_via_env_var(False)
+memory = utils.estimate_available_memory()
+params = RayParams(node_ip_address=services.resolve_ip_for_localhost("127.0.0.1"), temp_dir=sys.argv[1],
+                   include_dashboard=False, dashboard_host=ray_constants.DEFAULT_DASHBOARD_IP, dashboard_port=None,
+                   available_memory_bytes=memory, object_store_memory=utils.resolve_object_store_memory(memory, None),
+                   resource_isolation_config=ResourceIsolationConfig(enable_resource_isolation=False),
+                   no_monitor=True, include_log_monitor=False)
+Node(params, head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
 print("radfed: the Ray head is up", flush=True)
 threading.Event().wait()
 """

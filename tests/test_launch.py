@@ -99,6 +99,9 @@ def test_an_exited_process_counts_as_stopped_before_it_is_reaped():
 
 
 def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file(tmp_path, monkeypatch):
+    """The head is Ray's GCS and raylet (with the raylet's two agents, which it needs), without the autoscaler's
+    monitor and the log monitor a simulation on one machine does not use (`ray start --no-monitor
+    --include-log-monitor=False`): both start before the raylet does, so they would be up by now."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with ray_head(tmp_path) as head:
         assert head is not None
@@ -110,7 +113,9 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
         while "the Ray head is up" not in (temp / "head.log").read_text(errors="replace"):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        assert len(flower_processes_of(tmp_path)) >= 3  # the head's process, GCS, raylet (FLWR_HOME marks them)
+        started = flower_processes_of(tmp_path)  # the head's process, GCS, raylet (FLWR_HOME marks them)
+        assert any("gcs_server" in cmd for cmd in started) and any("raylet" in cmd for cmd in started), started
+        assert not [cmd for cmd in started if "monitor.py" in cmd], started  # autoscaler/.../monitor.py, log_monitor.py
     assert not flower_processes_of(tmp_path)
     assert not temp.exists()
 
