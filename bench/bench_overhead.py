@@ -141,6 +141,9 @@ class Timeline:
                             continue
                         cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                         self.procs[pid] = [now, now, cmd, 0.0, 0.0 if gone else None]  # new after the go: none
+                    elif now - self.procs[pid][0] < 2.0:  # a forked child shows its parent's command until it execs
+                        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        self.procs[pid][2] = cmd or self.procs[pid][2]
                     stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                     self.procs[pid][1] = now
                     self.procs[pid][3] = (int(stat[11]) + int(stat[12])) / self.tick
