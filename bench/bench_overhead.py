@@ -21,7 +21,8 @@ caches, interleaved ``--pairs`` times: since the demo starts its federation besi
 federation's cost there is the demo's wall minus the extraction alone (the extraction a run reports is then the
 time to its last site, on cores it shared with Flower's start); the run folders stay under ``WORK/demo-runs``.
 ``--timeline`` prints, for each federation run, its processes (first seen, gone, CPU seconds), the stream's lines
-and the audit entries in seconds from the launch.
+and the audit entries in seconds from the launch, then the CPU seconds by kind of process (Ray's services, Flower's,
+the actors), with, for a gated demo, how many of them were spent before the go (beside the last site's extraction).
 
 ``--modes merged,separate`` runs the federation with ``merge-phases`` on and off (the messages each sends);
 ``--reuse-extraction`` keeps the sites' caches and the cold extraction time measured by an earlier run in ``--work``
@@ -110,7 +111,8 @@ class Timeline:
 
     def __init__(self, flwr_home: Path) -> None:
         self.mark, self.log = f"FLWR_HOME={flwr_home}".encode(), flwr_home / "flwr-run.log"
-        self.procs: dict[int, list] = {}  # pid -> [first seen, last seen, command, cpu s]
+        self.gate = flwr_home / "start-gate"  # a gated run's go (radfed demo): CPU seconds are split there
+        self.procs: dict[int, list] = {}  # pid -> [first seen, last seen, command, cpu s, cpu s before the go]
         self.lines: list[tuple[float, str]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -125,9 +127,10 @@ class Timeline:
         self.thread.join()
 
     def _sample(self) -> None:
-        offset = 0
+        offset, gone = 0, False
         while not self.stop.is_set():
             now = time.time()
+            went = not gone and self.gate.exists()  # this sweep's CPU seconds are those at the go (20 ms late)
             for proc in Path("/proc").iterdir():
                 if not proc.name.isdigit():
                     continue
@@ -137,12 +140,19 @@ class Timeline:
                         if self.mark not in (proc / "environ").read_bytes().split(b"\0"):
                             continue
                         cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                        self.procs[pid] = [now, now, cmd, 0.0]
+                        self.procs[pid] = [now, now, cmd, 0.0, 0.0 if gone else None]  # new after the go: none
+                    elif now - self.procs[pid][0] < 2.0:  # a forked child shows its parent's command until it execs
+                        cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                        self.procs[pid][2] = cmd or self.procs[pid][2]
                     stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
                     self.procs[pid][1] = now
                     self.procs[pid][3] = (int(stat[11]) + int(stat[12])) / self.tick
                 except OSError:
                     continue
+            if went:
+                gone = True
+                for record in self.procs.values():
+                    record[4] = record[3]  # a process gone before the go: all of its seconds
             if self.log.exists():
                 with self.log.open("rb") as f:
                     f.seek(offset)
@@ -154,8 +164,9 @@ class Timeline:
 
     def print(self, started: float, folder: Path | None, marks: list[tuple[float, str]] | None = None) -> None:
         events = list(marks or [])
-        events += [(t, f"process {pid} {'' if i == 0 else 'gone'} {cmd[:110]}" + (f" cpu {cpu:.1f}s" if i else ""))
-                   for pid, (first, last, cmd, cpu) in self.procs.items() for i, t in enumerate((first, last))]
+        events += [(t, f"process {pid} {'' if i == 0 else 'gone'} {cmd[:110]}" + (f" cpu {cpu:.1f}s" if i else "")
+                    + (f" ({ahead:.1f}s before the go)" if i and ahead is not None else ""))
+                   for pid, (first, last, cmd, cpu, ahead) in self.procs.items() for i, t in enumerate((first, last))]
         events += [(t, f"log {line[:130]}") for t, line in self.lines]
         if folder is not None and (folder / "audit.jsonl").exists():
             for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines():
@@ -163,6 +174,30 @@ class Timeline:
                 events.append((_time(entry), f"audit {entry['event']}"))
         for t, what in sorted(events):
             print(f"{t - started:7.2f}  {what}")
+        kinds: dict[str, list[float]] = {}
+        for _, _, cmd, cpu, ahead in self.procs.values():
+            kind = next((name for name, part in PROCESS_KINDS if part in cmd), "other")
+            total = kinds.setdefault(kind, [0.0, 0.0, 0.0])
+            total[0] += cpu
+            total[1] += cpu if ahead is None else ahead  # no go (an ungated run): all before
+            total[2] += 1
+        print("CPU s by process kind: total, before the go (a gated demo's last site extracting meanwhile), processes")
+        for kind, (cpu, ahead, n) in sorted(kinds.items(), key=lambda item: -item[1][0]):
+            print(f"  {kind:32s} {cpu:6.1f} {ahead:6.1f} {int(n):3d}")
+        print(f"  {'all':32s} {sum(v[0] for v in kinds.values()):6.1f} {sum(v[1] for v in kinds.values()):6.1f}")
+
+
+# what a run's process is, from a part of its command line (the first that matches: `flwr run`'s script names the
+# SuperLink in a message)
+PROCESS_KINDS = [("flwr run", "import socket, sys, time"), ("Ray: GCS", "gcs_server"), ("Ray: raylet", "raylet/raylet"),
+                 ("Ray: dashboard (minimal)", "dashboard/dashboard.py"), ("Ray: dashboard agent", "dashboard/agent.py"),
+                 ("Ray: dashboard agent", "DashboardAgent"), ("Ray: runtime-env agent", "runtime_env/agent"),
+                 ("Ray: runtime-env agent", "RuntimeEnvAgent"), ("Ray: log monitor", "log_monitor.py"),
+                 ("Ray: autoscaler monitor", "monitor.py"), ("Ray: reaper", "ray_process_reaper"),
+                 ("ClientApp actors", "default_worker.py"), ("ClientApp actors", "setup_worker"),
+                 ("ClientApp actors", "ray::"), ("Ray head's own process", "Ray head is up"),
+                 ("flower-superlink", "flower-superlink"), ("flower-superexec", "flower-superexec"),
+                 ("flwr-simulation (ServerApp)", "flwr-simulation")]
 
 
 def federation(work: Path, dirs: list[Path], profile: str, mode: str,

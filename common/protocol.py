@@ -12,6 +12,10 @@ PROTOCOL_VERSION = "3"
 # Not a message: names a file the ServerApp waits for before anything (server/app.py ``wait_for_start``), set by
 # radfed's launcher for a run it starts before its sites' inputs are ready (radfed/launch.py, the demo)
 START_GATE = "RADFED_START_GATE"
+# Not a message either: names a file the ServerApp writes its last lines to (JSON: status, lines) once every output and
+# the signed run-end are written (server/app.py ``announce_end``), so the launcher stops the run's processes then,
+# not when those lines come through Flower's log stream (radfed/launch.py ``follow_run``)
+RUN_END_MARK = "RADFED_RUN_END_MARK"
 DEFAULT_K = 5
 
 PLAN = "query.plan"

@@ -6,6 +6,7 @@ running after the run) on free ports, with a private FLWR_HOME, and always stop 
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,7 @@ from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import IO
 
-from common.protocol import START_GATE  # a gated run (started_federation(gated=True)) boots meanwhile
+from common.protocol import RUN_END_MARK, START_GATE  # a gated run (started_federation(gated=True)) boots meanwhile
 
 APP_DIR = Path(__file__).resolve().parent.parent
 CONNECTION = "radfed-sim"
@@ -80,16 +81,19 @@ def flwr_env(flwr_home: Path, ray_address: str = "") -> dict[str, str]:
 
 @contextmanager
 def simulation_superlink(flwr_home: Path, ray_address: str = "",
-                         gate: Path | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
+                         gate: Path | None = None,
+                         end_mark: Path | None = None) -> Iterator[tuple[subprocess.Popen, int]]:
     """A simulation SuperLink on 127.0.0.1 with a `radfed-sim` connection in FLWR_HOME, stopped with everything it
     started on leaving (``stop_tree``); yields (its process, its port) at once, before it listens
-    (``wait_port`` waits for it). With ``gate``, the ServerApp it runs waits for that file to exist (START_GATE)."""
+    (``wait_port`` waits for it). With ``gate``, the ServerApp it runs waits for that file to exist (START_GATE);
+    with ``end_mark``, it writes its last lines there once every output is written (RUN_END_MARK)."""
     flwr_home.mkdir(parents=True, exist_ok=True)
     port = free_port()  # the SuperLink serves Fleet, Control and Runtime APIs on one HTTP port
     (flwr_home / "config.toml").write_text(
         f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
         f'address = "127.0.0.1:{port}"\ninsecure = true\n', encoding="utf-8")
-    env = {**flwr_env(flwr_home, ray_address), **({START_GATE: str(gate)} if gate else {})}
+    env = {**flwr_env(flwr_home, ray_address), **({START_GATE: str(gate)} if gate else {}),
+           **({RUN_END_MARK: str(end_mark)} if end_mark else {})}
     with (flwr_home / "superlink.log").open("ab") as log:
         proc = subprocess.Popen(
             [_bin("flower-superlink"), "--insecure", "--simulation", "--isolation", "subprocess",
@@ -102,14 +106,29 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "",
         stop_tree(proc)
 
 
-# The run's Ray cluster, started as Flower's own `ray.init()` starts one (the same services; `ray start` would add a
-# Ray Client server, a process importing Ray and listening on every interface), by a process that then only holds
-# it. argv: its folder. Its GCS port is RAY_GCS_SERVER_PORT (Ray reads it for a new head).
+# The run's Ray cluster, started as Flower's own `ray.init()` starts one (the same node: address, folder, memory, no
+# dashboard; `ray start` would add a Ray Client server, a process importing Ray and listening on every interface), by a
+# process that then only holds it, but without the two services a simulation on one machine does not use, as `ray
+# start --no-monitor --include-log-monitor=False` leaves them out (ray.init has no switch for them): the autoscaler's
+# monitor (nothing to scale) and the log monitor (it forwards the workers' stdout and stderr to a driver; Flower's
+# simulation logs a ClientApp's errors itself, and no radfed line came that way). 1.2 CPU s less to boot, on the core
+# the demo's last site extracts on. Nor does it connect a driver of its own. argv: its folder. Its GCS port is
+# RAY_GCS_SERVER_PORT (Ray reads it for a new head).
 RAY_HEAD = """\
 import sys, threading
-import ray
-ray.init(address="local", _temp_dir=sys.argv[1], _node_ip_address="127.0.0.1", include_dashboard=False,
-         log_to_driver=False, configure_logging=False)
+from ray._common.usage import usage_lib
+from ray._private import ray_constants, services, utils
+from ray._private.node import Node
+from ray._private.parameter import RayParams
+from ray._private.resource_isolation_config import ResourceIsolationConfig
+usage_lib.set_usage_stats_enabled_via_env_var(False)
+memory = utils.estimate_available_memory()
+params = RayParams(node_ip_address=services.resolve_ip_for_localhost("127.0.0.1"), temp_dir=sys.argv[1],
+                   include_dashboard=False, dashboard_host=ray_constants.DEFAULT_DASHBOARD_IP, dashboard_port=None,
+                   available_memory_bytes=memory, object_store_memory=utils.resolve_object_store_memory(memory, None),
+                   resource_isolation_config=ResourceIsolationConfig(enable_resource_isolation=False),
+                   no_monitor=True, include_log_monitor=False)
+Node(params, head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
 print("radfed: the Ray head is up", flush=True)
 threading.Event().wait()
 """
@@ -280,16 +299,45 @@ END_GRACE = 0.0
 READY_TIMEOUT = 180
 
 
-def follow_run(proc: subprocess.Popen, out: IO[str]) -> str | None:
+def follow_run(proc: subprocess.Popen, out: IO[str], end_mark: Path | None = None) -> str | None:
     """Copy ``flwr run``'s stream (``proc.stdout``, text) to ``out`` line by line until the ServerApp's last line
-    (``RUN_END``); returns its status, or None when the stream ended without it (a crash: Flower's own exit)."""
+    (``RUN_END``); returns its status, or None when the stream ended without it (a crash: Flower's own exit).
+
+    With ``end_mark`` (the file RUN_END_MARK names to the ServerApp, ``server.app.announce_end``): once it appears,
+    every output is written; ``flwr run`` is killed then, the rest of its stream copied, and the ServerApp's last
+    lines the stream did not bring are written from the file (Flower's log stream brings them about half a second
+    later: its upload every 0.2 s and its stream every 0.5 s)."""
     assert proc.stdout is not None
-    for line in proc.stdout:
-        out.write(line)
-        out.flush()
-        if found := RUN_END.search(line):
-            return found.group(1)
-    return None
+    announced: list[dict] = []
+    done = threading.Event()
+
+    def watch() -> None:
+        while not done.wait(0.02):
+            if end_mark is not None and end_mark.exists():
+                announced.append(json.loads(end_mark.read_text(encoding="utf-8")))
+                proc.kill()  # its stream ends with what it has read so far
+                return
+
+    watcher = threading.Thread(target=watch, name="radfed-run-end", daemon=True)
+    watcher.start()
+    seen: list[str] = []
+    try:
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+            seen.append(line)
+            if found := RUN_END.search(line):
+                return found.group(1)
+    finally:
+        done.set()
+        watcher.join()
+    if not announced:
+        return None
+    for line in announced[0]["lines"]:
+        if not any(line in copied for copied in seen):
+            out.write(line + "\n")
+    out.flush()
+    return str(announced[0]["status"])
 
 
 def stop_process(proc: subprocess.Popen, grace: float = 5.0) -> None:
@@ -308,9 +356,10 @@ class Federation:
     ``finish`` follows it to its end."""
 
     def __init__(self, run: subprocess.Popen, superlink: subprocess.Popen, port: int,
-                 head: tuple[subprocess.Popen, int] | None, out: IO[str], flwr_home: Path, gate: Path | None) -> None:
+                 head: tuple[subprocess.Popen, int] | None, out: IO[str], flwr_home: Path, gate: Path | None,
+                 end_mark: Path | None = None) -> None:
         self.run, self.superlink, self.port, self.head = run, superlink, port, head
-        self.out, self.flwr_home, self.gate = out, flwr_home, gate
+        self.out, self.flwr_home, self.gate, self.end_mark = out, flwr_home, gate, end_mark
 
     def finish(self, timeout: float = 3600) -> int:
         """Open the gate (a gated run's ServerApp starts now), copy the stream until the ServerApp's last line and
@@ -328,7 +377,7 @@ class Federation:
             if self.head:
                 wait_port(self.head[1], self.head[0], timeout=READY_TIMEOUT,
                           name=f"the run's Ray head (its log: {self.flwr_home / 'ray-head.log'})")
-            status = follow_run(run, out)
+            status = follow_run(run, out, self.end_mark)
         finally:
             timer.cancel()
             if status is None:
@@ -366,17 +415,19 @@ def started_federation(run_config: Mapping[str, object], num_supernodes: int, fl
     gate = flwr_home.resolve() / "start-gate" if gated else None
     if gate is not None:
         gate.unlink(missing_ok=True)
+    end_mark = flwr_home.resolve() / "run-end"  # the ServerApp's last lines, once every output is written
+    end_mark.unlink(missing_ok=True)
     # the log is kept for diagnosis when not echoed
     stream = nullcontext(sys.stdout) if echo else (flwr_home / "flwr-run.log").open("a", encoding="utf-8")
     with ray_head(flwr_home) as head, \
-            simulation_superlink(flwr_home, ray_address(head), gate) as (superlink, port), stream as out:
+            simulation_superlink(flwr_home, ray_address(head), gate, end_mark) as (superlink, port), stream as out:
         ports = f"{port},{head[1]}" if head else str(port)
         run = subprocess.Popen([sys.executable, "-c", FLWR_RUN_WHEN_READY, ports, str(READY_TIMEOUT), *args],
                                env={**flwr_env(flwr_home), "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
                                stderr=subprocess.STDOUT,
                                text=True, errors="replace", bufsize=1)
         try:
-            yield Federation(run, superlink, port, head, out, flwr_home, gate)
+            yield Federation(run, superlink, port, head, out, flwr_home, gate, end_mark)
         finally:
             stop_process(run, grace=0 if run.poll() is None else 5.0)
 

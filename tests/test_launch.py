@@ -14,7 +14,7 @@ import psutil
 import pytest
 from federation_helpers import flower_processes_of
 
-from common.protocol import START_GATE
+from common.protocol import RUN_END_MARK, START_GATE
 from radfed.launch import (
     END_GRACE,
     READY_TIMEOUT,
@@ -99,6 +99,9 @@ def test_an_exited_process_counts_as_stopped_before_it_is_reaped():
 
 
 def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file(tmp_path, monkeypatch):
+    """The head is Ray's GCS and raylet (with the raylet's two agents, which it needs), without the autoscaler's
+    monitor and the log monitor a simulation on one machine does not use (`ray start --no-monitor
+    --include-log-monitor=False`): both start before the raylet does, so they would be up by now."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with ray_head(tmp_path) as head:
         assert head is not None
@@ -110,7 +113,9 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
         while "the Ray head is up" not in (temp / "head.log").read_text(errors="replace"):
             assert time.monotonic() < deadline and proc.poll() is None
             time.sleep(0.1)
-        assert len(flower_processes_of(tmp_path)) >= 3  # the head's process, GCS, raylet (FLWR_HOME marks them)
+        started = flower_processes_of(tmp_path)  # the head's process, GCS, raylet (FLWR_HOME marks them)
+        assert any("gcs_server" in cmd for cmd in started) and any("raylet" in cmd for cmd in started), started
+        assert not [cmd for cmd in started if "monitor.py" in cmd], started  # autoscaler/.../monitor.py, log_monitor.py
     assert not flower_processes_of(tmp_path)
     assert not temp.exists()
 
@@ -190,11 +195,11 @@ def test_a_ray_cluster_named_by_ray_address_is_joined_not_started(tmp_path, monk
 def test_a_gated_run_s_superlink_passes_the_gate_to_the_processes_it_starts(tmp_path):
     """`radfed demo` starts its federation while the last sites extract: the SuperLink (and so its SuperExec and
     the simulation running the ServerApp, which inherit its environment) names the file the ServerApp waits for."""
-    gate = tmp_path / "start-gate"
-    with simulation_superlink(tmp_path / "flwr", "", gate) as (superlink, port):
+    gate, mark = tmp_path / "start-gate", tmp_path / "run-end"
+    with simulation_superlink(tmp_path / "flwr", "", gate, mark) as (superlink, port):
         wait_port(port, superlink, timeout=READY_TIMEOUT)
         environ = Path(f"/proc/{superlink.pid}/environ").read_bytes().split(b"\0")
-        assert f"{START_GATE}={gate}".encode() in environ
+        assert f"{START_GATE}={gate}".encode() in environ and f"{RUN_END_MARK}={mark}".encode() in environ
     assert not flower_processes_of(tmp_path / "flwr")
     assert not gate.exists()
 
@@ -254,3 +259,63 @@ def test_the_run_starts_at_the_go_without_waiting_for_the_coordinator_s_early_im
         go_on.set()
         opener.join()
     assert done[0] == "run"
+
+
+# `flwr run` as the launcher sees it near a run's end: Flower's stream has brought a site's dropout line, not yet the
+# ServerApp's last line (its log upload and stream lag), and never will here. argv: a file it touches once it printed.
+LAGGING_STREAM = """\
+import sys, time
+from pathlib import Path
+print("INFO :      Site hospital-b did not take part from the plan phase on: run plan not approved", flush=True)
+Path(sys.argv[1]).touch()
+time.sleep(120)
+"""
+
+
+def test_the_run_stops_when_the_serverapp_announces_its_end_not_when_the_stream_brings_it(tmp_path):
+    """Once the ServerApp has written every output it writes its last lines to the file RUN_END_MARK names
+    (server.app.announce_end): the launcher stops `flwr run` then, and prints the lines the stream had not brought,
+    each once."""
+    import io
+    import json
+
+    from radfed.launch import follow_run
+    from server.app import announce_end
+
+    printed, mark = tmp_path / "printed", tmp_path / "run-end"
+    proc = subprocess.Popen([sys.executable, "-c", LAGGING_STREAM, str(printed)], stdout=subprocess.PIPE, text=True)
+    lines = ["Site hospital-b did not take part from the plan phase on: run plan not approved",
+             "radfed run 7 completed in 1.0s (9 message(s) to 2 site(s), carrying 9 request(s)); metrics, ..."]
+
+    def serverapp_end() -> None:
+        deadline = time.monotonic() + READY_TIMEOUT
+        while not printed.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        os.environ[RUN_END_MARK] = str(mark)  # as the launcher sets it for the SuperLink's processes
+        try:
+            announce_end("completed", lines)
+        finally:
+            del os.environ[RUN_END_MARK]
+
+    ending = threading.Thread(target=serverapp_end)
+    ending.start()
+    out = io.StringIO()
+    try:
+        assert follow_run(proc, out, mark) == "completed"
+    finally:
+        ending.join()
+        proc.kill()
+    assert proc.wait(timeout=READY_TIMEOUT) == -9  # killed by the launcher, not ended by itself
+    copied = out.getvalue()
+    assert copied.count("did not take part") == 1 and copied.count("radfed run 7 completed in") == 1, copied
+    assert json.loads(mark.read_text()) == {"status": "completed", "lines": lines}
+    assert not list(tmp_path.glob("*.partial"))
+
+
+def test_without_the_end_mark_the_serverapp_writes_nothing(tmp_path, monkeypatch):
+    from server.app import announce_end
+
+    monkeypatch.delenv(RUN_END_MARK, raising=False)
+    monkeypatch.chdir(tmp_path)
+    announce_end("completed", ["radfed run 7 completed in 1.0s"])  # a deployment's ServerApp: no launcher asks
+    assert not list(tmp_path.iterdir())

@@ -78,3 +78,28 @@ def test_idle_work_runs_once_at_the_first_wait_only(naps):
     waiting.send_and_receive(["a"], timeout=60.0)
     assert done == [1, 2]  # once per run
 
+
+
+def _in_memory_grid():
+    """Flower's own simulation grid, as flwr/simulation/run_simulation.py builds it (on an empty in-memory state)."""
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid.inmemory_grid import InMemoryGrid
+
+    return InMemoryGrid(LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()))
+
+
+def test_a_simulation_s_in_memory_grid_is_pulled_every_shortest_pause_a_deployment_s_with_growing_ones():
+    # in simulation a pull reads the same process's memory: no reason to let a reply wait up to 100 ms for it
+    assert polling.longest_pause(_in_memory_grid()) == polling.FIRST
+    assert polling.longest_pause(_Grid([1])) == polling.LONGEST  # e.g. HttpGrid: each pull a request
+
+
+def test_with_the_in_memory_grid_s_limit_every_pause_is_the_shortest(naps):
+    grid = _Grid([9])
+    replies = polling.PollingGrid(grid, longest=polling.longest_pause(_in_memory_grid())).send_and_receive(
+        ["a"], timeout=60.0)
+    assert len(replies) == 1 and grid.pulls == 9
+    assert naps == [polling.FIRST] * 8  # the growing schedule would have waited 10, 15, 22, 34, 51, 76, 100, 100 ms
