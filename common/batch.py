@@ -10,8 +10,9 @@ the server packs requests and unpacks replies (``server.folds``), the site unpac
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
@@ -75,7 +76,8 @@ def pack(requests: list[Message]) -> list[Batch]:
     return batches
 
 
-def _sub_reply(request: Message, reply: Message, content: RecordDict | None, error: Error | None) -> Message:
+def sub_reply(request: Message, reply: Message, content: RecordDict | None, error: Error | None) -> Message:
+    """Flower's reply Message to ``request`` from its site's batch ``reply``: ``content`` or ``error``."""
     meta = Metadata(run_id=reply.metadata.run_id, message_id="", src_node_id=request.metadata.dst_node_id,
                     dst_node_id=request.metadata.src_node_id, reply_to_message_id=request.metadata.message_id,
                     group_id=request.metadata.group_id, created_at=reply.metadata.created_at,
@@ -83,33 +85,36 @@ def _sub_reply(request: Message, reply: Message, content: RecordDict | None, err
     return Message(content=content, metadata=meta) if error is None else Message(error=error, metadata=meta)
 
 
-def unpack_replies(batches: list[Batch], replies: list[Message]) -> dict[str, Message]:
-    """Each sub-request's reply by its message id. A batch that came back as an error (the site went offline, its
-    reply was lost) gives every sub-request that error; a batch with no reply gives its sub-requests none."""
+def unpack_replies(batches: list[Batch], replies: list[Message],
+                   make: Callable[[Any, Message, RecordDict | None, Error | None], Any] = sub_reply) -> dict[str, Any]:
+    """Each sub-request's reply by its message id, as ``make(request, batch reply, content, error)`` builds it
+    (``sub_reply``: a Flower Message). A batch that came back as an error (the site went offline, its reply was lost)
+    gives every sub-request that error; a batch with no reply gives its sub-requests none."""
     by_batch = {r.metadata.reply_to_message_id: r for r in replies}
-    out: dict[str, Message] = {}
+    out: dict[str, Any] = {}
     for b in batches:
         reply = by_batch.get(b.message.metadata.message_id)
         if reply is None:
             continue
         if reply.has_error():
             for m in b.requests:
-                out[m.metadata.message_id] = _sub_reply(m, reply, None, Error(reply.error.code, reply.error.reason))
+                out[m.metadata.message_id] = make(m, reply, None, Error(reply.error.code, reply.error.reason))
             continue
         index = reply.content[INDEX]
         ids, codes, reasons = list(index["ids"]), list(index["error-codes"]), list(index["errors"])  # type: ignore[arg-type]
         names = [str(n).split(",") if n else [] for n in index["records"]]  # type: ignore[union-attr]
         position = {str(i): j for j, i in enumerate(ids)}  # type: ignore[union-attr]
+        records = reply.content.__dict__["_data"]  # the records Flower checked as it read the reply, by name
         for m in b.requests:
             j = position.get(m.metadata.message_id)
             if j is None:
-                out[m.metadata.message_id] = _sub_reply(m, reply, None, Error(
+                out[m.metadata.message_id] = make(m, reply, None, Error(
                     ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "the site's batch reply holds no answer to this request"))
             elif int(codes[j]):  # type: ignore[call-overload]
-                out[m.metadata.message_id] = _sub_reply(m, reply, None, Error(int(codes[j]), str(reasons[j])))  # type: ignore[call-overload]
+                out[m.metadata.message_id] = make(m, reply, None, Error(int(codes[j]), str(reasons[j])))  # type: ignore[call-overload]
             else:
-                content = _record_dict((name, reply.content[f"{j}/{name}"]) for name in names[j])
-                out[m.metadata.message_id] = _sub_reply(m, reply, content, None)
+                content = _record_dict((name, records[f"{j}/{name}"]) for name in names[j])
+                out[m.metadata.message_id] = make(m, reply, content, None)
     return out
 
 

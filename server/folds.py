@@ -30,7 +30,6 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from flwr.app import Error, Message, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import batch
@@ -197,53 +196,18 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
         {k: round(v, 3) for k, v in cpu.items()}
 
 
+def _reply(request: Message | Request, reply: Message, content: RecordDict | None,
+           error: Error | None) -> Message | Reply:
+    """A ``merging.Reply`` for a cohort's ``Request`` (its records or its error), Flower's sub-reply ``Message`` for a
+    ``Message`` (FedAvg's)."""
+    if isinstance(request, Request):
+        return Reply(request, content, error)
+    return batch.sub_reply(request, reply, content, error)
+
+
 def _unpack(batches: list[batch.Batch], replies: list[Message]) -> dict[str, Message | Reply]:
-    """Each sub-request's reply by its id, as ``common.batch.unpack_replies`` reads them: a ``merging.Reply`` for a
-    cohort's ``Request`` (the same records, or the same error), a Flower ``Message`` for a Message (FedAvg's)."""
-    by_batch = {r.metadata.reply_to_message_id: r for r in replies}
-    out: dict[str, Message | Reply] = {}
-    for b in batches:
-        reply = by_batch.get(b.message.metadata.message_id)
-        if reply is None:  # no answer at all: its sub-requests get none
-            continue
-        light = [m for m in b.requests if isinstance(m, Request)]
-        if len(light) < len(b.requests):
-            out.update(batch.unpack_replies([batch.Batch(b.node_id, b.message, [
-                m for m in b.requests if not isinstance(m, Request)])], [reply]))
-        if not light:
-            continue
-        if reply.has_error():  # the site went offline, its reply was lost: every sub-request gets that error
-            for m in light:
-                out[m.metadata.message_id] = Reply(m, None, Error(reply.error.code, reply.error.reason))
-            continue
-        index = reply.content[batch.INDEX]
-        codes, reasons = list(index["error-codes"]), list(index["errors"])  # type: ignore[arg-type]
-        names = [str(n).split(",") if n else [] for n in index["records"]]  # type: ignore[union-attr]
-        position = {str(i): j for j, i in enumerate(index["ids"])}  # type: ignore[arg-type]
-        content = reply.content.__dict__["_data"]  # the records Flower checked as it read the reply, by name
-        for m in light:
-            j = position.get(m.metadata.message_id)
-            if j is None:
-                out[m.metadata.message_id] = Reply(m, None, Error(
-                    ErrorCode.REPLY_MESSAGE_UNAVAILABLE, "the site's batch reply holds no answer to this request"))
-            elif int(codes[j]):  # type: ignore[call-overload]
-                out[m.metadata.message_id] = Reply(m, None, Error(int(codes[j]), str(reasons[j])))  # type: ignore[call-overload]
-            else:
-                out[m.metadata.message_id] = Reply(m, _records(content, j, names[j]), None)
-    return out
-
-
-def _records(content: dict[str, Any], j: int, names: list[str]) -> RecordDict:
-    """Sub-reply ``j``'s records (``"<j>/<name>"`` among the batch reply's records, a missing one a KeyError) under
-    their own names: the records Flower checked as it read the batch reply, in a RecordDict without its per-record
-    look-ups (Flower's internal ``_data`` dicts, as common/batch.py builds them)."""
-    records = RecordDict()
-    data = records.__dict__["_data"]
-    for name in names:
-        if name in data:
-            raise batch.BatchError(f"{batch.BATCH}: record {name!r} appears twice; nothing was read")
-        data[name] = content[f"{j}/{name}"]
-    return records
+    """Each sub-request's reply by its id (``common.batch.unpack_replies``), built by ``_reply``."""
+    return batch.unpack_replies(batches, replies, _reply)
 
 
 def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
