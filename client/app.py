@@ -18,10 +18,15 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 
 from client import combat_state, compute, ledger, level_groups, nodestate, outoffold, runcache, steps, warmup
 from client import trees as site_trees
+from client.agreements import accept as _accept_list
+from client.agreements import agreed as _agreed
+from client.agreements import cohort as _fold
+from client.agreements import record as _agreement
+from client.agreements import selected as _selected
 from client.appref import ReferencedClientApp
 from client.approvals import approval_check, check_approved
 from client.dp import dp_query_mod, dp_update_mod
-from client.guard import agreed_names, keep_names, privacy_guard, redact_local_paths, site_state_key
+from client.guard import privacy_guard, redact_local_paths
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256
@@ -50,46 +55,6 @@ def _site_dir(context: Context) -> Path:
 def _data(context: Context, msg: Message) -> steps.SiteData:
     """The site's data as the message's cohort sees it (a cross-validation fold holds out its own cases)."""
     return steps.load_site_data(_site_dir(context), _run(context)).fold_view(_fold(msg))
-
-
-def _agreement(context: Context, msg: Message) -> ConfigRecord:
-    """What the site agreed to for the message's cohort: each fold keeps its own (folds run interleaved)."""
-    key = site_state_key(_fold(msg))
-    record = context.state.get(key)
-    if not isinstance(record, ConfigRecord):
-        record = ConfigRecord()
-        context.state[key] = record
-    return record
-
-
-def _accept_list(context: Context, msg: Message, key: str, state_key: str) -> list[str]:
-    """Take a name list from the server, check it against its hash, and remember it for the guard."""
-    config = msg.content["config"]
-    names = [str(n) for n in config[key]]  # type: ignore[union-attr]
-    digest = steps.names_sha256(names)  # once per distinct list, not per fold's request
-    if digest != str(config[f"{key}-sha256"]):  # type: ignore[index]
-        raise SiteError(f"the {key} list from the server does not match its hash; restart the run")
-    keep_names(nodestate.of(context), _agreement(context, msg), state_key, names, digest)
-    return names
-
-
-def _selected(context: Context, msg: Message) -> list[str]:
-    """The model's inputs the last train/evaluate/newton message of this cohort named."""
-    return agreed_names(nodestate.of(context), _agreement(context, msg), "selected") or []
-
-
-def _agreed(context: Context, msg: Message, default: list[str] | None = None) -> list[str]:
-    names = agreed_names(nodestate.of(context), _agreement(context, msg), "features")
-    if names is None and default is not None:
-        return default
-    if names is None:
-        raise SiteError("this site holds no agreed feature list for the run (it missed a phase); restart the run")
-    return names
-
-
-def _fold(msg: Message) -> str:
-    """The cohort a message belongs to: "" for the main federation, else a fold (e.g. the held-out site)."""
-    return str(msg.content["config"].get("fold", ""))  # type: ignore[union-attr]
 
 
 def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:

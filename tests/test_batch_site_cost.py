@@ -129,3 +129,39 @@ def test_a_replys_arrays_are_built_once(joined, monkeypatch):
     agreed = {"features": names, "features-sha256": sha256_json(names), "fold": "a"}
     reply = app(_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord(agreed)}), "m1"), ctx)
     assert not reply.has_error() and made[0] == len(reply.content["arrays"]) == 6
+
+
+def test_a_types_shared_list_is_checked_once_per_batch_and_every_sub_reply_by_the_guard(joined, monkeypatch):
+    """Five folds' moments in one batch carry the same agreed list: copied and hashed once for the batch
+    (client.shared), while the guard checks all five sub-replies and the ledger books all five; one message on its
+    own checks its list every time."""
+    from client.app import app
+
+    ctx, names = joined
+    hashed = _counting(monkeypatch, steps, "names_sha256")
+    checked = _counting(monkeypatch, guard, "check_reply")
+    released = _counting(monkeypatch, guard, "check_release")
+    reply = app(_moments_batch(names, "b3"), ctx)
+    assert not any(reply.content[batch.INDEX]["errors"])  # type: ignore[union-attr]
+    assert hashed[0] == 1 and checked[0] == released[0] == len(FOLDS)
+    agreed = {"features": names, "features-sha256": sha256_json(names), "fold": "a"}
+    for i in range(2):
+        assert not app(_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord(agreed)}), f"s{i}"),
+                       ctx).has_error()
+    assert hashed[0] == 3 and checked[0] == released[0] == len(FOLDS) + 2
+
+
+def test_a_sub_request_whose_list_differs_from_the_checked_one_is_checked_itself(joined):
+    """A fold whose list is not the one checked for the batch's earlier folds, under the same claimed hash, is
+    hashed itself and refused (its error sub-reply); the folds before and after it are answered."""
+    from client.app import app
+
+    ctx, names = joined
+    claimed = sha256_json(names)
+    requests = [_request(protocol.MOMENTS, RecordDict({"config": ConfigRecord(
+        {"features": names[::-1] if f == "c" else names, "features-sha256": claimed, "fold": f})}), f"b4-{f}")
+        for f in FOLDS]
+    [packed] = batch.pack(requests)
+    errors = [str(e) for e in app(_received(packed.message, "b4"), ctx).content[batch.INDEX]["errors"]]  # type: ignore[union-attr]
+    assert [bool(e) for e in errors] == [f == "c" for f in FOLDS]
+    assert "does not match its hash" in errors[FOLDS.index("c")]
