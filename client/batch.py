@@ -12,7 +12,7 @@ the release ledger, releases.jsonl and the outbox are written once, durably, aft
 earlier sub-replies released. A crash before that write sends nothing and writes nothing; once it is done, the
 reply leaves, so the ledger can hold sets that never left (if the process dies in between) but never the reverse.
 The handlers' inputs that every fold's request of one type shares (the feature list a moments request carries) are
-checked once per type and batch (client.shared), and each type's handler, wrapped in its mods, is found once.
+checked once per type and batch (client.shared).
 """
 
 from __future__ import annotations
@@ -20,9 +20,7 @@ from __future__ import annotations
 import logging
 
 from flwr.app import Context, Error, Message
-from flwr.app.metadata import validate_message_type
 from flwr.clientapp import ClientApp
-from flwr.clientapp.typing import ClientAppCallable
 from flwr.common.constant import ErrorCode
 
 from client import ledger, runcache, shared
@@ -44,15 +42,11 @@ class BatchingClientApp(ClientApp):
                            reply_to=message)
         # one look at the site's files for the whole batch (client.runcache), and its releases booked in memory,
         # each sub-reply checked against the ledger with the batch's earlier ones, then written once (client.ledger)
-        # Flower's lifespan (none in radfed) once for the batch, as for any one message
-        with self._lifespan(context), runcache.one_look(), ledger.deferred() as book, shared.batch_scope():
+        with runcache.one_look(), ledger.deferred() as book, shared.batch_scope():
             replies = []
-            handlers: dict[str, ClientAppCallable] = {}  # per type: its handler inside the whole mod stack
             for sub in subs:
                 try:  # the outermost mod turns a refusal into an error reply; anything else is this sub-request's too
-                    kind = sub.metadata.message_type
-                    handler = handlers.get(kind) or handlers.setdefault(kind, self._handler(kind))
-                    reply = handler(sub, context)
+                    reply = super().__call__(sub, context)
                 except Exception as exc:  # noqa: BLE001  # one fold's failure, not the batch's
                     log.error("refusing %s in a batch: %s", sub.metadata.message_type, exc)
                     reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)), reply_to=sub)
@@ -66,12 +60,3 @@ class BatchingClientApp(ClientApp):
                                      "not record its releases, so none of its replies was sent (see the site's "
                                      "log)"), reply_to=message)
         return joined
-
-    def _handler(self, message_type: str) -> ClientAppCallable:
-        """What Flower's ``ClientApp.__call__`` runs for a message of this type: its registered handler wrapped in
-        every mod (looked up as Flower does; anything else, e.g. an unknown type, goes through Flower's own call, which
-        raises its own error)."""
-        category, _, action = message_type.partition(".")
-        found = (self._registered_funcs.get(f"{category}.{action or 'default'}")
-                 if validate_message_type(message_type) and not self._call else None)
-        return found if found is not None else lambda m, c: ClientApp.__call__(self, m, c)
