@@ -22,7 +22,17 @@ The server's own work per round is linear too: it sums the replies as they are r
 column per site, so each site sends only its own block of it, not the whole sites x sites matrix, and the
 server adds the blocks into one matrix: the one solve of that matrix is the only step that grows faster, and at
 1,000 sites it takes well under a second). Memory is then the simulation's fixed footprint (Ray and its workers)
-plus the replies of one batch.
+plus the replies of one batch. A site also computed that block from its (n, sites) design's sites x sites XᵀX
+(``common.combat.site_moments``: 0.76 ms per site at 100 sites, 27.5 ms at 300 under cProfile at load 13-14), which
+made ComBat's rounds 12x a Newton round at 1,000 sites; it now uses only its own columns (0.93 ms at 300, load
+14-23), and the sites' CPU per site over a whole run is flat from 100 to 300 sites (149 and 152 ms; 151 and 184
+before). Measured at 1,000 sites after it (no profiler, load ~20): harmonization 134 s against 30-34 s per Newton
+round (4.2x; 286 s against 24 s before). Numbers and pairs: docs/performance.md ("bench_scale").
+
+``--profile`` runs the coordinator under cProfile (written as the ServerApp announces its end) and every site's
+ClientApp under one profiler per Ray worker (bench/loso_site_app.py), and prints their top functions by own time and
+the sites' CPU by message type; every run prints the seconds between its audit events (a run of one event, e.g.
+every site's ``site-plan``, once).
 """
 
 from __future__ import annotations
@@ -153,12 +163,19 @@ def print_profiles(folder: Path, n_sites: int, top: int = 30) -> None:
 
 
 def phase_seconds(folder: Path) -> list[tuple[str, float]]:
-    """Seconds between consecutive audit entries, by the event that ends each gap, in run order."""
+    """Seconds between consecutive audit entries, by the event that ends each gap, in run order (a run of entries
+    of one event, e.g. every site's ``site-plan``, counts once)."""
     from datetime import datetime
 
     entries = [json.loads(line) for line in (folder / "audit.jsonl").read_text(encoding="utf-8").splitlines()]
     times = [datetime.fromisoformat(str(e["time"]).replace("Z", "+00:00")) for e in entries]
-    return [(e["event"], (b - a).total_seconds()) for e, a, b in zip(entries[1:], times, times[1:], strict=False)]
+    out: list[tuple[str, float]] = []
+    for e, a, b in zip(entries[1:], times, times[1:], strict=False):
+        if out and out[-1][0] == e["event"] and e["event"] not in ("newton-round", "recalibration-round"):
+            out[-1] = (e["event"], out[-1][1] + (b - a).total_seconds())
+        else:
+            out.append((e["event"], (b - a).total_seconds()))
+    return out
 
 
 def one_size(work: Path, n_sites: int, per_class: int, n_features: int, timeout: float, batch: int,
