@@ -26,7 +26,7 @@ plus the replies of one batch. A site also computed that block from its (n, site
 (``common.combat.site_moments``: 0.76 ms per site at 100 sites, 27.5 ms at 300 under cProfile at load 13-14), which
 made ComBat's rounds 12x a Newton round at 1,000 sites; it now uses only its own columns (0.93 ms at 300, load
 14-23), and the sites' CPU per site over a whole run is flat from 100 to 300 sites (149 and 152 ms; 151 and 184
-before). Measured at 1,000 sites after it (no profiler, load ~20): harmonization 134 s against 30-34 s per Newton
+before). Measured at 1,000 sites after it (no profiler, load 12-23): harmonization 134 s against 30-34 s per Newton
 round (4.2x; 286 s against 24 s before). Numbers and pairs: docs/performance.md ("bench_scale").
 
 ``--profile`` runs the coordinator under cProfile (written as the ServerApp announces its end) and every site's
