@@ -25,7 +25,7 @@ Coding covariates so the federated design equals neuroCombat's, column for colum
 
 Protocol (each step is one function; the messages are the dataclasses, all independent of a site's n):
 
-1. site:   ``site_moments(y, site, n_sites, c)``       -> :class:`SiteMoments` (XᵀX (q, q), XᵀY (q, d), n)
+1. site:   ``site_moments(y, site, n_sites, c)``       -> :class:`SiteMoments` (its XᵀX, XᵀY block, n)
 2. server: ``pool_moments(messages)``                  -> :class:`PooledMeans` (B_hat (q, d), grand mean (d,))
 3. site:   ``site_residuals(y, means, site, c)``       -> :class:`SiteResiduals` (Σ residual² (d,), n)
 4. server: ``pool_residuals(means, messages)``         -> :class:`PooledEstimates` (+ var_pooled (d,))
@@ -87,10 +87,22 @@ def design_matrix(n: int, site: int, n_sites: int, covariates: np.ndarray | None
 
 
 def site_moments(y: np.ndarray, site: int, n_sites: int, covariates: np.ndarray | None = None) -> SiteMoments:
-    """Round 1 at a site: y (n, d), covariates (n, p) -> XᵀX (q, q), XᵀY (q, d), n."""
+    """Round 1 at a site: y (n, d), covariates (n, p) -> its block of XᵀX (1 + p, 1 + p) and XᵀY (1 + p, d), n.
+
+    The block is XᵀX and XᵀY restricted to the site's own indicator column and the covariate columns: every other
+    entry is a structural zero (the site's rows are zero in the other sites' columns). It is computed from the
+    site's own columns, [1 | c] (n, 1 + p), in O(n (1 + p)²): the (n, S) design and its (S, S) XᵀX cost 12.5 ms
+    per site at 1,000 sites for numbers that are all zero."""
     y = as_data(y, who=f"site {site}")
-    x = design_matrix(y.shape[0], site, n_sites, covariates)
+    if not 0 <= site < n_sites:
+        raise ValueError(f"site index {site} is outside 0..{n_sites - 1}")
+    x = _own_columns(y.shape[0], covariates)
     return SiteMoments(site=site, n_sites=n_sites, n=y.shape[0], xtx=x.T @ x, xty=x.T @ y)
+
+
+def _own_columns(n: int, covariates: np.ndarray | None) -> np.ndarray:
+    """The site's non-zero design columns: its indicator (all ones) and the covariates, [1 | c] (n, 1 + p)."""
+    return np.hstack([np.ones((n, 1)), as_covariates(covariates, n)])
 
 
 def _block_index(site: int, n_sites: int, q: int) -> np.ndarray:
@@ -99,13 +111,9 @@ def _block_index(site: int, n_sites: int, q: int) -> np.ndarray:
 
 
 def site_block(m: SiteMoments) -> tuple[np.ndarray, np.ndarray]:
-    """What a site sends of its round-1 moments: XᵀX and XᵀY restricted to its own site column and the
-    covariate columns, (1 + p, 1 + p) and (1 + p, d). Every other entry of its XᵀX and XᵀY is a structural zero
-    (its rows are zero in the other sites' indicator columns), so the block holds the same numbers without a
-    sites x sites matrix per site (8 MB per site at 1,000 sites)."""
-    q = np.shape(m.xtx)[0]
-    idx = _block_index(m.site, m.n_sites, q)
-    return m.xtx[np.ix_(idx, idx)], m.xty[idx]
+    """What a site sends of its round-1 moments: its block of XᵀX and XᵀY, (1 + p, 1 + p) and (1 + p, d) (see
+    :func:`site_moments`), the same numbers as the full matrices without a sites x sites matrix per site."""
+    return m.xtx, m.xty
 
 
 def site_rows(beta: np.ndarray, n_sites: int, site: int) -> np.ndarray:
@@ -127,38 +135,37 @@ def full_beta(rows: np.ndarray, site: int, n_sites: int) -> np.ndarray:
 
 
 def from_block(site: int, n_sites: int, n: int, xtx_block: np.ndarray, xty_block: np.ndarray) -> SiteMoments:
-    """The server's side of :func:`site_block`: a site's full XᵀX (q, q) and XᵀY (q, d) from its block."""
+    """The server's side of :func:`site_block`: a site's round-1 moments (its block) from what it sent, checked."""
     r, d = np.shape(xty_block)
     if np.shape(xtx_block) != (r, r) or r < 1:
         raise ValueError(f"site {site} sent design blocks of shapes {np.shape(xtx_block)} and {np.shape(xty_block)}; "
                          "expected (r, r) and (r, d) with r = 1 + covariate columns")
-    q = n_sites + r - 1
-    idx = _block_index(site, n_sites, q)
-    xtx, xty = np.zeros((q, q)), np.zeros((q, d))
-    xtx[np.ix_(idx, idx)] = xtx_block
-    xty[idx] = xty_block
-    return SiteMoments(site=site, n_sites=n_sites, n=n, xtx=xtx, xty=xty)
+    return SiteMoments(site=site, n_sites=n_sites, n=n, xtx=np.asarray(xtx_block), xty=np.asarray(xty_block))
 
 
 def pool_moments(messages: Iterable[SiteMoments]) -> PooledMeans:
     """Server after round 1: sum the sites' XᵀX and XᵀY, solve for B_hat (q, d) and the grand mean (d,).
 
-    One pass, adding each site's matrices as it comes (``messages`` may be a generator: at 1,000 sites the
-    sites' full (q, q) matrices are never all held at once)."""
+    One pass, adding each site's block where it lies in the pooled (q, q) and (q, d) matrices as it comes
+    (``messages`` may be a generator): O((1 + p)²) per site, no sites x sites matrix per site."""
     xtx = xty = None
     senders: list[int] = []
-    n = n_sites = q = d = 0
+    n = n_sites = r = q = d = 0
     for m in messages:
         if xtx is None:
-            n_sites, (q, d) = m.n_sites, np.shape(m.xty)
+            n_sites, (r, d) = m.n_sites, np.shape(m.xty)
+            q = n_sites + r - 1
             xtx, xty = np.zeros((q, q)), np.zeros((q, d))
-        if m.n_sites != n_sites or np.shape(m.xtx) != (q, q) or np.shape(m.xty) != (q, d):
+        if m.n_sites != n_sites or np.shape(m.xtx) != (r, r) or np.shape(m.xty) != (r, d):
             raise ValueError(f"site {m.site} sent moments for {m.n_sites} sites with shapes {np.shape(m.xtx)}, "
-                             f"{np.shape(m.xty)}; expected {n_sites} sites, ({q}, {q}) and ({q}, {d})")
+                             f"{np.shape(m.xty)}; expected {n_sites} sites, ({r}, {r}) and ({r}, {d})")
+        if not 0 <= m.site < n_sites:
+            raise ValueError(f"site index {m.site} is outside 0..{n_sites - 1}")
         if m.n < 2:
             raise ValueError(f"site {m.site} has {m.n} case(s); ComBat needs at least 2 per site")
-        xtx += m.xtx
-        xty += m.xty
+        idx = _block_index(m.site, n_sites, q)
+        xtx[np.ix_(idx, idx)] += m.xtx
+        xty[idx] += m.xty
         n += m.n
         senders.append(m.site)
     if xtx is None or xty is None:
@@ -174,13 +181,19 @@ def pool_moments(messages: Iterable[SiteMoments]) -> PooledMeans:
 
 def site_residuals(y: np.ndarray, means: PooledMeans, site: int,
                    covariates: np.ndarray | None = None) -> SiteResiduals:
-    """Round 2 at a site: per-feature Σ_j (y_j - x_j B_hat)² over its cases, (d,), and n."""
+    """Round 2 at a site: per-feature Σ_j (y_j - x_j B_hat)² over its cases, (d,), and n.
+
+    x_j B_hat uses only B_hat's rows where the site's design is non-zero (:func:`site_rows`): [1 | c] times its
+    own intercept row and the covariate effects, O(n (1 + p) d), not the (n, S) design times B_hat."""
     y = as_data(y, means.beta.shape[1], who=f"site {site}")
-    x = design_matrix(y.shape[0], site, means.n_sites, covariates)
-    if x.shape[1] != means.beta.shape[0]:
-        raise ValueError(f"site {site} has {x.shape[1] - means.n_sites} covariates, the pooled fit "
+    if not 0 <= site < means.n_sites:
+        raise ValueError(f"site index {site} is outside 0..{means.n_sites - 1}")
+    x = _own_columns(y.shape[0], covariates)
+    if x.shape[1] - 1 != means.beta.shape[0] - means.n_sites:
+        raise ValueError(f"site {site} has {x.shape[1] - 1} covariates, the pooled fit "
                          f"{means.beta.shape[0] - means.n_sites}")
-    return SiteResiduals(site=site, n=y.shape[0], ss=((y - x @ means.beta) ** 2).sum(axis=0))
+    rows = site_rows(means.beta, means.n_sites, site)
+    return SiteResiduals(site=site, n=y.shape[0], ss=((y - x @ rows) ** 2).sum(axis=0))
 
 
 def pool_residuals(means: PooledMeans, messages: Sequence[SiteResiduals]) -> PooledEstimates:

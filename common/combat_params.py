@@ -18,14 +18,15 @@ import numpy as np
 
 @dataclass(frozen=True, eq=False)
 class SiteMoments:
-    """Round 1, site -> server: design cross-products over the site's n cases.
+    """Round 1, site -> server: design cross-products over the site's n cases, its block of them.
 
     Attributes:
         site: the sender's site index in [0, n_sites).
         n_sites: S, as the server announced it.
         n: the site's number of cases.
-        xtx: XᵀX, (q, q) with q = S + p.
-        xty: XᵀY, (q, d).
+        xtx: XᵀX restricted to the site's own indicator column and the p covariate columns, (1 + p, 1 + p); the
+            rest of its (S + p, S + p) XᵀX is structurally zero (``common.combat.site_moments``).
+        xty: XᵀY on the same rows, (1 + p, d).
     """
 
     site: int

@@ -295,7 +295,8 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
         blocks = {nid: (int(r.content["metrics"]["n"]), r.content["arrays"]["xtx"].numpy(),  # type: ignore[arg-type, union-attr]
                         r.content["arrays"]["xty"].numpy()) for nid, r in replies.items()}  # type: ignore[union-attr]
     try:
-        # each site sent its block of the design (common.combat.site_block); summed one site at a time
+        # each site sent its block of the design (common.combat.site_block); each is added where it lies in the
+        # pooled (S + p)² matrix, one site at a time (no sites x sites matrix per site)
         means = combat.pool_moments(combat.from_block(index[nid], n_sites, n, xtx, xty)
                                     for nid, (n, xtx, xty) in blocks.items())
     except ValueError as exc:  # e.g. a covariate level no site has: the pooled design is singular

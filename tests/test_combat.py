@@ -152,41 +152,74 @@ def test_messages_have_no_per_case_dimension():
     data = make_sites()
     covs = federated_covariates(data, "age")
     small, large = 0, 3  # 9 and 40 cases
-    q, d = len(SIZES) + 1, N_FEATURES
+    r, d = 1 + 1, N_FEATURES  # the site's own indicator column and age
     moments = [combat.site_moments(data["y"][i], i, len(SIZES), covs[i]) for i in range(len(SIZES))]
     for i in (small, large):
-        assert moments[i].xtx.shape == (q, q) and moments[i].xty.shape == (q, d)
+        assert moments[i].xtx.shape == (r, r) and moments[i].xty.shape == (r, d)
     means = combat.pool_moments(moments)
     for i in (small, large):
         assert combat.site_residuals(data["y"][i], means, i, covs[i]).ss.shape == (d,)
-    # And the sums are the pooled design's cross-products.
-    x = np.vstack([combat.design_matrix(len(y), i, len(SIZES), c)
-                   for i, (y, c) in enumerate(zip(data["y"], covs, strict=True))])
-    np.testing.assert_allclose(sum(m.xtx for m in moments), x.T @ x)
-    np.testing.assert_allclose(sum(m.xty for m in moments), x.T @ np.vstack(data["y"]))
 
 
-def test_a_site_sends_only_its_block_of_the_design_and_the_pooled_fit_is_unchanged():
+def _full_design_block(y: np.ndarray, site: int, n_sites: int, c: np.ndarray | None) -> tuple[np.ndarray, ...]:
+    """The block as sites computed it before: the (n, S + p) design's XᵀX and XᵀY, restricted to the site's column
+    and the covariates'."""
+    x = combat.design_matrix(len(y), site, n_sites, c)
+    idx = np.r_[site, np.arange(n_sites, x.shape[1])]
+    return (x.T @ x)[np.ix_(idx, idx)], (x.T @ y)[idx]
+
+
+@pytest.mark.parametrize("covariates", ["none", "age", "categorical"])
+def test_a_site_sends_only_its_block_of_the_design_and_the_pooled_fit_is_unchanged(covariates):
     # what travels: the site's own indicator column and the covariates' (1 + p), never the sites x sites matrix;
-    # every entry left out is a structural zero, so the server's expansion is the site's full XᵀX and XᵀY
+    # every entry left out is a structural zero, so the server adds each block where it lies in the pooled design
     data = make_sites(seed=2)
-    covs = federated_covariates(data, "age")
+    covs = federated_covariates(data, covariates) if covariates != "none" else [None] * len(SIZES)
     n_sites, d = len(SIZES), N_FEATURES
-    full = [combat.site_moments(data["y"][i], i, n_sites, covs[i]) for i in range(n_sites)]
-    blocks = [combat.site_block(m) for m in full]
-    for (xtx, xty), c in zip(blocks, covs, strict=True):
-        assert xtx.shape == (1 + c.shape[1], 1 + c.shape[1]) and xty.shape == (1 + c.shape[1], d)
-    expanded = [combat.from_block(i, n_sites, m.n, *b) for i, (m, b) in enumerate(zip(full, blocks, strict=True))]
-    for m, e in zip(full, expanded, strict=True):
-        np.testing.assert_array_equal(e.xtx, m.xtx)
-        np.testing.assert_array_equal(e.xty, m.xty)
-    reference, pooled = combat.pool_moments(full), combat.pool_moments(iter(expanded))  # a generator pools too
-    np.testing.assert_array_equal(pooled.beta, reference.beta)
-    np.testing.assert_array_equal(pooled.grand_mean, reference.grand_mean)
+    sent = [combat.site_moments(data["y"][i], i, n_sites, covs[i]) for i in range(n_sites)]
+    p = 0 if covs[0] is None else covs[0].shape[1]
+    for i, m in enumerate(sent):
+        xtx, xty = combat.site_block(m)
+        assert xtx.shape == (1 + p, 1 + p) and xty.shape == (1 + p, d)
+        # the same numbers as the full design's block (its sums in another order: <= 1e-13 relative)
+        for ours, full in zip((xtx, xty), _full_design_block(data["y"][i], i, n_sites, covs[i]), strict=True):
+            np.testing.assert_allclose(ours, full, rtol=1e-13, atol=0)
+    received = [combat.from_block(i, n_sites, m.n, *combat.site_block(m)) for i, m in enumerate(sent)]
+    pooled = combat.pool_moments(iter(received))  # a generator pools too
+    # the pooled design's cross-products, solved
+    x = np.vstack([combat.design_matrix(len(y), i, n_sites, c) for i, (y, c) in enumerate(zip(data["y"], covs,
+                                                                                              strict=True))])
+    beta = np.linalg.solve(x.T @ x, x.T @ np.vstack(data["y"]))
+    np.testing.assert_allclose(pooled.beta, beta, rtol=1e-9, atol=1e-9 * np.abs(beta).max())
     with pytest.raises(ValueError, match="expected one message from each of sites"):
-        combat.pool_moments(expanded[:-1])
+        combat.pool_moments(received[:-1])
     with pytest.raises(ValueError, match="design blocks of shapes"):
         combat.from_block(0, n_sites, 9, np.zeros((2, 3)), np.zeros((2, d)))
+    with pytest.raises(ValueError, match="outside"):
+        combat.pool_moments([combat.from_block(n_sites, n_sites, 9, *combat.site_block(sent[0]))])
+
+
+def test_a_sites_work_does_not_grow_with_the_number_of_sites():
+    """At S sites a site computed the (n, S) design and its (S, S) XᵀX (8 MB at 1,000 sites), and the server
+    expanded every site's block into a (S + p, S + p) matrix: now a site's memory is its own (n, 1 + p) columns,
+    whatever S, and what the server keeps of a site is the block it sent."""
+    import tracemalloc
+
+    rng = np.random.default_rng(0)
+    y, c = rng.normal(size=(30, 20)), rng.normal(size=(30, 2))
+    n_sites = 3000  # (S, S) float64: 72 MB
+    means = combat.PooledMeans(n_sites=n_sites, n=0, beta=rng.normal(size=(n_sites + 2, 20)),
+                               grand_mean=np.zeros(20), fitted_ms=np.zeros(20))
+    tracemalloc.start()
+    try:
+        m = combat.site_moments(y, 7, n_sites, c)
+        combat.site_residuals(y, means, 7, c)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 100_000, f"a site allocated {peak} bytes at {n_sites} sites"
+    received = combat.from_block(7, n_sites, m.n, *combat.site_block(m))
+    assert received.xtx.shape == (3, 3) and received.xty.shape == (3, 20)
 
 
 def test_stored_parameters_reproduce_training_output_and_harmonise_new_cases():
