@@ -101,8 +101,9 @@ class Run:
     # replies fetched ahead of their query (merge-phases, server/merging.py); shared by the folds' copies of the run,
     # whose requests differ by their fold tag
     prefetched: merging.Prefetched = field(default_factory=merging.Prefetched)
-    # set unless the folds' coordinator is busy (their turns, packing, unpacking: server/folds.py): the report's
-    # figures drawn ahead wait for it, so they take the process's GIL only while a round of the folds is out
+    # clear while the folds' coordinator is busy (their turns, packing, unpacking: server/folds.py) and, as the app
+    # starts the report's drawing, until their first round has left: the figures drawn ahead wait for it, so they
+    # take the process's GIL only while a round of the folds is out (or once the folds are over)
     idle: threading.Event = field(default_factory=lambda: _set(threading.Event()))
 
     @property

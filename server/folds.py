@@ -221,6 +221,7 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
         return {}
     kinds = sorted({j.kind for j in jobs})
     if not run.config.fold_batching:
+        run.idle.set()  # one fold at a time, each as a run of its own: no turns to keep the GIL for
         counting = CountingGrid(run.grid)
         alone = replace(run, grid=counting)
         out = {}

@@ -61,9 +61,23 @@ def draw_ahead(result: RunResult, idle: threading.Event | None = None) -> thread
     (``Run.idle``): each figure waits until it is set, i.e. while the folds' coordinator waits for a round trip
     (and once the folds are over), not while their turns hold the process's GIL."""
     doc = copy.deepcopy(result.as_json())  # the result goes on changing in the main thread
-    thread = threading.Thread(target=_draw_figures, args=(doc, idle), name="radfed-draw-ahead", daemon=True)
+    thread = _Drawing(doc, idle)
     thread.start()
     return thread
+
+
+class _Drawing(threading.Thread):
+    """The drawing-ahead thread. Joining it opens its gate first: whoever waits for the figures (the outputs) has no
+    turns left to keep the GIL for, whatever ended the folds or kept them from starting."""
+
+    def __init__(self, doc: dict[str, Any], idle: threading.Event | None) -> None:
+        super().__init__(target=_draw_figures, args=(doc, idle), name="radfed-draw-ahead", daemon=True)
+        self.idle = idle
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.idle is not None:
+            self.idle.set()
+        super().join(timeout)
 
 
 def _draw_figures(doc: dict[str, Any], idle: threading.Event | None = None) -> None:

@@ -50,7 +50,7 @@ class Sites:
         return [1, 2]
 
 
-def _folds(tmp_path: Path, batched: bool, fail: bool) -> tuple[Run, Sites, list[bool]]:
+def _folds(tmp_path: Path, batched: bool, fail: bool, cleared: bool = False) -> tuple[Run, Sites, list[bool]]:
     """Two folds of three queries each (one fails after its second with ``fail``); whether the run was idle at
     every point of the folds' turns."""
     in_turns: list[bool] = []
@@ -75,6 +75,8 @@ def _folds(tmp_path: Path, batched: bool, fail: bool) -> tuple[Run, Sites, list[
               profile=None)  # type: ignore[arg-type]
     sites.run = run
     assert run.idle.is_set()  # no folds running: nothing to wait for
+    if cleared:
+        run.idle.clear()
     try:
         assert run_folds(run, [FoldJob("leave-one-site-out", f, work(f)) for f in ("a", "b")]) == {"a": "a", "b": "b"}
         assert not fail
@@ -92,7 +94,7 @@ def test_the_run_is_idle_only_while_a_round_of_the_folds_is_out(tmp_path, fail):
 
 
 def test_folds_one_after_another_leave_the_run_idle(tmp_path):
-    run, sites, in_turns = _folds(tmp_path, False, False)
+    run, sites, in_turns = _folds(tmp_path, False, False, cleared=True)  # as the app leaves it for the drawing
     assert all(sites.idle_at_send) and all(in_turns) and run.idle.is_set()
 
 
@@ -105,6 +107,9 @@ class Gate:
     def wait(self, timeout: float | None = None) -> bool:
         self.parked.release()
         return self.permits.acquire()
+
+    def set(self) -> None:  # the join, once the thread has ended here
+        pass
 
 
 def _parked_or_done(gate: Gate, thread: threading.Thread) -> bool:
@@ -137,5 +142,24 @@ def test_figures_drawn_ahead_begin_one_at_a_time_only_when_the_run_is_idle(tmp_p
                 break
         assert drawn >= 6
         ahead.join()
+    finally:
+        DRAWN.clear()
+
+
+def test_joining_the_drawing_opens_its_gate(tmp_path):
+    """The outputs join the drawing whatever ended the folds (or kept them from starting, the gate still closed):
+    the join lets it draw everything instead of waiting for ever."""
+    root = tmp_path / "demo-data"
+    root.mkdir()
+    (root / report.DEMO_STAMP).write_text(json.dumps({"seed": 0, "sites": [{"name": n} for n in SITES]}))
+    result = make_result(tmp_path, root)
+    result.validation = {}
+    idle = threading.Event()  # as the app clears Run.idle before the folds' first round
+    try:
+        ahead = report.draw_ahead(result, idle)
+        joined = threading.Thread(target=ahead.join, daemon=True)
+        joined.start()
+        joined.join(120)  # a guard against hanging, not a timing: the join returns once the figures are drawn
+        assert not joined.is_alive() and not ahead.is_alive() and idle.is_set() and len(DRAWN) >= 6
     finally:
         DRAWN.clear()
