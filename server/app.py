@@ -266,7 +266,10 @@ def main(grid: Grid, context: Context) -> None:
         if loso or local:  # every fold of both in the same rounds (fold-batching)
             from server import report  # loaded at the first wait (warm_imports)
 
-            ahead = report.draw_ahead(result)  # the report's figures known by now, drawn while the folds run
+            # the report's figures known by now, drawn once the folds' first round has left, while their rounds are
+            # out (ctx.idle, server/folds.py: not in their turns) or when the outputs wait for them
+            ctx.idle.clear()
+            ahead = report.draw_ahead(result, ctx.idle)
             held_out, alone = validation.external_and_local(ctx, fed, agreement, covariate_spec, loso, local,
                                                             family=fitted.family, main=fitted)
             if loso:

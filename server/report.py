@@ -53,19 +53,37 @@ def write_outputs(result: RunResult, ahead: threading.Thread | None = None) -> N
         DRAWN.clear()
 
 
-def draw_ahead(result: RunResult) -> threading.Thread:
+def draw_ahead(result: RunResult, idle: threading.Event | None = None) -> threading.Thread:
     """Draw, in a thread, the figures of the report the run's results so far would give (the outputs' largest
     cost: about 2 s of matplotlib idle, 4 to 7 s loaded), while the coordinator waits for the sites' last rounds.
     Only a figure the final document draws from the same plot, data, colours and options (``figure_key``, byte for
-    byte) is taken from these; every other one is drawn at the end as before, so the report is the same."""
+    byte) is taken from these; every other one is drawn at the end as before, so the report is the same. ``idle``
+    (``Run.idle``): each figure waits until it is set, i.e. while the folds' coordinator waits for a round trip
+    (and once the folds are over), not while their turns hold the process's GIL."""
     doc = copy.deepcopy(result.as_json())  # the result goes on changing in the main thread
-    thread = threading.Thread(target=_draw_figures, args=(doc,), name="radfed-draw-ahead", daemon=True)
+    thread = _Drawing(doc, idle)
     thread.start()
     return thread
 
 
-def _draw_figures(doc: dict[str, Any]) -> None:
+class _Drawing(threading.Thread):
+    """The drawing-ahead thread. Joining it opens its gate first: whoever waits for the figures (the outputs) has no
+    turns left to keep the GIL for, whatever ended the folds or kept them from starting."""
+
+    def __init__(self, doc: dict[str, Any], idle: threading.Event | None) -> None:
+        super().__init__(target=_draw_figures, args=(doc, idle), name="radfed-draw-ahead", daemon=True)
+        self.idle = idle
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.idle is not None:
+            self.idle.set()
+        super().join(timeout)
+
+
+def _draw_figures(doc: dict[str, Any], idle: threading.Event | None = None) -> None:
     try:
+        if idle is not None:
+            idle.wait()
         colours = plots.site_colours(all_site_names(doc))
         for _sid, _title, build in SECTIONS:
             try:
@@ -75,6 +93,8 @@ def _draw_figures(doc: dict[str, Any]) -> None:
             for b in blocks:
                 key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
                 if key is not None and key not in DRAWN:
+                    if idle is not None:
+                        idle.wait()  # one figure at a time, each begun only while the coordinator is idle
                     with contextlib.suppress(ValueError):  # drawn (and explained) at the end, if still there
                         DRAWN[key] = draw(b, colours)
     except Exception as exc:  # noqa: BLE001  # drawing ahead is only a head start: the outputs draw everything
