@@ -69,7 +69,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
-    from radfed.launch import Federation, started_federation
+    from radfed.launch import InProcessFederation, in_process_federation
     from server.report import final_table
     from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     say(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
     with ExitStack() as stack:
-        federation: Federation | None = None
+        federation: InProcessFederation | None = None
         plan_hash = ""
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
             pending = {pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs}
@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if federation is None and pending and len(pending) < args.workers:
                     # a core is idle until the last sites are done: Flower's and Ray's processes boot on it, and the
                     # ServerApp waits for every site's extraction and approval before anything (launch.START_GATE)
-                    federation = stack.enter_context(started_federation(
+                    federation = stack.enter_context(in_process_federation(
                         run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo, gated=True))
                     plan_hash = demo_plan_hash(run_config)  # on the idle core too, not between extraction and run
         extraction = time.perf_counter() - t1
@@ -119,7 +119,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
         t2 = time.perf_counter()
         if federation is None:
-            federation = stack.enter_context(started_federation(
+            federation = stack.enter_context(in_process_federation(
                 run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo))
         federation.finish()
     federation_seconds = time.perf_counter() - t2
