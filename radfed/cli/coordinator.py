@@ -15,7 +15,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from radfed.cli.options import add_json, add_output, add_profile, add_workers, print_json
 from radfed.cli.site import site_profile
@@ -116,7 +116,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
             " see the plan with radfed plan write)")
 
-        say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
+        say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower's simulation in this "
+            "process; `flwr run .` runs the same app through a SuperLink)")
         t2 = time.perf_counter()
         if federation is None:
             federation = stack.enter_context(in_process_federation(
@@ -135,7 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print_json({"status": doc["status"], "error": doc.get("error"), "run_folder": str(folder),
                     "plan_sha256": plan_hash, "seconds": round(time.perf_counter() - t0, 1),
                     "files": {k: str(v) for k, v in files.items()}, "metrics": doc})
-        return code
+        return exit_now(code)
     # the federation's wall time counts Flower's and Ray's start and stop, not only the ServerApp's own seconds; what
     # of their start overlapped the last sites' extraction is not in it
     print(f"\nrun {doc['status']} in {time.perf_counter() - t0:.0f}s: extraction {extraction:.0f}s, federation "
@@ -165,7 +166,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"    {d.get('site')} ({where}): {d.get('reason')}")
     print(f"\n  metrics   {files['metrics']}\n  report    {files['report']}"
           f"\n  audit log {files['audit_log']}   (check it: radfed audit verify {files['audit_log']})")
-    return code
+    return exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the demo's process here: its federation ran in it (launch.in_process_federation), and every output is
+    written and printed, the simulation has left Ray and Ray's processes are stopped; the interpreter's own teardown
+    of what the run loaded (torch's, Ray's and Flower's exit hooks and finalisers) took seconds for nothing."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_plan_write(args: argparse.Namespace) -> int:
