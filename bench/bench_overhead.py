@@ -113,6 +113,9 @@ class Timeline:
         self.mark, self.log = f"FLWR_HOME={flwr_home}".encode(), flwr_home / "flwr-run.log"
         self.gate = flwr_home / "start-gate"  # a gated run's go (radfed demo): CPU seconds are split there
         self.procs: dict[int, list] = {}  # pid -> [first seen, last seen, command, cpu s, cpu s before the go]
+        # sampled whatever their environment: the demo's own process (the launcher; since the in-process federation
+        # also the simulation and the ServerApp, which set FLWR_HOME only in its memory, not in /proc's environ)
+        self.pids: set[int] = set()
         self.lines: list[tuple[float, str]] = []
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._sample, daemon=True)
@@ -137,7 +140,7 @@ class Timeline:
                 pid = int(proc.name)
                 try:
                     if pid not in self.procs:
-                        if self.mark not in (proc / "environ").read_bytes().split(b"\0"):
+                        if pid not in self.pids and self.mark not in (proc / "environ").read_bytes().split(b"\0"):
                             continue
                         cmd = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
                         self.procs[pid] = [now, now, cmd, 0.0, 0.0 if gone else None]  # new after the go: none
@@ -189,7 +192,8 @@ class Timeline:
 
 # what a run's process is, from a part of its command line (the first that matches: `flwr run`'s script names the
 # SuperLink in a message)
-PROCESS_KINDS = [("flwr run", "import socket, sys, time"), ("Ray: GCS", "gcs_server"), ("Ray: raylet", "raylet/raylet"),
+PROCESS_KINDS = [("radfed demo (the launcher)", "radfed.cli demo"),
+                 ("flwr run", "import socket, sys, time"), ("Ray: GCS", "gcs_server"), ("Ray: raylet", "raylet/raylet"),
                  ("Ray: dashboard (minimal)", "dashboard/dashboard.py"), ("Ray: dashboard agent", "dashboard/agent.py"),
                  ("Ray: dashboard agent", "DashboardAgent"), ("Ray: runtime-env agent", "runtime_env/agent"),
                  ("Ray: runtime-env agent", "RuntimeEnvAgent"), ("Ray: log monitor", "log_monitor.py"),
@@ -241,9 +245,13 @@ def demo_run(root: Path, work: Path, tag: str, timeline: bool = False) -> dict[s
     load = os.getloadavg()[0]
     started, t = time.time(), time.perf_counter()
     with Timeline(flwr_home) if timeline else nullcontext() as sampled:
-        done = subprocess.run([sys.executable, "-m", "radfed.cli", "demo", "--data-root", str(data), "--output-dir",
-                               str(out), "--flwr-home", str(flwr_home), "--quiet"],
-                              cwd=root, capture_output=True, text=True)
+        proc = subprocess.Popen([sys.executable, "-m", "radfed.cli", "demo", "--data-root", str(data), "--output-dir",
+                                 str(out), "--flwr-home", str(flwr_home), "--quiet"],
+                                cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        if sampled is not None:
+            sampled.pids.add(proc.pid)
+        stdout, stderr = proc.communicate()
+        done = subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
         wall = time.perf_counter() - t
     if sampled is not None:  # in seconds from the demo's start; the gate's opening is the start-gate file's mtime
         runs = sorted(out.glob("*-run*"))

@@ -3,6 +3,8 @@ the ServerApp's last line (real processes, no federation: seconds)."""
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +14,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import ray_head as shared_ray_head
 from federation_helpers import flower_processes_of
 
 from common.protocol import RUN_END_MARK, START_GATE
@@ -319,3 +322,62 @@ def test_without_the_end_mark_the_serverapp_writes_nothing(tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     announce_end("completed", ["radfed run 7 completed in 1.0s"])  # a deployment's ServerApp: no launcher asks
     assert not list(tmp_path.iterdir())
+
+
+# The demo's federation in one process (launch.in_process_federation), as `radfed demo` runs it: gated, then opened
+IN_PROCESS_RUN = """\
+import json, sys, time
+from pathlib import Path
+from radfed.launch import in_process_federation
+config, home, go = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+with in_process_federation(config, num_supernodes=2, flwr_home=home, echo=False, gated=True) as federation:
+    while not go.exists():
+        time.sleep(0.05)
+    sys.exit(federation.finish(timeout=600))
+"""
+FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr.cli")
+
+
+def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_process(tmp_path):
+    """`radfed demo` runs its simulation in its own process (Flower's simulation API on the run's Ray cluster):
+    no SuperLink, SuperExec, `flwr run` or `flwr-simulation` process; the ServerApp still waits at the gate (no run
+    folder before it opens), the run completes with every output and its last lines, and nothing is left after."""
+    from radfed import synth
+    from radfed.cli import approve_demo_plan
+
+    data = tmp_path / "sites"
+    for i, spec in enumerate(synth.tiny_sites(2, 10)):
+        synth.write_site(data, spec, seed=700 + i)
+    out, home, go = tmp_path / "runs", tmp_path / "flwr", tmp_path / "go"
+    config = {"data-root": str(data), "output-dir": str(out), "training": "fedavg", "num-server-rounds": 2,
+              "min-cases-per-class": 5, "select-features": 3, "external-validation": "none", "local-only": "none"}
+    approve_demo_plan(sorted(p for p in data.iterdir() if p.is_dir()), config)
+    seen: set[str] = set()
+    with shared_ray_head.joined():  # the session's shared Ray cluster (tests/ray_head.py), as the other simulated runs
+        proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_RUN, json.dumps(config), str(home), str(go)])
+        try:
+            deadline = time.monotonic() + 600
+            opened_at = time.monotonic() + 3.0  # the simulation boots meanwhile: the ServerApp waits at the gate
+            while proc.poll() is None:
+                assert time.monotonic() < deadline, "the run did not end"
+                with contextlib.suppress(psutil.Error):
+                    for child in psutil.Process(proc.pid).children(recursive=True):
+                        with contextlib.suppress(psutil.Error):
+                            seen.add(" ".join(child.cmdline()))
+                if not go.exists() and time.monotonic() > opened_at:
+                    assert not out.exists() or not list(out.glob("*-run*")), "the run started before the gate"
+                    go.touch()
+                time.sleep(0.05)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    log = home / "flwr-run.log"
+    assert proc.returncode == 0, log.read_text(encoding="utf-8")[-3000:] if log.exists() else "no log"
+    runs = sorted(out.glob("*-run*"))
+    assert len(runs) == 1
+    assert json.loads((runs[0] / "metrics.json").read_text(encoding="utf-8"))["status"] == "completed"
+    assert json.loads((home / "run-end").read_text(encoding="utf-8"))["status"] == "completed"
+    assert "completed in" in log.read_text(encoding="utf-8")
+    assert not [cmd for cmd in seen if any(name in cmd for name in FLOWER_PROCESSES)]
+    assert not flower_processes_of(home)

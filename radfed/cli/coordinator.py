@@ -15,7 +15,7 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from radfed.cli.options import add_json, add_output, add_profile, add_workers, print_json
 from radfed.cli.site import site_profile
@@ -69,7 +69,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
-    from radfed.launch import Federation, started_federation
+    from radfed.launch import InProcessFederation, in_process_federation
     from server.report import final_table
     from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
@@ -93,7 +93,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     t1 = time.perf_counter()
     say(f"[2/4] radiomics extraction at each site (cached; {args.workers} processes)")
     with ExitStack() as stack:
-        federation: Federation | None = None
+        federation: InProcessFederation | None = None
         plan_hash = ""
         with ProcessPoolExecutor(max_workers=args.workers) as pool:
             pending = {pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs}
@@ -105,7 +105,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if federation is None and pending and len(pending) < args.workers:
                     # a core is idle until the last sites are done: Flower's and Ray's processes boot on it, and the
                     # ServerApp waits for every site's extraction and approval before anything (launch.START_GATE)
-                    federation = stack.enter_context(started_federation(
+                    federation = stack.enter_context(in_process_federation(
                         run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo, gated=True))
                     plan_hash = demo_plan_hash(run_config)  # on the idle core too, not between extraction and run
         extraction = time.perf_counter() - t1
@@ -116,10 +116,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say(f"[3/4] each hospital approves run plan {plan_hash[:16]}... (radfed site approve HASH --site DIR;"
             " see the plan with radfed plan write)")
 
-        say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower simulation)")
+        say(f"[4/4] federation: {len(site_dirs)} simulated sites, {args.rounds} rounds (Flower's simulation in this "
+            "process; `flwr run .` runs the same app through a SuperLink)")
         t2 = time.perf_counter()
         if federation is None:
-            federation = stack.enter_context(started_federation(
+            federation = stack.enter_context(in_process_federation(
                 run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo))
         federation.finish()
     federation_seconds = time.perf_counter() - t2
@@ -135,7 +136,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         print_json({"status": doc["status"], "error": doc.get("error"), "run_folder": str(folder),
                     "plan_sha256": plan_hash, "seconds": round(time.perf_counter() - t0, 1),
                     "files": {k: str(v) for k, v in files.items()}, "metrics": doc})
-        return code
+        return exit_now(code)
     # the federation's wall time counts Flower's and Ray's start and stop, not only the ServerApp's own seconds; what
     # of their start overlapped the last sites' extraction is not in it
     print(f"\nrun {doc['status']} in {time.perf_counter() - t0:.0f}s: extraction {extraction:.0f}s, federation "
@@ -165,7 +166,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
             print(f"    {d.get('site')} ({where}): {d.get('reason')}")
     print(f"\n  metrics   {files['metrics']}\n  report    {files['report']}"
           f"\n  audit log {files['audit_log']}   (check it: radfed audit verify {files['audit_log']})")
-    return code
+    return exit_now(code)
+
+
+def exit_now(code: int) -> NoReturn:
+    """End the demo's process here: its federation ran in it (launch.in_process_federation), and every output is
+    written and printed, the simulation has left Ray and Ray's processes are stopped; the interpreter's own teardown
+    of what the run loaded (torch's, Ray's and Flower's exit hooks and finalisers) took seconds for nothing."""
+    import os
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_plan_write(args: argparse.Namespace) -> int:
