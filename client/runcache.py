@@ -34,7 +34,11 @@ from flwr.clientapp.typing import ClientAppCallable
 T = TypeVar("T")
 Stamp = tuple[int, int, int, int] | None
 SETTLE_NS = 1_000_000_000  # a file changed less than 1 s before its entry was made is not trusted
-MAX_ENTRIES = 4096  # a long-lived process serving many sites and runs drops its oldest entries beyond this
+# a long-lived process serving many sites and runs drops its oldest entries beyond this. A simulation worker serves
+# every site (Ray hands any node's message to any worker), about 5 entries each (site, split, settings, ledger,
+# approvals): at 4,096 a 1,000-site run's workers evicted in a cycle and reloaded sites from disk (~72 ms each; the
+# correlation round's CPU per site 2.3x the 300-site run's: docs/performance.md, "bench_scale")
+MAX_ENTRIES = 65536
 
 _ENTRIES: dict[tuple[str, Hashable], tuple[tuple[str, ...], tuple[Stamp, ...], object]] = {}
 _LOCK = threading.Lock()
