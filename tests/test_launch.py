@@ -324,11 +324,11 @@ def test_without_the_end_mark_the_serverapp_writes_nothing(tmp_path, monkeypatch
     assert not list(tmp_path.iterdir())
 
 
-# The demo's federation in one process (launch.in_process_federation), as `radfed demo` runs it: gated, then opened
+# The demo's federation in one process (radfed.inprocess), as `radfed demo` runs it: gated, then opened
 IN_PROCESS_RUN = """\
 import json, sys, time
 from pathlib import Path
-from radfed.launch import in_process_federation
+from radfed.inprocess import in_process_federation
 config, home, go = json.loads(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 with in_process_federation(config, num_supernodes=2, flwr_home=home, echo=False, gated=True) as federation:
     while not go.exists():

@@ -69,7 +69,7 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from radfed import synth
-    from radfed.launch import InProcessFederation, in_process_federation
+    from radfed.inprocess import InProcessFederation, in_process_federation
     from server.report import final_table
     from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
@@ -170,7 +170,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def exit_now(code: int) -> NoReturn:
-    """End the demo's process here: its federation ran in it (launch.in_process_federation), and every output is
+    """End the demo's process here: its federation ran in it (radfed.inprocess), and every output is
     written and printed, the simulation has left Ray and Ray's processes are stopped; the interpreter's own teardown
     of what the run loaded (torch's, Ray's and Flower's exit hooks and finalisers) took seconds for nothing."""
     import os
