@@ -16,13 +16,19 @@ from pathlib import Path
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
-from client import combat_state, compute, ledger, level_groups, nodestate, outoffold, runcache, steps, warmup
+from client import (
+    agreements,
+    combat_state,
+    compute,
+    ledger,
+    level_groups,
+    nodestate,
+    outoffold,
+    runcache,
+    steps,
+    warmup,
+)
 from client import trees as site_trees
-from client.agreements import accept as _accept_list
-from client.agreements import agreed as _agreed
-from client.agreements import cohort as _fold
-from client.agreements import record as _agreement
-from client.agreements import selected as _selected
 from client.appref import ReferencedClientApp
 from client.approvals import approval_check, check_approved
 from client.dp import dp_query_mod, dp_update_mod
@@ -54,7 +60,7 @@ def _site_dir(context: Context) -> Path:
 
 def _data(context: Context, msg: Message) -> steps.SiteData:
     """The site's data as the message's cohort sees it (a cross-validation fold holds out its own cases)."""
-    return steps.load_site_data(_site_dir(context), _run(context)).fold_view(_fold(msg))
+    return steps.load_site_data(_site_dir(context), _run(context)).fold_view(agreements.cohort(msg))
 
 
 def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
@@ -63,7 +69,7 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
     without them is refused; the main cohort without them uses raw features, over the same cases)."""
     if not _run(context).combat:
         return None
-    fold = _fold(msg)
+    fold = agreements.cohort(msg)
     kept = combat_state.kept(nodestate.of(context), fold)
     if kept is None and fold:
         raise SiteError(f"this site holds no ComBat parameters for fold {fold} (it missed that fold's "
@@ -74,10 +80,11 @@ def _harmonizer(context: Context, msg: Message) -> steps.Harmonizer | None:
 def _keep_combat(context: Context, msg: Message, params: combat.SiteCombat, site: Site) -> None:
     """Remember the parameters for this cohort's later messages; the main run's are also saved at the site
     for prediction (with the covariate spec, so a new case's age and sex are coded the same way)."""
-    combat_state.keep(nodestate.of(context), _fold(msg), params)
-    if not _fold(msg):
+    combat_state.keep(nodestate.of(context), agreements.cohort(msg), params)
+    if not agreements.cohort(msg):
         spec = covariates.describe(_run(context).covariates())
-        radiomics = [n for n in _agreed(context, msg) if not covariates.is_clinical(n)]  # ComBat never sees clinical
+        # ComBat never sees clinical inputs
+        radiomics = [n for n in agreements.agreed(context, msg) if not covariates.is_clinical(n)]
         text = json.dumps({**params.to_dict(), "features": radiomics, "run_id": context.run_id, "covariates": spec})
         path = site.files.harmonization(context.run_id)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -123,14 +130,14 @@ def features(msg: Message, context: Context) -> Message:
 def _combat_round(msg: Message, context: Context) -> tuple[steps.SiteData, np.ndarray, np.ndarray | None, int, int]:
     """Training split of the agreed features and its covariates, and this site's place in the ComBat design."""
     config = msg.content["config"]
-    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
+    agreed = agreements.accept(context, msg, "features", "features")  # type: ignore[arg-type]
     n_sites = int(config["n-sites"])  # type: ignore[arg-type, index]
     data = _data(context, msg)
     spec = _run(context).covariates()
     x, c = steps.combat_design(data, agreed, spec, steps.min_cases(data.site, _run(context)))
     # the design: one column per site, then the covariates' columns; a site sends only its own column's and the
     # covariates' block of it (common.combat.site_block)
-    _agreement(context, msg)["design-columns"] = 1 + len(covariates.columns(spec))
+    agreements.record(context, msg)["design-columns"] = 1 + len(covariates.columns(spec))
     return data, x, c, int(config["site-index"]), n_sites  # type: ignore[arg-type, index]
 
 
@@ -160,7 +167,7 @@ def combat_residuals(msg: Message, context: Context) -> Message:
 def combat_join(msg: Message, context: Context) -> Message:
     """A fold this site is held out of: harmonise against the fold's pooled ComBat estimates as a late-joining
     hospital does (own location/scale from all usable cases, no labels). Only the number of cases leaves."""
-    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
+    agreed = agreements.accept(context, msg, "features", "features")  # type: ignore[arg-type]
     config, data = msg.content["config"], _data(context, msg)
     arrays = decode_all(msg.content["arrays"])  # type: ignore[union-attr]
     x, _ = steps.site_matrix(data, agreed, held_out=None)
@@ -174,7 +181,7 @@ def combat_join(msg: Message, context: Context) -> Message:
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
-    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
+    agreed = agreements.accept(context, msg, "features", "features")  # type: ignore[arg-type]
     data = _data(context, msg)
     if "arrays" in msg.content:  # pooled ComBat estimates: fit this site's own parameters, locally
         x_raw, _ = steps.site_matrix(data, steps.radiomics_names(agreed), held_out=False)
@@ -207,10 +214,10 @@ def _groups(data: steps.SiteData, context: Context, names: list[str]) -> dict[st
 
 @app.query("correlation")
 def correlation(msg: Message, context: Context) -> Message:
-    candidates = _accept_list(context, msg, "candidates", "candidates")  # type: ignore[arg-type]
+    candidates = agreements.accept(context, msg, "candidates", "candidates")  # type: ignore[arg-type]
     pooled = msg.content["arrays"]
     data = _data(context, msg)
-    x, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=candidates,
+    x, _ = steps.site_matrix(data, agreements.agreed(context, msg), held_out=False, names=candidates,
                              harmonize=_harmonizer(context, msg))
     mean, std = decode(pooled["mean"]), decode(pooled["std"])  # type: ignore[union-attr]
     if _run(context).dp_query:  # noised, and no count: the server has the moments' noised ones
@@ -241,9 +248,9 @@ def _model_split(msg: Message, context: Context, data: steps.SiteData,
                  held_out: bool | None, receipt: bool = True) -> tuple[np.ndarray, np.ndarray]:
     if receipt:
         _receipt(msg, context, data.site)
-    selected = _accept_list(context, msg, "features", "selected")  # type: ignore[arg-type]
+    selected = agreements.accept(context, msg, "features", "selected")  # type: ignore[arg-type]
     # a site scoring a fold it did not train in, without ComBat, agreed no feature list for it: the model's own
-    agreed = _agreed(context, msg, default=selected if _fold(msg) else None)
+    agreed = agreements.agreed(context, msg, default=selected if agreements.cohort(msg) else None)
     return steps.site_matrix(data, agreed, held_out=held_out, names=selected,
                              harmonize=_harmonizer(context, msg))
 
@@ -257,7 +264,7 @@ def newton(msg: Message, context: Context) -> Message:
     sent = compute.newton_step(x, y, arrays, float(msg.content["config"]["pos-weight"]),  # type: ignore[arg-type]
                              data.site.name, _run(context))
     declared = data.declare("train", {"n": "", "n-hgg": "hgg", "n-bm": "bm"},
-                            _groups(data, context, _selected(context, msg)))
+                            _groups(data, context, agreements.selected(context, msg)))
     if _run(context).dp_query:  # noised gradient and Hessian only: counts and the (unbounded) loss stay here
         return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}))
     return _reply(msg, declared, arrays=_arrays({"grad": sent.grad, "hess": sent.hess}),
@@ -287,7 +294,7 @@ def train(msg: Message, context: Context) -> Message:
     # tensors (the training step converts what it trains)
     trained, train_metrics = compute.train_step(x, y, decode_all(msg.content["arrays"]),  # type: ignore[arg-type]
                                                 msg.content["config"])  # type: ignore[arg-type]
-    declared = data.declare("train", {"num-examples": ""}, _groups(data, context, _selected(context, msg)))
+    declared = data.declare("train", {"num-examples": ""}, _groups(data, context, agreements.selected(context, msg)))
     return _reply(msg, declared, arrays=ArrayRecord({k: encode(v) for k, v in trained.items()}),
                   metrics=MetricRecord(train_metrics))
 
@@ -302,7 +309,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     x, y = _model_split(msg, context, data, held_out=None if part == "all" else True)
     family = compute.family_of(config)  # type: ignore[arg-type]
     prob = compute.scores(x, decode_all(msg.content["arrays"]), family)
-    where = parse_cv_tag(_fold(msg))
+    where = parse_cv_tag(agreements.cohort(msg))
     if where is not None and part == "test":  # kept for the out-of-fold evaluation over every case
         held = np.array(data.table.case_ids, dtype=object)[data.held_out]
         outoffold.keep(nodestate.of(context), family, where[0], [str(c) for c in held], prob)
@@ -394,12 +401,12 @@ def histograms(msg: Message, context: Context) -> Message:
     if _run(context).dp_query:
         raise SiteError("the query phases are noised in this run (dp-query-noise-multiplier): histograms are "
                         "withheld")
-    names = _accept_list(context, msg, "histogram-features", "histogram-features")  # type: ignore[arg-type]
+    names = agreements.accept(context, msg, "histogram-features", "histogram-features")  # type: ignore[arg-type]
     edges = decode(msg.content["arrays"]["edges"])  # type: ignore[union-attr]
-    _agreement(context, msg)["histogram-bins"] = int(edges.shape[1]) - 1
+    agreements.record(context, msg)["histogram-bins"] = int(edges.shape[1]) - 1
     data = _data(context, msg)
-    raw, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=names)
-    harmonized, _ = steps.site_matrix(data, _agreed(context, msg), held_out=False, names=names,
+    raw, _ = steps.site_matrix(data, agreements.agreed(context, msg), held_out=False, names=names)
+    harmonized, _ = steps.site_matrix(data, agreements.agreed(context, msg), held_out=False, names=names,
                                       harmonize=_harmonizer(context, msg))
     counts = compute.histograms_reply(raw, harmonized, edges, steps.min_cases(data.site, _run(context)))
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(counts), metrics=MetricRecord({"n": len(raw)}))
@@ -411,7 +418,7 @@ def robustness(msg: Message, context: Context) -> Message:
     perturbed copies (extracted now or from the site's cache); only the per-feature sums and n leave."""
     from client.robustness import robustness_reply  # imported here: only runs that turn the filter on pay for it
 
-    agreed = _accept_list(context, msg, "features", "features")  # type: ignore[arg-type]
+    agreed = agreements.accept(context, msg, "features", "features")  # type: ignore[arg-type]
     data = _data(context, msg)
     arrays, n = robustness_reply(data, agreed)
     return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(arrays), metrics=MetricRecord({"n": n}))

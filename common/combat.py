@@ -79,8 +79,7 @@ _SINGULAR_RCOND = 1e-12
 
 def design_matrix(n: int, site: int, n_sites: int, covariates: np.ndarray | None = None) -> np.ndarray:
     """The site's rows of neuroCombat's design: [one-hot site (n, S) | covariates (n, p)] -> (n, S + p)."""
-    if not 0 <= site < n_sites:
-        raise ValueError(f"site index {site} is outside 0..{n_sites - 1}")
+    _check_site(site, n_sites)
     onehot = np.zeros((n, n_sites))
     onehot[:, site] = 1.0
     return np.hstack([onehot, as_covariates(covariates, n)])
@@ -94,8 +93,7 @@ def site_moments(y: np.ndarray, site: int, n_sites: int, covariates: np.ndarray 
     site's own columns, [1 | c] (n, 1 + p), in O(n (1 + p)²): the (n, S) design and its (S, S) XᵀX cost 12.5 ms
     per site at 1,000 sites for numbers that are all zero."""
     y = as_data(y, who=f"site {site}")
-    if not 0 <= site < n_sites:
-        raise ValueError(f"site index {site} is outside 0..{n_sites - 1}")
+    _check_site(site, n_sites)
     x = _own_columns(y.shape[0], covariates)
     return SiteMoments(site=site, n_sites=n_sites, n=y.shape[0], xtx=x.T @ x, xty=x.T @ y)
 
@@ -159,8 +157,7 @@ def pool_moments(messages: Iterable[SiteMoments]) -> PooledMeans:
         if m.n_sites != n_sites or np.shape(m.xtx) != (r, r) or np.shape(m.xty) != (r, d):
             raise ValueError(f"site {m.site} sent moments for {m.n_sites} sites with shapes {np.shape(m.xtx)}, "
                              f"{np.shape(m.xty)}; expected {n_sites} sites, ({r}, {r}) and ({r}, {d})")
-        if not 0 <= m.site < n_sites:
-            raise ValueError(f"site index {m.site} is outside 0..{n_sites - 1}")
+        _check_site(m.site, n_sites)
         if m.n < 2:
             raise ValueError(f"site {m.site} has {m.n} case(s); ComBat needs at least 2 per site")
         idx = _block_index(m.site, n_sites, q)
@@ -186,8 +183,7 @@ def site_residuals(y: np.ndarray, means: PooledMeans, site: int,
     x_j B_hat uses only B_hat's rows where the site's design is non-zero (:func:`site_rows`): [1 | c] times its
     own intercept row and the covariate effects, O(n (1 + p) d), not the (n, S) design times B_hat."""
     y = as_data(y, means.beta.shape[1], who=f"site {site}")
-    if not 0 <= site < means.n_sites:
-        raise ValueError(f"site index {site} is outside 0..{means.n_sites - 1}")
+    _check_site(site, means.n_sites)
     x = _own_columns(y.shape[0], covariates)
     if x.shape[1] - 1 != means.beta.shape[0] - means.n_sites:
         raise ValueError(f"site {site} has {x.shape[1] - 1} covariates, the pooled fit "
@@ -272,6 +268,11 @@ def federated_combat(site_data: list[np.ndarray], covariates: list[np.ndarray] |
 # ----------------------------------------------------------------------------------------------------------
 # Checks
 # ----------------------------------------------------------------------------------------------------------
+
+
+def _check_site(site: int, n_sites: int) -> None:
+    if not 0 <= site < n_sites:
+        raise ValueError(f"site index {site} is outside 0..{n_sites - 1}")
 
 
 def _check_senders(sites: list[int], n_sites: int) -> None:
