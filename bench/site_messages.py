@@ -164,6 +164,7 @@ def replay(capture: Path, work: Path, passes: int = 3, profile_top: int = 0, sit
     def loaded(blob: bytes) -> tuple[Message, Context]:
         msg, ctx = pickle.loads(blob)
         ctx.run_config = {**ctx.run_config, **local}
+        ctx.node_config = {"site-dir": str(root / site.name)}  # the copy, whichever partition the node served
         return msg, ctx
 
     def digest(reply: Message) -> str:
