@@ -64,7 +64,7 @@ PHASE_HEADER = ["sites", "mode", *dict.fromkeys(PHASES.values()), "other"]
 # between rounds, packing the batches, the round trips (the sites' work and Flower's delivery), unpacking
 STEPS = {"folds": "folds' own work", "pack": "packing", "sites": "round trips", "unpack": "unpacking"}
 # and its CPU (``folds-end`` ``seconds`` ``cpu``): the fold threads' in their turns, packing and unpacking, and the
-# whole ServerApp process's over the folds (with Flower's simulation threads and the report's drawing thread); the
+# whole ServerApp process's over the folds (with Flower's simulation threads; the report's drawing is a child), the
 # garbage collector's wall seconds over the folds and its full collections
 STEP_HEADER = ["sites", *STEPS.values(), "coordinator share", "CPU: fold threads", "CPU: pack + unpack",
                "CPU: process", "garbage collector s (full)"]

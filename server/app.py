@@ -26,6 +26,7 @@ from common.protocol import PROTOCOL_VERSION, RUN_END_MARK, START_GATE
 from common.runconfig import RunConfig
 from server import batching, clinical, comparison, merging, phases, pipeline, polling, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
+from server.drawing import Ahead
 from server.federation import Cohort, Run, RunRefused, wait_for_nodes
 from server.results import RunResult
 from server.strategy import record_sha256
@@ -191,7 +192,7 @@ def main(grid: Grid, context: Context) -> None:
                  protocol=PROTOCOL_VERSION, code_sha256=plan["code_sha256"])
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
-    ahead: threading.Thread | None = None  # the report's figures drawn during the folds (report.draw_ahead)
+    ahead: Ahead | None = None  # the report's figures drawn during the folds (report.draw_ahead)
     result = RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     restore_signals = raise_on_stop_signal()
     # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
@@ -266,10 +267,8 @@ def main(grid: Grid, context: Context) -> None:
         if loso or local:  # every fold of both in the same rounds (fold-batching)
             from server import report  # loaded at the first wait (warm_imports)
 
-            # the report's figures known by now, drawn once the folds' first round has left, while their rounds are
-            # out (ctx.idle, server/folds.py: not in their turns) or when the outputs wait for them
-            ctx.idle.clear()
-            ahead = report.draw_ahead(result, ctx.idle)
+            # the report's figures known by now, drawn in a niced child process while the folds run (server.drawing)
+            ahead = report.draw_ahead(result)
             held_out, alone = validation.external_and_local(ctx, fed, agreement, covariate_spec, loso, local,
                                                             family=fitted.family, main=fitted)
             if loso:

@@ -9,7 +9,6 @@ leave-one-site-out fold's training sites, or one site alone for the local-only b
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -101,19 +100,10 @@ class Run:
     # replies fetched ahead of their query (merge-phases, server/merging.py); shared by the folds' copies of the run,
     # whose requests differ by their fold tag
     prefetched: merging.Prefetched = field(default_factory=merging.Prefetched)
-    # clear while the folds' coordinator is busy (their turns, packing, unpacking: server/folds.py) and, as the app
-    # starts the report's drawing, until their first round has left: the figures drawn ahead wait for it, so they
-    # take the process's GIL only while a round of the folds is out (or once the folds are over)
-    idle: threading.Event = field(default_factory=lambda: _set(threading.Event()))
 
     @property
     def timeout(self) -> float:
         return self.config.query_timeout
-
-
-def _set(event: threading.Event) -> threading.Event:
-    event.set()
-    return event
 
 
 @dataclass

@@ -145,15 +145,14 @@ class _GcClock:
         self.full += info.get("generation") == 2
 
 
-def _run_turns(grid: Grid, timeout: float, turns: list[_Turn], sync: Callable[[], None],
-               idle: threading.Event) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
+def _run_turns(grid: Grid, timeout: float, turns: list[_Turn],
+               sync: Callable[[], None]) -> tuple[int, int, int, dict[str, float], dict[str, float]]:
     """Drive the fold threads until every one has finished; returns (messages, sub-requests, rounds) sent, the
     wall seconds by step: the folds' own work between rounds (pooling, audit, building requests), packing, the
     round trips (the sites and Flower's delivery), unpacking; and the CPU seconds: the fold threads' in their turns,
     this thread's packing and unpacking, and the whole process's over the folds (Flower's simulation threads and
     any other thread of the ServerApp's process too). ``sync`` puts the folds' audit entries on disk (they write them
-    deferred): once per round, after every fold's turn and before anything leaves. ``idle`` is set only while a
-    round is out (the caller sets it again when the folds end)."""
+    deferred): once per round, after every fold's turn and before anything leaves."""
     messages = requests = rounds = 0
     spent = dict.fromkeys(("folds", "pack", "sites", "unpack"), 0.0)
     cpu = dict.fromkeys(("pack", "unpack"), 0.0)
@@ -179,11 +178,7 @@ def _run_turns(grid: Grid, timeout: float, turns: list[_Turn], sync: Callable[[]
         rounds, messages = rounds + 1, messages + len(batches)
         requests += sum(len(t.pending) for t in waiting)
         t2, c2 = time.perf_counter(), time.thread_time()
-        idle.set()  # the round is out: the coordinator's GIL is free for others until its replies are in
-        try:
-            replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
-        finally:
-            idle.clear()
+        replies = list(grid.send_and_receive([b.message for b in batches], timeout=timeout))
         t3, c3 = time.perf_counter(), time.thread_time()
         by_request = _unpack(batches, replies)
         for t in waiting:
@@ -221,7 +216,6 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
         return {}
     kinds = sorted({j.kind for j in jobs})
     if not run.config.fold_batching:
-        run.idle.set()  # one fold at a time, each as a run of its own: no turns to keep the GIL for
         counting = CountingGrid(run.grid)
         alone = replace(run, grid=counting)
         out = {}
@@ -262,11 +256,8 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
     # collector's sight until the folds end: a full collection walked all of them (~350,000: 0.85 s at load 15), some
     # of them during the folds' turns, holding the GIL; only the folds' own objects are collected meanwhile
     gc.freeze()
-    # the report's figures drawn ahead (report.draw_ahead) wait while the fold turns, packing and unpacking run: they
-    # held the GIL half the time of the folds' first turns (4.5-7.5 s against 1.9-2.6 s without them, stop 33)
-    run.idle.clear()
     try:
-        messages, requests, rounds, spent, cpu = _run_turns(run.grid, run.timeout, turns, run.audit.sync, run.idle)
+        messages, requests, rounds, spent, cpu = _run_turns(run.grid, run.timeout, turns, run.audit.sync)
     except BaseException:  # e.g. the coordinator was stopped: every waiting fold ends, nothing more is sent
         for turn in turns:
             turn.aborted = True
@@ -275,7 +266,6 @@ def run_folds(run: Run, jobs: list[FoldJob]) -> dict[str, Any]:
             run.audit.sync()  # what the folds logged so far, on disk as the stop is logged
         raise
     finally:
-        run.idle.set()
         gc.unfreeze()
     for t in threads:
         t.join()

@@ -11,14 +11,13 @@ failed runs) or cannot be built says "not available: <why>", so a report can alw
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
-import threading
 from typing import Any
 
 from server import plots
-from server.report_blocks import DRAWN, Figure, Section, draw, esc, figure_key, short, to_html, to_markdown, unavailable
+from server.drawing import Ahead
+from server.report_blocks import DRAWN, Section, esc, short, to_html, to_markdown, unavailable
 from server.report_sections import DEMO_STAMP, SECTIONS, all_site_names, final_table
 from server.results import RunResult, write_metrics
 
@@ -40,65 +39,29 @@ code{font-size:.9em}details{margin:.5em 0}
 .nw{white-space:normal}#headline th{width:auto}}"""
 
 
-def write_outputs(result: RunResult, ahead: threading.Thread | None = None) -> None:
-    """metrics.json, report.md and report.html in the run folder; ``ahead``: the thread ``draw_ahead`` started,
-    waited for before any figure is drawn here (its figures are used where the final document draws the same)."""
+def write_outputs(result: RunResult, ahead: Ahead | None = None) -> None:
+    """metrics.json, report.md and report.html in the run folder; ``ahead``: what ``draw_ahead`` started, waited for
+    before any figure is drawn here (its figures are used where the final document draws the same)."""
     doc = write_metrics(result)
     try:
         (result.folder / "report.md").write_text(render_markdown(doc), encoding="utf-8")
         if ahead is not None:
             ahead.join()
+            DRAWN.update(ahead.drawn)
         (result.folder / "report.html").write_text(render_html(doc), encoding="utf-8")
     finally:
         DRAWN.clear()
 
 
-def draw_ahead(result: RunResult, idle: threading.Event | None = None) -> threading.Thread:
-    """Draw, in a thread, the figures of the report the run's results so far would give (the outputs' largest
-    cost: about 2 s of matplotlib idle, 4 to 7 s loaded), while the coordinator waits for the sites' last rounds.
-    Only a figure the final document draws from the same plot, data, colours and options (``figure_key``, byte for
-    byte) is taken from these; every other one is drawn at the end as before, so the report is the same. ``idle``
-    (``Run.idle``): each figure waits until it is set, i.e. while the folds' coordinator waits for a round trip
-    (and once the folds are over), not while their turns hold the process's GIL."""
-    doc = copy.deepcopy(result.as_json())  # the result goes on changing in the main thread
-    thread = _Drawing(doc, idle)
-    thread.start()
-    return thread
-
-
-class _Drawing(threading.Thread):
-    """The drawing-ahead thread. Joining it opens its gate first: whoever waits for the figures (the outputs) has no
-    turns left to keep the GIL for, whatever ended the folds or kept them from starting."""
-
-    def __init__(self, doc: dict[str, Any], idle: threading.Event | None) -> None:
-        super().__init__(target=_draw_figures, args=(doc, idle), name="radfed-draw-ahead", daemon=True)
-        self.idle = idle
-
-    def join(self, timeout: float | None = None) -> None:
-        if self.idle is not None:
-            self.idle.set()
-        super().join(timeout)
-
-
-def _draw_figures(doc: dict[str, Any], idle: threading.Event | None = None) -> None:
-    try:
-        if idle is not None:
-            idle.wait()
-        colours = plots.site_colours(all_site_names(doc))
-        for _sid, _title, build in SECTIONS:
-            try:
-                blocks = build(doc).blocks
-            except Exception:  # noqa: BLE001  # a section the results so far cannot build yet
-                continue
-            for b in blocks:
-                key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
-                if key is not None and key not in DRAWN:
-                    if idle is not None:
-                        idle.wait()  # one figure at a time, each begun only while the coordinator is idle
-                    with contextlib.suppress(ValueError):  # drawn (and explained) at the end, if still there
-                        DRAWN[key] = draw(b, colours)
-    except Exception as exc:  # noqa: BLE001  # drawing ahead is only a head start: the outputs draw everything
-        log.debug("report figures not drawn ahead: %s: %s", type(exc).__name__, exc)
+def draw_ahead(result: RunResult) -> Ahead:
+    """Start drawing the figures of the report the run's results so far would give (the outputs' largest cost: about
+    2.5 s of matplotlib), in a child process at the lowest CPU priority (``server.drawing``), while the coordinator
+    waits for the sites' last rounds. Only a figure the final document draws from the same plot, data, colours and
+    options (``figure_key``, byte for byte) is taken from these; every other one is drawn at the end as before, so
+    the report is the same."""
+    ahead = Ahead(copy.deepcopy(result.as_json()))  # the result goes on changing in the main thread
+    ahead.start()
+    return ahead
 
 
 def _broken(sid: str, title: str, exc: Exception) -> Section:

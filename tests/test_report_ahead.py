@@ -47,7 +47,7 @@ def _outputs(tmp_path: Path, demo_root: Path, name: str, ahead_of_folds: bool, c
             counts[0] += 1
         ahead = report.draw_ahead(result)
         ahead.join()
-        drawn = set(DRAWN)
+        drawn = set(ahead.drawn)
         result.validation, result.harmonization = final_validation, final_harmonization
         final = _figure_keys(result.as_json())
         taken = sum(key in drawn for key in final)

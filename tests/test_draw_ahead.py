@@ -1,0 +1,47 @@
+"""The report's figures drawn ahead run in a child process at the lowest CPU priority (``server.drawing``): it draws
+the same PNGs this process would, is gone once joined, and when it cannot run the outputs draw everything themselves
+(tests/test_report_ahead.py: the report is the same either way)."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from report_helpers import SITES, make_result
+
+from server import drawing, report
+from server.report_blocks import DRAWN
+
+
+@pytest.fixture
+def result(tmp_path: Path):
+    root = tmp_path / "demo-data"
+    root.mkdir()
+    (root / report.DEMO_STAMP).write_text(json.dumps({"seed": 0, "sites": [{"name": n} for n in SITES]}))
+    folder = tmp_path / "run"
+    folder.mkdir()
+    return make_result(folder, root)
+
+
+def test_the_child_draws_at_the_lowest_priority_what_this_process_would_draw(result):
+    ahead = report.draw_ahead(result)
+    ahead.join()
+    assert ahead.pid is not None and ahead.pid != os.getpid()
+    assert ahead.priority == (max(drawing.NICE, os.getpriority(os.PRIO_PROCESS, 0)), os.SCHED_IDLE)
+    with pytest.raises(ProcessLookupError):  # waited for: nothing of it is left running
+        os.kill(ahead.pid, 0)
+    here = drawing.figures(json.loads(json.dumps(result.as_json())))
+    assert len(here) >= 6 and ahead.drawn == here  # the same keys, the same PNG bytes
+
+
+def test_a_child_that_cannot_start_leaves_the_drawing_to_the_outputs(result, monkeypatch):
+    monkeypatch.setattr(sys, "executable", str(Path(result.folder) / "no-such-python"))
+    ahead = report.draw_ahead(result)
+    ahead.join()
+    assert ahead.drawn == {} and ahead.priority is None
+    report.write_outputs(result, ahead)
+    html = (Path(result.folder) / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") >= 6 and not DRAWN
