@@ -23,7 +23,8 @@ every thread (bench/loso_app.py: the fold threads too) and prints the top functi
 
 ``--profile-sites N`` (alone: ``--sites ''``) runs one batched N-site run with every site's ClientApp under cProfile
 inside the simulation (bench/loso_site_app.py: one profiler per Ray worker, every site it serves) and prints the sites'
-CPU by message type and the top functions by own time.
+CPU by message type, how many workers were busy over the folds (and the gap between one worker's messages), and the
+top functions by own time.
 
 ``--profile N`` (alone: ``--sites ''``) profiles, in this process, one site answering the ``query.batch`` of a
 leave-one-site-out round over N sites (N - 1 Newton requests, every mod included, bench/site_messages.py): ms per
@@ -201,6 +202,24 @@ def profile_server(work: Path, dirs: list[Path], config: dict) -> None:
     print_columns("The folds' coordinator under the profiler (s)", STEP_HEADER, [steps])
 
 
+def occupancy(timelines: list[list[list]], start: float, end: float,
+              within: float = 0.1) -> tuple[list[float], float, int]:
+    """From each worker's (start, end, type) calls (epoch s): the seconds between ``start`` and ``end`` with 0, 1, ...
+    workers inside the ClientApp, and the mean gap between one worker's consecutive calls shorter than ``within``
+    (inside one round) with their number."""
+    edges = sorted([(max(a, start), 1) for tl in timelines for a, b, _ in tl if b > start and a < end]
+                   + [(min(b, end), -1) for tl in timelines for a, b, _ in tl if b > start and a < end])
+    busy = [0.0] * (len(timelines) + 1)
+    level, at = 0, start
+    for t, step in edges:
+        busy[level] += t - at
+        level, at = level + step, t
+    busy[level] += end - at
+    gaps = [b[0] - a[1] for tl in timelines for a, b in zip(tl, tl[1:], strict=False)
+            if start <= a[1] <= end and 0 <= b[0] - a[1] < within]
+    return busy, (sum(gaps) / len(gaps) if gaps else 0.0), len(gaps)
+
+
 def profile_sites(work: Path, dirs: list[Path], config: dict) -> None:
     """One batched run with every site's ClientApp under cProfile (bench/loso_site_app.py): the sites' CPU inside the
     ClientApp by message type and the top functions by own time, over every worker."""
@@ -223,6 +242,19 @@ def profile_sites(work: Path, dirs: list[Path], config: dict) -> None:
                   f"{cpu:.1f} s of CPU in all)", ["message type", "calls", "wall s", "CPU s"],
                   [[k, str(int(v[0])), f"{v[1]:.1f}", f"{v[2]:.1f}"] for k, v in sorted(spent.items(),
                                                                                    key=lambda kv: -kv[1][2])])
+    timelines = [json.loads(Path(p).read_text(encoding="utf-8")).get("timeline", [])
+                 for p in glob.glob(str(folder / "site-*.json"))]
+    entries = [json.loads(line) for p in glob.glob(str(folder / "*" / "audit.jsonl"))
+               for line in Path(p).read_text(encoding="utf-8").splitlines()]
+    starts = [_time(e).timestamp() for e in entries if e.get("event") == "fold-start"]
+    ends = [_time(e).timestamp() for e in entries if e.get("event") == "folds-end"]
+    if starts and ends:
+        busy, gap, gaps = occupancy(timelines, starts[0], ends[-1])
+        print_columns(f"The sites' workers over the folds ({ends[-1] - starts[0]:.1f} s): seconds with this many "
+                      "workers inside radfed's ClientApp, and the mean gap between one worker's messages within a "
+                      "round (Flower's and Ray's delivery: the worker waits)",
+                      ["workers busy", *map(str, range(len(busy))), "gap ms (gaps)"],
+                      [["seconds", *(f"{b:.1f}" for b in busy), f"{1000 * gap:.1f} ({gaps})"]])
     text_out = io.StringIO()
     pstats.Stats(*glob.glob(str(folder / "site-*.prof")), stream=text_out).sort_stats("tottime").print_stats(25)
     print(f"\ncProfile of the sites' ClientApp, {len(dirs)} sites, whole run; top functions by own time:")

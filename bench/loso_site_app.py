@@ -3,9 +3,9 @@
 Copied as ``lososites.py`` into a scratch app folder beside radfed's code (bench.bench_messages.make_app). Every call
 of radfed's ClientApp (every message and ``query.batch``, all mods included) runs under one profiler per Ray worker
 process; each worker writes ``<output-dir>/site-<pid>.prof`` and ``site-<pid>.json`` (per message type: calls, wall
-and CPU seconds inside the ClientApp, and the process's CPU in all) every 10 calls, so the last state is on disk when
-Flower stops the workers. In-process profiling of one site (``--profile``) misses what the simulation does: one worker
-serving every site, its caches shared between them.
+and CPU seconds inside the ClientApp; the process's CPU in all; every call's start and end, ``timeline``) every 10
+calls, so the last state is on disk when Flower stops the workers. In-process profiling of one site (``--profile``)
+misses what the simulation does: one worker serving every site, its caches shared between them.
 
 With ``RADFED_SITE_PROFILE=0`` no profiler runs (the CPU by message type is then the sites' own, without cProfile's
 share). With ``RADFED_CAPTURE_NODE=<partition id>`` in the environment, the worker serving that node also pickles every
@@ -31,6 +31,7 @@ from client.app import app as radfed
 _PROFILER = cProfile.Profile()
 _SPENT: dict[str, list[float]] = {}  # message type -> [calls, wall s, CPU s] inside the ClientApp
 _CALLS = [0]
+_TIMELINE: list[tuple[float, float, str]] = []  # each call's (start, end) epoch seconds and message type
 _GC = {"seconds": [0.0, 0.0, 0.0], "collections": [0, 0, 0], "started": [0.0]}  # the collector's CPU by generation
 
 
@@ -53,7 +54,7 @@ class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a 
     def __call__(self, message: Message, context: Context) -> Message:
         _capture(message, context)
         profiled = os.environ.get("RADFED_SITE_PROFILE", "1") != "0"  # "0": only the CPU by message type
-        wall, cpu = time.perf_counter(), time.process_time()
+        wall, cpu, began = time.perf_counter(), time.process_time(), time.time()
         if profiled:
             _PROFILER.enable()
         try:
@@ -66,6 +67,7 @@ class _Profiled(type(radfed)):  # type: ignore[misc]  # Flower's loader wants a 
             spent[1] += time.perf_counter() - wall
             spent[2] += time.process_time() - cpu
             _CALLS[0] += 1
+            _TIMELINE.append((began, time.time(), message.metadata.message_type))
             if _CALLS[0] % 10 == 0:
                 _dump(Path(str(context.run_config["output-dir"])).expanduser())
 
@@ -85,7 +87,8 @@ def _dump(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     if os.environ.get("RADFED_SITE_PROFILE", "1") != "0":
         _PROFILER.dump_stats(str(out / f"site-{os.getpid()}.prof"))
-    doc = {"spent": _SPENT, "cpu": time.process_time(), "gc": {k: _GC[k] for k in ("seconds", "collections")}}
+    doc = {"spent": _SPENT, "cpu": time.process_time(), "gc": {k: _GC[k] for k in ("seconds", "collections")},
+           "timeline": _TIMELINE}
     (out / f"site-{os.getpid()}.json").write_text(json.dumps(doc), encoding="utf-8")
 
 
