@@ -28,8 +28,8 @@ from radfed.launch import (
     parse_overrides,
     ray_address,
     ray_head,
-    wait_port,
 )
+from radfed.processes import wait_port
 
 # The demo's federation in the launcher's own process: Flower's simulation API (flwr/simulation/run_simulation.py
 # `_run_simulation`, which `flwr-simulation` itself calls once it has the run from its SuperLink) on the run's Ray head,

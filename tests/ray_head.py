@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from radfed.launch import free_port
+from radfed.processes import free_port
 
 READY = "Ray runtime started"
 ATTEMPTS = 2  # starts of the head per session; after that, each run starts its own cluster as without this module

@@ -18,16 +18,8 @@ import ray_head as shared_ray_head
 from federation_helpers import flower_processes_of
 
 from common.protocol import RUN_END_MARK, START_GATE
-from radfed.launch import (
-    END_GRACE,
-    READY_TIMEOUT,
-    ray_head,
-    simulation_superlink,
-    stop_tree,
-    stop_trees,
-    wait_dead,
-    wait_port,
-)
+from radfed.launch import END_GRACE, READY_TIMEOUT, ray_head, simulation_superlink
+from radfed.processes import stop_tree, stop_trees, wait_dead, wait_port
 
 # A process that notes any SIGTERM in a file and lives on, then starts itself again in a session of its own (as the
 # SuperLink starts the SuperExec): the parent's process group does not reach the copy, only its pid does.
