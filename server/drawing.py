@@ -8,8 +8,10 @@ drawing thread, 12.5 s without it). A child at the lowest priority holds no lock
 on a core the sites and the coordinator leave free (the folds' coordinator turns use one; the waits between rounds);
 what it has not drawn when the outputs are written it finishes then, at full speed, with nothing else to run.
 
-``python -m server.drawing`` is the child: the metrics document in (pickled, on stdin), {figure key: PNG} out
-(pickled, on stdout). It reads only what the parent hands it and writes nothing else.
+``python -m server.drawing`` is the child: the metrics document in (pickled, on stdin), each (figure key, PNG) out as
+it is drawn (pickled, on stdout). It reads only what the parent hands it and writes nothing else. The outputs take
+what has arrived and stop a child still drawing: at the lowest priority it may not run at all on a busy machine,
+and they never wait for it (they draw the rest at normal priority, as without it).
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pickle
 import subprocess
 import sys
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -29,15 +32,16 @@ log = logging.getLogger("flwr.radfed.server")
 NICE = 19  # the lowest priority: the sites and the coordinator first
 
 
-def figures(doc: dict[str, Any]) -> dict[bytes, bytes]:
-    """Every figure the metrics document ``doc`` gives, by its key: a section the document cannot build yet is skipped
-    (drawn at the end if it is there then), as is a figure that cannot be drawn (explained at the end)."""
+def draw_each(doc: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
+    """(key, PNG) of every figure the metrics document ``doc`` gives, one at a time: a section the document cannot
+    build yet is skipped (drawn at the end if it is there then), as is a figure that cannot be drawn (explained at
+    the end)."""
     from server import plots
     from server.report_blocks import Figure, figure_key
     from server.report_sections import SECTIONS, all_site_names
 
     colours = plots.site_colours(all_site_names(doc))
-    drawn: dict[bytes, bytes] = {}
+    drawn: set[bytes] = set()
     for _sid, _title, build in SECTIONS:
         try:
             blocks = build(doc).blocks
@@ -46,14 +50,15 @@ def figures(doc: dict[str, Any]) -> dict[bytes, bytes]:
         for b in blocks:
             key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
             if key is not None and key not in drawn:
+                drawn.add(key)
                 with contextlib.suppress(ValueError):
-                    drawn[key] = b.plot(*b.args, colours, **b.options)
-    return drawn
+                    yield key, b.plot(*b.args, colours, **b.options)
 
 
 class Ahead(threading.Thread):
-    """Runs the child and, once it has answered, holds its figures (``drawn``) and its ``priority``; joined by
-    the outputs. A child that fails leaves ``drawn`` empty: the outputs then draw everything themselves."""
+    """Runs the child and collects its figures as each arrives (``drawn``), with its ``priority``. The outputs
+    ``take`` them: a child still drawing then is stopped (at the lowest priority it may wait for ever on a busy
+    machine), and the outputs draw the rest themselves, as they do for any figure a failed child did not send."""
 
     def __init__(self, doc: dict[str, Any]) -> None:
         super().__init__(name="radfed-draw-ahead", daemon=True)
@@ -61,6 +66,9 @@ class Ahead(threading.Thread):
         self.drawn: dict[bytes, bytes] = {}
         self.priority: tuple[int, int | None] | None = None  # the child's (nice, scheduling policy)
         self.pid: int | None = None
+        self._child: subprocess.Popen | None = None
+        self._taken = threading.Event()
+        self._lock = threading.Lock()
 
     def run(self) -> None:
         # the child imports this app's packages from where this process found them (Flower's app folder in a run)
@@ -68,16 +76,37 @@ class Ahead(threading.Thread):
         env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH")) if p),
                "MPLBACKEND": "Agg"}
         try:
-            with subprocess.Popen([sys.executable, "-m", "server.drawing"], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, cwd=root) as child:
-                self.pid = child.pid
-                _lowest_priority(child.pid)
-                out, err = child.communicate(self._doc)
-            if child.returncode != 0:
-                raise RuntimeError(f"exit code {child.returncode}: {err.decode(errors='replace')[-400:]}")
-            self.priority, self.drawn = pickle.loads(out)  # noqa: S301  # our own child's answer, through a pipe
+            with self._lock:
+                if self._taken.is_set():
+                    return
+                self._child = subprocess.Popen([sys.executable, "-m", "server.drawing"], stdin=subprocess.PIPE,
+                                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root)
+            child = self._child
+            self.pid = child.pid
+            _lowest_priority(child.pid)
+            with child:
+                child.stdin.write(self._doc)  # type: ignore[union-attr]
+                child.stdin.close()  # type: ignore[union-attr]
+                self.priority = pickle.load(child.stdout)  # type: ignore[arg-type]  # noqa: S301  # our own child
+                while True:
+                    try:
+                        key, png = pickle.load(child.stdout)  # type: ignore[arg-type]  # noqa: S301
+                    except EOFError:
+                        break
+                    self.drawn[key] = png
         except Exception as exc:  # noqa: BLE001  # drawing ahead is only a head start: the outputs draw everything
             log.debug("report figures not drawn ahead: %s: %s", type(exc).__name__, exc)
+
+    def take(self) -> dict[bytes, bytes]:
+        """The figures drawn so far; the child, if still drawing, is stopped first (by its pid) and waited for."""
+        with self._lock:
+            self._taken.set()
+            if self._child is not None and self._child.poll() is None:
+                with contextlib.suppress(OSError):
+                    self._child.kill()
+        if self.is_alive():
+            self.join()
+        return dict(self.drawn)
 
 
 def _lowest_priority(pid: int) -> None:
@@ -92,11 +121,15 @@ def _lowest_priority(pid: int) -> None:
 
 
 def main() -> None:
-    """The child: the document from stdin, the figures (and the priority they were drawn at) to stdout."""
+    """The child: the document from stdin; to stdout, the priority it draws at, then each figure as it is drawn."""
     doc = pickle.load(sys.stdin.buffer)  # noqa: S301  # from the parent, through a pipe
+    out = sys.stdout.buffer
     policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
-    answer = ((os.getpriority(os.PRIO_PROCESS, 0), policy), figures(doc))
-    sys.stdout.buffer.write(pickle.dumps(answer, protocol=pickle.HIGHEST_PROTOCOL))
+    pickle.dump((os.getpriority(os.PRIO_PROCESS, 0), policy), out)
+    out.flush()
+    for item in draw_each(doc):
+        pickle.dump(item, out, protocol=pickle.HIGHEST_PROTOCOL)
+        out.flush()  # each figure is the parent's as soon as it is drawn: the outputs may stop the child any time
 
 
 if __name__ == "__main__":

@@ -40,14 +40,14 @@ code{font-size:.9em}details{margin:.5em 0}
 
 
 def write_outputs(result: RunResult, ahead: Ahead | None = None) -> None:
-    """metrics.json, report.md and report.html in the run folder; ``ahead``: what ``draw_ahead`` started, waited for
-    before any figure is drawn here (its figures are used where the final document draws the same)."""
+    """metrics.json, report.md and report.html in the run folder; ``ahead``: what ``draw_ahead`` started, whose
+    figures drawn so far are taken (and the child stopped) before any figure is drawn here; they are used where the
+    final document draws the same."""
     doc = write_metrics(result)
     try:
         (result.folder / "report.md").write_text(render_markdown(doc), encoding="utf-8")
         if ahead is not None:
-            ahead.join()
-            DRAWN.update(ahead.drawn)
+            DRAWN.update(ahead.take())
         (result.folder / "report.html").write_text(render_html(doc), encoding="utf-8")
     finally:
         DRAWN.clear()

@@ -1,11 +1,13 @@
 """The report's figures drawn ahead run in a child process at the lowest CPU priority (``server.drawing``): it draws
-the same PNGs this process would, is gone once joined, and when it cannot run the outputs draw everything themselves
-(tests/test_report_ahead.py: the report is the same either way)."""
+the same PNGs this process would; the outputs never wait for it (a child still drawing when they are written is
+stopped, by its pid), and when it cannot run they draw everything themselves (tests/test_report_ahead.py: the report
+is the same either way)."""
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 
@@ -33,7 +35,7 @@ def test_the_child_draws_at_the_lowest_priority_what_this_process_would_draw(res
     assert ahead.priority == (max(drawing.NICE, os.getpriority(os.PRIO_PROCESS, 0)), os.SCHED_IDLE)
     with pytest.raises(ProcessLookupError):  # waited for: nothing of it is left running
         os.kill(ahead.pid, 0)
-    here = drawing.figures(json.loads(json.dumps(result.as_json())))
+    here = dict(drawing.draw_each(json.loads(json.dumps(result.as_json()))))
     assert len(here) >= 6 and ahead.drawn == here  # the same keys, the same PNG bytes
 
 
@@ -43,5 +45,21 @@ def test_a_child_that_cannot_start_leaves_the_drawing_to_the_outputs(result, mon
     ahead.join()
     assert ahead.drawn == {} and ahead.priority is None
     report.write_outputs(result, ahead)
+    html = (Path(result.folder) / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") >= 6 and not DRAWN
+
+
+def test_the_outputs_stop_a_child_still_drawing_and_draw_the_rest(result):
+    """A child that gets no CPU (SCHED_IDLE on a busy machine), here one held stopped: the outputs do not wait."""
+    ahead = report.draw_ahead(result)
+    while ahead.pid is None and ahead.is_alive():
+        ahead.join(0.01)
+    pid = ahead.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    report.write_outputs(result, ahead)
+    assert not ahead.is_alive() and ahead._child is not None and ahead._child.returncode == -signal.SIGKILL
+    with pytest.raises(ProcessLookupError):  # stopped and waited for
+        os.kill(pid, 0)
     html = (Path(result.folder) / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 6 and not DRAWN
