@@ -5,8 +5,7 @@ byte (``report_blocks.figure_key``), so the report is the same as drawn at the e
 Why a process, not a thread of the ServerApp: drawing (matplotlib, ~2.5 s of CPU for the demo's report) took the
 coordinator's GIL and a core from the sites while the folds ran (48 sites: leave-one-site-out's folds 15.3 s with the
 drawing thread, 12.5 s without it). A child at the lowest priority holds no lock of the coordinator's and runs only
-on a core the sites and the coordinator leave free (the folds' coordinator turns use one; the waits between rounds);
-what it has not drawn when the outputs are written it finishes then, at full speed, with nothing else to run.
+on a core the sites and the coordinator leave free (the folds' coordinator turns use one; the waits between rounds).
 
 ``python -m server.drawing`` is the child: the metrics document in (pickled, on stdin), each (figure key, PNG) out as
 it is drawn (pickled, on stdout). It reads only what the parent hands it and writes nothing else. The outputs take
@@ -49,10 +48,14 @@ def draw_each(doc: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
             continue
         for b in blocks:
             key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
-            if key is not None and key not in drawn:
-                drawn.add(key)
-                with contextlib.suppress(ValueError):
-                    yield key, b.plot(*b.args, colours, **b.options)
+            if key is None or key in drawn:
+                continue
+            drawn.add(key)
+            try:
+                png = b.plot(*b.args, colours, **b.options)
+            except ValueError:
+                continue
+            yield key, png
 
 
 class Ahead(threading.Thread):
@@ -65,10 +68,14 @@ class Ahead(threading.Thread):
         self._doc = pickle.dumps(doc, protocol=pickle.HIGHEST_PROTOCOL)
         self.drawn: dict[bytes, bytes] = {}
         self.priority: tuple[int, int | None] | None = None  # the child's (nice, scheduling policy)
-        self.pid: int | None = None
         self._child: subprocess.Popen | None = None
-        self._taken = threading.Event()
+        self._taken = False  # the outputs took the figures: no child is started after that
         self._lock = threading.Lock()
+
+    @property
+    def pid(self) -> int | None:
+        """The child's pid, once started."""
+        return None if self._child is None else self._child.pid
 
     def run(self) -> None:
         # the child imports this app's packages from where this process found them (Flower's app folder in a run)
@@ -77,12 +84,11 @@ class Ahead(threading.Thread):
                "MPLBACKEND": "Agg"}
         try:
             with self._lock:
-                if self._taken.is_set():
+                if self._taken:
                     return
                 self._child = subprocess.Popen([sys.executable, "-m", "server.drawing"], stdin=subprocess.PIPE,
                                                stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env, cwd=root)
             child = self._child
-            self.pid = child.pid
             _lowest_priority(child.pid)
             with child:
                 child.stdin.write(self._doc)  # type: ignore[union-attr]
@@ -100,12 +106,11 @@ class Ahead(threading.Thread):
     def take(self) -> dict[bytes, bytes]:
         """The figures drawn so far; the child, if still drawing, is stopped first (by its pid) and waited for."""
         with self._lock:
-            self._taken.set()
+            self._taken = True
             if self._child is not None and self._child.poll() is None:
                 with contextlib.suppress(OSError):
                     self._child.kill()
-        if self.is_alive():
-            self.join()
+        self.join()
         return dict(self.drawn)
 
 
