@@ -58,9 +58,14 @@ def progress(entries: list[dict[str, Any]], now: datetime | None = None) -> dict
     training (the main model's or a fold's), ``fold`` (kind, name, index, of) or None, ``folds_done``/``folds``,
     ``sites`` (``taking_part``, ``answered_last_round``, ``left`` with phase and reason), ``started``,
     ``elapsed_s`` and ``remaining_s`` (an estimate from the pace so far; None until there is one)."""
-    if not entries or entries[0].get("event") != "run-start":
-        raise ValueError("not a radfed audit log: it does not start with run-start")
     now = now or datetime.now(UTC)
+    if not entries:  # the run has created its log and not yet written its first line whole
+        return {"run_id": None, "status": "running", "phase": "starting", "round": 0, "rounds": 0,
+                "rounds_are_a_cap": False, "fold": None, "folds_done": 0, "folds": 0, "started": None,
+                "error": None, "elapsed_s": 0.0, "families": {}, "remaining_s": None,
+                "sites": {"taking_part": [], "answered_last_round": [], "left": []}}
+    if entries[0].get("event") != "run-start":
+        raise ValueError("not a radfed audit log: it does not start with run-start")
     start = entries[0]["data"]
     config = dict(start.get("config") or {})
     # the first listed family is the reference whose rounds are counted (trees: "gbt")
@@ -171,7 +176,7 @@ def latest_run(output_dir: Path) -> Path:
 
 def describe(p: dict[str, Any]) -> str:
     """The progress as a few plain lines."""
-    head = f"run {p['run_id']}: {p['status']}"
+    head = f"run {p['run_id'] if p['run_id'] is not None else '(not yet numbered)'}: {p['status']}"
     if p["status"] == "running":
         head += f", {p['phase']}"
         if p["phase"] in ("training", "leave-one-site-out", "local-only", "cross-validation") and p["round"]:

@@ -118,6 +118,27 @@ def test_the_estimate_of_time_left_follows_the_pace(tmp_path):
         progress(read_entries(tmp_path / "other.jsonl"))
 
 
+def test_status_of_a_run_whose_log_is_not_yet_written_says_starting(tmp_path, capsys):
+    """The run creates its audit log before the first line is whole: a look in between (CI caught one) is a run
+    starting, not a broken log; once run-start is whole the run has its number."""
+    folder = tmp_path / "runs" / "20261201T000000-run7"
+    folder.mkdir(parents=True)
+    log = folder / "audit.jsonl"
+    log.write_text("")
+    for text in ("", '{"event": "run-st'):
+        log.write_text(text)
+        assert main(["status", "--output-dir", str(tmp_path / "runs"), "--json"]) == 0
+        state = json.loads(capsys.readouterr().out)
+        assert (state["status"], state["phase"], state["run_id"]) == ("running", "starting", None)
+        assert main(["status", str(folder)]) == 0
+        assert "run (not yet numbered): running, starting" in capsys.readouterr().out
+    log.unlink()
+    _log(log)
+    assert main(["status", str(folder), "--json"]) == 0
+    state = json.loads(capsys.readouterr().out)
+    assert (state["status"], state["phase"], state["run_id"]) == ("running", "plan", 9)
+
+
 def test_status_watches_a_running_simulation(tmp_path, capsys):
     root = tmp_path / "data"
     for i, spec in enumerate(synth.tiny_sites(3, 10)):
