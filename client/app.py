@@ -178,6 +178,23 @@ def combat_join(msg: Message, context: Context) -> Message:
     return _reply(msg, data.declare("all", {"n": ""}), metrics=MetricRecord({"n": len(x)}))
 
 
+@app.query("combat_keep")
+def combat_keep(msg: Message, context: Context) -> Message:
+    """A fold whose moments the coordinator worked out from what this site sent for the main run (no moments query,
+    server/derived_moments.py): fit and keep the site's own ComBat location/scale for the fold from its training
+    split's moments, as the coordinator did, for the fold's later queries. Only the number of training cases leaves."""
+    agreed = agreements.accept(context, msg, "features", "features")  # type: ignore[arg-type]
+    config, data, run = msg.content["config"], _data(context, msg), _run(context)
+    if not run.combat_parametric or run.combat_covariates.strip():
+        raise SiteError("a fold's ComBat is kept from its moments only with parametric ComBat and no covariates; "
+                        "this run has other settings, so the coordinator must ask for the fold's moments: restart it")
+    x, _ = steps.site_matrix(data, steps.radiomics_names(agreed), held_out=False)
+    _keep_combat(context, msg, compute.combat_fit_from_moments(
+        x, decode_all(msg.content["arrays"]), int(config["site-index"]), int(config["n-pooled"]), run),  # type: ignore[union-attr, arg-type, index]
+        data.site)
+    return _reply(msg, data.declare("train", {"n": ""}), metrics=MetricRecord({"n": len(x)}))
+
+
 @app.query("moments")
 def moments(msg: Message, context: Context) -> Message:
     config = msg.content["config"]
@@ -201,6 +218,9 @@ def moments(msg: Message, context: Context) -> Message:
                                                       decode(pooled["var-pooled"]), _run(context))  # type: ignore[union-attr]
         return _reply(msg, declared, arrays=_arrays(noised), metrics=MetricRecord(counts))  # type: ignore[arg-type]
     arrays, counts = compute.moments_reply(x, y)
+    if config.get("raw-classes"):  # type: ignore[union-attr]  # the same cases before ComBat, for the folds' moments
+        x_raw, _ = steps.site_matrix(data, agreed, held_out=False)
+        arrays |= {f"raw-{k}": v for k, v in compute.moments_reply(x_raw, y)[0].items() if k.endswith(("hgg", "bm"))}
     return _reply(msg, declared, arrays=_arrays(arrays), metrics=MetricRecord(counts))
 
 

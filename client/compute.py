@@ -14,7 +14,19 @@ from typing import Any
 import numpy as np
 
 from client.site import SiteError
-from common import clinical, combat, curves, delong, dp_query, exact, families, metrics, moments, selection
+from common import (
+    clinical,
+    combat,
+    combat_moments,
+    curves,
+    delong,
+    dp_query,
+    exact,
+    families,
+    metrics,
+    moments,
+    selection,
+)
 from common.runconfig import RunConfig
 
 
@@ -69,6 +81,22 @@ def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, 
     pooled = combat.PooledEstimates(n_sites=1, n=n_pooled, beta=rows, grand_mean=arrays["grand-mean"],
                                     var_pooled=arrays["var-pooled"], zero_variance=arrays["zero-variance"] > 0.5)
     return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
+
+
+def combat_fit_from_moments(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_pooled: int,
+                            run: RunConfig) -> combat.SiteCombat:
+    """``combat_site_fit`` without covariates, from the training split's moments x (n, d) -> (n, mean, m2): what
+    the coordinator worked a fold's moments out with (server/derived_moments.py), in O(d) per EB iteration."""
+    n, mean, m2 = moments.site_moments(x)
+    zero_variance = np.asarray(arrays["zero-variance"]) > 0.5
+    grand_mean, var_pooled = np.asarray(arrays["grand-mean"], dtype=np.float64), np.asarray(arrays["var-pooled"],
+                                                                                             dtype=np.float64)
+    fit = combat_moments.fit_from_sums(n, mean, m2, grand_mean, var_pooled, zero_variance, eb=run.combat_eb,
+                                       mean_only=run.combat_mean_only)
+    return combat.SiteCombat(site=site, n=n, parametric=True, eb=run.combat_eb, mean_only=run.combat_mean_only,
+                             grand_mean=grand_mean.copy(), beta_cov=np.zeros((0, len(mean))),
+                             var_pooled=var_pooled.copy(), gamma_star=fit.gamma_star, delta_star=fit.delta_star,
+                             unadjusted=fit.unadjusted)
 
 
 def combat_join_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], n_sites: int, n_pooled: int, run: RunConfig,

@@ -6,6 +6,7 @@ data. Used by ``common.combat.fit_site`` / ``join_site``; checked with them agai
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 
 import numpy as np
 
@@ -23,14 +24,34 @@ def location_scale(s: np.ndarray, *, parametric: bool, eb: bool, mean_only: bool
     n, d = s.shape
     gamma_hat = s.mean(axis=0)
     delta_hat = np.ones(d) if mean_only else s.var(axis=0, ddof=1)
-    if not eb:
-        return gamma_hat, delta_hat
+    if eb and not parametric:
+        _check_features(d)
+        gamma_star, delta_star = _int_eprior(s, gamma_hat, delta_hat)
+        return gamma_star, np.ones(d) if mean_only else delta_star
+    return _parametric(n, gamma_hat, delta_hat, lambda g: ((s - g) ** 2).sum(axis=0), eb=eb, mean_only=mean_only)
+
+
+def location_scale_from_moments(n: int, gamma_hat: np.ndarray, m2: np.ndarray, *, eb: bool,
+                                mean_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """``location_scale`` (parametric) from the standardised data's moments alone: n cases, their mean gamma_hat
+    (d,) and centred sum of squares m2 (d,); Σ (s − g)² = m2 + n (gamma_hat − g)² in each EB iteration."""
+    delta_hat = np.ones(len(gamma_hat)) if mean_only else m2 / (n - 1)
+    return _parametric(n, gamma_hat, delta_hat, lambda g: m2 + n * (gamma_hat - g) ** 2, eb=eb, mean_only=mean_only)
+
+
+def _check_features(d: int) -> None:
     if d < 2:
         raise ValueError(f"empirical Bayes pools across features, but only {d} feature(s) can be estimated at "
                          "this site; use eb=False")
-    if not parametric:
-        gamma_star, delta_star = _int_eprior(s, gamma_hat, delta_hat)
-        return gamma_star, np.ones(d) if mean_only else delta_star
+
+
+def _parametric(n: int, gamma_hat: np.ndarray, delta_hat: np.ndarray, sumsq: Callable[[np.ndarray], np.ndarray], *,
+                eb: bool, mean_only: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Parametric EB from the site's estimates; ``sumsq(g)`` = Σ over its cases of (s − g)² per feature."""
+    d = len(gamma_hat)
+    if not eb:
+        return gamma_hat, delta_hat
+    _check_features(d)
     gamma_bar, t2 = gamma_hat.mean(), gamma_hat.var(ddof=1)
     if mean_only:
         # neuroCombat (like R's sva) uses n = 1 and d_star = 1 here.
@@ -40,21 +61,20 @@ def location_scale(s: np.ndarray, *, parametric: bool, eb: bool, mean_only: bool
         raise ValueError("the inverse-gamma prior is undefined: the site's feature variances are all equal; "
                          "use eb=False")
     a_prior, b_prior = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
-    return _it_sol(s, gamma_hat, delta_hat, gamma_bar, t2, a_prior, b_prior)
+    return _it_sol(n, sumsq, gamma_hat, delta_hat, gamma_bar, t2, a_prior, b_prior)
 
 
 def _postmean(g_hat: np.ndarray, g_bar: float, n: float, d_star: np.ndarray | float, t2: float) -> np.ndarray:
     return (t2 * n * g_hat + d_star * g_bar) / (t2 * n + d_star)
 
 
-def _it_sol(s: np.ndarray, g_hat: np.ndarray, d_hat: np.ndarray, g_bar: float, t2: float, a: float,
-            b: float) -> tuple[np.ndarray, np.ndarray]:
-    """neuroCombat's it_sol on s (n, d): alternate posterior mean and variance until the relative change < 1e-4."""
-    n = s.shape[0]
+def _it_sol(n: int, sumsq: Callable[[np.ndarray], np.ndarray], g_hat: np.ndarray, d_hat: np.ndarray, g_bar: float,
+            t2: float, a: float, b: float) -> tuple[np.ndarray, np.ndarray]:
+    """neuroCombat's it_sol: alternate posterior mean and variance until the relative change < 1e-4."""
     g_old, d_old = g_hat, d_hat
     for _ in range(_IT_SOL_MAX_ITER):
         g_new = _postmean(g_hat, g_bar, n, d_old, t2)
-        d_new = (0.5 * ((s - g_new) ** 2).sum(axis=0) + b) / (n / 2.0 + a - 1.0)
+        d_new = (0.5 * sumsq(g_new) + b) / (n / 2.0 + a - 1.0)
         # Same stopping rule as the reference, signed denominator included (it decides the iteration count,
         # and so the last digits of the result).
         with np.errstate(divide="ignore", invalid="ignore"):

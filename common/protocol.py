@@ -43,6 +43,7 @@ FEATURES = "query.features"
 COMBAT_FIT = "query.combat_fit"
 COMBAT_RESIDUALS = "query.combat_residuals"
 COMBAT_JOIN = "query.combat_join"
+COMBAT_KEEP = "query.combat_keep"
 MOMENTS = "query.moments"
 CORRELATION = "query.correlation"
 HISTOGRAMS = "query.histograms"
@@ -170,6 +171,11 @@ REPLIES: dict[str, ReplySpec] = {
         metrics={"n": "usable cases the held-out site fitted its own ComBat location/scale on (kept at the site)"},
         count_keys=("n",),
     ),
+    COMBAT_KEEP: ReplySpec(
+        metrics={"n": "training cases the site fitted its own ComBat location/scale for a fold on (kept at the site; "
+                      "the fold's moments were worked out from the sums it sent for the main run)"},
+        count_keys=("n",),
+    ),
     MOMENTS: ReplySpec(
         arrays={
             "mean": ArraySpec("per-feature mean over training cases", ("d",)),
@@ -178,6 +184,11 @@ REPLIES: dict[str, ReplySpec] = {
             "m2-hgg": ArraySpec("per-feature centred sum of squares over HGG training cases", ("d",)),
             "mean-bm": ArraySpec("per-feature mean over BM training cases", ("d",)),
             "m2-bm": ArraySpec("per-feature centred sum of squares over BM training cases", ("d",)),
+            # asked for in the main run when leave-one-site-out folds work their moments out from the main run's
+            # (server/derived_moments.py): the same cases' moments before ComBat, which no cohort's ComBat changes
+            **{f"raw-{kind}-{cls}": ArraySpec(f"per-feature {what} over {name} training cases, before ComBat", ("d",))
+               for cls, name in (("hgg", "HGG"), ("bm", "BM"))
+               for kind, what in (("mean", "mean"), ("m2", "centred sum of squares"))},
         },
         metrics={"n": "training cases", "n-hgg": "HGG training cases", "n-bm": "BM training cases"},
         count_keys=("n", "n-hgg", "n-bm"),

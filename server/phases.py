@@ -96,6 +96,10 @@ def model_inputs(run: Run, agreement: FeatureAgreement) -> list[str]:
     return [*agreement.names, *run.config.clinical_inputs]
 
 
+Moments = tuple[int, np.ndarray, np.ndarray]  # n, mean (d,), m2 (d,)
+SiteMoments = tuple[Moments, dict[int, Moments]]  # overall, and per class (1 HGG, 0 BM)
+
+
 @dataclass
 class PooledMoments:
     """Pooled over every site's training split: n, mean (d,), std (d,), and per class (n, mean, m2)."""
@@ -105,36 +109,57 @@ class PooledMoments:
     std: np.ndarray
     classwise: dict[int, tuple[int, np.ndarray, np.ndarray]]
     site_share: np.ndarray | None = None  # (d,) variation between sites (moments.site_share); None when noised
+    # each site's per-class moments before ComBat, by site name, when the main run asked for them ("raw-classes"):
+    # a leave-one-site-out fold works its moments out from them and the main run's ComBat sums (server.derived_moments)
+    raw_classwise: dict[str, dict[int, Moments]] = field(default_factory=dict)
 
 
 def moments_phase(run: Run, cohort: Cohort,
                   harmonization: Callable[[int], RecordDict] | None = None,
-                  reference: dict[str, object] | None = None) -> PooledMoments:
+                  reference: dict[str, object] | None = None,
+                  derived: Callable[[str], SiteMoments] | None = None, raw_classes: bool = False) -> PooledMoments:
     """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments.
 
     With ``harmonization`` (the pooled ComBat estimates per node), each site first fits its own ComBat
     parameters and computes the moments on harmonised features. With the query phases noised, the sites send
     noised sums of their features standardised with ``reference`` (the pooled ComBat estimates: grand mean,
-    pooled variance) and clipped; they are turned back into moments here.
-    """
+    pooled variance) and clipped; they are turned back into moments here. With ``derived`` (a leave-one-site-out
+    fold: server.derived_moments) no site is asked: ``derived(site)`` is what that site would reply, worked out
+    from what it sent for the main run, and each site fits its own ComBat for the fold with the fold's next query
+    (``query.combat_keep``); ``raw_classes``: each site also sends its per-class moments before ComBat, for that."""
     names = model_inputs(run, cohort.agreement)
-    config = {"features": names, "features-sha256": sha256_json(names)}
+    config = {"features": names, "features-sha256": sha256_json(names)} | ({"raw-classes": True} if raw_classes else {})
+    if derived is not None:
+        # in site-name order, as replies_of gives the asked moments (pooling sums in that order: the same last bits)
+        sent = {site: derived(site) for site in sorted(cohort.fed.sites.values())}
+        cohort.defer(run, "harmonization", protocol.COMBAT_KEEP, config, harmonization, lambda _: None)
+        return _pooled_moments(run, cohort, sent, derived="from the main run's ComBat sums and moments (no query)")
     replies = cohort.ask(run, "moments", protocol.MOMENTS, config, per_node=harmonization)
     if run.config.dp_query:
         return _noised_moments(run, cohort, replies, reference)
-    overall, classwise = [], []
-    for reply in replies.values():
+    sent, raw = {}, {}
+    for nid, reply in replies.items():
         arrays, counts = reply.content["arrays"], reply.content["metrics"]
         get = {k: decode(arrays[k]) for k in arrays}  # type: ignore[union-attr]
-        overall.append((int(counts["n"]), get["mean"], get["m2"]))  # type: ignore[arg-type]
-        classwise.append({1: (int(counts["n-hgg"]), get["mean-hgg"], get["m2-hgg"]),  # type: ignore[arg-type]
-                          0: (int(counts["n-bm"]), get["mean-bm"], get["m2-bm"])})  # type: ignore[arg-type]
+        n_hgg, n_bm, site = int(counts["n-hgg"]), int(counts["n-bm"]), cohort.fed.sites[nid]  # type: ignore[arg-type]
+        sent[site] = ((int(counts["n"]), get["mean"], get["m2"]),  # type: ignore[arg-type]
+                      {1: (n_hgg, get["mean-hgg"], get["m2-hgg"]), 0: (n_bm, get["mean-bm"], get["m2-bm"])})
+        if "raw-mean-hgg" in get:
+            raw[site] = {1: (n_hgg, get["raw-mean-hgg"], get["raw-m2-hgg"]),
+                         0: (n_bm, get["raw-mean-bm"], get["raw-m2-bm"])}
+    pooled = _pooled_moments(run, cohort, sent)
+    pooled.raw_classwise = raw
+    return pooled
+
+
+def _pooled_moments(run: Run, cohort: Cohort, sent: dict[str, SiteMoments], **noted: str) -> PooledMoments:
+    overall = [o for o, _ in sent.values()]
     n = sum(c for c, _, _ in overall)
     mean, std = moments.pooled_mean_std(*zip(*overall, strict=True))
-    pooled = PooledMoments(n, mean, std, selection.pool_classwise(classwise),
+    pooled = PooledMoments(n, mean, std, selection.pool_classwise([c for _, c in sent.values()]),
                            moments.site_share(*zip(*overall, strict=True)))
     run.audit.append("moments", n_cases=n, n_features=len(mean),
-                     stats_sha256=arrays_sha256({"mean": mean, "std": std}), **cohort.tag)
+                     stats_sha256=arrays_sha256({"mean": mean, "std": std}), **noted, **cohort.tag)
     return pooled
 
 
@@ -263,6 +288,8 @@ class Harmonization:
     # feature list and covariates they were sent for: a leave-one-site-out fold pools them again (``reuse``)
     sums: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
     key: tuple[str, str] = ("", "")
+    pooled: combat.PooledEstimates | None = None
+    reused: bool = False  # both rounds pooled again from the main run's sums (a fold without covariates)
 
 
 def _reusable(reuse: Harmonization | None, cohort: Cohort, covariates: str) -> bool:
@@ -341,7 +368,8 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
         return RecordDict({"arrays": _array_record({"beta": beta, **shared}), "config": ConfigRecord(own)})
 
     sums = {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
-    return Harmonization(estimates, late_joiner, before, sums, (agreement.sha256, covariates))  # type: ignore[arg-type]
+    return Harmonization(estimates, late_joiner, before, sums, (agreement.sha256, covariates), pooled,  # type: ignore[arg-type]
+                         both)
 
 
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:

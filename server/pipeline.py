@@ -16,7 +16,7 @@ import numpy as np
 
 from common import families, selection
 from common.covariates import is_clinical
-from server import phases, training
+from server import derived_moments, phases, training
 from server.federation import Cohort, Run
 from server.phases import Harmonization, PooledMoments
 from server.robustness import RobustnessResult, robustness_phase
@@ -77,8 +77,12 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     robust = robustness_phase(run, cohort) if run.config.robustness_min_icc > 0 else None
     harmonization = phases.harmonization_phase(run, cohort, covariates, main.harmonization if main else None) \
         if run.config.combat else None
+    # a leave-one-site-out fold's moments follow from what its sites sent for the main run, where they can
+    derived = derived_moments.derivation(run, cohort, harmonization, main.harmonization if main else None,
+                                         main.pooled if main else None)
+    raw_classes = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # for the folds' moments
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
-                                  harmonization.late_joiner if harmonization else None)
+                                  harmonization.late_joiner if harmonization else None, derived, raw_classes)
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
     n_hgg, n_bm = pooled.classwise[1][0], pooled.classwise[0][0]
     cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
