@@ -27,7 +27,7 @@ from common.runconfig import RunConfig
 from server import batching, clinical, comparison, merging, phases, pipeline, polling, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.drawing import Ahead
-from server.federation import Cohort, Run, RunRefused, wait_for_nodes
+from server.federation import Cohort, LinkLost, Run, RunRefused, wait_for_nodes
 from server.results import RunResult
 from server.strategy import record_sha256
 
@@ -286,7 +286,7 @@ def main(grid: Grid, context: Context) -> None:
         result.status = "completed"
     except (RunRefused, RuntimeError) as exc:
         # refused: stopped before any training; failed: stopped during the rounds, or the SuperLink went away
-        failed = ctx.training_started or isinstance(exc, SuperLinkGone)
+        failed = ctx.training_started or isinstance(exc, (SuperLinkGone, LinkLost))
         result.status, result.error = "failed" if failed else "refused", str(exc)
         log.error("radfed run %s %s: %s", context.run_id, result.status, exc)
     finally:

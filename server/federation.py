@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Message, RecordDict
+from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 
 from common import dp, dp_query
@@ -29,6 +30,16 @@ log = logging.getLogger("flwr.radfed.server")
 
 class RunRefused(RuntimeError):
     """The run cannot go on; the message says which site and what to fix."""
+
+
+class LinkLost(RuntimeError):
+    """Every site of a query got an error the SuperLink made in its place (not a ``RunRefused``: no fold or
+    comparison goes on without its sites; the run ends ``failed``)."""
+
+
+# errors Flower's SuperLink writes in a site's place (Flower 1.42, linkstate/utils.py): the node sent no heartbeat
+# for 2 x its interval, or the message or its reply is no longer in the SuperLink's store
+SUPERLINK_MADE = (ErrorCode.NODE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE)
 
 
 @dataclass
@@ -227,12 +238,36 @@ def query(grid: Grid, node_ids: list[int], message_type: str, config: dict, time
     ``config`` goes to every node; ``per_node(node_id)`` adds records meant for that node only.
     """
     messages = build(node_ids, message_type, config, per_node)
-    return {r.metadata.src_node_id: r for r in grid.send_and_receive(messages, timeout=timeout)}
+    return merging.by_site(messages, grid.send_and_receive(messages, timeout=timeout))
+
+
+def failure_reason(reply: Message) -> str:
+    """Why a site's reply is an error: the site's own message, or what the SuperLink says in its place."""
+    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
+        return f"the site went offline: its SuperNode stopped or lost its connection ({error_reason(reply)})"
+    if reply.error.code in (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE):
+        return f"its reply was lost ({error_reason(reply)})"
+    return error_reason(reply)
+
+
+def require_link(fed: Federation, replies: dict[int, Message], where: str) -> None:
+    """Raise LinkLost when two or more sites were asked and every one's reply is an error the SuperLink made in its
+    place: the sites did not all leave at the same instant, the coordinator lost them (a SuperLink that stops stops
+    taking heartbeats first and, ~60 s later, reports every node offline, possibly before the ServerApp's own stop
+    signal). One site alone cannot tell the two apart: it is dropped as any failing site."""
+    codes = [replies[n].error.code if n in replies and replies[n].has_error() else None for n in fed.sites]
+    if len(codes) >= 2 and all(c in SUPERLINK_MADE for c in codes):
+        reason = failure_reason(next(iter(replies.values())))
+        raise LinkLost(f"every site's reply to {where} came from the SuperLink in its place ({reason}): the "
+                       "SuperLink stopped or restarted, or the network between it and the sites is down, and a "
+                       "SuperLink does not resume runs; once `radfed status` shows the sites online, start a new run")
 
 
 def replies_of(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, Message],
                server_round: int | None = None) -> dict[int, Message]:
-    """The good replies by node id; every admitted site that failed or did not answer is dropped (and named)."""
+    """The good replies by node id; every admitted site that failed or did not answer is dropped (and named).
+    Every site's reply made by the SuperLink in its place stops the run (``require_link``)."""
+    require_link(fed, replies, f"the {phase} phase" if server_round is None else f"{phase} round {server_round}")
     good = {}
     # by site name, not node id (which changes from run to run): sums over sites then add in the same order,
     # so the same data gives a bit-identical model
@@ -241,7 +276,7 @@ def replies_of(fed: Federation, audit: AuditLog, phase: str, replies: dict[int, 
         if reply is None:
             fed.drop(audit, node_id, phase, "no reply before the timeout", server_round)
         elif reply.has_error():
-            fed.drop(audit, node_id, phase, error_reason(reply), server_round)
+            fed.drop(audit, node_id, phase, failure_reason(reply), server_round)
         else:
             good[node_id] = reply
     return good

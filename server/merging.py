@@ -143,17 +143,19 @@ def exchange(grid: Grid, messages: list[Message], timeout: float, riders: list[R
     # riders first: a site answers a batch's requests in order, and a deferred join must come before the scoring
     out = [m for r in riding for m in r.messages] + own
     replies = list(grid.send_and_receive(out, timeout=timeout)) if out else []
-    if not riding:  # one request per site: replies are found by their site, as always
-        return {**early, **{r.metadata.src_node_id: r for r in replies}}
-    by_request = {r.metadata.reply_to_message_id: r for r in replies}  # the grid gave every request its id
-
-    def answers(requests: list[Message]) -> dict[int, Message]:
-        return {m.metadata.dst_node_id: by_request[m.metadata.message_id] for m in requests
-                if m.metadata.message_id in by_request}
-
     for rider in riding:
-        rider.on_replies(answers(rider.messages))
-    return {**early, **answers(own)}
+        rider.on_replies(by_site(rider.messages, replies))
+    return {**early, **by_site(own, replies)}
+
+
+def by_site(requests: Iterable[Message], replies: Iterable[Message]) -> dict[int, Message]:
+    """Each request's reply by the node it was sent to; a request with no reply is absent. Found by the request
+    a reply answers (the grid gave every request its id as it pushed it), not by the reply's sender: an error the
+    SuperLink writes in a site's place (the node went offline, the message expired) comes from the SuperLink's
+    own node id, 1, for every site."""
+    answering = {r.metadata.reply_to_message_id: r for r in replies}
+    return {m.metadata.dst_node_id: answering[m.metadata.message_id] for m in requests
+            if m.metadata.message_id in answering}
 
 
 def _requests(message: Message) -> int:

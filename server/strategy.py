@@ -7,7 +7,6 @@ from collections.abc import Iterable
 
 import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
-from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg, Result
 
@@ -15,7 +14,7 @@ from common import curves, dp, metrics, npy
 from common.canon import arrays_sha256
 from server import clinical
 from server.audit import AuditLog
-from server.federation import Federation, error_reason
+from server.federation import Federation, failure_reason, require_link
 
 log = logging.getLogger("flwr.radfed.server")
 
@@ -58,15 +57,6 @@ def evaluation_records(sites: dict[int, str], replies: Iterable[Message]) -> tup
             site_curves[name] = {"roc": {"fpr": fpr, "tpr": tpr},
                                  "calibration": curves.calibration_curve(arrays["calibration"].numpy())}  # type: ignore[union-attr]
     return per_site, site_curves
-
-
-def failure_reason(reply: Message) -> str:
-    """Why a site's reply is an error: the site's own message, or what the SuperLink says in its place."""
-    if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
-        return f"the site went offline: its SuperNode stopped or lost its connection ({error_reason(reply)})"
-    if reply.error.code in (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE):
-        return f"its reply was lost ({error_reason(reply)})"
-    return error_reason(reply)
 
 
 class AuditedFedAvg(FedAvg):
@@ -139,6 +129,7 @@ class AuditedFedAvg(FedAvg):
         # the message each reply answers, by id: built once per round (once per reply was sites^2 per round)
         sent = {m.metadata.message_id: m.metadata.dst_node_id for m in getattr(self, "_sent", [])}
         by_site = [(self._site_of(m, sent), m) for m in replies]
+        require_link(self.fed, dict(by_site), f"round {server_round} ({phase})")
         answered = {node_id for node_id, _ in by_site}
         good = []
         for node_id, msg in by_site:

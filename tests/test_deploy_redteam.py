@@ -235,7 +235,10 @@ def test_a_superlink_restart_mid_run_keeps_the_sites_and_fails_the_run_cleanly(d
     assert code == 1, text
     folder, doc, events = run_folder(out)
     assert doc["status"] == "failed" and "SuperLink stopped or restarted" in doc["error"], doc["error"]
-    assert f"run {doc['run_id']} failed: the ServerApp got SIG" in text, text
+    # the ServerApp learns it from Flower's signal, or, when the SuperLink's exit outlasts the sites' heartbeat expiry
+    # (~60 s; CI once measured 61 s), from every site's reply coming from the SuperLink in its place (LinkLost)
+    learnt = ("the ServerApp got SIG", "came from the SuperLink in its place")
+    assert f"run {doc['run_id']} failed: " in text and any(w in doc["error"] for w in learnt), text
     check = verify(folder / "audit.jsonl", pubkey=dep.pinned_pubkey())
     assert check.ok and check.events["run-end"] == 1, check.reason
     assert events[-1]["event"] == "run-end" and events[-1]["data"]["status"] == "failed"
