@@ -20,6 +20,7 @@ from pathlib import Path
 
 from radfed.launch import (
     APP_DIR,
+    BOOT_NICE,
     RAY_ENV,
     READY_TIMEOUT,
     RUN_END_MARK,
@@ -65,10 +66,14 @@ class InProcessFederation:
 
 
 def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Path, cpus_per_node: int,
-              head: tuple[subprocess.Popen, int] | None, flwr_home: Path, outcome: dict[str, object]) -> None:
+              head: tuple[subprocess.Popen, int] | None, flwr_home: Path, outcome: dict[str, object],
+              nice: int = 0) -> None:
     """The simulation, as `flwr-simulation` runs it once it has its run (flwr/simulation/app.py): the app's
     components from its pyproject, the run config fused for the ServerApp's context and each node's, Ray joined
-    at the head's address."""
+    at the head's address. ``nice``: this thread's niceness, and so every thread it starts (Linux: per thread,
+    inherited), not the launcher's other threads."""
+    if nice:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     try:
         from flwr.app import Context, RecordDict
         from flwr.common.config import get_fused_config_from_dir, get_project_config
@@ -134,10 +139,11 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
         out = sys.stdout if echo else stack.enter_context((flwr_home / "flwr-run.log").open("a", encoding="utf-8"))
         console_handler.setStream(out)
         try:
-            head = stack.enter_context(ray_head(flwr_home))
+            nice = BOOT_NICE if gated else 0  # booting beside the extraction: it keeps its cores
+            head = stack.enter_context(ray_head(flwr_home, nice))
             thread = threading.Thread(target=_simulate, name="radfed-simulation", daemon=True,
                                       args=(run_config, num_supernodes, app_dir.resolve(), cpus_per_node, head,
-                                            flwr_home, outcome))
+                                            flwr_home, outcome, nice))
             thread.start()
             yield InProcessFederation(thread, outcome, head, flwr_home, gate, end_mark)
             # the ServerApp is done: the simulation stops its actors and leaves Ray (the head's tree goes next)

@@ -40,6 +40,11 @@ RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "
 # message's unpickling would, instead of on that first message (a gated demo's actors boot while the ServerApp waits
 # at START_GATE). Code only: no site is known to an actor before a message names one (`tests/test_launch.py`).
 ACTOR_PRELOAD = {"RAY_preload_python_modules": "radfed.actor_preload"}
+# The niceness of the demo's federation (radfed/inprocess.py, gated): it boots beside the last sites' extraction, so
+# the Ray head's tree (the ClientApp actors with it) and the simulation's thread run at 19 and the extraction keeps
+# its core (weight 1024 against 15 per thread), the boot taking what it leaves. An unprivileged process cannot lower
+# its niceness again, so the run keeps it once the gate opens, when nothing of the demo competes with it any more.
+BOOT_NICE = 19
 
 
 def _bin(name: str) -> str:
@@ -102,7 +107,8 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "",
 # the demo's last site extracts on. Nor does it connect a driver of its own. argv: its folder. Its GCS port is
 # RAY_GCS_SERVER_PORT (Ray reads it for a new head).
 RAY_HEAD = """\
-import sys, threading
+import os, sys, threading
+os.nice(int(os.environ.pop("RADFED_RAY_NICE", "0")))  # before Ray starts its services: they inherit it
 from ray._common.usage import usage_lib
 from ray._private import ray_constants, services, utils
 from ray._private.node import Node
@@ -122,12 +128,13 @@ threading.Event().wait()
 
 
 @contextmanager
-def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
+def ray_head(flwr_home: Path, nice: int = 0) -> Iterator[tuple[subprocess.Popen, int] | None]:
     """A Ray cluster for the run's simulation to join, started beside the SuperLink: the simulation's own
     ``ray.init()`` would start one only after the SuperLink, ``flwr run``, the SuperExec and the simulation itself
     have started (seconds of imports, one after the other), and the ClientApp actors wait for it. Yields (its
     process, its port) at once; stopped with everything it started, its folder removed, on leaving. None when
-    RAY_ADDRESS names a cluster already (the tests' shared head): the simulation joins that one."""
+    RAY_ADDRESS names a cluster already (the tests' shared head): the simulation joins that one. ``nice``: the
+    niceness of the head and every process it starts (``BOOT_NICE`` for a run booting beside an extraction)."""
     if os.environ.get("RAY_ADDRESS"):
         yield None
         return
@@ -137,7 +144,8 @@ def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
     try:
         with (temp / "head.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
-                                    env={**flwr_env(flwr_home), **ACTOR_PRELOAD, "RAY_GCS_SERVER_PORT": str(port)},
+                                    env={**flwr_env(flwr_home), **ACTOR_PRELOAD, "RAY_GCS_SERVER_PORT": str(port),
+                                         "RADFED_RAY_NICE": str(nice)},
                                     stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:

@@ -153,6 +153,11 @@ def by_site(requests: Iterable[Message], replies: Iterable[Message]) -> dict[int
     a reply answers (the grid gave every request its id as it pushed it), not by the reply's sender: an error the
     SuperLink writes in a site's place (the node went offline, the message expired) comes from the SuperLink's
     own node id, 1, for every site."""
+    requests = list(requests)
+    ids = {m.metadata.message_id for m in requests}
+    if "" in ids or len(ids) != len(requests):  # a grid that did not stamp them: no reply could be told apart
+        raise RuntimeError("the grid sent requests without a message id of their own, so no reply can be matched to "
+                           "its site: use Flower's grid (it stamps each message as it pushes it)")
     answering = {r.metadata.reply_to_message_id: r for r in replies}
     return {m.metadata.dst_node_id: answering[m.metadata.message_id] for m in requests
             if m.metadata.message_id in answering}

@@ -18,7 +18,7 @@ import ray_head as shared_ray_head
 from federation_helpers import flower_processes_of
 
 from common.protocol import RUN_END_MARK, START_GATE
-from radfed.launch import END_GRACE, READY_TIMEOUT, ray_head, simulation_superlink
+from radfed.launch import BOOT_NICE, END_GRACE, READY_TIMEOUT, ray_head, simulation_superlink
 from radfed.processes import stop_tree, stop_trees, wait_dead, wait_port
 
 # A process that notes any SIGTERM in a file and lives on, then starts itself again in a session of its own (as the
@@ -98,7 +98,7 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
     monitor and the log monitor a simulation on one machine does not use (`ray start --no-monitor
     --include-log-monitor=False`): both start before the raylet does, so they would be up by now."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with ray_head(tmp_path) as head:
+    with ray_head(tmp_path, nice=BOOT_NICE) as head:  # as the demo starts it, beside the last sites' extraction
         assert head is not None
         proc, port = head
         wait_port(port, proc, timeout=READY_TIMEOUT, name="the Ray head")
@@ -111,6 +111,8 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
         started = flower_processes_of(tmp_path)  # the head's process, GCS, raylet (FLWR_HOME marks them)
         assert any("gcs_server" in cmd for cmd in started) and any("raylet" in cmd for cmd in started), started
         assert not [cmd for cmd in started if "monitor.py" in cmd], started  # autoscaler/.../monitor.py, log_monitor.py
+        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+        assert len(tree) >= 3 and {p.nice() for p in tree} == {BOOT_NICE}, [(p.name(), p.nice()) for p in tree]
     assert not flower_processes_of(tmp_path)
     assert not temp.exists()
 
@@ -345,6 +347,7 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
               "min-cases-per-class": 5, "select-features": 3, "external-validation": "none", "local-only": "none"}
     approve_demo_plan(sorted(p for p in data.iterdir() if p.is_dir()), config)
     seen: set[str] = set()
+    nices: set[int] = set()
     with shared_ray_head.joined():  # the session's shared Ray cluster (tests/ray_head.py), as the other simulated runs
         proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_RUN, json.dumps(config), str(home), str(go)])
         try:
@@ -356,6 +359,7 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
                     for child in psutil.Process(proc.pid).children(recursive=True):
                         with contextlib.suppress(psutil.Error):
                             seen.add(" ".join(child.cmdline()))
+                nices.update(thread_nices(proc.pid))
                 if not go.exists() and time.monotonic() > opened_at:
                     assert not out.exists() or not list(out.glob("*-run*")), "the run started before the gate"
                     go.touch()
@@ -373,3 +377,14 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
     assert "completed in" in log.read_text(encoding="utf-8")
     assert not [cmd for cmd in seen if any(name in cmd for name in FLOWER_PROCESSES)]
     assert not flower_processes_of(home)
+    # the simulation's threads booted (and ran) at BOOT_NICE beside the launcher's own, which keep this process's
+    assert nices == {os.getpriority(os.PRIO_PROCESS, 0), BOOT_NICE}, nices
+
+
+def thread_nices(pid: int) -> set[int]:
+    """The niceness of each thread of ``pid`` now (Linux: per thread; /proc/PID/task/TID/stat's 19th field)."""
+    found = set()
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        with contextlib.suppress(OSError):
+            found.add(int((task / "stat").read_text().rsplit(")", 1)[1].split()[16]))
+    return found

@@ -163,3 +163,15 @@ def test_a_training_round_drops_the_offline_site_and_keeps_the_other(link_of):
     strategy.aggregate_train(1, link.grid.send_and_receive(messages, timeout=10.0))
     assert fed.sites == {link.sites["a"]: "a"}
     assert [(e, d["site"]) for e, d in log.entries if e == "dropout"] == [("dropout", "b")]
+
+
+def test_replies_are_not_matched_to_requests_a_grid_did_not_stamp(server_identity):
+    """A grid that pushed requests without message ids of their own (not Flower's) would give every site the same
+    reply: refused, not guessed."""
+    requests = build([3, 4], "query.features", {"q": 1})
+    replies = [Message(RecordDict(), reply_to=m) for m in requests]
+    with pytest.raises(RuntimeError, match="without a message id"):
+        merging.by_site(requests, replies)
+    for i, m in enumerate(requests):
+        m.metadata.__dict__["_message_id"] = f"id-{i}"
+    assert sorted(merging.by_site(requests, [Message(RecordDict(), reply_to=m) for m in requests])) == [3, 4]

@@ -3,6 +3,8 @@ same features as the walk over every candidate, in one smaller query, or a secon
 
 from __future__ import annotations
 
+import uuid
+
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
@@ -27,6 +29,7 @@ class SumsGrid:
     def send_and_receive(self, messages, *, timeout=None):
         replies = []
         for m in messages:
+            m.metadata.__dict__["_message_id"] = uuid.uuid4().hex  # as Flower's grid stamps a message it pushes
             assert m.metadata.message_type == protocol.CORRELATION
             names = [str(n) for n in m.content["config"]["candidates"]]
             self.asked.append(len(names))
