@@ -142,13 +142,17 @@ def test_one_site_offline_alone_is_dropped_as_any_failing_site(link_of):
     assert [e for e, _ in log.entries] == ["dropout"] and fed.sites == {}
 
 
+def train_round(link: Link, fed: Federation, log: Log) -> tuple[AuditedFedAvg, list[Message]]:
+    """FedAvg's first training round sent to ``fed``'s sites: the strategy and the replies it is to aggregate."""
+    strategy = AuditedFedAvg(fed, log, evaluate_rounds=False)  # type: ignore[arg-type]
+    messages = list(strategy.configure_train(1, ArrayRecord([np.zeros(3)]), ConfigRecord(), link.grid))  # type: ignore[arg-type]
+    return strategy, list(link.grid.send_and_receive(messages, timeout=10.0))
+
+
 def test_a_training_round_with_every_site_offline_stops_the_run(link_of):
     link = link_of(a=OFFLINE, b=OFFLINE)
     fed, log = link.federation("a", "b", min_sites=1), Log()
-    strategy = AuditedFedAvg(fed, log, evaluate_rounds=False)  # type: ignore[arg-type]
-    arrays = ArrayRecord([np.zeros(3)])
-    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), link.grid))  # type: ignore[arg-type]
-    replies = link.grid.send_and_receive(messages, timeout=10.0)
+    strategy, replies = train_round(link, fed, log)
     with pytest.raises(LinkLost, match="round 1 \\(train\\)"):
         strategy.aggregate_train(1, replies)
     assert log.entries == []
@@ -157,10 +161,8 @@ def test_a_training_round_with_every_site_offline_stops_the_run(link_of):
 def test_a_training_round_drops_the_offline_site_and_keeps_the_other(link_of):
     link = link_of(a=ONLINE, b=OFFLINE)
     fed, log = link.federation("a", "b", min_sites=1), Log()
-    strategy = AuditedFedAvg(fed, log, evaluate_rounds=False)  # type: ignore[arg-type]
-    arrays = ArrayRecord([np.zeros(3)])
-    messages = list(strategy.configure_train(1, arrays, ConfigRecord(), link.grid))  # type: ignore[arg-type]
-    strategy.aggregate_train(1, link.grid.send_and_receive(messages, timeout=10.0))
+    strategy, replies = train_round(link, fed, log)
+    strategy.aggregate_train(1, replies)
     assert fed.sites == {link.sites["a"]: "a"}
     assert [(e, d["site"]) for e, d in log.entries if e == "dropout"] == [("dropout", "b")]
 
