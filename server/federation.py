@@ -257,7 +257,7 @@ def require_link(fed: Federation, replies: dict[int, Message], where: str) -> No
     signal). One site alone cannot tell the two apart: it is dropped as any failing site."""
     codes = [replies[n].error.code if n in replies and replies[n].has_error() else None for n in fed.sites]
     if len(codes) >= 2 and all(c in SUPERLINK_MADE for c in codes):
-        reason = failure_reason(next(iter(replies.values())))
+        reason = failure_reason(replies[next(iter(fed.sites))])
         raise LinkLost(f"every site's reply to {where} came from the SuperLink in its place ({reason}): the "
                        "SuperLink stopped or restarted, or the network between it and the sites is down, and a "
                        "SuperLink does not resume runs; once `radfed status` shows the sites online, start a new run")
