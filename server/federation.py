@@ -245,7 +245,7 @@ def failure_reason(reply: Message) -> str:
     """Why a site's reply is an error: the site's own message, or what the SuperLink says in its place."""
     if reply.error.code == ErrorCode.NODE_UNAVAILABLE:
         return f"the site went offline: its SuperNode stopped or lost its connection ({error_reason(reply)})"
-    if reply.error.code in (ErrorCode.REPLY_MESSAGE_UNAVAILABLE, ErrorCode.MESSAGE_UNAVAILABLE):
+    if reply.error.code in SUPERLINK_MADE:  # the message or its reply expired in the SuperLink's store
         return f"its reply was lost ({error_reason(reply)})"
     return error_reason(reply)
 
