@@ -244,8 +244,11 @@ def correlation(msg: Message, context: Context) -> Message:
         noised = compute.noised_correlation_reply(x, mean, std, _run(context))
         return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": noised}))
     cross, n = compute.correlation_reply(x, mean, std)
-    return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays({"crossproducts": cross}),
-                  metrics=MetricRecord({"n": n}))
+    arrays = {"crossproducts": cross}
+    if msg.content["config"].get("raw-crossproducts"):  # type: ignore[union-attr]  # before ComBat, for the folds'
+        x_raw, _ = steps.site_matrix(data, agreements.agreed(context, msg), held_out=False, names=candidates)
+        arrays["raw-crossproducts"] = compute.raw_crossproducts(x_raw)
+    return _reply(msg, data.declare("train", {"n": ""}), arrays=_arrays(arrays), metrics=MetricRecord({"n": n}))
 
 
 def _receipt(msg: Message, context: Context, site: Site) -> None:

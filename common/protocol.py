@@ -195,7 +195,11 @@ REPLIES: dict[str, ReplySpec] = {
     ),
     CORRELATION: ReplySpec(
         arrays={"crossproducts": ArraySpec("sum over training cases of z zᵀ of the candidates, z standardised "
-                                           "with the pooled mean and std", ("m", "m"))},
+                                           "with the pooled mean and std", ("m", "m")),
+                # asked for in the main run when leave-one-site-out folds work their correlation out from the main
+                # run's (server/derived_moments.py): the same cases before ComBat, which no cohort's ComBat changes
+                "raw-crossproducts": ArraySpec("sum over training cases of (x - x̄)(x - x̄)ᵀ of the candidates before "
+                                               "ComBat, x̄ their mean over those cases", ("m", "m"))},
         metrics={"n": "training cases"},
         count_keys=("n",),
     ),

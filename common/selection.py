@@ -83,6 +83,18 @@ class Selection:
     # the pooled correlation of the candidates the decorrelation read (names, matrix): exact training's start
     # (common.newton_start) takes the chosen features' block; None without it (selection off, noised)
     correlation: tuple[tuple[str, ...], np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # each site's cross-products before ComBat (None unless asked for): the main run's, for the leave-one-site-out
+    # folds' correlation (server.derived_moments)
+    raw: RawCrossproducts | None = field(default=None, repr=False, compare=False)
+
+
+@dataclass(frozen=True)
+class RawCrossproducts:
+    """What the sites sent for a correlation query's candidates (names, (m,)) before ComBat: by site name, its
+    training cases n and Σ (x − x̄)(x − x̄)ᵀ (m, m), x̄ their mean."""
+
+    names: tuple[str, ...]
+    sites: dict[str, tuple[int, np.ndarray]]
 
 
 def first_ask(n_candidates: int, n_keep: int) -> int:

@@ -117,7 +117,8 @@ class PooledMoments:
 def moments_phase(run: Run, cohort: Cohort,
                   harmonization: Callable[[int], RecordDict] | None = None,
                   reference: dict[str, object] | None = None,
-                  derived: Callable[[str], SiteMoments] | None = None, raw_classes: bool = False) -> PooledMoments:
+                  derived: Callable[[str], SiteMoments] | None = None, raw_classes: bool = False,
+                  keep: Callable[[int], RecordDict] | None = None) -> PooledMoments:
     """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments.
 
     With ``harmonization`` (the pooled ComBat estimates per node), each site first fits its own ComBat
@@ -132,7 +133,7 @@ def moments_phase(run: Run, cohort: Cohort,
     if derived is not None:
         # in site-name order, as replies_of gives the asked moments (pooling sums in that order: the same last bits)
         sent = {site: derived(site) for site in sorted(cohort.fed.sites.values())}
-        cohort.defer(run, "harmonization", protocol.COMBAT_KEEP, config, harmonization, lambda _: None)
+        cohort.defer(run, "harmonization", protocol.COMBAT_KEEP, config, keep or harmonization, lambda _: None)
         return _pooled_moments(run, cohort, sent, derived="from the main run's ComBat sums and moments (no query)")
     replies = cohort.ask(run, "moments", protocol.MOMENTS, config, per_node=harmonization)
     if run.config.dp_query:
@@ -183,11 +184,17 @@ def _noised_moments(run: Run, cohort: Cohort, replies: dict[int, Message],
     return pooled
 
 
-def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
-                    removed: frozenset[str] = frozenset()) -> selection.Selection:
+# ``(names, pooled mean, pooled std) -> the pooled correlation (p, p) of the longest prefix of names worked out``
+DerivedCorrelation = Callable[[list[str], np.ndarray, np.ndarray], np.ndarray]
+
+
+def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments, removed: frozenset[str] = frozenset(),
+                    derived: DerivedCorrelation | None = None, raw: bool = False) -> selection.Selection:
     """Choose the model's features from aggregates: drop near-constant ones (and the ``removed`` ones: the
     robustness filter's), rank by Welch's t, then keep the best uncorrelated ones using the pooled correlation of
-    the top candidates."""
+    the top candidates. With ``derived`` (a leave-one-site-out fold: server.derived_moments) the correlation is
+    worked out from what the sites sent for the main run where it follows; the sites are asked only if not.
+    ``raw``: each site also sends its candidates' cross-products before ComBat (the main run's, for that)."""
     names_all = model_inputs(run, cohort.agreement)
     n_radiomics = len(cohort.agreement.names)
     n_keep, threshold = run.config.select_features, run.config.select_max_correlation
@@ -208,18 +215,21 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
                                      int(constant.sum()), 0, 0, threshold)
     else:
         candidates = order[: max(n_keep, run.config.select_candidates)]
-        kept_local, read = _decorrelated(run, cohort, pooled, [names_all[i] for i in candidates], candidates,
-                                         n_keep, threshold)
+        kept_local, read, sent, asked = _decorrelated(run, cohort, pooled, [names_all[i] for i in candidates],
+                                                      candidates, n_keep, threshold, derived, raw)
         kept = [candidates[i] for i in kept_local] + clinical
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
         examined = kept_local[-1] + 1 if len(kept_local) == n_keep else len(candidates)
         dropped = examined - len(kept_local)
         chosen = selection.Selection([names_all[i] for i in kept], [float(t[i]) for i in kept],
-                                     int(constant.sum()), len(candidates), dropped, threshold, correlation=read)
+                                     int(constant.sum()), len(candidates), dropped, threshold, correlation=read,
+                                     raw=sent)
+    noted = {} if n_keep <= 0 or asked else \
+        {"derived": "correlation from the main run's cross-products before ComBat and ComBat sums (no query)"}
     run.audit.append("selection", features=chosen.names, welch_t=chosen.t,
                      dropped_constant=chosen.dropped_constant, candidates=chosen.candidates,
                      dropped_correlated=chosen.dropped_correlated, max_correlation=threshold,
-                     features_sha256=sha256_json(chosen.names), **cohort.tag)
+                     features_sha256=sha256_json(chosen.names), **noted, **cohort.tag)
     log.info("%sSelected %d feature(s) from %d (%d near-constant, %d dropped as correlated above %.2f)",
              f"Fold {cohort.fold}: " if cohort.fold else "", len(chosen.names), len(names_all),
              chosen.dropped_constant, chosen.dropped_correlated, threshold)
@@ -227,19 +237,33 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments,
 
 
 def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[str], candidates: list[int],
-                  n_keep: int, threshold: float) -> tuple[list[int], tuple[tuple[str, ...], np.ndarray] | None]:
-    """The greedy decorrelation's walk over ``candidates`` (best first) from the sites' pooled correlation; and the
-    correlation it read, by candidate name (None when noised: exact training's start, common.newton_start).
+                  n_keep: int, threshold: float, derived: DerivedCorrelation | None = None, raw: bool = False
+                  ) -> tuple[list[int], tuple[tuple[str, ...], np.ndarray] | None, selection.RawCrossproducts | None,
+                             bool]:
+    """The greedy decorrelation's walk over ``candidates`` (best first) from the sites' pooled correlation; the
+    correlation it read, by candidate name (None when noised: exact training's start, common.newton_start); the
+    sites' cross-products before ComBat when ``raw`` (else None); whether the sites were asked.
 
     The walk stops once ``n_keep`` are kept and reads only the correlations among the candidates it examined, so the
     sites are first asked for the top ``selection.first_ask`` candidates' cross-products only (on the bench's sites,
     3 kept of 200, the walk examined 3 to 4: m x m cross-products of 200 were 320 KB per site and cohort, most never
     read); only a walk that runs out of them asks again for every candidate, and then walks all. Either way the
     walk is the same, so the same features are kept. Noised queries ask once, for every candidate (each query spends
-    privacy budget)."""
+    privacy budget).
+
+    ``derived(names, mean, std)``: the pooled correlation of the longest prefix of ``names`` it can work out (p, p);
+    when the walk keeps ``n_keep`` within it, it is the walk over the sites' correlation (it reads nothing past the
+    last one it keeps), and no site is asked."""
     first = len(candidates) if run.config.dp_query else selection.first_ask(len(candidates), n_keep)
+    if derived is not None and not run.config.dp_query:
+        corr = derived(names[:first], pooled.mean[candidates[:first]], pooled.std[candidates[:first]])
+        kept = selection.greedy_decorrelate(range(len(corr)), corr, threshold, n_keep)
+        if len(kept) == n_keep:
+            return kept, (tuple(names[:len(corr)]), corr), None, False
+    raw = raw and not run.config.dp_query
     for m in dict.fromkeys((first, len(candidates))):
-        config = {"candidates": names[:m], "candidates-sha256": sha256_json(names[:m])}
+        config = {"candidates": names[:m], "candidates-sha256": sha256_json(names[:m])} | \
+            ({"raw-crossproducts": True} if raw else {})
         stats = RecordDict({"arrays": ArrayRecord({"mean": Array(pooled.mean[candidates[:m]]),
                                                    "std": Array(pooled.std[candidates[:m]])})})
         replies = cohort.ask(run, "correlation", protocol.CORRELATION, config, per_node=lambda _, r=stats: r)
@@ -252,7 +276,13 @@ def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[s
         kept = selection.greedy_decorrelate(range(m), corr, threshold, n_keep)
         if len(kept) == n_keep:
             break
-    return kept, None if run.config.dp_query else (tuple(names[:m]), corr)
+    if run.config.dp_query:
+        return kept, None, None, True
+    sent = selection.RawCrossproducts(tuple(names[:m]), {
+        cohort.fed.sites[nid]: (int(r.content["metrics"]["n"]),  # type: ignore[arg-type]
+                                decode(r.content["arrays"]["raw-crossproducts"]))  # type: ignore[index, arg-type]
+        for nid, r in replies.items() if "raw-crossproducts" in r.content["arrays"]}) if raw else None
+    return kept, (tuple(names[:m]), corr), sent, True
 
 
 def _array_record(arrays: dict[str, Array]) -> ArrayRecord:
@@ -290,6 +320,8 @@ class Harmonization:
     key: tuple[str, str] = ("", "")
     pooled: combat.PooledEstimates | None = None
     reused: bool = False  # both rounds pooled again from the main run's sums (a fold without covariates)
+    # ``per_node`` without B_hat's rows: what ``query.combat_keep`` needs (no covariates, its moments alone)
+    per_node_keep: Callable[[int], RecordDict] | None = None
 
 
 def _reusable(reuse: Harmonization | None, cohort: Cohort, covariates: str) -> bool:
@@ -367,9 +399,13 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "",
         beta = encode(np.ascontiguousarray(_site_beta(pooled.beta, n_sites, index[nid]), dtype=np.float64))
         return RecordDict({"arrays": _array_record({"beta": beta, **shared}), "config": ConfigRecord(own)})
 
+    def keep(nid: int) -> RecordDict:
+        own = {"site-index": index[nid], "n-sites": n_sites, "n-pooled": pooled.n}
+        return RecordDict({"arrays": _array_record(shared), "config": ConfigRecord(own)})
+
     sums = {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
     return Harmonization(estimates, late_joiner, before, sums, (agreement.sha256, covariates), pooled,  # type: ignore[arg-type]
-                         both)
+                         both, keep)
 
 
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:

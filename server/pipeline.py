@@ -79,14 +79,17 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
         if run.config.combat else None
     # a leave-one-site-out fold's moments follow from what its sites sent for the main run, where they can
     derived = derived_moments.derivation(run, cohort, harmonization, main.harmonization if main else None,
-                                         main.pooled if main else None)
-    raw_classes = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # for the folds' moments
+                                         main.pooled if main else None, main.chosen.raw if main else None)
+    raw = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # for the folds' moments
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
-                                  harmonization.late_joiner if harmonization else None, derived, raw_classes)
+                                  harmonization.late_joiner if harmonization else None,
+                                  derived.moments if derived else None, raw,
+                                  harmonization.per_node_keep if harmonization else None)
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
     n_hgg, n_bm = pooled.classwise[1][0], pooled.classwise[0][0]
     cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
-    chosen = phases.selection_phase(run, cohort, pooled, frozenset(robust.removed) if robust else frozenset())
+    chosen = phases.selection_phase(run, cohort, pooled, frozenset(robust.removed) if robust else frozenset(),
+                                    derived.correlation if derived else None, raw)
     chosen = training.select_l1(run, cohort, pooled, chosen)
     # with clinical inputs: the first listed family again on the radiomics features alone and on the clinical inputs
     # alone, same cohort, ComBat, moments and selection; the comparison's rows then differ only in the inputs

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from common import combat, combat_moments
+from common import combat, combat_moments, selection
 
 
 def _sites(seed: int = 3) -> list[np.ndarray]:
@@ -62,3 +62,63 @@ def test_a_site_of_one_case_is_refused():
     y = _sites()[0]
     with pytest.raises(ValueError, match="at least 2 cases"):
         combat_moments.fit_from_sums(1, y[0], np.zeros(9), y.mean(axis=0), np.ones(9), np.zeros(9, dtype=bool))
+
+
+def test_correlation_replies_follow_from_the_cross_products_before_combat():
+    """What a site sends for a correlation query (Σ z zᵀ of its harmonised cases standardised with pooled values)
+    under any cohort's ComBat, from its count, raw means and centred cross-products before ComBat and its ComBat's
+    affine map (server.derived_moments): for a cohort of every site and one without site 2, a feature constant at
+    site 1 (unadjusted there) and one near 1e9 among the candidates."""
+    sites = _sites()
+    cols = [0, 1, 2, 3, 4, 5, 7]  # candidates: every feature that varies in the pooled data
+    spread = np.concatenate(sites)[:, cols].std(axis=0)
+    rng = np.random.default_rng(8)
+    for cohort in (sites, sites[:2]):
+        pooled = combat.pool_residuals(*_pooled(cohort))
+        for y in (sites[0], sites[1]):  # site 1 last: its fit is checked below
+            n, mean, m2 = _moments(y)
+            fit = combat_moments.fit_from_sums(n, mean, m2, pooled.grand_mean, pooled.var_pooled, pooled.zero_variance)
+            a, b = (v[cols] for v in combat_moments.affine(fit))
+            harmonised = combat.fit_site(y, pooled).apply(y)[:, cols]
+            np.testing.assert_allclose(y[:, cols] * a + b, harmonised, rtol=1e-12)
+            mean_p = harmonised.mean(axis=0) + spread * rng.normal(size=len(cols))  # any pooled mean and std
+            std_p = spread * rng.uniform(0.5, 2.0, size=len(cols))
+            want = selection.site_crossproducts(harmonised, mean_p, std_p)
+            centred = y[:, cols] - mean[cols]
+            got = combat_moments.crossproducts(centred.T @ centred, n, mean[cols], a, b, mean_p, std_p)
+            np.testing.assert_allclose(got, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+        # site 1's constant feature (index 5 of the candidates) is left alone there: the identity map
+        assert fit.unadjusted[5] and (a[5], b[5]) == (1.0, 0.0)
+
+
+def _pooled(sites: list[np.ndarray]) -> tuple[combat.PooledMeans, list[combat.SiteResiduals]]:
+    means = combat.pool_moments([combat.site_moments(y, i, len(sites)) for i, y in enumerate(sites)])
+    return means, [combat.site_residuals(y, means, i) for i, y in enumerate(sites)]
+
+
+def test_stacked_fits_equal_each_site_alone():
+    """A fold's coordinator fits its sites' ComBat from their sums in one stacked pass
+    (combat_moments.fit_from_sums_stacked): the same numbers as one call per site, each site stopping at its own
+    iteration; sites whose unadjusted features differ are left to the one-site calls (None)."""
+    rng = np.random.default_rng(11)
+    scale = np.array([1.0, 5.0, 0.01, 2.0, 1e9, 3.0, 0.5, 7.0, 1.0])
+    sites = [rng.normal(loc=10.0 + i, scale=1.0 + 0.3 * i, size=(8 + 3 * i, 9)) * scale for i in range(6)]
+    for y in sites:
+        y[:, 8] = 4.25
+    pooled = combat.pool_residuals(*_pooled(sites))
+    sums = [_moments(y) for y in sites]
+    one = [combat_moments.fit_from_sums(n, mean, m2, pooled.grand_mean, pooled.var_pooled, pooled.zero_variance)
+           for n, mean, m2 in sums]
+    stacked = combat_moments.fit_from_sums_stacked(*(np.array(v) for v in zip(*sums, strict=True)), pooled.grand_mean,
+                                                   pooled.var_pooled, pooled.zero_variance)
+    assert stacked is not None and len(stacked) == len(one)
+    for a, b in zip(stacked, one, strict=True):
+        np.testing.assert_array_equal(a.unadjusted, b.unadjusted)
+        np.testing.assert_allclose(a.gamma_star, b.gamma_star, rtol=1e-13, atol=1e-15)
+        np.testing.assert_allclose(a.delta_star, b.delta_star, rtol=1e-13)
+        np.testing.assert_array_equal(a.sd, b.sd)
+    # a feature constant at one site only: unadjusted there, not at the others
+    sites[2][:, 5] = 6.5
+    sums = [_moments(y) for y in sites]
+    assert combat_moments.fit_from_sums_stacked(*(np.array(v) for v in zip(*sums, strict=True)), pooled.grand_mean,
+                                                pooled.var_pooled, pooled.zero_variance) is None

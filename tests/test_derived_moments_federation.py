@@ -1,6 +1,7 @@
-"""Leave-one-site-out folds whose moments the coordinator works out from what the sites sent for the main run
-(issue 20, ``loso-derived-moments``, server/derived_moments.py), in a real simulated federation: the same fold
-results as asking every site, with no fold moments query and one round fewer. That a fold still learns nothing of
+"""Leave-one-site-out folds whose moments and selection correlation the coordinator works out from what the sites
+sent for the main run (issue 20, ``loso-derived-moments``, server/derived_moments.py), in a real simulated
+federation: the same fold results as asking every site, with no fold moments query and, where a fold's selection
+reads only the main run's candidates, no correlation query. That a fold still learns nothing of
 its held-out site is tests/test_federation.py::test_leave_one_site_out_learns_nothing_from_the_held_out_site (on
 by default there)."""
 
@@ -14,7 +15,7 @@ from federation_helpers import events, numbers, run_federation_in
 from radfed import synth
 
 
-def test_derived_fold_moments_equal_asked_ones_with_no_moments_query(tmp_path):
+def test_derived_fold_moments_and_correlation_equal_asked_ones_with_no_query(tmp_path):
     root = tmp_path / "data"
     specs = synth.tiny_sites(3, 12)
     for i, spec in enumerate(specs):
@@ -40,6 +41,13 @@ def test_derived_fold_moments_equal_asked_ones_with_no_moments_query(tmp_path):
                for d, f in runs.items()}
     assert len(moments[True]) == len(moments[False]) == 3
     assert all("derived" in m for m in moments[True]) and not any("derived" in m for m in moments[False])
+    # on these tiny sites one fold's decorrelation walk stays among the main run's candidates (its correlation
+    # worked out) and two leave them (asked): both paths, with the same results as above
+    selections = {d: {e["data"]["fold"]: e["data"] for e in events(f)
+                      if e["event"] == "selection" and e["data"].get("fold")} for d, f in runs.items()}
+    derived_folds = {fold for fold, e in selections[True].items() if "derived" in e}
+    assert len(derived_folds) == 1 and not any("derived" in e for e in selections[False].values())
+    folds_of = {spec.name: [s.name for s in specs if s.name != spec.name] for spec in specs}
     for spec in specs:
         sent = {d: [json.loads(line) for line in (root / spec.name / ".radfed" / "outbox.jsonl").read_text(
             encoding="utf-8").splitlines() if json.loads(line)["run_id"] == docs[d]["run_id"]] for d in runs}
@@ -50,6 +58,15 @@ def test_derived_fold_moments_equal_asked_ones_with_no_moments_query(tmp_path):
         assert {"raw-mean-hgg", "raw-m2-hgg", "raw-mean-bm", "raw-m2-bm"} <= set(main["records"]["arrays"])
         assert not any(k.startswith("raw-") for e in sent[False] if e["type"] == "query.moments"
                        for k in e["records"]["arrays"])
+        # the correlation: asked by the main run (with the candidates' cross-products before ComBat), and by a fold
+        # only when its walk left the main run's candidates
+        assert kinds[True].count("query.correlation") == 1 + sum(f not in derived_folds for f in folds_of[spec.name])
+        assert kinds[False].count("query.correlation") == 3
+        correlations = {d: [e["records"]["arrays"] for e in s if e["type"] == "query.correlation"]
+                        for d, s in sent.items()}
+        assert set(correlations[True][0]) == {"crossproducts", "raw-crossproducts"}  # the main run's
+        assert all(set(a) == {"crossproducts"} for a in correlations[False] + correlations[True][1:])
     ends = {d: [e["data"] for e in events(f) if e["event"] == "folds-end"] for d, f in runs.items()}
-    assert ends[True][0]["rounds"] == ends[False][0]["rounds"] - 1
-    assert ends[True][0]["requests"] == ends[False][0]["requests"]  # a keep for each moments request
+    assert ends[True][0]["rounds"] == ends[False][0]["rounds"] - 1  # a fold that asked for its correlation
+    # a keep for each moments request, and no correlation request at the 2 sites of a fold that worked it out
+    assert ends[True][0]["requests"] == ends[False][0]["requests"] - 2 * len(derived_folds)
