@@ -90,11 +90,12 @@ def combat_site_fit(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, 
     return combat.fit_site(x, pooled, covariates, site=site, **combat_options(run))
 
 
-def combat_fit_from_moments(x: np.ndarray, arrays: Mapping[str, np.ndarray], site: int, n_pooled: int,
-                            run: RunConfig) -> combat.SiteCombat:
-    """``combat_site_fit`` without covariates, from the training split's moments x (n, d) -> (n, mean, m2): what
-    the coordinator worked a fold's moments out with (server/derived_moments.py), in O(d) per EB iteration."""
-    n, mean, m2 = moments.site_moments(x)
+def combat_fit_from_moments(sums: tuple[int, np.ndarray, np.ndarray], arrays: Mapping[str, np.ndarray], site: int,
+                            n_pooled: int, run: RunConfig) -> combat.SiteCombat:
+    """``combat_site_fit`` without covariates, from the training split's moments (n, mean (d,), m2 (d,):
+    ``moments.site_moments`` of its cases): what the coordinator worked a fold's moments out with
+    (server/derived_moments.py), in O(d) per EB iteration."""
+    n, mean, m2 = sums
     zero_variance = np.asarray(arrays["zero-variance"]) > 0.5
     grand_mean, var_pooled = np.asarray(arrays["grand-mean"], dtype=np.float64), np.asarray(arrays["var-pooled"],
                                                                                              dtype=np.float64)

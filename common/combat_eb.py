@@ -39,35 +39,6 @@ def location_scale_from_moments(n: int, gamma_hat: np.ndarray, m2: np.ndarray, *
     return _parametric(n, gamma_hat, delta_hat, lambda g: m2 + n * (gamma_hat - g) ** 2, eb=eb, mean_only=mean_only)
 
 
-def stacked_parametric(n: np.ndarray, g_hat: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
-    """``location_scale_from_moments`` (eb, location and scale) for S sites at once: n (S,), each site's
-    standardised mean g_hat and centred sum of squares m2 (S, k) -> gamma_star, delta_star (S, k). Each row is
-    computed with the same operations as alone and stops at its own iteration. None when a site's prior is
-    undefined (the one-site call names the error)."""
-    nn = n[:, None]
-    d_hat = m2 / (nn - 1)
-    g_bar, t2 = g_hat.mean(axis=1)[:, None], g_hat.var(axis=1, ddof=1)[:, None]
-    m, s2 = d_hat.mean(axis=1)[:, None], d_hat.var(axis=1, ddof=1)[:, None]
-    if not (s2 > 0).all():
-        return None
-    a, b = (2 * s2 + m**2) / s2, (m * s2 + m**3) / s2
-    g_old, d_old = g_hat, d_hat
-    active = np.ones(len(n), dtype=bool)
-    for _ in range(_IT_SOL_MAX_ITER):
-        g_new = _postmean(g_hat, g_bar, nn, d_old, t2)
-        d_new = (0.5 * (m2 + nn * (g_hat - g_new) ** 2) + b) / (nn / 2.0 + a - 1.0)
-        with np.errstate(divide="ignore", invalid="ignore"):
-            g_change = (np.abs(g_new - g_old) / g_old).max(axis=1)
-            d_change = (np.abs(d_new - d_old) / d_old).max(axis=1)
-        change = np.where(d_change > g_change, d_change, g_change)  # Python's max(g, d), a NaN included
-        g_old, d_old = np.where(active[:, None], g_new, g_old), np.where(active[:, None], d_new, d_old)
-        active &= change > _IT_SOL_CONV
-        if not active.any():
-            return g_old, d_old
-    warnings.warn(f"ComBat EB did not converge in {_IT_SOL_MAX_ITER} iterations", RuntimeWarning, stacklevel=3)
-    return g_old, d_old
-
-
 def _check_features(d: int) -> None:
     if d < 2:
         raise ValueError(f"empirical Bayes pools across features, but only {d} feature(s) can be estimated at "

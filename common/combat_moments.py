@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from common.combat import _CONSTANT_RTOL
-from common.combat_eb import location_scale_from_moments, stacked_parametric
+from common.combat_eb import location_scale_from_moments
 from common.combat_params import safe_var
 
 
@@ -50,38 +50,6 @@ def fit_from_sums(n: int, mean: np.ndarray, m2: np.ndarray, grand_mean: np.ndarr
         gamma_star[ok], delta_star[ok] = location_scale_from_moments(
             n, (mean[ok] - grand_mean[ok]) / sd[ok], m2[ok] / sd[ok] ** 2, eb=eb, mean_only=mean_only)
     return SiteFit(gamma_star, delta_star, unadjusted, grand_mean, sd)
-
-
-def fit_from_sums_stacked(n: np.ndarray, mean: np.ndarray, m2: np.ndarray, grand_mean: np.ndarray,
-                          var_pooled: np.ndarray, zero_variance: np.ndarray) -> list[SiteFit] | None:
-    """``fit_from_sums`` (empirical Bayes, location and scale) for S sites at once: n (S,), mean and m2 (S, d),
-    against the same pooled estimates; each site's iterations stop at its own, as alone (the same numbers to
-    rounding). A leave-one-site-out fold's coordinator fits its S sites so (numpy over S x d instead of S calls
-    over d: each EB iteration is ~12 array operations, mostly their call cost at d ~ 860). None where the sites'
-    unadjusted features differ or a prior is undefined: the caller fits them one by one (which names the error)."""
-    n = np.asarray(n, dtype=np.float64)
-    mean, m2 = np.asarray(mean, dtype=np.float64), np.asarray(m2, dtype=np.float64)
-    grand_mean, var_pooled = np.asarray(grand_mean, dtype=np.float64), np.asarray(var_pooled, dtype=np.float64)
-    if n.ndim != 1 or mean.shape != m2.shape or mean.shape != (len(n), len(grand_mean)) or (n < 2).any():
-        return None
-    nn = n[:, None]
-    constant = m2 / (nn - 1) <= _CONSTANT_RTOL**2 * (m2 / nn + mean**2)
-    unadjusted = np.asarray(zero_variance, dtype=bool) | constant
-    if not (unadjusted == unadjusted[0]).all():
-        return None
-    sd = np.sqrt(safe_var(var_pooled, unadjusted[0]))
-    ok = ~unadjusted[0]
-    gamma_star, delta_star = np.zeros(mean.shape), np.ones(mean.shape)
-    if ok.sum() >= 2:
-        g_hat = (mean[:, ok] - grand_mean[ok]) / sd[ok]
-        m2_s = m2[:, ok] / sd[ok] ** 2
-        found = stacked_parametric(n, g_hat, m2_s)
-        if found is None:
-            return None
-        gamma_star[:, ok], delta_star[:, ok] = found
-    elif ok.any():
-        return None
-    return [SiteFit(gamma_star[i], delta_star[i], unadjusted[i], grand_mean, sd) for i in range(len(n))]
 
 
 def harmonise(fit: SiteFit, mean: np.ndarray, m2: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -67,21 +67,9 @@ class FoldDerivation:
         self._fits: dict[str, tuple[int, np.ndarray, combat_moments.SiteFit]] = {}
 
     def _fit(self, site: str) -> tuple[int, np.ndarray, combat_moments.SiteFit]:
-        if not self._fits:
-            self._fits = self._fit_all()
+        if site not in self._fits:
+            self._fits[site] = _fit(self._run, self._sums[site], self._pooled)
         return self._fits[site]
-
-    def _fit_all(self) -> dict[str, tuple[int, np.ndarray, combat_moments.SiteFit]]:
-        """Every site's ComBat for the fold, in one stacked pass where it can be (the default EB), else one by one."""
-        counts = np.array([self._sums[s][0] for s in self._sites])
-        means = np.array([self._sums[s][2][0] for s in self._sites]) / counts[:, None]  # XᵀY's sums, as _fit
-        config, pooled = self._run.config, self._pooled
-        stacked = None if not config.combat_eb or config.combat_mean_only else combat_moments.fit_from_sums_stacked(
-            counts, means, np.array([self._sums[s][3] for s in self._sites]), pooled.grand_mean, pooled.var_pooled,
-            pooled.zero_variance)
-        if stacked is None:
-            return {s: _fit(self._run, self._sums[s], pooled) for s in self._sites}
-        return {s: (int(n), mean, fit) for s, n, mean, fit in zip(self._sites, counts, means, stacked, strict=True)}
 
     def moments(self, site: str) -> SiteMoments:
         """What ``site`` would send for the fold's moments query."""

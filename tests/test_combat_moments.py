@@ -94,31 +94,3 @@ def test_correlation_replies_follow_from_the_cross_products_before_combat():
 def _pooled(sites: list[np.ndarray]) -> tuple[combat.PooledMeans, list[combat.SiteResiduals]]:
     means = combat.pool_moments([combat.site_moments(y, i, len(sites)) for i, y in enumerate(sites)])
     return means, [combat.site_residuals(y, means, i) for i, y in enumerate(sites)]
-
-
-def test_stacked_fits_equal_each_site_alone():
-    """A fold's coordinator fits its sites' ComBat from their sums in one stacked pass
-    (combat_moments.fit_from_sums_stacked): the same numbers as one call per site, each site stopping at its own
-    iteration; sites whose unadjusted features differ are left to the one-site calls (None)."""
-    rng = np.random.default_rng(11)
-    scale = np.array([1.0, 5.0, 0.01, 2.0, 1e9, 3.0, 0.5, 7.0, 1.0])
-    sites = [rng.normal(loc=10.0 + i, scale=1.0 + 0.3 * i, size=(8 + 3 * i, 9)) * scale for i in range(6)]
-    for y in sites:
-        y[:, 8] = 4.25
-    pooled = combat.pool_residuals(*_pooled(sites))
-    sums = [_moments(y) for y in sites]
-    one = [combat_moments.fit_from_sums(n, mean, m2, pooled.grand_mean, pooled.var_pooled, pooled.zero_variance)
-           for n, mean, m2 in sums]
-    stacked = combat_moments.fit_from_sums_stacked(*(np.array(v) for v in zip(*sums, strict=True)), pooled.grand_mean,
-                                                   pooled.var_pooled, pooled.zero_variance)
-    assert stacked is not None and len(stacked) == len(one)
-    for a, b in zip(stacked, one, strict=True):
-        np.testing.assert_array_equal(a.unadjusted, b.unadjusted)
-        np.testing.assert_allclose(a.gamma_star, b.gamma_star, rtol=1e-13, atol=1e-15)
-        np.testing.assert_allclose(a.delta_star, b.delta_star, rtol=1e-13)
-        np.testing.assert_array_equal(a.sd, b.sd)
-    # a feature constant at one site only: unadjusted there, not at the others
-    sites[2][:, 5] = 6.5
-    sums = [_moments(y) for y in sites]
-    assert combat_moments.fit_from_sums_stacked(*(np.array(v) for v in zip(*sums, strict=True)), pooled.grand_mean,
-                                                pooled.var_pooled, pooled.zero_variance) is None
