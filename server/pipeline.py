@@ -77,10 +77,10 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     robust = robustness_phase(run, cohort) if run.config.robustness_min_icc > 0 else None
     harmonization = phases.harmonization_phase(run, cohort, covariates, main.harmonization if main else None) \
         if run.config.combat else None
-    # a leave-one-site-out fold's moments follow from what its sites sent for the main run, where they can
+    # a leave-one-site-out fold's moments and correlation follow from what its sites sent for the main run, if they can
     derived = derived_moments.derivation(run, cohort, harmonization, main.harmonization if main else None,
                                          main.pooled if main else None, main.chosen.raw if main else None)
-    raw = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # for the folds' moments
+    raw = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # the raw sums the folds need
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
                                   harmonization.late_joiner if harmonization else None,
                                   derived.moments if derived else None, raw,
