@@ -31,6 +31,9 @@ class SiteRun:
     sums: dict[str, np.ndarray] = field(default_factory=dict)  # class -> sum of features over training cases
     evaluation: dict[str, float] = field(default_factory=dict)
     refused: str = ""
+    # with ``raw_crossproducts``: Σ x xᵀ over the training cases of the first features (from the correlation
+    # query's cross-products before ComBat, Σ (x − x̄)(x − x̄)ᵀ, and the moments' sums)
+    second: np.ndarray | None = None
 
 
 class Coordinator:
@@ -63,11 +66,12 @@ class Coordinator:
         self._send(context, "query.combat_join", RecordDict({"config": ConfigRecord(config), "arrays": arrays}))
 
     def run(self, evaluate_state: Mapping[str, np.ndarray] | None = None, combat: bool = False, fold: str = "",
-            **overrides: object) -> SiteRun:
+            raw_crossproducts: int = 0, **overrides: object) -> SiteRun:
         """One run with these run-config overrides; the site approves its plan first (it always does here).
         ``combat``: also the first ComBat round (XᵀX, XᵀY over the training cases and covariate levels).
         ``fold``: the moments of that cohort (e.g. "cv:0:1": the training cases of fold 1 of the first
-        cross-validation repeat)."""
+        cross-validation repeat). ``raw_crossproducts``: also the correlation query over that many of the agreed
+        features, asking for their cross-products before ComBat (what a leave-one-site-out run's main run asks)."""
         from common.canon import sha256_json
         from radfed.cli import approve_demo_plan
         from radfed.launch import app_run_config
@@ -98,6 +102,8 @@ class Coordinator:
                 n = int(metrics[f"n-{tag}"])
                 result.counts[f"n-{tag}"] = n
                 result.sums[tag] = arrays[f"mean-{tag}"].numpy() * n
+            if raw_crossproducts:
+                result.second = self._second_moments(context, names[:raw_crossproducts], result)
             if evaluate_state is not None:
                 selected = list(evaluate_state["features"])
                 config = {"features": selected, "features-sha256": sha256_json(selected), "pos-weight": 1.0,
@@ -111,6 +117,22 @@ class Coordinator:
         except Exception as exc:  # the site refused (the guard raises: nothing was sent)
             result.refused = str(exc)
         return result
+
+
+    def _second_moments(self, context: Context, candidates: list[str], result: SiteRun) -> np.ndarray:
+        """Σ x xᵀ over the training cases of ``candidates`` (the first of the agreed features): the correlation
+        query's cross-products before ComBat plus n x̄ x̄ᵀ from the moments' class sums."""
+        from common.canon import sha256_json
+
+        m = len(candidates)
+        config = {"candidates": candidates, "candidates-sha256": sha256_json(candidates), "raw-crossproducts": True}
+        stats = ArrayRecord({"mean": Array(np.zeros(m)), "std": Array(np.ones(m))})
+        reply = self._send(context, "query.correlation", RecordDict({"config": ConfigRecord(config), "arrays": stats}))
+        if reply.has_error():
+            raise RuntimeError(reply.error.reason)
+        n = sum(result.counts.values())
+        mean = sum(result.sums.values())[:m] / n
+        return reply.content["arrays"]["raw-crossproducts"].numpy() + n * np.outer(mean, mean)
 
 
 def _answers_join() -> bool:
@@ -178,4 +200,27 @@ def solve_patients(coordinator: Coordinator, memberships: list[dict[str, set[str
         coef, *_ = np.linalg.lstsq(m.T, target, rcond=None)  # e_j as a combination of the released sets
         if np.max(np.abs(m.T @ coef - target)) < 1e-8:
             recovered[case_id] = _recovered(coef @ s, np.array([truth[case_id]]))[1]
+    return recovered
+
+
+def solve_second_moments(coordinator: Coordinator, memberships: list[set[str]],
+                         truth: dict[str, np.ndarray]) -> dict[str, float]:
+    """``solve_patients`` for the runs' Σ x xᵀ over their training cases (``SiteRun.second``), knowing each run's
+    training cases (``memberships``): patient -> relative error of its recovered x xᵀ, for every patient whose
+    indicator lies in the sets' span. ``truth``: case id -> its features over the same first features."""
+    ids = list(truth)
+    done = [(r, m) for r, m in zip(coordinator.runs, memberships, strict=True)
+            if not r.refused and r.second is not None]
+    if not done:
+        return {}
+    rows = np.array([[1.0 if c in member else 0.0 for c in ids] for _, member in done])
+    seconds = np.array([run.second.ravel() for run, _ in done])  # type: ignore[union-attr]
+    recovered = {}
+    for j, case_id in enumerate(ids):
+        target = np.zeros(len(ids))
+        target[j] = 1.0
+        coef, *_ = np.linalg.lstsq(rows.T, target, rcond=None)
+        if np.max(np.abs(rows.T @ coef - target)) < 1e-8:
+            outer = np.outer(truth[case_id], truth[case_id]).ravel()
+            recovered[case_id] = float(np.max(np.abs(coef @ seconds - outer)) / max(np.abs(outer).max(), 1e-12))
     return recovered

@@ -73,6 +73,35 @@ def test_test_fraction_sweep_recovers_no_patient(tiny_site_root, tmp_path):
     _ledger_holds(site)
 
 
+def test_cross_products_before_combat_recover_no_patient(tiny_site_root, tmp_path):
+    """The cross-products before ComBat that a leave-one-site-out run's main run asks for with its correlation query
+    (``raw-crossproducts``) are second moments over the training cases: with the moments' sums they give Σ x xᵀ, from
+    which two runs one patient apart would give that patient's x xᵀ. Over a test-fraction sweep each run's release
+    is over exactly the training cases it declares, and even knowing which patients each run used no patient's
+    x xᵀ lies in the span of what was released; the same solver does find a patient two runs apart by one."""
+    site = _copy(tiny_site_root, tmp_path)
+    coordinator = attacks.Coordinator(site)
+    fractions = [round(0.20 + 0.04 * i, 2) for i in range(8)]
+    for fraction in fractions:
+        coordinator.run(raw_crossproducts=6, **{"test-fraction": fraction, "harmonization": "none"})
+    assert not [r.refused for r in coordinator.runs if r.refused]  # honest runs are not blocked
+    truth = _truth(site, coordinator.runs[0].features[:6], harmonization="none")
+    members = [set().union(*_training_classes(site, **{"test-fraction": f, "harmonization": "none"}).values())
+               for f in fractions]
+    for run, member in zip(coordinator.runs, members, strict=True):
+        want = sum(np.outer(truth[c], truth[c]) for c in member)
+        np.testing.assert_allclose(run.second, want, rtol=1e-9, atol=1e-9 * np.abs(want).max())
+    assert attacks.solve_second_moments(coordinator, members, truth) == {}
+    _ledger_holds(site)
+
+    # the attack where the data allow it: two releases whose sets differ by one patient give that patient's x xᵀ
+    ids = sorted(members[0])
+    fake = attacks.Coordinator(site)
+    fake.runs = [attacks.SiteRun(config={}, second=sum(np.outer(truth[c], truth[c]) for c in cases))
+                 for cases in (ids[1:], ids)]
+    assert list(attacks.solve_second_moments(fake, [set(ids[1:]), set(ids)], truth)) == [ids[0]]
+
+
 def test_split_seed_sweep_recovers_no_patient(tiny_site_root, tmp_path):
     """Many split seeds (more than a class has patients): on the old split each seed drew a new random training
     set, and enough of them
