@@ -36,7 +36,6 @@ from client.guard import privacy_guard, redact_local_paths
 from client.site import Site, SiteError
 from common import combat, covariates
 from common.canon import arrays_sha256
-from common.moments import site_moments
 from common.npy import decode, decode_all, encode
 from common.runconfig import RunConfig
 from common.split import parse_cv_tag
@@ -189,22 +188,11 @@ def combat_keep(msg: Message, context: Context) -> Message:
     if not run.combat_parametric or run.combat_covariates.strip():
         raise SiteError("a fold's ComBat is kept from its moments only with parametric ComBat and no covariates; "
                         "this run has other settings, so the coordinator must ask for the fold's moments: restart it")
-    sums = _training_moments(data, agreed)
+    sums = steps.training_moments(data, agreed)
     _keep_combat(context, msg, compute.combat_fit_from_moments(
         sums, decode_all(msg.content["arrays"]), int(config["site-index"]), int(config["n-pooled"]), run),  # type: ignore[union-attr, arg-type, index]
         data.site)
     return _reply(msg, data.declare("train", {"n": ""}), metrics=MetricRecord({"n": sums[0]}))
-
-
-def _training_moments(data: steps.SiteData, agreed: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
-    """The training split's count, mean (d,) and centred sum of squares (d,) of the agreed radiomics features before
-    ComBat: the same for each of a batch's keeps (one per fold the site trains in), so worked out once per batch."""
-    def make() -> tuple[int, np.ndarray, np.ndarray]:
-        n, mean, m2 = site_moments(steps.site_matrix(data, steps.radiomics_names(agreed), held_out=False)[0])
-        mean.flags.writeable = m2.flags.writeable = False  # shared by the batch's keeps
-        return n, mean, m2
-
-    return runcache.in_look(("training-moments", tuple(agreed)), data, make)
 
 
 @app.query("moments")

@@ -49,8 +49,8 @@ def correlation_reply(x: np.ndarray, mean: np.ndarray, std: np.ndarray) -> tuple
 def raw_crossproducts(x: np.ndarray) -> np.ndarray:
     """Phase, for the leave-one-site-out folds' correlation: Σ (x − x̄)(x − x̄)ᵀ (m, m) of the candidates x (n, m)
     before ComBat (server/derived_moments.py maps it through each fold's ComBat)."""
-    centred = np.asarray(x, dtype=np.float64) - np.asarray(x, dtype=np.float64).mean(axis=0)
-    return centred.T @ centred
+    x = np.asarray(x, dtype=np.float64)
+    return selection.site_crossproducts(x, x.mean(axis=0), np.ones(x.shape[1]))
 
 
 def noised_moments_reply(x: np.ndarray, y: np.ndarray, grand_mean: np.ndarray, var_pooled: np.ndarray,

@@ -19,9 +19,11 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from client import runcache
 from client.site import SiteError
 from common import covariates as cov
 from common.canon import sha256_json
+from common.moments import site_moments
 
 if TYPE_CHECKING:
     from client.steps import SiteData
@@ -80,6 +82,18 @@ def _key(data: SiteData, agreed: list[str], held_out: bool | None, names: list[s
 def _made_from(data: SiteData) -> tuple[object, ...]:
     """The loaded arrays a matrix is read from (a kept one serves only these very objects)."""
     return data.table, data.covariates, data.clinical
+
+
+def training_moments(data: SiteData, agreed: list[str]) -> tuple[int, np.ndarray, np.ndarray]:
+    """The training split's count, mean (d,) and centred sum of squares (d,) of the agreed radiomics features before
+    ComBat: the same for each of a batch's ``query.combat_keep`` requests (one per fold the site trains in), so
+    worked out once per look (client.runcache), read-only."""
+    def make() -> tuple[int, np.ndarray, np.ndarray]:
+        n, mean, m2 = site_moments(site_matrix(data, radiomics_names(agreed), held_out=False)[0])
+        mean.flags.writeable = m2.flags.writeable = False
+        return n, mean, m2
+
+    return runcache.in_look(("training-moments", tuple(agreed)), data, make)
 
 
 def forget() -> None:

@@ -19,7 +19,14 @@ from client import level_groups, patients, runcache
 from client.extract import FeatureTable, extract_site, pyradiomics_version
 from client.featurecache import cache_file
 from client.ledger import Blocking, Declaration, Ledger, in_batch
-from client.matrices import Harmonizer, has_clinical, names_sha256, radiomics_names, site_matrix  # noqa: F401
+from client.matrices import (  # noqa: F401
+    Harmonizer,
+    has_clinical,
+    names_sha256,
+    radiomics_names,
+    site_matrix,
+    training_moments,
+)
 from client.site import CaseProblem, Site, SiteError, load_site, site_floor, site_settings
 from client.sitefiles import atomic_write
 from common import covariates as cov
