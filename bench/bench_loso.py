@@ -1,7 +1,7 @@
 """Leave-one-site-out at the cost of one training (issue 20): prints a table.
 
     python bench/bench_loso.py [--work DIR] [--sites 4,16] [--batched-only 48] [--local-only] [--profile 48]
-                               [--profile-server 48]
+                               [--profile-server 48] [--set loso-prefetch=false]
 
 For each number of tiny synthetic sites (10 cases per class, extracted once before anything is timed), two
 simulated radfed runs on the same data: the folds one after another (``fold-batching = false``, what every run
@@ -269,6 +269,8 @@ def main() -> int:
     parser.add_argument("--batched-only", default="", help="comma-separated numbers of sites: batched only")
     parser.add_argument("--local-only", action="store_true", help="the local-only baselines too (2 folds a site)")
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a run-config value (TOML), e.g. loso-prefetch=false; repeatable")
     parser.add_argument("--profile", type=int, default=0, help="profile one site answering an N-site batch")
     parser.add_argument("--profile-server", type=int, default=0,
                         help="one batched run over N sites with the coordinator under cProfile (every thread)")
@@ -281,7 +283,8 @@ def main() -> int:
     batched_only = sorted(int(s) for s in args.batched_only.split(",") if s)
     config = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     config = {**config, "training": "exact", "select-features": 3, "external-validation": "loso",
-              "local-only": "own-pipeline" if args.local_only else "none", "query-timeout": 1800.0}
+              "local-only": "own-pipeline" if args.local_only else "none", "query-timeout": 1800.0,
+              **tomllib.loads("\n".join(args.set))}
     if args.profile:
         profile(work, args.profile)
     if args.profile_server:

@@ -79,7 +79,7 @@ class Fitted:
 
 
 def _harmonise(xs: list[np.ndarray], run: RunConfig) -> tuple[list[np.ndarray], combat.PooledEstimates | None]:
-    """d-ComBat rounds 1-2 over the cohort, then each site's own fit (server.phases.harmonization_phase)."""
+    """d-ComBat rounds 1-2 over the cohort, then each site's own fit (server.harmonization.harmonization_phase)."""
     if not run.combat:
         return xs, None
     n_sites, options = len(xs), combat_options(run)

@@ -89,6 +89,7 @@ class RunConfig(BaseModel):
     fold_batching: bool = Field(alias="fold-batching", strict=True)
     loso_warm_start: bool = Field(alias="loso-warm-start", strict=True)
     loso_derived_moments: bool = Field(alias="loso-derived-moments", strict=True)
+    loso_prefetch: bool = Field(alias="loso-prefetch", strict=True)
     merge_phases: bool = Field(alias="merge-phases", strict=True)
     models: str = Field(alias="models", strict=True)
     model_l1: float = Field(alias="model-l1", gt=0, allow_inf_nan=False)

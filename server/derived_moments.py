@@ -1,7 +1,7 @@
 """A leave-one-site-out fold's moments and selection correlation, worked out from what its sites sent for the main
 run: no query.
 
-Without ComBat covariates a fold pools its sites' main-run ComBat sums again (``phases.harmonization_phase``
+Without ComBat covariates a fold pools its sites' main-run ComBat sums again (``harmonization.harmonization_phase``
 ``reuse``): each site's count, feature means and residual sum of squares over its training split, the same
 cases in every fold. With parametric ComBat a site's own location/scale against any cohort's pooled estimates is
 a function of exactly those sums (common.combat_moments), and harmonising is an affine map per feature: the
@@ -33,7 +33,8 @@ import numpy as np
 
 from common import combat, combat_moments, selection
 from server.federation import Cohort, Run
-from server.phases import Harmonization, PooledMoments, SiteMoments, model_inputs
+from server.harmonization import Harmonization
+from server.phases import PooledMoments, SiteMoments, model_inputs
 
 
 def wanted(run: Run, cohort: Cohort) -> bool:
@@ -61,30 +62,34 @@ class FoldDerivation:
 
     def __init__(self, run: Run, cohort: Cohort, fold: combat.PooledEstimates, main_harmonization: Harmonization,
                  main_moments: PooledMoments, raw: selection.RawCrossproducts | None) -> None:
-        self._run, self._sites, self._pooled = run, sorted(cohort.fed.sites.values()), fold
-        self._sums, self._raw_classwise, self._raw = main_harmonization.sums, main_moments.raw_classwise, raw
+        self.sites, self.pooled = sorted(cohort.fed.sites.values()), fold
+        self._run, self._sums, self._raw_classwise = run, main_harmonization.sums, main_moments.raw_classwise
+        self.raw = raw  # the main run's cross-products before ComBat (server.fold_prefetch sets them later)
         self._index = {name: i for i, name in enumerate(cohort.agreement.names)}
         self._fits: dict[str, tuple[int, np.ndarray, combat_moments.SiteFit]] = {}
+        self._moments: dict[str, SiteMoments] = {}
 
     def _fit(self, site: str) -> tuple[int, np.ndarray, combat_moments.SiteFit]:
         if site not in self._fits:
-            self._fits[site] = _fit(self._run, self._sums[site], self._pooled)
+            self._fits[site] = _fit(self._run, self._sums[site], self.pooled)
         return self._fits[site]
 
     def moments(self, site: str) -> SiteMoments:
-        """What ``site`` would send for the fold's moments query."""
-        n, mean, fit = self._fit(site)
-        _, _, ss = self._sums[site][1:]
-        classes = {label: (n_c, *combat_moments.harmonise(fit, mean_c, m2_c))
-                   for label, (n_c, mean_c, m2_c) in self._raw_classwise[site].items()}
-        return (n, *combat_moments.harmonise(fit, mean, ss)), classes  # type: ignore[return-value]
+        """What ``site`` would send for the fold's moments query (worked out once)."""
+        if site not in self._moments:
+            n, mean, fit = self._fit(site)
+            _, _, ss = self._sums[site][1:]
+            classes = {label: (n_c, *combat_moments.harmonise(fit, mean_c, m2_c))
+                       for label, (n_c, mean_c, m2_c) in self._raw_classwise[site].items()}
+            self._moments[site] = (n, *combat_moments.harmonise(fit, mean, ss)), classes  # type: ignore[assignment]
+        return self._moments[site]
 
     def correlation(self, names: list[str], mean: np.ndarray, std: np.ndarray) -> np.ndarray:
         """The fold's pooled correlation (p, p) of ``names[:p]``, the longest prefix of the candidates ``names``
         (pooled mean and std (m,)) whose cross-products every site sent for the main run; p = 0 without them."""
-        raw = self._raw
+        raw = self.raw
         if raw is None or any(site not in raw.sites or raw.sites[site][0] != self._sums[site][0]
-                              for site in self._sites):  # a site the main run's correlation did not hear from
+                              for site in self.sites):  # a site the main run's correlation did not hear from
             return np.zeros((0, 0))
         at = {name: i for i, name in enumerate(raw.names)}
         p = next((i for i, name in enumerate(names) if name not in at), len(names))
@@ -92,7 +97,7 @@ class FoldDerivation:
             return np.zeros((0, 0))
         rows, cols = [at[name] for name in names[:p]], [self._index[name] for name in names[:p]]
         cross, total = [], 0
-        for site in self._sites:  # in site-name order, as the moments
+        for site in self.sites:  # in site-name order, as the moments
             n, centred = raw.sites[site]
             _, raw_mean, fit = self._fit(site)
             a, b = combat_moments.affine(fit)
@@ -103,12 +108,16 @@ class FoldDerivation:
 
 
 def derivation(run: Run, cohort: Cohort, fold: Harmonization | None, main_harmonization: Harmonization | None,
-               main_moments: PooledMoments | None, raw: selection.RawCrossproducts | None = None
-               ) -> FoldDerivation | None:
-    """The fold's moments and correlation from the main run's, when they follow from them, else None."""
+               main_moments: PooledMoments | None, raw: selection.RawCrossproducts | None = None,
+               ahead: FoldDerivation | None = None) -> FoldDerivation | None:
+    """The fold's moments and correlation from the main run's, when they follow from them, else None. ``ahead``: the
+    same worked out already (server.fold_prefetch), used when it is for the fold's very pooled estimates and sites."""
     if not wanted(run, cohort) or fold is None or not fold.reused or fold.pooled is None \
             or main_harmonization is None or main_moments is None:
         return None
     if any(s not in main_moments.raw_classwise or s not in main_harmonization.sums for s in cohort.fed.sites.values()):
         return None
+    if ahead is not None and ahead.pooled is fold.pooled and ahead.sites == sorted(cohort.fed.sites.values()):
+        ahead.raw = raw
+        return ahead
     return FoldDerivation(run, cohort, fold.pooled, main_harmonization, main_moments, raw)

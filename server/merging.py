@@ -4,7 +4,7 @@ Two kinds of request can ride along with a cohort's next query, because nothing 
 replies:
 
 - a **deferred** request, whose replies are read just before the next query's (e.g. a held-out site joining a
-  fold's harmonisation, then scoring the fold's model: ``phases.join_phase``);
+  fold's harmonisation, then scoring the fold's model: ``harmonization.join_phase``);
 - a **prefetched** request, sent early; its replies are kept, by site and by the request's exact content, and
   the later query that sends exactly that request takes them instead of sending it (e.g. exact training's first
   Newton round with the histograms, the calibration fit's first round with the final evaluation). A request

@@ -16,9 +16,10 @@ import numpy as np
 
 from common import families, selection
 from common.covariates import is_clinical
-from server import derived_moments, phases, training
+from server import derived_moments, fold_prefetch, phases, training
 from server.federation import Cohort, Run
-from server.phases import Harmonization, PooledMoments
+from server.harmonization import Harmonization, harmonization_phase
+from server.phases import PooledMoments
 from server.robustness import RobustnessResult, robustness_phase
 
 log = logging.getLogger("flwr.radfed.server")
@@ -40,6 +41,8 @@ class Fitted:
     robustness: RobustnessResult | None = None
     family: str = ""
     inputs: dict[str, selection.Selection] = field(default_factory=dict)  # a variant's own inputs (default: chosen)
+    # the main run's: its leave-one-site-out folds' first steps, worked out while it waits (server.fold_prefetch)
+    prefetch: fold_prefetch.FoldPrefetch | None = None
 
     def __post_init__(self) -> None:
         self.family = self.family or next(iter(self.models))
@@ -68,23 +71,28 @@ class Fitted:
 
 
 def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = True,
-        histograms: bool = False, main: Fitted | None = None) -> Fitted:
+        histograms: bool = False, main: Fitted | None = None, start: fold_prefetch.FoldStart | None = None) -> Fitted:
     """Fit the run's model on ``cohort``. ``evaluate_rounds``: each site scores every round's model on its
     held-out split; ``histograms``: collect before/after-ComBat histograms of a few model features; ``main``: the
     main run's fit, for a leave-one-site-out fold: its ComBat sums are pooled again instead of asked for
-    (phases.harmonization_phase ``reuse``), and with ``loso-warm-start`` each exact fit starts from its model."""
+    (harmonization_phase ``reuse``), and with ``loso-warm-start`` each exact fit starts from its model; ``start``: the
+    fold's first steps worked out ahead (server.fold_prefetch), the same numbers."""
     warm = main.warm_starts() if main is not None and run.config.loso_warm_start else {}
     robust = robustness_phase(run, cohort) if run.config.robustness_min_icc > 0 else None
-    harmonization = phases.harmonization_phase(run, cohort, covariates, main.harmonization if main else None) \
-        if run.config.combat else None
+    harmonization = harmonization_phase(run, cohort, covariates, main.harmonization if main else None,
+                                        start.pooled if start else None) if run.config.combat else None
     # a leave-one-site-out fold's moments and correlation follow from what its sites sent for the main run, if they can
     derived = derived_moments.derivation(run, cohort, harmonization, main.harmonization if main else None,
-                                         main.pooled if main else None, main.chosen.raw if main else None)
+                                         main.pooled if main else None, main.chosen.raw if main else None,
+                                         start.derivation if start else None)
     raw = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # the raw sums the folds need
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
                                   harmonization.late_joiner if harmonization else None,
                                   derived.moments if derived else None, raw,
                                   harmonization.per_node_keep if harmonization else None)
+    # the main run's folds can start from its sums: their first steps worked out while it waits for its sites
+    prefetch = fold_prefetch.FoldPrefetch(run, cohort, harmonization, pooled).start() \
+        if raw and harmonization is not None and run.config.loso_prefetch else None
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
     n_hgg, n_bm = pooled.classwise[1][0], pooled.classwise[0][0]
     cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
@@ -109,7 +117,8 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
               for family in run.config.families}
     for name, own in inputs.items():
         models[name] = training.train(run, cohort, pooled, own, evaluate_rounds, name, warm.get(name))
-    return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust, inputs=inputs)
+    return Fitted(harmonization, pooled, chosen, models, cohort.agreement.pos_weight, drawn, robust, inputs=inputs,
+                  prefetch=prefetch)
 
 
 def variants(chosen: selection.Selection, names: list[str]) -> dict[str, selection.Selection]:

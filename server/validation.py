@@ -30,7 +30,7 @@ from flwr.app import RecordDict
 
 from common import metrics, protocol
 from common.split import cv_tag
-from server import clinical, comparison, phases, pipeline
+from server import clinical, comparison, harmonization, pipeline
 from server.federation import Cohort, FeatureAgreement, Federation, Run, RunRefused
 from server.folds import FoldJob, run_folds
 from server.strategy import evaluation_records, record_sha256
@@ -49,7 +49,7 @@ def score_all(run: Run, fitted: pipeline.Fitted, trained_on: Cohort, scorers: Co
     by_family: dict[str, dict[str, dict[str, object]]] = {}
     try:
         if outside and fitted.harmonization is not None:
-            phases.join_phase(run, scorers, fitted.harmonization)
+            harmonization.join_phase(run, scorers, fitted.harmonization)
         for family in calibrated:  # after the join (riders go in the order added): the site needs its harmonisation
             clinical.prefetch_site_fit(run, scorers, fitted.models[family].arrays, _calibration_config(fitted, family))
         for family, trained in fitted.models.items():
@@ -77,11 +77,13 @@ def _loso_fold(run: Run, fed: Federation, agreement: FeatureAgreement, covariate
     ``family`` in use (with several, also each one's metrics and their paired comparison), or ``error``. ``main``:
     the main run's fit (its ComBat sums and, with ``loso-warm-start``, its models: ``pipeline.fit``)."""
     others = {name for nid, name in fed.sites.items() if nid != held_node}
-    train_on = Cohort(fed.subset(others), agreement.restricted(others), fold=held)
+    # its first steps, if the main run worked them out while it waited (server.fold_prefetch): the same numbers
+    start = main.prefetch.take(held, agreement, others) if main is not None and main.prefetch is not None else None
+    train_on = Cohort(fed.subset(others), start.agreement if start else agreement.restricted(others), fold=held)
     outsider = Cohort(fed.subset({held}), train_on.agreement, fold=held)
     log.info("External validation: training without %s on %s", held, ", ".join(sorted(others)))
     try:
-        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False, main=main)
+        fitted = pipeline.fit(run, train_on, covariates, evaluate_rounds=False, main=main, start=start)
         fitted.family = family or fitted.family
         calibrated = list(fitted.models) if len(fitted.models) > 1 else [fitted.family]
         every, compared = score_all(run, fitted, train_on, outsider, calibrated=calibrated)

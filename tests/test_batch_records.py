@@ -1,6 +1,6 @@
-"""common/batch.py and server/phases.py build their Flower records without Flower's per-record rebuilding: the same
-records under the same names, every value still a Flower record (an Array in an ArrayRecord), and the pack -> split
--> join -> unpack round trip hands each fold exactly what its site answered."""
+"""common/batch.py and server/harmonization.py build their Flower records without Flower's per-record rebuilding: the
+same records under the same names, every value still a Flower record (an Array in an ArrayRecord), and the pack ->
+split -> join -> unpack round trip hands each fold exactly what its site answered."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Message, Metadata, Metric
 
 from common import batch
 from common.npy import encode
-from server import phases
+from server import harmonization
 
 pytestmark = pytest.mark.usefixtures("server_identity")  # tests/conftest.py
 
@@ -63,7 +63,7 @@ def test_a_value_that_is_not_a_flower_record_is_refused():
     with pytest.raises(batch.BatchError, match="twice"):
         batch._record_dict([("a", ConfigRecord({})), ("a", ConfigRecord({}))])
     with pytest.raises(TypeError):
-        phases._array_record({"beta": np.zeros(3)})  # type: ignore[dict-item]
+        harmonization._array_record({"beta": np.zeros(3)})  # type: ignore[dict-item]
 
 
 def test_the_moments_estimates_record_equals_flowers_and_shares_its_arrays(monkeypatch):
@@ -72,7 +72,7 @@ def test_the_moments_estimates_record_equals_flowers_and_shares_its_arrays(monke
     expected = ArrayRecord({"beta": Array(beta), **shared})  # what the moments request held before
     rebuilt = []
     monkeypatch.setattr(ArrayRecord, "from_array_dict", classmethod(lambda cls, *a, **k: rebuilt.append(a)))
-    record = phases._array_record({"beta": encode(beta), **shared})
+    record = harmonization._array_record({"beta": encode(beta), **shared})
     assert rebuilt == []  # Flower's constructor rebuilds each Array attribute by attribute (2,256 records per round)
     assert record == expected and list(record.keys()) == list(expected.keys())
     assert all(record[k].data == expected[k].data and record[k].shape == expected[k].shape for k in expected)
