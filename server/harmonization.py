@@ -111,7 +111,9 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "", reuse: H
     both = again and not covariates  # without covariate columns a site's round-2 sum is cohort-independent too
     if both:
         order = tuple(fed.sites[nid] for nid in index)
-        pool = ahead if ahead is not None and ahead.order == order else pool_again(reuse.sums, order)  # type: ignore[union-attr]
+        if ahead is None or ahead.order != order:
+            ahead = None
+        pool = ahead or pool_again(reuse.sums, order)  # type: ignore[union-attr]
         pooled, before = pool.estimates, pool.before
         sums = {name: reuse.sums[name] for name in order}  # type: ignore[union-attr]
     else:
@@ -121,6 +123,8 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "", reuse: H
         "var_pooled": pooled.var_pooled.tolist(), "beta_cov": pooled.beta_cov.tolist(),
         "zero_variance": pooled.zero_variance.tolist()}
     reused = {"reused": "the main run's rounds 1-2" if both else "the main run's round 1"} if again else {}
+    if both and ahead is not None:
+        reused["ahead"] = "pooled while the main run waited for its sites (server/fold_prefetch.py)"
     run.audit.append("harmonization", method="combat", covariates=covariates, n_sites=n_sites, n_cases=pooled.n,
                      n_features=len(pooled.grand_mean), zero_variance=int(pooled.zero_variance.sum()),
                      pooled_sha256=arrays_sha256({"beta": pooled.beta, "grand_mean": pooled.grand_mean,
