@@ -182,16 +182,18 @@ def combat_join(msg: Message, context: Context) -> Message:
 def combat_keep(msg: Message, context: Context) -> Message:
     """A fold whose moments the coordinator worked out from what this site sent for the main run (no moments query,
     server/derived_moments.py): fit and keep the site's own ComBat location/scale for the fold from its training
-    split's moments, as the coordinator did, for the fold's later queries. Only the number of training cases leaves."""
+    split's moments, as the coordinator did, for the fold's later queries: the parameters of the features the fold
+    harmonises here alone (``columns``), all when it names none. Only the number of training cases leaves."""
     agreed = agreements.accept(context, msg, "features", "features")  # type: ignore[arg-type]
     config, data, run = msg.content["config"], _data(context, msg), _run(context)
     if not run.combat_parametric or run.combat_covariates.strip():
         raise SiteError("a fold's ComBat is kept from its moments only with parametric ComBat and no covariates; "
                         "this run has other settings, so the coordinator must ask for the fold's moments: restart it")
     sums = steps.training_moments(data, agreed)
-    _keep_combat(context, msg, compute.combat_fit_from_moments(
-        sums, decode_all(msg.content["arrays"]), int(config["site-index"]), int(config["n-pooled"]), run),  # type: ignore[union-attr, arg-type, index]
-        data.site)
+    params = compute.combat_fit_from_moments(sums, decode_all(msg.content["arrays"]), int(config["site-index"]),  # type: ignore[union-attr, arg-type, index]
+                                             int(config["n-pooled"]), run)  # type: ignore[arg-type, index]
+    combat_state.keep(nodestate.of(context), agreements.cohort(msg), params,
+                      steps.radiomics_columns(agreed, config.get("columns")))  # type: ignore[union-attr]
     return _reply(msg, data.declare("train", {"n": ""}), metrics=MetricRecord({"n": sums[0]}))
 
 

@@ -149,6 +149,20 @@ def radiomics_names(names: list[str]) -> list[str]:
     return list(_radiomics(tuple(names))[0])
 
 
+def radiomics_columns(agreed: list[str], names: object) -> list[int] | None:
+    """Each of ``names`` (a list the server sent, or None) by its place among the ``agreed`` radiomics features, the
+    columns ComBat's parameters are fitted over; None for None. Refuses a name outside them."""
+    if names is None:
+        return None
+    _, index = _radiomics(tuple(agreed))
+    wanted = [str(n) for n in names]  # type: ignore[attr-defined]
+    unknown = [n for n in wanted if n not in index]
+    if unknown:
+        raise SiteError(f"the server asked this site to keep ComBat parameters for {len(unknown)} feature(s) it did "
+                        f"not agree for the cohort (e.g. {unknown[0]}); restart the run")
+    return [index[n] for n in wanted]
+
+
 def has_clinical(names: list[str]) -> bool:
     """Whether ``names`` holds a clinical input (model-covariates)."""
     return len(_radiomics(tuple(names))[0]) != len(names)

@@ -23,6 +23,7 @@ from client.matrices import (  # noqa: F401
     Harmonizer,
     has_clinical,
     names_sha256,
+    radiomics_columns,
     radiomics_names,
     site_matrix,
     training_moments,

@@ -187,6 +187,19 @@ def _pool_asking(run: Run, cohort: Cohort, config: dict, own: Callable[[int], Re
     return pooled, before, {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
 
 
+def keep_phase(run: Run, cohort: Cohort, harmonization: Harmonization, columns: list[str]) -> None:
+    """Each site fits its own ComBat for ``cohort`` from its training split's moments and keeps it, with the cohort's
+    next query (``query.combat_keep``: a leave-one-site-out fold whose moments the coordinator worked out,
+    server/derived_moments.py); only its count comes back. It fits every agreed feature (the empirical-Bayes priors
+    pool them) but keeps the parameters of ``columns`` alone, the only features the fold harmonises there (a fold's
+    ~860 were 35 KB written per fold and site, and read again by a site's other worker)."""
+    if harmonization.per_node_keep is None:
+        raise ValueError("this cohort's ComBat was asked of its sites, not pooled again: its sites fitted it already")
+    names = cohort.agreement.names
+    config = {"features": names, "features-sha256": sha256_json(names), "columns": list(columns)}
+    cohort.defer(run, "harmonization", protocol.COMBAT_KEEP, config, harmonization.per_node_keep, lambda _: None)
+
+
 def join_phase(run: Run, outsider: Cohort, harmonization: Harmonization) -> None:
     """Sites outside a cohort harmonise themselves against its pooled estimates, as a late-joining hospital
     does (``radfed site join``): each fits its own location/scale on all its usable cases, with no labels,

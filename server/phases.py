@@ -117,8 +117,7 @@ class PooledMoments:
 def moments_phase(run: Run, cohort: Cohort,
                   harmonization: Callable[[int], RecordDict] | None = None,
                   reference: dict[str, object] | None = None,
-                  derived: Callable[[str], SiteMoments] | None = None, raw_classes: bool = False,
-                  keep: Callable[[int], RecordDict] | None = None) -> PooledMoments:
+                  derived: Callable[[str], SiteMoments] | None = None, raw_classes: bool = False) -> PooledMoments:
     """Pooled mean/std of every agreed feature, and class-wise moments, from per-site moments.
 
     With ``harmonization`` (the pooled ComBat estimates per node), each site first fits its own ComBat
@@ -126,14 +125,13 @@ def moments_phase(run: Run, cohort: Cohort,
     noised sums of their features standardised with ``reference`` (the pooled ComBat estimates: grand mean,
     pooled variance) and clipped; they are turned back into moments here. With ``derived`` (a leave-one-site-out
     fold: server.derived_moments) no site is asked: ``derived(site)`` is what that site would reply, worked out
-    from what it sent for the main run, and each site fits its own ComBat for the fold with the fold's next query
-    (``query.combat_keep``); ``raw_classes``: each site also sends its per-class moments before ComBat, for that."""
+    from what it sent for the main run, and each site fits its own ComBat for the fold later (``selection_phase``
+    ``keep``); ``raw_classes``: each site also sends its per-class moments before ComBat, for that."""
     names = model_inputs(run, cohort.agreement)
     config = {"features": names, "features-sha256": sha256_json(names)} | ({"raw-classes": True} if raw_classes else {})
     if derived is not None:
         # in site-name order, as replies_of gives the asked moments (pooling sums in that order: the same last bits)
         sent = {site: derived(site) for site in sorted(cohort.fed.sites.values())}
-        cohort.defer(run, "harmonization", protocol.COMBAT_KEEP, config, keep or harmonization, lambda _: None)
         return _pooled_moments(run, cohort, sent, derived="from the main run's ComBat sums and moments (no query)")
     replies = cohort.ask(run, "moments", protocol.MOMENTS, config, per_node=harmonization)
     if run.config.dp_query:
@@ -189,12 +187,16 @@ DerivedCorrelation = Callable[[list[str], np.ndarray, np.ndarray], np.ndarray]
 
 
 def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments, removed: frozenset[str] = frozenset(),
-                    derived: DerivedCorrelation | None = None, raw: bool = False) -> selection.Selection:
+                    derived: DerivedCorrelation | None = None, raw: bool = False,
+                    keep: Callable[[list[str]], None] | None = None) -> selection.Selection:
     """Choose the model's features from aggregates: drop near-constant ones (and the ``removed`` ones: the
     robustness filter's), rank by Welch's t, then keep the best uncorrelated ones using the pooled correlation of
     the top candidates. With ``derived`` (a leave-one-site-out fold: server.derived_moments) the correlation is
     worked out from what the sites sent for the main run where it follows; the sites are asked only if not.
-    ``raw``: each site also sends its candidates' cross-products before ComBat (the main run's, for that)."""
+    ``raw``: each site also sends its candidates' cross-products before ComBat (the main run's, for that).
+    ``keep(names)``: a fold whose moments were worked out has each site keep its own ComBat for the fold, for the
+    only features the fold will ever harmonise there (``harmonization.keep_phase``): the candidates when the sites
+    are asked for their correlation (it goes with that query), else the chosen features (with the next query)."""
     names_all = model_inputs(run, cohort.agreement)
     n_radiomics = len(cohort.agreement.names)
     n_keep, threshold = run.config.select_features, run.config.select_max_correlation
@@ -216,7 +218,7 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments, removed: fr
     else:
         candidates = order[: max(n_keep, run.config.select_candidates)]
         kept_local, read, sent, asked = _decorrelated(run, cohort, pooled, [names_all[i] for i in candidates],
-                                                      candidates, n_keep, threshold, derived, raw)
+                                                      candidates, n_keep, threshold, derived, raw, keep)
         kept = [candidates[i] for i in kept_local] + clinical
         # the greedy walk stops once n_keep are kept: everything it passed over was too correlated
         examined = kept_local[-1] + 1 if len(kept_local) == n_keep else len(candidates)
@@ -224,6 +226,8 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments, removed: fr
         chosen = selection.Selection([names_all[i] for i in kept], [float(t[i]) for i in kept],
                                      int(constant.sum()), len(candidates), dropped, threshold, correlation=read,
                                      raw=sent)
+    if keep is not None and (n_keep <= 0 or not asked):
+        keep(chosen.names)
     noted = {} if n_keep <= 0 or asked else \
         {"derived": "correlation from the main run's cross-products before ComBat and ComBat sums (no query)"}
     run.audit.append("selection", features=chosen.names, welch_t=chosen.t,
@@ -237,7 +241,8 @@ def selection_phase(run: Run, cohort: Cohort, pooled: PooledMoments, removed: fr
 
 
 def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[str], candidates: list[int],
-                  n_keep: int, threshold: float, derived: DerivedCorrelation | None = None, raw: bool = False
+                  n_keep: int, threshold: float, derived: DerivedCorrelation | None = None, raw: bool = False,
+                  keep: Callable[[list[str]], None] | None = None
                   ) -> tuple[list[int], tuple[tuple[str, ...], np.ndarray] | None, selection.RawCrossproducts | None,
                              bool]:
     """The greedy decorrelation's walk over ``candidates`` (best first) from the sites' pooled correlation; the
@@ -261,6 +266,8 @@ def _decorrelated(run: Run, cohort: Cohort, pooled: PooledMoments, names: list[s
         if len(kept) == n_keep:
             return kept, (tuple(names[:len(corr)]), corr), None, False
     raw = raw and not run.config.dp_query
+    if keep is not None:  # the sites harmonise the candidates for the fold: their ComBat first, in the same round trip
+        keep(names)
     for m in dict.fromkeys((first, len(candidates))):
         config = {"candidates": names[:m], "candidates-sha256": sha256_json(names[:m])} | \
             ({"raw-crossproducts": True} if raw else {})

@@ -18,7 +18,7 @@ from common import families, selection
 from common.covariates import is_clinical
 from server import derived_moments, fold_prefetch, phases, training
 from server.federation import Cohort, Run
-from server.harmonization import Harmonization, harmonization_phase
+from server.harmonization import Harmonization, harmonization_phase, keep_phase
 from server.phases import PooledMoments
 from server.robustness import RobustnessResult, robustness_phase
 
@@ -88,16 +88,18 @@ def fit(run: Run, cohort: Cohort, covariates: str = "", evaluate_rounds: bool = 
     raw = main is None and cohort.fold == "" and derived_moments.wanted(run, cohort)  # the raw sums the folds need
     pooled = phases.moments_phase(run, cohort, harmonization.per_node if harmonization else None,
                                   harmonization.late_joiner if harmonization else None,
-                                  derived.moments if derived else None, raw,
-                                  harmonization.per_node_keep if harmonization else None)
+                                  derived.moments if derived else None, raw)
     # the main run's folds can start from its sums: their first steps worked out while it waits for its sites
     prefetch = fold_prefetch.FoldPrefetch(run, cohort, harmonization, pooled).start() \
         if raw and harmonization is not None and run.config.loso_prefetch else None
     # the class weight of the cohort's own training cases (a cross-validation fold's differ from the run's)
     n_hgg, n_bm = pooled.classwise[1][0], pooled.classwise[0][0]
     cohort = replace(cohort, agreement=replace(cohort.agreement, pos_weight=n_bm / max(n_hgg, 1)))
+    # with worked-out moments each site keeps its own ComBat for the fold, for the features the fold will harmonise
+    keep = (lambda columns: keep_phase(run, cohort, harmonization, columns)) \
+        if derived is not None and harmonization is not None else None
     chosen = phases.selection_phase(run, cohort, pooled, frozenset(robust.removed) if robust else frozenset(),
-                                    derived.correlation if derived else None, raw)
+                                    derived.correlation if derived else None, raw, keep)
     chosen = training.select_l1(run, cohort, pooled, chosen)
     # with clinical inputs: the first listed family again on the radiomics features alone and on the clinical inputs
     # alone, same cohort, ComBat, moments and selection; the comparison's rows then differ only in the inputs

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from client import combat_state
+from client.site import SiteError
 from common import combat
 
 
@@ -71,3 +72,22 @@ def test_a_folds_model_columns_are_picked_from_the_bytes_without_unpacking_every
     assert np.array_equal(picked(y, c), expected.apply(y, c))
     with pytest.raises(ValueError, match="restart the run"):
         combat_state._columns(blob[:-8], columns)
+
+
+@pytest.mark.parametrize("p", [0, 2])
+def test_parameters_kept_for_a_folds_columns_alone_harmonise_those_to_the_bit_and_refuse_the_rest(p):
+    """A leave-one-site-out fold's keep (query.combat_keep ``columns``) holds only the features the fold harmonises at
+    the site: a fraction of the bytes, the same numbers for those columns in any order, and a clear refusal for a
+    column or a whole-list request it does not hold."""
+    params = _params(p, 1)
+    whole, kept = combat_state.pack(params), combat_state.pack(params, [5, 0, 3])
+    assert combat_state._layout(kept)[1].shape == (5 + p, 3)  # three columns' numbers, not seven
+    rng = np.random.default_rng(8)
+    y, c = rng.normal(size=(6, 2)) * 40.0, rng.normal(size=(6, p)) if p else None
+    for columns in ((0, 5), (3, 0)):
+        assert np.array_equal(combat_state.Harmonizer(kept).restrict(columns)(y, c),
+                              combat_state.Harmonizer(whole).restrict(columns)(y, c))
+    with pytest.raises(SiteError, match="restart the run"):
+        combat_state.Harmonizer(kept).restrict((5, 1))
+    with pytest.raises(SiteError, match="needs them all"):
+        combat_state.Harmonizer(kept)(rng.normal(size=(6, 7)), c)

@@ -70,3 +70,26 @@ def test_derived_fold_moments_and_correlation_equal_asked_ones_with_no_query(tmp
     assert ends[True][0]["rounds"] == ends[False][0]["rounds"] - 1  # a fold that asked for its correlation
     # a keep for each moments request, and no correlation request at the 2 sites of a fold that worked it out
     assert ends[True][0]["requests"] == ends[False][0]["requests"] - 2 * len(derived_folds)
+    # each site kept its fold ComBat for the features the fold harmonises there alone: the chosen 3 where the fold
+    # worked its correlation out, the candidates it asked about otherwise (~0.3 KB, not 35 KB, per fold at 861)
+    kept = sorted(len(head["columns"]) for spec in specs
+                  for head in _combat_heads(root / spec.name / ".radfed" / "run-state" / f"run-{docs[True]['run_id']}")
+                  if head["columns"] is not None)
+    candidates = {e["candidates"] for e in selections[True].values() if "derived" not in e}
+    assert kept == sorted([3] * 2 * len(derived_folds) + [*candidates] * 2 * (3 - len(derived_folds)))
+    assert all(c > 3 for c in candidates)
+
+
+def _combat_heads(folder):
+    """The headers of the ComBat parameters a site's node kept for the run (client/combat_state.py ``pack``)."""
+    heads = []
+    for path in folder.iterdir():
+        blob = path.read_bytes()
+        size = int.from_bytes(blob[:4], "big")
+        try:
+            head = json.loads(blob[4:4 + size])
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            continue  # another kept thing (a name list)
+        if isinstance(head, dict) and "gamma_star" not in head and {"d", "p", "columns"} <= set(head):
+            heads.append(head)
+    return heads
