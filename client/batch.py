@@ -12,8 +12,7 @@ the release ledger, releases.jsonl and the outbox are written once, durably, aft
 earlier sub-replies released. A crash before that write sends nothing and writes nothing; once it is done, the
 reply leaves, so the ledger can hold sets that never left (if the process dies in between) but never the reverse.
 The handlers' inputs that every fold's request of one type shares (the feature list a moments request carries) are
-checked once per type and batch (client.shared). What the node keeps for the run (each fold's ComBat parameters)
-goes to disk as one pack file per batch, with the ledger (client.nodestate.deferred).
+checked once per type and batch (client.shared).
 """
 
 from __future__ import annotations
@@ -24,7 +23,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from client import ledger, nodestate, runcache, shared
+from client import ledger, runcache, shared
 from common import batch
 
 log = logging.getLogger("flwr.radfed.client")
@@ -43,7 +42,7 @@ class BatchingClientApp(ClientApp):
                            reply_to=message)
         # one look at the site's files for the whole batch (client.runcache), and its releases booked in memory,
         # each sub-reply checked against the ledger with the batch's earlier ones, then written once (client.ledger)
-        with runcache.one_look(), ledger.deferred() as book, shared.batch_scope(), nodestate.deferred() as keep:
+        with runcache.one_look(), ledger.deferred() as book, shared.batch_scope():
             replies = []
             for sub in subs:
                 try:  # the outermost mod turns a refusal into an error reply; anything else is this sub-request's too
@@ -53,13 +52,11 @@ class BatchingClientApp(ClientApp):
                     reply = Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, str(exc)), reply_to=sub)
                 replies.append(reply)
             joined = batch.join(message, replies)
-            try:  # what the node keeps, then the ledger and the outbox, on disk before anything leaves: else nothing
-                keep()
+            try:  # the ledger and the outbox on disk before anything leaves: else nothing of the batch leaves
                 book.write()
             except Exception as exc:  # noqa: BLE001  # the site's own words stay in its log (they name its paths)
-                log.error("refusing the whole %s: its run state or releases could not be recorded: %s", batch.BATCH,
-                          exc)
+                log.error("refusing the whole %s: its releases could not be recorded: %s", batch.BATCH, exc)
                 return Message(Error(ErrorCode.CLIENT_APP_RAISED_EXCEPTION, f"{batch.BATCH} refused: the site could "
-                                     "not record its run state or its releases, so none of its replies was sent (see "
-                                     "the site's log)"), reply_to=message)
+                                     "not record its releases, so none of its replies was sent (see the site's "
+                                     "log)"), reply_to=message)
         return joined

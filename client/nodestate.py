@@ -8,13 +8,6 @@ Ray actor and returned, flwr/server/superlink/fleet/vce/backend/raybackend.py; d
 ClientApp process). A radfed site's state was ~80 KB in training rounds (the ~860 agreed names 42 KB, the ComBat
 parameters 35 KB), one more 35 KB per leave-one-site-out fold; the trivial ClientApp's is empty.
 
-Inside a ``query.batch`` (``deferred``, client/batch.py) what the batch keeps goes to disk as ONE file,
-``pack-<sha256>`` (a JSON index of each blob's hash, offset and length, then the blobs), written whole before any
-reply of the batch leaves: a 48-site leave-one-site-out round had each site write 47 ComBat blobs of its folds as 47
-files, and its other worker read them back one file each. A node that misses a blob in memory reads the run folder's
-packs it has not read yet, once each, and takes the blob's bytes from its pack, checked against its hash as a file of
-its own is.
-
 Correct wherever a message runs: memory only saves reading the file again. A message on another Ray actor, or after
 a restart, reads the file; a file is used only when its bytes hash to the name the state holds, so a changed or
 cut file is refused (restart the run), and a node reads only its own site's folder. Nothing here is ever sent; a
@@ -24,17 +17,12 @@ first write removes the folders last written more than 7 days before (``prune``)
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 import os
 import shutil
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,42 +51,33 @@ class NodeState:
     folder: Path
 
     def put(self, data: bytes, digest: str | None = None) -> str:
-        """Keep ``data``; returns its sha256 (pass ``digest`` when the caller has just computed it). Inside
-        ``deferred`` it reaches the disk with the batch's pack."""
+        """Keep ``data``; returns its sha256 (pass ``digest`` when the caller has just computed it)."""
         digest = digest or hashlib.sha256(data).hexdigest()
         _remember(digest, data)
         folder = str(self.folder)
         if (folder, digest) in _WRITTEN:
             return digest
-        pending = _PENDING.get()
-        if pending is not None:
-            pending.setdefault(folder, {})[digest] = data
-            return digest
         path = os.path.join(folder, digest)  # str paths: a 48-site run writes ~2,300 fold blobs per site process
         if not os.path.exists(path):
-            self._atomic_write(path, data)
-        _written(folder, [digest])
+            if folder not in _FOLDERS:  # once per process and run folder, not per blob
+                if not self.folder.exists():  # a run's first blob here: older runs' folders go (nothing reads them)
+                    prune(self.folder.parent, keep=self.folder)
+                self.folder.mkdir(parents=True, exist_ok=True)
+                with _LOCK:
+                    _FOLDERS.add(folder)
+            part = os.path.join(folder, f".{digest}.{os.getpid()}.{threading.get_ident()}")
+            with open(part, "wb") as fh:
+                fh.write(data)
+            os.replace(part, path)  # whole or absent: a crash never leaves half a file under the name
+        with _LOCK:
+            if len(_WRITTEN) >= MAX_WRITTEN:  # a long-lived process serving many runs: stat again, rather than grow
+                _WRITTEN.clear()
+            _WRITTEN.add((folder, digest))
         return digest
-
-    def _atomic_write(self, path: str, data: bytes) -> None:
-        folder = str(self.folder)
-        if folder not in _FOLDERS:  # once per process and run folder, not per blob
-            if not self.folder.exists():  # a run's first blob here: older runs' folders go (nothing reads them)
-                prune(self.folder.parent, keep=self.folder)
-            self.folder.mkdir(parents=True, exist_ok=True)
-            with _LOCK:
-                _FOLDERS.add(folder)
-        part = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{threading.get_ident()}")
-        with open(part, "wb") as fh:
-            fh.write(data)
-        os.replace(part, path)  # whole or absent: a crash never leaves half a file under the name
 
     def has(self, digest: str) -> bool:
         """Whether this process wrote (or found) ``digest`` in the node's run folder: a caller may then name it
         without building its bytes again (e.g. the same ~860-name list each fold agrees)."""
-        pending = _PENDING.get()
-        if pending is not None and digest in pending.get(str(self.folder), {}):
-            return True
         with _LOCK:
             return (str(self.folder), digest) in _WRITTEN
 
@@ -109,109 +88,17 @@ class NodeState:
             if data is not None:
                 _MEMORY.move_to_end(digest)
                 return data
-        pending = _PENDING.get()
-        data = None if pending is None else pending.get(str(self.folder), {}).get(digest)
-        if data is not None:
-            return data
         path = self.folder / digest
         try:
             data = path.read_bytes()
         except OSError:
-            data = _from_pack(str(self.folder), digest)
-        if data is None:
             raise SiteError(f"this site no longer holds the {what} it agreed in this run ({path} is missing); "
-                            "restart the run")
+                            "restart the run") from None
         if hashlib.sha256(data).hexdigest() != digest:
             raise SiteError(f"the {what} this site agreed in this run changed on disk ({path} does not match its "
                             "hash); restart the run")
         _remember(digest, data)
         return data
-
-
-def _written(folder: str, digests: list[str]) -> None:
-    with _LOCK:
-        if len(_WRITTEN) + len(digests) >= MAX_WRITTEN:  # a long-lived process serving many runs: stat again
-            _WRITTEN.clear()
-        _WRITTEN.update((folder, d) for d in digests)
-
-
-# a batch's blobs not yet on disk, by run folder and hash (``deferred``); None outside a batch
-_PENDING: ContextVar[dict[str, dict[str, bytes]] | None] = ContextVar("radfed_nodestate_pending", default=None)
-_PACK_OF: dict[tuple[str, str], str] = {}  # (run folder, hash) -> the pack file that holds it
-_PACKS_READ: set[str] = set()  # pack files whose index this process has read
-
-
-@contextmanager
-def deferred() -> Iterator[Callable[[], None]]:
-    """A batch's scope: what it keeps stays in memory, and the function it yields writes it, one pack file per run
-    folder, before the batch's replies leave (a batch whose write fails sends none). Nested: the outer one writes."""
-    if _PENDING.get() is not None:
-        yield lambda: None
-        return
-    token = _PENDING.set({})
-    try:
-        yield _write_pending
-    finally:
-        _PENDING.reset(token)
-
-
-def _write_pending() -> None:
-    pending = _PENDING.get() or {}
-    for folder, blobs in pending.items():
-        index, offset = {}, 0
-        for digest, data in blobs.items():
-            index[digest] = [offset, len(data)]
-            offset += len(data)
-        head = json.dumps(index, sort_keys=True).encode()
-        body = len(head).to_bytes(4, "big") + head + b"".join(blobs.values())
-        name = f"pack-{hashlib.sha256(body).hexdigest()}"
-        NodeState(RecordDict(), Path(folder))._atomic_write(os.path.join(folder, name), body)
-        _written(folder, list(blobs))
-    pending.clear()
-
-
-@functools.lru_cache(maxsize=32)  # a batch's blobs come from one pack; each blob is then in _MEMORY
-def _pack(path: str) -> tuple[dict[str, tuple[int, int]], bytes]:
-    """A pack file's index (hash -> offset, length in its bytes) and its bytes (a pack is never changed under its
-    name; a blob read from it is still checked against its hash)."""
-    with open(path, "rb") as fh:
-        body = fh.read()
-    size = int.from_bytes(body[:4], "big")
-    index = json.loads(body[4:4 + size])
-    return {d: (4 + size + int(o), int(n)) for d, (o, n) in index.items()}, body
-
-
-def _from_pack(folder: str, digest: str) -> bytes | None:
-    """The blob ``digest`` from the run folder's packs (each read once per process), None if none holds it."""
-    path = _PACK_OF.get((folder, digest))
-    if path is None:
-        try:
-            names = sorted(e.name for e in os.scandir(folder) if e.name.startswith("pack-"))
-        except OSError:
-            return None
-        for name in names:
-            where = os.path.join(folder, name)
-            if where in _PACKS_READ:
-                continue
-            try:
-                index, _ = _pack(where)
-            except (OSError, ValueError):
-                continue  # cut or not ours: its blobs are simply not found here
-            with _LOCK:
-                if len(_PACK_OF) + len(index) >= MAX_WRITTEN:
-                    _PACK_OF.clear()
-                    _PACKS_READ.clear()
-                _PACK_OF.update({(folder, d): where for d in index})
-                _PACKS_READ.add(where)
-        path = _PACK_OF.get((folder, digest))
-        if path is None:
-            return None
-    try:
-        index, body = _pack(path)
-    except (OSError, ValueError):
-        return None
-    offset, length = index[digest]
-    return body[offset:offset + length]
 
 
 def _remember(digest: str, data: bytes) -> None:
@@ -257,7 +144,4 @@ def clear() -> None:
         _MEMORY.clear()
         _WRITTEN.clear()
         _FOLDERS.clear()
-        _PACK_OF.clear()
-        _PACKS_READ.clear()
         _held[0] = 0
-    _pack.cache_clear()

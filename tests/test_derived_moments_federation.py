@@ -81,23 +81,15 @@ def test_derived_fold_moments_and_correlation_equal_asked_ones_with_no_query(tmp
 
 
 def _combat_heads(folder):
-    """The headers of the ComBat parameters a site's node kept for the run (client/combat_state.py ``pack``), from
-    its files of one blob each and its batches' pack files (client/nodestate.py)."""
-    blobs = []
-    for path in folder.iterdir():
-        data = path.read_bytes()
-        if path.name.startswith("pack-"):
-            size = int.from_bytes(data[:4], "big")
-            blobs += [data[4 + size + o:4 + size + o + n] for o, n in json.loads(data[4:4 + size]).values()]
-        else:
-            blobs.append(data)
+    """The headers of the ComBat parameters a site's node kept for the run (client/combat_state.py ``pack``)."""
     heads = []
-    for blob in blobs:
+    for path in folder.iterdir():
+        blob = path.read_bytes()
         size = int.from_bytes(blob[:4], "big")
         try:
             head = json.loads(blob[4:4 + size])
         except (UnicodeDecodeError, json.JSONDecodeError):
             continue  # another kept thing (a name list)
-        if isinstance(head, dict) and {"d", "p", "columns"} <= set(head):
+        if isinstance(head, dict) and "gamma_star" not in head and {"d", "p", "columns"} <= set(head):
             heads.append(head)
     return heads

@@ -169,30 +169,3 @@ def test_a_run_folder_is_made_once_per_process(tmp_path, monkeypatch):
     assert sorted(p.name for p in node.folder.iterdir()) == sorted(digests)  # no part file left
     nodestate.clear()
     assert nodestate.NodeState(RecordDict(), node.folder).get(digests[0], "blob") == blobs[0]
-
-
-def test_a_batchs_blobs_reach_the_disk_as_one_pack_and_are_read_back_checked(tmp_path):
-    """Inside a batch (client.batch: nodestate.deferred) what the node keeps is written as one pack file when the
-    batch ends, not one file per blob; another process finds each blob in it, to the bit, and a pack changed or cut
-    on disk is refused in words."""
-    node = nodestate.NodeState(RecordDict(), tmp_path / "run-1")
-    blobs = [bytes([i]) * (100 + i) for i in range(5)]
-    with nodestate.deferred() as write:
-        digests = [node.put(b) for b in blobs]
-        assert node.get(digests[3], "a blob") == blobs[3] and node.has(digests[0])
-        assert not node.folder.exists() or not any(node.folder.iterdir())  # nothing on disk before the batch ends
-        write()
-    [pack] = node.folder.iterdir()
-    assert pack.name.startswith("pack-")
-    nodestate.clear()  # another process
-    assert [node.get(d, "a blob") for d in digests] == blobs
-    nodestate.clear()
-    body = bytearray(pack.read_bytes())
-    body[-1] ^= 0xFF  # the last blob's last byte
-    pack.write_bytes(bytes(body))
-    with pytest.raises(SiteError, match="changed on disk"):
-        node.get(digests[-1], "a blob")
-    nodestate.clear()
-    pack.write_bytes(bytes(body[:20]))  # cut inside its index
-    with pytest.raises(SiteError, match="is missing"):
-        node.get(digests[0], "a blob")
