@@ -40,6 +40,25 @@ def run_federation_in(tmp_path: Path, data_root: Path, n_sites: int, unapproved:
     return runs[0]
 
 
+def switched_runs(tmp_path: Path, n_sites: int, seed: int, switch: str,
+                  **config: object) -> tuple[Path, dict[bool, Path], dict[bool, dict]]:
+    """Two runs over the same tiny sites (``n_sites`` of 12 cases per class, seeds from ``seed``), exact training of
+    3 features with leave-one-site-out and no local-only baselines unless ``config`` says otherwise, with the run
+    config's ``switch`` on and off: the sites' folder, and each run's folder and metrics.json by the switch's value.
+    Both runs completed."""
+    from radfed import synth
+
+    root = tmp_path / "data"
+    for i, spec in enumerate(synth.tiny_sites(n_sites, 12)):
+        synth.write_site(root, spec, seed=seed + i)
+    config = {"training": "exact", "select-features": 3, "external-validation": "loso", "local-only": "none",
+              **config}
+    runs = {on: run_federation_in(tmp_path / str(on), root, n_sites, **config, **{switch: on}) for on in (True, False)}
+    docs = {on: json.loads((f / "metrics.json").read_text(encoding="utf-8")) for on, f in runs.items()}
+    assert docs[True]["status"] == docs[False]["status"] == "completed", docs[True].get("error") or docs[False]
+    return root, runs, docs
+
+
 def flower_processes_of(flwr_home: Path) -> list[str]:
     """Command lines of the live processes started with this FLWR_HOME (the launcher sets it for all of them)."""
     mark, found = f"FLWR_HOME={flwr_home}".encode(), []

@@ -10,21 +10,14 @@ from __future__ import annotations
 import json
 
 import numpy as np
-from federation_helpers import events, numbers, run_federation_in
+from federation_helpers import events, numbers, switched_runs
 
 from radfed import synth
 
 
 def test_derived_fold_moments_and_correlation_equal_asked_ones_with_no_query(tmp_path):
-    root = tmp_path / "data"
+    root, runs, docs = switched_runs(tmp_path, 3, 940, "loso-derived-moments")
     specs = synth.tiny_sites(3, 12)
-    for i, spec in enumerate(specs):
-        synth.write_site(root, spec, seed=940 + i)
-    config = {"training": "exact", "select-features": 3, "external-validation": "loso", "local-only": "none"}
-    runs = {derived: run_federation_in(tmp_path / str(derived), root, 3, **config,
-                                       **{"loso-derived-moments": derived}) for derived in (True, False)}
-    docs = {d: json.loads((f / "metrics.json").read_text(encoding="utf-8")) for d, f in runs.items()}
-    assert docs[True]["status"] == docs[False]["status"] == "completed", docs[True].get("error")
 
     # the same fold results, to rounding: every fold's chosen features and every validation number
     def chosen(folder):

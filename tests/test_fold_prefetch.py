@@ -5,11 +5,7 @@ entries (but for the note saying so)."""
 
 from __future__ import annotations
 
-import json
-
-from federation_helpers import events, numbers, run_federation_in
-
-from radfed import synth
+from federation_helpers import events, numbers, switched_runs
 
 
 def _entries(folder) -> list[tuple[str, dict]]:
@@ -26,14 +22,7 @@ def _entries(folder) -> list[tuple[str, dict]]:
 
 
 def test_folds_started_from_their_prefetched_first_steps_are_the_same_run(tmp_path):
-    root = tmp_path / "data"
-    for i, spec in enumerate(synth.tiny_sites(3, 12)):
-        synth.write_site(root, spec, seed=970 + i)
-    config = {"training": "exact", "select-features": 3, "external-validation": "loso", "local-only": "none"}
-    runs = {on: run_federation_in(tmp_path / str(on), root, 3, **config, **{"loso-prefetch": on})
-            for on in (True, False)}
-    docs = {on: json.loads((f / "metrics.json").read_text(encoding="utf-8")) for on, f in runs.items()}
-    assert docs[True]["status"] == docs[False]["status"] == "completed", docs[True].get("error")
+    _, runs, docs = switched_runs(tmp_path, 3, 970, "loso-prefetch")
 
     # every fold pooled its sites' ComBat from what the thread worked out (the main run takes seconds more, the
     # thread milliseconds per fold), and the audit says so; never without the switch

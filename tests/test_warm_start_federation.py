@@ -5,12 +5,8 @@ warm start no longer saves rounds over that start (it did over zero)."""
 
 from __future__ import annotations
 
-import json
-
 import pytest
-from federation_helpers import events, numbers, run_federation_in
-
-from radfed import synth
+from federation_helpers import events, numbers, switched_runs
 
 
 def _folds(folder):
@@ -30,14 +26,7 @@ def _folds(folder):
 
 
 def test_warm_started_folds_reach_the_cold_optimum_in_fewer_rounds(tmp_path):
-    root = tmp_path / "data"
-    for i, spec in enumerate(synth.tiny_sites(4, 12)):
-        synth.write_site(root, spec, seed=300 + i)
-    config = {"training": "exact", "select-features": 3, "external-validation": "loso", "local-only": "none"}
-    runs = {warm: run_federation_in(tmp_path / str(warm), root, 4, **config, **{"loso-warm-start": warm})
-            for warm in (True, False)}
-    docs = {warm: json.loads((f / "metrics.json").read_text(encoding="utf-8")) for warm, f in runs.items()}
-    assert docs[True]["status"] == docs[False]["status"] == "completed", docs[True].get("error")
+    _, runs, docs = switched_runs(tmp_path, 4, 300, "loso-warm-start")
     # every fold pooled the ComBat sums its sites sent for the main run (no covariates: both rounds), asking nothing
     for folder in runs.values():
         combats = [e["data"] for e in events(folder) if e["event"] == "harmonization" and e["data"].get("fold")]
