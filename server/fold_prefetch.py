@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 
 from server.derived_moments import FoldDerivation, wanted
 from server.federation import Cohort, FeatureAgreement, Run
-from server.harmonization import Harmonization, Pooled, design_order, pool_again
+from server.harmonization import Harmonization, Pooled, design_order, pool_again, reusable
 from server.phases import PooledMoments
 
 log = logging.getLogger("flwr.radfed.server")
@@ -63,9 +63,8 @@ def prepare(run: Run, main: Cohort, held: str, harmonization: Harmonization, mom
     agreement = main.agreement.restricted(set(others))
     fold = Cohort(main.fed.subset(set(others)), agreement, fold=held)
     start = FoldStart(others, agreement)
-    if not wanted(run, fold) or harmonization.key != (agreement.sha256, "") \
-            or any(name not in harmonization.sums for name in others):
-        return start  # the fold pools or asks differently (server.harmonization._reusable): nothing more ahead
+    if not wanted(run, fold) or not reusable(harmonization, fold, ""):
+        return start  # the fold asks its sites for its ComBat or its moments: nothing more ahead
     start.pooled = pool_again(harmonization.sums, tuple(fold.fed.sites[nid] for nid in design_order(fold)))
     derivation = FoldDerivation(run, fold, start.pooled.estimates, harmonization, moments, None)
     for site in derivation.sites:

@@ -3,7 +3,7 @@ sums for a leave-one-site-out fold) and the join of sites outside a cohort (comm
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -54,7 +54,7 @@ class Harmonization:
     per_node_keep: Callable[[int], RecordDict] | None = None
 
 
-def _reusable(reuse: Harmonization | None, cohort: Cohort, covariates: str) -> bool:
+def reusable(reuse: Harmonization | None, cohort: Cohort, covariates: str) -> bool:
     """Whether ``reuse`` (the main run's ComBat) holds round 1 of every site of ``cohort`` for its feature list."""
     return reuse is not None and reuse.key == (cohort.agreement.sha256, covariates) and \
         all(name in reuse.sums for name in cohort.fed.sites.values())
@@ -74,17 +74,28 @@ def pool_again(sums: dict[str, tuple[int, np.ndarray, np.ndarray, np.ndarray]], 
     """Both rounds pooled from the sites' main-run ``sums`` (no covariates: a site's round-2 residual sum of squares
     is then the same in every cohort), in ``order``: what ``harmonization_phase`` does with ``reuse``, a pure function
     of them (server.fold_prefetch works it out ahead). Raises RunRefused when the designs cannot be pooled."""
-    n_sites = len(order)
+    means = _pool_means(((i, *sums[name][:3]) for i, name in enumerate(order)), len(order))
+    return Pooled(order, *_pool_spread(means, [(i, sums[name][:3], sums[name][3]) for i, name in enumerate(order)]))
+
+
+def _pool_means(blocks: Iterable[tuple[int, int, np.ndarray, np.ndarray]], n_sites: int) -> combat.PooledMeans:
+    """Round 1 pooled from each site's (design index, n, XᵀX block, XᵀY block) (common.combat.site_block): each is
+    added where it lies in the pooled (S + p)² matrix, one site at a time (no sites x sites matrix per site)."""
     try:
-        means = combat.pool_moments(combat.from_block(i, n_sites, *sums[name][:3]) for i, name in enumerate(order))
-    except ValueError as exc:  # e.g. a site with fewer than 2 cases
+        return combat.pool_moments(combat.from_block(i, n_sites, n, xtx, xty) for i, n, xtx, xty in blocks)
+    except ValueError as exc:  # e.g. a covariate level no site has: the pooled design is singular
         raise RunRefused(f"distributed ComBat cannot pool the sites' designs: {exc}") from None
-    residuals = [combat.SiteResiduals(site=i, n=sums[name][0], ss=sums[name][3]) for i, name in enumerate(order)]
-    # before ComBat: each site's mean (its row of XᵀY over its count) and spread around it (its residual sum of
-    # squares), from the sums already sent
-    before = moments.site_share([r.n for r in residuals], [sums[name][2][0] / sums[name][0] for name in order],
+
+
+def _pool_spread(means: combat.PooledMeans, sent: list[tuple[int, tuple[int, np.ndarray, np.ndarray], np.ndarray]]
+                 ) -> tuple[combat.PooledEstimates, np.ndarray]:
+    """Round 2 pooled from each site's (design index, its round-1 block (n, XᵀX, XᵀY), residual sum of squares), and
+    the variation between the sites before ComBat: each site's mean (its row of XᵀY over its count) and spread around
+    it (its residual sum of squares; around the site's mean and, with covariates, their effects)."""
+    residuals = [combat.SiteResiduals(site=i, n=block[0], ss=ss) for i, block, ss in sent]
+    before = moments.site_share([r.n for r in residuals], [block[2][0] / block[0] for _, block, _ in sent],
                                 [r.ss for r in residuals])
-    return Pooled(order, combat.pool_residuals(means, residuals), before)
+    return combat.pool_residuals(means, residuals), before
 
 
 def design_order(cohort: Cohort) -> list[int]:
@@ -107,12 +118,12 @@ def harmonization_phase(run: Run, cohort: Cohort, covariates: str = "", reuse: H
     n_sites = len(index)
     config = {"features": agreement.names, "features-sha256": agreement.sha256, "n-sites": n_sites}
     own = lambda nid: RecordDict({"config": ConfigRecord({"site-index": index[nid]})})  # noqa: E731
-    again = _reusable(reuse, cohort, covariates)
+    again = reusable(reuse, cohort, covariates)
     both = again and not covariates  # without covariate columns a site's round-2 sum is cohort-independent too
     if both:
         order = tuple(fed.sites[nid] for nid in index)
-        if ahead is None or ahead.order != order:
-            ahead = None
+        if ahead is not None and ahead.order != order:
+            ahead = None  # worked out for other sites: pooled here instead
         pool = ahead or pool_again(reuse.sums, order)  # type: ignore[union-attr]
         pooled, before = pool.estimates, pool.before
         sums = {name: reuse.sums[name] for name in order}  # type: ignore[union-attr]
@@ -161,13 +172,7 @@ def _pool_asking(run: Run, cohort: Cohort, config: dict, own: Callable[[int], Re
                              "of the design, so the run stops (restart it with the remaining sites)")
         blocks = {nid: (int(r.content["metrics"]["n"]), r.content["arrays"]["xtx"].numpy(),  # type: ignore[arg-type, union-attr]
                         r.content["arrays"]["xty"].numpy()) for nid, r in replies.items()}  # type: ignore[union-attr]
-    try:
-        # each site sent its block of the design (common.combat.site_block); each is added where it lies in the
-        # pooled (S + p)² matrix, one site at a time (no sites x sites matrix per site)
-        means = combat.pool_moments(combat.from_block(index[nid], n_sites, n, xtx, xty)
-                                    for nid, (n, xtx, xty) in blocks.items())
-    except ValueError as exc:  # e.g. a covariate level no site has: the pooled design is singular
-        raise RunRefused(f"distributed ComBat cannot pool the sites' designs: {exc}") from None
+    means = _pool_means(((index[nid], *block) for nid, block in blocks.items()), n_sites)
 
     def with_beta(nid: int) -> RecordDict:
         beta = _site_beta(means.beta, n_sites, index[nid])
@@ -178,12 +183,7 @@ def _pool_asking(run: Run, cohort: Cohort, config: dict, own: Callable[[int], Re
     if len(replies) != n_sites:
         raise RunRefused("a site left during harmonization; ComBat needs every site of the design")
     ss = {nid: r.content["arrays"]["ss"].numpy() for nid, r in replies.items()}  # type: ignore[union-attr]
-    residuals = [combat.SiteResiduals(site=index[nid], n=blocks[nid][0], ss=ss[nid]) for nid in ss]
-    pooled = combat.pool_residuals(means, residuals)
-    # before ComBat: each site's mean (its row of XᵀY over its count) and spread around it (its residual sum of
-    # squares; around the site's mean and, with covariates, their effects), from the sums already sent
-    site_means = [blocks[nid][2][0] / r.n for nid, r in zip(ss, residuals, strict=True)]
-    before = moments.site_share([r.n for r in residuals], site_means, [r.ss for r in residuals])
+    pooled, before = _pool_spread(means, [(index[nid], blocks[nid], ss[nid]) for nid in ss])
     return pooled, before, {fed.sites[nid]: (*blocks[nid], ss[nid]) for nid in ss}
 
 
