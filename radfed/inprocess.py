@@ -30,6 +30,7 @@ from radfed.launch import (
     ray_address,
     ray_head,
 )
+from radfed.message_pump import prompt_pump
 from radfed.processes import wait_port
 
 # The demo's federation in the launcher's own process: Flower's simulation API (flwr/simulation/run_simulation.py
@@ -103,10 +104,11 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
             wait_port(head[1], head[0], timeout=READY_TIMEOUT,
                       name=f"the run's Ray head (its log: {flwr_home / 'ray-head.log'})")
             init_args["address"] = ray_address(head)
-        _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-                        server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
-                        backend_config={"client_resources": {"num_cpus": cpus_per_node}, "init_args": init_args},
-                        server_app_context=context, app_dir=str(app_dir), run=run, is_app=True)
+        with prompt_pump():  # each message reaches its site at once, not at Flower's next 0.1 s sweep
+            _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
+                            server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
+                            backend_config={"client_resources": {"num_cpus": cpus_per_node}, "init_args": init_args},
+                            server_app_context=context, app_dir=str(app_dir), run=run, is_app=True)
     except BaseException as exc:  # noqa: BLE001  # reported by finish's caller through the ServerApp's absent end
         outcome["error"] = exc
         logging.getLogger("flwr").error("radfed: the simulation ended with %s: %s", type(exc).__name__, exc)

@@ -27,7 +27,15 @@ from common.runconfig import RunConfig
 from server import batching, clinical, comparison, merging, phases, pipeline, polling, robustness, validation
 from server.audit import AuditLog, artifact_hashes, load_or_create_key
 from server.drawing import Ahead
-from server.federation import Cohort, LinkLost, Run, RunRefused, wait_for_nodes
+from server.federation import (
+    JOIN_GRACE,
+    JOIN_GRACE_SIMULATION,
+    Cohort,
+    LinkLost,
+    Run,
+    RunRefused,
+    wait_for_nodes,
+)
 from server.results import RunResult
 from server.strategy import record_sha256
 
@@ -197,6 +205,7 @@ def main(grid: Grid, context: Context) -> None:
     restore_signals = raise_on_stop_signal()
     # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
     # several requests to one site packed into one message (server/merging.py), which also counts what was sent
+    grace = JOIN_GRACE_SIMULATION if polling.in_memory(grid) else JOIN_GRACE
     packing = merging.PackingGrid(batching.batched(polling.polling(grid, idle=[warm_imports]), run.send_batch))
     grid = packing  # type: ignore[assignment]
     ctx = Run(grid, run, audit, folder, profile)
@@ -206,7 +215,7 @@ def main(grid: Grid, context: Context) -> None:
         covariate_spec = covariates.describe(run.covariates())
         if run.robustness_min_icc > 0:
             robustness.require_perturbations(run.robustness_min_icc, profile)
-        node_ids = wait_for_nodes(grid, min_sites, timeout)
+        node_ids = wait_for_nodes(grid, min_sites, timeout, grace)
         fed = phases.plan_phase(ctx, node_ids, plan_hash)
         result.site_counts, result.dropouts = fed.counts, fed.dropped
         agreement = phases.features_phase(ctx, fed)

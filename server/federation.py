@@ -181,18 +181,28 @@ def error_reason(reply: Message) -> str:
     return reason.strip().removesuffix("'>").strip()
 
 
-def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float) -> list[int]:
-    """Node ids once at least ``min_nodes`` are connected (then a short grace for the rest)."""
-    deadline = time.monotonic() + timeout
+# Seconds no new site may join before the run goes on with those connected (at least min-sites): sites started
+# together all get in. Flower's simulation registers every node in one go before its ClientApps start
+# (flwr/server/superlink/fleet/vce/vce_api.py, ``_register_nodes``), so there a short look suffices.
+JOIN_GRACE, JOIN_GRACE_SIMULATION = 1.0, 0.1
+
+
+def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, grace: float = JOIN_GRACE) -> list[int]:
+    """Node ids once at least ``min_nodes`` are connected and none has joined for ``grace`` seconds (or at
+    ``timeout``, if at least ``min_nodes`` are there by then); refused with fewer at ``timeout``."""
+    start = time.monotonic()
+    seen, since = sorted(grid.get_node_ids()), start
     while True:
-        ids = sorted(grid.get_node_ids())
-        if len(ids) >= min_nodes:
-            time.sleep(1.0)
-            return sorted(grid.get_node_ids())
-        if time.monotonic() > deadline:
-            raise RunRefused(f"only {len(ids)} site(s) connected within {timeout:.0f}s, fewer than "
+        now = time.monotonic()
+        if len(seen) >= min_nodes and (now - since >= grace or now - start >= timeout):
+            return seen
+        if now - start >= timeout:
+            raise RunRefused(f"only {len(seen)} site(s) connected within {timeout:.0f}s, fewer than "
                              f"min-sites = {min_nodes}")
-        time.sleep(1.0)
+        time.sleep(min(grace / 2, 0.5))
+        ids = sorted(grid.get_node_ids())
+        if ids != seen:
+            seen, since = ids, time.monotonic()
 
 
 def build(node_ids: list[int], message_type: str, config: dict,

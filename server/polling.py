@@ -36,11 +36,17 @@ from flwr.serverapp import Grid
 FIRST, LONGEST, GROWTH = 0.01, 0.1, 1.5  # seconds between pulls: from FIRST, times GROWTH, at most LONGEST
 
 
-def longest_pause(grid: Grid) -> float:
-    """The longest pause between pulls for this grid: FIRST for Flower's in-process ``InMemoryGrid`` (simulation),
-    whose pulls cost next to nothing; LONGEST for a grid whose pulls are requests (a deployment)."""
+def in_memory(grid: Grid) -> bool:
+    """Whether ``grid`` is Flower's in-process ``InMemoryGrid`` (a simulation: the sites are in the same process's
+    memory), not a grid whose every call is a request to a SuperLink (a deployment)."""
     local = sys.modules.get("flwr.superlink.grid.inmemory_grid")  # loaded wherever such a grid exists
-    return FIRST if local is not None and isinstance(grid, local.InMemoryGrid) else LONGEST
+    return local is not None and isinstance(grid, local.InMemoryGrid)
+
+
+def longest_pause(grid: Grid) -> float:
+    """The longest pause between pulls for this grid: FIRST in simulation (``in_memory``), whose pulls cost next to
+    nothing; LONGEST for a grid whose pulls are requests (a deployment)."""
+    return FIRST if in_memory(grid) else LONGEST
 
 
 class PollingGrid:
