@@ -120,7 +120,8 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
                           gated: bool = False) -> Iterator[InProcessFederation]:
     """``started_federation`` without Flower's processes: the simulation runs in a thread of this process on the
     run's Ray head (``_simulate``); Flower's log goes to stdout (``echo``) or ``<flwr_home>/flwr-run.log``. Every
-    process of the run (the head's tree) is stopped on leaving, once the simulation has ended (bounded)."""
+    process of the run (the head's tree) is stopped on leaving: at once when the ServerApp announced its end, else
+    once the simulation has ended (bounded). The caller's process ends soon after (the demo's: ``exit_now``)."""
     import flwr.supercore.telemetry as telemetry
     from flwr.supercore.logger import console_handler
 
@@ -148,8 +149,12 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
                                             flwr_home, outcome, nice))
             thread.start()
             yield InProcessFederation(thread, outcome, head, flwr_home, gate, end_mark)
-            # the ServerApp is done: the simulation stops its actors and leaves Ray (the head's tree goes next)
-            thread.join(END_JOIN)
+            if not end_mark.exists():  # the simulation is ending without the ServerApp's last lines: its log says why
+                thread.join(END_JOIN)
+            # Else every output is written, and what is left of the simulation is its wind-down: about 1 s, as its
+            # workers wait up to 1 s on their queue (vce_api.worker) before they see the stop, then it stops the
+            # actors and leaves Ray. Stopping the head's tree next ends the actors as well, and the simulation's
+            # thread (a daemon) ends with this process.
         finally:
             console_handler.setStream(saved_stream)
             for key, value in saved_env.items():
@@ -159,5 +164,5 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
                     os.environ[key] = value
 
 
-# Seconds the in-process simulation gets to stop its actors and leave Ray once the ServerApp is done
+# Seconds the in-process simulation gets to end when the ServerApp did not announce its end
 END_JOIN = 10.0

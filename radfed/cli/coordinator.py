@@ -171,8 +171,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def exit_now(code: int) -> NoReturn:
     """End the demo's process here: its federation ran in it (radfed.inprocess), and every output is
-    written and printed, the simulation has left Ray and Ray's processes are stopped; the interpreter's own teardown
-    of what the run loaded (torch's, Ray's and Flower's exit hooks and finalisers) took seconds for nothing."""
+    written and printed and Ray's processes are stopped (the simulation's thread, winding down, ends with it); the
+    interpreter's own teardown of what the run loaded (torch's, Ray's and Flower's exit hooks and finalisers) took
+    seconds for nothing."""
     import os
 
     sys.stdout.flush()
