@@ -17,7 +17,13 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/python -m pip install -q -e ".[test]"
 	rm -f $(VENV)/.installed-* && touch $@
 
+# The app's own modules compiled here, as pip compiles the packages it installs: where Python writes no bytecode
+# (PYTHONDONTWRITEBYTECODE, set in many containers) every process of a run (the launcher, each ClientApp actor, the
+# report's drawing child) would compile them from source again. Incremental: ~0.05 s when they are current.
+BYTECODE := -m compileall -q -x '/\.' .
+
 demo: $(STAMP)
+	$(VENV)/bin/python $(BYTECODE)
 	$(VENV)/bin/radfed demo
 
 $(CHROMIUM):
@@ -26,6 +32,7 @@ $(CHROMIUM):
 
 test: $(STAMP) $(CHROMIUM)
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/python $(BYTECODE)
 	$(VENV)/bin/python -m pytest -q --durations=25
 
 # Opt-in, not part of `make test` (it builds a fresh venv: minutes): does a clean `pip install .` bring

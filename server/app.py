@@ -178,12 +178,18 @@ def final_pooled(ctx: Run, cohort: Cohort, fitted: pipeline.Fitted,
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    wait_for_start()
     try:  # the config is read once, here; a bad value refuses the run before anything is sent
         run = runconfig.parse(context.run_config)
     except runconfig.RunConfigError as exc:
         log.error("radfed run %s refused: %s", context.run_id, exc)
         raise RuntimeError(f"radfed run refused: {exc}") from None
+    loso, local = run.external_validation == "loso", run.local_only == "own-pipeline"
+    # with folds, the report's figures are drawn during them (report.draw_ahead) by a child started now: it warms up
+    # (imports, matplotlib's fonts) at the lowest priority while the run starts, a gated one at the gate
+    ahead = Ahead() if loso or local else None
+    if ahead is not None:
+        ahead.start()
+    wait_for_start()
     cfg = run.as_dict()
     folder = run_folder(run, context.run_id)
     key_path = Path(run.audit_key).expanduser() if run.audit_key else folder.parent / "coordinator-audit-key.pem"
@@ -200,7 +206,6 @@ def main(grid: Grid, context: Context) -> None:
                  protocol=PROTOCOL_VERSION, code_sha256=plan["code_sha256"])
     log.info("radfed run %s: results go to %s", context.run_id, folder)
     started = time.perf_counter()
-    ahead: Ahead | None = None  # the report's figures drawn during the folds (report.draw_ahead)
     result = RunResult(run_id=context.run_id, folder=folder, config=cfg, profile=profile)
     restore_signals = raise_on_stop_signal()
     # replies pulled in short steps (server/polling.py), at most send-batch messages at a time (server/batching.py),
@@ -272,12 +277,11 @@ def main(grid: Grid, context: Context) -> None:
         else:
             result.pooled = final_pooled(ctx, main_cohort, fitted)
         internal_compared = {} if cv else comparison.compare(ctx, fitted, main_cohort, "test")
-        loso, local = run.external_validation == "loso", run.local_only == "own-pipeline"
         if loso or local:  # every fold of both in the same rounds (fold-batching)
             from server import report  # loaded at the first wait (warm_imports)
 
-            # the report's figures known by now, drawn in a niced child process while the folds run (server.drawing)
-            ahead = report.draw_ahead(result)
+            # the report's figures known by now, drawn in the niced child while the folds run (server.drawing)
+            report.draw_ahead(result, ahead)
             held_out, alone = validation.external_and_local(ctx, fed, agreement, covariate_spec, loso, local,
                                                             family=fitted.family, main=fitted)
             if loso:

@@ -59,18 +59,29 @@ def draw_each(doc: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
 
 
 class Ahead(threading.Thread):
-    """Runs the child and collects its figures as each arrives (``drawn``), with its ``priority``. The outputs
-    ``take`` them: a child still drawing then is stopped (at the lowest priority it may wait for ever on a busy
-    machine), and the outputs draw the rest themselves, as they do for any figure a failed child did not send."""
+    """Runs the child from the run's start, so that its imports and matplotlib's first figure (fonts: ~0.3 s of the
+    first) are done, at the lowest priority, before there is anything to draw; ``hand`` gives it the document
+    (``report.draw_ahead``). Collects its figures as each arrives (``drawn``), with its ``priority``. The outputs
+    ``take`` them: a child still drawing (or still waiting for a document) then is stopped (at the lowest priority
+    it may wait for ever on a busy machine), and the outputs draw the rest themselves, as they do for any figure a
+    failed child did not send."""
 
-    def __init__(self, doc: dict[str, Any]) -> None:
+    def __init__(self) -> None:
         super().__init__(name="radfed-draw-ahead", daemon=True)
-        self._doc = pickle.dumps(doc, protocol=pickle.HIGHEST_PROTOCOL)
+        self._doc: bytes | None = None
+        self._handed = threading.Event()  # set by hand, or by take (then with no document: nothing is drawn)
         self.drawn: dict[bytes, bytes] = {}
         self.priority: tuple[int, int | None] | None = None  # the child's (nice, scheduling policy)
         self._child: subprocess.Popen | None = None
         self._taken = False  # the outputs took the figures: no child is started after that
         self._lock = threading.Lock()
+
+    def hand(self, doc: dict[str, Any]) -> None:
+        """The metrics document to draw from (the run's results so far), once; ignored after ``take``."""
+        with self._lock:
+            if not self._taken and self._doc is None:
+                self._doc = pickle.dumps(doc, protocol=pickle.HIGHEST_PROTOCOL)
+                self._handed.set()
 
     @property
     def pid(self) -> int | None:
@@ -91,6 +102,9 @@ class Ahead(threading.Thread):
             child = self._child
             _lowest_priority(child.pid)
             with child:
+                self._handed.wait()
+                if self._doc is None:  # taken before any document: the child is stopped
+                    return
                 child.stdin.write(self._doc)  # type: ignore[union-attr]
                 child.stdin.close()  # type: ignore[union-attr]
                 self.priority = pickle.load(child.stdout)  # type: ignore[arg-type]  # noqa: S301  # our own child
@@ -110,7 +124,9 @@ class Ahead(threading.Thread):
             if self._child is not None and self._child.poll() is None:
                 with contextlib.suppress(OSError):
                     self._child.kill()
-        self.join()
+            self._handed.set()
+        if self.is_alive() or self.ident is not None:
+            self.join()
         return dict(self.drawn)
 
 
@@ -125,9 +141,23 @@ def _lowest_priority(pid: int) -> None:
             os.sched_setscheduler(pid, os.SCHED_IDLE, os.sched_param(0))
 
 
+def warm() -> None:
+    """What every figure needs before the first is drawn: the plots' imports, matplotlib's Agg canvas and its fonts
+    (loaded when a first text is drawn)."""
+    from server import plots
+
+    plots.roc_png({"warm": {"fpr": [0.0, 1.0], "tpr": [0.0, 1.0]}}, "warm")
+
+
 def main() -> None:
-    """The child: the document from stdin; to stdout, the priority it draws at, then each figure as it is drawn."""
-    doc = pickle.load(sys.stdin.buffer)  # noqa: S301  # from the parent, through a pipe
+    """The child: warmed up first (``warm``), then the document from stdin (it waits for it); to stdout, the priority
+    it draws at, then each figure as it is drawn. A parent that stops before sending one closes the pipe: it ends."""
+    with contextlib.suppress(Exception):  # only a head start: whatever fails here fails again below, or in the outputs
+        warm()
+    try:
+        doc = pickle.load(sys.stdin.buffer)  # noqa: S301  # from the parent, through a pipe
+    except EOFError:
+        return
     out = sys.stdout.buffer
     policy = os.sched_getscheduler(0) if hasattr(os, "sched_getscheduler") else None
     pickle.dump((os.getpriority(os.PRIO_PROCESS, 0), policy), out)

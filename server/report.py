@@ -53,14 +53,17 @@ def write_outputs(result: RunResult, ahead: Ahead | None = None) -> None:
         DRAWN.clear()
 
 
-def draw_ahead(result: RunResult) -> Ahead:
+def draw_ahead(result: RunResult, ahead: Ahead | None = None) -> Ahead:
     """Start drawing the figures of the report the run's results so far would give (the outputs' largest cost: about
-    2.5 s of matplotlib), in a child process at the lowest CPU priority (``server.drawing``), while the coordinator
-    waits for the sites' last rounds. Only a figure the final document draws from the same plot, data, colours and
+    1 s of matplotlib), in a child process at the lowest CPU priority (``server.drawing``; ``ahead``: the one
+    ``drawing.Ahead`` started at the run's start, warmed up meanwhile, else a new one), while the coordinator waits
+    for the sites' last rounds. Only a figure the final document draws from the same plot, data, colours and
     options (``figure_key``, byte for byte) is taken from these; every other one is drawn at the end as before, so
     the report is the same."""
-    ahead = Ahead(copy.deepcopy(result.as_json()))  # the result goes on changing in the main thread
-    ahead.start()
+    if ahead is None:
+        ahead = Ahead()
+        ahead.start()
+    ahead.hand(copy.deepcopy(result.as_json()))  # the result goes on changing in the main thread
     return ahead
 
 

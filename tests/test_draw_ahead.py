@@ -63,3 +63,31 @@ def test_the_outputs_stop_a_child_still_drawing_and_draw_the_rest(result):
         os.kill(pid, 0)
     html = (Path(result.folder) / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 6 and not DRAWN
+
+
+def test_a_child_started_before_the_results_warms_up_then_draws_what_it_is_handed(result):
+    """The ServerApp starts the child at the run's start (it warms up meanwhile) and hands it the document later."""
+    ahead = drawing.Ahead()
+    ahead.start()
+    while ahead.pid is None and ahead.is_alive():
+        ahead.join(0.01)
+    assert ahead.pid is not None and ahead.priority is None  # waiting for its document
+    report.draw_ahead(result, ahead)
+    ahead.join()
+    here = dict(drawing.draw_each(json.loads(json.dumps(result.as_json()))))
+    assert len(here) >= 6 and ahead.drawn == here
+
+
+def test_a_child_never_handed_a_document_is_stopped_by_the_outputs(result):
+    """A run refused before its folds: the child waited for a document that never came; the outputs stop it."""
+    ahead = drawing.Ahead()
+    ahead.start()
+    while ahead.pid is None and ahead.is_alive():
+        ahead.join(0.01)
+    pid = ahead.pid
+    report.write_outputs(result, ahead)
+    assert not ahead.is_alive() and ahead.drawn == {}
+    with pytest.raises(ProcessLookupError):  # stopped and waited for
+        os.kill(pid, 0)
+    html = (Path(result.folder) / "report.html").read_text(encoding="utf-8")
+    assert html.count("data:image/png;base64,") >= 6 and not DRAWN
