@@ -15,10 +15,13 @@ import time
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from contextlib import ExitStack
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from radfed.cli.options import add_json, add_output, add_profile, add_workers, print_json
 from radfed.cli.site import site_profile
+
+if TYPE_CHECKING:
+    from radfed.inprocess import InProcessFederation
 
 DEFAULT_HOME = Path("~/.radfed").expanduser()
 
@@ -68,10 +71,9 @@ def _print_table(header: list[str], rows: list[list[str]]) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    # what the federation and the summary need is imported where it is used: before the extraction it would hold its
+    # start back (~0.5 s), once a core is idle beside the last sites it costs next to nothing
     from radfed import synth
-    from radfed.inprocess import InProcessFederation, in_process_federation
-    from server.report import final_table
-    from server.report_validation import calibration_sentence, gain_sentence, gain_table
 
     # With --json the steps go to stderr and Flower's stream to its log file: stdout holds the document alone.
     say = print if not args.json else lambda *a, **k: print(*a, **k, file=sys.stderr)
@@ -103,6 +105,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     name, used, extracted, failed, seconds, _ = job.result()
                     say(f"      {name}: {used} cases usable, {extracted} extracted now, {failed} problem(s)")
                 if federation is None and pending and len(pending) < args.workers:
+                    from radfed.inprocess import in_process_federation
+
                     # a core is idle until the last sites are done: Flower's and Ray's processes boot on it, and the
                     # ServerApp waits for every site's extraction and approval before anything (launch.START_GATE)
                     federation = stack.enter_context(in_process_federation(
@@ -120,10 +124,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
             "process; `flwr run .` runs the same app through a SuperLink)")
         t2 = time.perf_counter()
         if federation is None:
+            from radfed.inprocess import in_process_federation
+
             federation = stack.enter_context(in_process_federation(
                 run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo))
         federation.finish()
     federation_seconds = time.perf_counter() - t2
+    from server.report import final_table
+    from server.report_validation import calibration_sentence, gain_sentence, gain_table
+
     runs = sorted(set(output_dir.glob("*-run*")) - before)
     if not runs:
         print(f"no run folder appeared in {output_dir}; see {flwr_home / 'superlink.log'}", file=sys.stderr)
