@@ -189,15 +189,15 @@ def main(grid: Grid, context: Context) -> None:
     ahead = Ahead() if loso or local else None
     if ahead is not None:
         ahead.start()
+    profile = load_profile(run.profile)
+    plan = run_plan(run, profile)  # the code and config this coordinator runs: worked out before the go, as it waits
+    plan_hash = plan_sha256(plan)
     wait_for_start()
     cfg = run.as_dict()
     folder = run_folder(run, context.run_id)
     key_path = Path(run.audit_key).expanduser() if run.audit_key else folder.parent / "coordinator-audit-key.pem"
     audit = AuditLog(folder / "audit.jsonl", load_or_create_key(key_path))
-    profile = load_profile(run.profile)
     timeout, min_sites = run.query_timeout, run.min_sites
-    plan = run_plan(run, profile)
-    plan_hash = plan_sha256(plan)
     (folder / "plan.json").write_text(json.dumps(plan, indent=2, sort_keys=True), encoding="utf-8")
     audit.append("run-start", run_id=context.run_id, config=cfg, config_sha256=sha256_json(cfg),
                  plan_sha256=plan_hash,
