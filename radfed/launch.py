@@ -104,8 +104,10 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "",
 # start --no-monitor --include-log-monitor=False` leaves them out (ray.init has no switch for them): the autoscaler's
 # monitor (nothing to scale) and the log monitor (it forwards the workers' stdout and stderr to a driver; Flower's
 # simulation logs a ClientApp's errors itself, and no radfed line came that way). 1.2 CPU s less to boot, on the core
-# the demo's last site extracts on. Nor does it connect a driver of its own. argv: its folder. Its GCS port is
-# RAY_GCS_SERVER_PORT (Ray reads it for a new head).
+# the demo's last site extracts on. Nor its API server (`Node.start_api_server`, which ray.init and `ray start` run
+# even without the dashboard: a "minimal" dashboard process for Ray's job and state HTTP APIs, which neither Flower's
+# simulation nor radfed calls; ~0.7 CPU s). Nor does it connect a driver of its own. argv: its folder. Its GCS port
+# is RAY_GCS_SERVER_PORT (Ray reads it for a new head).
 RAY_HEAD = """\
 import os, sys, threading
 os.nice(int(os.environ.pop("RADFED_RAY_NICE", "0")))  # before Ray starts its services: they inherit it
@@ -121,6 +123,7 @@ params = RayParams(node_ip_address=services.resolve_ip_for_localhost("127.0.0.1"
                    available_memory_bytes=memory, object_store_memory=utils.resolve_object_store_memory(memory, None),
                    resource_isolation_config=ResourceIsolationConfig(enable_resource_isolation=False),
                    no_monitor=True, include_log_monitor=False)
+Node.start_api_server = lambda self, **kwargs: None  # Ray's job and state HTTP APIs: nothing of a run calls them
 Node(params, head=True, shutdown_at_exit=False, spawn_reaper=True, ray_init_cluster=True)
 print("radfed: the Ray head is up", flush=True)
 threading.Event().wait()

@@ -96,7 +96,8 @@ def test_an_exited_process_counts_as_stopped_before_it_is_reaped():
 def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file(tmp_path, monkeypatch):
     """The head is Ray's GCS and raylet (with the raylet's two agents, which it needs), without the autoscaler's
     monitor and the log monitor a simulation on one machine does not use (`ray start --no-monitor
-    --include-log-monitor=False`): both start before the raylet does, so they would be up by now."""
+    --include-log-monitor=False`), nor Ray's API server (the "minimal" dashboard process): all three start before
+    the raylet does, so they would be up by now."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     with ray_head(tmp_path, nice=BOOT_NICE) as head:  # as the demo starts it, beside the last sites' extraction
         assert head is not None
@@ -111,6 +112,7 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
         started = flower_processes_of(tmp_path)  # the head's process, GCS, raylet (FLWR_HOME marks them)
         assert any("gcs_server" in cmd for cmd in started) and any("raylet" in cmd for cmd in started), started
         assert not [cmd for cmd in started if "monitor.py" in cmd], started  # autoscaler/.../monitor.py, log_monitor.py
+        assert not [cmd for cmd in started if "dashboard/dashboard.py" in cmd], started  # the API server
         tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
         assert len(tree) >= 3 and {p.nice() for p in tree} == {BOOT_NICE}, [(p.name(), p.nice()) for p in tree]
     assert not flower_processes_of(tmp_path)
