@@ -104,6 +104,11 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
             wait_port(head[1], head[0], timeout=READY_TIMEOUT,
                       name=f"the run's Ray head (its log: {flwr_home / 'ray-head.log'})")
             init_args["address"] = ray_address(head)
+        # Flower's Ray backend (and Ray's driver side with it) imported now, not where Flower first needs it: that is
+        # after it has started the ServerApp's thread, whose imports (torch, matplotlib: server.app.warm_imports) then
+        # held the GIL while this thread imported Ray, and the ClientApp actors were created ~1.2 s later (py-spy)
+        from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: F401
+
         with prompt_pump():  # each message reaches its site at once, not at Flower's next 0.1 s sweep
             _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
                             server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
