@@ -15,20 +15,13 @@ from queue import Queue
 
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.proto.task_pb2 import Task
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState, RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run as FlowerRun
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
+from flwr.server.superlink.linkstate.in_memory_linkstate import InMemoryLinkState
 from flwr.superlink.grid import InMemoryGrid
+from link_helpers import new_link, serverapp_identity
 
 from radfed import message_pump
 from server.federation import RunRefused, wait_for_nodes
 
-RUN_ID, TASK_ID, SUPERLINK = 7, 11, 1
 FOREVER = 1e9  # a heartbeat interval: the node stays online for the test
 
 
@@ -50,19 +43,8 @@ class Link:
 
 @pytest.fixture
 def link() -> Iterator[Link]:
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    # the ServerApp's identity: the link state refuses a message whose sender is not the SuperLink's node
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK, TASK_ID
-    factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-    state = factory.state()
-    run = FlowerRun.create_empty(run_id=RUN_ID)  # registered as Flower's simulation does (run_simulation.py)
-    run.primary_task_id, run.federation_id = TASK_ID, NOOP_FEDERATION_ID
-    state.run_ids[RUN_ID] = RunRecord(run=run)
-    state.task_store[TASK_ID] = Task(task_id=TASK_ID, run_id=RUN_ID)
-    grid = InMemoryGrid(state_factory=factory)
-    grid.set_run(run)
-    yield Link(state, grid)  # type: ignore[arg-type]
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
+    with serverapp_identity():
+        yield Link(*new_link())
 
 
 def later(seconds: float, action) -> threading.Thread:

@@ -19,22 +19,13 @@ import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common.constant import ErrorCode
-from flwr.proto.task_pb2 import Task
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run as FlowerRun
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.superlink.federation import NoOpFederationManager
-from flwr.superlink.grid import InMemoryGrid
+from link_helpers import SUPERLINK, new_link, serverapp_identity
 
 from server import merging
 from server.federation import Federation, LinkLost, build, replies_of
 from server.polling import PollingGrid
 from server.strategy import AuditedFedAvg
 
-RUN_ID, TASK_ID, SUPERLINK = 7, 11, 1
 ONLINE, OFFLINE = 1e9, 0.05  # heartbeat intervals (s): an offline node's last heartbeat expires after 2 x 50 ms
 
 
@@ -60,25 +51,14 @@ class Link:
 
 @pytest.fixture
 def link_of() -> Iterator:
-    before = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    # the ServerApp's identity: Flower's Message constructor reads it, and the link state refuses a message to a
-    # node whose sender is not the SuperLink's node id
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = RUN_ID, SUPERLINK, TASK_ID
     links: list[Link] = []
 
     def make(**heartbeats: float) -> Link:
-        factory = LinkStateFactory(FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory())
-        state = factory.state()
-        run = FlowerRun.create_empty(run_id=RUN_ID)  # registered as Flower's simulation does (run_simulation.py)
-        run.primary_task_id, run.federation_id = TASK_ID, NOOP_FEDERATION_ID
-        state.run_ids[RUN_ID] = RunRecord(run=run)
-        state.task_store[TASK_ID] = Task(task_id=TASK_ID, run_id=RUN_ID)
+        state, grid = new_link()
         sites = {}
         for name, interval in heartbeats.items():
             sites[name] = state.create_node("aid", "account", secrets.token_bytes(32), heartbeat_interval=interval)
             state.acknowledge_node_heartbeat(node_id=sites[name], heartbeat_interval=interval)
-        grid = InMemoryGrid(state_factory=factory)
-        grid.set_run(run)
         link = Link(merging.PackingGrid(PollingGrid(grid)), sites)  # type: ignore[arg-type]
 
         def serve(node_id: int) -> None:  # a ClientApp answering every message at once
@@ -99,10 +79,10 @@ def link_of() -> Iterator:
         links.append(link)
         return link
 
-    yield make
+    with serverapp_identity():
+        yield make
     for link in links:
         link.stop.set()
-    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 
 
 def ask(link: Link, fed: Federation) -> dict[int, Message]:
