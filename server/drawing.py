@@ -7,10 +7,11 @@ coordinator's GIL and a core from the sites while the folds ran (48 sites: leave
 drawing thread, 12.5 s without it). A child at the lowest priority holds no lock of the coordinator's and runs only
 on a core the sites and the coordinator leave free (the folds' coordinator turns use one; the waits between rounds).
 
-``python -m server.drawing`` is the child: the metrics document in (pickled, on stdin), each (figure key, PNG) out as
-it is drawn (pickled, on stdout). It reads only what the parent hands it and writes nothing else. The outputs take
-what has arrived and stop a child still drawing: at the lowest priority it may not run at all on a busy machine,
-and they never wait for it (they draw the rest at normal priority, as without it).
+``python -m server.drawing`` is the child, started with the run (it warms up meanwhile): the metrics document in
+(pickled, on stdin, once the results so far are known), each (figure key, PNG) out as it is drawn (pickled, on
+stdout). It reads only what the parent hands it and writes nothing else. The outputs take what has arrived and
+stop a child still drawing: at the lowest priority it may not run at all on a busy machine, and they never wait for
+it (they draw the rest at normal priority, as without it).
 """
 
 from __future__ import annotations
