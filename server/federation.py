@@ -199,7 +199,7 @@ def wait_for_nodes(grid: Grid, min_nodes: int, timeout: float, grace: float = JO
         if now - start >= timeout:
             raise RunRefused(f"only {len(seen)} site(s) connected within {timeout:.0f}s, fewer than "
                              f"min-sites = {min_nodes}")
-        time.sleep(min(grace / 2, 0.5))
+        time.sleep(min(max(grace / 2, 0.01), 0.5))  # a look every half grace, at least 10 ms apart
         ids = sorted(grid.get_node_ids())
         if ids != seen:
             seen, since = ids, time.monotonic()
