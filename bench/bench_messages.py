@@ -43,7 +43,6 @@ import sys
 import tempfile
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench.table import print_columns  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
+from radfed.cli.coordinator import approve_demo_plan, extract_sites  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 ROUND_TYPES = ("train", "evaluate", "query.newton")
@@ -85,8 +84,7 @@ def make_app(folder: Path, server: str, client: str) -> Path:
 def sites(work: Path, n_max: int, workers: int) -> list[Path]:
     """``n_max`` tiny sites under work/sites, extracted (cached on later runs)."""
     dirs = synth.make_demo(work / "sites", synth.tiny_sites(n_max, 10), seed=0)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(extract_one_site, [str(d) for d in dirs], ["default"] * len(dirs), [1] * len(dirs)))
+    extract_sites(dirs, "default", workers)
     return dirs
 
 

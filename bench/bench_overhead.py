@@ -42,7 +42,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from datetime import datetime
 from pathlib import Path
@@ -53,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 from bench.demo_run import default_config  # noqa: E402
 from bench.table import print_columns  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
+from radfed.cli.coordinator import approve_demo_plan, extract_sites  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 CORES = 2
@@ -74,8 +73,7 @@ def _sites(work: Path, profile: str, scale: float, reuse: bool) -> list[Path]:
 def cold_extraction(dirs: list[Path], profile: str) -> tuple[float, int]:
     """Wall seconds to extract every site from an empty cache, 2 sites at a time, 1 worker each; usable cases."""
     t = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=CORES) as pool:
-        done = list(pool.map(extract_one_site, [str(d) for d in dirs], [profile] * len(dirs), [1] * len(dirs)))
+    done = extract_sites(dirs, profile, CORES)
     return time.perf_counter() - t, sum(r[1] for r in done)
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -53,7 +52,7 @@ from client.steps import load_site_data, open_site, run_config  # noqa: E402
 from common import metrics  # noqa: E402
 from common.runconfig import RunConfig  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli.coordinator import extract_one_site  # noqa: E402
+from radfed.cli.coordinator import extract_sites  # noqa: E402
 
 SMALLEST_ADMITTED = 20  # two release blocks of k = 5 per class
 POOL_SITES, POOL_PER_CLASS = 8, 40  # the default sweep's largest cell
@@ -78,8 +77,7 @@ class Cell:
 def write_and_extract(root: Path, specs: list[synth.SiteSpec], seed: int) -> list[Path]:
     """Synthetic hospitals under ``root`` (reused when unchanged), features extracted and cached, 2 workers."""
     dirs = synth.make_demo(root, specs, seed=seed)
-    with ProcessPoolExecutor(max_workers=2) as pool:
-        list(pool.map(extract_one_site, [str(d) for d in dirs], ["default"] * len(dirs), [1] * len(dirs)))
+    extract_sites(dirs, "default", 2)
     return dirs
 
 

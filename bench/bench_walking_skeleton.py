@@ -16,7 +16,6 @@ import sys
 import tempfile
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 from bench.baselines import agreed_features, load_sites, local_only, pooled_centralised  # noqa: E402
 from bench.table import print_table  # noqa: E402
 from radfed import synth  # noqa: E402
-from radfed.cli.coordinator import approve_demo_plan, extract_one_site  # noqa: E402
+from radfed.cli.coordinator import approve_demo_plan, extract_sites  # noqa: E402
 from radfed.launch import run_federation  # noqa: E402
 
 
@@ -48,9 +47,7 @@ def main() -> int:
     for d in site_dirs:  # cold: nothing cached
         shutil.rmtree(d / ".radfed", ignore_errors=True)
     t = time.perf_counter()
-    with ProcessPoolExecutor(max_workers=args.workers) as pool:
-        results = list(pool.map(extract_one_site, [str(d) for d in site_dirs], ["default"] * len(site_dirs),
-                                [1] * len(site_dirs)))
+    results = extract_sites(site_dirs, "default", args.workers)
     extract_wall = time.perf_counter() - t
     n_cases = sum(r[1] for r in results)
     per_case = float(np.mean([r[5] for r in results]))

@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import time
 import tomllib
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from radfed import synth
-from radfed.cli.coordinator import approve_demo_plan, extract_one_site
+from radfed.cli.coordinator import approve_demo_plan, extract_sites
 from radfed.launch import run_federation
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,9 +22,7 @@ def default_config() -> dict[str, Any]:
 def demo_sites(work: Path, workers: int = 2) -> list[Path]:
     """The default demo under ``work/demo``, extracted (kept between bench runs when ``work`` is reused)."""
     site_dirs = synth.make_demo(work / "demo", seed=0)
-    with ProcessPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(extract_one_site, [str(d) for d in site_dirs], ["default"] * len(site_dirs),
-                      [1] * len(site_dirs)))
+    extract_sites(site_dirs, "default", workers)
     return site_dirs
 
 

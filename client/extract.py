@@ -43,7 +43,7 @@ from client.inputhashes import input_hashes as _input_hashes
 from client.inputhashes import input_sha256, recall, record
 from client.site import Case, CaseProblem, Site
 from client.sitefiles import write_json_unless_same
-from client.workerpool import prepare_worker, worker_pool
+from client.workerpool import itk_worker, worker_pool
 from common.profile import Profile
 
 __all__ = ["MIN_REGION_VOXELS", "ExtractionSummary", "FeatureTable", "extract_case_features", "extract_site",
@@ -163,12 +163,9 @@ def _log_to(path: Path) -> Iterator[None]:
 
 
 def _init_worker(log_path: str, parent: int) -> None:
-    """Worker start-up: die with the parent, leave SIGINT to it, quiet pyradiomics, log to the site's file,
-    and one ITK thread per worker (workers already fill the cores; ITK's own threads would only compete)."""
-    prepare_worker(parent)
-    import SimpleITK as sitk
-
-    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(1)
+    """Worker start-up: die with the parent, leave SIGINT to it, one ITK thread (``itk_worker``), quiet pyradiomics,
+    log to the site's file."""
+    itk_worker(1, parent)
     quiet_pyradiomics()
     _ensure_log_handler(Path(log_path))
 

@@ -41,6 +41,15 @@ def prepare_worker(parent: int) -> None:
     _die_with_parent(parent)
 
 
+def itk_worker(threads: int, parent: int) -> None:
+    """A worker whose ITK filters use ``threads`` threads: ITK defaults to one per core, which workers side by side
+    already fill (their threads only contend: 2 sites at once on 2 cores extracted 6 to 10% sooner on one each)."""
+    prepare_worker(parent)
+    import SimpleITK as sitk
+
+    sitk.ProcessObject.SetGlobalDefaultNumberOfThreads(threads)
+
+
 def _exit_on_sigterm(signum: int, frame: FrameType | None) -> None:
     raise SystemExit(128 + signum)
 

@@ -10,13 +10,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from collections.abc import Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from client.workerpool import itk_worker, worker_pool
 from radfed.cli.options import add_json, add_output, add_profile, add_workers, print_json
 from radfed.cli.site import site_profile
 
@@ -26,7 +29,10 @@ if TYPE_CHECKING:
 DEFAULT_HOME = Path("~/.radfed").expanduser()
 
 
-def extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> tuple[str, int, int, int, float, float]:
+SiteResult = tuple[str, int, int, int, float, float]  # extract_one_site's
+
+
+def extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> SiteResult:
     """Extract one site's cases (cached): (name, usable, extracted now, problems, seconds, seconds per case)."""
     from client.extract import extract_site
     from client.site import load_site
@@ -36,6 +42,21 @@ def extract_one_site(site_dir: str, profile_name: str | None, workers: int) -> t
     table, summary = extract_site(site, profile, workers=workers)
     return (site.name, len(table.case_ids), summary.extracted, len(table.problems), summary.seconds,
             summary.seconds_per_extracted_case)
+
+
+@contextmanager
+def site_pool(workers: int) -> Iterator[ProcessPoolExecutor]:
+    """``workers`` processes extracting whole sites side by side (``extract_one_site`` with 1 worker each), their
+    ITK threads sharing the cores between them; the processes end with the block (``worker_pool``)."""
+    with worker_pool(workers, itk_worker, (max(1, (os.cpu_count() or 1) // workers),)) as pool:
+        yield pool
+
+
+def extract_sites(site_dirs: Sequence[Path], profile_name: str | None, workers: int) -> list[SiteResult]:
+    """Every site extracted (cached), ``workers`` sites at a time: ``extract_one_site``'s tuple per site, in order."""
+    with site_pool(workers) as pool:
+        return list(pool.map(extract_one_site, [str(d) for d in site_dirs], [profile_name] * len(site_dirs),
+                             [1] * len(site_dirs)))
 
 
 def approve_demo_plan(site_dirs: list[Path], run_config: dict) -> str:
@@ -97,7 +118,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     with ExitStack() as stack:
         federation: InProcessFederation | None = None
         plan_hash = ""
-        with ProcessPoolExecutor(max_workers=args.workers) as pool:
+        with site_pool(args.workers) as pool:
             pending = {pool.submit(extract_one_site, str(d), args.profile, 1) for d in site_dirs}
             while pending:
                 done, pending = wait(pending, return_when=FIRST_COMPLETED)
