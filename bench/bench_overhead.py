@@ -199,7 +199,10 @@ PROCESS_KINDS = [("radfed demo (the launcher)", "radfed.cli demo"),
                  ("ClientApp actors", "default_worker.py"), ("ClientApp actors", "setup_worker"),
                  ("ClientApp actors", "ray::"), ("Ray head's own process", "Ray head is up"),
                  ("flower-superlink", "flower-superlink"), ("flower-superexec", "flower-superexec"),
-                 ("flwr-simulation (ServerApp)", "flwr-simulation")]
+                 ("flwr-simulation (ServerApp)", "flwr-simulation"),
+                 ("ClientApp workers (the forkserver, its forks)", "multiprocessing.forkserver"),
+                 ("multiprocessing's resource tracker", "resource_tracker"),
+                 ("the report's drawing child", "server.drawing")]
 
 
 def federation(work: Path, dirs: list[Path], profile: str, mode: str,

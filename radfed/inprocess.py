@@ -1,7 +1,8 @@
-"""The demo's federation inside the launcher's own process (``radfed demo``): Flower's simulation on the run's Ray
-head without the SuperLink, SuperExec, ``flwr run`` and ``flwr-simulation`` processes. ``radfed.launch`` holds the
-chain every other run goes through (tests, benches, ``flwr run .``) and what both share: the Ray head, the gate, the
-end mark and the run config's overrides.
+"""The demo's federation inside the launcher's own process (``radfed demo``): Flower's simulation without the
+SuperLink, SuperExec, ``flwr run`` and ``flwr-simulation`` processes, its ClientApps served by processes of this
+machine instead of Ray actors (``radfed.process_backend``). ``radfed.launch`` holds the chain every other run goes
+through (tests, benches, ``flwr run .``: Ray) and what both share: the gate, the end mark and the run config's
+overrides.
 """
 
 from __future__ import annotations
@@ -18,37 +19,29 @@ from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-from radfed.launch import (
-    APP_DIR,
-    BOOT_NICE,
-    RAY_ENV,
-    READY_TIMEOUT,
-    RUN_END_MARK,
-    START_GATE,
-    overrides_text,
-    parse_overrides,
-    ray_address,
-    ray_head,
-)
+from radfed.launch import APP_DIR, BOOT_NICE, RUN_END_MARK, START_GATE, overrides_text, parse_overrides
 from radfed.message_pump import prompt_pump
-from radfed.processes import wait_port
+from radfed.process_backend import process_backend
 
 # The demo's federation in the launcher's own process: Flower's simulation API (flwr/simulation/run_simulation.py
-# `_run_simulation`, which `flwr-simulation` itself calls once it has the run from its SuperLink) on the run's Ray head,
-# without the SuperLink, the SuperExec, `flwr run` and `flwr-simulation` (four processes importing Flower, about 5 CPU s
-# to boot on the core the last site's extraction needs). The same ServerApp and ClientApp (by the app's components),
-# the same run config (the app's defaults fused with the overrides, as Flower fuses them, for the ServerApp and every
-# node), the same gate and end mark; only what Flower's own processes logged about themselves is not shown.
+# `_run_simulation`, which `flwr-simulation` itself calls once it has the run from its SuperLink), without the
+# SuperLink, the SuperExec, `flwr run` and `flwr-simulation` (four processes importing Flower, about 5 CPU s to boot on
+# the core the last site's extraction needs). The same ServerApp and ClientApp (by the app's components), the same run
+# config (the app's defaults fused with the overrides, as Flower fuses them, for the ServerApp and every node), the
+# same gate and end mark; only what Flower's own processes logged about themselves is not shown, and the ClientApps
+# run in radfed.process_backend's workers instead of Ray actors (Ray's boot: ~6 CPU s more).
 FLWR_QUIET = {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1"}
+# One BLAS/OpenMP thread per ClientApp worker, as Ray gives its actors: the workers already fill the cores
+WORKER_ENV = {"OMP_NUM_THREADS": "1"}
 
 
 class InProcessFederation:
-    """A run ``in_process_federation`` started: the simulation boots in a thread of this process (joining the Ray
-    head once it listens; the ServerApp waits at the gate); ``finish`` opens the gate and waits for the run's end."""
+    """A run ``in_process_federation`` started: the simulation boots in a thread of this process (its ClientApp
+    workers start; the ServerApp waits at the gate); ``finish`` opens the gate and waits for the run's end."""
 
-    def __init__(self, thread: threading.Thread, outcome: dict[str, object], head: tuple[subprocess.Popen, int] | None,
-                 flwr_home: Path, gate: Path | None, end_mark: Path) -> None:
-        self.thread, self.outcome, self.head = thread, outcome, head
+    def __init__(self, thread: threading.Thread, outcome: dict[str, object], flwr_home: Path, gate: Path | None,
+                 end_mark: Path) -> None:
+        self.thread, self.outcome = thread, outcome
         self.flwr_home, self.gate, self.end_mark = flwr_home, gate, end_mark
 
     def finish(self, timeout: float = 3600) -> int:
@@ -66,13 +59,12 @@ class InProcessFederation:
         return 1  # the simulation ended without the ServerApp's last lines: its error is in the log above
 
 
-def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Path, cpus_per_node: int,
-              head: tuple[subprocess.Popen, int] | None, flwr_home: Path, outcome: dict[str, object],
-              nice: int = 0) -> None:
+def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Path, clientapp: str,
+              outcome: dict[str, object], nice: int = 0) -> None:
     """The simulation, as `flwr-simulation` runs it once it has its run (flwr/simulation/app.py): the app's
-    components from its pyproject, the run config fused for the ServerApp's context and each node's, Ray joined
-    at the head's address. ``nice``: this thread's niceness, and so every thread it starts (Linux: per thread,
-    inherited), not the launcher's other threads."""
+    components from its pyproject, the run config fused for the ServerApp's context and each node's; the ClientApp
+    ``clientapp`` on ``process_backend``'s workers. ``nice``: this thread's niceness, and so every thread and process
+    it starts (Linux: per thread, inherited), not the launcher's other threads."""
     if nice:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     try:
@@ -86,7 +78,7 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
         from flwr.supercore.task_identity import TaskIdentity
         from flwr.supercore.telemetry import EventType
 
-        components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
+        server_app = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["serverapp"]
         overrides = parse_overrides(overrides_text(run_config))
         run = Run.create_empty(run_id=generate_rand_int_from_bytes(8))
         run.override_config, run.federation_id = overrides, NOOP_FEDERATION_ID
@@ -99,21 +91,10 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
         # Ray's notes on starting a driver outside the main thread and on a future default: about Ray, not the run
         warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
         logging.getLogger("ray._private.worker").addFilter(lambda record: "SIGTERM handler" not in record.getMessage())
-        init_args: dict[str, object] = {}
-        if head:
-            wait_port(head[1], head[0], timeout=READY_TIMEOUT,
-                      name=f"the run's Ray head (its log: {flwr_home / 'ray-head.log'})")
-            init_args["address"] = ray_address(head)
-        # Flower's Ray backend (and Ray's driver side with it) imported now, not where Flower first needs it: that is
-        # after it has started the ServerApp's thread, whose imports (torch, matplotlib: server.app.warm_imports) then
-        # held the GIL while this thread imported Ray, and the ClientApp actors were created ~1.2 s later (py-spy)
-        from flwr.server.superlink.fleet.vce.backend import raybackend  # noqa: F401
-
         with prompt_pump():  # each message reaches its site at once, not at Flower's next 0.1 s sweep
             _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-                            server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
-                            backend_config={"client_resources": {"num_cpus": cpus_per_node}, "init_args": init_args},
-                            server_app_context=context, app_dir=str(app_dir), run=run, is_app=True)
+                            server_app_attr=server_app, client_app_attr=clientapp, server_app_context=context,
+                            app_dir=str(app_dir), run=run, is_app=True)
     except BaseException as exc:  # noqa: BLE001  # reported by finish's caller through the ServerApp's absent end
         outcome["error"] = exc
         logging.getLogger("flwr").error("radfed: the simulation ended with %s: %s", type(exc).__name__, exc)
@@ -123,11 +104,13 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
 def in_process_federation(run_config: Mapping[str, object], num_supernodes: int, flwr_home: Path,
                           app_dir: Path = APP_DIR, echo: bool = True, cpus_per_node: int = 1,
                           gated: bool = False) -> Iterator[InProcessFederation]:
-    """``started_federation`` without Flower's processes: the simulation runs in a thread of this process on the
-    run's Ray head (``_simulate``); Flower's log goes to stdout (``echo``) or ``<flwr_home>/flwr-run.log``. Every
-    process of the run (the head's tree) is stopped on leaving: at once when the ServerApp announced its end, else
-    once the simulation has ended (bounded). The caller's process ends soon after (the demo's: ``exit_now``)."""
+    """``started_federation`` without Flower's processes: the simulation runs in a thread of this process
+    (``_simulate``), its ClientApps in one worker process per ``cpus_per_node`` cores (``process_backend``); Flower's
+    log goes to stdout (``echo``) or ``<flwr_home>/flwr-run.log``. The workers are stopped on leaving: at once when
+    the ServerApp announced its end, else once the simulation has ended (bounded). The caller's process ends soon
+    after (the demo's: ``exit_now``)."""
     import flwr.supercore.telemetry as telemetry
+    from flwr.common.config import get_project_config
     from flwr.supercore.logger import console_handler
 
     flwr_home.mkdir(parents=True, exist_ok=True)
@@ -136,9 +119,11 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
         gate.unlink(missing_ok=True)
     end_mark = flwr_home.resolve() / "run-end"
     end_mark.unlink(missing_ok=True)
+    app_dir = app_dir.resolve()
+    clientapp = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
     # this process is the simulation's now: what Flower's processes got in their environment (flwr_env), it gets here
-    saved_env = {k: os.environ.get(k) for k in (*FLWR_QUIET, *RAY_ENV, START_GATE, RUN_END_MARK, "FLWR_HOME")}
-    os.environ.update({**FLWR_QUIET, **RAY_ENV, RUN_END_MARK: str(end_mark), "FLWR_HOME": str(flwr_home),
+    saved_env = {k: os.environ.get(k) for k in (*FLWR_QUIET, *WORKER_ENV, START_GATE, RUN_END_MARK, "FLWR_HOME")}
+    os.environ.update({**FLWR_QUIET, **WORKER_ENV, RUN_END_MARK: str(end_mark), "FLWR_HOME": str(flwr_home),
                        **({START_GATE: str(gate)} if gate else {})})
     telemetry.FLWR_TELEMETRY_ENABLED = "0"  # read when Flower was imported (the plan's hash may have imported it)
     saved_stream = console_handler.stream
@@ -147,19 +132,19 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
         out = sys.stdout if echo else stack.enter_context((flwr_home / "flwr-run.log").open("a", encoding="utf-8"))
         console_handler.setStream(out)
         try:
+            workers = max(1, (os.cpu_count() or 1) // cpus_per_node)
+            stack.enter_context(process_backend(clientapp, app_dir, flwr_home, workers))
             nice = BOOT_NICE if gated else 0  # booting beside the extraction: it keeps its cores
-            head = stack.enter_context(ray_head(flwr_home, nice))
             thread = threading.Thread(target=_simulate, name="radfed-simulation", daemon=True,
-                                      args=(run_config, num_supernodes, app_dir.resolve(), cpus_per_node, head,
-                                            flwr_home, outcome, nice))
+                                      args=(run_config, num_supernodes, app_dir, clientapp, outcome, nice))
             thread.start()
-            yield InProcessFederation(thread, outcome, head, flwr_home, gate, end_mark)
+            yield InProcessFederation(thread, outcome, flwr_home, gate, end_mark)
             if not end_mark.exists():  # the simulation is ending without the ServerApp's last lines: its log says why
                 thread.join(END_JOIN)
             # Else every output is written, and what is left of the simulation is its wind-down: about 1 s, as its
-            # workers wait up to 1 s on their queue (vce_api.worker) before they see the stop, then it stops the
-            # actors and leaves Ray. Stopping the head's tree next ends the actors as well, and the simulation's
-            # thread (a daemon) ends with this process.
+            # workers wait up to 1 s on their queue (vce_api.worker) before they see the stop. Leaving
+            # process_backend stops the ClientApp workers now, and the simulation's thread (a daemon) ends with
+            # this process.
         finally:
             console_handler.setStream(saved_stream)
             for key, value in saved_env.items():

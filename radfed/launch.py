@@ -41,9 +41,10 @@ RAY_ENV = {"RAY_prestart_worker_first_driver": "0", "RAY_USAGE_STATS_ENABLED": "
 # at START_GATE). Code only: no site is known to an actor before a message names one (`tests/test_launch.py`).
 ACTOR_PRELOAD = {"RAY_preload_python_modules": "radfed.actor_preload"}
 # The niceness of the demo's federation (radfed/inprocess.py, gated): it boots beside the last sites' extraction, so
-# the Ray head's tree (the ClientApp actors with it) and the simulation's thread run at 19 and the extraction keeps
-# its core (weight 1024 against 15 per thread), the boot taking what it leaves. An unprivileged process cannot lower
-# its niceness again, so the run keeps it once the gate opens, when nothing of the demo competes with it any more.
+# the simulation's thread and what it starts (the ServerApp's thread, the ClientApp workers: radfed.process_backend)
+# run at 19 and the extraction keeps its core (weight 1024 against 15 per thread), the boot taking what it leaves. An
+# unprivileged process cannot lower its niceness again, so the run keeps it once the gate opens, when nothing of the
+# demo competes with it any more.
 BOOT_NICE = 19
 
 
@@ -103,14 +104,13 @@ def simulation_superlink(flwr_home: Path, ray_address: str = "",
 # process that then only holds it, but without the two services a simulation on one machine does not use, as `ray
 # start --no-monitor --include-log-monitor=False` leaves them out (ray.init has no switch for them): the autoscaler's
 # monitor (nothing to scale) and the log monitor (it forwards the workers' stdout and stderr to a driver; Flower's
-# simulation logs a ClientApp's errors itself, and no radfed line came that way). 1.2 CPU s less to boot, on the core
-# the demo's last site extracts on. Nor its API server (`Node.start_api_server`, which ray.init and `ray start` run
-# even without the dashboard: a "minimal" dashboard process for Ray's job and state HTTP APIs, which neither Flower's
-# simulation nor radfed calls; ~0.7 CPU s). Nor does it connect a driver of its own. argv: its folder. Its GCS port
-# is RAY_GCS_SERVER_PORT (Ray reads it for a new head).
+# simulation logs a ClientApp's errors itself, and no radfed line came that way): 1.2 CPU s less to boot. Nor its
+# API server (`Node.start_api_server`, which ray.init and `ray start` run even without the dashboard: a "minimal"
+# dashboard process for Ray's job and state HTTP APIs, which neither Flower's simulation nor radfed calls; ~0.7 CPU
+# s). Nor does it connect a driver of its own. argv: its folder. Its GCS port is RAY_GCS_SERVER_PORT (Ray reads it for
+# a new head).
 RAY_HEAD = """\
-import os, sys, threading
-os.nice(int(os.environ.pop("RADFED_RAY_NICE", "0")))  # before Ray starts its services: they inherit it
+import sys, threading
 from ray._common.usage import usage_lib
 from ray._private import ray_constants, services, utils
 from ray._private.node import Node
@@ -131,13 +131,12 @@ threading.Event().wait()
 
 
 @contextmanager
-def ray_head(flwr_home: Path, nice: int = 0) -> Iterator[tuple[subprocess.Popen, int] | None]:
+def ray_head(flwr_home: Path) -> Iterator[tuple[subprocess.Popen, int] | None]:
     """A Ray cluster for the run's simulation to join, started beside the SuperLink: the simulation's own
     ``ray.init()`` would start one only after the SuperLink, ``flwr run``, the SuperExec and the simulation itself
     have started (seconds of imports, one after the other), and the ClientApp actors wait for it. Yields (its
     process, its port) at once; stopped with everything it started, its folder removed, on leaving. None when
-    RAY_ADDRESS names a cluster already (the tests' shared head): the simulation joins that one. ``nice``: the
-    niceness of the head and every process it starts (``BOOT_NICE`` for a run booting beside an extraction)."""
+    RAY_ADDRESS names a cluster already (the tests' shared head): the simulation joins that one."""
     if os.environ.get("RAY_ADDRESS"):
         yield None
         return
@@ -147,8 +146,7 @@ def ray_head(flwr_home: Path, nice: int = 0) -> Iterator[tuple[subprocess.Popen,
     try:
         with (temp / "head.log").open("wb") as log:
             proc = subprocess.Popen([sys.executable, "-c", RAY_HEAD, str(temp)],
-                                    env={**flwr_env(flwr_home), **ACTOR_PRELOAD, "RAY_GCS_SERVER_PORT": str(port),
-                                         "RADFED_RAY_NICE": str(nice)},
+                                    env={**flwr_env(flwr_home), **ACTOR_PRELOAD, "RAY_GCS_SERVER_PORT": str(port)},
                                     stdout=log,
                                     stderr=subprocess.STDOUT, start_new_session=True)
         try:

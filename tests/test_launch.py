@@ -14,7 +14,6 @@ from pathlib import Path
 
 import psutil
 import pytest
-import ray_head as shared_ray_head
 from federation_helpers import flower_processes_of
 
 from common.protocol import RUN_END_MARK, START_GATE
@@ -99,7 +98,7 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
     --include-log-monitor=False`), nor Ray's API server (the "minimal" dashboard process): all three start before
     the raylet does, so they would be up by now."""
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
-    with ray_head(tmp_path, nice=BOOT_NICE) as head:  # as the demo starts it, beside the last sites' extraction
+    with ray_head(tmp_path) as head:
         assert head is not None
         proc, port = head
         wait_port(port, proc, timeout=READY_TIMEOUT, name="the Ray head")
@@ -113,8 +112,6 @@ def test_the_run_starts_its_own_ray_head_and_leaves_neither_a_process_nor_a_file
         assert any("gcs_server" in cmd for cmd in started) and any("raylet" in cmd for cmd in started), started
         assert not [cmd for cmd in started if "monitor.py" in cmd], started  # autoscaler/.../monitor.py, log_monitor.py
         assert not [cmd for cmd in started if "dashboard/dashboard.py" in cmd], started  # the API server
-        tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
-        assert len(tree) >= 3 and {p.nice() for p in tree} == {BOOT_NICE}, [(p.name(), p.nice()) for p in tree]
     assert not flower_processes_of(tmp_path)
     assert not temp.exists()
 
@@ -332,12 +329,14 @@ with in_process_federation(config, num_supernodes=2, flwr_home=home, echo=False,
     sys.exit(federation.finish(timeout=600))
 """
 FLOWER_PROCESSES = ("flower-superlink", "flower-superexec", "flwr-simulation", "flwr.cli")
+RAY_PROCESSES = ("gcs_server", "raylet", "ray::", "ray/dashboard", "runtime_env")
 
 
 def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_process(tmp_path):
-    """`radfed demo` runs its simulation in its own process (Flower's simulation API on the run's Ray cluster):
-    no SuperLink, SuperExec, `flwr run` or `flwr-simulation` process; the ServerApp still waits at the gate (no run
-    folder before it opens), the run completes with every output and its last lines, and nothing is left after."""
+    """`radfed demo` runs its simulation in its own process (Flower's simulation API, the ClientApps in
+    radfed.process_backend's workers): no SuperLink, SuperExec, `flwr run`, `flwr-simulation` or Ray process; the
+    workers boot at BOOT_NICE; the ServerApp still waits at the gate (no run folder before it opens), the run
+    completes with every output and its last lines, and nothing is left after."""
     from radfed import synth
     from radfed.cli import approve_demo_plan
 
@@ -350,26 +349,28 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
     approve_demo_plan(sorted(p for p in data.iterdir() if p.is_dir()), config)
     seen: set[str] = set()
     nices: set[int] = set()
-    with shared_ray_head.joined():  # the session's shared Ray cluster (tests/ray_head.py), as the other simulated runs
-        proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_RUN, json.dumps(config), str(home), str(go)])
-        try:
-            deadline = time.monotonic() + 600
-            opened_at = time.monotonic() + 3.0  # the simulation boots meanwhile: the ServerApp waits at the gate
-            while proc.poll() is None:
-                assert time.monotonic() < deadline, "the run did not end"
-                with contextlib.suppress(psutil.Error):
-                    for child in psutil.Process(proc.pid).children(recursive=True):
-                        with contextlib.suppress(psutil.Error):
-                            seen.add(" ".join(child.cmdline()))
-                nices.update(thread_nices(proc.pid))
-                if not go.exists() and time.monotonic() > opened_at:
-                    assert not out.exists() or not list(out.glob("*-run*")), "the run started before the gate"
-                    go.touch()
-                time.sleep(0.05)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            proc.wait()
+    worker_nices: set[int] = set()
+    proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_RUN, json.dumps(config), str(home), str(go)])
+    try:
+        deadline = time.monotonic() + 600
+        opened_at = time.monotonic() + 3.0  # the simulation boots meanwhile: the ServerApp waits at the gate
+        while proc.poll() is None:
+            assert time.monotonic() < deadline, "the run did not end"
+            with contextlib.suppress(psutil.Error):
+                for child in psutil.Process(proc.pid).children(recursive=True):
+                    with contextlib.suppress(psutil.Error):
+                        seen.add(command := " ".join(child.cmdline()))
+                        if "multiprocessing.forkserver" in command:  # the forkserver and the ClientApp workers
+                            worker_nices.add(child.nice())
+            nices.update(thread_nices(proc.pid))
+            if not go.exists() and time.monotonic() > opened_at:
+                assert not out.exists() or not list(out.glob("*-run*")), "the run started before the gate"
+                go.touch()
+            time.sleep(0.05)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
     log = home / "flwr-run.log"
     assert proc.returncode == 0, log.read_text(encoding="utf-8")[-3000:] if log.exists() else "no log"
     runs = sorted(out.glob("*-run*"))
@@ -377,7 +378,8 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
     assert json.loads((runs[0] / "metrics.json").read_text(encoding="utf-8"))["status"] == "completed"
     assert json.loads((home / "run-end").read_text(encoding="utf-8"))["status"] == "completed"
     assert "completed in" in log.read_text(encoding="utf-8")
-    assert not [cmd for cmd in seen if any(name in cmd for name in FLOWER_PROCESSES)]
+    assert not [cmd for cmd in seen if any(name in cmd for name in (*FLOWER_PROCESSES, *RAY_PROCESSES))], seen
+    assert worker_nices == {BOOT_NICE}, worker_nices
     assert not flower_processes_of(home)
     # the simulation's threads booted (and ran) at BOOT_NICE beside the launcher's own, which keep this process's
     assert nices == {os.getpriority(os.PRIO_PROCESS, 0), BOOT_NICE}, nices

@@ -1,0 +1,184 @@
+"""The demo's ClientApp workers: Flower's simulation backend interface served by processes of this machine, forked
+from one that has loaded the ClientApp, in place of Ray actors (``radfed demo`` only).
+
+Flower 1.42's simulation hands each message to a ``Backend`` (flwr/server/superlink/fleet/vce/backend/backend.py:
+``build``, ``num_workers``, ``is_worker_idle``, ``process_message``, ``terminate``); its ``start_vce`` imports the one
+it uses, ``RayBackend``, from ``...vce.backend.raybackend`` at the moment it needs it. Ray's head, GCS, raylet, its
+two agents and each actor's Ray worker cost ~6 CPU s to boot (docs/performance.md, stop 41), on the core the demo's
+last site extracts on: more than that core has spare. ``ProcessBackend`` starts its workers from multiprocessing's
+forkserver with the ClientApp's module preloaded (one import, then each worker is a fork: ~1 CPU s in all), and
+``process_backend`` stands it in for that import while the demo's simulation runs. The messages, their order, the
+ClientApp and what it does with them are Flower's and radfed's own; a ClientApp that raises or a worker that dies
+becomes the same ``ClientAppException`` Flower's actors raise (Flower's simulation replies with an Error message),
+and a dead worker is replaced. Runs through a SuperLink (``flwr run``, the tests' and benches' chain) keep Ray.
+
+Each worker's own output (the sites' log lines, which Ray's workers kept in its session folder) goes to
+``<FLWR_HOME>/clientapp-workers.log``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import logging
+import multiprocessing
+import os
+import queue
+import sys
+import threading
+import traceback
+import types
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from multiprocessing.connection import Connection
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("flwr.radfed.launch")
+
+RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"  # where start_vce imports its backend from
+WORKERS_LOG = "clientapp-workers.log"
+
+
+def serve(conn: Connection, app_ref: str, app_dir: str, log_path: str) -> None:
+    """A worker: the ClientApp ``app_ref`` ("module:attribute", preloaded by the forkserver) answers each
+    (message, context) from ``conn`` with ("ok", reply, context) or ("raised", what, traceback), until the
+    backend closes its end."""
+    with open(log_path, "ab", buffering=0) as out:  # stdout and stderr: print, Flower's console handler, tracebacks
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
+    if app_dir not in sys.path:
+        sys.path.insert(0, app_dir)
+    module, _, attribute = app_ref.partition(":")
+    app = getattr(importlib.import_module(module), attribute)
+    while True:
+        try:
+            message, context = conn.recv()
+        except (EOFError, OSError):  # the backend terminated, or the launcher is gone
+            return
+        try:
+            answer: tuple = ("ok", app(message=message, context=context), context)
+        except Exception as exc:  # noqa: BLE001  # reported to the backend as Flower's actors report it
+            answer = ("raised", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        conn.send(answer)
+
+
+@dataclass
+class Worker:
+    process: BaseProcess
+    conn: Connection
+
+
+class ProcessBackend:
+    """A Flower simulation backend (the ``Backend`` interface, duck-typed: Flower's module is not imported for it)
+    whose workers are ``workers`` processes, each serving one message at a time."""
+
+    def __init__(self, backend_config: dict[str, Any], app_ref: str, app_dir: Path, log_path: Path,
+                 workers: int) -> None:
+        del backend_config  # Ray's settings (init_args, client_resources): the worker count comes from the caller
+        self.app_ref, self.app_dir, self.log_path, self.workers = app_ref, str(app_dir), str(log_path), workers
+        self.context = multiprocessing.get_context("forkserver")
+        self.idle: queue.Queue[Worker] = queue.Queue()
+        self.started: list[Worker] = []
+        self.lock = threading.Lock()
+
+    def _start_worker(self) -> Worker:
+        here, there = self.context.Pipe()
+        process = self.context.Process(target=serve, args=(there, self.app_ref, self.app_dir, self.log_path),
+                                       name="radfed-clientapp", daemon=True)
+        process.start()
+        there.close()
+        worker = Worker(process, here)
+        with self.lock:
+            self.started.append(worker)
+        return worker
+
+    def build(self, app_fn: Callable[[], Any]) -> None:
+        """Start the workers (Flower has loaded the ClientApp once in this process already: ``app_fn`` is that)."""
+        del app_fn  # each worker loads the ClientApp from its module, as the forkserver preloaded it
+        if self.app_dir not in sys.path:
+            sys.path.insert(0, self.app_dir)  # the forkserver and its workers get this process's sys.path
+        self.context.set_forkserver_preload([self.app_ref.partition(":")[0]])
+        for _ in range(self.workers):
+            self.idle.put(self._start_worker())
+
+    @property
+    def num_workers(self) -> int:
+        return self.workers
+
+    def is_worker_idle(self) -> bool:
+        return not self.idle.empty()
+
+    def process_message(self, message: Any, context: Any) -> tuple[Any, Any]:
+        """The ClientApp's reply to ``message`` and the node's updated ``context``, from the next idle worker."""
+        from flwr.clientapp.client_app import ClientAppException
+
+        worker = self.idle.get()
+        try:
+            worker.conn.send((message, context))
+            status, *rest = worker.conn.recv()
+        except (EOFError, OSError, BrokenPipeError):
+            worker.process.join(1.0)
+            code = worker.process.exitcode
+            worker.conn.close()
+            self.idle.put(self._start_worker())  # the run goes on with a new worker
+            raise ClientAppException(f"the ClientApp's worker process {worker.process.pid} ended (exit code {code}) "
+                                     "while it handled this message; a new worker took its place") from None
+        self.idle.put(worker)
+        if status != "ok":
+            what, trace = rest
+            log.error("a site's ClientApp raised %s\n%s", what, trace)
+            raise ClientAppException(what)
+        reply, updated = rest
+        return reply, updated
+
+    def terminate(self) -> None:
+        """Stop every worker at once (nothing of a run is written by them after their last reply)."""
+        with self.lock:
+            workers, self.started = self.started, []
+        for worker in workers:
+            worker.conn.close()
+            if worker.process.is_alive():
+                worker.process.kill()
+        for worker in workers:
+            worker.process.join(5.0)
+
+
+@contextmanager
+def process_backend(app_ref: str, app_dir: Path, flwr_home: Path, workers: int) -> Iterator[list[ProcessBackend]]:
+    """While the block runs, Flower's simulation builds a ``ProcessBackend`` (``workers`` processes, the ClientApp
+    ``app_ref`` of ``app_dir``, their output in ``<flwr_home>/clientapp-workers.log``) where it would build its Ray
+    backend. Yields the backends built so far; on leaving, stops their workers and multiprocessing's forkserver."""
+    built: list[ProcessBackend] = []
+
+    def backend(backend_config: dict[str, Any]) -> ProcessBackend:
+        made = ProcessBackend(backend_config, app_ref, app_dir, flwr_home / WORKERS_LOG, workers)
+        built.append(made)
+        return made
+
+    stand_in = types.ModuleType(RAY_BACKEND_MODULE, "radfed.process_backend standing in for Flower's Ray backend")
+    stand_in.RayBackend = backend  # type: ignore[attr-defined]
+    saved = sys.modules.get(RAY_BACKEND_MODULE)
+    sys.modules[RAY_BACKEND_MODULE] = stand_in
+    try:
+        yield built
+    finally:
+        if saved is not None:
+            sys.modules[RAY_BACKEND_MODULE] = saved
+        else:
+            sys.modules.pop(RAY_BACKEND_MODULE, None)
+        for made in built:
+            made.terminate()
+        stop_forkserver()
+
+
+def stop_forkserver() -> None:
+    """End multiprocessing's forkserver of this process, if it started one (it would end with this process; a
+    caller that lives on, such as a test, should not keep it)."""
+    from multiprocessing import forkserver
+
+    server = getattr(forkserver, "_forkserver", None)
+    stop = getattr(server, "_stop", None)
+    if callable(stop):
+        stop()
