@@ -124,7 +124,8 @@ class ProcessBackend:
             worker.conn.close()
             self.idle.put(self._start_worker())  # the run goes on with a new worker
             raise ClientAppException(f"the ClientApp's worker process {worker.process.pid} ended (exit code {code}) "
-                                     "while it handled this message; a new worker took its place") from None
+                                     f"while it handled this message (its output: {self.log_path}); a new worker "
+                                     "took its place") from None
         self.idle.put(worker)
         if status != "ok":
             what, trace = rest

@@ -7,6 +7,7 @@ its Ray one only inside ``process_backend``; no worker and no forkserver outlive
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 
@@ -63,7 +64,8 @@ def test_a_raising_clientapp_and_a_dying_worker_become_flower_s_exception_and_th
             backend.process_message(_ask("raise"), _context())
         reply, _ = backend.process_message(_ask("answer"), _context())
         first = reply.content["config"]["pid"]
-        with pytest.raises(ClientAppException, match=f"worker process {first} ended \\(exit code 3\\)"):
+        ended = f"worker process {first} ended (exit code 3) while it handled this message (its output: {tmp_path}"
+        with pytest.raises(ClientAppException, match=re.escape(ended)):
             backend.process_message(_ask("die"), _context())
         reply, _ = backend.process_message(_ask("answer"), _context())
         assert reply.content["config"]["pid"] != first and backend.is_worker_idle()
