@@ -14,7 +14,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
 from collections.abc import Iterator, Mapping
 from contextlib import ExitStack, contextmanager
 from pathlib import Path
@@ -59,17 +58,17 @@ class InProcessFederation:
         return 1  # the simulation ended without the ServerApp's last lines: its error is in the log above
 
 
-def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Path, clientapp: str,
+def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Path, components: Mapping[str, str],
               outcome: dict[str, object], nice: int = 0) -> None:
     """The simulation, as `flwr-simulation` runs it once it has its run (flwr/simulation/app.py): the app's
-    components from its pyproject, the run config fused for the ServerApp's context and each node's; the ClientApp
-    ``clientapp`` on ``process_backend``'s workers. ``nice``: this thread's niceness, and so every thread and process
-    it starts (Linux: per thread, inherited), not the launcher's other threads."""
+    ``components`` (its pyproject's ServerApp and ClientApp), the run config fused for the ServerApp's context and
+    each node's; the ClientApps on ``process_backend``'s workers. ``nice``: this thread's niceness, and so every
+    thread and process it starts (Linux: per thread, inherited), not the launcher's other threads."""
     if nice:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), nice)
     try:
         from flwr.app import Context, RecordDict
-        from flwr.common.config import get_fused_config_from_dir, get_project_config
+        from flwr.common.config import get_fused_config_from_dir
         from flwr.common.constant import SUPERLINK_NODE_ID
         from flwr.server.superlink.linkstate.utils import generate_rand_int_from_bytes
         from flwr.simulation.run_simulation import _run_simulation
@@ -78,7 +77,6 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
         from flwr.supercore.task_identity import TaskIdentity
         from flwr.supercore.telemetry import EventType
 
-        server_app = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["serverapp"]
         overrides = parse_overrides(overrides_text(run_config))
         run = Run.create_empty(run_id=generate_rand_int_from_bytes(8))
         run.override_config, run.federation_id = overrides, NOOP_FEDERATION_ID
@@ -88,13 +86,10 @@ def _simulate(run_config: Mapping[str, object], num_supernodes: int, app_dir: Pa
         TaskIdentity.node_id = SUPERLINK_NODE_ID
         context = Context(run_id=run.run_id, node_id=0, node_config={}, state=RecordDict(),
                           run_config=get_fused_config_from_dir(app_dir, overrides))
-        # Ray's notes on starting a driver outside the main thread and on a future default: about Ray, not the run
-        warnings.filterwarnings("ignore", message="Tip: In future versions of Ray", category=FutureWarning)
-        logging.getLogger("ray._private.worker").addFilter(lambda record: "SIGTERM handler" not in record.getMessage())
         with prompt_pump():  # each message reaches its site at once, not at Flower's next 0.1 s sweep
             _run_simulation(num_supernodes=num_supernodes, exit_event=EventType.FLWR_SIMULATION_RUN_LEAVE,
-                            server_app_attr=server_app, client_app_attr=clientapp, server_app_context=context,
-                            app_dir=str(app_dir), run=run, is_app=True)
+                            server_app_attr=components["serverapp"], client_app_attr=components["clientapp"],
+                            server_app_context=context, app_dir=str(app_dir), run=run, is_app=True)
     except BaseException as exc:  # noqa: BLE001  # reported by finish's caller through the ServerApp's absent end
         outcome["error"] = exc
         logging.getLogger("flwr").error("radfed: the simulation ended with %s: %s", type(exc).__name__, exc)
@@ -120,7 +115,7 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
     end_mark = flwr_home.resolve() / "run-end"
     end_mark.unlink(missing_ok=True)
     app_dir = app_dir.resolve()
-    clientapp = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]["clientapp"]
+    components = get_project_config(app_dir)["tool"]["flwr"]["app"]["components"]
     # this process is the simulation's now: what Flower's processes got in their environment (flwr_env), it gets here
     saved_env = {k: os.environ.get(k) for k in (*FLWR_QUIET, *WORKER_ENV, START_GATE, RUN_END_MARK, "FLWR_HOME")}
     os.environ.update({**FLWR_QUIET, **WORKER_ENV, RUN_END_MARK: str(end_mark), "FLWR_HOME": str(flwr_home),
@@ -133,10 +128,10 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
         console_handler.setStream(out)
         try:
             workers = max(1, (os.cpu_count() or 1) // cpus_per_node)
-            stack.enter_context(process_backend(clientapp, app_dir, flwr_home, workers))
+            stack.enter_context(process_backend(components["clientapp"], app_dir, flwr_home, workers))
             nice = BOOT_NICE if gated else 0  # booting beside the extraction: it keeps its cores
             thread = threading.Thread(target=_simulate, name="radfed-simulation", daemon=True,
-                                      args=(run_config, num_supernodes, app_dir, clientapp, outcome, nice))
+                                      args=(run_config, num_supernodes, app_dir, components, outcome, nice))
             thread.start()
             yield InProcessFederation(thread, outcome, flwr_home, gate, end_mark)
             if not end_mark.exists():  # the simulation is ending without the ServerApp's last lines: its log says why
