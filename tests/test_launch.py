@@ -334,9 +334,9 @@ RAY_PROCESSES = ("gcs_server", "raylet", "ray::", "ray/dashboard", "runtime_env"
 
 def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_process(tmp_path):
     """`radfed demo` runs its simulation in its own process (Flower's simulation API, the ClientApps in
-    radfed.process_backend's workers): no SuperLink, SuperExec, `flwr run`, `flwr-simulation` or Ray process; the
-    workers boot at BOOT_NICE; the ServerApp still waits at the gate (no run folder before it opens), the run
-    completes with every output and its last lines, and nothing is left after."""
+    radfed.process_backend's workers): no SuperLink, SuperExec, `flwr run`, `flwr-simulation` or Ray process, and no
+    listening port; the workers boot at BOOT_NICE; the ServerApp still waits at the gate (no run folder before it
+    opens), the run completes with every output and its last lines, and nothing is left after."""
     from radfed import synth
     from radfed.cli import approve_demo_plan
 
@@ -350,6 +350,7 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
     seen: set[str] = set()
     nices: set[int] = set()
     worker_nices: set[int] = set()
+    listening: set[tuple[str, int]] = set()
     proc = subprocess.Popen([sys.executable, "-c", IN_PROCESS_RUN, json.dumps(config), str(home), str(go)])
     try:
         deadline = time.monotonic() + 600
@@ -357,8 +358,13 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
         while proc.poll() is None:
             assert time.monotonic() < deadline, "the run did not end"
             with contextlib.suppress(psutil.Error):
-                for child in psutil.Process(proc.pid).children(recursive=True):
+                launcher = psutil.Process(proc.pid)
+                for child in [launcher, *launcher.children(recursive=True)]:
                     with contextlib.suppress(psutil.Error):
+                        listening.update((str(c.laddr.ip), c.laddr.port) for c in child.net_connections("inet")
+                                         if c.status == psutil.CONN_LISTEN)
+                        if child is launcher:
+                            continue
                         seen.add(command := " ".join(child.cmdline()))
                         if "multiprocessing.forkserver" in command:  # the forkserver and the ClientApp workers
                             worker_nices.add(child.nice())
@@ -380,6 +386,7 @@ def test_the_demo_s_federation_runs_in_its_own_process_gated_with_no_flower_proc
     assert "completed in" in log.read_text(encoding="utf-8")
     assert not [cmd for cmd in seen if any(name in cmd for name in (*FLOWER_PROCESSES, *RAY_PROCESSES))], seen
     assert worker_nices == {BOOT_NICE}, worker_nices
+    assert not listening, listening  # no port at all: the messages go through memory and pipes (Ray's GCS listened)
     assert not flower_processes_of(home)
     # the simulation's threads booted (and ran) at BOOT_NICE beside the launcher's own, which keep this process's
     assert nices == {os.getpriority(os.PRIO_PROCESS, 0), BOOT_NICE}, nices
