@@ -41,15 +41,13 @@ RAY_BACKEND_MODULE = "flwr.server.superlink.fleet.vce.backend.raybackend"  # whe
 WORKERS_LOG = "clientapp-workers.log"
 
 
-def serve(conn: Connection, app_ref: str, app_dir: str, log_path: str) -> None:
-    """A worker: the ClientApp ``app_ref`` ("module:attribute", preloaded by the forkserver) answers each
-    (message, context) from ``conn`` with ("ok", reply, context) or ("raised", what, traceback), until the
-    backend closes its end."""
+def serve(conn: Connection, app_ref: str, log_path: str) -> None:
+    """A worker: the ClientApp ``app_ref`` ("module:attribute", preloaded by the forkserver, importable from the
+    ``sys.path`` the backend handed it) answers each (message, context) from ``conn`` with ("ok", reply, context) or
+    ("raised", what, traceback), until the backend closes its end."""
     with open(log_path, "ab", buffering=0) as out:  # stdout and stderr: print, Flower's console handler, tracebacks
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)
-    if app_dir not in sys.path:
-        sys.path.insert(0, app_dir)
     module, _, attribute = app_ref.partition(":")
     app = getattr(importlib.import_module(module), attribute)
     while True:
@@ -85,7 +83,7 @@ class ProcessBackend:
 
     def _start_worker(self) -> Worker:
         here, there = self.context.Pipe()
-        process = self.context.Process(target=serve, args=(there, self.app_ref, self.app_dir, self.log_path),
+        process = self.context.Process(target=serve, args=(there, self.app_ref, self.log_path),
                                        name="radfed-clientapp", daemon=True)
         process.start()
         there.close()
@@ -118,7 +116,7 @@ class ProcessBackend:
         try:
             worker.conn.send((message, context))
             status, *rest = worker.conn.recv()
-        except (EOFError, OSError, BrokenPipeError):
+        except (EOFError, OSError):  # the worker ended (a broken pipe is an OSError)
             worker.process.join(1.0)
             code = worker.process.exitcode
             worker.conn.close()
