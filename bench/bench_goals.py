@@ -1,7 +1,7 @@
 """Issue 20's goals in one run and one table: what the federation costs beside the science.
 
     python bench/bench_goals.py [--work DIR] [--messages 16] [--repeats 3] [--loso 4,16,48]
-                                [--scale 10,100,1000] [--skip PART,...]
+                                [--pairs 4] [--scale 10,100,1000] [--skip PART,...]
 
 One command measures every goal the issue sets, each with the bench that owns it, and prints one table of goal,
 measured value and verdict, then the cost curve against the number of sites:
@@ -13,9 +13,9 @@ measured value and verdict, then the cost curve against the number of sites:
 - ``loso``: leave-one-site-out's folds against the main fit's wall time (bench/bench_loso.py, folds batched, exact
   training, tiny sites), at each size of ``--loso``.
 - ``overhead``: the default demo's federation beside its cold extraction (bench/bench_overhead.py): the extraction
-  alone (fresh demo sites, 2 at a time, one worker each), then the whole ``radfed demo`` from cold caches; the
-  federation's cost is the demo's wall minus the extraction alone; ``--repeats`` interleaved pairs: the median
-  ratio and its range.
+  alone (the demo's sites, 2 at a time, one worker each, in a process of its own) and the whole ``radfed demo``, both
+  from the same cold caches; the federation's cost is the demo's wall minus the extraction alone; ``--pairs``
+  interleaved pairs in alternating order: the median ratio and its range.
 - ``scale``: the whole protocol on feature-level sites (bench/bench_scale.py) at each size of ``--scale``: wall time,
   seconds per site-message, peak memory of every process; the cost curve is the least-squares line of wall time
   against sites (a fixed start plus seconds per site).
@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -119,25 +118,27 @@ def loso(work: Path, sizes: list[int]) -> list[list[str]]:
 
 
 def overhead(work: Path, pairs: int) -> list[list[str]]:
-    """The default demo's federation beside its cold extraction, ``pairs`` times interleaved (the extraction alone,
-    then the whole demo): this machine's speed drifts by several seconds over minutes (the extraction alone took 54
-    to 63 s within one hour at stop 40), so each demo is set against the extraction timed just before it; the
-    median ratio and its range, with the seconds from the demo's go (its last site extracted) to its end."""
-    fresh = work / "extraction-cold"
+    """The default demo's federation beside its cold extraction, ``pairs`` times interleaved: the extraction alone
+    and the whole demo, each a process of its own from the same cold sites (bench_overhead.extraction_alone,
+    demo_run), in alternating order (alone first in even pairs, the demo first in odd ones), since this machine's
+    speed drifts by several seconds over minutes (the extraction alone took 54 to 73 s within a day, stops 40 to 42):
+    each demo is set against the extraction timed beside it; the median ratio and its range, with the seconds from
+    the demo's go (its last site extracted) to its end."""
     synth.make_demo(work / "demo-cold", seed=0)
     ratios, walls, alone, after, loads = [], [], [], [], []
     cases = 0
     for i in range(pairs):
-        shutil.rmtree(fresh, ignore_errors=True)
-        dirs = synth.make_demo(fresh, seed=0)  # the demo's hospitals, never extracted
         loads.append(_load())
-        extraction, cases = bench_overhead.cold_extraction(dirs, "default")
-        demo = bench_overhead.demo_run(ROOT, work, f"goals-{i}")
+        demo = {}
+        if i % 2:
+            demo = bench_overhead.demo_run(ROOT, work, f"goals-{i}")
+        extraction, cases = bench_overhead.extraction_alone(ROOT, work)
+        if not i % 2:
+            demo = bench_overhead.demo_run(ROOT, work, f"goals-{i}")
         ratios.append((float(demo["wall"]) - extraction) / extraction)
         walls.append(float(demo["wall"]))
         alone.append(extraction)
         after.append(sum(float(demo.get(k, 0.0)) for k in ("go to run-start", "run", "run-end to exit")))
-    shutil.rmtree(fresh, ignore_errors=True)
     ratio = statistics.median(ratios)
     return [[f"federation / cold extraction (default demo, {cases} cases)", f"<= {GOAL_OVERHEAD:.0%}",
              f"{ratio:.0%} [{min(ratios):.0%}-{max(ratios):.0%}], {pairs} pair(s) (demo "
@@ -167,8 +168,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", default=None, help="working folder (default: a fresh temporary one)")
     parser.add_argument("--messages", type=int, default=16, help="number of sites for the per-message part")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="interleaved pairs: (radfed, floor) per training mode, (extraction alone, demo)")
+    parser.add_argument("--repeats", type=int, default=3, help="interleaved (radfed, floor) pairs per training mode")
+    parser.add_argument("--pairs", type=int, default=4,
+                        help="interleaved (extraction alone, demo) pairs in alternating order (even: as many each way)")
     parser.add_argument("--loso", default="4,16,48", help="numbers of sites for leave-one-site-out")
     parser.add_argument("--scale", default="10,100,1000", help="numbers of feature-level sites for the cost curve")
     parser.add_argument("--skip", default="", help=f"comma-separated parts to leave out: {', '.join(PARTS)}")
@@ -186,7 +188,7 @@ def main() -> int:
     if "loso" not in skip:
         rows += loso(work / "tiny", sorted(int(s) for s in args.loso.split(",") if s))
     if "overhead" not in skip:
-        rows += overhead(work / "overhead", args.repeats)
+        rows += overhead(work / "overhead", args.pairs)
     if "scale" not in skip:
         goals, curve = scale(work / "scale", sorted(int(s) for s in args.scale.split(",") if s))
         rows += goals

@@ -227,19 +227,46 @@ def federation(work: Path, dirs: list[Path], profile: str, mode: str,
     return wall, started, (runs[-1] if runs else None)
 
 
-def demo_run(root: Path, work: Path, tag: str, timeline: bool = False) -> dict[str, float | str]:
-    """One ``radfed demo`` (the ``make demo`` path) of the checkout at ``root`` on the demo's sites under ``work``,
-    from cold caches: its whole wall seconds (the process, imports included), the extraction and the federation
-    after it as the demo reports them, and the load at its start. Its run folder stays under work/demo-runs/tag."""
+def cold(work: Path) -> Path:
+    """The demo's sites under work/demo-cold (written once, by ``demo_pairs`` or bench_goals), back to cold: no
+    cache, ledger, approvals or outbox of an earlier run, but the release secret synth seeded (radfed/synth.py), so
+    every run splits the same way. Both halves of a pair start from here: the same files, equally long on disk."""
     data = work / "demo-cold"
-    for site in data.glob("hospital-*"):  # cold: no cache, ledger, approvals or outbox of an earlier run
-        # but the release secret synth seeded (radfed/synth.py): every run then splits the same way
+    for site in data.glob("hospital-*"):
         kept = {path: path.read_bytes() for path in (site / ".radfed").rglob("secret")}
         shutil.rmtree(site / ".radfed", ignore_errors=True)
         for path, secret in kept.items():
             path.parent.mkdir(parents=True, exist_ok=True)
             path.write_bytes(secret)
             path.chmod(0o600)
+    return data
+
+
+# The extraction alone as the demo runs it, in a process of its own: the same pool (site_pool, 2 sites at a time)
+# on the same sites in the same order, from the interpreter's start to its exit, as the demo's wall is timed
+ALONE = ("import sys; from pathlib import Path; from radfed.cli.coordinator import extract_sites; from radfed import "
+         "synth; done = extract_sites(synth.make_demo(Path(sys.argv[1]), seed=0), 'default', int(sys.argv[2])); "
+         "print(sum(r[1] for r in done))")
+
+
+def extraction_alone(root: Path, work: Path) -> tuple[float, int]:
+    """The checkout at ``root`` extracting the demo's sites under ``work`` from cold caches, with nothing else, in a
+    process of its own (``ALONE``): (wall seconds from its start to its exit, usable cases)."""
+    data = cold(work)
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", ALONE, str(data), str(CORES)], cwd=root, capture_output=True,
+                          text=True)
+    wall = time.perf_counter() - started
+    if done.returncode != 0:
+        sys.exit(f"the extraction alone of {root} failed:\n{done.stderr[-3000:]}")
+    return wall, int(done.stdout.split()[-1])
+
+
+def demo_run(root: Path, work: Path, tag: str, timeline: bool = False) -> dict[str, float | str]:
+    """One ``radfed demo`` (the ``make demo`` path) of the checkout at ``root`` on the demo's sites under ``work``,
+    from cold caches: its whole wall seconds (the process, imports included), the extraction and the federation
+    after it as the demo reports them, and the load at its start. Its run folder stays under work/demo-runs/tag."""
+    data = cold(work)
     out, flwr_home = work / "demo-runs" / tag, work / "demo-flwr" / tag
     shutil.rmtree(out, ignore_errors=True)
     shutil.rmtree(flwr_home, ignore_errors=True)
