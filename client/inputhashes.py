@@ -7,8 +7,8 @@ new stamp and is hashed again. Within a process this saved re-hashing per messag
 it also spares each new process (every simulation worker, at its first message of every run) re-hashing every
 image and mask of the site (the demo's 4 sites: 680 files, 0.3-0.8 s per worker on the 2-core machine), while a
 changed file is still noticed: its stamp is not in the file. As with ``client.runcache``, a hash is kept only when
-the file had not changed for ``SETTLE_NS`` before it was hashed (a write in the same clock tick as the hash could
-otherwise leave the stamp as it was). The file is local, never sent, and only ever read as a hint keyed by stamps.
+the file had settled before it was hashed (``runcache.has_settled``: a write in the same clock tick as the hash
+could otherwise leave the stamp as it was). The file is local, never sent, and only ever read as a hint keyed by stamps.
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from client.sitefiles import write_unless_same
 from common.canon import file_sha256
 
 SCHEMA = "radfed.input-hashes/1"
-SETTLE_NS = runcache.SETTLE_NS  # the run cache's settling rule, for the same reason
 Key = tuple[str, int, int, int, int]
 
 _HASHES: dict[Key, str] = {}  # one hash per file version per process
@@ -50,7 +49,7 @@ def file_hash(path: Path) -> str:
     digest = file_sha256(path)
     with _LOCK:
         _HASHES[key] = digest
-        if max(key[3], key[4]) < started - SETTLE_NS and _key(path) == key:
+        if runcache.has_settled(key[1:], started) and _key(path) == key:
             _TRUSTED.add(key)
     return digest
 

@@ -33,7 +33,13 @@ from flwr.clientapp.typing import ClientAppCallable
 
 T = TypeVar("T")
 Stamp = tuple[int, int, int, int] | None
-SETTLE_NS = 1_000_000_000  # a file changed less than 1 s before its entry was made is not trusted
+# A file changed shortly before its entry was made is not trusted: a second write within the same tick of its file
+# system's clock would leave its stamp as it was. A stamp with a fraction of a second comes from a file system that
+# keeps the kernel's clock (Linux: one tick, 1 to 10 ms); whole seconds may come from one that counts seconds (ext3,
+# HFS+) or two (FAT). Before stop 42 every file waited 1 s: the demo's last site, extracted just before its run's
+# first message, was loaded again on each message of the run's first second (11 loads instead of one).
+SETTLE_NS = 2_000_000_000  # a stamp in whole seconds
+SETTLE_FINE_NS = 50_000_000  # a stamp with a fraction of a second: five of the coarsest kernel ticks
 # a long-lived process serving many sites and runs drops its oldest entries beyond this. A simulation worker serves
 # every site (Ray hands any node's message to any worker), about 5 entries each (site, split, settings, ledger,
 # approvals): at 4,096 a 1,000-site run's workers evicted in a cycle and reloaded sites from disk (~72 ms each; the
@@ -107,6 +113,16 @@ def stamp(path: str | Path) -> Stamp:
     return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
 
 
+def has_settled(mark: Stamp, before_ns: int) -> bool:
+    """Whether a file with stamp ``mark`` (None: absent) had not changed for its settling time (``SETTLE_FINE_NS``,
+    or ``SETTLE_NS`` for a stamp in whole seconds) before ``before_ns`` (time.time_ns())."""
+    if mark is None:
+        return True
+    changed = max(mark[2], mark[3])
+    coarse = mark[2] % 1_000_000_000 == 0 and mark[3] % 1_000_000_000 == 0
+    return changed < before_ns - (SETTLE_NS if coarse else SETTLE_FINE_NS)
+
+
 def stamps(paths: Iterable[str | Path]) -> tuple[Stamp, ...]:
     return tuple(stamp(p) for p in paths)
 
@@ -135,7 +151,7 @@ def remember(kind: str, key: Hashable, make: Callable[[], T], watch: Callable[[T
     value = make()
     paths = tuple(map(os.fspath, watch(value)))  # kept as text: a site's ~10 files per case are stamped every message
     now = stamps(paths)
-    settled = all(s is None or max(s[2], s[3]) < started - SETTLE_NS for s in now)
+    settled = all(has_settled(s, started) for s in now)
     with _LOCK:
         if settled:
             _ENTRIES.pop((kind, key), None)

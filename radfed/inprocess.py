@@ -128,7 +128,8 @@ def in_process_federation(run_config: Mapping[str, object], num_supernodes: int,
         console_handler.setStream(out)
         try:
             workers = max(1, (os.cpu_count() or 1) // cpus_per_node)
-            stack.enter_context(process_backend(components["clientapp"], app_dir, flwr_home, workers))
+            stack.enter_context(process_backend(components["clientapp"], app_dir, flwr_home, workers,
+                                                       num_supernodes))
             nice = BOOT_NICE if gated else 0  # booting beside the extraction: it keeps its cores
             thread = threading.Thread(target=_simulate, name="radfed-simulation", daemon=True,
                                       args=(run_config, num_supernodes, app_dir, components, outcome, nice))

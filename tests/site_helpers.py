@@ -58,6 +58,6 @@ def settled_copy(extracted: Path, tmp_path: Path) -> Path:
     """A copy of ``extracted`` whose files are older than the run cache's settling time, the cache emptied."""
     copy = tmp_path / extracted.name
     shutil.copytree(extracted, copy)
-    time.sleep(runcache.SETTLE_NS / 1e9)  # files older than the settling time: the run cache keeps its entries
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)  # files older than the settling time: the run cache keeps its entries
     runcache.clear()
     return copy

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from flwr.app import Array, ConfigRecord, Context, Message, Metadata, RecordDict
 
-from client import guard, ledger, steps
+from client import guard, ledger, runcache, steps
 from common import batch, protocol
 from common.canon import sha256_json
 from radfed import synth
@@ -57,7 +57,7 @@ def joined(tmp_path_factory) -> Iterator[tuple[Context, list[str]]]:
     app(_request(protocol.PLAN, RecordDict({"config": ConfigRecord({})}), "plan"), ctx)
     names = [str(n) for n in app(_request(protocol.FEATURES, RecordDict({"config": ConfigRecord({})}), "f"),
                                  ctx).content["config"]["features"]][:4]
-    time.sleep(1.1)  # files written less than a second before a load are not trusted (client.runcache): settle them
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)  # files written just before a load are not trusted (client.runcache)
     yield ctx, names
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = before
 

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from client import inputhashes
+from client import inputhashes, runcache
 from client.site import load_site
 from common.canon import file_sha256
 from common.profile import load_profile
@@ -60,7 +60,7 @@ def extracted(tmp_path_factory) -> Path:
 def site(extracted, tmp_path) -> Path:
     copy = tmp_path / extracted.name
     shutil.copytree(extracted, copy)  # new inodes and ctimes: nothing the original recorded applies here
-    time.sleep(inputhashes.SETTLE_NS / 1e9)
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)
     return copy
 
 
@@ -83,7 +83,7 @@ def _rewrite(path: Path, content: bytes) -> None:
     before = os.stat(path)
     path.write_bytes(content)
     os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    time.sleep(inputhashes.SETTLE_NS / 1e9)
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)
 
 
 def test_a_changed_file_is_hashed_and_extracted_again(site):

@@ -29,7 +29,7 @@ from radfed.launch import app_run_config
 site = synth.write_site(Path(sys.argv[1]), synth.tiny_sites(1, 6)[0], seed=1)
 config = app_run_config({"data-root": str(site.parent)})
 approved = approve_demo_plan([site], config)
-time.sleep(runcache.SETTLE_NS / 1e9)  # every file older than the settling time: the plan is kept
+time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)  # every file older than the settling time: the plan is kept
 
 
 def check():
@@ -68,7 +68,7 @@ from radfed.launch import app_run_config
 site = synth.write_site(Path(sys.argv[1]), synth.tiny_sites(1, 6)[0], seed=1)
 config = app_run_config({"data-root": str(site.parent)})
 approve_demo_plan([site], config)
-time.sleep(runcache.SETTLE_NS / 1e9)
+time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)
 first = check_approved(site, config)[0]
 path = APP_ROOT / "client" / "sitefiles.py"
 path.write_text(path.read_text() + "\n# edited\n")

@@ -22,16 +22,16 @@ TESTS = Path(__file__).resolve().parent
 APP = "process_backend_app:app"
 
 
-def _ask(what: str) -> Message:
-    return Message(RecordDict({"config": ConfigRecord({"what": what})}), dst_node_id=5, message_type="query")
+def _ask(what: str, node: int = 5) -> Message:
+    return Message(RecordDict({"config": ConfigRecord({"what": what})}), dst_node_id=node, message_type="query")
 
 
-def _context() -> Context:
-    return Context(run_id=1, node_id=5, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
+def _context(node: int = 5) -> Context:
+    return Context(run_id=1, node_id=node, node_config={"partition-id": 0}, state=RecordDict(), run_config={})
 
 
-def _backend(tmp_path: Path, workers: int) -> ProcessBackend:
-    backend = ProcessBackend({}, APP, TESTS, tmp_path / WORKERS_LOG, workers)
+def _backend(tmp_path: Path, workers: int, nodes: int = 0) -> ProcessBackend:
+    backend = ProcessBackend({}, APP, TESTS, tmp_path / WORKERS_LOG, workers, nodes)
     backend.build(lambda: None)
     return backend
 
@@ -52,6 +52,24 @@ def test_replies_and_the_node_context_come_back_from_the_worker_processes(tmp_pa
             pids.add(reply.content["config"]["pid"])
         assert sys.modules.get("process_backend_app") is None  # loaded in the workers, not here
         assert not pids & {psutil.Process().pid}
+    finally:
+        backend.terminate()
+
+
+def test_each_node_s_messages_go_to_one_worker_and_the_nodes_are_dealt_out_in_turn(tmp_path, server_identity):
+    """A site is loaded into one worker's run cache, not into each: every message of a node is served by the same
+    process; Flower gets one thread per node, so a message waiting for its node's worker holds no other back."""
+    backend = _backend(tmp_path, workers=2, nodes=3)
+    try:
+        assert backend.num_workers == 3
+        contexts = {node: _context(node) for node in (11, 12, 13)}
+        served: dict[int, set[int]] = {node: set() for node in contexts}
+        for _ in range(3):
+            for node in contexts:
+                reply, contexts[node] = backend.process_message(_ask("answer", node), contexts[node])
+                served[node].add(int(reply.content["config"]["pid"]))
+        assert all(len(pids) == 1 for pids in served.values())
+        assert served[11] == served[13] != served[12]
     finally:
         backend.terminate()
 

@@ -102,7 +102,7 @@ def test_a_manifest_without_a_case_is_read_again(site):
 
 def test_a_plan_revoked_between_two_messages_is_refused(site):
     harness = SiteHarness(site, CONFIG)  # approves the plan
-    time.sleep(runcache.SETTLE_NS / 1e9)  # an approval older than the settling time: the cache keeps it
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)  # an approval older than the settling time: the cache keeps it
     harness.train()
     harness.train()  # approved: every message passes, the second from the cache
     assert any(kind == "approvals" for kind, _ in runcache._ENTRIES)
@@ -115,7 +115,7 @@ def test_a_plan_revoked_between_two_messages_is_refused(site):
 def test_a_ledger_changed_between_two_messages_draws_the_split_again(site):
     harness = SiteHarness(site, CONFIG)
     harness.train()  # records the training set: the ledger changes
-    time.sleep(runcache.SETTLE_NS / 1e9)  # the ledger older than the settling time: the split is kept
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)  # the ledger older than the settling time: the split is kept
     before = _content(harness.train())
     assert any(kind == "split" for kind, _ in runcache._ENTRIES)
     # the site's administrator starts its ledger again with another secret: its blocks, so its split, are drawn anew
@@ -127,3 +127,37 @@ def test_a_ledger_changed_between_two_messages_draws_the_split_again(site):
     harness.forget()
     assert after != before
     assert after == _content(harness.train())  # what a site drawing its split every message sends
+
+
+def test_a_file_settles_after_its_clock_tick_or_two_seconds_when_stamped_in_whole_seconds(tmp_path):
+    """The settling rule (runcache.has_settled): a stamp with a fraction of a second (a file system on the kernel's
+    clock) is trusted SETTLE_FINE_NS after its last change, one in whole seconds (ext3, HFS+, FAT) only after
+    SETTLE_NS; an entry made from a file written just before is not kept, one made a little later is."""
+    now = time.time_ns()
+    fine, coarse = now - now % 1_000_000_000 + 123, now - now % 1_000_000_000
+    assert not runcache.has_settled((1, 1, fine, fine), fine + runcache.SETTLE_FINE_NS - 1)
+    assert runcache.has_settled((1, 1, fine, fine), fine + runcache.SETTLE_FINE_NS + 1)
+    assert not runcache.has_settled((1, 1, fine - 10**9, fine), fine + runcache.SETTLE_FINE_NS - 1)  # ctime counts
+    assert not runcache.has_settled((1, 1, coarse, coarse), coarse + runcache.SETTLE_FINE_NS + 1)
+    assert not runcache.has_settled((1, 1, coarse, coarse), coarse + runcache.SETTLE_NS - 1)
+    assert runcache.has_settled((1, 1, coarse, coarse), coarse + runcache.SETTLE_NS + 1)
+    assert runcache.has_settled(None, now)
+
+    path = tmp_path / "watched.txt"
+    path.write_text("one")
+    made = []
+
+    def value() -> str:
+        made.append(1)
+        return path.read_text()
+
+    for _ in range(2):  # written just now: each lookup makes it again
+        runcache.remember("test", "fresh", value, lambda _: [path])
+    assert len(made) == 2
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)
+    for _ in range(2):  # settled: kept after one more make
+        runcache.remember("test", "fresh", value, lambda _: [path])
+    assert len(made) == 3
+    path.write_text("two")
+    assert runcache.remember("test", "fresh", value, lambda _: [path]) == "two"
+    runcache.clear()

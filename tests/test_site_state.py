@@ -46,7 +46,7 @@ def test_a_batch_draws_its_split_again_only_when_a_sub_reply_froze_a_block(tmp_p
     site = synth.write_site(tmp_path / "sites", synth.tiny_sites(1, 12)[0], seed=5)
     run = steps.run_config(app_run_config({"data-root": str(site.parent), "min-cases-per-class": 5}))
     steps.load_site_data(site, run)  # extracted now: kept once its files are older than the cache's settling time
-    time.sleep(runcache.SETTLE_NS / 1e9)
+    time.sleep(2 * runcache.SETTLE_FINE_NS / 1e9)
     runcache.clear()
     with runcache.one_look(), ledger.deferred():
         first = steps.load_site_data(site, run)
