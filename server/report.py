@@ -12,12 +12,14 @@ failed runs) or cannot be built says "not available: <why>", so a report can alw
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from server import plots
 from server.drawing import Ahead
-from server.report_blocks import DRAWN, Section, esc, short, to_html, to_markdown, unavailable
+from server.report_blocks import DRAWN, Figure, Section, esc, figure_key, short, to_html, to_markdown, unavailable
 from server.report_sections import DEMO_STAMP, SECTIONS, all_site_names, final_table
 from server.results import RunResult, write_metrics
 
@@ -45,12 +47,24 @@ def write_outputs(result: RunResult, ahead: Ahead | None = None) -> None:
     final document draws the same."""
     doc = write_metrics(result)
     try:
-        (result.folder / "report.md").write_text(render_markdown(doc), encoding="utf-8")
+        secs = sections(doc)
+        (result.folder / "report.md").write_text(render_markdown(doc, secs), encoding="utf-8")
         if ahead is not None:
-            DRAWN.update(ahead.take())
-        (result.folder / "report.html").write_text(render_html(doc), encoding="utf-8")
+            DRAWN.update(ahead.share(figures(secs, plots.site_colours(all_site_names(doc)))))
+        (result.folder / "report.html").write_text(render_html(doc, secs), encoding="utf-8")
     finally:
         DRAWN.clear()
+
+
+def figures(secs: list[Section], colours: dict[str, str]) -> list[tuple[bytes, Callable[[], bytes]]]:
+    """The report's figures in order, each once: (its key, ``report_blocks.figure_key``; what draws it)."""
+    out: dict[bytes, Callable[[], bytes]] = {}
+    for sec in secs:
+        for b in sec.blocks:
+            key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
+            if key is not None and key not in out:
+                out[key] = functools.partial(b.plot, *b.args, colours, **b.options)
+    return list(out.items())
 
 
 def draw_ahead(result: RunResult, ahead: Ahead | None = None) -> Ahead:
@@ -87,9 +101,10 @@ def sections(doc: dict[str, Any]) -> list[Section]:
     return out
 
 
-def render_markdown(doc: dict[str, Any]) -> str:
+def render_markdown(doc: dict[str, Any], secs: list[Section] | None = None) -> str:
+    """report.md of the metrics document ``doc`` (``secs``: its sections, when already built)."""
     lines = ["# radfed run report", ""]
-    for sec in sections(doc):
+    for sec in sections(doc) if secs is None else secs:
         if sec.id == "summary":
             lines += [*to_markdown(sec.blocks), ""]
         else:
@@ -98,8 +113,9 @@ def render_markdown(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def render_html(doc: dict[str, Any]) -> str:
-    secs = sections(doc)
+def render_html(doc: dict[str, Any], secs: list[Section] | None = None) -> str:
+    """report.html of the metrics document ``doc`` (``secs``: its sections, when already built)."""
+    secs = sections(doc) if secs is None else secs
     colours = plots.site_colours(all_site_names(doc))
     bodies = []
     for sec in secs:

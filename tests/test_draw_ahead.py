@@ -91,3 +91,23 @@ def test_a_child_never_handed_a_document_is_stopped_by_the_outputs(result):
         os.kill(pid, 0)
     html = (Path(result.folder) / "report.html").read_text(encoding="utf-8")
     assert html.count("data:image/png;base64,") >= 6 and not DRAWN
+
+
+def test_the_outputs_draw_from_the_last_figure_back_and_take_what_the_child_sends_meanwhile():
+    """``Ahead.share``: the outputs draw the figures the child has not sent, from the last back, while it goes on from
+    the first; each it sends before they reach it is taken, not drawn again; one that fails is left to the report."""
+    ahead = drawing.Ahead()  # its child's figures arrive in ``drawn``, as the reading thread puts them
+    ahead.drawn[b"k0"] = b"child-0"  # sent before the outputs began
+    drawn_here: list[int] = []
+
+    def plot(i: int) -> bytes:
+        drawn_here.append(i)
+        if i == 3:
+            raise ValueError("no points")
+        ahead.drawn[f"k{6 - i}".encode()] = f"child-{6 - i}".encode()  # the child's next, meanwhile
+        return f"here-{i}".encode()
+
+    got = ahead.share([(f"k{i}".encode(), lambda i=i: plot(i)) for i in range(7)])
+    assert drawn_here == [6, 5, 4, 3]  # 6 sends 0 (had), 5 sends 1, 4 sends 2, 3 fails (sends nothing): 2, 1 taken
+    assert got == {b"k0": b"child-0", b"k1": b"child-1", b"k2": b"child-2", b"k4": b"here-4", b"k5": b"here-5",
+                   b"k6": b"here-6"}
