@@ -201,8 +201,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def exit_now(code: int) -> NoReturn:
     """End the demo's process here: its federation ran in it (radfed.inprocess), and every output is
-    written and printed and Ray's processes are stopped (the simulation's thread, winding down, ends with it); the
-    interpreter's own teardown of what the run loaded (torch's, Ray's and Flower's exit hooks and finalisers) took
+    written and printed and its ClientApp workers are stopped (the simulation's thread, winding down, ends with it);
+    the interpreter's own teardown of what the run loaded (torch's and Flower's exit hooks and finalisers) took
     seconds for nothing."""
     import os
 
