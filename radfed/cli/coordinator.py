@@ -128,8 +128,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
                 if federation is None and pending and len(pending) < args.workers:
                     from radfed.inprocess import in_process_federation
 
-                    # a core is idle until the last sites are done: Flower's and Ray's processes boot on it, and the
-                    # ServerApp waits for every site's extraction and approval before anything (launch.START_GATE)
+                    # a core is idle until the last sites are done: the simulation and its ClientApp workers boot on
+                    # it, and the ServerApp waits for every site's extraction and approval before anything
+                    # (launch.START_GATE)
                     federation = stack.enter_context(in_process_federation(
                         run_config, num_supernodes=len(site_dirs), flwr_home=flwr_home, echo=echo, gated=True))
                     plan_hash = demo_plan_hash(run_config)  # on the idle core too, not between extraction and run
@@ -167,8 +168,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
                     "plan_sha256": plan_hash, "seconds": round(time.perf_counter() - t0, 1),
                     "files": {k: str(v) for k, v in files.items()}, "metrics": doc})
         return exit_now(code)
-    # the federation's wall time counts Flower's and Ray's start and stop, not only the ServerApp's own seconds; what
-    # of their start overlapped the last sites' extraction is not in it
+    # the federation's wall time counts the simulation's and its workers' start and stop, not only the ServerApp's own
+    # seconds; what of their start overlapped the last sites' extraction is not in it
     print(f"\nrun {doc['status']} in {time.perf_counter() - t0:.0f}s: extraction {extraction:.0f}s, federation "
           f"{federation_seconds:.0f}s after it (Flower's start and stop included, begun beside the last sites' "
           f"extraction; the ServerApp {doc['seconds']:.0f}s)")
