@@ -39,7 +39,7 @@ def draw_each(doc: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
     build yet is skipped (drawn at the end if it is there then), as is a figure that cannot be drawn (explained at
     the end)."""
     from server import plots
-    from server.report_blocks import Figure, figure_key
+    from server.report_blocks import keyed_figures
     from server.report_sections import SECTIONS, all_site_names
 
     colours = plots.site_colours(all_site_names(doc))
@@ -49,9 +49,8 @@ def draw_each(doc: dict[str, Any]) -> Iterator[tuple[bytes, bytes]]:
             blocks = build(doc).blocks
         except Exception:  # noqa: BLE001  # a section the results so far cannot build yet
             continue
-        for b in blocks:
-            key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
-            if key is None or key in drawn:
+        for key, b in keyed_figures(blocks, colours):
+            if key in drawn:
                 continue
             drawn.add(key)
             try:

@@ -19,7 +19,7 @@ from typing import Any
 
 from server import plots
 from server.drawing import Ahead
-from server.report_blocks import DRAWN, Figure, Section, esc, figure_key, short, to_html, to_markdown, unavailable
+from server.report_blocks import DRAWN, Section, esc, keyed_figures, short, to_html, to_markdown, unavailable
 from server.report_sections import DEMO_STAMP, SECTIONS, all_site_names, final_table
 from server.results import RunResult, write_metrics
 
@@ -60,10 +60,8 @@ def figures(secs: list[Section], colours: dict[str, str]) -> list[tuple[bytes, C
     """The report's figures in order, each once: (its key, ``report_blocks.figure_key``; what draws it)."""
     out: dict[bytes, Callable[[], bytes]] = {}
     for sec in secs:
-        for b in sec.blocks:
-            key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
-            if key is not None and key not in out:
-                out[key] = functools.partial(b.plot, *b.args, colours, **b.options)
+        for key, b in keyed_figures(sec.blocks, colours):
+            out.setdefault(key, functools.partial(b.plot, *b.args, colours, **b.options))
     return list(out.items())
 
 

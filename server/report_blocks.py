@@ -12,7 +12,7 @@ import html
 import io
 import math
 import pickle
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -147,6 +147,15 @@ def figure_key(b: Figure, colours: dict[str, str]) -> bytes | None:
     except Exception:  # noqa: BLE001  # such a figure is just drawn when the report is written
         return None
     return buf.getvalue()
+
+
+def keyed_figures(blocks: Iterable[Block], colours: dict[str, str]) -> Iterator[tuple[bytes, Figure]]:
+    """Each figure of ``blocks`` the HTML report shows, with its key (``figure_key``; one without a key is drawn
+    when the report is written)."""
+    for b in blocks:
+        key = figure_key(b, colours) if isinstance(b, Figure) and b.only != "md" else None
+        if key is not None:
+            yield key, b
 
 
 def draw(b: Figure, colours: dict[str, str]) -> bytes:
