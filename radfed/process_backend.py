@@ -189,11 +189,12 @@ def process_backend(app_ref: str, app_dir: Path, flwr_home: Path, workers: int,
 
 
 def stop_forkserver() -> None:
-    """End multiprocessing's forkserver of this process, if it started one (it would end with this process; a
-    caller that lives on, such as a test, should not keep it)."""
-    from multiprocessing import forkserver
+    """End multiprocessing's forkserver of this process and then its resource tracker, if it started them, and wait
+    for both. They would end after this process (the tracker on its pipe closing), so a caller that ends at once
+    left them running for a moment (seen by CI), and one that lives on, such as a test, kept them."""
+    from multiprocessing import forkserver, resource_tracker
 
-    server = getattr(forkserver, "_forkserver", None)
-    stop = getattr(server, "_stop", None)
-    if callable(stop):
-        stop()
+    for helper in (getattr(forkserver, "_forkserver", None), getattr(resource_tracker, "_resource_tracker", None)):
+        stop = getattr(helper, "_stop", None)  # CPython's own: closes the helper's pipe and waits for its exit
+        if callable(stop):
+            stop()

@@ -2,7 +2,7 @@
 processes forked from one that loaded the ClientApp. A reply and the node's context come back as the ClientApp left
 them; a ClientApp that raises, or a worker that dies, becomes Flower's ClientAppException (its simulation then replies
 with an Error message) and the next message is served; Flower's simulation builds this backend where it would build
-its Ray one only inside ``process_backend``; no worker and no forkserver outlive it."""
+its Ray one only inside ``process_backend``; no worker, forkserver or resource tracker outlives it."""
 
 from __future__ import annotations
 
@@ -39,6 +39,10 @@ def _backend(tmp_path: Path, workers: int, nodes: int = 0) -> ProcessBackend:
 def _forkserver_and_workers() -> list[psutil.Process]:
     return [p for p in psutil.Process().children(recursive=True)
             if "multiprocessing.forkserver" in " ".join(p.cmdline())]
+
+
+def _resource_trackers() -> list[psutil.Process]:
+    return [p for p in psutil.Process().children() if "multiprocessing.resource_tracker" in " ".join(p.cmdline())]
 
 
 def test_replies_and_the_node_context_come_back_from_the_worker_processes(tmp_path, server_identity):
@@ -100,5 +104,7 @@ def test_flower_s_simulation_gets_the_process_backend_only_inside_the_block_and_
         assert isinstance(made, ProcessBackend) and built == [made]
         made.build(lambda: None)
         assert len(_forkserver_and_workers()) == 3  # the forkserver and its two workers
+        assert len(_resource_trackers()) == 1  # started with the forkserver
     assert sys.modules.get(RAY_BACKEND_MODULE) is ray_backend_before
     assert not _forkserver_and_workers()
+    assert not _resource_trackers()  # waited for: a launcher that exits at once leaves none behind either
