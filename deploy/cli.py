@@ -119,8 +119,8 @@ def cmd_superlink(args: argparse.Namespace) -> int:
     running = read_record(d, "superlink")
     if running and main_alive(running):
         raise SystemExit(f"superlink is already running (pid {running['pid']}); stop it first: radfed deploy stop "
-                         "superlink (after a SIGTERM it waits for `flwr log --stream` clients (radfed deploy run) "
-                         "until their run has failed, about a minute; SIGINT ends the wait)")
+                         "superlink (after a SIGTERM it waits for `flwr log --stream` clients other than radfed "
+                         "deploy run until their run has failed, about a minute; SIGINT ends the wait)")
     if running:  # what a crashed SuperLink left behind (its flower-superexec) must not hold on
         stop_processes([running], grace=10)
     # a restart (after `stop` or a crash) keeps the addresses and the database unless told otherwise:

@@ -15,16 +15,20 @@ from __future__ import annotations
 
 import json
 import re
+import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
-from deploy.layout import CONNECTION, home
+from deploy.layout import CONNECTION, home, read_record
 from deploy.processes import ANSI, env_for, program
 
 FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")  # flower-supernode's log (see above)
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")  # flower-supernode's log (see above)
+WATCH_EVERY = 1.0  # s between looks at whether the SuperLink still listens (stream_log)
 FINISHED = "finished"  # a run's status in `flwr ls` is pending, starting, running or finished:<how>
 
 
@@ -83,14 +87,22 @@ def register(d: Path, public_key: Path, name: str) -> int | None:
 
 
 def stream_log(d: Path, run_id: int, log: Path, quiet: bool) -> int:
-    """`flwr log <run id> --stream` until the run ends (or the SuperLink goes away): shown unless ``quiet``
-    and kept in ``log``; flwr's exit code."""
+    """`flwr log <run id> --stream` until the run ends or the SuperLink stops listening: shown unless ``quiet``
+    and kept in ``log``; flwr's exit code.
+
+    On SIGTERM flower-superlink (uvicorn) closes its listening socket at once, then waits for every open
+    response, this stream included, until Flower marks the interrupted run finished: about a minute
+    (measured 60 s). So the stream is ended as soon as the SuperLink is seen not listening (``_watch``), and a
+    SuperLink stopped by systemd or an operator exits in seconds."""
     cmd = [program("flwr"), "log", str(run_id), CONNECTION, "--stream"]
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("a", encoding="utf-8") as out:
         proc = subprocess.Popen(cmd, env=env_for(home(d)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, stdin=subprocess.DEVNULL, errors="replace")
         assert proc.stdout is not None
+        gone = threading.Event()
+        watcher = threading.Thread(target=_watch, args=(d, proc, gone), name="superlink-watch", daemon=True)
+        watcher.start()
         try:
             for line in proc.stdout:
                 out.write(line)
@@ -102,7 +114,39 @@ def stream_log(d: Path, run_id: int, log: Path, quiet: bool) -> int:
             if proc.poll() is None and sys.exc_info()[0] is not None:
                 proc.terminate()
             proc.wait()
+            watcher.join()
+        if gone.is_set():
+            note = ("radfed: the SuperLink stopped listening (stopping or restarting): the log stream was ended "
+                    "so that it can exit\n")
+            out.write(note)
+            sys.stdout.write(note)  # radfed's own line, not the stream's: shown also when quiet
+            sys.stdout.flush()
     return proc.returncode
+
+
+def _watch(d: Path, stream: subprocess.Popen, gone: threading.Event) -> None:
+    """While ``stream`` runs, end it (and set ``gone``) once the SuperLink `radfed deploy superlink` started
+    refuses connections on its Control API twice in a row, WATCH_EVERY apart. Only a refusal counts (nothing
+    listens): a connection that is slow to be accepted (a loaded machine) is not the SuperLink going away. A
+    connection opened and closed at once leaves nothing in the SuperLink's log."""
+    record = read_record(d, "superlink")
+    if record is None or "control_port" not in record:
+        return  # not a SuperLink of this deployment folder: nothing to watch
+    address = (str(record["control_host"]), int(record["control_port"]))
+    refused = 0
+    while stream.poll() is None:
+        try:
+            with socket.create_connection(address, timeout=WATCH_EVERY):
+                refused = 0
+        except ConnectionRefusedError:
+            refused += 1
+        except OSError:
+            refused = 0
+        if refused >= 2:
+            gone.set()
+            stream.terminate()
+            return
+        time.sleep(WATCH_EVERY)
 
 
 def _log_text(log: Path, offset: int = 0) -> str:

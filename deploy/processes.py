@@ -153,8 +153,9 @@ def stop_processes(recs: list[dict[str, Any]], grace: float = STOP_GRACE) -> dic
         return {group for proc, group in procs.values() if proc.is_running() and _group(proc) is not None}
 
     signal_groups({group for procs in targets.values() for _, group in procs.values()}, signal.SIGTERM)
-    # On SIGTERM flower-superlink (uvicorn) waits for open log streams (`flwr log --stream`) until their run
-    # has failed, about a minute; a second signal, SIGINT, makes it quit without waiting.
+    # On SIGTERM flower-superlink (uvicorn) waits for open log streams (`flwr log --stream`; radfed deploy run
+    # ends its own, deploy.flower.stream_log) until their run has failed, about a minute; a second signal,
+    # SIGINT, makes it quit without waiting.
     nudge = [targets[r["name"]][int(r["pid"])][0] for r in recs
              if r.get("role") == "superlink" and int(r["pid"]) in targets[r["name"]]]
     nudge_at = time.monotonic() + min(FORCE_AFTER, grace / 2)

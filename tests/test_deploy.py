@@ -43,7 +43,7 @@ from deploy_helpers import (
 
 from common.split import eligibility_problem
 from deploy import flower
-from deploy.layout import read_record, records
+from deploy.layout import read_record, records, write_record
 from deploy.layout import run_folder as find_run_folder
 from deploy.pki import provision, san_hosts
 from deploy.processes import env_for, flower_processes, stop_processes
@@ -149,6 +149,32 @@ def test_run_folder_by_run_id_and_flower_errors_as_json(tmp_path):
         '[superlink]\ndefault = "radfed"\n\n[superlink.radfed]\naddress = "127.0.0.1:9"\ninsecure = true\n')
     with pytest.raises(flower.FlowerError, match="(?i)superlink"):
         flower.runs(tmp_path)
+
+
+def test_the_log_stream_ends_once_the_superlink_stops_listening_and_not_before(tmp_path, monkeypatch):
+    """`radfed deploy run`'s `flwr log --stream` is ended when the SuperLink refuses connections (it closed its
+    socket on SIGTERM and would wait about a minute for the stream), not while it listens."""
+    import socket
+    import threading
+
+    monkeypatch.setattr(flower, "WATCH_EVERY", 0.1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    write_record(tmp_path, {"name": "superlink", "role": "superlink", "pid": os.getpid(),
+                            "control_host": "127.0.0.1", "control_port": listener.getsockname()[1]})
+    stream = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    gone = threading.Event()
+    try:
+        watcher = threading.Thread(target=flower._watch, args=(tmp_path, stream, gone), daemon=True)
+        watcher.start()
+        time.sleep(1.0)  # ten looks at a listening SuperLink
+        assert stream.poll() is None and not gone.is_set()
+        listener.close()  # what uvicorn does first on SIGTERM
+        watcher.join(timeout=30)
+        assert gone.is_set() and stream.wait(timeout=30) == -signal.SIGTERM
+    finally:
+        listener.close()
+        stream.kill()
+        stream.wait()
 
 
 def test_full_run_with_tls_and_node_authentication(deployment):
