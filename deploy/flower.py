@@ -19,7 +19,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
@@ -100,8 +99,8 @@ def stream_log(d: Path, run_id: int, log: Path, quiet: bool) -> int:
         proc = subprocess.Popen(cmd, env=env_for(home(d)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                 text=True, stdin=subprocess.DEVNULL, errors="replace")
         assert proc.stdout is not None
-        gone = threading.Event()
-        watcher = threading.Thread(target=_watch, args=(d, proc, gone), name="superlink-watch", daemon=True)
+        gone, ended = threading.Event(), threading.Event()
+        watcher = threading.Thread(target=_watch, args=(d, proc, gone, ended), name="superlink-watch", daemon=True)
         watcher.start()
         try:
             for line in proc.stdout:
@@ -114,6 +113,7 @@ def stream_log(d: Path, run_id: int, log: Path, quiet: bool) -> int:
             if proc.poll() is None and sys.exc_info()[0] is not None:
                 proc.terminate()
             proc.wait()
+            ended.set()
             watcher.join()
         if gone.is_set():
             note = ("radfed: the SuperLink stopped listening (stopping or restarting): the log stream was ended "
@@ -124,17 +124,17 @@ def stream_log(d: Path, run_id: int, log: Path, quiet: bool) -> int:
     return proc.returncode
 
 
-def _watch(d: Path, stream: subprocess.Popen, gone: threading.Event) -> None:
-    """While ``stream`` runs, end it (and set ``gone``) once the SuperLink `radfed deploy superlink` started
-    refuses connections on its Control API twice in a row, WATCH_EVERY apart. Only a refusal counts (nothing
-    listens): a connection that is slow to be accepted (a loaded machine) is not the SuperLink going away. A
-    connection opened and closed at once leaves nothing in the SuperLink's log."""
+def _watch(d: Path, stream: subprocess.Popen, gone: threading.Event, ended: threading.Event) -> None:
+    """Until ``ended`` is set (the stream has ended), end ``stream`` (and set ``gone``) once the SuperLink that
+    `radfed deploy superlink` started refuses connections on its Control API twice in a row, WATCH_EVERY apart.
+    Only a refusal counts (nothing listens): a connection slow to be accepted (a loaded machine) is not the
+    SuperLink going away. A connection opened and closed at once leaves nothing in the SuperLink's log."""
     record = read_record(d, "superlink")
     if record is None or "control_port" not in record:
         return  # not a SuperLink of this deployment folder: nothing to watch
     address = (str(record["control_host"]), int(record["control_port"]))
     refused = 0
-    while stream.poll() is None:
+    while not ended.is_set():
         try:
             with socket.create_connection(address, timeout=WATCH_EVERY):
                 refused = 0
@@ -146,7 +146,7 @@ def _watch(d: Path, stream: subprocess.Popen, gone: threading.Event) -> None:
             gone.set()
             stream.terminate()
             return
-        time.sleep(WATCH_EVERY)
+        ended.wait(WATCH_EVERY)
 
 
 def _log_text(log: Path, offset: int = 0) -> str:

@@ -162,9 +162,9 @@ def test_the_log_stream_ends_once_the_superlink_stops_listening_and_not_before(t
     write_record(tmp_path, {"name": "superlink", "role": "superlink", "pid": os.getpid(),
                             "control_host": "127.0.0.1", "control_port": listener.getsockname()[1]})
     stream = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
-    gone = threading.Event()
+    gone, ended = threading.Event(), threading.Event()
     try:
-        watcher = threading.Thread(target=flower._watch, args=(tmp_path, stream, gone), daemon=True)
+        watcher = threading.Thread(target=flower._watch, args=(tmp_path, stream, gone, ended), daemon=True)
         watcher.start()
         time.sleep(1.0)  # ten looks at a listening SuperLink
         assert stream.poll() is None and not gone.is_set()
