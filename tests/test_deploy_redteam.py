@@ -203,8 +203,8 @@ def test_a_superlink_restart_mid_run_keeps_the_sites_and_fails_the_run_cleanly(d
     assert sorted(before.values()) == ["online", "online"]
     site_pids = {name: read_record(dep.dir, name)["pid"] for name in dep.sites}
     # a query's timeout far beyond the holds (up to 5 x 27 s) and the SuperLink's exit (64 s once, loaded, when it
-    # waited for the log stream): the run
-    # must end by the SuperLink's loss, not by a query that timed out meanwhile (both sites "left": status refused)
+    # waited for the log stream): the run must end by the SuperLink's loss, not by a query that timed out meanwhile
+    # (both sites "left": status refused)
     exact = {"training": "exact", "harmonization": "none", "select-features": 3, "query-timeout": 900.0}
     out = dep.runs / "interrupted"
     proc = start_run(dep, run_config(dep, "interrupted", **exact))
