@@ -13,9 +13,9 @@ stream (`flwr log --stream`) is shown and kept as text.
 
 from __future__ import annotations
 
+import errno
 import json
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.layout import CONNECTION, home, read_record
-from deploy.processes import ANSI, env_for, program
+from deploy.processes import ANSI, connect_errno, env_for, program
 
 FLOWER_EXIT = re.compile(r"Exit Code: (\d+)")  # flower-supernode's log (see above)
 NODE_ID = re.compile(r"SuperNode ID: (\d+)")  # flower-supernode's log (see above)
@@ -132,16 +132,10 @@ def _watch(d: Path, stream: subprocess.Popen, gone: threading.Event, ended: thre
     record = read_record(d, "superlink")
     if record is None or "control_port" not in record:
         return  # not a SuperLink of this deployment folder: nothing to watch
-    address = (str(record["control_host"]), int(record["control_port"]))
+    host, port = str(record["control_host"]), int(record["control_port"])
     refused = 0
     while not ended.is_set():
-        try:
-            with socket.create_connection(address, timeout=WATCH_EVERY):
-                refused = 0
-        except ConnectionRefusedError:
-            refused += 1
-        except OSError:
-            refused = 0
+        refused = refused + 1 if connect_errno(host, port, WATCH_EVERY) == errno.ECONNREFUSED else 0
         if refused >= 2:
             gone.set()
             stream.terminate()

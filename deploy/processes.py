@@ -189,16 +189,26 @@ def tail(log: Path, lines: int = 15) -> str:
     return "\n".join(ANSI.sub("", text).splitlines()[-lines:])
 
 
+def connect_errno(host: str, port: int, timeout: float | None = None) -> int:
+    """0 when something accepts a connection on ``host:port`` (a wildcard bind address: this machine), else the
+    error number (``errno.ECONNREFUSED``: nothing listens). The connection is closed at once."""
+    target = connect_host(host)
+    with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
+        sock.settimeout(timeout)
+        try:
+            return sock.connect_ex((target, port))
+        except OSError as exc:  # a timeout, or a name that does not resolve
+            return exc.errno or -1
+
+
 def await_port(proc: subprocess.Popen, host: str, port: int, wait: float, log: Path, what: str) -> str | None:
     """None once ``host:port`` accepts connections; else why not (the process exited, or time ran out)."""
     deadline = time.monotonic() + wait
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             return f"{what} exited with code {proc.returncode}:\n{tail(log)}"
-        target = connect_host(host)
-        with socket.socket(socket.AF_INET6 if ":" in target else socket.AF_INET) as sock:
-            if sock.connect_ex((target, port)) == 0:
-                return None
+        if connect_errno(host, port) == 0:
+            return None
         time.sleep(0.2)
     return f"{what} did not open port {port} within {wait:.0f}s; see {log}"
 
